@@ -1,0 +1,1 @@
+"""Checkpoints, conversion, model hooks, generation and the CLI."""

@@ -1,0 +1,110 @@
+"""Opening a located checkpoint: its config, tokenizer, and the units' byte source."""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, ModelError
+from .layerstore import LayerStoreSource, read_manifest
+from .resolve import Checkpoint
+from .safetensors_header import TensorEntry, read_header
+from .skeleton import check_architecture
+from .sources import SafetensorsSource
+
+log = logging.getLogger(__name__)
+
+
+def load_config(checkpoint: Checkpoint, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a checkpoint, refusing remote code unless asked for."""
+    from transformers import AutoConfig
+
+    try:
+        if checkpoint.kind == "gguf":
+            return AutoConfig.from_pretrained(os.path.dirname(checkpoint.path),
+                                              gguf_file=os.path.basename(checkpoint.path))
+        config_path = os.path.join(checkpoint.path, "config.json")
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                raw = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{config_path}: unreadable config ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{config_path}: not a JSON object")
+        _check_raw_config(raw, config_path, trust_remote_code)
+        return AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
+    except (CheckpointError, ModelError):
+        raise
+    except (ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(f"{checkpoint.path}: transformers cannot read the config: {exc}") from None
+
+
+def _check_raw_config(raw: dict[str, Any], where: str, trust_remote_code: bool) -> None:
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    name = (raw.get("architectures") or [model_type])[0]
+    if model_type in CONFIG_MAPPING:
+        return
+    if raw.get("auto_map") and not trust_remote_code:
+        raise ModelError(f"{name} ({where}) needs the checkpoint's own code; pass trust_remote_code=True "
+                         f"(--trust-remote-code) only if you trust its author")
+    if not raw.get("auto_map"):
+        raise ModelError(f"architecture {name} (model_type {model_type!r}) is not known to transformers")
+
+
+def load_tokenizer(checkpoint: Checkpoint, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's tokenizer, or None (with a warning) when it ships none."""
+    from transformers import AutoTokenizer
+
+    try:
+        if checkpoint.kind == "gguf":
+            return AutoTokenizer.from_pretrained(os.path.dirname(checkpoint.path),
+                                                 gguf_file=os.path.basename(checkpoint.path))
+        return AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("%s: no usable tokenizer (%s); pass token ids", checkpoint.path, exc)
+        return None
+
+
+def checkpoint_dtype(config: Any, fallback: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype the checkpoint was saved in, from its config."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else fallback
+
+
+def safetensors_entries(directory: str) -> dict[str, TensorEntry]:
+    """Every tensor of every safetensors shard in `directory`, headers validated."""
+    entries: dict[str, TensorEntry] = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        for name, entry in read_header(path).items():
+            if name in entries:
+                raise CheckpointError(f"{path}: tensor {name!r} also appears in {entries[name].path}")
+            entries[name] = entry
+    return entries
+
+
+def in_place_source(checkpoint: Checkpoint, units: dict[str, list[str]],
+                    dtype: torch.dtype) -> SafetensorsSource | None:
+    """A source reading the safetensors shards in place, or None when names need transformers' conversion."""
+    entries = safetensors_entries(checkpoint.path)
+    wanted = {name for names in units.values() for name in names}
+    if not wanted <= set(entries):
+        return None
+    return SafetensorsSource(entries, units, dtype)
+
+
+def store_source(directory: str, verify: bool, dtype: torch.dtype) -> tuple[LayerStoreSource, dict[str, Any]]:
+    """The source of a converted layer store (served in `dtype`) and its manifest."""
+    manifest = read_manifest(directory)
+    return LayerStoreSource(directory, manifest, dtype, verify=verify), manifest
+
+
+__all__ = ["check_architecture", "checkpoint_dtype", "in_place_source", "load_config", "load_tokenizer",
+           "safetensors_entries", "store_source"]

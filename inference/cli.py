@@ -1,0 +1,159 @@
+"""The `tierstore` command: generate, plan, convert, probe. Each subcommand parses, then calls the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from ..budget import Budget
+from ..errors import TierstoreError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad input is one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"tierstore: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _budget_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vram", help="device tier budget, e.g. 4GB (default: measured)")
+    parser.add_argument("--ram", help="host tier budget, e.g. 16GB (default: measured)")
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    parser.add_argument("--download", action="store_true", help="allow downloading a Hub model not in the cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's arguments."""
+    parser = _Parser(prog="tierstore", description="Run language models larger than GPU memory.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate text, then print the run report")
+    gen.add_argument("model", help="model directory, GGUF file, layer store, alias (smollm2) or Hub repo id")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    mode.add_argument("--temperature", type=float, help="sample at this temperature")
+    gen.add_argument("--seed", type=int, default=0, help="random seed when sampling")
+    gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as it is")
+    gen.add_argument("--report-json", help="write the report (tokens, text, tiers, timing, plan) here")
+    _budget_args(gen)
+
+    plan = sub.add_parser("plan", help="print the placement plan; nothing runs")
+    plan.add_argument("model")
+    _budget_args(plan)
+
+    conv = sub.add_parser("convert", help="convert a checkpoint into a layer store")
+    conv.add_argument("model")
+    conv.add_argument("out_dir")
+    conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="store weights in this dtype")
+    conv.add_argument("--trust-remote-code", action="store_true")
+
+    probe = sub.add_parser("probe", help="measure bandwidths and free memory; cached for the planner")
+    probe.add_argument("--config", help="TOML config file")
+    return parser
+
+
+def _budget(args: argparse.Namespace) -> Budget | None:
+    if args.vram is None and args.ram is None:
+        return None
+    return Budget(vram=args.vram, ram=args.ram)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .generate import GenerateRequest, run_generate
+
+    console = Console()
+    request = GenerateRequest(model=args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, seed=args.seed,
+                              chat_template=not args.no_chat_template, budget=_budget(args), config=args.config,
+                              trust_remote_code=args.trust_remote_code, allow_download=args.download)
+    stream = (lambda text: console.print(text, end="", markup=False, highlight=False)) \
+        if len(args.prompt) == 1 else None
+    result = run_generate(request, on_text=stream)
+    if stream is None:
+        for index, text in enumerate(result["text"]):
+            console.print(f"[bold][{index}][/bold] {text}", markup=True, highlight=False)
+    else:
+        console.print()
+    console.print(result["report"])
+    if args.report_json:
+        from .layerstore import write_atomic
+        data = {key: value for key, value in result.items() if key != "report"}
+        write_atomic(args.report_json, json.dumps(data, indent=1).encode())
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..report import plan_table
+    from .generate import make_plan_for
+
+    Console().print(plan_table(make_plan_for(args.model, _budget(args), args.config, args.trust_remote_code,
+                                             args.download)))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .convert import convert
+    from .resolve import resolve
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = convert(resolve(args.model), args.out_dir, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                  progress=True)
+    print(f"layer store written to {out}")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..config import Config
+    from ..probe import run_probe
+    from ..sizes import format_size
+    from .model import compute_device
+
+    config = Config.load(args.config)
+    result = run_probe(config.runtime.cache_dir, compute_device(config.runtime.device))
+    table = Table(title="tierstore probe")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in result.items():
+        table.add_row(name, format_size(int(value)) if name.endswith("bytes") else f"{value:.2f}")
+    Console().print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; 0 ok, 2 bad input (one line), 1 internal error."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="tierstore: %(message)s")
+    handler = {"generate": _generate, "plan": _plan, "convert": _convert, "probe": _probe}[args.command]
+    try:
+        return handler(args)
+    except TierstoreError as exc:
+        print(f"tierstore: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tierstore: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: keep the traceback for the bug report
+        if os.environ.get("TIERSTORE_DEBUG"):
+            raise
+        print(f"tierstore: internal error: {type(exc).__name__}: {exc} (set TIERSTORE_DEBUG=1 for the "
+              f"traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,215 @@
+"""Converting a checkpoint (GGUF, .bin shards, safetensors that need renaming) into a layer store, once.
+
+Streams: one source shard (or one unit) in memory at a time. Resumable: each finished unit is recorded by a
+small sidecar written atomically after its data file, and skipped when the conversion runs again. Two processes
+converting into the same directory serialise on a lock file; the second finds the work done.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..sizes import format_size
+from ..units import UnitLayout
+from .checkpoint import load_config, load_tokenizer, safetensors_entries
+from .layerstore import FORMAT, MANIFEST, checksum, layout_to_dict, read_manifest, unit_filename, write_atomic
+from .resolve import Checkpoint
+from .skeleton import Skeleton, build_skeleton
+
+log = logging.getLogger(__name__)
+_LOCK = ".lock"
+
+
+def default_store_dir(checkpoint: Checkpoint, cache_dir: str, dtype: torch.dtype | None) -> str:
+    """Where `from_pretrained` keeps the conversion of `checkpoint`: keyed by path, size, mtime and dtype."""
+    stat = os.stat(checkpoint.path)
+    ident = f"{os.path.abspath(checkpoint.path)}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}"
+    return os.path.join(cache_dir, f"{checkpoint.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}")
+
+
+def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = None,
+            trust_remote_code: bool = False, progress: bool = True) -> str:
+    """Write the layer store of `checkpoint` into `out_dir` (resuming a killed run); returns `out_dir`."""
+    try:
+        os.makedirs(os.path.join(out_dir, "units"), exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from None
+    with _locked(out_dir):
+        if os.path.isfile(os.path.join(out_dir, MANIFEST)):
+            read_manifest(out_dir)
+            return out_dir
+        config = load_config(checkpoint, trust_remote_code)
+        skeleton = build_skeleton(config, torch.float32, trust_remote_code)
+        done = _finished_units(out_dir)
+        _check_free_space(out_dir, skeleton, done, dtype)
+        records = dict(done)
+        owner = {name: key for key, names in skeleton.units.items() for name in names}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        with _progress(progress, len(skeleton.units), len(done)) as advance:
+            for shard in _shards(checkpoint, skeleton):
+                for name, tensor in shard.items():
+                    key = owner.get(name)
+                    if key is None or key in records:
+                        continue
+                    pending.setdefault(key, {})[name] = tensor
+                    if len(pending[key]) == len(skeleton.units[key]):
+                        records[key] = _write_unit(out_dir, key, pending.pop(key), skeleton.units[key], dtype)
+                        advance()
+        missing = [key for key in skeleton.units if key not in records]
+        if missing:
+            raise CheckpointError(f"{checkpoint.path}: no weights for unit {missing[0]!r} "
+                                  f"({len(missing)} units incomplete)")
+        _write_metadata(out_dir, checkpoint, config, records, trust_remote_code)
+    return out_dir
+
+
+def _shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
+    if checkpoint.kind == "gguf":
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        try:
+            yield load_gguf_checkpoint(checkpoint.path, return_tensors=True, model_to_load=skeleton.model)["tensors"]
+        except (ValueError, KeyError, OSError) as exc:
+            raise CheckpointError(f"{checkpoint.path}: cannot read GGUF: {exc}") from None
+    elif checkpoint.kind == "bin":
+        for path in sorted(glob.glob(os.path.join(checkpoint.path, "*.bin"))):
+            try:
+                yield torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as exc:  # torch raises many types for a bad pickle
+                raise CheckpointError(f"{path}: cannot read PyTorch weights: {exc}") from None
+    elif checkpoint.kind == "safetensors":
+        yield from _renamed_safetensors(checkpoint, skeleton)
+    else:
+        raise CheckpointError(f"{checkpoint.path}: a {checkpoint.kind} checkpoint needs no conversion")
+
+
+def _renamed_safetensors(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
+    """Checkpoints whose names differ from the model's (e.g. per-expert MoE weights): transformers' own
+    conversion rules, applied to one decoder layer's tensors at a time."""
+    from safetensors import safe_open
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    model = skeleton.model
+    entries = safetensors_entries(checkpoint.path)
+    groups: dict[str, list[str]] = {}
+    for name in entries:
+        parts = name.split(".")
+        layer = next((parts[i + 1] for i, part in enumerate(parts[:-1]) if part == "layers"), "rest")
+        groups.setdefault(layer, []).append(name)
+    mapping = get_model_conversion_mapping(model)
+    for names in groups.values():
+        state: dict[str, torch.Tensor] = {}
+        for name in names:
+            with safe_open(entries[name].path, "pt") as handle:
+                state[name] = handle.get_tensor(name)
+        convert_and_load_state_dict_in_model(
+            model, state, LoadStateDictConfig(weight_mapping=mapping, device_map={"": "cpu"}))
+        loaded = {}
+        for module_name, module in model.named_modules():
+            for attr, param in list(module._parameters.items()):
+                if param is not None and param.device.type != "meta":
+                    loaded[f"{module_name}.{attr}" if module_name else attr] = param.detach()
+                    module._parameters[attr] = torch.nn.Parameter(param.detach().to("meta"), requires_grad=False)
+        yield loaded
+
+
+def _write_unit(out_dir: str, key: str, tensors: dict[str, torch.Tensor], order: list[str],
+                dtype: torch.dtype | None) -> dict[str, Any]:
+    """Pack one unit into its aligned buffer, write it and its sidecar atomically; returns its manifest record."""
+    cast = {name: (dtype if dtype is not None and tensors[name].is_floating_point() else tensors[name].dtype)
+            for name in order}
+    layout = UnitLayout.pack(key, {name: (cast[name], tuple(tensors[name].shape)) for name in order})
+    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for name, view in layout.views(buffer).items():
+        view.copy_(tensors[name])
+    write_atomic(os.path.join(out_dir, unit_filename(key)), memoryview(buffer.numpy()))
+    record = {"file": unit_filename(key), "checksum": checksum(buffer), **layout_to_dict(layout)}
+    write_atomic(os.path.join(out_dir, unit_filename(key) + ".json"), json.dumps(record).encode())
+    return record
+
+
+def _finished_units(out_dir: str) -> dict[str, dict[str, Any]]:
+    """Units a previous, interrupted run finished: sidecar present and data file of the recorded size."""
+    done = {}
+    for sidecar in glob.glob(os.path.join(out_dir, "units", "*.bin.json")):
+        try:
+            with open(sidecar, encoding="utf-8") as handle:
+                record = json.load(handle)
+            if os.path.getsize(os.path.join(out_dir, record["file"])) == record["nbytes"]:
+                done[os.path.basename(sidecar)[:-len(".bin.json")]] = record
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # redo that unit
+    return done
+
+
+def _check_free_space(out_dir: str, skeleton: Skeleton, done: dict[str, Any], dtype: torch.dtype | None) -> None:
+    itemsize = {name: (dtype.itemsize if dtype is not None and p.is_floating_point() else p.dtype.itemsize)
+                for name, p in skeleton.model.named_parameters()}
+    numel = {name: p.numel() for name, p in skeleton.model.named_parameters()}
+    needed = sum(numel[name] * itemsize[name] for key, names in skeleton.units.items() if key not in done
+                 for name in names if name in numel)
+    free = shutil.disk_usage(out_dir).free
+    if needed > free:
+        raise CheckpointError(f"{out_dir}: conversion needs {format_size(needed)}, only {format_size(free)} free")
+
+
+def _write_metadata(out_dir: str, checkpoint: Checkpoint, config: Any, records: dict[str, Any],
+                    trust_remote_code: bool) -> None:
+    tokenizer = load_tokenizer(checkpoint, trust_remote_code)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    config.save_pretrained(out_dir)
+    manifest = {"format": FORMAT, "source": os.path.abspath(checkpoint.path), "model_type": config.model_type,
+                "units": records}
+    write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+    for sidecar in glob.glob(os.path.join(out_dir, "units", "*.bin.json")):
+        os.unlink(sidecar)
+    for leftover in glob.glob(os.path.join(out_dir, "**", ".tmp-*"), recursive=True):
+        os.unlink(leftover)
+
+
+@contextlib.contextmanager
+def _locked(out_dir: str) -> Iterator[None]:
+    """Exclusive lock on the store directory; a second converter waits for the first."""
+    path = os.path.join(out_dir, _LOCK)
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            log.warning("%s: another process is converting into this directory; waiting for it", out_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, done: int) -> Iterator[Any]:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("converting units", total=total, completed=done)
+        yield lambda: bar.advance(task)

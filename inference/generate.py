@@ -1,0 +1,92 @@
+"""One generate request from prompts to text, tokens and report: what the CLI's `generate` runs."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..budget import Budget
+from ..errors import InputError
+from ..policies.planner import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """Prompts and settings of one run."""
+
+    model: str
+    prompts: list[str]
+    max_new_tokens: int = 32
+    temperature: float | None = None
+    seed: int = 0
+    chat_template: bool = True
+    budget: Budget | None = None
+    config: Any = None
+    trust_remote_code: bool = False
+    allow_download: bool = False
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask, left-padded, with the chat template for instruct models."""
+    if tokenizer is None:
+        raise InputError("this model ships no tokenizer; call model.generate with token ids")
+    for index, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise InputError(f"prompt {index + 1} is empty")
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+    else:
+        texts = list(prompts)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
+
+
+def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Generate for every prompt in one batch; returns tokens, text, the report and its dict."""
+    from transformers import TextStreamer
+
+    from .model import AutoModel
+
+    if request.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {request.max_new_tokens}")
+    if request.temperature is not None and not request.temperature > 0:
+        raise InputError(f"--temperature must be > 0, got {request.temperature}")
+    if not request.prompts or any(not p.strip() for p in request.prompts):
+        raise InputError("empty prompt: give some text with --prompt")
+    with AutoModel.from_pretrained(request.model, budget=request.budget, config=request.config,
+                                   trust_remote_code=request.trust_remote_code,
+                                   allow_download=request.allow_download, progress=True) as model:
+        inputs = encode_prompts(model.tokenizer, request.prompts, request.chat_template)
+        kwargs: dict[str, Any] = {"max_new_tokens": request.max_new_tokens,
+                                  "attention_mask": inputs["attention_mask"],
+                                  "pad_token_id": model.tokenizer.pad_token_id}
+        if request.temperature is None:
+            kwargs["do_sample"] = False
+        else:
+            torch.manual_seed(request.seed)
+            kwargs.update(do_sample=True, temperature=request.temperature)
+        if on_text is not None:
+            streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            streamer.on_finalized_text = lambda text, stream_end=False: on_text(text)  # type: ignore[method-assign]
+            kwargs["streamer"] = streamer
+        out = model.generate(inputs["input_ids"], **kwargs)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
+        report = model.report()
+    return {"tokens": new_tokens,
+            "text": model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
+            "report": report, **report.to_dict()}
+
+
+def make_plan_for(model: str, budget: Budget | None, config: Any, trust_remote_code: bool = False,
+                  allow_download: bool = False) -> Plan:
+    """The plan `from_pretrained` would make, without reading any weights."""
+    from .model import open_units, prepare
+
+    cfg, checkpoint, hf_config, _, device, dtype, _ = prepare(model, budget, config, None, trust_remote_code,
+                                                              allow_download, progress=True)
+    return open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress=True)[3]

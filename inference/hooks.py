@@ -1,0 +1,58 @@
+"""Pre/post-forward hooks that lend a module its unit's tensors from the store, and detach exactly."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..store import TieredStore
+from .skeleton import HookSite, Skeleton
+
+
+def _make_hooks(site: HookSite, store: TieredStore) -> tuple[Callable[..., None], Callable[..., None]]:
+    bindings = [(b.module._parameters, b.attr, b.tensor, b.original) for b in site.bindings]
+    key, position = site.key, site.position
+
+    def pre_forward(module: nn.Module, args: Any) -> None:
+        tensors = store.get(key, position)
+        for params, attr, tensor, _ in bindings:
+            params[attr] = tensors[tensor]
+
+    def post_forward(module: nn.Module, args: Any, output: Any) -> None:
+        for params, attr, _, original in bindings:
+            params[attr] = original
+        store.release(key)
+
+    return pre_forward, post_forward
+
+
+class AttachedHooks:
+    """The hooks of one model; `detach` removes them and leaves every module as it was."""
+
+    def __init__(self, skeleton: Skeleton, store: TieredStore, device: torch.device) -> None:
+        self._handles = []
+        self._moved_buffers: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
+        for module in skeleton.model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != device:
+                    self._moved_buffers.append((module._buffers, name, buffer))
+                    module._buffers[name] = buffer.to(device)
+        for site in skeleton.sites:
+            pre_forward, post_forward = _make_hooks(site, store)
+            self._handles.append(site.module.register_forward_pre_hook(pre_forward))
+            self._handles.append(site.module.register_forward_hook(post_forward))
+        self._sites = skeleton.sites
+
+    def detach(self) -> None:
+        """Remove every hook, put back the meta parameters and the original buffers."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for site in self._sites:
+            for binding in site.bindings:
+                binding.module._parameters[binding.attr] = binding.original
+        for buffers, name, original in self._moved_buffers:
+            buffers[name] = original
+        self._moved_buffers.clear()

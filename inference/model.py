@@ -1,0 +1,204 @@
+"""`AutoModel.from_pretrained`: a transformers model whose weights live in the tiered store.
+
+transformers' own forward and `generate` run unchanged: KV cache, masks, sampling, streamers. Hooks on each
+unit's module fetch its weights from the store just in time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from ..budget import Budget
+from ..config import Config
+from ..errors import CheckpointError, InputError
+from ..planning import device_reserve_bytes, effective_budgets, plan_input
+from ..policies.planner import Plan, make_plan
+from ..probe import load_probe
+from ..report import RunReport, Timing
+from ..store import TieredStore
+from ..transfer import make_transfer
+from .checkpoint import checkpoint_dtype, in_place_source, load_config, load_tokenizer, store_source
+from .convert import convert, default_store_dir
+from .hooks import AttachedHooks
+from .resolve import Checkpoint, resolve
+from .skeleton import build_skeleton
+
+log = logging.getLogger(__name__)
+
+
+def compute_device(setting: str) -> torch.device:
+    """The compute device a config asks for; auto = the first GPU if there is one."""
+    if setting == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"runtime.device = {setting!r} but this machine has no usable CUDA GPU")
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
+
+
+class _StepClock:
+    """A logits processor that only reads the clock: the first call ends prefill, later calls are decode steps."""
+
+    def __init__(self) -> None:
+        self.start_s = time.perf_counter()
+        self.calls: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls.append(time.perf_counter())
+        return scores
+
+
+class TierstoreModel:
+    """A causal LM running layer by layer out of the tiered store."""
+
+    def __init__(self, model: Any, tokenizer: Any, store: TieredStore, hooks: AttachedHooks, plan: Plan,
+                 device: torch.device, config: Config, setup_s: float) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.plan = plan
+        self.device = device
+        self.config = config
+        self.setup_s = setup_s
+        self._hooks = hooks
+        self._timing = Timing()
+
+    @property
+    def max_context(self) -> int | None:
+        """The model's context length from its config, if it states one."""
+        text = self.model.config.get_text_config()
+        return getattr(text, "max_position_embeddings", None)
+
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """transformers' `generate`, same arguments and result; times prefill and decode for the report."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if input_ids is None or input_ids.numel() == 0 or input_ids.shape[-1] == 0:
+            raise InputError("empty prompt: give at least one token")
+        max_new = kwargs.get("max_new_tokens")
+        if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1):
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new!r}")
+        total = input_ids.shape[-1] + (max_new or 0)
+        if self.max_context and total > self.max_context:
+            raise InputError(f"prompt of {input_ids.shape[-1]} tokens plus {max_new} new tokens exceeds the "
+                             f"model's context of {self.max_context}")
+        input_ids = input_ids.to(self.device)
+        if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
+            kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
+        clock = _StepClock()
+        processors = list(kwargs.pop("logits_processor", None) or [])
+        from transformers import LogitsProcessorList
+        with torch.no_grad(), warnings.catch_warnings():
+            # The skeleton's parameters are on `meta` between forwards; transformers warns about that.
+            warnings.filterwarnings("ignore", message=".*different than your model's device")
+            out = self.model.generate(input_ids, logits_processor=LogitsProcessorList([*processors, clock]),
+                                      **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        end_s = time.perf_counter()
+        first = clock.calls[0] if clock.calls else end_s
+        self._timing = Timing(prefill_s=first - clock.start_s, decode_s=end_s - first,
+                              decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls),
+                              batch_size=input_ids.shape[0])
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """A plain forward (e.g. for logits), weights streamed the same way."""
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    def report(self) -> RunReport:
+        """The run report of the last `generate` call (tier counters cover the model's whole life)."""
+        return RunReport(plan=self.plan, tiers=self.store.tier_stats(), timing=self._timing,
+                         device=str(self.device), setup_s=self.setup_s)
+
+    def close(self) -> None:
+        """Detach the hooks and stop the store's threads."""
+        self._hooks.detach()
+        self.store.close()
+        closer = getattr(self.store.source, "close", None)
+        if closer is not None:
+            closer()
+
+    def __enter__(self) -> "TierstoreModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def prepare(model: str, budget: Budget | None = None, config: Any = None, dtype: torch.dtype | None = None,
+            trust_remote_code: bool = False, allow_download: bool = False,
+            progress: bool = False) -> tuple[Config, Checkpoint, Any, Any, torch.device, torch.dtype, str | None]:
+    """Resolve, convert if needed and read the config: everything `plan` and `from_pretrained` share."""
+    cfg = Config.load(config).with_budget(budget)
+    device = compute_device(cfg.runtime.device)
+    checkpoint = resolve(model, allow_download=allow_download)
+    store_dir = None
+    if checkpoint.kind in ("gguf", "bin"):
+        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
+        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress)
+    elif checkpoint.kind == "store":
+        store_dir = checkpoint.path
+    read_from = Checkpoint("store", store_dir, checkpoint.name) if store_dir else checkpoint
+    hf_config = load_config(read_from, trust_remote_code)
+    if dtype is None:
+        dtype = checkpoint_dtype(hf_config) if device.type == "cuda" else torch.float32
+    return cfg, read_from, hf_config, None, device, dtype, store_dir
+
+
+class AutoModel:
+    """Entry point, named as transformers names its own."""
+
+    @staticmethod
+    def from_pretrained(model: str, budget: Budget | None = None, config: Any = None,
+                        dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                        allow_download: bool = False, progress: bool = False) -> TierstoreModel:
+        """Open `model` (directory, GGUF, layer store, alias or cached Hub id) under `budget`."""
+        start_s = time.perf_counter()
+        cfg, checkpoint, hf_config, _, device, dtype, _ = prepare(model, budget, config, dtype, trust_remote_code,
+                                                                  allow_download, progress)
+        skeleton, source, layouts, plan = open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code,
+                                                     progress)
+        store = TieredStore(source, layouts, plan, make_transfer(device, cfg.io.pinned_memory),
+                            reader_threads=cfg.io.reader_threads)
+        hooks = AttachedHooks(skeleton, store, device)
+        tokenizer = load_tokenizer(checkpoint, trust_remote_code)
+        return TierstoreModel(skeleton.model, tokenizer, store, hooks, plan, device, cfg,
+                              time.perf_counter() - start_s)
+
+
+def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torch.device, dtype: torch.dtype,
+               trust_remote_code: bool, progress: bool) -> tuple[Any, Any, dict[str, Any], Plan]:
+    """The skeleton, the unit source, the layouts and the plan."""
+    skeleton = build_skeleton(hf_config, dtype, trust_remote_code)
+    source: Any = None
+    if checkpoint.kind == "safetensors":
+        source = in_place_source(checkpoint, skeleton.units, dtype)
+        if source is None:  # names need transformers' conversion rules: convert once, then read the store
+            store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
+            convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress)
+            checkpoint = Checkpoint("store", store_dir, checkpoint.name)
+    if checkpoint.kind == "store":
+        source, _ = store_source(checkpoint.path, cfg.io.verify_checksums, dtype)
+    layouts = {key: source.layout(key) for key in skeleton.units}
+    _check_store_matches(checkpoint, skeleton.units, layouts)
+    measured = Budget.measure(cfg.runtime.cache_dir)
+    device_bytes, host_bytes, notes = effective_budgets(cfg.budget, measured, device)
+    reserve = device_reserve_bytes(hf_config, dtype, device, cfg.runtime.device_reserve)
+    plan = make_plan(plan_input({key: layout.nbytes for key, layout in layouts.items()}, skeleton.schedule,
+                                device_bytes, host_bytes, reserve, cfg.policy, load_probe(cfg.runtime.cache_dir),
+                                notes))
+    return skeleton, source, layouts, plan
+
+
+def _check_store_matches(checkpoint: Checkpoint, units: dict[str, list[str]], layouts: dict[str, Any]) -> None:
+    for key, names in units.items():
+        missing = set(names) - set(layouts[key].slots)
+        if missing:
+            raise CheckpointError(f"{checkpoint.path}: unit {key!r} lacks tensor {sorted(missing)[0]!r}")

@@ -1,0 +1,133 @@
+"""The model on the meta device, cut into store units. Architecture knowledge lives here and only here."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    """One parameter slot of a module, filled with a unit's tensor while the module runs."""
+
+    module: nn.Module
+    attr: str
+    tensor: str
+    original: nn.Parameter
+
+
+@dataclasses.dataclass(frozen=True)
+class HookSite:
+    """A module whose forward needs one unit; `position` is its place in the schedule of one pass."""
+
+    module: nn.Module
+    key: str
+    position: int
+    bindings: tuple[Binding, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Skeleton:
+    """The meta model, its units (key -> parameter names) and where to hook them, in execution order."""
+
+    model: nn.Module
+    units: dict[str, list[str]]
+    sites: tuple[HookSite, ...]
+
+    @property
+    def schedule(self) -> list[str]:
+        return [site.key for site in self.sites]
+
+
+def check_architecture(config: object, trust_remote_code: bool) -> None:
+    """Refuse what the layer loop cannot run, naming the architecture."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    architectures = getattr(config, "architectures", None) or [model_type]
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"{architectures[0]} is an encoder-decoder model; tierstore runs decoder-only models")
+    if getattr(config, "auto_map", None) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if not trust_remote_code:
+            raise ModelError(f"{architectures[0]} needs the checkpoint's own code; pass trust_remote_code=True "
+                             f"(--trust-remote-code) only if you trust its author")
+        return
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"architecture {architectures[0]} (model_type {model_type!r}) is not a decoder-only "
+                         f"causal LM that transformers knows")
+
+
+def build_skeleton(config: object, dtype: torch.dtype, trust_remote_code: bool = False,
+                   attn_implementation: str = "sdpa") -> Skeleton:
+    """Build the model with parameters on `meta` (buffers real, on the CPU) and find its units."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    check_architecture(config, trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
+    model.tie_weights()  # not done on meta by from_config; tied weights become one unit below
+    model.eval()
+    model.requires_grad_(False)
+    return _cut(model, _decoder_layers(model, config))
+
+
+def _decoder_layers(model: nn.Module, config: object) -> tuple[str, nn.ModuleList]:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text_config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return name, module
+    raise ModelError(f"{type(model).__name__}: no ModuleList of {count} decoder layers found; "
+                     f"this layout is not supported")
+
+
+def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                yield module_name, module, attr, param
+
+
+def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList]) -> Skeleton:
+    """Units: one per decoder layer, one per other module owning parameters. Tied weights resolved here, once."""
+    layers_name, layer_list = layers
+    prefix = layers_name + "."
+    canonical: dict[int, tuple[str, str]] = {}  # id(param) -> (tensor name, unit key)
+    units: dict[str, list[str]] = {}
+    site_bindings: dict[str, list[Binding]] = {}
+    site_modules: dict[str, nn.Module] = {name: layer for name, layer in
+                                         ((f"{layers_name}.{i}", layer) for i, layer in enumerate(layer_list))}
+    for module_name, module, attr, param in _owned_parameters(model):
+        tensor = f"{module_name}.{attr}" if module_name else attr
+        if module_name.startswith(prefix):
+            site = prefix + module_name[len(prefix):].split(".", 1)[0]
+        else:
+            site = module_name
+            site_modules.setdefault(site, module)
+        if id(param) not in canonical:
+            canonical[id(param)] = (tensor, _unit_key(site, layers_name))
+            units.setdefault(_unit_key(site, layers_name), []).append(tensor)
+        tensor, key = canonical[id(param)]
+        site_bindings.setdefault(site, []).append(Binding(module, attr, tensor, param))
+    order = [name for name, _ in model.named_modules() if name in site_bindings]
+    sites = []
+    for position, site in enumerate(order):
+        keys = {canonical[id(b.original)][1] for b in site_bindings[site]}
+        if len(keys) != 1:
+            raise ModelError(f"module {site!r} uses parameters of several units ({sorted(keys)}); "
+                             f"this layout is not supported")
+        sites.append(HookSite(site_modules[site], keys.pop(), position, tuple(site_bindings[site])))
+    return Skeleton(model, units, tuple(sites))
+
+
+def _unit_key(site: str, layers_name: str) -> str:
+    """Short, file-name-safe unit keys: layers.3, embed_tokens, norm, lm_head."""
+    if site.startswith(layers_name + "."):
+        return "layers." + site[len(layers_name) + 1:]
+    return site.split(".", 1)[1] if site.startswith("model.") else site

@@ -1,0 +1,143 @@
+"""Eviction policies: given the keys that may go, which one goes first. Keys and byte counts only, no torch.
+
+The store calls `on_insert` when a unit enters a tier, `on_access` each time the loop asks for it, and
+`on_remove` when it leaves; `victim(candidates)` answers which of the evictable keys to drop. The store, not the
+policy, knows which units are in use, so it passes only those that may go.
+
+cachetools' caches couple choosing a victim to removing it (`popitem`) and cannot skip units in use, so the
+orderings here are kept by hand; each is a few lines over an OrderedDict.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence, Set
+from typing import Protocol
+
+Key = Hashable
+
+
+class EvictionPolicy(Protocol):
+    """Which unit leaves a tier when room is needed."""
+
+    def on_insert(self, key: Key, nbytes: int) -> None: ...
+    def on_access(self, key: Key) -> None: ...
+    def on_remove(self, key: Key) -> None: ...
+    def victim(self, candidates: Set[Key]) -> Key | None: ...
+
+
+class _Ordered:
+    """Shared bookkeeping: keys in insertion order; subclasses choose what access does and which end goes."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def on_insert(self, key: Key, nbytes: int) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def on_access(self, key: Key) -> None:
+        pass
+
+    def on_remove(self, key: Key) -> None:
+        self._order.pop(key, None)
+
+    def victim(self, candidates: Set[Key]) -> Key | None:
+        return next((key for key in self._order if key in candidates), None)
+
+
+class FIFO(_Ordered):
+    """First in, first out: the oldest insertion goes."""
+
+
+class LRU(_Ordered):
+    """Least recently used goes. On a cyclic scan larger than the tier it never hits."""
+
+    def on_access(self, key: Key) -> None:
+        if key in self._order:
+            self._order.move_to_end(key)
+
+
+class MRU(LRU):
+    """Most recently used goes: the right choice for a cyclic scan without a known schedule."""
+
+    def victim(self, candidates: Set[Key]) -> Key | None:
+        return next((key for key in reversed(self._order) if key in candidates), None)
+
+
+class LFU(_Ordered):
+    """Least frequently used goes; ties go to the oldest insertion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._count: dict[Key, int] = {}
+
+    def on_insert(self, key: Key, nbytes: int) -> None:
+        super().on_insert(key, nbytes)
+        self._count.setdefault(key, 0)
+
+    def on_access(self, key: Key) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+
+    def on_remove(self, key: Key) -> None:
+        super().on_remove(key)
+        self._count.pop(key, None)
+
+    def victim(self, candidates: Set[Key]) -> Key | None:
+        present = [key for key in self._order if key in candidates]
+        return min(present, key=lambda key: self._count.get(key, 0), default=None)
+
+
+class Belady:
+    """Optimal with a known future: drop the unit whose next use is farthest away.
+
+    `schedule` is the order of accesses in one pass (a key may appear twice, e.g. tied embeddings); passes repeat.
+    The position follows `on_access`, so the policy stays right when the loop skips nothing.
+    """
+
+    def __init__(self, schedule: Sequence[Key]) -> None:
+        if not schedule:
+            raise ValueError("belady needs a non-empty schedule")
+        self._period = len(schedule)
+        self._positions: dict[Key, list[int]] = {}
+        for index, key in enumerate(schedule):
+            self._positions.setdefault(key, []).append(index)
+        self._position = -1
+        self._present: set[Key] = set()
+
+    def on_insert(self, key: Key, nbytes: int) -> None:
+        self._present.add(key)
+
+    def on_access(self, key: Key) -> None:
+        positions = self._positions.get(key)
+        if positions:
+            self._position = min(positions, key=lambda p: (p - self._position - 1) % self._period)
+
+    def on_remove(self, key: Key) -> None:
+        self._present.discard(key)
+
+    def next_use_distance(self, key: Key) -> int:
+        """Accesses until `key` is used again; beyond one period for a key outside the schedule."""
+        positions = self._positions.get(key)
+        if not positions:
+            return self._period + 1
+        return min((p - self._position - 1) % self._period for p in positions) + 1
+
+    def victim(self, candidates: Set[Key]) -> Key | None:
+        present = [key for key in candidates if key in self._present]
+        return max(present, key=self.next_use_distance, default=None)
+
+
+class Static(_Ordered):
+    """A fixed resident set chosen by the planner; everything else passes through in FIFO order.
+
+    On a cyclic scan this equals Belady: the resident units always hit, the rest stream through the remaining room.
+    A resident unit is dropped only when nothing else can go, so a plan that is too tight degrades, not deadlocks.
+    """
+
+    def __init__(self, resident: Set[Key]) -> None:
+        super().__init__()
+        self.resident = frozenset(resident)
+
+    def victim(self, candidates: Set[Key]) -> Key | None:
+        transient = next((key for key in self._order if key in candidates and key not in self.resident), None)
+        return transient if transient is not None else super().victim(candidates)

@@ -1,0 +1,73 @@
+"""Tiny random-weight models of each tested architecture: the same greedy tokens as transformers itself."""
+import pytest
+import torch
+
+import tierstore
+from conftest import ARCH_EXTRA
+
+PROMPTS = [[5, 9, 33, 7, 81, 100, 3], [40, 41], [17, 200, 19, 5, 6]]
+
+
+def _budget_for(model, layers_on_device=2):
+    layer = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers) * 4
+    other = max(p.numel() for n, p in model.named_parameters() if ".layers." not in n) * 4
+    # two layers (+ the largest other unit) on the device, the host smaller than the model
+    device = (layers_on_device + 1) * (layer + 512) + other
+    total = sum(p.numel() for p in model.parameters()) * 4
+    return tierstore.Budget(vram=device, ram=max(total // 2, 3 * (layer + 512) + other))
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCH_EXTRA))
+def test_greedy_tokens_match_transformers(model_type, tiny_dirs, cache_config):
+    directory, reference = tiny_dirs(model_type)
+    with tierstore.AutoModel.from_pretrained(directory, budget=_budget_for(reference),
+                                             config=cache_config) as model:
+        assert model.plan.regime == "disk"
+        for prompt in PROMPTS:
+            ids = torch.tensor([prompt])
+            want = reference.generate(ids, max_new_tokens=12, do_sample=False)
+            got = model.generate(ids, max_new_tokens=12, do_sample=False)
+            assert got.tolist() == want.tolist(), model_type
+        ids = torch.tensor([PROMPTS[0]])
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        for tier, stats in model.report().tiers.items():
+            assert stats.budget_bytes is None or stats.peak_bytes <= stats.budget_bytes, tier
+
+
+def test_tied_embeddings_are_one_unit(tiny_dirs, cache_config):
+    directory, reference = tiny_dirs("llama", tie=True)
+    with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model:
+        assert "lm_head" not in model.plan.schedule
+        assert model.plan.schedule.count("embed_tokens") == 2
+        ids = torch.tensor([PROMPTS[0]])
+        assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
+            reference.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+
+
+def test_batch_of_different_lengths_equals_each_alone(tiny_dirs, cache_config):
+    directory, reference = tiny_dirs("qwen2")
+    prompts = [[5, 9, 33, 7, 81, 100, 3], [40, 41], [17, 200, 19, 5, 6], [8]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with tierstore.AutoModel.from_pretrained(directory, budget=_budget_for(reference),
+                                             config=cache_config) as model:
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        misses_batch = model.report().tiers["device"].misses
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+            assert batch[row, width:].tolist() == alone[0, len(prompt):].tolist()
+    # one weight load per unit per step for the whole batch: no more device misses than one prompt's run
+    steps = 10
+    assert misses_batch <= steps * len(model.plan.schedule)
+
+
+def test_detach_restores_the_model(tiny_dirs, cache_config):
+    directory, _ = tiny_dirs("llama")
+    model = tierstore.AutoModel.from_pretrained(directory, config=cache_config)
+    before = {name: (p.device.type, id(p)) for name, p in model.model.named_parameters()}
+    model.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=3, do_sample=False)
+    model.close()
+    after = {name: (p.device.type, id(p)) for name, p in model.model.named_parameters()}
+    assert before == after and all(device == "meta" for device, _ in after.values())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.model.modules())

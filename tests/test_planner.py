@@ -1,0 +1,67 @@
+import pytest
+
+from tierstore import BudgetError
+from tierstore.policies import PlanInput, UnitInfo, make_plan
+
+MB = 10**6
+
+
+def _units(n_layers=10, layer=100 * MB, embed=50 * MB):
+    units = [UnitInfo("embed", embed, 2)] + [UnitInfo(f"layers.{i}", layer) for i in range(n_layers)] + \
+            [UnitInfo("norm", 1 * MB)]
+    schedule = ("embed", *[f"layers.{i}" for i in range(n_layers)], "norm", "embed")
+    return tuple(units), schedule
+
+
+def _plan(device, host, **kw):
+    units, schedule = _units()
+    return make_plan(PlanInput(units=units, schedule=schedule, device_budget_bytes=device,
+                               host_budget_bytes=host, **kw))
+
+
+def test_everything_fits_on_the_device():
+    plan = _plan(2000 * MB, 500 * MB)
+    assert plan.regime == "device" and plan.h2d_bytes_per_pass == 0 and plan.disk_bytes_per_pass == 0
+
+
+def test_device_plus_host():
+    plan = _plan(500 * MB, 2000 * MB, h2d_gbps=50.0)
+    assert plan.regime == "device+host"
+    assert "embed" in plan.device_resident  # used twice per pass
+    assert plan.disk_bytes_per_pass == 0
+    streamed = len(plan.streamed_from_host)
+    assert plan.h2d_bytes_per_pass == streamed * 100 * MB
+    assert plan.predicted["bound"] == "h2d"
+    assert plan.predicted["step_s"] == pytest.approx(plan.h2d_bytes_per_pass / 50e9)
+    assert plan.device_weights_bytes >= sum(100 * MB for k in plan.device_resident if k.startswith("layers")) \
+        + plan.device_slot_bytes
+
+
+def test_needs_disk():
+    plan = _plan(500 * MB, 500 * MB, h2d_gbps=50.0, disk_gbps=2.0)
+    assert plan.regime == "disk" and plan.streamed_from_disk
+    assert plan.predicted["bound"] == "disk"
+    total = 10 * 100 * MB + 50 * MB + 1 * MB
+    # what is read from disk each pass is what fits in neither tier, nothing more
+    assert plan.disk_bytes_per_pass <= total - 500 * MB + plan.device_slot_bytes + plan.host_slot_bytes
+
+
+def test_reserve_and_too_small_budgets_say_what_is_needed():
+    with pytest.raises(BudgetError, match="layers.0.*100000000 bytes"):
+        _plan(90 * MB, 1000 * MB)
+    with pytest.raises(BudgetError, match="no room for weights"):
+        _plan(100 * MB, 1000 * MB, device_reserve_bytes=100 * MB)
+
+
+def test_overrides_win():
+    plan = _plan(500 * MB, 2000 * MB, device_policy="lru", host_policy="fifo", prefetch="none")
+    assert (plan.device_policy, plan.host_policy, plan.prefetch, plan.prefetch_depth) == ("lru", "fifo", "none", 0)
+    plan = _plan(500 * MB, 2000 * MB, prefetch_depth=1)
+    assert plan.prefetch_depth == 1
+
+
+def test_plan_is_data():
+    import json
+
+    data = _plan(500 * MB, 500 * MB).to_dict()
+    assert json.loads(json.dumps(data))["regime"] == "disk"

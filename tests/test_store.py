@@ -1,0 +1,112 @@
+"""The store on the CPU with an in-memory source: budgets hold, pins hold, errors reach the caller."""
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tierstore import BudgetError, CheckpointError
+from tierstore.policies import PlanInput, UnitInfo, make_plan
+from tierstore.store import TieredStore
+from tierstore.transfer import CPUTransfer
+from tierstore.units import UnitLayout
+
+
+class MemorySource:
+    """Units whose tensors hold their own index; can be told to fail."""
+
+    def __init__(self, sizes):
+        self.layouts = {key: UnitLayout.pack(key, {"w": (torch.float32, (n,))}) for key, n in sizes.items()}
+        self.reads: list[str] = []
+        self.fail: set[str] = set()
+        self.lock = threading.Lock()
+
+    def layout(self, key):
+        return self.layouts[key]
+
+    def read_into(self, key, out):
+        with self.lock:
+            self.reads.append(key)
+        if key in self.fail:
+            raise CheckpointError(f"units/{key}.bin: checksum mismatch")
+        self.layouts[key].views(out)["w"].fill_(float(int(key[1:])))
+
+
+def make_store(sizes, device, host, **plan_kw):
+    source = MemorySource(sizes)
+    schedule = tuple(sizes)
+    layouts = source.layouts
+    plan = make_plan(PlanInput(units=tuple(UnitInfo(k, layouts[k].nbytes) for k in schedule), schedule=schedule,
+                               device_budget_bytes=device, host_budget_bytes=host, **plan_kw))
+    return TieredStore(source, layouts, plan, CPUTransfer(), reader_threads=2), source
+
+
+def run_passes(store, passes):
+    for _ in range(passes):
+        for position, key in enumerate(store.schedule):
+            tensors = store.get(key, position)
+            assert torch.all(tensors["w"] == float(int(key[1:])))
+            store.release(key)
+
+
+def test_regimes_and_counters():
+    sizes = {f"u{i}": 256 for i in range(8)}  # 1 KiB each
+    store, source = make_store(sizes, device=4 * 1024, host=5 * 1024)
+    run_passes(store, 5)
+    stats = store.tier_stats()
+    assert stats["device"].peak_bytes <= 4 * 1024 and stats["host"].peak_bytes <= 5 * 1024
+    requests = 5 * 8
+    assert stats["device"].hits + stats["device"].misses == requests
+    assert stats["host"].hits + stats["host"].misses == stats["device"].misses
+    # resident units hit every pass after the first; the rest stream
+    assert stats["device"].hits >= 4 * len(store.plan.device_resident)
+    store.close()
+
+
+def test_disk_reads_per_pass_are_the_minimum_not_a_full_reread():
+    sizes = {f"u{i}": 256 for i in range(10)}
+    store, source = make_store(sizes, device=4 * 1024, host=4 * 1024)
+    run_passes(store, 1)
+    first = len(source.reads)
+    run_passes(store, 10)
+    per_pass = (len(source.reads) - first) / 10
+    assert per_pass <= len(store.plan.streamed_from_disk) + 1
+    assert per_pass < 10
+    store.close()
+
+
+def test_unit_larger_than_a_tier_names_its_size():
+    with pytest.raises(BudgetError, match="1024 bytes"):
+        make_store({"u0": 256, "u1": 256}, device=1000, host=10_000)
+
+
+def test_read_error_reaches_the_caller_and_is_retried():
+    store, source = make_store({f"u{i}": 256 for i in range(4)}, device=2 * 1024, host=2 * 1024)
+    source.fail.add("u2")
+    with pytest.raises(CheckpointError, match="units/u2.bin"):
+        run_passes(store, 1)
+    source.fail.clear()
+    run_passes(store, 2)
+    store.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 2048), min_size=2, max_size=12), st.integers(1, 6), st.integers(1, 8),
+       st.sampled_from(["auto", "lru", "fifo", "mru", "lfu", "belady"]), st.integers(0, 3),
+       st.lists(st.integers(0, 11), max_size=60))
+def test_budgets_never_exceeded(numels, device_units, host_units, policy, depth, trace):
+    sizes = {f"u{i}": n for i, n in enumerate(numels)}
+    largest = max(UnitLayout.pack("x", {"w": (torch.float32, (n,))}).nbytes for n in numels)
+    device, host = device_units * largest, host_units * largest
+    store, _ = make_store(sizes, device, host, device_policy=policy, host_policy=policy, prefetch_depth=depth)
+    keys = list(sizes)
+    for index in trace + list(range(len(keys))) * 2:
+        key = keys[index % len(keys)]
+        tensors = store.get(key, index % len(keys))
+        assert tensors["w"].numel() == sizes[key]
+        store.release(key)
+        assert store.device.used_bytes <= device and store.host.used_bytes <= host
+    store.close()
+    for stats, budget in ((store.device.stats, device), (store.host.stats, host)):
+        assert stats.peak_bytes <= budget

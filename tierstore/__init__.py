@@ -1,0 +1,23 @@
+"""tierstore: a tiered-storage memory manager for layer weights, and a thin layer-by-layer inference loop."""
+from __future__ import annotations
+
+from typing import Any
+
+from .budget import Budget
+from .config import Config
+from .errors import BudgetError, CheckpointError, ConfigError, InputError, ModelError, TierstoreError
+from .sizes import format_size, parse_size
+
+__all__ = ["AutoModel", "Budget", "BudgetError", "CheckpointError", "Config", "ConfigError", "InputError",
+           "ModelError", "TierstoreError", "TieredStore", "format_size", "parse_size"]
+
+
+def __getattr__(name: str) -> Any:
+    # torch-heavy parts load on first use, so `tierstore.policies` and budget parsing stay light.
+    if name == "AutoModel":
+        from .inference.model import AutoModel
+        return AutoModel
+    if name == "TieredStore":
+        from .store import TieredStore
+        return TieredStore
+    raise AttributeError(f"module 'tierstore' has no attribute {name!r}")

@@ -1,0 +1,6 @@
+"""`python -m tierstore` runs the CLI."""
+import sys
+
+from .inference.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""Config: a TOML file or a dict, validated once into frozen objects. Errors name the key, value and choices."""
+from __future__ import annotations
+
+import dataclasses
+import os
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .budget import Budget
+from .errors import BudgetError, ConfigError
+from .policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
+from .sizes import parse_size
+
+AUTO = "auto"
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if not isinstance(value, str) or value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose from {', '.join(allowed)}")
+        return value
+    return check
+
+
+def _int_or_auto(minimum: int) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if value == AUTO:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}: {value!r} is not allowed; use an integer >= {minimum} or \"auto\"")
+        return value
+    return check
+
+
+def _int(minimum: int) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}: {value!r} is not allowed; use an integer >= {minimum}")
+        return value
+    return check
+
+
+def _bool(key: str, value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} is not allowed; use true or false")
+    return value
+
+
+def _bool_or_auto(key: str, value: Any) -> Any:
+    return None if value == AUTO else _bool(key, value)
+
+
+def _size_or_none(key: str, value: Any) -> Any:
+    if value is None or value == AUTO:
+        return None
+    try:
+        return parse_size(value, key, ConfigError)
+    except BudgetError as exc:  # pragma: no cover - parse_size raises the error class it is given
+        raise ConfigError(str(exc)) from exc
+
+
+def _path(key: str, value: Any) -> Any:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: {value!r} is not allowed; use a directory path")
+    return os.path.expanduser(value)
+
+
+def _device(key: str, value: Any) -> Any:
+    if not isinstance(value, str) or not (value in (AUTO, "cpu", "cuda") or value.startswith("cuda:")
+                                          and value[5:].isdigit()):
+        raise ConfigError(f"{key}: {value!r} is not allowed; use auto, cpu, cuda or cuda:N")
+    return value
+
+
+_EVICTION = (AUTO, *sorted(EVICTION_POLICIES))
+_PREFETCH = (AUTO, *sorted(PREFETCH_POLICIES))
+
+# section -> key -> (validator, default as written in TOML, what it does). The README documents the same table.
+SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
+    "budget": {
+        "vram": (_size_or_none, AUTO, "device tier bytes; auto = free VRAM (on a CPU, half of available RAM)"),
+        "ram": (_size_or_none, AUTO, "host tier bytes; auto = available RAM (on a CPU, the other half)"),
+        "disk": (_size_or_none, AUTO, "disk tier bytes for converted stores; auto = free disk"),
+    },
+    "policy": {
+        "device": (_choice(*_EVICTION), AUTO, "eviction policy of the device tier; auto = static (planner)"),
+        "host": (_choice(*_EVICTION), AUTO, "eviction policy of the host tier; auto = static (planner)"),
+        "prefetch": (_choice(*_PREFETCH), AUTO, "prefetch policy; auto = lookahead"),
+        "prefetch_depth": (_int_or_auto(0), AUTO, "units loaded ahead of the one computing; auto = planned"),
+    },
+    "io": {
+        "reader_threads": (_int(1), 4, "threads reading units from disk"),
+        "direct_io": (_bool_or_auto, AUTO, "bypass the page cache with O_DIRECT (GPU runs); auto = where supported"),
+        "pinned_memory": (_bool, True, "keep the host tier in pinned memory when CUDA is present"),
+        "verify_checksums": (_bool, True, "check each unit read from a converted store against its checksum"),
+    },
+    "runtime": {
+        "device": (_device, AUTO, "compute device: auto, cpu, cuda or cuda:N"),
+        "device_reserve": (_size_or_none, AUTO, "device bytes kept for activations and KV cache; auto = estimated"),
+        "cache_dir": (_path, "~/.cache/tierstore", "where converted layer stores are written"),
+    },
+}
+
+
+def _frozen(section: str) -> type:
+    fields = [(key, Any, dataclasses.field(default=None)) for key in SCHEMA[section]]
+    return dataclasses.make_dataclass(f"{section.title()}Config", fields, frozen=True)
+
+
+PolicyConfig = _frozen("policy")
+IOConfig = _frozen("io")
+RuntimeConfig = _frozen("runtime")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated, immutable settings. Build with `Config.load` (path, dict, Config or None)."""
+
+    budget: Budget
+    policy: Any
+    io: Any
+    runtime: Any
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "Config":
+        """Validate a nested dict shaped like the TOML file."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a table of sections, got {type(data).__name__}")
+        for section in data:
+            if section not in SCHEMA:
+                raise ConfigError(f"{source}: unknown section [{section}]; allowed: {', '.join(SCHEMA)}")
+        values: dict[str, dict[str, Any]] = {}
+        for section, keys in SCHEMA.items():
+            given = data.get(section, {})
+            if not isinstance(given, Mapping):
+                raise ConfigError(f"{source}: [{section}] must be a table, got {given!r}")
+            for key in given:
+                if key not in keys:
+                    raise ConfigError(f"{source}: unknown key {section}.{key}; allowed: {', '.join(keys)}")
+            values[section] = {key: check(f"{section}.{key}", given.get(key, default))
+                               for key, (check, default, _) in keys.items()}
+        return cls(budget=Budget(**values["budget"]), policy=PolicyConfig(**values["policy"]),
+                   io=IOConfig(**values["io"]), runtime=RuntimeConfig(**values["runtime"]))
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> "Config":
+        """Read and validate a TOML file; a syntax error names the file and line."""
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r}: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} cannot be read: {exc}") from None
+        return cls.from_dict(data, source=os.fspath(path))
+
+    @classmethod
+    def load(cls, config: "Config | Mapping[str, Any] | str | os.PathLike[str] | None") -> "Config":
+        """Accept what users pass: None (defaults), a dict, a TOML path or a Config."""
+        if isinstance(config, Config):
+            return config
+        if config is None:
+            return cls.from_dict({})
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_toml(config)
+        return cls.from_dict(config)
+
+    def with_budget(self, budget: Budget | None) -> "Config":
+        """This config with the budget fields that `budget` sets replaced."""
+        if budget is None:
+            return self
+        merged = {name: getattr(budget, name) if getattr(budget, name) is not None else getattr(self.budget, name)
+                  for name in ("vram", "ram", "disk")}
+        return dataclasses.replace(self, budget=Budget(**merged))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The validated values, JSON-serialisable (None means auto)."""
+        return {"budget": self.budget.to_dict(), "policy": dataclasses.asdict(self.policy),
+                "io": dataclasses.asdict(self.io), "runtime": dataclasses.asdict(self.runtime)}

@@ -1,0 +1,25 @@
+"""Errors a user can act on. Each message names the field, key, file or size that was wrong."""
+
+
+class TierstoreError(Exception):
+    """Base class of every error tierstore raises for bad input or bad data."""
+
+
+class BudgetError(TierstoreError, ValueError):
+    """A budget is malformed, or too small for what it must hold."""
+
+
+class ConfigError(TierstoreError, ValueError):
+    """A config key is unknown or its value is not allowed."""
+
+
+class CheckpointError(TierstoreError):
+    """A checkpoint or layer store is missing, malformed or corrupt."""
+
+
+class ModelError(TierstoreError, ValueError):
+    """The model cannot be run layer by layer (architecture, remote code, alias)."""
+
+
+class InputError(TierstoreError, ValueError):
+    """A generation request is invalid (empty prompt, token counts, context length)."""

@@ -1,0 +1,84 @@
+"""From a user's budget and this machine's measurements to the planner's input: caps, reserves and notes."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+
+from .budget import Budget
+from .policies.planner import PlanInput, UnitInfo
+from .sizes import format_size
+
+_ACTIVATION_SLACK_BYTES = 512 * 2**20  # CUDA context-free workspace: cuBLAS, SDPA, logits of a batch
+_RESERVE_CONTEXT_TOKENS = 4096
+
+
+def effective_budgets(budget: Budget, measured: Budget, device: torch.device) -> tuple[int, int, list[str]]:
+    """Device and host bytes to plan with: the user's, capped at what is free, or what is free."""
+    notes: list[str] = []
+    free_vram = measured.vram or 0
+    free_ram = measured.ram or 0
+    if device.type == "cpu":
+        # Without a GPU the device tier is the compute's working set in RAM: both tiers share RAM.
+        free_vram = free_ram
+        default_device, default_host = free_ram // 2, free_ram // 2
+    else:
+        default_device, default_host = free_vram, free_ram
+    device_bytes = _capped("vram", budget.vram, free_vram, default_device, notes)
+    host_bytes = _capped("ram", budget.ram, free_ram, default_host, notes)
+    return device_bytes, host_bytes, notes
+
+
+def _capped(name: str, wanted: int | None, free: int, default: int, notes: list[str]) -> int:
+    if wanted is None:
+        notes.append(f"{name} budget measured: {format_size(default)}")
+        return default
+    if wanted > free:
+        notes.append(f"{name} budget {format_size(wanted)} is more than the {format_size(free)} free; "
+                     f"capped by {format_size(wanted - free)}")
+        return free
+    return wanted
+
+
+def kv_bytes_per_token(config: object, dtype: torch.dtype) -> int:
+    """KV cache bytes one token adds across all layers."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * head_dim * dtype.itemsize
+
+
+def device_reserve_bytes(config: object, dtype: torch.dtype, device: torch.device, reserve: int | None) -> int:
+    """Device bytes kept out of the weight budget: KV cache of a 4k context plus activation workspace.
+
+    On a CPU the activations live in ordinary RAM outside the device tier, so nothing is reserved.
+    """
+    if reserve is not None:
+        return reserve
+    if device.type == "cpu":
+        return 0
+    return kv_bytes_per_token(config, dtype) * _RESERVE_CONTEXT_TOKENS + _ACTIVATION_SLACK_BYTES
+
+
+def plan_input(unit_bytes: Mapping[str, int], schedule: list[str], device_bytes: int, host_bytes: int,
+               reserve_bytes: int, policy: object, probe: Mapping[str, float] | None,
+               notes: list[str]) -> PlanInput:
+    """The planner's input, units listed in first-use order with their uses per pass."""
+    uses = Counter(schedule)
+    order = list(dict.fromkeys(schedule))
+    probe = probe or {}
+    return PlanInput(
+        units=tuple(UnitInfo(key, unit_bytes[key], uses[key]) for key in order),
+        schedule=tuple(schedule),
+        device_budget_bytes=device_bytes,
+        host_budget_bytes=host_bytes,
+        device_reserve_bytes=reserve_bytes,
+        h2d_gbps=probe.get("h2d_pinned_gbps") if getattr(policy, "pinned", True) else probe.get("h2d_gbps"),
+        disk_gbps=probe.get("disk_gbps"),
+        device_policy=policy.device,  # type: ignore[attr-defined]
+        host_policy=policy.host,  # type: ignore[attr-defined]
+        prefetch=policy.prefetch,  # type: ignore[attr-defined]
+        prefetch_depth=policy.prefetch_depth,  # type: ignore[attr-defined]
+        notes=tuple(notes),
+    )

@@ -1,0 +1,134 @@
+"""The run report: per tier budget, peak, hits, bytes and GB/s; per run prefill, decode and the plan's bound.
+
+`to_dict()` is JSON-serialisable; `print(report)` shows rich tables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.table import Table
+
+from .policies.planner import Plan
+from .sizes import format_size
+from .tier import TierStats
+
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock of the last generate call, split at the first token."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    new_tokens: int = 0
+    batch_size: int = 0
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """Seconds, steps and derived rates."""
+        step_s = self.decode_s / self.decode_steps if self.decode_steps else None
+        return {**dataclasses.asdict(self), "decode_step_s": step_s,
+                "decode_tokens_per_s": (self.decode_steps * self.batch_size / self.decode_s
+                                        if self.decode_s > 0 else None)}
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What a run did against what the plan predicted."""
+
+    plan: Plan
+    tiers: dict[str, TierStats]
+    timing: Timing
+    device: str
+    setup_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole report as JSON-serialisable data."""
+        timing = self.timing.to_dict()
+        predicted = self.plan.predicted.get("step_s")
+        achieved = timing["decode_step_s"]
+        return {
+            "device": self.device,
+            "setup_s": self.setup_s,
+            "tiers": {name: stats.to_dict() for name, stats in self.tiers.items()},
+            "timing": {**timing, "predicted_step_s": predicted,
+                       "ratio_to_bound": achieved / predicted if achieved and predicted else None},
+            "plan": self.plan.to_dict(),
+        }
+
+    def tables(self) -> list[Table]:
+        """The report as rich tables: tiers, then timing against the plan."""
+        data = self.to_dict()
+        tiers = Table(title=f"tierstore tiers ({self.device}, plan: {self.plan.regime})")
+        for column in ("tier", "budget", "peak", "hits", "misses", "hit rate", "bytes in", "GB/s", "stall s"):
+            tiers.add_column(column, justify="left" if column == "tier" else "right")
+        for name, stats in data["tiers"].items():
+            tiers.add_row(name, format_size(stats["budget_bytes"]), format_size(stats["peak_bytes"]),
+                          str(stats["hits"]), str(stats["misses"]), _fmt(stats["hit_rate"], "{:.1%}"),
+                          format_size(stats["bytes_in"]), _fmt(stats["gbps"], "{:.2f}"),
+                          f"{stats['stall_s']:.3f}")
+        timing = data["timing"]
+        run = Table(title="run")
+        for column in ("prefill s", "decode s", "tokens", "tokens/s", "step s", "predicted step s", "ratio",
+                       "bound"):
+            run.add_column(column, justify="right")
+        run.add_row(f"{timing['prefill_s']:.3f}", f"{timing['decode_s']:.3f}", str(timing["new_tokens"]),
+                    _fmt(timing["decode_tokens_per_s"], "{:.2f}"), _fmt(timing["decode_step_s"], "{:.4f}"),
+                    _fmt(timing["predicted_step_s"], "{:.4f}"), _fmt(timing["ratio_to_bound"], "{:.2f}x"),
+                    str(self.plan.predicted.get("bound") or "-"))
+        return [tiers, run]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from self.tables()
+
+    def __str__(self) -> str:
+        buffer = io.StringIO()
+        Console(file=buffer, width=120, force_terminal=False).print(self)
+        return buffer.getvalue()
+
+
+def plan_table(plan: Plan) -> Table:
+    """The plan as a table: placement per unit group, policies and the predicted time per pass."""
+    table = Table(title=f"tierstore plan: {plan.regime}")
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    rows = [
+        ("device budget", f"{format_size(plan.device_budget_bytes)} ({format_size(plan.device_reserve_bytes)} "
+                          f"kept for activations/KV)"),
+        ("host budget", format_size(plan.host_budget_bytes)),
+        ("device resident", _keys(plan.device_resident)),
+        ("host resident", _keys(plan.host_resident)),
+        ("streamed from host", _keys(plan.streamed_from_host)),
+        ("streamed from disk", _keys(plan.streamed_from_disk)),
+        ("policies", f"device {plan.device_policy}, host {plan.host_policy}, prefetch {plan.prefetch} "
+                     f"depth {plan.prefetch_depth}"),
+        ("bytes per pass", f"host->device {format_size(plan.h2d_bytes_per_pass)}, "
+                           f"disk {format_size(plan.disk_bytes_per_pass)}"),
+        ("predicted s per pass", _prediction(plan.predicted)),
+    ]
+    rows += [("note", note) for note in plan.notes]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _prediction(predicted: dict[str, float | str | None]) -> str:
+    if predicted.get("step_s") is None:
+        return "unknown (run `tierstore probe` to measure bandwidths)"
+    terms = ", ".join(f"{name.removesuffix('_s')} {value:.4f}" for name, value in predicted.items()
+                      if name in ("disk_s", "h2d_s", "compute_s") and isinstance(value, float))
+    return f"{predicted['step_s']:.4f} (bound: {predicted['bound']}; {terms})"
+
+
+def _keys(keys: tuple[str, ...]) -> str:
+    if not keys:
+        return "-"
+    if len(keys) <= 6:
+        return ", ".join(keys)
+    return f"{len(keys)} units: {', '.join(keys[:3])}, ..., {keys[-1]}"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else spec.format(value)

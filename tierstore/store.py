@@ -1,0 +1,248 @@
+"""The three-tier weight store: device, host (pinned on CUDA) and disk, each within its byte budget.
+
+The loop calls `get(key, position)` before computing a unit and `release(key)` after. `get` waits only for the
+unit it needs and starts the prefetch of what the schedule says comes next: disk reads on a reader pool, host to
+device copies on one copier thread (a CUDA copy stream there). Bookkeeping happens under one lock; bytes move
+outside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .errors import BudgetError
+from .policies.planner import Plan
+from .policies.registry import make_eviction, make_prefetch
+from .tier import Tier, TierStats
+from .transfer import CPUTransfer, CUDATransfer
+from .units import UnitLayout, UnitSource
+
+log = logging.getLogger(__name__)
+Key = Hashable
+
+
+class BufferPool:
+    """Keeps freed buffers for reuse by a unit of the same size, so steady state allocates (and pins) nothing."""
+
+    def __init__(self, allocate: Callable[[int], torch.Tensor]) -> None:
+        self._allocate = allocate
+        self._free: dict[int, list[tuple[torch.Tensor, object]]] = {}
+        self.free_bytes = 0
+
+    def take(self, nbytes: int, live_bytes: int, budget_bytes: int | None) -> tuple[torch.Tensor, object]:
+        """A buffer of `nbytes` and the fence after which it may be overwritten.
+
+        `live_bytes` already counts the new unit; free buffers are released until live plus free fit the budget.
+        """
+        if nbytes in self._free:
+            return self._pop(nbytes)
+        while self._free and budget_bytes is not None and live_bytes + self.free_bytes > budget_bytes:
+            self._pop(next(iter(self._free)))
+        with torch.inference_mode(False):  # a caller in inference mode must not make it an inference tensor
+            return self._allocate(nbytes), None
+
+    def _pop(self, nbytes: int) -> tuple[torch.Tensor, object]:
+        bucket = self._free[nbytes]
+        item = bucket.pop()
+        if not bucket:
+            del self._free[nbytes]
+        self.free_bytes -= nbytes
+        return item
+
+    def give(self, buffer: torch.Tensor, free_after: object) -> None:
+        """Return a buffer; it may be overwritten once `free_after` has passed."""
+        self._free.setdefault(buffer.numel(), []).append((buffer, free_after))
+        self.free_bytes += buffer.numel()
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A unit's bytes in one tier."""
+
+    buffer: torch.Tensor
+    ready: Future
+    tensors: dict[str, torch.Tensor] | None = None
+    copy_fence: object = None
+    free_after: object = None
+    served_from: str | None = None
+
+
+class TieredStore:
+    """Units in device, host and disk tiers, placed and evicted as the plan says."""
+
+    def __init__(self, source: UnitSource, layouts: dict[Key, UnitLayout], plan: Plan,
+                 transfer: CPUTransfer | CUDATransfer, reader_threads: int = 4) -> None:
+        self.source = source
+        self.plan = plan
+        self.layouts = layouts
+        self.transfer = transfer
+        self.schedule = list(plan.schedule)
+        self.device = Tier("device", plan.device_weights_bytes,
+                           make_eviction(plan.device_policy, self.schedule, set(plan.device_resident)))
+        self.host = Tier("host", plan.host_budget_bytes,
+                         make_eviction(plan.host_policy, self.schedule, set(plan.host_resident)))
+        self.disk_stats = TierStats(budget_bytes=None, used_bytes=sum(l.nbytes for l in layouts.values()))
+        self.disk_stats.peak_bytes = self.disk_stats.used_bytes
+        self._prefetch = make_prefetch(plan.prefetch, plan.prefetch_depth)
+        self._device_data: dict[Key, _Entry] = {}
+        self._host_data: dict[Key, _Entry] = {}
+        self._device_pool = BufferPool(transfer.allocate_device)
+        self._host_pool = BufferPool(transfer.allocate_host)
+        self._lock = threading.RLock()
+        self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="tierstore-read")
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="tierstore-copy")
+
+    # -- the loop's interface -------------------------------------------------------------------------------
+    def get(self, key: Key, position: int | None = None) -> dict[str, torch.Tensor]:
+        """The unit's tensors on the compute device; pinned until `release`. Starts the next prefetches."""
+        with self._lock:
+            entry = self._device_data.get(key)
+            if entry is None:
+                entry = self._start_device_load(key, required=True)
+            self.device.pin(key)
+        start_s = time.perf_counter()
+        try:
+            entry.ready.result()
+        except BaseException:
+            self._discard(key)
+            raise
+        waited_s = time.perf_counter() - start_s
+        with self._lock:
+            self._count(key, entry, waited_s)
+            self.device.access(key)
+            if position is not None:
+                for next_key in self._prefetch.next_keys(self.schedule, position):
+                    if next_key not in self._device_data:
+                        self._start_device_load(next_key, required=False)
+        self.transfer.wait_on_compute(entry.copy_fence)
+        assert entry.tensors is not None
+        return entry.tensors
+
+    def release(self, key: Key) -> None:
+        """The loop is done computing with `key`; its buffer is reusable once the queued compute finishes."""
+        with self._lock:
+            self._device_data[key].free_after = self.transfer.compute_fence()
+            self.device.unpin(key)
+
+    def prefetch(self, key: Key) -> None:
+        """Start loading `key` onto the device if there is room; never waits."""
+        with self._lock:
+            if key not in self._device_data:
+                self._start_device_load(key, required=False)
+
+    def close(self) -> None:
+        """Stop the background threads; pending loads finish first."""
+        self._readers.shutdown(wait=True)
+        self._copier.shutdown(wait=True)
+
+    def tier_stats(self) -> dict[str, TierStats]:
+        """Counters per tier: device, host, disk."""
+        return {"device": self.device.stats, "host": self.host.stats, "disk": self.disk_stats}
+
+    # -- loading --------------------------------------------------------------------------------------------
+    def _start_device_load(self, key: Key, required: bool) -> _Entry | None:
+        nbytes = self.layouts[key].nbytes
+        host_entry = self._host_data.get(key)
+        served_from = "host" if host_entry is not None else "disk"
+        if host_entry is None:
+            host_entry = self._start_host_load(key, required)
+            if host_entry is None:
+                return None
+        victims = self.device.plan_admit(key, nbytes)
+        if victims is None:
+            if required:
+                raise BudgetError(f"device tier: no room for unit {key!r} ({nbytes} bytes): every unit held "
+                                  f"is in use; raise the device budget or lower the prefetch depth")
+            return None
+        for victim in victims:
+            self._drop(self.device, self._device_data, self._device_pool, victim)
+        self.device.admit(key, nbytes)
+        buffer, free_after = self._device_pool.take(nbytes, self.device.used_bytes, self.device.budget_bytes)
+        with torch.inference_mode(False):
+            tensors = self.layouts[key].views(buffer)
+        entry = _Entry(buffer, Future(), tensors=tensors, served_from=served_from)
+        self._device_data[key] = entry
+        self.device.pin(key)
+        self.host.pin(key)
+        entry.ready = self._copier.submit(self._copy, key, host_entry, entry, free_after)
+        return entry
+
+    def _start_host_load(self, key: Key, required: bool) -> _Entry | None:
+        nbytes = self.layouts[key].nbytes
+        victims = self.host.plan_admit(key, nbytes)
+        if victims is None:
+            if required:
+                raise BudgetError(f"host tier: no room for unit {key!r} ({nbytes} bytes): every unit held "
+                                  f"is in use; raise the host budget or lower the prefetch depth")
+            return None
+        for victim in victims:
+            self._drop(self.host, self._host_data, self._host_pool, victim)
+        self.host.admit(key, nbytes)
+        buffer, _ = self._host_pool.take(nbytes, self.host.used_bytes, self.host.budget_bytes)
+        entry = _Entry(buffer, Future())
+        self._host_data[key] = entry
+        self.host.pin(key)
+        entry.ready = self._readers.submit(self._read, key, buffer)
+        return entry
+
+    def _read(self, key: Key, buffer: torch.Tensor) -> None:
+        start_s = time.perf_counter()
+        try:
+            self.source.read_into(key, buffer)
+        finally:
+            with self._lock:
+                self.host.unpin(key)
+        with self._lock:
+            self.host.stats.bytes_in += buffer.numel()
+            self.host.stats.transfer_s += time.perf_counter() - start_s
+
+    def _copy(self, key: Key, host_entry: _Entry, entry: _Entry, free_after: object) -> None:
+        try:
+            host_entry.ready.result()
+            start_s = time.perf_counter()
+            entry.copy_fence = self.transfer.copy(entry.buffer, host_entry.buffer, free_after)
+            self.transfer.wait_on_host(entry.copy_fence)
+            elapsed_s = time.perf_counter() - start_s
+        finally:
+            with self._lock:
+                self.host.unpin(key)
+                self.device.unpin(key)
+        with self._lock:
+            self.device.stats.bytes_in += entry.buffer.numel()
+            self.device.stats.transfer_s += elapsed_s
+
+    def _count(self, key: Key, entry: _Entry, waited_s: float) -> None:
+        """Each request is served by exactly one tier: a hit there, a miss in the tiers above it."""
+        if entry.served_from is None:
+            self.device.stats.hits += 1
+            return
+        self.device.stats.misses += 1
+        if entry.served_from == "host":
+            self.host.stats.hits += 1
+            self.host.stats.stall_s += waited_s
+        else:
+            self.host.stats.misses += 1
+            self.disk_stats.hits += 1
+            self.disk_stats.stall_s += waited_s
+        entry.served_from = None
+
+    @staticmethod
+    def _drop(tier: Tier, data: dict[Key, _Entry], pool: BufferPool, key: Key) -> None:
+        entry = data.pop(key)
+        tier.remove(key)
+        pool.give(entry.buffer, entry.free_after)
+
+    def _discard(self, key: Key) -> None:
+        """Forget a unit whose load failed, in both tiers, so a later request reads it again."""
+        with self._lock:
+            self.device.unpin(key)
+            for tier, data, pool in ((self.device, self._device_data, self._device_pool),
+                                     (self.host, self._host_data, self._host_pool)):
+                if key in data and not tier.pinned(key):
+                    self._drop(tier, data, pool, key)
