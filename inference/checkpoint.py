@@ -90,20 +90,21 @@ def safetensors_entries(directory: str) -> dict[str, TensorEntry]:
     return entries
 
 
-def in_place_source(checkpoint: Checkpoint, units: dict[str, list[str]],
-                    dtype: torch.dtype) -> SafetensorsSource | None:
+def in_place_source(checkpoint: Checkpoint, units: dict[str, list[str]], dtype: torch.dtype,
+                    drop_page_cache: bool = False) -> SafetensorsSource | None:
     """A source reading the safetensors shards in place, or None when names need transformers' conversion."""
     entries = safetensors_entries(checkpoint.path)
     wanted = {name for names in units.values() for name in names}
     if not wanted <= set(entries):
         return None
-    return SafetensorsSource(entries, units, dtype)
+    return SafetensorsSource(entries, units, dtype, drop_page_cache)
 
 
-def store_source(directory: str, verify: bool, dtype: torch.dtype) -> tuple[LayerStoreSource, dict[str, Any]]:
+def store_source(directory: str, verify: bool, dtype: torch.dtype,
+                 drop_page_cache: bool = False) -> tuple[LayerStoreSource, dict[str, Any]]:
     """The source of a converted layer store (served in `dtype`) and its manifest."""
     manifest = read_manifest(directory)
-    return LayerStoreSource(directory, manifest, dtype, verify=verify), manifest
+    return LayerStoreSource(directory, manifest, dtype, verify=verify, drop_page_cache=drop_page_cache), manifest
 
 
 __all__ = ["check_architecture", "checkpoint_dtype", "in_place_source", "load_config", "load_tokenizer",

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-from typing import Any
 
 from ..budget import Budget
 from ..errors import TierstoreError

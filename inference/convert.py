@@ -24,7 +24,15 @@ from ..errors import CheckpointError
 from ..sizes import format_size
 from ..units import UnitLayout
 from .checkpoint import load_config, load_tokenizer, safetensors_entries
-from .layerstore import FORMAT, MANIFEST, checksum, layout_to_dict, read_manifest, unit_filename, write_atomic
+from .layerstore import (
+    FORMAT,
+    MANIFEST,
+    checksum,
+    layout_to_dict,
+    read_manifest,
+    unit_filename,
+    write_atomic,
+)
 from .resolve import Checkpoint
 from .skeleton import Skeleton, build_skeleton
 

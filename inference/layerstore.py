@@ -94,9 +94,10 @@ class LayerStoreSource:
     """Reads units of a converted store: one read per unit, verified against the manifest checksum."""
 
     def __init__(self, directory: str, manifest: Mapping[str, object], dtype: torch.dtype,
-                 verify: bool = True) -> None:
+                 verify: bool = True, drop_page_cache: bool = False) -> None:
         self.directory = directory
         self.verify = verify
+        self.drop_page_cache = drop_page_cache
         where = os.path.join(directory, MANIFEST)
         units = manifest["units"]
         if not isinstance(units, dict):
@@ -142,6 +143,8 @@ class LayerStoreSource:
                     if not step:
                         raise CheckpointError(f"{path}: ended after {got} of {nbytes} bytes")
                     got += step
+                if self.drop_page_cache:  # the host tier holds these bytes; the page cache must not as well
+                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
         if self.verify and checksum(out[:nbytes]) != self._checksums[key]:

@@ -5,8 +5,8 @@ unit's module fetch its weights from the store just in time.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
 import warnings
 from typing import Any
@@ -15,14 +15,28 @@ import torch
 
 from ..budget import Budget
 from ..config import Config
-from ..errors import CheckpointError, InputError
-from ..planning import device_reserve_bytes, effective_budgets, plan_input
-from ..policies.planner import Plan, make_plan
+from ..errors import BudgetError, CheckpointError, InputError
+from ..planning import (
+    ACTIVATION_SLACK_BYTES,
+    device_reserve_bytes,
+    effective_budgets,
+    kv_bytes_per_token,
+    plan_input,
+)
+from ..policies.planner import Plan, PlanInput, make_plan
 from ..probe import load_probe
 from ..report import RunReport, Timing
+from ..sizes import format_size
 from ..store import TieredStore
 from ..transfer import make_transfer
-from .checkpoint import checkpoint_dtype, in_place_source, load_config, load_tokenizer, store_source
+from ..units import align
+from .checkpoint import (
+    checkpoint_dtype,
+    in_place_source,
+    load_config,
+    load_tokenizer,
+    store_source,
+)
 from .convert import convert, default_store_dir
 from .hooks import AttachedHooks
 from .resolve import Checkpoint, resolve
@@ -57,8 +71,9 @@ class TierstoreModel:
     """A causal LM running layer by layer out of the tiered store."""
 
     def __init__(self, model: Any, tokenizer: Any, store: TieredStore, hooks: AttachedHooks, plan: Plan,
-                 device: torch.device, config: Config, setup_s: float) -> None:
+                 plan_input: PlanInput, device: torch.device, config: Config, setup_s: float) -> None:
         self.model = model
+        self.plan_input = plan_input
         self.tokenizer = tokenizer
         self.store = store
         self.plan = plan
@@ -67,6 +82,7 @@ class TierstoreModel:
         self.setup_s = setup_s
         self._hooks = hooks
         self._timing = Timing()
+        self._notes: list[str] = []
 
     @property
     def max_context(self) -> int | None:
@@ -87,6 +103,7 @@ class TierstoreModel:
         if self.max_context and total > self.max_context:
             raise InputError(f"prompt of {input_ids.shape[-1]} tokens plus {max_new} new tokens exceeds the "
                              f"model's context of {self.max_context}")
+        notes = self._fit_kv_cache(input_ids.shape[0] * total, kwargs)
         input_ids = input_ids.to(self.device)
         if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
@@ -105,7 +122,27 @@ class TierstoreModel:
         self._timing = Timing(prefill_s=first - clock.start_s, decode_s=end_s - first,
                               decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls),
                               batch_size=input_ids.shape[0])
+        self._notes = notes
         return out
+
+    def _fit_kv_cache(self, cache_tokens: int, kwargs: dict[str, Any]) -> list[str]:
+        """Keep the KV cache inside the device budget: when this call's cache outgrows the reserve, re-plan with
+        a larger reserve (fewer resident weights); when even that cannot fit, say so before anything runs."""
+        if self.device.type != "cuda" or "past_key_values" in kwargs:
+            return []
+        needed = kv_bytes_per_token(self.model.config, self.model.dtype) * cache_tokens + ACTIVATION_SLACK_BYTES
+        if needed <= self.plan.device_reserve_bytes:
+            return []
+        try:
+            plan = make_plan(dataclasses.replace(self.plan_input, device_reserve_bytes=needed))
+        except BudgetError:
+            raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(needed)} of KV cache and "
+                             f"activations, more than the device budget {format_size(self.plan.device_budget_bytes)}"
+                             f" leaves beside the weights; use fewer prompts or tokens") from None
+        self.store.replan(plan)
+        self.plan = plan
+        return [f"KV cache and activations need {format_size(needed)}: device reserve raised, "
+                f"{len(plan.device_resident)} units now resident"]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """A plain forward (e.g. for logits), weights streamed the same way."""
@@ -115,7 +152,7 @@ class TierstoreModel:
     def report(self) -> RunReport:
         """The run report of the last `generate` call (tier counters cover the model's whole life)."""
         return RunReport(plan=self.plan, tiers=self.store.tier_stats(), timing=self._timing,
-                         device=str(self.device), setup_s=self.setup_s)
+                         device=str(self.device), setup_s=self.setup_s, notes=list(self._notes))
 
     def close(self) -> None:
         """Detach the hooks and stop the store's threads."""
@@ -163,38 +200,39 @@ class AutoModel:
         start_s = time.perf_counter()
         cfg, checkpoint, hf_config, _, device, dtype, _ = prepare(model, budget, config, dtype, trust_remote_code,
                                                                   allow_download, progress)
-        skeleton, source, layouts, plan = open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code,
-                                                     progress)
-        store = TieredStore(source, layouts, plan, make_transfer(device, cfg.io.pinned_memory),
-                            reader_threads=cfg.io.reader_threads)
+        skeleton, source, layouts, plan, planned_from = open_units(cfg, checkpoint, hf_config, device, dtype,
+                                                                   trust_remote_code, progress)
+        host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, 4096) for layout in layouts.values()))
+        transfer = make_transfer(device, cfg.io.pinned_memory, host_capacity)
+        store = TieredStore(source, layouts, plan, transfer, reader_threads=cfg.io.reader_threads)
         hooks = AttachedHooks(skeleton, store, device)
         tokenizer = load_tokenizer(checkpoint, trust_remote_code)
-        return TierstoreModel(skeleton.model, tokenizer, store, hooks, plan, device, cfg,
+        return TierstoreModel(skeleton.model, tokenizer, store, hooks, plan, planned_from, device, cfg,
                               time.perf_counter() - start_s)
 
 
 def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool, progress: bool) -> tuple[Any, Any, dict[str, Any], Plan]:
-    """The skeleton, the unit source, the layouts and the plan."""
+               trust_remote_code: bool, progress: bool) -> tuple[Any, Any, dict[str, Any], Plan, PlanInput]:
+    """The skeleton, the unit source, the layouts, the plan and what it was made from."""
     skeleton = build_skeleton(hf_config, dtype, trust_remote_code)
     source: Any = None
+    drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
     if checkpoint.kind == "safetensors":
-        source = in_place_source(checkpoint, skeleton.units, dtype)
+        source = in_place_source(checkpoint, skeleton.units, dtype, drop_cache)
         if source is None:  # names need transformers' conversion rules: convert once, then read the store
             store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
             convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress)
             checkpoint = Checkpoint("store", store_dir, checkpoint.name)
     if checkpoint.kind == "store":
-        source, _ = store_source(checkpoint.path, cfg.io.verify_checksums, dtype)
+        source, _ = store_source(checkpoint.path, cfg.io.verify_checksums, dtype, drop_cache)
     layouts = {key: source.layout(key) for key in skeleton.units}
     _check_store_matches(checkpoint, skeleton.units, layouts)
     measured = Budget.measure(cfg.runtime.cache_dir)
     device_bytes, host_bytes, notes = effective_budgets(cfg.budget, measured, device)
     reserve = device_reserve_bytes(hf_config, dtype, device, cfg.runtime.device_reserve)
-    plan = make_plan(plan_input({key: layout.nbytes for key, layout in layouts.items()}, skeleton.schedule,
-                                device_bytes, host_bytes, reserve, cfg.policy, load_probe(cfg.runtime.cache_dir),
-                                notes))
-    return skeleton, source, layouts, plan
+    planned_from = plan_input({key: layout.nbytes for key, layout in layouts.items()}, skeleton.schedule,
+                              device_bytes, host_bytes, reserve, cfg.policy, load_probe(cfg.runtime.cache_dir), notes)
+    return skeleton, source, layouts, make_plan(planned_from), planned_from
 
 
 def _check_store_matches(checkpoint: Checkpoint, units: dict[str, list[str]], layouts: dict[str, Any]) -> None:

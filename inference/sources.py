@@ -16,8 +16,9 @@ class SafetensorsSource:
     """Units gathered from tensors of one or more safetensors files, converted to the compute dtype on read."""
 
     def __init__(self, entries: Mapping[str, TensorEntry], units: Mapping[str, Sequence[str]],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, drop_page_cache: bool = False) -> None:
         self._entries = entries
+        self.drop_page_cache = drop_page_cache
         self._layouts: dict[str, UnitLayout] = {}
         for key, names in units.items():
             missing = [name for name in names if name not in entries]
@@ -58,6 +59,8 @@ class SafetensorsSource:
                     raise CheckpointError(f"{entry.path}: ended at byte {entry.start + done}, "
                                           f"expected {entry.end} (truncated since it was opened)")
                 done += step
+            if self.drop_page_cache:  # the host tier holds these bytes; the page cache must not as well
+                os.posix_fadvise(fd, entry.start, entry.end - entry.start, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             raise CheckpointError(f"{entry.path}: cannot read: {exc.strerror or exc}") from None
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tierstore.inference.cli import main
 
 

@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 import torch
-
-import tierstore
 from tierstore.inference.convert import convert
 from tierstore.inference.resolve import resolve
+
+import tierstore
 
 PROMPT = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
 

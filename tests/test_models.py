@@ -1,9 +1,9 @@
 """Tiny random-weight models of each tested architecture: the same greedy tokens as transformers itself."""
 import pytest
 import torch
+from conftest import ARCH_EXTRA
 
 import tierstore
-from conftest import ARCH_EXTRA
 
 PROMPTS = [[5, 9, 33, 7, 81, 100, 3], [40, 41], [17, 200, 19, 5, 6]]
 

@@ -1,7 +1,7 @@
 import pytest
+from tierstore.policies import PlanInput, UnitInfo, make_plan
 
 from tierstore import BudgetError
-from tierstore.policies import PlanInput, UnitInfo, make_plan
 
 MB = 10**6
 

@@ -2,9 +2,16 @@
 import random
 
 import pytest
-
-from tierstore.policies import EVICTION_POLICIES, PREFETCH_POLICIES, PlanInput, UnitInfo, make_eviction, make_plan
+from tierstore.policies import (
+    EVICTION_POLICIES,
+    PREFETCH_POLICIES,
+    PlanInput,
+    UnitInfo,
+    make_eviction,
+    make_plan,
+)
 from tierstore.policies.prefetch import Lookahead
+
 from tierstore.tier import replay
 
 SCHEDULE = [f"u{i}" for i in range(8)]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tierstore.policies import PlanInput, UnitInfo, make_plan
 
 from tierstore import BudgetError, CheckpointError
-from tierstore.policies import PlanInput, UnitInfo, make_plan
 from tierstore.store import TieredStore
 from tierstore.transfer import CPUTransfer
 from tierstore.units import UnitLayout
@@ -110,3 +110,18 @@ def test_budgets_never_exceeded(numels, device_units, host_units, policy, depth,
     store.close()
     for stats, budget in ((store.device.stats, device), (store.host.stats, host)):
         assert stats.peak_bytes <= budget
+
+
+def test_replan_shrinks_the_device_tier_and_keeps_serving():
+    sizes = {f"u{i}": 256 for i in range(8)}
+    store, _ = make_store(sizes, device=6 * 1024, host=8 * 1024)
+    run_passes(store, 2)
+    smaller = make_plan(PlanInput(units=tuple(UnitInfo(k, store.layouts[k].nbytes) for k in sizes),
+                                  schedule=tuple(sizes), device_budget_bytes=6 * 1024, host_budget_bytes=8 * 1024,
+                                  device_reserve_bytes=3 * 1024))
+    store.replan(smaller)
+    assert store.device.used_bytes <= smaller.device_weights_bytes
+    run_passes(store, 3)
+    assert store.device.used_bytes <= smaller.device_weights_bytes
+    assert store.device.budget_bytes == smaller.device_weights_bytes
+    store.close()

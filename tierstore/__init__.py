@@ -1,11 +1,26 @@
 """tierstore: a tiered-storage memory manager for layer weights, and a thin layer-by-layer inference loop."""
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Installed, `policies/` and `inference/` are subpackages of tierstore (pyproject maps them). Run from a source
+# checkout without installing, they sit beside this folder: let the import system find them there too.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(os.path.dirname(__file__), "policies")) and \
+        os.path.isfile(os.path.join(_checkout, "policies", "planner.py")):
+    __path__.append(_checkout)  # type: ignore[name-defined]
 
 from .budget import Budget
 from .config import Config
-from .errors import BudgetError, CheckpointError, ConfigError, InputError, ModelError, TierstoreError
+from .errors import (
+    BudgetError,
+    CheckpointError,
+    ConfigError,
+    InputError,
+    ModelError,
+    TierstoreError,
+)
 from .sizes import format_size, parse_size
 
 __all__ = ["AutoModel", "Budget", "BudgetError", "CheckpointError", "Config", "ConfigError", "InputError",

@@ -10,8 +10,8 @@ from .budget import Budget
 from .policies.planner import PlanInput, UnitInfo
 from .sizes import format_size
 
-_ACTIVATION_SLACK_BYTES = 512 * 2**20  # CUDA context-free workspace: cuBLAS, SDPA, logits of a batch
-_RESERVE_CONTEXT_TOKENS = 4096
+ACTIVATION_SLACK_BYTES = 256 * 2**20  # cuBLAS workspace, SDPA, hidden states and logits of a small batch
+_RESERVE_CONTEXT_TOKENS = 1024
 
 
 def effective_budgets(budget: Budget, measured: Budget, device: torch.device) -> tuple[int, int, list[str]]:
@@ -50,7 +50,9 @@ def kv_bytes_per_token(config: object, dtype: torch.dtype) -> int:
 
 
 def device_reserve_bytes(config: object, dtype: torch.dtype, device: torch.device, reserve: int | None) -> int:
-    """Device bytes kept out of the weight budget: KV cache of a 4k context plus activation workspace.
+    """Device bytes kept out of the weight budget: KV cache of 1024 tokens plus activation workspace.
+
+    A generate call whose KV cache would not fit re-plans with a larger reserve (see the model).
 
     On a CPU the activations live in ordinary RAM outside the device tier, so nothing is reserved.
     """
@@ -58,7 +60,7 @@ def device_reserve_bytes(config: object, dtype: torch.dtype, device: torch.devic
         return reserve
     if device.type == "cpu":
         return 0
-    return kv_bytes_per_token(config, dtype) * _RESERVE_CONTEXT_TOKENS + _ACTIVATION_SLACK_BYTES
+    return kv_bytes_per_token(config, dtype) * _RESERVE_CONTEXT_TOKENS + ACTIVATION_SLACK_BYTES
 
 
 def plan_input(unit_bytes: Mapping[str, int], schedule: list[str], device_bytes: int, host_bytes: int,

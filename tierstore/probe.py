@@ -76,6 +76,8 @@ def run_probe(cache_dir: str, device: torch.device, nbytes: int = 256 * 2**20,
         "disk_gbps": _disk_gbps(cache_dir, disk_nbytes),
     }
     os.makedirs(cache_dir, exist_ok=True)
-    from .inference.layerstore import write_atomic  # local: keeps probe importable without inference
+    from .inference.layerstore import (
+        write_atomic,  # local: keeps probe importable without inference
+    )
     write_atomic(os.path.join(cache_dir, PROBE_FILE), json.dumps(result, indent=1).encode())
     return result

@@ -43,6 +43,7 @@ class RunReport:
     timing: Timing
     device: str
     setup_s: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report as JSON-serialisable data."""
@@ -56,6 +57,7 @@ class RunReport:
             "timing": {**timing, "predicted_step_s": predicted,
                        "ratio_to_bound": achieved / predicted if achieved and predicted else None},
             "plan": self.plan.to_dict(),
+            "notes": list(self.notes),
         }
 
     def tables(self) -> list[Table]:
@@ -78,7 +80,14 @@ class RunReport:
                     _fmt(timing["decode_tokens_per_s"], "{:.2f}"), _fmt(timing["decode_step_s"], "{:.4f}"),
                     _fmt(timing["predicted_step_s"], "{:.4f}"), _fmt(timing["ratio_to_bound"], "{:.2f}x"),
                     str(self.plan.predicted.get("bound") or "-"))
-        return [tiers, run]
+        tables = [tiers, run]
+        if self.notes:
+            notes = Table(title="notes", show_header=False)
+            notes.add_column("note")
+            for note in self.notes:
+                notes.add_row(note)
+            tables.append(notes)
+        return tables
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield from self.tables()

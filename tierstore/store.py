@@ -42,10 +42,14 @@ class BufferPool:
         """
         if nbytes in self._free:
             return self._pop(nbytes)
-        while self._free and budget_bytes is not None and live_bytes + self.free_bytes > budget_bytes:
-            self._pop(next(iter(self._free)))
+        self.trim(live_bytes, budget_bytes)
         with torch.inference_mode(False):  # a caller in inference mode must not make it an inference tensor
             return self._allocate(nbytes), None
+
+    def trim(self, live_bytes: int, budget_bytes: int | None) -> None:
+        """Release free buffers until live plus free bytes fit the budget."""
+        while self._free and budget_bytes is not None and live_bytes + self.free_bytes > budget_bytes:
+            self._pop(next(iter(self._free)))
 
     def _pop(self, nbytes: int) -> tuple[torch.Tensor, object]:
         bucket = self._free[nbytes]
@@ -95,6 +99,7 @@ class TieredStore:
         self._device_pool = BufferPool(transfer.allocate_device)
         self._host_pool = BufferPool(transfer.allocate_host)
         self._lock = threading.RLock()
+        self._in_flight: list[tuple[Key, object, object, int]] = []  # copies queued: key, fence, timer, bytes
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="tierstore-read")
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="tierstore-copy")
 
@@ -114,21 +119,43 @@ class TieredStore:
             raise
         waited_s = time.perf_counter() - start_s
         with self._lock:
+            self._reap(block=False)
             self._count(key, entry, waited_s)
             self.device.access(key)
             if position is not None:
                 for next_key in self._prefetch.next_keys(self.schedule, position):
                     if next_key not in self._device_data:
                         self._start_device_load(next_key, required=False)
-        self.transfer.wait_on_compute(entry.copy_fence)
+        if entry.copy_fence is not None:  # once the compute stream waited, later reads are ordered after it
+            self.transfer.wait_on_compute(entry.copy_fence)
+            entry.copy_fence = None
         assert entry.tensors is not None
         return entry.tensors
 
     def release(self, key: Key) -> None:
-        """The loop is done computing with `key`; its buffer is reusable once the queued compute finishes."""
+        """The loop is done computing with `key`. Its buffer is overwritten only after the compute queued before
+        its eviction has finished: eviction records that fence, so a unit that stays resident costs nothing."""
         with self._lock:
-            self._device_data[key].free_after = self.transfer.compute_fence()
             self.device.unpin(key)
+
+    def replan(self, plan: Plan) -> None:
+        """Carry out a new plan for the device tier (e.g. a larger reserve for the KV cache): new budget and
+        policy, evicting what no longer fits. Call between passes, when no unit is in use."""
+        with self._lock:
+            self._reap(block=True)
+            policy = make_eviction(plan.device_policy, self.schedule, set(plan.device_resident))
+            for key in self.device.keys():
+                policy.on_insert(key, self.layouts[key].nbytes)
+            self.device.policy = policy
+            self.device.stats.budget_bytes = plan.device_weights_bytes
+            while self.device.used_bytes > plan.device_weights_bytes:
+                victim = policy.victim(self.device.evictable())
+                if victim is None:
+                    raise BudgetError("device tier: units in use while re-planning")
+                self._evict_from_device([victim])
+            self._device_pool.trim(self.device.used_bytes, plan.device_weights_bytes)
+            self.device.stats.peak_bytes = self.device.used_bytes  # from here on, the peak under the new budget
+            self.plan = plan
 
     def prefetch(self, key: Key) -> None:
         """Start loading `key` onto the device if there is room; never waits."""
@@ -137,9 +164,17 @@ class TieredStore:
                 self._start_device_load(key, required=False)
 
     def close(self) -> None:
-        """Stop the background threads; pending loads finish first."""
+        """Stop the background threads (pending loads finish first) and give the memory back."""
         self._readers.shutdown(wait=True)
         self._copier.shutdown(wait=True)
+        with self._lock:
+            self._reap(block=True)
+            self._device_data.clear()
+            self._host_data.clear()
+            self._device_pool = self._host_pool = BufferPool(self.transfer.allocate_host)
+        arena = getattr(self.transfer, "arena", None)
+        if arena is not None:
+            arena.release()
 
     def tier_stats(self) -> dict[str, TierStats]:
         """Counters per tier: device, host, disk."""
@@ -160,8 +195,7 @@ class TieredStore:
                 raise BudgetError(f"device tier: no room for unit {key!r} ({nbytes} bytes): every unit held "
                                   f"is in use; raise the device budget or lower the prefetch depth")
             return None
-        for victim in victims:
-            self._drop(self.device, self._device_data, self._device_pool, victim)
+        self._evict_from_device(victims)
         self.device.admit(key, nbytes)
         buffer, free_after = self._device_pool.take(nbytes, self.device.used_bytes, self.device.budget_bytes)
         with torch.inference_mode(False):
@@ -176,6 +210,9 @@ class TieredStore:
     def _start_host_load(self, key: Key, required: bool) -> _Entry | None:
         nbytes = self.layouts[key].nbytes
         victims = self.host.plan_admit(key, nbytes)
+        if victims is None and self._in_flight:  # host units still being copied hold their pins: wait for them
+            self._reap(block=required)
+            victims = self.host.plan_admit(key, nbytes)
         if victims is None:
             if required:
                 raise BudgetError(f"host tier: no room for unit {key!r} ({nbytes} bytes): every unit held "
@@ -205,17 +242,31 @@ class TieredStore:
     def _copy(self, key: Key, host_entry: _Entry, entry: _Entry, free_after: object) -> None:
         try:
             host_entry.ready.result()
-            start_s = time.perf_counter()
-            entry.copy_fence = self.transfer.copy(entry.buffer, host_entry.buffer, free_after)
-            self.transfer.wait_on_host(entry.copy_fence)
-            elapsed_s = time.perf_counter() - start_s
-        finally:
+            entry.copy_fence, timer = self.transfer.copy(entry.buffer, host_entry.buffer, free_after)
+        except BaseException:
             with self._lock:
                 self.host.unpin(key)
                 self.device.unpin(key)
+            raise
         with self._lock:
-            self.device.stats.bytes_in += entry.buffer.numel()
-            self.device.stats.transfer_s += elapsed_s
+            # The device copy is ordered by its fence from here on; the host bytes stay pinned until it is done.
+            self.device.unpin(key)
+            self._in_flight.append((key, entry.copy_fence, timer, entry.buffer.numel()))
+            self._reap(block=False)
+
+    def _reap(self, block: bool) -> None:
+        """Release the host pins of finished copies and count them; with `block`, wait for all of them."""
+        still: list[tuple[Key, object, object, int]] = []
+        for key, fence, timer, nbytes in self._in_flight:
+            if block and fence is not None:
+                fence.synchronize()  # type: ignore[attr-defined]
+            if still or not self.transfer.done(fence):  # copies finish in order on one stream
+                still.append((key, fence, timer, nbytes))
+                continue
+            self.host.unpin(key)
+            self.device.stats.bytes_in += nbytes
+            self.device.stats.transfer_s += self.transfer.elapsed_s(timer)
+        self._in_flight = still
 
     def _count(self, key: Key, entry: _Entry, waited_s: float) -> None:
         """Each request is served by exactly one tier: a hit there, a miss in the tiers above it."""
@@ -231,6 +282,15 @@ class TieredStore:
             self.disk_stats.hits += 1
             self.disk_stats.stall_s += waited_s
         entry.served_from = None
+
+    def _evict_from_device(self, victims: list[Key]) -> None:
+        """Drop device units; their buffers wait for the compute queued so far (called on the compute thread)."""
+        if not victims:
+            return
+        fence = self.transfer.compute_fence()
+        for victim in victims:
+            self._device_data[victim].free_after = fence
+            self._drop(self.device, self._device_data, self._device_pool, victim)
 
     @staticmethod
     def _drop(tier: Tier, data: dict[Key, _Entry], pool: BufferPool, key: Key) -> None:

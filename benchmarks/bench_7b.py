@@ -1,0 +1,305 @@
+"""tierstore against transformers (resident), accelerate and AirLLM on a random-weight Llama-2-7B-shaped model.
+
+One device-tool call (under 10 minutes on the lent H100):
+    python benchmarks/bench_7b.py --out $OUT
+Builds the fp16 checkpoint (13.5 GB, random weights) under --work, measures the links with tierstore's probe, then
+runs each system in its own process (peak RSS from wait4, peak VRAM from torch) with the same prompt, and prints
+one table: prefill s, decode s/token, ratio to the bound, peak VRAM, peak RSS, tokens equal to the resident run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HIDDEN, INTER, LAYERS, HEADS, VOCAB = 4096, 11008, 32, 32, 32000
+PROMPT_TOKENS = 32
+
+
+def build_checkpoint(path: str) -> None:
+    """Random fp16 weights, one safetensors shard per layer, written straight from the GPU."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    os.makedirs(path, exist_ok=True)
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        write_tokenizer(path)
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        return
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=VOCAB,
+                         max_position_embeddings=4096, dtype="float16", tie_word_embeddings=False)
+    config.save_pretrained(path)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape: int, scale: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32) * scale).half().cpu()
+
+    index: dict[str, str] = {}
+    shards: list[tuple[str, dict[str, torch.Tensor]]] = [(f"model-00001-of-{LAYERS + 1:05d}.safetensors", {
+        "model.embed_tokens.weight": rand(VOCAB, HIDDEN), "model.norm.weight": torch.ones(HIDDEN).half(),
+        "lm_head.weight": rand(VOCAB, HIDDEN)})]
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shards.append((f"model-{i + 2:05d}-of-{LAYERS + 1:05d}.safetensors", {
+            p + "self_attn.q_proj.weight": rand(HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": rand(HIDDEN, HIDDEN),
+            p + "self_attn.v_proj.weight": rand(HIDDEN, HIDDEN), p + "self_attn.o_proj.weight": rand(HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": rand(INTER, HIDDEN), p + "mlp.up_proj.weight": rand(INTER, HIDDEN),
+            p + "mlp.down_proj.weight": rand(HIDDEN, INTER),
+            p + "input_layernorm.weight": torch.ones(HIDDEN).half(),
+            p + "post_attention_layernorm.weight": torch.ones(HIDDEN).half()}))
+    for name, tensors in shards:
+        save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+        index.update({k: name for k in tensors})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as handle:
+        json.dump({"metadata": {}, "weight_map": index}, handle)
+
+
+def write_tokenizer(path: str) -> None:
+    """A word-level tokenizer over the 32000 ids (AirLLM loads one; the benchmark itself feeds token ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(path)
+
+
+def prompt_ids(batch: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(100, VOCAB, (batch, PROMPT_TOKENS), generator=gen)
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.calls: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.calls.append(time.perf_counter())
+        return scores
+
+    def summary(self) -> dict:
+        """Prefill = time to the first token; decode = median step (the first steps carry one-off costs)."""
+        steps = sorted(b - a for a, b in zip(self.calls, self.calls[1:]))
+        return {"prefill_s": self.calls[0] - self.start, "decode_s_per_token": steps[len(steps) // 2],
+                "decode_mean_s_per_token": sum(steps) / len(steps), "decode_steps": len(steps)}
+
+
+def child(args: argparse.Namespace) -> None:
+    """One system, one process: prints a JSON line with timings, peak VRAM and tokens."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    ids = prompt_ids(args.batch)
+    new = args.tokens
+    torch.cuda.reset_peak_memory_stats()
+    setup_start = time.perf_counter()
+    extra: dict = {}
+    if args.system == "pair":
+        pair_child(args, ids, new)
+        return
+    if args.system == "tierstore":
+        import tierstore
+
+        config = {"runtime": {"cache_dir": args.cache}}
+        model = tierstore.AutoModel.from_pretrained(args.model, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
+                                                    config=config, dtype=torch.float16)
+        setup_s = time.perf_counter() - setup_start
+        clock = StepClock()
+        out = model.generate(ids, max_new_tokens=new, do_sample=False,
+                             logits_processor=LogitsProcessorList([clock]))
+        first_call = clock.summary()
+        clock = StepClock()
+        model.generate(ids, max_new_tokens=new, do_sample=False, logits_processor=LogitsProcessorList([clock]))
+        report = model.report().to_dict()
+        result = {**clock.summary(), "first_call": first_call, "predicted_s": report["timing"]["predicted_step_s"],
+                  "bound": report["plan"]["predicted"]["bound"], "tiers": report["tiers"],
+                  "regime": report["plan"]["regime"], "notes": report["notes"],
+                  "report_decode_s_per_token": report["timing"]["decode_step_s"]}
+        extra = {"plan_notes": report["plan"]["notes"], "setup_pin_s": model.store.transfer.setup_s}
+    else:
+        if args.system == "resident":
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16, device_map="cuda")
+        elif args.system == "accelerate":
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16, device_map="auto",
+                                                         max_memory={0: args.vram, "cpu": args.ram},
+                                                         offload_folder=os.path.join(args.cache, "offload"))
+        else:
+            from airllm import AutoModel as AirModel
+            model = AirModel.from_pretrained(args.model, layer_shards_saving_path=os.path.join(args.cache, "air"),
+                                             max_seq_len=PROMPT_TOKENS + new + 8)
+        setup_s = time.perf_counter() - setup_start
+        calls = []
+        for _ in range(1 if args.system == "airllm" else 2):  # AirLLM is too slow for a second call here
+            clock = StepClock()
+            with torch.no_grad():
+                generated = model.generate(ids.cuda(), max_new_tokens=new, do_sample=False, use_cache=True,
+                                           logits_processor=LogitsProcessorList([clock]))
+            torch.cuda.synchronize()
+            calls.append(clock.summary())
+            if len(calls) == 1:  # tokens of the first call
+                out = generated
+        if hasattr(out, "sequences"):
+            out = out.sequences
+        result = {**calls[-1], "first_call": calls[0]}
+    result.update(setup_s=setup_s, peak_vram=torch.cuda.max_memory_allocated(),
+                  tokens=out[:, PROMPT_TOKENS:].tolist(), peak_rss=vm_hwm_bytes(), **extra)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def pair_child(args: argparse.Namespace, ids, new: int) -> None:
+    """A budget that fits the whole model against the resident model, alternating in one process (the decode
+    step here is CPU-launch-bound, and varies between processes more than the two differ)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    import tierstore
+
+    resident = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16, device_map="cuda")
+    fits = tierstore.AutoModel.from_pretrained(args.model, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
+                                               config={"runtime": {"cache_dir": args.cache}}, dtype=torch.float16)
+    steps = {"resident": [], "tierstore": []}
+    tokens = {}
+    for _ in range(6):
+        for name, model in (("resident", resident), ("tierstore", fits)):
+            clock = StepClock()
+            with torch.no_grad():
+                out = model.generate(ids.cuda(), max_new_tokens=new, do_sample=False,
+                                     logits_processor=LogitsProcessorList([clock]))
+            steps[name].append(clock.summary()["decode_s_per_token"])
+            tokens[name] = out[:, PROMPT_TOKENS:].tolist()
+    result = {"prefill_s": float("nan"), "decode_s_per_token": min(steps["tierstore"]),
+              "resident_s_per_token": min(steps["resident"]), "all_steps": steps,
+              "same_tokens": tokens["resident"] == tokens["tierstore"], "peak_vram": torch.cuda.max_memory_allocated(),
+              "tokens": tokens["tierstore"], "setup_s": 0.0, "peak_rss": vm_hwm_bytes()}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def vm_hwm_bytes() -> int:
+    """This process's peak RSS. (wait4's ru_maxrss would inherit the parent's peak across fork and exec.)"""
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+
+
+def run_child(argv: list[str], log) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--child", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        log.write(line)
+    status = proc.wait()
+    result = next((json.loads(l[7:]) for l in lines if l.startswith("RESULT ")), None)
+    if result is None:
+        return {"error": "".join(lines[-5:]).strip().splitlines()[-1] if lines else f"exit {status}"}
+    return result
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+    except OSError as exc:
+        print(f"could not drop the page cache: {exc}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--system", default="tierstore")
+    parser.add_argument("--model", default="/tmp/llama7b-hf")
+    parser.add_argument("--cache", default="/tmp/tierstore-bench-cache")
+    parser.add_argument("--vram", default="4GB")
+    parser.add_argument("--ram", default="16GB")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--only", default="", help="comma-separated run names")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    build_checkpoint(args.model)
+    print(f"checkpoint ready in {time.perf_counter() - start:.1f}s", flush=True)
+    import torch
+
+    from tierstore.probe import run_probe
+    probe = run_probe(args.cache, torch.device("cuda", 0), disk_nbytes=2 * 2**30)
+    print("probe", json.dumps(probe), flush=True)
+    runs = [  # name, system, vram, ram, batch, tokens, drop cache
+        ("resident", "resident", "80GB", "100GB", 1, 16, False),
+        ("tierstore 4GB/16GB", "tierstore", "4GB", "16GB", 1, 16, False),
+        ("tierstore fits vs resident (same process)", "pair", "60GB", "16GB", 1, 16, False),
+        ("tierstore 4GB/16GB b32", "tierstore", "4GB", "16GB", 32, 16, False),
+        ("resident b32", "resident", "80GB", "100GB", 32, 16, False),
+        ("tierstore 4GB/4GB disk", "tierstore", "4GB", "4GB", 1, 6, True),
+        ("accelerate 4GiB/16GiB", "accelerate", "4GiB", "16GiB", 1, 8, False),
+        ("airllm", "airllm", "-", "-", 1, 3, True),
+    ]
+    only = set(filter(None, args.only.split(",")))
+    results = {}
+    with open(os.path.join(args.out, "bench_log.txt"), "w") as log:
+        for name, system, vram, ram, batch, tokens, drop in runs:
+            if only and name not in only:
+                continue
+            if drop:
+                drop_page_cache()
+            t0 = time.perf_counter()
+            results[name] = run_child(["--system", system, "--model", args.model, "--cache", args.cache, "--vram",
+                                       vram, "--ram", ram, "--batch", str(batch), "--tokens", str(tokens)], log)
+            results[name]["wall_s"] = time.perf_counter() - t0
+            results[name]["batch"] = batch
+            print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),
+                  flush=True)
+    with open(os.path.join(args.out, "bench_results.json"), "w") as handle:
+        json.dump({"probe": probe, "results": results}, handle, indent=1)
+    print_table(results, probe)
+
+
+def print_table(results: dict, probe: dict) -> None:
+    references = {1: results.get("resident", {}).get("tokens"), 32: results.get("resident b32", {}).get("tokens")}
+    pcie = results.get("tierstore 4GB/16GB", {}).get("predicted_s")
+    print(f"\nh2d pinned {probe['h2d_pinned_gbps']:.1f} GB/s, pageable {probe['h2d_gbps']:.1f} GB/s, "
+          f"disk {probe['disk_gbps']:.2f} GB/s")
+    print("decode s/token: median step; resident runs are the references for 'tokens'")
+    pair = results.get("tierstore fits vs resident (same process)", {})
+    if "resident_s_per_token" in pair:
+        print(f"fits vs resident in one process: {pair['decode_s_per_token']:.4f} vs {pair['resident_s_per_token']:.4f}"
+              f" s/token = {pair['decode_s_per_token'] / pair['resident_s_per_token']:.2f}x, "
+              f"tokens {'same' if pair['same_tokens'] else 'DIFFERENT'}")
+    print(f"{'system':26} {'prefill s':>9} {'s/token':>9} {'tok/s':>8} {'bound s':>8} {'ratio':>6} "
+          f"{'VRAM GB':>8} {'RSS GB':>7} tokens")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:26} error: {r['error'][:90]}")
+            continue
+        bound = r.get("predicted_s") or pcie
+        step = r["decode_s_per_token"]
+        tok_s = r["batch"] / step if step else float("nan")
+        ratio = step / bound if bound and step else float("nan")
+        reference = references.get(r["batch"])
+        if reference is None or name.startswith("resident"):
+            same = "-"
+        else:  # every row against the resident run of the same batch (batch size changes GEMM kernels)
+            same = "same" if all(row == ref[:len(row)] for row, ref in zip(r["tokens"], reference)) else "DIFFERENT"
+        first = r.get("first_call", {})
+        print(f"{name[:26]:26} {first.get('prefill_s', r['prefill_s']):9.3f} {step:9.4f} "
+              f"{first.get('decode_s_per_token', float('nan')):9.4f} {tok_s:8.2f} {bound or float('nan'):8.4f} "
+              f"{ratio:6.2f} {r['peak_vram'] / 1e9:8.2f} {r['peak_rss'] / 1e9:7.2f} {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""CUDA tests: run through the device tool (skipped without a GPU)."""
+import pytest
+import torch
+from tierstore.policies import PlanInput, UnitInfo, make_plan
+
+import tierstore
+from tierstore.store import TieredStore
+from tierstore.transfer import CUDATransfer
+from tierstore.units import UnitLayout
+
+pytestmark = pytest.mark.cuda
+
+
+class ValueSource:
+    """Unit i is a large tensor filled with the value i."""
+
+    def __init__(self, n, numel):
+        self.layouts = {f"u{i}": UnitLayout.pack(f"u{i}", {"w": (torch.float32, (numel,))}) for i in range(n)}
+
+    def layout(self, key):
+        return self.layouts[key]
+
+    def read_into(self, key, out):
+        self.layouts[key].views(out)["w"].fill_(float(key[1:]))
+
+
+def test_a_slot_is_never_overwritten_while_in_use_poison_and_check():
+    n, numel = 6, 8 * 2**20  # 32 MiB units
+    source = ValueSource(n, numel)
+    nbytes = source.layouts["u0"].nbytes
+    schedule = tuple(source.layouts)
+    plan = make_plan(PlanInput(units=tuple(UnitInfo(k, nbytes) for k in schedule), schedule=schedule,
+                               device_budget_bytes=2 * nbytes, host_budget_bytes=n * nbytes, prefetch_depth=1))
+    assert plan.device_resident == ()
+    store = TieredStore(source, source.layouts, plan, CUDATransfer(torch.device("cuda", 0), True, n * nbytes))
+    bad = torch.zeros((), dtype=torch.int64, device="cuda")
+    for _ in range(20):
+        for position, key in enumerate(schedule):
+            weights = store.get(key, position)["w"]
+            torch.cuda._sleep(2_000_000)  # a slow compute, so a copy that does not wait would land inside it
+            bad += (weights != float(key[1:])).sum()
+            weights.fill_(float("nan"))  # poison: a unit read again without being copied again is caught
+            store.release(key)
+    torch.cuda.synchronize()
+    assert store.device.stats.hits == 0  # every get was a copy, so the poison never meets a legitimate read
+    assert bad.item() == 0
+    store.close()
+
+
+def _tiny(tmp_path):
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    return str(tmp_path / "m"), model
+
+
+def test_tokens_identical_and_vram_within_budget(tmp_path):
+    directory, reference = _tiny(tmp_path)
+    reference = reference.to("cuda")
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]], device="cuda")
+    want = reference.generate(ids, max_new_tokens=16, do_sample=False).tolist()
+    reference.cpu()
+    torch.cuda.empty_cache()
+    layer = 148_480
+    budget = tierstore.Budget(vram=300 * 2**20, ram="1GB")
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device_reserve": 300 * 2**20 - 3 * layer - 70_000}}
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float32) as model:
+        assert model.plan.regime != "device" and model.device.type == "cuda"
+        got = model.generate(ids.cpu(), max_new_tokens=16, do_sample=False).tolist()
+        peak = torch.cuda.max_memory_allocated() - base
+        weights_peak = model.report().tiers["device"].peak_bytes
+    assert got == want
+    assert weights_peak <= model.plan.device_weights_bytes
+    assert peak <= budget.vram, f"peak {peak} > budget {budget.vram}"
+    print(f"\ncuda tiny llama: tokens identical, peak VRAM {peak} bytes <= budget {budget.vram}")
+
+
+def test_smollm2_on_cuda_matches_transformers(smollm2_store, smollm2_reference, tmp_path):
+    store_dir, _ = smollm2_store
+    reference, tokenizer = smollm2_reference
+    reference = reference.to("cuda")
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    want = reference.generate(ids.cuda(), max_new_tokens=20, do_sample=False).tolist()
+    reference.cpu()
+    config = {"runtime": {"cache_dir": str(tmp_path)}}
+    with tierstore.AutoModel.from_pretrained(store_dir, budget=tierstore.Budget(vram="400MB", ram="300MB"),
+                                             config=config, dtype=torch.float32) as model:
+        got = model.generate(ids, max_new_tokens=20, do_sample=False).tolist()
+        print(model.report())
+    assert got == want
+
+
+def test_kv_cache_larger_than_the_reserve_replans_and_holds_the_budget(tmp_path):
+    directory, reference = _tiny(tmp_path)
+    ids = torch.randint(3, 250, (8, 40), generator=torch.Generator().manual_seed(0))
+    want = reference.to("cuda").generate(ids.cuda(), max_new_tokens=20, do_sample=False).tolist()
+    reference.cpu()
+    budget = tierstore.Budget(vram=300 * 2**20, ram="1GB")
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device_reserve": 256 * 2**20 + 1000}}
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float32) as model:
+        before = model.plan.device_reserve_bytes
+        got = model.generate(ids, max_new_tokens=20, do_sample=False).tolist()
+        assert model.plan.device_reserve_bytes > before and model.report().notes
+        assert model.report().tiers["device"].peak_bytes <= budget.vram
+    assert got == want
