@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="tierstore: %(message)s")
+    if not args.verbose:  # transformers' advice about tokenizers and generation flags is noise for a CLI user
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
     handler = {"generate": _generate, "plan": _plan, "convert": _convert, "probe": _probe}[args.command]
     try:
         return handler(args)

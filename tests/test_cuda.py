@@ -106,3 +106,28 @@ def test_kv_cache_larger_than_the_reserve_replans_and_holds_the_budget(tmp_path)
         assert model.plan.device_reserve_bytes > before and model.report().notes
         assert model.report().tiers["device"].peak_bytes <= budget.vram
     assert got == want
+
+
+def test_less_free_vram_than_the_budget_shrinks_the_plan_or_refuses_clearly(tmp_path):
+    directory, reference = _tiny(tmp_path)
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
+    want = reference.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache")}}
+    budget = tierstore.Budget(vram="4GB", ram="1GB")
+    for leave_free, fits in ((700 * 2**20, True), (64 * 2**20, False)):
+        free, _ = torch.cuda.mem_get_info()
+        hog = torch.empty(free - leave_free, dtype=torch.uint8, device="cuda")  # another allocation holds memory
+        try:
+            if fits:
+                with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config,
+                                                         dtype=torch.float32) as model:
+                    assert any("vram budget 4GB is more than" in note and "capped by" in note
+                               for note in model.plan.notes), model.plan.notes
+                    assert model.plan.device_budget_bytes <= leave_free
+                    assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == want
+            else:
+                with pytest.raises(tierstore.BudgetError, match="device budget"):
+                    tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float32)
+        finally:
+            del hog
+            torch.cuda.empty_cache()

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -106,11 +106,19 @@ class TieredStore:
     # -- the loop's interface -------------------------------------------------------------------------------
     def get(self, key: Key, position: int | None = None) -> dict[str, torch.Tensor]:
         """The unit's tensors on the compute device; pinned until `release`. Starts the next prefetches."""
-        with self._lock:
-            entry = self._device_data.get(key)
-            if entry is None:
-                entry = self._start_device_load(key, required=True)
-            self.device.pin(key)
+        while True:
+            with self._lock:
+                entry = self._device_data.get(key)
+                if entry is None:
+                    entry = self._start_device_load(key, required=False)
+                if entry is None:  # no room now; with loads in flight that may only mean "not yet"
+                    self._reap(block=True)
+                    pending = self._pending_loads()
+                    entry = self._start_device_load(key, required=not pending)
+                if entry is not None:
+                    self.device.pin(key)
+                    break
+            wait(pending)
         start_s = time.perf_counter()
         try:
             entry.ready.result()
@@ -282,6 +290,11 @@ class TieredStore:
             self.disk_stats.hits += 1
             self.disk_stats.stall_s += waited_s
         entry.served_from = None
+
+    def _pending_loads(self) -> list[Future]:
+        """Reads and copies still running, which hold pins."""
+        return [entry.ready for data in (self._host_data, self._device_data) for entry in data.values()
+                if not entry.ready.done()]
 
     def _evict_from_device(self, victims: list[Key]) -> None:
         """Drop device units; their buffers wait for the compute queued so far (called on the compute thread)."""
