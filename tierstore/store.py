@@ -197,11 +197,8 @@ class TieredStore:
             host_entry = self._start_host_load(key, required)
             if host_entry is None:
                 return None
-        victims = self.device.plan_admit(key, nbytes)
+        victims = self._room(self.device, key, nbytes, required)
         if victims is None:
-            if required:
-                raise BudgetError(f"device tier: no room for unit {key!r} ({nbytes} bytes): every unit held "
-                                  f"is in use; raise the device budget or lower the prefetch depth")
             return None
         self._evict_from_device(victims)
         self.device.admit(key, nbytes)
@@ -217,14 +214,10 @@ class TieredStore:
 
     def _start_host_load(self, key: Key, required: bool) -> _Entry | None:
         nbytes = self.layouts[key].nbytes
-        victims = self.host.plan_admit(key, nbytes)
-        if victims is None and self._in_flight:  # host units still being copied hold their pins: wait for them
-            self._reap(block=required)
-            victims = self.host.plan_admit(key, nbytes)
+        if self._in_flight and self.host.plan_admit(key, nbytes) is None:
+            self._reap(block=required)  # host units still being copied hold their pins: let finished ones go
+        victims = self._room(self.host, key, nbytes, required)
         if victims is None:
-            if required:
-                raise BudgetError(f"host tier: no room for unit {key!r} ({nbytes} bytes): every unit held "
-                                  f"is in use; raise the host budget or lower the prefetch depth")
             return None
         for victim in victims:
             self._drop(self.host, self._host_data, self._host_pool, victim)
@@ -235,6 +228,15 @@ class TieredStore:
         self.host.pin(key)
         entry.ready = self._readers.submit(self._read, key, buffer)
         return entry
+
+    @staticmethod
+    def _room(tier: Tier, key: Key, nbytes: int, required: bool) -> list[Key] | None:
+        """The victims that make room for `key` in `tier`; None (or, if required, BudgetError) when pins forbid."""
+        victims = tier.plan_admit(key, nbytes)
+        if victims is None and required:
+            raise BudgetError(f"{tier.name} tier: no room for unit {key!r} ({nbytes} bytes): every unit held is "
+                              f"in use; raise the {tier.name} budget or lower the prefetch depth")
+        return victims
 
     def _read(self, key: Key, buffer: torch.Tensor) -> None:
         start_s = time.perf_counter()
