@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from ..budget import Budget
 from ..errors import TierstoreError
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _console() -> Any:
+    """A rich console; wide enough for the report's tables when the output is a file or a pipe."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def _budget(args: argparse.Namespace) -> Budget | None:
     if args.vram is None and args.ram is None:
         return None
@@ -67,11 +75,9 @@ def _budget(args: argparse.Namespace) -> Budget | None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from .generate import GenerateRequest, run_generate
 
-    console = Console()
+    console = _console()
     request = GenerateRequest(model=args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed,
                               chat_template=not args.no_chat_template, budget=_budget(args), config=args.config,
@@ -93,12 +99,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from ..report import plan_table
     from .generate import make_plan_for
 
-    Console().print(plan_table(make_plan_for(args.model, _budget(args), args.config, args.trust_remote_code,
+    _console().print(plan_table(make_plan_for(args.model, _budget(args), args.config, args.trust_remote_code,
                                              args.download)))
     return 0
 
@@ -117,7 +121,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ..config import Config
@@ -132,7 +135,7 @@ def _probe(args: argparse.Namespace) -> int:
     table.add_column("value", justify="right")
     for name, value in result.items():
         table.add_row(name, format_size(int(value)) if name.endswith("bytes") else f"{value:.2f}")
-    Console().print(table)
+    _console().print(table)
     return 0
 
 

@@ -6,6 +6,7 @@ unit's module fetch its weights from the store just in time.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import time
 import warnings
@@ -15,7 +16,7 @@ import torch
 
 from ..budget import Budget
 from ..config import Config
-from ..errors import BudgetError, CheckpointError, InputError
+from ..errors import BudgetError, CheckpointError, InputError, ModelError
 from ..planning import (
     ACTIVATION_SLACK_BYTES,
     device_reserve_bytes,
@@ -214,7 +215,10 @@ class AutoModel:
 def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torch.device, dtype: torch.dtype,
                trust_remote_code: bool, progress: bool) -> tuple[Any, Any, dict[str, Any], Plan, PlanInput]:
     """The skeleton, the unit source, the layouts, the plan and what it was made from."""
-    skeleton = build_skeleton(hf_config, dtype, trust_remote_code)
+    if cfg.runtime.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("runtime.attention = \"flash_attention_2\" needs the flash-attn package "
+                         "(pip install 'tierstore[flash]'); or use \"sdpa\"")
+    skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention)
     source: Any = None
     drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
     if checkpoint.kind == "safetensors":

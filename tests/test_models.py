@@ -71,3 +71,18 @@ def test_detach_restores_the_model(tiny_dirs, cache_config):
     after = {name: (p.device.type, id(p)) for name, p in model.model.named_parameters()}
     assert before == after and all(device == "meta" for device, _ in after.values())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.model.modules())
+
+
+def test_attention_choice(tiny_dirs, tmp_path):
+    directory, reference = tiny_dirs("llama")
+    ids = torch.tensor([PROMPTS[0]])
+    config = {"runtime": {"cache_dir": str(tmp_path), "attention": "eager"}}
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        assert model.model.config._attn_implementation == "eager"
+        assert model.generate(ids, max_new_tokens=6, do_sample=False).tolist() == \
+            reference.generate(ids, max_new_tokens=6, do_sample=False).tolist()
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(tierstore.ModelError, match="flash-attn"):
+            tierstore.AutoModel.from_pretrained(directory, config={"runtime": {"cache_dir": str(tmp_path),
+                                                                               "attention": "flash_attention_2"}})

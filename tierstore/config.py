@@ -101,6 +101,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
     },
     "runtime": {
         "device": (_device, AUTO, "compute device: auto, cpu, cuda or cuda:N"),
+        "attention": (_choice("sdpa", "eager", "flash_attention_2"), "sdpa",
+                      "attention kernels: sdpa (PyTorch's, flash on GPU), eager, or flash_attention_2 (flash-attn)"),
         "device_reserve": (_size_or_none, AUTO, "device bytes kept for activations and KV cache; auto = estimated"),
         "cache_dir": (_path, "~/.cache/tierstore", "where converted layer stores are written"),
     },

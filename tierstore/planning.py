@@ -1,6 +1,7 @@
 """From a user's budget and this machine's measurements to the planner's input: caps, reserves and notes."""
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping
 
@@ -12,6 +13,7 @@ from .sizes import format_size
 
 ACTIVATION_SLACK_BYTES = 256 * 2**20  # cuBLAS workspace, SDPA, hidden states and logits of a small batch
 _RESERVE_CONTEXT_TOKENS = 1024
+log = logging.getLogger(__name__)
 
 
 def effective_budgets(budget: Budget, measured: Budget, device: torch.device) -> tuple[int, int, list[str]]:
@@ -37,6 +39,7 @@ def _capped(name: str, wanted: int | None, free: int, default: int, notes: list[
     if wanted > free:
         notes.append(f"{name} budget {format_size(wanted)} is more than the {format_size(free)} free; "
                      f"capped by {format_size(wanted - free)}")
+        log.warning("%s", notes[-1])
         return free
     return wanted
 

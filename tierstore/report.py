@@ -81,10 +81,10 @@ class RunReport:
                     _fmt(timing["predicted_step_s"], "{:.4f}"), _fmt(timing["ratio_to_bound"], "{:.2f}x"),
                     str(self.plan.predicted.get("bound") or "-"))
         tables = [tiers, run]
-        if self.notes:
+        if self.plan.notes or self.notes:
             notes = Table(title="notes", show_header=False)
             notes.add_column("note")
-            for note in self.notes:
+            for note in (*self.plan.notes, *self.notes):
                 notes.add_row(note)
             tables.append(notes)
         return tables
