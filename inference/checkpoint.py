@@ -13,7 +13,6 @@ from ..errors import CheckpointError, ModelError
 from .layerstore import LayerStoreSource, read_manifest
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry, read_header
-from .skeleton import check_architecture
 from .sources import SafetensorsSource
 
 log = logging.getLogger(__name__)
@@ -107,5 +106,5 @@ def store_source(directory: str, verify: bool, dtype: torch.dtype,
     return LayerStoreSource(directory, manifest, dtype, verify=verify, drop_page_cache=drop_page_cache), manifest
 
 
-__all__ = ["check_architecture", "checkpoint_dtype", "in_place_source", "load_config", "load_tokenizer",
+__all__ = ["checkpoint_dtype", "in_place_source", "load_config", "load_tokenizer",
            "safetensors_entries", "store_source"]

@@ -87,6 +87,6 @@ def make_plan_for(model: str, budget: Budget | None, config: Any, trust_remote_c
     """The plan `from_pretrained` would make, without reading any weights."""
     from .model import open_units, prepare
 
-    cfg, checkpoint, hf_config, _, device, dtype, _ = prepare(model, budget, config, None, trust_remote_code,
-                                                              allow_download, progress=True)
+    cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, None, trust_remote_code,
+                                                        allow_download, progress=True)
     return open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress=True)[3]

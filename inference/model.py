@@ -172,8 +172,10 @@ class TierstoreModel:
 
 def prepare(model: str, budget: Budget | None = None, config: Any = None, dtype: torch.dtype | None = None,
             trust_remote_code: bool = False, allow_download: bool = False,
-            progress: bool = False) -> tuple[Config, Checkpoint, Any, Any, torch.device, torch.dtype, str | None]:
-    """Resolve, convert if needed and read the config: everything `plan` and `from_pretrained` share."""
+            progress: bool = False) -> tuple[Config, Checkpoint, Any, torch.device, torch.dtype]:
+    """Resolve, convert if needed and read the config: everything `plan` and `from_pretrained` share.
+
+    Returns the config, the checkpoint to read units from, its transformers config, the device and the dtype."""
     cfg = Config.load(config).with_budget(budget)
     device = compute_device(cfg.runtime.device)
     checkpoint = resolve(model, allow_download=allow_download)
@@ -187,7 +189,7 @@ def prepare(model: str, budget: Budget | None = None, config: Any = None, dtype:
     hf_config = load_config(read_from, trust_remote_code)
     if dtype is None:
         dtype = checkpoint_dtype(hf_config) if device.type == "cuda" else torch.float32
-    return cfg, read_from, hf_config, None, device, dtype, store_dir
+    return cfg, read_from, hf_config, device, dtype
 
 
 class AutoModel:
@@ -199,8 +201,8 @@ class AutoModel:
                         allow_download: bool = False, progress: bool = False) -> TierstoreModel:
         """Open `model` (directory, GGUF, layer store, alias or cached Hub id) under `budget`."""
         start_s = time.perf_counter()
-        cfg, checkpoint, hf_config, _, device, dtype, _ = prepare(model, budget, config, dtype, trust_remote_code,
-                                                                  allow_download, progress)
+        cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, dtype, trust_remote_code,
+                                                            allow_download, progress)
         skeleton, source, layouts, plan, planned_from = open_units(cfg, checkpoint, hf_config, device, dtype,
                                                                    trust_remote_code, progress)
         host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, 4096) for layout in layouts.values()))
