@@ -76,8 +76,7 @@ def run_probe(cache_dir: str, device: torch.device, nbytes: int = 256 * 2**20,
         "disk_gbps": _disk_gbps(cache_dir, disk_nbytes),
     }
     os.makedirs(cache_dir, exist_ok=True)
-    from .inference.layerstore import (
-        write_atomic,  # local: keeps probe importable without inference
-    )
+    # A local import: the probe stays importable without the inference package.
+    from .inference.layerstore import write_atomic
     write_atomic(os.path.join(cache_dir, PROBE_FILE), json.dumps(result, indent=1).encode())
     return result

@@ -179,7 +179,8 @@ class TieredStore:
             self._reap(block=True)
             self._device_data.clear()
             self._host_data.clear()
-            self._device_pool = self._host_pool = BufferPool(self.transfer.allocate_host)
+            self._device_pool.trim(0, 0)
+            self._host_pool.trim(0, 0)
         arena = getattr(self.transfer, "arena", None)
         if arena is not None:
             arena.release()
@@ -214,9 +215,9 @@ class TieredStore:
 
     def _start_host_load(self, key: Key, required: bool) -> _Entry | None:
         nbytes = self.layouts[key].nbytes
-        if self._in_flight and self.host.plan_admit(key, nbytes) is None:
-            self._reap(block=required)  # host units still being copied hold their pins: let finished ones go
-        victims = self._room(self.host, key, nbytes, required)
+        # Host units still being copied hold their pins: when they are all that is in the way, let them finish.
+        victims = self._room(self.host, key, nbytes, required,
+                             make_room=(lambda: self._reap(block=required)) if self._in_flight else None)
         if victims is None:
             return None
         for victim in victims:
@@ -230,9 +231,14 @@ class TieredStore:
         return entry
 
     @staticmethod
-    def _room(tier: Tier, key: Key, nbytes: int, required: bool) -> list[Key] | None:
-        """The victims that make room for `key` in `tier`; None (or, if required, BudgetError) when pins forbid."""
+    def _room(tier: Tier, key: Key, nbytes: int, required: bool,
+              make_room: Callable[[], None] | None = None) -> list[Key] | None:
+        """The victims that make room for `key` in `tier`; None (or, if required, BudgetError) when pins forbid.
+        `make_room`, when given, runs once before a second try."""
         victims = tier.plan_admit(key, nbytes)
+        if victims is None and make_room is not None:
+            make_room()
+            victims = tier.plan_admit(key, nbytes)
         if victims is None and required:
             raise BudgetError(f"{tier.name} tier: no room for unit {key!r} ({nbytes} bytes): every unit held is "
                               f"in use; raise the {tier.name} budget or lower the prefetch depth")
@@ -268,8 +274,8 @@ class TieredStore:
         """Release the host pins of finished copies and count them; with `block`, wait for all of them."""
         still: list[tuple[Key, object, object, int]] = []
         for key, fence, timer, nbytes in self._in_flight:
-            if block and fence is not None:
-                fence.synchronize()  # type: ignore[attr-defined]
+            if block:
+                self.transfer.wait_on_host(fence)
             if still or not self.transfer.done(fence):  # copies finish in order on one stream
                 still.append((key, fence, timer, nbytes))
                 continue

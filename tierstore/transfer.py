@@ -50,7 +50,7 @@ class CPUTransfer:
         """Make the compute stream wait for `fence` before it reads the copied bytes."""
 
     def wait_on_host(self, fence: object) -> None:
-        """Block this (background) thread until `fence` has passed."""
+        """Block the calling thread until `fence` has passed (CPU copies are done when they return)."""
 
     def compute_fence(self) -> object:
         """A fence after everything the compute stream has queued so far."""
@@ -147,7 +147,7 @@ class CUDATransfer:
             torch.cuda.current_stream(self.device).wait_event(fence)
 
     def wait_on_host(self, fence: object) -> None:
-        """Block this (background) thread until `fence` has passed; used before reusing a host buffer."""
+        """Block the calling thread until `fence` has passed; used before a host buffer may be reused."""
         if fence is not None:
             fence.synchronize()
 
