@@ -24,6 +24,8 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram", help="device tier budget, e.g. 4GB (default: measured)")
     parser.add_argument("--ram", help="host tier budget, e.g. 16GB (default: measured)")
     parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--compress", choices=["none", "nf4", "int8"],
+                        help="store the layers' matrices in 4-bit nf4 or 8-bit (sets compression.format)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     parser.add_argument("--download", action="store_true", help="allow downloading a Hub model not in the cache")
 
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("model")
     conv.add_argument("out_dir")
     conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="store weights in this dtype")
+    conv.add_argument("--compress", choices=["nf4", "int8"], help="write a compressed store (matrices in nf4 or "
+                                                                  "int8, the rest in --dtype)")
     conv.add_argument("--trust-remote-code", action="store_true")
 
     probe = sub.add_parser("probe", help="measure bandwidths and free memory; cached for the planner")
@@ -74,13 +78,19 @@ def _budget(args: argparse.Namespace) -> Budget | None:
     return Budget(vram=args.vram, ram=args.ram)
 
 
+def _config(args: argparse.Namespace) -> Any:
+    from ..config import Config
+
+    return Config.load(args.config).with_compression(args.compress)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .generate import GenerateRequest, run_generate
 
     console = _console()
     request = GenerateRequest(model=args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed,
-                              chat_template=not args.no_chat_template, budget=_budget(args), config=args.config,
+                              chat_template=not args.no_chat_template, budget=_budget(args), config=_config(args),
                               trust_remote_code=args.trust_remote_code, allow_download=args.download)
     stream = (lambda text: console.print(text, end="", markup=False, highlight=False)) \
         if len(args.prompt) == 1 else None
@@ -102,7 +112,7 @@ def _plan(args: argparse.Namespace) -> int:
     from ..report import plan_table
     from .generate import make_plan_for
 
-    _console().print(plan_table(make_plan_for(args.model, _budget(args), args.config, args.trust_remote_code,
+    _console().print(plan_table(make_plan_for(args.model, _budget(args), _config(args), args.trust_remote_code,
                                              args.download)))
     return 0
 
@@ -114,8 +124,12 @@ def _convert(args: argparse.Namespace) -> int:
     from .resolve import resolve
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = convert(resolve(args.model), args.out_dir, dtype=dtype, trust_remote_code=args.trust_remote_code,
-                  progress=True)
+    if args.compress:
+        from .model import compress_model
+        out = compress_model(args.model, args.out_dir, args.compress, dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        out = convert(resolve(args.model), args.out_dir, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                      progress=True)
     print(f"layer store written to {out}")
     return 0
 

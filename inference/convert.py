@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from ..compression import Codec, compress_unit, compressed_layout
 from ..errors import CheckpointError
 from ..sizes import format_size
-from ..units import UnitLayout
+from ..units import UnitLayout, UnitSource
 from .checkpoint import load_config, load_tokenizer, safetensors_entries
 from .layerstore import (
     FORMAT,
@@ -40,23 +41,20 @@ log = logging.getLogger(__name__)
 _LOCK = ".lock"
 
 
-def default_store_dir(checkpoint: Checkpoint, cache_dir: str, dtype: torch.dtype | None) -> str:
-    """Where `from_pretrained` keeps the conversion of `checkpoint`: keyed by path, size, mtime and dtype."""
+def default_store_dir(checkpoint: Checkpoint, cache_dir: str, dtype: torch.dtype | None, variant: str = "") -> str:
+    """Where `from_pretrained` keeps the conversion of `checkpoint`: keyed by path, size, mtime, dtype and variant
+    (a codec name for compressed stores)."""
     stat = os.stat(checkpoint.path)
-    ident = f"{os.path.abspath(checkpoint.path)}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}"
-    return os.path.join(cache_dir, f"{checkpoint.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}")
+    ident = f"{os.path.abspath(checkpoint.path)}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{variant}"
+    name = f"{checkpoint.name}-{variant}" if variant else checkpoint.name
+    return os.path.join(cache_dir, f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}")
 
 
 def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = None,
             trust_remote_code: bool = False, progress: bool = True) -> str:
     """Write the layer store of `checkpoint` into `out_dir` (resuming a killed run); returns `out_dir`."""
-    try:
-        os.makedirs(os.path.join(out_dir, "units"), exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from None
-    with _locked(out_dir):
-        if os.path.isfile(os.path.join(out_dir, MANIFEST)):
-            read_manifest(out_dir)
+    with _store_writer(out_dir) as finished:
+        if finished:
             return out_dir
         config = load_config(checkpoint, trust_remote_code)
         skeleton = build_skeleton(config, torch.float32, trust_remote_code)
@@ -80,6 +78,35 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
             raise CheckpointError(f"{checkpoint.path}: no weights for unit {missing[0]!r} "
                                   f"({len(missing)} units incomplete)")
         _write_metadata(out_dir, checkpoint, config, records, trust_remote_code)
+    return out_dir
+
+
+def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: str, codec: Codec,
+             device: torch.device, trust_remote_code: bool = False, progress: bool = True) -> str:
+    """Write a compressed layer store of the units `source` serves (the model `base`), one unit at a time,
+    quantizing on `device`; resumable and locked like `convert`. Returns `out_dir`."""
+    with _store_writer(out_dir) as finished:
+        if finished:
+            return out_dir
+        done = _finished_units(out_dir)
+        layouts = {key: source.layout(key) for key in skeleton.units}
+        needed = sum(compressed_layout(layouts[key], set(skeleton.matrices), codec)[0].nbytes
+                     for key in skeleton.units if key not in done)
+        _require_free(out_dir, needed)
+        records = dict(done)
+        with _progress(progress, len(skeleton.units), len(done), f"compressing to {codec.format}") as advance:
+            for key, layout in layouts.items():
+                if key in records:
+                    continue
+                buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+                source.read_into(key, buffer)
+                packed_layout, packed_buffer, packed = compress_unit(layout, buffer, set(skeleton.matrices), codec,
+                                                                     device)
+                extra = {"packed": packed.to_dict()} if packed is not None else {}
+                records[key] = _write_buffer(out_dir, key, packed_layout, packed_buffer, extra)
+                advance()
+        _write_metadata(out_dir, base, load_config(base, trust_remote_code), records, trust_remote_code,
+                        compression=codec.to_dict())
     return out_dir
 
 
@@ -143,8 +170,14 @@ def _write_unit(out_dir: str, key: str, tensors: dict[str, torch.Tensor], order:
     buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
     for name, view in layout.views(buffer).items():
         view.copy_(tensors[name])
+    return _write_buffer(out_dir, key, layout, buffer, {})
+
+
+def _write_buffer(out_dir: str, key: str, layout: UnitLayout, buffer: torch.Tensor,
+                  extra: dict[str, Any]) -> dict[str, Any]:
+    """Write a unit's buffer, then its sidecar, atomically; returns its manifest record."""
     write_atomic(os.path.join(out_dir, unit_filename(key)), memoryview(buffer.numpy()))
-    record = {"file": unit_filename(key), "checksum": checksum(buffer), **layout_to_dict(layout)}
+    record = {"file": unit_filename(key), "checksum": checksum(buffer), **layout_to_dict(layout), **extra}
     write_atomic(os.path.join(out_dir, unit_filename(key) + ".json"), json.dumps(record).encode())
     return record
 
@@ -169,24 +202,42 @@ def _check_free_space(out_dir: str, skeleton: Skeleton, done: dict[str, Any], dt
     numel = {name: p.numel() for name, p in skeleton.model.named_parameters()}
     needed = sum(numel[name] * itemsize[name] for key, names in skeleton.units.items() if key not in done
                  for name in names if name in numel)
+    _require_free(out_dir, needed)
+
+
+def _require_free(out_dir: str, needed: int) -> None:
     free = shutil.disk_usage(out_dir).free
     if needed > free:
         raise CheckpointError(f"{out_dir}: conversion needs {format_size(needed)}, only {format_size(free)} free")
 
 
 def _write_metadata(out_dir: str, checkpoint: Checkpoint, config: Any, records: dict[str, Any],
-                    trust_remote_code: bool) -> None:
+                    trust_remote_code: bool, **extra: Any) -> None:
     tokenizer = load_tokenizer(checkpoint, trust_remote_code)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     config.save_pretrained(out_dir)
     manifest = {"format": FORMAT, "source": os.path.abspath(checkpoint.path), "model_type": config.model_type,
-                "units": records}
+                **extra, "units": records}
     write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
     for sidecar in glob.glob(os.path.join(out_dir, "units", "*.bin.json")):
         os.unlink(sidecar)
     for leftover in glob.glob(os.path.join(out_dir, "**", ".tmp-*"), recursive=True):
         os.unlink(leftover)
+
+
+@contextlib.contextmanager
+def _store_writer(out_dir: str) -> Iterator[bool]:
+    """Create `out_dir` and hold its lock; yields True when a finished store is already there."""
+    try:
+        os.makedirs(os.path.join(out_dir, "units"), exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from None
+    with _locked(out_dir):
+        finished = os.path.isfile(os.path.join(out_dir, MANIFEST))
+        if finished:
+            read_manifest(out_dir)
+        yield finished
 
 
 @contextlib.contextmanager
@@ -212,12 +263,12 @@ def _locked(out_dir: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int, done: int) -> Iterator[Any]:
+def _progress(enabled: bool, total: int, done: int, what: str = "converting units") -> Iterator[Any]:
     if not enabled:
         yield lambda: None
         return
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
-        task = bar.add_task("converting units", total=total, completed=done)
+        task = bar.add_task(what, total=total, completed=done)
         yield lambda: bar.advance(task)

@@ -89,4 +89,4 @@ def make_plan_for(model: str, budget: Budget | None, config: Any, trust_remote_c
 
     cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, None, trust_remote_code,
                                                         allow_download, progress=True)
-    return open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress=True)[3]
+    return open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress=True, write=False).plan

@@ -7,16 +7,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compression import Decompressor
+from ..errors import ModelError
 from ..store import TieredStore
 from .skeleton import HookSite, Skeleton
 
 
-def _make_hooks(site: HookSite, store: TieredStore) -> tuple[Callable[..., None], Callable[..., None]]:
+def _make_hooks(site: HookSite, store: TieredStore,
+                decompressor: Decompressor | None) -> tuple[Callable[..., None], Callable[..., None]]:
     bindings = [(b.module._parameters, b.attr, b.tensor, b.original) for b in site.bindings]
     key, position = site.key, site.position
+    unpack = decompressor.materialize if decompressor is not None and key in decompressor else None
 
     def pre_forward(module: nn.Module, args: Any) -> None:
         tensors = store.get(key, position)
+        if unpack is not None:
+            tensors = unpack(key, tensors)
         for params, attr, tensor, _ in bindings:
             params[attr] = tensors[tensor]
 
@@ -31,7 +37,10 @@ def _make_hooks(site: HookSite, store: TieredStore) -> tuple[Callable[..., None]
 class AttachedHooks:
     """The hooks of one model; `detach` removes them and leaves every module as it was."""
 
-    def __init__(self, skeleton: Skeleton, store: TieredStore, device: torch.device) -> None:
+    def __init__(self, skeleton: Skeleton, store: TieredStore, device: torch.device,
+                 decompressor: Decompressor | None = None) -> None:
+        if decompressor is not None:
+            _check_not_nested([site for site in skeleton.sites if site.key in decompressor])
         self._handles = []
         self._moved_buffers: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
         for module in skeleton.model.modules():
@@ -40,7 +49,7 @@ class AttachedHooks:
                     self._moved_buffers.append((module._buffers, name, buffer))
                     module._buffers[name] = buffer.to(device)
         for site in skeleton.sites:
-            pre_forward, post_forward = _make_hooks(site, store)
+            pre_forward, post_forward = _make_hooks(site, store, decompressor)
             self._handles.append(site.module.register_forward_pre_hook(pre_forward))
             self._handles.append(site.module.register_forward_hook(post_forward))
         self._sites = skeleton.sites
@@ -56,3 +65,14 @@ class AttachedHooks:
         for buffers, name, original in self._moved_buffers:
             buffers[name] = original
         self._moved_buffers.clear()
+
+
+def _check_not_nested(sites: list[HookSite]) -> None:
+    """Compressed units share one dequantization buffer, so no two may be in use at once: none of their modules
+    may run inside another's."""
+    for outer in sites:
+        inner = {id(module) for module in outer.module.modules() if module is not outer.module}
+        for other in sites:
+            if id(other.module) in inner:
+                raise ModelError(f"compressed units {outer.key!r} and {other.key!r} would be in use at once "
+                                 f"(one module inside the other); run this model uncompressed")

@@ -1,7 +1,8 @@
 """The converted layer store: one file per unit, holding exactly the unit's aligned buffer, plus a manifest.
 
 Layout of a store directory:
-    manifest.json      format version, model config, dtype, and per unit: file, bytes, xxh3-128, tensor layout
+    manifest.json      format version, model config, dtype, and per unit: file, bytes, xxh3-128, tensor layout;
+                       a compressed store adds its codec, and per unit where each packed matrix sits
     units/<key>.bin    the unit's buffer as the store holds it in memory: one aligned read fills it
     tokenizer files    as transformers saves them
 Every file is written atomically (temporary name, fsync, rename); the manifest is written last, so a store
@@ -9,7 +10,9 @@ without one is an unfinished conversion.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Hashable, Mapping
@@ -17,11 +20,13 @@ from collections.abc import Hashable, Mapping
 import torch
 import xxhash
 
+from ..compression import ABSMAX, Codec, PackedMatrices
 from ..errors import CheckpointError
 from ..units import TensorSlot, UnitLayout
 from .safetensors_header import DTYPES
 
 FORMAT = "tierstore-layerstore/1"
+DIRECT_ALIGN_BYTES = 4096  # O_DIRECT: buffer address, file offset and length in whole blocks
 MANIFEST = "manifest.json"
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -98,15 +103,25 @@ class LayerStoreSource:
         self.directory = directory
         self.verify = verify
         self.drop_page_cache = drop_page_cache
+        # Bypassing the page cache: O_DIRECT where the filesystem allows it, else each file's pages are dropped.
+        self.direct_io = drop_page_cache and direct_io_works(directory)
+        self.read_mode = "O_DIRECT" if self.direct_io else \
+            ("posix_fadvise(DONTNEED)" if drop_page_cache else "page cache")
         where = os.path.join(directory, MANIFEST)
         units = manifest["units"]
         if not isinstance(units, dict):
             raise CheckpointError(f"{where}: 'units' is not a table")
         self._stored = {key: layout_from_dict(key, info, where) for key, info in units.items()}
+        self.codec = Codec.from_dict(manifest["compression"], where) if manifest.get("compression") else None
+        self.packed = {key: PackedMatrices.from_dict(info["packed"], f"{where}: unit {key!r}")
+                       for key, info in units.items() if self.codec is not None and info.get("packed")}
+
+        def served(name: str, dtype_stored: torch.dtype) -> torch.dtype:
+            return dtype if dtype_stored.is_floating_point and name != ABSMAX else dtype_stored
+
         # Served in the compute dtype; a unit stored in another dtype is cast after its verified read.
-        self._layouts = {key: layout if all(s.dtype == dtype or not s.dtype.is_floating_point
-                                            for s in layout.slots.values())
-                         else UnitLayout.pack(key, {name: (dtype if s.dtype.is_floating_point else s.dtype, s.shape)
+        self._layouts = {key: layout if all(served(name, s.dtype) == s.dtype for name, s in layout.slots.items())
+                         else UnitLayout.pack(key, {name: (served(name, s.dtype), s.shape)
                                                     for name, s in layout.slots.items()})
                          for key, layout in self._stored.items()}
         self._files = {key: os.path.join(directory, info["file"]) for key, info in units.items()}
@@ -132,20 +147,60 @@ class LayerStoreSource:
         path = self._files[key]
         nbytes = self._stored[key].nbytes
         view = memoryview(out.numpy())[:nbytes]
+        direct = self.direct_io and out.data_ptr() % DIRECT_ALIGN_BYTES == 0
         try:
-            with open(path, "rb", buffering=0) as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size != nbytes:
-                    raise CheckpointError(f"{path}: {size} bytes, the manifest says {nbytes} (truncated or replaced)")
-                got = 0
-                while got < nbytes:
-                    step = handle.readinto(view[got:])
-                    if not step:
-                        raise CheckpointError(f"{path}: ended after {got} of {nbytes} bytes")
-                    got += step
-                if self.drop_page_cache:  # the host tier holds these bytes; the page cache must not as well
-                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != nbytes:
+                raise CheckpointError(f"{path}: {size} bytes, the manifest says {nbytes} (truncated or replaced)")
+            # O_DIRECT: whole blocks straight into the (page-aligned) buffer; the tail through the page cache.
+            got = _pread_all(fd, view[:nbytes - nbytes % DIRECT_ALIGN_BYTES], 0, path) if direct else 0
+            if got < nbytes:
+                if direct:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                _pread_all(fd, view[got:], got, path)
+            if self.drop_page_cache:  # the host tier holds these bytes; the page cache must not as well
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
         if self.verify and checksum(out[:nbytes]) != self._checksums[key]:
             raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; convert the model again")
+
+
+def _pread_all(fd: int, view: memoryview, offset: int, path: str) -> int:
+    """Fill `view` from `offset`; returns the file offset reached. CheckpointError if the file ends first."""
+    done = 0
+    while done < len(view):
+        step = os.preadv(fd, [view[done:]], offset + done)
+        if step == 0:
+            raise CheckpointError(f"{path}: ended after {offset + done} bytes")
+        done += step
+    return offset + done
+
+
+def direct_io_works(directory: str) -> bool:
+    """Whether this filesystem lets the store's unit files be opened with O_DIRECT (tmpfs, for one, does not)."""
+    units = os.path.join(directory, "units")
+    name = next((n for n in sorted(os.listdir(units)) if n.endswith(".bin")), None) if os.path.isdir(units) else None
+    if name is None or not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        fd = os.open(os.path.join(units, name), os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        buffer = mmap.mmap(-1, DIRECT_ALIGN_BYTES)  # page-aligned
+        try:
+            os.preadv(fd, [buffer], 0)
+            return True
+        except OSError:
+            return False
+        finally:
+            buffer.close()
+    finally:
+        os.close(fd)

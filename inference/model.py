@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from ..budget import Budget
+from ..compression import Codec, Decompressor, PackedMatrices, compressed_layout, scratch_bytes
 from ..config import Config
-from ..errors import BudgetError, CheckpointError, InputError, ModelError
+from ..errors import BudgetError, CheckpointError, ConfigError, InputError, ModelError
 from ..planning import (
     ACTIVATION_SLACK_BYTES,
     device_reserve_bytes,
@@ -38,7 +39,7 @@ from .checkpoint import (
     load_tokenizer,
     store_source,
 )
-from .convert import convert, default_store_dir
+from .convert import compress, convert, default_store_dir
 from .hooks import AttachedHooks
 from .resolve import Checkpoint, resolve
 from .skeleton import build_skeleton
@@ -72,7 +73,8 @@ class TierstoreModel:
     """A causal LM running layer by layer out of the tiered store."""
 
     def __init__(self, model: Any, tokenizer: Any, store: TieredStore, hooks: AttachedHooks, plan: Plan,
-                 plan_input: PlanInput, device: torch.device, config: Config, setup_s: float) -> None:
+                 plan_input: PlanInput, device: torch.device, config: Config, setup_s: float,
+                 decompressor: Decompressor | None = None) -> None:
         self.model = model
         self.plan_input = plan_input
         self.tokenizer = tokenizer
@@ -82,6 +84,7 @@ class TierstoreModel:
         self.config = config
         self.setup_s = setup_s
         self._hooks = hooks
+        self.decompressor = decompressor
         self._timing = Timing()
         self._notes: list[str] = []
 
@@ -131,15 +134,18 @@ class TierstoreModel:
         a larger reserve (fewer resident weights); when even that cannot fit, say so before anything runs."""
         if self.device.type != "cuda" or "past_key_values" in kwargs:
             return []
-        needed = kv_bytes_per_token(self.model.config, self.model.dtype) * cache_tokens + ACTIVATION_SLACK_BYTES
+        scratch = self.decompressor.scratch.nbytes if self.decompressor is not None else 0
+        needed = (kv_bytes_per_token(self.model.config, self.model.dtype) * cache_tokens + ACTIVATION_SLACK_BYTES
+                  + scratch)
         if needed <= self.plan.device_reserve_bytes:
             return []
         try:
             plan = make_plan(dataclasses.replace(self.plan_input, device_reserve_bytes=needed))
         except BudgetError:
             raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(needed)} of KV cache and "
-                             f"activations, more than the device budget {format_size(self.plan.device_budget_bytes)}"
-                             f" leaves beside the weights; use fewer prompts or tokens") from None
+                             f"activations (and the dequantization buffer), more than the device budget "
+                             f"{format_size(self.plan.device_budget_bytes)} leaves beside the weights; use fewer "
+                             f"prompts or tokens") from None
         self.store.replan(plan)
         self.plan = plan
         return [f"KV cache and activations need {format_size(needed)}: device reserve raised, "
@@ -159,9 +165,8 @@ class TierstoreModel:
         """Detach the hooks and stop the store's threads."""
         self._hooks.detach()
         self.store.close()
-        closer = getattr(self.store.source, "close", None)
-        if closer is not None:
-            closer()
+        self.decompressor = None
+        _close(self.store.source)
 
     def __enter__(self) -> "TierstoreModel":
         return self
@@ -203,46 +208,129 @@ class AutoModel:
         start_s = time.perf_counter()
         cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, dtype, trust_remote_code,
                                                             allow_download, progress)
-        skeleton, source, layouts, plan, planned_from = open_units(cfg, checkpoint, hf_config, device, dtype,
-                                                                   trust_remote_code, progress)
-        host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, 4096) for layout in layouts.values()))
+        opened = open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress)
+        plan = opened.plan
+        host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, 4096)
+                                                        for layout in opened.layouts.values()))
         transfer = make_transfer(device, cfg.io.pinned_memory, host_capacity)
-        store = TieredStore(source, layouts, plan, transfer, reader_threads=cfg.io.reader_threads)
-        hooks = AttachedHooks(skeleton, store, device)
+        store = TieredStore(opened.source, opened.layouts, plan, transfer, reader_threads=cfg.io.reader_threads)
+        decompressor = Decompressor(opened.codec, opened.packed, dtype, device) if opened.codec else None
+        hooks = AttachedHooks(opened.skeleton, store, device, decompressor)
         tokenizer = load_tokenizer(checkpoint, trust_remote_code)
-        return TierstoreModel(skeleton.model, tokenizer, store, hooks, plan, planned_from, device, cfg,
-                              time.perf_counter() - start_s)
+        return TierstoreModel(opened.skeleton.model, tokenizer, store, hooks, plan, opened.plan_input, device, cfg,
+                              time.perf_counter() - start_s, decompressor)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedUnits:
+    """What running (or planning) a model needs: the skeleton, the unit source and layouts, the plan, what it was
+    made from, and, for a compressed store, its codec and where each unit's matrices are packed."""
+
+    skeleton: Any
+    source: Any
+    layouts: dict[str, Any]
+    plan: Plan
+    plan_input: PlanInput
+    codec: Codec | None = None
+    packed: dict[str, PackedMatrices] = dataclasses.field(default_factory=dict)
 
 
 def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool, progress: bool) -> tuple[Any, Any, dict[str, Any], Plan, PlanInput]:
-    """The skeleton, the unit source, the layouts, the plan and what it was made from."""
+               trust_remote_code: bool, progress: bool, write: bool = True) -> OpenedUnits:
+    """Open the units of `checkpoint` and plan them. With `write` False no compressed store is written: one that
+    does not exist yet is planned from the layouts it would have."""
     if cfg.runtime.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelError("runtime.attention = \"flash_attention_2\" needs the flash-attn package "
                          "(pip install 'tierstore[flash]'); or use \"sdpa\"")
     skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention)
-    source: Any = None
     drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
-    if checkpoint.kind == "safetensors":
-        source = in_place_source(checkpoint, skeleton.units, dtype, drop_cache)
-        if source is None:  # names need transformers' conversion rules: convert once, then read the store
-            store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
-            convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress)
-            checkpoint = Checkpoint("store", store_dir, checkpoint.name)
-    if checkpoint.kind == "store":
-        source, _ = store_source(checkpoint.path, cfg.io.verify_checksums, dtype, drop_cache)
-    layouts = {key: source.layout(key) for key in skeleton.units}
-    _check_store_matches(checkpoint, skeleton.units, layouts)
+    source, checkpoint = _open_source(cfg, checkpoint, skeleton, dtype, drop_cache, trust_remote_code, progress)
+    codec, packed = getattr(source, "codec", None), dict(getattr(source, "packed", {}))
+    wanted = cfg.codec()
+    if codec is not None and wanted is not None and wanted != codec:
+        raise ConfigError(f"{checkpoint.path} is stored as {codec.name}; compression asks for {wanted.name}: "
+                          f"use the uncompressed model, or compression.format = \"none\"")
+    if codec is None and wanted is not None and write:
+        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=wanted.name)
+        compress(source, skeleton, checkpoint, store_dir, wanted, device, trust_remote_code, progress)
+        _close(source)
+        source, _ = store_source(store_dir, cfg.io.verify_checksums, dtype, drop_cache)
+        checkpoint, codec, packed = Checkpoint("store", store_dir, checkpoint.name), source.codec, source.packed
+    if codec is None and wanted is not None:  # planning only: the layouts compression would give
+        codec = wanted
+        layouts = {}
+        for key in skeleton.units:
+            layouts[key], unit_packed = compressed_layout(source.layout(key), set(skeleton.matrices), codec)
+            if unit_packed is not None:
+                packed[key] = unit_packed
+    else:
+        layouts = {key: source.layout(key) for key in skeleton.units}
+    _check_store_matches(checkpoint, skeleton.units, layouts, packed)
     measured = Budget.measure(cfg.runtime.cache_dir)
     device_bytes, host_bytes, notes = effective_budgets(cfg.budget, measured, device)
     reserve = device_reserve_bytes(hf_config, dtype, device, cfg.runtime.device_reserve)
+    if codec is not None:
+        reserve += scratch_bytes(packed, dtype)
+        notes.append(_compression_note(skeleton, layouts, codec, packed, dtype))
+    notes.append(f"disk reads: {getattr(source, 'read_mode', 'page cache')}")
     planned_from = plan_input({key: layout.nbytes for key, layout in layouts.items()}, skeleton.schedule,
                               device_bytes, host_bytes, reserve, cfg.policy, load_probe(cfg.runtime.cache_dir), notes)
-    return skeleton, source, layouts, make_plan(planned_from), planned_from
+    return OpenedUnits(skeleton, source, layouts, make_plan(planned_from), planned_from, codec, packed)
 
 
-def _check_store_matches(checkpoint: Checkpoint, units: dict[str, list[str]], layouts: dict[str, Any]) -> None:
+def _open_source(cfg: Config, checkpoint: Checkpoint, skeleton: Any, dtype: torch.dtype, drop_cache: bool,
+                 trust_remote_code: bool, progress: bool) -> tuple[Any, Checkpoint]:
+    """The unit source of a safetensors directory (read in place) or a layer store, converting safetensors whose
+    names need transformers' conversion rules once; returns it with the checkpoint it reads."""
+    if checkpoint.kind == "safetensors":
+        source = in_place_source(checkpoint, skeleton.units, dtype, drop_cache)
+        if source is not None:
+            return source, checkpoint
+        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
+        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress)
+        checkpoint = Checkpoint("store", store_dir, checkpoint.name)
+    return store_source(checkpoint.path, cfg.io.verify_checksums, dtype, drop_cache)[0], checkpoint
+
+
+def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | None = None, config: Any = None,
+                   trust_remote_code: bool = False, progress: bool = True) -> str:
+    """Write a compressed layer store of `model` into `out_dir` (what `tierstore convert --compress` runs).
+    Norms and embeddings are kept in `dtype` (default: the checkpoint's); matrices are quantized on the GPU when
+    there is one."""
+    cfg = Config.load(config).with_compression(format)
+    codec = cfg.codec()
+    if codec is None:
+        raise InputError("compress_model needs a format: nf4 or int8")
+    _, checkpoint, hf_config, device, _ = prepare(model, None, cfg, None, trust_remote_code, progress=progress)
+    dtype = dtype or checkpoint_dtype(hf_config)
+    skeleton = build_skeleton(hf_config, dtype, trust_remote_code)
+    source, checkpoint = _open_source(cfg, checkpoint, skeleton, dtype, False, trust_remote_code, progress)
+    if getattr(source, "codec", None) is not None:
+        raise InputError(f"{checkpoint.path} is already compressed ({source.codec.name})")
+    try:
+        return compress(source, skeleton, checkpoint, out_dir, codec, device, trust_remote_code, progress)
+    finally:
+        _close(source)
+
+
+def _compression_note(skeleton: Any, layouts: dict[str, Any], codec: Codec, packed: dict[str, PackedMatrices],
+                      dtype: torch.dtype) -> str:
+    plain = sum(p.numel() for p in skeleton.model.parameters()) * dtype.itemsize
+    stored = sum(layout.nbytes for layout in layouts.values())
+    return (f"weights stored as {codec.format} (blocksize {codec.blocksize}): {format_size(stored)} instead of "
+            f"{format_size(plain)} in {str(dtype).removeprefix('torch.')}; each unit dequantized on use into a "
+            f"{format_size(scratch_bytes(packed, dtype))} buffer")
+
+
+def _close(source: Any) -> None:
+    closer = getattr(source, "close", None)
+    if closer is not None:
+        closer()
+
+
+def _check_store_matches(checkpoint: Checkpoint, units: dict[str, list[str]], layouts: dict[str, Any],
+                         packed: dict[str, PackedMatrices]) -> None:
     for key, names in units.items():
-        missing = set(names) - set(layouts[key].slots)
+        missing = set(names) - set(layouts[key].slots) - set(packed[key].matrices if key in packed else ())
         if missing:
             raise CheckpointError(f"{checkpoint.path}: unit {key!r} lacks tensor {sorted(missing)[0]!r}")

@@ -32,11 +32,14 @@ class HookSite:
 
 @dataclasses.dataclass(frozen=True)
 class Skeleton:
-    """The meta model, its units (key -> parameter names) and where to hook them, in execution order."""
+    """The meta model, its units (key -> parameter names) and where to hook them, in execution order.
+    `matrices`: the decoder layers' weight matrices, which compression may pack (embeddings, the output layer and
+    norms stay as they are, as transformers' own 4/8-bit loading leaves them)."""
 
     model: nn.Module
     units: dict[str, list[str]]
     sites: tuple[HookSite, ...]
+    matrices: frozenset[str] = frozenset()
 
     @property
     def schedule(self) -> list[str]:
@@ -100,6 +103,7 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList]) -> Skeleton:
     prefix = layers_name + "."
     canonical: dict[int, tuple[str, str]] = {}  # id(param) -> (tensor name, unit key)
     units: dict[str, list[str]] = {}
+    matrices: set[str] = set()
     site_bindings: dict[str, list[Binding]] = {}
     site_modules: dict[str, nn.Module] = {name: layer for name, layer in
                                          ((f"{layers_name}.{i}", layer) for i, layer in enumerate(layer_list))}
@@ -113,6 +117,8 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList]) -> Skeleton:
         if id(param) not in canonical:
             canonical[id(param)] = (tensor, _unit_key(site, layers_name))
             units.setdefault(_unit_key(site, layers_name), []).append(tensor)
+            if module_name.startswith(prefix) and param.dim() >= 2 and param.is_floating_point():
+                matrices.add(tensor)
         tensor, key = canonical[id(param)]
         site_bindings.setdefault(site, []).append(Binding(module, attr, tensor, param))
     order = [name for name, _ in model.named_modules() if name in site_bindings]
@@ -123,7 +129,7 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList]) -> Skeleton:
             raise ModelError(f"module {site!r} uses parameters of several units ({sorted(keys)}); "
                              f"this layout is not supported")
         sites.append(HookSite(site_modules[site], keys.pop(), position, tuple(site_bindings[site])))
-    return Skeleton(model, units, tuple(sites))
+    return Skeleton(model, units, tuple(sites), frozenset(matrices))
 
 
 def _unit_key(site: str, layers_name: str) -> str:

@@ -19,6 +19,9 @@ class SafetensorsSource:
                  dtype: torch.dtype, drop_page_cache: bool = False) -> None:
         self._entries = entries
         self.drop_page_cache = drop_page_cache
+        # O_DIRECT needs block-aligned offsets, and a safetensors tensor starts wherever its header says.
+        self.read_mode = "posix_fadvise(DONTNEED); in-place safetensors are not block-aligned for O_DIRECT" \
+            if drop_page_cache else "page cache"
         self._layouts: dict[str, UnitLayout] = {}
         for key, names in units.items():
             missing = [name for name in names if name not in entries]

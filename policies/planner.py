@@ -56,6 +56,7 @@ class Plan:
     host_policy: str
     prefetch: str
     prefetch_depth: int
+    disk_prefetch_depth: int
     device_budget_bytes: int
     host_budget_bytes: int
     device_reserve_bytes: int
@@ -75,13 +76,28 @@ class Plan:
 
 
 def _slot_bytes(streamed: Sequence[UnitInfo], depth: int) -> int:
-    """Room to stream: the unit being computed plus `depth` prefetched ones, each as large as the largest."""
-    return (depth + 1) * max((unit.nbytes for unit in streamed), default=0)
+    """Room to stream: the unit being computed plus `depth` prefetched ones, at most the `depth + 1` largest
+    (an uncompressed output layer does not make every slot its size)."""
+    return sum(sorted((unit.nbytes for unit in streamed), reverse=True)[:depth + 1])
+
+
+def _spread(count: int) -> list[int]:
+    """0..count-1 in bit-reversed order: every prefix is spread evenly over the range."""
+    bits = max(1, (count - 1).bit_length())
+    order = sorted(range(1 << bits), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+    return [i for i in order if i < count]
 
 
 def _choose_resident(units: Sequence[UnitInfo], budget_bytes: int, depth: int) -> list[UnitInfo]:
-    """Greedy: units used most per pass first, then the largest (it also shrinks the streaming slots)."""
-    ranked = sorted(units, key=lambda u: (-u.uses_per_pass, -u.nbytes))
+    """Greedy: units used most per pass first, then the largest (it also shrinks the streaming slots). Among
+    equal units (the decoder layers) the resident ones are spread over the pass, so that streamed units alternate
+    with resident ones and their copies overlap the residents' compute instead of queueing after it."""
+    groups: dict[tuple[int, int], list[UnitInfo]] = {}
+    for unit in units:
+        groups.setdefault((unit.uses_per_pass, unit.nbytes), []).append(unit)
+    spread_rank = {unit.key: rank for group in groups.values()
+                   for rank, index in enumerate(_spread(len(group))) for unit in [group[index]]}
+    ranked = sorted(units, key=lambda u: (-u.uses_per_pass, -u.nbytes, spread_rank[u.key]))
     resident: list[UnitInfo] = []
     resident_bytes = 0
     for unit in ranked:
@@ -127,26 +143,29 @@ def make_plan(data: PlanInput) -> Plan:
     depth = (DEFAULT_PREFETCH_DEPTH if data.prefetch_depth is None else data.prefetch_depth)
     depth = 0 if prefetch == "none" else depth
 
+    wanted_depth = depth
     total_bytes = sum(u.nbytes for u in units)
     if total_bytes <= device_weights:
         device_resident = units
     else:
         depth, device_resident = _fit("device", units, device_weights, depth)
     through_host = [u for u in units if u not in device_resident]
-    # Every unit passes through host RAM at least once, when it is first loaded.
+    # Every unit passes through host RAM at least once, when it is first loaded. Disk reads run ahead on their own
+    # depth, so that a device tier with room for one streamed unit still keeps the disk busy.
     host_depth = depth
     if sum(u.nbytes for u in through_host) + _slot_bytes(device_resident, 0) <= data.host_budget_bytes:
         _fit("host", units, data.host_budget_bytes, 0)
         host_resident = through_host
     else:
-        host_depth, host_resident = _fit("host", through_host or units, data.host_budget_bytes, depth)
+        host_depth, host_resident = _fit("host", through_host or units, data.host_budget_bytes, wanted_depth)
         host_resident = [u for u in host_resident if u in through_host]
     from_disk = [u for u in through_host if u not in host_resident]
-    if depth != host_depth and from_disk:
+    if depth > host_depth and from_disk:
         notes.append(f"prefetch depth lowered from {depth} to {host_depth} to fit the host budget")
         depth = host_depth
     if data.prefetch_depth is not None and depth < data.prefetch_depth and prefetch != "none":
         notes.append(f"prefetch depth {data.prefetch_depth} does not fit the budget; using {depth}")
+    host_depth = host_depth if from_disk else 0
 
     regime = "device" if not through_host else ("device+host" if not from_disk else "disk")
     h2d_bytes = sum(u.nbytes * u.uses_per_pass for u in through_host)
@@ -161,12 +180,13 @@ def make_plan(data: PlanInput) -> Plan:
         host_policy="static" if data.host_policy == AUTO else data.host_policy,
         prefetch=prefetch,
         prefetch_depth=depth,
+        disk_prefetch_depth=host_depth,
         device_budget_bytes=data.device_budget_bytes,
         host_budget_bytes=data.host_budget_bytes,
         device_reserve_bytes=data.device_reserve_bytes,
         device_weights_bytes=device_weights,
         device_slot_bytes=_slot_bytes(through_host, depth),
-        host_slot_bytes=_slot_bytes(from_disk or device_resident, depth if from_disk else 0),
+        host_slot_bytes=_slot_bytes(from_disk or device_resident, host_depth),
         h2d_bytes_per_pass=h2d_bytes,
         disk_bytes_per_pass=disk_bytes,
         predicted=predict_pass(h2d_bytes, disk_bytes, data),

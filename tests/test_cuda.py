@@ -131,3 +131,36 @@ def test_less_free_vram_than_the_budget_shrinks_the_plan_or_refuses_clearly(tmp_
         finally:
             del hog
             torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("codec", ["nf4", "int8"])
+def test_compressed_tokens_match_the_dequantized_model_and_vram_within_budget(codec, tmp_path):
+    """fp16 on the GPU: tierstore's compressed units (quantized and dequantized on the GPU) against transformers'
+    model whose layer matrices went through bitsandbytes' own quantize/dequantize; budget held, scratch included."""
+    from test_compression import dequantized_like_bitsandbytes
+
+    directory, original = _tiny(tmp_path)
+    reference = dequantized_like_bitsandbytes(original.half().cuda(), codec)
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]], device="cuda")
+    want = reference.generate(ids, max_new_tokens=16, do_sample=False).tolist()
+    want_logits = reference(ids).logits
+    del reference
+    torch.cuda.empty_cache()
+    budget = tierstore.Budget(vram=256 * 2**20 + 200_000, ram="1GB")
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device_reserve": 256 * 2**20},
+              "compression": {"format": codec}}
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float16) as model:
+        assert model.plan.regime != "device", model.plan
+        got = model.generate(ids.cpu(), max_new_tokens=16, do_sample=False).tolist()
+        logits = model(ids).logits
+        peak = torch.cuda.max_memory_allocated() - base
+        weights_peak = model.report().tiers["device"].peak_bytes
+        print(model.report())
+    assert weights_peak <= model.plan.device_weights_bytes
+    assert got == want
+    torch.testing.assert_close(logits, want_logits, atol=1e-2, rtol=1e-2)  # fp16: kernels may differ by an ulp
+    assert peak <= budget.vram, f"peak {peak} > budget {budget.vram}"
+    print(f"\ncuda tiny llama {codec}: tokens identical to bitsandbytes' dequantized model, peak VRAM {peak} "
+          f"bytes <= budget {budget.vram}")

@@ -65,3 +65,14 @@ def test_plan_is_data():
 
     data = _plan(500 * MB, 500 * MB).to_dict()
     assert json.loads(json.dumps(data))["regime"] == "disk"
+
+
+def test_resident_layers_are_spread_so_copies_overlap_compute():
+    """Half the layers resident: the streamed ones alternate with them instead of forming one block, so each copy
+    runs while a resident layer computes."""
+    plan = _plan(100 * MB * 6 + 51 * MB + 3 * 100 * MB, 2000 * MB)
+    layers = [f"layers.{i}" for i in range(10)]
+    resident = [key in plan.device_resident for key in layers]
+    assert 4 <= sum(resident) <= 7, plan.device_resident
+    longest_streamed_run = max(len(run) for run in "".join("s" if not r else "r" for r in resident).split("r"))
+    assert longest_streamed_run <= 2, resident

@@ -98,3 +98,14 @@ def test_lookahead_wraps_into_the_next_pass():
     assert Lookahead(3).next_keys(["a", "b", "c", "d"], 2) == ["d", "a", "b"]
     assert Lookahead(0).next_keys(["a", "b"], 0) == []
     assert set(PREFETCH_POLICIES) == {"none", "lookahead"}
+
+
+def test_lookahead_looks_past_units_that_stay():
+    from tierstore.policies.prefetch import Lookahead
+
+    schedule = ["a", "b", "c", "d", "e", "f"]
+    stays = {"b", "d"}.__contains__
+    assert Lookahead(2).next_keys(schedule, 0) == ["b", "c"]
+    assert Lookahead(2).next_keys(schedule, 0, stays) == ["c", "e"]
+    assert Lookahead(3).next_keys(schedule, 4, stays) == ["f", "a", "c"]  # wraps into the next pass
+    assert Lookahead(9).next_keys(schedule, 0, stays) == ["c", "e", "f", "a"]  # each unit once

@@ -1,5 +1,6 @@
 """The store on the CPU with an in-memory source: budgets hold, pins hold, errors reach the caller."""
 import threading
+import time
 
 import pytest
 import torch
@@ -124,4 +125,28 @@ def test_replan_shrinks_the_device_tier_and_keeps_serving():
     run_passes(store, 3)
     assert store.device.used_bytes <= smaller.device_weights_bytes
     assert store.device.budget_bytes == smaller.device_weights_bytes
+    store.close()
+
+
+def test_disk_reads_run_ahead_of_a_device_tier_with_room_for_one_unit():
+    """Device room for one streamed unit means no device prefetch; the disk must still read ahead into the host
+    slots, so reads overlap the compute instead of alternating with it."""
+    sizes = {f"u{i}": 256 for i in range(8)}
+    nbytes = 1024
+    store, source = make_store(sizes, device=nbytes, host=3 * nbytes)
+    assert store.plan.prefetch_depth == 0 and store.plan.disk_prefetch_depth == 2
+    assert store.plan.host_slot_bytes + sum(nbytes for _ in store.plan.host_resident) <= 3 * nbytes
+    run_passes(store, 1)
+    source.reads.clear()
+    store.get("u0", 0)
+    deadline = time.monotonic() + 5
+    while not source.reads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # units further on in the pass are read now, before anyone asks for them (u0 was read ahead last pass)
+    assert source.reads and set(source.reads) <= set(store.plan.streamed_from_disk) - {"u0"}, source.reads
+    store.release("u0")
+    run_passes(store, 3)
+    stats = store.tier_stats()
+    assert stats["host"].peak_bytes <= 3 * nbytes and stats["device"].peak_bytes <= nbytes
+    assert stats["disk"].hits >= 3 * 8 - 1  # read-ahead units still count as served by the disk
     store.close()

@@ -77,6 +77,14 @@ def _device(key: str, value: Any) -> Any:
     return value
 
 
+def _blocksize(key: str, value: Any) -> Any:
+    if value == AUTO:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (64, 128, 256, 512, 1024, 2048, 4096):
+        raise ConfigError(f"{key}: {value!r} is not allowed; use 64, 128, 256, 512, 1024, 2048, 4096 or \"auto\"")
+    return value
+
+
 _EVICTION = (AUTO, *sorted(EVICTION_POLICIES))
 _PREFETCH = (AUTO, *sorted(PREFETCH_POLICIES))
 
@@ -99,6 +107,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "pinned_memory": (_bool, True, "keep the host tier in pinned memory when CUDA is present"),
         "verify_checksums": (_bool, True, "check each unit read from a converted store against its checksum"),
     },
+    "compression": {
+        "format": (_choice("none", "nf4", "int8"), "none",
+                   "store the decoder layers' matrices block-wise in 4-bit nf4 or 8-bit (bitsandbytes); none = as is"),
+        "blocksize": (_blocksize, AUTO, "elements per quantization block (64 to 4096); auto = 64 for nf4, 256 "
+                                        "for int8"),
+    },
     "runtime": {
         "device": (_device, AUTO, "compute device: auto, cpu, cuda or cuda:N"),
         "attention": (_choice("sdpa", "eager", "flash_attention_2"), "sdpa",
@@ -116,6 +130,7 @@ def _frozen(section: str) -> type:
 
 PolicyConfig = _frozen("policy")
 IOConfig = _frozen("io")
+CompressionConfig = _frozen("compression")
 RuntimeConfig = _frozen("runtime")
 
 
@@ -126,6 +141,7 @@ class Config:
     budget: Budget
     policy: Any
     io: Any
+    compression: Any
     runtime: Any
 
     @classmethod
@@ -147,7 +163,8 @@ class Config:
             values[section] = {key: check(f"{section}.{key}", given.get(key, default))
                                for key, (check, default, _) in keys.items()}
         return cls(budget=Budget(**values["budget"]), policy=PolicyConfig(**values["policy"]),
-                   io=IOConfig(**values["io"]), runtime=RuntimeConfig(**values["runtime"]))
+                   io=IOConfig(**values["io"]), compression=CompressionConfig(**values["compression"]),
+                   runtime=RuntimeConfig(**values["runtime"]))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> "Config":
@@ -185,4 +202,19 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The validated values, JSON-serialisable (None means auto)."""
         return {"budget": self.budget.to_dict(), "policy": dataclasses.asdict(self.policy),
-                "io": dataclasses.asdict(self.io), "runtime": dataclasses.asdict(self.runtime)}
+                "io": dataclasses.asdict(self.io), "compression": dataclasses.asdict(self.compression),
+                "runtime": dataclasses.asdict(self.runtime)}
+
+    def with_compression(self, format: str | None) -> "Config":
+        """This config with `compression.format` replaced (None keeps it); validated like the file's value."""
+        if format is None:
+            return self
+        value = SCHEMA["compression"]["format"][0]("compression.format", format)
+        return dataclasses.replace(self, compression=dataclasses.replace(self.compression, format=value))
+
+    def codec(self) -> Any:
+        """The compression codec this config asks for, or None."""
+        if self.compression.format == "none":
+            return None
+        from .compression import Codec
+        return Codec.create(self.compression.format, self.compression.blocksize)

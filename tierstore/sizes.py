@@ -48,7 +48,7 @@ def format_size(nbytes: int | None) -> str:
         return "unlimited"
     for unit in ("TB", "GB", "MB", "TiB", "GiB", "MiB", "KiB", "KB"):
         step = _UNIT_BYTES[unit.lower()]
-        if nbytes >= step and nbytes % step == 0:
+        if nbytes >= step and nbytes % step == 0 and nbytes // step < 10_000:  # exact, and short
             return f"{nbytes // step}{unit}"
     for unit in ("TB", "GB", "MB", "KB"):
         step = _UNIT_BYTES[unit.lower()]

@@ -94,6 +94,8 @@ class TieredStore:
         self.disk_stats = TierStats(budget_bytes=None, used_bytes=sum(l.nbytes for l in layouts.values()))
         self.disk_stats.peak_bytes = self.disk_stats.used_bytes
         self._prefetch = make_prefetch(plan.prefetch, plan.prefetch_depth)
+        self._disk_prefetch = make_prefetch(plan.prefetch, plan.disk_prefetch_depth)  # disk reads run further ahead
+        self._device_resident, self._host_resident = frozenset(plan.device_resident), frozenset(plan.host_resident)
         self._device_data: dict[Key, _Entry] = {}
         self._host_data: dict[Key, _Entry] = {}
         self._device_pool = BufferPool(transfer.allocate_device)
@@ -131,9 +133,16 @@ class TieredStore:
             self._count(key, entry, waited_s)
             self.device.access(key)
             if position is not None:
-                for next_key in self._prefetch.next_keys(self.schedule, position):
-                    if next_key not in self._device_data:
-                        self._start_device_load(next_key, required=False)
+                for next_key in self._prefetch.next_keys(self.schedule, position, self._stays_on_device):
+                    if next_key in self._device_data:
+                        continue
+                    if self._start_device_load(next_key, required=False) is None:
+                        break  # no room yet: keep the loads in schedule order
+                for next_key in self._disk_prefetch.next_keys(self.schedule, position, self._stays_in_memory):
+                    if next_key in self._device_data or next_key in self._host_data:
+                        continue
+                    if self._start_host_load(next_key, required=False, served_from="disk") is None:
+                        break
         if entry.copy_fence is not None:  # once the compute stream waited, later reads are ordered after it
             self.transfer.wait_on_compute(entry.copy_fence)
             entry.copy_fence = None
@@ -155,6 +164,7 @@ class TieredStore:
             for key in self.device.keys():
                 policy.on_insert(key, self.layouts[key].nbytes)
             self.device.policy = policy
+            self._device_resident = frozenset(plan.device_resident)
             self.device.stats.budget_bytes = plan.device_weights_bytes
             while self.device.used_bytes > plan.device_weights_bytes:
                 victim = policy.victim(self.device.evictable())
@@ -193,7 +203,9 @@ class TieredStore:
     def _start_device_load(self, key: Key, required: bool) -> _Entry | None:
         nbytes = self.layouts[key].nbytes
         host_entry = self._host_data.get(key)
-        served_from = "host" if host_entry is not None else "disk"
+        served_from = "disk"
+        if host_entry is not None:  # a unit read ahead from disk counts as served by the disk, once
+            served_from, host_entry.served_from = host_entry.served_from or "host", None
         if host_entry is None:
             host_entry = self._start_host_load(key, required)
             if host_entry is None:
@@ -213,7 +225,7 @@ class TieredStore:
         entry.ready = self._copier.submit(self._copy, key, host_entry, entry, free_after)
         return entry
 
-    def _start_host_load(self, key: Key, required: bool) -> _Entry | None:
+    def _start_host_load(self, key: Key, required: bool, served_from: str | None = None) -> _Entry | None:
         nbytes = self.layouts[key].nbytes
         # Host units still being copied hold their pins: when they are all that is in the way, let them finish.
         victims = self._room(self.host, key, nbytes, required,
@@ -224,7 +236,7 @@ class TieredStore:
             self._drop(self.host, self._host_data, self._host_pool, victim)
         self.host.admit(key, nbytes)
         buffer, _ = self._host_pool.take(nbytes, self.host.used_bytes, self.host.budget_bytes)
-        entry = _Entry(buffer, Future())
+        entry = _Entry(buffer, Future(), served_from=served_from)
         self._host_data[key] = entry
         self.host.pin(key)
         entry.ready = self._readers.submit(self._read, key, buffer)
@@ -298,6 +310,13 @@ class TieredStore:
             self.disk_stats.hits += 1
             self.disk_stats.stall_s += waited_s
         entry.served_from = None
+
+    def _stays_on_device(self, key: Key) -> bool:
+        """Resident on the device and there: prefetch looks past it (a streamed unit that is there still counts)."""
+        return key in self._device_resident and key in self._device_data
+
+    def _stays_in_memory(self, key: Key) -> bool:
+        return self._stays_on_device(key) or (key in self._host_resident and key in self._host_data)
 
     def _pending_loads(self) -> list[Future]:
         """Reads and copies still running, which hold pins."""

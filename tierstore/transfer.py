@@ -25,8 +25,8 @@ class CPUTransfer:
         self.device = torch.device("cpu")
 
     def allocate_host(self, nbytes: int) -> torch.Tensor:
-        """A host buffer of `nbytes`."""
-        return torch.empty(nbytes, dtype=torch.uint8)
+        """A page-aligned host buffer of `nbytes` (so that O_DIRECT can read into it)."""
+        return page_aligned(nbytes)
 
     def allocate_device(self, nbytes: int) -> torch.Tensor:
         """A device buffer of `nbytes`."""
@@ -63,7 +63,7 @@ class PinnedArena:
 
     def __init__(self, capacity_bytes: int) -> None:
         start_s = time.perf_counter()
-        self.buffer = torch.empty(capacity_bytes, dtype=torch.uint8)
+        self.buffer = page_aligned(capacity_bytes)
         self.registered = capacity_bytes > 0 and _host_register(self.buffer)
         self.offset = 0
         self.pin_s = time.perf_counter() - start_s
@@ -82,6 +82,13 @@ class PinnedArena:
         if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
             self.registered = False
+
+
+def page_aligned(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU tensor of `nbytes` starting on a page boundary."""
+    raw = torch.empty(nbytes + _PAGE_BYTES, dtype=torch.uint8)
+    start = -raw.data_ptr() % _PAGE_BYTES
+    return raw[start:start + nbytes]
 
 
 def _host_register(buffer: torch.Tensor) -> bool:

@@ -1,0 +1,221 @@
+"""4-bit (nf4) and 8-bit block-wise compression: exact plumbing, size, errors, and what it costs in accuracy."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from conftest import ARCH_EXTRA
+
+import tierstore
+from tierstore.compression import ABSMAX, PACKED, Codec, Decompressor, compress_unit, compressed_layout
+from tierstore.errors import CheckpointError, ConfigError
+from tierstore.units import UnitLayout
+
+F = pytest.importorskip("bitsandbytes.functional")
+IDS = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
+
+
+def dequantized_like_bitsandbytes(model, codec):
+    """The reference: transformers' model whose decoder-layer matrices went through bitsandbytes' own
+    quantize/dequantize, one tensor at a time (no tierstore code)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".layers." in name and param.dim() >= 2:
+                if codec == "nf4":
+                    q, state = F.quantize_4bit(param.data.contiguous(), blocksize=64, quant_type="nf4")
+                    param.copy_(F.dequantize_4bit(q, state))
+                else:
+                    q, state = F.quantize_blockwise(param.data.contiguous(), blocksize=256)
+                    param.copy_(F.dequantize_blockwise(q, state))
+    return model
+
+
+def _config(tmp_path, codec):
+    return {"runtime": {"cache_dir": str(tmp_path / "cache")}, "compression": {"format": codec}}
+
+
+@pytest.mark.parametrize("codec", ["nf4", "int8"])
+@pytest.mark.parametrize("model_type", sorted(ARCH_EXTRA))
+def test_compressed_model_equals_transformers_with_the_same_dequantized_weights(model_type, codec, tiny_dirs,
+                                                                                  tmp_path):
+    directory, original = tiny_dirs(model_type)
+    reference = dequantized_like_bitsandbytes(original, codec)
+    config = _config(tmp_path, codec)
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:  # learn the compressed sizes
+        sizes = {key: layout.nbytes for key, layout in model.store.layouts.items()}
+        scratch = model.plan.device_reserve_bytes  # on the CPU the reserve is just the dequantization buffer
+    layer, other = sizes["layers.0"], max(n for key, n in sizes.items() if not key.startswith("layers."))
+    # the dequantization buffer, the largest other unit and 2.5 compressed layers on the device; host: 2 layers
+    budget = tierstore.Budget(vram=scratch + other + layer * 5 // 2, ram=other + 2 * layer)
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as model:
+        assert model.plan.regime != "device"
+        got = model.generate(IDS, max_new_tokens=10, do_sample=False)
+        assert got.tolist() == reference.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
+        torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, atol=1e-5, rtol=1e-5)
+        for tier, stats in model.report().tiers.items():
+            assert stats.budget_bytes is None or stats.peak_bytes <= stats.budget_bytes, tier
+        assert any(f"stored as {codec}" in note for note in model.plan.notes)
+
+
+@pytest.mark.parametrize("codec,bits", [("nf4", 4), ("int8", 8)])
+def test_store_holds_the_matrices_in_fewer_bytes_and_is_reused(codec, bits, tiny_dirs, tmp_path):
+    directory, original = tiny_dirs("llama")
+    config = _config(tmp_path, codec)
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        compressed = model.store.layouts["layers.0"].nbytes
+        store_dir = model.store.source.directory
+    layer_params = sum(p.numel() for p in original.model.layers[0].parameters())
+    matrix_params = sum(p.numel() for p in original.model.layers[0].parameters() if p.dim() >= 2)
+    block = Codec.create(codec).blocksize
+    exact = (layer_params - matrix_params) * 4 + matrix_params * bits // 8 + matrix_params // block * 4
+    assert exact <= compressed <= exact + 4 * 256  # each tensor aligned to 256 bytes
+    assert compressed < layer_params * 4 * (bits + 1) / 32
+    mtimes = {name: os.stat(os.path.join(store_dir, "units", name)).st_mtime_ns
+              for name in os.listdir(os.path.join(store_dir, "units"))}
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        assert model.store.source.directory == store_dir
+    assert mtimes == {name: os.stat(os.path.join(store_dir, "units", name)).st_mtime_ns for name in mtimes}
+
+
+def test_plain_tensors_are_kept_bit_exact_and_matrices_within_the_codec_error():
+    torch.manual_seed(0)
+    tensors = {"norm": torch.randn(300), "w1": torch.randn(96, 64), "bias": torch.randn(7), "w2": torch.randn(40, 33)}
+    layout = UnitLayout.pack("u", {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
+    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for name, view in layout.views(buffer).items():
+        view.copy_(tensors[name])
+    for codec, bound in ((Codec.create("nf4"), 0.11), (Codec.create("int8"), 0.015)):
+        packed_layout, packed_buffer, packed = compress_unit(layout, buffer, {"w1", "w2"}, codec, torch.device("cpu"))
+        assert set(packed_layout.slots) == {"norm", "bias", PACKED, ABSMAX}
+        assert packed_layout == compressed_layout(layout, {"w1", "w2"}, codec)[0]
+        out = Decompressor(codec, {"u": packed}, torch.float32, torch.device("cpu")).materialize(
+            "u", packed_layout.views(packed_buffer))
+        for name in ("norm", "bias"):
+            assert torch.equal(out[name], tensors[name])
+        for name in ("w1", "w2"):
+            error = ((out[name] - tensors[name]).norm() / tensors[name].norm()).item()
+            assert 0 < error < bound, (codec.format, name, error)
+
+
+def test_a_corrupt_compressed_unit_is_refused_before_any_token(tiny_dirs, tmp_path):
+    directory, _ = tiny_dirs("llama")
+    config = _config(tmp_path, "nf4")
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        store_dir = model.store.source.directory
+    path = os.path.join(store_dir, "units", "layers.2.bin")
+    with open(path, "r+b") as handle:
+        handle.seek(1000)
+        byte = handle.read(1)
+        handle.seek(1000)
+        handle.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(CheckpointError, match="layers.2.bin: checksum mismatch"):
+        with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+            model.generate(IDS, max_new_tokens=2, do_sample=False)
+
+
+def test_an_interrupted_compression_resumes_to_the_same_store(tiny_dirs, tmp_path):
+    from tierstore.inference.checkpoint import in_place_source, load_config
+    from tierstore.inference.convert import compress
+    from tierstore.inference.resolve import resolve
+    from tierstore.inference.skeleton import build_skeleton
+
+    directory, _ = tiny_dirs("llama")
+    checkpoint = resolve(directory)
+    skeleton = build_skeleton(load_config(checkpoint), torch.float32)
+    source = in_place_source(checkpoint, skeleton.units, torch.float32)
+    codec = Codec.create("nf4")
+
+    class Killed(Exception):
+        pass
+
+    class DiesAfterTwoUnits:
+        def __init__(self):
+            self.reads = 0
+
+        def layout(self, key):
+            return source.layout(key)
+
+        def read_into(self, key, out):
+            self.reads += 1
+            if self.reads > 2:
+                raise Killed()
+            source.read_into(key, out)
+
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    compress(source, skeleton, checkpoint, whole, codec, torch.device("cpu"), progress=False)
+    with pytest.raises(Killed):
+        compress(DiesAfterTwoUnits(), skeleton, checkpoint, resumed, codec, torch.device("cpu"), progress=False)
+    assert not os.path.exists(os.path.join(resumed, "manifest.json"))
+    counting = DiesAfterTwoUnits()
+    counting.reads = -100
+    compress(counting, skeleton, checkpoint, resumed, codec, torch.device("cpu"), progress=False)
+    assert counting.reads == -100 + len(skeleton.units) - 2  # the two finished units were not redone
+    manifests = [json.load(open(os.path.join(d, "manifest.json"))) for d in (whole, resumed)]
+    assert manifests[0]["units"] == manifests[1]["units"] and manifests[0]["compression"]["format"] == "nf4"
+
+
+def test_plan_sizes_units_compressed_without_writing_anything(tiny_dirs, tmp_path):
+    from tierstore.inference.generate import make_plan_for
+
+    directory, _ = tiny_dirs("llama")
+    config = _config(tmp_path, "nf4")
+    budget = tierstore.Budget(vram="400KB", ram="1MB")
+    plain = make_plan_for(directory, budget, {"runtime": config["runtime"]})
+    packed = make_plan_for(directory, budget, config)
+    assert len(packed.device_resident) > len(plain.device_resident)
+    assert packed.h2d_bytes_per_pass < plain.h2d_bytes_per_pass
+    assert not os.path.exists(tmp_path / "cache") or not any("nf4" in name for name in os.listdir(tmp_path / "cache"))
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as model:
+        assert model.plan.device_resident == packed.device_resident
+        assert model.plan.h2d_bytes_per_pass == packed.h2d_bytes_per_pass
+
+
+def test_bad_compression_settings_are_one_clear_error(tiny_dirs, tmp_path):
+    with pytest.raises(ConfigError, match="compression.format: 'nf3' is not allowed"):
+        tierstore.Config.from_dict({"compression": {"format": "nf3"}})
+    with pytest.raises(ConfigError, match="compression.blocksize: 100 is not allowed"):
+        tierstore.Config.from_dict({"compression": {"blocksize": 100}})
+    directory, _ = tiny_dirs("llama")
+    with tierstore.AutoModel.from_pretrained(directory, config=_config(tmp_path, "nf4")) as model:
+        store_dir = model.store.source.directory
+    with pytest.raises(ConfigError, match="is stored as nf4-64; compression asks for int8-256"):
+        tierstore.AutoModel.from_pretrained(store_dir, config=_config(tmp_path, "int8"))
+    with tierstore.AutoModel.from_pretrained(store_dir, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
+        assert model.store.source.codec.format == "nf4"  # a compressed store runs compressed whatever the config
+
+
+def test_cli_convert_compress_then_plan(tiny_dirs, tmp_path, capsys):
+    from tierstore.inference.cli import main
+
+    directory, _ = tiny_dirs("qwen3")
+    out = str(tmp_path / "q")
+    assert main(["convert", directory, out, "--compress", "nf4", "--dtype", "float16"]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["compression"]["format"] == "nf4"
+    assert manifest["units"]["norm"]["tensors"]["model.norm.weight"]["dtype"] == "F16"
+    assert main(["plan", out, "--vram", "1MB", "--ram", "1MB"]) == 0
+    assert "stored as nf4" in capsys.readouterr().out.replace("\n", " ")
+    assert main(["convert", out, str(tmp_path / "again"), "--compress", "int8"]) == 2
+    assert "already compressed" in capsys.readouterr().err
+
+
+def test_direct_io_reads_the_same_units_and_says_how_it_reads(tiny_dirs, tmp_path):
+    """io.direct_io: O_DIRECT where the filesystem allows it (whole blocks into page-aligned buffers, the tail
+    through the page cache), else posix_fadvise; the report's plan notes say which."""
+    from tierstore.inference.layerstore import direct_io_works
+
+    directory, _ = tiny_dirs("llama")
+    config = _config(tmp_path, "nf4")
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        want = model.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
+        store_dir = model.store.source.directory
+    assert any(os.path.getsize(os.path.join(store_dir, "units", name)) % 4096
+               for name in os.listdir(os.path.join(store_dir, "units")))  # the tails are exercised
+    config["io"] = {"direct_io": True}
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        mode = model.store.source.read_mode
+        assert mode == ("O_DIRECT" if direct_io_works(store_dir) else "posix_fadvise(DONTNEED)")
+        assert f"disk reads: {mode}" in model.plan.notes
+        assert model.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == want
