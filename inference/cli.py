@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from ..budget import Budget
+from ..config import COMPRESSION_FORMATS
 from ..errors import TierstoreError
 
 
@@ -24,7 +25,7 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram", help="device tier budget, e.g. 4GB (default: measured)")
     parser.add_argument("--ram", help="host tier budget, e.g. 16GB (default: measured)")
     parser.add_argument("--config", help="TOML config file")
-    parser.add_argument("--compress", choices=["none", "nf4", "int8"],
+    parser.add_argument("--compress", choices=["none", *COMPRESSION_FORMATS],
                         help="store the layers' matrices in 4-bit nf4 or 8-bit (sets compression.format)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     parser.add_argument("--download", action="store_true", help="allow downloading a Hub model not in the cache")
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("model")
     conv.add_argument("out_dir")
     conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="store weights in this dtype")
-    conv.add_argument("--compress", choices=["nf4", "int8"], help="write a compressed store (matrices in nf4 or "
+    conv.add_argument("--compress", choices=COMPRESSION_FORMATS, help="write a compressed store (matrices in nf4 or "
                                                                   "int8, the rest in --dtype)")
     conv.add_argument("--trust-remote-code", action="store_true")
 

@@ -90,7 +90,7 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
             return out_dir
         done = _finished_units(out_dir)
         layouts = {key: source.layout(key) for key in skeleton.units}
-        needed = sum(compressed_layout(layouts[key], set(skeleton.matrices), codec)[0].nbytes
+        needed = sum(compressed_layout(layouts[key], skeleton.matrices, codec)[0].nbytes
                      for key in skeleton.units if key not in done)
         _require_free(out_dir, needed)
         records = dict(done)
@@ -100,7 +100,7 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
                     continue
                 buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
                 source.read_into(key, buffer)
-                packed_layout, packed_buffer, packed = compress_unit(layout, buffer, set(skeleton.matrices), codec,
+                packed_layout, packed_buffer, packed = compress_unit(layout, buffer, skeleton.matrices, codec,
                                                                      device)
                 extra = {"packed": packed.to_dict()} if packed is not None else {}
                 records[key] = _write_buffer(out_dir, key, packed_layout, packed_buffer, extra)

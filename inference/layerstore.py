@@ -157,11 +157,11 @@ class LayerStoreSource:
             if size != nbytes:
                 raise CheckpointError(f"{path}: {size} bytes, the manifest says {nbytes} (truncated or replaced)")
             # O_DIRECT: whole blocks straight into the (page-aligned) buffer; the tail through the page cache.
-            got = _pread_all(fd, view[:nbytes - nbytes % DIRECT_ALIGN_BYTES], 0, path) if direct else 0
+            got = pread_exact(fd, view[:nbytes - nbytes % DIRECT_ALIGN_BYTES], 0, path) if direct else 0
             if got < nbytes:
                 if direct:
                     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                _pread_all(fd, view[got:], got, path)
+                pread_exact(fd, view[got:], got, path)
             if self.drop_page_cache:  # the host tier holds these bytes; the page cache must not as well
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
@@ -172,13 +172,14 @@ class LayerStoreSource:
             raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; convert the model again")
 
 
-def _pread_all(fd: int, view: memoryview, offset: int, path: str) -> int:
-    """Fill `view` from `offset`; returns the file offset reached. CheckpointError if the file ends first."""
+def pread_exact(fd: int, view: memoryview, offset: int, path: str) -> int:
+    """Fill `view` from file offset `offset`; returns the offset reached. CheckpointError if the file ends first."""
     done = 0
     while done < len(view):
         step = os.preadv(fd, [view[done:]], offset + done)
         if step == 0:
-            raise CheckpointError(f"{path}: ended after {offset + done} bytes")
+            raise CheckpointError(f"{path}: ended at byte {offset + done}, expected {offset + len(view)} "
+                                  f"(truncated since it was opened)")
         done += step
     return offset + done
 

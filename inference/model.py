@@ -260,7 +260,7 @@ def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torc
         codec = wanted
         layouts = {}
         for key in skeleton.units:
-            layouts[key], unit_packed = compressed_layout(source.layout(key), set(skeleton.matrices), codec)
+            layouts[key], unit_packed = compressed_layout(source.layout(key), skeleton.matrices, codec)
             if unit_packed is not None:
                 packed[key] = unit_packed
     else:

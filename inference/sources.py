@@ -9,6 +9,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..units import UnitLayout
+from .layerstore import pread_exact
 from .safetensors_header import TensorEntry
 
 
@@ -52,16 +53,9 @@ class SafetensorsSource:
                 target.view(slot.dtype).copy_(raw.view(entry.dtype).view(-1))
 
     def _pread(self, entry: TensorEntry, out: torch.Tensor) -> None:
-        view = memoryview(out.numpy())
         fd = self._fd(entry.path)
-        done = 0
         try:
-            while done < len(view):
-                step = os.preadv(fd, [view[done:]], entry.start + done)
-                if step == 0:
-                    raise CheckpointError(f"{entry.path}: ended at byte {entry.start + done}, "
-                                          f"expected {entry.end} (truncated since it was opened)")
-                done += step
+            pread_exact(fd, memoryview(out.numpy()), entry.start, entry.path)
             if self.drop_page_cache:  # the host tier holds these bytes; the page cache must not as well
                 os.posix_fadvise(fd, entry.start, entry.end - entry.start, os.POSIX_FADV_DONTNEED)
         except OSError as exc:

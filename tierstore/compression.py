@@ -4,26 +4,26 @@ A compressed unit keeps its small tensors (norms, biases) as they are and packs 
 PACKED, the codes of every matrix back to back, and ABSMAX, one float32 scale per block. Each matrix starts on a
 block boundary, so no block mixes two matrices, and one kernel call per unit dequantizes them all into a scratch
 buffer that the model's matrices then view. Units stay compressed in every tier, the device included: a resident
-unit costs its compressed bytes, and each use costs one dequantization (~0.24 ms for a 7B layer on an H100).
+unit costs its compressed bytes, and each use costs one dequantization (0.21 ms of GPU time for a 7B layer in
+nf4 on an H200, benchmarks/dequant_cost.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Set
 from typing import Any
 
 import torch
 
+from .config import BLOCKSIZES, COMPRESSION_FORMATS
 from .errors import CheckpointError, ConfigError
 from .units import UnitLayout
 
 PACKED = "tierstore.packed"
 ABSMAX = "tierstore.absmax"
-FORMATS = ("nf4", "int8")
 DEFAULT_BLOCKSIZE = {"nf4": 64, "int8": 256}
-_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' kernels accept
 
 
 def _ops() -> Any:
@@ -48,12 +48,13 @@ class Codec:
     @classmethod
     def create(cls, format: str, blocksize: int | None = None) -> "Codec":
         """A codec with bitsandbytes' defaults; ConfigError naming what is not allowed."""
-        if format not in FORMATS:
-            raise ConfigError(f"compression.format: {format!r} is not allowed; choose from none, {', '.join(FORMATS)}")
+        if format not in COMPRESSION_FORMATS:
+            raise ConfigError(f"compression.format: {format!r} is not allowed; choose from none, "
+                              f"{', '.join(COMPRESSION_FORMATS)}")
         blocksize = DEFAULT_BLOCKSIZE[format] if blocksize is None else blocksize
-        if blocksize not in _BLOCKSIZES:
+        if blocksize not in BLOCKSIZES:
             raise ConfigError(f"compression.blocksize: {blocksize} is not allowed; choose from "
-                              f"{', '.join(map(str, _BLOCKSIZES))}")
+                              f"{', '.join(map(str, BLOCKSIZES))}")
         code: tuple[float, ...] = ()
         if format == "int8":
             _ops()
@@ -82,7 +83,7 @@ class Codec:
             codec = cls(str(data["format"]), int(data["blocksize"]), tuple(float(x) for x in data.get("code", ())))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise CheckpointError(f"{where}: malformed compression record") from None
-        if codec.format not in FORMATS or codec.blocksize not in _BLOCKSIZES \
+        if codec.format not in COMPRESSION_FORMATS or codec.blocksize not in BLOCKSIZES \
                 or (codec.format == "int8") != (len(codec.code) == 256):
             raise CheckpointError(f"{where}: unsupported compression {data!r}")
         return codec
@@ -112,7 +113,7 @@ class PackedMatrices:
         return cls(numel, matrices)
 
 
-def compressed_layout(layout: UnitLayout, matrices: set[str], codec: Codec) -> tuple[UnitLayout, PackedMatrices | None]:
+def compressed_layout(layout: UnitLayout, matrices: Set[str], codec: Codec) -> tuple[UnitLayout, PackedMatrices | None]:
     """The layout a unit gets when `matrices` (names in `layout`) are compressed, computed without any data."""
     chosen = [name for name in layout.slots if name in matrices]
     if not chosen:
@@ -128,7 +129,7 @@ def compressed_layout(layout: UnitLayout, matrices: set[str], codec: Codec) -> t
     return UnitLayout.pack(layout.key, tensors), PackedMatrices(numel, placed)
 
 
-def compress_unit(layout: UnitLayout, buffer: torch.Tensor, matrices: set[str], codec: Codec,
+def compress_unit(layout: UnitLayout, buffer: torch.Tensor, matrices: Set[str], codec: Codec,
                   device: torch.device) -> tuple[UnitLayout, torch.Tensor, PackedMatrices | None]:
     """Compress the matrices of one unit (its bytes in `buffer`, CPU) on `device`; returns the new layout, its
     CPU buffer and where the matrices sit."""

@@ -77,11 +77,15 @@ def _device(key: str, value: Any) -> Any:
     return value
 
 
+COMPRESSION_FORMATS = ("nf4", "int8")
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' block-wise kernels accept
+
+
 def _blocksize(key: str, value: Any) -> Any:
     if value == AUTO:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value not in (64, 128, 256, 512, 1024, 2048, 4096):
-        raise ConfigError(f"{key}: {value!r} is not allowed; use 64, 128, 256, 512, 1024, 2048, 4096 or \"auto\"")
+    if isinstance(value, bool) or not isinstance(value, int) or value not in BLOCKSIZES:
+        raise ConfigError(f"{key}: {value!r} is not allowed; use {', '.join(map(str, BLOCKSIZES))} or \"auto\"")
     return value
 
 
@@ -108,7 +112,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "verify_checksums": (_bool, True, "check each unit read from a converted store against its checksum"),
     },
     "compression": {
-        "format": (_choice("none", "nf4", "int8"), "none",
+        "format": (_choice("none", *COMPRESSION_FORMATS), "none",
                    "store the decoder layers' matrices block-wise in 4-bit nf4 or 8-bit (bitsandbytes); none = as is"),
         "blocksize": (_blocksize, AUTO, "elements per quantization block (64 to 4096); auto = 64 for nf4, 256 "
                                         "for int8"),
