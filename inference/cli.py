@@ -29,6 +29,8 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
                         help="store the layers' matrices in 4-bit nf4 or 8-bit (sets compression.format)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     parser.add_argument("--download", action="store_true", help="allow downloading a Hub model not in the cache")
+    parser.add_argument("--draft", help="speculative decoding: \"ngram\" (prompt lookup) or a small model with the "
+                                        "same tokenizer (path, alias, Hub id, GGUF, layer store)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = gen.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     mode.add_argument("--temperature", type=float, help="sample at this temperature")
+    gen.add_argument("--top-p", type=float, help="when sampling: keep the smallest set of tokens with this mass")
+    gen.add_argument("--top-k", type=int, help="when sampling: keep the k most likely tokens")
     gen.add_argument("--seed", type=int, default=0, help="random seed when sampling")
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as it is")
     gen.add_argument("--report-json", help="write the report (tokens, text, tiers, timing, plan) here")
@@ -90,9 +94,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     console = _console()
     request = GenerateRequest(model=args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, seed=args.seed,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                               chat_template=not args.no_chat_template, budget=_budget(args), config=_config(args),
-                              trust_remote_code=args.trust_remote_code, allow_download=args.download)
+                              trust_remote_code=args.trust_remote_code, allow_download=args.download,
+                              draft=args.draft)
     stream = (lambda text: console.print(text, end="", markup=False, highlight=False)) \
         if len(args.prompt) == 1 else None
     result = run_generate(request, on_text=stream)
@@ -114,7 +119,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .generate import make_plan_for
 
     _console().print(plan_table(make_plan_for(args.model, _budget(args), _config(args), args.trust_remote_code,
-                                             args.download)))
+                                             args.download, draft=args.draft)))
     return 0
 
 

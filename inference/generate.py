@@ -9,6 +9,7 @@ import torch
 
 from ..budget import Budget
 from ..errors import InputError
+from ..planning import DraftCost, kv_bytes_per_token
 from ..policies.planner import Plan
 
 
@@ -20,12 +21,15 @@ class GenerateRequest:
     prompts: list[str]
     max_new_tokens: int = 32
     temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int = 0
     chat_template: bool = True
     budget: Budget | None = None
     config: Any = None
     trust_remote_code: bool = False
     allow_download: bool = False
+    draft: str | None = None
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool) -> dict[str, torch.Tensor]:
@@ -56,11 +60,18 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
         raise InputError(f"--max-new-tokens must be at least 1, got {request.max_new_tokens}")
     if request.temperature is not None and not request.temperature > 0:
         raise InputError(f"--temperature must be > 0, got {request.temperature}")
+    if request.top_p is not None and not 0 < request.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {request.top_p}")
+    if request.top_k is not None and request.top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {request.top_k}")
+    if (request.top_p is not None or request.top_k is not None) and request.temperature is None:
+        raise InputError("--top-p and --top-k apply when sampling: give --temperature too")
     if not request.prompts or any(not p.strip() for p in request.prompts):
         raise InputError("empty prompt: give some text with --prompt")
     with AutoModel.from_pretrained(request.model, budget=request.budget, config=request.config,
                                    trust_remote_code=request.trust_remote_code,
-                                   allow_download=request.allow_download, progress=True) as model:
+                                   allow_download=request.allow_download, progress=True,
+                                   draft=request.draft) as model:
         inputs = encode_prompts(model.tokenizer, request.prompts, request.chat_template)
         kwargs: dict[str, Any] = {"max_new_tokens": request.max_new_tokens,
                                   "attention_mask": inputs["attention_mask"],
@@ -69,7 +80,8 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
             kwargs["do_sample"] = False
         else:
             torch.manual_seed(request.seed)
-            kwargs.update(do_sample=True, temperature=request.temperature)
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p or 1.0,
+                          top_k=request.top_k or 0)
         if on_text is not None:
             streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
             streamer.on_finalized_text = lambda text, stream_end=False: on_text(text)  # type: ignore[method-assign]
@@ -83,10 +95,33 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
 
 
 def make_plan_for(model: str, budget: Budget | None, config: Any, trust_remote_code: bool = False,
-                  allow_download: bool = False) -> Plan:
-    """The plan `from_pretrained` would make, without reading any weights."""
+                  allow_download: bool = False, draft: str | None = None) -> Plan:
+    """The plan `from_pretrained` would make (with `draft` beside the model), without reading any weights."""
     from .model import open_units, prepare
 
     cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, None, trust_remote_code,
                                                         allow_download, progress=True)
-    return open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress=True, write=False).plan
+    cost = draft_cost(draft, cfg, device, dtype, trust_remote_code, allow_download) if draft else None
+    return open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress=True, write=False,
+                      draft=cost).plan
+
+
+def draft_cost(draft: str, cfg: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
+               allow_download: bool) -> DraftCost | None:
+    """What a draft would take from the device budget, from its layouts alone (None for ngram)."""
+    from ..compression import scratch_bytes
+    from .model import open_units, prepare
+
+    if draft == "ngram":
+        return None
+    draft_cfg, checkpoint, hf_config, _, _ = prepare(draft, None, cfg, dtype, trust_remote_code, allow_download,
+                                                     progress=True)
+    opened = open_units(draft_cfg.with_compression("none"), checkpoint, hf_config, device, dtype, trust_remote_code,
+                        progress=True, write=False)
+    try:
+        weights = sum(layout.nbytes for layout in opened.layouts.values()) + scratch_bytes(opened.packed, dtype)
+    finally:
+        close = getattr(opened.source, "close", None)
+        if close is not None:
+            close()
+    return DraftCost(draft, weights, kv_bytes_per_token(hf_config, dtype))

@@ -20,13 +20,16 @@ from ..config import Config
 from ..errors import BudgetError, CheckpointError, ConfigError, InputError, ModelError
 from ..planning import (
     ACTIVATION_SLACK_BYTES,
+    DraftCost,
     device_reserve_bytes,
+    draft_reserve_bytes,
     effective_budgets,
     kv_bytes_per_token,
     plan_input,
 )
 from ..policies.planner import Plan, PlanInput, make_plan
 from ..probe import load_probe
+from ..policies.speculation import DEFAULT_MAX_DEPTH, DepthPolicy
 from ..report import RunReport, Timing
 from ..sizes import format_size
 from ..store import TieredStore
@@ -41,6 +44,7 @@ from .checkpoint import (
 )
 from .convert import compress, convert, default_store_dir
 from .hooks import AttachedHooks
+from .speculation import SpeculationStats
 from .resolve import Checkpoint, resolve
 from .skeleton import build_skeleton
 
@@ -69,12 +73,18 @@ class _StepClock:
         return scores
 
 
+# generate's arguments that speculative decoding honours; anything else given with a draft is refused by name
+_SPECULATION_ARGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "streamer", "eos_token_id",
+                     "pad_token_id", "attention_mask"}
+
+
 class TierstoreModel:
     """A causal LM running layer by layer out of the tiered store."""
 
     def __init__(self, model: Any, tokenizer: Any, store: TieredStore, hooks: AttachedHooks, plan: Plan,
                  plan_input: PlanInput, device: torch.device, config: Config, setup_s: float,
-                 decompressor: Decompressor | None = None) -> None:
+                 decompressor: Decompressor | None = None, draft: Any = None,
+                 draft_cost: DraftCost | None = None) -> None:
         self.model = model
         self.plan_input = plan_input
         self.tokenizer = tokenizer
@@ -85,8 +95,14 @@ class TierstoreModel:
         self.setup_s = setup_s
         self._hooks = hooks
         self.decompressor = decompressor
+        self.draft = draft  # "ngram" (NgramDraft) or a TierstoreModel; None: no speculation
+        self.draft_cost = draft_cost
         self._timing = Timing()
         self._notes: list[str] = []
+        self._speculation: SpeculationStats | None = None
+        self._max_depth = config.speculation.depth or DEFAULT_MAX_DEPTH
+        # learns pass and draft-step costs across calls; a configured depth is drafted every pass
+        self._depth_policy = DepthPolicy(self._max_depth, fixed=config.speculation.depth is not None)
 
     @property
     def max_context(self) -> int | None:
@@ -107,8 +123,15 @@ class TierstoreModel:
         if self.max_context and total > self.max_context:
             raise InputError(f"prompt of {input_ids.shape[-1]} tokens plus {max_new} new tokens exceeds the "
                              f"model's context of {self.max_context}")
+        for name in ("assistant_model", "prompt_lookup_num_tokens"):
+            if kwargs.get(name) is not None:
+                raise InputError(f"{name} is not supported; open the model with a draft instead: "
+                                 f"from_pretrained(..., draft=\"ngram\" or a small model)")
         notes = self._fit_kv_cache(input_ids.shape[0] * total, kwargs)
         input_ids = input_ids.to(self.device)
+        if self.draft is not None:
+            self._notes = notes
+            return self._speculate(input_ids, kwargs)
         if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         clock = _StepClock()
@@ -135,21 +158,63 @@ class TierstoreModel:
         if self.device.type != "cuda" or "past_key_values" in kwargs:
             return []
         scratch = self.decompressor.scratch.nbytes if self.decompressor is not None else 0
+        draft = self.draft_cost.device_bytes(cache_tokens) if self.draft_cost is not None else 0
         needed = (kv_bytes_per_token(self.model.config, self.model.dtype) * cache_tokens + ACTIVATION_SLACK_BYTES
-                  + scratch)
+                  + scratch + draft)
         if needed <= self.plan.device_reserve_bytes:
             return []
         try:
             plan = make_plan(dataclasses.replace(self.plan_input, device_reserve_bytes=needed))
         except BudgetError:
             raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(needed)} of KV cache and "
-                             f"activations (and the dequantization buffer), more than the device budget "
+                             f"activations (and the dequantization buffer and draft), more than the device budget "
                              f"{format_size(self.plan.device_budget_bytes)} leaves beside the weights; use fewer "
                              f"prompts or tokens") from None
         self.store.replan(plan)
         self.plan = plan
         return [f"KV cache and activations need {format_size(needed)}: device reserve raised, "
                 f"{len(plan.device_resident)} units now resident"]
+
+    def _speculate(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """generate with the draft: one weight pass verifies each tree of drafted tokens."""
+        from .drafts import ModelDraft, NgramDraft
+        from .speculation import (
+            check_speculation_request,
+            chooser,
+            sampling_warp,
+            speculate,
+        )
+
+        check_speculation_request(input_ids.shape[0], kwargs, _SPECULATION_ARGS)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:  # a lone prompt may still come left-padded
+            input_ids = input_ids[:, mask[0].bool()]
+        settings = self.model.generation_config
+        do_sample = kwargs.get("do_sample", settings.do_sample)
+        warp = sampling_warp(*(kwargs.get(name, getattr(settings, name)) if do_sample else None
+                               for name in ("temperature", "top_k", "top_p")))
+        eos = kwargs.get("eos_token_id", settings.eos_token_id)
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        max_new = kwargs.get("max_new_tokens") or settings.max_new_tokens or 20
+        if isinstance(self.draft, NgramDraft):
+            draft = self.draft
+        else:
+            draft = ModelDraft(self.draft, self.draft_cost.name, warp, self.model.config.get_text_config().vocab_size,
+                               self.config.speculation.width, self._depth_policy)
+        stats = SpeculationStats(draft.name)
+        clock = _StepClock()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*different than your model's device")
+            out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warp), eos_ids, stats,
+                            self._max_depth, kwargs.get("streamer"), on_first_token=lambda: clock(None, None))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        end_s = time.perf_counter()
+        first = clock.calls[0]
+        self._timing = Timing(prefill_s=first - clock.start_s, decode_s=end_s - first, decode_steps=stats.passes,
+                              new_tokens=stats.new_tokens, batch_size=1)
+        self._speculation = stats
+        return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """A plain forward (e.g. for logits), weights streamed the same way."""
@@ -159,10 +224,13 @@ class TierstoreModel:
     def report(self) -> RunReport:
         """The run report of the last `generate` call (tier counters cover the model's whole life)."""
         return RunReport(plan=self.plan, tiers=self.store.tier_stats(), timing=self._timing,
-                         device=str(self.device), setup_s=self.setup_s, notes=list(self._notes))
+                         device=str(self.device), setup_s=self.setup_s, notes=list(self._notes),
+                         speculation=self._speculation.to_dict() if self._speculation is not None else None)
 
     def close(self) -> None:
-        """Detach the hooks and stop the store's threads."""
+        """Detach the hooks and stop the store's threads (the draft's too)."""
+        if isinstance(self.draft, TierstoreModel):
+            self.draft.close()
         self._hooks.detach()
         self.store.close()
         self.decompressor = None
@@ -203,22 +271,40 @@ class AutoModel:
     @staticmethod
     def from_pretrained(model: str, budget: Budget | None = None, config: Any = None,
                         dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-                        allow_download: bool = False, progress: bool = False) -> TierstoreModel:
-        """Open `model` (directory, GGUF, layer store, alias or cached Hub id) under `budget`."""
+                        allow_download: bool = False, progress: bool = False,
+                        draft: str | None = None) -> TierstoreModel:
+        """Open `model` (directory, GGUF, layer store, alias or cached Hub id) under `budget`. `draft`: "ngram"
+        or a small model with the same tokenizer (anything `model` may be) for speculative decoding; a model
+        draft is resident on the device and its bytes come out of the device budget."""
+        from .drafts import check_same_vocabulary, open_draft
+
         start_s = time.perf_counter()
+        if draft is not None and draft != "ngram":
+            resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
         cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, dtype, trust_remote_code,
                                                             allow_download, progress)
-        opened = open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress)
-        plan = opened.plan
-        host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, 4096)
-                                                        for layout in opened.layouts.values()))
-        transfer = make_transfer(device, cfg.io.pinned_memory, host_capacity)
-        store = TieredStore(opened.source, opened.layouts, plan, transfer, reader_threads=cfg.io.reader_threads)
-        decompressor = Decompressor(opened.codec, opened.packed, dtype, device) if opened.codec else None
-        hooks = AttachedHooks(opened.skeleton, store, device, decompressor)
-        tokenizer = load_tokenizer(checkpoint, trust_remote_code)
-        return TierstoreModel(opened.skeleton.model, tokenizer, store, hooks, plan, opened.plan_input, device, cfg,
-                              time.perf_counter() - start_s, decompressor)
+        drafter, draft_cost = (open_draft(draft, cfg, device, dtype, trust_remote_code, allow_download, progress)
+                               if draft is not None else (None, None))
+        try:
+            tokenizer = load_tokenizer(checkpoint, trust_remote_code)
+            if isinstance(drafter, TierstoreModel):
+                check_same_vocabulary(hf_config, tokenizer, drafter, draft)
+            opened = open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress,
+                                draft=draft_cost)
+            plan = opened.plan
+            host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, 4096)
+                                                            for layout in opened.layouts.values()))
+            transfer = make_transfer(device, cfg.io.pinned_memory, host_capacity)
+            store = TieredStore(opened.source, opened.layouts, plan, transfer,
+                                reader_threads=cfg.io.reader_threads)
+            decompressor = Decompressor(opened.codec, opened.packed, dtype, device) if opened.codec else None
+            hooks = AttachedHooks(opened.skeleton, store, device, decompressor)
+            return TierstoreModel(opened.skeleton.model, tokenizer, store, hooks, plan, opened.plan_input, device,
+                                  cfg, time.perf_counter() - start_s, decompressor, drafter, draft_cost)
+        except BaseException:
+            if isinstance(drafter, TierstoreModel):
+                drafter.close()
+            raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,9 +322,10 @@ class OpenedUnits:
 
 
 def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool, progress: bool, write: bool = True) -> OpenedUnits:
-    """Open the units of `checkpoint` and plan them. With `write` False no compressed store is written: one that
-    does not exist yet is planned from the layouts it would have."""
+               trust_remote_code: bool, progress: bool, write: bool = True,
+               draft: DraftCost | None = None) -> OpenedUnits:
+    """Open the units of `checkpoint` and plan them, beside `draft` when one is given. With `write` False no
+    compressed store is written: one that does not exist yet is planned from the layouts it would have."""
     if cfg.runtime.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelError("runtime.attention = \"flash_attention_2\" needs the flash-attn package "
                          "(pip install 'tierstore[flash]'); or use \"sdpa\"")
@@ -272,10 +359,23 @@ def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torc
     if codec is not None:
         reserve += scratch_bytes(packed, dtype)
         notes.append(_compression_note(skeleton, layouts, codec, packed, dtype))
+    if draft is not None:
+        reserve += draft_reserve_bytes(draft, device)
+        notes.append(draft.note(device))
     notes.append(f"disk reads: {getattr(source, 'read_mode', 'page cache')}")
     planned_from = plan_input({key: layout.nbytes for key, layout in layouts.items()}, skeleton.schedule,
                               device_bytes, host_bytes, reserve, cfg.policy, load_probe(cfg.runtime.cache_dir), notes)
-    return OpenedUnits(skeleton, source, layouts, make_plan(planned_from), planned_from, codec, packed)
+    try:
+        plan = make_plan(planned_from)
+    except BudgetError as exc:
+        if draft is None:
+            raise
+        make_plan(dataclasses.replace(planned_from, device_reserve_bytes=reserve - draft_reserve_bytes(draft, device)))
+        _close(source)  # the model fits without the draft: the draft is what does not fit
+        raise InputError(f"draft {draft.name} needs {format_size(draft_reserve_bytes(draft, device))} "
+                         f"({draft_reserve_bytes(draft, device)} bytes) of the device budget, and the model cannot "
+                         f"run in what is left: {exc}") from exc
+    return OpenedUnits(skeleton, source, layouts, plan, planned_from, codec, packed)
 
 
 def _open_source(cfg: Config, checkpoint: Checkpoint, skeleton: Any, dtype: torch.dtype, drop_cache: bool,

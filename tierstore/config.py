@@ -117,6 +117,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "blocksize": (_blocksize, AUTO, "elements per quantization block (64 to 4096); auto = 64 for nf4, 256 "
                                         "for int8"),
     },
+    "speculation": {
+        "width": (_int(1), 8, "draft tree: nodes kept per level, and candidates per node"),
+        "depth": (_int_or_auto(1), AUTO, "draft tree levels per pass; auto = as deep as pays (measured), at most 32"),
+        "ngram": (_int(1), 3, "ngram draft: longest n-gram matched"),
+    },
     "runtime": {
         "device": (_device, AUTO, "compute device: auto, cpu, cuda or cuda:N"),
         "attention": (_choice("sdpa", "eager", "flash_attention_2"), "sdpa",
@@ -135,6 +140,7 @@ def _frozen(section: str) -> type:
 PolicyConfig = _frozen("policy")
 IOConfig = _frozen("io")
 CompressionConfig = _frozen("compression")
+SpeculationConfig = _frozen("speculation")
 RuntimeConfig = _frozen("runtime")
 
 
@@ -147,6 +153,7 @@ class Config:
     io: Any
     compression: Any
     runtime: Any
+    speculation: Any
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "Config":
@@ -168,7 +175,8 @@ class Config:
                                for key, (check, default, _) in keys.items()}
         return cls(budget=Budget(**values["budget"]), policy=PolicyConfig(**values["policy"]),
                    io=IOConfig(**values["io"]), compression=CompressionConfig(**values["compression"]),
-                   runtime=RuntimeConfig(**values["runtime"]))
+                   runtime=RuntimeConfig(**values["runtime"]),
+                   speculation=SpeculationConfig(**values["speculation"]))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> "Config":
@@ -207,7 +215,7 @@ class Config:
         """The validated values, JSON-serialisable (None means auto)."""
         return {"budget": self.budget.to_dict(), "policy": dataclasses.asdict(self.policy),
                 "io": dataclasses.asdict(self.io), "compression": dataclasses.asdict(self.compression),
-                "runtime": dataclasses.asdict(self.runtime)}
+                "runtime": dataclasses.asdict(self.runtime), "speculation": dataclasses.asdict(self.speculation)}
 
     def with_compression(self, format: str | None) -> "Config":
         """This config with `compression.format` replaced (None keeps it); validated like the file's value."""

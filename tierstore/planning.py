@@ -1,6 +1,7 @@
 """From a user's budget and this machine's measurements to the planner's input: caps, reserves and notes."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -64,6 +65,33 @@ def device_reserve_bytes(config: object, dtype: torch.dtype, device: torch.devic
     if device.type == "cpu":
         return 0
     return kv_bytes_per_token(config, dtype) * _RESERVE_CONTEXT_TOKENS + ACTIVATION_SLACK_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftCost:
+    """What a speculative draft holds on the compute device beside the streamed model: its weights (and
+    dequantization buffer), resident for the whole run, and its KV cache, which grows with the sequence."""
+
+    name: str
+    weights_bytes: int
+    kv_bytes_per_token: int
+
+    def device_bytes(self, cache_tokens: int) -> int:
+        return self.weights_bytes + self.kv_bytes_per_token * cache_tokens
+
+    def note(self, device: torch.device) -> str:
+        kv = (f" + {format_size(self.kv_bytes_per_token * _RESERVE_CONTEXT_TOKENS)} of KV cache for "
+              f"{_RESERVE_CONTEXT_TOKENS} tokens" if device.type == "cuda" else "")
+        return (f"draft {self.name}: {format_size(self.weights_bytes)} of weights{kv}, resident on the device and "
+                f"taken from the device budget")
+
+
+def draft_reserve_bytes(cost: DraftCost | None, device: torch.device) -> int:
+    """Device bytes a draft takes from the streamed model's budget (on a CPU, its weights: activations and KV
+    caches live outside the device tier there)."""
+    if cost is None:
+        return 0
+    return cost.device_bytes(_RESERVE_CONTEXT_TOKENS if device.type == "cuda" else 0)
 
 
 def plan_input(unit_bytes: Mapping[str, int], schedule: list[str], device_bytes: int, host_bytes: int,

@@ -29,8 +29,9 @@ class Timing:
     def to_dict(self) -> dict[str, float | int | None]:
         """Seconds, steps and derived rates."""
         step_s = self.decode_s / self.decode_steps if self.decode_steps else None
+        # tokens after the first (which prefill gives); a step is one weight pass, which with a draft yields several
         return {**dataclasses.asdict(self), "decode_step_s": step_s,
-                "decode_tokens_per_s": (self.decode_steps * self.batch_size / self.decode_s
+                "decode_tokens_per_s": ((self.new_tokens - 1) * self.batch_size / self.decode_s
                                         if self.decode_s > 0 else None)}
 
 
@@ -44,6 +45,7 @@ class RunReport:
     device: str
     setup_s: float = 0.0
     notes: list[str] = dataclasses.field(default_factory=list)
+    speculation: dict[str, Any] | None = None  # SpeculationStats.to_dict() of a run with a draft
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report as JSON-serialisable data."""
@@ -58,6 +60,7 @@ class RunReport:
                        "ratio_to_bound": achieved / predicted if achieved and predicted else None},
             "plan": self.plan.to_dict(),
             "notes": list(self.notes),
+            "speculation": self.speculation,
         }
 
     def tables(self) -> list[Table]:
@@ -81,6 +84,8 @@ class RunReport:
                     _fmt(timing["predicted_step_s"], "{:.4f}"), _fmt(timing["ratio_to_bound"], "{:.2f}x"),
                     str(self.plan.predicted.get("bound") or "-"))
         tables = [tiers, run]
+        if self.speculation is not None:
+            tables.append(_speculation_table(self.speculation))
         if self.plan.notes or self.notes:
             notes = Table(title="notes", show_header=False)
             notes.add_column("note")
@@ -96,6 +101,19 @@ class RunReport:
         buffer = io.StringIO()
         Console(file=buffer, width=120, force_terminal=False).print(self)
         return buffer.getvalue()
+
+
+def _speculation_table(data: dict[str, Any]) -> Table:
+    table = Table(title=f"speculation (draft: {data['draft']})")
+    for column in ("passes", "tokens/pass", "acceptance", "tree nodes/pass", "draft s", "draft step s",
+                   "verify s", "verify pass s"):
+        table.add_column(column, justify="right")
+    table.add_row(str(data["passes"]), _fmt(data["tokens_per_pass"], "{:.2f}"),
+                  _fmt(data["acceptance_rate"], "{:.1%}"),
+                  _fmt(data["tree_nodes"] / data["passes"] if data["passes"] else None, "{:.1f}"),
+                  f"{data['draft_s']:.3f}", _fmt(data["draft_step_s"], "{:.4f}"), f"{data['verify_s']:.3f}",
+                  _fmt(data["verify_pass_s"], "{:.4f}"))
+    return table
 
 
 def plan_table(plan: Plan) -> Table:

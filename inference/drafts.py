@@ -1,0 +1,308 @@
+"""Drafts: what proposes a tree of tokens for the streamed model to verify in one weight pass.
+
+- `NgramDraft` (prompt lookup): continuations of earlier occurrences of the sequence's last n-gram; free.
+- `ModelDraft`: a small model with the same tokenizer, resident on the compute device, drafting a tree level by
+  level: each level feeds the `width` most likely leaves through the draft at once (one forward per level, with a
+  tree attention mask) and keeps the `width` most likely of their children. `DepthPolicy` decides when to stop.
+
+Both implement `propose(history, max_depth) -> DraftTree` and `accepted(tree, path)`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ..policies.speculation import DepthPolicy
+from .tree import DraftTree
+
+log = logging.getLogger(__name__)
+
+Warp = Callable[[torch.Tensor], torch.Tensor]  # logits (rows, vocab) -> probabilities (rows, vocab)
+DEFAULT_WIDTH = 8
+DEFAULT_NGRAM = 3
+
+
+class NgramDraft:
+    """Prompt lookup: the tokens that followed earlier occurrences of the last n tokens (longest n first),
+    merged into a tree, most recent occurrence first."""
+
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = DEFAULT_NGRAM, max_branches: int = DEFAULT_WIDTH) -> None:
+        self.max_ngram = max_ngram
+        self.max_branches = max_branches
+        self.policy = None
+        self.steps = 0
+        self.step_s = 0.0
+        self._ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> end indices of its occurrences
+        self._indexed = 0
+
+    def reset(self, max_tokens: int = 0) -> None:
+        """Forget the last sequence (a new generate call)."""
+        self._ends, self._indexed = {}, 0
+
+    def propose(self, history: list[int], max_depth: int) -> DraftTree:
+        """A tree of at most `max_branches` continuations, each at most `max_depth` long."""
+        tree = DraftTree.rooted_at(history[-1])
+        if max_depth < 1:
+            return tree
+        self._index(history)
+        for n in range(min(self.max_ngram, len(history) - 1), 0, -1):
+            ends = self._ends.get(tuple(history[-n:]), [])
+            branches = 0
+            for end in reversed(ends):
+                if end == len(history):  # the suffix itself
+                    continue
+                node = 0
+                for token in history[end:end + max_depth]:
+                    node = tree.add(node, token, 1.0)
+                branches += 1
+                if branches == self.max_branches:
+                    break
+            if branches:
+                break
+        return tree
+
+    def accepted(self, tree: DraftTree, path: list[int]) -> None:
+        """Nothing to keep: the draft holds no state but its index."""
+
+    def _index(self, history: list[int]) -> None:
+        """Index the n-grams ending at each new position (the history only grows within a generate call)."""
+        for end in range(max(self._indexed, 1), len(history) + 1):
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self._ends.setdefault(tuple(history[end - n:end]), []).append(end)
+        self._indexed = len(history) + 1
+
+
+class StaticKV(DynamicCache):
+    """Key/value buffers at fixed addresses for the draft, so one forward can be captured in a CUDA graph and
+    replayed: every forward writes its `width` new entries at the positions in `write_at` and attends over the
+    whole buffer, the mask saying which positions hold live tokens. transformers' layers call `update`."""
+
+    def __init__(self, max_tokens: int) -> None:
+        super().__init__()
+        self.max_tokens = max_tokens
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.write_at: torch.Tensor | None = None  # (width,) positions of this forward's new entries
+        self.length = 0  # live positions, for transformers' own bookkeeping
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):  # (batch, heads, positions, head_dim), allocated on first use
+            shape = (*key_states.shape[:2], self.max_tokens, key_states.shape[-1])
+            self.keys.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
+            self.values.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
+        self.keys[layer_idx].index_copy_(2, self.write_at, key_states)
+        self.values[layer_idx].index_copy_(2, self.write_at, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def move(self, sources: list[int], to: int) -> None:
+        """Copy the entries at `sources` to positions `to`, `to + 1`, ... (the accepted nodes, made contiguous)."""
+        if not sources or not self.keys:
+            return
+        index = torch.tensor(sources, device=self.keys[0].device)
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[:, :, to:to + len(sources)] = buffer.index_select(2, index)
+
+
+class ModelDraft:
+    """A resident small model drafting a tree. Each draft step is one forward of exactly `width` tokens (tree
+    nodes or a piece of the accepted chain, padded) over fixed buffers, so on a GPU it is captured once per
+    generate call as a CUDA graph and replayed: a step costs kernels, not Python."""
+
+    def __init__(self, model: Any, name: str, warp: Warp, vocab_size: int, width: int = DEFAULT_WIDTH,
+                 policy: DepthPolicy | None = None) -> None:
+        self.model = model  # the draft's TierstoreModel
+        self.name = name
+        self.warp = warp
+        self.vocab_size = vocab_size  # the target's: a draft padded to more ids never proposes those
+        self.width = width
+        self.policy = policy or DepthPolicy()
+        self.steps = 0
+        self.step_s = 0.0
+        self.graphed = False  # whether steps replay a CUDA graph
+        self._kv: StaticKV | None = None
+        self._cached = 0  # accepted tokens whose entries are live, at positions 0..cached-1
+        self._fed: list[int] = []  # tree nodes fed in the last proposal, at positions cached, cached + 1, ...
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: dict[str, Any] | None = None
+
+    def reset(self, max_tokens: int = 0) -> None:
+        """A new sequence of at most `max_tokens` tokens: fresh buffers (room for a deepest tree too), new graph."""
+        self._kv = StaticKV(max_tokens + (self.policy.max_depth + 2) * self.width) if max_tokens else None
+        self._cached, self._fed, self._graph, self._static = 0, [], None, None
+
+    def propose(self, history: list[int], max_depth: int) -> DraftTree:
+        """Catch up on the accepted tokens, then draft level by level while the depth policy says it pays."""
+        tree = DraftTree.rooted_at(history[-1])
+        self._fed = []
+        if max_depth < 1:
+            return tree
+        if self._kv is None:
+            self.reset(len(history) + 64)
+        start_s = time.perf_counter()
+        pending = list(range(self._cached, len(history)))
+        for begin in range(0, len(pending), self.width):  # the chain, `width` tokens a forward
+            chunk = pending[begin:begin + self.width]
+            probs = self._step([history[i] for i in chunk], chunk, chunk, None)
+        probs = probs[len(chunk) - 1:len(chunk)]  # the root's children
+        self._cached = len(history)
+        frontier, depth = [0], 0
+        while True:
+            level = self._grow(tree, frontier, probs)  # waits for the forward: the step ends here
+            self.steps += 1
+            self.step_s += time.perf_counter() - start_s
+            depth += 1
+            if not level or depth >= max_depth or not self.policy.extend(depth):
+                break
+            start_s = time.perf_counter()
+            writes = [self._cached + len(self._fed) + i for i in range(len(level))]
+            positions = [len(history) - 1 + tree.depths[node] for node in level]
+            probs = self._step([tree.tokens[node] for node in level], positions, writes,
+                               tree.ancestry(level, self._fed + level))
+            self._fed += level
+            frontier = level
+        return tree
+
+    def accepted(self, tree: DraftTree, path: list[int]) -> None:
+        """Keep the entries of the accepted nodes that were fed, right after the accepted prefix."""
+        where = {node: self._cached + index for index, node in enumerate(self._fed)}
+        kept = [where[node] for node in path[1:] if node in where]
+        self._kv.move(kept, self._cached)
+        self._cached += len(kept)
+        self._fed = []
+
+    def _grow(self, tree: DraftTree, frontier: list[int], probs: torch.Tensor) -> list[int]:
+        """Children of the frontier: the `width` most likely paths among each node's `width` best tokens."""
+        top_p, top_i = probs[:len(frontier)].topk(min(self.width, probs.shape[-1]), dim=-1)
+        top_p, top_i = top_p.tolist(), top_i.tolist()  # the host needs the tokens: this is the step's sync
+        candidates = sorted(((tree.scores[parent] * p, parent, token)
+                             for parent, ps, ts in zip(frontier, top_p, top_i) for p, token in zip(ps, ts)),
+                            reverse=True)[:self.width]
+        return [tree.add(parent, token, score) for score, parent, token in candidates if score > 0]
+
+    def _step(self, tokens: list[int], positions: list[int], writes: list[int],
+              allowed: torch.Tensor | None) -> torch.Tensor:
+        """One forward of `width` slots: `tokens` at `positions`, their entries written at `writes`; a causal
+        chain after the live prefix (allowed None) or tree nodes (`allowed`: which of the fed nodes and these
+        each may see). Unused slots write to the buffer's spare end and see only position 0. Returns the
+        probabilities of each slot's next token."""
+        kv = self._kv
+        count, width = len(tokens), self.width
+        spare = kv.max_tokens - width  # the last `width` positions are never live
+        visible = torch.zeros(width, kv.max_tokens, dtype=torch.bool)
+        visible[:, 0] = True
+        if allowed is None:  # the chain: all live entries before it, and itself causally
+            visible[:count, :positions[0]] = True
+            visible[:count, positions[0]:positions[0] + count] = torch.ones(count, count, dtype=torch.bool).tril()
+        else:
+            visible[:count, :self._cached] = True
+            visible[:count, self._cached:self._cached + allowed.shape[1]] = allowed
+        inputs = self._inputs()
+        inputs["ids"].copy_(torch.tensor(tokens + [0] * (width - count)))
+        inputs["positions"].copy_(torch.tensor(positions + [0] * (width - count)))
+        inputs["writes"].copy_(torch.tensor(writes + list(range(spare + count, spare + width))))
+        bias = torch.zeros(visible.shape, dtype=inputs["bias"].dtype)
+        inputs["bias"][0, 0].copy_(bias.masked_fill_(~visible, torch.finfo(bias.dtype).min))
+        kv.length = max(writes[:count]) + 1
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._forward()
+        if self.steps == 0 and self._graph is None and self.model.device.type == "cuda":
+            self._capture()
+        return self.warp(inputs["logits"][0, :, :self.vocab_size].float())
+
+    def _inputs(self) -> dict[str, torch.Tensor]:
+        """The forward's fixed input and output tensors (made on first use for each buffer)."""
+        if self._static is None:
+            device, dtype = self.model.device, self.model.model.dtype
+            self._static = {"ids": torch.zeros(1, self.width, dtype=torch.long, device=device),
+                            "positions": torch.zeros(1, self.width, dtype=torch.long, device=device),
+                            "writes": torch.zeros(self.width, dtype=torch.long, device=device),
+                            "bias": torch.zeros(1, 1, self.width, self._kv.max_tokens, dtype=dtype, device=device)}
+            self._kv.write_at = self._static["writes"]
+        return self._static
+
+    def _forward(self) -> None:
+        inputs = self._static
+        with torch.no_grad():
+            out = self.model.model(input_ids=inputs["ids"], position_ids=inputs["positions"],
+                                   cache_position=inputs["writes"], attention_mask=inputs["bias"],
+                                   past_key_values=self._kv, use_cache=True)
+        inputs["logits"] = out.logits
+
+    def _capture(self) -> None:
+        """Record the forward as a CUDA graph. Its inputs are refilled in place before each replay; a failure
+        leaves the draft running eagerly (slower, same tokens)."""
+        inputs = self._static
+        saved = {name: inputs[name].clone() for name in ("ids", "positions", "writes", "bias")}
+        try:
+            torch.cuda.synchronize(self.model.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._forward()
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
+            log.warning("draft %s: CUDA graph capture failed (%s); drafting without it", self.name, exc)
+            self._graph = None
+            return
+        for name, value in saved.items():  # capture recorded, not ran: run the real step again
+            inputs[name].copy_(value)
+        graph.replay()
+        self._graph, self.graphed = graph, True
+
+
+def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
+               allow_download: bool, progress: bool) -> tuple[Any, Any]:
+    """The draft `spec` names ("ngram", or a model anything tierstore reads) and what it costs on the device
+    (None for ngram). A model draft runs in the target's dtype, all of it resident on the compute device."""
+    import dataclasses
+
+    from ..budget import Budget
+    from ..errors import InputError
+    from ..planning import DraftCost, kv_bytes_per_token
+    from .model import AutoModel
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise InputError(f"draft: expected \"ngram\" or a model (path, alias, Hub id), got {spec!r}")
+    if spec == "ngram":
+        return NgramDraft(cfg.speculation.ngram, cfg.speculation.width), None
+    # The draft's own budget: whatever is free (it must all fit); what it takes is charged to the target's plan.
+    draft_cfg = dataclasses.replace(
+        cfg, budget=Budget(), compression=dataclasses.replace(cfg.compression, format="none"),
+        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0))
+    model = AutoModel.from_pretrained(spec, config=draft_cfg, dtype=dtype, trust_remote_code=trust_remote_code,
+                                      allow_download=allow_download, progress=progress)
+    weights = sum(layout.nbytes for layout in model.store.layouts.values())
+    if model.decompressor is not None:
+        weights += model.decompressor.scratch.nbytes
+    if model.plan.regime != "device":
+        model.close()
+        raise InputError(f"draft {spec} needs {weights} bytes on the device, more than is free there")
+    cost = DraftCost(spec, weights, kv_bytes_per_token(model.model.config, dtype))
+    return model, cost
+
+
+def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft: Any, name: str) -> None:
+    """A model draft must speak the target's tokens: the same tokenizer vocabulary (or, without tokenizers, the
+    same vocabulary size). Draft ids past the target's vocabulary are never proposed."""
+    from ..errors import InputError
+
+    target_vocab = target_config.get_text_config().vocab_size
+    draft_vocab = draft.model.config.get_text_config().vocab_size
+    if target_tokenizer is not None and draft.tokenizer is not None:
+        if target_tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+            raise InputError(f"draft {name}: its tokenizer differs from the model's ({len(draft.tokenizer)} "
+                             f"against {len(target_tokenizer)} tokens); a draft needs the same tokenizer")
+    elif target_vocab != draft_vocab:
+        raise InputError(f"draft {name}: vocabulary of {draft_vocab} tokens, the model has {target_vocab}")

@@ -1,0 +1,160 @@
+"""Speculative decoding: one weight pass of the streamed model verifies a whole tree of drafted tokens.
+
+Per pass: the draft proposes a tree rooted at the last accepted token; the model computes every node at once
+(tree attention mask, positions by depth); then, from the root, the model's own next token at each node is
+chosen exactly as plain decoding would choose it (argmax, or a sample of its warped distribution) and the walk
+follows the child holding that token. The first token no child holds is the pass's bonus token. Every emitted
+token is therefore the model's own choice given the tokens before it: greedy output equals plain greedy decoding,
+and sampled output has the model's distribution (the multi-candidate rejection rule with deterministic drafts: a
+candidate is accepted with the model's probability of it, and a rejection samples from the rest). The KV cache
+keeps only the accepted path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from .tree import DraftTree, attention_bias, keep_positions
+
+Choose = Callable[[torch.Tensor], torch.Tensor]  # logits (rows, vocab) -> one token per row
+
+
+@dataclasses.dataclass
+class SpeculationStats:
+    """Counters of speculative generate calls: passes, drafted and accepted tokens, time split."""
+
+    draft: str
+    passes: int = 0
+    new_tokens: int = 0
+    accepted: int = 0  # drafted tokens the model accepted
+    trials: int = 0  # verified positions that had drafted candidates
+    tree_nodes: int = 0  # drafted nodes verified, over all passes
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    draft_steps: int = 0
+    graphed: bool | None = None  # a model draft's steps replayed a CUDA graph
+
+    def to_dict(self) -> dict[str, Any]:
+        """Counters and the rates derived from them."""
+        data = dataclasses.asdict(self)
+        data["tokens_per_pass"] = self.new_tokens / self.passes if self.passes else None
+        data["acceptance_rate"] = self.accepted / self.trials if self.trials else None
+        data["draft_step_s"] = self.draft_s / self.draft_steps if self.draft_steps else None
+        data["verify_pass_s"] = self.verify_s / self.passes if self.passes else None
+        return data
+
+
+def sampling_warp(temperature: float | None, top_k: int | None, top_p: float | None) -> Callable[[torch.Tensor],
+                                                                                                 torch.Tensor]:
+    """Logits (rows, vocab) to the probabilities transformers' warpers give for these settings."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None and top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+
+    def warp(logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(warpers(None, logits.float()), dim=-1)
+    return warp
+
+
+def chooser(do_sample: bool, warp: Callable[[torch.Tensor], torch.Tensor]) -> Choose:
+    """How plain decoding picks the next token: argmax, or a sample of the warped distribution."""
+    if not do_sample:
+        return lambda logits: logits.argmax(dim=-1)
+    return lambda logits: torch.multinomial(warp(logits), 1).squeeze(-1)
+
+
+def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: int, choose: Choose,
+              eos_ids: set[int], stats: SpeculationStats, max_depth: int, streamer: Any = None,
+              on_first_token: Callable[[], None] | None = None) -> torch.Tensor:
+    """Generate up to `max_new_tokens` after `input_ids` (1, n) with `model` (a transformers causal LM) verifying
+    `draft`'s trees; returns (1, n + new) like `generate`."""
+    from transformers import DynamicCache
+
+    device = input_ids.device
+    cache = DynamicCache()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0]
+    root = int(choose(logits[-1:])[0])
+    if on_first_token is not None:
+        on_first_token()
+    history = input_ids[0].tolist() + [root]
+    emitted = [root]
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+        streamer.put(torch.tensor([root]))
+    draft.reset(input_ids.shape[1] + max_new_tokens + 1)
+    while len(emitted) < max_new_tokens and root not in eos_ids:
+        start_s = time.perf_counter()
+        tree = draft.propose(history, max_depth=min(max_new_tokens - len(emitted) - 1, max_depth))
+        verify_start_s = time.perf_counter()
+        path, bonus = _verify(model, cache, tree, choose, device)
+        verify_s = time.perf_counter() - verify_start_s
+        new = [tree.tokens[node] for node in path[1:]] + [bonus]
+        trials = sum(1 for node in path if tree.children[node])
+        stats.passes += 1
+        stats.accepted += len(path) - 1
+        stats.trials += trials
+        stats.tree_nodes += len(tree) - 1
+        stats.draft_s += verify_start_s - start_s
+        stats.verify_s += verify_s
+        if draft.policy is not None:
+            steps = max(draft.steps - stats.draft_steps, 0)
+            draft.policy.observe(verify_s, (verify_start_s - start_s) / steps if steps else None,
+                                 len(path) - 1, trials)
+        stats.draft_steps = draft.steps
+        draft.accepted(tree, path)
+        for index, token in enumerate(new):  # stop at the end of sequence, as generate does
+            if token in eos_ids:
+                new = new[:index + 1]
+                break
+        new = new[:max_new_tokens - len(emitted)]
+        emitted += new
+        history += new
+        root = new[-1]
+        if streamer is not None:
+            streamer.put(torch.tensor(new))
+    if streamer is not None:
+        streamer.end()
+    stats.new_tokens += len(emitted)
+    stats.graphed = getattr(draft, "graphed", None)
+    return torch.tensor([history], device=device)
+
+
+def _verify(model: Any, cache: Any, tree: DraftTree, choose: Choose, device: torch.device) -> tuple[list[int], int]:
+    """One forward over the tree; the accepted path (node indices from the root) and the bonus token. The cache
+    keeps the prefix and the path's nodes."""
+    prefix = cache.get_seq_length()
+    nodes = list(range(len(tree)))
+    bias = attention_bias(prefix, tree.ancestry(nodes, nodes), model.dtype, device)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tree.tokens], device=device),
+                       position_ids=torch.tensor([[prefix + depth for depth in tree.depths]], device=device),
+                       attention_mask=bias, past_key_values=cache, use_cache=True).logits[0]
+    picks = choose(logits).tolist()  # one token per node: the host needs them, this is the pass's sync
+    path = [0]
+    while (child := tree.children[path[-1]].get(picks[path[-1]])) is not None:
+        path.append(child)
+    keep_positions(cache, prefix, [prefix + node for node in path])
+    return path, picks[path[-1]]
+
+
+def check_speculation_request(batch_size: int, kwargs: dict[str, Any], allowed: set[str]) -> None:
+    """A draft speculates for one sequence with plain greedy or sampled decoding; refuse the rest by name."""
+    if batch_size != 1:
+        raise InputError(f"a draft speculates for one sequence at a time; got a batch of {batch_size} prompts "
+                         f"(run them one by one, or without a draft)")
+    unsupported = sorted(key for key, value in kwargs.items() if key not in allowed and value is not None)
+    if unsupported:
+        raise InputError(f"generate with a draft does not support {', '.join(unsupported)}; it takes "
+                         f"{', '.join(sorted(allowed))}")

@@ -1,0 +1,104 @@
+"""A tree of drafted tokens, its attention mask, and KV cache pruning to the accepted path.
+
+Node 0 is the root: the last accepted token, not yet in the verifying model's cache. Every other node is a drafted
+token whose parent is the token before it. A model verifies the whole tree in one forward: each node attends to
+the cached prefix, its ancestors and itself, at position `prefix + depth`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import ModelError
+
+
+@dataclasses.dataclass
+class DraftTree:
+    """Tokens with parents; `scores[i]` is the draft's probability that the path to node i is accepted."""
+
+    tokens: list[int]
+    parents: list[int] = dataclasses.field(default_factory=lambda: [-1])
+    depths: list[int] = dataclasses.field(default_factory=lambda: [0])
+    scores: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    children: list[dict[int, int]] = dataclasses.field(default_factory=lambda: [{}])  # token -> child node
+
+    @classmethod
+    def rooted_at(cls, token: int) -> "DraftTree":
+        return cls(tokens=[token])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, parent: int, token: int, score: float) -> int:
+        """Add a child of `parent` (or return the one with that token); its node index."""
+        existing = self.children[parent].get(token)
+        if existing is not None:
+            return existing
+        node = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.scores.append(score)
+        self.children.append({})
+        self.children[parent][token] = node
+        return node
+
+    def path_to(self, node: int) -> list[int]:
+        """Nodes from the root to `node`, both included."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def ancestry(self, nodes: list[int], among: list[int]) -> torch.Tensor:
+        """(len(nodes), len(among)) bool: `among[j]` is `nodes[i]` or one of its ancestors."""
+        where = {node: column for column, node in enumerate(among)}
+        allowed = torch.zeros(len(nodes), len(among), dtype=torch.bool)
+        for row, node in enumerate(nodes):
+            while node >= 0:
+                if node in where:
+                    allowed[row, where[node]] = True
+                node = self.parents[node]
+        return allowed
+
+
+def attention_bias(prefix_len: int, allowed: torch.Tensor, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """(1, 1, queries, prefix + keys) additive mask: 0 where a query may attend, the dtype's minimum elsewhere.
+    Every query sees the whole prefix; among the new keys, what `allowed` (queries, keys) says. transformers uses
+    a 4D mask as given, for eager and SDPA attention alike."""
+    queries = allowed.shape[0]
+    full = torch.ones(queries, prefix_len + allowed.shape[1], dtype=torch.bool)
+    full[:, prefix_len:] = allowed
+    bias = torch.zeros(full.shape, dtype=dtype)
+    bias.masked_fill_(~full, torch.finfo(dtype).min)
+    return bias.to(device)[None, None]
+
+
+def keep_positions(cache: object, keep_from: int, positions: list[int]) -> None:
+    """Cut the cache to its first `keep_from` positions plus `positions` (each >= keep_from), in that order."""
+    for layer in _layers(cache):
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        index = torch.tensor(positions, dtype=torch.long, device=layer.keys.device)
+        layer.keys = torch.cat([layer.keys[..., :keep_from, :], layer.keys.index_select(-2, index)], dim=-2)
+        layer.values = torch.cat([layer.values[..., :keep_from, :], layer.values.index_select(-2, index)], dim=-2)
+
+
+def check_prunable(cache: object, architecture: str) -> None:
+    """A tree needs a cache whose positions can be selected: full (not sliding-window) key/value layers."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in _layers(cache):
+        if type(layer) is not DynamicLayer:
+            raise ModelError(f"{architecture}: speculative decoding needs a full key/value cache; this model's "
+                             f"cache has {type(layer).__name__} layers")
+
+
+def _layers(cache: object) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ModelError(f"speculative decoding needs transformers' layered cache, got {type(cache).__name__}")
+    return layers

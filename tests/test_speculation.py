@@ -1,0 +1,249 @@
+"""Speculative decoding: greedy output equals plain decoding, sampling keeps the model's distribution, drafts are
+planned in the device budget, bad drafts are refused in one line."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_models import PROMPTS, _budget_for
+from test_smollm2 import BUDGETS, PROMPTS as SMOLLM2_PROMPTS, _ids
+
+import tierstore
+from tierstore.inference.cli import main
+from tierstore.policies.speculation import DepthPolicy
+
+REPEATING = [5, 9, 33, 7, 81, 100, 3, 5, 9, 33, 7, 81]  # gives the ngram draft something to find
+
+
+def _draft_dir(tmp_path_factory, model_type, seed, **overrides):
+    """A random model of the same shape (a draft that sometimes agrees with the target, sometimes not)."""
+    model = tiny_model(model_type, seed=seed)
+    for key, value in overrides.items():
+        setattr(model.config, key, value)
+    directory = tmp_path_factory.mktemp(f"draft-{model_type}-{seed}")
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma", "mixtral"])
+def test_greedy_with_a_draft_equals_plain_greedy(model_type, tiny_dirs, tmp_path_factory, tmp_path):
+    directory, reference = tiny_dirs(model_type)
+    other = _draft_dir(tmp_path_factory, model_type, seed=1)
+    streaming = _budget_for(reference)
+    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4  # a model draft comes out of the device budget
+    for draft in ("ngram", directory, other):  # n-grams, a draft that always agrees, one that mostly does not
+        budget = streaming if draft == "ngram" else tierstore.Budget(vram=streaming.vram + draft_bytes,
+                                                                     ram=streaming.ram)
+        for depth in ("auto", 5):
+            config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"depth": depth, "width": 3}}
+            with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, draft=draft) as model:
+                assert model.plan.regime == "disk"
+                for prompt in (REPEATING, *PROMPTS):
+                    ids = torch.tensor([prompt])
+                    want = reference.generate(ids, max_new_tokens=24, do_sample=False)
+                    got = model.generate(ids, max_new_tokens=24, do_sample=False)
+                    assert got.tolist() == want.tolist(), (model_type, draft, depth)
+                spec = model.report().speculation
+                assert spec["new_tokens"] >= 1
+                if draft == directory and depth == 5 and spec["passes"]:  # the model drafting itself
+                    assert spec["acceptance_rate"] == 1.0 and spec["tokens_per_pass"] >= 2
+                for tier, stats in model.report().tiers.items():
+                    assert stats.budget_bytes is None or stats.peak_bytes <= stats.budget_bytes, tier
+
+
+def test_end_of_sequence_and_max_new_tokens_hold(tiny_dirs, tmp_path):
+    directory, reference = tiny_dirs("llama")
+    config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"depth": 8}}
+    ids = torch.tensor([REPEATING])
+    plain = reference.generate(ids, max_new_tokens=20, do_sample=False)[0, len(REPEATING):].tolist()
+    eos = plain[6]
+    with tierstore.AutoModel.from_pretrained(directory, config=config, draft=directory) as model:
+        for new in (1, 2, 7):
+            assert model.generate(ids, max_new_tokens=new, do_sample=False)[0, len(REPEATING):].tolist() == \
+                plain[:new]
+        stopped = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=eos)[0, len(REPEATING):]
+    assert stopped.tolist() == plain[:plain.index(eos) + 1]
+
+
+def _tiny_vocab_pair(tmp_path_factory):
+    """Target and draft over 6 tokens, different weights: sampling tests can enumerate every sequence."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    made = []
+    for seed in (0, 3):
+        config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=6,
+                                      max_position_embeddings=64, bos_token_id=0, eos_token_id=None,
+                                      pad_token_id=None)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(3.0) if param.dim() > 1 else None
+        directory = tmp_path_factory.mktemp(f"vocab6-{seed}")
+        model.save_pretrained(directory)
+        made.append((str(directory), model))
+    return made
+
+
+def _exact_distribution(model, prompt, steps):
+    """P(token at each of `steps` positions), summed over all paths, at temperature 0.7."""
+    marginals = [torch.zeros(6, dtype=torch.float64) for _ in range(steps)]
+
+    def walk(sequence, probability, depth):
+        if depth == steps:
+            return
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([sequence])).logits[0, -1].double() / 0.7, -1)
+        for token in range(6):
+            marginals[depth][token] += probability * probs[token]
+            walk(sequence + [token], probability * probs[token].item(), depth + 1)
+    walk(list(prompt), 1.0, 0)
+    return marginals
+
+
+def _p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square test of `counts` against `probs` (cells under 1 expected are merged)."""
+    total = counts.sum().item()
+    expected = probs * total
+    keep = expected >= 5
+    observed = torch.cat([counts[keep].double(), counts[~keep].double().sum().reshape(1)])
+    expected = torch.cat([expected[keep], expected[~keep].sum().reshape(1)])
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    statistic = ((observed - expected) ** 2 / expected).sum().item()
+    dof = len(observed) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def test_sampling_with_a_draft_keeps_the_model_distribution(tmp_path_factory, tmp_path):
+    """On a 6-token vocabulary, the 2nd and 3rd sampled tokens (the first ones a draft proposes) follow the
+    model's exact distribution; the same test rejects the draft's own distribution, which a rule that always
+    accepted the draft would produce."""
+    (target_dir, target), (draft_dir, draft) = _tiny_vocab_pair(tmp_path_factory)
+    prompt = [1, 4, 2]
+    want = _exact_distribution(target, prompt, 3)
+    draft_dist = _exact_distribution(draft, prompt, 3)
+    assert (want[2] - draft_dist[2]).abs().sum() > 0.2  # the draft really differs
+    runs = 1500
+    counts = [torch.zeros(6, dtype=torch.long) for _ in range(3)]
+    accepted = trials = 0
+    config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"depth": 2, "width": 2}}
+    with tierstore.AutoModel.from_pretrained(target_dir, config=config, draft=draft_dir) as model:
+        torch.manual_seed(0)
+        for _ in range(runs):
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=True, temperature=0.7,
+                                 top_k=0, top_p=1.0)
+            for position, token in enumerate(out[0, len(prompt):].tolist()):
+                counts[position][token] += 1
+            accepted += model.report().speculation["accepted"]
+            trials += model.report().speculation["trials"]
+    assert 0 < accepted < trials  # both branches of the rule were taken
+    for position in (1, 2):
+        assert _p_value(counts[position], want[position]) > 1e-3, (position, counts[position], want[position])
+    draft_counts = torch.multinomial(draft_dist[2], runs, replacement=True, generator=torch.Generator().manual_seed(1))
+    assert _p_value(torch.bincount(draft_counts, minlength=6), want[2]) < 1e-3
+
+
+def test_depth_policy_drafts_deeper_when_passes_cost_more():
+    cheap, dear = DepthPolicy(), DepthPolicy()
+    for policy, pass_s in ((cheap, 0.01), (dear, 0.5)):
+        for _ in range(10):
+            policy.observe(pass_s=pass_s, step_s=0.005, accepted=9, trials=10)
+    depth = {name: next(d for d in range(1, 40) if not policy.extend(d)) for name, policy in
+             (("cheap", cheap), ("dear", dear))}
+    assert depth["cheap"] < depth["dear"] <= 32
+    bad = DepthPolicy()
+    for _ in range(10):
+        bad.observe(pass_s=0.5, step_s=0.005, accepted=1, trials=10)
+    assert next(d for d in range(1, 40) if not bad.extend(d)) < depth["dear"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft", ["ngram", "self", "int8"])
+def test_smollm2_greedy_with_drafts_equals_transformers(draft, smollm2_store, smollm2_reference, tmp_path_factory):
+    """Real weights, a streaming budget (host smaller than the model): drafts ngram, SmolLM2 itself, its int8 store."""
+    from tierstore.inference.model import compress_model
+
+    store_dir, _ = smollm2_store
+    reference, tokenizer = smollm2_reference
+    cache = str(tmp_path_factory.mktemp("cache"))
+    spec = {"ngram": "ngram", "self": store_dir}.get(draft)
+    if draft == "int8":
+        spec = str(tmp_path_factory.mktemp("int8") / "store")
+        compress_model(store_dir, spec, "int8", config={"runtime": {"cache_dir": cache}}, progress=False)
+    draft_bytes = {"ngram": 0, "self": 540_000_000, "int8": 240_000_000}[draft]  # about what each draft takes
+    budget = tierstore.Budget(vram=BUDGETS["host smaller than the model"].vram + draft_bytes, ram="250MB")
+    with tierstore.AutoModel.from_pretrained(store_dir, budget=budget, config={"runtime": {"cache_dir": cache}},
+                                             draft=spec) as model:
+        assert model.plan.regime != "device"  # layers stream
+        for prompt in SMOLLM2_PROMPTS[:2]:
+            ids = _ids(tokenizer, prompt)
+            want = reference.generate(ids, max_new_tokens=24, do_sample=False)
+            assert model.generate(ids, max_new_tokens=24, do_sample=False).tolist() == want.tolist(), prompt
+        report = model.report().to_dict()
+    assert report["speculation"]["tokens_per_pass"] > (1.0 if draft == "ngram" else 1.5)
+    for tier in ("device", "host"):
+        assert report["tiers"][tier]["peak_bytes"] <= report["tiers"][tier]["budget_bytes"]
+
+
+def test_plan_charges_the_draft_to_the_device_budget(tiny_dirs, tmp_path, capsys):
+    directory, reference = tiny_dirs("llama")
+    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4
+    budget = _budget_for(reference)
+    config = {"runtime": {"cache_dir": str(tmp_path)}}
+    from tierstore.inference.generate import make_plan_for
+
+    alone = make_plan_for(directory, tierstore.Budget(vram=budget.vram + draft_bytes, ram=budget.ram), config)
+    beside = make_plan_for(directory, tierstore.Budget(vram=budget.vram + draft_bytes, ram=budget.ram), config,
+                           draft=directory)
+    assert beside.device_reserve_bytes == alone.device_reserve_bytes + draft_bytes
+    assert len(beside.device_resident) < len(alone.device_resident)
+    assert any(note.startswith(f"draft {directory}") for note in beside.notes)
+    assert main(["plan", directory, "--vram", str(budget.vram + draft_bytes), "--ram", str(budget.ram),
+                 "--draft", directory]) == 0
+    assert "draft" in capsys.readouterr().out
+
+
+def _listing(path):
+    return sorted(os.path.relpath(os.path.join(root, name), path) for root, dirs, files in os.walk(path)
+                  for name in dirs + files)
+
+
+@pytest.mark.parametrize("case", ["missing", "vocabulary", "too large"])
+def test_bad_drafts_are_one_line_and_write_nothing(case, tiny_dirs, tmp_path_factory, tmp_path, capsys):
+    directory, reference = tiny_dirs("llama")
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(f'[runtime]\ncache_dir = "{tmp_path / "cache"}"\n')
+    draft = str(tmp_path_factory.mktemp("draft") / "model") if case != "too large" else directory
+    if case == "vocabulary":
+        other = tiny_model("llama", seed=2)
+        other.resize_token_embeddings(300)
+        other.save_pretrained(draft)
+    argv = ["generate", directory, "--prompt", "x", "--draft", draft, "--config", str(config_file)]
+    if case == "too large":
+        argv += ["--vram", str(_budget_for(reference).vram), "--ram", "1GB"]
+    before = _listing(tmp_path)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert {"missing": "no such file", "vocabulary": "vocabulary of 300", "too large": "bytes"}[case] in err, err
+    assert _listing(tmp_path) == before
+
+
+def test_a_batch_with_a_draft_is_refused_and_the_report_says_what_speculation_did(tiny_dirs, tmp_path):
+    directory, _ = tiny_dirs("llama")
+    with tierstore.AutoModel.from_pretrained(directory, config={"runtime": {"cache_dir": str(tmp_path)}},
+                                             draft="ngram") as model:
+        with pytest.raises(tierstore.InputError, match="one sequence"):
+            model.generate(torch.tensor([REPEATING, REPEATING]), max_new_tokens=4)
+        with pytest.raises(tierstore.InputError, match="num_beams"):
+            model.generate(torch.tensor([REPEATING]), max_new_tokens=4, num_beams=2)
+        model.generate(torch.tensor([REPEATING]), max_new_tokens=12, do_sample=False)
+        data = json.loads(json.dumps(model.report().to_dict()))
+    assert {"tokens_per_pass", "acceptance_rate", "draft_s", "passes"} <= set(data["speculation"])
+    assert data["timing"]["new_tokens"] == 12 and data["speculation"]["passes"] < 11  # the n-grams were found
+    assert "speculation (draft: ngram)" in str(model.report())
