@@ -205,6 +205,7 @@ class TierstoreModel:
         clock = _StepClock()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*different than your model's device")
+            warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated")  # newer transformers
             out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warp), eos_ids, stats,
                             self._max_depth, kwargs.get("streamer"), on_first_token=lambda: clock(None, None))
         if self.device.type == "cuda":
