@@ -42,7 +42,7 @@ class NgramDraft:
         self._ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> end indices of its occurrences
         self._indexed = 0
 
-    def reset(self, max_tokens: int = 0) -> None:
+    def reset(self, max_tokens: int) -> None:
         """Forget the last sequence (a new generate call)."""
         self._ends, self._indexed = {}, 0
 
@@ -130,16 +130,20 @@ class ModelDraft:
         self.policy = policy or DepthPolicy()
         self.steps = 0
         self.step_s = 0.0
-        self.graphed = False  # whether steps replay a CUDA graph
-        self._kv: StaticKV | None = None
+        self._kv = StaticKV(0)  # sized by `reset` for each sequence
         self._cached = 0  # accepted tokens whose entries are live, at positions 0..cached-1
         self._fed: list[int] = []  # tree nodes fed in the last proposal, at positions cached, cached + 1, ...
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: dict[str, Any] | None = None
 
-    def reset(self, max_tokens: int = 0) -> None:
+    @property
+    def graphed(self) -> bool:
+        """Whether the steps replay a CUDA graph."""
+        return self._graph is not None
+
+    def reset(self, max_tokens: int) -> None:
         """A new sequence of at most `max_tokens` tokens: fresh buffers (room for a deepest tree too), new graph."""
-        self._kv = StaticKV(max_tokens + (self.policy.max_depth + 2) * self.width) if max_tokens else None
+        self._kv = StaticKV(max_tokens + (self.policy.max_depth + 2) * self.width)
         self._cached, self._fed, self._graph, self._static = 0, [], None, None
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
@@ -148,8 +152,6 @@ class ModelDraft:
         self._fed = []
         if max_depth < 1:
             return tree
-        if self._kv is None:
-            self.reset(len(history) + 64)
         start_s = time.perf_counter()
         pending = list(range(self._cached, len(history)))
         for begin in range(0, len(pending), self.width):  # the chain, `width` tokens a forward
@@ -259,7 +261,7 @@ class ModelDraft:
         for name, value in saved.items():  # capture recorded, not ran: run the real step again
             inputs[name].copy_(value)
         graph.replay()
-        self._graph, self.graphed = graph, True
+        self._graph = graph
 
 
 def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
@@ -270,7 +272,6 @@ def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
 
     from ..budget import Budget
     from ..errors import InputError
-    from ..planning import DraftCost, kv_bytes_per_token
     from .model import AutoModel
 
     if not isinstance(spec, str) or not spec.strip():
@@ -283,14 +284,37 @@ def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
         runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0))
     model = AutoModel.from_pretrained(spec, config=draft_cfg, dtype=dtype, trust_remote_code=trust_remote_code,
                                       allow_download=allow_download, progress=progress)
-    weights = sum(layout.nbytes for layout in model.store.layouts.values())
-    if model.decompressor is not None:
-        weights += model.decompressor.scratch.nbytes
+    scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0
+    cost = _cost(spec, model.store.layouts, scratch, model.model.config, dtype)
     if model.plan.regime != "device":
         model.close()
-        raise InputError(f"draft {spec} needs {weights} bytes on the device, more than is free there")
-    cost = DraftCost(spec, weights, kv_bytes_per_token(model.model.config, dtype))
+        raise InputError(f"draft {spec} needs {cost.weights_bytes} bytes on the device, more than is free there")
     return model, cost
+
+
+def plan_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
+               allow_download: bool) -> Any:
+    """What `open_draft` would charge to the device budget (a DraftCost, None for ngram), from the draft's
+    layouts alone: no weights read."""
+    from ..compression import scratch_bytes
+    from .model import close_source, open_units, prepare
+
+    if spec == "ngram":
+        return None
+    draft_cfg, checkpoint, hf_config, _, _ = prepare(spec, None, cfg, dtype, trust_remote_code, allow_download,
+                                                     progress=True)
+    opened = open_units(draft_cfg.with_compression("none"), checkpoint, hf_config, device, dtype, trust_remote_code,
+                        progress=True, write=False)
+    close_source(opened.source)
+    return _cost(spec, opened.layouts, scratch_bytes(opened.packed, dtype), hf_config, dtype)
+
+
+def _cost(spec: str, layouts: dict[str, Any], scratch: int, hf_config: Any, dtype: torch.dtype) -> Any:
+    """A draft's device cost: all its units, its dequantization buffer, and its KV cache per token."""
+    from ..planning import DraftCost, kv_bytes_per_token
+
+    weights = sum(layout.nbytes for layout in layouts.values()) + scratch
+    return DraftCost(spec, weights, kv_bytes_per_token(hf_config, dtype))
 
 
 def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft: Any, name: str) -> None:

@@ -9,7 +9,6 @@ import torch
 
 from ..budget import Budget
 from ..errors import InputError
-from ..planning import DraftCost, kv_bytes_per_token
 from ..policies.planner import Plan
 
 
@@ -97,31 +96,12 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
 def make_plan_for(model: str, budget: Budget | None, config: Any, trust_remote_code: bool = False,
                   allow_download: bool = False, draft: str | None = None) -> Plan:
     """The plan `from_pretrained` would make (with `draft` beside the model), without reading any weights."""
+    from .drafts import plan_draft
     from .model import open_units, prepare
 
     cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, None, trust_remote_code,
                                                         allow_download, progress=True)
-    cost = draft_cost(draft, cfg, device, dtype, trust_remote_code, allow_download) if draft else None
+    cost = plan_draft(draft, cfg, device, dtype, trust_remote_code, allow_download) if draft else None
     return open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress=True, write=False,
                       draft=cost).plan
 
-
-def draft_cost(draft: str, cfg: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
-               allow_download: bool) -> DraftCost | None:
-    """What a draft would take from the device budget, from its layouts alone (None for ngram)."""
-    from ..compression import scratch_bytes
-    from .model import open_units, prepare
-
-    if draft == "ngram":
-        return None
-    draft_cfg, checkpoint, hf_config, _, _ = prepare(draft, None, cfg, dtype, trust_remote_code, allow_download,
-                                                     progress=True)
-    opened = open_units(draft_cfg.with_compression("none"), checkpoint, hf_config, device, dtype, trust_remote_code,
-                        progress=True, write=False)
-    try:
-        weights = sum(layout.nbytes for layout in opened.layouts.values()) + scratch_bytes(opened.packed, dtype)
-    finally:
-        close = getattr(opened.source, "close", None)
-        if close is not None:
-            close()
-    return DraftCost(draft, weights, kv_bytes_per_token(hf_config, dtype))

@@ -5,11 +5,13 @@ unit's module fetch its weights from the store just in time.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,14 +24,13 @@ from ..planning import (
     ACTIVATION_SLACK_BYTES,
     DraftCost,
     device_reserve_bytes,
-    draft_reserve_bytes,
     effective_budgets,
     kv_bytes_per_token,
     plan_input,
 )
 from ..policies.planner import Plan, PlanInput, make_plan
-from ..probe import load_probe
 from ..policies.speculation import DEFAULT_MAX_DEPTH, DepthPolicy
+from ..probe import load_probe
 from ..report import RunReport, Timing
 from ..sizes import format_size
 from ..store import TieredStore
@@ -44,9 +45,9 @@ from .checkpoint import (
 )
 from .convert import compress, convert, default_store_dir
 from .hooks import AttachedHooks
-from .speculation import SpeculationStats
 from .resolve import Checkpoint, resolve
 from .skeleton import build_skeleton
+from .speculation import SpeculationStats
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,14 @@ class _StepClock:
         return scores
 
 
-# generate's arguments that speculative decoding honours; anything else given with a draft is refused by name
-_SPECULATION_ARGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "streamer", "eos_token_id",
-                     "pad_token_id", "attention_mask"}
+@contextlib.contextmanager
+def _quiet_forward() -> Iterator[None]:
+    """No autograd, and none of the warnings transformers gives about the skeleton: its parameters are on `meta`
+    between forwards; newer releases also warn about the `past_key_values` name the loop passes."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*different than your model's device")
+        warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated")
+        yield
 
 
 class TierstoreModel:
@@ -130,27 +136,29 @@ class TierstoreModel:
         notes = self._fit_kv_cache(input_ids.shape[0] * total, kwargs)
         input_ids = input_ids.to(self.device)
         if self.draft is not None:
-            self._notes = notes
-            return self._speculate(input_ids, kwargs)
+            return self._speculate(input_ids, kwargs, notes)
         if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         clock = _StepClock()
         processors = list(kwargs.pop("logits_processor", None) or [])
         from transformers import LogitsProcessorList
-        with torch.no_grad(), warnings.catch_warnings():
-            # The skeleton's parameters are on `meta` between forwards; transformers warns about that.
-            warnings.filterwarnings("ignore", message=".*different than your model's device")
+        with _quiet_forward():
             out = self.model.generate(input_ids, logits_processor=LogitsProcessorList([*processors, clock]),
                                       **kwargs)
+        self._record(clock, decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls),
+                     batch_size=input_ids.shape[0], notes=notes)
+        return out
+
+    def _record(self, clock: _StepClock, decode_steps: int, new_tokens: int, batch_size: int,
+                notes: list[str]) -> None:
+        """The timing of the call that just ended (its device work included) and its notes, for the report."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         end_s = time.perf_counter()
         first = clock.calls[0] if clock.calls else end_s
-        self._timing = Timing(prefill_s=first - clock.start_s, decode_s=end_s - first,
-                              decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls),
-                              batch_size=input_ids.shape[0])
+        self._timing = Timing(prefill_s=first - clock.start_s, decode_s=end_s - first, decode_steps=decode_steps,
+                              new_tokens=new_tokens, batch_size=batch_size)
         self._notes = notes
-        return out
 
     def _fit_kv_cache(self, cache_tokens: int, kwargs: dict[str, Any]) -> list[str]:
         """Keep the KV cache inside the device budget: when this call's cache outgrows the reserve, re-plan with
@@ -175,17 +183,12 @@ class TierstoreModel:
         return [f"KV cache and activations need {format_size(needed)}: device reserve raised, "
                 f"{len(plan.device_resident)} units now resident"]
 
-    def _speculate(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _speculate(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
         """generate with the draft: one weight pass verifies each tree of drafted tokens."""
         from .drafts import ModelDraft, NgramDraft
-        from .speculation import (
-            check_speculation_request,
-            chooser,
-            sampling_warp,
-            speculate,
-        )
+        from .speculation import check_speculation_request, chooser, sampling_warp, speculate
 
-        check_speculation_request(input_ids.shape[0], kwargs, _SPECULATION_ARGS)
+        check_speculation_request(input_ids.shape[0], kwargs)
         mask = kwargs.get("attention_mask")
         if mask is not None:  # a lone prompt may still come left-padded
             input_ids = input_ids[:, mask[0].bool()]
@@ -203,17 +206,10 @@ class TierstoreModel:
                                self.config.speculation.width, self._depth_policy)
         stats = SpeculationStats(draft.name)
         clock = _StepClock()
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*different than your model's device")
-            warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated")  # newer transformers
+        with _quiet_forward():
             out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warp), eos_ids, stats,
                             self._max_depth, kwargs.get("streamer"), on_first_token=lambda: clock(None, None))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        end_s = time.perf_counter()
-        first = clock.calls[0]
-        self._timing = Timing(prefill_s=first - clock.start_s, decode_s=end_s - first, decode_steps=stats.passes,
-                              new_tokens=stats.new_tokens, batch_size=1)
+        self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes)
         self._speculation = stats
         return out
 
@@ -235,7 +231,7 @@ class TierstoreModel:
         self._hooks.detach()
         self.store.close()
         self.decompressor = None
-        _close(self.store.source)
+        close_source(self.store.source)
 
     def __enter__(self) -> "TierstoreModel":
         return self
@@ -341,7 +337,7 @@ def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torc
     if codec is None and wanted is not None and write:
         store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=wanted.name)
         compress(source, skeleton, checkpoint, store_dir, wanted, device, trust_remote_code, progress)
-        _close(source)
+        close_source(source)
         source, _ = store_source(store_dir, cfg.io.verify_checksums, dtype, drop_cache)
         checkpoint, codec, packed = Checkpoint("store", store_dir, checkpoint.name), source.codec, source.packed
     if codec is None and wanted is not None:  # planning only: the layouts compression would give
@@ -360,8 +356,9 @@ def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torc
     if codec is not None:
         reserve += scratch_bytes(packed, dtype)
         notes.append(_compression_note(skeleton, layouts, codec, packed, dtype))
+    draft_bytes = draft.reserve_bytes(device) if draft is not None else 0
     if draft is not None:
-        reserve += draft_reserve_bytes(draft, device)
+        reserve += draft_bytes
         notes.append(draft.note(device))
     notes.append(f"disk reads: {getattr(source, 'read_mode', 'page cache')}")
     planned_from = plan_input({key: layout.nbytes for key, layout in layouts.items()}, skeleton.schedule,
@@ -371,11 +368,10 @@ def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torc
     except BudgetError as exc:
         if draft is None:
             raise
-        make_plan(dataclasses.replace(planned_from, device_reserve_bytes=reserve - draft_reserve_bytes(draft, device)))
-        _close(source)  # the model fits without the draft: the draft is what does not fit
-        raise InputError(f"draft {draft.name} needs {format_size(draft_reserve_bytes(draft, device))} "
-                         f"({draft_reserve_bytes(draft, device)} bytes) of the device budget, and the model cannot "
-                         f"run in what is left: {exc}") from exc
+        make_plan(dataclasses.replace(planned_from, device_reserve_bytes=reserve - draft_bytes))
+        close_source(source)  # the model fits without the draft: the draft is what does not fit
+        raise InputError(f"draft {draft.name} needs {format_size(draft_bytes)} ({draft_bytes} bytes) of the device "
+                         f"budget, and the model cannot run in what is left: {exc}") from exc
     return OpenedUnits(skeleton, source, layouts, plan, planned_from, codec, packed)
 
 
@@ -411,7 +407,7 @@ def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | N
     try:
         return compress(source, skeleton, checkpoint, out_dir, codec, device, trust_remote_code, progress)
     finally:
-        _close(source)
+        close_source(source)
 
 
 def _compression_note(skeleton: Any, layouts: dict[str, Any], codec: Codec, packed: dict[str, PackedMatrices],
@@ -423,7 +419,8 @@ def _compression_note(skeleton: Any, layouts: dict[str, Any], codec: Codec, pack
             f"{format_size(scratch_bytes(packed, dtype))} buffer")
 
 
-def _close(source: Any) -> None:
+def close_source(source: Any) -> None:
+    """Close a unit source's files, if it keeps any open."""
     closer = getattr(source, "close", None)
     if closer is not None:
         closer()

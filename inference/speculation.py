@@ -149,12 +149,17 @@ def _verify(model: Any, cache: Any, tree: DraftTree, choose: Choose, device: tor
     return path, picks[path[-1]]
 
 
-def check_speculation_request(batch_size: int, kwargs: dict[str, Any], allowed: set[str]) -> None:
+# generate's arguments that speculative decoding honours; anything else given with a draft is refused by name
+HONOURED_ARGS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "streamer",
+                           "eos_token_id", "pad_token_id", "attention_mask"})
+
+
+def check_speculation_request(batch_size: int, kwargs: dict[str, Any]) -> None:
     """A draft speculates for one sequence with plain greedy or sampled decoding; refuse the rest by name."""
     if batch_size != 1:
         raise InputError(f"a draft speculates for one sequence at a time; got a batch of {batch_size} prompts "
                          f"(run them one by one, or without a draft)")
-    unsupported = sorted(key for key, value in kwargs.items() if key not in allowed and value is not None)
+    unsupported = sorted(key for key, value in kwargs.items() if key not in HONOURED_ARGS and value is not None)
     if unsupported:
         raise InputError(f"generate with a draft does not support {', '.join(unsupported)}; it takes "
-                         f"{', '.join(sorted(allowed))}")
+                         f"{', '.join(sorted(HONOURED_ARGS))}")

@@ -77,21 +77,19 @@ class DraftCost:
     kv_bytes_per_token: int
 
     def device_bytes(self, cache_tokens: int) -> int:
+        """Weights plus a KV cache of `cache_tokens`."""
         return self.weights_bytes + self.kv_bytes_per_token * cache_tokens
 
+    def reserve_bytes(self, device: torch.device) -> int:
+        """What the plan takes from the streamed model's device budget: weights and a KV cache as long as the
+        model's own reserve (on a CPU, the weights: activations and KV caches live outside the device tier)."""
+        return self.device_bytes(_RESERVE_CONTEXT_TOKENS if device.type == "cuda" else 0)
+
     def note(self, device: torch.device) -> str:
-        kv = (f" + {format_size(self.kv_bytes_per_token * _RESERVE_CONTEXT_TOKENS)} of KV cache for "
-              f"{_RESERVE_CONTEXT_TOKENS} tokens" if device.type == "cuda" else "")
+        kv_bytes = self.reserve_bytes(device) - self.weights_bytes
+        kv = f" + {format_size(kv_bytes)} of KV cache for {_RESERVE_CONTEXT_TOKENS} tokens" if kv_bytes else ""
         return (f"draft {self.name}: {format_size(self.weights_bytes)} of weights{kv}, resident on the device and "
                 f"taken from the device budget")
-
-
-def draft_reserve_bytes(cost: DraftCost | None, device: torch.device) -> int:
-    """Device bytes a draft takes from the streamed model's budget (on a CPU, its weights: activations and KV
-    caches live outside the device tier there)."""
-    if cost is None:
-        return 0
-    return cost.device_bytes(_RESERVE_CONTEXT_TOKENS if device.type == "cuda" else 0)
 
 
 def plan_input(unit_bytes: Mapping[str, int], schedule: list[str], device_bytes: int, host_bytes: int,
