@@ -187,6 +187,7 @@ class TierstoreModel:
         """generate with the draft: one weight pass verifies each tree of drafted tokens."""
         from .drafts import ModelDraft, NgramDraft
         from .speculation import check_speculation_request, chooser, sampling_warp, speculate
+        from .tree import check_window
 
         check_speculation_request(input_ids.shape[0], kwargs)
         mask = kwargs.get("attention_mask")
@@ -199,6 +200,9 @@ class TierstoreModel:
         eos = kwargs.get("eos_token_id", settings.eos_token_id)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         max_new = kwargs.get("max_new_tokens") or settings.max_new_tokens or 20
+        check_window(self.model.config, input_ids.shape[1] + max_new, "the model")
+        if isinstance(self.draft, TierstoreModel):
+            check_window(self.draft.model.config, input_ids.shape[1] + max_new, f"draft {self.draft_cost.name}")
         if isinstance(self.draft, NgramDraft):
             draft = self.draft
         else:

@@ -7,10 +7,11 @@ the cached prefix, its ancestors and itself, at position `prefix + depth`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 
 
 @dataclasses.dataclass
@@ -87,14 +88,15 @@ def keep_positions(cache: object, keep_from: int, positions: list[int]) -> None:
         layer.values = torch.cat([layer.values[..., :keep_from, :], layer.values.index_select(-2, index)], dim=-2)
 
 
-def check_prunable(cache: object, architecture: str) -> None:
-    """A tree needs a cache whose positions can be selected: full (not sliding-window) key/value layers."""
-    from transformers.cache_utils import DynamicLayer
-
-    for layer in _layers(cache):
-        if type(layer) is not DynamicLayer:
-            raise ModelError(f"{architecture}: speculative decoding needs a full key/value cache; this model's "
-                             f"cache has {type(layer).__name__} layers")
+def check_window(config: Any, total_tokens: int, name: str) -> None:
+    """The tree mask is a full causal mask: refuse a sequence longer than a sliding window the model attends
+    through (where it is shorter, the window changes nothing)."""
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if window and (not layer_types or "sliding_attention" in layer_types) and total_tokens > window:
+        raise InputError(f"{name}: speculative decoding runs sequences up to the model's sliding window of {window} "
+                         f"tokens; this one would have {total_tokens} (use fewer tokens, or no draft)")
 
 
 def _layers(cache: object) -> list:

@@ -247,3 +247,18 @@ def test_a_batch_with_a_draft_is_refused_and_the_report_says_what_speculation_di
     assert {"tokens_per_pass", "acceptance_rate", "draft_s", "passes"} <= set(data["speculation"])
     assert data["timing"]["new_tokens"] == 12 and data["speculation"]["passes"] < 11  # the n-grams were found
     assert "speculation (draft: ngram)" in str(model.report())
+
+
+def test_a_sequence_longer_than_a_sliding_window_is_refused(tmp_path_factory, tmp_path):
+    """The tree mask is full causal attention: past a sliding window it would differ from the model's own."""
+    model = tiny_model("mistral")
+    model.config.sliding_window = 16
+    directory = str(tmp_path_factory.mktemp("mistral-window"))
+    model.save_pretrained(directory)
+    with tierstore.AutoModel.from_pretrained(directory, config={"runtime": {"cache_dir": str(tmp_path)}},
+                                             draft="ngram") as streamed:
+        ids = torch.tensor([REPEATING])
+        want = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert streamed.generate(ids, max_new_tokens=4, do_sample=False).tolist() == want.tolist()
+        with pytest.raises(tierstore.InputError, match="sliding window of 16"):
+            streamed.generate(ids, max_new_tokens=5, do_sample=False)
