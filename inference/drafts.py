@@ -134,6 +134,7 @@ class ModelDraft:
         self._cached = 0  # accepted tokens whose entries are live, at positions 0..cached-1
         self._fed: list[int] = []  # tree nodes fed in the last proposal, at positions cached, cached + 1, ...
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._capture_tried = False
         self._static: dict[str, Any] | None = None
 
     @property
@@ -145,6 +146,7 @@ class ModelDraft:
         """A new sequence of at most `max_tokens` tokens: fresh buffers (room for a deepest tree too), new graph."""
         self._kv = StaticKV(max_tokens + (self.policy.max_depth + 2) * self.width)
         self._cached, self._fed, self._graph, self._static = 0, [], None, None
+        self._capture_tried = False
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
         """Catch up on the accepted tokens, then draft level by level while the depth policy says it pays."""
@@ -221,7 +223,7 @@ class ModelDraft:
             self._graph.replay()
         else:
             self._forward()
-        if self.steps == 0 and self._graph is None and self.model.device.type == "cuda":
+        if not self._capture_tried and self.model.device.type == "cuda":
             self._capture()
         return self.warp(inputs["logits"][0, :, :self.vocab_size].float())
 
@@ -245,10 +247,10 @@ class ModelDraft:
         inputs["logits"] = out.logits
 
     def _capture(self) -> None:
-        """Record the forward as a CUDA graph. Its inputs are refilled in place before each replay; a failure
-        leaves the draft running eagerly (slower, same tokens)."""
-        inputs = self._static
-        saved = {name: inputs[name].clone() for name in ("ids", "positions", "writes", "bias")}
+        """Record the forward as a CUDA graph (once a sequence, right after an eager forward warmed it up); its
+        inputs are refilled in place before each replay. A failure leaves the draft running eagerly (slower,
+        same tokens)."""
+        self._capture_tried = True
         try:
             torch.cuda.synchronize(self.model.device)
             graph = torch.cuda.CUDAGraph()
@@ -256,11 +258,9 @@ class ModelDraft:
                 self._forward()
         except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
             log.warning("draft %s: CUDA graph capture failed (%s); drafting without it", self.name, exc)
-            self._graph = None
+            self._forward()  # the logits again, from an eager forward
             return
-        for name, value in saved.items():  # capture recorded, not ran: run the real step again
-            inputs[name].copy_(value)
-        graph.replay()
+        graph.replay()  # capture records without running: this step's logits come from the first replay
         self._graph = graph
 
 

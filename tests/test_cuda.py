@@ -164,3 +164,38 @@ def test_compressed_tokens_match_the_dequantized_model_and_vram_within_budget(co
     assert peak <= budget.vram, f"peak {peak} > budget {budget.vram}"
     print(f"\ncuda tiny llama {codec}: tokens identical to bitsandbytes' dequantized model, peak VRAM {peak} "
           f"bytes <= budget {budget.vram}")
+
+
+def test_speculation_on_cuda_replays_a_graph_and_keeps_the_tokens(tmp_path):
+    """Streamed float32 model on the GPU, drafts ngram, itself and a different model: the draft steps replay a
+    CUDA graph, the tokens equal plain decoding, and the draft's bytes stay inside the device budget."""
+    from conftest import tiny_model
+
+    directory, reference = _tiny(tmp_path)
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "other")
+    layer = 148_480
+    streaming = 300 * 2**20  # the reserve leaves room for three layers and a small unit
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device_reserve": streaming - 3 * layer - 70_000},
+              "speculation": {"depth": 6, "width": 4}}
+    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4 + 1024 * 1024  # weights, 1024 tokens of KV
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3, 5, 9, 33, 7, 81]])
+    with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram=streaming, ram="1GB"),
+                                             config=config, dtype=torch.float32) as plain:
+        want = plain.generate(ids, max_new_tokens=40, do_sample=False).tolist()
+    for draft in ("ngram", directory, str(tmp_path / "other")):
+        budget = tierstore.Budget(vram=streaming + (0 if draft == "ngram" else draft_bytes), ram="1GB")
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float32,
+                                                 draft=draft) as model:
+            assert model.plan.regime != "device"
+            got = model.generate(ids, max_new_tokens=40, do_sample=False).tolist()
+            spec = model.report().speculation
+            peak = torch.cuda.max_memory_allocated() - base
+        assert got == want, draft
+        assert spec["graphed"] is (None if draft == "ngram" else True), spec
+        if draft == directory:
+            assert spec["acceptance_rate"] == 1.0 and spec["tokens_per_pass"] > 4, spec
+        assert peak <= budget.vram, f"{draft}: peak {peak} > budget {budget.vram}"
+        print(f"\ncuda speculation, draft {draft}: tokens identical, {spec['tokens_per_pass']:.2f} tokens per "
+              f"pass, graphed {spec['graphed']}, peak VRAM {peak} <= {budget.vram}")
