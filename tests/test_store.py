@@ -1,6 +1,7 @@
 """The store on the CPU with an in-memory source: budgets hold, pins hold, errors reach the caller."""
 import threading
 import time
+from concurrent.futures import wait
 
 import pytest
 import torch
@@ -137,6 +138,7 @@ def test_disk_reads_run_ahead_of_a_device_tier_with_room_for_one_unit():
     assert store.plan.prefetch_depth == 0 and store.plan.disk_prefetch_depth == 2
     assert store.plan.host_slot_bytes + sum(nbytes for _ in store.plan.host_resident) <= 3 * nbytes
     run_passes(store, 1)
+    wait(store._pending_loads())  # the last pass's read-ahead (u0, u1) lands before the count starts
     source.reads.clear()
     store.get("u0", 0)
     deadline = time.monotonic() + 5
