@@ -19,8 +19,11 @@ HIDDEN, INTER, LAYERS, HEADS, VOCAB = 4096, 11008, 32, 32, 32000
 PROMPT_TOKENS = 32
 
 
-def build_checkpoint(path: str) -> None:
-    """Random fp16 weights, one safetensors shard per layer, written straight from the GPU."""
+def build_checkpoint(path: str, hidden: int = HIDDEN, inter: int = INTER, layers: int = LAYERS,
+                     heads: int = HEADS) -> None:
+    """Random fp16 weights, one safetensors shard per layer, written straight from the GPU (Llama-2-7B's shape
+    unless told otherwise)."""
+    HIDDEN, INTER, LAYERS, HEADS = hidden, inter, layers, heads  # noqa: N806
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig

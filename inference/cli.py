@@ -10,7 +10,7 @@ from typing import Any
 
 from ..budget import Budget
 from ..config import COMPRESSION_FORMATS
-from ..errors import TierstoreError
+from ..errors import InputError, TierstoreError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed when sampling")
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as it is")
     gen.add_argument("--report-json", help="write the report (tokens, text, tiers, timing, plan) here")
+    gen.add_argument("--trace", help="write a timeline of reads, copies, compute and stalls here (Chrome trace "
+                                     "JSON: open in Perfetto, or draw with tierstore plot)")
     _budget_args(gen)
 
     plan = sub.add_parser("plan", help="print the placement plan; nothing runs")
@@ -64,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--compress", choices=COMPRESSION_FORMATS, help="write a compressed store (matrices in nf4 or "
                                                                   "int8, the rest in --dtype)")
     conv.add_argument("--trust-remote-code", action="store_true")
+
+    plot = sub.add_parser("plot", help="draw one pass of a --trace file as lanes, with each link's GB/s")
+    plot.add_argument("trace", help="a trace written by generate --trace")
+    plot.add_argument("-o", "--output", default="timeline.png", help="the PNG to write")
+    plot.add_argument("--pass", dest="pass_index", type=int, help="which pass (default: the middle one)")
 
     probe = sub.add_parser("probe", help="measure bandwidths and free memory; cached for the planner")
     probe.add_argument("--config", help="TOML config file")
@@ -97,7 +104,7 @@ def _generate(args: argparse.Namespace) -> int:
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                               chat_template=not args.no_chat_template, budget=_budget(args), config=_config(args),
                               trust_remote_code=args.trust_remote_code, allow_download=args.download,
-                              draft=args.draft)
+                              draft=args.draft, trace=args.trace)
     stream = (lambda text: console.print(text, end="", markup=False, highlight=False)) \
         if len(args.prompt) == 1 else None
     result = run_generate(request, on_text=stream)
@@ -108,7 +115,7 @@ def _generate(args: argparse.Namespace) -> int:
         console.print()
     console.print(result["report"])
     if args.report_json:
-        from .layerstore import write_atomic
+        from ..files import write_atomic
         data = {key: value for key, value in result.items() if key != "report"}
         write_atomic(args.report_json, json.dumps(data, indent=1).encode())
     return 0
@@ -140,6 +147,19 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from ..files import check_writable
+    from ..plot import plot_trace
+
+    check_writable(args.output, "plot file")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InputError("tierstore plot needs matplotlib: pip install 'tierstore[plot]'") from None
+    print(plot_trace(args.trace, args.output, args.pass_index))
+    return 0
+
+
 def _probe(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -167,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # transformers' advice about tokenizers and generation flags is noise for a CLI user
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-    handler = {"generate": _generate, "plan": _plan, "convert": _convert, "probe": _probe}[args.command]
+    handler = {"generate": _generate, "plan": _plan, "convert": _convert, "plot": _plot,
+               "probe": _probe}[args.command]
     try:
         return handler(args)
     except TierstoreError as exc:

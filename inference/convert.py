@@ -22,6 +22,7 @@ import torch
 
 from ..compression import Codec, compress_unit, compressed_layout
 from ..errors import CheckpointError
+from ..files import write_atomic
 from ..sizes import format_size
 from ..units import UnitLayout, UnitSource
 from .checkpoint import load_config, load_tokenizer, safetensors_entries
@@ -32,7 +33,6 @@ from .layerstore import (
     layout_to_dict,
     read_manifest,
     unit_filename,
-    write_atomic,
 )
 from .resolve import Checkpoint
 from .skeleton import Skeleton, build_skeleton

@@ -29,6 +29,7 @@ class GenerateRequest:
     trust_remote_code: bool = False
     allow_download: bool = False
     draft: str | None = None
+    trace: str | None = None
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool) -> dict[str, torch.Tensor]:
@@ -70,7 +71,7 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
     with AutoModel.from_pretrained(request.model, budget=request.budget, config=request.config,
                                    trust_remote_code=request.trust_remote_code,
                                    allow_download=request.allow_download, progress=True,
-                                   draft=request.draft) as model:
+                                   draft=request.draft, trace=request.trace) as model:
         inputs = encode_prompts(model.tokenizer, request.prompts, request.chat_template)
         kwargs: dict[str, Any] = {"max_new_tokens": request.max_new_tokens,
                                   "attention_mask": inputs["attention_mask"],

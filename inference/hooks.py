@@ -10,6 +10,7 @@ from torch import nn
 from ..compression import Decompressor
 from ..errors import ModelError
 from ..store import TieredStore
+from ..trace import COMPUTE, PASSES, Tracer
 from .skeleton import HookSite, Skeleton
 
 
@@ -34,11 +35,45 @@ def _make_hooks(site: HookSite, store: TieredStore,
     return pre_forward, post_forward
 
 
+def _traced(pre_forward: Callable[..., None], post_forward: Callable[..., None], site: HookSite, nbytes: int,
+            tracer: Tracer) -> tuple[Callable[..., None], Callable[..., None]]:
+    """The hooks, plus a compute event from the unit's arrival to the end of its forward."""
+    started: list[Any] = [None]
+
+    def pre_traced(module: nn.Module, args: Any) -> None:
+        pre_forward(module, args)
+        started[0] = tracer.stamp()
+
+    def post_traced(module: nn.Module, args: Any, output: Any) -> None:
+        tracer.span(COMPUTE, site.key, started[0], tracer.stamp(), unit=site.key, bytes=nbytes)
+        post_forward(module, args, output)
+
+    return pre_traced, post_traced
+
+
+def _pass_hooks(tracer: Tracer) -> tuple[Callable[..., None], Callable[..., None]]:
+    """Hooks on the whole model: one pass event per forward, with the tokens it carried."""
+    started: list[Any] = [None, 0, 0]
+
+    def pre_pass(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        tokens = int(ids.shape[0] * ids.shape[1]) if ids is not None and ids.dim() >= 2 else 0
+        started[:] = [tracer.stamp(), tracer.begin_pass(), tokens]
+
+    def post_pass(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        start, index, tokens = started
+        tracer.span(PASSES, f"pass {index}", start, tracer.stamp(), index=index, tokens=tokens)
+
+    return pre_pass, post_pass
+
+
 class AttachedHooks:
     """The hooks of one model; `detach` removes them and leaves every module as it was."""
 
     def __init__(self, skeleton: Skeleton, store: TieredStore, device: torch.device,
-                 decompressor: Decompressor | None = None) -> None:
+                 decompressor: Decompressor | None = None, tracer: Tracer | None = None) -> None:
         if decompressor is not None:
             _check_not_nested([site for site in skeleton.sites if site.key in decompressor])
         self._handles = []
@@ -50,8 +85,15 @@ class AttachedHooks:
                     module._buffers[name] = buffer.to(device)
         for site in skeleton.sites:
             pre_forward, post_forward = _make_hooks(site, store, decompressor)
+            if tracer is not None:
+                pre_forward, post_forward = _traced(pre_forward, post_forward, site, store.layouts[site.key].nbytes,
+                                                    tracer)
             self._handles.append(site.module.register_forward_pre_hook(pre_forward))
             self._handles.append(site.module.register_forward_hook(post_forward))
+        if tracer is not None:
+            pre_pass, post_pass = _pass_hooks(tracer)
+            self._handles.append(skeleton.model.register_forward_pre_hook(pre_pass, with_kwargs=True))
+            self._handles.append(skeleton.model.register_forward_hook(post_pass, with_kwargs=True))
         self._sites = skeleton.sites
 
     def detach(self) -> None:

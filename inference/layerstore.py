@@ -14,7 +14,6 @@ import fcntl
 import json
 import mmap
 import os
-import tempfile
 from collections.abc import Hashable, Mapping
 
 import torch
@@ -22,11 +21,11 @@ import xxhash
 
 from ..compression import ABSMAX, Codec, PackedMatrices
 from ..errors import CheckpointError
+from ..files import PAGE_BYTES
 from ..units import TensorSlot, UnitLayout
 from .safetensors_header import DTYPES
 
 FORMAT = "tierstore-layerstore/1"
-DIRECT_ALIGN_BYTES = 4096  # O_DIRECT: buffer address, file offset and length in whole blocks
 MANIFEST = "manifest.json"
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -39,25 +38,6 @@ def checksum(buffer: torch.Tensor) -> str:
 def unit_filename(key: str) -> str:
     """Relative path of a unit's file."""
     return os.path.join("units", f"{key}.bin")
-
-
-def write_atomic(path: str, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def layout_to_dict(layout: UnitLayout) -> dict[str, object]:
@@ -147,7 +127,7 @@ class LayerStoreSource:
         path = self._files[key]
         nbytes = self._stored[key].nbytes
         view = memoryview(out.numpy())[:nbytes]
-        direct = self.direct_io and out.data_ptr() % DIRECT_ALIGN_BYTES == 0
+        direct = self.direct_io and out.data_ptr() % PAGE_BYTES == 0
         try:
             fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         except OSError as exc:
@@ -157,7 +137,7 @@ class LayerStoreSource:
             if size != nbytes:
                 raise CheckpointError(f"{path}: {size} bytes, the manifest says {nbytes} (truncated or replaced)")
             # O_DIRECT: whole blocks straight into the (page-aligned) buffer; the tail through the page cache.
-            got = pread_exact(fd, view[:nbytes - nbytes % DIRECT_ALIGN_BYTES], 0, path) if direct else 0
+            got = pread_exact(fd, view[:nbytes - nbytes % PAGE_BYTES], 0, path) if direct else 0
             if got < nbytes:
                 if direct:
                     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
@@ -195,7 +175,7 @@ def direct_io_works(directory: str) -> bool:
     except OSError:
         return False
     try:
-        buffer = mmap.mmap(-1, DIRECT_ALIGN_BYTES)  # page-aligned
+        buffer = mmap.mmap(-1, PAGE_BYTES)  # page-aligned
         try:
             os.preadv(fd, [buffer], 0)
             return True

@@ -20,6 +20,7 @@ from ..budget import Budget
 from ..compression import Codec, Decompressor, PackedMatrices, compressed_layout, scratch_bytes
 from ..config import Config
 from ..errors import BudgetError, CheckpointError, ConfigError, InputError, ModelError
+from ..files import PAGE_BYTES, check_writable
 from ..planning import (
     ACTIVATION_SLACK_BYTES,
     DraftCost,
@@ -34,6 +35,7 @@ from ..probe import load_probe
 from ..report import RunReport, Timing
 from ..sizes import format_size
 from ..store import TieredStore
+from ..trace import TOKENS, Tracer
 from ..transfer import make_transfer
 from ..units import align
 from .checkpoint import (
@@ -63,14 +65,18 @@ def compute_device(setting: str) -> torch.device:
 
 
 class _StepClock:
-    """A logits processor that only reads the clock: the first call ends prefill, later calls are decode steps."""
+    """A logits processor that only reads the clock: the first call ends prefill, later calls are decode steps.
+    With a tracer, each call also marks a token on the timeline."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracer: Tracer | None = None) -> None:
         self.start_s = time.perf_counter()
         self.calls: list[float] = []
+        self._tracer = tracer
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor | None) -> torch.Tensor | None:
         self.calls.append(time.perf_counter())
+        if self._tracer is not None:
+            self._tracer.instant(TOKENS, "token", self._tracer.stamp(), index=len(self.calls) - 1)
         return scores
 
 
@@ -90,8 +96,9 @@ class TierstoreModel:
     def __init__(self, model: Any, tokenizer: Any, store: TieredStore, hooks: AttachedHooks, plan: Plan,
                  plan_input: PlanInput, device: torch.device, config: Config, setup_s: float,
                  decompressor: Decompressor | None = None, draft: Any = None,
-                 draft_cost: DraftCost | None = None) -> None:
+                 draft_cost: DraftCost | None = None, tracer: Tracer | None = None) -> None:
         self.model = model
+        self.tracer = tracer
         self.plan_input = plan_input
         self.tokenizer = tokenizer
         self.store = store
@@ -135,11 +142,13 @@ class TierstoreModel:
                                  f"from_pretrained(..., draft=\"ngram\" or a small model)")
         notes = self._fit_kv_cache(input_ids.shape[0] * total, kwargs)
         input_ids = input_ids.to(self.device)
+        if self.tracer is not None:
+            self.tracer.anchor()
         if self.draft is not None:
             return self._speculate(input_ids, kwargs, notes)
         if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
-        clock = _StepClock()
+        clock = _StepClock(self.tracer)
         processors = list(kwargs.pop("logits_processor", None) or [])
         from transformers import LogitsProcessorList
         with _quiet_forward():
@@ -159,6 +168,8 @@ class TierstoreModel:
         self._timing = Timing(prefill_s=first - clock.start_s, decode_s=end_s - first, decode_steps=decode_steps,
                               new_tokens=new_tokens, batch_size=batch_size)
         self._notes = notes
+        if self.tracer is not None:
+            self.tracer.write()
 
     def _fit_kv_cache(self, cache_tokens: int, kwargs: dict[str, Any]) -> list[str]:
         """Keep the KV cache inside the device budget: when this call's cache outgrows the reserve, re-plan with
@@ -209,10 +220,11 @@ class TierstoreModel:
             draft = ModelDraft(self.draft, self.draft_cost.name, warp, self.model.config.get_text_config().vocab_size,
                                self.config.speculation.width, self._depth_policy)
         stats = SpeculationStats(draft.name)
-        clock = _StepClock()
+        clock = _StepClock(self.tracer)
         with _quiet_forward():
             out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warp), eos_ids, stats,
-                            self._max_depth, kwargs.get("streamer"), on_first_token=lambda: clock(None, None))
+                            self._max_depth, kwargs.get("streamer"), on_first_token=lambda: clock(None, None),
+                            tracer=self.tracer)
         self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes)
         self._speculation = stats
         return out
@@ -236,6 +248,9 @@ class TierstoreModel:
         self.store.close()
         self.decompressor = None
         close_source(self.store.source)
+        if self.tracer is not None:
+            self.tracer.write()
+            self.tracer = None
 
     def __enter__(self) -> "TierstoreModel":
         return self
@@ -273,13 +288,17 @@ class AutoModel:
     def from_pretrained(model: str, budget: Budget | None = None, config: Any = None,
                         dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                         allow_download: bool = False, progress: bool = False,
-                        draft: str | None = None) -> TierstoreModel:
+                        draft: str | None = None, trace: str | None = None) -> TierstoreModel:
         """Open `model` (directory, GGUF, layer store, alias or cached Hub id) under `budget`. `draft`: "ngram"
         or a small model with the same tokenizer (anything `model` may be) for speculative decoding; a model
-        draft is resident on the device and its bytes come out of the device budget."""
+        draft is resident on the device and its bytes come out of the device budget. `trace`: a file to write
+        the timeline to after each `generate` (overrides `runtime.trace`)."""
         from .drafts import check_same_vocabulary, open_draft
 
         start_s = time.perf_counter()
+        trace = trace or Config.load(config).runtime.trace
+        if trace is not None:
+            check_writable(trace, "trace file")  # refused before anything is converted or read
         if draft is not None and draft != "ngram":
             resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
         cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, dtype, trust_remote_code,
@@ -293,19 +312,31 @@ class AutoModel:
             opened = open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress,
                                 draft=draft_cost)
             plan = opened.plan
-            host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, 4096)
+            host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, PAGE_BYTES)
                                                             for layout in opened.layouts.values()))
             transfer = make_transfer(device, cfg.io.pinned_memory, host_capacity)
-            store = TieredStore(opened.source, opened.layouts, plan, transfer,
-                                reader_threads=cfg.io.reader_threads)
+            tracer = Tracer(trace, device, _trace_meta(model, device, cfg, plan)) if trace is not None else None
+            store = TieredStore(opened.source, opened.layouts, plan, transfer, reader_threads=cfg.io.reader_threads,
+                                on_event=tracer.store_event if tracer is not None else None)
             decompressor = Decompressor(opened.codec, opened.packed, dtype, device) if opened.codec else None
-            hooks = AttachedHooks(opened.skeleton, store, device, decompressor)
+            hooks = AttachedHooks(opened.skeleton, store, device, decompressor, tracer)
             return TierstoreModel(opened.skeleton.model, tokenizer, store, hooks, plan, opened.plan_input, device,
-                                  cfg, time.perf_counter() - start_s, decompressor, drafter, draft_cost)
+                                  cfg, time.perf_counter() - start_s, decompressor, drafter, draft_cost, tracer)
         except BaseException:
             if isinstance(drafter, TierstoreModel):
                 drafter.close()
             raise
+
+
+def _trace_meta(model: str, device: torch.device, cfg: Config, plan: Plan) -> dict[str, Any]:
+    """What a trace's reader needs beside the events: the run, and each link's bound from the probe."""
+    probe = load_probe(cfg.runtime.cache_dir) or {}
+    pinned = device.type == "cuda" and cfg.io.pinned_memory
+    link = probe.get("h2d_pinned_gbps" if pinned else "h2d_gbps") if device.type == "cuda" else None
+    return {"tool": "tierstore", "model": model, "device": str(device),
+            "device_budget_bytes": plan.device_budget_bytes, "host_budget_bytes": plan.host_budget_bytes,
+            "prefetch_depth": plan.prefetch_depth, "device_resident": list(plan.device_resident),
+            "bound_gb_per_s": {"disk": probe.get("disk_gbps"), "host->device": link}}
 
 
 @dataclasses.dataclass(frozen=True)

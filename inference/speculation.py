@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..trace import DRAFT, TOKENS, Tracer
 from .tree import DraftTree, attention_bias, keep_positions
 
 Choose = Callable[[torch.Tensor], torch.Tensor]  # logits (rows, vocab) -> one token per row
@@ -76,7 +77,7 @@ def chooser(do_sample: bool, warp: Callable[[torch.Tensor], torch.Tensor]) -> Ch
 
 def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: int, choose: Choose,
               eos_ids: set[int], stats: SpeculationStats, max_depth: int, streamer: Any = None,
-              on_first_token: Callable[[], None] | None = None) -> torch.Tensor:
+              on_first_token: Callable[[], None] | None = None, tracer: Tracer | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` after `input_ids` (1, n) with `model` (a transformers causal LM) verifying
     `draft`'s trees; returns (1, n + new) like `generate`."""
     from transformers import DynamicCache
@@ -101,6 +102,9 @@ def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: i
         path, bonus = _verify(model, cache, tree, choose, device)
         verify_s = time.perf_counter() - verify_start_s
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
+        if tracer is not None:
+            tracer.span(DRAFT, "draft", start_s, verify_start_s, nodes=len(tree) - 1)
+            tracer.instant(TOKENS, "tokens", tracer.stamp(), accepted=len(path) - 1, new=len(new))
         trials = sum(1 for node in path if tree.children[node])
         stats.passes += 1
         stats.accepted += len(path) - 1

@@ -48,6 +48,10 @@ def tiny_dir(tiny_dirs):
     (["generate", "{tiny}", "--prompt", "hi", "--max-new-tokens", "0"], ["max-new-tokens"]),
     (["generate", "{tiny}", "--prompt", "hi", "--max-new-tokens", "-3"], ["max-new-tokens"]),
     (["generate", "{tiny}", "--prompt", "hi", "--max-new-tokens", "many"], ["invalid int"]),
+    (["generate", "{tiny}", "--prompt", "hi", "--trace", "{not_gguf}/run.json"], ["trace file", "not a directory"]),
+    (["generate", "{tiny}", "--prompt", "hi", "--trace", "{empty}"], ["trace file", "is a directory"]),
+    (["plot", "{not_gguf}"], ["model.gguf", "not JSON"]),
+    (["plot", "{config_only}/config.json"], ["not a tierstore trace"]),
     (["frobnicate"], ["invalid choice"]),
 ])
 def test_bad_input_is_one_line_exit_2(argv, words, tiny_dir, tmp_path, capsys, monkeypatch):

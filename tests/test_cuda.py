@@ -199,3 +199,34 @@ def test_speculation_on_cuda_replays_a_graph_and_keeps_the_tokens(tmp_path):
         assert peak <= budget.vram, f"{draft}: peak {peak} > budget {budget.vram}"
         print(f"\ncuda speculation, draft {draft}: tokens identical, {spec['tokens_per_pass']:.2f} tokens per "
               f"pass, graphed {spec['graphed']}, peak VRAM {peak} <= {budget.vram}")
+
+
+def test_trace_on_cuda_times_copies_and_compute_with_events(tmp_path):
+    """Streamed on the GPU with a trace: the same tokens, one compute event per unit and pass, and on the compute
+    and copy tracks (CUDA event times) no event starts before the one before it ends."""
+    import json
+
+    directory, reference = _tiny(tmp_path)
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
+    want = reference.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+    layer = 148_480
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "trace": str(tmp_path / "run.json"),
+                          "device_reserve": 300 * 2**20 - 3 * layer - 70_000}}
+    with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram=300 * 2**20, ram="1GB"),
+                                             config=config, dtype=torch.float32) as model:
+        assert model.plan.regime != "device"
+        got = model.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+        sites = len(model.plan.schedule)
+    assert got == want
+    trace = json.loads((tmp_path / "run.json").read_text())
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    spans = {}
+    for event in trace["traceEvents"]:
+        if event["ph"] == "X":
+            spans.setdefault(names[event["tid"]], []).append(event)
+    assert len(spans["compute"]) == sites * len(spans["passes"]) and len(spans["passes"]) == 8
+    assert spans["host->device copy"]
+    for track in ("compute", "host->device copy"):
+        events = sorted(spans[track], key=lambda e: e["ts"])
+        for before, after in zip(events, events[1:]):
+            assert after["ts"] >= before["ts"] + before["dur"] - 0.01

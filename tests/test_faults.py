@@ -65,9 +65,10 @@ def test_damaged_unit_is_caught_before_any_token(bin_checkpoint, tmp_path, damag
 
 _KILLER = textwrap.dedent("""
     import os, signal, sys
-    from tierstore.inference import convert as conv, layerstore
+    from tierstore import files
+    from tierstore.inference import convert as conv
     calls = {"n": 0}
-    real = layerstore.write_atomic
+    real = files.write_atomic
     def write_then_die(path, data):
         calls["n"] += 1
         if calls["n"] == int(sys.argv[3]):

@@ -70,6 +70,14 @@ def _path(key: str, value: Any) -> Any:
     return os.path.expanduser(value)
 
 
+def _file_or_none(key: str, value: Any) -> Any:
+    if value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: {value!r} is not allowed; use a file path, or \"\" for none")
+    return os.path.expanduser(value)
+
+
 def _device(key: str, value: Any) -> Any:
     if not isinstance(value, str) or not (value in (AUTO, "cpu", "cuda") or value.startswith("cuda:")
                                           and value[5:].isdigit()):
@@ -128,6 +136,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                       "attention kernels: sdpa (PyTorch's, flash on GPU), eager, or flash_attention_2 (flash-attn)"),
         "device_reserve": (_size_or_none, AUTO, "device bytes kept for activations and KV cache; auto = estimated"),
         "cache_dir": (_path, "~/.cache/tierstore", "where converted layer stores are written"),
+        "trace": (_file_or_none, "", "write a timeline of reads, copies, compute and stalls here (Chrome trace "
+                                     "JSON, for Perfetto or `tierstore plot`); \"\" = no trace"),
     },
 }
 

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .budget import Budget
+from .files import write_atomic
 
 PROBE_FILE = "probe.json"
 
@@ -76,7 +77,5 @@ def run_probe(cache_dir: str, device: torch.device, nbytes: int = 256 * 2**20,
         "disk_gbps": _disk_gbps(cache_dir, disk_nbytes),
     }
     os.makedirs(cache_dir, exist_ok=True)
-    # A local import: the probe stays importable without the inference package.
-    from .inference.layerstore import write_atomic
     write_atomic(os.path.join(cache_dir, PROBE_FILE), json.dumps(result, indent=1).encode())
     return result

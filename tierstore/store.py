@@ -65,6 +65,21 @@ class BufferPool:
         self.free_bytes += buffer.numel()
 
 
+@dataclasses.dataclass(frozen=True)
+class StoreEvent:
+    """One thing the store did, for a trace: a unit read from disk ("read"), copied to the device ("copy"), or
+    waited for by the loop ("wait"). `start` and `end` are `perf_counter` seconds, except a CUDA copy's: the timing
+    events around it on the copy stream. `tier`: where the bytes came from (for a wait, the tier that served it)."""
+
+    kind: str
+    key: Key
+    nbytes: int
+    start: object
+    end: object
+    tier: str
+    thread: str
+
+
 @dataclasses.dataclass
 class _Entry:
     """A unit's bytes in one tier."""
@@ -81,8 +96,10 @@ class TieredStore:
     """Units in device, host and disk tiers, placed and evicted as the plan says."""
 
     def __init__(self, source: UnitSource, layouts: dict[Key, UnitLayout], plan: Plan,
-                 transfer: CPUTransfer | CUDATransfer, reader_threads: int = 4) -> None:
+                 transfer: CPUTransfer | CUDATransfer, reader_threads: int = 4,
+                 on_event: Callable[[StoreEvent], None] | None = None) -> None:
         self.source = source
+        self.on_event = on_event  # called from the loop, reader and copier threads; None records nothing
         self.plan = plan
         self.layouts = layouts
         self.transfer = transfer
@@ -108,6 +125,7 @@ class TieredStore:
     # -- the loop's interface -------------------------------------------------------------------------------
     def get(self, key: Key, position: int | None = None) -> dict[str, torch.Tensor]:
         """The unit's tensors on the compute device; pinned until `release`. Starts the next prefetches."""
+        start_s = time.perf_counter()
         while True:
             with self._lock:
                 entry = self._device_data.get(key)
@@ -121,16 +139,18 @@ class TieredStore:
                     self.device.pin(key)
                     break
             wait(pending)
-        start_s = time.perf_counter()
         try:
             entry.ready.result()
         except BaseException:
             self._discard(key)
             raise
-        waited_s = time.perf_counter() - start_s
+        end_s = time.perf_counter()
         with self._lock:
             self._reap(block=False)
-            self._count(key, entry, waited_s)
+            served_from = self._count(key, entry, end_s - start_s)
+            if self.on_event is not None and served_from is not None:
+                self.on_event(StoreEvent("wait", key, self.layouts[key].nbytes, start_s, end_s, served_from,
+                                         threading.current_thread().name))
             self.device.access(key)
             if position is not None:
                 for next_key in self._prefetch.next_keys(self.schedule, position, self._stays_on_device):
@@ -263,9 +283,13 @@ class TieredStore:
         finally:
             with self._lock:
                 self.host.unpin(key)
+        end_s = time.perf_counter()
         with self._lock:
             self.host.stats.bytes_in += buffer.numel()
-            self.host.stats.transfer_s += time.perf_counter() - start_s
+            self.host.stats.transfer_s += end_s - start_s
+        if self.on_event is not None:
+            self.on_event(StoreEvent("read", key, buffer.numel(), start_s, end_s, "disk",
+                                     threading.current_thread().name))
 
     def _copy(self, key: Key, host_entry: _Entry, entry: _Entry, free_after: object) -> None:
         try:
@@ -276,6 +300,9 @@ class TieredStore:
                 self.host.unpin(key)
                 self.device.unpin(key)
             raise
+        if self.on_event is not None:
+            self.on_event(StoreEvent("copy", key, entry.buffer.numel(), *timer, "host",
+                                     threading.current_thread().name))
         with self._lock:
             # The device copy is ordered by its fence from here on; the host bytes stay pinned until it is done.
             self.device.unpin(key)
@@ -296,11 +323,13 @@ class TieredStore:
             self.device.stats.transfer_s += self.transfer.elapsed_s(timer)
         self._in_flight = still
 
-    def _count(self, key: Key, entry: _Entry, waited_s: float) -> None:
-        """Each request is served by exactly one tier: a hit there, a miss in the tiers above it."""
-        if entry.served_from is None:
+    def _count(self, key: Key, entry: _Entry, waited_s: float) -> str | None:
+        """Each request is served by exactly one tier: a hit there, a miss in the tiers above it. Returns the tier
+        below the device that served it, None for a device hit."""
+        served_from = entry.served_from
+        if served_from is None:
             self.device.stats.hits += 1
-            return
+            return None
         self.device.stats.misses += 1
         if entry.served_from == "host":
             self.host.stats.hits += 1
@@ -310,6 +339,7 @@ class TieredStore:
             self.disk_stats.hits += 1
             self.disk_stats.stall_s += waited_s
         entry.served_from = None
+        return served_from
 
     def _stays_on_device(self, key: Key) -> bool:
         """Resident on the device and there: prefetch looks past it (a streamed unit that is there still counts)."""

@@ -11,8 +11,8 @@ import time
 
 import torch
 
+from .files import PAGE_BYTES
 log = logging.getLogger(__name__)
-_PAGE_BYTES = 4096
 
 
 class CPUTransfer:
@@ -33,10 +33,11 @@ class CPUTransfer:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, dst_free_after: object) -> tuple[object, object]:
-        """Copy `src` into `dst` (once `dst_free_after` has passed); returns (fence marking it done, timer)."""
+        """Copy `src` into `dst` (once `dst_free_after` has passed); returns (fence marking it done, timer): the
+        timer is the copy's (start, end) in `perf_counter` seconds."""
         start_s = time.perf_counter()
         dst.copy_(src)
-        return None, time.perf_counter() - start_s
+        return None, (start_s, time.perf_counter())
 
     def done(self, fence: object) -> bool:
         """Whether the copy behind `fence` has finished (CPU copies finish before `copy` returns)."""
@@ -44,7 +45,8 @@ class CPUTransfer:
 
     def elapsed_s(self, timer: object) -> float:
         """Seconds the copy took."""
-        return float(timer)  # type: ignore[arg-type]
+        start_s, end_s = timer  # type: ignore[misc]
+        return end_s - start_s
 
     def wait_on_compute(self, fence: object) -> None:
         """Make the compute stream wait for `fence` before it reads the copied bytes."""
@@ -74,7 +76,7 @@ class PinnedArena:
         if end > self.buffer.numel():
             return None
         piece = self.buffer[self.offset:end]
-        self.offset = -(-end // _PAGE_BYTES) * _PAGE_BYTES
+        self.offset = -(-end // PAGE_BYTES) * PAGE_BYTES
         return piece
 
     def release(self) -> None:
@@ -86,8 +88,8 @@ class PinnedArena:
 
 def page_aligned(nbytes: int) -> torch.Tensor:
     """An uninitialised uint8 CPU tensor of `nbytes` starting on a page boundary."""
-    raw = torch.empty(nbytes + _PAGE_BYTES, dtype=torch.uint8)
-    start = -raw.data_ptr() % _PAGE_BYTES
+    raw = torch.empty(nbytes + PAGE_BYTES, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE_BYTES
     return raw[start:start + nbytes]
 
 
