@@ -31,7 +31,7 @@ def load_config(checkpoint: Checkpoint, trust_remote_code: bool = False) -> Any:
             with open(config_path, encoding="utf-8") as handle:
                 raw = json.load(handle)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{config_path}: unreadable config ({exc})") from None
+            raise CheckpointError(f"{config_path}: unreadable config ({exc})") from exc
         if not isinstance(raw, dict):
             raise CheckpointError(f"{config_path}: not a JSON object")
         _check_raw_config(raw, config_path, trust_remote_code)
@@ -39,7 +39,7 @@ def load_config(checkpoint: Checkpoint, trust_remote_code: bool = False) -> Any:
     except (CheckpointError, ModelError):
         raise
     except (ValueError, KeyError, OSError) as exc:
-        raise CheckpointError(f"{checkpoint.path}: transformers cannot read the config: {exc}") from None
+        raise CheckpointError(f"{checkpoint.path}: transformers cannot read the config: {exc}") from exc
 
 
 def _check_raw_config(raw: dict[str, Any], where: str, trust_remote_code: bool) -> None:

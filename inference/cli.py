@@ -13,8 +13,22 @@ from ..config import COMPRESSION_FORMATS
 from ..errors import InputError, TierstoreError
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but bad input is one line and exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"tierstore: error: {message}", file=sys.stderr)
@@ -35,20 +49,27 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
+    from .. import __version__
+
     parser = _Parser(prog="tierstore", description="Run language models larger than GPU memory.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"tierstore {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step: resolving, converting, "
+                                                                     "planning, loading, generating")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate text, then print the run report")
     gen.add_argument("model", help="model directory, GGUF file, layer store, alias (smollm2) or Hub repo id")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
     mode = gen.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     mode.add_argument("--temperature", type=float, help="sample at this temperature")
     gen.add_argument("--top-p", type=float, help="when sampling: keep the smallest set of tokens with this mass")
     gen.add_argument("--top-k", type=int, help="when sampling: keep the k most likely tokens")
-    gen.add_argument("--seed", type=int, default=0, help="random seed when sampling")
+    gen.add_argument("--seed", type=int, help="random seed when sampling (default: a fresh one, printed in the "
+                                              "report's notes)")
+    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                     help="compute dtype (default: the checkpoint's on a GPU, float32 on a CPU)")
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as it is")
     gen.add_argument("--report-json", help="write the report (tokens, text, tiers, timing, plan) here")
     gen.add_argument("--trace", help="write a timeline of reads, copies, compute and stalls here (Chrome trace "
@@ -65,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="store weights in this dtype")
     conv.add_argument("--compress", choices=COMPRESSION_FORMATS, help="write a compressed store (matrices in nf4 or "
                                                                   "int8, the rest in --dtype)")
+    conv.add_argument("--config", help="TOML config file (budget.disk caps the store's size)")
     conv.add_argument("--trust-remote-code", action="store_true")
 
     plot = sub.add_parser("plot", help="draw one pass of a --trace file as lanes, with each link's GB/s")
@@ -104,7 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                               chat_template=not args.no_chat_template, budget=_budget(args), config=_config(args),
                               trust_remote_code=args.trust_remote_code, allow_download=args.download,
-                              draft=args.draft, trace=args.trace)
+                              draft=args.draft, trace=args.trace, dtype=args.dtype)
     stream = (lambda text: console.print(text, end="", markup=False, highlight=False)) \
         if len(args.prompt) == 1 else None
     result = run_generate(request, on_text=stream)
@@ -136,13 +158,17 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .resolve import resolve
 
+    from ..config import Config
+
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    config = Config.load(args.config)
     if args.compress:
         from .model import compress_model
-        out = compress_model(args.model, args.out_dir, args.compress, dtype, trust_remote_code=args.trust_remote_code)
+        out = compress_model(args.model, args.out_dir, args.compress, dtype, config=config,
+                             trust_remote_code=args.trust_remote_code)
     else:
         out = convert(resolve(args.model), args.out_dir, dtype=dtype, trust_remote_code=args.trust_remote_code,
-                      progress=True)
+                      progress=True, disk_budget_bytes=config.budget.disk)
     print(f"layer store written to {out}")
     return 0
 
@@ -154,8 +180,8 @@ def _plot(args: argparse.Namespace) -> int:
     check_writable(args.output, "plot file")
     try:
         import matplotlib  # noqa: F401
-    except ImportError:
-        raise InputError("tierstore plot needs matplotlib: pip install 'tierstore[plot]'") from None
+    except ImportError as exc:
+        raise InputError("tierstore plot needs matplotlib: pip install 'tierstore[plot]'") from exc
     print(plot_trace(args.trace, args.output, args.pass_index))
     return 0
 
@@ -181,7 +207,11 @@ def _probe(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; 0 ok, 2 bad input (one line), 1 internal error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="tierstore: %(message)s")
     if not args.verbose:  # transformers' advice about tokenizers and generation flags is noise for a CLI user
@@ -192,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except TierstoreError as exc:
-        print(f"tierstore: error: {exc}", file=sys.stderr)
+        if os.environ.get("TIERSTORE_DEBUG"):
+            raise
+        print(f"tierstore: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tierstore: interrupted", file=sys.stderr)
@@ -200,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an internal error: keep the traceback for the bug report
         if os.environ.get("TIERSTORE_DEBUG"):
             raise
-        print(f"tierstore: internal error: {type(exc).__name__}: {exc} (set TIERSTORE_DEBUG=1 for the "
+        print(f"tierstore: internal error: {type(exc).__name__}: {_one_line(exc)} (set TIERSTORE_DEBUG=1 for the "
               f"traceback)", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line (messages from other libraries may span several)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())

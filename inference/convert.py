@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import fcntl
 import glob
 import hashlib
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ..compression import Codec, compress_unit, compressed_layout
-from ..errors import CheckpointError
+from ..errors import BudgetError, CheckpointError, InputError, TierstoreError
 from ..files import write_atomic
 from ..sizes import format_size
 from ..units import UnitLayout, UnitSource
@@ -51,15 +52,18 @@ def default_store_dir(checkpoint: Checkpoint, cache_dir: str, dtype: torch.dtype
 
 
 def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = None,
-            trust_remote_code: bool = False, progress: bool = True) -> str:
-    """Write the layer store of `checkpoint` into `out_dir` (resuming a killed run); returns `out_dir`."""
-    with _store_writer(out_dir) as finished:
+            trust_remote_code: bool = False, progress: bool = True, disk_budget_bytes: int | None = None) -> str:
+    """Write the layer store of `checkpoint` into `out_dir` (resuming a killed run); returns `out_dir`. Refuses
+    a finished store of another dtype or format there, and a store larger than `disk_budget_bytes`."""
+    with _store_writer(out_dir, _dtype_name(dtype), None) as finished:
         if finished:
+            log.info("layer store of %s already in %s", checkpoint.path, out_dir)
             return out_dir
+        log.info("converting %s into the layer store %s", checkpoint.path, out_dir)
         config = load_config(checkpoint, trust_remote_code)
         skeleton = build_skeleton(config, torch.float32, trust_remote_code)
         done = _finished_units(out_dir)
-        _check_free_space(out_dir, skeleton, done, dtype)
+        _require_room(out_dir, _plain_bytes(skeleton, done, dtype), disk_budget_bytes)
         records = dict(done)
         owner = {name: key for key, names in skeleton.units.items() for name in names}
         pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -77,22 +81,25 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
         if missing:
             raise CheckpointError(f"{checkpoint.path}: no weights for unit {missing[0]!r} "
                                   f"({len(missing)} units incomplete)")
-        _write_metadata(out_dir, checkpoint, config, records, trust_remote_code)
+        _write_metadata(out_dir, checkpoint, config, records, trust_remote_code, dtype=_dtype_name(dtype))
     return out_dir
 
 
 def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: str, codec: Codec,
-             device: torch.device, trust_remote_code: bool = False, progress: bool = True) -> str:
+             device: torch.device, trust_remote_code: bool = False, progress: bool = True,
+             disk_budget_bytes: int | None = None) -> str:
     """Write a compressed layer store of the units `source` serves (the model `base`), one unit at a time,
-    quantizing on `device`; resumable and locked like `convert`. Returns `out_dir`."""
-    with _store_writer(out_dir) as finished:
+    quantizing on `device`; resumable, locked and refused like `convert`. Returns `out_dir`."""
+    with _store_writer(out_dir, None, codec.to_dict()) as finished:
         if finished:
+            log.info("%s store of %s already in %s", codec.format, base.path, out_dir)
             return out_dir
+        log.info("compressing %s to %s into %s", base.path, codec.format, out_dir)
         done = _finished_units(out_dir)
         layouts = {key: source.layout(key) for key in skeleton.units}
         needed = sum(compressed_layout(layouts[key], skeleton.matrices, codec)[0].nbytes
                      for key in skeleton.units if key not in done)
-        _require_free(out_dir, needed)
+        _require_room(out_dir, needed, disk_budget_bytes)
         records = dict(done)
         with _progress(progress, len(skeleton.units), len(done), f"compressing to {codec.format}") as advance:
             for key, layout in layouts.items():
@@ -111,18 +118,42 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
 
 
 def _shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
+    with _no_transformers_bars():
+        yield from _read_shards(checkpoint, skeleton)
+
+
+@contextlib.contextmanager
+def _no_transformers_bars() -> Iterator[None]:
+    """transformers' own progress bars (GGUF de-quantization, "Loading weights") are noise beside tierstore's
+    one bar; its GGUF reader imports tqdm directly, so that one is switched off where it is looked up."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bar = gguf_reader.tqdm
+    gguf_reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_reader.tqdm = bar
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _read_shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
     if checkpoint.kind == "gguf":
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
         try:
             yield load_gguf_checkpoint(checkpoint.path, return_tensors=True, model_to_load=skeleton.model)["tensors"]
         except (ValueError, KeyError, OSError) as exc:
-            raise CheckpointError(f"{checkpoint.path}: cannot read GGUF: {exc}") from None
+            raise CheckpointError(f"{checkpoint.path}: cannot read GGUF: {exc}") from exc
     elif checkpoint.kind == "bin":
         for path in sorted(glob.glob(os.path.join(checkpoint.path, "*.bin"))):
             try:
                 yield torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception as exc:  # torch raises many types for a bad pickle
-                raise CheckpointError(f"{path}: cannot read PyTorch weights: {exc}") from None
+                raise CheckpointError(f"{path}: cannot read PyTorch weights: {exc}") from exc
     elif checkpoint.kind == "safetensors":
         yield from _renamed_safetensors(checkpoint, skeleton)
     else:
@@ -196,19 +227,27 @@ def _finished_units(out_dir: str) -> dict[str, dict[str, Any]]:
     return done
 
 
-def _check_free_space(out_dir: str, skeleton: Skeleton, done: dict[str, Any], dtype: torch.dtype | None) -> None:
+def _plain_bytes(skeleton: Skeleton, done: dict[str, Any], dtype: torch.dtype | None) -> int:
+    """Bytes the units not yet written will take, floating-point tensors in `dtype` (None: as the model's)."""
     itemsize = {name: (dtype.itemsize if dtype is not None and p.is_floating_point() else p.dtype.itemsize)
                 for name, p in skeleton.model.named_parameters()}
     numel = {name: p.numel() for name, p in skeleton.model.named_parameters()}
-    needed = sum(numel[name] * itemsize[name] for key, names in skeleton.units.items() if key not in done
-                 for name in names if name in numel)
-    _require_free(out_dir, needed)
+    return sum(numel[name] * itemsize[name] for key, names in skeleton.units.items() if key not in done
+               for name in names if name in numel)
 
 
-def _require_free(out_dir: str, needed: int) -> None:
+def _require_room(out_dir: str, needed: int, disk_budget_bytes: int | None) -> None:
+    """Refuse, before any unit is written, a store larger than the disk budget or the free disk."""
+    if disk_budget_bytes is not None and needed > disk_budget_bytes:
+        raise BudgetError(f"budget.disk is {format_size(disk_budget_bytes)}, but the layer store {out_dir} needs "
+                          f"{format_size(needed)} ({needed} bytes); raise budget.disk")
     free = shutil.disk_usage(out_dir).free
     if needed > free:
         raise CheckpointError(f"{out_dir}: conversion needs {format_size(needed)}, only {format_size(free)} free")
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _write_metadata(out_dir: str, checkpoint: Checkpoint, config: Any, records: dict[str, Any],
@@ -227,17 +266,57 @@ def _write_metadata(out_dir: str, checkpoint: Checkpoint, config: Any, records: 
 
 
 @contextlib.contextmanager
-def _store_writer(out_dir: str) -> Iterator[bool]:
-    """Create `out_dir` and hold its lock; yields True when a finished store is already there."""
+def _store_writer(out_dir: str, dtype: str | None, compression: dict[str, Any] | None) -> Iterator[bool]:
+    """Create `out_dir` and hold its lock; yields True when a finished store of this `dtype` and `compression` is
+    already there (one of another kind is refused). Bad input (a TierstoreError) leaves nothing behind: the folder
+    is removed if this run made it. An interrupted run keeps the units it finished, for the next run to resume."""
+    created = [path for path in (out_dir, os.path.join(out_dir, "units")) if not os.path.isdir(path)]
     try:
         os.makedirs(os.path.join(out_dir, "units"), exist_ok=True)
     except OSError as exc:
-        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from None
-    with _locked(out_dir):
-        finished = os.path.isfile(os.path.join(out_dir, MANIFEST))
-        if finished:
-            read_manifest(out_dir)
-        yield finished
+        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from exc
+    try:
+        with _locked(out_dir):
+            finished = os.path.isfile(os.path.join(out_dir, MANIFEST))
+            if finished:
+                _check_same_kind(out_dir, read_manifest(out_dir), dtype, compression)
+            yield finished
+    except TierstoreError:  # bad input: nothing of this run is worth resuming
+        if out_dir in created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        elif not glob.glob(os.path.join(out_dir, "units", "*.bin")):
+            _remove_created(out_dir, created)
+        raise
+    except BaseException:  # interrupted: keep finished units for the next run to resume
+        if not glob.glob(os.path.join(out_dir, "units", "*.bin")):
+            _remove_created(out_dir, created)
+        raise
+
+
+def _check_same_kind(out_dir: str, manifest: dict[str, Any], dtype: str | None,
+                     compression: dict[str, Any] | None) -> None:
+    """A finished store is reused only for the conversion that wrote it."""
+    def kind(dtype: str | None, compression: dict[str, Any] | None) -> str:
+        if compression:
+            return f"{compression.get('format')}-compressed"
+        return f"in {dtype}" if dtype else "in the checkpoint's dtypes"
+
+    have = manifest.get("compression")
+    differs = (have or None) != (compression or None) or (
+        compression is None and "dtype" in manifest and manifest["dtype"] != dtype)
+    if differs:
+        raise InputError(f"{out_dir} already holds a layer store {kind(manifest.get('dtype'), have)}, not "
+                         f"{kind(dtype, compression)}: choose another directory, or delete that one first")
+
+
+def _remove_created(out_dir: str, created: list[str]) -> None:
+    """Undo `_store_writer`'s set-up: the lock, leftover temporary files, and the folders it made."""
+    for leftover in (os.path.join(out_dir, _LOCK), *glob.glob(os.path.join(out_dir, "units", ".tmp-*"))):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+    for directory in reversed(created):
+        with contextlib.suppress(OSError):  # not empty: something else is in there, keep it
+            os.rmdir(directory)
 
 
 @contextlib.contextmanager
@@ -247,7 +326,7 @@ def _locked(out_dir: str) -> Iterator[None]:
     try:
         handle = open(path, "a+")
     except OSError as exc:
-        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from None
+        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from exc
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -267,8 +346,10 @@ def _progress(enabled: bool, total: int, done: int, what: str = "converting unit
     if not enabled:
         yield lambda: None
         return
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(what, total=total, completed=done)
         yield lambda: bar.advance(task)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ class GenerateRequest:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    seed: int = 0
+    seed: int | None = None
     chat_template: bool = True
     budget: Budget | None = None
     config: Any = None
@@ -30,6 +31,7 @@ class GenerateRequest:
     allow_download: bool = False
     draft: str | None = None
     trace: str | None = None
+    dtype: str | None = None
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool) -> dict[str, torch.Tensor]:
@@ -71,7 +73,7 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
     with AutoModel.from_pretrained(request.model, budget=request.budget, config=request.config,
                                    trust_remote_code=request.trust_remote_code,
                                    allow_download=request.allow_download, progress=True,
-                                   draft=request.draft, trace=request.trace) as model:
+                                   draft=request.draft, trace=request.trace, dtype=request.dtype) as model:
         inputs = encode_prompts(model.tokenizer, request.prompts, request.chat_template)
         kwargs: dict[str, Any] = {"max_new_tokens": request.max_new_tokens,
                                   "attention_mask": inputs["attention_mask"],
@@ -79,7 +81,8 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
         if request.temperature is None:
             kwargs["do_sample"] = False
         else:
-            torch.manual_seed(request.seed)
+            seed = request.seed if request.seed is not None else secrets.randbits(31)
+            torch.manual_seed(seed)
             kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p or 1.0,
                           top_k=request.top_k or 0)
         if on_text is not None:
@@ -89,6 +92,8 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
         out = model.generate(inputs["input_ids"], **kwargs)
         new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
         report = model.report()
+        if request.temperature is not None:
+            report.notes.append(f"sampled with seed {seed} (--seed {seed} repeats this run)")
     return {"tokens": new_tokens,
             "text": model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
             "report": report, **report.to_dict()}

@@ -53,8 +53,8 @@ def layout_from_dict(key: str, data: Mapping[str, object], where: str) -> UnitLa
         slots = {name: TensorSlot(int(t["offset"]), DTYPES[t["dtype"]], tuple(int(d) for d in t["shape"]))
                  for name, t in data["tensors"].items()}  # type: ignore[union-attr]
         nbytes = int(data["nbytes"])  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise CheckpointError(f"{where}: unit {key!r} has a malformed layout") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: unit {key!r} has a malformed layout") from exc
     if any(s.offset < 0 or s.offset + s.nbytes > nbytes for s in slots.values()):
         raise CheckpointError(f"{where}: unit {key!r} has a tensor outside its {nbytes} bytes")
     return UnitLayout(key, slots, nbytes)
@@ -66,10 +66,10 @@ def read_manifest(directory: str) -> dict[str, object]:
     try:
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: not a finished tierstore layer store (no {MANIFEST})") from None
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{directory}: not a finished tierstore layer store (no {MANIFEST})") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
+        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "units" not in manifest:
         raise CheckpointError(f"{path}: not a {FORMAT} manifest")
     return manifest
@@ -131,7 +131,7 @@ class LayerStoreSource:
         try:
             fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         try:
             size = os.fstat(fd).st_size
             if size != nbytes:
@@ -145,7 +145,7 @@ class LayerStoreSource:
             if self.drop_page_cache:  # the host tier holds these bytes; the page cache must not as well
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         finally:
             os.close(fd)
         if self.verify and checksum(out[:nbytes]) != self._checksums[key]:

@@ -112,6 +112,7 @@ class TierstoreModel:
         self.draft_cost = draft_cost
         self._timing = Timing()
         self._notes: list[str] = []
+        self._closed = False
         self._speculation: SpeculationStats | None = None
         self._max_depth = config.speculation.depth or DEFAULT_MAX_DEPTH
         # learns pass and draft-step costs across calls; a configured depth is drafted every pass
@@ -124,11 +125,11 @@ class TierstoreModel:
         return getattr(text, "max_position_embeddings", None)
 
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """transformers' `generate`, same arguments and result; times prefill and decode for the report."""
+        """transformers' `generate`, same arguments and result; times prefill and decode for the report, whose
+        counters cover this call."""
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
-        if input_ids is None or input_ids.numel() == 0 or input_ids.shape[-1] == 0:
-            raise InputError("empty prompt: give at least one token")
+        self._check_input(input_ids)
         max_new = kwargs.get("max_new_tokens")
         if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1):
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new!r}")
@@ -142,6 +143,7 @@ class TierstoreModel:
                                  f"from_pretrained(..., draft=\"ngram\" or a small model)")
         notes = self._fit_kv_cache(input_ids.shape[0] * total, kwargs)
         input_ids = input_ids.to(self.device)
+        self.store.reset_counters()
         if self.tracer is not None:
             self.tracer.anchor()
         if self.draft is not None:
@@ -158,6 +160,19 @@ class TierstoreModel:
                      batch_size=input_ids.shape[0], notes=notes)
         return out
 
+    def _check_input(self, input_ids: Any) -> None:
+        """Refuse what would fail deep inside the model: a closed model, no tokens, ids outside the vocabulary."""
+        if self._closed:
+            raise InputError("this model is closed; open it again with AutoModel.from_pretrained")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point:
+            raise InputError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.numel() == 0 or input_ids.shape[-1] == 0:
+            raise InputError("empty prompt: give at least one token")
+        vocab = self.model.config.get_text_config().vocab_size
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise InputError(f"token id {low if low < 0 else high} is outside the vocabulary (0 to {vocab - 1})")
+
     def _record(self, clock: _StepClock, decode_steps: int, new_tokens: int, batch_size: int,
                 notes: list[str]) -> None:
         """The timing of the call that just ended (its device work included) and its notes, for the report."""
@@ -167,6 +182,8 @@ class TierstoreModel:
         first = clock.calls[0] if clock.calls else end_s
         self._timing = Timing(prefill_s=first - clock.start_s, decode_s=end_s - first, decode_steps=decode_steps,
                               new_tokens=new_tokens, batch_size=batch_size)
+        log.info("generated %d tokens x %d sequences: prefill %.3f s, decode %.3f s over %d passes", new_tokens,
+                 batch_size, self._timing.prefill_s, self._timing.decode_s, decode_steps)
         self._notes = notes
         if self.tracer is not None:
             self.tracer.write()
@@ -184,11 +201,11 @@ class TierstoreModel:
             return []
         try:
             plan = make_plan(dataclasses.replace(self.plan_input, device_reserve_bytes=needed))
-        except BudgetError:
+        except BudgetError as exc:
             raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(needed)} of KV cache and "
                              f"activations (and the dequantization buffer and draft), more than the device budget "
                              f"{format_size(self.plan.device_budget_bytes)} leaves beside the weights; use fewer "
-                             f"prompts or tokens") from None
+                             f"prompts or tokens") from exc
         self.store.replan(plan)
         self.plan = plan
         return [f"KV cache and activations need {format_size(needed)}: device reserve raised, "
@@ -229,19 +246,48 @@ class TierstoreModel:
         self._speculation = stats
         return out
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """A plain forward (e.g. for logits), weights streamed the same way."""
+        if input_ids is not None:
+            self._check_input(input_ids)
+            input_ids = input_ids.to(self.device)
         with torch.no_grad():
-            return self.model(*args, **kwargs)
+            return self.model(input_ids, **kwargs)
 
     def report(self) -> RunReport:
-        """The run report of the last `generate` call (tier counters cover the model's whole life)."""
+        """The run report of the last `generate` call: its timing and its tier counters."""
         return RunReport(plan=self.plan, tiers=self.store.tier_stats(), timing=self._timing,
-                         device=str(self.device), setup_s=self.setup_s, notes=list(self._notes),
+                         device=str(self.device), setup_s=self.setup_s, notes=[*self._budget_notes(), *self._notes],
                          speculation=self._speculation.to_dict() if self._speculation is not None else None)
 
+    def _budget_notes(self) -> list[str]:
+        """How the device budget asked for is shared out, when part of it is not weights."""
+        scratch = self.decompressor.scratch.nbytes if self.decompressor is not None else 0
+        draft = self.draft_cost.reserve_bytes(self.device) if self.draft_cost is not None else 0
+        if not self.plan.device_reserve_bytes:
+            return []
+        parts = [f"{format_size(self.plan.device_weights_bytes)} for weights"]
+        kept = self.plan.device_reserve_bytes - scratch - draft
+        if kept:
+            parts.append(f"{format_size(kept)} kept for activations and the KV cache")
+        if scratch:
+            parts.append(f"{format_size(scratch)} for the dequantization buffer")
+        if draft:
+            parts.append(f"{format_size(draft)} for the draft")
+        return [f"device budget {format_size(self.plan.device_budget_bytes)}: {', '.join(parts)}"]
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"plan {self.plan.regime}, {len(self.plan.schedule)} units"
+        draft = f", draft {self.draft_cost.name if self.draft_cost else 'ngram'}" if self.draft is not None else ""
+        return (f"TierstoreModel({self.model.config.model_type}, {self.device}, {self.model.dtype}, "
+                f"device budget {format_size(self.plan.device_budget_bytes)}, host budget "
+                f"{format_size(self.plan.host_budget_bytes)}, {state}{draft})")
+
     def close(self) -> None:
-        """Detach the hooks and stop the store's threads (the draft's too)."""
+        """Detach the hooks and stop the store's threads (the draft's too). Closing twice does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if isinstance(self.draft, TierstoreModel):
             self.draft.close()
         self._hooks.detach()
@@ -259,6 +305,19 @@ class TierstoreModel:
         self.close()
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A compute dtype as users give it: a torch dtype, its name ("float16", "torch.float16"), or None."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype  # type: ignore[return-value]
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise InputError(f"dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def prepare(model: str, budget: Budget | None = None, config: Any = None, dtype: torch.dtype | None = None,
             trust_remote_code: bool = False, allow_download: bool = False,
             progress: bool = False) -> tuple[Config, Checkpoint, Any, torch.device, torch.dtype]:
@@ -268,10 +327,12 @@ def prepare(model: str, budget: Budget | None = None, config: Any = None, dtype:
     cfg = Config.load(config).with_budget(budget)
     device = compute_device(cfg.runtime.device)
     checkpoint = resolve(model, allow_download=allow_download)
+    log.info("%s: a %s checkpoint at %s; compute on %s", model, checkpoint.kind, checkpoint.path, device)
     store_dir = None
     if checkpoint.kind in ("gguf", "bin"):
         store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
-        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress)
+        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
+                disk_budget_bytes=cfg.budget.disk)
     elif checkpoint.kind == "store":
         store_dir = checkpoint.path
     read_from = Checkpoint("store", store_dir, checkpoint.name) if store_dir else checkpoint
@@ -296,6 +357,7 @@ class AutoModel:
         from .drafts import check_same_vocabulary, open_draft
 
         start_s = time.perf_counter()
+        dtype = as_dtype(dtype)
         trace = trace or Config.load(config).runtime.trace
         if trace is not None:
             check_writable(trace, "trace file")  # refused before anything is converted or read
@@ -318,8 +380,12 @@ class AutoModel:
             tracer = Tracer(trace, device, _trace_meta(model, device, cfg, plan)) if trace is not None else None
             store = TieredStore(opened.source, opened.layouts, plan, transfer, reader_threads=cfg.io.reader_threads,
                                 on_event=tracer.store_event if tracer is not None else None)
+            store.disk_stats.budget_bytes = cfg.budget.disk
             decompressor = Decompressor(opened.codec, opened.packed, dtype, device) if opened.codec else None
             hooks = AttachedHooks(opened.skeleton, store, device, decompressor, tracer)
+            log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth "
+                     "%d; ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
+                     len(plan.streamed_from_disk), plan.prefetch_depth, time.perf_counter() - start_s)
             return TierstoreModel(opened.skeleton.model, tokenizer, store, hooks, plan, opened.plan_input, device,
                                   cfg, time.perf_counter() - start_s, decompressor, drafter, draft_cost, tracer)
         except BaseException:
@@ -361,6 +427,7 @@ def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torc
     if cfg.runtime.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelError("runtime.attention = \"flash_attention_2\" needs the flash-attn package "
                          "(pip install 'tierstore[flash]'); or use \"sdpa\"")
+    stored = checkpoint_dtype(hf_config)  # before building the model, which sets the config's dtype to `dtype`
     skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention)
     drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
     source, checkpoint = _open_source(cfg, checkpoint, skeleton, dtype, drop_cache, trust_remote_code, progress)
@@ -371,7 +438,8 @@ def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torc
                           f"use the uncompressed model, or compression.format = \"none\"")
     if codec is None and wanted is not None and write:
         store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=wanted.name)
-        compress(source, skeleton, checkpoint, store_dir, wanted, device, trust_remote_code, progress)
+        compress(source, skeleton, checkpoint, store_dir, wanted, device, trust_remote_code, progress,
+                 disk_budget_bytes=cfg.budget.disk)
         close_source(source)
         source, _ = store_source(store_dir, cfg.io.verify_checksums, dtype, drop_cache)
         checkpoint, codec, packed = Checkpoint("store", store_dir, checkpoint.name), source.codec, source.packed
@@ -396,8 +464,12 @@ def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torc
         reserve += draft_bytes
         notes.append(draft.note(device))
     notes.append(f"disk reads: {getattr(source, 'read_mode', 'page cache')}")
+    if device.type == "cpu" and dtype != stored:
+        notes.append(f"weights stored in {str(stored).removeprefix('torch.')} run in "
+                     f"{str(dtype).removeprefix('torch.')} on the CPU (--dtype, or dtype=, chooses)")
     planned_from = plan_input({key: layout.nbytes for key, layout in layouts.items()}, skeleton.schedule,
-                              device_bytes, host_bytes, reserve, cfg.policy, load_probe(cfg.runtime.cache_dir), notes)
+                              device_bytes, host_bytes, reserve, cfg.policy, load_probe(cfg.runtime.cache_dir), notes,
+                              device)
     try:
         plan = make_plan(planned_from)
     except BudgetError as exc:
@@ -419,7 +491,8 @@ def _open_source(cfg: Config, checkpoint: Checkpoint, skeleton: Any, dtype: torc
         if source is not None:
             return source, checkpoint
         store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
-        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress)
+        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
+                disk_budget_bytes=cfg.budget.disk)
         checkpoint = Checkpoint("store", store_dir, checkpoint.name)
     return store_source(checkpoint.path, cfg.io.verify_checksums, dtype, drop_cache)[0], checkpoint
 
@@ -440,7 +513,8 @@ def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | N
     if getattr(source, "codec", None) is not None:
         raise InputError(f"{checkpoint.path} is already compressed ({source.codec.name})")
     try:
-        return compress(source, skeleton, checkpoint, out_dir, codec, device, trust_remote_code, progress)
+        return compress(source, skeleton, checkpoint, out_dir, codec, device, trust_remote_code, progress,
+                        disk_budget_bytes=cfg.budget.disk)
     finally:
         close_source(source)
 

@@ -93,11 +93,11 @@ def _hub_snapshot(repo_id: str, allow_download: bool) -> str:
 
     try:
         return snapshot_download(repo_id, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
         if not allow_download:
             raise ModelError(f"{repo_id} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
-                             f"downloading is off (pass --download when online)") from None
+                             f"downloading is off (pass --download when online)") from exc
     try:
         return snapshot_download(repo_id)
     except Exception as exc:  # network, auth, missing repo: one line for the user
-        raise ModelError(f"{repo_id}: download failed: {exc}") from None
+        raise ModelError(f"{repo_id}: download failed: {exc}") from exc

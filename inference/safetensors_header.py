@@ -43,11 +43,11 @@ def read_header(path: str) -> dict[str, TensorEntry]:
                                       f"the file has {size} (truncated or not safetensors)")
             raw = handle.read(header_bytes)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + header_bytes
@@ -65,8 +65,8 @@ def _entry(path: str, name: str, info: object, data_start: int, file_bytes: int)
         dtype = DTYPES[info["dtype"]]  # type: ignore[index]
         shape = tuple(int(d) for d in info["shape"])  # type: ignore[index]
         begin, end = (int(o) for o in info["data_offsets"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry: {info!r}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry: {info!r}") from exc
     expected = dtype.itemsize * int(torch.Size(shape).numel()) if all(d >= 0 for d in shape) else -1
     if begin < 0 or end < begin or end - begin != expected:
         raise CheckpointError(f"{path}: tensor {name!r} offsets {begin}..{end} do not match its "

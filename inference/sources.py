@@ -59,7 +59,7 @@ class SafetensorsSource:
             if self.drop_page_cache:  # the host tier holds these bytes; the page cache must not as well
                 os.posix_fadvise(fd, entry.start, entry.end - entry.start, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
-            raise CheckpointError(f"{entry.path}: cannot read: {exc.strerror or exc}") from None
+            raise CheckpointError(f"{entry.path}: cannot read: {exc.strerror or exc}") from exc
 
     def _fd(self, path: str) -> int:
         with self._fd_lock:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from ..errors import BudgetError
+from ..errors import BudgetError, ConfigError
 from ..sizes import format_size
 from .registry import EVICTION_POLICIES, PREFETCH_POLICIES
 
@@ -35,12 +35,12 @@ class PlanInput:
     device_reserve_bytes: int = 0
     h2d_gbps: float | None = None
     disk_gbps: float | None = None
-    compute_s_per_pass: float | None = None
     device_policy: str = AUTO
     host_policy: str = AUTO
     prefetch: str = AUTO
     prefetch_depth: int | None = None
     notes: tuple[str, ...] = ()
+    unpredictable: str | None = None  # why no time per pass can be predicted (e.g. the compute device is a CPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,15 +108,18 @@ def _choose_resident(units: Sequence[UnitInfo], budget_bytes: int, depth: int) -
     return resident
 
 
-def _fit(tier: str, units: Sequence[UnitInfo], budget_bytes: int, depth: int) -> tuple[int, list[UnitInfo]]:
-    """The deepest prefetch (at most `depth`) for which a resident set plus streaming slots fits the tier.
-
-    BudgetError, naming the unit and its size, when not even one unit fits.
-    """
+def _check_fits(tier: str, units: Sequence[UnitInfo], budget_bytes: int) -> None:
+    """BudgetError, naming the unit and its size, when the tier cannot hold even the largest unit."""
     largest = max(units, key=lambda u: u.nbytes)
     if largest.nbytes > budget_bytes:
         raise BudgetError(f"{tier} budget {format_size(budget_bytes)} cannot hold unit {largest.key!r}: "
                           f"it needs {largest.nbytes} bytes ({format_size(largest.nbytes)})")
+
+
+def _fit(tier: str, units: Sequence[UnitInfo], budget_bytes: int, depth: int) -> tuple[int, list[UnitInfo]]:
+    """The deepest prefetch (at most `depth`) for which a resident set plus streaming slots fits the tier, and
+    that resident set. BudgetError when not even one unit fits."""
+    _check_fits(tier, units, budget_bytes)
     for tried in range(depth, -1, -1):
         resident = _choose_resident(units, budget_bytes, tried)
         streamed = [u for u in units if u not in resident]
@@ -125,47 +128,59 @@ def _fit(tier: str, units: Sequence[UnitInfo], budget_bytes: int, depth: int) ->
     return 0, []
 
 
-def make_plan(data: PlanInput) -> Plan:
-    """Place every unit, choose the policies and the prefetch depth, and predict the time of one pass."""
+def _check_policies(data: PlanInput) -> None:
     for name, table in (("device_policy", EVICTION_POLICIES), ("host_policy", EVICTION_POLICIES),
                         ("prefetch", PREFETCH_POLICIES)):
         value = getattr(data, name)
         if value != AUTO and value not in table:
-            raise BudgetError(f"{name}: unknown policy {value!r}; choose from {', '.join(sorted(table))}")
+            raise ConfigError(f"{name}: unknown policy {value!r}; choose from {', '.join(sorted(table))}")
+
+
+def _place_on_device(units: list[UnitInfo], weights_bytes: int, depth: int) -> tuple[int, list[UnitInfo]]:
+    """Step 1: the device tier. Everything, when it fits; else the resident set and the depth that fit."""
+    if sum(u.nbytes for u in units) <= weights_bytes:
+        return depth, units
+    return _fit("device", units, weights_bytes, depth)
+
+
+def _place_in_host(units: list[UnitInfo], through_host: list[UnitInfo], device_resident: list[UnitInfo],
+                   host_bytes: int, depth: int) -> tuple[int, list[UnitInfo]]:
+    """Step 2: the host tier, for the units the device does not keep. Every unit passes through host RAM when it
+    is first loaded, so the tier must hold the largest; when all streamed units fit beside one device-resident
+    unit in transit, they all stay; else the resident set and the disk read-ahead depth that fit."""
+    _check_fits("host", units, host_bytes)
+    if sum(u.nbytes for u in through_host) + _slot_bytes(device_resident, 0) <= host_bytes:
+        return 0, through_host  # nothing is read from disk twice: no read-ahead depth
+    host_depth, resident = _fit("host", through_host or units, host_bytes, depth)
+    return host_depth, [u for u in resident if u in through_host]
+
+
+def make_plan(data: PlanInput) -> Plan:
+    """Place every unit (device tier first, then host; the rest is read from disk each pass), choose the
+    policies and the prefetch depths, and predict the time of one pass."""
+    _check_policies(data)
     units = list(data.units)
     notes = list(data.notes)
     device_weights = data.device_budget_bytes - data.device_reserve_bytes
     if device_weights <= 0:
         raise BudgetError(f"device budget {format_size(data.device_budget_bytes)} leaves no room for weights "
                           f"after reserving {format_size(data.device_reserve_bytes)} for activations and KV cache")
-
     prefetch = "lookahead" if data.prefetch == AUTO else data.prefetch
-    depth = (DEFAULT_PREFETCH_DEPTH if data.prefetch_depth is None else data.prefetch_depth)
-    depth = 0 if prefetch == "none" else depth
+    wanted_depth = 0 if prefetch == "none" else (DEFAULT_PREFETCH_DEPTH if data.prefetch_depth is None
+                                                  else data.prefetch_depth)
 
-    wanted_depth = depth
-    total_bytes = sum(u.nbytes for u in units)
-    if total_bytes <= device_weights:
-        device_resident = units
-    else:
-        depth, device_resident = _fit("device", units, device_weights, depth)
+    depth, device_resident = _place_on_device(units, device_weights, wanted_depth)
     through_host = [u for u in units if u not in device_resident]
-    # Every unit passes through host RAM at least once, when it is first loaded. Disk reads run ahead on their own
-    # depth, so that a device tier with room for one streamed unit still keeps the disk busy.
-    host_depth = depth
-    if sum(u.nbytes for u in through_host) + _slot_bytes(device_resident, 0) <= data.host_budget_bytes:
-        _fit("host", units, data.host_budget_bytes, 0)
-        host_resident = through_host
-    else:
-        host_depth, host_resident = _fit("host", through_host or units, data.host_budget_bytes, wanted_depth)
-        host_resident = [u for u in host_resident if u in through_host]
+    host_depth, host_resident = _place_in_host(units, through_host, device_resident, data.host_budget_bytes,
+                                               wanted_depth)
     from_disk = [u for u in through_host if u not in host_resident]
+    # Step 3: depths. Disk reads run ahead on their own depth, so that a device tier with room for one streamed
+    # unit still keeps the disk busy; the device's prefetch cannot run deeper than the host can stage.
     if depth > host_depth and from_disk:
         notes.append(f"prefetch depth lowered from {depth} to {host_depth} to fit the host budget")
         depth = host_depth
     if data.prefetch_depth is not None and depth < data.prefetch_depth and prefetch != "none":
         notes.append(f"prefetch depth {data.prefetch_depth} does not fit the budget; using {depth}")
-    host_depth = host_depth if from_disk else 0
 
     regime = "device" if not through_host else ("device+host" if not from_disk else "disk")
     h2d_bytes = sum(u.nbytes * u.uses_per_pass for u in through_host)
@@ -196,15 +211,19 @@ def make_plan(data: PlanInput) -> Plan:
 
 
 def predict_pass(h2d_bytes: int, disk_bytes: int, data: PlanInput) -> dict[str, float | str | None]:
-    """Seconds per pass with perfect overlap: the slowest of disk, host-to-device copy and compute."""
+    """Seconds per pass with perfect overlap: the slower of the disk and the host-to-device link. When that is
+    not a meaningful bound, `step_s` is None and `unknown` says why: compute is not modelled, so a pass that
+    moves no bytes (or runs on a CPU) has no link bound, and a link never measured has no rate."""
     terms: dict[str, float | None] = {
         "disk_s": disk_bytes / (data.disk_gbps * 1e9) if data.disk_gbps else (0.0 if not disk_bytes else None),
         "h2d_s": h2d_bytes / (data.h2d_gbps * 1e9) if data.h2d_gbps else (0.0 if not h2d_bytes else None),
-        "compute_s": data.compute_s_per_pass,
     }
-    known = {name: value for name, value in terms.items() if value is not None}
-    bound_name, step_s = max(known.items(), key=lambda item: item[1]) if known else (None, None)
-    result: dict[str, float | str | None] = dict(terms)
-    result["step_s"] = step_s
-    result["bound"] = bound_name.removesuffix("_s") if bound_name else None
-    return result
+    unknown = data.unpredictable
+    if unknown is None and not h2d_bytes and not disk_bytes:
+        unknown = "every unit is resident on the device: the pass is bound by compute, which is not predicted"
+    if unknown is None and None in terms.values():
+        unknown = "bandwidths not measured: run `tierstore probe`"
+    if unknown is not None:
+        return {**terms, "step_s": None, "bound": None, "unknown": unknown}
+    bound, step_s = max(terms.items(), key=lambda item: item[1])  # type: ignore[arg-type, return-value]
+    return {**terms, "step_s": step_s, "bound": bound.removesuffix("_s"), "unknown": None}

@@ -1,6 +1,8 @@
 """tierstore: a tiered-storage memory manager for layer weights, and a thin layer-by-layer inference loop."""
 from __future__ import annotations
 
+__version__ = "0.2.0"  # the one definition: pyproject.toml reads it from here
+
 import os
 from typing import Any
 
@@ -23,7 +25,7 @@ from .errors import (
 )
 from .sizes import format_size, parse_size
 
-__all__ = ["AutoModel", "Budget", "BudgetError", "CheckpointError", "Config", "ConfigError", "InputError",
+__all__ = ["__version__", "AutoModel", "Budget", "BudgetError", "CheckpointError", "Config", "ConfigError", "InputError",
            "ModelError", "TierstoreError", "TieredStore", "format_size", "parse_size"]
 
 

@@ -5,7 +5,9 @@ import dataclasses
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 
+from .errors import BudgetError
 from .sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,19 @@ class Budget:
     def __init__(self, vram: object = None, ram: object = None, disk: object = None) -> None:
         for field, value in (("vram", vram), ("ram", ram), ("disk", disk)):
             object.__setattr__(self, field, None if value is None else parse_size(value, f"budget.{field}"))
+
+    @classmethod
+    def coerce(cls, budget: object) -> "Budget | None":
+        """What users pass as a budget: None, a Budget, or a dict such as {"vram": "4GB", "ram": "16GB"}."""
+        if budget is None or isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, Mapping):
+            unknown = set(budget) - {"vram", "ram", "disk"}
+            if unknown:
+                raise BudgetError(f"budget: unknown tier {sorted(unknown)[0]!r}; use vram, ram and disk")
+            return cls(**budget)
+        raise BudgetError(f"budget: expected tierstore.Budget(vram=..., ram=...) or a dict, got "
+                          f"{type(budget).__name__}")
 
     def __str__(self) -> str:
         parts = [f"{name}={format_size(getattr(self, name))}" for name in ("vram", "ram", "disk")

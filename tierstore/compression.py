@@ -32,8 +32,8 @@ def _ops() -> Any:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
-    except ImportError:
-        raise ConfigError("compressed weights need bitsandbytes: pip install 'tierstore[bnb]'") from None
+    except ImportError as exc:
+        raise ConfigError("compressed weights need bitsandbytes: pip install 'tierstore[bnb]'") from exc
     return torch.ops.bitsandbytes
 
 
@@ -81,8 +81,8 @@ class Codec:
     def from_dict(cls, data: Any, where: str) -> "Codec":
         try:
             codec = cls(str(data["format"]), int(data["blocksize"]), tuple(float(x) for x in data.get("code", ())))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise CheckpointError(f"{where}: malformed compression record") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{where}: malformed compression record") from exc
         if codec.format not in COMPRESSION_FORMATS or codec.blocksize not in BLOCKSIZES \
                 or (codec.format == "int8") != (len(codec.code) == 256):
             raise CheckpointError(f"{where}: unsupported compression {data!r}")
@@ -106,8 +106,8 @@ class PackedMatrices:
             numel = int(data["numel"])
             matrices = {str(name): (int(offset), tuple(int(d) for d in shape))
                         for name, (offset, shape) in data["matrices"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise CheckpointError(f"{where}: malformed packed-matrix record") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{where}: malformed packed-matrix record") from exc
         if any(offset < 0 or offset + math.prod(shape) > numel for offset, shape in matrices.values()):
             raise CheckpointError(f"{where}: a packed matrix lies outside its {numel} elements")
         return cls(numel, matrices)

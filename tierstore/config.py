@@ -194,12 +194,12 @@ class Config:
         try:
             with open(path, "rb") as handle:
                 data = tomllib.load(handle)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from exc
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {os.fspath(path)!r}: {exc}") from None
+            raise ConfigError(f"config file {os.fspath(path)!r}: {exc}") from exc
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {os.fspath(path)!r} cannot be read: {exc}") from None
+            raise ConfigError(f"config file {os.fspath(path)!r} cannot be read: {exc}") from exc
         return cls.from_dict(data, source=os.fspath(path))
 
     @classmethod
@@ -213,8 +213,9 @@ class Config:
             return cls.from_toml(config)
         return cls.from_dict(config)
 
-    def with_budget(self, budget: Budget | None) -> "Config":
-        """This config with the budget fields that `budget` sets replaced."""
+    def with_budget(self, budget: Budget | Mapping[str, Any] | None) -> "Config":
+        """This config with the budget fields that `budget` (a Budget or a dict of them) sets replaced."""
+        budget = Budget.coerce(budget)
         if budget is None:
             return self
         merged = {name: getattr(budget, name) if getattr(budget, name) is not None else getattr(self.budget, name)

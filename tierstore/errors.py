@@ -23,3 +23,8 @@ class ModelError(TierstoreError, ValueError):
 
 class InputError(TierstoreError, ValueError):
     """A generation request is invalid (empty prompt, token counts, context length)."""
+
+
+class InvariantError(RuntimeError):
+    """tierstore's own bookkeeping broke a rule it keeps (a bug, not bad input): checked whatever `python -O`
+    says, so that a broken invariant stops the run instead of corrupting it."""

@@ -23,22 +23,27 @@ def effective_budgets(budget: Budget, measured: Budget, device: torch.device) ->
     free_vram = measured.vram or 0
     free_ram = measured.ram or 0
     if device.type == "cpu":
-        # Without a GPU the device tier is the compute's working set in RAM: both tiers share RAM.
+        # Without a GPU the device tier is the compute's working set in RAM: both tiers share it, and together
+        # they are capped by the free RAM.
         free_vram = free_ram
         default_device, default_host = free_ram // 2, free_ram // 2
     else:
         default_device, default_host = free_vram, free_ram
     device_bytes = _capped("vram", budget.vram, free_vram, default_device, notes)
-    host_bytes = _capped("ram", budget.ram, free_ram, default_host, notes)
+    free_what = "free"
+    if device.type == "cpu":  # one pool of RAM: the host tier gets what the device tier left
+        free_ram, free_what = max(free_ram - device_bytes, 0), "of RAM free beside the device tier"
+    host_bytes = _capped("ram", budget.ram, free_ram, min(default_host, free_ram), notes, free_what)
     return device_bytes, host_bytes, notes
 
 
-def _capped(name: str, wanted: int | None, free: int, default: int, notes: list[str]) -> int:
+def _capped(name: str, wanted: int | None, free: int, default: int, notes: list[str],
+            free_what: str = "free") -> int:
     if wanted is None:
         notes.append(f"{name} budget measured: {format_size(default)}")
         return default
     if wanted > free:
-        notes.append(f"{name} budget {format_size(wanted)} is more than the {format_size(free)} free; "
+        notes.append(f"{name} budget {format_size(wanted)} is more than the {format_size(free)} {free_what}; "
                      f"capped by {format_size(wanted - free)}")
         log.warning("%s", notes[-1])
         return free
@@ -94,7 +99,7 @@ class DraftCost:
 
 def plan_input(unit_bytes: Mapping[str, int], schedule: list[str], device_bytes: int, host_bytes: int,
                reserve_bytes: int, policy: object, probe: Mapping[str, float] | None,
-               notes: list[str]) -> PlanInput:
+               notes: list[str], device: torch.device) -> PlanInput:
     """The planner's input, units listed in first-use order with their uses per pass."""
     uses = Counter(schedule)
     order = list(dict.fromkeys(schedule))
@@ -112,4 +117,6 @@ def plan_input(unit_bytes: Mapping[str, int], schedule: list[str], device_bytes:
         prefetch=policy.prefetch,  # type: ignore[attr-defined]
         prefetch_depth=policy.prefetch_depth,  # type: ignore[attr-defined]
         notes=tuple(notes),
+        unpredictable=("on a CPU the pass is bound by compute, which is not predicted" if device.type == "cpu"
+                       else None),
     )

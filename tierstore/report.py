@@ -67,13 +67,16 @@ class RunReport:
         """The report as rich tables: tiers, then timing against the plan."""
         data = self.to_dict()
         tiers = Table(title=f"tierstore tiers ({self.device}, plan: {self.plan.regime})")
-        for column in ("tier", "budget", "peak", "hits", "misses", "hit rate", "bytes in", "GB/s", "stall s"):
+        for column in ("tier", "budget", "peak", "hits", "misses", "hit rate", "bytes in", "bytes out", "GB/s",
+                       "stall s"):
             tiers.add_column(column, justify="left" if column == "tier" else "right")
         for name, stats in data["tiers"].items():
-            tiers.add_row(name, format_size(stats["budget_bytes"]), format_size(stats["peak_bytes"]),
+            # the device budget as asked for; what of it is not for weights, the notes break down
+            budget = self.plan.device_budget_bytes if name == "device" else stats["budget_bytes"]
+            tiers.add_row(name, format_size(budget), format_size(stats["peak_bytes"]),
                           str(stats["hits"]), str(stats["misses"]), _fmt(stats["hit_rate"], "{:.1%}"),
-                          format_size(stats["bytes_in"]), _fmt(stats["gbps"], "{:.2f}"),
-                          f"{stats['stall_s']:.3f}")
+                          format_size(stats["bytes_in"]), format_size(stats["bytes_out"]),
+                          _fmt(stats["gbps"], "{:.2f}"), f"{stats['stall_s']:.3f}")
         timing = data["timing"]
         run = Table(title="run")
         for column in ("prefill s", "decode s", "tokens", "tokens/s", "step s", "predicted step s", "ratio",
@@ -143,9 +146,9 @@ def plan_table(plan: Plan) -> Table:
 
 def _prediction(predicted: dict[str, float | str | None]) -> str:
     if predicted.get("step_s") is None:
-        return "unknown (run `tierstore probe` to measure bandwidths)"
+        return f"unknown ({predicted.get('unknown') or 'run `tierstore probe` to measure bandwidths'})"
     terms = ", ".join(f"{name.removesuffix('_s')} {value:.4f}" for name, value in predicted.items()
-                      if name in ("disk_s", "h2d_s", "compute_s") and isinstance(value, float))
+                      if name in ("disk_s", "h2d_s") and isinstance(value, float))
     return f"{predicted['step_s']:.4f} (bound: {predicted['bound']}; {terms})"
 
 

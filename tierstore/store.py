@@ -121,6 +121,9 @@ class TieredStore:
         self._in_flight: list[tuple[Key, object, object, int]] = []  # copies queued: key, fence, timer, bytes
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="tierstore-read")
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="tierstore-copy")
+        # Host buffers not carved from a pinned arena are freed once their unit is resident on the device, so that
+        # RAM holds a resident unit once (on a CPU both tiers are RAM).
+        self._keeps_one_copy = getattr(transfer, "arena", None) is None
 
     # -- the loop's interface -------------------------------------------------------------------------------
     def get(self, key: Key, position: int | None = None) -> dict[str, torch.Tensor]:
@@ -166,8 +169,7 @@ class TieredStore:
         if entry.copy_fence is not None:  # once the compute stream waited, later reads are ordered after it
             self.transfer.wait_on_compute(entry.copy_fence)
             entry.copy_fence = None
-        assert entry.tensors is not None
-        return entry.tensors
+        return entry.tensors  # type: ignore[return-value]  (a device entry always has its views)
 
     def release(self, key: Key) -> None:
         """The loop is done computing with `key`. Its buffer is overwritten only after the compute queued before
@@ -214,6 +216,12 @@ class TieredStore:
         arena = getattr(self.transfer, "arena", None)
         if arena is not None:
             arena.release()
+
+    def reset_counters(self) -> None:
+        """Start every tier's counters afresh (a new generate call); placement is untouched."""
+        with self._lock:
+            for stats in self.tier_stats().values():
+                stats.reset()
 
     def tier_stats(self) -> dict[str, TierStats]:
         """Counters per tier: device, host, disk."""
@@ -287,6 +295,8 @@ class TieredStore:
         with self._lock:
             self.host.stats.bytes_in += buffer.numel()
             self.host.stats.transfer_s += end_s - start_s
+            self.disk_stats.bytes_out += buffer.numel()
+            self.disk_stats.transfer_s += end_s - start_s
         if self.on_event is not None:
             self.on_event(StoreEvent("read", key, buffer.numel(), start_s, end_s, "disk",
                                      threading.current_thread().name))
@@ -320,7 +330,11 @@ class TieredStore:
                 continue
             self.host.unpin(key)
             self.device.stats.bytes_in += nbytes
+            self.host.stats.bytes_out += nbytes
             self.device.stats.transfer_s += self.transfer.elapsed_s(timer)
+            if self._keeps_one_copy and key in self._device_resident and key not in self._host_resident \
+                    and key in self._host_data and not self.host.pinned(key):
+                self._drop(self.host, self._host_data, None, key)  # resident on the device: RAM holds it once
         self._in_flight = still
 
     def _count(self, key: Key, entry: _Entry, waited_s: float) -> str | None:
@@ -363,10 +377,12 @@ class TieredStore:
             self._drop(self.device, self._device_data, self._device_pool, victim)
 
     @staticmethod
-    def _drop(tier: Tier, data: dict[Key, _Entry], pool: BufferPool, key: Key) -> None:
+    def _drop(tier: Tier, data: dict[Key, _Entry], pool: BufferPool | None, key: Key) -> None:
+        """Remove `key` from `tier`; its buffer goes to `pool` for reuse, or (no pool) back to the allocator."""
         entry = data.pop(key)
         tier.remove(key)
-        pool.give(entry.buffer, entry.free_after)
+        if pool is not None:
+            pool.give(entry.buffer, entry.free_after)
 
     def _discard(self, key: Key) -> None:
         """Forget a unit whose load failed, in both tiers, so a later request reads it again."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Hashable
 
-from .errors import BudgetError
+from .errors import BudgetError, InvariantError
 from .policies.eviction import EvictionPolicy
 from .sizes import format_size
 
@@ -17,7 +17,8 @@ Key = Hashable
 
 @dataclasses.dataclass
 class TierStats:
-    """Counters of one tier: requests it served (hits) or passed down (misses), bytes moved in, time spent."""
+    """Counters of one tier: requests it served (hits) or passed down (misses), bytes moved in (read or copied
+    into it) and out (served to the tier above), time spent moving them, time the loop waited on it."""
 
     budget_bytes: int | None
     used_bytes: int = 0
@@ -25,6 +26,7 @@ class TierStats:
     hits: int = 0
     misses: int = 0
     bytes_in: int = 0
+    bytes_out: int = 0
     transfer_s: float = 0.0
     stall_s: float = 0.0
     evictions: int = 0
@@ -34,8 +36,15 @@ class TierStats:
         data = dataclasses.asdict(self)
         requests = self.hits + self.misses
         data["hit_rate"] = self.hits / requests if requests else None
-        data["gbps"] = self.bytes_in / self.transfer_s / 1e9 if self.transfer_s > 0 else None
+        moved = self.bytes_in or self.bytes_out  # the disk tier only gives bytes out
+        data["gbps"] = moved / self.transfer_s / 1e9 if self.transfer_s > 0 else None
         return data
+
+    def reset(self) -> None:
+        """Zero the counters, for a new call; the peak starts from what is held now."""
+        for field in ("hits", "misses", "bytes_in", "bytes_out", "transfer_s", "stall_s", "evictions"):
+            setattr(self, field, type(getattr(self, field))())
+        self.peak_bytes = self.used_bytes
 
 
 class Tier:
@@ -95,9 +104,10 @@ class Tier:
 
     def admit(self, key: Key, nbytes: int) -> None:
         """Account `key` as held. The caller has removed the victims from `plan_admit` first."""
-        assert key not in self._sizes, f"{key!r} already in {self.name}"
         budget = self.stats.budget_bytes
-        assert budget is None or self.stats.used_bytes + nbytes <= budget, f"{self.name} over budget"
+        if key in self._sizes or (budget is not None and self.stats.used_bytes + nbytes > budget):
+            raise InvariantError(f"{self.name} tier: admitting {key!r} ({nbytes} bytes) to "
+                                 f"{self.stats.used_bytes} of {budget} bytes held, {len(self)} units")
         self._sizes[key] = nbytes
         self.stats.used_bytes += nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.used_bytes)
@@ -105,7 +115,8 @@ class Tier:
 
     def remove(self, key: Key) -> int:
         """Forget `key`; returns its size. It must not be pinned."""
-        assert not self._pins.get(key), f"{key!r} is pinned in {self.name}"
+        if self._pins.get(key):
+            raise InvariantError(f"{self.name} tier: removing {key!r}, which is in use")
         nbytes = self._sizes.pop(key)
         self.stats.used_bytes -= nbytes
         self.stats.evictions += 1
@@ -123,7 +134,8 @@ class Tier:
     def unpin(self, key: Key) -> None:
         """Let the policy decide about `key` again once every pin is gone."""
         count = self._pins.get(key, 0) - 1
-        assert count >= 0, f"{key!r} unpinned more often than pinned in {self.name}"
+        if count < 0:
+            raise InvariantError(f"{self.name} tier: {key!r} unpinned more often than pinned")
         if count:
             self._pins[key] = count
         else:
@@ -143,7 +155,8 @@ def replay(trace: list[Key], sizes: dict[Key, int], budget_bytes: int, policy: E
         else:
             tier.stats.misses += 1
             victims = tier.plan_admit(key, sizes[key])
-            assert victims is not None, "nothing is pinned during a replay"
+            if victims is None:
+                raise InvariantError("replay: a pinned unit (nothing is pinned during a replay)")
             for victim in victims:
                 tier.remove(victim)
             tier.admit(key, sizes[key])
