@@ -49,11 +49,17 @@ def _check_raw_config(raw: dict[str, Any], where: str, trust_remote_code: bool) 
     name = (raw.get("architectures") or [model_type])[0]
     if model_type in CONFIG_MAPPING:
         return
-    if raw.get("auto_map") and not trust_remote_code:
-        raise ModelError(f"{name} ({where}) needs the checkpoint's own code; pass trust_remote_code=True "
-                         f"(--trust-remote-code) only if you trust its author")
-    if not raw.get("auto_map"):
+    if not check_remote_code(raw.get("auto_map"), f"{name} ({where})", trust_remote_code):
         raise ModelError(f"architecture {name} (model_type {model_type!r}) is not known to transformers")
+
+
+def check_remote_code(auto_map: Any, name: str, trust_remote_code: bool) -> bool:
+    """Whether the model comes with its own code (an `auto_map`); ModelError naming it when it does and running
+    that code was not allowed."""
+    if auto_map and not trust_remote_code:
+        raise ModelError(f"{name} needs the checkpoint's own code; pass trust_remote_code=True "
+                         f"(--trust-remote-code) only if you trust its author")
+    return bool(auto_map)
 
 
 def load_tokenizer(checkpoint: Checkpoint, trust_remote_code: bool = False) -> Any:

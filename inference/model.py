@@ -37,7 +37,7 @@ from ..sizes import format_size
 from ..store import TieredStore
 from ..trace import TOKENS, Tracer
 from ..transfer import make_transfer
-from ..units import align
+from ..units import align, require_tensors
 from .checkpoint import (
     checkpoint_dtype,
     in_place_source,
@@ -432,7 +432,7 @@ def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torc
     drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
     source, checkpoint = _open_source(cfg, checkpoint, skeleton, dtype, drop_cache, trust_remote_code, progress)
     codec, packed = getattr(source, "codec", None), dict(getattr(source, "packed", {}))
-    wanted = cfg.codec()
+    wanted = Codec.wanted(cfg.compression)
     if codec is not None and wanted is not None and wanted != codec:
         raise ConfigError(f"{checkpoint.path} is stored as {codec.name}; compression asks for {wanted.name}: "
                           f"use the uncompressed model, or compression.format = \"none\"")
@@ -503,7 +503,7 @@ def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | N
     Norms and embeddings are kept in `dtype` (default: the checkpoint's); matrices are quantized on the GPU when
     there is one."""
     cfg = Config.load(config).with_compression(format)
-    codec = cfg.codec()
+    codec = Codec.wanted(cfg.compression)
     if codec is None:
         raise InputError("compress_model needs a format: nf4 or int8")
     _, checkpoint, hf_config, device, _ = prepare(model, None, cfg, None, trust_remote_code, progress=progress)
@@ -538,6 +538,5 @@ def close_source(source: Any) -> None:
 def _check_store_matches(checkpoint: Checkpoint, units: dict[str, list[str]], layouts: dict[str, Any],
                          packed: dict[str, PackedMatrices]) -> None:
     for key, names in units.items():
-        missing = set(names) - set(layouts[key].slots) - set(packed[key].matrices if key in packed else ())
-        if missing:
-            raise CheckpointError(f"{checkpoint.path}: unit {key!r} lacks tensor {sorted(missing)[0]!r}")
+        held = set(layouts[key].slots) | set(packed[key].matrices if key in packed else ())
+        require_tensors(key, names, held, checkpoint.path)

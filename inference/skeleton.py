@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .checkpoint import check_remote_code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +55,8 @@ def check_architecture(config: object, trust_remote_code: bool) -> None:
     architectures = getattr(config, "architectures", None) or [model_type]
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{architectures[0]} is an encoder-decoder model; tierstore runs decoder-only models")
-    if getattr(config, "auto_map", None) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        if not trust_remote_code:
-            raise ModelError(f"{architectures[0]} needs the checkpoint's own code; pass trust_remote_code=True "
-                             f"(--trust-remote-code) only if you trust its author")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and \
+            check_remote_code(getattr(config, "auto_map", None), architectures[0], trust_remote_code):
         return
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelError(f"architecture {architectures[0]} (model_type {model_type!r}) is not a decoder-only "

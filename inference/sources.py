@@ -8,7 +8,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import torch
 
 from ..errors import CheckpointError
-from ..units import UnitLayout
+from ..units import UnitLayout, require_tensors
 from .layerstore import pread_exact
 from .safetensors_header import TensorEntry
 
@@ -25,10 +25,7 @@ class SafetensorsSource:
             if drop_page_cache else "page cache"
         self._layouts: dict[str, UnitLayout] = {}
         for key, names in units.items():
-            missing = [name for name in names if name not in entries]
-            if missing:
-                raise CheckpointError(f"checkpoint has no tensor {missing[0]!r} (unit {key!r}, "
-                                      f"{len(missing)} missing)")
+            require_tensors(key, names, entries, "the checkpoint")
             self._layouts[key] = UnitLayout.pack(key, {
                 name: (dtype if entries[name].dtype.is_floating_point else entries[name].dtype, entries[name].shape)
                 for name in names})

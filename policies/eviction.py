@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence, Set
 from typing import Protocol
 
-Key = Hashable
+Key = Hashable  # a unit's name: the one definition, used by the tiers, the store and the policies
 
 
 class EvictionPolicy(Protocol):

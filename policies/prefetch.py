@@ -1,10 +1,10 @@
 """Prefetch policies: given the schedule and where the loop is, which units to start loading now."""
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
-Key = Hashable
+from .eviction import Key
 
 
 class PrefetchPolicy(Protocol):

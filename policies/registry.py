@@ -1,12 +1,11 @@
 """Config names to policy classes. Each factory takes what the policy may need: the schedule, the resident set."""
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence, Set
+from collections.abc import Callable, Sequence, Set
 
-from .eviction import FIFO, LFU, LRU, MRU, Belady, EvictionPolicy, Static
+from .eviction import FIFO, LFU, LRU, MRU, Belady, EvictionPolicy, Key, Static
 from .prefetch import Lookahead, NoPrefetch, PrefetchPolicy
 
-Key = Hashable
 EvictionFactory = Callable[[Sequence[Key], Set[Key]], EvictionPolicy]
 
 EVICTION_POLICIES: dict[str, EvictionFactory] = {

@@ -95,3 +95,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+def unit_sizes(directory: str, cache_dir: str) -> tuple[int, int]:
+    """The largest unit's bytes and a decoder layer's, as the store lays them out (float32, on the CPU)."""
+    import tierstore
+
+    config = {"runtime": {"cache_dir": cache_dir, "device": "cpu"}}
+    with tierstore.AutoModel.from_pretrained(directory, config=config, dtype=torch.float32) as model:
+        sizes = {key: layout.nbytes for key, layout in model.store.layouts.items()}
+    return max(sizes.values()), sizes["layers.0"]

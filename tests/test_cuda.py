@@ -1,6 +1,7 @@
 """CUDA tests: run through the device tool (skipped without a GPU)."""
 import pytest
 import torch
+from conftest import unit_sizes
 from tierstore.policies import PlanInput, UnitInfo, make_plan
 
 import tierstore
@@ -62,7 +63,7 @@ def test_tokens_identical_and_vram_within_budget(tmp_path):
     want = reference.generate(ids, max_new_tokens=16, do_sample=False).tolist()
     reference.cpu()
     torch.cuda.empty_cache()
-    layer = 148_480
+    _, layer = unit_sizes(directory, str(tmp_path / "sizes"))
     budget = tierstore.Budget(vram=300 * 2**20, ram="1GB")
     config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device_reserve": 300 * 2**20 - 3 * layer - 70_000}}
     base = torch.cuda.memory_allocated()
@@ -173,7 +174,7 @@ def test_speculation_on_cuda_replays_a_graph_and_keeps_the_tokens(tmp_path):
 
     directory, reference = _tiny(tmp_path)
     tiny_model("llama", seed=1).save_pretrained(tmp_path / "other")
-    layer = 148_480
+    _, layer = unit_sizes(directory, str(tmp_path / "sizes"))
     streaming = 300 * 2**20  # the reserve leaves room for three layers and a small unit
     config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device_reserve": streaming - 3 * layer - 70_000},
               "speculation": {"depth": 6, "width": 4}}
@@ -209,7 +210,7 @@ def test_trace_on_cuda_times_copies_and_compute_with_events(tmp_path):
     directory, reference = _tiny(tmp_path)
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
     want = reference.generate(ids, max_new_tokens=8, do_sample=False).tolist()
-    layer = 148_480
+    _, layer = unit_sizes(directory, str(tmp_path / "sizes"))
     config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "trace": str(tmp_path / "run.json"),
                           "device_reserve": 300 * 2**20 - 3 * layer - 70_000}}
     with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram=300 * 2**20, ram="1GB"),

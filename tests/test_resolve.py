@@ -3,6 +3,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from tierstore.inference.resolve import resolve
 
 import tierstore
@@ -28,7 +29,7 @@ def _hub_cache(root, repo_id, source_dir):
 def test_hub_repo_id_resolves_through_the_local_cache(tiny_dirs, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    directory, _ = tiny_dirs("llama")
+    directory, reference = tiny_dirs("llama")
     snapshot = _hub_cache(str(tmp_path / "hub"), "acme/tiny-llama", directory)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -36,7 +37,9 @@ def test_hub_repo_id_resolves_through_the_local_cache(tiny_dirs, tmp_path, monke
     assert found.kind == "safetensors" and os.path.realpath(found.path) == os.path.realpath(snapshot)
     with tierstore.AutoModel.from_pretrained("acme/tiny-llama",
                                              config={"runtime": {"cache_dir": str(tmp_path / "c")}}) as model:
-        assert model.plan.regime
+        ids = torch.tensor([[5, 9, 33]])
+        assert model.generate(ids, max_new_tokens=4, do_sample=False).tolist() == \
+            reference.generate(ids, max_new_tokens=4, do_sample=False).tolist()
 
 
 def test_repo_id_missing_from_the_cache_says_so(tmp_path, monkeypatch):

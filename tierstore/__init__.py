@@ -3,15 +3,31 @@ from __future__ import annotations
 
 __version__ = "0.2.0"  # the one definition: pyproject.toml reads it from here
 
+import importlib.util
 import os
+import sys
 from typing import Any
 
-# Installed, `policies/` and `inference/` are subpackages of tierstore (pyproject maps them). Run from a source
-# checkout without installing, they sit beside this folder: let the import system find them there too.
-_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not os.path.isdir(os.path.join(os.path.dirname(__file__), "policies")) and \
-        os.path.isfile(os.path.join(_checkout, "policies", "planner.py")):
-    __path__.append(_checkout)  # type: ignore[name-defined]
+
+def _map_checkout_subpackages() -> None:
+    """Installed, `policies/` and `inference/` are subpackages of tierstore (pyproject maps them). Run from a
+    source checkout without installing, they sit beside this folder: register those two, and nothing else of the
+    checkout, as `tierstore.policies` and `tierstore.inference`."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("policies", "inference"):
+        folder = os.path.join(checkout, name)
+        if f"{__name__}.{name}" in sys.modules or os.path.isdir(os.path.join(os.path.dirname(__file__), name)) \
+                or not os.path.isfile(os.path.join(folder, "__init__.py")):
+            continue
+        spec = importlib.util.spec_from_file_location(f"{__name__}.{name}", os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[spec.name] = module  # type: ignore[union-attr]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        globals()[name] = module  # as the import system would bind a subpackage on its parent
+
+
+_map_checkout_subpackages()
 
 from .budget import Budget
 from .config import Config

@@ -19,7 +19,7 @@ import torch
 
 from .config import BLOCKSIZES, COMPRESSION_FORMATS
 from .errors import CheckpointError, ConfigError
-from .units import UnitLayout
+from .units import UnitLayout, align
 
 PACKED = "tierstore.packed"
 ABSMAX = "tierstore.absmax"
@@ -61,6 +61,11 @@ class Codec:
             from bitsandbytes.functional import create_dynamic_map
             code = tuple(create_dynamic_map(signed=True).tolist())
         return cls(format, blocksize, code)
+
+    @classmethod
+    def wanted(cls, compression: Any) -> "Codec | None":
+        """The codec a config's [compression] section asks for, or None for format "none"."""
+        return None if compression.format == "none" else cls.create(compression.format, compression.blocksize)
 
     @property
     def name(self) -> str:
@@ -122,7 +127,7 @@ def compressed_layout(layout: UnitLayout, matrices: Set[str], codec: Codec) -> t
     numel = 0
     for name in chosen:
         placed[name] = (numel, layout.slots[name].shape)
-        numel += -(-math.prod(layout.slots[name].shape) // codec.align_elements) * codec.align_elements
+        numel += align(math.prod(layout.slots[name].shape), codec.align_elements)
     tensors = {name: (slot.dtype, slot.shape) for name, slot in layout.slots.items() if name not in placed}
     tensors[PACKED] = (torch.uint8, (codec.packed_bytes(numel),))
     tensors[ABSMAX] = (torch.float32, (numel // codec.blocksize,))

@@ -234,10 +234,3 @@ class Config:
             return self
         value = SCHEMA["compression"]["format"][0]("compression.format", format)
         return dataclasses.replace(self, compression=dataclasses.replace(self.compression, format=value))
-
-    def codec(self) -> Any:
-        """The compression codec this config asks for, or None."""
-        if self.compression.format == "none":
-            return None
-        from .compression import Codec
-        return Codec.create(self.compression.format, self.compression.blocksize)

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -19,12 +19,11 @@ import torch
 from .errors import BudgetError
 from .policies.planner import Plan
 from .policies.registry import make_eviction, make_prefetch
-from .tier import Tier, TierStats
+from .tier import Key, Tier, TierStats
 from .transfer import CPUTransfer, CUDATransfer
 from .units import UnitLayout, UnitSource
 
 log = logging.getLogger(__name__)
-Key = Hashable
 
 
 class BufferPool:
@@ -135,7 +134,7 @@ class TieredStore:
                 if entry is None:
                     entry = self._start_device_load(key, required=False)
                 if entry is None:  # no room now; with loads in flight that may only mean "not yet"
-                    self._reap(block=True)
+                    self._finish_copies(block=True)
                     pending = self._pending_loads()
                     entry = self._start_device_load(key, required=not pending)
                 if entry is not None:
@@ -145,11 +144,11 @@ class TieredStore:
         try:
             entry.ready.result()
         except BaseException:
-            self._discard(key)
+            self._forget_failed_load(key)
             raise
         end_s = time.perf_counter()
         with self._lock:
-            self._reap(block=False)
+            self._finish_copies(block=False)
             served_from = self._count(key, entry, end_s - start_s)
             if self.on_event is not None and served_from is not None:
                 self.on_event(StoreEvent("wait", key, self.layouts[key].nbytes, start_s, end_s, served_from,
@@ -181,34 +180,19 @@ class TieredStore:
         """Carry out a new plan for the device tier (e.g. a larger reserve for the KV cache): new budget and
         policy, evicting what no longer fits. Call between passes, when no unit is in use."""
         with self._lock:
-            self._reap(block=True)
-            policy = make_eviction(plan.device_policy, self.schedule, set(plan.device_resident))
-            for key in self.device.keys():
-                policy.on_insert(key, self.layouts[key].nbytes)
-            self.device.policy = policy
+            self._finish_copies(block=True)
+            self.device.replace_policy(make_eviction(plan.device_policy, self.schedule, set(plan.device_resident)))
             self._device_resident = frozenset(plan.device_resident)
-            self.device.stats.budget_bytes = plan.device_weights_bytes
-            while self.device.used_bytes > plan.device_weights_bytes:
-                victim = policy.victim(self.device.evictable())
-                if victim is None:
-                    raise BudgetError("device tier: units in use while re-planning")
-                self._evict_from_device([victim])
+            self._evict_from_device(self.device.set_budget(plan.device_weights_bytes))
             self._device_pool.trim(self.device.used_bytes, plan.device_weights_bytes)
-            self.device.stats.peak_bytes = self.device.used_bytes  # from here on, the peak under the new budget
             self.plan = plan
-
-    def prefetch(self, key: Key) -> None:
-        """Start loading `key` onto the device if there is room; never waits."""
-        with self._lock:
-            if key not in self._device_data:
-                self._start_device_load(key, required=False)
 
     def close(self) -> None:
         """Stop the background threads (pending loads finish first) and give the memory back."""
         self._readers.shutdown(wait=True)
         self._copier.shutdown(wait=True)
         with self._lock:
-            self._reap(block=True)
+            self._finish_copies(block=True)
             self._device_data.clear()
             self._host_data.clear()
             self._device_pool.trim(0, 0)
@@ -257,11 +241,11 @@ class TieredStore:
         nbytes = self.layouts[key].nbytes
         # Host units still being copied hold their pins: when they are all that is in the way, let them finish.
         victims = self._room(self.host, key, nbytes, required,
-                             make_room=(lambda: self._reap(block=required)) if self._in_flight else None)
+                             make_room=(lambda: self._finish_copies(block=required)) if self._in_flight else None)
         if victims is None:
             return None
         for victim in victims:
-            self._drop(self.host, self._host_data, self._host_pool, victim)
+            self._remove(self.host, self._host_data, self._host_pool, victim)
         self.host.admit(key, nbytes)
         buffer, _ = self._host_pool.take(nbytes, self.host.used_bytes, self.host.budget_bytes)
         entry = _Entry(buffer, Future(), served_from=served_from)
@@ -317,9 +301,9 @@ class TieredStore:
             # The device copy is ordered by its fence from here on; the host bytes stay pinned until it is done.
             self.device.unpin(key)
             self._in_flight.append((key, entry.copy_fence, timer, entry.buffer.numel()))
-            self._reap(block=False)
+            self._finish_copies(block=False)
 
-    def _reap(self, block: bool) -> None:
+    def _finish_copies(self, block: bool) -> None:
         """Release the host pins of finished copies and count them; with `block`, wait for all of them."""
         still: list[tuple[Key, object, object, int]] = []
         for key, fence, timer, nbytes in self._in_flight:
@@ -334,7 +318,7 @@ class TieredStore:
             self.device.stats.transfer_s += self.transfer.elapsed_s(timer)
             if self._keeps_one_copy and key in self._device_resident and key not in self._host_resident \
                     and key in self._host_data and not self.host.pinned(key):
-                self._drop(self.host, self._host_data, None, key)  # resident on the device: RAM holds it once
+                self._remove(self.host, self._host_data, None, key)  # resident on the device: RAM holds it once
         self._in_flight = still
 
     def _count(self, key: Key, entry: _Entry, waited_s: float) -> str | None:
@@ -374,21 +358,21 @@ class TieredStore:
         fence = self.transfer.compute_fence()
         for victim in victims:
             self._device_data[victim].free_after = fence
-            self._drop(self.device, self._device_data, self._device_pool, victim)
+            self._remove(self.device, self._device_data, self._device_pool, victim)
 
     @staticmethod
-    def _drop(tier: Tier, data: dict[Key, _Entry], pool: BufferPool | None, key: Key) -> None:
+    def _remove(tier: Tier, data: dict[Key, _Entry], pool: BufferPool | None, key: Key) -> None:
         """Remove `key` from `tier`; its buffer goes to `pool` for reuse, or (no pool) back to the allocator."""
         entry = data.pop(key)
         tier.remove(key)
         if pool is not None:
             pool.give(entry.buffer, entry.free_after)
 
-    def _discard(self, key: Key) -> None:
+    def _forget_failed_load(self, key: Key) -> None:
         """Forget a unit whose load failed, in both tiers, so a later request reads it again."""
         with self._lock:
             self.device.unpin(key)
             for tier, data, pool in ((self.device, self._device_data, self._device_pool),
                                      (self.host, self._host_data, self._host_pool)):
                 if key in data and not tier.pinned(key):
-                    self._drop(tier, data, pool, key)
+                    self._remove(tier, data, pool, key)

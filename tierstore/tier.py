@@ -6,13 +6,10 @@ reserved before bytes are allocated, so the budget holds even while a unit moves
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
 
 from .errors import BudgetError, InvariantError
-from .policies.eviction import EvictionPolicy
+from .policies.eviction import EvictionPolicy, Key
 from .sizes import format_size
-
-Key = Hashable
 
 
 @dataclasses.dataclass
@@ -71,9 +68,29 @@ class Tier:
     def used_bytes(self) -> int:
         return self.stats.used_bytes
 
-    def keys(self) -> list[Key]:
-        """Units held now."""
-        return list(self._sizes)
+    def replace_policy(self, policy: EvictionPolicy) -> None:
+        """Hand the units held now to a new eviction policy (a re-plan)."""
+        for key, nbytes in self._sizes.items():
+            policy.on_insert(key, nbytes)
+        self.policy = policy
+
+    def set_budget(self, budget_bytes: int) -> list[Key]:
+        """A new budget (a re-plan); returns the victims to remove, by the policy, for what is held to fit it.
+        BudgetError when units in use keep it over. The peak restarts from what will be held."""
+        victims: list[Key] = []
+        used = self.stats.used_bytes
+        candidates = self.evictable()
+        while used > budget_bytes:
+            victim = self.policy.victim(candidates)
+            if victim is None:
+                raise BudgetError(f"{self.name} tier: units in use while re-planning to "
+                                  f"{format_size(budget_bytes)}")
+            candidates.discard(victim)
+            victims.append(victim)
+            used -= self._sizes[victim]
+        self.stats.budget_bytes = budget_bytes
+        self.stats.peak_bytes = used
+        return victims
 
     def evictable(self) -> set[Key]:
         """Units that may leave now: held and not pinned."""

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .files import PAGE_BYTES
+from .units import align
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +77,7 @@ class PinnedArena:
         if end > self.buffer.numel():
             return None
         piece = self.buffer[self.offset:end]
-        self.offset = -(-end // PAGE_BYTES) * PAGE_BYTES
+        self.offset = align(end, PAGE_BYTES)
         return piece
 
     def release(self) -> None:

@@ -5,12 +5,21 @@ Its byte size is exact and known before any byte is read, so tiers can reserve r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping
+from collections.abc import Container, Hashable, Iterable, Mapping
 from typing import Protocol
 
 import torch
 
+from .errors import CheckpointError
+
 ALIGN_BYTES = 256  # every tensor starts on a 256-byte boundary: valid views of any dtype, aligned DMA
+
+
+def require_tensors(key: Hashable, wanted: Iterable[str], present: Container[str], where: str) -> None:
+    """CheckpointError naming the first tensor of unit `key` that `where` does not hold."""
+    missing = [name for name in wanted if name not in present]
+    if missing:
+        raise CheckpointError(f"{where}: unit {key!r} lacks tensor {missing[0]!r} ({len(missing)} missing)")
 
 
 def align(nbytes: int, alignment: int = ALIGN_BYTES) -> int:
