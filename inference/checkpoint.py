@@ -1,4 +1,4 @@
-"""Opening a located checkpoint: its config, tokenizer, and the units' byte source."""
+"""Reading a located checkpoint: its config, dtype, tokenizer and safetensors headers; refusing remote code."""
 from __future__ import annotations
 
 import glob
@@ -10,10 +10,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ModelError
-from .layerstore import LayerStoreSource, read_manifest
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry, read_header
-from .sources import SafetensorsSource
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +93,4 @@ def safetensors_entries(directory: str) -> dict[str, TensorEntry]:
     return entries
 
 
-def in_place_source(checkpoint: Checkpoint, units: dict[str, list[str]], dtype: torch.dtype,
-                    drop_page_cache: bool = False) -> SafetensorsSource | None:
-    """A source reading the safetensors shards in place, or None when names need transformers' conversion."""
-    entries = safetensors_entries(checkpoint.path)
-    wanted = {name for names in units.values() for name in names}
-    if not wanted <= set(entries):
-        return None
-    return SafetensorsSource(entries, units, dtype, drop_page_cache)
-
-
-def store_source(directory: str, verify: bool, dtype: torch.dtype,
-                 drop_page_cache: bool = False) -> tuple[LayerStoreSource, dict[str, Any]]:
-    """The source of a converted layer store (served in `dtype`) and its manifest."""
-    manifest = read_manifest(directory)
-    return LayerStoreSource(directory, manifest, dtype, verify=verify, drop_page_cache=drop_page_cache), manifest
-
-
-__all__ = ["checkpoint_dtype", "in_place_source", "load_config", "load_tokenizer",
-           "safetensors_entries", "store_source"]
+__all__ = ["check_remote_code", "checkpoint_dtype", "load_config", "load_tokenizer", "safetensors_entries"]

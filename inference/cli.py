@@ -145,7 +145,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from ..report import plan_table
-    from .generate import make_plan_for
+    from .placement import make_plan_for
 
     _console().print(plan_table(make_plan_for(args.model, _budget(args), _config(args), args.trust_remote_code,
                                              args.download, draft=args.draft)))
@@ -163,7 +163,7 @@ def _convert(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     config = Config.load(args.config)
     if args.compress:
-        from .model import compress_model
+        from .convert import compress_model
         out = compress_model(args.model, args.out_dir, args.compress, dtype, config=config,
                              trust_remote_code=args.trust_remote_code)
     else:
@@ -192,7 +192,7 @@ def _probe(args: argparse.Namespace) -> int:
     from ..config import Config
     from ..probe import run_probe
     from ..sizes import format_size
-    from .model import compute_device
+    from .placement import compute_device
 
     config = Config.load(args.config)
     result = run_probe(config.runtime.cache_dir, compute_device(config.runtime.device))

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from ..compression import Codec, compress_unit, compressed_layout
+from ..config import Config
 from ..errors import BudgetError, CheckpointError, InputError, TierstoreError
 from ..files import write_atomic
 from ..sizes import format_size
 from ..units import UnitLayout, UnitSource
-from .checkpoint import load_config, load_tokenizer, safetensors_entries
+from .checkpoint import checkpoint_dtype, load_config, load_tokenizer, safetensors_entries
 from .layerstore import (
     FORMAT,
     MANIFEST,
@@ -49,6 +50,43 @@ def default_store_dir(checkpoint: Checkpoint, cache_dir: str, dtype: torch.dtype
     ident = f"{os.path.abspath(checkpoint.path)}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{variant}"
     name = f"{checkpoint.name}-{variant}" if variant else checkpoint.name
     return os.path.join(cache_dir, f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}")
+
+
+def convert_if_needed(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bool, progress: bool) -> Checkpoint:
+    """The checkpoint to read units from: a GGUF file or .bin shards become a layer store in the cache, once;
+    safetensors and layer stores are read as they are."""
+    if checkpoint.kind not in ("gguf", "bin"):
+        return checkpoint
+    store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
+    convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
+            disk_budget_bytes=cfg.budget.disk)
+    return Checkpoint("store", store_dir, checkpoint.name)
+
+
+def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | None = None, config: Any = None,
+                   trust_remote_code: bool = False, progress: bool = True) -> str:
+    """Write a compressed layer store of `model` into `out_dir` (what `tierstore convert --compress` runs).
+    Norms and embeddings are kept in `dtype` (default: the checkpoint's); matrices are quantized on the GPU when
+    there is one."""
+    from .placement import compute_device
+    from .resolve import resolve
+    from .sources import open_units
+
+    cfg = Config.load(config).with_compression(format)
+    codec = Codec.wanted(cfg.compression)
+    if codec is None:
+        raise InputError("compress_model needs a format: nf4 or int8")
+    device = compute_device(cfg.runtime.device)
+    checkpoint = convert_if_needed(resolve(model), cfg, trust_remote_code, progress)
+    dtype = dtype or checkpoint_dtype(load_config(checkpoint, trust_remote_code))
+    units = open_units(checkpoint, cfg.with_compression("none"), device, dtype, trust_remote_code, progress)
+    try:
+        if units.codec is not None:
+            raise InputError(f"{units.checkpoint.path} is already compressed ({units.codec.name})")
+        return compress(units.source, units.skeleton, units.checkpoint, out_dir, codec, device, trust_remote_code,
+                        progress, disk_budget_bytes=cfg.budget.disk)
+    finally:
+        units.close()
 
 
 def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = None,

@@ -272,7 +272,7 @@ def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
 
     from ..budget import Budget
     from ..errors import InputError
-    from .model import AutoModel
+    from .auto import AutoModel
 
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"draft: expected \"ngram\" or a model (path, alias, Hub id), got {spec!r}")
@@ -281,7 +281,7 @@ def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
     # The draft's own budget: whatever is free (it must all fit); what it takes is charged to the target's plan.
     draft_cfg = dataclasses.replace(
         cfg, budget=Budget(), compression=dataclasses.replace(cfg.compression, format="none"),
-        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0))
+        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
     model = AutoModel.from_pretrained(spec, config=draft_cfg, dtype=dtype, trust_remote_code=trust_remote_code,
                                       allow_download=allow_download, progress=progress)
     scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0
@@ -297,16 +297,15 @@ def plan_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
     """What `open_draft` would charge to the device budget (a DraftCost, None for ngram), from the draft's
     layouts alone: no weights read."""
     from ..compression import scratch_bytes
-    from .model import close_source, open_units, prepare
+    from .resolve import resolve
+    from .sources import open_units
 
     if spec == "ngram":
         return None
-    draft_cfg, checkpoint, hf_config, _, _ = prepare(spec, None, cfg, dtype, trust_remote_code, allow_download,
-                                                     progress=True)
-    opened = open_units(draft_cfg.with_compression("none"), checkpoint, hf_config, device, dtype, trust_remote_code,
-                        progress=True, write=False)
-    close_source(opened.source)
-    return _cost(spec, opened.layouts, scratch_bytes(opened.packed, dtype), hf_config, dtype)
+    units = open_units(resolve(spec, allow_download), cfg.with_compression("none"), device, dtype,
+                       trust_remote_code, progress=True, write=False)
+    units.close()
+    return _cost(spec, units.layouts, scratch_bytes(units.packed, dtype), units.hf_config, dtype)
 
 
 def _cost(spec: str, layouts: dict[str, Any], scratch: int, hf_config: Any, dtype: torch.dtype) -> Any:

@@ -10,7 +10,6 @@ import torch
 
 from ..budget import Budget
 from ..errors import InputError
-from ..policies.planner import Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +55,7 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
     """Generate for every prompt in one batch; returns tokens, text, the report and its dict."""
     from transformers import TextStreamer
 
-    from .model import AutoModel
+    from .auto import AutoModel
 
     if request.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {request.max_new_tokens}")
@@ -97,17 +96,3 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
     return {"tokens": new_tokens,
             "text": model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
             "report": report, **report.to_dict()}
-
-
-def make_plan_for(model: str, budget: Budget | None, config: Any, trust_remote_code: bool = False,
-                  allow_download: bool = False, draft: str | None = None) -> Plan:
-    """The plan `from_pretrained` would make (with `draft` beside the model), without reading any weights."""
-    from .drafts import plan_draft
-    from .model import open_units, prepare
-
-    cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, None, trust_remote_code,
-                                                        allow_download, progress=True)
-    cost = plan_draft(draft, cfg, device, dtype, trust_remote_code, allow_download) if draft else None
-    return open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress=True, write=False,
-                      draft=cost).plan
-

@@ -1,13 +1,13 @@
-"""`AutoModel.from_pretrained`: a transformers model whose weights live in the tiered store.
+"""A transformers model whose weights live in the tiered store (opened by `auto.AutoModel.from_pretrained`).
 
-transformers' own forward and `generate` run unchanged: KV cache, masks, sampling, streamers. Hooks on each
-unit's module fetch its weights from the store just in time.
+transformers' own forward and `generate` run unchanged (KV cache, masks, sampling, streamers); hooks fetch each
+unit's weights from the store just in time. This adds the timing and the report, fits the KV cache into the
+device budget, and runs speculative decoding when the model has a draft.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import time
 import warnings
@@ -16,52 +16,21 @@ from typing import Any
 
 import torch
 
-from ..budget import Budget
-from ..compression import Codec, Decompressor, PackedMatrices, compressed_layout, scratch_bytes
+from ..compression import Decompressor
 from ..config import Config
-from ..errors import BudgetError, CheckpointError, ConfigError, InputError, ModelError
-from ..files import PAGE_BYTES, check_writable
-from ..planning import (
-    ACTIVATION_SLACK_BYTES,
-    DraftCost,
-    device_reserve_bytes,
-    effective_budgets,
-    kv_bytes_per_token,
-    plan_input,
-)
+from ..errors import BudgetError, InputError
+from ..planning import ACTIVATION_SLACK_BYTES, DraftCost, kv_bytes_per_token
 from ..policies.planner import Plan, PlanInput, make_plan
 from ..policies.speculation import DEFAULT_MAX_DEPTH, DepthPolicy
-from ..probe import load_probe
 from ..report import RunReport, Timing
 from ..sizes import format_size
 from ..store import TieredStore
 from ..trace import TOKENS, Tracer
-from ..transfer import make_transfer
-from ..units import align, require_tensors
-from .checkpoint import (
-    checkpoint_dtype,
-    in_place_source,
-    load_config,
-    load_tokenizer,
-    store_source,
-)
-from .convert import compress, convert, default_store_dir
 from .hooks import AttachedHooks
-from .resolve import Checkpoint, resolve
-from .skeleton import build_skeleton
+from .sources import close_source
 from .speculation import SpeculationStats
 
 log = logging.getLogger(__name__)
-
-
-def compute_device(setting: str) -> torch.device:
-    """The compute device a config asks for; auto = the first GPU if there is one."""
-    if setting == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"runtime.device = {setting!r} but this machine has no usable CUDA GPU")
-    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
 
 
 class _StepClock:
@@ -303,240 +272,3 @@ class TierstoreModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A compute dtype as users give it: a torch dtype, its name ("float16", "torch.float16"), or None."""
-    if dtype is None or dtype in DTYPES.values():
-        return dtype  # type: ignore[return-value]
-    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise InputError(f"dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def prepare(model: str, budget: Budget | None = None, config: Any = None, dtype: torch.dtype | None = None,
-            trust_remote_code: bool = False, allow_download: bool = False,
-            progress: bool = False) -> tuple[Config, Checkpoint, Any, torch.device, torch.dtype]:
-    """Resolve, convert if needed and read the config: everything `plan` and `from_pretrained` share.
-
-    Returns the config, the checkpoint to read units from, its transformers config, the device and the dtype."""
-    cfg = Config.load(config).with_budget(budget)
-    device = compute_device(cfg.runtime.device)
-    checkpoint = resolve(model, allow_download=allow_download)
-    log.info("%s: a %s checkpoint at %s; compute on %s", model, checkpoint.kind, checkpoint.path, device)
-    store_dir = None
-    if checkpoint.kind in ("gguf", "bin"):
-        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
-        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
-                disk_budget_bytes=cfg.budget.disk)
-    elif checkpoint.kind == "store":
-        store_dir = checkpoint.path
-    read_from = Checkpoint("store", store_dir, checkpoint.name) if store_dir else checkpoint
-    hf_config = load_config(read_from, trust_remote_code)
-    if dtype is None:
-        dtype = checkpoint_dtype(hf_config) if device.type == "cuda" else torch.float32
-    return cfg, read_from, hf_config, device, dtype
-
-
-class AutoModel:
-    """Entry point, named as transformers names its own."""
-
-    @staticmethod
-    def from_pretrained(model: str, budget: Budget | None = None, config: Any = None,
-                        dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-                        allow_download: bool = False, progress: bool = False,
-                        draft: str | None = None, trace: str | None = None) -> TierstoreModel:
-        """Open `model` (directory, GGUF, layer store, alias or cached Hub id) under `budget`. `draft`: "ngram"
-        or a small model with the same tokenizer (anything `model` may be) for speculative decoding; a model
-        draft is resident on the device and its bytes come out of the device budget. `trace`: a file to write
-        the timeline to after each `generate` (overrides `runtime.trace`)."""
-        from .drafts import check_same_vocabulary, open_draft
-
-        start_s = time.perf_counter()
-        dtype = as_dtype(dtype)
-        trace = trace or Config.load(config).runtime.trace
-        if trace is not None:
-            check_writable(trace, "trace file")  # refused before anything is converted or read
-        if draft is not None and draft != "ngram":
-            resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
-        cfg, checkpoint, hf_config, device, dtype = prepare(model, budget, config, dtype, trust_remote_code,
-                                                            allow_download, progress)
-        drafter, draft_cost = (open_draft(draft, cfg, device, dtype, trust_remote_code, allow_download, progress)
-                               if draft is not None else (None, None))
-        try:
-            tokenizer = load_tokenizer(checkpoint, trust_remote_code)
-            if isinstance(drafter, TierstoreModel):
-                check_same_vocabulary(hf_config, tokenizer, drafter, draft)
-            opened = open_units(cfg, checkpoint, hf_config, device, dtype, trust_remote_code, progress,
-                                draft=draft_cost)
-            plan = opened.plan
-            host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, PAGE_BYTES)
-                                                            for layout in opened.layouts.values()))
-            transfer = make_transfer(device, cfg.io.pinned_memory, host_capacity)
-            tracer = Tracer(trace, device, _trace_meta(model, device, cfg, plan)) if trace is not None else None
-            store = TieredStore(opened.source, opened.layouts, plan, transfer, reader_threads=cfg.io.reader_threads,
-                                on_event=tracer.store_event if tracer is not None else None)
-            store.disk_stats.budget_bytes = cfg.budget.disk
-            decompressor = Decompressor(opened.codec, opened.packed, dtype, device) if opened.codec else None
-            hooks = AttachedHooks(opened.skeleton, store, device, decompressor, tracer)
-            log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth "
-                     "%d; ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
-                     len(plan.streamed_from_disk), plan.prefetch_depth, time.perf_counter() - start_s)
-            return TierstoreModel(opened.skeleton.model, tokenizer, store, hooks, plan, opened.plan_input, device,
-                                  cfg, time.perf_counter() - start_s, decompressor, drafter, draft_cost, tracer)
-        except BaseException:
-            if isinstance(drafter, TierstoreModel):
-                drafter.close()
-            raise
-
-
-def _trace_meta(model: str, device: torch.device, cfg: Config, plan: Plan) -> dict[str, Any]:
-    """What a trace's reader needs beside the events: the run, and each link's bound from the probe."""
-    probe = load_probe(cfg.runtime.cache_dir) or {}
-    pinned = device.type == "cuda" and cfg.io.pinned_memory
-    link = probe.get("h2d_pinned_gbps" if pinned else "h2d_gbps") if device.type == "cuda" else None
-    return {"tool": "tierstore", "model": model, "device": str(device),
-            "device_budget_bytes": plan.device_budget_bytes, "host_budget_bytes": plan.host_budget_bytes,
-            "prefetch_depth": plan.prefetch_depth, "device_resident": list(plan.device_resident),
-            "bound_gb_per_s": {"disk": probe.get("disk_gbps"), "host->device": link}}
-
-
-@dataclasses.dataclass(frozen=True)
-class OpenedUnits:
-    """What running (or planning) a model needs: the skeleton, the unit source and layouts, the plan, what it was
-    made from, and, for a compressed store, its codec and where each unit's matrices are packed."""
-
-    skeleton: Any
-    source: Any
-    layouts: dict[str, Any]
-    plan: Plan
-    plan_input: PlanInput
-    codec: Codec | None = None
-    packed: dict[str, PackedMatrices] = dataclasses.field(default_factory=dict)
-
-
-def open_units(cfg: Config, checkpoint: Checkpoint, hf_config: Any, device: torch.device, dtype: torch.dtype,
-               trust_remote_code: bool, progress: bool, write: bool = True,
-               draft: DraftCost | None = None) -> OpenedUnits:
-    """Open the units of `checkpoint` and plan them, beside `draft` when one is given. With `write` False no
-    compressed store is written: one that does not exist yet is planned from the layouts it would have."""
-    if cfg.runtime.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ModelError("runtime.attention = \"flash_attention_2\" needs the flash-attn package "
-                         "(pip install 'tierstore[flash]'); or use \"sdpa\"")
-    stored = checkpoint_dtype(hf_config)  # before building the model, which sets the config's dtype to `dtype`
-    skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention)
-    drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
-    source, checkpoint = _open_source(cfg, checkpoint, skeleton, dtype, drop_cache, trust_remote_code, progress)
-    codec, packed = getattr(source, "codec", None), dict(getattr(source, "packed", {}))
-    wanted = Codec.wanted(cfg.compression)
-    if codec is not None and wanted is not None and wanted != codec:
-        raise ConfigError(f"{checkpoint.path} is stored as {codec.name}; compression asks for {wanted.name}: "
-                          f"use the uncompressed model, or compression.format = \"none\"")
-    if codec is None and wanted is not None and write:
-        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=wanted.name)
-        compress(source, skeleton, checkpoint, store_dir, wanted, device, trust_remote_code, progress,
-                 disk_budget_bytes=cfg.budget.disk)
-        close_source(source)
-        source, _ = store_source(store_dir, cfg.io.verify_checksums, dtype, drop_cache)
-        checkpoint, codec, packed = Checkpoint("store", store_dir, checkpoint.name), source.codec, source.packed
-    if codec is None and wanted is not None:  # planning only: the layouts compression would give
-        codec = wanted
-        layouts = {}
-        for key in skeleton.units:
-            layouts[key], unit_packed = compressed_layout(source.layout(key), skeleton.matrices, codec)
-            if unit_packed is not None:
-                packed[key] = unit_packed
-    else:
-        layouts = {key: source.layout(key) for key in skeleton.units}
-    _check_store_matches(checkpoint, skeleton.units, layouts, packed)
-    measured = Budget.measure(cfg.runtime.cache_dir)
-    device_bytes, host_bytes, notes = effective_budgets(cfg.budget, measured, device)
-    reserve = device_reserve_bytes(hf_config, dtype, device, cfg.runtime.device_reserve)
-    if codec is not None:
-        reserve += scratch_bytes(packed, dtype)
-        notes.append(_compression_note(skeleton, layouts, codec, packed, dtype))
-    draft_bytes = draft.reserve_bytes(device) if draft is not None else 0
-    if draft is not None:
-        reserve += draft_bytes
-        notes.append(draft.note(device))
-    notes.append(f"disk reads: {getattr(source, 'read_mode', 'page cache')}")
-    if device.type == "cpu" and dtype != stored:
-        notes.append(f"weights stored in {str(stored).removeprefix('torch.')} run in "
-                     f"{str(dtype).removeprefix('torch.')} on the CPU (--dtype, or dtype=, chooses)")
-    planned_from = plan_input({key: layout.nbytes for key, layout in layouts.items()}, skeleton.schedule,
-                              device_bytes, host_bytes, reserve, cfg.policy, load_probe(cfg.runtime.cache_dir), notes,
-                              device)
-    try:
-        plan = make_plan(planned_from)
-    except BudgetError as exc:
-        if draft is None:
-            raise
-        make_plan(dataclasses.replace(planned_from, device_reserve_bytes=reserve - draft_bytes))
-        close_source(source)  # the model fits without the draft: the draft is what does not fit
-        raise InputError(f"draft {draft.name} needs {format_size(draft_bytes)} ({draft_bytes} bytes) of the device "
-                         f"budget, and the model cannot run in what is left: {exc}") from exc
-    return OpenedUnits(skeleton, source, layouts, plan, planned_from, codec, packed)
-
-
-def _open_source(cfg: Config, checkpoint: Checkpoint, skeleton: Any, dtype: torch.dtype, drop_cache: bool,
-                 trust_remote_code: bool, progress: bool) -> tuple[Any, Checkpoint]:
-    """The unit source of a safetensors directory (read in place) or a layer store, converting safetensors whose
-    names need transformers' conversion rules once; returns it with the checkpoint it reads."""
-    if checkpoint.kind == "safetensors":
-        source = in_place_source(checkpoint, skeleton.units, dtype, drop_cache)
-        if source is not None:
-            return source, checkpoint
-        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
-        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
-                disk_budget_bytes=cfg.budget.disk)
-        checkpoint = Checkpoint("store", store_dir, checkpoint.name)
-    return store_source(checkpoint.path, cfg.io.verify_checksums, dtype, drop_cache)[0], checkpoint
-
-
-def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | None = None, config: Any = None,
-                   trust_remote_code: bool = False, progress: bool = True) -> str:
-    """Write a compressed layer store of `model` into `out_dir` (what `tierstore convert --compress` runs).
-    Norms and embeddings are kept in `dtype` (default: the checkpoint's); matrices are quantized on the GPU when
-    there is one."""
-    cfg = Config.load(config).with_compression(format)
-    codec = Codec.wanted(cfg.compression)
-    if codec is None:
-        raise InputError("compress_model needs a format: nf4 or int8")
-    _, checkpoint, hf_config, device, _ = prepare(model, None, cfg, None, trust_remote_code, progress=progress)
-    dtype = dtype or checkpoint_dtype(hf_config)
-    skeleton = build_skeleton(hf_config, dtype, trust_remote_code)
-    source, checkpoint = _open_source(cfg, checkpoint, skeleton, dtype, False, trust_remote_code, progress)
-    if getattr(source, "codec", None) is not None:
-        raise InputError(f"{checkpoint.path} is already compressed ({source.codec.name})")
-    try:
-        return compress(source, skeleton, checkpoint, out_dir, codec, device, trust_remote_code, progress,
-                        disk_budget_bytes=cfg.budget.disk)
-    finally:
-        close_source(source)
-
-
-def _compression_note(skeleton: Any, layouts: dict[str, Any], codec: Codec, packed: dict[str, PackedMatrices],
-                      dtype: torch.dtype) -> str:
-    plain = sum(p.numel() for p in skeleton.model.parameters()) * dtype.itemsize
-    stored = sum(layout.nbytes for layout in layouts.values())
-    return (f"weights stored as {codec.format} (blocksize {codec.blocksize}): {format_size(stored)} instead of "
-            f"{format_size(plain)} in {str(dtype).removeprefix('torch.')}; each unit dequantized on use into a "
-            f"{format_size(scratch_bytes(packed, dtype))} buffer")
-
-
-def close_source(source: Any) -> None:
-    """Close a unit source's files, if it keeps any open."""
-    closer = getattr(source, "close", None)
-    if closer is not None:
-        closer()
-
-
-def _check_store_matches(checkpoint: Checkpoint, units: dict[str, list[str]], layouts: dict[str, Any],
-                         packed: dict[str, PackedMatrices]) -> None:
-    for key, names in units.items():
-        held = set(layouts[key].slots) | set(packed[key].matrices if key in packed else ())
-        require_tensors(key, names, held, checkpoint.path)

@@ -1,16 +1,135 @@
-"""Reading units in place from safetensors shards: no second copy of the model on disk."""
+"""Where a model's units come from, opened in one straight line: the checkpoint converted if it must be, its
+config, the model skeleton, and the source of the units' bytes: safetensors shards read in place (no second copy
+on disk) or a converted layer store, compressed on first use when the config asks for it."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import logging
 import os
 import threading
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
-from ..units import UnitLayout, require_tensors
-from .layerstore import pread_exact
+from ..compression import Codec, PackedMatrices, compressed_layout
+from ..config import Config
+from ..errors import CheckpointError, ConfigError, ModelError
+from ..units import UnitLayout, UnitSource, require_tensors
+from .checkpoint import checkpoint_dtype, load_config, safetensors_entries
+from .convert import compress, convert, convert_if_needed, default_store_dir
+from .layerstore import LayerStoreSource, pread_exact, read_manifest
+from .resolve import Checkpoint
 from .safetensors_header import TensorEntry
+from .skeleton import Skeleton, build_skeleton
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Units:
+    """A model ready to place: its skeleton, where its units' bytes come from and their layouts, the checkpoint
+    they are read from (after any conversion), its transformers config, the compute dtype, the dtype it was
+    stored in, and for a compressed store the codec and where each unit's matrices are packed."""
+
+    skeleton: Skeleton
+    source: UnitSource
+    layouts: dict[str, UnitLayout]
+    checkpoint: Checkpoint
+    hf_config: Any
+    dtype: torch.dtype
+    stored_dtype: torch.dtype
+    codec: Codec | None = None
+    packed: dict[str, PackedMatrices] = dataclasses.field(default_factory=dict)
+
+    def close(self) -> None:
+        """Close the source's files."""
+        close_source(self.source)
+
+
+def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype: torch.dtype | None,
+               trust_remote_code: bool, progress: bool, write: bool = True) -> Units:
+    """The units of the checkpoint the user named, step by step. With `write` False (planning only) no compressed
+    store is written: one that does not exist yet is described by the layouts it would have."""
+    checkpoint = convert_if_needed(checkpoint, cfg, trust_remote_code, progress)  # GGUF, .bin: a layer store, once
+    hf_config = load_config(checkpoint, trust_remote_code)
+    stored = checkpoint_dtype(hf_config)  # before building the model, which sets the config's dtype to `dtype`
+    dtype = dtype or (stored if device.type == "cuda" else torch.float32)
+    _check_attention(cfg.runtime.attention)
+    skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention)
+    drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
+    source, checkpoint = _open_source(checkpoint, skeleton, cfg, dtype, drop_cache, trust_remote_code, progress)
+    codec, packed = getattr(source, "codec", None), dict(getattr(source, "packed", {}))
+    wanted = Codec.wanted(cfg.compression)
+    if codec is not None and wanted is not None and wanted != codec:
+        close_source(source)
+        raise ConfigError(f"{checkpoint.path} is stored as {codec.name}; compression asks for {wanted.name}: "
+                          f"use the uncompressed model, or compression.format = \"none\"")
+    if codec is None and wanted is not None and write:  # compressed on first use, into the cache
+        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=wanted.name)
+        try:
+            compress(source, skeleton, checkpoint, store_dir, wanted, device, trust_remote_code, progress,
+                     disk_budget_bytes=cfg.budget.disk)
+        finally:
+            close_source(source)
+        source = store_source(store_dir, cfg.io.verify_checksums, dtype, drop_cache)
+        checkpoint, codec, packed = Checkpoint("store", store_dir, checkpoint.name), source.codec, source.packed
+    if codec is None and wanted is not None:  # planning only: the layouts compression would give
+        codec, layouts = wanted, {}
+        for key in skeleton.units:
+            layouts[key], unit_packed = compressed_layout(source.layout(key), skeleton.matrices, codec)
+            if unit_packed is not None:
+                packed[key] = unit_packed
+    else:
+        layouts = {key: source.layout(key) for key in skeleton.units}
+    for key, names in skeleton.units.items():
+        require_tensors(key, names, set(layouts[key].slots) | set(packed[key].matrices if key in packed else ()),
+                        checkpoint.path)
+    return Units(skeleton, source, layouts, checkpoint, hf_config, dtype, stored, codec, packed)
+
+
+def _check_attention(attention: str) -> None:
+    if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("runtime.attention = \"flash_attention_2\" needs the flash-attn package "
+                         "(pip install 'tierstore[flash]'); or use \"sdpa\"")
+
+
+def _open_source(checkpoint: Checkpoint, skeleton: Skeleton, cfg: Config, dtype: torch.dtype, drop_cache: bool,
+                 trust_remote_code: bool, progress: bool) -> tuple[UnitSource, Checkpoint]:
+    """The unit source of a safetensors directory (read in place) or a layer store, converting safetensors whose
+    names need transformers' conversion rules once; returns it with the checkpoint it reads."""
+    if checkpoint.kind == "safetensors":
+        source = in_place_source(checkpoint, skeleton.units, dtype, drop_cache)
+        if source is not None:
+            return source, checkpoint
+        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
+        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
+                disk_budget_bytes=cfg.budget.disk)
+        checkpoint = Checkpoint("store", store_dir, checkpoint.name)
+    return store_source(checkpoint.path, cfg.io.verify_checksums, dtype, drop_cache), checkpoint
+
+
+def in_place_source(checkpoint: Checkpoint, units: dict[str, list[str]], dtype: torch.dtype,
+                    drop_page_cache: bool = False) -> SafetensorsSource | None:
+    """A source reading the safetensors shards in place, or None when names need transformers' conversion."""
+    entries = safetensors_entries(checkpoint.path)
+    wanted = {name for names in units.values() for name in names}
+    if not wanted <= set(entries):
+        return None
+    return SafetensorsSource(entries, units, dtype, drop_page_cache)
+
+
+def store_source(directory: str, verify: bool, dtype: torch.dtype, drop_page_cache: bool = False) -> LayerStoreSource:
+    """The source of a converted layer store, served in `dtype`."""
+    return LayerStoreSource(directory, read_manifest(directory), dtype, verify=verify, drop_page_cache=drop_page_cache)
+
+
+def close_source(source: Any) -> None:
+    """Close a unit source's files, if it keeps any open."""
+    closer = getattr(source, "close", None)
+    if closer is not None:
+        closer()
 
 
 class SafetensorsSource:

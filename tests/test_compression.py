@@ -116,7 +116,8 @@ def test_a_corrupt_compressed_unit_is_refused_before_any_token(tiny_dirs, tmp_pa
 
 
 def test_an_interrupted_compression_resumes_to_the_same_store(tiny_dirs, tmp_path):
-    from tierstore.inference.checkpoint import in_place_source, load_config
+    from tierstore.inference.checkpoint import load_config
+    from tierstore.inference.sources import in_place_source
     from tierstore.inference.convert import compress
     from tierstore.inference.resolve import resolve
     from tierstore.inference.skeleton import build_skeleton
@@ -157,7 +158,7 @@ def test_an_interrupted_compression_resumes_to_the_same_store(tiny_dirs, tmp_pat
 
 
 def test_plan_sizes_units_compressed_without_writing_anything(tiny_dirs, tmp_path):
-    from tierstore.inference.generate import make_plan_for
+    from tierstore.inference.placement import make_plan_for
 
     directory, _ = tiny_dirs("llama")
     config = _config(tmp_path, "nf4")

@@ -48,7 +48,7 @@ __all__ = ["__version__", "AutoModel", "Budget", "BudgetError", "CheckpointError
 def __getattr__(name: str) -> Any:
     # torch-heavy parts load on first use, so `tierstore.policies` and budget parsing stay light.
     if name == "AutoModel":
-        from .inference.model import AutoModel
+        from .inference.auto import AutoModel
         return AutoModel
     if name == "TieredStore":
         from .store import TieredStore

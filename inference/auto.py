@@ -1,0 +1,96 @@
+"""`AutoModel.from_pretrained`: opening a model, as one line of steps.
+
+Resolve what the user named, open its units (converting once if needed), place them (the plan), open the store,
+attach the hooks. Each step is a function called once, from here; `tierstore plan` runs the first three.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from ..budget import Budget
+from ..compression import Decompressor
+from ..config import Config
+from ..files import PAGE_BYTES, check_writable
+from ..policies.planner import Plan
+from ..probe import load_probe
+from ..store import TieredStore
+from ..trace import Tracer
+from ..transfer import make_transfer
+from ..units import align
+from .checkpoint import load_tokenizer
+from .hooks import AttachedHooks
+from .model import TierstoreModel
+from .placement import as_dtype, compute_device, place
+from .resolve import resolve
+from .sources import open_units
+
+log = logging.getLogger(__name__)
+
+
+class AutoModel:
+    """Entry point, named as transformers names its own."""
+
+    @staticmethod
+    def from_pretrained(model: str, budget: Budget | dict[str, Any] | None = None, config: Any = None,
+                        dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
+                        allow_download: bool = False, progress: bool = False,
+                        draft: str | None = None, trace: str | None = None) -> TierstoreModel:
+        """Open `model` (directory, GGUF, layer store, alias or cached Hub id) under `budget`. `draft`: "ngram"
+        or a small model with the same tokenizer (anything `model` may be) for speculative decoding; a model
+        draft is resident on the device and its bytes come out of the device budget. `trace`: a file to write
+        the timeline to after each `generate` (overrides `runtime.trace`)."""
+        from .drafts import check_same_vocabulary, open_draft
+
+        start_s = time.perf_counter()
+        cfg = Config.load(config).with_budget(budget)
+        device = compute_device(cfg.runtime.device)
+        trace = trace or cfg.runtime.trace
+        if trace is not None:
+            check_writable(trace, "trace file")  # refused before anything is converted or read
+        checkpoint = resolve(model, allow_download=allow_download)
+        if draft is not None and draft != "ngram":
+            resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
+        log.info("%s: a %s checkpoint at %s; compute on %s", model, checkpoint.kind, checkpoint.path, device)
+        units = open_units(checkpoint, cfg, device, as_dtype(dtype), trust_remote_code, progress)
+        drafter = None
+        try:
+            drafter, draft_cost = (open_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download,
+                                              progress) if draft is not None else (None, None))
+            tokenizer = load_tokenizer(units.checkpoint, trust_remote_code)
+            if isinstance(drafter, TierstoreModel):
+                check_same_vocabulary(units.hf_config, tokenizer, drafter, draft)
+            plan, planned_from = place(units, cfg, device, draft_cost)
+            host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, PAGE_BYTES)
+                                                            for layout in units.layouts.values()))
+            transfer = make_transfer(device, cfg.io.pinned_memory, host_capacity)
+            tracer = Tracer(trace, device, _trace_meta(model, device, cfg, plan)) if trace is not None else None
+            store = TieredStore(units.source, units.layouts, plan, transfer, reader_threads=cfg.io.reader_threads,
+                                on_event=tracer.store_event if tracer is not None else None)
+            store.disk_stats.budget_bytes = cfg.budget.disk
+            decompressor = Decompressor(units.codec, units.packed, units.dtype, device) if units.codec else None
+            hooks = AttachedHooks(units.skeleton, store, device, decompressor, tracer)
+        except BaseException:
+            if isinstance(drafter, TierstoreModel):
+                drafter.close()
+            units.close()
+            raise
+        log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth %d; "
+                 "ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
+                 len(plan.streamed_from_disk), plan.prefetch_depth, time.perf_counter() - start_s)
+        return TierstoreModel(units.skeleton.model, tokenizer, store, hooks, plan, planned_from, device, cfg,
+                              time.perf_counter() - start_s, decompressor, drafter, draft_cost, tracer)
+
+
+def _trace_meta(model: str, device: torch.device, cfg: Config, plan: Plan) -> dict[str, Any]:
+    """What a trace's reader needs beside the events: the run, and each link's bound from the probe."""
+    probe = load_probe(cfg.runtime.cache_dir) or {}
+    pinned = device.type == "cuda" and cfg.io.pinned_memory
+    link = probe.get("h2d_pinned_gbps" if pinned else "h2d_gbps") if device.type == "cuda" else None
+    return {"tool": "tierstore", "model": model, "device": str(device),
+            "device_budget_bytes": plan.device_budget_bytes, "host_budget_bytes": plan.host_budget_bytes,
+            "prefetch_depth": plan.prefetch_depth, "device_resident": list(plan.device_resident),
+            "bound_gb_per_s": {"disk": probe.get("disk_gbps"), "host->device": link}}

@@ -1,0 +1,100 @@
+"""Placing a model's units on this machine: the compute device and dtype, the budgets measured and capped, the
+device reserve (KV cache, activations, a dequantization buffer, a draft), and the plan `policies/planner.py`
+makes from them. `tierstore plan` runs the same steps without reading any weights."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..budget import Budget
+from ..compression import Codec, scratch_bytes
+from ..config import Config
+from ..errors import BudgetError, InputError
+from ..planning import DraftCost, device_reserve_bytes, effective_budgets, plan_input
+from ..policies.planner import Plan, PlanInput, make_plan
+from ..probe import load_probe
+from ..sizes import format_size
+from .sources import Units
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def compute_device(setting: str) -> torch.device:
+    """The compute device a config asks for; auto = the first GPU if there is one."""
+    if setting == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"runtime.device = {setting!r} but this machine has no usable CUDA GPU")
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A compute dtype as users give it: a torch dtype, its name ("float16", "torch.float16"), or None."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype  # type: ignore[return-value]
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise InputError(f"dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | None = None) -> tuple[Plan, PlanInput]:
+    """The plan for `units` (beside `draft`, when one is given) and what it was made from."""
+    measured = Budget.measure(cfg.runtime.cache_dir)
+    device_bytes, host_bytes, notes = effective_budgets(cfg.budget, measured, device)
+    reserve = device_reserve_bytes(units.hf_config, units.dtype, device, cfg.runtime.device_reserve)
+    if units.codec is not None:
+        reserve += scratch_bytes(units.packed, units.dtype)
+        notes.append(_compression_note(units, units.codec))
+    draft_bytes = draft.reserve_bytes(device) if draft is not None else 0
+    if draft is not None:
+        reserve += draft_bytes
+        notes.append(draft.note(device))
+    notes.append(f"disk reads: {getattr(units.source, 'read_mode', 'page cache')}")
+    if device.type == "cpu" and units.dtype != units.stored_dtype:
+        notes.append(f"weights stored in {_name(units.stored_dtype)} run in {_name(units.dtype)} on the CPU "
+                     f"(--dtype, or dtype=, chooses)")
+    planned_from = plan_input({key: layout.nbytes for key, layout in units.layouts.items()},
+                              units.skeleton.schedule, device_bytes, host_bytes, reserve, cfg.policy,
+                              load_probe(cfg.runtime.cache_dir), notes, device)
+    try:
+        return make_plan(planned_from), planned_from
+    except BudgetError as exc:
+        if draft is None:
+            raise
+        make_plan(dataclasses.replace(planned_from, device_reserve_bytes=reserve - draft_bytes))
+        raise InputError(f"draft {draft.name} needs {format_size(draft_bytes)} ({draft_bytes} bytes) of the device "
+                         f"budget, and the model cannot run in what is left: {exc}") from exc
+
+
+def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: Any, trust_remote_code: bool = False,
+                  allow_download: bool = False, draft: str | None = None) -> Plan:
+    """The plan `from_pretrained` would make (with `draft` beside the model), without reading any weights."""
+    from .drafts import plan_draft
+    from .resolve import resolve
+    from .sources import open_units
+
+    cfg = Config.load(config).with_budget(budget)
+    device = compute_device(cfg.runtime.device)
+    units = open_units(resolve(model, allow_download), cfg, device, None, trust_remote_code, progress=True,
+                       write=False)
+    try:
+        cost = plan_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download) if draft else None
+        return place(units, cfg, device, cost)[0]
+    finally:
+        units.close()
+
+
+def _compression_note(units: Units, codec: Codec) -> str:
+    plain = sum(p.numel() for p in units.skeleton.model.parameters()) * units.dtype.itemsize
+    stored = sum(layout.nbytes for layout in units.layouts.values())
+    return (f"weights stored as {codec.format} (blocksize {codec.blocksize}): {format_size(stored)} instead of "
+            f"{format_size(plain)} in {_name(units.dtype)}; each unit dequantized on use into a "
+            f"{format_size(scratch_bytes(units.packed, units.dtype))} buffer")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
