@@ -149,7 +149,9 @@ class LayerStoreSource:
         finally:
             os.close(fd)
         if self.verify and checksum(out[:nbytes]) != self._checksums[key]:
-            raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; convert the model again")
+            raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; delete the layer store "
+                                  f"{self.directory} and convert again (one in tierstore's cache is rebuilt by the "
+                                  f"next run)")
 
 
 def pread_exact(fd: int, view: memoryview, offset: int, path: str) -> int:
