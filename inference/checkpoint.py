@@ -36,8 +36,9 @@ def load_config(checkpoint: Checkpoint, trust_remote_code: bool = False) -> Any:
         return AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
     except (CheckpointError, ModelError):
         raise
-    except (ValueError, KeyError, OSError) as exc:
-        raise CheckpointError(f"{checkpoint.path}: transformers cannot read the config: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types too
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{checkpoint.path}: transformers cannot read the config: {reason}") from exc
 
 
 def _check_raw_config(raw: dict[str, Any], where: str, trust_remote_code: bool) -> None:
@@ -69,8 +70,9 @@ def load_tokenizer(checkpoint: Checkpoint, trust_remote_code: bool = False) -> A
             return AutoTokenizer.from_pretrained(os.path.dirname(checkpoint.path),
                                                  gguf_file=os.path.basename(checkpoint.path))
         return AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
-        log.warning("%s: no usable tokenizer (%s); pass token ids", checkpoint.path, exc)
+    except (OSError, ValueError, TypeError, ImportError) as exc:  # ImportError: a tokenizer's missing package
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("%s: no usable tokenizer (%s); pass token ids", checkpoint.path, reason)
         return None
 
 

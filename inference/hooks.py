@@ -20,17 +20,25 @@ def _make_hooks(site: HookSite, store: TieredStore,
     key, position = site.key, site.position
     unpack = decompressor.materialize if decompressor is not None and key in decompressor else None
 
+    bound = [False]
+
     def pre_forward(module: nn.Module, args: Any) -> None:
+        if bound[0]:  # bound early, from the parent's forward (see HookSite.bind_from)
+            return
         tensors = store.get(key, position)
         if unpack is not None:
             tensors = unpack(key, tensors)
         for params, attr, tensor, _ in bindings:
             params[attr] = tensors[tensor]
+        bound[0] = True
 
     def post_forward(module: nn.Module, args: Any, output: Any) -> None:
+        if not bound[0]:
+            return
         for params, attr, _, original in bindings:
             params[attr] = original
         store.release(key)
+        bound[0] = False
 
     return pre_forward, post_forward
 
@@ -85,6 +93,9 @@ class AttachedHooks:
                     module._buffers[name] = buffer.to(device)
         for site in skeleton.sites:
             pre_forward, post_forward = _make_hooks(site, store, decompressor)
+            if site.bind_from is not None:  # the same hooks, untraced: each does nothing when the other has
+                self._handles.append(site.bind_from.register_forward_pre_hook(pre_forward))
+                self._handles.append(site.bind_from.register_forward_hook(post_forward))
             if tracer is not None:
                 pre_forward, post_forward = _traced(pre_forward, post_forward, site, store.layouts[site.key].nbytes,
                                                     tracer)

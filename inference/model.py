@@ -184,7 +184,7 @@ class TierstoreModel:
         """generate with the draft: one weight pass verifies each tree of drafted tokens."""
         from .drafts import ModelDraft, NgramDraft
         from .speculation import check_speculation_request, chooser, sampling_warp, speculate
-        from .tree import check_window
+        from .tree import check_mask_support, check_window
 
         check_speculation_request(input_ids.shape[0], kwargs)
         mask = kwargs.get("attention_mask")
@@ -198,8 +198,10 @@ class TierstoreModel:
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         max_new = kwargs.get("max_new_tokens") or settings.max_new_tokens or 20
         check_window(self.model.config, input_ids.shape[1] + max_new, "the model")
+        check_mask_support(self.model.config, "the model")
         if isinstance(self.draft, TierstoreModel):
             check_window(self.draft.model.config, input_ids.shape[1] + max_new, f"draft {self.draft_cost.name}")
+            check_mask_support(self.draft.model.config, f"draft {self.draft_cost.name}")
         if isinstance(self.draft, NgramDraft):
             draft = self.draft
         else:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 from .checkpoint import check_remote_code
 
 
@@ -23,12 +23,16 @@ class Binding:
 
 @dataclasses.dataclass(frozen=True)
 class HookSite:
-    """A module whose forward needs one unit; `position` is its place in the schedule of one pass."""
+    """A module whose forward needs one unit; `position` is its place in the schedule of one pass. `bind_from`:
+    a module whose forward starts earlier and must already see the weights (the input embedding's parent, which
+    some models ask for the embedding's device before calling it); they stay bound until the site's forward ends,
+    or, if it never runs, until `bind_from`'s does."""
 
     module: nn.Module
     key: str
     position: int
     bindings: tuple[Binding, ...]
+    bind_from: nn.Module | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,16 +67,41 @@ def check_architecture(config: object, trust_remote_code: bool) -> None:
                          f"causal LM that transformers knows")
 
 
+def supported_attention(config: object) -> list[str]:
+    """The attention implementations transformers' class for `config` declares it supports."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    supported = ["eager"]
+    if getattr(model_class, "_supports_sdpa", False):
+        supported.append("sdpa")
+    if getattr(model_class, "_supports_flash_attn", False):
+        supported += ["flash_attention_2", "flash_attention_4"]
+    return supported
+
+
+def _architecture(config: object) -> str:
+    return (getattr(config, "architectures", None) or [getattr(config, "model_type", "this model")])[0]
+
+
 def build_skeleton(config: object, dtype: torch.dtype, trust_remote_code: bool = False,
-                   attn_implementation: str = "sdpa") -> Skeleton:
-    """Build the model with parameters on `meta` (buffers real, on the CPU) and find its units."""
+                   attn_implementation: str | None = None) -> Skeleton:
+    """Build the model with parameters on `meta` (buffers real, on the CPU) and find its units. Attention is
+    transformers' choice for the architecture unless `attn_implementation` names one ("auto" or None: choose)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     check_architecture(config, trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 attn_implementation=attn_implementation)
+    chosen = {} if attn_implementation in (None, "auto") else {"attn_implementation": attn_implementation}
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **chosen)
+    except (ValueError, ImportError) as exc:
+        if not chosen or "attention" not in str(exc):
+            raise
+        raise ConfigError(f"runtime.attention = {attn_implementation!r}: {_architecture(config)} does not support "
+                          f"it; it supports {', '.join(supported_attention(config))}") from exc
     model.tie_weights()  # not done on meta by from_config; tied weights become one unit below
     model.eval()
     model.requires_grad_(False)
@@ -121,13 +150,16 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList]) -> Skeleton:
         tensor, key = canonical[id(param)]
         site_bindings.setdefault(site, []).append(Binding(module, attr, tensor, param))
     order = [name for name, _ in model.named_modules() if name in site_bindings]
+    embedding = model.get_input_embeddings()
     sites = []
     for position, site in enumerate(order):
         keys = {canonical[id(b.original)][1] for b in site_bindings[site]}
         if len(keys) != 1:
             raise ModelError(f"module {site!r} uses parameters of several units ({sorted(keys)}); "
                              f"this layout is not supported")
-        sites.append(HookSite(site_modules[site], keys.pop(), position, tuple(site_bindings[site])))
+        bind_from = model.get_submodule(site.rsplit(".", 1)[0]) if site_modules[site] is embedding and "." in site \
+            else None
+        sites.append(HookSite(site_modules[site], keys.pop(), position, tuple(site_bindings[site]), bind_from))
     return Skeleton(model, units, tuple(sites), frozenset(matrices))
 
 

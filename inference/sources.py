@@ -90,9 +90,16 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
 
 
 def _check_attention(attention: str) -> None:
+    """A flash kernel asked for by name needs its package installed (and, for flash-attn-4, a CUDA GPU)."""
     if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelError("runtime.attention = \"flash_attention_2\" needs the flash-attn package "
                          "(pip install 'tierstore[flash]'); or use \"sdpa\"")
+    if attention == "flash_attention_4":
+        from transformers.utils import is_flash_attn_4_available
+
+        if not is_flash_attn_4_available():
+            raise ModelError("runtime.attention = \"flash_attention_4\" needs the flash-attn-4 package and a CUDA "
+                             "GPU (pip install 'tierstore[flash4]'); or use \"sdpa\"")
 
 
 def _open_source(checkpoint: Checkpoint, skeleton: Skeleton, cfg: Config, dtype: torch.dtype, drop_cache: bool,

@@ -99,6 +99,14 @@ def check_window(config: Any, total_tokens: int, name: str) -> None:
                          f"tokens; this one would have {total_tokens} (use fewer tokens, or no draft)")
 
 
+def check_mask_support(config: Any, name: str) -> None:
+    """The tree is verified with a 4D attention mask, which eager and SDPA attention take and flash kernels do not."""
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation not in ("sdpa", "eager"):
+        raise InputError(f"{name}: speculative decoding verifies a tree of tokens with an attention mask, which "
+                         f"{implementation} does not take; use runtime.attention = \"sdpa\" or \"eager\"")
+
+
 def _layers(cache: object) -> list:
     layers = getattr(cache, "layers", None)
     if layers is None:

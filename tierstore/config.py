@@ -86,6 +86,7 @@ def _device(key: str, value: Any) -> Any:
 
 
 COMPRESSION_FORMATS = ("nf4", "int8")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_4")  # transformers' names
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' block-wise kernels accept
 
 
@@ -132,8 +133,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
     },
     "runtime": {
         "device": (_device, AUTO, "compute device: auto, cpu, cuda or cuda:N"),
-        "attention": (_choice("sdpa", "eager", "flash_attention_2"), "sdpa",
-                      "attention kernels: sdpa (PyTorch's, flash on GPU), eager, or flash_attention_2 (flash-attn)"),
+        "attention": (_choice(AUTO, *ATTENTION), AUTO,
+                      "attention kernels: auto = transformers' choice for the architecture (sdpa where it supports "
+                      "it, else eager); sdpa (PyTorch's, flash kernels on a GPU), eager, flash_attention_2 "
+                      "(flash-attn) or flash_attention_4 (flash-attn-4, Hopper and Blackwell GPUs)"),
         "device_reserve": (_size_or_none, AUTO, "device bytes kept for activations and KV cache; auto = estimated"),
         "cache_dir": (_path, "~/.cache/tierstore", "where converted layer stores are written"),
         "trace": (_file_or_none, "", "write a timeline of reads, copies, compute and stalls here (Chrome trace "
