@@ -195,12 +195,14 @@ def _probe(args: argparse.Namespace) -> int:
     from .placement import compute_device
 
     config = Config.load(args.config)
-    result = run_probe(config.runtime.cache_dir, compute_device(config.runtime.device))
+    result = run_probe(config.runtime.cache_dir, compute_device(config.runtime.device),
+                       reader_threads=config.io.reader_threads)
     table = Table(title="tierstore probe")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for name, value in result.items():
-        table.add_row(name, format_size(int(value)) if name.endswith("bytes") else f"{value:.2f}")
+        table.add_row(name, format_size(int(value)) if name.endswith("bytes") else
+                      str(int(value)) if name.endswith("threads") else f"{value:.2f}")
     _console().print(table)
     return 0
 

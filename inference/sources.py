@@ -95,9 +95,14 @@ def _check_attention(attention: str) -> None:
         raise ModelError("runtime.attention = \"flash_attention_2\" needs the flash-attn package "
                          "(pip install 'tierstore[flash]'); or use \"sdpa\"")
     if attention == "flash_attention_4":
-        from transformers.utils import is_flash_attn_4_available
+        import transformers
+        import transformers.utils
 
-        if not is_flash_attn_4_available():
+        available = getattr(transformers.utils, "is_flash_attn_4_available", None)
+        if available is None:
+            raise ModelError(f"runtime.attention = \"flash_attention_4\" needs transformers with flash-attn-4 "
+                             f"support; this is transformers {transformers.__version__}")
+        if not available():
             raise ModelError("runtime.attention = \"flash_attention_4\" needs the flash-attn-4 package and a CUDA "
                              "GPU (pip install 'tierstore[flash4]'); or use \"sdpa\"")
 

@@ -1,20 +1,25 @@
-"""Measuring this machine: host-to-device GB/s (pinned and pageable), disk GB/s past the page cache, free memory.
+"""Measuring this machine: host-to-device GB/s (pinned and pageable), disk GB/s past the page cache as the store's
+parallel readers see it, free memory.
 
 Results are cached as JSON in the cache directory; the planner reads them to predict time per pass.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .budget import Budget
-from .files import write_atomic
+from .files import PAGE_BYTES, write_atomic
 
 PROBE_FILE = "probe.json"
+DISK_UNIT_BYTES = 200 * 2**20  # about a 7B model's decoder layer in fp16
 
 
 def load_probe(cache_dir: str) -> dict[str, float] | None:
@@ -44,29 +49,55 @@ def _h2d_gbps(device: torch.device, pinned: bool, nbytes: int, repeats: int = 5)
     return nbytes / sorted(times)[len(times) // 2] / 1e9
 
 
-def _disk_gbps(directory: str, nbytes: int) -> float:
-    """Write a file, drop it from the page cache, time reading it back."""
+def _disk_gbps(directory: str, nbytes: int, threads: int, unit_bytes: int) -> float:
+    """What the store's readers get: `threads` threads reading `unit_bytes` units in parallel, past the page cache
+    (O_DIRECT where the file system takes it, as layer stores are read on a GPU; else after dropping the pages)."""
     os.makedirs(directory, exist_ok=True)
+    unit_bytes = max(PAGE_BYTES, unit_bytes // PAGE_BYTES * PAGE_BYTES)
+    units = max(threads, nbytes // unit_bytes)
     block = os.urandom(1 << 20) * 16
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-") as handle:
-        for _ in range(max(1, nbytes // len(block))):
-            handle.write(block)
+        written = 0
+        while written < units * unit_bytes:
+            written += handle.write(block[:units * unit_bytes - written])
         handle.flush()
         os.fsync(handle.fileno())
-        size = os.fstat(handle.fileno()).st_size
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        buffer = bytearray(16 << 20)
-        view = memoryview(buffer)
-        start = time.perf_counter()
-        with open(handle.name, "rb", buffering=0) as reader:
-            while reader.readinto(view):
-                pass
-        return size / (time.perf_counter() - start) / 1e9
+        try:
+            fd = os.open(handle.name, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:  # no O_DIRECT on this file system: the pages were dropped above
+            fd = os.open(handle.name, os.O_RDONLY)
+        buffers: list[mmap.mmap] = []
+        local = threading.local()
+
+        def read(index: int) -> None:
+            if not hasattr(local, "buffer"):  # one page-aligned buffer per reader, as O_DIRECT needs
+                local.buffer = mmap.mmap(-1, unit_bytes)
+                buffers.append(local.buffer)
+            view = memoryview(local.buffer)
+            offset = index * unit_bytes
+            while view:
+                got = os.preadv(fd, [view], offset)
+                if got <= 0:
+                    raise OSError(f"probe file ended at byte {offset}")
+                view, offset = view[got:], offset + got
+
+        try:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(read, range(units)))
+            elapsed = time.perf_counter() - start
+        finally:
+            os.close(fd)
+            for buffer in buffers:
+                buffer.close()
+        return units * unit_bytes / elapsed / 1e9
 
 
-def run_probe(cache_dir: str, device: torch.device, nbytes: int = 256 * 2**20,
-              disk_nbytes: int = 512 * 2**20) -> dict[str, float]:
-    """Measure, cache under `cache_dir`, and return the numbers."""
+def run_probe(cache_dir: str, device: torch.device, nbytes: int = 256 * 2**20, disk_nbytes: int = 1024 * 2**20,
+              reader_threads: int = 4, unit_bytes: int = DISK_UNIT_BYTES) -> dict[str, float]:
+    """Measure, cache under `cache_dir`, and return the numbers. The disk is read as the store reads it:
+    `reader_threads` (io.reader_threads) in parallel, `unit_bytes` at a time."""
     measured = Budget.measure(cache_dir)
     result: dict[str, float] = {
         "free_vram_bytes": float(measured.vram or 0),
@@ -74,7 +105,9 @@ def run_probe(cache_dir: str, device: torch.device, nbytes: int = 256 * 2**20,
         "free_disk_bytes": float(measured.disk or 0),
         "h2d_pinned_gbps": _h2d_gbps(device, True, nbytes),
         "h2d_gbps": _h2d_gbps(device, False, nbytes),
-        "disk_gbps": _disk_gbps(cache_dir, disk_nbytes),
+        "disk_gbps": _disk_gbps(cache_dir, disk_nbytes, reader_threads, unit_bytes),
+        "disk_reader_threads": float(reader_threads),
+        "disk_unit_bytes": float(unit_bytes),
     }
     os.makedirs(cache_dir, exist_ok=True)
     write_atomic(os.path.join(cache_dir, PROBE_FILE), json.dumps(result, indent=1).encode())
