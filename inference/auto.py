@@ -56,7 +56,7 @@ class AutoModel:
             resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
         log.info("%s: a %s checkpoint at %s; compute on %s", model, checkpoint.kind, checkpoint.path, device)
         units = open_units(checkpoint, cfg, device, as_dtype(dtype), trust_remote_code, progress)
-        drafter = None
+        drafter = store = None
         try:
             drafter, draft_cost = (open_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download,
                                               progress) if draft is not None else (None, None))
@@ -73,9 +73,11 @@ class AutoModel:
             store.disk_stats.budget_bytes = cfg.budget.disk
             decompressor = Decompressor(units.codec, units.packed, units.dtype, device) if units.codec else None
             hooks = AttachedHooks(units.skeleton, store, device, decompressor, tracer)
-        except BaseException:
+        except BaseException:  # give back what was opened: the draft, the store's threads and memory, the files
             if isinstance(drafter, TierstoreModel):
                 drafter.close()
+            if store is not None:
+                store.close()
             units.close()
             raise
         log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth %d; "

@@ -53,8 +53,8 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     if draft is not None:
         reserve += draft_bytes
         notes.append(draft.note(device))
-    notes.append(f"disk reads: {getattr(units.source, 'read_mode', 'page cache')}; attention: "
-                 f"{units.skeleton.model.config._attn_implementation}")
+    notes.append(f"disk reads: {getattr(units.source, 'read_mode', 'page cache')}")
+    notes.append(f"attention: {units.skeleton.model.config._attn_implementation}")
     if device.type == "cpu" and units.dtype != units.stored_dtype:
         notes.append(f"weights stored in {_name(units.stored_dtype)} run in {_name(units.dtype)} on the CPU "
                      f"(--dtype, or dtype=, chooses)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import os
 import threading
 from collections.abc import Hashable, Mapping, Sequence
@@ -23,8 +22,6 @@ from .layerstore import LayerStoreSource, pread_exact, read_manifest
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry
 from .skeleton import Skeleton, build_skeleton
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +80,13 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
                 packed[key] = unit_packed
     else:
         layouts = {key: source.layout(key) for key in skeleton.units}
-    for key, names in skeleton.units.items():
-        require_tensors(key, names, set(layouts[key].slots) | set(packed[key].matrices if key in packed else ()),
-                        checkpoint.path)
+    try:
+        for key, names in skeleton.units.items():
+            held = set(layouts[key].slots) | set(packed[key].matrices if key in packed else ())
+            require_tensors(key, names, held, checkpoint.path)
+    except CheckpointError:
+        close_source(source)
+        raise
     return Units(skeleton, source, layouts, checkpoint, hf_config, dtype, stored, codec, packed)
 
 
