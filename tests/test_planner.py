@@ -76,3 +76,22 @@ def test_resident_layers_are_spread_so_copies_overlap_compute():
     assert 4 <= sum(resident) <= 7, plan.device_resident
     longest_streamed_run = max(len(run) for run in "".join("s" if not r else "r" for r in resident).split("r"))
     assert longest_streamed_run <= 2, resident
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"device": 500 * MB, "host": 2000 * MB}, "not measured"),  # streams, but no probe: no 0.0 and no bound
+    ({"device": 500 * MB, "host": 500 * MB, "h2d_gbps": 50.0}, "not measured"),  # the disk's rate unknown
+    ({"device": 2000 * MB, "host": 500 * MB, "h2d_gbps": 50.0, "disk_gbps": 2.0}, "bound by compute"),
+    ({"device": 500 * MB, "host": 2000 * MB, "h2d_gbps": 50.0, "unpredictable": "on a CPU ..."}, "on a CPU"),
+])
+def test_an_unknown_prediction_says_why_instead_of_a_number(kw, words):
+    plan = _plan(kw.pop("device"), kw.pop("host"), **kw)
+    assert plan.predicted["step_s"] is None and plan.predicted["bound"] is None
+    assert words in plan.predicted["unknown"]
+
+
+def test_a_bad_policy_name_is_a_config_error():
+    from tierstore import ConfigError
+
+    with pytest.raises(ConfigError, match="device_policy: unknown policy 'random'"):
+        _plan(500 * MB, 2000 * MB, device_policy="random")
