@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ModelError
+from ..errors import CheckpointError, ModelError, first_line
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry, read_header
 
@@ -37,8 +37,7 @@ def load_config(checkpoint: Checkpoint, trust_remote_code: bool = False) -> Any:
     except (CheckpointError, ModelError):
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types too
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{checkpoint.path}: transformers cannot read the config: {reason}") from exc
+        raise CheckpointError(f"{checkpoint.path}: transformers cannot read the config: {first_line(exc)}") from exc
 
 
 def _check_raw_config(raw: dict[str, Any], where: str, trust_remote_code: bool) -> None:
@@ -71,9 +70,13 @@ def load_tokenizer(checkpoint: Checkpoint, trust_remote_code: bool = False) -> A
                                                  gguf_file=os.path.basename(checkpoint.path))
         return AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, ImportError) as exc:  # ImportError: a tokenizer's missing package
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        log.warning("%s: no usable tokenizer (%s); pass token ids", checkpoint.path, reason)
+        log.warning("%s: no usable tokenizer (%s); pass token ids", checkpoint.path, first_line(exc))
         return None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as users write it: "float16"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def checkpoint_dtype(config: Any, fallback: torch.dtype = torch.float32) -> torch.dtype:

@@ -12,6 +12,8 @@ from ..budget import Budget
 from ..config import COMPRESSION_FORMATS
 from ..errors import InputError, TierstoreError
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype takes; placement.as_dtype reads the same names
+
 
 class _Help(argparse.HelpFormatter):
     """Help that shows each option's default where it has one worth showing."""
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, help="when sampling: keep the k most likely tokens")
     gen.add_argument("--seed", type=int, help="random seed when sampling (default: a fresh one, printed in the "
                                               "report's notes)")
-    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+    gen.add_argument("--dtype", choices=DTYPE_NAMES,
                      help="compute dtype (default: the checkpoint's on a GPU, float32 on a CPU)")
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as it is")
     gen.add_argument("--report-json", help="write the report (tokens, text, tiers, timing, plan) here")
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a checkpoint into a layer store")
     conv.add_argument("model")
     conv.add_argument("out_dir")
-    conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="store weights in this dtype")
+    conv.add_argument("--dtype", choices=DTYPE_NAMES, help="store weights in this dtype")
     conv.add_argument("--compress", choices=COMPRESSION_FORMATS, help="write a compressed store (matrices in nf4 or "
                                                                   "int8, the rest in --dtype)")
     conv.add_argument("--config", help="TOML config file (budget.disk caps the store's size)")
@@ -153,14 +155,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..config import Config
     from .convert import convert
+    from .placement import as_dtype
     from .resolve import resolve
 
-    from ..config import Config
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = as_dtype(args.dtype)
     config = Config.load(args.config)
     if args.compress:
         from .convert import compress_model

@@ -27,7 +27,7 @@ from ..errors import BudgetError, CheckpointError, InputError, TierstoreError
 from ..files import write_atomic
 from ..sizes import format_size
 from ..units import UnitLayout, UnitSource
-from .checkpoint import checkpoint_dtype, load_config, load_tokenizer, safetensors_entries
+from .checkpoint import checkpoint_dtype, dtype_name, load_config, load_tokenizer, safetensors_entries
 from .layerstore import (
     FORMAT,
     MANIFEST,
@@ -93,7 +93,8 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
             trust_remote_code: bool = False, progress: bool = True, disk_budget_bytes: int | None = None) -> str:
     """Write the layer store of `checkpoint` into `out_dir` (resuming a killed run); returns `out_dir`. Refuses
     a finished store of another dtype or format there, and a store larger than `disk_budget_bytes`."""
-    with _store_writer(out_dir, _dtype_name(dtype), None) as finished:
+    requested = dtype_name(dtype) if dtype is not None else None  # None: each tensor as the checkpoint stores it
+    with _store_writer(out_dir, requested, None) as finished:
         if finished:
             log.info("layer store of %s already in %s", checkpoint.path, out_dir)
             return out_dir
@@ -119,7 +120,7 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
         if missing:
             raise CheckpointError(f"{checkpoint.path}: no weights for unit {missing[0]!r} "
                                   f"({len(missing)} units incomplete)")
-        _write_metadata(out_dir, checkpoint, config, records, trust_remote_code, dtype=_dtype_name(dtype))
+        _write_metadata(out_dir, checkpoint, config, records, trust_remote_code, dtype=requested)
     return out_dir
 
 
@@ -282,10 +283,6 @@ def _require_room(out_dir: str, needed: int, disk_budget_bytes: int | None) -> N
     free = shutil.disk_usage(out_dir).free
     if needed > free:
         raise CheckpointError(f"{out_dir}: conversion needs {format_size(needed)}, only {format_size(free)} free")
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _write_metadata(out_dir: str, checkpoint: Checkpoint, config: Any, records: dict[str, Any],

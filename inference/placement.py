@@ -16,6 +16,7 @@ from ..planning import DraftCost, device_reserve_bytes, effective_budgets, plan_
 from ..policies.planner import Plan, PlanInput, make_plan
 from ..probe import load_probe
 from ..sizes import format_size
+from .checkpoint import dtype_name
 from .sources import Units
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -35,7 +36,7 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A compute dtype as users give it: a torch dtype, its name ("float16", "torch.float16"), or None."""
     if dtype is None or dtype in DTYPES.values():
         return dtype  # type: ignore[return-value]
-    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else dtype_name(dtype)
     if name not in DTYPES:
         raise InputError(f"dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -56,8 +57,8 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     notes.append(f"disk reads: {getattr(units.source, 'read_mode', 'page cache')}")
     notes.append(f"attention: {units.skeleton.model.config._attn_implementation}")
     if device.type == "cpu" and units.dtype != units.stored_dtype:
-        notes.append(f"weights stored in {_name(units.stored_dtype)} run in {_name(units.dtype)} on the CPU "
-                     f"(--dtype, or dtype=, chooses)")
+        notes.append(f"weights stored in {dtype_name(units.stored_dtype)} run in {dtype_name(units.dtype)} on the "
+                     f"CPU (--dtype, or dtype=, chooses)")
     planned_from = plan_input({key: layout.nbytes for key, layout in units.layouts.items()},
                               units.skeleton.schedule, device_bytes, host_bytes, reserve, cfg.policy,
                               load_probe(cfg.runtime.cache_dir), notes, device)
@@ -93,9 +94,5 @@ def _compression_note(units: Units, codec: Codec) -> str:
     plain = sum(p.numel() for p in units.skeleton.model.parameters()) * units.dtype.itemsize
     stored = sum(layout.nbytes for layout in units.layouts.values())
     return (f"weights stored as {codec.format} (blocksize {codec.blocksize}): {format_size(stored)} instead of "
-            f"{format_size(plain)} in {_name(units.dtype)}; each unit dequantized on use into a "
+            f"{format_size(plain)} in {dtype_name(units.dtype)}; each unit dequantized on use into a "
             f"{format_size(scratch_bytes(units.packed, units.dtype))} buffer")
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -41,8 +41,10 @@ from .errors import (
 )
 from .sizes import format_size, parse_size
 
-__all__ = ["__version__", "AutoModel", "Budget", "BudgetError", "CheckpointError", "Config", "ConfigError", "InputError",
-           "ModelError", "TierstoreError", "TieredStore", "format_size", "parse_size"]
+__all__ = [
+    "__version__", "AutoModel", "Budget", "BudgetError", "CheckpointError", "Config", "ConfigError", "InputError",
+    "ModelError", "TierstoreError", "TieredStore", "format_size", "parse_size"
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,11 @@
 """Errors a user can act on. Each message names the field, key, file or size that was wrong."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of another library's error message (some span a page), or its type when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class TierstoreError(Exception):
     """Base class of every error tierstore raises for bad input or bad data."""
 

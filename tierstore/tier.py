@@ -77,19 +77,11 @@ class Tier:
     def set_budget(self, budget_bytes: int) -> list[Key]:
         """A new budget (a re-plan); returns the victims to remove, by the policy, for what is held to fit it.
         BudgetError when units in use keep it over. The peak restarts from what will be held."""
-        victims: list[Key] = []
-        used = self.stats.used_bytes
-        candidates = self.evictable()
-        while used > budget_bytes:
-            victim = self.policy.victim(candidates)
-            if victim is None:
-                raise BudgetError(f"{self.name} tier: units in use while re-planning to "
-                                  f"{format_size(budget_bytes)}")
-            candidates.discard(victim)
-            victims.append(victim)
-            used -= self._sizes[victim]
+        victims = self._victims(self.stats.used_bytes - budget_bytes)
+        if victims is None:
+            raise BudgetError(f"{self.name} tier: units in use while re-planning to {format_size(budget_bytes)}")
         self.stats.budget_bytes = budget_bytes
-        self.stats.peak_bytes = used
+        self.stats.peak_bytes = self.stats.used_bytes - sum(self._sizes[victim] for victim in victims)
         return victims
 
     def evictable(self) -> set[Key]:
@@ -107,16 +99,19 @@ class Tier:
         if nbytes > budget:
             raise BudgetError(f"{self.name} tier budget {format_size(budget)} cannot hold unit {key!r}: "
                               f"it needs {nbytes} bytes ({format_size(nbytes)})")
+        return self._victims(nbytes - (budget - self.stats.used_bytes))
+
+    def _victims(self, nbytes: int) -> list[Key] | None:
+        """Evictable units, in the policy's order, that free at least `nbytes`; None if pinned ones forbid it."""
         victims: list[Key] = []
-        free = budget - self.stats.used_bytes
         candidates = self.evictable()
-        while free < nbytes:
+        while nbytes > 0:
             victim = self.policy.victim(candidates)
             if victim is None:
                 return None
             candidates.discard(victim)
             victims.append(victim)
-            free += self._sizes[victim]
+            nbytes -= self._sizes[victim]
         return victims
 
     def admit(self, key: Key, nbytes: int) -> None:
