@@ -49,11 +49,11 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
                trust_remote_code: bool, progress: bool, write: bool = True) -> Units:
     """The units of the checkpoint the user named, step by step. With `write` False (planning only) no compressed
     store is written: one that does not exist yet is described by the layouts it would have."""
+    _check_attention(cfg.runtime.attention)  # before anything is converted
     checkpoint = convert_if_needed(checkpoint, cfg, trust_remote_code, progress)  # GGUF, .bin: a layer store, once
     hf_config = load_config(checkpoint, trust_remote_code)
     stored = checkpoint_dtype(hf_config)  # before building the model, which sets the config's dtype to `dtype`
     dtype = dtype or (stored if device.type == "cuda" else torch.float32)
-    _check_attention(cfg.runtime.attention)
     skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention)
     drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
     source, checkpoint = _open_source(checkpoint, skeleton, cfg, dtype, drop_cache, trust_remote_code, progress)
