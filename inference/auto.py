@@ -22,6 +22,7 @@ from ..trace import Tracer
 from ..transfer import make_transfer
 from ..units import align
 from .checkpoint import load_tokenizer
+from .experts import open_experts
 from .hooks import AttachedHooks
 from .model import TierstoreModel
 from .placement import as_dtype, compute_device, place
@@ -56,7 +57,7 @@ class AutoModel:
             resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
         log.info("%s: a %s checkpoint at %s; compute on %s", model, checkpoint.kind, checkpoint.path, device)
         units = open_units(checkpoint, cfg, device, as_dtype(dtype), trust_remote_code, progress)
-        drafter = store = None
+        drafter = store = experts = None
         try:
             drafter, draft_cost = (open_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download,
                                               progress) if draft is not None else (None, None))
@@ -64,18 +65,26 @@ class AutoModel:
             if isinstance(drafter, TierstoreModel):
                 check_same_vocabulary(units.hf_config, tokenizer, drafter, draft)
             plan, planned_from = place(units, cfg, device, draft_cost)
-            host_capacity = min(plan.host_budget_bytes, sum(align(layout.nbytes, PAGE_BYTES)
-                                                            for layout in units.layouts.values()))
-            transfer = make_transfer(device, cfg.io.pinned_memory, host_capacity)
+            expert_keys = units.skeleton.expert_keys
+            dense = {key: layout for key, layout in units.layouts.items() if key not in expert_keys}
             tracer = Tracer(trace, device, _trace_meta(model, device, cfg, plan)) if trace is not None else None
-            store = TieredStore(units.source, units.layouts, plan, transfer, reader_threads=cfg.io.reader_threads,
-                                on_event=tracer.store_event if tracer is not None else None)
+            on_event = tracer.store_event if tracer is not None else None
+            transfer = make_transfer(device, cfg.io.pinned_memory, _host_capacity(plan.host_budget_bytes, dense))
+            store = TieredStore(units.source, dense, plan, transfer, reader_threads=cfg.io.reader_threads,
+                                on_event=on_event)
             store.disk_stats.budget_bytes = cfg.budget.disk
+            if plan.experts is not None:
+                experts = open_experts(units.skeleton.experts, units.source, units.layouts, plan.experts, store,
+                                       make_transfer(device, cfg.io.pinned_memory, _host_capacity(
+                                           plan.experts.host_bytes, {k: units.layouts[k] for k in expert_keys})),
+                                       cfg.io.reader_threads, on_event)
             decompressor = Decompressor(units.codec, units.packed, units.dtype, device) if units.codec else None
             hooks = AttachedHooks(units.skeleton, store, device, decompressor, tracer)
         except BaseException:  # give back what was opened: the draft, the store's threads and memory, the files
             if isinstance(drafter, TierstoreModel):
                 drafter.close()
+            if experts is not None:
+                experts.close()
             if store is not None:
                 store.close()
             units.close()
@@ -84,7 +93,12 @@ class AutoModel:
                  "ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
                  len(plan.streamed_from_disk), plan.prefetch_depth, time.perf_counter() - start_s)
         return TierstoreModel(units.skeleton.model, tokenizer, store, hooks, plan, planned_from, device, cfg,
-                              time.perf_counter() - start_s, decompressor, drafter, draft_cost, tracer)
+                              time.perf_counter() - start_s, decompressor, drafter, draft_cost, tracer, experts)
+
+
+def _host_capacity(budget_bytes: int, layouts: dict[str, Any]) -> int:
+    """The pinned arena for a store: its host budget, or all of its units when they take less."""
+    return min(budget_bytes, sum(align(layout.nbytes, PAGE_BYTES) for layout in layouts.values()))
 
 
 def _trace_meta(model: str, device: torch.device, cfg: Config, plan: Plan) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from .layerstore import (
     unit_filename,
 )
 from .resolve import Checkpoint
-from .skeleton import Skeleton, build_skeleton
+from .skeleton import Skeleton, build_skeleton, parse_slice
 
 log = logging.getLogger(__name__)
 _LOCK = ".lock"
@@ -57,10 +57,15 @@ def convert_if_needed(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bo
     safetensors and layer stores are read as they are."""
     if checkpoint.kind not in ("gguf", "bin"):
         return checkpoint
-    store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
+    store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=store_variant(cfg))
     convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
-            disk_budget_bytes=cfg.budget.disk)
+            disk_budget_bytes=cfg.budget.disk, split_experts=cfg.splits_experts)
     return Checkpoint("store", store_dir, checkpoint.name)
+
+
+def store_variant(cfg: Config) -> str:
+    """The cache key's variant of a plain conversion: experts kept whole inside their layers is another store."""
+    return "" if cfg.splits_experts else "whole-experts"
 
 
 def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | None = None, config: Any = None,
@@ -79,7 +84,9 @@ def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | N
     device = compute_device(cfg.runtime.device)
     checkpoint = convert_if_needed(resolve(model), cfg, trust_remote_code, progress)
     dtype = dtype or checkpoint_dtype(load_config(checkpoint, trust_remote_code))
-    units = open_units(checkpoint, cfg.with_compression("none"), device, dtype, trust_remote_code, progress)
+    # the base is read as compression will pack it: experts whole inside their layers (see Config.splits_experts)
+    units = open_units(checkpoint, cfg.with_compression("none").without_expert_streaming(), device, dtype,
+                       trust_remote_code, progress)
     try:
         if units.codec is not None:
             raise InputError(f"{units.checkpoint.path} is already compressed ({units.codec.name})")
@@ -90,9 +97,11 @@ def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | N
 
 
 def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = None,
-            trust_remote_code: bool = False, progress: bool = True, disk_budget_bytes: int | None = None) -> str:
+            trust_remote_code: bool = False, progress: bool = True, disk_budget_bytes: int | None = None,
+            split_experts: bool = True) -> str:
     """Write the layer store of `checkpoint` into `out_dir` (resuming a killed run); returns `out_dir`. Refuses
-    a finished store of another dtype or format there, and a store larger than `disk_budget_bytes`."""
+    a finished store of another dtype or format there, and a store larger than `disk_budget_bytes`. With
+    `split_experts`, each routed expert of a mixture-of-experts layer is a unit: a file of its own."""
     requested = dtype_name(dtype) if dtype is not None else None  # None: each tensor as the checkpoint stores it
     with _store_writer(out_dir, requested, None) as finished:
         if finished:
@@ -100,22 +109,26 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
             return out_dir
         log.info("converting %s into the layer store %s", checkpoint.path, out_dir)
         config = load_config(checkpoint, trust_remote_code)
-        skeleton = build_skeleton(config, torch.float32, trust_remote_code)
+        skeleton = build_skeleton(config, torch.float32, trust_remote_code, split_experts=split_experts)
         done = _finished_units(out_dir)
         _require_room(out_dir, _plain_bytes(skeleton, done, dtype), disk_budget_bytes)
         records = dict(done)
-        owner = {name: key for key, names in skeleton.units.items() for name in names}
+        owners: dict[str, list[tuple[str, str, int | None]]] = {}  # tensor -> (unit key, name there, expert)
+        for key, names in skeleton.units.items():
+            for name in names:
+                tensor, expert = parse_slice(name)
+                owners.setdefault(tensor, []).append((key, name, expert))
         pending: dict[str, dict[str, torch.Tensor]] = {}
         with _progress(progress, len(skeleton.units), len(done)) as advance:
             for shard in _shards(checkpoint, skeleton):
-                for name, tensor in shard.items():
-                    key = owner.get(name)
-                    if key is None or key in records:
-                        continue
-                    pending.setdefault(key, {})[name] = tensor
-                    if len(pending[key]) == len(skeleton.units[key]):
-                        records[key] = _write_unit(out_dir, key, pending.pop(key), skeleton.units[key], dtype)
-                        advance()
+                for tensor_name, tensor in shard.items():
+                    for key, name, expert in owners.get(tensor_name, ()):
+                        if key in records:
+                            continue
+                        pending.setdefault(key, {})[name] = tensor if expert is None else tensor[expert]
+                        if len(pending[key]) == len(skeleton.units[key]):
+                            records[key] = _write_unit(out_dir, key, pending.pop(key), skeleton.units[key], dtype)
+                            advance()
         missing = [key for key in skeleton.units if key not in records]
         if missing:
             raise CheckpointError(f"{checkpoint.path}: no weights for unit {missing[0]!r} "
@@ -271,8 +284,14 @@ def _plain_bytes(skeleton: Skeleton, done: dict[str, Any], dtype: torch.dtype | 
     itemsize = {name: (dtype.itemsize if dtype is not None and p.is_floating_point() else p.dtype.itemsize)
                 for name, p in skeleton.model.named_parameters()}
     numel = {name: p.numel() for name, p in skeleton.model.named_parameters()}
-    return sum(numel[name] * itemsize[name] for key, names in skeleton.units.items() if key not in done
-               for name in names if name in numel)
+    rows = {name: p.shape[0] if p.dim() else 1 for name, p in skeleton.model.named_parameters()}
+    total = 0
+    for key, names in skeleton.units.items():
+        for name in names if key not in done else ():
+            tensor, expert = parse_slice(name)
+            if tensor in numel:
+                total += numel[tensor] * itemsize[tensor] // (rows[tensor] if expert is not None else 1)
+    return total
 
 
 def _require_room(out_dir: str, needed: int, disk_budget_bytes: int | None) -> None:

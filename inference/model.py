@@ -20,12 +20,14 @@ from ..compression import Decompressor
 from ..config import Config
 from ..errors import BudgetError, InputError
 from ..planning import ACTIVATION_SLACK_BYTES, DraftCost, kv_bytes_per_token
+from ..policies.experts import with_experts
 from ..policies.planner import Plan, PlanInput, make_plan
 from ..policies.speculation import DEFAULT_MAX_DEPTH, DepthPolicy
 from ..report import RunReport, Timing
 from ..sizes import format_size
 from ..store import TieredStore
 from ..trace import TOKENS, Tracer
+from .experts import ExpertRunner
 from .hooks import AttachedHooks
 from .sources import close_source
 from .speculation import SpeculationStats
@@ -65,8 +67,10 @@ class TierstoreModel:
     def __init__(self, model: Any, tokenizer: Any, store: TieredStore, hooks: AttachedHooks, plan: Plan,
                  plan_input: PlanInput, device: torch.device, config: Config, setup_s: float,
                  decompressor: Decompressor | None = None, draft: Any = None,
-                 draft_cost: DraftCost | None = None, tracer: Tracer | None = None) -> None:
+                 draft_cost: DraftCost | None = None, tracer: Tracer | None = None,
+                 experts: ExpertRunner | None = None) -> None:
         self.model = model
+        self.experts = experts  # routed experts fetched as picked (a mixture-of-experts model), or None
         self.tracer = tracer
         self.plan_input = plan_input
         self.tokenizer = tokenizer
@@ -113,6 +117,8 @@ class TierstoreModel:
         notes = self._fit_kv_cache(input_ids.shape[0] * total, kwargs)
         input_ids = input_ids.to(self.device)
         self.store.reset_counters()
+        if self.experts is not None:
+            self.experts.reset()
         if self.tracer is not None:
             self.tracer.anchor()
         if self.draft is not None:
@@ -168,8 +174,13 @@ class TierstoreModel:
                   + scratch + draft)
         if needed <= self.plan.device_reserve_bytes:
             return []
-        try:
-            plan = make_plan(dataclasses.replace(self.plan_input, device_reserve_bytes=needed))
+        experts = self.plan.experts
+        slots = experts.device_slots * experts.expert_bytes if experts is not None else 0
+        try:  # the experts' device slots are allocated once: the dense units make room around them
+            wanted = dataclasses.replace(self.plan_input, device_reserve_bytes=needed, experts=None)
+            plan = make_plan(dataclasses.replace(wanted, device_reserve_bytes=needed + slots))
+            if experts is not None:
+                plan = with_experts(plan, experts, wanted)
         except BudgetError as exc:
             raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(needed)} of KV cache and "
                              f"activations (and the dequantization buffer and draft), more than the device budget "
@@ -227,9 +238,15 @@ class TierstoreModel:
 
     def report(self) -> RunReport:
         """The run report of the last `generate` call: its timing and its tier counters."""
-        return RunReport(plan=self.plan, tiers=self.store.tier_stats(), timing=self._timing,
+        tiers = dict(self.store.tier_stats())
+        experts = None
+        if self.experts is not None:
+            tiers.update({f"experts {name}": stats for name, stats in self.experts.store.tier_stats().items()})
+            experts = self.experts.stats.to_dict(self.plan.experts.layers, self.plan.experts.experts_per_layer)
+        return RunReport(plan=self.plan, tiers=tiers, timing=self._timing,
                          device=str(self.device), setup_s=self.setup_s, notes=[*self._budget_notes(), *self._notes],
-                         speculation=self._speculation.to_dict() if self._speculation is not None else None)
+                         speculation=self._speculation.to_dict() if self._speculation is not None else None,
+                         experts=experts)
 
     def _budget_notes(self) -> list[str]:
         """How the device budget asked for is shared out, when part of it is not weights."""
@@ -262,6 +279,8 @@ class TierstoreModel:
         if isinstance(self.draft, TierstoreModel):
             self.draft.close()
         self._hooks.detach()
+        if self.experts is not None:
+            self.experts.close()
         self.store.close()
         self.decompressor = None
         close_source(self.store.source)

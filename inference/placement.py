@@ -11,8 +11,9 @@ import torch
 from ..budget import Budget
 from ..compression import Codec, scratch_bytes
 from ..config import Config
-from ..errors import BudgetError, InputError
+from ..errors import BudgetError, InputError, ModelError
 from ..planning import DraftCost, device_reserve_bytes, effective_budgets, plan_input
+from ..policies.experts import ExpertsInput
 from ..policies.planner import Plan, PlanInput, make_plan
 from ..probe import load_probe
 from ..sizes import format_size
@@ -59,9 +60,16 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     if device.type == "cpu" and units.dtype != units.stored_dtype:
         notes.append(f"weights stored in {dtype_name(units.stored_dtype)} run in {dtype_name(units.dtype)} on the "
                      f"CPU (--dtype, or dtype=, chooses)")
+    experts = experts_input(units, cfg)
+    if experts is not None:
+        notes.append(f"experts: {experts.total_experts} units of {format_size(experts.expert_bytes)} "
+                     f"({experts.layers} layers x {experts.experts_per_layer}, {experts.top_k} per token), moved only "
+                     f"when routed to; kernel {units.skeleton.model.config._experts_implementation}")
+    routers = {g.router: 1 for g in units.skeleton.experts if g.router} if experts is not None else None
     planned_from = plan_input({key: layout.nbytes for key, layout in units.layouts.items()},
                               units.skeleton.schedule, device_bytes, host_bytes, reserve, cfg.policy,
-                              load_probe(cfg.runtime.cache_dir), notes, device)
+                              load_probe(cfg.runtime.cache_dir), notes, device, extra_uses=routers)
+    planned_from = dataclasses.replace(planned_from, experts=experts)
     try:
         return make_plan(planned_from), planned_from
     except BudgetError as exc:
@@ -70,6 +78,21 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
         make_plan(dataclasses.replace(planned_from, device_reserve_bytes=reserve - draft_bytes))
         raise InputError(f"draft {draft.name} needs {format_size(draft_bytes)} ({draft_bytes} bytes) of the device "
                          f"budget, and the model cannot run in what is left: {exc}") from exc
+
+
+def experts_input(units: Units, cfg: Config) -> ExpertsInput | None:
+    """The routed experts as the planner sees them, or None for a model without expert units."""
+    groups = units.skeleton.experts
+    if not groups:
+        return None
+    sizes = {units.layouts[key].nbytes for group in groups for key in group.keys}
+    if len(sizes) != 1:
+        raise ModelError(f"experts of different sizes ({sorted(sizes)} bytes) cannot share the device slots; set "
+                         f"experts.streaming = false")
+    return ExpertsInput(layers=len(groups), experts_per_layer=groups[0].num_experts, top_k=groups[0].top_k,
+                        expert_bytes=sizes.pop(), device_policy=cfg.experts.device_policy,
+                        host_policy=cfg.experts.host_policy, prefetch=cfg.experts.prefetch,
+                        predictable=all(group.router for group in groups[1:]))
 
 
 def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: Any, trust_remote_code: bool = False,

@@ -36,19 +36,61 @@ class HookSite:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertGroup:
+    """The routed experts of one mixture-of-experts layer, each expert a unit of its own.
+
+    transformers keeps a layer's experts fused: each parameter of `module` (`attrs`) is a 3-D tensor with one
+    slice per expert. Expert `e` is unit `keys[e]`, holding slice `e` of each, named `"<tensor>[e]"` (see
+    `expert_slice`). `router`: the unit holding the layer's router weight (`router_tensor`), its own site so that
+    it can stay resident and predict this layer's experts from an earlier layer's hidden state."""
+
+    layer: str
+    module: nn.Module
+    attrs: tuple[tuple[str, str], ...]  # (parameter attribute, full tensor name)
+    keys: tuple[str, ...]
+    top_k: int
+    router: str | None = None
+    router_tensor: str | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.keys)
+
+
+@dataclasses.dataclass(frozen=True)
 class Skeleton:
     """The meta model, its units (key -> parameter names) and where to hook them, in execution order.
     `matrices`: the decoder layers' weight matrices, which compression may pack (embeddings, the output layer and
-    norms stay as they are, as transformers' own 4/8-bit loading leaves them)."""
+    norms stay as they are, as transformers' own 4/8-bit loading leaves them). `experts`: the MoE layers whose
+    experts are units of their own, fetched as the router picks them (not in the schedule)."""
 
     model: nn.Module
     units: dict[str, list[str]]
     sites: tuple[HookSite, ...]
     matrices: frozenset[str] = frozenset()
+    experts: tuple[ExpertGroup, ...] = ()
 
     @property
     def schedule(self) -> list[str]:
         return [site.key for site in self.sites]
+
+    @property
+    def expert_keys(self) -> frozenset[str]:
+        return frozenset(key for group in self.experts for key in group.keys)
+
+
+def expert_slice(tensor: str, expert: int) -> str:
+    """The name of expert `expert`'s slice of a fused experts tensor."""
+    return f"{tensor}[{expert}]"
+
+
+def parse_slice(name: str) -> tuple[str, int | None]:
+    """(tensor, expert) for a slice name, (name, None) for a whole tensor."""
+    if name.endswith("]") and "[" in name:
+        tensor, index = name[:-1].rsplit("[", 1)
+        if index.isdigit():
+            return tensor, int(index)
+    return name, None
 
 
 def check_architecture(config: object, trust_remote_code: bool) -> None:
@@ -85,9 +127,12 @@ def _architecture(config: object) -> str:
 
 
 def build_skeleton(config: object, dtype: torch.dtype, trust_remote_code: bool = False,
-                   attn_implementation: str | None = None) -> Skeleton:
+                   attn_implementation: str | None = None, split_experts: bool = False,
+                   experts_implementation: str | None = None) -> Skeleton:
     """Build the model with parameters on `meta` (buffers real, on the CPU) and find its units. Attention is
-    transformers' choice for the architecture unless `attn_implementation` names one ("auto" or None: choose)."""
+    transformers' choice for the architecture unless `attn_implementation` names one ("auto" or None: choose).
+    `split_experts`: each routed expert of a mixture-of-experts layer is a unit of its own (see ExpertGroup);
+    `experts_implementation`: transformers' kernel for the experts ("grouped_mm", "batched_mm", "eager")."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -102,10 +147,38 @@ def build_skeleton(config: object, dtype: torch.dtype, trust_remote_code: bool =
             raise
         raise ConfigError(f"runtime.attention = {attn_implementation!r}: {_architecture(config)} does not support "
                           f"it; it supports {', '.join(supported_attention(config))}") from exc
+    if experts_implementation not in (None, "auto") and any(hasattr(m, "_is_expert_parallel") for m in model.modules()):
+        model.set_experts_implementation(experts_implementation)
     model.tie_weights()  # not done on meta by from_config; tied weights become one unit below
     model.eval()
     model.requires_grad_(False)
-    return _cut(model, _decoder_layers(model, config))
+    layers = _decoder_layers(model, config)
+    return _cut(model, layers, _expert_modules(model, layers[0], config) if split_experts else {})
+
+
+def _expert_modules(model: nn.Module, layers_name: str, config: object) -> dict[str, tuple[str | None, int]]:
+    """Fused experts modules of the decoder layers, by name, with their router's name (None if not found) and top
+    k. An experts module is one transformers dispatches through its experts interface (`use_experts_implementation`:
+    called with the hidden states, the routed indices and their weights); other layouts stay inside their layer."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    top_k = getattr(text, "num_experts_per_tok", None) or getattr(text, "moe_topk", None)
+    found: dict[str, tuple[str | None, int]] = {}
+    first: dict[str, object] = {}
+    for name, module in model.named_modules():
+        count = getattr(module, "num_experts", None)
+        if not (name.startswith(layers_name + ".") and hasattr(module, "_is_expert_parallel")
+                and isinstance(count, int) and isinstance(top_k, int) and 0 < top_k <= count):
+            continue
+        fused = [p for p in module._parameters.values() if p is not None and p.dim() >= 1 and p.shape[0] == count]
+        signature = [(p.dtype, tuple(p.shape[1:])) for p in fused]
+        if not fused or signature != first.setdefault("signature", signature):
+            continue  # the device slots hold experts of one shape; others stay inside their layer
+        parent_name = name.rsplit(".", 1)[0]
+        router = next((f"{parent_name}.{child}" for child, sub in model.get_submodule(parent_name).named_children()
+                       if sub is not module and getattr(sub, "weight", None) is not None
+                       and sub.weight.dim() == 2 and sub.weight.shape[0] == count), None)
+        found[name] = (router, top_k)
+    return found
 
 
 def _decoder_layers(model: nn.Module, config: object) -> tuple[str, nn.ModuleList]:
@@ -125,8 +198,10 @@ def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, n
                 yield module_name, module, attr, param
 
 
-def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList]) -> Skeleton:
-    """Units: one per decoder layer, one per other module owning parameters. Tied weights resolved here, once."""
+def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList],
+         experts: dict[str, tuple[str | None, int]]) -> Skeleton:
+    """Units: one per decoder layer, one per other module owning parameters, and for each experts module in
+    `experts` one per expert plus one for its router. Tied weights resolved here, once."""
     layers_name, layer_list = layers
     prefix = layers_name + "."
     canonical: dict[int, tuple[str, str]] = {}  # id(param) -> (tensor name, unit key)
@@ -135,9 +210,17 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList]) -> Skeleton:
     site_bindings: dict[str, list[Binding]] = {}
     site_modules: dict[str, nn.Module] = {name: layer for name, layer in
                                          ((f"{layers_name}.{i}", layer) for i, layer in enumerate(layer_list))}
+    routers = {router: name for name, (router, _) in experts.items() if router is not None}
+    fused: dict[str, list[tuple[str, str]]] = {name: [] for name in experts}
     for module_name, module, attr, param in _owned_parameters(model):
         tensor = f"{module_name}.{attr}" if module_name else attr
-        if module_name.startswith(prefix):
+        if module_name in experts and param.dim() >= 1 and param.shape[0] == module.num_experts:
+            fused[module_name].append((attr, tensor))  # sliced into expert units below
+            continue
+        if module_name in routers:
+            site = module_name
+            site_modules.setdefault(site, module)
+        elif module_name.startswith(prefix):
             site = prefix + module_name[len(prefix):].split(".", 1)[0]
         else:
             site = module_name
@@ -160,11 +243,21 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList]) -> Skeleton:
         bind_from = model.get_submodule(site.rsplit(".", 1)[0]) if site_modules[site] is embedding and "." in site \
             else None
         sites.append(HookSite(site_modules[site], keys.pop(), position, tuple(site_bindings[site]), bind_from))
-    return Skeleton(model, units, tuple(sites), frozenset(matrices))
+    groups = []
+    for name, (router, top_k) in experts.items():
+        module = model.get_submodule(name)
+        layer = _unit_key(prefix + name[len(prefix):].split(".", 1)[0], layers_name)
+        keys = tuple(f"{layer}.experts.{e}" for e in range(module.num_experts))
+        for e, key in enumerate(keys):
+            units[key] = [expert_slice(tensor, e) for _, tensor in fused[name]]  # never compressed: no matrices
+        router_key = _unit_key(router, layers_name) if router is not None and router in site_bindings else None
+        groups.append(ExpertGroup(layer, module, tuple(fused[name]), keys, top_k, router_key,
+                                  f"{router}.weight" if router_key is not None else None))
+    return Skeleton(model, units, tuple(sites), frozenset(matrices), tuple(groups))
 
 
 def _unit_key(site: str, layers_name: str) -> str:
-    """Short, file-name-safe unit keys: layers.3, embed_tokens, norm, lm_head."""
+    """Short, file-name-safe unit keys: layers.3, layers.3.mlp.gate (a router), embed_tokens, norm, lm_head."""
     if site.startswith(layers_name + "."):
         return "layers." + site[len(layers_name) + 1:]
     return site.split(".", 1)[1] if site.startswith("model.") else site

@@ -17,11 +17,11 @@ from ..config import Config
 from ..errors import CheckpointError, ConfigError, ModelError
 from ..units import UnitLayout, UnitSource, require_tensors
 from .checkpoint import checkpoint_dtype, load_config, safetensors_entries
-from .convert import compress, convert, convert_if_needed, default_store_dir
+from .convert import compress, convert, convert_if_needed, default_store_dir, store_variant
 from .layerstore import LayerStoreSource, pread_exact, read_manifest
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry
-from .skeleton import Skeleton, build_skeleton
+from .skeleton import Skeleton, build_skeleton, parse_slice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,8 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
     hf_config = load_config(checkpoint, trust_remote_code)
     stored = checkpoint_dtype(hf_config)  # before building the model, which sets the config's dtype to `dtype`
     dtype = dtype or (stored if device.type == "cuda" else torch.float32)
-    skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention)
+    skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention,
+                              split_experts=cfg.splits_experts, experts_implementation=_experts_kernel(cfg))
     drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
     source, checkpoint = _open_source(checkpoint, skeleton, cfg, dtype, drop_cache, trust_remote_code, progress)
     codec, packed = getattr(source, "codec", None), dict(getattr(source, "packed", {}))
@@ -116,21 +117,45 @@ def _open_source(checkpoint: Checkpoint, skeleton: Skeleton, cfg: Config, dtype:
         source = in_place_source(checkpoint, skeleton.units, dtype, drop_cache)
         if source is not None:
             return source, checkpoint
-        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None)
+        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=store_variant(cfg))
         convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
-                disk_budget_bytes=cfg.budget.disk)
+                disk_budget_bytes=cfg.budget.disk, split_experts=cfg.splits_experts)
         checkpoint = Checkpoint("store", store_dir, checkpoint.name)
     return store_source(checkpoint.path, cfg.io.verify_checksums, dtype, drop_cache), checkpoint
 
 
+def _experts_kernel(cfg: Config) -> str | None:
+    """transformers' experts kernel: the configured one, or grouped_mm under expert streaming (exact there, and
+    the fastest on GPUs); None leaves transformers' default."""
+    if cfg.experts.implementation != "auto":
+        return cfg.experts.implementation
+    return "grouped_mm" if cfg.splits_experts else None
+
+
 def in_place_source(checkpoint: Checkpoint, units: dict[str, list[str]], dtype: torch.dtype,
                     drop_page_cache: bool = False) -> SafetensorsSource | None:
-    """A source reading the safetensors shards in place, or None when names need transformers' conversion."""
+    """A source reading the safetensors shards in place, or None when names need transformers' conversion. An
+    expert's slice of a fused experts tensor is one contiguous byte range of it, read in place too."""
     entries = safetensors_entries(checkpoint.path)
     wanted = {name for names in units.values() for name in names}
+    entries = {**entries, **_slice_entries(entries, wanted)}
     if not wanted <= set(entries):
         return None
     return SafetensorsSource(entries, units, dtype, drop_page_cache)
+
+
+def _slice_entries(entries: Mapping[str, TensorEntry], names: set[str]) -> dict[str, TensorEntry]:
+    """Entries for the expert slices among `names` (see `skeleton.expert_slice`) whose fused tensor is there."""
+    sliced = {}
+    for name in names:
+        tensor, expert = parse_slice(name)
+        entry = entries.get(tensor)
+        if expert is None or entry is None or not entry.shape or expert >= entry.shape[0]:
+            continue
+        row_bytes = (entry.end - entry.start) // entry.shape[0]
+        start = entry.start + expert * row_bytes
+        sliced[name] = TensorEntry(entry.path, start, start + row_bytes, entry.dtype, tuple(entry.shape[1:]))
+    return sliced
 
 
 def store_source(directory: str, verify: bool, dtype: torch.dtype, drop_page_cache: bool = False) -> LayerStoreSource:

@@ -65,26 +65,31 @@ class MRU(LRU):
 
 
 class LFU(_Ordered):
-    """Least frequently used goes; ties go to the oldest insertion."""
+    """Least frequently used goes, with decay: each access counts 2**(1/half_life) times more than the one before,
+    so a count halves in weight after `half_life_accesses` later accesses (to any key) and a unit popular long ago
+    does not stay forever. Counts outlive eviction (the keys are a model's units, a bounded set), so a popular unit
+comes back with its history. Ties go to the oldest insertion."""
 
-    def __init__(self) -> None:
+    def __init__(self, half_life_accesses: int = 4096) -> None:
         super().__init__()
-        self._count: dict[Key, int] = {}
+        self._count: dict[Key, float] = {}
+        self._growth = 2.0 ** (1.0 / half_life_accesses)
+        self._weight = 1.0
 
     def on_insert(self, key: Key, nbytes: int) -> None:
         super().on_insert(key, nbytes)
-        self._count.setdefault(key, 0)
+        self._count.setdefault(key, 0.0)
 
     def on_access(self, key: Key) -> None:
-        self._count[key] = self._count.get(key, 0) + 1
-
-    def on_remove(self, key: Key) -> None:
-        super().on_remove(key)
-        self._count.pop(key, None)
+        self._count[key] = self._count.get(key, 0.0) + self._weight
+        self._weight *= self._growth
+        if self._weight > 1e100:  # rescale: only the ratios matter
+            self._count = {k: c / self._weight for k, c in self._count.items()}
+            self._weight = 1.0
 
     def victim(self, candidates: Set[Key]) -> Key | None:
         present = [key for key in self._order if key in candidates]
-        return min(present, key=lambda key: self._count.get(key, 0), default=None)
+        return min(present, key=lambda key: self._count.get(key, 0.0), default=None)
 
 
 class Belady:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import BudgetError, ConfigError
 from ..sizes import format_size
@@ -41,6 +42,7 @@ class PlanInput:
     prefetch_depth: int | None = None
     notes: tuple[str, ...] = ()
     unpredictable: str | None = None  # why no time per pass can be predicted (e.g. the compute device is a CPU)
+    experts: Any = None  # experts.ExpertsInput: a mixture-of-experts model's routed experts, planned as a cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +70,12 @@ class Plan:
     predicted: dict[str, float | str | None]
     schedule: tuple[str, ...]
     notes: tuple[str, ...]
+    experts: Any = None  # experts.ExpertPlan of a mixture-of-experts model whose experts are units
 
     def to_dict(self) -> dict[str, object]:
         """The plan as JSON-serialisable data."""
-        return {field.name: (list(value) if isinstance(value, tuple) else value)
+        return {field.name: (list(value) if isinstance(value, tuple) else
+                             value.to_dict() if hasattr(value, "to_dict") else value)
                 for field in dataclasses.fields(self) for value in [getattr(self, field.name)]}
 
 
@@ -157,7 +161,12 @@ def _place_in_host(units: list[UnitInfo], through_host: list[UnitInfo], device_r
 
 def make_plan(data: PlanInput) -> Plan:
     """Place every unit (device tier first, then host; the rest is read from disk each pass), choose the
-    policies and the prefetch depths, and predict the time of one pass."""
+    policies and the prefetch depths, and predict the time of one pass. Routed experts are planned after the
+    dense units, in the room they leave (policies/experts.py)."""
+    if data.experts is not None:
+        from .experts import make_moe_plan
+
+        return make_moe_plan(dataclasses.replace(data, experts=None), data.experts)
     _check_policies(data)
     units = list(data.units)
     notes = list(data.notes)

@@ -32,13 +32,16 @@ def causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def tiny(model_type: str):
-    """(model, None) for a tiny random-weight model of `model_type`, or (None, why it was skipped)."""
+def tiny(model_type: str, **overrides):
+    """(model, None) for a tiny random-weight model of `model_type` (its text config's `overrides` set), or (None,
+    why it was skipped)."""
     from accelerate import init_empty_weights
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     try:
         config = _shrunk_config(CONFIG_MAPPING[model_type])
+        for key, value in overrides.items():
+            setattr(config.get_text_config(), key, value)
         if getattr(config, "is_encoder_decoder", False):
             return None, "encoder-decoder"
         with init_empty_weights():
@@ -104,7 +107,8 @@ def sweep_one(model_type: str, root: str) -> tuple[str, str]:
     try:
         config = {"runtime": {"cache_dir": os.path.join(root, "cache"), "device": "cpu"}}
         with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
-            sizes = sorted(layout.nbytes for layout in whole.store.layouts.values())
+            layouts = {**whole.store.layouts, **(whole.experts.store.layouts if whole.experts else {})}
+            sizes = sorted(layout.nbytes for layout in layouts.values())
         largest, rest = sizes[-1], sum(sizes[:-1])
         budget = tierstore.Budget(vram=largest + rest // 3, ram=largest + rest // 2)  # some units stream
         with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:

@@ -87,6 +87,8 @@ def _device(key: str, value: Any) -> Any:
 
 COMPRESSION_FORMATS = ("nf4", "int8")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_4")  # transformers' names
+EXPERT_POLICIES = ("lfu", "lru", "fifo")
+EXPERT_KERNELS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts_implementation names
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' block-wise kernels accept
 
 
@@ -131,6 +133,20 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "depth": (_int_or_auto(1), AUTO, "draft tree levels per pass; auto = as deep as pays (measured), at most 32"),
         "ngram": (_int(1), 3, "ngram draft: longest n-gram matched"),
     },
+    "experts": {
+        "streaming": (_bool, True, "mixture-of-experts models: each routed expert is a unit of its own, moved only "
+                                   "when a token is routed to it; false = whole layers (also with compression)"),
+        "device_policy": (_choice(AUTO, *EXPERT_POLICIES), AUTO,
+                          "eviction policy of the experts cached on the device; auto = lfu (frequency with decay)"),
+        "host_policy": (_choice(AUTO, *EXPERT_POLICIES), AUTO,
+                        "eviction policy of the experts kept in host RAM; auto = lfu (frequency with decay)"),
+        "prefetch": (_choice(AUTO, "router", "none"), AUTO,
+                     "router = run the next MoE layer's router on the current hidden state and start copying the "
+                     "experts it picks; auto = router"),
+        "implementation": (_choice(AUTO, *EXPERT_KERNELS), AUTO,
+                           "transformers' experts kernel; auto = grouped_mm (the fastest on GPUs, and exact under "
+                           "expert streaming; eager sums a token's experts in cache order)"),
+    },
     "runtime": {
         "device": (_device, AUTO, "compute device: auto, cpu, cuda or cuda:N"),
         "attention": (_choice(AUTO, *ATTENTION), AUTO,
@@ -154,6 +170,7 @@ PolicyConfig = _frozen("policy")
 IOConfig = _frozen("io")
 CompressionConfig = _frozen("compression")
 SpeculationConfig = _frozen("speculation")
+ExpertsConfig = _frozen("experts")
 RuntimeConfig = _frozen("runtime")
 
 
@@ -167,6 +184,7 @@ class Config:
     compression: Any
     runtime: Any
     speculation: Any
+    experts: Any
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "Config":
@@ -189,7 +207,8 @@ class Config:
         return cls(budget=Budget(**values["budget"]), policy=PolicyConfig(**values["policy"]),
                    io=IOConfig(**values["io"]), compression=CompressionConfig(**values["compression"]),
                    runtime=RuntimeConfig(**values["runtime"]),
-                   speculation=SpeculationConfig(**values["speculation"]))
+                   speculation=SpeculationConfig(**values["speculation"]),
+                   experts=ExpertsConfig(**values["experts"]))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> "Config":
@@ -229,7 +248,18 @@ class Config:
         """The validated values, JSON-serialisable (None means auto)."""
         return {"budget": self.budget.to_dict(), "policy": dataclasses.asdict(self.policy),
                 "io": dataclasses.asdict(self.io), "compression": dataclasses.asdict(self.compression),
-                "runtime": dataclasses.asdict(self.runtime), "speculation": dataclasses.asdict(self.speculation)}
+                "runtime": dataclasses.asdict(self.runtime), "speculation": dataclasses.asdict(self.speculation),
+                "experts": dataclasses.asdict(self.experts)}
+
+    @property
+    def splits_experts(self) -> bool:
+        """Whether mixture-of-experts layers are cut into one unit per expert (not with compression, whose
+        dequantization buffer holds one unit at a time)."""
+        return bool(self.experts.streaming) and self.compression.format == "none"
+
+    def without_expert_streaming(self) -> "Config":
+        """This config with `experts.streaming` off."""
+        return dataclasses.replace(self, experts=dataclasses.replace(self.experts, streaming=False))
 
     def with_compression(self, format: str | None) -> "Config":
         """This config with `compression.format` replaced (None keeps it); validated like the file's value."""

@@ -99,9 +99,10 @@ class DraftCost:
 
 def plan_input(unit_bytes: Mapping[str, int], schedule: list[str], device_bytes: int, host_bytes: int,
                reserve_bytes: int, policy: object, probe: Mapping[str, float] | None,
-               notes: list[str], device: torch.device) -> PlanInput:
-    """The planner's input, units listed in first-use order with their uses per pass."""
-    uses = Counter(schedule)
+               notes: list[str], device: torch.device, extra_uses: Mapping[str, int] | None = None) -> PlanInput:
+    """The planner's input, units listed in first-use order with their uses per pass (`extra_uses`: uses outside
+    the schedule, such as a router also predicting for an earlier layer)."""
+    uses = Counter(schedule) + Counter(extra_uses or {})
     order = list(dict.fromkeys(schedule))
     probe = probe or {}
     return PlanInput(

@@ -46,6 +46,7 @@ class RunReport:
     setup_s: float = 0.0
     notes: list[str] = dataclasses.field(default_factory=list)
     speculation: dict[str, Any] | None = None  # SpeculationStats.to_dict() of a run with a draft
+    experts: dict[str, Any] | None = None  # ExpertStats.to_dict() of a mixture-of-experts run
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report as JSON-serialisable data."""
@@ -61,7 +62,18 @@ class RunReport:
             "plan": self.plan.to_dict(),
             "notes": list(self.notes),
             "speculation": self.speculation,
+            "experts": self._experts(timing),
         }
+
+    def _experts(self, timing: dict[str, Any]) -> dict[str, Any] | None:
+        """The routing counters plus what the experts' tiers moved per pass and per token."""
+        if self.experts is None:
+            return None
+        passes = self.experts["calls"] // max(self.plan.experts.layers, 1) if self.plan.experts else 0
+        copied = self.tiers["experts device"].bytes_in
+        tokens = timing["new_tokens"] * timing["batch_size"]
+        return {**self.experts, "passes": passes, "h2d_bytes_per_pass": copied / passes if passes else None,
+                "h2d_bytes_per_token": copied / tokens if tokens else None}
 
     def tables(self) -> list[Table]:
         """The report as rich tables: tiers, then timing against the plan."""
@@ -89,6 +101,8 @@ class RunReport:
         tables = [tiers, run]
         if self.speculation is not None:
             tables.append(_speculation_table(self.speculation))
+        if data["experts"] is not None:
+            tables.append(_experts_table(data["experts"]))
         if self.plan.notes or self.notes:
             notes = Table(title="notes", show_header=False)
             notes.add_column("note")
@@ -119,6 +133,20 @@ def _speculation_table(data: dict[str, Any]) -> Table:
     return table
 
 
+def _experts_table(data: dict[str, Any]) -> Table:
+    table = Table(title="experts")
+    for column in ("layer calls", "routed/call", "experts touched", "busiest 10% share", "prediction recall",
+                   "chunked calls", "copied/pass", "copied/token"):
+        table.add_column(column, justify="right")
+    calls = data["calls"]
+    table.add_row(str(calls), _fmt(data["routed"] / calls if calls else None, "{:.1f}"),
+                  str(data["experts_touched"]), _fmt(data["busiest_tenth_share"], "{:.1%}"),
+                  _fmt(data["prediction_recall"], "{:.1%}"), str(data["chunked_calls"]),
+                  _fmt(data["h2d_bytes_per_pass"], "{}", format_size), _fmt(data["h2d_bytes_per_token"], "{}",
+                                                                              format_size))
+    return table
+
+
 def plan_table(plan: Plan) -> Table:
     """The plan as a table: placement per unit group, policies and the predicted time per pass."""
     table = Table(title=f"tierstore plan: {plan.regime}")
@@ -138,10 +166,29 @@ def plan_table(plan: Plan) -> Table:
                            f"disk {format_size(plan.disk_bytes_per_pass)}"),
         ("predicted s per pass", _prediction(plan.predicted)),
     ]
+    if plan.experts is not None:
+        rows[-1:-1] = _expert_rows(plan.experts)
     rows += [("note", note) for note in plan.notes]
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _expert_rows(experts: Any) -> list[tuple[str, str]]:
+    """Where the experts live, and what a pass moves at batch 1 and 32 (uniform routing)."""
+    total = experts.total_experts
+    rows = [("experts", f"{total} units of {format_size(experts.expert_bytes)} ({experts.layers} layers x "
+                        f"{experts.experts_per_layer}, {experts.top_k} routed per token)"),
+            ("experts placement", f"device {experts.device_slots} slots ({format_size(experts.device_slots * experts.expert_bytes)}, "
+                                  f"{experts.device_policy}), host {experts.host_experts} "
+                                  f"({format_size(experts.host_experts * experts.expert_bytes)}, {experts.host_policy}), "
+                                  f"disk {total - experts.host_experts}; prefetch {experts.prefetch}")]
+    for batch in (1, 32):
+        h2d, disk = experts.moved_bytes(batch)
+        rows.append((f"expert bytes per pass, batch {batch}",
+                     f"routed {format_size(experts.routed_bytes(batch))}, host->device {format_size(h2d)}, disk "
+                     f"{format_size(disk)} (uniform routing)"))
+    return rows
 
 
 def _prediction(predicted: dict[str, float | str | None]) -> str:
@@ -160,5 +207,7 @@ def _keys(keys: tuple[str, ...]) -> str:
     return f"{len(keys)} units: {', '.join(keys[:3])}, ..., {keys[-1]}"
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else spec.format(value)
+def _fmt(value: float | None, spec: str, convert: Any = None) -> str:
+    if value is None:
+        return "-"
+    return spec.format(convert(value) if convert is not None else value)

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from .errors import BudgetError
+from .errors import BudgetError, InvariantError
 from .policies.planner import Plan
 from .policies.registry import make_eviction, make_prefetch
 from .tier import Key, Tier, TierStats
@@ -64,6 +64,31 @@ class BufferPool:
         self.free_bytes += buffer.numel()
 
 
+class SlotPool(BufferPool):
+    """A fixed number of equal device buffers carved from one tensor, slot i at bytes [i * slot_bytes, ...): a
+    kernel given the whole tensor, viewed as stacked slots, can index any unit by its slot. Never grows or shrinks:
+    the tier's budget is the slots' bytes."""
+
+    def __init__(self, tensor: torch.Tensor, slot_bytes: int) -> None:
+        super().__init__(self._exhausted)
+        self.tensor = tensor
+        self.slot_bytes = slot_bytes
+        self.count = tensor.numel() // slot_bytes
+        for index in reversed(range(self.count)):
+            self.give(tensor[index * slot_bytes:(index + 1) * slot_bytes], None)
+
+    def trim(self, live_bytes: int, budget_bytes: int | None) -> None:
+        """The slots are one allocation, kept for the store's life."""
+
+    def index(self, view: torch.Tensor) -> int:
+        """The slot holding `view`, a tensor inside one slot."""
+        return (view.data_ptr() - self.tensor.data_ptr()) // self.slot_bytes
+
+    def _exhausted(self, nbytes: int) -> torch.Tensor:
+        raise InvariantError(f"every one of the {self.count} device slots is taken; the tier's budget should have "
+                             f"made room first (a unit of {nbytes} bytes, slots of {self.slot_bytes})")
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreEvent:
     """One thing the store did, for a trace: a unit read from disk ("read"), copied to the device ("copy"), or
@@ -96,7 +121,9 @@ class TieredStore:
 
     def __init__(self, source: UnitSource, layouts: dict[Key, UnitLayout], plan: Plan,
                  transfer: CPUTransfer | CUDATransfer, reader_threads: int = 4,
-                 on_event: Callable[[StoreEvent], None] | None = None) -> None:
+                 on_event: Callable[[StoreEvent], None] | None = None, device_pool: BufferPool | None = None) -> None:
+        """`device_pool`: where device buffers come from (default: allocated as needed and reused); the experts'
+        store passes fixed slots carved from one tensor, which the experts kernel indexes."""
         self.source = source
         self.on_event = on_event  # called from the loop, reader and copier threads; None records nothing
         self.plan = plan
@@ -114,7 +141,7 @@ class TieredStore:
         self._device_resident, self._host_resident = frozenset(plan.device_resident), frozenset(plan.host_resident)
         self._device_data: dict[Key, _Entry] = {}
         self._host_data: dict[Key, _Entry] = {}
-        self._device_pool = BufferPool(transfer.allocate_device)
+        self._device_pool = device_pool or BufferPool(transfer.allocate_device)
         self._host_pool = BufferPool(transfer.allocate_host)
         self._lock = threading.RLock()
         self._in_flight: list[tuple[Key, object, object, int]] = []  # copies queued: key, fence, timer, bytes
@@ -169,6 +196,19 @@ class TieredStore:
             self.transfer.wait_on_compute(entry.copy_fence)
             entry.copy_fence = None
         return entry.tensors  # type: ignore[return-value]  (a device entry always has its views)
+
+    def prefetch(self, keys: list[Key]) -> int:
+        """Start loading `keys` onto the device, in order, without waiting; stops at the first for which there is
+        no room now. Returns how many loads it started."""
+        started = 0
+        with self._lock:
+            for key in keys:
+                if key in self._device_data:
+                    continue
+                if self._start_device_load(key, required=False) is None:
+                    break
+                started += 1
+        return started
 
     def release(self, key: Key) -> None:
         """The loop is done computing with `key`. Its buffer is overwritten only after the compute queued before

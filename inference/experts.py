@@ -1,0 +1,205 @@
+"""Routed experts fetched as the router picks them, computed by transformers' own experts kernel.
+
+Each expert is a unit of the experts' store, whose device tier is a set of equal slots carved from one tensor.
+Seen as stacked slots, that tensor is a fused experts parameter of `slots` experts: an MoE layer runs its experts
+module unchanged on it, with the routed expert ids mapped to the slots that hold them. So only the routed experts
+cross the link, the kernel is transformers' (grouped_mm by default), and nothing is copied on the device.
+
+Per layer: one device->host sync reads the routing (and the next layer's predicted experts), the routed experts
+are fetched (hits cost nothing), the predicted ones start copying behind them, then the kernel runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..policies.experts import ExpertPlan
+from ..store import SlotPool, StoreEvent, TieredStore
+from ..transfer import CPUTransfer, CUDATransfer
+from ..units import TensorSlot, UnitLayout, UnitSource
+from .skeleton import ExpertGroup
+
+
+def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Mapping[str, UnitLayout],
+                 plan: ExpertPlan, dense: TieredStore, transfer: CPUTransfer | CUDATransfer, reader_threads: int,
+                 on_event: Callable[[StoreEvent], None] | None = None) -> ExpertRunner:
+    """The experts' store (device slots, host RAM, disk, as `plan` says) and the runner using it."""
+    pool = SlotPool(transfer.allocate_device(plan.device_slots * plan.expert_bytes), plan.expert_bytes)
+    store = TieredStore(source, {key: layouts[key] for group in groups for key in group.keys}, plan.store_plan(),
+                        transfer, reader_threads=reader_threads, on_event=on_event, device_pool=pool)
+    return ExpertRunner(groups, store, pool, dense, predict=plan.prefetch == "router")
+
+
+def stacked_views(pool: SlotPool, layout: UnitLayout) -> list[torch.Tensor]:
+    """For each tensor of an expert's layout, in order, the view of all slots as one (slots, *shape) tensor."""
+    views = []
+    for slot in layout.slots.values():
+        views.append(_stacked(pool, slot))
+    return views
+
+
+def _stacked(pool: SlotPool, slot: TensorSlot) -> torch.Tensor:
+    itemsize = slot.dtype.itemsize
+    typed = pool.tensor.view(slot.dtype)
+    inner = torch.empty(slot.shape, device="meta").stride()
+    return typed.as_strided((pool.count, *slot.shape), (pool.slot_bytes // itemsize, *inner),
+                            typed.storage_offset() + slot.offset // itemsize)
+
+
+@dataclasses.dataclass
+class ExpertStats:
+    """Routing counters of the last generate call: per MoE layer call, the experts routed to (distinct), the
+    (token, expert) pairs, and of the predicted experts how many were routed to."""
+
+    calls: int = 0
+    routed: int = 0
+    pairs: int = 0
+    predicted: int = 0
+    predicted_hits: int = 0
+    predicted_routed: int = 0  # routed experts of the layers that had a prediction
+    chunked_calls: int = 0
+    counts: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # (layer, expert) -> pairs
+
+    def reset(self) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, field.default_factory() if callable(field.default_factory) else field.default)
+
+    def to_dict(self, layers: int, experts_per_layer: int) -> dict[str, Any]:
+        """Counters plus the routing distribution: the share of (token, expert) pairs the busiest tenth of experts
+        took (0.1 when routing is uniform)."""
+        loads = sorted(self.counts.values(), reverse=True)
+        top = max(1, (layers * experts_per_layer) // 10)
+        return {"calls": self.calls, "routed": self.routed, "pairs": self.pairs, "chunked_calls": self.chunked_calls,
+                "experts_touched": len(self.counts),
+                "busiest_tenth_share": sum(loads[:top]) / self.pairs if self.pairs else None,
+                "prediction_recall": (self.predicted_hits / self.predicted_routed if self.predicted_routed
+                                      else None),
+                "predicted": self.predicted, "predicted_hits": self.predicted_hits}
+
+
+class ExpertRunner:
+    """Runs each MoE layer's experts module on the routed experts only (see the module docstring)."""
+
+    def __init__(self, groups: Sequence[ExpertGroup], store: TieredStore, pool: SlotPool, dense: TieredStore,
+                 predict: bool) -> None:
+        self.groups = tuple(groups)
+        self.store = store
+        self.pool = pool
+        self.dense = dense
+        self.stats = ExpertStats()
+        self._views = stacked_views(pool, store.layouts[self.groups[0].keys[0]])
+        self._originals = [{attr: group.module._parameters[attr] for attr, _ in group.attrs} for group in groups]
+        self._next = [groups[i + 1] if predict and i + 1 < len(groups) and groups[i + 1].router else None
+                      for i in range(len(groups))]
+        self._device = pool.tensor.device
+        self._expected: dict[int, list[int]] = {}  # layer index -> experts predicted for it
+        for index, group in enumerate(self.groups):
+            group.module.forward = functools.partial(self._forward, index)
+
+    def reset(self) -> None:
+        """Start the counters afresh (a new generate call), the store's too."""
+        self.stats.reset()
+        self.store.reset_counters()
+
+    def close(self) -> None:
+        """Give every experts module back its own forward, parameters and expert count; close the store."""
+        for group, originals in zip(self.groups, self._originals):
+            group.module.__dict__.pop("forward", None)
+            group.module._parameters.update(originals)
+            group.module.num_experts = group.num_experts
+        self.store.close()
+
+    # -- one MoE layer --------------------------------------------------------------------------------------
+    def _forward(self, index: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        following = self._next[index]
+        routed, predicted = self._routing(hidden, top_k_index, following)
+        top_k = top_k_index.shape[-1]
+        rows = [routed[i:i + top_k] for i in range(0, len(routed), top_k)]
+        chunks = _token_chunks(rows, self.pool.count)
+        self._count(index, routed, predicted)
+        if len(chunks) > 1:
+            self.stats.chunked_calls += 1
+        outputs = []
+        for first, (start, end, experts) in enumerate(chunks):
+            prefetch = [following.keys[e] for e in predicted if e not in experts] if first == 0 and following else []
+            outputs.append(self._run(index, experts, prefetch, hidden[start:end], top_k_index[start:end],
+                                     top_k_weights[start:end], args, kwargs))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _routing(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 following: ExpertGroup | None) -> tuple[list[int], list[int]]:
+        """The routed expert ids (token-major) and the next layer's predicted ones, read with one sync."""
+        ids = top_k_index.reshape(-1)
+        if following is None:
+            return ids.tolist(), []
+        weight = self.dense.get(following.router)[following.router_tensor]
+        try:
+            logits = nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight)
+            guess = logits.topk(following.top_k, dim=-1).indices.reshape(-1)
+            both = torch.cat([ids, guess.to(ids.dtype)]).tolist()
+        finally:
+            self.dense.release(following.router)
+        return both[:ids.numel()], sorted(set(both[ids.numel():]))
+
+    def _run(self, index: int, experts: list[int], prefetch: list[str], hidden: torch.Tensor,
+             top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Fetch `experts` (pinned while in use), start `prefetch`, and run the kernel on the slots."""
+        group = self.groups[index]
+        keys = [group.keys[e] for e in experts]
+        held: list[str] = []
+        module = group.module
+        try:
+            self.store.prefetch(keys)  # every miss queued before the first wait
+            lut = torch.zeros(group.num_experts, dtype=torch.long)
+            for expert, key in zip(experts, keys):
+                tensors = self.store.get(key)
+                held.append(key)
+                lut[expert] = self.pool.index(next(iter(tensors.values())))
+            if prefetch:
+                self.store.prefetch(prefetch)  # behind this layer's copies on the copy stream
+            for (attr, _), view in zip(group.attrs, self._views):
+                module._parameters[attr] = view
+            module.num_experts = self.pool.count
+            slots = lut.to(self._device)[top_k_index]
+            return type(module).forward(module, hidden, slots, top_k_weights, *args, **kwargs)
+        finally:
+            module._parameters.update(self._originals[index])
+            module.num_experts = group.num_experts
+            for key in held:
+                self.store.release(key)
+
+    def _count(self, index: int, routed: list[int], predicted: list[int]) -> None:
+        stats = self.stats
+        distinct = set(routed)
+        stats.calls += 1
+        stats.routed += len(distinct)
+        stats.pairs += len(routed)
+        for expert in routed:
+            stats.counts[index, expert] = stats.counts.get((index, expert), 0) + 1
+        if index > 0 and self._next[index - 1] is not None:
+            expected = self._expected.get(index, ())
+            stats.predicted_hits += len(distinct & set(expected))
+            stats.predicted_routed += len(distinct)
+        if predicted:
+            stats.predicted += len(predicted)
+            self._expected[index + 1] = predicted
+
+
+def _token_chunks(rows: list[list[int]], slots: int) -> list[tuple[int, int, list[int]]]:
+    """Consecutive token ranges whose routed experts fit `slots` at once: (start, end, sorted experts). One range
+    when all fit, as they do in decoding; a long prompt with fewer slots than routed experts takes several."""
+    chunks: list[tuple[int, int, list[int]]] = []
+    start, experts = 0, set()
+    for row_index, row in enumerate(rows):
+        if len(experts | set(row)) > slots and experts:
+            chunks.append((start, row_index, sorted(experts)))
+            start, experts = row_index, set()
+        experts |= set(row)
+    chunks.append((start, len(rows), sorted(experts)))
+    return chunks

@@ -1,0 +1,155 @@
+"""Planning a mixture-of-experts model: the dense units as any model's, the routed experts as a cache.
+
+Dense units (attention, norms, routers, shared experts, embeddings) are used by every pass; an expert only when a
+token is routed to it, so the dense plan comes first and the experts get the room it leaves: device slots (at
+least one token's experts, twice that so the next layer's predicted experts can load while this layer computes)
+and host RAM. Pure bookkeeping, like the dense planner.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import BudgetError, ConfigError
+from ..sizes import format_size
+from .planner import AUTO, Plan, PlanInput, make_plan, predict_pass
+
+EXPERT_POLICIES = ("lfu", "lru", "fifo")
+DEFAULT_EXPERT_POLICY = "lfu"  # popularity is skewed on real models; the decay follows it as the text moves on
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsInput:
+    """The routed experts as the planner sees them: `layers` MoE layers of `experts_per_layer` experts of
+    `expert_bytes` each, `top_k` routed per token; the policies asked for; `predictable`: the routers are units
+    of their own, so the next layer's experts can be predicted."""
+
+    layers: int
+    experts_per_layer: int
+    top_k: int
+    expert_bytes: int
+    device_policy: str = AUTO
+    host_policy: str = AUTO
+    prefetch: str = AUTO
+    predictable: bool = True
+
+    @property
+    def total_experts(self) -> int:
+        return self.layers * self.experts_per_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertPlan:
+    """Where the experts live: `device_slots` on the device (an LFU/LRU cache), `host_bytes` of host RAM (the
+    rest are read from disk when routed to), and whether the next layer's experts are predicted."""
+
+    layers: int
+    experts_per_layer: int
+    top_k: int
+    expert_bytes: int
+    device_slots: int
+    host_bytes: int
+    device_policy: str
+    host_policy: str
+    prefetch: str
+
+    @property
+    def total_experts(self) -> int:
+        return self.layers * self.experts_per_layer
+
+    @property
+    def host_experts(self) -> int:
+        return min(self.total_experts, self.host_bytes // self.expert_bytes)
+
+    def routed_per_layer(self, batch: int) -> float:
+        """Distinct experts a layer needs for a pass of `batch` tokens, expected under uniform routing."""
+        e, k = self.experts_per_layer, self.top_k
+        return e * (1.0 - (1.0 - k / e) ** batch)
+
+    def routed_bytes(self, batch: int = 1) -> int:
+        """Expert bytes one pass of `batch` tokens computes with, expected under uniform routing."""
+        return int(self.layers * self.routed_per_layer(batch) * self.expert_bytes)
+
+    def moved_bytes(self, batch: int = 1) -> tuple[int, int]:
+        """(host->device, disk) expert bytes of one pass, expected under uniform routing: the device slots beyond
+        one pass's working set hit in proportion to the experts they hold, host RAM likewise for the disk."""
+        routed = self.routed_bytes(batch)
+        cached = max(self.device_slots - self.top_k * 2, 0) / self.total_experts
+        in_host = self.host_experts / self.total_experts
+        h2d = routed * (1.0 - min(cached, 1.0))
+        return int(h2d), int(h2d * (1.0 - in_host))
+
+    def to_dict(self) -> dict[str, object]:
+        return {**dataclasses.asdict(self), "routed_bytes_batch_1": self.routed_bytes(1)}
+
+    def store_plan(self, schedule_note: str = "") -> Plan:
+        """The plan the experts' own store carries out: slots and host bytes, the cache policies, no schedule."""
+        return Plan(regime="experts", device_resident=(), host_resident=(), streamed_from_host=(),
+                    streamed_from_disk=(), device_policy=self.device_policy, host_policy=self.host_policy,
+                    prefetch="none", prefetch_depth=0, disk_prefetch_depth=0,
+                    device_budget_bytes=self.device_slots * self.expert_bytes, host_budget_bytes=self.host_bytes,
+                    device_reserve_bytes=0, device_weights_bytes=self.device_slots * self.expert_bytes,
+                    device_slot_bytes=self.expert_bytes, host_slot_bytes=self.expert_bytes, h2d_bytes_per_pass=0,
+                    disk_bytes_per_pass=0, predicted={}, schedule=(), notes=(schedule_note,) if schedule_note else ())
+
+
+def _check(experts: ExpertsInput) -> None:
+    for name in ("device_policy", "host_policy"):
+        value = getattr(experts, name)
+        if value != AUTO and value not in EXPERT_POLICIES:
+            raise ConfigError(f"experts.{name}: unknown policy {value!r}; choose from {', '.join(EXPERT_POLICIES)}")
+
+
+def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
+    """The dense plan, made in the room left after the experts' minimum, plus the experts' plan in what the dense
+    units leave. BudgetError, with the bytes needed, when the device cannot hold the dense part of a layer
+    beside the experts one token needs."""
+    _check(experts)
+    one_token = experts.top_k * experts.expert_bytes
+    predict = experts.prefetch != "none" and experts.predictable
+    plan = None
+    for slots in ((2 * experts.top_k, experts.top_k) if predict else (experts.top_k,)):
+        try:
+            plan = make_plan(dataclasses.replace(
+                dense, device_reserve_bytes=dense.device_reserve_bytes + slots * experts.expert_bytes,
+                host_budget_bytes=dense.host_budget_bytes - slots * experts.expert_bytes))
+            break
+        except BudgetError as exc:
+            failure = exc
+    if plan is None:
+        largest = max(unit.nbytes for unit in dense.units)
+        needed = dense.device_reserve_bytes + largest + one_token
+        raise BudgetError(f"device budget {format_size(dense.device_budget_bytes)} cannot hold the dense part of a "
+                          f"layer ({format_size(largest)}) beside the {experts.top_k} experts one token needs "
+                          f"({format_size(one_token)}) and the {format_size(dense.device_reserve_bytes)} reserve: it "
+                          f"needs at least {needed} bytes ({format_size(needed)}); {failure}") from failure
+    sizes = {unit.key: unit.nbytes for unit in dense.units}
+    dense_device = sum(sizes[key] for key in plan.device_resident) + plan.device_slot_bytes
+    left_device = plan.device_weights_bytes + slots * experts.expert_bytes - dense_device
+    dense_host = sum(sizes[key] for key in plan.host_resident) + plan.host_slot_bytes
+    left_host = max(dense.host_budget_bytes - dense_host, slots * experts.expert_bytes)
+    device_slots = min(experts.total_experts, max(slots, left_device // experts.expert_bytes))
+    expert_plan = ExpertPlan(
+        layers=experts.layers, experts_per_layer=experts.experts_per_layer, top_k=experts.top_k,
+        expert_bytes=experts.expert_bytes, device_slots=device_slots,
+        host_bytes=min(left_host, experts.total_experts * experts.expert_bytes),
+        device_policy=DEFAULT_EXPERT_POLICY if experts.device_policy == AUTO else experts.device_policy,
+        host_policy=DEFAULT_EXPERT_POLICY if experts.host_policy == AUTO else experts.host_policy,
+        prefetch="router" if predict and device_slots >= 2 * experts.top_k else "none")
+    notes = list(plan.notes)
+    if device_slots < experts.total_experts and device_slots < experts.experts_per_layer:
+        notes.append(f"{device_slots} expert slots on the device, fewer than a layer's {experts.experts_per_layer} "
+                     f"experts: a long prompt's pass runs its experts in token chunks")
+    return with_experts(dataclasses.replace(plan, notes=tuple(notes)), expert_plan, dense)
+
+
+def with_experts(plan: Plan, experts: ExpertPlan, dense: PlanInput) -> Plan:
+    """A dense plan (made with expert slots inside its reserve) as the whole model's plan: the reserve is
+    `dense`'s (activations and KV cache) again, the dense units' budget is what the slots leave, and the bytes per
+    pass and their prediction count the routed experts."""
+    h2d, disk = experts.moved_bytes(1)
+    return dataclasses.replace(
+        plan, experts=experts, device_reserve_bytes=dense.device_reserve_bytes,
+        device_weights_bytes=(plan.device_budget_bytes - dense.device_reserve_bytes
+                              - experts.device_slots * experts.expert_bytes),
+        h2d_bytes_per_pass=plan.h2d_bytes_per_pass + h2d, disk_bytes_per_pass=plan.disk_bytes_per_pass + disk,
+        predicted=predict_pass(plan.h2d_bytes_per_pass + h2d, plan.disk_bytes_per_pass + disk, dense))

@@ -1,0 +1,291 @@
+"""Mixture-of-experts models: each routed expert is a unit, moved only when a token is routed to it.
+
+Every MoE architecture transformers ships whose experts it dispatches through its experts interface, built tiny,
+must give transformers' own greedy tokens under budgets that keep most experts off the device; the bytes the
+experts' tiers move must be the routed experts' bytes, counted independently from transformers' own routing.
+"""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import tierstore
+from tierstore.inference.placement import make_plan_for
+from test_architectures import PROMPT, causal_lm_types, tiny
+
+NEW_TOKENS = 6
+# Tiny configs transformers itself cannot run, made runnable. Jamba's default layout puts its first attention layer
+# at 4 of 8: tiny (4 layers) it has none. DeepSeek-style models (multi-head latent attention, grouped routing) need
+# their rotary size as head size and one routing group for 4 experts.
+_LATENT = dict(head_dim=8, n_group=1, topk_group=1)
+TINY_OVERRIDES = {"jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                expert_layer_offset=1),
+                  **{name: _LATENT for name in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa",
+                                                "sarvam_mla", "axk1", "axk2")}}
+
+
+def _config(root, **experts):
+    return {"runtime": {"cache_dir": os.path.join(root, "cache"), "device": "cpu"}, "experts": experts}
+
+
+def _reference(model, new_tokens=NEW_TOKENS, prompt=PROMPT):
+    model.set_experts_implementation("grouped_mm")  # what tierstore runs by default: the same sums
+    return model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0).tolist()
+
+
+def _streaming_budget(directory, config):
+    """A budget holding a quarter of the dense units and about a third of the experts on the device, and half the
+    experts in RAM: lowered until the plan keeps some experts off the device (where dense units are large, the
+    planner gives the experts whatever the dense units leave)."""
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
+        dense = sorted(layout.nbytes for layout in whole.store.layouts.values())
+        experts = whole.plan.experts
+    assert experts is not None, "no expert units"
+    expert_total = experts.total_experts * experts.expert_bytes
+    vram = dense[-1] * 3 + sum(dense) // 4 + max(expert_total // 3, 2 * experts.top_k * experts.expert_bytes)
+    ram = sum(dense) + expert_total // 2
+    def slots(vram_bytes):
+        try:
+            return make_plan_for(directory, {"vram": vram_bytes, "ram": ram}, config).experts.device_slots
+        except tierstore.BudgetError:
+            return None  # too small
+
+    low, high = 0, vram  # bisect for the largest device budget that leaves a third of the experts off it
+    while slots(vram) * 3 > experts.total_experts * 2 and high - low > experts.expert_bytes:
+        middle = (low + high) // 2
+        got = slots(middle)
+        if got is None or got * 3 <= experts.total_experts * 2:
+            low = middle
+            vram = middle if got is not None else vram
+        else:
+            high = middle
+    return tierstore.Budget(vram=vram, ram=ram)
+
+
+def has_expert_units(model) -> bool:
+    """Whether tierstore cuts this model's experts into units (transformers dispatches them through its experts
+    interface); other MoE layouts (Llama 4, JetMoE, LongCat-Flash) stay whole inside their layers."""
+    from tierstore.inference.skeleton import build_skeleton
+
+    if not any(hasattr(module, "_is_expert_parallel") for module in model.modules()):
+        return False
+    return bool(build_skeleton(model.config, torch.float32, split_experts=True).experts)
+
+
+def run_streamed(model, model_type, root):
+    """(reference tokens, streamed tokens, plan, report) of the tiny `model`."""
+    want = _reference(model)
+    directory = os.path.join(root, model_type)
+    model.save_pretrained(directory)
+    config = _config(root)
+    budget = _streaming_budget(directory, config)
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
+        got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
+        return want, got, streamed.plan, streamed.report()
+
+
+def test_every_moe_architecture_streams_its_experts_and_matches_transformers(tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    outcomes = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model_type in causal_lm_types():
+            model, _ = tiny(model_type, **TINY_OVERRIDES.get(model_type, {}))
+            if model is None or not has_expert_units(model):
+                continue
+            try:
+                want, got, plan, report = run_streamed(model, model_type, str(tmp_path))
+            except tierstore.TierstoreError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - as in the architecture sweep: transformers' own run fails
+                outcomes[model_type] = ("skipped", f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+                continue
+            experts = plan.experts
+            moved_off_device = experts.device_slots < experts.total_experts
+            outcomes[model_type] = ("pass" if got == want and moved_off_device else "FAIL",
+                                    f"{experts.device_slots}/{experts.total_experts} expert slots, "
+                                    f"{report.tiers['experts device'].misses} fetched")
+    ran = {k: v for k, v in outcomes.items() if v[0] != "skipped"}
+    print(f"\nMoE architectures: {sum(v[0] == 'pass' for v in ran.values())}/{len(ran)} stream their experts and "
+          f"give transformers' tokens; {len(outcomes) - len(ran)} skipped (transformers' own tiny model fails)")
+    for model_type, (outcome, detail) in outcomes.items():
+        print(f"  {outcome:8} {model_type:22} {detail}")
+    failed = {k: v for k, v in outcomes.items() if v[0] == "FAIL"}
+    assert not failed, failed
+    for required in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "jamba"):
+        assert outcomes.get(required, ("missing",))[0] == "pass", f"{required}: {outcomes.get(required)}"
+
+
+def _routed_per_call(model, prompt, new_tokens):
+    """transformers' own routing, counted: the distinct experts of each experts-module call during generate."""
+    distinct = []
+
+    def record(module, args):
+        distinct.append(len(set(args[1].reshape(-1).tolist())))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if hasattr(m, "_is_expert_parallel")]
+    try:
+        model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return distinct
+
+
+def test_bytes_moved_are_the_routed_experts(tmp_path):
+    """With one token's experts of room per layer call and no prediction, no expert is ever found on the device
+    again (every other layer's experts went through the slots in between): each call copies exactly its routed
+    experts. The copied bytes must equal the routed experts' bytes from transformers' own routing, and no other
+    expert unit may be read."""
+    model, why = tiny("qwen3_moe")
+    assert model is not None, why
+    model.set_experts_implementation("grouped_mm")
+    routed = _routed_per_call(model, PROMPT, NEW_TOKENS)
+    directory = str(tmp_path / "qwen3_moe")
+    model.save_pretrained(directory)
+    config = _config(str(tmp_path), prefetch="none")
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
+        dense_bytes = sum(layout.nbytes for layout in whole.store.layouts.values())
+        experts = whole.plan.experts
+    k, expert_bytes = experts.top_k, experts.expert_bytes
+    slots_bytes = max(routed) * expert_bytes  # the largest union any call needs: no chunks, no second chance
+    budget = tierstore.Budget(vram=dense_bytes + slots_bytes, ram="1GB")
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
+        assert streamed.plan.experts.device_slots == max(routed), streamed.plan.experts
+        assert streamed.plan.experts.device_slots >= k
+        streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        report = streamed.report()
+    device = report.tiers["experts device"]
+    assert report.experts["calls"] == len(routed)
+    assert device.bytes_in == sum(routed) * expert_bytes
+    assert device.misses == sum(routed) and device.hits == 0
+    assert report.tiers["device"].bytes_in == dense_bytes  # dense units loaded once and kept: only experts move
+    # read from disk once each, then served from RAM: never more than the experts routed to
+    assert report.tiers["experts disk"].bytes_out <= experts.total_experts * expert_bytes
+
+
+def test_a_prompt_routed_to_more_experts_than_slots_runs_in_chunks_with_the_same_tokens(tmp_path):
+    model, why = tiny("mixtral")
+    assert model is not None, why
+    prompt = torch.arange(3, 40).unsqueeze(0)
+    want = _reference(model, prompt=prompt)
+    directory = str(tmp_path / "mixtral")
+    model.save_pretrained(directory)
+    config = _config(str(tmp_path), prefetch="none")
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
+        dense_bytes = sum(layout.nbytes for layout in whole.store.layouts.values())
+        experts = whole.plan.experts
+    budget = tierstore.Budget(vram=dense_bytes + experts.top_k * experts.expert_bytes, ram="1GB")
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
+        assert streamed.plan.experts.device_slots < experts.experts_per_layer
+        got = streamed.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
+        assert streamed.report().experts["chunked_calls"] > 0
+        assert any("token chunks" in note for note in streamed.plan.notes)
+    assert got == want
+
+
+def test_prediction_is_reported_and_changes_no_token(tmp_path):
+    model, why = tiny("qwen3_moe")
+    assert model is not None, why
+    want, got, plan, report = run_streamed(model, "qwen3_moe", str(tmp_path))
+    assert got == want
+    assert plan.experts.prefetch == "router"
+    recall = report.experts["prediction_recall"]
+    assert recall is not None and 0.0 <= recall <= 1.0
+    assert report.experts["predicted"] > 0
+    text = str(report)
+    assert "prediction" in text and "experts device" in text
+
+
+def test_fused_experts_in_safetensors_are_read_in_place(tmp_path):
+    """A checkpoint that stores the experts fused (as transformers holds them) is read where it lies: each
+    expert's slice is one byte range, so no layer store is written."""
+    from safetensors.torch import save_file
+
+    model, why = tiny("qwen3_moe")
+    assert model is not None, why
+    want = _reference(model)
+    directory = tmp_path / "fused"
+    directory.mkdir()
+    model.config.save_pretrained(directory)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()
+               if name != "lm_head.weight" or not model.config.tie_word_embeddings},
+              str(directory / "model.safetensors"))
+    config = _config(str(tmp_path))
+    with tierstore.AutoModel.from_pretrained(str(directory), config=config) as streamed:
+        assert type(streamed.store.source).__name__ == "SafetensorsSource"
+        got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
+    assert got == want
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_conversion_writes_one_file_per_expert_and_streaming_off_keeps_whole_layers(tmp_path):
+    model, why = tiny("mixtral")
+    assert model is not None, why
+    want = _reference(model)
+    directory = str(tmp_path / "mixtral")
+    model.save_pretrained(directory)  # per-expert names on disk: converted once
+    config = _config(str(tmp_path))
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as streamed:
+        store_dir = streamed.store.source.directory
+        assert streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist() == want
+    with open(os.path.join(store_dir, "manifest.json")) as handle:
+        units = json.load(handle)["units"]
+    experts = [key for key in units if ".experts." in key]
+    assert len(experts) == model.config.num_hidden_layers * model.config.num_local_experts
+    assert all(os.path.isfile(os.path.join(store_dir, units[key]["file"])) for key in experts)
+    whole = _config(str(tmp_path), streaming=False)
+    with tierstore.AutoModel.from_pretrained(directory, config=whole) as layered:
+        assert layered.plan.experts is None and layered.experts is None
+        assert layered.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist() == want
+
+
+def test_a_budget_without_room_for_one_tokens_experts_is_refused_in_one_line(tmp_path):
+    model, why = tiny("mixtral")
+    assert model is not None, why
+    directory = str(tmp_path / "mixtral")
+    model.save_pretrained(directory)
+    config = _config(str(tmp_path))
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
+        dense = max(layout.nbytes for layout in whole.store.layouts.values())
+        experts = whole.plan.experts
+    too_small = dense + experts.expert_bytes  # one expert, where a token needs top_k
+    with pytest.raises(tierstore.BudgetError, match=r"experts one token needs .* needs at least \d+ bytes"):
+        tierstore.AutoModel.from_pretrained(directory, budget={"vram": too_small, "ram": "1GB"}, config=config)
+    cli = subprocess.run([sys.executable, "-m", "tierstore", "plan", directory, "--vram", str(too_small),
+                          "--ram", "1GB", "--config", _write_toml(tmp_path, config)],
+                         capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    assert cli.returncode == 2, cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1 and "experts one token needs" in cli.stderr
+    assert "Traceback" not in cli.stderr
+
+
+def test_plan_shows_expert_placement_and_bytes_per_pass(tmp_path):
+    model, why = tiny("qwen3_moe")
+    assert model is not None, why
+    directory = str(tmp_path / "qwen3_moe")
+    model.save_pretrained(directory)
+    config = _config(str(tmp_path))
+    cli = subprocess.run([sys.executable, "-m", "tierstore", "plan", directory, "--config",
+                          _write_toml(tmp_path, config), "--ram", "1GB"],
+                         capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    assert cli.returncode == 0, cli.stderr
+    out = " ".join(cli.stdout.split())
+    assert "experts placement" in out and "expert bytes per pass, batch 1" in out
+    assert "expert bytes per pass, batch 32" in out
+
+
+def _write_toml(tmp_path, config):
+    path = tmp_path / "config.toml"
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
