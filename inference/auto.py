@@ -5,6 +5,7 @@ attach the hooks. Each step is a function called once, from here; `tierstore pla
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -74,10 +75,12 @@ class AutoModel:
                                 on_event=on_event)
             store.disk_stats.budget_bytes = cfg.budget.disk
             if plan.experts is not None:
-                experts = open_experts(units.skeleton.experts, units.source, units.layouts, plan.experts, store,
-                                       make_transfer(device, cfg.io.pinned_memory, _host_capacity(
-                                           plan.experts.host_bytes, {k: units.layouts[k] for k in expert_keys})),
-                                       cfg.io.reader_threads, on_event)
+                expert_layouts = {key: units.layouts[key] for key in expert_keys}
+                expert_transfer = make_transfer(device, cfg.io.pinned_memory,
+                                                _host_capacity(plan.experts.host_bytes, expert_layouts))
+                experts = open_experts(units.skeleton.experts, units.source, expert_layouts, plan.experts, store,
+                                       expert_transfer, cfg.io.reader_threads,
+                                       functools.partial(tracer.store_event, prefix="experts ") if tracer else None)
             decompressor = Decompressor(units.codec, units.packed, units.dtype, device) if units.codec else None
             hooks = AttachedHooks(units.skeleton, store, device, decompressor, tracer)
         except BaseException:  # give back what was opened: the draft, the store's threads and memory, the files

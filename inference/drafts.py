@@ -279,9 +279,12 @@ def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
     if spec == "ngram":
         return NgramDraft(cfg.speculation.ngram, cfg.speculation.width), None
     # The draft's own budget: whatever is free (it must all fit); what it takes is charged to the target's plan.
+    # Resident, a mixture-of-experts draft keeps its experts inside its layers: no routing read back per layer,
+    # so its steps can be captured in a CUDA graph.
     draft_cfg = dataclasses.replace(
         cfg, budget=Budget(), compression=dataclasses.replace(cfg.compression, format="none"),
-        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
+        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None),
+        experts=dataclasses.replace(cfg.experts, streaming=False))
     model = AutoModel.from_pretrained(spec, config=draft_cfg, dtype=dtype, trust_remote_code=trust_remote_code,
                                       allow_download=allow_download, progress=progress)
     scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0
@@ -302,8 +305,8 @@ def plan_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
 
     if spec == "ngram":
         return None
-    units = open_units(resolve(spec, allow_download), cfg.with_compression("none"), device, dtype,
-                       trust_remote_code, progress=True, write=False)
+    units = open_units(resolve(spec, allow_download), cfg.with_compression("none").without_expert_streaming(),
+                       device, dtype, trust_remote_code, progress=True, write=False)
     units.close()
     return _cost(spec, units.layouts, scratch_bytes(units.packed, dtype), units.hf_config, dtype)
 

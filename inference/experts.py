@@ -6,7 +6,7 @@ module unchanged on it, with the routed expert ids mapped to the slots that hold
 cross the link, the kernel is transformers' (grouped_mm by default), and nothing is copied on the device.
 
 Per layer: one device->host sync reads the routing (and the next layer's predicted experts), the routed experts
-are fetched (hits cost nothing), the predicted ones start copying behind them, then the kernel runs.
+are fetched (hits cost nothing), the kernel is queued, and the predicted experts start copying behind it.
 """
 from __future__ import annotations
 
@@ -28,19 +28,17 @@ from .skeleton import ExpertGroup
 def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Mapping[str, UnitLayout],
                  plan: ExpertPlan, dense: TieredStore, transfer: CPUTransfer | CUDATransfer, reader_threads: int,
                  on_event: Callable[[StoreEvent], None] | None = None) -> ExpertRunner:
-    """The experts' store (device slots, host RAM, disk, as `plan` says) and the runner using it."""
+    """The experts' store over the expert units' `layouts` (device slots, host RAM, disk, as `plan` says) and
+    the runner using it."""
     pool = SlotPool(transfer.allocate_device(plan.device_slots * plan.expert_bytes), plan.expert_bytes)
-    store = TieredStore(source, {key: layouts[key] for group in groups for key in group.keys}, plan.store_plan(),
-                        transfer, reader_threads=reader_threads, on_event=on_event, device_pool=pool)
-    return ExpertRunner(groups, store, pool, dense, predict=plan.prefetch == "router")
+    store = TieredStore(source, dict(layouts), plan.store_plan(), transfer, reader_threads=reader_threads,
+                        on_event=on_event, device_pool=pool)
+    return ExpertRunner(groups, store, pool, dense, plan.prefetch)
 
 
 def stacked_views(pool: SlotPool, layout: UnitLayout) -> list[torch.Tensor]:
     """For each tensor of an expert's layout, in order, the view of all slots as one (slots, *shape) tensor."""
-    views = []
-    for slot in layout.slots.values():
-        views.append(_stacked(pool, slot))
-    return views
+    return [_stacked(pool, slot) for slot in layout.slots.values()]
 
 
 def _stacked(pool: SlotPool, slot: TensorSlot) -> torch.Tensor:
@@ -62,12 +60,10 @@ class ExpertStats:
     predicted: int = 0
     predicted_hits: int = 0
     predicted_routed: int = 0  # routed experts of the layers that had a prediction
+    prefetch_copied: int = 0  # experts copied because they were predicted
+    prefetch_used: int = 0  # of those, routed to by the layer they were copied for
     chunked_calls: int = 0
     counts: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # (layer, expert) -> pairs
-
-    def reset(self) -> None:
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, field.default_factory() if callable(field.default_factory) else field.default)
 
     def to_dict(self, layers: int, experts_per_layer: int) -> dict[str, Any]:
         """Counters plus the routing distribution: the share of (token, expert) pairs the busiest tenth of experts
@@ -79,14 +75,16 @@ class ExpertStats:
                 "busiest_tenth_share": sum(loads[:top]) / self.pairs if self.pairs else None,
                 "prediction_recall": (self.predicted_hits / self.predicted_routed if self.predicted_routed
                                       else None),
-                "predicted": self.predicted, "predicted_hits": self.predicted_hits}
+                "predicted": self.predicted, "predicted_hits": self.predicted_hits,
+                "prefetch_copied": self.prefetch_copied,
+                "prefetch_used_share": self.prefetch_used / self.prefetch_copied if self.prefetch_copied else None}
 
 
 class ExpertRunner:
     """Runs each MoE layer's experts module on the routed experts only (see the module docstring)."""
 
     def __init__(self, groups: Sequence[ExpertGroup], store: TieredStore, pool: SlotPool, dense: TieredStore,
-                 predict: bool) -> None:
+                 prefetch: str) -> None:
         self.groups = tuple(groups)
         self.store = store
         self.pool = pool
@@ -94,16 +92,18 @@ class ExpertRunner:
         self.stats = ExpertStats()
         self._views = stacked_views(pool, store.layouts[self.groups[0].keys[0]])
         self._originals = [{attr: group.module._parameters[attr] for attr, _ in group.attrs} for group in groups]
-        self._next = [groups[i + 1] if predict and i + 1 < len(groups) and groups[i + 1].router else None
+        self._next = [groups[i + 1] if prefetch != "none" and i + 1 < len(groups) and groups[i + 1].router else None
                       for i in range(len(groups))]
+        self._gate = PrefetchGate(prefetch)
         self._device = pool.tensor.device
-        self._expected: dict[int, list[int]] = {}  # layer index -> experts predicted for it
+        self._expected: dict[int, list[int]] = {}  # layer index -> experts predicted for it, this pass
+        self._copied: dict[int, list[str]] = {}  # layer index -> expert units copied on that prediction
         for index, group in enumerate(self.groups):
             group.module.forward = functools.partial(self._forward, index)
 
     def reset(self) -> None:
         """Start the counters afresh (a new generate call), the store's too."""
-        self.stats.reset()
+        self.stats = ExpertStats()
         self.store.reset_counters()
 
     def close(self) -> None:
@@ -117,12 +117,11 @@ class ExpertRunner:
     # -- one MoE layer --------------------------------------------------------------------------------------
     def _forward(self, index: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
-        following = self._next[index]
+        following = self._next[index] if self._next[index] is not None and self._gate.wanted() else None
         routed, predicted = self._routing(hidden, top_k_index, following)
-        top_k = top_k_index.shape[-1]
-        rows = [routed[i:i + top_k] for i in range(0, len(routed), top_k)]
-        chunks = _token_chunks(rows, self.pool.count)
         self._count(index, routed, predicted)
+        top_k = top_k_index.shape[-1]
+        chunks = _token_chunks([routed[i:i + top_k] for i in range(0, len(routed), top_k)], self.pool.count)
         if len(chunks) > 1:
             self.stats.chunked_calls += 1
         outputs = []
@@ -149,32 +148,32 @@ class ExpertRunner:
 
     def _run(self, index: int, experts: list[int], prefetch: list[str], hidden: torch.Tensor,
              top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Fetch `experts` (pinned while in use), start `prefetch`, and run the kernel on the slots."""
+        """Fetch `experts` (pinned while in use), run the kernel on the slots, then start `prefetch`."""
         group = self.groups[index]
-        keys = [group.keys[e] for e in experts]
-        held: list[str] = []
         module = group.module
+        keys = [group.keys[e] for e in experts]
+        self.store.prefetch(keys)  # every miss queued before the first wait
+        held = self.store.get_many(keys)
         try:
-            self.store.prefetch(keys)  # every miss queued before the first wait
-            lut = torch.zeros(group.num_experts, dtype=torch.long)
-            for expert, key in zip(experts, keys):
-                tensors = self.store.get(key)
-                held.append(key)
+            # expert id -> slot; pinned, so that its copy queues behind the compute instead of waiting for it
+            lut = torch.zeros(group.num_experts, dtype=torch.long, pin_memory=self._device.type == "cuda")
+            for expert, tensors in zip(experts, held):
                 lut[expert] = self.pool.index(next(iter(tensors.values())))
-            if prefetch:
-                self.store.prefetch(prefetch)  # behind this layer's copies on the copy stream
             for (attr, _), view in zip(group.attrs, self._views):
                 module._parameters[attr] = view
             module.num_experts = self.pool.count
-            slots = lut.to(self._device)[top_k_index]
-            return type(module).forward(module, hidden, slots, top_k_weights, *args, **kwargs)
+            slots = lut.to(self._device, non_blocking=True)[top_k_index]
+            output = type(module).forward(module, hidden, slots, top_k_weights, *args, **kwargs)
+            if prefetch:  # queued once this layer's kernels are: they copy while those compute
+                self._copied[index + 1] = self.store.prefetch(prefetch)
+            return output
         finally:
             module._parameters.update(self._originals[index])
             module.num_experts = group.num_experts
-            for key in held:
-                self.store.release(key)
+            self.store.release_many(keys)
 
     def _count(self, index: int, routed: list[int], predicted: list[int]) -> None:
+        """Routing counters; how the prediction made for this layer (and the copies it started) fared."""
         stats = self.stats
         distinct = set(routed)
         stats.calls += 1
@@ -182,13 +181,44 @@ class ExpertRunner:
         stats.pairs += len(routed)
         for expert in routed:
             stats.counts[index, expert] = stats.counts.get((index, expert), 0) + 1
-        if index > 0 and self._next[index - 1] is not None:
-            expected = self._expected.get(index, ())
+        expected = self._expected.pop(index, None)
+        if expected is not None:
             stats.predicted_hits += len(distinct & set(expected))
             stats.predicted_routed += len(distinct)
+        copied = self._copied.pop(index, None)
+        if copied:
+            keys = self.groups[index].keys
+            used = sum(1 for expert in distinct if keys[expert] in set(copied))
+            stats.prefetch_copied += len(copied)
+            stats.prefetch_used += used
+            self._gate.observe(len(copied), used)
         if predicted:
             stats.predicted += len(predicted)
             self._expected[index + 1] = predicted
+
+
+class PrefetchGate:
+    """Whether to predict the next layer's experts: always ("router"), never ("none"), or ("auto") while the
+    copies it starts are used at least half the time. A copy that is not used costs the link what a demand miss
+    would, and delays the misses queued behind it; on a model whose hot experts are already cached, most of the
+    correct guesses cost nothing and the wrong ones are all that is copied. Under "auto" it guesses again now and
+    then, to notice when that changes."""
+
+    PROBE_EVERY = 32  # layer calls between guesses while off
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.precision = 1.0  # smoothed share of prefetched copies that were used
+        self._calls = 0
+
+    def wanted(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "router"
+        self._calls += 1
+        return self.precision >= 0.5 or self._calls % self.PROBE_EVERY == 0
+
+    def observe(self, copied: int, used: int) -> None:
+        self.precision = 0.8 * self.precision + 0.2 * used / copied
 
 
 def _token_chunks(rows: list[list[int]], slots: int) -> list[tuple[int, int, list[int]]]:

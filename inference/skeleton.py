@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -45,6 +46,7 @@ class ExpertGroup:
     it can stay resident and predict this layer's experts from an earlier layer's hidden state."""
 
     layer: str
+    name: str  # the experts module's path in the model
     module: nn.Module
     attrs: tuple[tuple[str, str], ...]  # (parameter attribute, full tensor name)
     keys: tuple[str, ...]
@@ -147,7 +149,7 @@ def build_skeleton(config: object, dtype: torch.dtype, trust_remote_code: bool =
             raise
         raise ConfigError(f"runtime.attention = {attn_implementation!r}: {_architecture(config)} does not support "
                           f"it; it supports {', '.join(supported_attention(config))}") from exc
-    if experts_implementation not in (None, "auto") and any(hasattr(m, "_is_expert_parallel") for m in model.modules()):
+    if experts_implementation not in (None, "auto") and any(_dispatches_experts(m) for m in model.modules()):
         model.set_experts_implementation(experts_implementation)
     model.tie_weights()  # not done on meta by from_config; tied weights become one unit below
     model.eval()
@@ -166,7 +168,7 @@ def _expert_modules(model: nn.Module, layers_name: str, config: object) -> dict[
     first: dict[str, object] = {}
     for name, module in model.named_modules():
         count = getattr(module, "num_experts", None)
-        if not (name.startswith(layers_name + ".") and hasattr(module, "_is_expert_parallel")
+        if not (name.startswith(layers_name + ".") and _dispatches_experts(module)
                 and isinstance(count, int) and isinstance(top_k, int) and 0 < top_k <= count):
             continue
         fused = [p for p in module._parameters.values() if p is not None and p.dim() >= 1 and p.shape[0] == count]
@@ -196,6 +198,19 @@ def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, n
         for attr, param in module._parameters.items():
             if param is not None:
                 yield module_name, module, attr, param
+
+
+def _dispatches_experts(module: nn.Module) -> bool:
+    """Whether `module` is a fused experts module behind transformers' experts interface: parameters with one
+    slice per expert, and its class's forward wrapped (`use_experts_implementation`) around one taking the hidden
+    states, the routed indices and their weights."""
+    count = getattr(module, "num_experts", None)
+    forward = type(module).forward
+    if not isinstance(count, int) or getattr(forward, "__wrapped__", None) is None:
+        return False
+    if not any(p is not None and p.dim() >= 1 and p.shape[0] == count for p in module._parameters.values()):
+        return False
+    return len(inspect.signature(forward).parameters) >= 4  # self, hidden states, indices, weights
 
 
 def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList],
@@ -251,7 +266,7 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList],
         for e, key in enumerate(keys):
             units[key] = [expert_slice(tensor, e) for _, tensor in fused[name]]  # never compressed: no matrices
         router_key = _unit_key(router, layers_name) if router is not None and router in site_bindings else None
-        groups.append(ExpertGroup(layer, module, tuple(fused[name]), keys, top_k, router_key,
+        groups.append(ExpertGroup(layer, name, module, tuple(fused[name]), keys, top_k, router_key,
                                   f"{router}.weight" if router_key is not None else None))
     return Skeleton(model, units, tuple(sites), frozenset(matrices), tuple(groups))
 

@@ -14,6 +14,7 @@ from ..sizes import format_size
 from .planner import AUTO, Plan, PlanInput, make_plan, predict_pass
 
 EXPERT_POLICIES = ("lfu", "lru", "fifo")
+MAX_SLOTS = 1024  # torch's grouped_mm takes at most 1024 groups, and the slots are the kernel's groups
 DEFAULT_EXPERT_POLICY = "lfu"  # popularity is skewed on real models; the decay follows it as the text moves on
 
 
@@ -40,7 +41,8 @@ class ExpertsInput:
 @dataclasses.dataclass(frozen=True)
 class ExpertPlan:
     """Where the experts live: `device_slots` on the device (an LFU/LRU cache), `host_bytes` of host RAM (the
-    rest are read from disk when routed to), and whether the next layer's experts are predicted."""
+    rest are read from disk when routed to), and whether the next layer's experts are predicted: "router" always,
+    "auto" while the copies that starts are used (see inference/experts.py PrefetchGate), "none"."""
 
     layers: int
     experts_per_layer: int
@@ -127,14 +129,15 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
     left_device = plan.device_weights_bytes + slots * experts.expert_bytes - dense_device
     dense_host = sum(sizes[key] for key in plan.host_resident) + plan.host_slot_bytes
     left_host = max(dense.host_budget_bytes - dense_host, slots * experts.expert_bytes)
-    device_slots = min(experts.total_experts, max(slots, left_device // experts.expert_bytes))
+    device_slots = min(experts.total_experts, MAX_SLOTS, max(slots, left_device // experts.expert_bytes))
     expert_plan = ExpertPlan(
         layers=experts.layers, experts_per_layer=experts.experts_per_layer, top_k=experts.top_k,
         expert_bytes=experts.expert_bytes, device_slots=device_slots,
         host_bytes=min(left_host, experts.total_experts * experts.expert_bytes),
         device_policy=DEFAULT_EXPERT_POLICY if experts.device_policy == AUTO else experts.device_policy,
         host_policy=DEFAULT_EXPERT_POLICY if experts.host_policy == AUTO else experts.host_policy,
-        prefetch="router" if predict and device_slots >= 2 * experts.top_k else "none")
+        prefetch=(("auto" if experts.prefetch == AUTO else experts.prefetch)
+                  if predict and device_slots >= 2 * experts.top_k else "none"))
     notes = list(plan.notes)
     if device_slots < experts.total_experts and device_slots < experts.experts_per_layer:
         notes.append(f"{device_slots} expert slots on the device, fewer than a layer's {experts.experts_per_layer} "
@@ -148,8 +151,20 @@ def with_experts(plan: Plan, experts: ExpertPlan, dense: PlanInput) -> Plan:
     pass and their prediction count the routed experts."""
     h2d, disk = experts.moved_bytes(1)
     return dataclasses.replace(
-        plan, experts=experts, device_reserve_bytes=dense.device_reserve_bytes,
+        plan, experts=experts, regime=_regime(plan.regime, experts), device_reserve_bytes=dense.device_reserve_bytes,
         device_weights_bytes=(plan.device_budget_bytes - dense.device_reserve_bytes
                               - experts.device_slots * experts.expert_bytes),
         h2d_bytes_per_pass=plan.h2d_bytes_per_pass + h2d, disk_bytes_per_pass=plan.disk_bytes_per_pass + disk,
         predicted=predict_pass(plan.h2d_bytes_per_pass + h2d, plan.disk_bytes_per_pass + disk, dense))
+
+
+_REGIMES = ("device", "device+host", "disk")
+
+
+def _regime(dense: str, experts: ExpertPlan) -> str:
+    """The farther tier the model's units come from: the dense units', or the experts' (device when every expert
+    has a slot, device+host when host RAM holds the rest, disk when some are read from it)."""
+    if experts.device_slots >= experts.total_experts:
+        return dense
+    farthest = "device+host" if experts.host_experts >= experts.total_experts else "disk"
+    return max(dense, farthest, key=_REGIMES.index)

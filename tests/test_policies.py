@@ -109,3 +109,40 @@ def test_lookahead_looks_past_units_that_stay():
     assert Lookahead(2).next_keys(schedule, 0, stays) == ["c", "e"]
     assert Lookahead(3).next_keys(schedule, 4, stays) == ["f", "a", "c"]  # wraps into the next pass
     assert Lookahead(9).next_keys(schedule, 0, stays) == ["c", "e", "f", "a"]  # each unit once
+
+
+def test_lfu_heap_chooses_as_a_scan_would():
+    """The heap LFU against the plain definition (smallest decayed count among the candidates, oldest insertion
+    first on ties), over random inserts, accesses, removals and victim queries."""
+    import random
+
+    from tierstore.policies.eviction import LFU
+
+    rng = random.Random(0)
+    lfu = LFU(half_life_accesses=16)
+    counts: dict[str, float] = {}
+    inserted: dict[str, int] = {}
+    weight, growth, order = 1.0, 2.0 ** (1 / 16), 0
+    for _ in range(5000):
+        key = f"u{rng.randrange(40)}"
+        action = rng.random()
+        if action < 0.3 and key not in inserted:
+            order += 1
+            inserted[key] = order
+            counts.setdefault(key, 0.0)
+            lfu.on_insert(key, 1)
+        elif action < 0.7:
+            counts[key] = counts.get(key, 0.0) + weight
+            weight *= growth
+            lfu.on_access(key)
+        elif action < 0.8 and key in inserted:
+            del inserted[key]
+            lfu.on_remove(key)
+        else:
+            candidates = {k for k in inserted if rng.random() < 0.7}
+            want = min(candidates, key=lambda k: (counts[k], inserted[k]), default=None)
+            got = lfu.victim(candidates)
+            if want is None or got is None:
+                assert want == got
+            else:  # equal up to the rescaling's rounding
+                assert counts[got] == pytest.approx(counts[want], rel=1e-9), (got, want)

@@ -142,7 +142,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                         "eviction policy of the experts kept in host RAM; auto = lfu (frequency with decay)"),
         "prefetch": (_choice(AUTO, "router", "none"), AUTO,
                      "router = run the next MoE layer's router on the current hidden state and start copying the "
-                     "experts it picks; auto = router"),
+                     "experts it picks; auto = router while at least half of the experts it copies are used"),
         "implementation": (_choice(AUTO, *EXPERT_KERNELS), AUTO,
                            "transformers' experts kernel; auto = grouped_mm (the fastest on GPUs, and exact under "
                            "expert streaming; eager sums a token's experts in cache order)"),

@@ -136,12 +136,13 @@ def _speculation_table(data: dict[str, Any]) -> Table:
 def _experts_table(data: dict[str, Any]) -> Table:
     table = Table(title="experts")
     for column in ("layer calls", "routed/call", "experts touched", "busiest 10% share", "prediction recall",
-                   "chunked calls", "copied/pass", "copied/token"):
+                   "prefetch used", "chunked calls", "copied/pass", "copied/token"):
         table.add_column(column, justify="right")
     calls = data["calls"]
     table.add_row(str(calls), _fmt(data["routed"] / calls if calls else None, "{:.1f}"),
                   str(data["experts_touched"]), _fmt(data["busiest_tenth_share"], "{:.1%}"),
-                  _fmt(data["prediction_recall"], "{:.1%}"), str(data["chunked_calls"]),
+                  _fmt(data["prediction_recall"], "{:.1%}"), _fmt(data["prefetch_used_share"], "{:.1%}"),
+                  str(data["chunked_calls"]),
                   _fmt(data["h2d_bytes_per_pass"], "{}", format_size), _fmt(data["h2d_bytes_per_token"], "{}",
                                                                               format_size))
     return table

@@ -197,17 +197,46 @@ class TieredStore:
             entry.copy_fence = None
         return entry.tensors  # type: ignore[return-value]  (a device entry always has its views)
 
-    def prefetch(self, keys: list[Key]) -> int:
+    def get_many(self, keys: list[Key]) -> list[dict[str, torch.Tensor]]:
+        """`get` for several units (no schedule prefetch): those already on the device, loaded and ordered, are
+        pinned and counted under one lock; the rest go through `get`. On an error, nothing stays pinned."""
+        found: list[dict[str, torch.Tensor] | None] = [None] * len(keys)
+        with self._lock:
+            for index, key in enumerate(keys):
+                entry = self._device_data.get(key)
+                if entry is None or entry.served_from is not None or entry.copy_fence is not None \
+                        or not entry.ready.done() or entry.ready.exception() is not None:
+                    continue
+                self.device.pin(key)
+                self.device.stats.hits += 1  # a device hit, as `_count` counts it
+                self.device.access(key)
+                found[index] = entry.tensors
+        try:
+            for index, key in enumerate(keys):
+                if found[index] is None:
+                    found[index] = self.get(key)
+        except BaseException:
+            self.release_many([key for key, tensors in zip(keys, found) if tensors is not None])
+            raise
+        return found  # type: ignore[return-value]
+
+    def release_many(self, keys: list[Key]) -> None:
+        """`release` for several units, under one lock."""
+        with self._lock:
+            for key in keys:
+                self.device.unpin(key)
+
+    def prefetch(self, keys: list[Key]) -> list[Key]:
         """Start loading `keys` onto the device, in order, without waiting; stops at the first for which there is
-        no room now. Returns how many loads it started."""
-        started = 0
+        no room now. Returns the keys whose loads it started."""
+        started = []
         with self._lock:
             for key in keys:
                 if key in self._device_data:
                     continue
                 if self._start_device_load(key, required=False) is None:
                     break
-                started += 1
+                started.append(key)
         return started
 
     def release(self, key: Key) -> None:

@@ -104,6 +104,8 @@ class Tier:
     def _victims(self, nbytes: int) -> list[Key] | None:
         """Evictable units, in the policy's order, that free at least `nbytes`; None if pinned ones forbid it."""
         victims: list[Key] = []
+        if nbytes <= 0:
+            return victims  # room already: no need to look at what is held
         candidates = self.evictable()
         while nbytes > 0:
             victim = self.policy.victim(candidates)

@@ -86,13 +86,14 @@ class Tracer:
             self._passes += 1
             return self._passes - 1
 
-    def store_event(self, event: Any) -> None:
-        """The store's callback (a `StoreEvent`): disk reads, host->device copies, and the loop's waits."""
+    def store_event(self, event: Any, prefix: str = "") -> None:
+        """The store's callback (a `StoreEvent`): disk reads, host->device copies, and the loop's waits. `prefix`
+        names a second store's tracks (the experts' store has its own readers and copy stream)."""
         if event.kind == "read":
             track = DISK_PREFIX + event.thread.rsplit("_", 1)[-1]
         else:
             track = COPY if event.kind == "copy" else WAITS
-        self._add("X", track, event.kind, event.start, event.end,
+        self._add("X", prefix + track, event.kind, event.start, event.end,
                   {"unit": str(event.key), "bytes": event.nbytes, "tier": event.tier})
 
     def _add(self, phase: str, track: str, name: str, start: Stamp, end: Stamp, args: dict[str, Any]) -> None:
