@@ -238,8 +238,9 @@ def vm_hwm_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
 
 
-def run_child(argv: list[str], log) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", *argv], stdout=subprocess.PIPE,
+def run_child(argv: list[str], log, script: str = __file__) -> dict:
+    """Run `script --child argv` (one row, one process), its output into `log`; its RESULT line as a dict."""
+    proc = subprocess.Popen([sys.executable, script, "--child", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # type: ignore[union-attr]
@@ -250,6 +251,21 @@ def run_child(argv: list[str], log) -> dict:
     if result is None:
         return {"error": "".join(lines[-5:]).strip().splitlines()[-1] if lines else f"exit {status}"}
     return result
+
+
+def prepare(out: str, cache: str, build) -> dict:
+    """The output folder, the checkpoint (`build()`, timed) and the links measured by tierstore's probe."""
+    import torch
+
+    from tierstore.probe import run_probe
+
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    build()
+    print(f"checkpoint ready in {time.perf_counter() - start:.1f}s", flush=True)
+    probe = run_probe(cache, torch.device("cuda", 0), disk_nbytes=2 * 2**30)
+    print("probe", json.dumps(probe), flush=True)
+    return probe
 
 
 def drop_page_cache() -> None:
@@ -278,15 +294,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    os.makedirs(args.out, exist_ok=True)
-    start = time.perf_counter()
-    build_checkpoint(args.model)
-    print(f"checkpoint ready in {time.perf_counter() - start:.1f}s", flush=True)
-    import torch
-
-    from tierstore.probe import run_probe
-    probe = run_probe(args.cache, torch.device("cuda", 0), disk_nbytes=2 * 2**30)
-    print("probe", json.dumps(probe), flush=True)
+    probe = prepare(args.out, args.cache, lambda: build_checkpoint(args.model))
     runs = [  # name, system, vram, ram, batch, tokens, drop cache, compression
         ("resident", "resident", "80GB", "100GB", 1, 16, False, "none"),
         ("resident nf4-dequantized", "resident", "80GB", "100GB", 1, 16, False, "nf4"),

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_7b import StepClock, vm_hwm_bytes  # noqa: E402
+from bench_7b import StepClock, prepare, run_child, vm_hwm_bytes  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
              num_experts_per_tok=8, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
@@ -159,20 +158,6 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(argv: list[str], log) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line)
-        log.write(line)
-    status = proc.wait()
-    result = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), None)
-    if result is None:
-        return {"error": "".join(lines[-5:]).strip().splitlines()[-1] if lines else f"exit {status}"}
-    return result
-
-
 ROWS = [  # name, system, kernel, experts config, vram, ram, new tokens
     ("resident grouped_mm", "resident", "grouped_mm", {}, "-", "-", 16),
     ("tierstore experts (lfu cache, prediction auto: the default)", "tierstore", "-", {}, "4GB", "48GB", 16),
@@ -209,15 +194,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    os.makedirs(args.out, exist_ok=True)
-    start = time.perf_counter()
-    build_checkpoint(args.model)
-    print(f"checkpoint ready in {time.perf_counter() - start:.1f}s", flush=True)
-    import torch
-
-    from tierstore.probe import run_probe
-    probe = run_probe(args.cache, torch.device("cuda", 0), disk_nbytes=2 * 2**30)
-    print("probe", json.dumps(probe), flush=True)
+    probe = prepare(args.out, args.cache, lambda: build_checkpoint(args.model))
     only = set(filter(None, args.only.split(";")))
     results = {}
     with open(os.path.join(args.out, "bench_moe_log.txt"), "w") as log:
@@ -228,7 +205,7 @@ def main() -> None:
                 skew_routers(args.model)
             results[name] = run_child(["--system", system, "--kernel", kernel, "--experts", json.dumps(experts),
                                        "--model", args.model, "--cache", args.cache, "--vram", vram, "--ram", ram,
-                                       "--tokens", str(tokens)], log)
+                                       "--tokens", str(tokens)], log, script=__file__)
             print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),
                   flush=True)
             with open(os.path.join(args.out, "bench_moe_results.json"), "w") as handle:

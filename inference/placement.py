@@ -65,7 +65,8 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
         notes.append(f"experts: {experts.total_experts} units of {format_size(experts.expert_bytes)} "
                      f"({experts.layers} layers x {experts.experts_per_layer}, {experts.top_k} per token), moved only "
                      f"when routed to; kernel {units.skeleton.model.config._experts_implementation}")
-    routers = {g.router: 1 for g in units.skeleton.experts if g.router} if experts is not None else None
+    predicting = experts is not None and experts.prefetch != "none"  # a router then runs twice per pass
+    routers = {g.router: 1 for g in units.skeleton.experts if g.router} if predicting else None
     planned_from = plan_input({key: layout.nbytes for key, layout in units.layouts.items()},
                               units.skeleton.schedule, device_bytes, host_bytes, reserve, cfg.policy,
                               load_probe(cfg.runtime.cache_dir), notes, device, extra_uses=routers)

@@ -161,20 +161,23 @@ def build_skeleton(config: object, dtype: torch.dtype, trust_remote_code: bool =
 def _expert_modules(model: nn.Module, layers_name: str, config: object) -> dict[str, tuple[str | None, int]]:
     """Fused experts modules of the decoder layers, by name, with their router's name (None if not found) and top
     k. An experts module is one transformers dispatches through its experts interface (`use_experts_implementation`:
-    called with the hidden states, the routed indices and their weights); other layouts stay inside their layer."""
+    called with the hidden states, the routed indices and their weights); other layouts stay inside their layer,
+    as do experts shaped unlike the first layer's (the device slots hold experts of one shape)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     top_k = getattr(text, "num_experts_per_tok", None) or getattr(text, "moe_topk", None)
     found: dict[str, tuple[str | None, int]] = {}
-    first: dict[str, object] = {}
+    shape = None
     for name, module in model.named_modules():
-        count = getattr(module, "num_experts", None)
-        if not (name.startswith(layers_name + ".") and _dispatches_experts(module)
-                and isinstance(count, int) and isinstance(top_k, int) and 0 < top_k <= count):
+        if not (name.startswith(layers_name + ".") and _dispatches_experts(module) and isinstance(top_k, int)
+                and 0 < top_k <= module.num_experts):
             continue
-        fused = [p for p in module._parameters.values() if p is not None and p.dim() >= 1 and p.shape[0] == count]
-        signature = [(p.dtype, tuple(p.shape[1:])) for p in fused]
-        if not fused or signature != first.setdefault("signature", signature):
-            continue  # the device slots hold experts of one shape; others stay inside their layer
+        count = module.num_experts
+        fused = [(p.dtype, tuple(p.shape[1:])) for p in module._parameters.values()
+                 if p is not None and p.dim() >= 1 and p.shape[0] == count]
+        if shape is None:
+            shape = fused
+        if fused != shape:
+            continue
         parent_name = name.rsplit(".", 1)[0]
         router = next((f"{parent_name}.{child}" for child, sub in model.get_submodule(parent_name).named_children()
                        if sub is not module and getattr(sub, "weight", None) is not None

@@ -37,13 +37,33 @@ def _reference(model, new_tokens=NEW_TOKENS, prompt=PROMPT):
     return model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0).tolist()
 
 
+def _saved(model_type, tmp_path):
+    """A tiny random `model_type` model and the directory it is saved in."""
+    model, why = tiny(model_type, **TINY_OVERRIDES.get(model_type, {}))
+    assert model is not None, why
+    directory = str(tmp_path / model_type)
+    model.save_pretrained(directory)
+    return model, directory
+
+
+def _plan_cli(tmp_path, directory, config, *options):
+    """`tierstore plan` in a subprocess, with a fresh HOME."""
+    return subprocess.run([sys.executable, "-m", "tierstore", "plan", directory, "--config",
+                           _write_toml(tmp_path, config), *options],
+                          capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+
+
+def _units(directory, config):
+    """The dense units' sizes, largest last, and the experts' plan, under an unlimited budget."""
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
+        return sorted(layout.nbytes for layout in whole.store.layouts.values()), whole.plan.experts
+
+
 def _streaming_budget(directory, config):
     """A budget holding a quarter of the dense units and about a third of the experts on the device, and half the
     experts in RAM: lowered until the plan keeps some experts off the device (where dense units are large, the
     planner gives the experts whatever the dense units leave)."""
-    with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
-        dense = sorted(layout.nbytes for layout in whole.store.layouts.values())
-        experts = whole.plan.experts
+    dense, experts = _units(directory, config)
     assert experts is not None, "no expert units"
     expert_total = experts.total_experts * experts.expert_bytes
     vram = dense[-1] * 3 + sum(dense) // 4 + max(expert_total // 3, 2 * experts.top_k * experts.expert_bytes)
@@ -147,16 +167,12 @@ def test_bytes_moved_are_the_routed_experts(tmp_path):
     again (every other layer's experts went through the slots in between): each call copies exactly its routed
     experts. The copied bytes must equal the routed experts' bytes from transformers' own routing, and no other
     expert unit may be read."""
-    model, why = tiny("qwen3_moe")
-    assert model is not None, why
+    model, directory = _saved("qwen3_moe", tmp_path)
     model.set_experts_implementation("grouped_mm")
     routed = _routed_per_call(model, PROMPT, NEW_TOKENS)
-    directory = str(tmp_path / "qwen3_moe")
-    model.save_pretrained(directory)
     config = _config(str(tmp_path), prefetch="none")
-    with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
-        dense_bytes = sum(layout.nbytes for layout in whole.store.layouts.values())
-        experts = whole.plan.experts
+    dense, experts = _units(directory, config)
+    dense_bytes = sum(dense)
     k, expert_bytes = experts.top_k, experts.expert_bytes
     slots_bytes = max(routed) * expert_bytes  # the largest union any call needs: no chunks, no second chance
     budget = tierstore.Budget(vram=dense_bytes + slots_bytes, ram="1GB")
@@ -175,17 +191,12 @@ def test_bytes_moved_are_the_routed_experts(tmp_path):
 
 
 def test_a_prompt_routed_to_more_experts_than_slots_runs_in_chunks_with_the_same_tokens(tmp_path):
-    model, why = tiny("mixtral")
-    assert model is not None, why
+    model, directory = _saved("mixtral", tmp_path)
     prompt = torch.arange(3, 40).unsqueeze(0)
     want = _reference(model, prompt=prompt)
-    directory = str(tmp_path / "mixtral")
-    model.save_pretrained(directory)
     config = _config(str(tmp_path), prefetch="none")
-    with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
-        dense_bytes = sum(layout.nbytes for layout in whole.store.layouts.values())
-        experts = whole.plan.experts
-    budget = tierstore.Budget(vram=dense_bytes + experts.top_k * experts.expert_bytes, ram="1GB")
+    dense, experts = _units(directory, config)
+    budget = tierstore.Budget(vram=sum(dense) + experts.top_k * experts.expert_bytes, ram="1GB")
     with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
         assert streamed.plan.experts.device_slots < experts.experts_per_layer
         got = streamed.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
@@ -230,11 +241,8 @@ def test_fused_experts_in_safetensors_are_read_in_place(tmp_path):
 
 
 def test_conversion_writes_one_file_per_expert_and_streaming_off_keeps_whole_layers(tmp_path):
-    model, why = tiny("mixtral")
-    assert model is not None, why
+    model, directory = _saved("mixtral", tmp_path)  # per-expert names on disk: converted once
     want = _reference(model)
-    directory = str(tmp_path / "mixtral")
-    model.save_pretrained(directory)  # per-expert names on disk: converted once
     config = _config(str(tmp_path))
     with tierstore.AutoModel.from_pretrained(directory, config=config) as streamed:
         store_dir = streamed.store.source.directory
@@ -251,34 +259,22 @@ def test_conversion_writes_one_file_per_expert_and_streaming_off_keeps_whole_lay
 
 
 def test_a_budget_without_room_for_one_tokens_experts_is_refused_in_one_line(tmp_path):
-    model, why = tiny("mixtral")
-    assert model is not None, why
-    directory = str(tmp_path / "mixtral")
-    model.save_pretrained(directory)
+    model, directory = _saved("mixtral", tmp_path)
     config = _config(str(tmp_path))
-    with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
-        dense = max(layout.nbytes for layout in whole.store.layouts.values())
-        experts = whole.plan.experts
-    too_small = dense + experts.expert_bytes  # one expert, where a token needs top_k
+    dense, experts = _units(directory, config)
+    too_small = dense[-1] + experts.expert_bytes  # one expert, where a token needs top_k
     with pytest.raises(tierstore.BudgetError, match=r"experts one token needs .* needs at least \d+ bytes"):
         tierstore.AutoModel.from_pretrained(directory, budget={"vram": too_small, "ram": "1GB"}, config=config)
-    cli = subprocess.run([sys.executable, "-m", "tierstore", "plan", directory, "--vram", str(too_small),
-                          "--ram", "1GB", "--config", _write_toml(tmp_path, config)],
-                         capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    cli = _plan_cli(tmp_path, directory, config, "--vram", str(too_small), "--ram", "1GB")
     assert cli.returncode == 2, cli.stderr
     assert len(cli.stderr.strip().splitlines()) == 1 and "experts one token needs" in cli.stderr
     assert "Traceback" not in cli.stderr
 
 
 def test_plan_shows_expert_placement_and_bytes_per_pass(tmp_path):
-    model, why = tiny("qwen3_moe")
-    assert model is not None, why
-    directory = str(tmp_path / "qwen3_moe")
-    model.save_pretrained(directory)
+    model, directory = _saved("qwen3_moe", tmp_path)
     config = _config(str(tmp_path))
-    cli = subprocess.run([sys.executable, "-m", "tierstore", "plan", directory, "--config",
-                          _write_toml(tmp_path, config), "--ram", "1GB"],
-                         capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    cli = _plan_cli(tmp_path, directory, config, "--ram", "1GB")
     assert cli.returncode == 0, cli.stderr
     out = " ".join(cli.stdout.split())
     assert "experts placement" in out and "expert bytes per pass, batch 1" in out
@@ -316,10 +312,7 @@ def test_the_prefetch_gate_stops_guessing_while_its_copies_go_unused():
 
 def test_the_trace_has_the_experts_own_tracks(tmp_path):
     """Expert copies and reads go on tracks of their own, one event per expert copied."""
-    model, why = tiny("qwen3_moe")
-    assert model is not None, why
-    directory = str(tmp_path / "qwen3_moe")
-    model.save_pretrained(directory)
+    model, directory = _saved("qwen3_moe", tmp_path)
     config = _config(str(tmp_path))
     budget = _streaming_budget(directory, config)
     trace = str(tmp_path / "run.json")

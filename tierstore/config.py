@@ -13,6 +13,7 @@ from typing import Any
 
 from .budget import Budget
 from .errors import BudgetError, ConfigError
+from .policies.experts import EXPERT_POLICIES
 from .policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
 from .sizes import parse_size
 
@@ -87,7 +88,6 @@ def _device(key: str, value: Any) -> Any:
 
 COMPRESSION_FORMATS = ("nf4", "int8")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_4")  # transformers' names
-EXPERT_POLICIES = ("lfu", "lru", "fifo")
 EXPERT_KERNELS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts_implementation names
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' block-wise kernels accept
 
