@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..policies.experts import ExpertPlan
+from ..policies.experts import ExpertPlan, best_policy
+from ..policies.registry import make_eviction
 from ..store import SlotPool, StoreEvent, TieredStore
 from ..transfer import CPUTransfer, CUDATransfer
 from ..units import TensorSlot, UnitLayout, UnitSource
@@ -33,7 +34,7 @@ def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Map
     pool = SlotPool(transfer.allocate_device(plan.device_slots * plan.expert_bytes), plan.expert_bytes)
     store = TieredStore(source, dict(layouts), plan.store_plan(), transfer, reader_threads=reader_threads,
                         on_event=on_event, device_pool=pool)
-    return ExpertRunner(groups, store, pool, dense, plan.prefetch)
+    return ExpertRunner(groups, store, pool, dense, plan.prefetch, plan.device_policy if plan.choose_policy else None)
 
 
 def stacked_views(pool: SlotPool, layout: UnitLayout) -> list[torch.Tensor]:
@@ -83,8 +84,12 @@ class ExpertStats:
 class ExpertRunner:
     """Runs each MoE layer's experts module on the routed experts only (see the module docstring)."""
 
+    MAX_ACCESSES = 200_000  # routed experts kept per call to choose the eviction policy from
+
     def __init__(self, groups: Sequence[ExpertGroup], store: TieredStore, pool: SlotPool, dense: TieredStore,
-                 prefetch: str) -> None:
+                 prefetch: str, adaptive_policy: str | None = None) -> None:
+        """`adaptive_policy`: the device slots' policy now, re-chosen after each call (`end_call`); None keeps
+        the planned one."""
         self.groups = tuple(groups)
         self.store = store
         self.pool = pool
@@ -98,6 +103,8 @@ class ExpertRunner:
         self._device = pool.tensor.device
         self._expected: dict[int, list[int]] = {}  # layer index -> experts predicted for it, this pass
         self._copied: dict[int, list[str]] = {}  # layer index -> expert units copied on that prediction
+        self.policy = adaptive_policy
+        self._accesses: list[str] = []  # this call's routed experts, in order
         for index, group in enumerate(self.groups):
             group.module.forward = functools.partial(self._forward, index)
 
@@ -105,6 +112,19 @@ class ExpertRunner:
         """Start the counters afresh (a new generate call), the store's too."""
         self.stats = ExpertStats()
         self.store.reset_counters()
+        self._accesses = []
+
+    def end_call(self) -> list[str]:
+        """After a generate call: under an adaptive policy, replay the call's routing through the device slots
+        under each policy and keep the one that would have hit most for the next call. Returns report notes."""
+        if self.policy is None or not self._accesses:
+            return []
+        best, rates = best_policy(self._accesses, self.pool.count, self.policy)
+        if best != self.policy:
+            self.store.replace_device_policy(make_eviction(best, (), set()))
+            self.policy = best
+        replayed = ", ".join(f"{name} {rate:.1%}" for name, rate in rates.items())
+        return [f"expert slots' policy for the next call: {best} (this call's routing replayed: {replayed})"]
 
     def close(self) -> None:
         """Give every experts module back its own forward, parameters and expert count; close the store."""
@@ -181,6 +201,9 @@ class ExpertRunner:
         stats.pairs += len(routed)
         for expert in routed:
             stats.counts[index, expert] = stats.counts.get((index, expert), 0) + 1
+        if self.policy is not None and len(self._accesses) < self.MAX_ACCESSES:
+            keys = self.groups[index].keys
+            self._accesses.extend(keys[expert] for expert in dict.fromkeys(routed))
         expected = self._expected.pop(index, None)
         if expected is not None:
             stats.predicted_hits += len(distinct & set(expected))

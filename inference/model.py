@@ -159,7 +159,7 @@ class TierstoreModel:
                               new_tokens=new_tokens, batch_size=batch_size)
         log.info("generated %d tokens x %d sequences: prefill %.3f s, decode %.3f s over %d passes", new_tokens,
                  batch_size, self._timing.prefill_s, self._timing.decode_s, decode_steps)
-        self._notes = notes
+        self._notes = notes + (self.experts.end_call() if self.experts is not None else [])
         if self.tracer is not None:
             self.tracer.write()
 

@@ -8,10 +8,14 @@ and host RAM. Pure bookkeeping, like the dense planner.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from ..errors import BudgetError, ConfigError
 from ..sizes import format_size
+from ..tier import replay
+from .eviction import Key
 from .planner import AUTO, Plan, PlanInput, make_plan, predict_pass
+from .registry import make_eviction
 
 EXPERT_POLICIES = ("lfu", "lru", "fifo")
 MAX_SLOTS = 1024  # torch's grouped_mm takes at most 1024 groups, and the slots are the kernel's groups
@@ -53,6 +57,7 @@ class ExpertPlan:
     device_policy: str
     host_policy: str
     prefetch: str
+    choose_policy: bool = False  # device_policy auto: re-chosen after each call from the routing it saw
 
     @property
     def total_experts(self) -> int:
@@ -92,6 +97,15 @@ class ExpertPlan:
                     device_reserve_bytes=0, device_weights_bytes=self.device_slots * self.expert_bytes,
                     device_slot_bytes=self.expert_bytes, host_slot_bytes=self.expert_bytes, h2d_bytes_per_pass=0,
                     disk_bytes_per_pass=0, predicted={}, schedule=(), notes=(schedule_note,) if schedule_note else ())
+
+
+def best_policy(accesses: Sequence[Key], slots: int, current: str) -> tuple[str, dict[str, float]]:
+    """The eviction policy that would have hit most often: `accesses` (the experts routed to, in order) replayed
+    on demand through `slots` device slots under each policy. Ties keep `current`. Returns it and each hit rate."""
+    sizes = dict.fromkeys(accesses, 1)
+    rates = {name: replay(list(accesses), sizes, slots, make_eviction(name, (), set())).hits / max(len(accesses), 1)
+             for name in EXPERT_POLICIES}
+    return max(rates, key=lambda name: (rates[name], name == current)), rates
 
 
 def _check(experts: ExpertsInput) -> None:
@@ -136,6 +150,7 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
         host_bytes=min(left_host, experts.total_experts * experts.expert_bytes),
         device_policy=DEFAULT_EXPERT_POLICY if experts.device_policy == AUTO else experts.device_policy,
         host_policy=DEFAULT_EXPERT_POLICY if experts.host_policy == AUTO else experts.host_policy,
+        choose_policy=experts.device_policy == AUTO,
         prefetch=(("auto" if experts.prefetch == AUTO else experts.prefetch)
                   if predict and device_slots >= 2 * experts.top_k else "none"))
     notes = list(plan.notes)

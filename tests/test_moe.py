@@ -327,3 +327,30 @@ def test_the_trace_has_the_experts_own_tracks(tmp_path):
     assert copies and len(copies) == copied.bytes_in // expert_bytes
     assert all(".experts." in e["args"]["unit"] for e in copies)
     assert any(names[e["tid"]].startswith("experts disk reader") for e in events if e["ph"] == "X")
+
+
+def test_the_expert_slots_policy_is_chosen_from_the_routing_seen():
+    """Replayed through the slots, a hot pair among one-off experts favours lfu; a working set that moves on
+    favours lru; a tie keeps the policy in use."""
+    from tierstore.policies.experts import best_policy
+
+    hot_among_scans = [key for i in range(200) for key in ("a" if i % 2 else "b", f"scan{i}")]
+    best, rates = best_policy(hot_among_scans, slots=3, current="lru")
+    assert best == "lfu" and rates["lfu"] > rates["lru"]
+    moving = [key for phase in range(20) for _ in range(30) for key in (f"p{phase}a", f"p{phase}b", f"p{phase}c")]
+    best, rates = best_policy(moving, slots=3, current="lfu")
+    assert best == "lru" and rates["lru"] > rates["lfu"]
+    assert best_policy(["x", "y"], slots=2, current="fifo")[0] == "fifo"  # every policy hits nothing: keep
+
+
+def test_an_auto_policy_is_reported_and_a_configured_one_kept(tmp_path):
+    model, directory = _saved("qwen3_moe", tmp_path)
+    budget = _streaming_budget(directory, _config(str(tmp_path)))
+    for policy, chosen in (("auto", True), ("lru", False)):
+        config = _config(str(tmp_path), device_policy=policy)
+        with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
+            streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            notes = streamed.report().notes
+            assert any("expert slots' policy for the next call" in note for note in notes) == chosen
+            if not chosen:
+                assert streamed.experts.store.device.policy.__class__.__name__ == "LRU"

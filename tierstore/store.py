@@ -18,6 +18,7 @@ import torch
 
 from .errors import BudgetError, InvariantError
 from .policies.planner import Plan
+from .policies.eviction import EvictionPolicy
 from .policies.registry import make_eviction, make_prefetch
 from .tier import Key, Tier, TierStats
 from .transfer import CPUTransfer, CUDATransfer
@@ -255,6 +256,11 @@ class TieredStore:
             self._evict_from_device(self.device.set_budget(plan.device_weights_bytes))
             self._device_pool.trim(self.device.used_bytes, plan.device_weights_bytes)
             self.plan = plan
+
+    def replace_device_policy(self, policy: EvictionPolicy) -> None:
+        """A new eviction policy for the device tier (placement and budget unchanged); call between passes."""
+        with self._lock:
+            self.device.replace_policy(policy)
 
     def close(self) -> None:
         """Stop the background threads (pending loads finish first) and give the memory back."""
