@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import threading
 from collections.abc import Hashable, Mapping, Sequence
@@ -22,6 +23,8 @@ from .layerstore import LayerStoreSource, pread_exact, read_manifest
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry
 from .skeleton import Skeleton, build_skeleton, parse_slice
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,7 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
     stored = checkpoint_dtype(hf_config)  # before building the model, which sets the config's dtype to `dtype`
     dtype = dtype or (stored if device.type == "cuda" else torch.float32)
     skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention,
-                              split_experts=cfg.splits_experts, experts_implementation=_experts_kernel(cfg))
+                              split_experts=_splits_experts(checkpoint, cfg), experts_implementation=_experts_kernel(cfg))
     drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
     source, checkpoint = _open_source(checkpoint, skeleton, cfg, dtype, drop_cache, trust_remote_code, progress)
     codec, packed = getattr(source, "codec", None), dict(getattr(source, "packed", {}))
@@ -80,6 +83,11 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
             if unit_packed is not None:
                 packed[key] = unit_packed
     else:
+        missing = [key for key in skeleton.units if not _has_unit(source, key)]
+        if missing:
+            close_source(source)
+            raise CheckpointError(f"{checkpoint.path}: no unit {missing[0]!r} ({len(missing)} missing); it was "
+                                  f"written for another layout of this model: convert it again")
         layouts = {key: source.layout(key) for key in skeleton.units}
     try:
         for key, names in skeleton.units.items():
@@ -124,12 +132,35 @@ def _open_source(checkpoint: Checkpoint, skeleton: Skeleton, cfg: Config, dtype:
     return store_source(checkpoint.path, cfg.io.verify_checksums, dtype, drop_cache), checkpoint
 
 
+def _splits_experts(checkpoint: Checkpoint, cfg: Config) -> bool:
+    """Whether experts are units: as the config asks, except that a layer store keeps the layout it was written
+    with (one from before experts were units runs them inside its layers; one with expert units cannot)."""
+    if checkpoint.kind != "store":
+        return cfg.splits_experts
+    split = any(".experts." in key for key in read_manifest(checkpoint.path).get("units", {}))
+    if split and not cfg.splits_experts:
+        raise ConfigError(f"{checkpoint.path} holds each expert as a unit; experts.streaming = false (or compression) "
+                          f"needs the original checkpoint, or a store converted without expert streaming")
+    if cfg.splits_experts and not split:
+        log.info("%s keeps experts inside their layers (converted without expert streaming); convert it again to "
+                 "stream experts", checkpoint.path)
+    return split
+
+
 def _experts_kernel(cfg: Config) -> str | None:
     """transformers' experts kernel: the configured one, or grouped_mm under expert streaming (exact there, and
     the fastest on GPUs); None leaves transformers' default."""
     if cfg.experts.implementation != "auto":
         return cfg.experts.implementation
     return "grouped_mm" if cfg.splits_experts else None
+
+
+def _has_unit(source: UnitSource, key: str) -> bool:
+    try:
+        source.layout(key)
+    except KeyError:
+        return False
+    return True
 
 
 def in_place_source(checkpoint: Checkpoint, units: dict[str, list[str]], dtype: torch.dtype,

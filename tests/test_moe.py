@@ -354,3 +354,20 @@ def test_an_auto_policy_is_reported_and_a_configured_one_kept(tmp_path):
             assert any("expert slots' policy for the next call" in note for note in notes) == chosen
             if not chosen:
                 assert streamed.experts.store.device.policy.__class__.__name__ == "LRU"
+
+
+def test_a_store_keeps_the_expert_layout_it_was_written_with(tmp_path):
+    """A store converted with experts inside their layers (as before experts were units) still runs, whole layers;
+    a store of expert units asked to run whole layers is refused in one line, naming why."""
+    from tierstore.inference.convert import convert
+    from tierstore.inference.resolve import resolve
+
+    model, directory = _saved("mixtral", tmp_path)
+    want = _reference(model)
+    whole_store = convert(resolve(directory), str(tmp_path / "whole"), progress=False, split_experts=False)
+    split_store = convert(resolve(directory), str(tmp_path / "split"), progress=False)
+    with tierstore.AutoModel.from_pretrained(whole_store, config=_config(str(tmp_path))) as layered:
+        assert layered.experts is None
+        assert layered.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist() == want
+    with pytest.raises(tierstore.ConfigError, match="holds each expert as a unit; experts.streaming = false"):
+        tierstore.AutoModel.from_pretrained(split_store, config=_config(str(tmp_path), streaming=False))
