@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text, then print the run report")
     gen.add_argument("model", help="model directory, GGUF file, layer store, alias (smollm2) or Hub repo id")
-    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    gen.add_argument("--prompts-file", help="a JSONL file of prompts ({\"prompt\": ..., \"id\": ...} per line), "
+                                            "run in batches; needs --out")
+    gen.add_argument("--out", help="with --prompts-file: the JSONL file each finished prompt is appended to; "
+                                   "run again after a kill, it skips the prompts already there")
+    gen.add_argument("--batch-size", type=int, help="with --prompts-file: prompts per pass (default: 8; 1 with "
+                                                    "--draft)")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
     mode = gen.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
@@ -123,12 +129,21 @@ def _config(args: argparse.Namespace) -> Any:
 def _generate(args: argparse.Namespace) -> int:
     from .generate import GenerateRequest, run_generate
 
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise InputError("give --prompt (one or more) or --prompts-file, not both")
+    if (args.prompts_file is None) != (args.out is None) or (args.batch_size is not None and not args.prompts_file):
+        raise InputError("--prompts-file and --out go together (and --batch-size with them)")
+    if args.report_json:
+        from ..files import check_writable
+        check_writable(args.report_json, "--report-json file")
     console = _console()
-    request = GenerateRequest(model=args.model, prompts=args.prompt, max_new_tokens=args.max_new_tokens,
+    request = GenerateRequest(model=args.model, prompts=args.prompt or [], max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                               chat_template=not args.no_chat_template, budget=_budget(args), config=_config(args),
                               trust_remote_code=args.trust_remote_code, allow_download=args.download,
                               draft=args.draft, trace=args.trace, dtype=args.dtype)
+    if args.prompts_file:
+        return _generate_file(args, request, console)
     stream = (lambda text: console.print(text, end="", markup=False, highlight=False)) \
         if len(args.prompt) == 1 else None
     result = run_generate(request, on_text=stream)
@@ -141,6 +156,32 @@ def _generate(args: argparse.Namespace) -> int:
     if args.report_json:
         from ..files import write_atomic
         data = {key: value for key, value in result.items() if key != "report"}
+        write_atomic(args.report_json, json.dumps(data, indent=1).encode())
+    return 0
+
+
+def _generate_file(args: argparse.Namespace, request: Any, console: Any) -> int:
+    """--prompts-file: batches with a progress bar (on a terminal), then a summary line and the last report."""
+    from rich.progress import Progress
+
+    from .generate import run_prompts_file
+
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("prompts", total=None)
+
+        def advance(finished: int, pending: int) -> None:
+            bar.update(task, total=pending, advance=finished)
+
+        result = run_prompts_file(request, args.prompts_file, args.out, args.batch_size, on_progress=advance)
+    console.print(result["report"])
+    rate = result["new_tokens"] / result["seconds"] if result["seconds"] > 0 else 0.0
+    console.print(f"{result['generated']} prompts generated ({result['skipped']} already in {args.out}), batch "
+                  f"{result['batch_size']}: {result['new_tokens']} tokens in {result['seconds']:.1f} s, "
+                  f"{rate:.1f} tokens/s", markup=False, highlight=False)
+    if args.report_json:
+        from ..files import write_atomic
+        data = {**{key: value for key, value in result.items() if key != "report"},
+                "last_batch": result["report"].to_dict()}
         write_atomic(args.report_json, json.dumps(data, indent=1).encode())
     return 0
 

@@ -12,6 +12,9 @@ from ..budget import Budget
 from ..errors import InputError
 
 
+DEFAULT_FILE_BATCH = 8  # prompts per pass from a prompts file
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     """Prompts and settings of one run."""
@@ -51,12 +54,8 @@ def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool) -> d
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
 
 
-def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Generate for every prompt in one batch; returns tokens, text, the report and its dict."""
-    from transformers import TextStreamer
-
-    from .auto import AutoModel
-
+def check_request(request: GenerateRequest) -> None:
+    """Refuse settings generate cannot honour, naming the option."""
     if request.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {request.max_new_tokens}")
     if request.temperature is not None and not request.temperature > 0:
@@ -67,32 +66,82 @@ def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None
         raise InputError(f"--top-k must be at least 1, got {request.top_k}")
     if (request.top_p is not None or request.top_k is not None) and request.temperature is None:
         raise InputError("--top-p and --top-k apply when sampling: give --temperature too")
+
+
+def open_model(request: GenerateRequest) -> Any:
+    """The request's model, opened (a TierstoreModel; close it, or use it in a `with`)."""
+    from .auto import AutoModel
+
+    return AutoModel.from_pretrained(request.model, budget=request.budget, config=request.config,
+                                     trust_remote_code=request.trust_remote_code,
+                                     allow_download=request.allow_download, progress=True, draft=request.draft,
+                                     trace=request.trace, dtype=request.dtype)
+
+
+def sampling(request: GenerateRequest) -> tuple[dict[str, Any], int | None]:
+    """generate's decoding arguments, and the seed drawn or given when sampling (the RNG seeded with it)."""
+    if request.temperature is None:
+        return {"do_sample": False}, None
+    seed = request.seed if request.seed is not None else secrets.randbits(31)
+    torch.manual_seed(seed)
+    return {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p or 1.0,
+            "top_k": request.top_k or 0}, seed
+
+
+def generate_batch(model: Any, prompts: list[str], request: GenerateRequest, decoding: dict[str, Any],
+                   streamer: Any = None) -> tuple[list[str], list[list[int]]]:
+    """Texts and new token ids for `prompts`, one left-padded batch; each sequence ends at its end-of-text."""
+    inputs = encode_prompts(model.tokenizer, prompts, request.chat_template)
+    out = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         max_new_tokens=request.max_new_tokens, pad_token_id=model.tokenizer.pad_token_id,
+                         streamer=streamer, **decoding)
+    eos = model.tokenizer.eos_token_id
+    tokens = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        tokens.append(row[:row.index(eos) + 1] if eos in row else row)
+    return model.tokenizer.batch_decode(tokens, skip_special_tokens=True), tokens
+
+
+def run_generate(request: GenerateRequest, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Generate for every prompt in one batch; returns tokens, text, the report and its dict."""
+    from transformers import TextStreamer
+
+    check_request(request)
     if not request.prompts or any(not p.strip() for p in request.prompts):
         raise InputError("empty prompt: give some text with --prompt")
-    with AutoModel.from_pretrained(request.model, budget=request.budget, config=request.config,
-                                   trust_remote_code=request.trust_remote_code,
-                                   allow_download=request.allow_download, progress=True,
-                                   draft=request.draft, trace=request.trace, dtype=request.dtype) as model:
-        inputs = encode_prompts(model.tokenizer, request.prompts, request.chat_template)
-        kwargs: dict[str, Any] = {"max_new_tokens": request.max_new_tokens,
-                                  "attention_mask": inputs["attention_mask"],
-                                  "pad_token_id": model.tokenizer.pad_token_id}
-        if request.temperature is None:
-            kwargs["do_sample"] = False
-        else:
-            seed = request.seed if request.seed is not None else secrets.randbits(31)
-            torch.manual_seed(seed)
-            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p or 1.0,
-                          top_k=request.top_k or 0)
+    with open_model(request) as model:
+        decoding, seed = sampling(request)
+        streamer = None
         if on_text is not None:
             streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
             streamer.on_finalized_text = lambda text, stream_end=False: on_text(text)  # type: ignore[method-assign]
-            kwargs["streamer"] = streamer
-        out = model.generate(inputs["input_ids"], **kwargs)
-        new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
+        texts, tokens = generate_batch(model, request.prompts, request, decoding, streamer)
         report = model.report()
-        if request.temperature is not None:
+        if seed is not None:
             report.notes.append(f"sampled with seed {seed} (--seed {seed} repeats this run)")
-    return {"tokens": new_tokens,
-            "text": model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
-            "report": report, **report.to_dict()}
+    return {"tokens": tokens, "text": texts, "report": report, **report.to_dict()}
+
+
+def run_prompts_file(request: GenerateRequest, prompts_path: str, out_path: str, batch_size: int | None = None,
+                     on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Every prompt of `prompts_path` not yet in `out_path`, `batch_size` at a time (default 8; 1 with a draft,
+    which speculates for one sequence), see batchfile.py. The input is read and the output checked before the
+    model is opened. Returns counts, timing and the report of the last batch."""
+    from ..files import check_writable
+    from .batchfile import finished, read_prompts, run_file
+
+    check_request(request)
+    batch_size = batch_size if batch_size is not None else (1 if request.draft else DEFAULT_FILE_BATCH)
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    check_writable(out_path, "--out file")
+    prompts = read_prompts(prompts_path)  # bad input is refused before anything is converted or read
+    done = finished(out_path, prompts)
+    with open_model(request) as model:
+        decoding, seed = sampling(request)
+        summary = run_file(prompts, done, out_path, batch_size,
+                           lambda batch: generate_batch(model, batch, request, decoding), on_progress)
+        report = model.report()
+        if seed is not None:
+            report.notes.append(f"sampled with seed {seed} (--seed {seed} repeats this run's sampling)")
+    return {**summary, "batch_size": batch_size, "report": report}
