@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from ..config import Config
 from ..errors import BudgetError, CheckpointError, InputError, TierstoreError
 from ..files import write_atomic
 from ..sizes import format_size
-from ..units import UnitLayout, UnitSource
+from ..units import UnitLayout, UnitSource, require_tensors
 from .checkpoint import checkpoint_dtype, dtype_name, load_config, load_tokenizer, safetensors_entries
 from .layerstore import (
     FORMAT,
@@ -133,7 +133,8 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
         if missing:
             raise CheckpointError(f"{checkpoint.path}: no weights for unit {missing[0]!r} "
                                   f"({len(missing)} units incomplete)")
-        _write_metadata(out_dir, checkpoint, config, records, trust_remote_code, dtype=requested)
+        _write_metadata(out_dir, os.path.abspath(checkpoint.path), config, records,
+                        load_tokenizer(checkpoint, trust_remote_code), dtype=requested)
     return out_dir
 
 
@@ -164,9 +165,69 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
                 extra = {"packed": packed.to_dict()} if packed is not None else {}
                 records[key] = _write_buffer(out_dir, key, packed_layout, packed_buffer, extra)
                 advance()
-        _write_metadata(out_dir, base, load_config(base, trust_remote_code), records, trust_remote_code,
+        _write_metadata(out_dir, os.path.abspath(base.path), load_config(base, trust_remote_code), records,
+                        load_tokenizer(base, trust_remote_code),
                         compression=codec.to_dict())
     return out_dir
+
+
+def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str]], Mapping[str, torch.Tensor]],
+                dtype: torch.dtype, codec: Codec | None = None, device: torch.device | str = "cpu",
+                tokenizer: Any = None, progress: bool = True, disk_budget_bytes: int | None = None) -> str:
+    """Write a layer store for a transformers `config` whose weights come one unit at a time from
+    `unit_tensors(key, names)` (the unit's tensors by name, e.g. generated on the GPU or read from elsewhere),
+    stored in `dtype` and, with a `codec`, quantized on `device` before they are written: no full-precision copy of
+    a compressed model ever reaches the disk. Like `convert`: every unit's file and checksum written atomically, a
+    killed run resumed without asking for finished units again, a finished store of another kind refused, and the
+    disk budget checked before anything is written. Mixture-of-experts layers keep their experts inside them when
+    compressed (as `compress` stores them), else one unit per expert. Returns `out_dir`."""
+    from .placement import as_dtype
+
+    dtype = as_dtype(dtype)
+    requested = dtype_name(dtype) if codec is None else None
+    with _store_writer(out_dir, requested, codec.to_dict() if codec else None) as finished:
+        if finished:
+            log.info("layer store already in %s", out_dir)
+            return out_dir
+        skeleton = build_skeleton(config, dtype, split_experts=codec is None)
+        shapes = {name: (param.dtype, tuple(param.shape)) for name, param in skeleton.model.named_parameters()}
+        layouts = {key: UnitLayout.pack(key, {name: _planned(shapes, name, dtype) for name in names})
+                   for key, names in skeleton.units.items()}
+        done = _finished_units(out_dir)
+        final = {key: compressed_layout(layout, skeleton.matrices, codec)[0] if codec else layout
+                 for key, layout in layouts.items()}
+        _require_room(out_dir, sum(final[key].nbytes for key in layouts if key not in done), disk_budget_bytes)
+        records = dict(done)
+        with _progress(progress, len(layouts), len(done), "writing units") as advance:
+            for key, layout in layouts.items():
+                if key in records:
+                    continue
+                tensors = unit_tensors(key, list(layout.slots))
+                require_tensors(key, layout.slots, tensors, "unit_tensors")
+                buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+                for name, view in layout.views(buffer).items():
+                    if tuple(tensors[name].shape) != tuple(view.shape):
+                        raise InputError(f"unit_tensors: {name!r} of unit {key!r} has shape "
+                                         f"{tuple(tensors[name].shape)}, the model's is {tuple(view.shape)}")
+                    view.copy_(tensors[name])
+                extra: dict[str, Any] = {}
+                if codec is not None:
+                    layout, buffer, packed = compress_unit(layout, buffer, skeleton.matrices, codec,
+                                                           torch.device(device))
+                    extra = {"packed": packed.to_dict()} if packed is not None else {}
+                records[key] = _write_buffer(out_dir, key, layout, buffer, extra)
+                advance()
+        kind = {"compression": codec.to_dict()} if codec else {"dtype": requested}
+        _write_metadata(out_dir, "write_store", config, records, tokenizer, **kind)
+    return out_dir
+
+
+def _planned(shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], name: str,
+             dtype: torch.dtype) -> tuple[torch.dtype, tuple[int, ...]]:
+    """A tensor's stored dtype and shape: floating point in `dtype`; an expert's slice without the expert axis."""
+    tensor, expert = parse_slice(name)
+    kind, shape = shapes[tensor]
+    return (dtype if kind.is_floating_point else kind), (shape[1:] if expert is not None else shape)
 
 
 def _shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
@@ -304,14 +365,13 @@ def _require_room(out_dir: str, needed: int, disk_budget_bytes: int | None) -> N
         raise CheckpointError(f"{out_dir}: conversion needs {format_size(needed)}, only {format_size(free)} free")
 
 
-def _write_metadata(out_dir: str, checkpoint: Checkpoint, config: Any, records: dict[str, Any],
-                    trust_remote_code: bool, **extra: Any) -> None:
-    tokenizer = load_tokenizer(checkpoint, trust_remote_code)
+def _write_metadata(out_dir: str, source: str, config: Any, records: dict[str, Any], tokenizer: Any,
+                    **extra: Any) -> None:
+    """The store's tokenizer, config and (last, atomically) manifest; then the per-unit sidecars go."""
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     config.save_pretrained(out_dir)
-    manifest = {"format": FORMAT, "source": os.path.abspath(checkpoint.path), "model_type": config.model_type,
-                **extra, "units": records}
+    manifest = {"format": FORMAT, "source": source, "model_type": config.model_type, **extra, "units": records}
     write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
     for sidecar in glob.glob(os.path.join(out_dir, "units", "*.bin.json")):
         os.unlink(sidecar)
