@@ -129,8 +129,10 @@ def _config(args: argparse.Namespace) -> Any:
 def _generate(args: argparse.Namespace) -> int:
     from .generate import GenerateRequest, run_generate
 
-    if (args.prompt is None) == (args.prompts_file is None):
-        raise InputError("give --prompt (one or more) or --prompts-file, not both")
+    if args.prompt is None and args.prompts_file is None:
+        raise InputError("give --prompt (one or more) or --prompts-file")
+    if args.prompt is not None and args.prompts_file is not None:
+        raise InputError("give --prompt or --prompts-file, not both")
     if (args.prompts_file is None) != (args.out is None) or (args.batch_size is not None and not args.prompts_file):
         raise InputError("--prompts-file and --out go together (and --batch-size with them)")
     if args.report_json:

@@ -69,6 +69,7 @@ def test_a_killed_run_resumes_and_skips_what_is_done(full_run, tmp_path, capsys)
     ("empty file", ["holds no prompts"]),
     ("other results", ["line 1", "another prompt", "--out"]),
     ("both", ["--prompt", "--prompts-file", "not both"]),
+    ("neither", ["give --prompt", "or --prompts-file"]),
     ("no out", ["--prompts-file and --out go together"]),
     ("zero batch", ["--batch-size", "at least 1"]),
 ])
@@ -87,6 +88,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, words, full_run, tmp_pat
         out.write_text(json.dumps({"index": 0, "prompt": "something else", "text": "x", "tokens": [1]}) + "\n")
     elif case == "both":
         argv += ["--prompt", "hi"]
+    elif case == "neither":
+        argv = [arg for arg in argv if arg not in ("--prompts-file", prompts, "--out", str(out), "--batch-size", "2")]
     elif case == "no out":
         argv = [arg for arg in argv if arg not in ("--out", str(out))]
     elif case == "zero batch":
