@@ -175,7 +175,8 @@ def _generate_file(args: argparse.Namespace, request: Any, console: Any) -> int:
             bar.update(task, total=pending, advance=finished)
 
         result = run_prompts_file(request, args.prompts_file, args.out, args.batch_size, on_progress=advance)
-    console.print(result["report"])
+    if result["report"] is not None:
+        console.print(result["report"])
     rate = result["new_tokens"] / result["seconds"] if result["seconds"] > 0 else 0.0
     console.print(f"{result['generated']} prompts generated ({result['skipped']} already in {args.out}), batch "
                   f"{result['batch_size']}: {result['new_tokens']} tokens in {result['seconds']:.1f} s, "
@@ -183,7 +184,7 @@ def _generate_file(args: argparse.Namespace, request: Any, console: Any) -> int:
     if args.report_json:
         from ..files import write_atomic
         data = {**{key: value for key, value in result.items() if key != "report"},
-                "last_batch": result["report"].to_dict()}
+                "last_batch": result["report"].to_dict() if result["report"] is not None else None}
         write_atomic(args.report_json, json.dumps(data, indent=1).encode())
     return 0
 

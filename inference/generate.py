@@ -126,7 +126,8 @@ def run_prompts_file(request: GenerateRequest, prompts_path: str, out_path: str,
                      on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Every prompt of `prompts_path` not yet in `out_path`, `batch_size` at a time (default 8; 1 with a draft,
     which speculates for one sequence), see batchfile.py. The input is read and the output checked before the
-    model is opened. Returns counts, timing and the report of the last batch."""
+    model is opened, which is not opened at all when every prompt is done. Returns counts, timing and the report
+    of the last batch (None when nothing ran)."""
     from ..files import check_writable
     from .batchfile import finished, read_prompts, run_file
 
@@ -137,6 +138,9 @@ def run_prompts_file(request: GenerateRequest, prompts_path: str, out_path: str,
     check_writable(out_path, "--out file")
     prompts = read_prompts(prompts_path)  # bad input is refused before anything is converted or read
     done = finished(out_path, prompts)
+    if len(done) == len(prompts):  # nothing left: the model is not opened
+        return {"prompts": len(prompts), "skipped": len(done), "generated": 0, "new_tokens": 0, "seconds": 0.0,
+                "batch_size": batch_size, "report": None}
     with open_model(request) as model:
         decoding, seed = sampling(request)
         summary = run_file(prompts, done, out_path, batch_size,

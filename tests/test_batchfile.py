@@ -103,3 +103,14 @@ def test_bad_input_is_one_line_and_writes_nothing(case, words, full_run, tmp_pat
         assert word in err, err
     assert (out.read_bytes() if out.exists() else None) == before
     assert not os.path.exists(tmp_path / "cache")  # refused before the model was opened or converted
+
+
+def test_a_finished_file_opens_no_model(full_run, tmp_path, capsys):
+    lines, store, work = full_run
+    out = tmp_path / "done.jsonl"
+    out.write_bytes((work / "out.jsonl").read_bytes())
+    argv = _argv(store, str(work / "in.jsonl"), str(out), tmp_path)
+    argv[1] = str(tmp_path / "no-such-model")  # never opened: every prompt is already done
+    assert main(argv) == 0
+    assert "0 prompts generated (5 already in" in capsys.readouterr().out
+    assert _lines(out) == lines
