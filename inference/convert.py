@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -190,7 +191,7 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
             log.info("layer store already in %s", out_dir)
             return out_dir
         skeleton = build_skeleton(config, dtype, split_experts=codec is None)
-        shapes = {name: (param.dtype, tuple(param.shape)) for name, param in skeleton.model.named_parameters()}
+        shapes = _parameter_shapes(skeleton)
         layouts = {key: UnitLayout.pack(key, {name: _planned(shapes, name, dtype) for name in names})
                    for key, names in skeleton.units.items()}
         done = _finished_units(out_dir)
@@ -222,12 +223,18 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
     return out_dir
 
 
+def _parameter_shapes(skeleton: Skeleton) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {name: (param.dtype, tuple(param.shape)) for name, param in skeleton.model.named_parameters()}
+
+
 def _planned(shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], name: str,
-             dtype: torch.dtype) -> tuple[torch.dtype, tuple[int, ...]]:
-    """A tensor's stored dtype and shape: floating point in `dtype`; an expert's slice without the expert axis."""
+             dtype: torch.dtype | None) -> tuple[torch.dtype, tuple[int, ...]]:
+    """A unit tensor's stored dtype and shape: floating point in `dtype` (None: as the model's); an expert's slice
+    without the expert axis."""
     tensor, expert = parse_slice(name)
     kind, shape = shapes[tensor]
-    return (dtype if kind.is_floating_point else kind), (shape[1:] if expert is not None else shape)
+    return (dtype if dtype is not None and kind.is_floating_point else kind), (shape[1:] if expert is not None
+                                                                              else shape)
 
 
 def _shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
@@ -342,17 +349,9 @@ def _finished_units(out_dir: str) -> dict[str, dict[str, Any]]:
 
 def _plain_bytes(skeleton: Skeleton, done: dict[str, Any], dtype: torch.dtype | None) -> int:
     """Bytes the units not yet written will take, floating-point tensors in `dtype` (None: as the model's)."""
-    itemsize = {name: (dtype.itemsize if dtype is not None and p.is_floating_point() else p.dtype.itemsize)
-                for name, p in skeleton.model.named_parameters()}
-    numel = {name: p.numel() for name, p in skeleton.model.named_parameters()}
-    rows = {name: p.shape[0] if p.dim() else 1 for name, p in skeleton.model.named_parameters()}
-    total = 0
-    for key, names in skeleton.units.items():
-        for name in names if key not in done else ():
-            tensor, expert = parse_slice(name)
-            if tensor in numel:
-                total += numel[tensor] * itemsize[tensor] // (rows[tensor] if expert is not None else 1)
-    return total
+    shapes = _parameter_shapes(skeleton)
+    return sum(kind.itemsize * math.prod(shape) for key, names in skeleton.units.items() if key not in done
+               for kind, shape in (_planned(shapes, name, dtype) for name in names))
 
 
 def _require_room(out_dir: str, needed: int, disk_budget_bytes: int | None) -> None:

@@ -282,9 +282,8 @@ def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
     # Resident, a mixture-of-experts draft keeps its experts inside its layers: no routing read back per layer,
     # so its steps can be captured in a CUDA graph.
     draft_cfg = dataclasses.replace(
-        cfg, budget=Budget(), compression=dataclasses.replace(cfg.compression, format="none"),
-        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None),
-        experts=dataclasses.replace(cfg.experts, streaming=False))
+        cfg.with_compression("none").without_expert_streaming(), budget=Budget(),
+        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
     model = AutoModel.from_pretrained(spec, config=draft_cfg, dtype=dtype, trust_remote_code=trust_remote_code,
                                       allow_download=allow_download, progress=progress)
     scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0

@@ -210,8 +210,8 @@ class ExpertRunner:
             stats.predicted_routed += len(distinct)
         copied = self._copied.pop(index, None)
         if copied:
-            keys = self.groups[index].keys
-            used = sum(1 for expert in distinct if keys[expert] in set(copied))
+            keys, copied_keys = self.groups[index].keys, set(copied)
+            used = sum(1 for expert in distinct if keys[expert] in copied_keys)
             stats.prefetch_copied += len(copied)
             stats.prefetch_used += used
             self._gate.observe(len(copied), used)

@@ -255,6 +255,10 @@ class TierstoreModel:
         if not self.plan.device_reserve_bytes:
             return []
         parts = [f"{format_size(self.plan.device_weights_bytes)} for weights"]
+        experts = self.plan.experts
+        if experts is not None:  # the dense units' share above; the experts' slots are their own
+            parts.append(f"{format_size(experts.device_slots * experts.expert_bytes)} for {experts.device_slots} "
+                         f"expert slots")
         kept = self.plan.device_reserve_bytes - scratch - draft
         if kept:
             parts.append(f"{format_size(kept)} kept for activations and the KV cache")

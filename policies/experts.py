@@ -88,7 +88,7 @@ class ExpertPlan:
     def to_dict(self) -> dict[str, object]:
         return {**dataclasses.asdict(self), "routed_bytes_batch_1": self.routed_bytes(1)}
 
-    def store_plan(self, schedule_note: str = "") -> Plan:
+    def store_plan(self) -> Plan:
         """The plan the experts' own store carries out: slots and host bytes, the cache policies, no schedule."""
         return Plan(regime="experts", device_resident=(), host_resident=(), streamed_from_host=(),
                     streamed_from_disk=(), device_policy=self.device_policy, host_policy=self.host_policy,
@@ -96,7 +96,7 @@ class ExpertPlan:
                     device_budget_bytes=self.device_slots * self.expert_bytes, host_budget_bytes=self.host_bytes,
                     device_reserve_bytes=0, device_weights_bytes=self.device_slots * self.expert_bytes,
                     device_slot_bytes=self.expert_bytes, host_slot_bytes=self.expert_bytes, h2d_bytes_per_pass=0,
-                    disk_bytes_per_pass=0, predicted={}, schedule=(), notes=(schedule_note,) if schedule_note else ())
+                    disk_bytes_per_pass=0, predicted={}, schedule=(), notes=())
 
 
 def best_policy(accesses: Sequence[Key], slots: int, current: str) -> tuple[str, dict[str, float]]:

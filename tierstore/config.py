@@ -144,8 +144,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                      "router = run the next MoE layer's router on the current hidden state and start copying the "
                      "experts it picks; auto = router while at least half of the experts it copies are used"),
         "implementation": (_choice(AUTO, *EXPERT_KERNELS), AUTO,
-                           "transformers' experts kernel; auto = grouped_mm (the fastest on GPUs, and exact under "
-                           "expert streaming; eager sums a token's experts in cache order)"),
+                           "transformers' experts kernel; auto = grouped_mm under expert streaming (the fastest on "
+                           "GPUs, and exact there: eager sums a token's experts in slot order), else transformers' "
+                           "default"),
     },
     "runtime": {
         "device": (_device, AUTO, "compute device: auto, cpu, cuda or cuda:N"),

@@ -180,10 +180,11 @@ def _expert_rows(experts: Any) -> list[tuple[str, str]]:
     total = experts.total_experts
     rows = [("experts", f"{total} units of {format_size(experts.expert_bytes)} ({experts.layers} layers x "
                         f"{experts.experts_per_layer}, {experts.top_k} routed per token)"),
-            ("experts placement", f"device {experts.device_slots} slots ({format_size(experts.device_slots * experts.expert_bytes)}, "
-                                  f"{experts.device_policy}), host {experts.host_experts} "
-                                  f"({format_size(experts.host_experts * experts.expert_bytes)}, {experts.host_policy}), "
-                                  f"disk {total - experts.host_experts}; prefetch {experts.prefetch}")]
+            ("experts placement",
+             f"device {experts.device_slots} slots ({format_size(experts.device_slots * experts.expert_bytes)}, "
+             f"{experts.device_policy}), host {experts.host_experts} "
+             f"({format_size(experts.host_experts * experts.expert_bytes)}, {experts.host_policy}), "
+             f"disk {total - experts.host_experts}; prefetch {experts.prefetch}")]
     for batch in (1, 32):
         h2d, disk = experts.moved_bytes(batch)
         rows.append((f"expert bytes per pass, batch {batch}",

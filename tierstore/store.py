@@ -183,11 +183,7 @@ class TieredStore:
                                          threading.current_thread().name))
             self.device.access(key)
             if position is not None:
-                for next_key in self._prefetch.next_keys(self.schedule, position, self._stays_on_device):
-                    if next_key in self._device_data:
-                        continue
-                    if self._start_device_load(next_key, required=False) is None:
-                        break  # no room yet: keep the loads in schedule order
+                self._start_device_loads(self._prefetch.next_keys(self.schedule, position, self._stays_on_device))
                 for next_key in self._disk_prefetch.next_keys(self.schedule, position, self._stays_in_memory):
                     if next_key in self._device_data or next_key in self._host_data:
                         continue
@@ -209,7 +205,7 @@ class TieredStore:
                         or not entry.ready.done() or entry.ready.exception() is not None:
                     continue
                 self.device.pin(key)
-                self.device.stats.hits += 1  # a device hit, as `_count` counts it
+                self._count(key, entry, 0.0)  # a device hit: served_from is None
                 self.device.access(key)
                 found[index] = entry.tensors
         try:
@@ -230,15 +226,8 @@ class TieredStore:
     def prefetch(self, keys: list[Key]) -> list[Key]:
         """Start loading `keys` onto the device, in order, without waiting; stops at the first for which there is
         no room now. Returns the keys whose loads it started."""
-        started = []
         with self._lock:
-            for key in keys:
-                if key in self._device_data:
-                    continue
-                if self._start_device_load(key, required=False) is None:
-                    break
-                started.append(key)
-        return started
+            return self._start_device_loads(keys)
 
     def release(self, key: Key) -> None:
         """The loop is done computing with `key`. Its buffer is overwritten only after the compute queued before
@@ -311,6 +300,18 @@ class TieredStore:
         self.host.pin(key)
         entry.ready = self._copier.submit(self._copy, key, host_entry, entry, free_after)
         return entry
+
+    def _start_device_loads(self, keys: list[Key]) -> list[Key]:
+        """Start the device loads of `keys` not there yet, in order, until one finds no room (so that loads keep
+        the order asked for); returns those started. Called under the lock."""
+        started = []
+        for key in keys:
+            if key in self._device_data:
+                continue
+            if self._start_device_load(key, required=False) is None:
+                break
+            started.append(key)
+        return started
 
     def _start_host_load(self, key: Key, required: bool, served_from: str | None = None) -> _Entry | None:
         nbytes = self.layouts[key].nbytes
