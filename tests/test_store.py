@@ -1,4 +1,5 @@
 """The store on the CPU with an in-memory source: budgets hold, pins hold, errors reach the caller."""
+import sys
 import threading
 import time
 from concurrent.futures import wait
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from tierstore.policies import PlanInput, UnitInfo, make_plan
 
 from tierstore import BudgetError, CheckpointError
-from tierstore.store import TieredStore
+from tierstore.store import BufferPool, TieredStore
 from tierstore.transfer import CPUTransfer
 from tierstore.units import UnitLayout
 
@@ -152,3 +153,47 @@ def test_disk_reads_run_ahead_of_a_device_tier_with_room_for_one_unit():
     assert stats["host"].peak_bytes <= 3 * nbytes and stats["device"].peak_bytes <= nbytes
     assert stats["disk"].hits >= 3 * 8 - 1  # read-ahead units still count as served by the disk
     store.close()
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+def _interrupt_at_line(target_line: int, code: object):
+    """A tracer raising `_Interrupt` at the `target_line`-th line event inside `code`, as Ctrl-C would."""
+    seen = [0]
+
+    def local(frame, event, arg):
+        if event == "line":
+            seen[0] += 1
+            if seen[0] == target_line:
+                raise _Interrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code in code else None
+    return tracer
+
+
+def test_buffer_pool_survives_an_interrupt_at_any_line():
+    """Ctrl-C can land between any two steps of taking or giving a buffer; the pool must still close (an empty
+    bucket left behind once made `close` fail with IndexError instead of exiting 130)."""
+    codes = {BufferPool.take.__code__, BufferPool._pop.__code__, BufferPool.give.__code__, BufferPool.trim.__code__}
+    interrupted = 0
+    for line in range(1, 40):
+        pool = BufferPool(lambda n: torch.empty(n, dtype=torch.uint8))
+        pool.give(torch.empty(8, dtype=torch.uint8), None)
+        pool.give(torch.empty(8, dtype=torch.uint8), None)
+        sys.settrace(_interrupt_at_line(line, codes))
+        try:
+            pool.take(8, 8, 64)
+            pool.take(8, 16, 64)
+            pool.give(torch.empty(16, dtype=torch.uint8), None)
+        except _Interrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        assert all(pool._free.values()), f"an interrupt at line event {line} left an empty bucket"
+        pool.trim(0, 0)
+        assert not pool._free
+    assert interrupted >= 10  # the interrupts did land inside the pool

@@ -33,7 +33,6 @@ class BufferPool:
     def __init__(self, allocate: Callable[[int], torch.Tensor]) -> None:
         self._allocate = allocate
         self._free: dict[int, list[tuple[torch.Tensor, object]]] = {}
-        self.free_bytes = 0
 
     def take(self, nbytes: int, live_bytes: int, budget_bytes: int | None) -> tuple[torch.Tensor, object]:
         """A buffer of `nbytes` and the fence after which it may be overwritten.
@@ -51,18 +50,24 @@ class BufferPool:
         while self._free and budget_bytes is not None and live_bytes + self.free_bytes > budget_bytes:
             self._pop(next(iter(self._free)))
 
+    @property
+    def free_bytes(self) -> int:
+        """Bytes held by free buffers (a handful of distinct sizes: counted, not tracked)."""
+        return sum(nbytes * len(bucket) for nbytes, bucket in self._free.items())
+
+    # Each change to `_free` is one operation, so that an interrupt (Ctrl-C lands between any two bytecodes of the
+    # main thread) leaves the pool consistent, with no empty bucket behind for `close` to trip on.
     def _pop(self, nbytes: int) -> tuple[torch.Tensor, object]:
         bucket = self._free[nbytes]
-        item = bucket.pop()
-        if not bucket:
-            del self._free[nbytes]
-        self.free_bytes -= nbytes
-        return item
+        return self._free.pop(nbytes)[0] if len(bucket) == 1 else bucket.pop()
 
     def give(self, buffer: torch.Tensor, free_after: object) -> None:
         """Return a buffer; it may be overwritten once `free_after` has passed."""
-        self._free.setdefault(buffer.numel(), []).append((buffer, free_after))
-        self.free_bytes += buffer.numel()
+        bucket = self._free.get(buffer.numel())
+        if bucket is None:
+            self._free[buffer.numel()] = [(buffer, free_after)]
+        else:
+            bucket.append((buffer, free_after))
 
 
 class SlotPool(BufferPool):
