@@ -1,4 +1,5 @@
-"""The `tierstore` command: generate, plan, convert, probe. Each subcommand parses, then calls the library."""
+"""The `tierstore` command: generate, serve, plan, convert, plot, probe. Each subcommand parses, then calls the
+library."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--trace", help="write a timeline of reads, copies, compute and stalls here (Chrome trace "
                                      "JSON: open in Perfetto, or draw with tierstore plot)")
     _budget_args(gen)
+
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible API (chat and text completions, streamed "
+                                         "or not); many requests share each weight pass")
+    serve.add_argument("model", help="model directory, GGUF file, layer store, alias (smollm2) or Hub repo id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind")
+    serve.add_argument("--api-key", default=os.environ.get("TIERSTORE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/ (default: $TIERSTORE_API_KEY, else none)")
+    serve.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    serve.add_argument("--max-batch", type=int, default=32, help="most sequences per pass; lowered to what the KV "
+                                                                "cache budget holds")
+    serve.add_argument("--max-queue", type=int, default=256, help="most requests waiting to join; more get 429")
+    serve.add_argument("--max-seq-len", type=int, default=4096, help="most tokens in a sequence (prompt and "
+                                                                    "completion), at most the model's context")
+    serve.add_argument("--dtype", choices=DTYPE_NAMES,
+                       help="compute dtype (default: the checkpoint's on a GPU, float32 on a CPU)")
+    _budget_args(serve)
 
     plan = sub.add_parser("plan", help="print the placement plan; nothing runs")
     plan.add_argument("model")
@@ -189,6 +207,52 @@ def _generate_file(args: argparse.Namespace, request: Any, console: Any) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Open the model, size the batch to the budget, then serve until SIGTERM (exit 0) or Ctrl-C (130)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise InputError("tierstore serve needs FastAPI and uvicorn: pip install 'tierstore[serve]'")
+    from .batcher import largest_batch
+    from .generate import GenerateRequest, open_model
+    from .server import serve
+
+    if args.draft:
+        raise InputError("--draft speculates for one sequence; serve batches many sequences per pass instead")
+    for option in ("max_batch", "max_queue", "max_seq_len"):
+        if getattr(args, option) < 1:
+            raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    _check_port_free(args.host, args.port)  # before minutes of loading, not after
+    request = GenerateRequest(model=args.model, prompts=[], budget=_budget(args), config=_config(args),
+                              trust_remote_code=args.trust_remote_code, allow_download=args.download,
+                              dtype=args.dtype)
+    name = args.served_model_name or args.model
+    with open_model(request) as model:
+        max_seq = min(args.max_seq_len, model.max_context or args.max_seq_len)
+        batch = largest_batch(model, args.max_batch, max_seq)
+        note = "" if batch == args.max_batch else f" (--max-batch {args.max_batch} lowered: the KV cache budget)"
+
+        def ready() -> None:
+            print(f"tierstore: serving {name} at http://{args.host}:{args.port}/v1, up to {batch} sequences per "
+                  f"pass{note}, {max_seq} tokens each", file=sys.stderr, flush=True)
+
+        serve(model, name, args.host, args.port, args.api_key, batch, args.max_queue, max_seq, on_start=ready)
+    return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One line naming the address when it cannot be bound."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
 def _plan(args: argparse.Namespace) -> int:
     from ..report import plan_table
     from .placement import make_plan_for
@@ -263,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # transformers' advice about tokenizers and generation flags is noise for a CLI user
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-    handler = {"generate": _generate, "plan": _plan, "convert": _convert, "plot": _plot,
+    handler = {"generate": _generate, "serve": _serve, "plan": _plan, "convert": _convert, "plot": _plot,
                "probe": _probe}[args.command]
     try:
         return handler(args)

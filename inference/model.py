@@ -52,7 +52,7 @@ class _StepClock:
 
 
 @contextlib.contextmanager
-def _quiet_forward() -> Iterator[None]:
+def quiet_forward() -> Iterator[None]:
     """No autograd, and none of the warnings transformers gives about the skeleton: its parameters are on `meta`
     between forwards; newer releases also warn about the `past_key_values` name the loop passes."""
     with torch.no_grad(), warnings.catch_warnings():
@@ -114,7 +114,7 @@ class TierstoreModel:
             if kwargs.get(name) is not None:
                 raise InputError(f"{name} is not supported; open the model with a draft instead: "
                                  f"from_pretrained(..., draft=\"ngram\" or a small model)")
-        notes = self._fit_kv_cache(input_ids.shape[0] * total, kwargs)
+        notes = [] if "past_key_values" in kwargs else self.fit_kv_cache(input_ids.shape[0] * total)
         input_ids = input_ids.to(self.device)
         self.store.reset_counters()
         if self.experts is not None:
@@ -128,7 +128,7 @@ class TierstoreModel:
         clock = _StepClock(self.tracer)
         processors = list(kwargs.pop("logits_processor", None) or [])
         from transformers import LogitsProcessorList
-        with _quiet_forward():
+        with quiet_forward():
             out = self.model.generate(input_ids, logits_processor=LogitsProcessorList([*processors, clock]),
                                       **kwargs)
         self._record(clock, decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls),
@@ -163,33 +163,45 @@ class TierstoreModel:
         if self.tracer is not None:
             self.tracer.write()
 
-    def _fit_kv_cache(self, cache_tokens: int, kwargs: dict[str, Any]) -> list[str]:
-        """Keep the KV cache inside the device budget: when this call's cache outgrows the reserve, re-plan with
-        a larger reserve (fewer resident weights); when even that cannot fit, say so before anything runs."""
-        if self.device.type != "cuda" or "past_key_values" in kwargs:
-            return []
-        scratch = self.decompressor.scratch.nbytes if self.decompressor is not None else 0
-        draft = self.draft_cost.device_bytes(cache_tokens) if self.draft_cost is not None else 0
-        needed = (kv_bytes_per_token(self.model.config, self.model.dtype) * cache_tokens + ACTIVATION_SLACK_BYTES
-                  + scratch + draft)
-        if needed <= self.plan.device_reserve_bytes:
-            return []
-        experts = self.plan.experts
-        slots = experts.device_slots * experts.expert_bytes if experts is not None else 0
-        try:  # the experts' device slots are allocated once: the dense units make room around them
-            wanted = dataclasses.replace(self.plan_input, device_reserve_bytes=needed, experts=None)
-            plan = make_plan(dataclasses.replace(wanted, device_reserve_bytes=needed + slots))
-            if experts is not None:
-                plan = with_experts(plan, experts, wanted)
+    def fit_kv_cache(self, cache_tokens: int) -> list[str]:
+        """Keep a KV cache of `cache_tokens` (over all sequences) inside the device budget: when it outgrows the
+        reserve, re-plan with a larger reserve (fewer resident weights); when even that cannot fit, raise
+        InputError before anything runs. Returns notes for the report."""
+        needed = self._kv_reserve_bytes(cache_tokens)
+        try:
+            plan = self.kv_plan(cache_tokens)
         except BudgetError as exc:
             raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(needed)} of KV cache and "
                              f"activations (and the dequantization buffer and draft), more than the device budget "
                              f"{format_size(self.plan.device_budget_bytes)} leaves beside the weights; use fewer "
                              f"prompts or tokens") from exc
+        if plan is None:
+            return []
         self.store.replan(plan)
         self.plan = plan
         return [f"KV cache and activations need {format_size(needed)}: device reserve raised, "
                 f"{len(plan.device_resident)} units now resident"]
+
+    def kv_plan(self, cache_tokens: int) -> Plan | None:
+        """The plan whose device reserve holds a KV cache of `cache_tokens`: None when the current plan's does
+        (or the device is not a GPU), BudgetError when no plan within the device budget does. Changes nothing."""
+        needed = self._kv_reserve_bytes(cache_tokens)
+        if self.device.type != "cuda" or needed <= self.plan.device_reserve_bytes:
+            return None
+        experts = self.plan.experts
+        slots = experts.device_slots * experts.expert_bytes if experts is not None else 0
+        # the experts' device slots are allocated once: the dense units make room around them
+        wanted = dataclasses.replace(self.plan_input, device_reserve_bytes=needed, experts=None)
+        plan = make_plan(dataclasses.replace(wanted, device_reserve_bytes=needed + slots))
+        return with_experts(plan, experts, wanted) if experts is not None else plan
+
+    def _kv_reserve_bytes(self, cache_tokens: int) -> int:
+        """The device reserve a KV cache of `cache_tokens` needs, with activations, the dequantization buffer
+        and the draft's share."""
+        scratch = self.decompressor.scratch.nbytes if self.decompressor is not None else 0
+        draft = self.draft_cost.device_bytes(cache_tokens) if self.draft_cost is not None else 0
+        return (kv_bytes_per_token(self.model.config, self.model.dtype) * cache_tokens + ACTIVATION_SLACK_BYTES
+                + scratch + draft)
 
     def _speculate(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
         """generate with the draft: one weight pass verifies each tree of drafted tokens."""
@@ -220,7 +232,7 @@ class TierstoreModel:
                                self.config.speculation.width, self._depth_policy)
         stats = SpeculationStats(draft.name)
         clock = _StepClock(self.tracer)
-        with _quiet_forward():
+        with quiet_forward():
             out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warp), eos_ids, stats,
                             self._max_depth, kwargs.get("streamer"), on_first_token=lambda: clock(None, None),
                             tracer=self.tracer)

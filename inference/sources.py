@@ -58,7 +58,8 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
     stored = checkpoint_dtype(hf_config)  # before building the model, which sets the config's dtype to `dtype`
     dtype = dtype or (stored if device.type == "cuda" else torch.float32)
     skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention,
-                              split_experts=_splits_experts(checkpoint, cfg), experts_implementation=_experts_kernel(cfg))
+                              split_experts=_splits_experts(checkpoint, cfg),
+                              experts_implementation=_experts_kernel(cfg))
     drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
     source, checkpoint = _open_source(checkpoint, skeleton, cfg, dtype, drop_cache, trust_remote_code, progress)
     codec, packed = getattr(source, "codec", None), dict(getattr(source, "packed", {}))

@@ -1,0 +1,439 @@
+"""Continuous batching: one weight pass per step advances every active sequence by a token; a request joins the
+running batch at the next step, and a finished or cancelled one leaves it (its KV cache rows freed).
+
+The batch shares one transformers `DynamicCache`. Rows are aligned on the right: `mask` [rows, columns] marks which
+cache columns hold a row's real tokens, so a row that joins later, or a pass that carries a prompt beside the
+running rows' next tokens, leaves masked columns in the other rows; positions come from each row's own count. A
+compaction repacks the rows when masked columns outgrow the real ones. transformers' own forward, masks and
+sampling warpers do the rest; nothing here knows the architecture.
+
+Caches with other layer kinds (sliding windows, recurrent states) cannot be joined this way: for those models a
+new request waits until the running batch has drained, and the batch then starts afresh (still one pass per step
+for all of it).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import BudgetError, InputError
+from .model import quiet_forward
+
+log = logging.getLogger(__name__)
+
+COLUMN_SLACK = 1.25  # the cache's columns stay within this many times (plus 16) the longest row's real tokens
+EXPERT_WINDOW_STEPS = 64  # a mixture-of-experts model's routing record is replayed (policy choice) and reset this often
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's decoding settings. `temperature` 0 is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.max_tokens < 1:
+            raise InputError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 2:
+            raise InputError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not stop for stop in self.stop):
+            raise InputError("a stop string is empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What a sequence produced in one step: new text (held back while it may still become a stop string), and on
+    the last event `finish_reason` ("stop", "length", "cancelled" or "error", with `error`)."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class QueueFull(Exception):
+    """The wait queue is at its bound."""
+
+
+class ShuttingDown(Exception):
+    """The batcher takes no new requests."""
+
+
+class Sequence:
+    """One request in the batcher: its prompt, settings, tokens so far, and where its events go (`on_event` is
+    called on the batcher's thread)."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.on_event = on_event
+        self.tokens: list[int] = []
+        self.cached = 0  # tokens of this sequence in the KV cache
+        self.sent_chars = 0
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        self.submitted_s = time.perf_counter()
+
+
+class Batcher:
+    """Runs `model` (a TierstoreModel) for many sequences at once on a thread of its own.
+
+    `max_batch` caps the rows of a pass, `max_queue` the requests waiting to join (beyond it `submit` raises
+    QueueFull), `max_seq_tokens` a sequence's prompt plus completion."""
+
+    def __init__(self, model: Any, max_batch: int, max_queue: int, max_seq_tokens: int) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.device = model.device
+        self.max_batch, self.max_queue, self.max_seq_tokens = max_batch, max_queue, max_seq_tokens
+        settings = model.model.generation_config
+        eos = settings.eos_token_id if settings.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids,
+                                                                                                       default=0)
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [rows, columns] int64: 1 where a row's token is cached
+        self._joinable: bool | None = None  # learnt from the first cache: are all its layers plain DynamicLayers
+        self._wake = threading.Condition()
+        self._accepting = True
+        self._running = True
+        self.steps = 0  # weight passes
+        self.tokens_generated = 0
+        self.prefills_apart = 0  # joining prompts given a pass of their own (see _step)
+        self.rows_per_step: collections.Counter[int] = collections.Counter()
+        self._thread = threading.Thread(target=self._loop, name="tierstore-batcher", daemon=True)
+        self._thread.start()
+
+    # -- callers (any thread) ------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Sequence:
+        """Queue a request; it joins the batch at the next step with room. Bad settings raise InputError."""
+        params.check()
+        if not prompt_ids:
+            raise InputError("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_tokens:
+            raise InputError(f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} exceeds the "
+                             f"{self.max_seq_tokens} tokens a sequence may have")
+        sequence = Sequence(prompt_ids, params, on_event)
+        with self._wake:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting, the queue's bound")
+            self._waiting.append(sequence)
+            self._wake.notify()
+        return sequence
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Drop `sequence` at the next step boundary (its cache rows are freed then); its last event says
+        "cancelled". Cancelling a finished sequence does nothing."""
+        with self._wake:
+            sequence.cancelled = True
+            self._wake.notify()
+
+    def counts(self) -> dict[str, int]:
+        with self._wake:
+            return {"active": len(self._active), "waiting": len(self._waiting)}
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """Take no new requests, cancel the waiting ones, let the active ones finish for up to `grace_s`, then
+        cancel the rest and stop the thread."""
+        with self._wake:
+            self._accepting = False
+            for sequence in self._waiting:
+                sequence.cancelled = True
+            self._wake.notify()
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and self._thread.is_alive():
+            with self._wake:
+                if not self._active and not self._waiting:
+                    break
+            time.sleep(0.02)
+        with self._wake:
+            for sequence in [*self._active, *self._waiting]:
+                sequence.cancelled = True
+            self._running = False
+            self._wake.notify()
+        self._thread.join()
+
+    # -- the loop (the batcher's thread) -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._drop_cancelled()
+                while self._running and not self._active and not self._waiting:
+                    self._wake.wait()
+                if not self._running and not self._active and not self._waiting:
+                    return
+                joining = self._admit()
+            try:
+                self._step(joining)
+            except Exception as exc:  # the model failed: these sequences end with the error, the server goes on
+                log.exception("a batch step failed")
+                message = f"{type(exc).__name__}: {exc}"
+                for sequence in [*self._active, *joining]:
+                    self._finish(sequence, "error", error=message)
+                with self._wake:
+                    self._active = []
+                self._cache = self._mask = None
+
+    def _drop_cancelled(self) -> None:
+        """Called under the lock: cancelled sequences leave the queue and the batch."""
+        for sequence in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(sequence)
+            self._finish(sequence, "cancelled")
+        if any(s.cancelled for s in self._active):
+            self._keep([s for s in self._active if not s.cancelled], reason="cancelled")
+
+    def _admit(self) -> list[Sequence]:
+        """Called under the lock: the waiting sequences that join this step."""
+        if self._joinable is False and self._active:
+            return []  # this model's cache cannot take new rows: wait for the batch to drain
+        room = self.max_batch - len(self._active)
+        return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+
+    def _step(self, joining: list[Sequence]) -> None:
+        """One weight pass: the running rows' next tokens, and the joining prompts beside them when that pads the
+        running rows less than the prompts' own length; otherwise the prompts first get a pass of their own."""
+        for sequence in joining:
+            if sequence.params.temperature > 0:
+                seed = sequence.params.seed
+                sequence.generator = torch.Generator(self.device)
+                sequence.generator.manual_seed(seed if seed is not None else int(torch.randint(2 ** 31, ())))
+        width = max([len(s.prompt_ids) for s in joining] + [1])
+        if joining and self._active and len(self._active) * (width - 1) > sum(len(s.prompt_ids) for s in joining):
+            self._prefill_apart(joining)
+            self.prefills_apart += 1
+            joining = []
+        self._forward(joining)
+
+    def _prefill_apart(self, joining: list[Sequence]) -> None:
+        """The joining prompts' pass alone, then their cache rows appended to the running batch's."""
+        running, cache, mask = self._active, self._cache, self._mask
+        with self._wake:
+            self._active = []
+        self._cache = self._mask = None
+        self._forward(joining)
+        if self._cache is not None:
+            assert mask is not None and self._mask is not None
+            mask = _merge(cache, mask, self._cache, self._mask)
+        with self._wake:
+            self._active = [*running, *self._active]
+        self._cache, self._mask = cache, mask
+
+    def _forward(self, joining: list[Sequence]) -> None:
+        """One pass over the running rows (their last token each) and the `joining` ones (their prompts, left
+        padded), then a token for each; the finished rows leave."""
+        rows = [*self._active, *joining]
+        width = max([len(s.prompt_ids) for s in joining] + [1])
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        new_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.ones((len(rows), width), dtype=torch.long)
+        for row, sequence in enumerate(rows):
+            fed = sequence.tokens[-1:] if sequence.cached else sequence.prompt_ids
+            input_ids[row, width - len(fed):] = torch.tensor(fed)
+            new_mask[row, width - len(fed):] = 1
+            positions[row, width - len(fed):] = torch.arange(sequence.cached, sequence.cached + len(fed))
+        if self._cache is None:  # a fresh batch: the model makes the cache its architecture needs
+            self._mask = torch.zeros((len(rows), 0), dtype=torch.long)
+        elif joining:  # empty rows for them, as long as the others'
+            assert self._mask is not None
+            self._mask = _merge(self._cache, self._mask, None, torch.zeros((len(joining), 0), dtype=torch.long))
+        assert self._mask is not None
+        mask = torch.cat([self._mask, new_mask], dim=1)
+        with quiet_forward():
+            out = self.model.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                   position_ids=positions.to(self.device), past_key_values=self._cache,
+                                   use_cache=True, logits_to_keep=1)
+        self._cache, self._mask = out.past_key_values, mask
+        if self._joinable is None:
+            self._joinable = _plain_layers(self._cache)
+        next_tokens = self._sample(out.logits[:, -1, :].float(), rows)
+        self.steps += 1
+        self.rows_per_step[len(rows)] += 1
+        if self.model.experts is not None and self.steps % EXPERT_WINDOW_STEPS == 0:
+            for note in self.model.experts.end_call():  # a server has no calls: windows of steps stand in
+                log.info(note)
+            self.model.experts.reset()
+        for sequence, fed, token in zip(rows, new_mask.sum(dim=1).tolist(), next_tokens):
+            sequence.cached += fed
+            sequence.tokens.append(token)
+            self._emit(sequence)
+        self.tokens_generated += len(rows)
+        with self._wake:
+            self._active = rows
+            self._keep([s for s in rows if s.finish_reason is None], reason=None)
+        if self._joinable and self._cache is not None:
+            self._mask = _compact(self._cache, self._mask)
+
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
+        """Each row's next token under its own settings: greedy rows by argmax, the others with transformers'
+        temperature and top-p warpers and the row's own seeded generator."""
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, sequence in enumerate(rows):
+            params = sequence.params
+            if params.temperature == 0:
+                continue
+            scores = TemperatureLogitsWarper(params.temperature)(None, logits[row:row + 1])
+            if params.top_p < 1:
+                scores = TopPLogitsWarper(params.top_p)(None, scores)
+            probs = torch.softmax(scores, dim=-1)
+            tokens[row] = int(torch.multinomial(probs, 1, generator=sequence.generator).item())
+        return tokens
+
+    def _emit(self, sequence: Sequence) -> None:
+        """The text the new token completes, and the finish when it ends the sequence."""
+        params = sequence.params
+        ended_by_eos = sequence.tokens[-1] in self.eos_ids
+        text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+        stop_at = min((i for i in (text.find(s, max(0, sequence.sent_chars - len(s))) for s in params.stop)
+                       if i >= 0), default=-1)
+        if stop_at >= 0:
+            self._finish(sequence, "stop", text[sequence.sent_chars:stop_at])
+        elif ended_by_eos:
+            self._finish(sequence, "stop", text[sequence.sent_chars:])
+        elif len(sequence.tokens) >= params.max_tokens:
+            self._finish(sequence, "length", text[sequence.sent_chars:])
+        else:
+            safe = len(text) - _held_back(text, params.stop)
+            if safe > sequence.sent_chars:
+                self._deliver(sequence, Event(text[sequence.sent_chars:safe]))
+                sequence.sent_chars = safe
+
+    def _finish(self, sequence: Sequence, reason: str, text: str = "", error: str | None = None) -> None:
+        if sequence.finish_reason is not None:
+            return
+        sequence.finish_reason = reason
+        self._deliver(sequence, Event(text, reason, len(sequence.prompt_ids), len(sequence.tokens), error))
+
+    @staticmethod
+    def _deliver(sequence: Sequence, event: Event) -> None:
+        """Hand `event` to the sequence's receiver; a receiver that fails (its client gone) cancels only its own
+        sequence, never the batch."""
+        try:
+            sequence.on_event(event)
+        except Exception:
+            log.warning("a sequence's receiver failed; cancelling it", exc_info=True)
+            sequence.cancelled = True
+
+    def _keep(self, survivors: list[Sequence], reason: str | None) -> None:
+        """Called under the lock: the batch shrinks to `survivors` (in their order), freeing the others' rows;
+        the sequences leaving end with `reason` (None: they have finished already)."""
+        if len(survivors) == len(self._active):
+            return
+        kept = {id(s) for s in survivors}
+        indices = [row for row, s in enumerate(self._active) if id(s) in kept]
+        for sequence in self._active:
+            if id(sequence) not in kept and reason is not None:
+                self._finish(sequence, reason)
+        self._active = survivors
+        if not survivors:
+            self._cache = self._mask = None
+            return
+        assert self._cache is not None and self._mask is not None
+        self._cache.batch_select_indices(torch.tensor(indices))
+        self._mask = self._mask[indices]
+
+
+def largest_batch(model: Any, max_batch: int, max_seq_tokens: int) -> int:
+    """The most sequences of `max_seq_tokens` tokens, up to `max_batch`, whose KV cache (with COLUMN_SLACK) the
+    device budget holds beside the weights; the model is re-planned for it. InputError when not even one fits."""
+    def fits(batch: int) -> bool:
+        try:
+            model.kv_plan(math.ceil(batch * max_seq_tokens * COLUMN_SLACK))
+            return True
+        except BudgetError:
+            return False
+
+    if not fits(1):
+        raise InputError(f"the KV cache of one sequence of {max_seq_tokens} tokens does not fit the device budget "
+                         f"beside the weights: lower --max-seq-len or raise --vram")
+    low, high = 1, max_batch  # fits(low) holds; find the largest
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    model.fit_kv_cache(math.ceil(low * max_seq_tokens * COLUMN_SLACK))
+    return low
+
+
+def _plain_layers(cache: Any) -> bool:
+    """Whether every layer of `cache` is a plain full-attention DynamicLayer (which `_merge` and `_compact` can
+    reshape)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` not to send yet: an unfinished character, or what may begin a stop."""
+    if text.endswith("\ufffd"):
+        return 1
+    return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:k])), default=0)
+
+
+def _layer_kv(cache: Any) -> list[Any]:
+    """The layers of `cache` that hold tensors."""
+    return [layer for layer in cache.layers if layer.keys is not None and layer.keys.numel()]
+
+
+def _merge(cache: Any, mask: torch.Tensor, other: Any, other_mask: torch.Tensor) -> torch.Tensor:
+    """Append the rows of `other` (None: rows with nothing cached) to `cache`, right-aligned to a common number of
+    columns (the shorter side gets masked zero columns on the left); returns the joint mask."""
+    columns = max(mask.shape[1], other_mask.shape[1])
+    for index, layer in enumerate(cache.layers):
+        if layer.keys is None or not layer.keys.numel():
+            continue
+        for name in ("keys", "values"):
+            mine = getattr(layer, name)
+            theirs = getattr(other.layers[index], name) if other is not None else \
+                mine.new_zeros((other_mask.shape[0], *mine.shape[1:-2], 0, mine.shape[-1]))
+            setattr(layer, name, torch.cat([_pad_left(mine, columns, dim=-2), _pad_left(theirs, columns, dim=-2)]))
+    return torch.cat([_pad_left(mask, columns), _pad_left(other_mask, columns)])
+
+
+def _pad_left(tensor: torch.Tensor, columns: int, dim: int = 1) -> torch.Tensor:
+    missing = columns - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _compact(cache: Any, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the columns no row uses on the left; when the columns outgrow COLUMN_SLACK times the longest row's
+    real tokens, repack each row's real tokens to the right (a gather per layer). Returns the new mask."""
+    used = mask.any(dim=0).nonzero()
+    first = int(used[0]) if used.numel() else mask.shape[1]
+    real = int(mask.sum(dim=1).max())
+    if mask.shape[1] - first > COLUMN_SLACK * real + 16:
+        order = torch.sort(mask, dim=1, stable=True).indices[:, -real:]  # each row's real columns, in order
+        for layer in _layer_kv(cache):
+            index = order.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.shape[1], -1,
+                                                                          layer.keys.shape[-1])
+            layer.keys, layer.values = torch.gather(layer.keys, 2, index), torch.gather(layer.values, 2, index)
+        return torch.gather(mask, 1, order)
+    if first:
+        for layer in _layer_kv(cache):
+            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+    return mask[:, first:]

@@ -1,0 +1,290 @@
+"""`tierstore serve` on SmolLM2: the OpenAI API through the openai client and plain HTTP, continuous batching
+(concurrent clients get the text they get alone), the queue bound, disconnects, the API key, SIGTERM; and the
+batcher itself joining sequences into a running batch."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key"
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three colors.", "Hi",
+           "Explain gravity in one sentence.", "What is 2+2?", "Name a famous painter.", "Describe a cat.",
+           "Why is the sky blue?", "Give me a fruit.", "What is Python?", "Say hello in Spanish.",
+           "How many legs does a spider have?", "What is the largest ocean?", "Tell me a joke.", "What is rain?"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`tierstore serve` in a subprocess on a free localhost port."""
+
+    def __init__(self, store: str, home: str, *options: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tierstore", "serve", store, "--port", str(self.port),
+                                      "--served-model-name", "smollm2", *options], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env={**os.environ, "HOME": home})
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.communicate()[1].decode()[-2000:]
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+        raise AssertionError("the server did not come up in 300 s")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health").json()
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=120)
+        return self.proc.returncode, err.decode()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_store, tmp_path_factory):
+    store, _ = smollm2_store
+    running = Server(store, str(tmp_path_factory.mktemp("home")), "--api-key", KEY)
+    yield running
+    code, err = running.stop()
+    assert code == 0, err[-2000:]
+
+
+def _client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def _chat(server, prompt: str, max_tokens: int = 24, **kw) -> tuple[str, str]:
+    reply = _client(server).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=max_tokens, **kw)
+    return reply.choices[0].message.content, reply.choices[0].finish_reason
+
+
+def test_openai_client_streams_a_chat_completion(server):
+    stream = _client(server).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24,
+        temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "The capital of France is Paris."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3  # streamed, not one piece
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens > 0
+    assert [m.id for m in _client(server).models.list()] == ["smollm2"]
+
+
+def test_concurrent_greedy_clients_get_the_text_they_get_alone(server):
+    alone = [_chat(server, prompt, temperature=0) for prompt in PROMPTS]
+    before = server.health()
+    together: list = [None] * len(PROMPTS)
+
+    def ask(index: int) -> None:
+        together[index] = _chat(server, PROMPTS[index], temperature=0)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = server.health()
+    assert together == alone
+    passes, tokens = after["passes"] - before["passes"], after["tokens"] - before["tokens"]
+    assert tokens / passes > 4, f"{tokens} tokens in {passes} passes: the clients were not batched"
+
+
+def test_completions_sampling_settings_and_stop(server):
+    client = _client(server)
+    text = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=5,
+                                     temperature=0)
+    assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 5
+    # a stop string ends the text before it, also when it spans tokens
+    whole, _ = _chat(server, PROMPTS[0], temperature=0)
+    cut, reason = _chat(server, PROMPTS[0], temperature=0, stop=["of Fr"])
+    assert (cut, reason) == (whole[:whole.index("of Fr")], "stop")
+    # the same seed gives the same sample, alone or beside others
+    results: list = [None] * 3
+
+    def sample(index: int) -> None:
+        results[index] = _chat(server, "Tell me a story.", max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+
+    threads = [threading.Thread(target=sample, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results[0] == results[1] == results[2]
+
+
+def test_bad_requests_get_openai_errors(server):
+    def post(body: str, content_type: str = "application/json") -> httpx.Response:
+        return httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": content_type})
+
+    ok = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = {
+        "not json": ("{bad", "not valid JSON"),
+        "unknown model": (json.dumps({**ok, "model": "gpt-9"}), "not served here"),
+        "max_tokens too large": (json.dumps({**ok, "max_tokens": 10 ** 6}), "exceeds"),
+        "no messages": (json.dumps({**ok, "messages": []}), "messages"),
+        "temperature": (json.dumps({**ok, "temperature": "hot"}), "temperature"),
+        "n": (json.dumps({**ok, "n": 2}), "n=2"),
+    }
+    for name, (body, expected) in cases.items():
+        response = post(body)
+        assert response.status_code == 400, name
+        error = response.json()["error"]
+        assert expected in error["message"] and error["type"] == "invalid_request_error", (name, error)
+    response = post(json.dumps(ok), content_type="text/plain")
+    assert response.status_code == 400 and "JSON object sent as application/json" in response.json()["error"]["message"]
+    assert post(json.dumps(ok)).status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=ok, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert server.health()["active"] == 0 and server.health()["waiting"] == 0  # nothing left behind
+
+
+def test_load_reports_throughput_and_latency(server):
+    """A bounded load: 32 requests, 8 at a time, within 300 s, through the benchmark script."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_serve.py")
+    out = subprocess.run([sys.executable, script, "--url", f"{server.url}/v1", "--model", "smollm2", "--api-key", KEY,
+                          "--requests", "32", "--concurrency", "8", "--max-tokens", "16", "--time-limit", "300",
+                          "--json"], capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    print(f"load: {result['requests_per_s']:.2f} requests/s, {result['tokens_per_s']:.1f} tokens/s, latency p50 "
+          f"{result['latency_p50_s']:.2f} s p99 {result['latency_p99_s']:.2f} s")
+    assert result["ok"] == 32 and result["failed"] == 0 and result["tokens"] > 32
+    assert 0 < result["latency_p50_s"] <= result["latency_p99_s"] < 300
+
+
+def test_queue_bound_disconnect_and_sigterm(smollm2_store, tmp_path):
+    """One row and one waiting place: a third request gets 429; a client that goes away frees its row for the
+    waiting one; SIGTERM lets the request in flight finish, then the server exits 0."""
+    store, _ = smollm2_store
+    small = Server(store, str(tmp_path), "--max-batch", "1", "--max-queue", "1")
+    try:
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "max_tokens": 2000, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=300) as first_client:
+            with first_client.stream("POST", f"{small.url}/v1/chat/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                assert next(lines).startswith("data: ")  # running: it holds the batch's one row
+                waiting: dict = {}
+                second = threading.Thread(target=lambda: waiting.update(
+                    reply=httpx.post(f"{small.url}/v1/chat/completions", timeout=300,
+                                     json={**body, "stream": False, "max_tokens": 4})))
+                second.start()
+                _until(lambda: small.health()["waiting"] == 1)
+                third = httpx.post(f"{small.url}/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+                assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+            # the first client is gone mid-stream: its sequence is cancelled, the waiting one runs
+        second.join(timeout=300)
+        assert waiting["reply"].status_code == 200
+        assert waiting["reply"].json()["usage"]["completion_tokens"] == 4
+        _until(lambda: small.health()["active"] == 0)
+        assert small.health()["tokens"] < 1000  # the 2000-token story stopped when its client left
+        # SIGTERM while a request is in flight: it completes, then the process exits 0
+        with httpx.Client(timeout=300) as client:
+            with client.stream("POST", f"{small.url}/v1/chat/completions", json={**body, "max_tokens": 40}) as stream:
+                lines = stream.iter_lines()
+                assert next(lines).startswith("data: ")
+                small.proc.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+    finally:
+        code, err = small.stop()
+    assert code == 0, err[-2000:]
+
+
+def _until(condition, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+    (["--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--draft", "ngram"], "--draft speculates for one sequence"),
+])
+def test_serve_refuses_bad_options_in_one_line(options, message, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tierstore", "serve", "smollm2", *options], capture_output=True,
+                         text=True, env={**os.environ, "HOME": str(tmp_path)}, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+def test_serve_refuses_a_port_in_use(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "tierstore", "serve", "smollm2", "--port", str(port)],
+                             capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)}, timeout=120)
+    assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+    assert not list(tmp_path.rglob("*.safetensors"))  # refused before anything was converted
+
+
+def test_batcher_joins_running_batches_and_matches_alone(smollm2_store, tmp_path):
+    """Sequences joining a running batch, both beside its next tokens and in a pass of their own, get the
+    greedy tokens they get alone; the cache stays compact."""
+    import tierstore
+    from tierstore.inference.batcher import Batcher, SamplingParams
+
+    store, _ = smollm2_store
+    with tierstore.AutoModel.from_pretrained(store, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
+        tok = model.tokenizer
+        ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False).input_ids
+               for p in PROMPTS[:6]]
+        import torch
+        alone = [model.generate(torch.tensor([row]), max_new_tokens=20, do_sample=False)[0, len(row):].tolist()
+                 for row in ids]
+        alone = [row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in alone]
+        batcher = Batcher(model, max_batch=8, max_queue=8, max_seq_tokens=512)
+        done = {index: threading.Event() for index in range(6)}
+        shapes: list[tuple[int, int]] = []  # (cache columns, longest row's real tokens) seen between steps
+
+        def submit(index: int):
+            def on_event(event):
+                mask = batcher._mask
+                if mask is not None and mask.numel():
+                    shapes.append((mask.shape[1], int(mask.sum(dim=1).max())))
+                if event.finish_reason:
+                    done[index].set()
+            return batcher.submit(ids[index], SamplingParams(max_tokens=20, temperature=0), on_event)
+
+        sequences = [submit(0)]
+        _until(lambda: len(sequences[0].tokens) >= 3)
+        sequences += [submit(i) for i in (1, 2, 3)]  # three prompts beside one running row: one shared pass
+        _until(lambda: all(len(s.tokens) >= 2 for s in sequences))
+        assert batcher.prefills_apart == 0
+        sequences += [submit(4)]  # one prompt beside four running rows: a pass of its own
+        _until(lambda: len(sequences[4].tokens) >= 1)
+        assert batcher.prefills_apart == 1
+        sequences += [submit(5)]
+        for event in done.values():
+            assert event.wait(120)
+        assert [s.tokens for s in sequences] == alone
+        assert batcher.steps < sum(len(row) for row in alone)  # rows shared passes
+        assert batcher._cache is None  # every row left: the cache is freed
+        # masked columns were dropped or repacked: never more than the slack beyond the longest row, plus a prompt
+        assert all(columns <= 1.25 * real + 16 + max(map(len, ids)) for columns, real in shapes), shapes
+        batcher.close()
