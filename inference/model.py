@@ -167,10 +167,10 @@ class TierstoreModel:
         """Keep a KV cache of `cache_tokens` (over all sequences) inside the device budget: when it outgrows the
         reserve, re-plan with a larger reserve (fewer resident weights); when even that cannot fit, raise
         InputError before anything runs. Returns notes for the report."""
-        needed = self._kv_reserve_bytes(cache_tokens)
         try:
             plan = self.kv_plan(cache_tokens)
         except BudgetError as exc:
+            needed = self._kv_reserve_bytes(cache_tokens)
             raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(needed)} of KV cache and "
                              f"activations (and the dequantization buffer and draft), more than the device budget "
                              f"{format_size(self.plan.device_budget_bytes)} leaves beside the weights; use fewer "
@@ -179,14 +179,16 @@ class TierstoreModel:
             return []
         self.store.replan(plan)
         self.plan = plan
-        return [f"KV cache and activations need {format_size(needed)}: device reserve raised, "
-                f"{len(plan.device_resident)} units now resident"]
+        return [f"KV cache and activations need {format_size(self._kv_reserve_bytes(cache_tokens))}: device "
+                f"reserve raised, {len(plan.device_resident)} units now resident"]
 
     def kv_plan(self, cache_tokens: int) -> Plan | None:
         """The plan whose device reserve holds a KV cache of `cache_tokens`: None when the current plan's does
         (or the device is not a GPU), BudgetError when no plan within the device budget does. Changes nothing."""
+        if self.device.type != "cuda":
+            return None
         needed = self._kv_reserve_bytes(cache_tokens)
-        if self.device.type != "cuda" or needed <= self.plan.device_reserve_bytes:
+        if needed <= self.plan.device_reserve_bytes:
             return None
         experts = self.plan.experts
         slots = experts.device_slots * experts.expert_bytes if experts is not None else 0
