@@ -5,6 +5,7 @@ attach the hooks. Each step is a function called once, from here; `tierstore pla
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -15,6 +16,7 @@ import torch
 from ..budget import Budget
 from ..compression import Decompressor
 from ..config import Config
+from ..errors import InputError
 from ..files import PAGE_BYTES, check_writable
 from ..policies.planner import Plan
 from ..probe import load_probe
@@ -29,6 +31,7 @@ from .model import TierstoreModel
 from .placement import as_dtype, compute_device, place
 from .resolve import resolve
 from .sources import open_units
+from .tensor_parallel import TIMEOUT_S, join_group, rank_device, rank_note, shard_units
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,14 @@ class AutoModel:
     def from_pretrained(model: str, budget: Budget | dict[str, Any] | None = None, config: Any = None,
                         dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
                         allow_download: bool = False, progress: bool = False,
-                        draft: str | None = None, trace: str | None = None) -> TierstoreModel:
+                        draft: str | None = None, trace: str | None = None,
+                        tensor_parallel: int = 1) -> TierstoreModel:
         """Open `model` (directory, GGUF, layer store, alias or cached Hub id) under `budget`. `draft`: "ngram"
         or a small model with the same tokenizer (anything `model` may be) for speculative decoding; a model
         draft is resident on the device and its bytes come out of the device budget. `trace`: a file to write
-        the timeline to after each `generate` (overrides `runtime.trace`)."""
+        the timeline to after each `generate` (overrides `runtime.trace`). `tensor_parallel`: N > 1 in each of
+        N processes started by `torchrun --nproc-per-node N` (or `tierstore generate --tp N`): this process holds
+        and streams its shard of every unit, under `budget` for its own device (see tensor_parallel.py)."""
         from .drafts import check_same_vocabulary, open_draft
 
         start_s = time.perf_counter()
@@ -57,7 +63,21 @@ class AutoModel:
         if draft is not None and draft != "ngram":
             resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
         log.info("%s: a %s checkpoint at %s; compute on %s", model, checkpoint.kind, checkpoint.path, device)
+        group = None
+        if tensor_parallel != 1:
+            if tensor_parallel < 1 or draft is not None:
+                raise InputError(f"tensor_parallel must be at least 1, got {tensor_parallel}" if tensor_parallel < 1
+                                 else "a draft speculates on one device; tensor parallelism runs without one")
+            device = rank_device(device)
+            group = join_group(tensor_parallel, device, TIMEOUT_S)
         units = open_units(checkpoint, cfg, device, as_dtype(dtype), trust_remote_code, progress)
+        collectives = None
+        if group is not None:
+            try:
+                units, collectives = shard_units(units, group)
+            except BaseException:
+                units.close()
+                raise
         drafter = store = experts = None
         try:
             drafter, draft_cost = (open_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download,
@@ -84,6 +104,8 @@ class AutoModel:
             decompressor = Decompressor(units.codec, units.packed, units.dtype, device) if units.codec else None
             hooks = AttachedHooks(units.skeleton, store, device, decompressor, tracer)
         except BaseException:  # give back what was opened: the draft, the store's threads and memory, the files
+            if collectives is not None:
+                collectives.detach()
             if isinstance(drafter, TierstoreModel):
                 drafter.close()
             if experts is not None:
@@ -95,8 +117,11 @@ class AutoModel:
         log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth %d; "
                  "ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
                  len(plan.streamed_from_disk), plan.prefetch_depth, time.perf_counter() - start_s)
+        if group is not None:
+            plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(group)))
         return TierstoreModel(units.skeleton.model, tokenizer, store, hooks, plan, planned_from, device, cfg,
-                              time.perf_counter() - start_s, decompressor, drafter, draft_cost, tracer, experts)
+                              time.perf_counter() - start_s, decompressor, drafter, draft_cost, tracer, experts,
+                              collectives)
 
 
 def _host_capacity(budget_bytes: int, layouts: dict[str, Any]) -> int:

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--report-json", help="write the report (tokens, text, tiers, timing, plan) here")
     gen.add_argument("--trace", help="write a timeline of reads, copies, compute and stalls here (Chrome trace "
                                      "JSON: open in Perfetto, or draw with tierstore plot)")
+    gen.add_argument("--tp", type=int, help="tensor parallelism: N processes, one per GPU, each streaming its "
+                                            "shard of every unit under the budget of its own device (under "
+                                            "torchrun: the number of processes)")
     _budget_args(gen)
 
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible API (chat and text completions, streamed "
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="print the placement plan; nothing runs")
     plan.add_argument("model")
+    plan.add_argument("--tp", type=int, default=1, help="the plan of each of N tensor-parallel ranks")
     _budget_args(plan)
 
     conv = sub.add_parser("convert", help="convert a checkpoint into a layer store")
@@ -156,12 +160,17 @@ def _generate(args: argparse.Namespace) -> int:
     if args.report_json:
         from ..files import check_writable
         check_writable(args.report_json, "--report-json file")
+    tensor_parallel = _tensor_parallel(args)
+    if tensor_parallel < 0:  # this process launches the ranks
+        from .launch import check_launch, run_ranks
+        check_launch(args.model, -tensor_parallel, _config(args), args.trust_remote_code, args.download)
+        return run_ranks(args.argv, -tensor_parallel)
     console = _console()
     request = GenerateRequest(model=args.model, prompts=args.prompt or [], max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                               chat_template=not args.no_chat_template, budget=_budget(args), config=_config(args),
                               trust_remote_code=args.trust_remote_code, allow_download=args.download,
-                              draft=args.draft, trace=args.trace, dtype=args.dtype)
+                              draft=args.draft, trace=args.trace, dtype=args.dtype, tensor_parallel=tensor_parallel)
     if args.prompts_file:
         return _generate_file(args, request, console)
     stream = (lambda text: console.print(text, end="", markup=False, highlight=False)) \
@@ -173,11 +182,32 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         console.print()
     console.print(result["report"])
-    if args.report_json:
+    if args.report_json and _rank() == 0:
         from ..files import write_atomic
         data = {key: value for key, value in result.items() if key != "report"}
         write_atomic(args.report_json, json.dumps(data, indent=1).encode())
     return 0
+
+
+def _tensor_parallel(args: argparse.Namespace) -> int:
+    """The ranks this run has: 1; N when this process is one of N launched ranks; -N when it is to launch them."""
+    from .tensor_parallel import launched_world
+
+    world = launched_world()
+    if world is not None and args.tp is not None and args.tp != world:
+        raise InputError(f"--tp {args.tp}, but {world} processes were launched (WORLD_SIZE)")
+    ranks = world if world is not None else args.tp if args.tp is not None else 1
+    if ranks < 1:
+        raise InputError(f"--tp must be at least 1, got {ranks}")
+    for option, given in (("--prompts-file", args.prompts_file), ("--draft", args.draft), ("--trace", args.trace)):
+        if ranks > 1 and given:
+            raise InputError(f"--tp runs one prompt or a batch of --prompt; {option} does not combine with it yet")
+    return ranks if world is not None or ranks == 1 else -ranks
+
+
+def _rank() -> int:
+    """This process's rank among launched ranks (0 when there are none)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _generate_file(args: argparse.Namespace, request: Any, console: Any) -> int:
@@ -258,7 +288,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .placement import make_plan_for
 
     _console().print(plan_table(make_plan_for(args.model, _budget(args), _config(args), args.trust_remote_code,
-                                             args.download, draft=args.draft)))
+                                             args.download, draft=args.draft, tensor_parallel=args.tp)))
     return 0
 
 
@@ -319,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; 0 ok, 2 bad input (one line), 1 internal error."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # what `--tp` starts each rank with
+    if _rank() != 0:  # one of several ranks: rank 0 speaks for all of them
+        sys.stdout = open(os.devnull, "w")
     if args.command is None:
         parser.print_help()
         return 0

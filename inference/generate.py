@@ -34,6 +34,7 @@ class GenerateRequest:
     draft: str | None = None
     trace: str | None = None
     dtype: str | None = None
+    tensor_parallel: int = 1
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool) -> dict[str, torch.Tensor]:
@@ -75,7 +76,8 @@ def open_model(request: GenerateRequest) -> Any:
     return AutoModel.from_pretrained(request.model, budget=request.budget, config=request.config,
                                      trust_remote_code=request.trust_remote_code,
                                      allow_download=request.allow_download, progress=True, draft=request.draft,
-                                     trace=request.trace, dtype=request.dtype)
+                                     trace=request.trace, dtype=request.dtype,
+                                     tensor_parallel=request.tensor_parallel)
 
 
 def sampling(request: GenerateRequest) -> tuple[dict[str, Any], int | None]:
@@ -83,6 +85,10 @@ def sampling(request: GenerateRequest) -> tuple[dict[str, Any], int | None]:
     if request.temperature is None:
         return {"do_sample": False}, None
     seed = request.seed if request.seed is not None else secrets.randbits(31)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # ranks must draw alike
+        box = [seed]
+        torch.distributed.broadcast_object_list(box, src=0)
+        seed = box[0]
     torch.manual_seed(seed)
     return {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p or 1.0,
             "top_k": request.top_k or 0}, seed

@@ -31,6 +31,7 @@ from .experts import ExpertRunner
 from .hooks import AttachedHooks
 from .sources import close_source
 from .speculation import SpeculationStats
+from .tensor_parallel import Collectives
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,9 @@ class TierstoreModel:
                  plan_input: PlanInput, device: torch.device, config: Config, setup_s: float,
                  decompressor: Decompressor | None = None, draft: Any = None,
                  draft_cost: DraftCost | None = None, tracer: Tracer | None = None,
-                 experts: ExpertRunner | None = None) -> None:
+                 experts: ExpertRunner | None = None, collectives: Collectives | None = None) -> None:
         self.model = model
+        self.collectives = collectives  # under tensor parallelism: the hooks combining the ranks' outputs
         self.experts = experts  # routed experts fetched as picked (a mixture-of-experts model), or None
         self.tracer = tracer
         self.plan_input = plan_input
@@ -297,6 +299,8 @@ class TierstoreModel:
         if isinstance(self.draft, TierstoreModel):
             self.draft.close()
         self._hooks.detach()
+        if self.collectives is not None:
+            self.collectives.detach()
         if self.experts is not None:
             self.experts.close()
         self.store.close()

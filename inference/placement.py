@@ -97,19 +97,27 @@ def experts_input(units: Units, cfg: Config) -> ExpertsInput | None:
 
 
 def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: Any, trust_remote_code: bool = False,
-                  allow_download: bool = False, draft: str | None = None) -> Plan:
-    """The plan `from_pretrained` would make (with `draft` beside the model), without reading any weights."""
+                  allow_download: bool = False, draft: str | None = None, tensor_parallel: int = 1) -> Plan:
+    """The plan `from_pretrained` would make (with `draft` beside the model; with `tensor_parallel` N, rank 0's,
+    whose shards are every rank's size), without reading any weights."""
     from .drafts import plan_draft
     from .resolve import resolve
     from .sources import open_units
+    from .tensor_parallel import Group, rank_note, shard_units
 
     cfg = Config.load(config).with_budget(budget)
     device = compute_device(cfg.runtime.device)
     units = open_units(resolve(model, allow_download), cfg, device, None, trust_remote_code, progress=True,
                        write=False)
     try:
+        if tensor_parallel > 1:
+            units, collectives = shard_units(units, Group(0, tensor_parallel))
+            collectives.detach()
         cost = plan_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download) if draft else None
-        return place(units, cfg, device, cost)[0]
+        plan = place(units, cfg, device, cost)[0]
+        if tensor_parallel > 1:
+            plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(Group(0, tensor_parallel))))
+        return plan
     finally:
         units.close()
 

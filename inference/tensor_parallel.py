@@ -1,0 +1,281 @@
+"""Tensor parallelism: one process per device (torch.distributed: NCCL on GPUs, gloo on CPUs), each holding and
+streaming its shard of every unit, so that each host-to-device link carries 1/N of a pass's bytes.
+
+The sharding is transformers' own tensor-parallel plan for the architecture (`model.tp_plan`, built from the
+config's `base_model_tp_plan` and the head's `_tp_plan`):
+- `colwise`: a weight's output rows (and its bias) are split; the output stays split, as the next op expects.
+- `rowwise`: a weight's input columns are split; the partial outputs are summed over the ranks (all-reduce), and
+  only rank 0 keeps the bias. `rowwise_split_input`: the same, for a module given its whole input (after a
+  gathered one), which each rank first cuts to its columns.
+- `colwise_gather_output` (the LM head) and `embedding_rowwise` (the input embedding): the vocabulary is split;
+  the head's logits are gathered, the embedding's rows summed (each rank embeds the ids in its slice).
+- `replicated...` and modules the plan does not name: every rank holds the whole tensor.
+Attention then runs on each rank's own heads, and the KV cache holds only them. Units are read whole from the
+checkpoint (checked against their checksums there) and sliced into each rank's host buffer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError, ModelError
+from ..units import UnitLayout
+from .skeleton import Skeleton
+from .sources import Units, close_source
+
+TIMEOUT_S = 300  # a collective waiting longer than this ends the run (a rank died, or hangs)
+SPLIT_DIM = {"colwise": 0, "colwise_gather_output": 0, "embedding_rowwise": 0, "rowwise": 1, "rowwise_split_input": 1}
+VOCAB_STYLES = ("colwise_gather_output", "embedding_rowwise")  # whole on every rank when N does not divide it
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """This process's place among the ranks."""
+
+    rank: int
+    world: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A rank's part of one tensor: `length` entries from `start` along `dim`; `zero`: none of it (a rowwise
+    bias, which only rank 0 adds)."""
+
+    dim: int
+    start: int
+    length: int
+    zero: bool = False
+
+
+def launched_world() -> int | None:
+    """The number of ranks torchrun (or `--tp`) started this process among, None outside such a launch."""
+    world = os.environ.get("WORLD_SIZE")
+    return int(world) if world else None
+
+
+def join_group(world: int, device: torch.device, timeout_s: float) -> Group:
+    """Join the ranks this process was launched among (the environment torchrun sets); every collective gives up
+    after `timeout_s`, so a rank that died ends the others instead of hanging them."""
+    import torch.distributed as dist
+
+    launched = launched_world()
+    if launched is None:
+        raise InputError(f"tensor_parallel={world} runs one process per device: start them with "
+                         f"`tierstore generate --tp {world}` or `torchrun --nproc-per-node {world}`")
+    if launched != world:
+        raise InputError(f"tensor_parallel={world}, but {launched} processes were launched (WORLD_SIZE)")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return Group(dist.get_rank(), dist.get_world_size())
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """On GPUs, the launch's local rank picks the device; on a CPU every rank computes on the CPU."""
+    if device.type != "cuda":
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise InputError(f"rank {local} of this host has no GPU: {count} GPUs here")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def check_world(hf_config: Any, world: int) -> None:
+    """Refuse N that cannot split the attention heads, naming both."""
+    text = hf_config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None)
+    if heads is None:
+        raise InputError(f"--tp {world}: this model ({text.model_type}) has no attention heads to split")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    for count, what in ((heads, "attention heads"), (kv_heads, "key-value heads")):
+        if count % world:
+            raise InputError(f"--tp {world} does not divide the model's {count} {what}; use a divisor of {count}")
+
+
+def rank_note(group: Group) -> str:
+    """The plan's note on a rank's share."""
+    return (f"tensor parallel: rank {group.rank} of {group.world}, holding its shard of every unit (every rank's "
+            f"budget is its own device's)")
+
+
+def shard_units(units: Units, group: Group) -> tuple[Units, Collectives]:
+    """`units` as this rank holds them, and the collectives its split modules need (detach them on close)."""
+    check_world(units.hf_config, group.world)
+    if units.codec is not None:
+        raise ModelError("tensor parallelism runs uncompressed models; compressed units are not split yet")
+    splits, styles = plan_splits(units.skeleton, units.layouts, group)
+    layouts = split_layouts(units.layouts, splits)
+    source = ShardSource(units.source, units.layouts, layouts, splits)
+    return dataclasses.replace(units, source=source, layouts=layouts), Collectives(styles, group)
+
+
+def plan_splits(skeleton: Skeleton, layouts: dict[str, UnitLayout],
+                group: Group) -> tuple[dict[str, dict[str, Split]], dict[nn.Module, str]]:
+    """Each unit's tensors' splits on this rank (tensors not named are whole), and the modules that run split
+    with their plan style (which says what their outputs need)."""
+    if skeleton.experts:
+        raise ModelError("tensor parallelism does not split mixture-of-experts layers yet; run it with one rank")
+    plan = dict(getattr(skeleton.model, "tp_plan", None) or {})
+    if not plan:
+        raise ModelError(f"transformers has no tensor-parallel plan for {type(skeleton.model).__name__}; run it "
+                         f"with one rank")
+    patterns = [(re.compile(re.escape(name).replace(r"\*", r"\d+") + "$"), style) for name, style in plan.items()]
+    names = {module: name for name, module in skeleton.model.named_modules()}
+    splits: dict[str, dict[str, Split]] = {}
+    styles: dict[nn.Module, str] = {}
+    for site in skeleton.sites:
+        for binding in site.bindings:
+            module_name = names[binding.module]
+            style = next((style for pattern, style in patterns if pattern.match(module_name)), None)
+            if style is None or style.startswith("replicated"):
+                continue
+            if style not in SPLIT_DIM:
+                raise ModelError(f"tensor parallelism: transformers' plan splits {module_name} as {style!r}, "
+                                 f"which tierstore does not run yet; run this model with one rank")
+            shape = layouts[site.key].slots[binding.tensor].shape
+            split = _split(style, binding.attr, shape, group)
+            if split is None:
+                continue
+            known = splits.setdefault(site.key, {}).get(binding.tensor)
+            if known is not None and known != split:
+                raise ModelError(f"tensor parallelism: {binding.tensor} is split two ways (tied to two modules)")
+            splits[site.key][binding.tensor] = split
+            styles[binding.module] = style
+    return splits, styles
+
+
+def _split(style: str, attr: str, shape: tuple[int, ...], group: Group) -> Split | None:
+    dim = SPLIT_DIM[style] if attr == "weight" else 0
+    if style.startswith("rowwise") and attr != "weight":  # a bias: added once, after the sum
+        return None if group.rank == 0 else Split(0, 0, shape[0], zero=True)
+    if shape[dim] % group.world:
+        if style in VOCAB_STYLES:
+            return None  # a vocabulary N does not divide: whole on every rank
+        raise InputError(f"--tp {group.world} does not divide dimension {dim} ({shape[dim]}) of a {style} {attr}")
+    length = shape[dim] // group.world
+    return Split(dim, group.rank * length, length)
+
+
+def split_layouts(layouts: dict[str, UnitLayout], splits: dict[str, dict[str, Split]]) -> dict[str, UnitLayout]:
+    """The units as this rank holds them: split tensors at their shard's shape."""
+    result = {}
+    for key, layout in layouts.items():
+        mine = splits.get(key)
+        if not mine:
+            result[key] = layout
+            continue
+        tensors = {}
+        for name, slot in layout.slots.items():
+            shape = list(slot.shape)
+            if name in mine and not mine[name].zero:
+                shape[mine[name].dim] = mine[name].length
+            tensors[name] = (slot.dtype, tuple(shape))
+        result[key] = UnitLayout.pack(key, tensors)
+    return result
+
+
+class ShardSource:
+    """A unit source giving this rank's shard of each unit: the unit is read whole from `source` (verified there)
+    into a scratch buffer, and each tensor's part copied into the rank's buffer."""
+
+    def __init__(self, source: Any, whole: dict[str, UnitLayout], layouts: dict[str, UnitLayout],
+                 splits: dict[str, dict[str, Split]]) -> None:
+        self.source, self.whole, self.layouts, self.splits = source, whole, layouts, splits
+        self.read_mode = getattr(source, "read_mode", "page cache")
+
+    def layout(self, key: Hashable) -> UnitLayout:
+        return self.layouts[key]  # type: ignore[index]
+
+    def read_into(self, key: Hashable, out: torch.Tensor) -> None:
+        mine = self.splits.get(key)  # type: ignore[call-overload]
+        if not mine:
+            self.source.read_into(key, out)
+            return
+        whole = self.whole[key]  # type: ignore[index]
+        scratch = torch.empty(whole.nbytes, dtype=torch.uint8)
+        self.source.read_into(key, scratch)
+        full = whole.views(scratch)
+        for name, tensor in self.layouts[key].views(out).items():  # type: ignore[index]
+            split = mine.get(name)
+            if split is None:
+                tensor.copy_(full[name])
+            elif split.zero:
+                tensor.zero_()
+            else:
+                tensor.copy_(full[name].narrow(split.dim, split.start, split.length))
+
+    def close(self) -> None:
+        close_source(self.source)
+
+
+class Collectives:
+    """The hooks that combine split outputs: a sum over the ranks after a rowwise module, the gathered logits
+    after the LM head, and the embedding's rows summed after each rank embedded the ids in its vocabulary slice.
+    `detach` removes them."""
+
+    def __init__(self, styles: dict[nn.Module, str], group: Group) -> None:
+        self.group = group
+        self._handles = []
+        for module, style in styles.items():
+            if style == "rowwise":
+                self._handles.append(module.register_forward_hook(_all_reduce))
+            elif style == "rowwise_split_input":
+                columns = module.in_features // group.world
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda m, args, columns=columns: (args[0].narrow(-1, group.rank * columns, columns), *args[1:])))
+                self._handles.append(module.register_forward_hook(_all_reduce))
+            elif style == "colwise_gather_output":
+                self._handles.append(module.register_forward_hook(_gather_last_dim))
+            elif style == "embedding_rowwise":
+                rows = module.num_embeddings // group.world
+                outside: list[torch.Tensor] = []
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda m, args, rows=rows, outside=outside: _local_ids(args, group.rank * rows, rows, outside)))
+                self._handles.append(module.register_forward_hook(
+                    lambda m, args, output, outside=outside: _sum_embeddings(output, outside)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _all_reduce(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(output)
+    return output
+
+
+def _gather_last_dim(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(output) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, output.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def _local_ids(args: tuple[Any, ...], start: int, rows: int, outside: list[torch.Tensor]) -> tuple[Any, ...]:
+    """The ids as rows of this rank's slice; ids outside it look up row 0 and are zeroed after."""
+    ids = args[0] - start
+    mask = (ids < 0) | (ids >= rows)
+    outside[:] = [mask]
+    return (ids.masked_fill(mask, 0), *args[1:])
+
+
+def _sum_embeddings(output: torch.Tensor, outside: list[torch.Tensor]) -> torch.Tensor:
+    import torch.distributed as dist
+
+    output = output.masked_fill(outside.pop()[..., None], 0)
+    dist.all_reduce(output)
+    return output
