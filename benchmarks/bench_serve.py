@@ -21,14 +21,17 @@ PROMPTS = ["Tell me about the sea.", "What is the capital of France?", "Write a 
            "Describe a cat.", "Why is the sky blue?"]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed chat completion: its latency, time to first token, and completion tokens."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+                      chat: bool) -> dict:
+    """One streamed completion (chat, or text for a model without a chat template): its latency, time to first
+    token, and completion tokens."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            **({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})}
     start = time.perf_counter()
     first = None
     tokens = 0
-    async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
+    async with client.stream("POST", f"{url}/{'chat/completions' if chat else 'completions'}", json=body) as response:
         if response.status_code != 200:
             return {"status": response.status_code}
         async for line in response.aiter_lines():
@@ -39,7 +42,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                 return {"status": 500}
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            elif first is None and chunk["choices"] and (chunk["choices"][0]["delta"].get("content") if chat
+                                                         else chunk["choices"][0]["text"]):
                 first = time.perf_counter()
     end = time.perf_counter()
     first = first or end
@@ -48,14 +52,14 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
 
 
 async def load(url: str, model: str, requests: int, concurrency: int, max_tokens: int, api_key: str | None,
-               time_limit_s: float) -> dict:
+               time_limit_s: float, chat: bool = True, prompts: list[str] = PROMPTS) -> dict:
     """`requests` requests, `concurrency` at a time; raises TimeoutError past `time_limit_s`."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     gate = asyncio.Semaphore(concurrency)
 
     async def run(index: int, client: httpx.AsyncClient) -> dict:
         async with gate:
-            return await one_request(client, url, model, PROMPTS[index % len(PROMPTS)], max_tokens)
+            return await one_request(client, url, model, prompts[index % len(prompts)], max_tokens, chat)
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(headers=headers, timeout=time_limit_s, limits=limits) as client:
@@ -90,11 +94,14 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole load")
+    parser.add_argument("--completions", action="store_true", help="text completions (a model with no chat "
+                                                                       "template)")
+    parser.add_argument("--prompt", action="append", help="the prompts to cycle through (default: eight questions)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
     try:
         result = asyncio.run(load(args.url, args.model, args.requests, args.concurrency, args.max_tokens,
-                                  args.api_key, args.time_limit))
+                                  args.api_key, args.time_limit, not args.completions, args.prompt or PROMPTS))
     except asyncio.TimeoutError:
         print(f"bench_serve: the load did not finish within --time-limit {args.time_limit} s", file=sys.stderr)
         return 1

@@ -1,0 +1,114 @@
+"""Tensor-parallel streaming on 1, 2 and 4 GPUs: s/token of `tierstore generate --tp N` on the Llama-2-7B-shaped
+random-weight model at the same per-GPU budget, against the bound of bytes per link over the pinned GB/s each link
+reaches while all N copy at once.
+
+One device-tool call on nvidia-h200-x4 (builds the 13.5 GB checkpoint first, as bench_7b.py does):
+    python benchmarks/bench_tp.py --out $OUT --ranks 1,2,4
+Prints one table: N, s/token, speed-up over N = 1, host->device bytes per link per pass, the concurrent pinned
+GB/s per link, the bound, the ratio to it, and whether the tokens equal N = 1's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_7b import PROMPT_TOKENS, build_checkpoint, write_tokenizer  # noqa: E402
+
+
+def concurrent_pinned_gbps(devices: int, nbytes: int = 2 << 30, repeats: int = 5) -> float:
+    """Pinned host->device GB/s of one link while `devices` links copy at once (the median link's rate)."""
+    import torch
+
+    sources = [torch.empty(nbytes, dtype=torch.uint8).pin_memory() for _ in range(devices)]
+    targets = [torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{i}") for i in range(devices)]
+    rates = [0.0] * devices
+    barrier = threading.Barrier(devices)
+
+    def copy(index: int) -> None:
+        torch.cuda.set_device(index)
+        stream = torch.cuda.Stream()
+        barrier.wait()
+        start = time.perf_counter()
+        with torch.cuda.stream(stream):
+            for _ in range(repeats):
+                targets[index].copy_(sources[index], non_blocking=True)
+        stream.synchronize()
+        rates[index] = nbytes * repeats / (time.perf_counter() - start) / 1e9
+
+    threads = [threading.Thread(target=copy, args=(i,)) for i in range(devices)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(rates)[len(rates) // 2]
+
+
+def run_ranks(model: str, ranks: int, args: argparse.Namespace) -> dict:
+    """`tierstore generate --tp ranks` on the word-level prompt; its report."""
+    report = os.path.join(args.out, f"tp{ranks}.json")
+    prompt = " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS))
+    command = [sys.executable, "-m", "tierstore", "generate", model, "--prompt", prompt, "--no-chat-template",
+               "--max-new-tokens", str(args.tokens), "--vram", args.vram, "--ram", args.ram, "--report-json", report,
+               "--config", args.config]
+    if ranks > 1:
+        command += ["--tp", str(ranks)]
+    start = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        return {"error": (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]}
+    with open(report) as handle:
+        data = json.load(handle)
+    return {"s_per_token": data["timing"]["decode_step_s"], "h2d_bytes_per_pass": data["plan"]["h2d_bytes_per_pass"],
+            "disk_bytes_per_pass": data["plan"]["disk_bytes_per_pass"], "tokens": data["tokens"],
+            "wall_s": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="/tmp/llama7b-hf")
+    parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--vram", default="4GB", help="per GPU")
+    parser.add_argument("--ram", default="16GB", help="per rank")
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    import torch
+
+    os.makedirs(args.out, exist_ok=True)
+    if not os.path.exists(os.path.join(args.model, "config.json")):
+        build_checkpoint(args.model)
+        write_tokenizer(args.model)
+    args.config = os.path.join(args.out, "tp.toml")
+    with open(args.config, "w") as handle:
+        handle.write('[runtime]\ncache_dir = "/tmp/tierstore-bench-cache"\n')
+    rows = []
+    for ranks in [int(n) for n in args.ranks.split(",") if int(n) <= torch.cuda.device_count()]:
+        link = concurrent_pinned_gbps(ranks)
+        result = run_ranks(args.model, ranks, args)
+        result.update(ranks=ranks, link_gbps=link)
+        if "error" not in result:
+            result["bound_s"] = result["h2d_bytes_per_pass"] / (link * 1e9)
+        rows.append(result)
+        print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
+    base = rows[0] if rows and "error" not in rows[0] else None
+    print(f"{'N':>2} {'s/token':>8} {'speed-up':>8} {'GB/link/pass':>12} {'link GB/s':>9} {'bound s':>8} "
+          f"{'x bound':>7}  same tokens")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['ranks']:>2} error: {row['error']}")
+            continue
+        speed = base["s_per_token"] / row["s_per_token"] if base else float("nan")
+        ratio = row["s_per_token"] / row["bound_s"] if row["bound_s"] else float("nan")
+        same = base is not None and row["tokens"] == base["tokens"]
+        print(f"{row['ranks']:>2} {row['s_per_token']:>8.4f} {speed:>8.2f} {row['h2d_bytes_per_pass'] / 1e9:>12.2f} "
+              f"{row['link_gbps']:>9.1f} {row['bound_s']:>8.4f} {ratio:>7.2f}  {same}")
+
+
+if __name__ == "__main__":
+    main()
