@@ -19,7 +19,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_7b import PROMPT_TOKENS, build_checkpoint, prompt_ids, write_tokenizer  # noqa: E402
+from bench_7b import PROMPT_TOKENS, build_checkpoint, prompt_ids  # noqa: E402
 from bench_serve import load  # noqa: E402
 
 
@@ -99,9 +99,7 @@ def main() -> None:
     import tierstore
 
     os.makedirs(args.out, exist_ok=True)
-    if not os.path.exists(os.path.join(args.model, "config.json")):
-        build_checkpoint(args.model)
-        write_tokenizer(args.model)
+    build_checkpoint(args.model)  # once: a checkpoint already there is kept
     batches = [int(b) for b in args.batches.split(",")]
     with tierstore.AutoModel.from_pretrained(args.model, budget={"vram": args.vram, "ram": args.ram}) as model:
         rows = batch_rows(model, batches, args.tokens)

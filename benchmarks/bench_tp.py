@@ -18,7 +18,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_7b import PROMPT_TOKENS, build_checkpoint, write_tokenizer  # noqa: E402
+from bench_7b import PROMPT_TOKENS, build_checkpoint  # noqa: E402
 
 
 def concurrent_pinned_gbps(devices: int, nbytes: int = 2 << 30, repeats: int = 5) -> float:
@@ -81,9 +81,7 @@ def main() -> None:
     import torch
 
     os.makedirs(args.out, exist_ok=True)
-    if not os.path.exists(os.path.join(args.model, "config.json")):
-        build_checkpoint(args.model)
-        write_tokenizer(args.model)
+    build_checkpoint(args.model)  # once: a checkpoint already there is kept
     args.config = os.path.join(args.out, "tp.toml")
     with open(args.config, "w") as handle:
         handle.write('[runtime]\ncache_dir = "/tmp/tierstore-bench-cache"\n')

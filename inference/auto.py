@@ -31,7 +31,7 @@ from .model import TierstoreModel
 from .placement import as_dtype, compute_device, place
 from .resolve import resolve
 from .sources import open_units
-from .tensor_parallel import TIMEOUT_S, join_group, rank_device, rank_note, shard_units
+from .tensor_parallel import TIMEOUT_S, Collectives, join_group, rank_device, rank_note, shard_units
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +63,23 @@ class AutoModel:
         if draft is not None and draft != "ngram":
             resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
         log.info("%s: a %s checkpoint at %s; compute on %s", model, checkpoint.kind, checkpoint.path, device)
+        if tensor_parallel < 1:
+            raise InputError(f"tensor_parallel must be at least 1, got {tensor_parallel}")
         group = None
-        if tensor_parallel != 1:
-            if tensor_parallel < 1 or draft is not None:
-                raise InputError(f"tensor_parallel must be at least 1, got {tensor_parallel}" if tensor_parallel < 1
-                                 else "a draft speculates on one device; tensor parallelism runs without one")
+        if tensor_parallel > 1:
+            if draft is not None:
+                raise InputError("a draft speculates on one device; tensor parallelism runs without one")
             device = rank_device(device)
             group = join_group(tensor_parallel, device, TIMEOUT_S)
         units = open_units(checkpoint, cfg, device, as_dtype(dtype), trust_remote_code, progress)
         collectives = None
         if group is not None:
             try:
-                units, collectives = shard_units(units, group)
+                units, styles = shard_units(units, group)
             except BaseException:
                 units.close()
                 raise
+            collectives = Collectives(styles, group)
         drafter = store = experts = None
         try:
             drafter, draft_cost = (open_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download,
@@ -105,7 +107,7 @@ class AutoModel:
             hooks = AttachedHooks(units.skeleton, store, device, decompressor, tracer)
         except BaseException:  # give back what was opened: the draft, the store's threads and memory, the files
             if collectives is not None:
-                collectives.detach()
+                collectives.close()
             if isinstance(drafter, TierstoreModel):
                 drafter.close()
             if experts is not None:

@@ -105,8 +105,8 @@ class Batcher:
         settings = model.model.generation_config
         eos = settings.eos_token_id if settings.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids,
-                                                                                                       default=0)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
         self._cache: Any = None
@@ -118,7 +118,6 @@ class Batcher:
         self.steps = 0  # weight passes
         self.tokens_generated = 0
         self.prefills_apart = 0  # joining prompts given a pass of their own (see _step)
-        self.rows_per_step: collections.Counter[int] = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name="tierstore-batcher", daemon=True)
         self._thread.start()
 
@@ -267,7 +266,6 @@ class Batcher:
             self._joinable = _plain_layers(self._cache)
         next_tokens = self._sample(out.logits[:, -1, :].float(), rows)
         self.steps += 1
-        self.rows_per_step[len(rows)] += 1
         if self.model.experts is not None and self.steps % EXPERT_WINDOW_STEPS == 0:
             for note in self.model.experts.end_call():  # a server has no calls: windows of steps stand in
                 log.info(note)

@@ -160,11 +160,11 @@ def _generate(args: argparse.Namespace) -> int:
     if args.report_json:
         from ..files import check_writable
         check_writable(args.report_json, "--report-json file")
-    tensor_parallel = _tensor_parallel(args)
-    if tensor_parallel < 0:  # this process launches the ranks
+    tensor_parallel, launch = _tensor_parallel(args)
+    if launch:
         from .launch import check_launch, run_ranks
-        check_launch(args.model, -tensor_parallel, _config(args), args.trust_remote_code, args.download)
-        return run_ranks(args.argv, -tensor_parallel)
+        check_launch(args.model, tensor_parallel, _config(args), args.trust_remote_code, args.download)
+        return run_ranks(args.argv, tensor_parallel)
     console = _console()
     request = GenerateRequest(model=args.model, prompts=args.prompt or [], max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -189,8 +189,8 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tensor_parallel(args: argparse.Namespace) -> int:
-    """The ranks this run has: 1; N when this process is one of N launched ranks; -N when it is to launch them."""
+def _tensor_parallel(args: argparse.Namespace) -> tuple[int, bool]:
+    """The ranks this run has, and whether this process is to launch them (or is one of them, or runs alone)."""
     from .tensor_parallel import launched_world
 
     world = launched_world()
@@ -202,7 +202,7 @@ def _tensor_parallel(args: argparse.Namespace) -> int:
     for option, given in (("--prompts-file", args.prompts_file), ("--draft", args.draft), ("--trace", args.trace)):
         if ranks > 1 and given:
             raise InputError(f"--tp runs one prompt or a batch of --prompt; {option} does not combine with it yet")
-    return ranks if world is not None or ranks == 1 else -ranks
+    return ranks, world is None and ranks > 1
 
 
 def _rank() -> int:
@@ -287,6 +287,8 @@ def _plan(args: argparse.Namespace) -> int:
     from ..report import plan_table
     from .placement import make_plan_for
 
+    if args.tp < 1:
+        raise InputError(f"--tp must be at least 1, got {args.tp}")
     _console().print(plan_table(make_plan_for(args.model, _budget(args), _config(args), args.trust_remote_code,
                                              args.download, draft=args.draft, tensor_parallel=args.tp)))
     return 0

@@ -300,7 +300,7 @@ class TierstoreModel:
             self.draft.close()
         self._hooks.detach()
         if self.collectives is not None:
-            self.collectives.detach()
+            self.collectives.close()
         if self.experts is not None:
             self.experts.close()
         self.store.close()

@@ -111,8 +111,7 @@ def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: An
                        write=False)
     try:
         if tensor_parallel > 1:
-            units, collectives = shard_units(units, Group(0, tensor_parallel))
-            collectives.detach()
+            units = shard_units(units, Group(0, tensor_parallel))[0]
         cost = plan_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download) if draft else None
         plan = place(units, cfg, device, cost)[0]
         if tensor_parallel > 1:

@@ -15,6 +15,7 @@ checkpoint (checked against their checksums there) and sliced into each rank's h
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import os
@@ -37,10 +38,11 @@ VOCAB_STYLES = ("colwise_gather_output", "embedding_rowwise")  # whole on every 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """This process's place among the ranks."""
+    """This process's place among the ranks; `owned`: this process set up the process group (and ends it)."""
 
     rank: int
     world: int
+    owned: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +73,25 @@ def join_group(world: int, device: torch.device, timeout_s: float) -> Group:
                          f"`tierstore generate --tp {world}` or `torchrun --nproc-per-node {world}`")
     if launched != world:
         raise InputError(f"tensor_parallel={world}, but {launched} processes were launched (WORLD_SIZE)")
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
+        # Imported after the group is up, torch._dynamo (which transformers imports) keeps it alive past
+        # destroy_process_group, and its threads then abort the process at exit: import it first.
+        import torch._dynamo  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
-    return Group(dist.get_rank(), dist.get_world_size())
+        atexit.register(leave_group)  # also when opening the model fails after this
+    return Group(dist.get_rank(), dist.get_world_size(), owned)
+
+
+def leave_group() -> None:
+    """End the process group, if one is up: its threads must not outlive the interpreter (gloo aborts the
+    process when they do, turning a clean exit code into SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_device(device: torch.device) -> torch.device:
@@ -108,15 +124,16 @@ def rank_note(group: Group) -> str:
             f"budget is its own device's)")
 
 
-def shard_units(units: Units, group: Group) -> tuple[Units, Collectives]:
-    """`units` as this rank holds them, and the collectives its split modules need (detach them on close)."""
+def shard_units(units: Units, group: Group) -> tuple[Units, dict[nn.Module, str]]:
+    """`units` as this rank holds them, and the modules that run split with their plan styles (for
+    `Collectives`)."""
     check_world(units.hf_config, group.world)
     if units.codec is not None:
         raise ModelError("tensor parallelism runs uncompressed models; compressed units are not split yet")
     splits, styles = plan_splits(units.skeleton, units.layouts, group)
     layouts = split_layouts(units.layouts, splits)
     source = ShardSource(units.source, units.layouts, layouts, splits)
-    return dataclasses.replace(units, source=source, layouts=layouts), Collectives(styles, group)
+    return dataclasses.replace(units, source=source, layouts=layouts), styles
 
 
 def plan_splits(skeleton: Skeleton, layouts: dict[str, UnitLayout],
@@ -221,7 +238,7 @@ class ShardSource:
 class Collectives:
     """The hooks that combine split outputs: a sum over the ranks after a rowwise module, the gathered logits
     after the LM head, and the embedding's rows summed after each rank embedded the ids in its vocabulary slice.
-    `detach` removes them."""
+    `close` removes them and ends the process group this process set up."""
 
     def __init__(self, styles: dict[nn.Module, str], group: Group) -> None:
         self.group = group
@@ -244,10 +261,12 @@ class Collectives:
                 self._handles.append(module.register_forward_hook(
                     lambda m, args, output, outside=outside: _sum_embeddings(output, outside)))
 
-    def detach(self) -> None:
+    def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.group.owned:
+            leave_group()
 
 
 def _all_reduce(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
