@@ -88,7 +88,6 @@ class Sequence:
         self.cancelled = False
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
-        self.submitted_s = time.perf_counter()
 
 
 class Batcher:

@@ -40,9 +40,7 @@ def check_launch(model: str, world: int, cfg: Any, trust_remote_code: bool, allo
 
 def run_ranks(argv: list[str], world: int) -> int:
     """Run `tierstore ARGV` as ranks 0..world-1 (rank 0's output is the command's); returns the exit code."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="tierstore-ranks-") as logs:
         errors = [open(os.path.join(logs, f"rank{rank}.err"), "w+", encoding="utf-8") for rank in range(world)]
         procs = []
@@ -61,6 +59,13 @@ def run_ranks(argv: list[str], world: int) -> int:
             _stop(procs, signal.SIGTERM)
             for error in errors:
                 error.close()
+
+
+def free_port() -> int:
+    """A localhost port free now (the ranks' rendezvous; the tests' servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _wait(procs: list[subprocess.Popen], errors: list[Any]) -> int:

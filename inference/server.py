@@ -127,12 +127,14 @@ def create_app(model: Any, batcher: Batcher, model_name: str, api_key: str | Non
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
+        _check_served(body)
         prompt_ids = _chat_ids(model.tokenizer, [m.model_dump() for m in body.messages])
         limit = body.max_completion_tokens or body.max_tokens
         return await _complete(request, body, prompt_ids, limit, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        _check_served(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise APIError(400, "give one prompt per request (a list of several is not supported)", param="prompt")
@@ -141,12 +143,15 @@ def create_app(model: Any, batcher: Batcher, model_name: str, api_key: str | Non
         prompt_ids = model.tokenizer(prompts[0]).input_ids
         return await _complete(request, body, prompt_ids, body.max_tokens or DEFAULT_COMPLETION_TOKENS, chat=False)
 
-    async def _complete(request: Any, body: Any, prompt_ids: list[int], max_tokens: int | None, chat: bool) -> Any:
+    def _check_served(body: Sampling) -> None:
+        """What the request asks of this server, checked before its prompt is tokenized."""
         if body.model != model_name:
             raise APIError(400, f"model {body.model!r} is not served here; this server serves {model_name!r}",
                            code="model_not_found", param="model")
         if body.n != 1:
             raise APIError(400, f"n={body.n}: only n=1 is supported", param="n")
+
+    async def _complete(request: Any, body: Any, prompt_ids: list[int], max_tokens: int | None, chat: bool) -> Any:
         stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         params = SamplingParams(max_tokens=max_tokens or max(batcher.max_seq_tokens - len(prompt_ids), 1),
                                 temperature=body.temperature, top_p=body.top_p, stop=stops, seed=body.seed)
@@ -162,7 +167,7 @@ def create_app(model: Any, batcher: Batcher, model_name: str, api_key: str | Non
                            code="queue_full") from None
         except ShuttingDown as exc:
             raise APIError(503, str(exc), kind="server_error", code="shutting_down") from None
-        reply = _Reply(chat, model_name, len(prompt_ids))
+        reply = _Reply(chat, model_name)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(_stream(sequence, events, reply, include_usage), media_type="text/event-stream")
@@ -211,8 +216,8 @@ def create_app(model: Any, batcher: Batcher, model_name: str, api_key: str | Non
 class _Reply:
     """OpenAI's response objects for one request."""
 
-    def __init__(self, chat: bool, model_name: str, prompt_tokens: int) -> None:
-        self.chat, self.model_name, self.prompt_tokens = chat, model_name, prompt_tokens
+    def __init__(self, chat: bool, model_name: str) -> None:
+        self.chat, self.model_name = chat, model_name
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 

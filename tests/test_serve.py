@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from tierstore.inference.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +23,11 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
            "How many legs does a spider have?", "What is the largest ocean?", "Tell me a joke.", "What is rain?"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     """`tierstore serve` in a subprocess on a free localhost port."""
 
     def __init__(self, store: str, home: str, *options: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "tierstore", "serve", store, "--port", str(self.port),
                                       "--served-model-name", "smollm2", *options], stdout=subprocess.PIPE,
