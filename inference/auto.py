@@ -27,8 +27,9 @@ from ..units import align
 from .checkpoint import load_tokenizer
 from .experts import open_experts
 from .hooks import AttachedHooks
+from .lookup import HostLookup, without_lookup
 from .model import TierstoreModel
-from .placement import as_dtype, compute_device, place
+from .placement import as_dtype, compute_device, per_matrix_units, place
 from .resolve import resolve
 from .sources import open_units
 from .tensor_parallel import TIMEOUT_S, Collectives, join_group, rank_device, rank_note, shard_units
@@ -80,14 +81,17 @@ class AutoModel:
                 units.close()
                 raise
             collectives = Collectives(styles, group)
-        drafter = store = experts = None
+        drafter = store = experts = lookup = None
         try:
             drafter, draft_cost = (open_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download,
                                               progress) if draft is not None else (None, None))
             tokenizer = load_tokenizer(units.checkpoint, trust_remote_code)
             if isinstance(drafter, TierstoreModel):
                 check_same_vocabulary(units.hf_config, tokenizer, drafter, draft)
-            plan, planned_from = place(units, cfg, device, draft_cost)
+            plan, planned_from = place(units, cfg, device, draft_cost, host_lookup=group is None)
+            if plan.host_lookup:
+                lookup = HostLookup(units, plan.host_lookup[0], device)
+                units = without_lookup(units, plan.host_lookup)  # the store streams the rest
             expert_keys = units.skeleton.expert_keys
             dense = {key: layout for key, layout in units.layouts.items() if key not in expert_keys}
             tracer = Tracer(trace, device, _trace_meta(model, device, cfg, plan)) if trace is not None else None
@@ -103,9 +107,12 @@ class AutoModel:
                 experts = open_experts(units.skeleton.experts, units.source, expert_layouts, plan.experts, store,
                                        expert_transfer, cfg.io.reader_threads,
                                        functools.partial(tracer.store_event, prefix="experts ") if tracer else None)
-            decompressor = Decompressor(units.codec, units.packed, units.dtype, device) if units.codec else None
-            hooks = AttachedHooks(units.skeleton, store, device, decompressor, tracer)
+            decompressor = Decompressor(units.codec, units.packed, units.dtype, device,
+                                        per_matrix_units(units, plan.device_budget_bytes)) if units.codec else None
+            hooks = AttachedHooks(units.skeleton, store, device, decompressor, tracer, lookup)
         except BaseException:  # give back what was opened: the draft, the store's threads and memory, the files
+            if lookup is not None:
+                lookup.detach()
             if collectives is not None:
                 collectives.close()
             if isinstance(drafter, TierstoreModel):

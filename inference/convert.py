@@ -199,13 +199,15 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
                  for key, layout in layouts.items()}
         _require_room(out_dir, sum(final[key].nbytes for key in layouts if key not in done), disk_budget_bytes)
         records = dict(done)
+        # a compressed unit is packed where it is quantized: tensors made on a GPU never cross the link twice
+        pack_device = torch.device(device) if codec else torch.device("cpu")
         with _progress(progress, len(layouts), len(done), "writing units") as advance:
             for key, layout in layouts.items():
                 if key in records:
                     continue
                 tensors = unit_tensors(key, list(layout.slots))
                 require_tensors(key, layout.slots, tensors, "unit_tensors")
-                buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+                buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=pack_device)
                 for name, view in layout.views(buffer).items():
                     if tuple(tensors[name].shape) != tuple(view.shape):
                         raise InputError(f"unit_tensors: {name!r} of unit {key!r} has shape "
@@ -213,10 +215,9 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
                     view.copy_(tensors[name])
                 extra: dict[str, Any] = {}
                 if codec is not None:
-                    layout, buffer, packed = compress_unit(layout, buffer, skeleton.matrices, codec,
-                                                           torch.device(device))
+                    layout, buffer, packed = compress_unit(layout, buffer, skeleton.matrices, codec, pack_device)
                     extra = {"packed": packed.to_dict()} if packed is not None else {}
-                records[key] = _write_buffer(out_dir, key, layout, buffer, extra)
+                records[key] = _write_buffer(out_dir, key, layout, buffer.cpu(), extra)
                 advance()
         kind = {"compression": codec.to_dict()} if codec else {"dtype": requested}
         _write_metadata(out_dir, "write_store", config, records, tokenizer, **kind)

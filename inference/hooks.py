@@ -11,36 +11,56 @@ from ..compression import Decompressor
 from ..errors import ModelError
 from ..store import TieredStore
 from ..trace import COMPUTE, PASSES, Tracer
-from .skeleton import HookSite, Skeleton
+from .lookup import HostLookup
+from .skeleton import Binding, HookSite, Skeleton
+
+
+Hook = Callable[..., None]
 
 
 def _make_hooks(site: HookSite, store: TieredStore,
-                decompressor: Decompressor | None) -> tuple[Callable[..., None], Callable[..., None]]:
-    bindings = [(b.module._parameters, b.attr, b.tensor, b.original) for b in site.bindings]
+                decompressor: Decompressor | None) -> tuple[Hook, Hook, list[tuple[nn.Module, Hook, Hook]]]:
+    """The site's pre- and post-forward hooks, and for a unit dequantized matrix by matrix, each matrix's own
+    (module, pre, post): bound as its nn.Linear runs, inside the site's forward."""
     key, position = site.key, site.position
-    unpack = decompressor.materialize if decompressor is not None and key in decompressor else None
-
-    bound = [False]
+    compressed = decompressor is not None and key in decompressor
+    per_matrix = compressed and key in decompressor.per_matrix  # type: ignore[union-attr]
+    matrices = decompressor.matrix_names(key) if per_matrix else frozenset()  # type: ignore[union-attr]
+    bindings = [(b.module._parameters, b.attr, b.tensor, b.original) for b in site.bindings
+                if b.tensor not in matrices]
+    unpack = decompressor.materialize if compressed and not per_matrix else None  # type: ignore[union-attr]
+    held: list[Any] = [None]  # the unit's stored tensors while its forward runs
 
     def pre_forward(module: nn.Module, args: Any) -> None:
-        if bound[0]:  # bound early, from the parent's forward (see HookSite.bind_from)
+        if held[0] is not None:  # bound early, from the parent's forward (see HookSite.bind_from)
             return
         tensors = store.get(key, position)
+        held[0] = tensors
         if unpack is not None:
             tensors = unpack(key, tensors)
         for params, attr, tensor, _ in bindings:
             params[attr] = tensors[tensor]
-        bound[0] = True
 
     def post_forward(module: nn.Module, args: Any, output: Any) -> None:
-        if not bound[0]:
+        if held[0] is None:
             return
         for params, attr, _, original in bindings:
             params[attr] = original
+        held[0] = None
         store.release(key)
-        bound[0] = False
 
-    return pre_forward, post_forward
+    def matrix_hooks(binding: Binding) -> tuple[nn.Module, Hook, Hook]:
+        params, attr, tensor, original = binding.module._parameters, binding.attr, binding.tensor, binding.original
+
+        def pre_matrix(module: nn.Module, args: Any) -> None:
+            params[attr] = decompressor.materialize_matrix(key, tensor, held[0])  # type: ignore[union-attr]
+
+        def post_matrix(module: nn.Module, args: Any, output: Any) -> None:
+            params[attr] = original
+
+        return binding.module, pre_matrix, post_matrix
+
+    return pre_forward, post_forward, [matrix_hooks(b) for b in site.bindings if b.tensor in matrices]
 
 
 def _traced(pre_forward: Callable[..., None], post_forward: Callable[..., None], site: HookSite, nbytes: int,
@@ -81,7 +101,11 @@ class AttachedHooks:
     """The hooks of one model; `detach` removes them and leaves every module as it was."""
 
     def __init__(self, skeleton: Skeleton, store: TieredStore, device: torch.device,
-                 decompressor: Decompressor | None = None, tracer: Tracer | None = None) -> None:
+                 decompressor: Decompressor | None = None, tracer: Tracer | None = None,
+                 lookup: HostLookup | None = None) -> None:
+        """`lookup`: the input embedding answered from RAM (its site is not in `skeleton`), detached with the
+        hooks."""
+        self._lookup = lookup
         if decompressor is not None:
             _check_not_nested([site for site in skeleton.sites if site.key in decompressor])
         self._handles = []
@@ -92,7 +116,10 @@ class AttachedHooks:
                     self._moved_buffers.append((module._buffers, name, buffer))
                     module._buffers[name] = buffer.to(device)
         for site in skeleton.sites:
-            pre_forward, post_forward = _make_hooks(site, store, decompressor)
+            pre_forward, post_forward, matrix_hooks = _make_hooks(site, store, decompressor)
+            for module, pre_matrix, post_matrix in matrix_hooks:
+                self._handles.append(module.register_forward_pre_hook(pre_matrix))
+                self._handles.append(module.register_forward_hook(post_matrix))
             if site.bind_from is not None:  # the same hooks, untraced: each does nothing when the other has
                 self._handles.append(site.bind_from.register_forward_pre_hook(pre_forward))
                 self._handles.append(site.bind_from.register_forward_hook(post_forward))
@@ -118,6 +145,9 @@ class AttachedHooks:
         for buffers, name, original in self._moved_buffers:
             buffers[name] = original
         self._moved_buffers.clear()
+        if self._lookup is not None:
+            self._lookup.detach()
+            self._lookup = None
 
 
 def _check_not_nested(sites: list[HookSite]) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..budget import Budget
 from ..compression import Codec, scratch_bytes
@@ -18,9 +19,11 @@ from ..policies.planner import Plan, PlanInput, make_plan
 from ..probe import load_probe
 from ..sizes import format_size
 from .checkpoint import dtype_name
+from .lookup import lookup_key, lookup_note
 from .sources import Units
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PER_MATRIX_SHARE = 8  # a unit's dequantization buffer above 1/8 of the device budget is cut to one matrix
 
 
 def compute_device(setting: str) -> torch.device:
@@ -43,14 +46,27 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | None = None) -> tuple[Plan, PlanInput]:
-    """The plan for `units` (beside `draft`, when one is given) and what it was made from."""
+def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | None = None,
+          host_lookup: bool = True) -> tuple[Plan, PlanInput]:
+    """The plan for `units` (beside `draft`, when one is given) and what it was made from. With `host_lookup`,
+    an input embedding that the RAM budget holds stays in RAM (lookup.py): the plan's `host_lookup`."""
     measured = Budget.measure(cfg.runtime.cache_dir)
     device_bytes, host_bytes, notes = effective_budgets(cfg.budget, measured, device)
+    sizes = {key: layout.nbytes for key, layout in units.layouts.items()}
+    schedule = units.skeleton.schedule
+    lookup = lookup_key(units.skeleton) if host_lookup else None
+    if lookup is not None and sizes[lookup] + max((n for key, n in sizes.items() if key != lookup), default=0) \
+            <= host_bytes:
+        host_bytes -= sizes.pop(lookup)
+        schedule = [key for key in schedule if key != lookup]
+        notes.append(lookup_note(lookup, units.layouts[lookup].nbytes))
+    else:
+        lookup = None
     reserve = device_reserve_bytes(units.hf_config, units.dtype, device, cfg.runtime.device_reserve)
     if units.codec is not None:
-        reserve += scratch_bytes(units.packed, units.dtype)
-        notes.append(_compression_note(units, units.codec))
+        per_matrix = per_matrix_units(units, device_bytes)
+        reserve += scratch_bytes(units.packed, units.dtype, per_matrix)
+        notes.append(_compression_note(units, units.codec, per_matrix))
     draft_bytes = draft.reserve_bytes(device) if draft is not None else 0
     if draft is not None:
         reserve += draft_bytes
@@ -67,10 +83,10 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
                      f"when routed to; kernel {units.skeleton.model.config._experts_implementation}")
     predicting = experts is not None and experts.prefetch != "none"  # a router then runs twice per pass
     routers = {g.router: 1 for g in units.skeleton.experts if g.router} if predicting else None
-    planned_from = plan_input({key: layout.nbytes for key, layout in units.layouts.items()},
-                              units.skeleton.schedule, device_bytes, host_bytes, reserve, cfg.policy,
+    planned_from = plan_input(sizes, schedule, device_bytes, host_bytes, reserve, cfg.policy,
                               load_probe(cfg.runtime.cache_dir), notes, device, extra_uses=routers)
-    planned_from = dataclasses.replace(planned_from, experts=experts)
+    planned_from = dataclasses.replace(planned_from, experts=experts,
+                                       host_lookup=(lookup,) if lookup is not None else ())
     try:
         return make_plan(planned_from), planned_from
     except BudgetError as exc:
@@ -113,7 +129,7 @@ def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: An
         if tensor_parallel > 1:
             units = shard_units(units, Group(0, tensor_parallel))[0]
         cost = plan_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download) if draft else None
-        plan = place(units, cfg, device, cost)[0]
+        plan = place(units, cfg, device, cost, host_lookup=tensor_parallel == 1)[0]
         if tensor_parallel > 1:
             plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(Group(0, tensor_parallel))))
         return plan
@@ -121,9 +137,23 @@ def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: An
         units.close()
 
 
-def _compression_note(units: Units, codec: Codec) -> str:
+def per_matrix_units(units: Units, device_budget_bytes: int) -> frozenset[str]:
+    """The compressed units dequantized one matrix at a time, as each runs: those whose matrices together would
+    take more than 1/PER_MATRIX_SHARE of the device budget (a 72B layer: 1.7 GB in bf16 against a 4 GB budget;
+    its largest matrix 0.5 GB), when each of their matrices is the weight of an nn.Linear, which only that
+    module's forward reads. The others keep one dequantization per unit, with fewer kernels and hooks."""
+    linear_weights = {binding.tensor for site in units.skeleton.sites for binding in site.bindings
+                      if isinstance(binding.module, nn.Linear) and binding.attr == "weight"
+                      and binding.module is not site.module}
+    return frozenset(key for key, packed in units.packed.items()
+                     if packed.numel * units.dtype.itemsize * PER_MATRIX_SHARE > device_budget_bytes
+                     and set(packed.matrices) <= linear_weights)
+
+
+def _compression_note(units: Units, codec: Codec, per_matrix: frozenset[str]) -> str:
     plain = sum(p.numel() for p in units.skeleton.model.parameters()) * units.dtype.itemsize
     stored = sum(layout.nbytes for layout in units.layouts.values())
+    how = "matrix by matrix, as each runs," if per_matrix else "on use"
     return (f"weights stored as {codec.format} (blocksize {codec.blocksize}): {format_size(stored)} instead of "
-            f"{format_size(plain)} in {dtype_name(units.dtype)}; each unit dequantized on use into a "
-            f"{format_size(scratch_bytes(units.packed, units.dtype))} buffer")
+            f"{format_size(plain)} in {dtype_name(units.dtype)}; each unit dequantized {how} into a "
+            f"{format_size(scratch_bytes(units.packed, units.dtype, per_matrix))} buffer")

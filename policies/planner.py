@@ -43,6 +43,7 @@ class PlanInput:
     notes: tuple[str, ...] = ()
     unpredictable: str | None = None  # why no time per pass can be predicted (e.g. the compute device is a CPU)
     experts: Any = None  # experts.ExpertsInput: a mixture-of-experts model's routed experts, planned as a cache
+    host_lookup: tuple[str, ...] = ()  # units kept in RAM and used there (not in `units`): an input embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Plan:
     schedule: tuple[str, ...]
     notes: tuple[str, ...]
     experts: Any = None  # experts.ExpertPlan of a mixture-of-experts model whose experts are units
+    host_lookup: tuple[str, ...] = ()  # units kept in RAM and used there, never streamed (an input embedding)
 
     def to_dict(self) -> dict[str, object]:
         """The plan as JSON-serialisable data."""
@@ -80,9 +82,14 @@ class Plan:
 
 
 def _slot_bytes(streamed: Sequence[UnitInfo], depth: int) -> int:
-    """Room to stream: the unit being computed plus `depth` prefetched ones, at most the `depth + 1` largest
-    (an uncompressed output layer does not make every slot its size)."""
-    return sum(sorted((unit.nbytes for unit in streamed), reverse=True)[:depth + 1])
+    """Room to stream: the unit being computed plus `depth` prefetched ones, as `depth + 1` of the others, or the
+    largest alone. A unit much larger than the rest (a 72B model's 2.5 GB output layer beside 0.5 GB layers) then
+    has room to itself without cutting every unit's prefetch: the store holds prefetches back while there is no
+    room, so that one unit's copy overlaps less, once a pass."""
+    sizes = sorted((unit.nbytes for unit in streamed), reverse=True)
+    if len(sizes) <= depth + 1:  # every streamed unit can be on the device at once
+        return sum(sizes)
+    return max(sizes[0], sum(sizes[1:depth + 2]))
 
 
 def _spread(count: int) -> list[int]:
@@ -216,6 +223,7 @@ def make_plan(data: PlanInput) -> Plan:
         predicted=predict_pass(h2d_bytes, disk_bytes, data),
         schedule=data.schedule,
         notes=tuple(notes),
+        host_lookup=data.host_lookup,
     )
 
 

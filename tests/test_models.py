@@ -11,10 +11,14 @@ PROMPTS = [[5, 9, 33, 7, 81, 100, 3], [40, 41], [17, 200, 19, 5, 6]]
 def _budget_for(model, layers_on_device=2):
     layer = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers) * 4
     other = max(p.numel() for n, p in model.named_parameters() if ".layers." not in n) * 4
-    # two layers (+ the largest other unit) on the device, the host smaller than the model
+    # two layers (+ the largest other unit) on the device, the host smaller than the rest of the model
     device = (layers_on_device + 1) * (layer + 512) + other
     total = sum(p.numel() for p in model.parameters()) * 4
-    return tierstore.Budget(vram=device, ram=max(total // 2, 3 * (layer + 512) + other))
+    # an untied nn.Embedding stays in RAM (lookup.py), on top of the host's share of the streamed units
+    embedding = model.get_input_embeddings()
+    looked_up = type(embedding) is torch.nn.Embedding and model.get_output_embeddings().weight is not embedding.weight
+    table = embedding.weight.numel() * 4 if looked_up else 0
+    return tierstore.Budget(vram=device, ram=table + max((total - table) // 2, layer + 1024 + other))
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCH_EXTRA))
@@ -34,10 +38,30 @@ def test_greedy_tokens_match_transformers(model_type, tiny_dirs, cache_config):
             assert stats.budget_bytes is None or stats.peak_bytes <= stats.budget_bytes, tier
 
 
+def test_an_untied_embedding_is_looked_up_in_ram_when_the_ram_budget_holds_it(tiny_dirs, cache_config):
+    """The table stays in RAM: not in the schedule, its bytes off the link and out of the RAM budget left to the
+    store, the same tokens; the weight the model sees is NaN on the compute device, so any other use would show.
+    A RAM budget that cannot hold it beside a streamed unit streams it as before."""
+    directory, reference = tiny_dirs("llama")
+    table = reference.get_input_embeddings().weight.numel() * 4
+    ids = torch.tensor([PROMPTS[0]])
+    want = reference.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+    with tierstore.AutoModel.from_pretrained(directory, budget=_budget_for(reference), config=cache_config) as model:
+        assert model.plan.host_lookup == ("embed_tokens",) and "embed_tokens" not in model.plan.schedule
+        assert any("embed_tokens" in note and "stays in RAM" in note for note in model.plan.notes)
+        assert torch.isnan(model.model.get_input_embeddings().weight).all()
+        assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == want
+    layer = max(sum(p.numel() for p in layer.parameters()) for layer in reference.model.layers) * 4
+    small = tierstore.Budget(vram="1GB", ram=layer + table // 2)  # a layer fits, the table beside it does not
+    with tierstore.AutoModel.from_pretrained(directory, budget=small, config=cache_config) as model:
+        assert model.plan.host_lookup == () and "embed_tokens" in model.plan.schedule
+        assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == want
+
+
 def test_tied_embeddings_are_one_unit(tiny_dirs, cache_config):
     directory, reference = tiny_dirs("llama", tie=True)
     with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model:
-        assert "lm_head" not in model.plan.schedule
+        assert "lm_head" not in model.plan.schedule and model.plan.host_lookup == ()  # the output layer needs it
         assert model.plan.schedule.count("embed_tokens") == 2
         ids = torch.tensor([PROMPTS[0]])
         assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
@@ -66,11 +90,14 @@ def test_detach_restores_the_model(tiny_dirs, cache_config):
     directory, _ = tiny_dirs("llama")
     model = tierstore.AutoModel.from_pretrained(directory, config=cache_config)
     before = {name: (p.device.type, id(p)) for name, p in model.model.named_parameters()}
+    # the input embedding, answered from RAM, shows a placeholder on the compute device while attached
+    assert [name for name, (device, _) in before.items() if device != "meta"] == ["model.embed_tokens.weight"]
     model.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=3, do_sample=False)
     model.close()
     after = {name: (p.device.type, id(p)) for name, p in model.model.named_parameters()}
-    assert before == after and all(device == "meta" for device, _ in after.values())
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.model.modules())
+    assert all(before[name] == after[name] for name in before if name != "model.embed_tokens.weight")
+    assert all(device == "meta" for device, _ in after.values())
+    assert not any(m._forward_pre_hooks or m._forward_hooks or "forward" in vars(m) for m in model.model.modules())
 
 
 def test_attention_choice(tiny_dirs, tmp_path):

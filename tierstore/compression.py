@@ -136,8 +136,9 @@ def compressed_layout(layout: UnitLayout, matrices: Set[str], codec: Codec) -> t
 
 def compress_unit(layout: UnitLayout, buffer: torch.Tensor, matrices: Set[str], codec: Codec,
                   device: torch.device) -> tuple[UnitLayout, torch.Tensor, PackedMatrices | None]:
-    """Compress the matrices of one unit (its bytes in `buffer`, CPU) on `device`; returns the new layout, its
-    CPU buffer and where the matrices sit."""
+    """Compress the matrices of one unit (its bytes in `buffer`, on the CPU or already on `device`) on `device`;
+    returns the new layout, its CPU buffer (`buffer` itself when the unit has no matrices) and where the matrices
+    sit."""
     packed_layout, packed = compressed_layout(layout, matrices, codec)
     if packed is None:
         return layout, buffer, None
@@ -162,31 +163,53 @@ def compress_unit(layout: UnitLayout, buffer: torch.Tensor, matrices: Set[str], 
 
 
 class Decompressor:
-    """Dequantizes a unit's matrices into one scratch buffer on the compute device, in the compute stream's order:
-    the next unit's dequantization is queued after the compute that read the previous one, so one buffer serves
-    every unit without waiting on the host."""
+    """Dequantizes compressed matrices into one scratch buffer on the compute device, in the compute stream's
+    order: the next dequantization is queued after the compute that read the previous one, so one buffer serves
+    every unit without waiting on the host. A unit's matrices are dequantized together (`materialize`), or, for
+    the units in `per_matrix`, one at a time as each is used (`materialize_matrix`): the buffer then holds the
+    largest matrix, not the largest unit."""
 
     def __init__(self, codec: Codec, packed: Mapping[Hashable, PackedMatrices], dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, per_matrix: Set[Hashable] = frozenset()) -> None:
         self.codec = codec
+        self.per_matrix = frozenset(per_matrix)
         self._packed = dict(packed)
         self._dtype = dtype
         self._ops = _ops()
         self._code = torch.tensor(codec.code, device=device) if codec.code else None
         self._out_variant = device.type == "cuda"  # bitsandbytes' CPU backend has no `out=` kernels
-        self.scratch = torch.empty(scratch_bytes(packed, dtype) // dtype.itemsize, dtype=dtype, device=device)
+        self.scratch = torch.empty(scratch_bytes(packed, dtype, self.per_matrix) // dtype.itemsize, dtype=dtype,
+                                   device=device)
         self._views = {key: {name: self.scratch[offset:offset + math.prod(shape)].view(shape)
-                             for name, (offset, shape) in p.matrices.items()} for key, p in self._packed.items()}
+                             for name, (offset, shape) in p.matrices.items()}
+                       for key, p in self._packed.items() if key not in self.per_matrix}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._packed
+
+    def matrix_names(self, key: Hashable) -> frozenset[str]:
+        """The compressed matrices of unit `key`."""
+        return frozenset(self._packed[key].matrices)
 
     def materialize(self, key: Hashable, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unit's tensors with its matrices dequantized. The matrices are valid for the compute queued before
         the next call: two compressed units must never be in use at once (the hooks check this at setup)."""
         numel = self._packed[key].numel
-        out = self.scratch[:numel]
-        codes, absmax = tensors[PACKED], tensors[ABSMAX]
+        self._dequantize(tensors[PACKED], tensors[ABSMAX], self.scratch[:numel])
+        return {**tensors, **self._views[key]}
+
+    def materialize_matrix(self, key: Hashable, name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Matrix `name` of unit `key` (whose stored tensors are `tensors`) dequantized, valid for the compute
+        queued before the next call."""
+        offset, shape = self._packed[key].matrices[name]
+        numel = align(math.prod(shape), self.codec.blocksize)  # whole blocks; matrices start on block boundaries
+        codes = tensors[PACKED][self.codec.packed_bytes(offset):self.codec.packed_bytes(offset + numel)]
+        absmax = tensors[ABSMAX][offset // self.codec.blocksize:(offset + numel) // self.codec.blocksize]
+        self._dequantize(codes, absmax, self.scratch[:numel])
+        return self.scratch[:math.prod(shape)].view(shape)
+
+    def _dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor) -> None:
+        numel = out.numel()
         if self.codec.format == "nf4":
             if self._out_variant:
                 self._ops.dequantize_4bit.out(codes, absmax, self.codec.blocksize, "nf4", [numel], self._dtype,
@@ -199,9 +222,15 @@ class Decompressor:
         else:
             out.copy_(self._ops.dequantize_blockwise(codes, absmax, self._code, self.codec.blocksize,
                                                      self._dtype).reshape(-1))
-        return {**tensors, **self._views[key]}
 
 
-def scratch_bytes(packed: Mapping[Hashable, PackedMatrices], dtype: torch.dtype) -> int:
-    """Device bytes of the dequantization buffer: the largest unit's matrices in the compute dtype."""
-    return max((p.numel for p in packed.values()), default=0) * dtype.itemsize
+def scratch_bytes(packed: Mapping[Hashable, PackedMatrices], dtype: torch.dtype,
+                  per_matrix: Set[Hashable] = frozenset()) -> int:
+    """Device bytes of the dequantization buffer in the compute dtype: the largest unit's matrices, or for the
+    units in `per_matrix` their largest matrix."""
+    def numel(key: Hashable, p: PackedMatrices) -> int:  # a matrix is dequantized in whole blocks
+        if key not in per_matrix:
+            return p.numel
+        return max(align(math.prod(shape), max(BLOCKSIZES)) for _, shape in p.matrices.values())
+
+    return max((numel(key, p) for key, p in packed.items()), default=0) * dtype.itemsize

@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 class BufferPool:
     """Keeps freed buffers for reuse by a unit of the same size, so steady state allocates (and pins) nothing."""
 
-    def __init__(self, allocate: Callable[[int], torch.Tensor]) -> None:
+    def __init__(self, allocate: Callable[[int], torch.Tensor],
+                 let_go: Callable[[torch.Tensor], None] | None = None) -> None:
+        """`let_go`: called with each buffer `trim` releases (the pinned arena takes its pieces back; the device
+        allocator's cache is emptied before the next allocation)."""
         self._allocate = allocate
+        self._let_go = let_go
         self._free: dict[int, list[tuple[torch.Tensor, object]]] = {}
 
     def take(self, nbytes: int, live_bytes: int, budget_bytes: int | None) -> tuple[torch.Tensor, object]:
@@ -48,7 +52,9 @@ class BufferPool:
     def trim(self, live_bytes: int, budget_bytes: int | None) -> None:
         """Release free buffers until live plus free bytes fit the budget."""
         while self._free and budget_bytes is not None and live_bytes + self.free_bytes > budget_bytes:
-            self._pop(next(iter(self._free)))
+            buffer, _ = self._pop(next(iter(self._free)))
+            if self._let_go is not None:
+                self._let_go(buffer)
 
     @property
     def free_bytes(self) -> int:
@@ -147,8 +153,8 @@ class TieredStore:
         self._device_resident, self._host_resident = frozenset(plan.device_resident), frozenset(plan.host_resident)
         self._device_data: dict[Key, _Entry] = {}
         self._host_data: dict[Key, _Entry] = {}
-        self._device_pool = device_pool or BufferPool(transfer.allocate_device)
-        self._host_pool = BufferPool(transfer.allocate_host)
+        self._device_pool = device_pool or BufferPool(transfer.allocate_device, transfer.free_device)
+        self._host_pool = BufferPool(transfer.allocate_host, transfer.free_host)
         self._lock = threading.RLock()
         self._in_flight: list[tuple[Key, object, object, int]] = []  # copies queued: key, fence, timer, bytes
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="tierstore-read")
@@ -156,6 +162,12 @@ class TieredStore:
         # Host buffers not carved from a pinned arena are freed once their unit is resident on the device, so that
         # RAM holds a resident unit once (on a CPU both tiers are RAM).
         self._keeps_one_copy = getattr(transfer, "arena", None) is None
+        # The host-resident units are read now, largest first, before any unit streams: a large one (a 72B
+        # model's 2.5 GB output layer) takes its room in the pinned arena while the arena is still whole, and
+        # the slots that stage units from disk come and go in the rest.
+        with self._lock:
+            for key in sorted(plan.host_resident, key=lambda key: -layouts[key].nbytes):
+                self._start_host_load(key, required=True)
 
     # -- the loop's interface -------------------------------------------------------------------------------
     def get(self, key: Key, position: int | None = None) -> dict[str, torch.Tensor]:

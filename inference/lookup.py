@@ -1,0 +1,74 @@
+"""The input embedding looked up in host RAM.
+
+A pass needs only the embedding rows of the tokens it carries, yet streaming the table would copy all of it: a
+72B model's 152k x 8192 table is 2.5 GB per pass over the link, and a 2.5 GB slot out of a 4 GB device budget.
+So the table stays in RAM (charged to the RAM budget), the embedding's forward gathers the rows there and copies
+only them. Its weight, as the model sees it, is a one-element tensor on the compute device expanded to the
+table's shape (right device, dtype and shape for code that asks) and NaN, so that any other use of it shows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..sizes import format_size
+from .skeleton import Skeleton
+from .sources import Units
+
+
+def lookup_key(skeleton: Skeleton) -> str | None:
+    """The input embedding's unit when it can stay in RAM: a plain `nn.Embedding` (no max_norm, which writes
+    to its weight), alone in its unit, used once a pass (not tied to the output layer)."""
+    embedding = skeleton.model.get_input_embeddings()
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
+        return None
+    sites = [site for site in skeleton.sites if site.module is embedding]
+    if len(sites) != 1 or len(sites[0].bindings) != 1 or sites[0].bindings[0].attr != "weight":
+        return None
+    key = sites[0].key
+    return key if skeleton.schedule.count(key) == 1 and len(skeleton.units[key]) == 1 else None
+
+
+def without_lookup(units: Units, keys: tuple[str, ...]) -> Units:
+    """`units` as the store and its hooks see them: without the units in `keys`, their sites dropped and the
+    others renumbered to their places in the shorter schedule."""
+    if not keys:
+        return units
+    kept = [site for site in units.skeleton.sites if site.key not in keys]
+    sites = tuple(dataclasses.replace(site, position=position) for position, site in enumerate(kept))
+    layouts = {key: layout for key, layout in units.layouts.items() if key not in keys}
+    return dataclasses.replace(units, skeleton=dataclasses.replace(units.skeleton, sites=sites), layouts=layouts)
+
+
+class HostLookup:
+    """The embedding of unit `key` answered from RAM until `detach`."""
+
+    def __init__(self, units: Units, key: str, device: torch.device) -> None:
+        site = next(site for site in units.skeleton.sites if site.key == key)
+        self.module: nn.Module = site.module
+        self.original = site.bindings[0].original
+        layout = units.layouts[key]
+        buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+        units.source.read_into(key, buffer)  # verified bytes, or CheckpointError
+        self.table = layout.views(buffer)[site.bindings[0].tensor]
+        self.nbytes = layout.nbytes
+        self.device = device
+        shown = torch.full((), float("nan"), dtype=self.table.dtype, device=device).expand(self.table.shape)
+        self.module._parameters["weight"] = shown  # type: ignore[assignment]
+        self.module.forward = self._forward  # type: ignore[method-assign]
+
+    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(input_ids.cpu(), self.table, self.module.padding_idx)  # type: ignore[arg-type]
+        return rows.to(self.device)
+
+    def detach(self) -> None:
+        """The module as it was: its meta weight and its class's forward."""
+        self.module._parameters["weight"] = self.original
+        vars(self.module).pop("forward", None)
+
+
+def lookup_note(key: str, nbytes: int) -> str:
+    return (f"{key} ({format_size(nbytes)}) stays in RAM, out of the RAM budget: each pass looks up its tokens' "
+            f"rows there and copies only them")
