@@ -53,7 +53,6 @@ class HostLookup:
         buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
         units.source.read_into(key, buffer)  # verified bytes, or CheckpointError
         self.table = layout.views(buffer)[site.bindings[0].tensor]
-        self.nbytes = layout.nbytes
         self.device = device
         shown = torch.full((), float("nan"), dtype=self.table.dtype, device=device).expand(self.table.shape)
         self.module._parameters["weight"] = shown  # type: ignore[assignment]
@@ -70,5 +69,6 @@ class HostLookup:
 
 
 def lookup_note(key: str, nbytes: int) -> str:
+    """The plan's note for a table kept in RAM."""
     return (f"{key} ({format_size(nbytes)}) stays in RAM, out of the RAM budget: each pass looks up its tokens' "
             f"rows there and copies only them")
