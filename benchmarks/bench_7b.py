@@ -64,13 +64,18 @@ def build_checkpoint(path: str, hidden: int = HIDDEN, inter: int = INTER, layers
 
 def write_tokenizer(path: str) -> None:
     """A word-level tokenizer over the 32000 ids (AirLLM loads one; the benchmark itself feeds token ids)."""
+    word_tokenizer(VOCAB).save_pretrained(path)
+
+
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer over `vocab` ids, "t0" to "t<vocab - 1>" (benchmarks feed token ids; a checkpoint or
+    a layer store wants a tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1",
-                            eos_token="t2").save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2")
 
 
 def prompt_ids(batch: int):
@@ -234,8 +239,17 @@ def pair_child(args: argparse.Namespace, ids, new: int) -> None:
 
 def vm_hwm_bytes() -> int:
     """This process's peak RSS. (wait4's ru_maxrss would inherit the parent's peak across fork and exec.)"""
+    return _status_bytes("VmHWM")
+
+
+def vm_rss_bytes() -> int:
+    """This process's RSS now."""
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field + ":"))
 
 
 def run_child(argv: list[str], log, script: str = __file__) -> dict:

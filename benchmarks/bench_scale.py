@@ -24,7 +24,8 @@ import time
 import zlib
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_7b import PROMPT_TOKENS, StepClock, drop_page_cache, run_child, vm_hwm_bytes  # noqa: E402
+from bench_7b import (PROMPT_TOKENS, StepClock, drop_page_cache, run_child, vm_hwm_bytes,  # noqa: E402
+                      vm_rss_bytes, word_tokenizer)
 
 SHAPES = {  # model type, config fields
     "72b": ("qwen2", {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 29568,
@@ -77,16 +78,6 @@ def write_random_store(store: str, shape: str, codec: str, device: str) -> dict:
     return {"write_s": time.perf_counter() - start, "store_bytes": nbytes}
 
 
-def word_tokenizer(vocab: int):
-    """A word-level tokenizer over the ids (the benchmark feeds token ids; the store wants a tokenizer)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2")
-
-
 def parse_row(row: str) -> dict:
     """'4GB/16GB+drop+b32' -> budgets, whether to drop the page cache, the batch sizes to run."""
     budget, *flags = row.split("+")
@@ -133,11 +124,6 @@ def child(args: argparse.Namespace) -> None:
     result.update(rss=rss, peak_vram_allocated=torch.cuda.max_memory_allocated() if cuda else 0,
                   peak_vram_reserved=torch.cuda.max_memory_reserved() if cuda else 0, peak_rss=vm_hwm_bytes())
     print("RESULT " + json.dumps(result), flush=True)
-
-
-def vm_rss_bytes() -> int:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
 
 
 def main() -> None:

@@ -57,9 +57,10 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     lookup = lookup_key(units.skeleton) if host_lookup else None
     if lookup is not None and sizes[lookup] + max((n for key, n in sizes.items() if key != lookup), default=0) \
             <= host_bytes:
-        host_bytes -= sizes.pop(lookup)
+        table_bytes = sizes.pop(lookup)
+        host_bytes -= table_bytes
         schedule = [key for key in schedule if key != lookup]
-        notes.append(lookup_note(lookup, units.layouts[lookup].nbytes))
+        notes.append(lookup_note(lookup, table_bytes))
     else:
         lookup = None
     reserve = device_reserve_bytes(units.hf_config, units.dtype, device, cfg.runtime.device_reserve)

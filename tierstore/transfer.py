@@ -112,13 +112,11 @@ class Arena:
         start = self._ranges.take(align(nbytes, PAGE_BYTES))
         return None if start is None else self.buffer[start:start + nbytes]
 
-    def give(self, piece: torch.Tensor) -> bool:
-        """Take back a piece `take` gave; False for a buffer that is not part of this arena."""
+    def give(self, piece: torch.Tensor) -> None:
+        """Take back a piece `take` gave; a buffer that is not part of this arena (pinned on its own) is ignored."""
         start = piece.data_ptr() - self.buffer.data_ptr()
-        if not 0 <= start < self.buffer.numel():
-            return False
-        self._ranges.give(start, align(piece.numel(), PAGE_BYTES))
-        return True
+        if 0 <= start < self.buffer.numel():
+            self._ranges.give(start, align(piece.numel(), PAGE_BYTES))
 
     def release(self) -> None:
         """Before the buffer is freed (a pinned arena unpins it)."""
