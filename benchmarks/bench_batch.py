@@ -1,10 +1,13 @@
 """Many sequences per weight pass, on the Llama-2-7B-shaped random-weight model at vram 4 GB / ram 16 GB:
-aggregate decode tokens/s at each batch size (one left-padded batch through `generate`, the KV cache in the device
-reserve), the same through the continuous batcher, and the HTTP server under as many concurrent streaming clients
-against the batch at that size.
+aggregate decode tokens/s at each batch size (one left-padded batch through `generate`), with the KV cache in the
+device reserve and in host RAM (`runtime.kv_cache`); the same through the continuous batcher, and the HTTP server
+under as many concurrent streaming clients against the batcher at that size.
 
 One device-tool call (builds the 13.5 GB checkpoint first, as bench_7b.py does):
     python benchmarks/bench_batch.py --out $OUT --batches 1,8,32,128,256 --clients 64
+A host KV cache takes what the RAM budget leaves beside the weights' host tier (2.5 GB at ram 16 GB); larger
+batches at a larger RAM budget, without the server:
+    python benchmarks/bench_batch.py --out $OUT --batches 128,256 --kv host --ram 32GB --clients 0
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ from bench_7b import PROMPT_TOKENS, build_checkpoint, prompt_ids  # noqa: E402
 from bench_serve import load  # noqa: E402
 
 
-def batch_rows(model, batches: list[int], new_tokens: int) -> list[dict]:
-    """Aggregate decode tokens/s of one batch of each size through `generate` (a batch whose KV cache cannot fit
-    the device budget is reported as refused)."""
+def batch_rows(model, batches: list[int], new_tokens: int, kv: str) -> list[dict]:
+    """Aggregate decode tokens/s of one batch of each size through `generate`, the KV cache where `kv` says (a
+    batch whose cache fits nowhere allowed is reported as refused)."""
     import torch
 
     from tierstore import InputError
@@ -33,17 +36,21 @@ def batch_rows(model, batches: list[int], new_tokens: int) -> list[dict]:
     rows = []
     for batch in batches:
         ids = prompt_ids(batch)
+        torch.cuda.reset_peak_memory_stats()
         try:
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=0)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0)
         except InputError as exc:
-            rows.append({"batch": batch, "error": str(exc)})
+            rows.append({"batch": batch, "kv": kv, "error": str(exc)})
             continue
         timing = model.report().to_dict()["timing"]
-        rows.append({"batch": batch, "s_per_pass": timing["decode_step_s"],
-                     "tokens_per_s": batch / timing["decode_step_s"],
-                     "peak_vram": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0})
+        rows.append({"batch": batch, "kv": kv, "kv_on_host": model.kv_on_host,
+                     "s_per_pass": timing["decode_step_s"], "tokens_per_s": batch / timing["decode_step_s"],
+                     "device_resident": len(model.plan.device_resident),
+                     "peak_vram_allocated": torch.cuda.max_memory_allocated(),
+                     "peak_vram_reserved": torch.cuda.max_memory_reserved()})
         print("RESULT " + json.dumps(rows[-1]), flush=True)
+        rows[-1]["tokens"] = out[:, PROMPT_TOKENS:].tolist()
     return rows
 
 
@@ -65,20 +72,48 @@ def batcher_row(model, batch: int, new_tokens: int) -> dict:
             "wall_s": wall_s}
 
 
+def batchfile_row(model_dir: str, prompts: int, new_tokens: int, args: argparse.Namespace) -> dict:
+    """`tierstore generate --prompts-file` with `prompts` prompts in one batch: tokens/s from its report (the
+    model's opening left out, its prefill counted, as the server's clients count theirs)."""
+    prompt = " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS))
+    source, out, report = (os.path.join(args.out, name) for name in ("prompts.jsonl", "answers.jsonl", "file.json"))
+    with open(source, "w") as handle:
+        handle.writelines(json.dumps({"prompt": prompt, "id": i}) + "\n" for i in range(prompts))
+    if os.path.exists(out):
+        os.remove(out)
+    run = subprocess.run([sys.executable, "-m", "tierstore", "generate", model_dir, "--prompts-file", source, "--out",
+                          out, "--batch-size", str(prompts), "--max-new-tokens", str(new_tokens),
+                          "--no-chat-template", "--vram", args.vram, "--ram", args.ram, "--report-json", report],
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"tierstore generate --prompts-file failed: {run.stderr.strip()[-500:]}")
+    with open(report) as handle:
+        data = json.load(handle)
+    return {"prompts": prompts, "tokens": data["new_tokens"], "seconds": data["seconds"],
+            "tokens_per_s": data["new_tokens"] / data["seconds"]}
+
+
 def server_row(model_dir: str, clients: int, new_tokens: int, args: argparse.Namespace) -> dict:
     """`tierstore serve` under `clients` concurrent streaming clients (text completions: the model has no chat
     template)."""
+    from transformers import AutoTokenizer
+
     port = 8123
+    prompt = " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS))
+    longest = len(AutoTokenizer.from_pretrained(model_dir)(prompt).input_ids) + new_tokens
     server = subprocess.Popen([sys.executable, "-m", "tierstore", "serve", model_dir, "--port", str(port),
                                "--served-model-name", "bench", "--max-batch", str(clients), "--vram", args.vram,
-                               "--ram", args.ram], stderr=subprocess.PIPE, text=True)
+                               "--ram", args.ram, "--max-seq-len", str(longest)], stderr=subprocess.PIPE, text=True)
     try:
         assert server.stderr is not None
         for line in server.stderr:  # the start-up line says when it serves, and at what batch
             print(line, end="", flush=True)
             if "serving" in line:
                 break
-        prompt = " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS))
+        else:
+            raise RuntimeError(f"tierstore serve exited ({server.wait()}) before serving")
+        threading.Thread(target=lambda: [print(line, end="", flush=True) for line in server.stderr],
+                         daemon=True).start()  # a full pipe would stall the server
         return asyncio.run(load(f"http://127.0.0.1:{port}/v1", "bench", clients, clients, new_tokens, None, 600,
                                 chat=False, prompts=[prompt]))
     finally:
@@ -90,7 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="/tmp/llama7b-hf")
     parser.add_argument("--batches", default="1,8,32,128,256")
-    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--kv", default="device,host", help="where the batches' KV cache lives, one run each")
+    parser.add_argument("--clients", type=int, default=64, help="the batcher's and the server's; 0: neither")
     parser.add_argument("--vram", default="4GB")
     parser.add_argument("--ram", default="16GB")
     parser.add_argument("--tokens", type=int, default=16)
@@ -101,25 +137,44 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     build_checkpoint(args.model)  # once: a checkpoint already there is kept
     batches = [int(b) for b in args.batches.split(",")]
-    with tierstore.AutoModel.from_pretrained(args.model, budget={"vram": args.vram, "ram": args.ram}) as model:
-        rows = batch_rows(model, batches, args.tokens)
-        continuous = batcher_row(model, args.clients, args.tokens)
-    print("RESULT " + json.dumps({"continuous": continuous}), flush=True)
-    served = server_row(args.model, args.clients, args.tokens, args)
-    print("RESULT " + json.dumps({"server": served}), flush=True)
+    budget = {"vram": args.vram, "ram": args.ram}
+    rows = []
+    for kv in args.kv.split(","):
+        with tierstore.AutoModel.from_pretrained(args.model, budget=budget,
+                                                 config={"runtime": {"kv_cache": kv}}) as model:
+            rows += batch_rows(model, batches, args.tokens, kv)
+    continuous = served = batch_file = None
+    if args.clients:
+        with tierstore.AutoModel.from_pretrained(args.model, budget=budget) as model:
+            continuous = batcher_row(model, args.clients, args.tokens)
+        print("RESULT " + json.dumps({"continuous": continuous}), flush=True)
+        served = server_row(args.model, args.clients, args.tokens, args)
+        print("RESULT " + json.dumps({"server": served}), flush=True)
+        batch_file = batchfile_row(args.model, args.clients, args.tokens, args)
+        print("RESULT " + json.dumps({"batch file": batch_file}), flush=True)
     one = next((row["tokens_per_s"] for row in rows if row["batch"] == 1 and "error" not in row), None)
-    print(f"{'batch':>5} {'s/pass':>8} {'tokens/s':>9} {'x batch 1':>9}")
+    device_tokens = {row["batch"]: row["tokens"] for row in rows if row["kv"] == "device" and "error" not in row}
+    print(f"vram {args.vram} / ram {args.ram}, {args.tokens} new tokens after {PROMPT_TOKENS}")
+    print(f"{'batch':>5} {'KV cache':>8} {'s/pass':>8} {'tokens/s':>9} {'x batch 1':>9} {'resident':>8} "
+          f"{'peak VRAM GB (alloc/reserved)':>12}  tokens as with the device's cache")
     for row in rows:
         if "error" in row:
-            print(f"{row['batch']:>5} refused: {row['error']}")
+            print(f"{row['batch']:>5} {row['kv']:>8} refused: {row['error']}")
             continue
-        print(f"{row['batch']:>5} {row['s_per_pass']:>8.3f} {row['tokens_per_s']:>9.1f} "
-              f"{row['tokens_per_s'] / one if one else float('nan'):>9.1f}")
-    print(f"continuous batcher, {args.clients} at once: {continuous['tokens_per_s']:.1f} tokens/s over "
-          f"{continuous['passes']} passes")
-    print(f"server, {args.clients} streaming clients: {served['tokens_per_s']:.1f} tokens/s, time per token p50 "
-          f"{served['per_token_p50_s']:.3f} s, p99 {served['per_token_p99_s']:.3f} s; against the batcher "
-          f"{continuous['tokens_per_s'] / served['tokens_per_s']:.2f}x")
+        same = "" if row["kv"] == "device" or row["batch"] not in device_tokens else \
+            str(row["tokens"] == device_tokens[row["batch"]])
+        print(f"{row['batch']:>5} {'host' if row['kv_on_host'] else 'device':>8} {row['s_per_pass']:>8.3f} "
+              f"{row['tokens_per_s']:>9.1f} {row['tokens_per_s'] / one if one else float('nan'):>9.1f} "
+              f"{row['device_resident']:>8} {row['peak_vram_allocated'] / 1e9:>5.2f}/"
+              f"{row['peak_vram_reserved'] / 1e9:<6.2f}  {same}")
+    if continuous is not None and served is not None:
+        print(f"continuous batcher, {args.clients} at once: {continuous['tokens_per_s']:.1f} tokens/s over "
+              f"{continuous['passes']} passes")
+        print(f"batch file, {args.clients} prompts in one batch: {batch_file['tokens_per_s']:.1f} tokens/s")
+        print(f"server, {args.clients} streaming clients: {served['tokens_per_s']:.1f} tokens/s, time per token "
+              f"p50 {served['per_token_p50_s']:.3f} s, p99 {served['per_token_p99_s']:.3f} s; the batch file "
+              f"{batch_file['tokens_per_s'] / served['tokens_per_s']:.2f}x the server, the batcher "
+              f"{continuous['tokens_per_s'] / served['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

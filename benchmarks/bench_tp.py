@@ -1,11 +1,14 @@
-"""Tensor-parallel streaming on 1, 2 and 4 GPUs: s/token of `tierstore generate --tp N` on the Llama-2-7B-shaped
-random-weight model at the same per-GPU budget, against the bound of bytes per link over the pinned GB/s each link
-reaches while all N copy at once.
+"""Tensor-parallel streaming on 1, 2 and 4 GPUs: s/token of `tierstore generate --tp N` at the same per-GPU
+budget, against the bound of bytes per link over the pinned GB/s each link reaches while all N copy at once.
 
-One device-tool call on nvidia-h200-x4 (builds the 13.5 GB checkpoint first, as bench_7b.py does):
+Two targets, one device-tool call each on nvidia-h200-x4:
     python benchmarks/bench_tp.py --out $OUT --ranks 1,2,4
+        the Llama-2-7B-shaped random-weight model (13.5 GB), built first as bench_7b.py does; a word-level prompt;
+    python benchmarks/bench_tp.py --out $OUT --ranks 1,2,4 --gguf SmolLM2-135M-Instruct.Q4_1.gguf
+        real language at 7B byte cost: SmolLM2 inflated as bench_speculation.py does, but 8 times wide (hidden
+        4608, 72 query and 24 key-value heads, so 2 and 4 ranks divide them; 12.4 GB bf16); a chat question.
 Prints one table: N, s/token, speed-up over N = 1, host->device bytes per link per pass, the concurrent pinned
-GB/s per link, the bound, the ratio to it, and whether the tokens equal N = 1's.
+GB/s per link, the bound, the ratio to it, and whether the tokens equal N = 1's (with the first difference).
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_7b import PROMPT_TOKENS, build_checkpoint  # noqa: E402
+from bench_speculation import QUESTION, inflate  # noqa: E402
+
+TP_WIDTH_FACTOR = 8  # SmolLM2's 9 query and 3 key-value heads times 8: divisible by 2, 4 and 8 ranks
 
 
 def concurrent_pinned_gbps(devices: int, nbytes: int = 2 << 30, repeats: int = 5) -> float:
@@ -50,12 +56,14 @@ def concurrent_pinned_gbps(devices: int, nbytes: int = 2 << 30, repeats: int = 5
 
 
 def run_ranks(model: str, ranks: int, args: argparse.Namespace) -> dict:
-    """`tierstore generate --tp ranks` on the word-level prompt; its report."""
-    report = os.path.join(args.out, f"tp{ranks}.json")
-    prompt = " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS))
-    command = [sys.executable, "-m", "tierstore", "generate", model, "--prompt", prompt, "--no-chat-template",
-               "--max-new-tokens", str(args.tokens), "--vram", args.vram, "--ram", args.ram, "--report-json", report,
-               "--config", args.config]
+    """`tierstore generate --tp ranks` on the target's prompt: its report and the start of its answer."""
+    report = os.path.join(args.out, f"{args.tag}-tp{ranks}.json")
+    if args.gguf:
+        prompt = ["--prompt", QUESTION]
+    else:
+        prompt = ["--prompt", " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS)), "--no-chat-template"]
+    command = [sys.executable, "-m", "tierstore", "generate", model, *prompt, "--max-new-tokens", str(args.tokens),
+               "--vram", args.vram, "--ram", args.ram, "--report-json", report, "--config", args.config]
     if ranks > 1:
         command += ["--tp", str(ranks)]
     start = time.perf_counter()
@@ -66,12 +74,14 @@ def run_ranks(model: str, ranks: int, args: argparse.Namespace) -> dict:
         data = json.load(handle)
     return {"s_per_token": data["timing"]["decode_step_s"], "h2d_bytes_per_pass": data["plan"]["h2d_bytes_per_pass"],
             "disk_bytes_per_pass": data["plan"]["disk_bytes_per_pass"], "tokens": data["tokens"],
-            "wall_s": time.perf_counter() - start}
+            "answer": data["text"][0][:240], "wall_s": time.perf_counter() - start}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="/tmp/llama7b-hf")
+    parser.add_argument("--model", help="where the target is built (default /tmp/llama7b-hf, or /tmp/smollm2-tp "
+                                         "with --gguf)")
+    parser.add_argument("--gguf", help="SmolLM2-135M-Instruct's GGUF: the target is it, inflated")
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--vram", default="4GB", help="per GPU")
     parser.add_argument("--ram", default="16GB", help="per rank")
@@ -81,7 +91,12 @@ def main() -> None:
     import torch
 
     os.makedirs(args.out, exist_ok=True)
-    build_checkpoint(args.model)  # once: a checkpoint already there is kept
+    args.tag = "smollm2" if args.gguf else "llama7b"
+    args.model = args.model or f"/tmp/{'smollm2-tp' if args.gguf else 'llama7b-hf'}"
+    if args.gguf:  # once: a target already there is kept
+        inflate(args.gguf, args.model, factor=TP_WIDTH_FACTOR)
+    else:
+        build_checkpoint(args.model)
     args.config = os.path.join(args.out, "tp.toml")
     with open(args.config, "w") as handle:
         handle.write('[runtime]\ncache_dir = "/tmp/tierstore-bench-cache"\n')
@@ -93,7 +108,7 @@ def main() -> None:
         if "error" not in result:
             result["bound_s"] = result["h2d_bytes_per_pass"] / (link * 1e9)
         rows.append(result)
-        print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
+        print("RESULT " + json.dumps(result), flush=True)
     base = rows[0] if rows and "error" not in rows[0] else None
     print(f"{'N':>2} {'s/token':>8} {'speed-up':>8} {'GB/link/pass':>12} {'link GB/s':>9} {'bound s':>8} "
           f"{'x bound':>7}  same tokens")
@@ -103,9 +118,20 @@ def main() -> None:
             continue
         speed = base["s_per_token"] / row["s_per_token"] if base else float("nan")
         ratio = row["s_per_token"] / row["bound_s"] if row["bound_s"] else float("nan")
-        same = base is not None and row["tokens"] == base["tokens"]
+        same = "n/a" if base is None else first_difference(row["tokens"][0], base["tokens"][0])
         print(f"{row['ranks']:>2} {row['s_per_token']:>8.4f} {speed:>8.2f} {row['h2d_bytes_per_pass'] / 1e9:>12.2f} "
               f"{row['link_gbps']:>9.1f} {row['bound_s']:>8.4f} {ratio:>7.2f}  {same}")
+    for row in rows:
+        if "answer" in row:
+            print(f"N={row['ranks']}: {row['answer']}")
+
+
+def first_difference(tokens: list[int], reference: list[int]) -> str:
+    """"yes" when two runs gave the same tokens, else where they first part."""
+    if tokens == reference:
+        return "yes"
+    at = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    return f"no, from token {at}"
 
 
 if __name__ == "__main__":

@@ -256,10 +256,12 @@ class Batcher:
             self._mask = _merge(self._cache, self._mask, None, torch.zeros((len(joining), 0), dtype=torch.long))
         assert self._mask is not None
         mask = torch.cat([self._mask, new_mask], dim=1)
+        cache = self._cache if self._cache is not None else self.model.new_kv_cache()
         with quiet_forward():
             out = self.model.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                   position_ids=positions.to(self.device), past_key_values=self._cache,
+                                   position_ids=positions.to(self.device), past_key_values=cache,
                                    use_cache=True, logits_to_keep=1)
+        self.model.settle_kv_cache()  # rows are merged, compacted and dropped below and at the next step
         self._cache, self._mask = out.past_key_values, mask
         if self._joinable is None:
             self._joinable = _plain_layers(self._cache)
@@ -351,25 +353,26 @@ class Batcher:
         self._mask = self._mask[indices]
 
 
-def largest_batch(model: Any, max_batch: int, max_seq_tokens: int) -> int:
+def largest_batch(model: Any, max_batch: int, max_seq_tokens: int) -> tuple[int, list[str]]:
     """The most sequences of `max_seq_tokens` tokens, up to `max_batch`, whose KV cache (with COLUMN_SLACK) the
-    device budget holds beside the weights; the model is re-planned for it. InputError when not even one fits."""
+    budgets hold beside the weights: in the device reserve, or else in host RAM (`TierstoreModel.kv_placement`).
+    The model is re-planned for it; returns the batch and the plan's notes on it. InputError when not even one
+    sequence fits."""
     def fits(batch: int) -> bool:
         try:
-            model.kv_plan(math.ceil(batch * max_seq_tokens * COLUMN_SLACK))
+            model.kv_placement(math.ceil(batch * max_seq_tokens * COLUMN_SLACK))
             return True
         except BudgetError:
             return False
 
     if not fits(1):
-        raise InputError(f"the KV cache of one sequence of {max_seq_tokens} tokens does not fit the device budget "
-                         f"beside the weights: lower --max-seq-len or raise --vram")
+        raise InputError(f"the KV cache of one sequence of {max_seq_tokens} tokens fits neither the device budget "
+                         f"nor the RAM budget beside the weights: lower --max-seq-len or raise --vram or --ram")
     low, high = 1, max_batch  # fits(low) holds; find the largest
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    model.fit_kv_cache(math.ceil(low * max_seq_tokens * COLUMN_SLACK))
-    return low
+    return low, model.fit_kv_cache(math.ceil(low * max_seq_tokens * COLUMN_SLACK))
 
 
 def _plain_layers(cache: Any) -> bool:
@@ -395,14 +398,16 @@ def _layer_kv(cache: Any) -> list[Any]:
 
 def _merge(cache: Any, mask: torch.Tensor, other: Any, other_mask: torch.Tensor) -> torch.Tensor:
     """Append the rows of `other` (None: rows with nothing cached) to `cache`, right-aligned to a common number of
-    columns (the shorter side gets masked zero columns on the left); returns the joint mask."""
+    columns (the shorter side gets masked zero columns on the left); returns the joint mask. A host cache's layers
+    lie in RAM between passes, all but the first, fetched ahead for the next pass: each pair joins where `cache`'s
+    layer is."""
     columns = max(mask.shape[1], other_mask.shape[1])
     for index, layer in enumerate(cache.layers):
         if layer.keys is None or not layer.keys.numel():
             continue
         for name in ("keys", "values"):
             mine = getattr(layer, name)
-            theirs = getattr(other.layers[index], name) if other is not None else \
+            theirs = getattr(other.layers[index], name).to(mine.device) if other is not None else \
                 mine.new_zeros((other_mask.shape[0], *mine.shape[1:-2], 0, mine.shape[-1]))
             setattr(layer, name, torch.cat([_pad_left(mine, columns, dim=-2), _pad_left(theirs, columns, dim=-2)]))
     return torch.cat([_pad_left(mask, columns), _pad_left(other_mask, columns)])

@@ -259,8 +259,11 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     with open_model(request) as model:
         max_seq = min(args.max_seq_len, model.max_context or args.max_seq_len)
-        batch = largest_batch(model, args.max_batch, max_seq)
+        batch, kv_notes = largest_batch(model, args.max_batch, max_seq)
         note = "" if batch == args.max_batch else f" (--max-batch {args.max_batch} lowered: the KV cache budget)"
+        note += "; the KV cache in host RAM" if model.kv_on_host else ""
+        for line in kv_notes:
+            print(f"tierstore: {line}", file=sys.stderr)
 
         def ready() -> None:
             print(f"tierstore: serving {name} at http://{args.host}:{args.port}/v1, up to {batch} sequences per "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ from .speculation import SpeculationStats
 from .tensor_parallel import Collectives
 
 log = logging.getLogger(__name__)
+
+KV_LAYERS_ON_DEVICE = 3  # a host KV cache's layers on the device at once: computing, fetched ahead, written back
 
 
 class _StepClock:
@@ -86,6 +89,7 @@ class TierstoreModel:
         self.draft = draft  # "ngram" (NgramDraft) or a TierstoreModel; None: no speculation
         self.draft_cost = draft_cost
         self._timing = Timing()
+        self.kv_on_host = False  # the KV cache lives in host RAM (fit_kv_cache decides, per call or batch)
         self._notes: list[str] = []
         self._closed = False
         self._speculation: SpeculationStats | None = None
@@ -125,6 +129,8 @@ class TierstoreModel:
             self.tracer.anchor()
         if self.draft is not None:
             return self._speculate(input_ids, kwargs, notes)
+        if self.kv_on_host and "past_key_values" not in kwargs:
+            kwargs.setdefault("cache_implementation", "offloaded")
         if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         clock = _StepClock(self.tracer)
@@ -166,29 +172,83 @@ class TierstoreModel:
             self.tracer.write()
 
     def fit_kv_cache(self, cache_tokens: int) -> list[str]:
-        """Keep a KV cache of `cache_tokens` (over all sequences) inside the device budget: when it outgrows the
-        reserve, re-plan with a larger reserve (fewer resident weights); when even that cannot fit, raise
-        InputError before anything runs. Returns notes for the report."""
+        """Place a KV cache of `cache_tokens` (over all sequences) before anything runs (see `kv_placement`):
+        re-plan the device tier when its reserve must grow, and say where the cache lives. InputError when
+        neither the device nor the RAM budget holds it. Returns notes for the report."""
         try:
-            plan = self.kv_plan(cache_tokens)
+            on_host, plan = self.kv_placement(cache_tokens)
         except BudgetError as exc:
-            needed = self._kv_reserve_bytes(cache_tokens)
-            raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(needed)} of KV cache and "
-                             f"activations (and the dequantization buffer and draft), more than the device budget "
-                             f"{format_size(self.plan.device_budget_bytes)} leaves beside the weights; use fewer "
-                             f"prompts or tokens") from exc
-        if plan is None:
-            return []
-        self.store.replan(plan)
-        self.plan = plan
-        return [f"KV cache and activations need {format_size(self._kv_reserve_bytes(cache_tokens))}: device "
-                f"reserve raised, {len(plan.device_resident)} units now resident"]
+            where = self.config.runtime.kv_cache
+            places = [f"the device budget {format_size(self.plan.device_budget_bytes)} leaves beside the weights"
+                      ] if where != "host" else []
+            if where != "device":
+                places.append(f"the {format_size(self._host_kv_room_bytes())} the RAM budget leaves beside the host "
+                              f"tier")
+            raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(self._kv_bytes(cache_tokens))}"
+                             f" of KV cache: more than {', and more than '.join(places)}; use fewer prompts or "
+                             f"tokens") from exc
+        self.kv_on_host = on_host
+        notes = []
+        if plan is not None:
+            self.store.replan(plan)
+            self.plan = plan
+            notes.append(f"{format_size(plan.device_reserve_bytes)} of device reserve for "
+                         f"{'the KV cache layers in use' if on_host else 'the KV cache'} and activations: "
+                         f"{len(plan.device_resident)} units now resident")
+        if on_host:
+            notes.append(f"KV cache of {cache_tokens} tokens ({format_size(self._kv_bytes(cache_tokens))}) in host "
+                         f"RAM, streamed a layer ahead by transformers' offloaded DynamicCache: it crosses the link "
+                         f"both ways each pass")
+        return notes
+
+    def kv_placement(self, cache_tokens: int) -> tuple[bool, Plan | None]:
+        """Whether a KV cache of `cache_tokens` goes to host RAM, and the plan it needs (None: the current one).
+        In the device reserve when the device budget holds it beside the weights (a larger reserve means fewer
+        resident weights); otherwise in host RAM, when what the RAM budget leaves beside the weights' host tier
+        holds it and the device reserve holds the layers in use (one computing, one fetched ahead, one written
+        back). `runtime.kv_cache` may insist on either. BudgetError when the cache fits nowhere allowed. Changes
+        nothing."""
+        where = self.config.runtime.kv_cache
+        if self.device.type != "cuda":
+            return False, None  # the device is the host
+        if where != "host":
+            try:
+                return False, self.kv_plan(cache_tokens)
+            except BudgetError:
+                if where == "device":
+                    raise
+        if self._kv_bytes(cache_tokens) > self._host_kv_room_bytes():
+            raise BudgetError(f"a KV cache of {cache_tokens} tokens does not fit the RAM budget's room")
+        layers = self.model.config.get_text_config().num_hidden_layers
+        return True, self.kv_plan(math.ceil(min(KV_LAYERS_ON_DEVICE, layers) * cache_tokens / layers))
+
+    def new_kv_cache(self) -> Any:
+        """The cache a fresh batch starts with: None (the model makes its own, on the device) or, when the KV cache
+        lives in host RAM, transformers' offloaded DynamicCache."""
+        if not self.kv_on_host:
+            return None
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config, offloading=True)
+
+    def settle_kv_cache(self) -> None:
+        """Wait for the host cache's copies in flight, before its tensors are reshaped between passes."""
+        if self.kv_on_host:
+            torch.cuda.synchronize(self.device)
+
+    def _kv_bytes(self, cache_tokens: int) -> int:
+        return kv_bytes_per_token(self.model.config, self.model.dtype) * cache_tokens
+
+    def _host_kv_room_bytes(self) -> int:
+        """RAM the budget leaves beside the weights' host tier (which takes all the units or its whole budget)."""
+        weights = sum(layout.nbytes for layout in self.store.layouts.values())
+        if self.plan.experts is not None:
+            weights += self.plan.experts.host_bytes
+        return max(self.plan.host_budget_bytes - weights, 0)
 
     def kv_plan(self, cache_tokens: int) -> Plan | None:
-        """The plan whose device reserve holds a KV cache of `cache_tokens`: None when the current plan's does
-        (or the device is not a GPU), BudgetError when no plan within the device budget does. Changes nothing."""
-        if self.device.type != "cuda":
-            return None
+        """The plan whose device reserve holds a KV cache of `cache_tokens`: None when the current plan's does,
+        BudgetError when no plan within the device budget does. Changes nothing."""
         needed = self._kv_reserve_bytes(cache_tokens)
         if needed <= self.plan.device_reserve_bytes:
             return None
@@ -204,7 +264,7 @@ class TierstoreModel:
         and the draft's share."""
         scratch = self.decompressor.scratch.nbytes if self.decompressor is not None else 0
         draft = self.draft_cost.device_bytes(cache_tokens) if self.draft_cost is not None else 0
-        return (kv_bytes_per_token(self.model.config, self.model.dtype) * cache_tokens + ACTIVATION_SLACK_BYTES
+        return (self._kv_bytes(cache_tokens) + ACTIVATION_SLACK_BYTES
                 + scratch + draft)
 
     def _speculate(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
@@ -213,6 +273,9 @@ class TierstoreModel:
         from .speculation import check_speculation_request, chooser, sampling_warp, speculate
         from .tree import check_mask_support, check_window
 
+        if self.kv_on_host:
+            raise InputError("speculative decoding keeps its KV cache on the device, and this one does not fit "
+                             "there: shorten the prompt or max_new_tokens, or raise --vram")
         check_speculation_request(input_ids.shape[0], kwargs)
         mask = kwargs.get("attention_mask")
         if mask is not None:  # a lone prompt may still come left-padded

@@ -283,3 +283,40 @@ def test_batcher_joins_running_batches_and_matches_alone(smollm2_store, tmp_path
         # masked columns were dropped or repacked: never more than the slack beyond the longest row, plus a prompt
         assert all(columns <= 1.25 * real + 16 + max(map(len, ids)) for columns, real in shapes), shapes
         batcher.close()
+
+
+def test_the_largest_batch_puts_its_kv_cache_in_host_ram_when_the_device_cannot_hold_it(smollm2_store, tmp_path):
+    """At vram 700 MB / ram 1 GB a GPU holds the KV cache of a few 1000-token sequences beside SmolLM2's
+    weights; the RAM budget's room beside the weights holds more: as large a batch as fits there, with three
+    layers of it on the device. `runtime.kv_cache = "device"` keeps the device's smaller batch. Planning only
+    (nothing runs a forward): the CPU stands in for a GPU, where the cache is transformers' offloaded
+    DynamicCache."""
+    import torch
+
+    import tierstore
+    from tierstore.inference.batcher import COLUMN_SLACK, largest_batch
+    from tierstore.planning import ACTIVATION_SLACK_BYTES, kv_bytes_per_token
+
+    store, _ = smollm2_store
+    batches = {}
+    for where in ("auto", "device"):
+        config = {"runtime": {"cache_dir": str(tmp_path), "kv_cache": where}}
+        with tierstore.AutoModel.from_pretrained(store, budget={"vram": "700MB", "ram": "1GB"},
+                                                 config=config) as model:
+            model.device = torch.device("cuda")
+            per_sequence = kv_bytes_per_token(model.model.config, model.model.dtype) * 1000 * COLUMN_SLACK
+            room = 1_000_000_000 - sum(layout.nbytes for layout in model.store.layouts.values())
+            batches[where], notes = largest_batch(model, 4096, 1000)
+            assert model.kv_on_host == (where == "auto")
+            assert any("in host RAM" in note for note in notes) == (where == "auto"), notes
+            if where == "auto":
+                assert batches[where] == int(room // per_sequence), (batches, notes)
+                assert any(f"KV cache of {batches[where] * 1250} tokens" in note for note in notes), notes
+                # three of its 30 layers on the device, beside the activations
+                kept = model.plan.device_reserve_bytes - ACTIVATION_SLACK_BYTES
+                assert kept == pytest.approx(per_sequence * batches[where] * 3 / 30, rel=0.01)
+            ram = ", and more than the .* the RAM budget leaves beside the host tier" if where == "auto" else ""
+            with pytest.raises(tierstore.InputError, match=f"more than the device budget 700MB leaves beside the "
+                                                           f"weights{ram}; use fewer"):
+                model.fit_kv_cache(int(room // per_sequence * 4 * 1250))
+    assert 1 <= batches["device"] < batches["auto"], batches

@@ -263,3 +263,36 @@ def test_a_large_unit_finds_its_room_in_the_arena_pass_after_pass():
     run_passes(store, 4)
     assert transfer.outside == 0 and store.tier_stats()["host"].peak_bytes <= host
     store.close()
+
+
+class FencedTransfer(CPUTransfer):
+    """Counts compute fences and records the fence each device copy was told to wait for."""
+
+    def __init__(self):
+        super().__init__()
+        self.fences = 0
+        self.waited_for: list[object] = []
+
+    def compute_fence(self):
+        self.fences += 1
+        return f"compute fence {self.fences}"
+
+    def copy(self, dst, src, dst_free_after):
+        self.waited_for.append(dst_free_after)
+        return super().copy(dst, src, dst_free_after)
+
+
+def test_every_device_copy_waits_for_the_compute_queued_before_its_buffer_was_handed_out():
+    """A fresh device buffer may be memory the compute stream still reads (freed, not yet run): the copy into it
+    waits for a compute fence, as a reused buffer waits for the one of its eviction (on an H200 a copy that did
+    not poisoned a tensor-parallel rank's prefill with NaN)."""
+    sizes = {f"u{i}": 256 for i in range(8)}
+    layouts = MemorySource(sizes).layouts
+    plan = make_plan(PlanInput(units=tuple(UnitInfo(k, layouts[k].nbytes) for k in sizes), schedule=tuple(sizes),
+                               device_budget_bytes=4 * 1024, host_budget_bytes=8 * 1024))
+    transfer = FencedTransfer()
+    store = TieredStore(MemorySource(sizes), layouts, plan, transfer, reader_threads=2)
+    run_passes(store, 3)
+    store.close()
+    assert len(transfer.waited_for) > len(sizes)  # streamed units came back pass after pass
+    assert all(isinstance(fence, str) and fence.startswith("compute fence") for fence in transfer.waited_for)

@@ -155,6 +155,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                       "it, else eager); sdpa (PyTorch's, flash kernels on a GPU), eager, flash_attention_2 "
                       "(flash-attn) or flash_attention_4 (flash-attn-4, Hopper and Blackwell GPUs)"),
         "device_reserve": (_size_or_none, AUTO, "device bytes kept for activations and KV cache; auto = estimated"),
+        "kv_cache": (_choice(AUTO, "device", "host"), AUTO,
+                     "where a GPU run's KV cache lives: auto = in the device reserve when the device budget holds it "
+                     "beside the weights, else in host RAM (streamed a layer ahead); device; host (more of the "
+                     "device budget for weights)"),
         "cache_dir": (_path, "~/.cache/tierstore", "where converted layer stores are written"),
         "trace": (_file_or_none, "", "write a timeline of reads, copies, compute and stalls here (Chrome trace "
                                      "JSON, for Perfetto or `tierstore plot`); \"\" = no trace"),

@@ -31,11 +31,16 @@ class BufferPool:
     """Keeps freed buffers for reuse by a unit of the same size, so steady state allocates (and pins) nothing."""
 
     def __init__(self, allocate: Callable[[int], torch.Tensor],
-                 let_go: Callable[[torch.Tensor], None] | None = None) -> None:
+                 let_go: Callable[[torch.Tensor], None] | None = None,
+                 fresh_fence: Callable[[], object] | None = None) -> None:
         """`let_go`: called with each buffer `trim` releases (the pinned arena takes its pieces back; the device
-        allocator's cache is emptied before the next allocation)."""
+        allocator's cache is emptied before the next allocation). `fresh_fence`: the fence a newly allocated
+        buffer is written after. PyTorch's device allocator hands out memory freed by work it has queued on the
+        compute stream but not yet run (an activation, a buffer `trim` let go); the copy stream writing into
+        it must wait for that work."""
         self._allocate = allocate
         self._let_go = let_go
+        self._fresh_fence = fresh_fence
         self._free: dict[int, list[tuple[torch.Tensor, object]]] = {}
 
     def take(self, nbytes: int, live_bytes: int, budget_bytes: int | None) -> tuple[torch.Tensor, object]:
@@ -47,7 +52,8 @@ class BufferPool:
             return self._pop(nbytes)
         self.trim(live_bytes, budget_bytes)
         with torch.inference_mode(False):  # a caller in inference mode must not make it an inference tensor
-            return self._allocate(nbytes), None
+            buffer = self._allocate(nbytes)
+        return buffer, self._fresh_fence() if self._fresh_fence is not None else None
 
     def trim(self, live_bytes: int, budget_bytes: int | None) -> None:
         """Release free buffers until live plus free bytes fit the budget."""
@@ -153,7 +159,8 @@ class TieredStore:
         self._device_resident, self._host_resident = frozenset(plan.device_resident), frozenset(plan.host_resident)
         self._device_data: dict[Key, _Entry] = {}
         self._host_data: dict[Key, _Entry] = {}
-        self._device_pool = device_pool or BufferPool(transfer.allocate_device, transfer.free_device)
+        self._device_pool = device_pool or BufferPool(transfer.allocate_device, transfer.free_device,
+                                                      transfer.compute_fence)
         self._host_pool = BufferPool(transfer.allocate_host, transfer.free_host)
         self._lock = threading.RLock()
         self._in_flight: list[tuple[Key, object, object, int]] = []  # copies queued: key, fence, timer, bytes
