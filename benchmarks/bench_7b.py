@@ -78,6 +78,11 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2")
 
 
+def prompt_text() -> str:
+    """The prompt the benchmarks that run the CLI or the server send: PROMPT_TOKENS words of the word tokenizer."""
+    return " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS))
+
+
 def prompt_ids(batch: int):
     import torch
 

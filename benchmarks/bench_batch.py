@@ -22,7 +22,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_7b import PROMPT_TOKENS, build_checkpoint, prompt_ids  # noqa: E402
+from bench_7b import PROMPT_TOKENS, build_checkpoint, prompt_ids, prompt_text  # noqa: E402
 from bench_serve import load  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def batcher_row(model, batch: int, new_tokens: int) -> dict:
 def batchfile_row(model_dir: str, prompts: int, new_tokens: int, args: argparse.Namespace) -> dict:
     """`tierstore generate --prompts-file` with `prompts` prompts in one batch: tokens/s from its report (the
     model's opening left out, its prefill counted, as the server's clients count theirs)."""
-    prompt = " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS))
+    prompt = prompt_text()
     source, out, report = (os.path.join(args.out, name) for name in ("prompts.jsonl", "answers.jsonl", "file.json"))
     with open(source, "w") as handle:
         handle.writelines(json.dumps({"prompt": prompt, "id": i}) + "\n" for i in range(prompts))
@@ -99,7 +99,7 @@ def server_row(model_dir: str, clients: int, new_tokens: int, args: argparse.Nam
     from transformers import AutoTokenizer
 
     port = 8123
-    prompt = " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS))
+    prompt = prompt_text()
     longest = len(AutoTokenizer.from_pretrained(model_dir)(prompt).input_ids) + new_tokens
     server = subprocess.Popen([sys.executable, "-m", "tierstore", "serve", model_dir, "--port", str(port),
                                "--served-model-name", "bench", "--max-batch", str(clients), "--vram", args.vram,
@@ -143,15 +143,29 @@ def main() -> None:
         with tierstore.AutoModel.from_pretrained(args.model, budget=budget,
                                                  config={"runtime": {"kv_cache": kv}}) as model:
             rows += batch_rows(model, batches, args.tokens, kv)
-    continuous = served = batch_file = None
-    if args.clients:
-        with tierstore.AutoModel.from_pretrained(args.model, budget=budget) as model:
-            continuous = batcher_row(model, args.clients, args.tokens)
-        print("RESULT " + json.dumps({"continuous": continuous}), flush=True)
-        served = server_row(args.model, args.clients, args.tokens, args)
-        print("RESULT " + json.dumps({"server": served}), flush=True)
-        batch_file = batchfile_row(args.model, args.clients, args.tokens, args)
-        print("RESULT " + json.dumps({"batch file": batch_file}), flush=True)
+    print_rows(rows, args)
+    if not args.clients:
+        return
+    with tierstore.AutoModel.from_pretrained(args.model, budget=budget) as model:
+        continuous = batcher_row(model, args.clients, args.tokens)
+    print("RESULT " + json.dumps({"continuous": continuous}), flush=True)
+    print(f"continuous batcher, {args.clients} at once: {continuous['tokens_per_s']:.1f} tokens/s over "
+          f"{continuous['passes']} passes")
+    batch_file = batchfile_row(args.model, args.clients, args.tokens, args)
+    print("RESULT " + json.dumps({"batch file": batch_file}), flush=True)
+    print(f"batch file, {args.clients} prompts in one batch: {batch_file['tokens_per_s']:.1f} tokens/s")
+    served = server_row(args.model, args.clients, args.tokens, args)
+    print("RESULT " + json.dumps({"server": served}), flush=True)
+    print(f"server, {args.clients} streaming clients: {served['ok']} answered, {served['failed']} failed; "
+          f"{served['tokens_per_s']:.1f} tokens/s, time per token p50 {served['per_token_p50_s']:.3f} s, p99 "
+          f"{served['per_token_p99_s']:.3f} s")
+    if served["tokens_per_s"]:
+        print(f"the batch file {batch_file['tokens_per_s'] / served['tokens_per_s']:.2f}x the server, the batcher "
+              f"{continuous['tokens_per_s'] / served['tokens_per_s']:.2f}x")
+
+
+def print_rows(rows: list[dict], args: argparse.Namespace) -> None:
+    """The batch sweep's table: each row against batch 1, and a host cache's tokens against the device's."""
     one = next((row["tokens_per_s"] for row in rows if row["batch"] == 1 and "error" not in row), None)
     device_tokens = {row["batch"]: row["tokens"] for row in rows if row["kv"] == "device" and "error" not in row}
     print(f"vram {args.vram} / ram {args.ram}, {args.tokens} new tokens after {PROMPT_TOKENS}")
@@ -166,16 +180,7 @@ def main() -> None:
         print(f"{row['batch']:>5} {'host' if row['kv_on_host'] else 'device':>8} {row['s_per_pass']:>8.3f} "
               f"{row['tokens_per_s']:>9.1f} {row['tokens_per_s'] / one if one else float('nan'):>9.1f} "
               f"{row['device_resident']:>8} {row['peak_vram_allocated'] / 1e9:>5.2f}/"
-              f"{row['peak_vram_reserved'] / 1e9:<6.2f}  {same}")
-    if continuous is not None and served is not None:
-        print(f"continuous batcher, {args.clients} at once: {continuous['tokens_per_s']:.1f} tokens/s over "
-              f"{continuous['passes']} passes")
-        print(f"batch file, {args.clients} prompts in one batch: {batch_file['tokens_per_s']:.1f} tokens/s")
-        print(f"server, {args.clients} streaming clients: {served['tokens_per_s']:.1f} tokens/s, time per token "
-              f"p50 {served['per_token_p50_s']:.3f} s, p99 {served['per_token_p99_s']:.3f} s; the batch file "
-              f"{batch_file['tokens_per_s'] / served['tokens_per_s']:.2f}x the server, the batcher "
-              f"{continuous['tokens_per_s'] / served['tokens_per_s']:.2f}x")
-
+              f"{row['peak_vram_reserved'] / 1e9:<6.2f}  {same}", flush=True)
 
 if __name__ == "__main__":
     main()

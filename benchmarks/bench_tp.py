@@ -21,7 +21,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_7b import PROMPT_TOKENS, build_checkpoint  # noqa: E402
+from bench_7b import build_checkpoint, prompt_text  # noqa: E402
 from bench_speculation import QUESTION, inflate  # noqa: E402
 
 TP_WIDTH_FACTOR = 8  # SmolLM2's 9 query and 3 key-value heads times 8: divisible by 2, 4 and 8 ranks
@@ -61,7 +61,7 @@ def run_ranks(model: str, ranks: int, args: argparse.Namespace) -> dict:
     if args.gguf:
         prompt = ["--prompt", QUESTION]
     else:
-        prompt = ["--prompt", " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS)), "--no-chat-template"]
+        prompt = ["--prompt", prompt_text(), "--no-chat-template"]
     command = [sys.executable, "-m", "tierstore", "generate", model, *prompt, "--max-new-tokens", str(args.tokens),
                "--vram", args.vram, "--ram", args.ram, "--report-json", report, "--config", args.config]
     if ranks > 1:
