@@ -130,7 +130,7 @@ class TierstoreModel:
         if self.draft is not None:
             return self._speculate(input_ids, kwargs, notes)
         if self.kv_on_host and "past_key_values" not in kwargs:
-            kwargs.setdefault("cache_implementation", "offloaded")
+            kwargs["past_key_values"] = self.new_kv_cache()
         if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         clock = _StepClock(self.tracer)
@@ -223,8 +223,8 @@ class TierstoreModel:
         return True, self.kv_plan(math.ceil(min(KV_LAYERS_ON_DEVICE, layers) * cache_tokens / layers))
 
     def new_kv_cache(self) -> Any:
-        """The cache a fresh batch starts with: None (the model makes its own, on the device) or, when the KV cache
-        lives in host RAM, transformers' offloaded DynamicCache."""
+        """The cache a generate call or a fresh batch starts with: None (the model makes its own, on the device)
+        or, when the KV cache lives in host RAM, transformers' offloaded DynamicCache."""
         if not self.kv_on_host:
             return None
         from transformers import DynamicCache
