@@ -1,7 +1,8 @@
 """Many sequences per weight pass, on the Llama-2-7B-shaped random-weight model at vram 4 GB / ram 16 GB:
 aggregate decode tokens/s at each batch size (one left-padded batch through `generate`), with the KV cache in the
-device reserve and in host RAM (`runtime.kv_cache`); the same through the continuous batcher, and the HTTP server
-under as many concurrent streaming clients against the batcher at that size.
+device reserve and in host RAM (`runtime.kv_cache`); then `--clients` sequences at once through the continuous
+batcher (for each placement), a batch file of twice as many prompts in batches of that size (its second batch
+finds the weights in place, as the server's clients do), and the HTTP server under as many streaming clients.
 
 One device-tool call (builds the 13.5 GB checkpoint first, as bench_7b.py does):
     python benchmarks/bench_batch.py --out $OUT --batches 1,8,32,128,256 --clients 64
@@ -54,31 +55,36 @@ def batch_rows(model, batches: list[int], new_tokens: int, kv: str) -> list[dict
     return rows
 
 
-def batcher_row(model, batch: int, new_tokens: int) -> dict:
-    """`batch` sequences submitted at once to the continuous batcher: aggregate tokens/s over the whole run."""
+def batcher_row(model, batch: int, new_tokens: int, kv: str) -> dict:
+    """`batch` sequences submitted at once to the continuous batcher (after a warm-up pass): aggregate tokens/s
+    over the whole run, and each sequence's tokens."""
     from tierstore.inference.batcher import Batcher, SamplingParams
 
+    model.fit_kv_cache(batch * (PROMPT_TOKENS + new_tokens))  # where `kv` says, as the server's batch is placed
+    warm_up_s = model.warm_up()
     batcher = Batcher(model, max_batch=batch, max_queue=batch, max_seq_tokens=PROMPT_TOKENS + new_tokens)
     done = threading.Semaphore(0)
     start = time.perf_counter()
-    for row in prompt_ids(batch).tolist():
-        batcher.submit(row, SamplingParams(max_tokens=new_tokens, temperature=0),
-                       lambda event: done.release() if event.finish_reason else None)
+    sequences = [batcher.submit(row, SamplingParams(max_tokens=new_tokens, temperature=0),
+                                lambda event: done.release() if event.finish_reason else None)
+                 for row in prompt_ids(batch).tolist()]
     for _ in range(batch):
         done.acquire()
     wall_s = time.perf_counter() - start
     batcher.close()
-    return {"batch": batch, "passes": batcher.steps, "tokens_per_s": batcher.tokens_generated / wall_s,
-            "wall_s": wall_s}
+    return {"batch": batch, "kv": kv, "kv_on_host": model.kv_on_host, "passes": batcher.steps,
+            "tokens_per_s": batcher.tokens_generated / wall_s, "wall_s": wall_s, "warm_up_s": warm_up_s,
+            "tokens": [sequence.tokens for sequence in sequences]}
 
 
 def batchfile_row(model_dir: str, prompts: int, new_tokens: int, args: argparse.Namespace) -> dict:
-    """`tierstore generate --prompts-file` with `prompts` prompts in one batch: tokens/s from its report (the
-    model's opening left out, its prefill counted, as the server's clients count theirs)."""
+    """`tierstore generate --prompts-file` with twice `prompts` prompts, `prompts` a batch: tokens/s over the
+    whole file (the model's opening left out), and over its second batch, which finds the weights in place as the
+    server's clients do (prefill counted, as the clients count theirs)."""
     prompt = prompt_text()
     source, out, report = (os.path.join(args.out, name) for name in ("prompts.jsonl", "answers.jsonl", "file.json"))
     with open(source, "w") as handle:
-        handle.writelines(json.dumps({"prompt": prompt, "id": i}) + "\n" for i in range(prompts))
+        handle.writelines(json.dumps({"prompt": prompt, "id": i}) + "\n" for i in range(2 * prompts))
     if os.path.exists(out):
         os.remove(out)
     run = subprocess.run([sys.executable, "-m", "tierstore", "generate", model_dir, "--prompts-file", source, "--out",
@@ -89,8 +95,10 @@ def batchfile_row(model_dir: str, prompts: int, new_tokens: int, args: argparse.
         raise RuntimeError(f"tierstore generate --prompts-file failed: {run.stderr.strip()[-500:]}")
     with open(report) as handle:
         data = json.load(handle)
-    return {"prompts": prompts, "tokens": data["new_tokens"], "seconds": data["seconds"],
-            "tokens_per_s": data["new_tokens"] / data["seconds"]}
+    last = data["last_batch"]["timing"]
+    return {"prompts": 2 * prompts, "tokens": data["new_tokens"], "seconds": data["seconds"],
+            "tokens_per_s": data["new_tokens"] / data["seconds"],
+            "warm_batch_tokens_per_s": last["new_tokens"] * last["batch_size"] / (last["prefill_s"] + last["decode_s"])}
 
 
 def server_row(model_dir: str, clients: int, new_tokens: int, args: argparse.Namespace) -> dict:
@@ -132,36 +140,46 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    import tierstore
-
     os.makedirs(args.out, exist_ok=True)
     build_checkpoint(args.model)  # once: a checkpoint already there is kept
     batches = [int(b) for b in args.batches.split(",")]
     budget = {"vram": args.vram, "ram": args.ram}
     rows = []
     for kv in args.kv.split(","):
-        with tierstore.AutoModel.from_pretrained(args.model, budget=budget,
-                                                 config={"runtime": {"kv_cache": kv}}) as model:
+        with open_model(args.model, budget, kv) as model:
             rows += batch_rows(model, batches, args.tokens, kv)
     print_rows(rows, args)
     if not args.clients:
         return
-    with tierstore.AutoModel.from_pretrained(args.model, budget=budget) as model:
-        continuous = batcher_row(model, args.clients, args.tokens)
-    print("RESULT " + json.dumps({"continuous": continuous}), flush=True)
-    print(f"continuous batcher, {args.clients} at once: {continuous['tokens_per_s']:.1f} tokens/s over "
-          f"{continuous['passes']} passes")
+    continuous = []
+    for kv in args.kv.split(","):
+        with open_model(args.model, budget, kv) as model:
+            continuous.append(batcher_row(model, args.clients, args.tokens, kv))
+        print("RESULT " + json.dumps({"continuous": {k: v for k, v in continuous[-1].items() if k != "tokens"}}),
+              flush=True)
+        print(f"continuous batcher, {args.clients} at once, KV cache on the "
+              f"{'host' if continuous[-1]['kv_on_host'] else 'device'}: {continuous[-1]['tokens_per_s']:.1f} "
+              f"tokens/s over {continuous[-1]['passes']} passes (warm-up pass {continuous[-1]['warm_up_s']:.2f} s); "
+              f"tokens as the first batcher's: {continuous[-1]['tokens'] == continuous[0]['tokens']}", flush=True)
     batch_file = batchfile_row(args.model, args.clients, args.tokens, args)
     print("RESULT " + json.dumps({"batch file": batch_file}), flush=True)
-    print(f"batch file, {args.clients} prompts in one batch: {batch_file['tokens_per_s']:.1f} tokens/s")
+    print(f"batch file, {2 * args.clients} prompts in batches of {args.clients}: {batch_file['tokens_per_s']:.1f} "
+          f"tokens/s over the file, {batch_file['warm_batch_tokens_per_s']:.1f} over its second batch", flush=True)
     served = server_row(args.model, args.clients, args.tokens, args)
     print("RESULT " + json.dumps({"server": served}), flush=True)
     print(f"server, {args.clients} streaming clients: {served['ok']} answered, {served['failed']} failed; "
           f"{served['tokens_per_s']:.1f} tokens/s, time per token p50 {served['per_token_p50_s']:.3f} s, p99 "
           f"{served['per_token_p99_s']:.3f} s")
     if served["tokens_per_s"]:
-        print(f"the batch file {batch_file['tokens_per_s'] / served['tokens_per_s']:.2f}x the server, the batcher "
-              f"{continuous['tokens_per_s'] / served['tokens_per_s']:.2f}x")
+        print(f"the batch file's second batch {batch_file['warm_batch_tokens_per_s'] / served['tokens_per_s']:.2f}x "
+              f"the server, the batcher {continuous[0]['tokens_per_s'] / served['tokens_per_s']:.2f}x")
+
+
+def open_model(path: str, budget: dict, kv: str):
+    """The model with its KV cache where `kv` says (`runtime.kv_cache`)."""
+    import tierstore
+
+    return tierstore.AutoModel.from_pretrained(path, budget=budget, config={"runtime": {"kv_cache": kv}})
 
 
 def print_rows(rows: list[dict], args: argparse.Namespace) -> None:

@@ -356,23 +356,42 @@ class Batcher:
 def largest_batch(model: Any, max_batch: int, max_seq_tokens: int) -> tuple[int, list[str]]:
     """The most sequences of `max_seq_tokens` tokens, up to `max_batch`, whose KV cache (with COLUMN_SLACK) the
     budgets hold beside the weights: in the device reserve, or else in host RAM (`TierstoreModel.kv_placement`).
-    The model is re-planned for it; returns the batch and the plan's notes on it. InputError when not even one
-    sequence fits."""
-    def fits(batch: int) -> bool:
-        try:
-            model.kv_placement(math.ceil(batch * max_seq_tokens * COLUMN_SLACK))
-            return True
-        except BudgetError:
-            return False
+    A cache that would leave the device room for only one streamed unit at a time is not taken when a smaller
+    batch keeps two: copies and compute would take turns instead of overlapping (measured on an H200, a 7B
+    model's pass took 0.306 s against 0.216 s). The model is re-planned for the batch; returns it and the plan's
+    notes on it. InputError when not even one sequence fits."""
+    def cache_tokens(batch: int) -> int:
+        return math.ceil(batch * max_seq_tokens * COLUMN_SLACK)
 
-    if not fits(1):
+    def plan_for(batch: int) -> Any:
+        try:
+            return model.kv_placement(cache_tokens(batch))[1] or model.plan
+        except BudgetError:
+            return None
+
+    def overlaps(plan: Any) -> bool:
+        streams = plan.streamed_from_host or plan.streamed_from_disk
+        return not streams or plan.prefetch_depth >= 1
+
+    def largest(fits: Callable[[Any], bool]) -> int:
+        low, high = 1, max_batch  # fits(batch 1) holds; find the largest
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(plan_for(middle)) else (low, middle - 1)
+        return low
+
+    first = plan_for(1)
+    if first is None:
         raise InputError(f"the KV cache of one sequence of {max_seq_tokens} tokens fits neither the device budget "
                          f"nor the RAM budget beside the weights: lower --max-seq-len or raise --vram or --ram")
-    low, high = 1, max_batch  # fits(low) holds; find the largest
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    return low, model.fit_kv_cache(math.ceil(low * max_seq_tokens * COLUMN_SLACK))
+    batch = largest(lambda plan: plan is not None)
+    notes = []
+    if not overlaps(plan_for(batch)) and overlaps(first):
+        kept = largest(lambda plan: plan is not None and overlaps(plan))
+        notes.append(f"batch {kept}, not the {batch} the budgets hold: a larger batch's KV cache leaves the device "
+                     f"room for one streamed unit at a time, and copies and compute would take turns")
+        batch = kept
+    return batch, notes + model.fit_kv_cache(cache_tokens(batch))
 
 
 def _plain_layers(cache: Any) -> bool:

@@ -264,6 +264,8 @@ def _serve(args: argparse.Namespace) -> int:
         note += "; the KV cache in host RAM" if model.kv_on_host else ""
         for line in kv_notes:
             print(f"tierstore: {line}", file=sys.stderr)
+        loaded_s = model.warm_up()  # the first client must not wait for the disk
+        print(f"tierstore: weights in place after a first pass of {loaded_s:.1f} s", file=sys.stderr)
 
         def ready() -> None:
             print(f"tierstore: serving {name} at http://{args.host}:{args.port}/v1, up to {batch} sequences per "

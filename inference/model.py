@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..compression import Decompressor
 from ..config import Config
@@ -55,11 +56,18 @@ class _StepClock:
         return scores
 
 
+# cuDNN's attention builds a plan for each new key length: 34-54 ms a length on an H200 (torch 2.11), where the
+# flash and memory-efficient kernels take 0.1 ms. A decode step meets a new length every time, so a 7B model's first
+# call ran at 0.24 s/token against 0.205 s once the lengths had been seen (the link's bound: 0.2045 s).
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 @contextlib.contextmanager
 def quiet_forward() -> Iterator[None]:
-    """No autograd, and none of the warnings transformers gives about the skeleton: its parameters are on `meta`
-    between forwards; newer releases also warn about the `past_key_values` name the loop passes."""
-    with torch.no_grad(), warnings.catch_warnings():
+    """No autograd, attention without cuDNN's per-length plans, and none of the warnings transformers gives about
+    the skeleton: its parameters are on `meta` between forwards; newer releases also warn about the
+    `past_key_values` name the loop passes."""
+    with torch.no_grad(), sdpa_kernel(ATTENTION_BACKENDS), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*different than your model's device")
         warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated")
         yield
@@ -224,12 +232,12 @@ class TierstoreModel:
 
     def new_kv_cache(self) -> Any:
         """The cache a generate call or a fresh batch starts with: None (the model makes its own, on the device)
-        or, when the KV cache lives in host RAM, transformers' offloaded DynamicCache."""
+        or, when the KV cache lives in host RAM, transformers' offloaded DynamicCache (`HostKVCache`)."""
         if not self.kv_on_host:
             return None
-        from transformers import DynamicCache
+        from .host_cache import HostKVCache
 
-        return DynamicCache(config=self.model.config, offloading=True)
+        return HostKVCache(self.model.config)
 
     def settle_kv_cache(self) -> None:
         """Wait for the host cache's copies in flight, before its tensors are reshaped between passes."""
@@ -307,12 +315,23 @@ class TierstoreModel:
         self._speculation = stats
         return out
 
+    def warm_up(self) -> float:
+        """One pass of one token, so that the RAM and device tiers hold what the plan puts there (read from disk
+        on first use otherwise) before anyone is timed or waits; returns its seconds."""
+        start_s = time.perf_counter()
+        with quiet_forward():
+            self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), use_cache=False,
+                       logits_to_keep=1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start_s
+
     def __call__(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """A plain forward (e.g. for logits), weights streamed the same way."""
         if input_ids is not None:
             self._check_input(input_ids)
             input_ids = input_ids.to(self.device)
-        with torch.no_grad():
+        with quiet_forward():
             return self.model(input_ids, **kwargs)
 
     def report(self) -> RunReport:

@@ -320,3 +320,67 @@ def test_the_largest_batch_puts_its_kv_cache_in_host_ram_when_the_device_cannot_
                                                            f"weights{ram}; use fewer"):
                 model.fit_kv_cache(int(room // per_sequence * 4 * 1250))
     assert 1 <= batches["device"] < batches["auto"], batches
+
+
+def test_the_largest_batch_keeps_a_streamed_unit_in_flight_beside_the_one_computing(tiny_dirs, cache_config):
+    """Each sequence's KV cache takes device room from the streamed layers: past a point only one layer fits at a
+    time, and copies and compute take turns. The batch stops short of that point, and says so. Planning only:
+    the CPU stands in for a GPU."""
+    import math
+
+    import torch
+
+    import tierstore
+    from tierstore.errors import BudgetError
+    from tierstore.inference.batcher import COLUMN_SLACK, largest_batch
+    from tierstore.planning import ACTIVATION_SLACK_BYTES
+
+    directory, reference = tiny_dirs("llama")
+    layer = sum(p.numel() for p in reference.model.layers[0].parameters()) * 4
+    config = {**cache_config, "runtime": {**cache_config.get("runtime", {}), "kv_cache": "device"}}
+    with tierstore.AutoModel.from_pretrained(directory, budget={"vram": int(ACTIVATION_SLACK_BYTES + 3.5 * layer),
+                                                                "ram": "100MB"}, config=config) as model:
+        model.device = torch.device("cuda")
+        batch, notes = largest_batch(model, 4096, 4)
+        assert model.plan.streamed_from_host and model.plan.prefetch_depth >= 1
+        held = int(notes[0].split(", not the ")[1].split()[0])
+        assert batch < held, notes
+        assert notes[0].startswith(f"batch {batch}, not the {held} the budgets hold"), notes
+        for larger in (batch + 1, held):  # one unit in flight at a time, from the next batch on
+            plan = model.kv_placement(math.ceil(larger * 4 * COLUMN_SLACK))[1]
+            assert plan.prefetch_depth == 0, (larger, plan.prefetch_depth)
+        with pytest.raises(BudgetError):
+            model.kv_placement(math.ceil((held + 1) * 4 * COLUMN_SLACK))
+
+
+def test_the_host_kv_cache_fetches_a_layer_only_after_the_compute_queued_before_it(monkeypatch):
+    """The host cache copies each layer back on the compute stream and fetches the next one on its own stream:
+    the fetch must wait for the compute stream, or it reads a host copy not yet written (transformers before
+    5.20 did not wait). Streams are stood in for by recorders, so the order is checked on a CPU."""
+    import torch
+    from tierstore.inference.host_cache import HostKVCache
+    from transformers import DynamicCache, LlamaConfig
+
+    order = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            order.append(f"{self.name} waits for {other.name}")
+
+    compute = Stream("compute")
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: compute)
+    monkeypatch.setattr(DynamicCache, "prefetch", lambda self, layer_idx, only_non_sliding=True:
+                        order.append(f"prefetch {layer_idx}"))
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=100)
+    cache = HostKVCache(config)
+    cache.prefetch_stream = Stream("fetch")
+    for layer in (0, 1, 0):
+        cache.update(torch.ones(1, 4, 1, 16), torch.ones(1, 4, 1, 16), layer)
+    fetches = [i for i, step in enumerate(order) if step.startswith("prefetch")]
+    assert len(fetches) == 3, order
+    for earlier, at in enumerate(fetches):  # a wait of its own before each fetch
+        assert order[:at].count("fetch waits for compute") > earlier, order

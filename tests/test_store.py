@@ -1,4 +1,5 @@
 """The store on the CPU with an in-memory source: budgets hold, pins hold, errors reach the caller."""
+import dataclasses
 import sys
 import threading
 import time
@@ -127,6 +128,56 @@ def test_replan_shrinks_the_device_tier_and_keeps_serving():
     run_passes(store, 3)
     assert store.device.used_bytes <= smaller.device_weights_bytes
     assert store.device.budget_bytes == smaller.device_weights_bytes
+    store.close()
+
+
+def _layers_and_head(reserve_bytes):
+    """Eight 4 KB layers, a resident norm and a 2.6 KB head (a 7B model's proportions), on a 40 KB device with
+    `reserve_bytes` kept back (a batch's KV cache)."""
+    sizes = {**{f"u{i}": 1012 for i in range(8)}, "u8": 4, "u9": 655}
+    store, _ = make_store(sizes, device=40_000, host=80_000, device_reserve_bytes=reserve_bytes)
+    return store, sizes
+
+
+def _copied_bytes_a_pass(store, passes=3):
+    """Device bytes copied a pass, each copy queued (its unit unpinned) before the loop goes on, as on a GPU,
+    where the loop runs ahead of the copies it queues."""
+    def one_pass():
+        for position, key in enumerate(store.schedule):
+            store.get(key, position)
+            store.release(key)
+            wait(store._pending_loads())
+
+    one_pass()
+    before = store.tier_stats()["device"].bytes_in
+    for _ in range(passes):
+        one_pass()
+    return (store.tier_stats()["device"].bytes_in - before) / passes
+
+
+def test_replan_to_a_shallower_prefetch_copies_each_streamed_unit_once_a_pass():
+    """A larger reserve leaves room for two layers in flight, not three: prefetching as deep as before evicted
+    the layer needed next for the one after it, copying every layer twice a pass (a 7B batch of 64 on an H200:
+    0.48 s a pass against 0.22)."""
+    store, sizes = _layers_and_head(reserve_bytes=10_000)
+    assert store.plan.prefetch_depth == 2
+    shallower = make_plan(PlanInput(units=tuple(UnitInfo(k, store.layouts[k].nbytes) for k in sizes),
+                                    schedule=tuple(sizes), device_budget_bytes=40_000, host_budget_bytes=80_000,
+                                    device_reserve_bytes=40_000 - 10_470))
+    assert shallower.prefetch_depth == 1 and shallower.device_resident == ("u8",)
+    store.replan(shallower)
+    streamed = sum(store.layouts[key].nbytes for key in shallower.streamed_from_host)
+    assert _copied_bytes_a_pass(store) == streamed
+    store.close()
+
+
+def test_a_prefetch_never_evicts_a_unit_needed_before_it():
+    """A plan whose prefetch runs deeper than its room (a depth set by hand) stops at the room: the units nearer
+    in the schedule stay."""
+    store, _ = _layers_and_head(reserve_bytes=40_000 - 10_470)
+    store.replan(dataclasses.replace(store.plan, prefetch_depth=2))
+    streamed = sum(store.layouts[key].nbytes for key in store.plan.streamed_from_host)
+    assert _copied_bytes_a_pass(store) == streamed
     store.close()
 
 

@@ -268,6 +268,7 @@ class TieredStore:
             self._device_resident = frozenset(plan.device_resident)
             self._evict_from_device(self.device.set_budget(plan.device_weights_bytes))
             self._device_pool.trim(self.device.used_bytes, plan.device_weights_bytes)
+            self._prefetch = make_prefetch(plan.prefetch, plan.prefetch_depth)  # as deep as the new room allows
             self.plan = plan
 
     def replace_device_policy(self, policy: EvictionPolicy) -> None:
@@ -327,14 +328,20 @@ class TieredStore:
 
     def _start_device_loads(self, keys: list[Key]) -> list[Key]:
         """Start the device loads of `keys` not there yet, in order, until one finds no room (so that loads keep
-        the order asked for); returns those started. Called under the lock."""
-        started = []
-        for key in keys:
-            if key in self._device_data:
-                continue
-            if self._start_device_load(key, required=False) is None:
-                break
-            started.append(key)
+        the order asked for); returns those started. A unit is never evicted to make room for one needed after
+        it: each key stays pinned while the later ones look for room. Called under the lock."""
+        started, held = [], []
+        try:
+            for key in keys:
+                if key not in self._device_data:
+                    if self._start_device_load(key, required=False) is None:
+                        break
+                    started.append(key)
+                self.device.pin(key)
+                held.append(key)
+        finally:
+            for key in held:
+                self.device.unpin(key)
         return started
 
     def _start_host_load(self, key: Key, required: bool, served_from: str | None = None) -> _Entry | None:
