@@ -217,8 +217,8 @@ class Batcher:
                 sequence.generator.manual_seed(seed if seed is not None else int(torch.randint(2 ** 31, ())))
         width = max([len(s.prompt_ids) for s in joining] + [1])
         if joining and self._active and len(self._active) * (width - 1) > sum(len(s.prompt_ids) for s in joining):
+            self.prefills_apart += 1  # counted first: a caller may see the prompts' first tokens before it returns
             self._prefill_apart(joining)
-            self.prefills_apart += 1
             joining = []
         self._forward(joining)
 
