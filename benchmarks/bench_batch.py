@@ -1,8 +1,9 @@
 """Many sequences per weight pass, on the Llama-2-7B-shaped random-weight model at vram 4 GB / ram 16 GB:
 aggregate decode tokens/s at each batch size (one left-padded batch through `generate`), with the KV cache in the
 device reserve and in host RAM (`runtime.kv_cache`); then `--clients` sequences at once through the continuous
-batcher (for each placement), a batch file of twice as many prompts in batches of that size (its second batch
-finds the weights in place, as the server's clients do), and the HTTP server under as many streaming clients.
+batcher (for each placement), and the HTTP server (`--max-batch` that many) under as many streaming clients and
+under as many as the batch it took. At that batch, a batch file of two such batches: its second finds the weights
+in place, as the server's clients do, and is the server's target (within 1.3x).
 
 One device-tool call (builds the 13.5 GB checkpoint first, as bench_7b.py does):
     python benchmarks/bench_batch.py --out $OUT --batches 1,8,32,128,256 --clients 64
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,8 +104,8 @@ def batchfile_row(model_dir: str, prompts: int, new_tokens: int, args: argparse.
 
 
 def server_row(model_dir: str, clients: int, new_tokens: int, args: argparse.Namespace) -> dict:
-    """`tierstore serve` under `clients` concurrent streaming clients (text completions: the model has no chat
-    template)."""
+    """`tierstore serve --max-batch clients` under `clients` concurrent streaming clients, then (when it took fewer
+    sequences a pass) under as many clients as its batch: text completions, the model has no chat template."""
     from transformers import AutoTokenizer
 
     port = 8123
@@ -117,13 +119,17 @@ def server_row(model_dir: str, clients: int, new_tokens: int, args: argparse.Nam
         for line in server.stderr:  # the start-up line says when it serves, and at what batch
             print(line, end="", flush=True)
             if "serving" in line:
+                batch = int(re.search(r"up to (\d+) sequences per pass", line).group(1))
                 break
         else:
             raise RuntimeError(f"tierstore serve exited ({server.wait()}) before serving")
         threading.Thread(target=lambda: [print(line, end="", flush=True) for line in server.stderr],
                          daemon=True).start()  # a full pipe would stall the server
-        return asyncio.run(load(f"http://127.0.0.1:{port}/v1", "bench", clients, clients, new_tokens, None, 600,
-                                chat=False, prompts=[prompt]))
+        loads = {}
+        for concurrency in sorted({clients, batch}, reverse=True):
+            loads[concurrency] = asyncio.run(load(f"http://127.0.0.1:{port}/v1", "bench", concurrency, concurrency,
+                                                  new_tokens, None, 600, chat=False, prompts=[prompt]))
+        return {"batch": batch, "loads": loads}
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(120)
@@ -161,18 +167,23 @@ def main() -> None:
               f"{'host' if continuous[-1]['kv_on_host'] else 'device'}: {continuous[-1]['tokens_per_s']:.1f} "
               f"tokens/s over {continuous[-1]['passes']} passes (warm-up pass {continuous[-1]['warm_up_s']:.2f} s); "
               f"tokens as the first batcher's: {continuous[-1]['tokens'] == continuous[0]['tokens']}", flush=True)
-    batch_file = batchfile_row(args.model, args.clients, args.tokens, args)
-    print("RESULT " + json.dumps({"batch file": batch_file}), flush=True)
-    print(f"batch file, {2 * args.clients} prompts in batches of {args.clients}: {batch_file['tokens_per_s']:.1f} "
-          f"tokens/s over the file, {batch_file['warm_batch_tokens_per_s']:.1f} over its second batch", flush=True)
     served = server_row(args.model, args.clients, args.tokens, args)
     print("RESULT " + json.dumps({"server": served}), flush=True)
-    print(f"server, {args.clients} streaming clients: {served['ok']} answered, {served['failed']} failed; "
-          f"{served['tokens_per_s']:.1f} tokens/s, time per token p50 {served['per_token_p50_s']:.3f} s, p99 "
-          f"{served['per_token_p99_s']:.3f} s")
-    if served["tokens_per_s"]:
-        print(f"the batch file's second batch {batch_file['warm_batch_tokens_per_s'] / served['tokens_per_s']:.2f}x "
-              f"the server, the batcher {continuous[0]['tokens_per_s'] / served['tokens_per_s']:.2f}x")
+    for concurrency, result in served["loads"].items():
+        print(f"server (batch {served['batch']}), {concurrency} streaming clients: {result['ok']} answered, "
+              f"{result['failed']} failed; {result['tokens_per_s']:.1f} tokens/s, time per token p50 "
+              f"{result['per_token_p50_s']:.3f} s, p99 {result['per_token_p99_s']:.3f} s", flush=True)
+    # the same concurrency: the server's batch, one batch file batch of that size
+    batch_file = batchfile_row(args.model, served["batch"], args.tokens, args)
+    print("RESULT " + json.dumps({"batch file": batch_file}), flush=True)
+    print(f"batch file, {batch_file['prompts']} prompts in batches of {served['batch']}: "
+          f"{batch_file['tokens_per_s']:.1f} tokens/s over the file, {batch_file['warm_batch_tokens_per_s']:.1f} over "
+          f"its second batch", flush=True)
+    same = served["loads"][served["batch"]]["tokens_per_s"]
+    if same:
+        print(f"at {served['batch']} sequences: the batch file's second batch "
+              f"{batch_file['warm_batch_tokens_per_s'] / same:.2f}x the server (target: at most 1.3x); the batcher "
+              f"at {args.clients}: {continuous[0]['tokens_per_s'] / same:.2f}x", flush=True)
 
 
 def open_model(path: str, budget: dict, kv: str):
