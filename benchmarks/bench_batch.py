@@ -1,9 +1,9 @@
 """Many sequences per weight pass, on the Llama-2-7B-shaped random-weight model at vram 4 GB / ram 16 GB:
 aggregate decode tokens/s at each batch size (one left-padded batch through `generate`), with the KV cache in the
 device reserve and in host RAM (`runtime.kv_cache`); then `--clients` sequences at once through the continuous
-batcher (for each placement), and the HTTP server (`--max-batch` that many) under as many streaming clients and
-under as many as the batch it took. At that batch, a batch file of two such batches: its second finds the weights
-in place, as the server's clients do, and is the server's target (within 1.3x).
+batcher (for each placement), and the HTTP server (`--max-batch` that many) under as many streaming clients, with
+the sequences it carried a pass on average. At the same concurrency, a batch file of two such batches: its second
+finds the weights in place, as the server's clients do, and is the server's target (within 1.3x).
 
 One device-tool call (builds the 13.5 GB checkpoint first, as bench_7b.py does):
     python benchmarks/bench_batch.py --out $OUT --batches 1,8,32,128,256 --clients 64
@@ -104,8 +104,9 @@ def batchfile_row(model_dir: str, prompts: int, new_tokens: int, args: argparse.
 
 
 def server_row(model_dir: str, clients: int, new_tokens: int, args: argparse.Namespace) -> dict:
-    """`tierstore serve --max-batch clients` under `clients` concurrent streaming clients, then (when it took fewer
-    sequences a pass) under as many clients as its batch: text completions, the model has no chat template."""
+    """`tierstore serve --max-batch clients` under `clients` concurrent streaming clients (text completions: the
+    model has no chat template); `rows_per_pass`: the sequences a pass carried on average (from /health)."""
+    import httpx
     from transformers import AutoTokenizer
 
     port = 8123
@@ -119,17 +120,19 @@ def server_row(model_dir: str, clients: int, new_tokens: int, args: argparse.Nam
         for line in server.stderr:  # the start-up line says when it serves, and at what batch
             print(line, end="", flush=True)
             if "serving" in line:
-                batch = int(re.search(r"up to (\d+) sequences per pass", line).group(1))
+                batch = int(re.search(r"up to (\d+) sequences of", line).group(1))
                 break
         else:
             raise RuntimeError(f"tierstore serve exited ({server.wait()}) before serving")
         threading.Thread(target=lambda: [print(line, end="", flush=True) for line in server.stderr],
                          daemon=True).start()  # a full pipe would stall the server
-        loads = {}
-        for concurrency in sorted({clients, batch}, reverse=True):
-            loads[concurrency] = asyncio.run(load(f"http://127.0.0.1:{port}/v1", "bench", concurrency, concurrency,
-                                                  new_tokens, None, 600, chat=False, prompts=[prompt]))
-        return {"batch": batch, "loads": loads}
+        before = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        result = asyncio.run(load(f"http://127.0.0.1:{port}/v1", "bench", clients, clients, new_tokens, None, 600,
+                                  chat=False, prompts=[prompt]))
+        after = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        passes = after["passes"] - before["passes"]
+        return {"batch": batch, "passes": passes, "rows_per_pass": (after["tokens"] - before["tokens"]) / passes,
+                **result}
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(120)
@@ -169,21 +172,19 @@ def main() -> None:
               f"tokens as the first batcher's: {continuous[-1]['tokens'] == continuous[0]['tokens']}", flush=True)
     served = server_row(args.model, args.clients, args.tokens, args)
     print("RESULT " + json.dumps({"server": served}), flush=True)
-    for concurrency, result in served["loads"].items():
-        print(f"server (batch {served['batch']}), {concurrency} streaming clients: {result['ok']} answered, "
-              f"{result['failed']} failed; {result['tokens_per_s']:.1f} tokens/s, time per token p50 "
-              f"{result['per_token_p50_s']:.3f} s, p99 {result['per_token_p99_s']:.3f} s", flush=True)
-    # the same concurrency: the server's batch, one batch file batch of that size
-    batch_file = batchfile_row(args.model, served["batch"], args.tokens, args)
+    print(f"server (room for {served['batch']} sequences of the longest length), {args.clients} streaming clients: "
+          f"{served['ok']} answered, {served['failed']} failed; {served['tokens_per_s']:.1f} tokens/s over "
+          f"{served['passes']} passes of {served['rows_per_pass']:.1f} sequences on average; time per token p50 "
+          f"{served['per_token_p50_s']:.3f} s, p99 {served['per_token_p99_s']:.3f} s", flush=True)
+    batch_file = batchfile_row(args.model, args.clients, args.tokens, args)  # the same concurrency
     print("RESULT " + json.dumps({"batch file": batch_file}), flush=True)
-    print(f"batch file, {batch_file['prompts']} prompts in batches of {served['batch']}: "
+    print(f"batch file, {batch_file['prompts']} prompts in batches of {args.clients}: "
           f"{batch_file['tokens_per_s']:.1f} tokens/s over the file, {batch_file['warm_batch_tokens_per_s']:.1f} over "
           f"its second batch", flush=True)
-    same = served["loads"][served["batch"]]["tokens_per_s"]
-    if same:
-        print(f"at {served['batch']} sequences: the batch file's second batch "
-              f"{batch_file['warm_batch_tokens_per_s'] / same:.2f}x the server (target: at most 1.3x); the batcher "
-              f"at {args.clients}: {continuous[0]['tokens_per_s'] / same:.2f}x", flush=True)
+    if served["tokens_per_s"]:
+        print(f"at {args.clients} sequences: the batch file's second batch "
+              f"{batch_file['warm_batch_tokens_per_s'] / served['tokens_per_s']:.2f}x the server (target: at most "
+              f"1.3x); the batcher: {continuous[0]['tokens_per_s'] / served['tokens_per_s']:.2f}x", flush=True)
 
 
 def open_model(path: str, budget: dict, kv: str):

@@ -30,62 +30,76 @@ REWRITE = ("Rewrite the following paragraph in the same words, only fixing the s
            "came, the light never failed, and the sailors new they were close to home.")
 
 
+class Inflation:
+    """SmolLM2 made wider (hidden and heads times `factor`, the MLP `inter_size` wide) and optionally deeper
+    (`layers`, the ones past SmolLM2's all zero, so each passes its input through) without changing its function:
+    padding is zero, and each RMSNorm weight is scaled so that its output on the original dimensions is unchanged.
+    `config` is the inflated model's; `tensor(name, device)` one of its bf16 tensors, padded on `device`."""
+
+    def __init__(self, gguf: str, factor: int = WIDTH_FACTOR, inter_size: int = INTER, layers: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory, name = os.path.dirname(gguf), os.path.basename(gguf)
+        small = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        self.state = small.state_dict()
+        config = small.config
+        self.small_layers, self.head_dim, h = config.num_hidden_layers, config.head_dim, config.hidden_size
+        assert inter_size >= config.intermediate_size
+        self.hidden, self.heads, self.kv_heads = h * factor, config.num_attention_heads * factor, \
+            config.num_key_value_heads * factor
+        self.inter, self.scale = inter_size, math.sqrt(h / self.hidden)
+        config.update(dict(hidden_size=self.hidden, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                           head_dim=self.head_dim, intermediate_size=inter_size, dtype="bfloat16",
+                           rms_norm_eps=config.rms_norm_eps * h / self.hidden, tie_word_embeddings=True,
+                           num_hidden_layers=layers or self.small_layers))
+        config.architectures = ["LlamaForCausalLM"]
+        self.config = config
+
+    def names(self) -> list[list[str]]:
+        """The tensors' names, grouped as the shards `inflate` writes: embedding and final norm, then each layer."""
+        layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
+        return [["model.embed_tokens.weight", "model.norm.weight"]] + [
+            [f"model.layers.{i}.{part}.weight" for part in layer] for i in range(self.config.num_hidden_layers)]
+
+    def tensor(self, name: str, device="cpu"):
+        import torch
+
+        part = name.split(".")[-2]
+        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        shape = {"embed_tokens": (self.config.vocab_size, self.hidden), "q_proj": (q_rows, self.hidden),
+                 "k_proj": (kv_rows, self.hidden), "v_proj": (kv_rows, self.hidden), "o_proj": (self.hidden, q_rows),
+                 "gate_proj": (self.inter, self.hidden), "up_proj": (self.inter, self.hidden),
+                 "down_proj": (self.hidden, self.inter)}.get(part, (self.hidden,))
+        out = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+        if name.startswith("model.layers.") and int(name.split(".")[2]) >= self.small_layers:
+            return out  # a layer past SmolLM2's: zero, its input passes through
+        small = self.state[name].to(device)
+        out[tuple(slice(0, size) for size in small.shape)] = small * self.scale if part.endswith("norm") else small
+        return out
+
+
 def inflate(gguf: str, out_dir: str, factor: int = WIDTH_FACTOR, inter_size: int = INTER) -> None:
-    """The zero-padded SmolLM2 (hidden and heads times `factor`) as bf16 safetensors, config and tokenizer."""
-    import torch
+    """The inflated SmolLM2 (see Inflation) as bf16 safetensors, config and tokenizer; kept when already there."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return
     os.makedirs(out_dir, exist_ok=True)
-    directory, name = os.path.dirname(gguf), os.path.basename(gguf)
-    small = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out_dir)
-    config = small.config
-    h, heads, kv, head_dim = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                              config.head_dim)
-    HIDDEN, HEADS, KV_HEADS, INTER = h * factor, heads * factor, kv * factor, inter_size  # noqa: N806
-    assert INTER >= config.intermediate_size
-    scale = math.sqrt(h / HIDDEN)
-
-    def pad(tensor: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor:
-        out = torch.zeros((rows, cols) if cols is not None else (rows,), dtype=torch.float32)
-        out[tuple(slice(0, size) for size in tensor.shape)] = tensor
-        return out.to(torch.bfloat16)
-
-    def pad_heads(weight: torch.Tensor, new_heads: int) -> torch.Tensor:  # (heads*head_dim, h) -> padded rows
-        return pad(weight, new_heads * head_dim, HIDDEN)
-
-    state = small.state_dict()
-    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": pad(state["model.embed_tokens.weight"],
-                                                                               config.vocab_size, HIDDEN),
-                                              "model.norm.weight": pad(state["model.norm.weight"] * scale, HIDDEN)}]
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shards.append({
-            p + "self_attn.q_proj.weight": pad_heads(state[p + "self_attn.q_proj.weight"], HEADS),
-            p + "self_attn.k_proj.weight": pad_heads(state[p + "self_attn.k_proj.weight"], KV_HEADS),
-            p + "self_attn.v_proj.weight": pad_heads(state[p + "self_attn.v_proj.weight"], KV_HEADS),
-            p + "self_attn.o_proj.weight": pad(state[p + "self_attn.o_proj.weight"], HIDDEN, HEADS * head_dim),
-            p + "mlp.gate_proj.weight": pad(state[p + "mlp.gate_proj.weight"], INTER, HIDDEN),
-            p + "mlp.up_proj.weight": pad(state[p + "mlp.up_proj.weight"], INTER, HIDDEN),
-            p + "mlp.down_proj.weight": pad(state[p + "mlp.down_proj.weight"], HIDDEN, INTER),
-            p + "input_layernorm.weight": pad(state[p + "input_layernorm.weight"] * scale, HIDDEN),
-            p + "post_attention_layernorm.weight": pad(state[p + "post_attention_layernorm.weight"] * scale, HIDDEN),
-        })
+    inflation = Inflation(gguf, factor, inter_size)
+    inflation.tokenizer.save_pretrained(out_dir)
+    shards = inflation.names()
     index = {}
-    for number, tensors in enumerate(shards):
+    for number, names in enumerate(shards):
         file = f"model-{number + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
-        index.update({key: file for key in tensors})
+        save_file({name: inflation.tensor(name) for name in names}, os.path.join(out_dir, file),
+                  metadata={"format": "pt"})
+        index.update({name: file for name in names})
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as handle:
         json.dump({"metadata": {}, "weight_map": index}, handle)
-    config.update(dict(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=head_dim,
-                       intermediate_size=INTER, rms_norm_eps=config.rms_norm_eps * h / HIDDEN, dtype="bfloat16",
-                       tie_word_embeddings=True))
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(out_dir)
+    inflation.config.save_pretrained(out_dir)
 
 
 def encode(tokenizer, prompt: str):

@@ -7,6 +7,10 @@ running rows' next tokens, leaves masked columns in the other rows; positions co
 compaction repacks the rows when masked columns outgrow the real ones. transformers' own forward, masks and
 sampling warpers do the rest; nothing here knows the architecture.
 
+The cache is held to a size in tokens (rows times columns, what the budget reserved for it): a request joins only
+when the batch, with every row grown to its `max_tokens`, still fits. Short requests therefore share a pass in
+larger numbers than sequences of the longest length would.
+
 Caches with other layer kinds (sliding windows, recurrent states) cannot be joined this way: for those models a
 new request waits until the running batch has drained, and the batch then starts afresh (still one pass per step
 for all of it).
@@ -94,13 +98,16 @@ class Batcher:
     """Runs `model` (a TierstoreModel) for many sequences at once on a thread of its own.
 
     `max_batch` caps the rows of a pass, `max_queue` the requests waiting to join (beyond it `submit` raises
-    QueueFull), `max_seq_tokens` a sequence's prompt plus completion."""
+    QueueFull), `max_seq_tokens` a sequence's prompt plus completion, `cache_tokens` the rows times columns the
+    KV cache may come to (default: `max_batch` sequences of `max_seq_tokens`, see `kv_cache_tokens`)."""
 
-    def __init__(self, model: Any, max_batch: int, max_queue: int, max_seq_tokens: int) -> None:
+    def __init__(self, model: Any, max_batch: int, max_queue: int, max_seq_tokens: int,
+                 cache_tokens: int | None = None) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.device = model.device
         self.max_batch, self.max_queue, self.max_seq_tokens = max_batch, max_queue, max_seq_tokens
+        self.cache_tokens = cache_tokens or kv_cache_tokens(max_batch, max_seq_tokens)
         settings = model.model.generation_config
         eos = settings.eos_token_id if settings.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
@@ -201,26 +208,50 @@ class Batcher:
             self._keep([s for s in self._active if not s.cancelled], reason="cancelled")
 
     def _admit(self) -> list[Sequence]:
-        """Called under the lock: the waiting sequences that join this step."""
+        """Called under the lock: the waiting sequences that join this step, in their order, while the rows and
+        the cache they come to stay within bounds (the first into an empty batch always joins)."""
         if self._joinable is False and self._active:
             return []  # this model's cache cannot take new rows: wait for the batch to drain
-        room = self.max_batch - len(self._active)
-        return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        joining: list[Sequence] = []
+        while self._waiting and len(self._active) + len(joining) < self.max_batch:
+            candidates = [*joining, self._waiting[0]]
+            columns = max([self._columns()] + [len(s.prompt_ids) for s in candidates])  # at best: a pass apart
+            if (self._active or joining) and self._cache_size(candidates, columns) > self.cache_tokens:
+                break
+            joining.append(self._waiting.popleft())
+        return joining
+
+    def _columns(self) -> int:
+        return self._mask.shape[1] if self._mask is not None else 0
+
+    def _cache_size(self, joining: list[Sequence], columns: int) -> int:
+        """Rows times columns the cache comes to when `joining` join it at `columns` columns and every row then
+        feeds its tokens up to its `max_tokens` (its last token is sampled, never cached)."""
+        rows = [*self._active, *joining]
+        growth = max((s.params.max_tokens - max(len(s.tokens), 1) for s in rows), default=0)
+        return len(rows) * (columns + growth)
 
     def _step(self, joining: list[Sequence]) -> None:
         """One weight pass: the running rows' next tokens, and the joining prompts beside them when that pads the
-        running rows less than the prompts' own length; otherwise the prompts first get a pass of their own."""
+        running rows less than the prompts' own length and keeps the cache within its tokens; otherwise the
+        prompts first get a pass of their own."""
         for sequence in joining:
             if sequence.params.temperature > 0:
                 seed = sequence.params.seed
                 sequence.generator = torch.Generator(self.device)
                 sequence.generator.manual_seed(seed if seed is not None else int(torch.randint(2 ** 31, ())))
         width = max([len(s.prompt_ids) for s in joining] + [1])
-        if joining and self._active and len(self._active) * (width - 1) > sum(len(s.prompt_ids) for s in joining):
+        if joining and self._active and not self._beside(joining, width):
             self.prefills_apart += 1  # counted first: a caller may see the prompts' first tokens before it returns
             self._prefill_apart(joining)
             joining = []
         self._forward(joining)
+
+    def _beside(self, joining: list[Sequence], width: int) -> bool:
+        """Whether `joining`'s prompts (`width` the longest) share the running rows' pass: when that pads the
+        running rows less than the prompts' own length, and the cache, with `width` more columns, still fits."""
+        return (len(self._active) * (width - 1) <= sum(len(s.prompt_ids) for s in joining)
+                and self._cache_size(joining, self._columns() + width) <= self.cache_tokens)
 
     def _prefill_apart(self, joining: list[Sequence]) -> None:
         """The joining prompts' pass alone, then their cache rows appended to the running batch's."""
@@ -353,19 +384,22 @@ class Batcher:
         self._mask = self._mask[indices]
 
 
+def kv_cache_tokens(batch: int, max_seq_tokens: int) -> int:
+    """The KV cache's size in tokens (rows times columns) for `batch` sequences of `max_seq_tokens` tokens, with
+    COLUMN_SLACK for the masked columns of rows that joined at different times."""
+    return math.ceil(batch * max_seq_tokens * COLUMN_SLACK)
+
+
 def largest_batch(model: Any, max_batch: int, max_seq_tokens: int) -> tuple[int, list[str]]:
-    """The most sequences of `max_seq_tokens` tokens, up to `max_batch`, whose KV cache (with COLUMN_SLACK) the
+    """The most sequences of `max_seq_tokens` tokens, up to `max_batch`, whose KV cache (`kv_cache_tokens`) the
     budgets hold beside the weights: in the device reserve, or else in host RAM (`TierstoreModel.kv_placement`).
     A cache that would leave the device room for only one streamed unit at a time is not taken when a smaller
     batch keeps two: copies and compute would take turns instead of overlapping (measured on an H200, a 7B
     model's pass took 0.306 s against 0.216 s). The model is re-planned for the batch; returns it and the plan's
     notes on it. InputError when not even one sequence fits."""
-    def cache_tokens(batch: int) -> int:
-        return math.ceil(batch * max_seq_tokens * COLUMN_SLACK)
-
     def plan_for(batch: int) -> Any:
         try:
-            return model.kv_placement(cache_tokens(batch))[1] or model.plan
+            return model.kv_placement(kv_cache_tokens(batch, max_seq_tokens))[1] or model.plan
         except BudgetError:
             return None
 
@@ -391,7 +425,7 @@ def largest_batch(model: Any, max_batch: int, max_seq_tokens: int) -> tuple[int,
         notes.append(f"batch {kept}, not the {batch} the budgets hold: a larger batch's KV cache leaves the device "
                      f"room for one streamed unit at a time, and copies and compute would take turns")
         batch = kept
-    return batch, notes + model.fit_kv_cache(cache_tokens(batch))
+    return batch, notes + model.fit_kv_cache(kv_cache_tokens(batch, max_seq_tokens))
 
 
 def _plain_layers(cache: Any) -> bool:

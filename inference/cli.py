@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("TIERSTORE_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/ (default: $TIERSTORE_API_KEY, else none)")
     serve.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
-    serve.add_argument("--max-batch", type=int, default=32, help="most sequences per pass; lowered to what the KV "
-                                                                "cache budget holds")
+    serve.add_argument("--max-batch", type=int, default=32, help="most sequences per pass (the KV cache budget "
+                                                                "may hold fewer of the longest)")
     serve.add_argument("--max-queue", type=int, default=256, help="most requests waiting to join; more get 429")
     serve.add_argument("--max-seq-len", type=int, default=4096, help="most tokens in a sequence (prompt and "
                                                                     "completion), at most the model's context")
@@ -243,7 +243,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise InputError("tierstore serve needs FastAPI and uvicorn: pip install 'tierstore[serve]'")
-    from .batcher import largest_batch
+    from .batcher import kv_cache_tokens, largest_batch
     from .generate import GenerateRequest, open_model
     from .server import serve
 
@@ -260,18 +260,19 @@ def _serve(args: argparse.Namespace) -> int:
     with open_model(request) as model:
         max_seq = min(args.max_seq_len, model.max_context or args.max_seq_len)
         batch, kv_notes = largest_batch(model, args.max_batch, max_seq)
-        note = "" if batch == args.max_batch else f" (--max-batch {args.max_batch} lowered: the KV cache budget)"
-        note += "; the KV cache in host RAM" if model.kv_on_host else ""
+        shorter = "" if batch == args.max_batch else f", up to {args.max_batch} of shorter ones"
+        where = "; the KV cache in host RAM" if model.kv_on_host else ""
         for line in kv_notes:
             print(f"tierstore: {line}", file=sys.stderr)
         loaded_s = model.warm_up()  # the first client must not wait for the disk
         print(f"tierstore: weights in place after a first pass of {loaded_s:.1f} s", file=sys.stderr)
 
         def ready() -> None:
-            print(f"tierstore: serving {name} at http://{args.host}:{args.port}/v1, up to {batch} sequences per "
-                  f"pass{note}, {max_seq} tokens each", file=sys.stderr, flush=True)
+            print(f"tierstore: serving {name} at http://{args.host}:{args.port}/v1, up to {batch} sequences of "
+                  f"{max_seq} tokens per pass{shorter}{where}", file=sys.stderr, flush=True)
 
-        serve(model, name, args.host, args.port, args.api_key, batch, args.max_queue, max_seq, on_start=ready)
+        serve(model, name, args.host, args.port, args.api_key, args.max_batch, args.max_queue, max_seq,
+              cache_tokens=kv_cache_tokens(batch, max_seq), on_start=ready)
     return 0
 
 

@@ -262,16 +262,17 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
 
 
 def serve(model: Any, model_name: str, host: str, port: int, api_key: str | None, max_batch: int,
-          max_queue: int, max_seq_tokens: int, grace_s: float = 30.0,
+          max_queue: int, max_seq_tokens: int, cache_tokens: int | None = None, grace_s: float = 30.0,
           on_start: Callable[[], None] | None = None) -> None:
-    """Serve an opened model until SIGTERM or Ctrl-C. On SIGTERM: stop accepting, let what is in flight finish
-    for up to `grace_s`, cancel the rest, and return (the CLI then exits 0); Ctrl-C after the same shutdown
-    raises KeyboardInterrupt."""
+    """Serve an opened model until SIGTERM or Ctrl-C (the batch's bounds are the Batcher's). On SIGTERM: stop
+    accepting, let what is in flight finish for up to `grace_s`, cancel the rest, and return (the CLI then exits
+    0); Ctrl-C after the same shutdown raises KeyboardInterrupt."""
     import signal
 
     import uvicorn
 
-    batcher = Batcher(model, max_batch=max_batch, max_queue=max_queue, max_seq_tokens=max_seq_tokens)
+    batcher = Batcher(model, max_batch=max_batch, max_queue=max_queue, max_seq_tokens=max_seq_tokens,
+                      cache_tokens=cache_tokens)
     app = create_app(model, batcher, model_name, api_key, on_start, on_shutdown=lambda: batcher.close(grace_s))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
     server = uvicorn.Server(config)

@@ -237,6 +237,18 @@ def test_serve_refuses_a_port_in_use(tmp_path):
     assert not list(tmp_path.rglob("*.safetensors"))  # refused before anything was converted
 
 
+def _alone(model, prompts: list[str], max_new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Each prompt's chat-templated ids, and the greedy tokens `model` gives it alone (up to its end token)."""
+    import torch
+
+    tok = model.tokenizer
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False).input_ids for p in prompts]
+    alone = [model.generate(torch.tensor([row]), max_new_tokens=max_new_tokens, do_sample=False)[0, len(row):]
+             .tolist() for row in ids]
+    return ids, [row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in alone]
+
+
 def test_batcher_joins_running_batches_and_matches_alone(smollm2_store, tmp_path):
     """Sequences joining a running batch, both beside its next tokens and in a pass of their own, get the
     greedy tokens they get alone; the cache stays compact."""
@@ -245,14 +257,7 @@ def test_batcher_joins_running_batches_and_matches_alone(smollm2_store, tmp_path
 
     store, _ = smollm2_store
     with tierstore.AutoModel.from_pretrained(store, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
-        tok = model.tokenizer
-        ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True), add_special_tokens=False).input_ids
-               for p in PROMPTS[:6]]
-        import torch
-        alone = [model.generate(torch.tensor([row]), max_new_tokens=20, do_sample=False)[0, len(row):].tolist()
-                 for row in ids]
-        alone = [row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in alone]
+        ids, alone = _alone(model, PROMPTS[:6], 20)
         batcher = Batcher(model, max_batch=8, max_queue=8, max_seq_tokens=512)
         done = {index: threading.Event() for index in range(6)}
         shapes: list[tuple[int, int]] = []  # (cache columns, longest row's real tokens) seen between steps
@@ -283,6 +288,36 @@ def test_batcher_joins_running_batches_and_matches_alone(smollm2_store, tmp_path
         # masked columns were dropped or repacked: never more than the slack beyond the longest row, plus a prompt
         assert all(columns <= 1.25 * real + 16 + max(map(len, ids)) for columns, real in shapes), shapes
         batcher.close()
+
+
+def test_the_batcher_admits_requests_while_their_kv_cache_fits_its_tokens(smollm2_store, tmp_path):
+    """The KV cache is held to its size in tokens: a request joins only while the batch, every row grown to its
+    max_tokens, still fits. Short requests then share passes in larger numbers than sequences of the longest
+    length would, a tight size keeps fewer rows at a time, and each request gets the tokens it gets alone."""
+    import tierstore
+    from tierstore.inference.batcher import Batcher, SamplingParams, kv_cache_tokens
+
+    store, _ = smollm2_store
+    with tierstore.AutoModel.from_pretrained(store, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
+        ids, alone = _alone(model, PROMPTS[:8], 12)
+        longest = max(map(len, ids)) + 12
+        for cache_tokens in (kv_cache_tokens(2, 512), 3 * longest):  # two sequences of 512 tokens; three short
+            batcher = Batcher(model, max_batch=8, max_queue=8, max_seq_tokens=512, cache_tokens=cache_tokens)
+            shapes: list[tuple[int, int]] = []  # (rows, columns) of the cache after each pass
+
+            def on_event(event):
+                shapes.append(tuple(batcher._mask.shape))
+
+            sequences = [batcher.submit(row, SamplingParams(max_tokens=12, temperature=0), on_event) for row in ids]
+            _until(lambda: all(s.finish_reason for s in sequences))
+            batcher.close()
+            assert [s.tokens for s in sequences] == alone
+            assert all(rows * columns <= cache_tokens for rows, columns in shapes), (cache_tokens, shapes)
+            peak = max(rows for rows, _ in shapes)
+            if cache_tokens == 3 * longest:
+                assert 2 <= peak <= 3, shapes
+            else:
+                assert peak == 8, shapes  # all at once, in the room of two sequences of the longest length
 
 
 def test_the_largest_batch_puts_its_kv_cache_in_host_ram_when_the_device_cannot_hold_it(smollm2_store, tmp_path):

@@ -1,0 +1,91 @@
+"""Speculative decoding at 72B byte cost on real language: tokens/s with a resident SmolLM2 draft against none, at
+vram 4 GB with the model in RAM, one process.
+
+The target is SmolLM2-135M-Instruct inflated as bench_speculation.py does, 14 times wide (hidden 8064, 126 query
+and 42 key-value heads of 64), the MLP 29568 wide (Qwen2.5-72B's), and 80 layers deep: its 30, then 50 whose
+weights are zero, so that each passes its input through. 71.5 B parameters, written as an nf4 layer store by
+`write_store`, each unit padded and quantized on the GPU (no bf16 copy on disk, about 40 GB). Its function is
+SmolLM2's with nf4 weights; the draft is the GGUF's weights unquantized, so draft and target differ as a real
+draft and target do (by quantization, here).
+
+One device-tool call on nvidia-h200, the GGUF and bitsandbytes carried:
+    python benchmarks/bench_scale_speculation.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT
+Each row is one model object: a warm-up generate, then the measured one (greedy, chat template).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_speculation import QUESTION, Inflation, _f, run_row  # noqa: E402
+
+FACTOR, INTER, LAYERS = 14, 29568, 80
+
+
+def write_target(inflation: Inflation, store: str, codec: str, device) -> dict:
+    """The inflated model as a layer store (kept when already written): seconds and bytes on disk."""
+    import torch
+
+    from tierstore.compression import Codec
+    from tierstore.inference.convert import write_store
+
+    start = time.perf_counter()
+    write_store(store, inflation.config, lambda key, names: {name: inflation.tensor(name, device) for name in names},
+                torch.bfloat16, codec=Codec.create(codec) if codec != "none" else None, device=device,
+                tokenizer=inflation.tokenizer, progress=False)
+    nbytes = sum(entry.stat().st_size for entry in os.scandir(os.path.join(store, "units")))
+    return {"write_s": time.perf_counter() - start, "store_bytes": nbytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--work", default="/tmp/scale-spec")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--vram", default="4GB")
+    parser.add_argument("--ram", default="64GB")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--codec", default="nf4", choices=["nf4", "int8", "none"])
+    parser.add_argument("--factor", type=int, default=FACTOR, help="width multiple of the target")
+    parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="layers of the target (SmolLM2 has 30)")
+    args = parser.parse_args()
+    import torch
+
+    import tierstore
+
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    config = {"runtime": {"cache_dir": os.path.join(args.work, "cache")}}
+    budget = tierstore.Budget(vram=args.vram, ram=args.ram)
+    store = os.path.join(args.work, "target")
+    inflation = Inflation(args.gguf, args.factor, args.inter, args.layers)
+    written = write_target(inflation, store, args.codec, device)
+    del inflation
+    print(f"target: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
+    rows = {}
+    for name, draft in (("none", None), ("SmolLM2 (the GGUF)", args.gguf)):
+        reference = rows["none"]["tokens"] if rows else None
+        rows[name] = run_row(store, draft, QUESTION, args.new_tokens, budget, config, reference)
+        print(json.dumps({name: {k: v for k, v in rows[name].items() if k != "tokens"}}), flush=True)
+    with open(os.path.join(args.out, "scale_speculation.json"), "w") as handle:
+        json.dump({"written": written, "rows": rows}, handle, indent=1)
+    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    print(f"\ncard: {card}; target {written['store_bytes'] / 1e9:.1f} GB ({args.codec}); vram {args.vram} / ram "
+          f"{args.ram}; greedy, {args.new_tokens} new tokens")
+    print("draft | tokens/s | x no draft | tokens/pass | accept | s per pass | predicted pass s | same tokens")
+    base = rows["none"]
+    for name, row in rows.items():
+        same = "yes" if row["first_difference"] is None else \
+            f"from token {row['first_difference']} (top-2 margin {row['top2_logit_margin_there']:.3f})"
+        print(f"{name} | {row['tokens_per_s']:.3f} | {row['tokens_per_s'] / base['tokens_per_s']:.2f} | "
+              f"{row['tokens_per_pass'] or 1:.2f} | {_f(row['acceptance'], '{:.2f}')} | {row['pass_s']:.3f} | "
+              f"{_f(row['predicted_pass_s'], '{:.3f}')} | {same}")
+
+
+if __name__ == "__main__":
+    main()
