@@ -32,7 +32,7 @@ from .model import TierstoreModel
 from .placement import as_dtype, compute_device, per_matrix_units, place
 from .resolve import resolve
 from .sources import open_units
-from .tensor_parallel import TIMEOUT_S, Collectives, join_group, rank_device, rank_note, shard_units
+from .tensor_parallel import TIMEOUT_S, Collectives, join_group, rank_device, rank_note, rank_store, shard_units
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class AutoModel:
         if group is not None:
             try:
                 units, styles = shard_units(units, group)
+                units = rank_store(units, group, cfg, device, progress)
             except BaseException:
                 units.close()
                 raise

@@ -224,6 +224,28 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
     return out_dir
 
 
+def copy_units(out_dir: str, source: UnitSource, layouts: Mapping[str, UnitLayout], dtype: torch.dtype, config: Any,
+               origin: str, disk_budget_bytes: int | None = None, progress: bool = False) -> str:
+    """Write a layer store of the units `source` serves as `layouts` (in `dtype`), e.g. one rank's shards read
+    from the whole units: each unit's file and checksum written atomically, a killed run resumed, the disk budget
+    checked first; a finished store is kept. `origin` names what it was read from. Returns `out_dir`."""
+    with _store_writer(out_dir, dtype_name(dtype), None) as finished:
+        if finished:
+            return out_dir
+        records = _finished_units(out_dir)
+        _require_room(out_dir, sum(layout.nbytes for key, layout in layouts.items() if key not in records),
+                      disk_budget_bytes)
+        with _progress(progress, len(layouts), len(records), "writing units") as advance:
+            for key, layout in layouts.items():
+                if key not in records:
+                    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)  # padding between tensors: zeros
+                    source.read_into(key, buffer)
+                    records[key] = _write_buffer(out_dir, key, layout, buffer, {})
+                    advance()
+        _write_metadata(out_dir, origin, config, records, None, dtype=dtype_name(dtype))
+    return out_dir
+
+
 def _parameter_shapes(skeleton: Skeleton) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     return {name: (param.dtype, tuple(param.shape)) for name, param in skeleton.model.named_parameters()}
 

@@ -60,7 +60,7 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
     skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention,
                               split_experts=_splits_experts(checkpoint, cfg),
                               experts_implementation=_experts_kernel(cfg))
-    drop_cache = device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
+    drop_cache = drops_page_cache(cfg, device)
     source, checkpoint = _open_source(checkpoint, skeleton, cfg, dtype, drop_cache, trust_remote_code, progress)
     codec, packed = getattr(source, "codec", None), dict(getattr(source, "packed", {}))
     wanted = Codec.wanted(cfg.compression)
@@ -98,6 +98,11 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
         close_source(source)
         raise
     return Units(skeleton, source, layouts, checkpoint, hf_config, dtype, stored, codec, packed)
+
+
+def drops_page_cache(cfg: Config, device: torch.device) -> bool:
+    """Whether unit reads bypass the page cache: `io.direct_io`, by default on a GPU (whose RAM tier holds them)."""
+    return device.type == "cuda" if cfg.io.direct_io is None else cfg.io.direct_io
 
 
 def _check_attention(attention: str) -> None:

@@ -10,8 +10,9 @@ config's `base_model_tp_plan` and the head's `_tp_plan`):
 - `colwise_gather_output` (the LM head) and `embedding_rowwise` (the input embedding): the vocabulary is split;
   the head's logits are gathered, the embedding's rows summed (each rank embeds the ids in its slice).
 - `replicated...` and modules the plan does not name: every rank holds the whole tensor.
-Attention then runs on each rank's own heads, and the KV cache holds only them. Units are read whole from the
-checkpoint (checked against their checksums there) and sliced into each rank's host buffer.
+Attention then runs on each rank's own heads, and the KV cache holds only them. Each rank's shards are written
+once, as a layer store of their own in the cache (`rank_store`): read whole from the checkpoint (checked against
+their checksums there), sliced, and stored with checksums of their own; every read after that is the rank's 1/N.
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError, ModelError
+from ..config import Config
+from ..errors import CheckpointError, InputError, ModelError
 from ..units import UnitLayout
+from .convert import copy_units, default_store_dir
 from .skeleton import Skeleton
-from .sources import Units, close_source
+from .sources import Units, close_source, drops_page_cache, store_source
 
 TIMEOUT_S = 300  # a collective waiting longer than this ends the run (a rank died, or hangs)
 SPLIT_DIM = {"colwise": 0, "colwise_gather_output": 0, "embedding_rowwise": 0, "rowwise": 1, "rowwise_split_input": 1}
@@ -134,6 +137,31 @@ def shard_units(units: Units, group: Group) -> tuple[Units, dict[nn.Module, str]
     layouts = split_layouts(units.layouts, splits)
     source = ShardSource(units.source, units.layouts, layouts, splits)
     return dataclasses.replace(units, source=source, layouts=layouts), styles
+
+
+def rank_store(units: Units, group: Group, cfg: Config, device: torch.device, progress: bool) -> Units:
+    """`units` (a rank's, from `shard_units`) read from a layer store of this rank's shards in the cache, written
+    on first use (a killed write resumes): later opens and every pass read 1/N of each unit, each shard checked
+    against its own checksum. The whole units' files are closed once the shards are written."""
+    store_dir = default_store_dir(units.checkpoint, cfg.runtime.cache_dir, units.dtype,
+                                  variant=f"tp{group.world}-rank{group.rank}")
+    copy_units(store_dir, units.source, units.layouts, units.dtype, units.hf_config, origin=units.checkpoint.path,
+               disk_budget_bytes=cfg.budget.disk, progress=progress)
+    source = store_source(store_dir, cfg.io.verify_checksums, units.dtype, drops_page_cache(cfg, device))
+    stale = next((key for key, layout in units.layouts.items() if _layout_or_none(source, key) != layout), None)
+    if stale is not None:
+        close_source(source)
+        raise CheckpointError(f"{store_dir}: unit {stale!r} was sharded another way (another transformers "
+                              f"release's plan?); delete that folder and the next run writes it again")
+    units.close()
+    return dataclasses.replace(units, source=source)
+
+
+def _layout_or_none(source: Any, key: str) -> UnitLayout | None:
+    try:
+        return source.layout(key)
+    except KeyError:
+        return None
 
 
 def plan_splits(skeleton: Skeleton, layouts: dict[str, UnitLayout],

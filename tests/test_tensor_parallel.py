@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,34 @@ def test_generate_tp_prints_the_single_process_answer(smollm2_store, tmp_path):
 
 
 @pytest.mark.slow
+def test_each_rank_writes_its_shards_once_and_a_corrupt_shard_ends_the_run(smollm2_store, tmp_path):
+    """The first `--tp 3` run writes each rank's shards as a layer store of their own (a third of each decoder
+    layer, with its own checksums); a second run reads them, and a corrupt shard is refused before its bytes
+    reach the model: every rank ends, with one line naming the file."""
+    import glob
+
+    store, _ = smollm2_store
+    first = _cli(tmp_path, store, "--prompt", "hi", "--tp", "3", "--max-new-tokens", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    whole = json.loads((Path(store) / "manifest.json").read_text())["units"]["layers.3"]
+    shards = []
+    for rank in range(3):
+        (directory,) = glob.glob(str(tmp_path / ".cache" / "tierstore" / f"*-tp3-rank{rank}-*"))
+        shards.append(json.loads((Path(directory) / "manifest.json").read_text())["units"]["layers.3"])
+        assert 0.3 < shards[-1]["nbytes"] / whole["nbytes"] < 0.37, (rank, shards[-1]["nbytes"], whole["nbytes"])
+    assert len({shard["checksum"] for shard in shards}) == 3  # three different thirds, each with its checksum
+    (directory,) = glob.glob(str(tmp_path / ".cache" / "tierstore" / "*-tp3-rank1-*"))
+    unit = Path(directory) / shards[1]["file"]
+    data = bytearray(unit.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    unit.write_bytes(bytes(data))
+    second = _cli(tmp_path, store, "--prompt", "hi", "--tp", "3", "--max-new-tokens", "4")
+    assert second.returncode == 2, second.stderr[-3000:]  # a checkpoint error, as with one process
+    (line,) = second.stderr.strip().splitlines()
+    assert line.startswith("tierstore: error: rank 1 of 3: ") and f"{unit}: checksum mismatch" in line, line
+
+
+@pytest.mark.slow
 def test_a_failing_rank_ends_every_rank_with_one_line(smollm2_store, tmp_path):
     """Rank 1 fails on its fifth unit read; ranks 0 and 2, waiting in a collective, are stopped too."""
     directory, _ = smollm2_store
@@ -134,3 +163,46 @@ def test_a_ranks_units_are_its_shard_and_the_plan_says_so(tiny_dirs, tmp_path):
         units.close()
     plan = make_plan_for(directory, {"vram": "1GB", "ram": "1GB"}, config, tensor_parallel=2)
     assert any("rank 0 of 2" in note for note in plan.notes)
+
+
+def test_a_ranks_shard_store_holds_its_slices_and_one_sharded_another_way_is_refused(tiny_dirs, tmp_path):
+    """`rank_store` writes the rank's slices of every unit as they were served from the whole units, and reads
+    them back from there; a store whose manifest says another shape for a unit is refused, naming it."""
+    from tierstore.config import Config
+    from tierstore.errors import CheckpointError
+    from tierstore.inference.resolve import resolve
+    from tierstore.inference.sources import open_units
+    from tierstore.inference.tensor_parallel import Group, rank_store, shard_units
+
+    directory, _ = tiny_dirs("llama")
+    cfg = Config.load({"runtime": {"cache_dir": str(tmp_path)}})
+
+    def opened():
+        units = open_units(resolve(directory), cfg, torch.device("cpu"), None, False, False)
+        return shard_units(units, Group(1, 2))[0]
+
+    sharded = opened()
+    want = {}
+    for key, layout in sharded.layouts.items():
+        want[key] = torch.zeros(layout.nbytes, dtype=torch.uint8)
+        sharded.source.read_into(key, want[key])
+    stored = rank_store(sharded, Group(1, 2), cfg, torch.device("cpu"), False)
+    try:
+        for key, layout in stored.layouts.items():
+            got = torch.zeros(layout.nbytes, dtype=torch.uint8)
+            stored.source.read_into(key, got)
+            assert torch.equal(got, want[key]), key
+    finally:
+        stored.close()
+    (manifest,) = tmp_path.glob("*-tp2-rank1-*/manifest.json")
+    data = json.loads(manifest.read_text())
+    tensors = data["units"]["layers.0"]["tensors"]
+    name = next(iter(tensors))
+    tensors[name]["shape"][0] //= 2
+    manifest.write_text(json.dumps(data))
+    sharded = opened()
+    with pytest.raises(CheckpointError, match=r"unit 'layers.0' was sharded another way"):
+        try:
+            rank_store(sharded, Group(1, 2), cfg, torch.device("cpu"), False)
+        finally:
+            sharded.close()
