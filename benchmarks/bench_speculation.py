@@ -102,6 +102,11 @@ def inflate(gguf: str, out_dir: str, factor: int = WIDTH_FACTOR, inter_size: int
     inflation.config.save_pretrained(out_dir)
 
 
+def first_difference(tokens: list[int], reference: list[int]) -> int | None:
+    """The first position where two runs' tokens differ; None when they agree as far as both go."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
+
+
 def encode(tokenizer, prompt: str):
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
@@ -126,15 +131,15 @@ def run_row(target: str, draft: str | None, prompt: str, new_tokens: int, budget
         report = model.report().to_dict()
         plan = model.plan
         tokens = out[0, ids.shape[1]:].tolist()
-        first_difference = next((i for i, (a, b) in enumerate(zip(tokens, reference or tokens)) if a != b), None)
+        parting = first_difference(tokens, reference or tokens)
         margin = None
-        if first_difference is not None:
-            prefix = torch.tensor([ids[0].tolist() + reference[:first_difference]], device=model.device)
+        if parting is not None:
+            prefix = torch.tensor([ids[0].tolist() + reference[:parting]], device=model.device)
             logits = model(prefix).logits[0, -1].float()
             top = logits.topk(2).values.tolist()
             margin = top[0] - top[1]
     timing, spec = report["timing"], report["speculation"] or {}
-    return {"draft": draft or "none", "tokens": tokens, "first_difference": first_difference,
+    return {"draft": draft or "none", "tokens": tokens, "first_difference": parting,
             "top2_logit_margin_there": margin,
             "tokens_per_s": timing["decode_tokens_per_s"], "pass_s": timing["decode_step_s"],
             "predicted_pass_s": timing["predicted_step_s"], "new_tokens": timing["new_tokens"],

@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_7b import build_checkpoint, prompt_text  # noqa: E402
-from bench_speculation import QUESTION, inflate  # noqa: E402
+from bench_speculation import QUESTION, first_difference, inflate  # noqa: E402
 
 TP_WIDTH_FACTOR = 8  # SmolLM2's 9 query and 3 key-value heads times 8: divisible by 2, 4 and 8 ranks
 
@@ -118,7 +118,7 @@ def main() -> None:
             continue
         speed = base["s_per_token"] / row["s_per_token"] if base else float("nan")
         ratio = row["s_per_token"] / row["bound_s"] if row["bound_s"] else float("nan")
-        same = "n/a" if base is None else first_difference(row["tokens"][0], base["tokens"][0])
+        same = "n/a" if base is None else same_tokens(row["tokens"][0], base["tokens"][0])
         print(f"{row['ranks']:>2} {row['s_per_token']:>8.4f} {speed:>8.2f} {row['h2d_bytes_per_pass'] / 1e9:>12.2f} "
               f"{row['link_gbps']:>9.1f} {row['bound_s']:>8.4f} {ratio:>7.2f}  {same}")
     for row in rows:
@@ -126,12 +126,12 @@ def main() -> None:
             print(f"N={row['ranks']}: {row['answer']}")
 
 
-def first_difference(tokens: list[int], reference: list[int]) -> str:
+def same_tokens(tokens: list[int], reference: list[int]) -> str:
     """"yes" when two runs gave the same tokens, else where they first part."""
     if tokens == reference:
         return "yes"
-    at = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
-    return f"no, from token {at}"
+    at = first_difference(tokens, reference)
+    return f"no, from token {min(len(tokens), len(reference)) if at is None else at}"
 
 
 if __name__ == "__main__":

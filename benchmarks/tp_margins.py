@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_speculation import QUESTION  # noqa: E402
+from bench_speculation import QUESTION, first_difference  # noqa: E402
 
 
 def run(model_path: str, out: str, vram: str = "4GB", ram: str = "16GB", tokens: int = 48) -> None:
@@ -38,7 +38,7 @@ def compare(first_path: str, second_path: str) -> None:
     """Step by step up to the first different token: the largest logit difference and each run's best two."""
     first, second = torch.load(first_path), torch.load(second_path)
     a, b = first["tokens"].tolist(), second["tokens"].tolist()
-    parting = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    parting = first_difference(a, b)
     print(f"N={first['world']} and N={second['world']}: "
           + ("the same tokens" if parting is None else f"the same tokens up to step {parting}"))
     for step in range(len(a) if parting is None else parting + 1):

@@ -361,13 +361,11 @@ def test_the_largest_batch_keeps_a_streamed_unit_in_flight_beside_the_one_comput
     """Each sequence's KV cache takes device room from the streamed layers: past a point only one layer fits at a
     time, and copies and compute take turns. The batch stops short of that point, and says so. Planning only:
     the CPU stands in for a GPU."""
-    import math
-
     import torch
 
     import tierstore
     from tierstore.errors import BudgetError
-    from tierstore.inference.batcher import COLUMN_SLACK, largest_batch
+    from tierstore.inference.batcher import kv_cache_tokens, largest_batch
     from tierstore.planning import ACTIVATION_SLACK_BYTES
 
     directory, reference = tiny_dirs("llama")
@@ -382,10 +380,10 @@ def test_the_largest_batch_keeps_a_streamed_unit_in_flight_beside_the_one_comput
         assert batch < held, notes
         assert notes[0].startswith(f"batch {batch}, not the {held} the budgets hold"), notes
         for larger in (batch + 1, held):  # one unit in flight at a time, from the next batch on
-            plan = model.kv_placement(math.ceil(larger * 4 * COLUMN_SLACK))[1]
+            plan = model.kv_placement(kv_cache_tokens(larger, 4))[1]
             assert plan.prefetch_depth == 0, (larger, plan.prefetch_depth)
         with pytest.raises(BudgetError):
-            model.kv_placement(math.ceil((held + 1) * 4 * COLUMN_SLACK))
+            model.kv_placement(kv_cache_tokens(held + 1, 4))
 
 
 def test_the_host_kv_cache_fetches_a_layer_only_after_the_compute_queued_before_it(monkeypatch):
