@@ -1,5 +1,6 @@
 """Tensor-parallel streaming on 1, 2 and 4 GPUs: s/token of `tierstore generate --tp N` at the same per-GPU
-budget, against the bound of bytes per link over the pinned GB/s each link reaches while all N copy at once.
+budget, against its bound: the larger of bytes per link over the pinned GB/s each link reaches while all N copy at
+once, and the step of the same N ranks with every weight resident.
 
 Two targets, one device-tool call each on nvidia-h200-x4:
     python benchmarks/bench_tp.py --out $OUT --ranks 1,2,4
@@ -8,7 +9,9 @@ Two targets, one device-tool call each on nvidia-h200-x4:
         real language at 7B byte cost: SmolLM2 inflated as bench_speculation.py does, but 8 times wide (hidden
         4608, 72 query and 24 key-value heads, so 2 and 4 ranks divide them; 12.4 GB bf16); a chat question.
 Prints one table: N, s/token, speed-up over N = 1, host->device bytes per link per pass, the concurrent pinned
-GB/s per link, the bound, the ratio to it, and whether the tokens equal N = 1's (with the first difference).
+GB/s per link, the link bound, the resident step, the ratio to the larger of the two, and whether the tokens equal
+N = 1's (with the first difference). The resident step is the same N ranks with every weight on their GPUs
+(--resident-vram): a pass's kernel launches and collectives, the floor that more links do not lower.
 """
 from __future__ import annotations
 
@@ -55,15 +58,16 @@ def concurrent_pinned_gbps(devices: int, nbytes: int = 2 << 30, repeats: int = 5
     return sorted(rates)[len(rates) // 2]
 
 
-def run_ranks(model: str, ranks: int, args: argparse.Namespace) -> dict:
-    """`tierstore generate --tp ranks` on the target's prompt: its report and the start of its answer."""
-    report = os.path.join(args.out, f"{args.tag}-tp{ranks}.json")
+def run_ranks(model: str, ranks: int, vram: str, args: argparse.Namespace) -> dict:
+    """`tierstore generate --tp ranks` on the target's prompt at `vram` per GPU: its report and the start of its
+    answer."""
+    report = os.path.join(args.out, f"{args.tag}-tp{ranks}-{vram}.json")
     if args.gguf:
         prompt = ["--prompt", QUESTION]
     else:
         prompt = ["--prompt", prompt_text(), "--no-chat-template"]
     command = [sys.executable, "-m", "tierstore", "generate", model, *prompt, "--max-new-tokens", str(args.tokens),
-               "--vram", args.vram, "--ram", args.ram, "--report-json", report, "--config", args.config]
+               "--vram", vram, "--ram", args.ram, "--report-json", report, "--config", args.config]
     if ranks > 1:
         command += ["--tp", str(ranks)]
     start = time.perf_counter()
@@ -85,6 +89,8 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--vram", default="4GB", help="per GPU")
     parser.add_argument("--ram", default="16GB", help="per rank")
+    parser.add_argument("--resident-vram", default="60GB",
+                        help="per GPU, for the resident step: room for every weight ('' to skip it)")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
@@ -103,15 +109,19 @@ def main() -> None:
     rows = []
     for ranks in [int(n) for n in args.ranks.split(",") if int(n) <= torch.cuda.device_count()]:
         link = concurrent_pinned_gbps(ranks)
-        result = run_ranks(args.model, ranks, args)
+        result = run_ranks(args.model, ranks, args.vram, args)
         result.update(ranks=ranks, link_gbps=link)
         if "error" not in result:
-            result["bound_s"] = result["h2d_bytes_per_pass"] / (link * 1e9)
+            result["link_bound_s"] = result["h2d_bytes_per_pass"] / (link * 1e9)
+            resident = run_ranks(args.model, ranks, args.resident_vram, args) if args.resident_vram else {}
+            result["resident_s"] = resident.get("s_per_token")  # None: not measured, or its run's error below
+            result["resident_error"] = resident.get("error")
+            result["bound_s"] = max(result["link_bound_s"], result["resident_s"] or 0.0)
         rows.append(result)
         print("RESULT " + json.dumps(result), flush=True)
     base = rows[0] if rows and "error" not in rows[0] else None
-    print(f"{'N':>2} {'s/token':>8} {'speed-up':>8} {'GB/link/pass':>12} {'link GB/s':>9} {'bound s':>8} "
-          f"{'x bound':>7}  same tokens")
+    print(f"{'N':>2} {'s/token':>8} {'speed-up':>8} {'GB/link/pass':>12} {'link GB/s':>9} {'link bound':>10} "
+          f"{'resident':>8} {'x bound':>7}  same tokens")
     for row in rows:
         if "error" in row:
             print(f"{row['ranks']:>2} error: {row['error']}")
@@ -119,8 +129,11 @@ def main() -> None:
         speed = base["s_per_token"] / row["s_per_token"] if base else float("nan")
         ratio = row["s_per_token"] / row["bound_s"] if row["bound_s"] else float("nan")
         same = "n/a" if base is None else same_tokens(row["tokens"][0], base["tokens"][0])
+        resident = "-" if row["resident_s"] is None else f"{row['resident_s']:.4f}"
         print(f"{row['ranks']:>2} {row['s_per_token']:>8.4f} {speed:>8.2f} {row['h2d_bytes_per_pass'] / 1e9:>12.2f} "
-              f"{row['link_gbps']:>9.1f} {row['bound_s']:>8.4f} {ratio:>7.2f}  {same}")
+              f"{row['link_gbps']:>9.1f} {row['link_bound_s']:>10.4f} {resident:>8} {ratio:>7.2f}  {same}")
+        if row["resident_error"]:
+            print(f"   resident step: {row['resident_error']}")
     for row in rows:
         if "answer" in row:
             print(f"N={row['ranks']}: {row['answer']}")
