@@ -149,23 +149,19 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
             log.info("%s store of %s already in %s", codec.format, base.path, out_dir)
             return out_dir
         log.info("compressing %s to %s into %s", base.path, codec.format, out_dir)
-        done = _finished_units(out_dir)
         layouts = {key: source.layout(key) for key in skeleton.units}
-        needed = sum(compressed_layout(layouts[key], skeleton.matrices, codec)[0].nbytes
-                     for key in skeleton.units if key not in done)
-        _require_room(out_dir, needed, disk_budget_bytes)
-        records = dict(done)
-        with _progress(progress, len(skeleton.units), len(done), f"compressing to {codec.format}") as advance:
-            for key, layout in layouts.items():
-                if key in records:
-                    continue
-                buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
-                source.read_into(key, buffer)
-                packed_layout, packed_buffer, packed = compress_unit(layout, buffer, skeleton.matrices, codec,
-                                                                     device)
-                extra = {"packed": packed.to_dict()} if packed is not None else {}
-                records[key] = _write_buffer(out_dir, key, packed_layout, packed_buffer, extra)
-                advance()
+
+        def write_unit(key: str) -> dict[str, Any]:
+            buffer = torch.empty(layouts[key].nbytes, dtype=torch.uint8)
+            source.read_into(key, buffer)
+            packed_layout, packed_buffer, packed = compress_unit(layouts[key], buffer, skeleton.matrices, codec,
+                                                                 device)
+            extra = {"packed": packed.to_dict()} if packed is not None else {}
+            return _write_buffer(out_dir, key, packed_layout, packed_buffer, extra)
+
+        sizes = {key: compressed_layout(layout, skeleton.matrices, codec)[0].nbytes for key, layout in layouts.items()}
+        records = _write_missing(out_dir, sizes, write_unit, disk_budget_bytes, progress,
+                                 f"compressing to {codec.format}")
         _write_metadata(out_dir, os.path.abspath(base.path), load_config(base, trust_remote_code), records,
                         load_tokenizer(base, trust_remote_code),
                         compression=codec.to_dict())
@@ -194,31 +190,28 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
         shapes = _parameter_shapes(skeleton)
         layouts = {key: UnitLayout.pack(key, {name: _planned(shapes, name, dtype) for name in names})
                    for key, names in skeleton.units.items()}
-        done = _finished_units(out_dir)
-        final = {key: compressed_layout(layout, skeleton.matrices, codec)[0] if codec else layout
-                 for key, layout in layouts.items()}
-        _require_room(out_dir, sum(final[key].nbytes for key in layouts if key not in done), disk_budget_bytes)
-        records = dict(done)
         # a compressed unit is packed where it is quantized: tensors made on a GPU never cross the link twice
         pack_device = torch.device(device) if codec else torch.device("cpu")
-        with _progress(progress, len(layouts), len(done), "writing units") as advance:
-            for key, layout in layouts.items():
-                if key in records:
-                    continue
-                tensors = unit_tensors(key, list(layout.slots))
-                require_tensors(key, layout.slots, tensors, "unit_tensors")
-                buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=pack_device)
-                for name, view in layout.views(buffer).items():
-                    if tuple(tensors[name].shape) != tuple(view.shape):
-                        raise InputError(f"unit_tensors: {name!r} of unit {key!r} has shape "
-                                         f"{tuple(tensors[name].shape)}, the model's is {tuple(view.shape)}")
-                    view.copy_(tensors[name])
-                extra: dict[str, Any] = {}
-                if codec is not None:
-                    layout, buffer, packed = compress_unit(layout, buffer, skeleton.matrices, codec, pack_device)
-                    extra = {"packed": packed.to_dict()} if packed is not None else {}
-                records[key] = _write_buffer(out_dir, key, layout, buffer.cpu(), extra)
-                advance()
+
+        def write_unit(key: str) -> dict[str, Any]:
+            layout = layouts[key]
+            tensors = unit_tensors(key, list(layout.slots))
+            require_tensors(key, layout.slots, tensors, "unit_tensors")
+            buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=pack_device)
+            for name, view in layout.views(buffer).items():
+                if tuple(tensors[name].shape) != tuple(view.shape):
+                    raise InputError(f"unit_tensors: {name!r} of unit {key!r} has shape "
+                                     f"{tuple(tensors[name].shape)}, the model's is {tuple(view.shape)}")
+                view.copy_(tensors[name])
+            extra: dict[str, Any] = {}
+            if codec is not None:
+                layout, buffer, packed = compress_unit(layout, buffer, skeleton.matrices, codec, pack_device)
+                extra = {"packed": packed.to_dict()} if packed is not None else {}
+            return _write_buffer(out_dir, key, layout, buffer.cpu(), extra)
+
+        sizes = {key: (compressed_layout(layout, skeleton.matrices, codec)[0] if codec else layout).nbytes
+                 for key, layout in layouts.items()}
+        records = _write_missing(out_dir, sizes, write_unit, disk_budget_bytes, progress, "writing units")
         kind = {"compression": codec.to_dict()} if codec else {"dtype": requested}
         _write_metadata(out_dir, "write_store", config, records, tokenizer, **kind)
     return out_dir
@@ -232,16 +225,14 @@ def copy_units(out_dir: str, source: UnitSource, layouts: Mapping[str, UnitLayou
     with _store_writer(out_dir, dtype_name(dtype), None) as finished:
         if finished:
             return out_dir
-        records = _finished_units(out_dir)
-        _require_room(out_dir, sum(layout.nbytes for key, layout in layouts.items() if key not in records),
-                      disk_budget_bytes)
-        with _progress(progress, len(layouts), len(records), "writing units") as advance:
-            for key, layout in layouts.items():
-                if key not in records:
-                    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)  # padding between tensors: zeros
-                    source.read_into(key, buffer)
-                    records[key] = _write_buffer(out_dir, key, layout, buffer, {})
-                    advance()
+
+        def write_unit(key: str) -> dict[str, Any]:
+            buffer = torch.zeros(layouts[key].nbytes, dtype=torch.uint8)  # padding between tensors: zeros
+            source.read_into(key, buffer)
+            return _write_buffer(out_dir, key, layouts[key], buffer, {})
+
+        sizes = {key: layout.nbytes for key, layout in layouts.items()}
+        records = _write_missing(out_dir, sizes, write_unit, disk_budget_bytes, progress, "writing units")
         _write_metadata(out_dir, origin, config, records, None, dtype=dtype_name(dtype))
     return out_dir
 
@@ -354,6 +345,20 @@ def _write_buffer(out_dir: str, key: str, layout: UnitLayout, buffer: torch.Tens
     record = {"file": unit_filename(key), "checksum": checksum(buffer), **layout_to_dict(layout), **extra}
     write_atomic(os.path.join(out_dir, unit_filename(key) + ".json"), json.dumps(record).encode())
     return record
+
+
+def _write_missing(out_dir: str, sizes: Mapping[str, int], write_unit: Callable[[str], dict[str, Any]],
+                   disk_budget_bytes: int | None, progress: bool, what: str) -> dict[str, dict[str, Any]]:
+    """The records of every unit in `sizes` (its bytes in the store): those an earlier run finished kept, the
+    rest written in order by `write_unit(key)`, once the disk is known to have room for them."""
+    records = _finished_units(out_dir)
+    _require_room(out_dir, sum(nbytes for key, nbytes in sizes.items() if key not in records), disk_budget_bytes)
+    with _progress(progress, len(sizes), len(records), what) as advance:
+        for key in sizes:
+            if key not in records:
+                records[key] = write_unit(key)
+                advance()
+    return records
 
 
 def _finished_units(out_dir: str) -> dict[str, dict[str, Any]]:
