@@ -60,7 +60,7 @@ def batch_rows(model, batches: list[int], new_tokens: int, kv: str) -> list[dict
 def batcher_row(model, batch: int, new_tokens: int, kv: str) -> dict:
     """`batch` sequences submitted at once to the continuous batcher (after a warm-up pass): aggregate tokens/s
     over the whole run, and each sequence's tokens."""
-    from tierstore.inference.batcher import Batcher, SamplingParams
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
 
     model.fit_kv_cache(batch * (PROMPT_TOKENS + new_tokens))  # where `kv` says, as the server's batch is placed
     warm_up_s = model.warm_up()

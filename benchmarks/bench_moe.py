@@ -77,7 +77,7 @@ def skew_routers(path: str, hot: int = 16, scale: float = 3.0) -> None:
     almost uniformly, which understates what an expert cache gains on real models)."""
     import torch
 
-    from tierstore.inference.checkpoint import safetensors_entries
+    from tierstore.inference.loading.checkpoint import safetensors_entries
 
     for name, entry in safetensors_entries(path).items():
         if not name.endswith("mlp.gate.weight"):

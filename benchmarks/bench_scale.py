@@ -54,7 +54,7 @@ def write_random_store(store: str, shape: str, codec: str, device: str) -> dict:
     import torch
 
     from tierstore.compression import Codec
-    from tierstore.inference.convert import write_store
+    from tierstore.inference.loading.convert import write_store
 
     config = model_config(shape)
     with torch.device("meta"):

@@ -31,7 +31,7 @@ def write_target(inflation: Inflation, store: str, codec: str, device) -> dict:
     import torch
 
     from tierstore.compression import Codec
-    from tierstore.inference.convert import write_store
+    from tierstore.inference.loading.convert import write_store
 
     start = time.perf_counter()
     write_store(store, inflation.config, lambda key, names: {name: inflation.tensor(name, device) for name in names},

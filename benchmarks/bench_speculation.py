@@ -164,7 +164,7 @@ def main() -> None:
     import torch
 
     import tierstore
-    from tierstore.inference.convert import compress_model
+    from tierstore.inference.loading.convert import compress_model
     from tierstore.probe import run_probe
 
     config = {"runtime": {"cache_dir": os.path.join(args.work, "cache")}}

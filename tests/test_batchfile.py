@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from tierstore.inference.cli import main
+from tierstore.inference.front.cli import main
 
 PROMPTS = ["What is the capital of France?", "Name a colour.", "Say hello.", "Count to three.", "Name a fruit."]
 

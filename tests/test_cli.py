@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from tierstore.inference.cli import main
+from tierstore.inference.front.cli import main
 
 
 def _run(argv, capsys):

@@ -123,11 +123,11 @@ def test_a_corrupt_compressed_unit_is_refused_before_any_token(tiny_dirs, tmp_pa
 
 
 def test_an_interrupted_compression_resumes_to_the_same_store(tiny_dirs, tmp_path):
-    from tierstore.inference.checkpoint import load_config
-    from tierstore.inference.sources import in_place_source
-    from tierstore.inference.convert import compress
-    from tierstore.inference.resolve import resolve
-    from tierstore.inference.skeleton import build_skeleton
+    from tierstore.inference.loading.checkpoint import load_config
+    from tierstore.inference.loading.sources import in_place_source
+    from tierstore.inference.loading.convert import compress
+    from tierstore.inference.loading.resolve import resolve
+    from tierstore.inference.loading.skeleton import build_skeleton
 
     directory, _ = tiny_dirs("llama")
     checkpoint = resolve(directory)
@@ -165,7 +165,7 @@ def test_an_interrupted_compression_resumes_to_the_same_store(tiny_dirs, tmp_pat
 
 
 def test_plan_sizes_units_compressed_without_writing_anything(tiny_dirs, tmp_path):
-    from tierstore.inference.placement import make_plan_for
+    from tierstore.inference.placement.plan import make_plan_for
 
     directory, _ = tiny_dirs("llama")
     config = _config(tmp_path, "nf4")
@@ -195,7 +195,7 @@ def test_bad_compression_settings_are_one_clear_error(tiny_dirs, tmp_path):
 
 
 def test_cli_convert_compress_then_plan(tiny_dirs, tmp_path, capsys):
-    from tierstore.inference.cli import main
+    from tierstore.inference.front.cli import main
 
     directory, _ = tiny_dirs("qwen3")
     out = str(tmp_path / "q")
@@ -212,7 +212,7 @@ def test_cli_convert_compress_then_plan(tiny_dirs, tmp_path, capsys):
 def test_direct_io_reads_the_same_units_and_says_how_it_reads(tiny_dirs, tmp_path):
     """io.direct_io: O_DIRECT where the filesystem allows it (whole blocks into page-aligned buffers, the tail
     through the page cache), else posix_fadvise; the report's plan notes say which."""
-    from tierstore.inference.layerstore import direct_io_works
+    from tierstore.inference.loading.layerstore import direct_io_works
 
     directory, _ = tiny_dirs("llama")
     config = _config(tmp_path, "nf4")

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from tierstore.inference.convert import convert
-from tierstore.inference.resolve import resolve
+from tierstore.inference.loading.convert import convert
+from tierstore.inference.loading.resolve import resolve
 
 import tierstore
 
@@ -77,7 +77,7 @@ _KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         real(path, data)
     conv.write_atomic = write_then_die
-    from tierstore.inference.resolve import resolve
+    from tierstore.inference.loading.resolve import resolve
     conv.convert(resolve(sys.argv[1]), sys.argv[2], progress=False)
 """)
 
@@ -102,7 +102,7 @@ def test_write_error_during_conversion_is_clean(bin_checkpoint, tmp_path):
         import resource, signal, sys
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))   # a 'disk' that fills mid-unit
-        from tierstore.inference.cli import main
+        from tierstore.inference.front.cli import main
         sys.exit(main(["convert", sys.argv[1], sys.argv[2]]))
     """)
     before = {f: os.path.getsize(os.path.join(source, f)) for f in os.listdir(source)}
@@ -116,7 +116,7 @@ def test_write_error_during_conversion_is_clean(bin_checkpoint, tmp_path):
 def test_two_converters_at_once_make_one_good_store(bin_checkpoint, tmp_path):
     source, reference = bin_checkpoint
     out = str(tmp_path / "store")
-    script = "import sys; from tierstore.inference.cli import main; sys.exit(main(['convert', sys.argv[1], sys.argv[2]]))"
+    script = "import sys; from tierstore.inference.front.cli import main; sys.exit(main(['convert', sys.argv[1], sys.argv[2]]))"
     procs = [subprocess.Popen([sys.executable, "-c", script, source, out], stderr=subprocess.PIPE) for _ in range(2)]
     assert [p.wait() for p in procs] == [0, 0]
     assert _generate(out, tmp_path) == reference.generate(PROMPT, max_new_tokens=8, do_sample=False).tolist()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tierstore
-from tierstore.inference.cli import main
+from tierstore.inference.front.cli import main
 
 IDS = torch.tensor([[5, 9, 33, 7, 81]])
 
@@ -160,7 +160,7 @@ def test_report_counts_the_last_call_and_the_disk_bytes_it_served(tiny, tmp_path
 
 
 def test_on_a_cpu_both_budgets_share_the_free_ram_and_a_unit_is_held_once(tiny, tmp_path):
-    from tierstore.planning import effective_budgets
+    from tierstore.inference.placement.budgets import effective_budgets
 
     free = 1_000_000_000
     measured = tierstore.Budget(vram=0, ram=free)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tierstore
-from tierstore.inference.placement import make_plan_for
+from tierstore.inference.placement.plan import make_plan_for
 from test_architectures import PROMPT, causal_lm_types, tiny
 
 NEW_TOKENS = 6
@@ -89,7 +89,7 @@ def _streaming_budget(directory, config):
 def has_expert_units(model) -> bool:
     """Whether tierstore cuts this model's experts into units (transformers dispatches them through its experts
     interface); other MoE layouts (Llama 4, JetMoE, LongCat-Flash) stay whole inside their layers."""
-    from tierstore.inference.skeleton import build_skeleton
+    from tierstore.inference.loading.skeleton import build_skeleton
 
     try:
         return bool(build_skeleton(model.config, torch.float32, split_experts=True).experts)
@@ -150,7 +150,7 @@ def _routed_per_call(model, prompt, new_tokens):
     def record(module, args):
         distinct.append(len(set(args[1].reshape(-1).tolist())))
 
-    from tierstore.inference.skeleton import build_skeleton
+    from tierstore.inference.loading.skeleton import build_skeleton
 
     names = {group.name for group in build_skeleton(model.config, torch.float32, split_experts=True).experts}
     handles = [module.register_forward_pre_hook(record) for name, module in model.named_modules() if name in names]
@@ -292,7 +292,7 @@ def _write_toml(tmp_path, config):
 
 
 def test_the_prefetch_gate_stops_guessing_while_its_copies_go_unused():
-    from tierstore.inference.experts import PrefetchGate
+    from tierstore.inference.runtime.experts import PrefetchGate
 
     assert not PrefetchGate("none").wanted() and PrefetchGate("router").wanted()
     gate = PrefetchGate("auto")
@@ -359,8 +359,8 @@ def test_an_auto_policy_is_reported_and_a_configured_one_kept(tmp_path):
 def test_a_store_keeps_the_expert_layout_it_was_written_with(tmp_path):
     """A store converted with experts inside their layers (as before experts were units) still runs, whole layers;
     a store of expert units asked to run whole layers is refused in one line, naming why."""
-    from tierstore.inference.convert import convert
-    from tierstore.inference.resolve import resolve
+    from tierstore.inference.loading.convert import convert
+    from tierstore.inference.loading.resolve import resolve
 
     model, directory = _saved("mixtral", tmp_path)
     want = _reference(model)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from conftest import unit_sizes
-from tierstore.inference.cli import main
+from tierstore.inference.front.cli import main
 
 import tierstore
 
@@ -38,7 +38,7 @@ def _peak_rss(*args: str) -> int:
 @pytest.mark.slow
 def test_peak_rss_stays_within_the_budgets(smollm2_store, tmp_path):
     store_dir, _ = smollm2_store
-    from tierstore.inference.layerstore import read_manifest
+    from tierstore.inference.loading.layerstore import read_manifest
 
     sizes = {key: unit["nbytes"] for key, unit in read_manifest(store_dir)["units"].items()}
     model_bytes = sum(sizes.values())

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from tierstore.inference.resolve import resolve
+from tierstore.inference.loading.resolve import resolve
 
 import tierstore
 

@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from tierstore.inference.launch import free_port
+from tierstore.inference.front.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -253,7 +253,7 @@ def test_batcher_joins_running_batches_and_matches_alone(smollm2_store, tmp_path
     """Sequences joining a running batch, both beside its next tokens and in a pass of their own, get the
     greedy tokens they get alone; the cache stays compact."""
     import tierstore
-    from tierstore.inference.batcher import Batcher, SamplingParams
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
 
     store, _ = smollm2_store
     with tierstore.AutoModel.from_pretrained(store, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
@@ -295,7 +295,7 @@ def test_the_batcher_admits_requests_while_their_kv_cache_fits_its_tokens(smollm
     max_tokens, still fits. Short requests then share passes in larger numbers than sequences of the longest
     length would, a tight size keeps fewer rows at a time, and each request gets the tokens it gets alone."""
     import tierstore
-    from tierstore.inference.batcher import Batcher, SamplingParams, kv_cache_tokens
+    from tierstore.inference.front.batcher import Batcher, SamplingParams, kv_cache_tokens
 
     store, _ = smollm2_store
     with tierstore.AutoModel.from_pretrained(store, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
@@ -329,8 +329,8 @@ def test_the_largest_batch_puts_its_kv_cache_in_host_ram_when_the_device_cannot_
     import torch
 
     import tierstore
-    from tierstore.inference.batcher import COLUMN_SLACK, largest_batch
-    from tierstore.planning import ACTIVATION_SLACK_BYTES, kv_bytes_per_token
+    from tierstore.inference.front.batcher import COLUMN_SLACK, largest_batch
+    from tierstore.inference.placement.budgets import ACTIVATION_SLACK_BYTES, kv_bytes_per_token
 
     store, _ = smollm2_store
     batches = {}
@@ -365,8 +365,8 @@ def test_the_largest_batch_keeps_a_streamed_unit_in_flight_beside_the_one_comput
 
     import tierstore
     from tierstore.errors import BudgetError
-    from tierstore.inference.batcher import kv_cache_tokens, largest_batch
-    from tierstore.planning import ACTIVATION_SLACK_BYTES
+    from tierstore.inference.front.batcher import kv_cache_tokens, largest_batch
+    from tierstore.inference.placement.budgets import ACTIVATION_SLACK_BYTES
 
     directory, reference = tiny_dirs("llama")
     layer = sum(p.numel() for p in reference.model.layers[0].parameters()) * 4
@@ -391,7 +391,7 @@ def test_the_host_kv_cache_fetches_a_layer_only_after_the_compute_queued_before_
     the fetch must wait for the compute stream, or it reads a host copy not yet written (transformers before
     5.20 did not wait). Streams are stood in for by recorders, so the order is checked on a CPU."""
     import torch
-    from tierstore.inference.host_cache import HostKVCache
+    from tierstore.inference.runtime.host_cache import HostKVCache
     from transformers import DynamicCache, LlamaConfig
 
     order = []

@@ -24,7 +24,7 @@ BUDGETS = {
 
 
 def test_unit_sizes_are_what_the_budgets_assume(smollm2_store):
-    from tierstore.inference.layerstore import read_manifest
+    from tierstore.inference.loading.layerstore import read_manifest
 
     units = read_manifest(smollm2_store[0])["units"]
     assert units["layers.0"]["nbytes"] == LAYER_BYTES and units["embed_tokens"]["nbytes"] == EMBED_BYTES
@@ -90,7 +90,7 @@ def test_disk_reads_per_step_near_the_minimum(smollm2_store, smollm2_reference, 
 def test_cli_demo_answers_under_a_budget_smaller_than_the_model(smollm2_store, tmp_path, capsys):
     import json
 
-    from tierstore.inference.cli import main
+    from tierstore.inference.front.cli import main
 
     store_dir, _ = smollm2_store
     report = tmp_path / "r.json"

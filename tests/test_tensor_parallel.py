@@ -146,10 +146,10 @@ def test_a_ranks_units_are_its_shard_and_the_plan_says_so(tiny_dirs, tmp_path):
     """At N = 2 each decoder layer and the vocabulary units are about half (the norms stay whole on every rank),
     and `tierstore plan --tp 2` is a rank's plan."""
     from tierstore.config import Config
-    from tierstore.inference.placement import make_plan_for
-    from tierstore.inference.resolve import resolve
-    from tierstore.inference.sources import open_units
-    from tierstore.inference.tensor_parallel import Group, shard_units
+    from tierstore.inference.placement.plan import make_plan_for
+    from tierstore.inference.loading.resolve import resolve
+    from tierstore.inference.loading.sources import open_units
+    from tierstore.inference.loading.shards import Group, shard_units
 
     directory, _ = tiny_dirs("llama")
     config = {"runtime": {"cache_dir": str(tmp_path)}}
@@ -170,9 +170,9 @@ def test_a_ranks_shard_store_holds_its_slices_and_one_sharded_another_way_is_ref
     them back from there; a store whose manifest says another shape for a unit is refused, naming it."""
     from tierstore.config import Config
     from tierstore.errors import CheckpointError
-    from tierstore.inference.resolve import resolve
-    from tierstore.inference.sources import open_units
-    from tierstore.inference.tensor_parallel import Group, rank_store, shard_units
+    from tierstore.inference.loading.resolve import resolve
+    from tierstore.inference.loading.sources import open_units
+    from tierstore.inference.loading.shards import Group, rank_store, shard_units
 
     directory, _ = tiny_dirs("llama")
     cfg = Config.load({"runtime": {"cache_dir": str(tmp_path)}})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tierstore
-from tierstore.inference.cli import main
+from tierstore.inference.front.cli import main
 from tierstore.trace import COMPUTE, COPY, DISK_PREFIX, PASSES, STALLS, TOKENS
 
 NEW_TOKENS = 6

@@ -8,7 +8,7 @@ import torch
 
 import tierstore
 from tierstore.compression import Codec
-from tierstore.inference.convert import compress_model, write_store
+from tierstore.inference.loading.convert import compress_model, write_store
 
 PROMPT = torch.tensor([[5, 9, 33, 7, 81]])
 
@@ -16,7 +16,7 @@ PROMPT = torch.tensor([[5, 9, 33, 7, 81]])
 def _from_state(model, asked=None):
     """unit_tensors serving `model`'s own weights (an expert's slice cut from its fused tensor); records the keys
     asked for in `asked`."""
-    from tierstore.inference.skeleton import parse_slice
+    from tierstore.inference.loading.skeleton import parse_slice
 
     state = model.state_dict()
 

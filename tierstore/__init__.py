@@ -50,7 +50,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # torch-heavy parts load on first use, so `tierstore.policies` and budget parsing stay light.
     if name == "AutoModel":
-        from .inference.auto import AutoModel
+        from .inference.compose import AutoModel
         return AutoModel
     if name == "TieredStore":
         from .store import TieredStore

@@ -1,6 +1,6 @@
 """`python -m tierstore` runs the CLI."""
 import sys
 
-from .inference.cli import main
+from .inference.front.cli import main
 
 sys.exit(main())

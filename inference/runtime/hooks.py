@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compression import Decompressor
-from ..errors import ModelError
-from ..store import TieredStore
-from ..trace import COMPUTE, PASSES, Tracer
+from ...compression import Decompressor
+from ...errors import ModelError
+from ...store import TieredStore
+from ...trace import COMPUTE, PASSES, Tracer
 from .lookup import HostLookup
-from .skeleton import Binding, HookSite, Skeleton
+from ..loading.skeleton import Binding, HookSite, Skeleton
 
 
 Hook = Callable[..., None]

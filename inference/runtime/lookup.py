@@ -13,9 +13,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..sizes import format_size
-from .skeleton import Skeleton
-from .sources import Units
+from ...sizes import format_size
+from ..loading.skeleton import Skeleton
+from ..loading.sources import Units
 
 
 def lookup_key(skeleton: Skeleton) -> str | None:

@@ -6,7 +6,7 @@ import glob
 import importlib.util
 import os
 
-from ..errors import CheckpointError, ModelError
+from ...errors import CheckpointError, ModelError
 from .layerstore import MANIFEST
 
 ALIASES = {

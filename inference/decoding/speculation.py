@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
-from ..trace import DRAFT, TOKENS, Tracer
+from ...errors import InputError
+from ...trace import DRAFT, TOKENS, Tracer
 from .tree import DraftTree, attention_bias, keep_positions
 
 Choose = Callable[[torch.Tensor], torch.Tensor]  # logits (rows, vocab) -> one token per row

@@ -9,9 +9,9 @@ import os
 import sys
 from typing import Any
 
-from ..budget import Budget
-from ..config import COMPRESSION_FORMATS
-from ..errors import InputError, TierstoreError
+from ...budget import Budget
+from ...config import COMPRESSION_FORMATS
+from ...errors import InputError, TierstoreError
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype takes; placement.as_dtype reads the same names
 
@@ -52,7 +52,7 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
-    from .. import __version__
+    from ... import __version__
 
     parser = _Parser(prog="tierstore", description="Run language models larger than GPU memory.")
     parser.add_argument("--version", action="version", version=f"tierstore {__version__}")
@@ -143,7 +143,7 @@ def _budget(args: argparse.Namespace) -> Budget | None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from ..config import Config
+    from ...config import Config
 
     return Config.load(args.config).with_compression(args.compress)
 
@@ -158,7 +158,7 @@ def _generate(args: argparse.Namespace) -> int:
     if (args.prompts_file is None) != (args.out is None) or (args.batch_size is not None and not args.prompts_file):
         raise InputError("--prompts-file and --out go together (and --batch-size with them)")
     if args.report_json:
-        from ..files import check_writable
+        from ...files import check_writable
         check_writable(args.report_json, "--report-json file")
     tensor_parallel, launch = _tensor_parallel(args)
     if launch:
@@ -183,7 +183,7 @@ def _generate(args: argparse.Namespace) -> int:
         console.print()
     console.print(result["report"])
     if args.report_json and _rank() == 0:
-        from ..files import write_atomic
+        from ...files import write_atomic
         data = {key: value for key, value in result.items() if key != "report"}
         write_atomic(args.report_json, json.dumps(data, indent=1).encode())
     return 0
@@ -191,7 +191,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _tensor_parallel(args: argparse.Namespace) -> tuple[int, bool]:
     """The ranks this run has, and whether this process is to launch them (or is one of them, or runs alone)."""
-    from .tensor_parallel import launched_world
+    from ..loading.shards import launched_world
 
     world = launched_world()
     if world is not None and args.tp is not None and args.tp != world:
@@ -230,7 +230,7 @@ def _generate_file(args: argparse.Namespace, request: Any, console: Any) -> int:
                   f"{result['batch_size']}: {result['new_tokens']} tokens in {result['seconds']:.1f} s, "
                   f"{rate:.1f} tokens/s", markup=False, highlight=False)
     if args.report_json:
-        from ..files import write_atomic
+        from ...files import write_atomic
         data = {**{key: value for key, value in result.items() if key != "report"},
                 "last_batch": result["report"].to_dict() if result["report"] is not None else None}
         write_atomic(args.report_json, json.dumps(data, indent=1).encode())
@@ -290,8 +290,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from ..report import plan_table
-    from .placement import make_plan_for
+    from ...report import plan_table
+    from ..placement.plan import make_plan_for
 
     if args.tp < 1:
         raise InputError(f"--tp must be at least 1, got {args.tp}")
@@ -301,15 +301,15 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ..config import Config
-    from .convert import convert
-    from .placement import as_dtype
-    from .resolve import resolve
+    from ...config import Config
+    from ..loading.convert import convert
+    from ..placement.plan import as_dtype
+    from ..loading.resolve import resolve
 
     dtype = as_dtype(args.dtype)
     config = Config.load(args.config)
     if args.compress:
-        from .convert import compress_model
+        from ..loading.convert import compress_model
         out = compress_model(args.model, args.out_dir, args.compress, dtype, config=config,
                              trust_remote_code=args.trust_remote_code)
     else:
@@ -320,8 +320,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from ..files import check_writable
-    from ..plot import plot_trace
+    from ...files import check_writable
+    from ...plot import plot_trace
 
     check_writable(args.output, "plot file")
     try:
@@ -335,10 +335,10 @@ def _plot(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from ..config import Config
-    from ..probe import run_probe
-    from ..sizes import format_size
-    from .placement import compute_device
+    from ...config import Config
+    from ...probe import run_probe
+    from ...sizes import format_size
+    from ..placement.plan import compute_device
 
     config = Config.load(args.config)
     result = run_probe(config.runtime.cache_dir, compute_device(config.runtime.device),

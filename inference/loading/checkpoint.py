@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ModelError, first_line
+from ...errors import CheckpointError, ModelError, first_line
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry, read_header
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from ..compression import Codec, compress_unit, compressed_layout
-from ..config import Config
-from ..errors import BudgetError, CheckpointError, InputError, TierstoreError
-from ..files import write_atomic
-from ..sizes import format_size
-from ..units import UnitLayout, UnitSource, require_tensors
+from ...compression import Codec, compress_unit, compressed_layout
+from ...config import Config
+from ...errors import BudgetError, CheckpointError, InputError, TierstoreError
+from ...files import write_atomic
+from ...sizes import format_size
+from ...units import UnitLayout, UnitSource, require_tensors
 from .checkpoint import checkpoint_dtype, dtype_name, load_config, load_tokenizer, safetensors_entries
 from .layerstore import (
     FORMAT,
@@ -74,7 +74,7 @@ def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | N
     """Write a compressed layer store of `model` into `out_dir` (what `tierstore convert --compress` runs).
     Norms and embeddings are kept in `dtype` (default: the checkpoint's); matrices are quantized on the GPU when
     there is one."""
-    from .placement import compute_device
+    from ..placement.plan import compute_device
     from .resolve import resolve
     from .sources import open_units
 
@@ -178,7 +178,7 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
     killed run resumed without asking for finished units again, a finished store of another kind refused, and the
     disk budget checked before anything is written. Mixture-of-experts layers keep their experts inside them when
     compressed (as `compress` stores them), else one unit per expert. Returns `out_dir`."""
-    from .placement import as_dtype
+    from ..placement.plan import as_dtype
 
     dtype = as_dtype(dtype)
     requested = dtype_name(dtype) if codec is None else None

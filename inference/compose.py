@@ -24,15 +24,15 @@ from ..store import TieredStore
 from ..trace import Tracer
 from ..transfer import make_transfer
 from ..units import align
-from .checkpoint import load_tokenizer
-from .experts import open_experts
-from .hooks import AttachedHooks
-from .lookup import HostLookup, without_lookup
-from .model import TierstoreModel
-from .placement import as_dtype, compute_device, per_matrix_units, place
-from .resolve import resolve
-from .sources import open_units
-from .tensor_parallel import TIMEOUT_S, Collectives, join_group, rank_device, rank_note, rank_store, shard_units
+from .loading.checkpoint import load_tokenizer
+from .runtime.experts import open_experts
+from .runtime.hooks import AttachedHooks
+from .runtime.lookup import HostLookup, without_lookup
+from .decoding.model import TierstoreModel
+from .placement.plan import as_dtype, compute_device, per_matrix_units, place
+from .loading.resolve import resolve
+from .loading.sources import open_units
+from .loading.shards import TIMEOUT_S, Collectives, join_group, rank_device, rank_note, rank_store, shard_units
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class AutoModel:
         the timeline to after each `generate` (overrides `runtime.trace`). `tensor_parallel`: N > 1 in each of
         N processes started by `torchrun --nproc-per-node N` (or `tierstore generate --tp N`): this process holds
         and streams its shard of every unit, under `budget` for its own device (see tensor_parallel.py)."""
-        from .drafts import check_same_vocabulary, open_draft
+        from .decoding.drafts import check_same_vocabulary, open_draft
 
         start_s = time.perf_counter()
         cfg = Config.load(config).with_budget(budget)

@@ -9,18 +9,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import Budget
-from ..compression import Codec, scratch_bytes
-from ..config import Config
-from ..errors import BudgetError, InputError, ModelError
-from ..planning import DraftCost, device_reserve_bytes, effective_budgets, plan_input
-from ..policies.experts import ExpertsInput
-from ..policies.planner import Plan, PlanInput, make_plan
-from ..probe import load_probe
-from ..sizes import format_size
-from .checkpoint import dtype_name
-from .lookup import lookup_key, lookup_note
-from .sources import Units
+from ...budget import Budget
+from ...compression import Codec, scratch_bytes
+from ...config import Config
+from ...errors import BudgetError, InputError, ModelError
+from .budgets import DraftCost, device_reserve_bytes, effective_budgets, plan_input
+from ...policies.experts import ExpertsInput
+from ...policies.planner import Plan, PlanInput, make_plan
+from ...probe import load_probe
+from ...sizes import format_size
+from ..loading.checkpoint import dtype_name
+from ..runtime.lookup import lookup_key, lookup_note
+from ..loading.sources import Units
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PER_MATRIX_SHARE = 8  # a unit's dequantization buffer above 1/8 of the device budget is cut to one matrix
@@ -117,10 +117,10 @@ def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: An
                   allow_download: bool = False, draft: str | None = None, tensor_parallel: int = 1) -> Plan:
     """The plan `from_pretrained` would make (with `draft` beside the model; with `tensor_parallel` N, rank 0's,
     whose shards are every rank's size), without reading any weights."""
-    from .drafts import plan_draft
-    from .resolve import resolve
-    from .sources import open_units
-    from .tensor_parallel import Group, rank_note, shard_units
+    from ..decoding.drafts import plan_draft
+    from ..loading.resolve import resolve
+    from ..loading.sources import open_units
+    from ..loading.shards import Group, rank_note, shard_units
 
     cfg = Config.load(config).with_budget(budget)
     device = compute_device(cfg.runtime.device)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import InputError
+from ...errors import InputError
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:

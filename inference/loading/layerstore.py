@@ -19,10 +19,10 @@ from collections.abc import Hashable, Mapping
 import torch
 import xxhash
 
-from ..compression import ABSMAX, Codec, PackedMatrices
-from ..errors import CheckpointError
-from ..files import PAGE_BYTES
-from ..units import TensorSlot, UnitLayout
+from ...compression import ABSMAX, Codec, PackedMatrices
+from ...errors import CheckpointError
+from ...files import PAGE_BYTES
+from ...units import TensorSlot, UnitLayout
 from .safetensors_header import DTYPES
 
 FORMAT = "tierstore-layerstore/1"

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..budget import Budget
-from ..errors import InputError
+from ...budget import Budget
+from ...errors import InputError
 
 
 DEFAULT_FILE_BATCH = 8  # prompts per pass from a prompts file
@@ -71,7 +71,7 @@ def check_request(request: GenerateRequest) -> None:
 
 def open_model(request: GenerateRequest) -> Any:
     """The request's model, opened (a TierstoreModel; close it, or use it in a `with`)."""
-    from .auto import AutoModel
+    from ..compose import AutoModel
 
     return AutoModel.from_pretrained(request.model, budget=request.budget, config=request.config,
                                      trust_remote_code=request.trust_remote_code,
@@ -134,7 +134,7 @@ def run_prompts_file(request: GenerateRequest, prompts_path: str, out_path: str,
     which speculates for one sequence), see batchfile.py. The input is read and the output checked before the
     model is opened, which is not opened at all when every prompt is done. Returns counts, timing and the report
     of the last batch (None when nothing ran)."""
-    from ..files import check_writable
+    from ...files import check_writable
     from .batchfile import finished, read_prompts, run_file
 
     check_request(request)

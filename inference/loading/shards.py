@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config
-from ..errors import CheckpointError, InputError, ModelError
-from ..units import UnitLayout
+from ...config import Config
+from ...errors import CheckpointError, InputError, ModelError
+from ...units import UnitLayout
 from .convert import copy_units, default_store_dir
 from .skeleton import Skeleton
 from .sources import Units, close_source, drops_page_cache, store_source

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..policies.speculation import DepthPolicy
+from ...policies.speculation import DepthPolicy
 from .tree import DraftTree
 
 log = logging.getLogger(__name__)
@@ -270,9 +270,9 @@ def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
     (None for ngram). A model draft runs in the target's dtype, all of it resident on the compute device."""
     import dataclasses
 
-    from ..budget import Budget
-    from ..errors import InputError
-    from .auto import AutoModel
+    from ...budget import Budget
+    from ...errors import InputError
+    from ..compose import AutoModel
 
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"draft: expected \"ngram\" or a model (path, alias, Hub id), got {spec!r}")
@@ -298,9 +298,9 @@ def plan_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
                allow_download: bool) -> Any:
     """What `open_draft` would charge to the device budget (a DraftCost, None for ngram), from the draft's
     layouts alone: no weights read."""
-    from ..compression import scratch_bytes
-    from .resolve import resolve
-    from .sources import open_units
+    from ...compression import scratch_bytes
+    from ..loading.resolve import resolve
+    from ..loading.sources import open_units
 
     if spec == "ngram":
         return None
@@ -312,7 +312,7 @@ def plan_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, tr
 
 def _cost(spec: str, layouts: dict[str, Any], scratch: int, hf_config: Any, dtype: torch.dtype) -> Any:
     """A draft's device cost: all its units, its dequantization buffer, and its KV cache per token."""
-    from ..planning import DraftCost, kv_bytes_per_token
+    from ..placement.budgets import DraftCost, kv_bytes_per_token
 
     weights = sum(layout.nbytes for layout in layouts.values()) + scratch
     return DraftCost(spec, weights, kv_bytes_per_token(hf_config, dtype))
@@ -321,7 +321,7 @@ def _cost(spec: str, layouts: dict[str, Any], scratch: int, hf_config: Any, dtyp
 def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft: Any, name: str) -> None:
     """A model draft must speak the target's tokens: the same tokenizer vocabulary (or, without tokenizers, the
     same vocabulary size). Draft ids past the target's vocabulary are never proposed."""
-    from ..errors import InputError
+    from ...errors import InputError
 
     target_vocab = target_config.get_text_config().vocab_size
     draft_vocab = draft.model.config.get_text_config().vocab_size

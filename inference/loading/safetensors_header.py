@@ -8,7 +8,7 @@ import struct
 
 import torch
 
-from ..errors import CheckpointError
+from ...errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

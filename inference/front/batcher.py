@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from ..errors import BudgetError, InputError
-from .model import quiet_forward
+from ...errors import BudgetError, InputError
+from ..decoding.model import quiet_forward
 
 log = logging.getLogger(__name__)
 

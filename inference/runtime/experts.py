@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..policies.experts import ExpertPlan, best_policy
-from ..policies.registry import make_eviction
-from ..store import SlotPool, StoreEvent, TieredStore
-from ..transfer import CPUTransfer, CUDATransfer
-from ..units import TensorSlot, UnitLayout, UnitSource
-from .skeleton import ExpertGroup
+from ...policies.experts import ExpertPlan, best_policy
+from ...policies.registry import make_eviction
+from ...store import SlotPool, StoreEvent, TieredStore
+from ...transfer import CPUTransfer, CUDATransfer
+from ...units import TensorSlot, UnitLayout, UnitSource
+from ..loading.skeleton import ExpertGroup
 
 
 def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Mapping[str, UnitLayout],

@@ -18,22 +18,22 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..compression import Decompressor
-from ..config import Config
-from ..errors import BudgetError, InputError
-from ..planning import ACTIVATION_SLACK_BYTES, DraftCost, kv_bytes_per_token
-from ..policies.experts import with_experts
-from ..policies.planner import Plan, PlanInput, make_plan
-from ..policies.speculation import DEFAULT_MAX_DEPTH, DepthPolicy
-from ..report import RunReport, Timing
-from ..sizes import format_size
-from ..store import TieredStore
-from ..trace import TOKENS, Tracer
-from .experts import ExpertRunner
-from .hooks import AttachedHooks
-from .sources import close_source
+from ...compression import Decompressor
+from ...config import Config
+from ...errors import BudgetError, InputError
+from ..placement.budgets import ACTIVATION_SLACK_BYTES, DraftCost, kv_bytes_per_token
+from ...policies.experts import with_experts
+from ...policies.planner import Plan, PlanInput, make_plan
+from ...policies.speculation import DEFAULT_MAX_DEPTH, DepthPolicy
+from ...report import RunReport, Timing
+from ...sizes import format_size
+from ...store import TieredStore
+from ...trace import TOKENS, Tracer
+from ..runtime.experts import ExpertRunner
+from ..runtime.hooks import AttachedHooks
+from ..loading.sources import close_source
 from .speculation import SpeculationStats
-from .tensor_parallel import Collectives
+from ..loading.shards import Collectives
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class TierstoreModel:
         or, when the KV cache lives in host RAM, transformers' offloaded DynamicCache (`HostKVCache`)."""
         if not self.kv_on_host:
             return None
-        from .host_cache import HostKVCache
+        from ..runtime.host_cache import HostKVCache
 
         return HostKVCache(self.model.config)
 

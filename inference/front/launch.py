@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
+from ...errors import InputError
 
 # words of a rank's error that echoes another rank's failure (its peer went away) rather than causing it
 COLLECTIVE_WORDS = ("gloo", "nccl", "connection", "peer", "timed out", "timeout", "socket")
@@ -22,11 +22,11 @@ COLLECTIVE_WORDS = ("gloo", "nccl", "connection", "peer", "timed out", "timeout"
 def check_launch(model: str, world: int, cfg: Any, trust_remote_code: bool, allow_download: bool) -> None:
     """Everything the ranks would refuse, refused before any starts: N against the GPUs here and the model's
     heads. The checkpoint is converted here, once, if it must be."""
-    from .checkpoint import load_config
-    from .convert import convert_if_needed
-    from .placement import compute_device
-    from .resolve import resolve
-    from .tensor_parallel import check_world
+    from ..loading.checkpoint import load_config
+    from ..loading.convert import convert_if_needed
+    from ..placement.plan import compute_device
+    from ..loading.resolve import resolve
+    from ..loading.shards import check_world
 
     if world < 1:
         raise InputError(f"--tp must be at least 1, got {world}")

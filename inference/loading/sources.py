@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..compression import Codec, PackedMatrices, compressed_layout
-from ..config import Config
-from ..errors import CheckpointError, ConfigError, ModelError
-from ..units import UnitLayout, UnitSource, require_tensors
+from ...compression import Codec, PackedMatrices, compressed_layout
+from ...config import Config
+from ...errors import CheckpointError, ConfigError, ModelError
+from ...units import UnitLayout, UnitSource, require_tensors
 from .checkpoint import checkpoint_dtype, load_config, safetensors_entries
 from .convert import compress, convert, convert_if_needed, default_store_dir, store_variant
 from .layerstore import LayerStoreSource, pread_exact, read_manifest

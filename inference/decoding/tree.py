@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, ModelError
+from ...errors import InputError, ModelError
 
 
 @dataclasses.dataclass

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .budget import Budget
-from .policies.planner import PlanInput, UnitInfo
-from .sizes import format_size
+from ...budget import Budget
+from ...policies.planner import PlanInput, UnitInfo
+from ...sizes import format_size
 
 ACTIVATION_SLACK_BYTES = 256 * 2**20  # cuBLAS workspace, SDPA, hidden states and logits of a small batch
 _RESERVE_CONTEXT_TOKENS = 1024

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
+from ...errors import ConfigError, ModelError
 from .checkpoint import check_remote_code
 
 

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import InputError
+from ...errors import InputError
 from .batcher import Batcher, Event, QueueFull, SamplingParams, ShuttingDown
 
 log = logging.getLogger(__name__)
