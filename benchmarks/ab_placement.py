@@ -13,20 +13,15 @@ import torch
 from transformers import LogitsProcessorList
 
 import tierstore
-from tierstore.policies import planner
-from bench_7b import PROMPT_TOKENS, StepClock, build_checkpoint, prompt_ids
-
-SPREAD = planner._spread
+from common import PROMPT_TOKENS, StepClock, build_checkpoint, prompt_ids
 
 
-def open_model(args: argparse.Namespace, spread: bool):
-    planner._spread = SPREAD if spread else (lambda count: list(range(count)))
-    try:
-        return tierstore.AutoModel.from_pretrained(
-            args.model, budget=tierstore.Budget(vram=args.vram, ram=args.ram), dtype=torch.float16,
-            config={"runtime": {"cache_dir": args.cache}, "compression": {"format": args.compress}})
-    finally:
-        planner._spread = SPREAD
+def open_model(args: argparse.Namespace, order: str):
+    """The model with its resident layers chosen in `order` (policy.resident_order)."""
+    return tierstore.AutoModel.from_pretrained(
+        args.model, budget=tierstore.Budget(vram=args.vram, ram=args.ram), dtype=torch.float16,
+        config={"runtime": {"cache_dir": args.cache}, "compression": {"format": args.compress},
+                "policy": {"resident_order": order}})
 
 
 def main() -> None:
@@ -39,7 +34,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     build_checkpoint(args.model)
-    models = {"spread": open_model(args, True), "contiguous": open_model(args, False)}
+    models = {order: open_model(args, order) for order in ("spread", "contiguous")}
     for name, model in models.items():
         layers = [k for k in model.plan.device_resident if k.startswith("layers.")]
         print(f"{name}: resident {sorted(int(k.split('.')[1]) for k in layers)}, link bound "

@@ -11,99 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
-HIDDEN, INTER, LAYERS, HEADS, VOCAB = 4096, 11008, 32, 32, 32000
-PROMPT_TOKENS = 32
+from common import PROMPT_TOKENS, StepClock, build_checkpoint, drop_page_cache, prepare, prompt_ids, run_child, vm_hwm_bytes
 
-
-def build_checkpoint(path: str, hidden: int = HIDDEN, inter: int = INTER, layers: int = LAYERS,
-                     heads: int = HEADS) -> None:
-    """Random fp16 weights, one safetensors shard per layer, written straight from the GPU (Llama-2-7B's shape
-    unless told otherwise)."""
-    HIDDEN, INTER, LAYERS, HEADS = hidden, inter, layers, heads  # noqa: N806
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    os.makedirs(path, exist_ok=True)
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        write_tokenizer(path)
-    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
-        return
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=VOCAB,
-                         max_position_embeddings=4096, dtype="float16", tie_word_embeddings=False)
-    config.save_pretrained(path)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape: int, scale: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32) * scale).half().cpu()
-
-    index: dict[str, str] = {}
-    shards: list[tuple[str, dict[str, torch.Tensor]]] = [(f"model-00001-of-{LAYERS + 1:05d}.safetensors", {
-        "model.embed_tokens.weight": rand(VOCAB, HIDDEN), "model.norm.weight": torch.ones(HIDDEN).half(),
-        "lm_head.weight": rand(VOCAB, HIDDEN)})]
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shards.append((f"model-{i + 2:05d}-of-{LAYERS + 1:05d}.safetensors", {
-            p + "self_attn.q_proj.weight": rand(HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": rand(HIDDEN, HIDDEN),
-            p + "self_attn.v_proj.weight": rand(HIDDEN, HIDDEN), p + "self_attn.o_proj.weight": rand(HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": rand(INTER, HIDDEN), p + "mlp.up_proj.weight": rand(INTER, HIDDEN),
-            p + "mlp.down_proj.weight": rand(HIDDEN, INTER),
-            p + "input_layernorm.weight": torch.ones(HIDDEN).half(),
-            p + "post_attention_layernorm.weight": torch.ones(HIDDEN).half()}))
-    for name, tensors in shards:
-        save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
-        index.update({k: name for k in tensors})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as handle:
-        json.dump({"metadata": {}, "weight_map": index}, handle)
-
-
-def write_tokenizer(path: str) -> None:
-    """A word-level tokenizer over the 32000 ids (AirLLM loads one; the benchmark itself feeds token ids)."""
-    word_tokenizer(VOCAB).save_pretrained(path)
-
-
-def word_tokenizer(vocab: int):
-    """A word-level tokenizer over `vocab` ids, "t0" to "t<vocab - 1>" (benchmarks feed token ids; a checkpoint or
-    a layer store wants a tokenizer)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token="t1", eos_token="t2")
-
-
-def prompt_text() -> str:
-    """The prompt the benchmarks that run the CLI or the server send: PROMPT_TOKENS words of the word tokenizer."""
-    return " ".join(f"t{100 + i}" for i in range(PROMPT_TOKENS))
-
-
-def prompt_ids(batch: int):
-    import torch
-
-    gen = torch.Generator().manual_seed(1)
-    return torch.randint(100, VOCAB, (batch, PROMPT_TOKENS), generator=gen)
-
-
-class StepClock:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.calls: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.calls.append(time.perf_counter())
-        return scores
-
-    def summary(self) -> dict:
-        """Prefill = time to the first token; decode = median step (the first steps carry one-off costs)."""
-        steps = sorted(b - a for a, b in zip(self.calls, self.calls[1:]))
-        return {"prefill_s": self.calls[0] - self.start, "decode_s_per_token": steps[len(steps) // 2],
-                "decode_mean_s_per_token": sum(steps) / len(steps), "decode_steps": len(steps)}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -242,60 +153,6 @@ def pair_child(args: argparse.Namespace, ids, new: int) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def vm_hwm_bytes() -> int:
-    """This process's peak RSS. (wait4's ru_maxrss would inherit the parent's peak across fork and exec.)"""
-    return _status_bytes("VmHWM")
-
-
-def vm_rss_bytes() -> int:
-    """This process's RSS now."""
-    return _status_bytes("VmRSS")
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field + ":"))
-
-
-def run_child(argv: list[str], log, script: str = __file__) -> dict:
-    """Run `script --child argv` (one row, one process), its output into `log`; its RESULT line as a dict."""
-    proc = subprocess.Popen([sys.executable, script, "--child", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line)
-        log.write(line)
-    status = proc.wait()
-    result = next((json.loads(l[7:]) for l in lines if l.startswith("RESULT ")), None)
-    if result is None:
-        return {"error": "".join(lines[-5:]).strip().splitlines()[-1] if lines else f"exit {status}"}
-    return result
-
-
-def prepare(out: str, cache: str, build) -> dict:
-    """The output folder, the checkpoint (`build()`, timed) and the links measured by tierstore's probe."""
-    import torch
-
-    from tierstore.probe import run_probe
-
-    os.makedirs(out, exist_ok=True)
-    start = time.perf_counter()
-    build()
-    print(f"checkpoint ready in {time.perf_counter() - start:.1f}s", flush=True)
-    probe = run_probe(cache, torch.device("cuda", 0), disk_nbytes=2 * 2**30)
-    print("probe", json.dumps(probe), flush=True)
-    return probe
-
-
-def drop_page_cache() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as handle:
-            handle.write("3\n")
-    except OSError as exc:
-        print(f"could not drop the page cache: {exc}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", action="store_true")
@@ -341,7 +198,7 @@ def main() -> None:
             t0 = time.perf_counter()
             results[name] = run_child(["--system", system, "--model", args.model, "--cache", args.cache, "--vram",
                                        vram, "--ram", ram, "--batch", str(batch), "--tokens", str(tokens),
-                                       "--compress", compress], log)
+                                       "--compress", compress], log, script=__file__)
             results[name]["wall_s"] = time.perf_counter() - t0
             results[name]["batch"] = batch
             print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),

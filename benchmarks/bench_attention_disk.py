@@ -14,11 +14,9 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_7b import build_checkpoint, prompt_ids  # noqa: E402
+from common import build_checkpoint, prompt_ids
 
 
 def drop_page_cache() -> bool:

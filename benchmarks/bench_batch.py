@@ -24,9 +24,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_7b import PROMPT_TOKENS, build_checkpoint, prompt_ids, prompt_text  # noqa: E402
-from bench_serve import load  # noqa: E402
+from common import PROMPT_TOKENS, build_checkpoint, load, prompt_ids, prompt_text
 
 
 def batch_rows(model, batches: list[int], new_tokens: int, kv: str) -> list[dict]:

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_7b import StepClock, prepare, run_child, vm_hwm_bytes  # noqa: E402
+from common import StepClock, prepare, run_child, vm_hwm_bytes
 
 SHAPE = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
              num_experts_per_tok=8, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4, head_dim=128,

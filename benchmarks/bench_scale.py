@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import zlib
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_7b import (PROMPT_TOKENS, StepClock, drop_page_cache, run_child, vm_hwm_bytes,  # noqa: E402
+from common import (PROMPT_TOKENS, StepClock, drop_page_cache, run_child, vm_hwm_bytes,
                       vm_rss_bytes, word_tokenizer)
 
 SHAPES = {  # model type, config fields
@@ -54,7 +52,7 @@ def write_random_store(store: str, shape: str, codec: str, device: str) -> dict:
     import torch
 
     from tierstore.compression import Codec
-    from tierstore.inference.loading.convert import write_store
+    from tierstore.inference.loading.store_writer import write_store
 
     config = model_config(shape)
     with torch.device("meta"):

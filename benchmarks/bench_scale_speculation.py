@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_speculation import QUESTION, Inflation, _f, run_row  # noqa: E402
+from common import QUESTION, Inflation, fmt, run_row
 
 FACTOR, INTER, LAYERS = 14, 29568, 80
 
@@ -31,7 +29,7 @@ def write_target(inflation: Inflation, store: str, codec: str, device) -> dict:
     import torch
 
     from tierstore.compression import Codec
-    from tierstore.inference.loading.convert import write_store
+    from tierstore.inference.loading.store_writer import write_store
 
     start = time.perf_counter()
     write_store(store, inflation.config, lambda key, names: {name: inflation.tensor(name, device) for name in names},
@@ -83,8 +81,8 @@ def main() -> None:
         same = "yes" if row["first_difference"] is None else \
             f"from token {row['first_difference']} (top-2 margin {row['top2_logit_margin_there']:.3f})"
         print(f"{name} | {row['tokens_per_s']:.3f} | {row['tokens_per_s'] / base['tokens_per_s']:.2f} | "
-              f"{row['tokens_per_pass'] or 1:.2f} | {_f(row['acceptance'], '{:.2f}')} | {row['pass_s']:.3f} | "
-              f"{_f(row['predicted_pass_s'], '{:.3f}')} | {same}")
+              f"{row['tokens_per_pass'] or 1:.2f} | {fmt(row['acceptance'], '{:.2f}')} | {row['pass_s']:.3f} | "
+              f"{fmt(row['predicted_pass_s'], '{:.3f}')} | {same}")
 
 
 if __name__ == "__main__":

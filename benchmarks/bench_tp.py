@@ -23,9 +23,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_7b import build_checkpoint, prompt_text  # noqa: E402
-from bench_speculation import QUESTION, first_difference, inflate  # noqa: E402
+from common import QUESTION, build_checkpoint, first_difference, inflate, prompt_text
 
 TP_WIDTH_FACTOR = 8  # SmolLM2's 9 query and 3 key-value heads times 8: divisible by 2, 4 and 8 ranks
 

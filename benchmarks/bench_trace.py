@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_7b import build_checkpoint, prompt_ids  # noqa: E402
+from common import build_checkpoint, prompt_ids
 
 
 

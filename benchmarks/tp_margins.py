@@ -13,8 +13,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_speculation import QUESTION, first_difference  # noqa: E402
+from common import QUESTION, first_difference
 
 
 def run(model_path: str, out: str, vram: str = "4GB", ram: str = "16GB", tokens: int = 48) -> None:

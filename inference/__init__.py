@@ -1,1 +1,27 @@
-"""Checkpoints, conversion, model hooks, generation and the CLI."""
+"""Running a transformers model out of the tiered store. The folders show the flow, front -> compose -> place ->
+run, on top of loading:
+
+front/      what users call: cli.py (one library function per command), generate.py (a request's prompts to
+            text), batchfile.py (a JSONL file, resumable), batcher.py (continuous batching; kv_rows.py: its ragged
+            KV cache's row surgery), server.py (the OpenAI-compatible API and `serve`), launch.py (--tp ranks)
+compose.py  the one place a model is opened: resolve -> units -> shard -> draft -> place -> stores -> adapters ->
+            decoding/model.TierstoreModel, everything opened on one ExitStack that `close()` closes; also
+            `make_plan_for` (`tierstore plan`: the same steps up to the plan, no weights read), `convert_model`
+placement/  how the device and RAM budgets are divided: budgets.py (budgets capped to the machine, the device
+            reserve, a draft's cost, the planner's input), plan.py (units -> policies/planner.py's plan, dense or
+            MoE, with the reserve for dequantization and a draft), kv.py (the KV cache's share: device reserve or
+            host RAM, re-plans as it grows, the largest batch)
+runtime/    what runs each pass. Module adapters (adapters.py: made = attached, `detach()` restores; hooks.py
+            lends each unit's tensors around its module's forward, lookup.py answers the input embedding from
+            RAM, experts.py runs MoE layers on the routed experts' device slots, collectives.py combines tensor-
+            parallel ranks' outputs); host_cache.py: the KV cache in host RAM
+decoding/   the decode loops: model.py (TierstoreModel: transformers' generate, timing, report, KV placement),
+            speculation.py (a draft's tree verified in one pass; drafts.py, tree.py), and under all three loops
+            (generate, speculation, the batcher) sampling.py
+loading/    from what the user names to units: resolve.py, checkpoint.py, safetensors_header.py, skeleton.py (the
+            meta model cut into units: architecture knowledge lives here), sources.py (`open_units`: safetensors
+            read in place or a layer store), convert.py (GGUF, .bin, renamed safetensors -> a layer store),
+            layerstore.py (the store's format and reader) beside store_writer.py (its writer), shards.py (a
+            tensor-parallel rank's shards)
+devices.py  leaf helpers: the compute device and dtypes
+"""

@@ -1,10 +1,16 @@
-"""`AutoModel.from_pretrained`: opening a model, as one line of steps.
+"""The composer: the one place that opens a model, as one line of steps.
 
-Resolve what the user named, open its units (converting once if needed), place them (the plan), open the store,
-attach the hooks. Each step is a function called once, from here; `tierstore plan` runs the first three.
+    resolve -> open units (converting once if needed) -> shard (tensor parallelism) -> draft -> place (the plan)
+    -> open the stores -> attach the module adapters -> TierstoreModel
+
+Each step is a function called once, from `AutoModel.from_pretrained`. Everything a step opens goes onto one
+`contextlib.ExitStack`: a failing step closes what came before it, and the model closes the stack (in reverse
+order) when it closes. `make_plan_for` (`tierstore plan`) runs the steps up to the plan without reading weights;
+a model draft is opened by `from_pretrained` itself, and `compress_model` reads the units as opening would.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -14,27 +20,52 @@ from typing import Any
 import torch
 
 from ..budget import Budget
-from ..compression import Decompressor
+from ..compression import Codec, Decompressor, scratch_bytes
 from ..config import Config
 from ..errors import InputError
-from ..files import PAGE_BYTES, check_writable
-from ..policies.planner import Plan
+from ..files import check_writable
+from ..policies.planner import Plan, PlanInput
 from ..probe import load_probe
 from ..store import TieredStore
 from ..trace import Tracer
 from ..transfer import make_transfer
-from ..units import align
-from .loading.checkpoint import load_tokenizer
-from .runtime.experts import open_experts
+from .decoding.drafts import NgramDraft
+from .decoding.model import ModelParts, TierstoreModel
+from .devices import as_dtype, compute_device
+from .loading.checkpoint import checkpoint_dtype, load_config, load_tokenizer
+from .loading.convert import convert, convert_if_needed
+from .loading.resolve import Checkpoint, resolve
+from .loading.shards import Group, rank_note, rank_store, shard_units
+from .loading.sources import Units, open_units
+from .loading.store_writer import compress
+from .placement.budgets import DraftCost, kv_bytes_per_token, pinned_arena_bytes
+from .placement.kv import KVBudget
+from .placement.plan import per_matrix_units, place
+from .runtime.adapters import attach
+from .runtime.collectives import TIMEOUT_S, Collectives, join_group, leave_group, rank_device
+from .runtime.experts import ExpertRunner, open_experts
 from .runtime.hooks import AttachedHooks
 from .runtime.lookup import HostLookup, without_lookup
-from .decoding.model import TierstoreModel
-from .placement.plan import as_dtype, compute_device, per_matrix_units, place
-from .loading.resolve import resolve
-from .loading.sources import open_units
-from .loading.shards import TIMEOUT_S, Collectives, join_group, rank_device, rank_note, rank_store, shard_units
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenRequest:
+    """What `from_pretrained` was asked for, checked: the checkpoint found, the config with the budget in it, and
+    the compute device."""
+
+    model: str
+    checkpoint: Checkpoint
+    cfg: Config
+    device: torch.device
+    dtype: torch.dtype | None
+    trust_remote_code: bool
+    allow_download: bool
+    progress: bool
+    draft: str | None
+    trace: str | None
+    tensor_parallel: int
 
 
 class AutoModel:
@@ -51,92 +82,144 @@ class AutoModel:
         draft is resident on the device and its bytes come out of the device budget. `trace`: a file to write
         the timeline to after each `generate` (overrides `runtime.trace`). `tensor_parallel`: N > 1 in each of
         N processes started by `torchrun --nproc-per-node N` (or `tierstore generate --tp N`): this process holds
-        and streams its shard of every unit, under `budget` for its own device (see tensor_parallel.py)."""
-        from .decoding.drafts import check_same_vocabulary, open_draft
-
+        and streams its shard of every unit, under `budget` for its own device (see loading/shards.py)."""
         start_s = time.perf_counter()
-        cfg = Config.load(config).with_budget(budget)
-        device = compute_device(cfg.runtime.device)
-        trace = trace or cfg.runtime.trace
-        if trace is not None:
-            check_writable(trace, "trace file")  # refused before anything is converted or read
-        checkpoint = resolve(model, allow_download=allow_download)
-        if draft is not None and draft != "ngram":
-            resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
-        log.info("%s: a %s checkpoint at %s; compute on %s", model, checkpoint.kind, checkpoint.path, device)
-        if tensor_parallel < 1:
-            raise InputError(f"tensor_parallel must be at least 1, got {tensor_parallel}")
-        group = None
-        if tensor_parallel > 1:
-            if draft is not None:
-                raise InputError("a draft speculates on one device; tensor parallelism runs without one")
-            device = rank_device(device)
-            group = join_group(tensor_parallel, device, TIMEOUT_S)
-        units = open_units(checkpoint, cfg, device, as_dtype(dtype), trust_remote_code, progress)
-        collectives = None
-        if group is not None:
-            try:
-                units, styles = shard_units(units, group)
-                units = rank_store(units, group, cfg, device, progress)
-            except BaseException:
-                units.close()
-                raise
-            collectives = Collectives(styles, group)
-        drafter = store = experts = lookup = None
-        try:
-            drafter, draft_cost = (open_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download,
-                                              progress) if draft is not None else (None, None))
-            tokenizer = load_tokenizer(units.checkpoint, trust_remote_code)
-            if isinstance(drafter, TierstoreModel):
-                check_same_vocabulary(units.hf_config, tokenizer, drafter, draft)
-            plan, planned_from = place(units, cfg, device, draft_cost, host_lookup=group is None)
-            if plan.host_lookup:
-                lookup = HostLookup(units, plan.host_lookup[0], device)
-                units = without_lookup(units, plan.host_lookup)  # the store streams the rest
-            expert_keys = units.skeleton.expert_keys
-            dense = {key: layout for key, layout in units.layouts.items() if key not in expert_keys}
-            tracer = Tracer(trace, device, _trace_meta(model, device, cfg, plan)) if trace is not None else None
-            on_event = tracer.store_event if tracer is not None else None
-            transfer = make_transfer(device, cfg.io.pinned_memory, _host_capacity(plan.host_budget_bytes, dense))
-            store = TieredStore(units.source, dense, plan, transfer, reader_threads=cfg.io.reader_threads,
-                                on_event=on_event)
-            store.disk_stats.budget_bytes = cfg.budget.disk
-            if plan.experts is not None:
-                expert_layouts = {key: units.layouts[key] for key in expert_keys}
-                expert_transfer = make_transfer(device, cfg.io.pinned_memory,
-                                                _host_capacity(plan.experts.host_bytes, expert_layouts))
-                experts = open_experts(units.skeleton.experts, units.source, expert_layouts, plan.experts, store,
-                                       expert_transfer, cfg.io.reader_threads,
-                                       functools.partial(tracer.store_event, prefix="experts ") if tracer else None)
-            decompressor = Decompressor(units.codec, units.packed, units.dtype, device,
-                                        per_matrix_units(units, plan.device_budget_bytes)) if units.codec else None
-            hooks = AttachedHooks(units.skeleton, store, device, decompressor, tracer, lookup)
-        except BaseException:  # give back what was opened: the draft, the store's threads and memory, the files
-            if lookup is not None:
-                lookup.detach()
-            if collectives is not None:
-                collectives.close()
-            if isinstance(drafter, TierstoreModel):
-                drafter.close()
-            if experts is not None:
-                experts.close()
-            if store is not None:
-                store.close()
-            units.close()
-            raise
-        log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth %d; "
-                 "ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
-                 len(plan.streamed_from_disk), plan.prefetch_depth, time.perf_counter() - start_s)
-        if group is not None:
-            plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(group)))
-        return TierstoreModel(units.skeleton.model, tokenizer, store, hooks, plan, planned_from, device, cfg,
-                              time.perf_counter() - start_s, decompressor, drafter, draft_cost, tracer, experts,
-                              collectives)
+        request = _request(model, budget, config, dtype, trust_remote_code, allow_download, progress, draft, trace,
+                           tensor_parallel)
+        with contextlib.ExitStack() as resources:  # closed here only if a step fails; else the model's
+            group, device = _join_ranks(request, resources)
+            units = _open_units(request, device, group, resources)
+            tokenizer = load_tokenizer(units.checkpoint, request.trust_remote_code)
+            drafter, draft_cost = _open_draft(request, device, units, tokenizer, resources)
+            plan, planned_from = place(units, request.cfg, device, draft_cost, host_lookup=group is None)
+            if group is not None:
+                plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(group)))
+            parts = _open_runtime(request, device, units, tokenizer, (plan, planned_from, draft_cost), resources)
+            log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth "
+                     "%d; ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
+                     len(plan.streamed_from_disk), plan.prefetch_depth, time.perf_counter() - start_s)
+            parts = dataclasses.replace(parts, draft=drafter, setup_s=time.perf_counter() - start_s)
+            return TierstoreModel(parts, resources.pop_all())
 
 
-def _host_capacity(budget_bytes: int, layouts: dict[str, Any]) -> int:
-    """The pinned arena for a store: its host budget, or all of its units when they take less."""
-    return min(budget_bytes, sum(align(layout.nbytes, PAGE_BYTES) for layout in layouts.values()))
+def _request(model: str, budget: Any, config: Any, dtype: Any, trust_remote_code: bool, allow_download: bool,
+             progress: bool, draft: str | None, trace: str | None, tensor_parallel: int) -> OpenRequest:
+    """The request, checked before anything is converted, written or read."""
+    cfg = Config.load(config).with_budget(budget)
+    trace = trace or cfg.runtime.trace
+    if trace is not None:
+        check_writable(trace, "trace file")
+    if tensor_parallel < 1:
+        raise InputError(f"tensor_parallel must be at least 1, got {tensor_parallel}")
+    if tensor_parallel > 1 and draft is not None:
+        raise InputError("a draft speculates on one device; tensor parallelism runs without one")
+    if draft is not None and (not isinstance(draft, str) or not draft.strip()):
+        raise InputError(f"draft: expected \"ngram\" or a model (path, alias, Hub id), got {draft!r}")
+    checkpoint = resolve(model, allow_download=allow_download)
+    if draft not in (None, "ngram"):
+        resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
+    return OpenRequest(model, checkpoint, cfg, compute_device(cfg.runtime.device), as_dtype(dtype),
+                       trust_remote_code, allow_download, progress, draft, trace, tensor_parallel)
+
+
+def _join_ranks(request: OpenRequest, resources: contextlib.ExitStack) -> tuple[Group | None, torch.device]:
+    """This process's place among the tensor-parallel ranks (None: it runs alone) and its compute device; the
+    group it sets up is ended with the model."""
+    if request.tensor_parallel == 1:
+        return None, request.device
+    device = rank_device(request.device)
+    group = join_group(request.tensor_parallel, device, TIMEOUT_S)
+    if group.owned:
+        resources.callback(leave_group)
+    return group, device
+
+
+def _open_units(request: OpenRequest, device: torch.device, group: Group | None,
+                resources: contextlib.ExitStack) -> Units:
+    """The model's units, their files closed with the model. Under tensor parallelism, this rank's shards, and the
+    adapter combining the ranks' outputs after the modules they split."""
+    checkpoint = request.checkpoint
+    log.info("%s: a %s checkpoint at %s; compute on %s", request.model, checkpoint.kind, checkpoint.path, device)
+    units = open_units(checkpoint, request.cfg, device, request.dtype, request.trust_remote_code, request.progress)
+    resources.callback(units.close)
+    if group is None:
+        return units
+    units, styles = shard_units(units, group)
+    units = rank_store(units, group, request.cfg, device, request.progress)
+    resources.callback(units.close)
+    attach(resources, Collectives(styles, group))
+    return units
+
+
+def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokenizer: Any,
+                resources: contextlib.ExitStack) -> tuple[Any, DraftCost | None]:
+    """The draft the request names ("ngram", or a model opened resident on the device in the target's dtype) and
+    what it costs on the device (None for ngram); a model draft closes with the model."""
+    if request.draft is None:
+        return None, None
+    if request.draft == "ngram":
+        return NgramDraft(request.cfg.speculation.ngram, request.cfg.speculation.width), None
+    # The draft's own budget: whatever is free (it must all fit); what it takes is charged to the target's plan.
+    # Resident, a mixture-of-experts draft keeps its experts inside its layers: no routing read back per layer,
+    # so its steps can be captured in a CUDA graph.
+    cfg = request.cfg
+    draft_cfg = dataclasses.replace(
+        cfg.with_compression("none").without_expert_streaming(), budget=Budget(),
+        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
+    model = AutoModel.from_pretrained(request.draft, config=draft_cfg, dtype=units.dtype,
+                                      trust_remote_code=request.trust_remote_code,
+                                      allow_download=request.allow_download, progress=request.progress)
+    resources.callback(model.close)
+    scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0
+    cost = _draft_cost(request.draft, model.store.layouts, scratch, model.model.config, units.dtype)
+    if model.plan.regime != "device":
+        raise InputError(f"draft {request.draft} needs {cost.weights_bytes} bytes on the device, more than is free "
+                         f"there")
+    check_same_vocabulary(units.hf_config, tokenizer, model, request.draft)
+    return model, cost
+
+
+def _open_runtime(request: OpenRequest, device: torch.device, units: Units, tokenizer: Any,
+                  placed: tuple[Plan, PlanInput, DraftCost | None], resources: contextlib.ExitStack) -> ModelParts:
+    """Carry out the plan (`placed`: it, what it was made from, and a draft's device cost): the input embedding
+    kept in RAM, the stores (dense units, routed experts), the dequantization, and the module adapters; returns
+    the model's parts (its draft and timing still to add)."""
+    cfg = request.cfg
+    plan, planned_from, draft_cost = placed
+    if plan.host_lookup:
+        attach(resources, HostLookup(units, plan.host_lookup[0], device))
+        units = without_lookup(units, plan.host_lookup)  # the store streams the rest
+    tracer = Tracer(request.trace, device, _trace_meta(request.model, device, cfg, plan)) if request.trace else None
+    expert_keys = units.skeleton.expert_keys
+    dense = {key: layout for key, layout in units.layouts.items() if key not in expert_keys}
+    transfer = make_transfer(device, cfg.io.pinned_memory, pinned_arena_bytes(plan.host_budget_bytes, dense))
+    store = TieredStore(units.source, dense, plan, transfer, reader_threads=cfg.io.reader_threads,
+                        on_event=tracer.store_event if tracer is not None else None)
+    resources.callback(store.close)
+    store.disk_stats.budget_bytes = cfg.budget.disk
+    experts = _open_experts(cfg, device, units, plan, store, tracer, resources) if plan.experts else None
+    decompressor = Decompressor(units.codec, units.packed, units.dtype, device,
+                                per_matrix_units(units, plan.device_budget_bytes)) if units.codec else None
+    attach(resources, AttachedHooks(units.skeleton, store, device, decompressor, tracer))
+    text = units.hf_config.get_text_config()
+    kv_budget = KVBudget(planned_from, cfg.runtime.kv_cache, device.type == "cuda",
+                         kv_bytes_per_token(units.hf_config, units.dtype), text.num_hidden_layers,
+                         decompressor.scratch.nbytes if decompressor is not None else 0, draft_cost,
+                         sum(layout.nbytes for layout in dense.values()))
+    return ModelParts(units.skeleton.model, tokenizer, store, plan, planned_from, kv_budget, device, cfg, 0.0,
+                      decompressor, draft_cost=draft_cost, tracer=tracer, experts=experts)
+
+
+def _open_experts(cfg: Config, device: torch.device, units: Units, plan: Plan, store: TieredStore,
+                  tracer: Tracer | None, resources: contextlib.ExitStack) -> ExpertRunner:
+    """The routed experts' own store (device slots, host RAM, disk) and the adapter running MoE layers on it."""
+    layouts = {key: units.layouts[key] for key in units.skeleton.expert_keys}
+    transfer = make_transfer(device, cfg.io.pinned_memory, pinned_arena_bytes(plan.experts.host_bytes, layouts))
+    on_event = functools.partial(tracer.store_event, prefix="experts ") if tracer is not None else None
+    runner = open_experts(units.skeleton.experts, units.source, layouts, plan.experts, store, transfer,
+                          cfg.io.reader_threads, on_event)
+    resources.callback(runner.store.close)
+    return attach(resources, runner)
 
 
 def _trace_meta(model: str, device: torch.device, cfg: Config, plan: Plan) -> dict[str, Any]:
@@ -148,3 +231,91 @@ def _trace_meta(model: str, device: torch.device, cfg: Config, plan: Plan) -> di
             "device_budget_bytes": plan.device_budget_bytes, "host_budget_bytes": plan.host_budget_bytes,
             "prefetch_depth": plan.prefetch_depth, "device_resident": list(plan.device_resident),
             "bound_gb_per_s": {"disk": probe.get("disk_gbps"), "host->device": link}}
+
+
+def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: Any, trust_remote_code: bool = False,
+                  allow_download: bool = False, draft: str | None = None, tensor_parallel: int = 1) -> Plan:
+    """The plan `from_pretrained` would make (with `draft` beside the model; with `tensor_parallel` N, rank 0's,
+    whose shards are every rank's size), without reading any weights."""
+    cfg = Config.load(config).with_budget(budget)
+    device = compute_device(cfg.runtime.device)
+    units = open_units(resolve(model, allow_download), cfg, device, None, trust_remote_code, progress=True,
+                       write=False)
+    try:
+        if tensor_parallel > 1:
+            units = shard_units(units, Group(0, tensor_parallel))[0]
+        cost = _plan_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download) if draft else None
+        plan = place(units, cfg, device, cost, host_lookup=tensor_parallel == 1)[0]
+        if tensor_parallel > 1:
+            plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(Group(0, tensor_parallel))))
+        return plan
+    finally:
+        units.close()
+
+
+def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
+                allow_download: bool) -> DraftCost | None:
+    """What `_open_draft` would charge to the device budget (None for ngram), from the draft's layouts alone: no
+    weights read."""
+    if spec == "ngram":
+        return None
+    units = open_units(resolve(spec, allow_download), cfg.with_compression("none").without_expert_streaming(),
+                       device, dtype, trust_remote_code, progress=True, write=False)
+    units.close()
+    return _draft_cost(spec, units.layouts, scratch_bytes(units.packed, dtype), units.hf_config, dtype)
+
+
+def _draft_cost(spec: str, layouts: dict[str, Any], scratch: int, hf_config: Any, dtype: torch.dtype) -> DraftCost:
+    """A draft's device cost: all its units, its dequantization buffer, and its KV cache per token."""
+    weights = sum(layout.nbytes for layout in layouts.values()) + scratch
+    return DraftCost(spec, weights, kv_bytes_per_token(hf_config, dtype))
+
+
+def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft: TierstoreModel, name: str) -> None:
+    """A model draft must speak the target's tokens: the same tokenizer vocabulary (or, without tokenizers, the
+    same vocabulary size). Draft ids past the target's vocabulary are never proposed."""
+    target_vocab = target_config.get_text_config().vocab_size
+    draft_vocab = draft.model.config.get_text_config().vocab_size
+    if target_tokenizer is not None and draft.tokenizer is not None:
+        if target_tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+            raise InputError(f"draft {name}: its tokenizer differs from the model's ({len(draft.tokenizer)} "
+                             f"against {len(target_tokenizer)} tokens); a draft needs the same tokenizer")
+    elif target_vocab != draft_vocab:
+        raise InputError(f"draft {name}: vocabulary of {draft_vocab} tokens, the model has {target_vocab}")
+
+
+def convert_model(model: str, out_dir: str, dtype: torch.dtype | str | None = None, compress: str | None = None,
+                  config: Any = None, trust_remote_code: bool = False) -> str:
+    """Write the layer store of `model` into `out_dir` (what `tierstore convert` runs): its tensors in `dtype`
+    (None: as the checkpoint stores them), or compressed with `compress` ("nf4", "int8"); `config`'s budget.disk
+    caps its size. Returns `out_dir`."""
+    dtype = as_dtype(dtype)
+    cfg = Config.load(config)
+    if compress:
+        return compress_model(model, out_dir, compress, dtype, config=cfg, trust_remote_code=trust_remote_code)
+    return convert(resolve(model), out_dir, dtype=dtype, trust_remote_code=trust_remote_code, progress=True,
+                   disk_budget_bytes=cfg.budget.disk)
+
+
+def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | None = None, config: Any = None,
+                   trust_remote_code: bool = False, progress: bool = True) -> str:
+    """Write a compressed layer store of `model` into `out_dir` (what `tierstore convert --compress` runs).
+    Norms and embeddings are kept in `dtype` (default: the checkpoint's); matrices are quantized on the GPU when
+    there is one."""
+    cfg = Config.load(config).with_compression(format)
+    codec = Codec.wanted(cfg.compression)
+    if codec is None:
+        raise InputError("compress_model needs a format: nf4 or int8")
+    device = compute_device(cfg.runtime.device)
+    checkpoint = convert_if_needed(resolve(model), cfg, trust_remote_code, progress)
+    dtype = dtype or checkpoint_dtype(load_config(checkpoint, trust_remote_code))
+    # the base is read as compression will pack it: experts whole inside their layers (see Config.splits_experts)
+    units = open_units(checkpoint, cfg.with_compression("none").without_expert_streaming(), device, dtype,
+                       trust_remote_code, progress)
+    try:
+        if units.codec is not None:
+            raise InputError(f"{units.checkpoint.path} is already compressed ({units.codec.name})")
+        return compress(units.source, units.skeleton, units.checkpoint, out_dir, codec, device, trust_remote_code,
+                        progress, disk_budget_bytes=cfg.budget.disk)
+    finally:
+        units.close()

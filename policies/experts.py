@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from ..errors import BudgetError, ConfigError
 from ..sizes import format_size
 from ..tier import replay
+from .dense import AUTO, Plan, PlanInput, make_dense_plan, predict_pass
 from .eviction import Key
-from .planner import AUTO, Plan, PlanInput, make_plan, predict_pass
 from .registry import make_eviction
 
 EXPERT_POLICIES = ("lfu", "lru", "fifo")
@@ -46,7 +46,7 @@ class ExpertsInput:
 class ExpertPlan:
     """Where the experts live: `device_slots` on the device (an LFU/LRU cache), `host_bytes` of host RAM (the
     rest are read from disk when routed to), and whether the next layer's experts are predicted: "router" always,
-    "auto" while the copies that starts are used (see inference/experts.py PrefetchGate), "none"."""
+    "auto" while the copies that starts are used (see inference/runtime/experts.py, PrefetchGate), "none"."""
 
     layers: int
     experts_per_layer: int
@@ -125,7 +125,7 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
     plan = None
     for slots in ((2 * experts.top_k, experts.top_k) if predict else (experts.top_k,)):
         try:
-            plan = make_plan(dataclasses.replace(
+            plan = make_dense_plan(dataclasses.replace(
                 dense, device_reserve_bytes=dense.device_reserve_bytes + slots * experts.expert_bytes,
                 host_budget_bytes=dense.host_budget_bytes - slots * experts.expert_bytes))
             break

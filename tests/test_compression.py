@@ -125,7 +125,7 @@ def test_a_corrupt_compressed_unit_is_refused_before_any_token(tiny_dirs, tmp_pa
 def test_an_interrupted_compression_resumes_to_the_same_store(tiny_dirs, tmp_path):
     from tierstore.inference.loading.checkpoint import load_config
     from tierstore.inference.loading.sources import in_place_source
-    from tierstore.inference.loading.convert import compress
+    from tierstore.inference.loading.store_writer import compress
     from tierstore.inference.loading.resolve import resolve
     from tierstore.inference.loading.skeleton import build_skeleton
 
@@ -165,7 +165,7 @@ def test_an_interrupted_compression_resumes_to_the_same_store(tiny_dirs, tmp_pat
 
 
 def test_plan_sizes_units_compressed_without_writing_anything(tiny_dirs, tmp_path):
-    from tierstore.inference.placement.plan import make_plan_for
+    from tierstore.inference.compose import make_plan_for
 
     directory, _ = tiny_dirs("llama")
     config = _config(tmp_path, "nf4")

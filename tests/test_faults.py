@@ -66,7 +66,8 @@ def test_damaged_unit_is_caught_before_any_token(bin_checkpoint, tmp_path, damag
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     from tierstore import files
-    from tierstore.inference import convert as conv
+    from tierstore.inference.loading import store_writer
+    from tierstore.inference.loading.convert import convert
     calls = {"n": 0}
     real = files.write_atomic
     def write_then_die(path, data):
@@ -76,9 +77,9 @@ _KILLER = textwrap.dedent("""
                 f.write(bytes(data)[: len(data) // 2])   # a write cut short
             os.kill(os.getpid(), signal.SIGKILL)
         real(path, data)
-    conv.write_atomic = write_then_die
+    store_writer.write_atomic = write_then_die  # where every unit file of a store is written
     from tierstore.inference.loading.resolve import resolve
-    conv.convert(resolve(sys.argv[1]), sys.argv[2], progress=False)
+    convert(resolve(sys.argv[1]), sys.argv[2], progress=False)
 """)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tierstore
-from tierstore.inference.placement.plan import make_plan_for
+from tierstore.inference.compose import make_plan_for
 from test_architectures import PROMPT, causal_lm_types, tiny
 
 NEW_TOKENS = 6

@@ -1,6 +1,7 @@
 """`tierstore serve` on SmolLM2: the OpenAI API through the openai client and plain HTTP, continuous batching
 (concurrent clients get the text they get alone), the queue bound, disconnects, the API key, SIGTERM; and the
 batcher itself joining sequences into a running batch."""
+import dataclasses
 import json
 import os
 import signal
@@ -264,7 +265,7 @@ def test_batcher_joins_running_batches_and_matches_alone(smollm2_store, tmp_path
 
         def submit(index: int):
             def on_event(event):
-                mask = batcher._mask
+                mask = batcher.mask
                 if mask is not None and mask.numel():
                     shapes.append((mask.shape[1], int(mask.sum(dim=1).max())))
                 if event.finish_reason:
@@ -284,7 +285,7 @@ def test_batcher_joins_running_batches_and_matches_alone(smollm2_store, tmp_path
             assert event.wait(120)
         assert [s.tokens for s in sequences] == alone
         assert batcher.steps < sum(len(row) for row in alone)  # rows shared passes
-        assert batcher._cache is None  # every row left: the cache is freed
+        assert batcher.mask is None  # every row left: the cache is freed
         # masked columns were dropped or repacked: never more than the slack beyond the longest row, plus a prompt
         assert all(columns <= 1.25 * real + 16 + max(map(len, ids)) for columns, real in shapes), shapes
         batcher.close()
@@ -295,7 +296,8 @@ def test_the_batcher_admits_requests_while_their_kv_cache_fits_its_tokens(smollm
     max_tokens, still fits. Short requests then share passes in larger numbers than sequences of the longest
     length would, a tight size keeps fewer rows at a time, and each request gets the tokens it gets alone."""
     import tierstore
-    from tierstore.inference.front.batcher import Batcher, SamplingParams, kv_cache_tokens
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
+    from tierstore.inference.placement.kv import kv_cache_tokens
 
     store, _ = smollm2_store
     with tierstore.AutoModel.from_pretrained(store, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
@@ -306,7 +308,7 @@ def test_the_batcher_admits_requests_while_their_kv_cache_fits_its_tokens(smollm
             shapes: list[tuple[int, int]] = []  # (rows, columns) of the cache after each pass
 
             def on_event(event):
-                shapes.append(tuple(batcher._mask.shape))
+                shapes.append(tuple(batcher.mask.shape))
 
             sequences = [batcher.submit(row, SamplingParams(max_tokens=12, temperature=0), on_event) for row in ids]
             _until(lambda: all(s.finish_reason for s in sequences))
@@ -326,10 +328,9 @@ def test_the_largest_batch_puts_its_kv_cache_in_host_ram_when_the_device_cannot_
     layers of it on the device. `runtime.kv_cache = "device"` keeps the device's smaller batch. Planning only
     (nothing runs a forward): the CPU stands in for a GPU, where the cache is transformers' offloaded
     DynamicCache."""
-    import torch
 
     import tierstore
-    from tierstore.inference.front.batcher import COLUMN_SLACK, largest_batch
+    from tierstore.inference.placement.kv import COLUMN_SLACK, largest_batch
     from tierstore.inference.placement.budgets import ACTIVATION_SLACK_BYTES, kv_bytes_per_token
 
     store, _ = smollm2_store
@@ -338,7 +339,7 @@ def test_the_largest_batch_puts_its_kv_cache_in_host_ram_when_the_device_cannot_
         config = {"runtime": {"cache_dir": str(tmp_path), "kv_cache": where}}
         with tierstore.AutoModel.from_pretrained(store, budget={"vram": "700MB", "ram": "1GB"},
                                                  config=config) as model:
-            model.device = torch.device("cuda")
+            model.kv_budget = dataclasses.replace(model.kv_budget, separate_device=True)  # plan as for a GPU
             per_sequence = kv_bytes_per_token(model.model.config, model.model.dtype) * 1000 * COLUMN_SLACK
             room = 1_000_000_000 - sum(layout.nbytes for layout in model.store.layouts.values())
             batches[where], notes = largest_batch(model, 4096, 1000)
@@ -361,11 +362,10 @@ def test_the_largest_batch_keeps_a_streamed_unit_in_flight_beside_the_one_comput
     """Each sequence's KV cache takes device room from the streamed layers: past a point only one layer fits at a
     time, and copies and compute take turns. The batch stops short of that point, and says so. Planning only:
     the CPU stands in for a GPU."""
-    import torch
 
     import tierstore
     from tierstore.errors import BudgetError
-    from tierstore.inference.front.batcher import kv_cache_tokens, largest_batch
+    from tierstore.inference.placement.kv import kv_cache_tokens, largest_batch
     from tierstore.inference.placement.budgets import ACTIVATION_SLACK_BYTES
 
     directory, reference = tiny_dirs("llama")
@@ -373,7 +373,7 @@ def test_the_largest_batch_keeps_a_streamed_unit_in_flight_beside_the_one_comput
     config = {**cache_config, "runtime": {**cache_config.get("runtime", {}), "kv_cache": "device"}}
     with tierstore.AutoModel.from_pretrained(directory, budget={"vram": int(ACTIVATION_SLACK_BYTES + 3.5 * layer),
                                                                 "ram": "100MB"}, config=config) as model:
-        model.device = torch.device("cuda")
+        model.kv_budget = dataclasses.replace(model.kv_budget, separate_device=True)  # plan as for a GPU
         batch, notes = largest_batch(model, 4096, 4)
         assert model.plan.streamed_from_host and model.plan.prefetch_depth >= 1
         held = int(notes[0].split(", not the ")[1].split()[0])

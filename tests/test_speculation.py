@@ -164,7 +164,7 @@ def test_depth_policy_drafts_deeper_when_passes_cost_more():
 @pytest.mark.parametrize("draft", ["ngram", "self", "int8"])
 def test_smollm2_greedy_with_drafts_equals_transformers(draft, smollm2_store, smollm2_reference, tmp_path_factory):
     """Real weights, a streaming budget (host smaller than the model): drafts ngram, SmolLM2 itself, its int8 store."""
-    from tierstore.inference.loading.convert import compress_model
+    from tierstore.inference.compose import compress_model
 
     store_dir, _ = smollm2_store
     reference, tokenizer = smollm2_reference
@@ -193,7 +193,7 @@ def test_plan_charges_the_draft_to_the_device_budget(tiny_dirs, tmp_path, capsys
     draft_bytes = sum(p.numel() for p in reference.parameters()) * 4
     budget = _budget_for(reference)
     config = {"runtime": {"cache_dir": str(tmp_path)}}
-    from tierstore.inference.placement.plan import make_plan_for
+    from tierstore.inference.compose import make_plan_for
 
     alone = make_plan_for(directory, tierstore.Budget(vram=budget.vram + draft_bytes, ram=budget.ram), config)
     beside = make_plan_for(directory, tierstore.Budget(vram=budget.vram + draft_bytes, ram=budget.ram), config,

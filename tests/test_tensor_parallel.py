@@ -146,7 +146,7 @@ def test_a_ranks_units_are_its_shard_and_the_plan_says_so(tiny_dirs, tmp_path):
     """At N = 2 each decoder layer and the vocabulary units are about half (the norms stay whole on every rank),
     and `tierstore plan --tp 2` is a rank's plan."""
     from tierstore.config import Config
-    from tierstore.inference.placement.plan import make_plan_for
+    from tierstore.inference.compose import make_plan_for
     from tierstore.inference.loading.resolve import resolve
     from tierstore.inference.loading.sources import open_units
     from tierstore.inference.loading.shards import Group, shard_units

@@ -8,7 +8,8 @@ import torch
 
 import tierstore
 from tierstore.compression import Codec
-from tierstore.inference.loading.convert import compress_model, write_store
+from tierstore.inference.compose import compress_model
+from tierstore.inference.loading.store_writer import write_store
 
 PROMPT = torch.tensor([[5, 9, 33, 7, 81]])
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from .budget import Budget
 from .errors import BudgetError, ConfigError
+from .policies.dense import RESIDENT_ORDERS
 from .policies.experts import EXPERT_POLICIES
 from .policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
 from .sizes import parse_size
@@ -115,6 +116,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "host": (_choice(*_EVICTION), AUTO, "eviction policy of the host tier; auto = static (planner)"),
         "prefetch": (_choice(*_PREFETCH), AUTO, "prefetch policy; auto = lookahead"),
         "prefetch_depth": (_int_or_auto(0), AUTO, "units loaded ahead of the one computing; auto = planned"),
+        "resident_order": (_choice(*RESIDENT_ORDERS), "spread", "which of equal units stay resident when not all fit: "
+                                                                  "spread over the pass, or the first ones"),
     },
     "io": {
         "reader_threads": (_int(1), 4, "threads reading units from disk"),

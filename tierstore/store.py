@@ -17,8 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import torch
 
 from .errors import BudgetError, InvariantError
-from .policies.planner import Plan
 from .policies.eviction import EvictionPolicy
+from .policies.planner import Plan
 from .policies.registry import make_eviction, make_prefetch
 from .tier import Key, Tier, TierStats
 from .transfer import CPUTransfer, CUDATransfer

@@ -13,6 +13,7 @@ import torch
 
 from .files import PAGE_BYTES
 from .units import align
+
 log = logging.getLogger(__name__)
 
 

@@ -1,0 +1,1 @@
+"""The decode loops: the model (transformers' generate), speculation and its drafts, sampling."""

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from ...policies.speculation import DepthPolicy
+from .sampling import Warp
 from .tree import DraftTree
 
 log = logging.getLogger(__name__)
 
-Warp = Callable[[torch.Tensor], torch.Tensor]  # logits (rows, vocab) -> probabilities (rows, vocab)
 DEFAULT_WIDTH = 8
 DEFAULT_NGRAM = 3
 
@@ -262,72 +261,3 @@ class ModelDraft:
             return
         graph.replay()  # capture records without running: this step's logits come from the first replay
         self._graph = graph
-
-
-def open_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
-               allow_download: bool, progress: bool) -> tuple[Any, Any]:
-    """The draft `spec` names ("ngram", or a model anything tierstore reads) and what it costs on the device
-    (None for ngram). A model draft runs in the target's dtype, all of it resident on the compute device."""
-    import dataclasses
-
-    from ...budget import Budget
-    from ...errors import InputError
-    from ..compose import AutoModel
-
-    if not isinstance(spec, str) or not spec.strip():
-        raise InputError(f"draft: expected \"ngram\" or a model (path, alias, Hub id), got {spec!r}")
-    if spec == "ngram":
-        return NgramDraft(cfg.speculation.ngram, cfg.speculation.width), None
-    # The draft's own budget: whatever is free (it must all fit); what it takes is charged to the target's plan.
-    # Resident, a mixture-of-experts draft keeps its experts inside its layers: no routing read back per layer,
-    # so its steps can be captured in a CUDA graph.
-    draft_cfg = dataclasses.replace(
-        cfg.with_compression("none").without_expert_streaming(), budget=Budget(),
-        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
-    model = AutoModel.from_pretrained(spec, config=draft_cfg, dtype=dtype, trust_remote_code=trust_remote_code,
-                                      allow_download=allow_download, progress=progress)
-    scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0
-    cost = _cost(spec, model.store.layouts, scratch, model.model.config, dtype)
-    if model.plan.regime != "device":
-        model.close()
-        raise InputError(f"draft {spec} needs {cost.weights_bytes} bytes on the device, more than is free there")
-    return model, cost
-
-
-def plan_draft(spec: str, cfg: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
-               allow_download: bool) -> Any:
-    """What `open_draft` would charge to the device budget (a DraftCost, None for ngram), from the draft's
-    layouts alone: no weights read."""
-    from ...compression import scratch_bytes
-    from ..loading.resolve import resolve
-    from ..loading.sources import open_units
-
-    if spec == "ngram":
-        return None
-    units = open_units(resolve(spec, allow_download), cfg.with_compression("none").without_expert_streaming(),
-                       device, dtype, trust_remote_code, progress=True, write=False)
-    units.close()
-    return _cost(spec, units.layouts, scratch_bytes(units.packed, dtype), units.hf_config, dtype)
-
-
-def _cost(spec: str, layouts: dict[str, Any], scratch: int, hf_config: Any, dtype: torch.dtype) -> Any:
-    """A draft's device cost: all its units, its dequantization buffer, and its KV cache per token."""
-    from ..placement.budgets import DraftCost, kv_bytes_per_token
-
-    weights = sum(layout.nbytes for layout in layouts.values()) + scratch
-    return DraftCost(spec, weights, kv_bytes_per_token(hf_config, dtype))
-
-
-def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft: Any, name: str) -> None:
-    """A model draft must speak the target's tokens: the same tokenizer vocabulary (or, without tokenizers, the
-    same vocabulary size). Draft ids past the target's vocabulary are never proposed."""
-    from ...errors import InputError
-
-    target_vocab = target_config.get_text_config().vocab_size
-    draft_vocab = draft.model.config.get_text_config().vocab_size
-    if target_tokenizer is not None and draft.tokenizer is not None:
-        if target_tokenizer.get_vocab() != draft.tokenizer.get_vocab():
-            raise InputError(f"draft {name}: its tokenizer differs from the model's ({len(draft.tokenizer)} "
-                             f"against {len(target_tokenizer)} tokens); a draft needs the same tokenizer")
-    elif target_vocab != draft_vocab:
-        raise InputError(f"draft {name}: vocabulary of {draft_vocab} tokens, the model has {target_vocab}")

@@ -1,4 +1,4 @@
-"""A transformers model whose weights live in the tiered store (opened by `auto.AutoModel.from_pretrained`).
+"""A transformers model whose weights live in the tiered store (opened by `compose.AutoModel.from_pretrained`).
 
 transformers' own forward and `generate` run unchanged (KV cache, masks, sampling, streamers); hooks fetch each
 unit's weights from the store just in time. This adds the timing and the report, fits the KV cache into the
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,24 +20,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ...compression import Decompressor
 from ...config import Config
 from ...errors import BudgetError, InputError
-from ..placement.budgets import ACTIVATION_SLACK_BYTES, DraftCost, kv_bytes_per_token
-from ...policies.experts import with_experts
-from ...policies.planner import Plan, PlanInput, make_plan
+from ...policies.planner import Plan, PlanInput
 from ...policies.speculation import DEFAULT_MAX_DEPTH, DepthPolicy
 from ...report import RunReport, Timing
 from ...sizes import format_size
 from ...store import TieredStore
 from ...trace import TOKENS, Tracer
+from ..placement.budgets import DraftCost
+from ..placement.kv import KVBudget
 from ..runtime.experts import ExpertRunner
-from ..runtime.hooks import AttachedHooks
-from ..loading.sources import close_source
 from .speculation import SpeculationStats
-from ..loading.shards import Collectives
 
 log = logging.getLogger(__name__)
-
-KV_LAYERS_ON_DEVICE = 3  # a host KV cache's layers on the device at once: computing, fetched ahead, written back
-
 
 class _StepClock:
     """A logits processor that only reads the clock: the first call ends prefill, later calls are decode steps.
@@ -73,37 +66,57 @@ def quiet_forward() -> Iterator[None]:
         yield
 
 
-class TierstoreModel:
-    """A causal LM running layer by layer out of the tiered store."""
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """What the composer opened for a model: the skeleton (`model`, transformers' own), its tokenizer, the store
+    and the plan it carries out (what that was planned from, and what the KV cache may take), the compute device,
+    the config, the seconds opening took, and what only some models have."""
 
-    def __init__(self, model: Any, tokenizer: Any, store: TieredStore, hooks: AttachedHooks, plan: Plan,
-                 plan_input: PlanInput, device: torch.device, config: Config, setup_s: float,
-                 decompressor: Decompressor | None = None, draft: Any = None,
-                 draft_cost: DraftCost | None = None, tracer: Tracer | None = None,
-                 experts: ExpertRunner | None = None, collectives: Collectives | None = None) -> None:
-        self.model = model
-        self.collectives = collectives  # under tensor parallelism: the hooks combining the ranks' outputs
-        self.experts = experts  # routed experts fetched as picked (a mixture-of-experts model), or None
-        self.tracer = tracer
-        self.plan_input = plan_input
-        self.tokenizer = tokenizer
-        self.store = store
-        self.plan = plan
-        self.device = device
-        self.config = config
-        self.setup_s = setup_s
-        self._hooks = hooks
-        self.decompressor = decompressor
-        self.draft = draft  # "ngram" (NgramDraft) or a TierstoreModel; None: no speculation
-        self.draft_cost = draft_cost
+    model: Any
+    tokenizer: Any
+    store: TieredStore
+    plan: Plan
+    plan_input: PlanInput
+    kv_budget: KVBudget  # what the KV cache may take beside the weights
+    device: torch.device
+    config: Config
+    setup_s: float
+    decompressor: Decompressor | None = None  # a compressed model's dequantization
+    draft: Any = None  # NgramDraft or a TierstoreModel: speculative decoding
+    draft_cost: DraftCost | None = None  # a model draft's device bytes
+    tracer: Tracer | None = None
+    experts: ExpertRunner | None = None  # routed experts fetched as picked (a mixture-of-experts model)
+
+
+class TierstoreModel:
+    """A causal LM running layer by layer out of the tiered store. `resources` holds everything opened for it
+    (files, store threads and memory, module adapters, a draft, a process group), undone in reverse order by
+    `close`."""
+
+    def __init__(self, parts: ModelParts, resources: contextlib.ExitStack) -> None:
+        self.model = parts.model
+        self.experts = parts.experts
+        self.tracer = parts.tracer
+        self.plan_input = parts.plan_input
+        self.tokenizer = parts.tokenizer
+        self.store = parts.store
+        self.plan = parts.plan
+        self.device = parts.device
+        self.config = parts.config
+        self.setup_s = parts.setup_s
+        self.decompressor = parts.decompressor
+        self.draft = parts.draft
+        self.draft_cost = parts.draft_cost
+        self.kv_budget = parts.kv_budget
+        self._resources = resources
         self._timing = Timing()
         self.kv_on_host = False  # the KV cache lives in host RAM (fit_kv_cache decides, per call or batch)
         self._notes: list[str] = []
         self._closed = False
         self._speculation: SpeculationStats | None = None
-        self._max_depth = config.speculation.depth or DEFAULT_MAX_DEPTH
+        self._max_depth = self.config.speculation.depth or DEFAULT_MAX_DEPTH
         # learns pass and draft-step costs across calls; a configured depth is drafted every pass
-        self._depth_policy = DepthPolicy(self._max_depth, fixed=config.speculation.depth is not None)
+        self._depth_policy = DepthPolicy(self._max_depth, fixed=self.config.speculation.depth is not None)
 
     @property
     def max_context(self) -> int | None:
@@ -180,55 +193,23 @@ class TierstoreModel:
             self.tracer.write()
 
     def fit_kv_cache(self, cache_tokens: int) -> list[str]:
-        """Place a KV cache of `cache_tokens` (over all sequences) before anything runs (see `kv_placement`):
+        """Place a KV cache of `cache_tokens` (over all sequences) before anything runs (`KVBudget.placement`):
         re-plan the device tier when its reserve must grow, and say where the cache lives. InputError when
         neither the device nor the RAM budget holds it. Returns notes for the report."""
         try:
             on_host, plan = self.kv_placement(cache_tokens)
         except BudgetError as exc:
-            where = self.config.runtime.kv_cache
-            places = [f"the device budget {format_size(self.plan.device_budget_bytes)} leaves beside the weights"
-                      ] if where != "host" else []
-            if where != "device":
-                places.append(f"the {format_size(self._host_kv_room_bytes())} the RAM budget leaves beside the host "
-                              f"tier")
-            raise InputError(f"a batch of {cache_tokens} cache tokens needs {format_size(self._kv_bytes(cache_tokens))}"
-                             f" of KV cache: more than {', and more than '.join(places)}; use fewer prompts or "
-                             f"tokens") from exc
+            raise InputError(self.kv_budget.refusal(self.plan, cache_tokens)) from exc
         self.kv_on_host = on_host
-        notes = []
         if plan is not None:
             self.store.replan(plan)
             self.plan = plan
-            notes.append(f"{format_size(plan.device_reserve_bytes)} of device reserve for "
-                         f"{'the KV cache layers in use' if on_host else 'the KV cache'} and activations: "
-                         f"{len(plan.device_resident)} units now resident")
-        if on_host:
-            notes.append(f"KV cache of {cache_tokens} tokens ({format_size(self._kv_bytes(cache_tokens))}) in host "
-                         f"RAM, streamed a layer ahead by transformers' offloaded DynamicCache: it crosses the link "
-                         f"both ways each pass")
-        return notes
+        return self.kv_budget.notes(cache_tokens, on_host, plan)
 
     def kv_placement(self, cache_tokens: int) -> tuple[bool, Plan | None]:
-        """Whether a KV cache of `cache_tokens` goes to host RAM, and the plan it needs (None: the current one).
-        In the device reserve when the device budget holds it beside the weights (a larger reserve means fewer
-        resident weights); otherwise in host RAM, when what the RAM budget leaves beside the weights' host tier
-        holds it and the device reserve holds the layers in use (one computing, one fetched ahead, one written
-        back). `runtime.kv_cache` may insist on either. BudgetError when the cache fits nowhere allowed. Changes
-        nothing."""
-        where = self.config.runtime.kv_cache
-        if self.device.type != "cuda":
-            return False, None  # the device is the host
-        if where != "host":
-            try:
-                return False, self.kv_plan(cache_tokens)
-            except BudgetError:
-                if where == "device":
-                    raise
-        if self._kv_bytes(cache_tokens) > self._host_kv_room_bytes():
-            raise BudgetError(f"a KV cache of {cache_tokens} tokens does not fit the RAM budget's room")
-        layers = self.model.config.get_text_config().num_hidden_layers
-        return True, self.kv_plan(math.ceil(min(KV_LAYERS_ON_DEVICE, layers) * cache_tokens / layers))
+        """Whether a KV cache of `cache_tokens` would go to host RAM, and the plan it needs (None: the current
+        one); BudgetError when it fits nowhere allowed. Changes nothing."""
+        return self.kv_budget.placement(self.plan, cache_tokens)
 
     def new_kv_cache(self) -> Any:
         """The cache a generate call or a fresh batch starts with: None (the model makes its own, on the device)
@@ -244,41 +225,11 @@ class TierstoreModel:
         if self.kv_on_host:
             torch.cuda.synchronize(self.device)
 
-    def _kv_bytes(self, cache_tokens: int) -> int:
-        return kv_bytes_per_token(self.model.config, self.model.dtype) * cache_tokens
-
-    def _host_kv_room_bytes(self) -> int:
-        """RAM the budget leaves beside the weights' host tier (which takes all the units or its whole budget)."""
-        weights = sum(layout.nbytes for layout in self.store.layouts.values())
-        if self.plan.experts is not None:
-            weights += self.plan.experts.host_bytes
-        return max(self.plan.host_budget_bytes - weights, 0)
-
-    def kv_plan(self, cache_tokens: int) -> Plan | None:
-        """The plan whose device reserve holds a KV cache of `cache_tokens`: None when the current plan's does,
-        BudgetError when no plan within the device budget does. Changes nothing."""
-        needed = self._kv_reserve_bytes(cache_tokens)
-        if needed <= self.plan.device_reserve_bytes:
-            return None
-        experts = self.plan.experts
-        slots = experts.device_slots * experts.expert_bytes if experts is not None else 0
-        # the experts' device slots are allocated once: the dense units make room around them
-        wanted = dataclasses.replace(self.plan_input, device_reserve_bytes=needed, experts=None)
-        plan = make_plan(dataclasses.replace(wanted, device_reserve_bytes=needed + slots))
-        return with_experts(plan, experts, wanted) if experts is not None else plan
-
-    def _kv_reserve_bytes(self, cache_tokens: int) -> int:
-        """The device reserve a KV cache of `cache_tokens` needs, with activations, the dequantization buffer
-        and the draft's share."""
-        scratch = self.decompressor.scratch.nbytes if self.decompressor is not None else 0
-        draft = self.draft_cost.device_bytes(cache_tokens) if self.draft_cost is not None else 0
-        return (self._kv_bytes(cache_tokens) + ACTIVATION_SLACK_BYTES
-                + scratch + draft)
-
     def _speculate(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
         """generate with the draft: one weight pass verifies each tree of drafted tokens."""
         from .drafts import ModelDraft, NgramDraft
-        from .speculation import check_speculation_request, chooser, sampling_warp, speculate
+        from .sampling import chooser, eos_ids, warp
+        from .speculation import check_speculation_request, speculate
         from .tree import check_mask_support, check_window
 
         if self.kv_on_host:
@@ -290,10 +241,9 @@ class TierstoreModel:
             input_ids = input_ids[:, mask[0].bool()]
         settings = self.model.generation_config
         do_sample = kwargs.get("do_sample", settings.do_sample)
-        warp = sampling_warp(*(kwargs.get(name, getattr(settings, name)) if do_sample else None
-                               for name in ("temperature", "top_k", "top_p")))
-        eos = kwargs.get("eos_token_id", settings.eos_token_id)
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        warped = warp(*(kwargs.get(name, getattr(settings, name)) if do_sample else None
+                        for name in ("temperature", "top_k", "top_p")))
+        ends = eos_ids(kwargs.get("eos_token_id", settings.eos_token_id))
         max_new = kwargs.get("max_new_tokens") or settings.max_new_tokens or 20
         check_window(self.model.config, input_ids.shape[1] + max_new, "the model")
         check_mask_support(self.model.config, "the model")
@@ -303,12 +253,12 @@ class TierstoreModel:
         if isinstance(self.draft, NgramDraft):
             draft = self.draft
         else:
-            draft = ModelDraft(self.draft, self.draft_cost.name, warp, self.model.config.get_text_config().vocab_size,
+            draft = ModelDraft(self.draft, self.draft_cost.name, warped, self.model.config.get_text_config().vocab_size,
                                self.config.speculation.width, self._depth_policy)
         stats = SpeculationStats(draft.name)
         clock = _StepClock(self.tracer)
         with quiet_forward():
-            out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warp), eos_ids, stats,
+            out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warped), ends, stats,
                             self._max_depth, kwargs.get("streamer"), on_first_token=lambda: clock(None, None),
                             tracer=self.tracer)
         self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes)
@@ -342,29 +292,9 @@ class TierstoreModel:
             tiers.update({f"experts {name}": stats for name, stats in self.experts.store.tier_stats().items()})
             experts = self.experts.stats.to_dict(self.plan.experts.layers, self.plan.experts.experts_per_layer)
         return RunReport(plan=self.plan, tiers=tiers, timing=self._timing,
-                         device=str(self.device), setup_s=self.setup_s, notes=[*self._budget_notes(), *self._notes],
+                         device=str(self.device), setup_s=self.setup_s, notes=[*self.kv_budget.device_shares(self.plan), *self._notes],
                          speculation=self._speculation.to_dict() if self._speculation is not None else None,
                          experts=experts)
-
-    def _budget_notes(self) -> list[str]:
-        """How the device budget asked for is shared out, when part of it is not weights."""
-        scratch = self.decompressor.scratch.nbytes if self.decompressor is not None else 0
-        draft = self.draft_cost.reserve_bytes(self.device) if self.draft_cost is not None else 0
-        if not self.plan.device_reserve_bytes:
-            return []
-        parts = [f"{format_size(self.plan.device_weights_bytes)} for weights"]
-        experts = self.plan.experts
-        if experts is not None:  # the dense units' share above; the experts' slots are their own
-            parts.append(f"{format_size(experts.device_slots * experts.expert_bytes)} for {experts.device_slots} "
-                         f"expert slots")
-        kept = self.plan.device_reserve_bytes - scratch - draft
-        if kept:
-            parts.append(f"{format_size(kept)} kept for activations and the KV cache")
-        if scratch:
-            parts.append(f"{format_size(scratch)} for the dequantization buffer")
-        if draft:
-            parts.append(f"{format_size(draft)} for the draft")
-        return [f"device budget {format_size(self.plan.device_budget_bytes)}: {', '.join(parts)}"]
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"plan {self.plan.regime}, {len(self.plan.schedule)} units"
@@ -374,20 +304,13 @@ class TierstoreModel:
                 f"{format_size(self.plan.host_budget_bytes)}, {state}{draft})")
 
     def close(self) -> None:
-        """Detach the hooks and stop the store's threads (the draft's too). Closing twice does nothing."""
+        """Undo what opening did, in reverse: adapters detached, the stores' threads stopped and memory freed,
+        the draft closed, files closed. Closing twice does nothing."""
         if self._closed:
             return
         self._closed = True
-        if isinstance(self.draft, TierstoreModel):
-            self.draft.close()
-        self._hooks.detach()
-        if self.collectives is not None:
-            self.collectives.close()
-        if self.experts is not None:
-            self.experts.close()
-        self.store.close()
+        self._resources.close()
         self.decompressor = None
-        close_source(self.store.source)
         if self.tracer is not None:
             self.tracer.write()
             self.tracer = None

@@ -20,9 +20,8 @@ import torch
 
 from ...errors import InputError
 from ...trace import DRAFT, TOKENS, Tracer
+from .sampling import Choose
 from .tree import DraftTree, attention_bias, keep_positions
-
-Choose = Callable[[torch.Tensor], torch.Tensor]  # logits (rows, vocab) -> one token per row
 
 
 @dataclasses.dataclass
@@ -48,31 +47,6 @@ class SpeculationStats:
         data["draft_step_s"] = self.draft_s / self.draft_steps if self.draft_steps else None
         data["verify_pass_s"] = self.verify_s / self.passes if self.passes else None
         return data
-
-
-def sampling_warp(temperature: float | None, top_k: int | None, top_p: float | None) -> Callable[[torch.Tensor],
-                                                                                                 torch.Tensor]:
-    """Logits (rows, vocab) to the probabilities transformers' warpers give for these settings."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    warpers = LogitsProcessorList()
-    if temperature is not None and temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k is not None and top_k > 0:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p is not None and top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-
-    def warp(logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(warpers(None, logits.float()), dim=-1)
-    return warp
-
-
-def chooser(do_sample: bool, warp: Callable[[torch.Tensor], torch.Tensor]) -> Choose:
-    """How plain decoding picks the next token: argmax, or a sample of the warped distribution."""
-    if not do_sample:
-        return lambda logits: logits.argmax(dim=-1)
-    return lambda logits: torch.multinomial(warp(logits), 1).squeeze(-1)
 
 
 def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: int, choose: Choose,

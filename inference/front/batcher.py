@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,12 +27,14 @@ from typing import Any
 
 import torch
 
-from ...errors import BudgetError, InputError
+from ...errors import InputError
+from ..decoding import sampling
 from ..decoding.model import quiet_forward
+from ..placement.kv import kv_cache_tokens
+from .kv_rows import compact, keep_rows, merge_rows, plain_layers
 
 log = logging.getLogger(__name__)
 
-COLUMN_SLACK = 1.25  # the cache's columns stay within this many times (plus 16) the longest row's real tokens
 EXPERT_WINDOW_STEPS = 64  # a mixture-of-experts model's routing record is replayed (policy choice) and reset this often
 
 
@@ -109,8 +110,8 @@ class Batcher:
         self.max_batch, self.max_queue, self.max_seq_tokens = max_batch, max_queue, max_seq_tokens
         self.cache_tokens = cache_tokens or kv_cache_tokens(max_batch, max_seq_tokens)
         settings = model.model.generation_config
-        eos = settings.eos_token_id if settings.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.eos_ids = sampling.eos_ids(settings.eos_token_id if settings.eos_token_id is not None
+                                        else self.tokenizer.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -152,6 +153,12 @@ class Batcher:
         with self._wake:
             sequence.cancelled = True
             self._wake.notify()
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The batch cache's mask [rows, columns] (1 where a row's token is cached); None while no batch runs.
+        Read it between steps (from an event), as the batcher's thread replaces it each step."""
+        return self._mask
 
     def counts(self) -> dict[str, int]:
         with self._wake:
@@ -237,9 +244,7 @@ class Batcher:
         prompts first get a pass of their own."""
         for sequence in joining:
             if sequence.params.temperature > 0:
-                seed = sequence.params.seed
-                sequence.generator = torch.Generator(self.device)
-                sequence.generator.manual_seed(seed if seed is not None else int(torch.randint(2 ** 31, ())))
+                sequence.generator = sampling.generator(self.device, sequence.params.seed)
         width = max([len(s.prompt_ids) for s in joining] + [1])
         if joining and self._active and not self._beside(joining, width):
             self.prefills_apart += 1  # counted first: a caller may see the prompts' first tokens before it returns
@@ -262,7 +267,7 @@ class Batcher:
         self._forward(joining)
         if self._cache is not None:
             assert mask is not None and self._mask is not None
-            mask = _merge(cache, mask, self._cache, self._mask)
+            mask = merge_rows(cache, mask, self._cache, self._mask)
         with self._wake:
             self._active = [*running, *self._active]
         self._cache, self._mask = cache, mask
@@ -284,7 +289,7 @@ class Batcher:
             self._mask = torch.zeros((len(rows), 0), dtype=torch.long)
         elif joining:  # empty rows for them, as long as the others'
             assert self._mask is not None
-            self._mask = _merge(self._cache, self._mask, None, torch.zeros((len(joining), 0), dtype=torch.long))
+            self._mask = merge_rows(self._cache, self._mask, None, torch.zeros((len(joining), 0), dtype=torch.long))
         assert self._mask is not None
         mask = torch.cat([self._mask, new_mask], dim=1)
         cache = self._cache if self._cache is not None else self.model.new_kv_cache()
@@ -295,7 +300,7 @@ class Batcher:
         self.model.settle_kv_cache()  # rows are merged, compacted and dropped below and at the next step
         self._cache, self._mask = out.past_key_values, mask
         if self._joinable is None:
-            self._joinable = _plain_layers(self._cache)
+            self._joinable = plain_layers(self._cache)
         next_tokens = self._sample(out.logits[:, -1, :].float(), rows)
         self.steps += 1
         if self.model.experts is not None and self.steps % EXPERT_WINDOW_STEPS == 0:
@@ -311,23 +316,17 @@ class Batcher:
             self._active = rows
             self._keep([s for s in rows if s.finish_reason is None], reason=None)
         if self._joinable and self._cache is not None:
-            self._mask = _compact(self._cache, self._mask)
+            self._mask = compact(self._cache, self._mask)
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
         """Each row's next token under its own settings: greedy rows by argmax, the others with transformers'
         temperature and top-p warpers and the row's own seeded generator."""
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
         tokens = logits.argmax(dim=-1).tolist()
         for row, sequence in enumerate(rows):
             params = sequence.params
-            if params.temperature == 0:
-                continue
-            scores = TemperatureLogitsWarper(params.temperature)(None, logits[row:row + 1])
-            if params.top_p < 1:
-                scores = TopPLogitsWarper(params.top_p)(None, scores)
-            probs = torch.softmax(scores, dim=-1)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=sequence.generator).item())
+            if params.temperature > 0:
+                tokens[row] = sampling.sample(logits[row:row + 1], sampling.warp(params.temperature, None,
+                                                                                 params.top_p), sequence.generator)
         return tokens
 
     def _emit(self, sequence: Sequence) -> None:
@@ -380,60 +379,7 @@ class Batcher:
             self._cache = self._mask = None
             return
         assert self._cache is not None and self._mask is not None
-        self._cache.batch_select_indices(torch.tensor(indices))
-        self._mask = self._mask[indices]
-
-
-def kv_cache_tokens(batch: int, max_seq_tokens: int) -> int:
-    """The KV cache's size in tokens (rows times columns) for `batch` sequences of `max_seq_tokens` tokens, with
-    COLUMN_SLACK for the masked columns of rows that joined at different times."""
-    return math.ceil(batch * max_seq_tokens * COLUMN_SLACK)
-
-
-def largest_batch(model: Any, max_batch: int, max_seq_tokens: int) -> tuple[int, list[str]]:
-    """The most sequences of `max_seq_tokens` tokens, up to `max_batch`, whose KV cache (`kv_cache_tokens`) the
-    budgets hold beside the weights: in the device reserve, or else in host RAM (`TierstoreModel.kv_placement`).
-    A cache that would leave the device room for only one streamed unit at a time is not taken when a smaller
-    batch keeps two: copies and compute would take turns instead of overlapping (measured on an H200, a 7B
-    model's pass took 0.306 s against 0.216 s). The model is re-planned for the batch; returns it and the plan's
-    notes on it. InputError when not even one sequence fits."""
-    def plan_for(batch: int) -> Any:
-        try:
-            return model.kv_placement(kv_cache_tokens(batch, max_seq_tokens))[1] or model.plan
-        except BudgetError:
-            return None
-
-    def overlaps(plan: Any) -> bool:
-        streams = plan.streamed_from_host or plan.streamed_from_disk
-        return not streams or plan.prefetch_depth >= 1
-
-    def largest(fits: Callable[[Any], bool]) -> int:
-        low, high = 1, max_batch  # fits(batch 1) holds; find the largest
-        while low < high:
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if fits(plan_for(middle)) else (low, middle - 1)
-        return low
-
-    first = plan_for(1)
-    if first is None:
-        raise InputError(f"the KV cache of one sequence of {max_seq_tokens} tokens fits neither the device budget "
-                         f"nor the RAM budget beside the weights: lower --max-seq-len or raise --vram or --ram")
-    batch = largest(lambda plan: plan is not None)
-    notes = []
-    if not overlaps(plan_for(batch)) and overlaps(first):
-        kept = largest(lambda plan: plan is not None and overlaps(plan))
-        notes.append(f"batch {kept}, not the {batch} the budgets hold: a larger batch's KV cache leaves the device "
-                     f"room for one streamed unit at a time, and copies and compute would take turns")
-        batch = kept
-    return batch, notes + model.fit_kv_cache(kv_cache_tokens(batch, max_seq_tokens))
-
-
-def _plain_layers(cache: Any) -> bool:
-    """Whether every layer of `cache` is a plain full-attention DynamicLayer (which `_merge` and `_compact` can
-    reshape)."""
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+        self._mask = keep_rows(self._cache, self._mask, indices)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -442,53 +388,3 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
         return 1
     return max((k for stop in stops for k in range(min(len(stop) - 1, len(text)), 0, -1)
                 if text.endswith(stop[:k])), default=0)
-
-
-def _layer_kv(cache: Any) -> list[Any]:
-    """The layers of `cache` that hold tensors."""
-    return [layer for layer in cache.layers if layer.keys is not None and layer.keys.numel()]
-
-
-def _merge(cache: Any, mask: torch.Tensor, other: Any, other_mask: torch.Tensor) -> torch.Tensor:
-    """Append the rows of `other` (None: rows with nothing cached) to `cache`, right-aligned to a common number of
-    columns (the shorter side gets masked zero columns on the left); returns the joint mask. A host cache's layers
-    lie in RAM between passes, all but the first, fetched ahead for the next pass: each pair joins where `cache`'s
-    layer is."""
-    columns = max(mask.shape[1], other_mask.shape[1])
-    for index, layer in enumerate(cache.layers):
-        if layer.keys is None or not layer.keys.numel():
-            continue
-        for name in ("keys", "values"):
-            mine = getattr(layer, name)
-            theirs = getattr(other.layers[index], name).to(mine.device) if other is not None else \
-                mine.new_zeros((other_mask.shape[0], *mine.shape[1:-2], 0, mine.shape[-1]))
-            setattr(layer, name, torch.cat([_pad_left(mine, columns, dim=-2), _pad_left(theirs, columns, dim=-2)]))
-    return torch.cat([_pad_left(mask, columns), _pad_left(other_mask, columns)])
-
-
-def _pad_left(tensor: torch.Tensor, columns: int, dim: int = 1) -> torch.Tensor:
-    missing = columns - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _compact(cache: Any, mask: torch.Tensor) -> torch.Tensor:
-    """Drop the columns no row uses on the left; when the columns outgrow COLUMN_SLACK times the longest row's
-    real tokens, repack each row's real tokens to the right (a gather per layer). Returns the new mask."""
-    used = mask.any(dim=0).nonzero()
-    first = int(used[0]) if used.numel() else mask.shape[1]
-    real = int(mask.sum(dim=1).max())
-    if mask.shape[1] - first > COLUMN_SLACK * real + 16:
-        order = torch.sort(mask, dim=1, stable=True).indices[:, -real:]  # each row's real columns, in order
-        for layer in _layer_kv(cache):
-            index = order.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.shape[1], -1,
-                                                                          layer.keys.shape[-1])
-            layer.keys, layer.values = torch.gather(layer.keys, 2, index), torch.gather(layer.values, 2, index)
-        return torch.gather(mask, 1, order)
-    if first:
-        for layer in _layer_kv(cache):
-            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
-    return mask[:, first:]

@@ -12,8 +12,7 @@ from typing import Any
 from ...budget import Budget
 from ...config import COMPRESSION_FORMATS
 from ...errors import InputError, TierstoreError
-
-DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype takes; placement.as_dtype reads the same names
+from ..devices import DTYPES
 
 
 class _Help(argparse.HelpFormatter):
@@ -77,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, help="when sampling: keep the k most likely tokens")
     gen.add_argument("--seed", type=int, help="random seed when sampling (default: a fresh one, printed in the "
                                               "report's notes)")
-    gen.add_argument("--dtype", choices=DTYPE_NAMES,
+    gen.add_argument("--dtype", choices=list(DTYPES),
                      help="compute dtype (default: the checkpoint's on a GPU, float32 on a CPU)")
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as it is")
     gen.add_argument("--report-json", help="write the report (tokens, text, tiers, timing, plan) here")
@@ -101,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=256, help="most requests waiting to join; more get 429")
     serve.add_argument("--max-seq-len", type=int, default=4096, help="most tokens in a sequence (prompt and "
                                                                     "completion), at most the model's context")
-    serve.add_argument("--dtype", choices=DTYPE_NAMES,
+    serve.add_argument("--dtype", choices=list(DTYPES),
                        help="compute dtype (default: the checkpoint's on a GPU, float32 on a CPU)")
     _budget_args(serve)
 
@@ -113,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a checkpoint into a layer store")
     conv.add_argument("model")
     conv.add_argument("out_dir")
-    conv.add_argument("--dtype", choices=DTYPE_NAMES, help="store weights in this dtype")
+    conv.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype")
     conv.add_argument("--compress", choices=COMPRESSION_FORMATS, help="write a compressed store (matrices in nf4 or "
                                                                   "int8, the rest in --dtype)")
     conv.add_argument("--config", help="TOML config file (budget.disk caps the store's size)")
@@ -191,7 +190,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _tensor_parallel(args: argparse.Namespace) -> tuple[int, bool]:
     """The ranks this run has, and whether this process is to launch them (or is one of them, or runs alone)."""
-    from ..loading.shards import launched_world
+    from ..runtime.collectives import launched_world
 
     world = launched_world()
     if world is not None and args.tp is not None and args.tp != world:
@@ -238,60 +237,28 @@ def _generate_file(args: argparse.Namespace, request: Any, console: Any) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Open the model, size the batch to the budget, then serve until SIGTERM (exit 0) or Ctrl-C (130)."""
-    import importlib.util
+    """Serve until SIGTERM (exit 0) or Ctrl-C (130); the start-up lines go to stderr."""
+    try:
+        from .server import ServeOptions, serve
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "pydantic", "starlette"):
+            raise
+        raise InputError("tierstore serve needs FastAPI and uvicorn: pip install 'tierstore[serve]'") from exc
+    from .generate import GenerateRequest
 
-    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise InputError("tierstore serve needs FastAPI and uvicorn: pip install 'tierstore[serve]'")
-    from .batcher import kv_cache_tokens, largest_batch
-    from .generate import GenerateRequest, open_model
-    from .server import serve
-
-    if args.draft:
-        raise InputError("--draft speculates for one sequence; serve batches many sequences per pass instead")
-    for option in ("max_batch", "max_queue", "max_seq_len"):
-        if getattr(args, option) < 1:
-            raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
-    _check_port_free(args.host, args.port)  # before minutes of loading, not after
     request = GenerateRequest(model=args.model, prompts=[], budget=_budget(args), config=_config(args),
                               trust_remote_code=args.trust_remote_code, allow_download=args.download,
-                              dtype=args.dtype)
-    name = args.served_model_name or args.model
-    with open_model(request) as model:
-        max_seq = min(args.max_seq_len, model.max_context or args.max_seq_len)
-        batch, kv_notes = largest_batch(model, args.max_batch, max_seq)
-        shorter = "" if batch == args.max_batch else f", up to {args.max_batch} of shorter ones"
-        where = "; the KV cache in host RAM" if model.kv_on_host else ""
-        for line in kv_notes:
-            print(f"tierstore: {line}", file=sys.stderr)
-        loaded_s = model.warm_up()  # the first client must not wait for the disk
-        print(f"tierstore: weights in place after a first pass of {loaded_s:.1f} s", file=sys.stderr)
-
-        def ready() -> None:
-            print(f"tierstore: serving {name} at http://{args.host}:{args.port}/v1, up to {batch} sequences of "
-                  f"{max_seq} tokens per pass{shorter}{where}", file=sys.stderr, flush=True)
-
-        serve(model, name, args.host, args.port, args.api_key, args.max_batch, args.max_queue, max_seq,
-              cache_tokens=kv_cache_tokens(batch, max_seq), on_start=ready)
+                              dtype=args.dtype, draft=args.draft)
+    options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key,
+                           served_model_name=args.served_model_name, max_batch=args.max_batch,
+                           max_queue=args.max_queue, max_seq_len=args.max_seq_len)
+    serve(request, options, say=lambda line: print(f"tierstore: {line}", file=sys.stderr, flush=True))
     return 0
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """One line naming the address when it cannot be bound."""
-    import socket
-
-    if not 0 <= port <= 65535:
-        raise InputError(f"--port must be between 0 and 65535, got {port}")
-    try:
-        with socket.create_server((host, port)):
-            pass
-    except OSError as exc:
-        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 def _plan(args: argparse.Namespace) -> int:
     from ...report import plan_table
-    from ..placement.plan import make_plan_for
+    from ..compose import make_plan_for
 
     if args.tp < 1:
         raise InputError(f"--tp must be at least 1, got {args.tp}")
@@ -301,20 +268,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ...config import Config
-    from ..loading.convert import convert
-    from ..placement.plan import as_dtype
-    from ..loading.resolve import resolve
+    from ..compose import convert_model
 
-    dtype = as_dtype(args.dtype)
-    config = Config.load(args.config)
-    if args.compress:
-        from ..loading.convert import compress_model
-        out = compress_model(args.model, args.out_dir, args.compress, dtype, config=config,
-                             trust_remote_code=args.trust_remote_code)
-    else:
-        out = convert(resolve(args.model), args.out_dir, dtype=dtype, trust_remote_code=args.trust_remote_code,
-                      progress=True, disk_budget_bytes=config.budget.disk)
+    out = convert_model(args.model, args.out_dir, dtype=args.dtype, compress=args.compress, config=args.config,
+                        trust_remote_code=args.trust_remote_code)
     print(f"layer store written to {out}")
     return 0
 
@@ -338,7 +295,7 @@ def _probe(args: argparse.Namespace) -> int:
     from ...config import Config
     from ...probe import run_probe
     from ...sizes import format_size
-    from ..placement.plan import compute_device
+    from ..devices import compute_device
 
     config = Config.load(args.config)
     result = run_probe(config.runtime.cache_dir, compute_device(config.runtime.device),

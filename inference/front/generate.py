@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 
 from ...budget import Budget
 from ...errors import InputError
-
+from ..decoding.sampling import generate_kwargs
 
 DEFAULT_FILE_BATCH = 8  # prompts per pass from a prompts file
 
@@ -81,17 +80,8 @@ def open_model(request: GenerateRequest) -> Any:
 
 
 def sampling(request: GenerateRequest) -> tuple[dict[str, Any], int | None]:
-    """generate's decoding arguments, and the seed drawn or given when sampling (the RNG seeded with it)."""
-    if request.temperature is None:
-        return {"do_sample": False}, None
-    seed = request.seed if request.seed is not None else secrets.randbits(31)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # ranks must draw alike
-        box = [seed]
-        torch.distributed.broadcast_object_list(box, src=0)
-        seed = box[0]
-    torch.manual_seed(seed)
-    return {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p or 1.0,
-            "top_k": request.top_k or 0}, seed
+    """generate's decoding arguments, and the seed drawn or given when sampling (torch's generator seeded with it)."""
+    return generate_kwargs(request.temperature, request.top_p, request.top_k, request.seed)
 
 
 def generate_batch(model: Any, prompts: list[str], request: GenerateRequest, decoding: dict[str, Any],

@@ -22,9 +22,9 @@ COLLECTIVE_WORDS = ("gloo", "nccl", "connection", "peer", "timed out", "timeout"
 def check_launch(model: str, world: int, cfg: Any, trust_remote_code: bool, allow_download: bool) -> None:
     """Everything the ranks would refuse, refused before any starts: N against the GPUs here and the model's
     heads. The checkpoint is converted here, once, if it must be."""
+    from ..devices import compute_device
     from ..loading.checkpoint import load_config
     from ..loading.convert import convert_if_needed
-    from ..placement.plan import compute_device
     from ..loading.resolve import resolve
     from ..loading.shards import check_world
 

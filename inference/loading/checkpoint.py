@@ -74,11 +74,6 @@ def load_tokenizer(checkpoint: Checkpoint, trust_remote_code: bool = False) -> A
         return None
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """A torch dtype as users write it: "float16"."""
-    return str(dtype).removeprefix("torch.")
-
-
 def checkpoint_dtype(config: Any, fallback: torch.dtype = torch.float32) -> torch.dtype:
     """The dtype the checkpoint was saved in, from its config."""
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

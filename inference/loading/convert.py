@@ -7,50 +7,35 @@ converting into the same directory serialise on a lock file; the second finds th
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
-import fcntl
 import glob
-import hashlib
-import json
 import logging
 import math
 import os
-import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ...compression import Codec, compress_unit, compressed_layout
 from ...config import Config
-from ...errors import BudgetError, CheckpointError, InputError, TierstoreError
-from ...files import write_atomic
-from ...sizes import format_size
-from ...units import UnitLayout, UnitSource, require_tensors
-from .checkpoint import checkpoint_dtype, dtype_name, load_config, load_tokenizer, safetensors_entries
-from .layerstore import (
-    FORMAT,
-    MANIFEST,
-    checksum,
-    layout_to_dict,
-    read_manifest,
-    unit_filename,
-)
+from ...errors import CheckpointError
+from ..devices import dtype_name
+from .checkpoint import load_config, load_tokenizer, safetensors_entries
 from .resolve import Checkpoint
 from .skeleton import Skeleton, build_skeleton, parse_slice
+from .store_writer import (
+    default_store_dir,
+    finished_units,
+    parameter_shapes,
+    planned_tensor,
+    progress_bar,
+    require_room,
+    store_writer,
+    write_metadata,
+    write_tensors,
+)
 
 log = logging.getLogger(__name__)
-_LOCK = ".lock"
-
-
-def default_store_dir(checkpoint: Checkpoint, cache_dir: str, dtype: torch.dtype | None, variant: str = "") -> str:
-    """Where `from_pretrained` keeps the conversion of `checkpoint`: keyed by path, size, mtime, dtype and variant
-    (a codec name for compressed stores)."""
-    stat = os.stat(checkpoint.path)
-    ident = f"{os.path.abspath(checkpoint.path)}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{variant}"
-    name = f"{checkpoint.name}-{variant}" if variant else checkpoint.name
-    return os.path.join(cache_dir, f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}")
 
 
 def convert_if_needed(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bool, progress: bool) -> Checkpoint:
@@ -69,34 +54,6 @@ def store_variant(cfg: Config) -> str:
     return "" if cfg.splits_experts else "whole-experts"
 
 
-def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | None = None, config: Any = None,
-                   trust_remote_code: bool = False, progress: bool = True) -> str:
-    """Write a compressed layer store of `model` into `out_dir` (what `tierstore convert --compress` runs).
-    Norms and embeddings are kept in `dtype` (default: the checkpoint's); matrices are quantized on the GPU when
-    there is one."""
-    from ..placement.plan import compute_device
-    from .resolve import resolve
-    from .sources import open_units
-
-    cfg = Config.load(config).with_compression(format)
-    codec = Codec.wanted(cfg.compression)
-    if codec is None:
-        raise InputError("compress_model needs a format: nf4 or int8")
-    device = compute_device(cfg.runtime.device)
-    checkpoint = convert_if_needed(resolve(model), cfg, trust_remote_code, progress)
-    dtype = dtype or checkpoint_dtype(load_config(checkpoint, trust_remote_code))
-    # the base is read as compression will pack it: experts whole inside their layers (see Config.splits_experts)
-    units = open_units(checkpoint, cfg.with_compression("none").without_expert_streaming(), device, dtype,
-                       trust_remote_code, progress)
-    try:
-        if units.codec is not None:
-            raise InputError(f"{units.checkpoint.path} is already compressed ({units.codec.name})")
-        return compress(units.source, units.skeleton, units.checkpoint, out_dir, codec, device, trust_remote_code,
-                        progress, disk_budget_bytes=cfg.budget.disk)
-    finally:
-        units.close()
-
-
 def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = None,
             trust_remote_code: bool = False, progress: bool = True, disk_budget_bytes: int | None = None,
             split_experts: bool = True) -> str:
@@ -104,15 +61,15 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
     a finished store of another dtype or format there, and a store larger than `disk_budget_bytes`. With
     `split_experts`, each routed expert of a mixture-of-experts layer is a unit: a file of its own."""
     requested = dtype_name(dtype) if dtype is not None else None  # None: each tensor as the checkpoint stores it
-    with _store_writer(out_dir, requested, None) as finished:
+    with store_writer(out_dir, requested, None) as finished:
         if finished:
             log.info("layer store of %s already in %s", checkpoint.path, out_dir)
             return out_dir
         log.info("converting %s into the layer store %s", checkpoint.path, out_dir)
         config = load_config(checkpoint, trust_remote_code)
         skeleton = build_skeleton(config, torch.float32, trust_remote_code, split_experts=split_experts)
-        done = _finished_units(out_dir)
-        _require_room(out_dir, _plain_bytes(skeleton, done, dtype), disk_budget_bytes)
+        done = finished_units(out_dir)
+        require_room(out_dir, _plain_bytes(skeleton, done, dtype), disk_budget_bytes)
         records = dict(done)
         owners: dict[str, list[tuple[str, str, int | None]]] = {}  # tensor -> (unit key, name there, expert)
         for key, names in skeleton.units.items():
@@ -120,7 +77,7 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
                 tensor, expert = parse_slice(name)
                 owners.setdefault(tensor, []).append((key, name, expert))
         pending: dict[str, dict[str, torch.Tensor]] = {}
-        with _progress(progress, len(skeleton.units), len(done)) as advance:
+        with progress_bar(progress, len(skeleton.units), len(done)) as advance:
             for shard in _shards(checkpoint, skeleton):
                 for tensor_name, tensor in shard.items():
                     for key, name, expert in owners.get(tensor_name, ()):
@@ -128,127 +85,15 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
                             continue
                         pending.setdefault(key, {})[name] = tensor if expert is None else tensor[expert]
                         if len(pending[key]) == len(skeleton.units[key]):
-                            records[key] = _write_unit(out_dir, key, pending.pop(key), skeleton.units[key], dtype)
+                            records[key] = write_tensors(out_dir, key, pending.pop(key), skeleton.units[key], dtype)
                             advance()
         missing = [key for key in skeleton.units if key not in records]
         if missing:
             raise CheckpointError(f"{checkpoint.path}: no weights for unit {missing[0]!r} "
                                   f"({len(missing)} units incomplete)")
-        _write_metadata(out_dir, os.path.abspath(checkpoint.path), config, records,
+        write_metadata(out_dir, os.path.abspath(checkpoint.path), config, records,
                         load_tokenizer(checkpoint, trust_remote_code), dtype=requested)
     return out_dir
-
-
-def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: str, codec: Codec,
-             device: torch.device, trust_remote_code: bool = False, progress: bool = True,
-             disk_budget_bytes: int | None = None) -> str:
-    """Write a compressed layer store of the units `source` serves (the model `base`), one unit at a time,
-    quantizing on `device`; resumable, locked and refused like `convert`. Returns `out_dir`."""
-    with _store_writer(out_dir, None, codec.to_dict()) as finished:
-        if finished:
-            log.info("%s store of %s already in %s", codec.format, base.path, out_dir)
-            return out_dir
-        log.info("compressing %s to %s into %s", base.path, codec.format, out_dir)
-        layouts = {key: source.layout(key) for key in skeleton.units}
-
-        def write_unit(key: str) -> dict[str, Any]:
-            buffer = torch.empty(layouts[key].nbytes, dtype=torch.uint8)
-            source.read_into(key, buffer)
-            packed_layout, packed_buffer, packed = compress_unit(layouts[key], buffer, skeleton.matrices, codec,
-                                                                 device)
-            extra = {"packed": packed.to_dict()} if packed is not None else {}
-            return _write_buffer(out_dir, key, packed_layout, packed_buffer, extra)
-
-        sizes = {key: compressed_layout(layout, skeleton.matrices, codec)[0].nbytes for key, layout in layouts.items()}
-        records = _write_missing(out_dir, sizes, write_unit, disk_budget_bytes, progress,
-                                 f"compressing to {codec.format}")
-        _write_metadata(out_dir, os.path.abspath(base.path), load_config(base, trust_remote_code), records,
-                        load_tokenizer(base, trust_remote_code),
-                        compression=codec.to_dict())
-    return out_dir
-
-
-def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str]], Mapping[str, torch.Tensor]],
-                dtype: torch.dtype, codec: Codec | None = None, device: torch.device | str = "cpu",
-                tokenizer: Any = None, progress: bool = True, disk_budget_bytes: int | None = None) -> str:
-    """Write a layer store for a transformers `config` whose weights come one unit at a time from
-    `unit_tensors(key, names)` (the unit's tensors by name, e.g. generated on the GPU or read from elsewhere),
-    stored in `dtype` and, with a `codec`, quantized on `device` before they are written: no full-precision copy of
-    a compressed model ever reaches the disk. Like `convert`: every unit's file and checksum written atomically, a
-    killed run resumed without asking for finished units again, a finished store of another kind refused, and the
-    disk budget checked before anything is written. Mixture-of-experts layers keep their experts inside them when
-    compressed (as `compress` stores them), else one unit per expert. Returns `out_dir`."""
-    from ..placement.plan import as_dtype
-
-    dtype = as_dtype(dtype)
-    requested = dtype_name(dtype) if codec is None else None
-    with _store_writer(out_dir, requested, codec.to_dict() if codec else None) as finished:
-        if finished:
-            log.info("layer store already in %s", out_dir)
-            return out_dir
-        skeleton = build_skeleton(config, dtype, split_experts=codec is None)
-        shapes = _parameter_shapes(skeleton)
-        layouts = {key: UnitLayout.pack(key, {name: _planned(shapes, name, dtype) for name in names})
-                   for key, names in skeleton.units.items()}
-        # a compressed unit is packed where it is quantized: tensors made on a GPU never cross the link twice
-        pack_device = torch.device(device) if codec else torch.device("cpu")
-
-        def write_unit(key: str) -> dict[str, Any]:
-            layout = layouts[key]
-            tensors = unit_tensors(key, list(layout.slots))
-            require_tensors(key, layout.slots, tensors, "unit_tensors")
-            buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=pack_device)
-            for name, view in layout.views(buffer).items():
-                if tuple(tensors[name].shape) != tuple(view.shape):
-                    raise InputError(f"unit_tensors: {name!r} of unit {key!r} has shape "
-                                     f"{tuple(tensors[name].shape)}, the model's is {tuple(view.shape)}")
-                view.copy_(tensors[name])
-            extra: dict[str, Any] = {}
-            if codec is not None:
-                layout, buffer, packed = compress_unit(layout, buffer, skeleton.matrices, codec, pack_device)
-                extra = {"packed": packed.to_dict()} if packed is not None else {}
-            return _write_buffer(out_dir, key, layout, buffer.cpu(), extra)
-
-        sizes = {key: (compressed_layout(layout, skeleton.matrices, codec)[0] if codec else layout).nbytes
-                 for key, layout in layouts.items()}
-        records = _write_missing(out_dir, sizes, write_unit, disk_budget_bytes, progress, "writing units")
-        kind = {"compression": codec.to_dict()} if codec else {"dtype": requested}
-        _write_metadata(out_dir, "write_store", config, records, tokenizer, **kind)
-    return out_dir
-
-
-def copy_units(out_dir: str, source: UnitSource, layouts: Mapping[str, UnitLayout], dtype: torch.dtype, config: Any,
-               origin: str, disk_budget_bytes: int | None = None, progress: bool = False) -> str:
-    """Write a layer store of the units `source` serves as `layouts` (in `dtype`), e.g. one rank's shards read
-    from the whole units: each unit's file and checksum written atomically, a killed run resumed, the disk budget
-    checked first; a finished store is kept. `origin` names what it was read from. Returns `out_dir`."""
-    with _store_writer(out_dir, dtype_name(dtype), None) as finished:
-        if finished:
-            return out_dir
-
-        def write_unit(key: str) -> dict[str, Any]:
-            buffer = torch.zeros(layouts[key].nbytes, dtype=torch.uint8)  # padding between tensors: zeros
-            source.read_into(key, buffer)
-            return _write_buffer(out_dir, key, layouts[key], buffer, {})
-
-        sizes = {key: layout.nbytes for key, layout in layouts.items()}
-        records = _write_missing(out_dir, sizes, write_unit, disk_budget_bytes, progress, "writing units")
-        _write_metadata(out_dir, origin, config, records, None, dtype=dtype_name(dtype))
-    return out_dir
-
-
-def _parameter_shapes(skeleton: Skeleton) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    return {name: (param.dtype, tuple(param.shape)) for name, param in skeleton.model.named_parameters()}
-
-
-def _planned(shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], name: str,
-             dtype: torch.dtype | None) -> tuple[torch.dtype, tuple[int, ...]]:
-    """A unit tensor's stored dtype and shape: floating point in `dtype` (None: as the model's); an expert's slice
-    without the expert axis."""
-    tensor, expert = parse_slice(name)
-    kind, shape = shapes[tensor]
-    return (dtype if dtype is not None and kind.is_floating_point else kind), (shape[1:] if expert is not None
-                                                                              else shape)
 
 
 def _shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
@@ -326,171 +171,8 @@ def _renamed_safetensors(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator
         yield loaded
 
 
-def _write_unit(out_dir: str, key: str, tensors: dict[str, torch.Tensor], order: list[str],
-                dtype: torch.dtype | None) -> dict[str, Any]:
-    """Pack one unit into its aligned buffer, write it and its sidecar atomically; returns its manifest record."""
-    cast = {name: (dtype if dtype is not None and tensors[name].is_floating_point() else tensors[name].dtype)
-            for name in order}
-    layout = UnitLayout.pack(key, {name: (cast[name], tuple(tensors[name].shape)) for name in order})
-    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
-    for name, view in layout.views(buffer).items():
-        view.copy_(tensors[name])
-    return _write_buffer(out_dir, key, layout, buffer, {})
-
-
-def _write_buffer(out_dir: str, key: str, layout: UnitLayout, buffer: torch.Tensor,
-                  extra: dict[str, Any]) -> dict[str, Any]:
-    """Write a unit's buffer, then its sidecar, atomically; returns its manifest record."""
-    write_atomic(os.path.join(out_dir, unit_filename(key)), memoryview(buffer.numpy()))
-    record = {"file": unit_filename(key), "checksum": checksum(buffer), **layout_to_dict(layout), **extra}
-    write_atomic(os.path.join(out_dir, unit_filename(key) + ".json"), json.dumps(record).encode())
-    return record
-
-
-def _write_missing(out_dir: str, sizes: Mapping[str, int], write_unit: Callable[[str], dict[str, Any]],
-                   disk_budget_bytes: int | None, progress: bool, what: str) -> dict[str, dict[str, Any]]:
-    """The records of every unit in `sizes` (its bytes in the store): those an earlier run finished kept, the
-    rest written in order by `write_unit(key)`, once the disk is known to have room for them."""
-    records = _finished_units(out_dir)
-    _require_room(out_dir, sum(nbytes for key, nbytes in sizes.items() if key not in records), disk_budget_bytes)
-    with _progress(progress, len(sizes), len(records), what) as advance:
-        for key in sizes:
-            if key not in records:
-                records[key] = write_unit(key)
-                advance()
-    return records
-
-
-def _finished_units(out_dir: str) -> dict[str, dict[str, Any]]:
-    """Units a previous, interrupted run finished: sidecar present and data file of the recorded size."""
-    done = {}
-    for sidecar in glob.glob(os.path.join(out_dir, "units", "*.bin.json")):
-        try:
-            with open(sidecar, encoding="utf-8") as handle:
-                record = json.load(handle)
-            if os.path.getsize(os.path.join(out_dir, record["file"])) == record["nbytes"]:
-                done[os.path.basename(sidecar)[:-len(".bin.json")]] = record
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # redo that unit
-    return done
-
-
 def _plain_bytes(skeleton: Skeleton, done: dict[str, Any], dtype: torch.dtype | None) -> int:
     """Bytes the units not yet written will take, floating-point tensors in `dtype` (None: as the model's)."""
-    shapes = _parameter_shapes(skeleton)
+    shapes = parameter_shapes(skeleton)
     return sum(kind.itemsize * math.prod(shape) for key, names in skeleton.units.items() if key not in done
-               for kind, shape in (_planned(shapes, name, dtype) for name in names))
-
-
-def _require_room(out_dir: str, needed: int, disk_budget_bytes: int | None) -> None:
-    """Refuse, before any unit is written, a store larger than the disk budget or the free disk."""
-    if disk_budget_bytes is not None and needed > disk_budget_bytes:
-        raise BudgetError(f"budget.disk is {format_size(disk_budget_bytes)}, but the layer store {out_dir} needs "
-                          f"{format_size(needed)} ({needed} bytes); raise budget.disk")
-    free = shutil.disk_usage(out_dir).free
-    if needed > free:
-        raise CheckpointError(f"{out_dir}: conversion needs {format_size(needed)}, only {format_size(free)} free")
-
-
-def _write_metadata(out_dir: str, source: str, config: Any, records: dict[str, Any], tokenizer: Any,
-                    **extra: Any) -> None:
-    """The store's tokenizer, config and (last, atomically) manifest; then the per-unit sidecars go."""
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    config.save_pretrained(out_dir)
-    manifest = {"format": FORMAT, "source": source, "model_type": config.model_type, **extra, "units": records}
-    write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
-    for sidecar in glob.glob(os.path.join(out_dir, "units", "*.bin.json")):
-        os.unlink(sidecar)
-    for leftover in glob.glob(os.path.join(out_dir, "**", ".tmp-*"), recursive=True):
-        os.unlink(leftover)
-
-
-@contextlib.contextmanager
-def _store_writer(out_dir: str, dtype: str | None, compression: dict[str, Any] | None) -> Iterator[bool]:
-    """Create `out_dir` and hold its lock; yields True when a finished store of this `dtype` and `compression` is
-    already there (one of another kind is refused). Bad input (a TierstoreError) leaves nothing behind: the folder
-    is removed if this run made it. An interrupted run keeps the units it finished, for the next run to resume."""
-    created = [path for path in (out_dir, os.path.join(out_dir, "units")) if not os.path.isdir(path)]
-    try:
-        os.makedirs(os.path.join(out_dir, "units"), exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from exc
-    try:
-        with _locked(out_dir):
-            finished = os.path.isfile(os.path.join(out_dir, MANIFEST))
-            if finished:
-                _check_same_kind(out_dir, read_manifest(out_dir), dtype, compression)
-            yield finished
-    except TierstoreError:  # bad input: nothing of this run is worth resuming
-        if out_dir in created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        elif not glob.glob(os.path.join(out_dir, "units", "*.bin")):
-            _remove_created(out_dir, created)
-        raise
-    except BaseException:  # interrupted: keep finished units for the next run to resume
-        if not glob.glob(os.path.join(out_dir, "units", "*.bin")):
-            _remove_created(out_dir, created)
-        raise
-
-
-def _check_same_kind(out_dir: str, manifest: dict[str, Any], dtype: str | None,
-                     compression: dict[str, Any] | None) -> None:
-    """A finished store is reused only for the conversion that wrote it."""
-    def kind(dtype: str | None, compression: dict[str, Any] | None) -> str:
-        if compression:
-            return f"{compression.get('format')}-compressed"
-        return f"in {dtype}" if dtype else "in the checkpoint's dtypes"
-
-    have = manifest.get("compression")
-    differs = (have or None) != (compression or None) or (
-        compression is None and "dtype" in manifest and manifest["dtype"] != dtype)
-    if differs:
-        raise InputError(f"{out_dir} already holds a layer store {kind(manifest.get('dtype'), have)}, not "
-                         f"{kind(dtype, compression)}: choose another directory, or delete that one first")
-
-
-def _remove_created(out_dir: str, created: list[str]) -> None:
-    """Undo `_store_writer`'s set-up: the lock, leftover temporary files, and the folders it made."""
-    for leftover in (os.path.join(out_dir, _LOCK), *glob.glob(os.path.join(out_dir, "units", ".tmp-*"))):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(leftover)
-    for directory in reversed(created):
-        with contextlib.suppress(OSError):  # not empty: something else is in there, keep it
-            os.rmdir(directory)
-
-
-@contextlib.contextmanager
-def _locked(out_dir: str) -> Iterator[None]:
-    """Exclusive lock on the store directory; a second converter waits for the first."""
-    path = os.path.join(out_dir, _LOCK)
-    try:
-        handle = open(path, "a+")
-    except OSError as exc:
-        raise CheckpointError(f"{out_dir}: cannot write the layer store there ({exc.strerror})") from exc
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            log.warning("%s: another process is converting into this directory; waiting for it", out_dir)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, done: int, what: str = "converting units") -> Iterator[Any]:
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(what, total=total, completed=done)
-        yield lambda: bar.advance(task)
+               for kind, shape in (planned_tensor(shapes, name, dtype) for name in names))

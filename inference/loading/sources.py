@@ -18,11 +18,12 @@ from ...config import Config
 from ...errors import CheckpointError, ConfigError, ModelError
 from ...units import UnitLayout, UnitSource, require_tensors
 from .checkpoint import checkpoint_dtype, load_config, safetensors_entries
-from .convert import compress, convert, convert_if_needed, default_store_dir, store_variant
+from .convert import convert, convert_if_needed, store_variant
 from .layerstore import LayerStoreSource, pread_exact, read_manifest
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry
 from .skeleton import Skeleton, build_skeleton, parse_slice
+from .store_writer import compress, default_store_dir
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""How the device and RAM budgets are divided: reserves, the plan, the KV cache's share."""

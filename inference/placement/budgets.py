@@ -9,8 +9,10 @@ from collections.abc import Mapping
 import torch
 
 from ...budget import Budget
+from ...files import PAGE_BYTES
 from ...policies.planner import PlanInput, UnitInfo
 from ...sizes import format_size
+from ...units import UnitLayout, align
 
 ACTIVATION_SLACK_BYTES = 256 * 2**20  # cuBLAS workspace, SDPA, hidden states and logits of a small batch
 _RESERVE_CONTEXT_TOKENS = 1024
@@ -85,13 +87,14 @@ class DraftCost:
         """Weights plus a KV cache of `cache_tokens`."""
         return self.weights_bytes + self.kv_bytes_per_token * cache_tokens
 
-    def reserve_bytes(self, device: torch.device) -> int:
+    def reserve_bytes(self, separate_device: bool) -> int:
         """What the plan takes from the streamed model's device budget: weights and a KV cache as long as the
-        model's own reserve (on a CPU, the weights: activations and KV caches live outside the device tier)."""
-        return self.device_bytes(_RESERVE_CONTEXT_TOKENS if device.type == "cuda" else 0)
+        model's own reserve (on a CPU, `separate_device` False, the weights: activations and KV caches live
+        outside the device tier)."""
+        return self.device_bytes(_RESERVE_CONTEXT_TOKENS if separate_device else 0)
 
-    def note(self, device: torch.device) -> str:
-        kv_bytes = self.reserve_bytes(device) - self.weights_bytes
+    def note(self, separate_device: bool) -> str:
+        kv_bytes = self.reserve_bytes(separate_device) - self.weights_bytes
         kv = f" + {format_size(kv_bytes)} of KV cache for {_RESERVE_CONTEXT_TOKENS} tokens" if kv_bytes else ""
         return (f"draft {self.name}: {format_size(self.weights_bytes)} of weights{kv}, resident on the device and "
                 f"taken from the device budget")
@@ -117,7 +120,13 @@ def plan_input(unit_bytes: Mapping[str, int], schedule: list[str], device_bytes:
         host_policy=policy.host,  # type: ignore[attr-defined]
         prefetch=policy.prefetch,  # type: ignore[attr-defined]
         prefetch_depth=policy.prefetch_depth,  # type: ignore[attr-defined]
+        resident_order=policy.resident_order,  # type: ignore[attr-defined]
         notes=tuple(notes),
         unpredictable=("on a CPU the pass is bound by compute, which is not predicted" if device.type == "cpu"
                        else None),
     )
+
+
+def pinned_arena_bytes(budget_bytes: int, layouts: Mapping[str, UnitLayout]) -> int:
+    """The pinned arena for a store: its host budget, or all of its units when they take less."""
+    return min(budget_bytes, sum(align(layout.nbytes, PAGE_BYTES) for layout in layouts.values()))

@@ -4,7 +4,6 @@ makes from them. `tierstore plan` runs the same steps without reading any weight
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import nn
@@ -13,43 +12,22 @@ from ...budget import Budget
 from ...compression import Codec, scratch_bytes
 from ...config import Config
 from ...errors import BudgetError, InputError, ModelError
-from .budgets import DraftCost, device_reserve_bytes, effective_budgets, plan_input
 from ...policies.experts import ExpertsInput
 from ...policies.planner import Plan, PlanInput, make_plan
 from ...probe import load_probe
 from ...sizes import format_size
-from ..loading.checkpoint import dtype_name
-from ..runtime.lookup import lookup_key, lookup_note
+from ..devices import dtype_name
 from ..loading.sources import Units
+from ..runtime.lookup import lookup_key, lookup_note
+from .budgets import DraftCost, device_reserve_bytes, effective_budgets, plan_input
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PER_MATRIX_SHARE = 8  # a unit's dequantization buffer above 1/8 of the device budget is cut to one matrix
-
-
-def compute_device(setting: str) -> torch.device:
-    """The compute device a config asks for; auto = the first GPU if there is one."""
-    if setting == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"runtime.device = {setting!r} but this machine has no usable CUDA GPU")
-    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
-
-
-def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A compute dtype as users give it: a torch dtype, its name ("float16", "torch.float16"), or None."""
-    if dtype is None or dtype in DTYPES.values():
-        return dtype  # type: ignore[return-value]
-    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else dtype_name(dtype)
-    if name not in DTYPES:
-        raise InputError(f"dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | None = None,
           host_lookup: bool = True) -> tuple[Plan, PlanInput]:
     """The plan for `units` (beside `draft`, when one is given) and what it was made from. With `host_lookup`,
-    an input embedding that the RAM budget holds stays in RAM (lookup.py): the plan's `host_lookup`."""
+    an input embedding that the RAM budget holds stays in RAM (runtime/lookup.py): the plan's `host_lookup`."""
     measured = Budget.measure(cfg.runtime.cache_dir)
     device_bytes, host_bytes, notes = effective_budgets(cfg.budget, measured, device)
     sizes = {key: layout.nbytes for key, layout in units.layouts.items()}
@@ -68,10 +46,10 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
         per_matrix = per_matrix_units(units, device_bytes)
         reserve += scratch_bytes(units.packed, units.dtype, per_matrix)
         notes.append(_compression_note(units, units.codec, per_matrix))
-    draft_bytes = draft.reserve_bytes(device) if draft is not None else 0
+    draft_bytes = draft.reserve_bytes(device.type == "cuda") if draft is not None else 0
     if draft is not None:
         reserve += draft_bytes
-        notes.append(draft.note(device))
+        notes.append(draft.note(device.type == "cuda"))
     notes.append(f"disk reads: {getattr(units.source, 'read_mode', 'page cache')}")
     notes.append(f"attention: {units.skeleton.model.config._attn_implementation}")
     if device.type == "cpu" and units.dtype != units.stored_dtype:
@@ -111,31 +89,6 @@ def experts_input(units: Units, cfg: Config) -> ExpertsInput | None:
                         expert_bytes=sizes.pop(), device_policy=cfg.experts.device_policy,
                         host_policy=cfg.experts.host_policy, prefetch=cfg.experts.prefetch,
                         predictable=all(group.router for group in groups[1:]))
-
-
-def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: Any, trust_remote_code: bool = False,
-                  allow_download: bool = False, draft: str | None = None, tensor_parallel: int = 1) -> Plan:
-    """The plan `from_pretrained` would make (with `draft` beside the model; with `tensor_parallel` N, rank 0's,
-    whose shards are every rank's size), without reading any weights."""
-    from ..decoding.drafts import plan_draft
-    from ..loading.resolve import resolve
-    from ..loading.sources import open_units
-    from ..loading.shards import Group, rank_note, shard_units
-
-    cfg = Config.load(config).with_budget(budget)
-    device = compute_device(cfg.runtime.device)
-    units = open_units(resolve(model, allow_download), cfg, device, None, trust_remote_code, progress=True,
-                       write=False)
-    try:
-        if tensor_parallel > 1:
-            units = shard_units(units, Group(0, tensor_parallel))[0]
-        cost = plan_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download) if draft else None
-        plan = place(units, cfg, device, cost, host_lookup=tensor_parallel == 1)[0]
-        if tensor_parallel > 1:
-            plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(Group(0, tensor_parallel))))
-        return plan
-    finally:
-        units.close()
 
 
 def per_matrix_units(units: Units, device_budget_bytes: int) -> frozenset[str]:

@@ -82,7 +82,8 @@ class ExpertStats:
 
 
 class ExpertRunner:
-    """Runs each MoE layer's experts module on the routed experts only (see the module docstring)."""
+    """Runs each MoE layer's experts module on the routed experts only (see the module docstring): a module
+    adapter (adapters.py), attached when made."""
 
     MAX_ACCESSES = 200_000  # routed experts kept per call to choose the eviction policy from
 
@@ -126,13 +127,13 @@ class ExpertRunner:
         replayed = ", ".join(f"{name} {rate:.1%}" for name, rate in rates.items())
         return [f"expert slots' policy for the next call: {best} (this call's routing replayed: {replayed})"]
 
-    def close(self) -> None:
-        """Give every experts module back its own forward, parameters and expert count; close the store."""
+    def detach(self) -> None:
+        """Give every experts module back its own forward, parameters and expert count (the store is closed by
+        whoever opened it)."""
         for group, originals in zip(self.groups, self._originals):
             group.module.__dict__.pop("forward", None)
             group.module._parameters.update(originals)
             group.module.num_experts = group.num_experts
-        self.store.close()
 
     # -- one MoE layer --------------------------------------------------------------------------------------
     def _forward(self, index: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,

@@ -11,9 +11,7 @@ from ...compression import Decompressor
 from ...errors import ModelError
 from ...store import TieredStore
 from ...trace import COMPUTE, PASSES, Tracer
-from .lookup import HostLookup
 from ..loading.skeleton import Binding, HookSite, Skeleton
-
 
 Hook = Callable[..., None]
 
@@ -98,14 +96,11 @@ def _pass_hooks(tracer: Tracer) -> tuple[Callable[..., None], Callable[..., None
 
 
 class AttachedHooks:
-    """The hooks of one model; `detach` removes them and leaves every module as it was."""
+    """The hooks of one model, a module adapter (adapters.py): made, they lend each site its unit's tensors and
+    move the skeleton's buffers to the device; `detach` removes them and leaves every module as it was."""
 
     def __init__(self, skeleton: Skeleton, store: TieredStore, device: torch.device,
-                 decompressor: Decompressor | None = None, tracer: Tracer | None = None,
-                 lookup: HostLookup | None = None) -> None:
-        """`lookup`: the input embedding answered from RAM (its site is not in `skeleton`), detached with the
-        hooks."""
-        self._lookup = lookup
+                 decompressor: Decompressor | None = None, tracer: Tracer | None = None) -> None:
         if decompressor is not None:
             _check_not_nested([site for site in skeleton.sites if site.key in decompressor])
         self._handles = []
@@ -145,9 +140,6 @@ class AttachedHooks:
         for buffers, name, original in self._moved_buffers:
             buffers[name] = original
         self._moved_buffers.clear()
-        if self._lookup is not None:
-            self._lookup.detach()
-            self._lookup = None
 
 
 def _check_not_nested(sites: list[HookSite]) -> None:

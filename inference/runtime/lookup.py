@@ -43,7 +43,7 @@ def without_lookup(units: Units, keys: tuple[str, ...]) -> Units:
 
 
 class HostLookup:
-    """The embedding of unit `key` answered from RAM until `detach`."""
+    """The embedding of unit `key` answered from RAM until `detach` (a module adapter, see adapters.py)."""
 
     def __init__(self, units: Units, key: str, device: torch.device) -> None:
         site = next(site for site in units.skeleton.sites if site.key == key)
