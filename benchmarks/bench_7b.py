@@ -16,7 +16,6 @@ import time
 from common import PROMPT_TOKENS, StepClock, build_checkpoint, drop_page_cache, prepare, prompt_ids, run_child, vm_hwm_bytes
 
 
-
 def child(args: argparse.Namespace) -> None:
     """One system, one process: prints a JSON line with timings, peak VRAM and tokens."""
     import torch

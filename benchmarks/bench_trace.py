@@ -19,7 +19,6 @@ import time
 from common import build_checkpoint, prompt_ids
 
 
-
 class StepTimes:
     """A logits processor that keeps the time between consecutive decode steps."""
 

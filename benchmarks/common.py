@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 HIDDEN, INTER, LAYERS, HEADS, VOCAB = 4096, 11008, 32, 32, 32000  # Llama-2-7B's shape
 PROMPT_TOKENS = 32
 WIDTH_FACTOR = 7  # SmolLM2 inflated: hidden 576 * 7 = 4032, 9 * 7 = 63 query and 3 * 7 = 21 key-value heads
+
+
 def build_checkpoint(path: str, hidden: int = HIDDEN, inter: int = INTER, layers: int = LAYERS,
                      heads: int = HEADS) -> None:
     """Random fp16 weights, one safetensors shard per layer, written straight from the GPU (Llama-2-7B's shape

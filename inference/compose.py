@@ -201,9 +201,7 @@ def _open_runtime(request: OpenRequest, device: torch.device, units: Units, toke
     decompressor = Decompressor(units.codec, units.packed, units.dtype, device,
                                 per_matrix_units(units, plan.device_budget_bytes)) if units.codec else None
     attach(resources, AttachedHooks(units.skeleton, store, device, decompressor, tracer))
-    text = units.hf_config.get_text_config()
-    kv_budget = KVBudget(planned_from, cfg.runtime.kv_cache, device.type == "cuda",
-                         kv_bytes_per_token(units.hf_config, units.dtype), text.num_hidden_layers,
+    kv_budget = KVBudget(planned_from, cfg.runtime.kv_cache, device.type == "cuda", units.hf_config, units.dtype,
                          decompressor.scratch.nbytes if decompressor is not None else 0, draft_cost,
                          sum(layout.nbytes for layout in dense.values()))
     return ModelParts(units.skeleton.model, tokenizer, store, plan, planned_from, kv_budget, device, cfg, 0.0,

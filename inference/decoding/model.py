@@ -33,6 +33,7 @@ from .speculation import SpeculationStats
 
 log = logging.getLogger(__name__)
 
+
 class _StepClock:
     """A logits processor that only reads the clock: the first call ends prefill, later calls are decode steps.
     With a tracer, each call also marks a token on the timeline."""
@@ -291,8 +292,9 @@ class TierstoreModel:
         if self.experts is not None:
             tiers.update({f"experts {name}": stats for name, stats in self.experts.store.tier_stats().items()})
             experts = self.experts.stats.to_dict(self.plan.experts.layers, self.plan.experts.experts_per_layer)
-        return RunReport(plan=self.plan, tiers=tiers, timing=self._timing,
-                         device=str(self.device), setup_s=self.setup_s, notes=[*self.kv_budget.device_shares(self.plan), *self._notes],
+        notes = [*self.kv_budget.device_shares(self.plan), *self._notes]
+        return RunReport(plan=self.plan, tiers=tiers, timing=self._timing, device=str(self.device),
+                         setup_s=self.setup_s, notes=notes,
                          speculation=self._speculation.to_dict() if self._speculation is not None else None,
                          experts=experts)
 

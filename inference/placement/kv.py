@@ -9,11 +9,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ...errors import BudgetError, InputError
 from ...policies.experts import with_experts
 from ...policies.planner import Plan, PlanInput, make_plan
 from ...sizes import format_size
-from .budgets import ACTIVATION_SLACK_BYTES, DraftCost
+from .budgets import ACTIVATION_SLACK_BYTES, DraftCost, kv_bytes_per_token
 
 KV_LAYERS_ON_DEVICE = 3  # a host KV cache's layers on the device at once: computing, fetched ahead, written back
 COLUMN_SLACK = 1.25  # the cache's columns stay within this many times (plus 16) the longest row's real tokens
@@ -23,20 +25,22 @@ COLUMN_SLACK = 1.25  # the cache's columns stay within this many times (plus 16)
 class KVBudget:
     """What a model's KV cache may take beside its weights, as known when it opened: what its plan was made from,
     where `runtime.kv_cache` lets the cache live, whether the compute device has memory of its own (a GPU: on a
-    CPU the cache lives with the activations, outside the device tier), the cache's bytes per token and layers,
-    the dequantization buffer, a draft's device cost, and the bytes of the units the host tier serves."""
+    CPU the cache lives with the activations, outside the device tier), the model's transformers config and
+    compute dtype (the cache's shape), the dequantization buffer, a draft's device cost, and the bytes of the units
+    the host tier serves."""
 
     plan_input: PlanInput
     where: str
     separate_device: bool
-    bytes_per_token: int
-    layers: int
+    hf_config: Any
+    dtype: torch.dtype
     scratch_bytes: int = 0
     draft: DraftCost | None = None
     host_weights_bytes: int = 0
 
     def cache_bytes(self, cache_tokens: int) -> int:
-        return self.bytes_per_token * cache_tokens
+        """A KV cache of `cache_tokens`, asked only where a cache is placed (a model without attention has none)."""
+        return kv_bytes_per_token(self.hf_config, self.dtype) * cache_tokens
 
     def reserve_bytes(self, cache_tokens: int) -> int:
         """The device reserve a KV cache of `cache_tokens` needs, with activations, the dequantization buffer
@@ -78,7 +82,8 @@ class KVBudget:
                     raise
         if self.cache_bytes(cache_tokens) > self.host_room_bytes(plan):
             raise BudgetError(f"a KV cache of {cache_tokens} tokens does not fit the RAM budget's room")
-        in_use = math.ceil(min(KV_LAYERS_ON_DEVICE, self.layers) * cache_tokens / self.layers)
+        layers = self.hf_config.get_text_config().num_hidden_layers
+        in_use = math.ceil(min(KV_LAYERS_ON_DEVICE, layers) * cache_tokens / layers)
         return True, self.device_plan(plan, in_use)
 
     def refusal(self, plan: Plan, cache_tokens: int) -> str:
