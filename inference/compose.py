@@ -36,6 +36,7 @@ from .loading.checkpoint import checkpoint_dtype, load_config, load_tokenizer
 from .loading.convert import convert, convert_if_needed
 from .loading.resolve import Checkpoint, resolve
 from .loading.shards import Group, rank_note, rank_store, shard_units
+from .loading.skeleton import build_skeleton
 from .loading.sources import Units, open_units
 from .loading.store_writer import compress
 from .placement.budgets import DraftCost, kv_bytes_per_token, pinned_arena_bytes
@@ -159,10 +160,13 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
         return None, None
     if request.draft == "ngram":
         return NgramDraft(request.cfg.speculation.ngram, request.cfg.speculation.width), None
+    cfg = request.cfg
+    # refused before the draft is converted or read when the model cannot run beside what it would take
+    place(units, cfg, device, _plan_draft(request.draft, cfg, device, units.dtype, request.trust_remote_code,
+                                          request.allow_download))
     # The draft's own budget: whatever is free (it must all fit); what it takes is charged to the target's plan.
     # Resident, a mixture-of-experts draft keeps its experts inside its layers: no routing read back per layer,
     # so its steps can be captured in a CUDA graph.
-    cfg = request.cfg
     draft_cfg = dataclasses.replace(
         cfg.with_compression("none").without_expert_streaming(), budget=Budget(),
         runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
@@ -253,12 +257,19 @@ def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: An
 
 def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
                 allow_download: bool) -> DraftCost | None:
-    """What `_open_draft` would charge to the device budget (None for ngram), from the draft's layouts alone: no
-    weights read."""
+    """What `_open_draft` would charge to the device budget (None for ngram), with no weights read and nothing
+    converted: a store's or safetensors' layouts, or a GGUF's or .bin's parameters counted on the meta device (a
+    draft runs uncompressed, in `dtype`)."""
     if spec == "ngram":
         return None
-    units = open_units(resolve(spec, allow_download), cfg.with_compression("none").without_expert_streaming(),
-                       device, dtype, trust_remote_code, progress=True, write=False)
+    checkpoint = resolve(spec, allow_download)
+    if checkpoint.kind in ("gguf", "bin"):
+        hf_config = load_config(checkpoint, trust_remote_code)
+        skeleton = build_skeleton(hf_config, dtype, trust_remote_code)
+        weights = sum(param.numel() for param in skeleton.model.parameters()) * dtype.itemsize
+        return DraftCost(spec, weights, kv_bytes_per_token(hf_config, dtype))
+    units = open_units(checkpoint, cfg.with_compression("none").without_expert_streaming(), device, dtype,
+                       trust_remote_code, progress=True, write=False)
     units.close()
     return _draft_cost(spec, units.layouts, scratch_bytes(units.packed, dtype), units.hf_config, dtype)
 

@@ -48,6 +48,7 @@ class PlanInput:
     experts: Any = None  # experts.ExpertsInput: a mixture-of-experts model's routed experts, planned as a cache
     host_lookup: tuple[str, ...] = ()  # units kept in RAM and used there (not in `units`): an input embedding
     resident_order: str = "spread"  # RESIDENT_ORDERS: which of equal units stay resident when not all fit
+    reserve_parts: tuple[tuple[str, int], ...] = ()  # what the reserve holds besides activations and KV cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +78,23 @@ class Plan:
     notes: tuple[str, ...]
     experts: Any = None  # experts.ExpertPlan of a mixture-of-experts model whose experts are units
     host_lookup: tuple[str, ...] = ()  # units kept in RAM and used there, never streamed (an input embedding)
+    reserve_parts: tuple[tuple[str, int], ...] = ()  # what the reserve holds besides activations and KV cache
 
     def to_dict(self) -> dict[str, object]:
         """The plan as JSON-serialisable data."""
         return {field.name: (list(value) if isinstance(value, tuple) else
                              value.to_dict() if hasattr(value, "to_dict") else value)
                 for field in dataclasses.fields(self) for value in [getattr(self, field.name)]}
+
+
+def reserve_text(reserve_bytes: int, parts: Sequence[tuple[str, int]]) -> str:
+    """The device reserve in words, each named part (a draft, a dequantization buffer) apart from the activations
+    and KV cache that the rest is for."""
+    kept = reserve_bytes - sum(nbytes for _, nbytes in parts)
+    if not parts:
+        return f"{format_size(reserve_bytes)} for activations and KV cache"
+    named = ", ".join(f"{format_size(nbytes)} for {name}" for name, nbytes in parts)
+    return f"{format_size(reserve_bytes)}: {format_size(kept)} for activations and KV cache, {named}"
 
 
 def _slot_bytes(streamed: Sequence[UnitInfo], depth: int) -> int:
@@ -184,7 +196,7 @@ def make_dense_plan(data: PlanInput) -> Plan:
     device_weights = data.device_budget_bytes - data.device_reserve_bytes
     if device_weights <= 0:
         raise BudgetError(f"device budget {format_size(data.device_budget_bytes)} leaves no room for weights "
-                          f"after reserving {format_size(data.device_reserve_bytes)} for activations and KV cache")
+                          f"after reserving {reserve_text(data.device_reserve_bytes, data.reserve_parts)}")
     prefetch = "lookahead" if data.prefetch == AUTO else data.prefetch
     wanted_depth = 0 if prefetch == "none" else (DEFAULT_PREFETCH_DEPTH if data.prefetch_depth is None
                                                   else data.prefetch_depth)
@@ -228,6 +240,7 @@ def make_dense_plan(data: PlanInput) -> Plan:
         schedule=data.schedule,
         notes=tuple(notes),
         host_lookup=data.host_lookup,
+        reserve_parts=data.reserve_parts,
     )
 
 

@@ -39,7 +39,7 @@ class Budget:
                           f"{type(budget).__name__}")
 
     def __str__(self) -> str:
-        parts = [f"{name}={format_size(getattr(self, name))}" for name in ("vram", "ram", "disk")
+        parts = [f"{name}={format_size(getattr(self, name), binary=True)}" for name in ("vram", "ram", "disk")
                  if getattr(self, name) is not None]
         return f"Budget({', '.join(parts) or 'measured'})"
 

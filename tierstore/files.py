@@ -9,6 +9,17 @@ from .errors import InputError
 PAGE_BYTES = 4096  # the page and O_DIRECT block: buffer addresses, file offsets and lengths come in whole pages
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)  # reading the umask sets it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+# Files are made with the mode an ordinary open() would give them: 0644 under the usual umask 022, so that a store
+# one user converted can be read by others. (mkstemp alone makes them 0600.) Read once, at import.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def write_atomic(path: str, data: bytes | memoryview) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part."""
     directory = os.path.dirname(path) or "."
@@ -16,6 +27,7 @@ def write_atomic(path: str, data: bytes | memoryview) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

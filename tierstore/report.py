@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
+from .policies.dense import reserve_text
 from .policies.planner import Plan
 from .sizes import format_size
 from .tier import TierStats
@@ -47,6 +48,7 @@ class RunReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     speculation: dict[str, Any] | None = None  # SpeculationStats.to_dict() of a run with a draft
     experts: dict[str, Any] | None = None  # ExpertStats.to_dict() of a mixture-of-experts run
+    peak_rss_bytes: int | None = None  # the process's peak resident memory so far: what the budgets do not bound
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report as JSON-serialisable data."""
@@ -56,6 +58,7 @@ class RunReport:
         return {
             "device": self.device,
             "setup_s": self.setup_s,
+            "peak_rss_bytes": self.peak_rss_bytes,
             "tiers": {name: stats.to_dict() for name, stats in self.tiers.items()},
             "timing": {**timing, "predicted_step_s": predicted,
                        "ratio_to_bound": achieved / predicted if achieved and predicted else None},
@@ -90,14 +93,16 @@ class RunReport:
                           format_size(stats["bytes_in"]), format_size(stats["bytes_out"]),
                           _fmt(stats["gbps"], "{:.2f}"), f"{stats['stall_s']:.3f}")
         timing = data["timing"]
+        # tokens per sequence; tokens/s over all the batch's sequences
         run = Table(title="run")
-        for column in ("prefill s", "decode s", "tokens", "tokens/s", "step s", "predicted step s", "ratio",
-                       "bound"):
+        for column in ("prefill s", "decode s", "batch", "tokens each", "tokens/s", "step s", "predicted step s",
+                       "ratio", "bound", "peak RSS"):
             run.add_column(column, justify="right")
-        run.add_row(f"{timing['prefill_s']:.3f}", f"{timing['decode_s']:.3f}", str(timing["new_tokens"]),
-                    _fmt(timing["decode_tokens_per_s"], "{:.2f}"), _fmt(timing["decode_step_s"], "{:.4f}"),
-                    _fmt(timing["predicted_step_s"], "{:.4f}"), _fmt(timing["ratio_to_bound"], "{:.2f}x"),
-                    str(self.plan.predicted.get("bound") or "-"))
+        run.add_row(f"{timing['prefill_s']:.3f}", f"{timing['decode_s']:.3f}", str(timing["batch_size"]),
+                    str(timing["new_tokens"]), _fmt(timing["decode_tokens_per_s"], "{:.2f}"),
+                    _fmt(timing["decode_step_s"], "{:.4f}"), _fmt(timing["predicted_step_s"], "{:.4f}"),
+                    _fmt(timing["ratio_to_bound"], "{:.2f}x"), str(self.plan.predicted.get("bound") or "-"),
+                    format_size(self.peak_rss_bytes) if self.peak_rss_bytes else "-")
         tables = [tiers, run]
         if self.speculation is not None:
             tables.append(_speculation_table(self.speculation))
@@ -154,8 +159,8 @@ def plan_table(plan: Plan) -> Table:
     table.add_column("what")
     table.add_column("value", overflow="fold")
     rows = [
-        ("device budget", f"{format_size(plan.device_budget_bytes)} ({format_size(plan.device_reserve_bytes)} "
-                          f"kept for activations/KV)"),
+        ("device budget", f"{format_size(plan.device_budget_bytes)} (reserved "
+                          f"{reserve_text(plan.device_reserve_bytes, plan.reserve_parts)})"),
         ("host budget", format_size(plan.host_budget_bytes)),
         ("device resident", _keys(plan.device_resident)),
         ("host resident", _keys(plan.host_resident)),

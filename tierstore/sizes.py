@@ -42,11 +42,13 @@ def parse_size(value: object, field: str, error: type[Exception] = BudgetError) 
     return nbytes
 
 
-def format_size(nbytes: int | None) -> str:
-    """Render bytes the way a person writes them: 4GB, 1.5GiB, 300MB, 17B."""
+def format_size(nbytes: int | None, binary: bool = False) -> str:
+    """Render bytes in decimal units, as the README defines them: 4GB, 300MB, 1.23GB, 17B; one system in every
+    table and message. `binary`: a size that is a whole number of GiB or MiB is written so (4GiB), to echo a budget
+    as the user wrote it."""
     if nbytes is None:
         return "unlimited"
-    for unit in ("TB", "GB", "MB", "TiB", "GiB", "MiB", "KiB", "KB"):
+    for unit in ("TB", "GB", "MB", *(("TiB", "GiB", "MiB", "KiB") if binary else ()), "KB"):
         step = _UNIT_BYTES[unit.lower()]
         if nbytes >= step and nbytes % step == 0 and nbytes // step < 10_000:  # exact, and short
             return f"{nbytes // step}{unit}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import resource
 import time
 import warnings
 from collections.abc import Iterator
@@ -87,6 +88,11 @@ class ModelParts:
     draft_cost: DraftCost | None = None  # a model draft's device bytes
     tracer: Tracer | None = None
     experts: ExpertRunner | None = None  # routed experts fetched as picked (a mixture-of-experts model)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class TierstoreModel:
@@ -296,7 +302,7 @@ class TierstoreModel:
         return RunReport(plan=self.plan, tiers=tiers, timing=self._timing, device=str(self.device),
                          setup_s=self.setup_s, notes=notes,
                          speculation=self._speculation.to_dict() if self._speculation is not None else None,
-                         experts=experts)
+                         experts=experts, peak_rss_bytes=peak_rss_bytes())
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"plan {self.plan.regime}, {len(self.plan.schedule)} units"

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ...errors import InputError
+from .text import check_text
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
@@ -34,6 +35,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
             raise InputError(f"{path}, line {number}: not JSON ({exc.msg})") from exc
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
             raise InputError(f"{path}, line {number}: expected an object with a non-empty \"prompt\" string")
+        check_text(item["prompt"], f"{path}, line {number}: the prompt")
         prompts.append({"prompt": item["prompt"], "id": item.get("id")})
     if not prompts:
         raise InputError(f"prompts file {path!r} holds no prompts")
@@ -58,8 +60,9 @@ def finished(out_path: str, prompts: list[dict[str, Any]]) -> set[int]:
             raise InputError(f"{out_path}, line {number}: not a result line of tierstore ({exc}); use another "
                              f"--out") from exc
         if not same:
-            raise InputError(f"{out_path}, line {number}: a result for another prompt than line {index} of the "
-                             f"input; use another --out")
+            raise InputError(f"{out_path}, line {number}: a result for another prompt than the input's prompt "
+                             f"{index + 1 if isinstance(index, int) else repr(index)} (counting prompts from 1); use "
+                             f"another --out")
         done.add(index)
     if len(whole) < len(data):
         with open(out_path, "r+b") as handle:  # a killed run's partial line: drop it before appending

@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import time
 from typing import Any
 
 from ...budget import Budget
@@ -31,13 +33,22 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
+        # argparse takes only plain negative numbers as values; `--vram -1GB` would be "expected one argument"
+        # instead of the budget's own message. No option of ours starts with a digit.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"tierstore: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
-def _budget_args(parser: argparse.ArgumentParser) -> None:
+def _verbose_arg(parser: argparse.ArgumentParser, default: Any = False) -> None:
+    """-v before or after the subcommand (a subcommand's own leaves the main one's value unless given)."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log each step: resolving, converting, planning, loading, generating")
+
+
+def _budget_args(parser: argparse.ArgumentParser, draft: bool = True) -> None:
     parser.add_argument("--vram", help="device tier budget, e.g. 4GB (default: measured)")
     parser.add_argument("--ram", help="host tier budget, e.g. 16GB (default: measured)")
     parser.add_argument("--config", help="TOML config file")
@@ -45,8 +56,11 @@ def _budget_args(parser: argparse.ArgumentParser) -> None:
                         help="store the layers' matrices in 4-bit nf4 or 8-bit (sets compression.format)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     parser.add_argument("--download", action="store_true", help="allow downloading a Hub model not in the cache")
+    # serve refuses a draft in one line; its help does not offer one
     parser.add_argument("--draft", help="speculative decoding: \"ngram\" (prompt lookup) or a small model with the "
-                                        "same tokenizer (path, alias, Hub id, GGUF, layer store)")
+                                        "same tokenizer (path, alias, Hub id, GGUF, layer store)" if draft
+                        else argparse.SUPPRESS)
+    _verbose_arg(parser, argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="tierstore", description="Run language models larger than GPU memory.")
     parser.add_argument("--version", action="version", version=f"tierstore {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each step: resolving, converting, "
-                                                                     "planning, loading, generating")
+    _verbose_arg(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate text, then print the run report")
@@ -102,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "completion), at most the model's context")
     serve.add_argument("--dtype", choices=list(DTYPES),
                        help="compute dtype (default: the checkpoint's on a GPU, float32 on a CPU)")
-    _budget_args(serve)
+    _budget_args(serve, draft=False)
 
     plan = sub.add_parser("plan", help="print the placement plan; nothing runs")
     plan.add_argument("model")
@@ -117,14 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "int8, the rest in --dtype)")
     conv.add_argument("--config", help="TOML config file (budget.disk caps the store's size)")
     conv.add_argument("--trust-remote-code", action="store_true")
+    _verbose_arg(conv, argparse.SUPPRESS)
 
     plot = sub.add_parser("plot", help="draw one pass of a --trace file as lanes, with each link's GB/s")
     plot.add_argument("trace", help="a trace written by generate --trace")
     plot.add_argument("-o", "--output", default="timeline.png", help="the PNG to write")
     plot.add_argument("--pass", dest="pass_index", type=int, help="which pass (default: the middle one)")
+    _verbose_arg(plot, argparse.SUPPRESS)
 
     probe = sub.add_parser("probe", help="measure bandwidths and free memory; cached for the planner")
     probe.add_argument("--config", help="TOML config file")
+    _verbose_arg(probe, argparse.SUPPRESS)
+
+    cache = sub.add_parser("cache", help="list the converted layer stores in the cache, or remove some")
+    cache.add_argument("--remove", nargs="+", metavar="NAME", help="remove these stores (refused while in use)")
+    cache.add_argument("--older-than", type=float, metavar="DAYS", help="remove the stores not read for DAYS days "
+                                                                        "(those in use are kept)")
+    cache.add_argument("--config", help="TOML config file (runtime.cache_dir says where the cache is)")
+    _verbose_arg(cache, argparse.SUPPRESS)
     return parser
 
 
@@ -310,6 +333,34 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    """List the cache's stores, or remove some and say which."""
+    from rich.table import Table
+
+    from ...config import Config
+    from ...sizes import format_size
+    from ..loading.cache import list_stores, remove_stores
+
+    cache_dir = Config.load(args.config).runtime.cache_dir
+    if args.remove or args.older_than is not None:
+        removed = remove_stores(cache_dir, args.remove, args.older_than)
+        freed = sum(store.nbytes for store in removed)
+        print(f"removed {len(removed)} stores from {cache_dir}, {format_size(freed)} freed"
+              + "".join(f"\n  {store.name}" for store in removed))
+        return 0
+    stores = list_stores(cache_dir)
+    table = Table(title=f"tierstore cache: {cache_dir}")
+    for column in ("store", "size", "format", "last read", "in use", "converted from"):
+        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
+    for store in stores:
+        table.add_row(store.name, format_size(store.nbytes), store.format,
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(store.last_read_s)),
+                      "yes" if store.in_use else "", store.source)
+    _console().print(table)
+    print(f"{len(stores)} stores, {format_size(sum(store.nbytes for store in stores))}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; 0 ok, 2 bad input (one line), 1 internal error."""
     parser = build_parser()
@@ -326,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
     handler = {"generate": _generate, "serve": _serve, "plan": _plan, "convert": _convert, "plot": _plot,
-               "probe": _probe}[args.command]
+               "probe": _probe, "cache": _cache}[args.command]
     try:
         return handler(args)
     except TierstoreError as exc:

@@ -10,6 +10,7 @@ import torch
 from ...budget import Budget
 from ...errors import InputError
 from ..decoding.sampling import generate_kwargs
+from .text import check_text
 
 DEFAULT_FILE_BATCH = 8  # prompts per pass from a prompts file
 
@@ -55,7 +56,9 @@ def encode_prompts(tokenizer: Any, prompts: list[str], chat_template: bool) -> d
 
 
 def check_request(request: GenerateRequest) -> None:
-    """Refuse settings generate cannot honour, naming the option."""
+    """Refuse settings generate cannot honour and prompts that are not text, naming the option."""
+    for index, prompt in enumerate(request.prompts, start=1):
+        check_text(prompt, f"--prompt {index}" if len(request.prompts) > 1 else "--prompt")
     if request.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {request.max_new_tokens}")
     if request.temperature is not None and not request.temperature > 0:
@@ -142,6 +145,8 @@ def run_prompts_file(request: GenerateRequest, prompts_path: str, out_path: str,
         summary = run_file(prompts, done, out_path, batch_size,
                            lambda batch: generate_batch(model, batch, request, decoding), on_progress)
         report = model.report()
+        report.notes.append(f"these tables cover the last batch ({report.timing.batch_size} prompts) of "
+                            f"{summary['generated']}; the summary line covers them all")
         if seed is not None:
             report.notes.append(f"sampled with seed {seed} (--seed {seed} repeats this run's sampling)")
     return {**summary, "batch_size": batch_size, "report": report}

@@ -30,6 +30,7 @@ from ...errors import InputError
 from ..placement.kv import kv_cache_tokens, largest_batch
 from .batcher import Batcher, Event, QueueFull, SamplingParams, ShuttingDown
 from .generate import GenerateRequest, open_model
+from .text import check_text
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise APIError(400, "give one prompt per request (a list of several is not supported)", param="prompt")
     if not prompts[0]:
         raise APIError(400, "the prompt is empty", param="prompt")
+    _check_text(prompts[0], "prompt")
     prompt_ids = served.model.tokenizer(prompts[0]).input_ids
     return await _complete(served, request, body, prompt_ids, body.max_tokens or DEFAULT_COMPLETION_TOKENS,
                            chat=False)
@@ -292,6 +294,14 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+def _check_text(text: str, param: str) -> None:
+    """400 naming the field when its text is not valid Unicode."""
+    try:
+        check_text(text, param)
+    except InputError as exc:
+        raise APIError(400, str(exc), param=param.split("[")[0]) from None
+
+
 def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     """The chat's token ids through the model's own chat template (text parts of a message joined)."""
     for message in messages:
@@ -302,6 +312,8 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
             message["content"] = ""
     if not any(message["content"].strip() for message in messages):
         raise APIError(400, "the messages hold no text", param="messages")
+    for index, message in enumerate(messages):
+        _check_text(message["content"], f"messages[{index}].content")
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

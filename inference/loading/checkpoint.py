@@ -37,7 +37,21 @@ def load_config(checkpoint: Checkpoint, trust_remote_code: bool = False) -> Any:
     except (CheckpointError, ModelError):
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types too
+        if checkpoint.kind == "gguf" and cut_short(exc):
+            raise CheckpointError(gguf_cut_short(checkpoint.path)) from exc
         raise CheckpointError(f"{checkpoint.path}: transformers cannot read the config: {first_line(exc)}") from exc
+
+
+def cut_short(exc: BaseException) -> bool:
+    """Whether the GGUF reader's error is numpy's on a file that ends before its tensors do."""
+    return isinstance(exc, ValueError) and any(words in str(exc) for words in ("cannot reshape", "buffer is smaller",
+                                                                               "is not a multiple"))
+
+
+def gguf_cut_short(path: str) -> str:
+    """The error for a GGUF file whose tensors run past its end."""
+    return (f"{path}: the GGUF file ends before its tensors do ({os.path.getsize(path)} bytes): truncated or "
+            f"corrupt; copy or download it again")
 
 
 def _check_raw_config(raw: dict[str, Any], where: str, trust_remote_code: bool) -> None:
@@ -93,4 +107,5 @@ def safetensors_entries(directory: str) -> dict[str, TensorEntry]:
     return entries
 
 
-__all__ = ["check_remote_code", "checkpoint_dtype", "load_config", "load_tokenizer", "safetensors_entries"]
+__all__ = ["check_remote_code", "checkpoint_dtype", "cut_short", "gguf_cut_short", "load_config", "load_tokenizer",
+           "safetensors_entries"]

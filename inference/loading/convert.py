@@ -12,15 +12,17 @@ import glob
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from ...config import Config
 from ...errors import CheckpointError
+from ...sizes import format_size
 from ..devices import dtype_name
-from .checkpoint import load_config, load_tokenizer, safetensors_entries
+from .checkpoint import cut_short, gguf_cut_short, load_config, load_tokenizer, safetensors_entries
+from .layerstore import MANIFEST
 from .resolve import Checkpoint
 from .skeleton import Skeleton, build_skeleton, parse_slice
 from .store_writer import (
@@ -43,15 +45,38 @@ def convert_if_needed(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bo
     safetensors and layer stores are read as they are."""
     if checkpoint.kind not in ("gguf", "bin"):
         return checkpoint
-    store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=store_variant(cfg))
+    return convert_into_cache(checkpoint, cfg, trust_remote_code, progress)
+
+
+def convert_into_cache(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bool, progress: bool) -> Checkpoint:
+    """The layer store of `checkpoint` in the cache, converted on first use. Experts kept whole inside their layers
+    is another store than experts as units of their own; for a model without routed experts the two hold the same
+    bytes, so a finished one of either serves both (one full-precision copy in the cache, not two)."""
+    store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=_variant(cfg.splits_experts))
+    other = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=_variant(not cfg.splits_experts))
+    if not _finished(store_dir) and _finished(other) and not has_routed_experts(other, trust_remote_code):
+        log.info("%s: the layer store %s serves both expert layouts (the model has no routed experts)",
+                 checkpoint.path, other)
+        return Checkpoint("store", other, checkpoint.name)
     convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
             disk_budget_bytes=cfg.budget.disk, split_experts=cfg.splits_experts)
     return Checkpoint("store", store_dir, checkpoint.name)
 
 
-def store_variant(cfg: Config) -> str:
+def _variant(split_experts: bool) -> str:
     """The cache key's variant of a plain conversion: experts kept whole inside their layers is another store."""
-    return "" if cfg.splits_experts else "whole-experts"
+    return "" if split_experts else "whole-experts"
+
+
+def _finished(store_dir: str) -> bool:
+    return os.path.isfile(os.path.join(store_dir, MANIFEST))
+
+
+def has_routed_experts(checkpoint_dir: str, trust_remote_code: bool) -> bool:
+    """Whether the model of a store or a directory has routed experts that could be units of their own (built on
+    the meta device from its config: nothing is read)."""
+    config = load_config(Checkpoint("store", checkpoint_dir, os.path.basename(checkpoint_dir)), trust_remote_code)
+    return bool(build_skeleton(config, torch.float32, trust_remote_code, split_experts=True).experts)
 
 
 def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = None,
@@ -69,31 +94,44 @@ def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = No
         config = load_config(checkpoint, trust_remote_code)
         skeleton = build_skeleton(config, torch.float32, trust_remote_code, split_experts=split_experts)
         done = finished_units(out_dir)
-        require_room(out_dir, _plain_bytes(skeleton, done, dtype), disk_budget_bytes)
-        records = dict(done)
-        owners: dict[str, list[tuple[str, str, int | None]]] = {}  # tensor -> (unit key, name there, expert)
-        for key, names in skeleton.units.items():
-            for name in names:
-                tensor, expert = parse_slice(name)
-                owners.setdefault(tensor, []).append((key, name, expert))
-        pending: dict[str, dict[str, torch.Tensor]] = {}
-        with progress_bar(progress, len(skeleton.units), len(done)) as advance:
-            for shard in _shards(checkpoint, skeleton):
-                for tensor_name, tensor in shard.items():
-                    for key, name, expert in owners.get(tensor_name, ()):
-                        if key in records:
-                            continue
-                        pending.setdefault(key, {})[name] = tensor if expert is None else tensor[expert]
-                        if len(pending[key]) == len(skeleton.units[key]):
-                            records[key] = write_tensors(out_dir, key, pending.pop(key), skeleton.units[key], dtype)
-                            advance()
-        missing = [key for key in skeleton.units if key not in records]
-        if missing:
-            raise CheckpointError(f"{checkpoint.path}: no weights for unit {missing[0]!r} "
-                                  f"({len(missing)} units incomplete)")
-        write_metadata(out_dir, os.path.abspath(checkpoint.path), config, records,
-                        load_tokenizer(checkpoint, trust_remote_code), dtype=requested)
+        total_bytes, left_bytes = _plain_bytes(skeleton, {}, dtype), _plain_bytes(skeleton, done, dtype)
+        require_room(out_dir, left_bytes, disk_budget_bytes)
+        name = os.path.basename(checkpoint.path)
+        announce = (f"converting {name} into a layer store of {format_size(total_bytes)}, once: later runs read "
+                    f"{out_dir}")
+        with progress_bar(progress, total_bytes, total_bytes - left_bytes, f"reading {name}", announce) as advance:
+            records = _convert_units(checkpoint, skeleton, out_dir, dict(done), dtype, advance)
+            advance(0, "saving the tokenizer and config")
+            write_metadata(out_dir, os.path.abspath(checkpoint.path), config, records,
+                           load_tokenizer(checkpoint, trust_remote_code), dtype=requested)
     return out_dir
+
+
+def _convert_units(checkpoint: Checkpoint, skeleton: Skeleton, out_dir: str, records: dict[str, Any],
+                   dtype: torch.dtype | None, advance: Callable[..., None]) -> dict[str, Any]:
+    """Every unit not in `records` written from the checkpoint's shards, one shard in memory at a time; returns
+    all the units' records. CheckpointError when the checkpoint lacks a unit's tensors."""
+    owners: dict[str, list[tuple[str, str, int | None]]] = {}  # tensor -> (unit key, name there, expert)
+    for key, names in skeleton.units.items():
+        for name in names:
+            tensor, expert = parse_slice(name)
+            owners.setdefault(tensor, []).append((key, name, expert))
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for shard in _shards(checkpoint, skeleton):
+        advance(0, "converting units")
+        for tensor_name, tensor in shard.items():
+            for key, name, expert in owners.get(tensor_name, ()):
+                if key in records:
+                    continue
+                pending.setdefault(key, {})[name] = tensor if expert is None else tensor[expert]
+                if len(pending[key]) == len(skeleton.units[key]):
+                    records[key] = write_tensors(out_dir, key, pending.pop(key), skeleton.units[key], dtype)
+                    advance(records[key]["nbytes"])
+    missing = [key for key in skeleton.units if key not in records]
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: no weights for unit {missing[0]!r} ({len(missing)} units "
+                              f"incomplete)")
+    return records
 
 
 def _shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
@@ -126,6 +164,8 @@ def _read_shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[st
         try:
             yield load_gguf_checkpoint(checkpoint.path, return_tensors=True, model_to_load=skeleton.model)["tensors"]
         except (ValueError, KeyError, OSError) as exc:
+            if cut_short(exc):
+                raise CheckpointError(gguf_cut_short(checkpoint.path)) from exc
             raise CheckpointError(f"{checkpoint.path}: cannot read GGUF: {exc}") from exc
     elif checkpoint.kind == "bin":
         for path in sorted(glob.glob(os.path.join(checkpoint.path, "*.bin"))):

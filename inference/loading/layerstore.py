@@ -75,8 +75,40 @@ def read_manifest(directory: str) -> dict[str, object]:
     return manifest
 
 
+def hold_shared(directory: str) -> int | None:
+    """A shared lock on the store's manifest while the store is in use (read-only files take it too), which
+    `tierstore cache --remove` asks for exclusively; the descriptor to close, or None where it cannot be had."""
+    try:
+        fd = os.open(os.path.join(directory, MANIFEST), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # being removed, or a filesystem without locks: reading does not need it
+        os.close(fd)
+        return None
+    return fd
+
+
+def in_use(directory: str) -> bool:
+    """Whether a process reads the store (a shared lock on its manifest) or writes it (its writer's lock)."""
+    for name in (MANIFEST, ".lock"):
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing releases the lock if it was taken
+    return False
+
+
 class LayerStoreSource:
-    """Reads units of a converted store: one read per unit, verified against the manifest checksum."""
+    """Reads units of a converted store: one read per unit, verified against the manifest checksum. Holds a shared
+    lock on the manifest until `close`, so that the store is not removed while in use."""
 
     def __init__(self, directory: str, manifest: Mapping[str, object], dtype: torch.dtype,
                  verify: bool = True, drop_page_cache: bool = False) -> None:
@@ -106,10 +138,17 @@ class LayerStoreSource:
                          for key, layout in self._stored.items()}
         self._files = {key: os.path.join(directory, info["file"]) for key, info in units.items()}
         self._checksums = {key: info["checksum"] for key, info in units.items()}
+        self._held = hold_shared(directory)
 
     def layout(self, key: Hashable) -> UnitLayout:
         """The unit's layout, from the manifest."""
         return self._layouts[key]
+
+    def close(self) -> None:
+        """Let go of the store (its shared lock)."""
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
     def read_into(self, key: Hashable, out: torch.Tensor) -> None:
         """Fill `out` with the unit file; CheckpointError naming the file if it is short, long or corrupt."""

@@ -78,6 +78,9 @@ def _directory(path: str) -> Checkpoint:
         return Checkpoint("safetensors", path, name)
     if glob.glob(os.path.join(path, "*.bin")):
         return Checkpoint("bin", path, name)
+    if glob.glob(os.path.join(path, "units", "*.bin")):
+        raise CheckpointError(f"{path}: a tierstore layer store without its {MANIFEST} (an unfinished conversion, or "
+                              f"the manifest was deleted): convert again into it to finish, or delete the folder")
     raise CheckpointError(f"{path}: has config.json but no weights (*.safetensors or *.bin)")
 
 

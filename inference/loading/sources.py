@@ -18,7 +18,7 @@ from ...config import Config
 from ...errors import CheckpointError, ConfigError, ModelError
 from ...units import UnitLayout, UnitSource, require_tensors
 from .checkpoint import checkpoint_dtype, load_config, safetensors_entries
-from .convert import convert, convert_if_needed, store_variant
+from .convert import convert_if_needed, convert_into_cache, has_routed_experts
 from .layerstore import LayerStoreSource, pread_exact, read_manifest
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry
@@ -59,7 +59,7 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
     stored = checkpoint_dtype(hf_config)  # before building the model, which sets the config's dtype to `dtype`
     dtype = dtype or (stored if device.type == "cuda" else torch.float32)
     skeleton = build_skeleton(hf_config, dtype, trust_remote_code, attn_implementation=cfg.runtime.attention,
-                              split_experts=_splits_experts(checkpoint, cfg),
+                              split_experts=_splits_experts(checkpoint, cfg, trust_remote_code),
                               experts_implementation=_experts_kernel(cfg))
     drop_cache = drops_page_cache(cfg, device)
     source, checkpoint = _open_source(checkpoint, skeleton, cfg, dtype, drop_cache, trust_remote_code, progress)
@@ -132,14 +132,11 @@ def _open_source(checkpoint: Checkpoint, skeleton: Skeleton, cfg: Config, dtype:
         source = in_place_source(checkpoint, skeleton.units, dtype, drop_cache)
         if source is not None:
             return source, checkpoint
-        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=store_variant(cfg))
-        convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
-                disk_budget_bytes=cfg.budget.disk, split_experts=cfg.splits_experts)
-        checkpoint = Checkpoint("store", store_dir, checkpoint.name)
+        checkpoint = convert_into_cache(checkpoint, cfg, trust_remote_code, progress)
     return store_source(checkpoint.path, cfg.io.verify_checksums, dtype, drop_cache), checkpoint
 
 
-def _splits_experts(checkpoint: Checkpoint, cfg: Config) -> bool:
+def _splits_experts(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bool) -> bool:
     """Whether experts are units: as the config asks, except that a layer store keeps the layout it was written
     with (one from before experts were units runs them inside its layers; one with expert units cannot)."""
     if checkpoint.kind != "store":
@@ -148,7 +145,7 @@ def _splits_experts(checkpoint: Checkpoint, cfg: Config) -> bool:
     if split and not cfg.splits_experts:
         raise ConfigError(f"{checkpoint.path} holds each expert as a unit; experts.streaming = false (or compression) "
                           f"needs the original checkpoint, or a store converted without expert streaming")
-    if cfg.splits_experts and not split:
+    if cfg.splits_experts and not split and has_routed_experts(checkpoint.path, trust_remote_code):
         log.info("%s keeps experts inside their layers (converted without expert streaming); convert it again to "
                  "stream experts", checkpoint.path)
     return split

@@ -176,11 +176,12 @@ def _write_missing(out_dir: str, sizes: Mapping[str, int], write_unit: Callable[
     rest written in order by `write_unit(key)`, once the disk is known to have room for them."""
     records = finished_units(out_dir)
     require_room(out_dir, sum(nbytes for key, nbytes in sizes.items() if key not in records), disk_budget_bytes)
-    with progress_bar(progress, len(sizes), len(records), what) as advance:
+    done_bytes = sum(nbytes for key, nbytes in sizes.items() if key in records)
+    with progress_bar(progress, sum(sizes.values()), done_bytes, what) as advance:
         for key in sizes:
             if key not in records:
                 records[key] = write_unit(key)
-                advance()
+                advance(sizes[key])
     return records
 
 
@@ -226,7 +227,12 @@ def write_metadata(out_dir: str, source: str, config: Any, records: dict[str, An
 def store_writer(out_dir: str, dtype: str | None, compression: dict[str, Any] | None) -> Iterator[bool]:
     """Create `out_dir` and hold its lock; yields True when a finished store of this `dtype` and `compression` is
     already there (one of another kind is refused). Bad input (a TierstoreError) leaves nothing behind: the folder
-    is removed if this run made it. An interrupted run keeps the units it finished, for the next run to resume."""
+    is removed if this run made it. An interrupted run keeps the units it finished, for the next run to resume.
+    A finished store is only read: nothing is created or locked, so read-only caches and stores work."""
+    if os.path.isfile(os.path.join(out_dir, MANIFEST)):  # written last: the store is whole
+        _check_same_kind(out_dir, read_manifest(out_dir), dtype, compression)
+        yield True
+        return
     created = [path for path in (out_dir, os.path.join(out_dir, "units")) if not os.path.isdir(path)]
     try:
         os.makedirs(os.path.join(out_dir, "units"), exist_ok=True)
@@ -299,17 +305,27 @@ def _locked(out_dir: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool, total: int, done: int, what: str = "converting units") -> Iterator[Any]:
+def progress_bar(enabled: bool, total_bytes: int, done_bytes: int, what: str,
+                 announce: str | None = None) -> Iterator[Callable[..., None]]:
+    """A bar of bytes written on stderr, when it is a terminal, after `announce` as a line of its own (it stays
+    when the bar goes); yields `advance(nbytes, what=None)`, which may also change the bar's text."""
     if not enabled:
-        yield lambda: None
+        yield lambda nbytes=0, what=None: None
         return
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(what, total=total, completed=done)
-        yield lambda: bar.advance(task)
+    if announce and console.is_terminal:
+        console.print(f"tierstore: {announce}", markup=False, highlight=False)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=False),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(what, total=total_bytes, completed=done_bytes)
+
+        def advance(nbytes: int = 0, what: str | None = None) -> None:
+            bar.update(task, advance=nbytes, **({"description": what} if what else {}))
+        yield advance
 
 
 def default_store_dir(checkpoint: Checkpoint, cache_dir: str, dtype: torch.dtype | None, variant: str = "") -> str:

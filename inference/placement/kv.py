@@ -48,6 +48,13 @@ class KVBudget:
         draft = self.draft.device_bytes(cache_tokens) if self.draft is not None else 0
         return self.cache_bytes(cache_tokens) + ACTIVATION_SLACK_BYTES + self.scratch_bytes + draft
 
+    def _reserve_parts(self, cache_tokens: int) -> tuple[tuple[str, int], ...]:
+        """What the reserve for a KV cache of `cache_tokens` holds besides it and the activations, by name."""
+        parts = [("the dequantization buffer", self.scratch_bytes)] if self.scratch_bytes else []
+        if self.draft is not None:
+            parts.append((f"draft {self.draft.name}", self.draft.device_bytes(cache_tokens)))
+        return tuple(parts)
+
     def host_room_bytes(self, plan: Plan) -> int:
         """RAM the budget leaves beside the weights' host tier (which takes all the units or its whole budget)."""
         weights = self.host_weights_bytes + (plan.experts.host_bytes if plan.experts is not None else 0)
@@ -62,7 +69,8 @@ class KVBudget:
         experts = plan.experts
         slots = experts.device_slots * experts.expert_bytes if experts is not None else 0
         # the experts' device slots are allocated once: the dense units make room around them
-        wanted = dataclasses.replace(self.plan_input, device_reserve_bytes=needed, experts=None)
+        wanted = dataclasses.replace(self.plan_input, device_reserve_bytes=needed, experts=None,
+                                     reserve_parts=self._reserve_parts(cache_tokens))
         replanned = make_plan(dataclasses.replace(wanted, device_reserve_bytes=needed + slots))
         return with_experts(replanned, experts, wanted) if experts is not None else replanned
 

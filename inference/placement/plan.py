@@ -42,14 +42,19 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     else:
         lookup = None
     reserve = device_reserve_bytes(units.hf_config, units.dtype, device, cfg.runtime.device_reserve)
+    parts = []  # what the reserve holds besides activations and the KV cache
     if units.codec is not None:
         per_matrix = per_matrix_units(units, device_bytes)
-        reserve += scratch_bytes(units.packed, units.dtype, per_matrix)
+        parts.append(("the dequantization buffer", scratch_bytes(units.packed, units.dtype, per_matrix)))
         notes.append(_compression_note(units, units.codec, per_matrix))
     draft_bytes = draft.reserve_bytes(device.type == "cuda") if draft is not None else 0
     if draft is not None:
-        reserve += draft_bytes
+        parts.append((f"draft {draft.name}", draft_bytes))
         notes.append(draft.note(device.type == "cuda"))
+        if device.type == "cpu":
+            notes.append("on a CPU a pass is bound by compute, which grows with the tokens it verifies: a draft pays "
+                         "only where a pass costs far more than a draft step (README, Speculative decoding)")
+    reserve += sum(nbytes for _, nbytes in parts)
     notes.append(f"disk reads: {getattr(units.source, 'read_mode', 'page cache')}")
     notes.append(f"attention: {units.skeleton.model.config._attn_implementation}")
     if device.type == "cpu" and units.dtype != units.stored_dtype:
@@ -64,14 +69,15 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     routers = {g.router: 1 for g in units.skeleton.experts if g.router} if predicting else None
     planned_from = plan_input(sizes, schedule, device_bytes, host_bytes, reserve, cfg.policy,
                               load_probe(cfg.runtime.cache_dir), notes, device, extra_uses=routers)
-    planned_from = dataclasses.replace(planned_from, experts=experts,
+    planned_from = dataclasses.replace(planned_from, experts=experts, reserve_parts=tuple(parts),
                                        host_lookup=(lookup,) if lookup is not None else ())
     try:
         return make_plan(planned_from), planned_from
     except BudgetError as exc:
         if draft is None:
             raise
-        make_plan(dataclasses.replace(planned_from, device_reserve_bytes=reserve - draft_bytes))
+        make_plan(dataclasses.replace(planned_from, device_reserve_bytes=reserve - draft_bytes,
+                                      reserve_parts=tuple(parts[:-1])))
         raise InputError(f"draft {draft.name} needs {format_size(draft_bytes)} ({draft_bytes} bytes) of the device "
                          f"budget, and the model cannot run in what is left: {exc}") from exc
 
