@@ -93,7 +93,9 @@ def test_ctrl_c_during_generation_ends_cleanly_and_modifies_nothing(smollm2_stor
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HOME": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "tierstore", "generate", store_dir, "--prompt",
                              "Tell me a long story about the sea.", "--max-new-tokens", "400", "--vram", "200MB",
-                             "--ram", "250MB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                             "--ram", "250MB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            # a shell's background job ignores SIGINT, and its children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     first = proc.stdout.read(1)  # generation has started streaming
     assert first
