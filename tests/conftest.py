@@ -50,6 +50,17 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.fixture
+def bin_checkpoint(tiny_dirs, tmp_path):
+    """The tiny llama as PyTorch .bin weights (a format that must be converted)."""
+    directory, reference = tiny_dirs("llama")
+    out = tmp_path / "bin-model"
+    out.mkdir()
+    (out / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
+    torch.save({k: v.clone() for k, v in reference.state_dict().items()}, out / "pytorch_model.bin")
+    return str(out), reference
+
+
+@pytest.fixture
 def cache_config(tmp_path):
     """A config whose cache directory is private to the test."""
     return {"runtime": {"cache_dir": str(tmp_path / "cache")}}

@@ -16,17 +16,6 @@ import tierstore
 PROMPT = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
 
 
-@pytest.fixture
-def bin_checkpoint(tiny_dirs, tmp_path):
-    """The tiny llama as PyTorch .bin weights (a format that must be converted)."""
-    directory, reference = tiny_dirs("llama")
-    out = tmp_path / "bin-model"
-    out.mkdir()
-    (out / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
-    torch.save({k: v.clone() for k, v in reference.state_dict().items()}, out / "pytorch_model.bin")
-    return str(out), reference
-
-
 def _generate(store_dir, tmp_path, **kw):
     config = {"runtime": {"cache_dir": str(tmp_path / "cache")}}
     with tierstore.AutoModel.from_pretrained(store_dir, config=config, **kw) as model:

@@ -18,17 +18,6 @@ import tierstore
 PROMPT = torch.tensor([[1, 5, 9, 23, 42]])
 
 
-@pytest.fixture
-def bin_model(tiny_dirs, tmp_path):
-    """The tiny llama as PyTorch .bin weights (converted into the cache on first use), and its reference."""
-    directory, reference = tiny_dirs("llama")
-    out = tmp_path / "bin-model"
-    out.mkdir()
-    (out / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
-    torch.save({k: v.clone() for k, v in reference.state_dict().items()}, out / "pytorch_model.bin")
-    return str(out), reference
-
-
 def _stores(cache_dir: str) -> list[str]:
     return sorted(name for name in os.listdir(cache_dir) if os.path.isdir(os.path.join(cache_dir, name, "units")))
 
@@ -69,10 +58,10 @@ _READ_ONLY_RUN = textwrap.dedent("""
 """)
 
 
-def test_a_read_only_cache_holding_a_finished_store_runs(bin_model, tmp_path):
+def test_a_read_only_cache_holding_a_finished_store_runs(bin_checkpoint, tmp_path):
     """Opening a converted model writes nothing (no lock, no probe, no temporary file): a cache that cannot be
     written (here every write under it fails as on a read-only mount) still runs what it holds."""
-    source, reference = bin_model
+    source, reference = bin_checkpoint
     cache = str(tmp_path / "cache")
     first = subprocess.run([sys.executable, "-c", _READ_ONLY_RUN, source, cache, "0"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -84,8 +73,8 @@ def test_a_read_only_cache_holding_a_finished_store_runs(bin_model, tmp_path):
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
-def test_written_files_follow_the_umask(bin_model, tmp_path, umask, mode):
-    source, _ = bin_model
+def test_written_files_follow_the_umask(bin_checkpoint, tmp_path, umask, mode):
+    source, _ = bin_checkpoint
     script = ("import sys; from tierstore.inference.compose import convert_model; "
               "convert_model(sys.argv[1], sys.argv[2])")
     out = tmp_path / "store"
@@ -97,10 +86,10 @@ def test_written_files_follow_the_umask(bin_model, tmp_path, umask, mode):
     assert {stat.S_IMODE(os.stat(path).st_mode) for path in files} == {mode}, files
 
 
-def test_a_draft_and_a_compressed_store_leave_one_full_precision_copy(bin_model, tmp_path):
+def test_a_draft_and_a_compressed_store_leave_one_full_precision_copy(bin_checkpoint, tmp_path):
     """A dense model's draft (experts kept whole) reads the store its target was converted into, and compression
     starts from it: the cache ends with one full-precision store and one compressed one."""
-    source, reference = bin_model
+    source, reference = bin_checkpoint
     config = {"runtime": {"cache_dir": str(tmp_path / "cache")}}
     with tierstore.AutoModel.from_pretrained(source, config=config) as model:
         plain = model.generate(PROMPT, max_new_tokens=6, do_sample=False).tolist()
@@ -114,8 +103,8 @@ def test_a_draft_and_a_compressed_store_leave_one_full_precision_copy(bin_model,
     assert len(stores) == 2 and sum("int8" in name for name in stores) == 1, stores
 
 
-def test_cache_lists_and_removes_stores_but_not_one_in_use(bin_model, tmp_path, capsys):
-    source, _ = bin_model
+def test_cache_lists_and_removes_stores_but_not_one_in_use(bin_checkpoint, tmp_path, capsys):
+    source, _ = bin_checkpoint
     cache = str(tmp_path / "cache")
     config_file = tmp_path / "c.toml"
     config_file.write_text(f'[runtime]\ncache_dir = "{cache}"\n')
@@ -166,8 +155,8 @@ def test_the_report_shows_the_batch_and_the_process_peak_memory(tiny_dirs, cache
     assert "peak RSS" in text and "batch" in text
 
 
-def test_errors_say_what_is_wrong_and_name_the_file(bin_model, tmp_path, capsys):
-    source, _ = bin_model
+def test_errors_say_what_is_wrong_and_name_the_file(bin_checkpoint, tmp_path, capsys):
+    source, _ = bin_checkpoint
     store = str(tmp_path / "store")
     main(["convert", source, store])
     os.rename(os.path.join(store, "manifest.json"), os.path.join(store, "gone.json"))
@@ -178,10 +167,10 @@ def test_errors_say_what_is_wrong_and_name_the_file(bin_model, tmp_path, capsys)
     assert "budget.vram: '-1GB' is negative" in capsys.readouterr().err
 
 
-def test_a_finished_store_opens_at_once_while_another_process_holds_its_writer_lock(bin_model, tmp_path, caplog):
+def test_a_finished_store_opens_at_once_while_another_process_holds_its_writer_lock(bin_checkpoint, tmp_path, caplog):
     """Ranks started together open the same finished store: none waits on another's lock, or says it is
     converting."""
-    source, reference = bin_model
+    source, reference = bin_checkpoint
     from tierstore.inference.loading.convert import convert
     from tierstore.inference.loading.resolve import resolve
 
@@ -200,10 +189,10 @@ def test_the_cli_takes_verbose_after_the_subcommand_and_serve_offers_no_draft(ti
     assert "--draft" not in capsys.readouterr().out
 
 
-def test_a_draft_that_cannot_fit_is_refused_before_it_is_converted(bin_model, tiny_dirs, tmp_path, capsys):
+def test_a_draft_that_cannot_fit_is_refused_before_it_is_converted(bin_checkpoint, tiny_dirs, tmp_path, capsys):
     """A .bin draft would be converted into the cache before it is read; one that leaves the model no room is
     refused first, naming its bytes, and the cache holds only the model's own store."""
-    source, reference = bin_model
+    source, reference = bin_checkpoint
     directory, _ = tiny_dirs("llama")
     layer = sum(p.numel() for p in reference.model.layers[0].parameters()) * 4
     cache = tmp_path / "cache"
