@@ -13,7 +13,8 @@ import json
 import os
 import time
 
-from common import PROMPT_TOKENS, StepClock, build_checkpoint, drop_page_cache, prepare, prompt_ids, run_child, vm_hwm_bytes
+from common import (PROMPT_TOKENS, StepClock, build_checkpoint, drop_page_cache, prepare, prompt_ids, run_child,
+                    vm_hwm_bytes)
 
 
 def child(args: argparse.Namespace) -> None:

@@ -106,7 +106,8 @@ def test_write_error_during_conversion_is_clean(bin_checkpoint, tmp_path):
 def test_two_converters_at_once_make_one_good_store(bin_checkpoint, tmp_path):
     source, reference = bin_checkpoint
     out = str(tmp_path / "store")
-    script = "import sys; from tierstore.inference.front.cli import main; sys.exit(main(['convert', sys.argv[1], sys.argv[2]]))"
+    script = ("import sys; from tierstore.inference.front.cli import main; "
+              "sys.exit(main(['convert', sys.argv[1], sys.argv[2]]))")
     procs = [subprocess.Popen([sys.executable, "-c", script, source, out], stderr=subprocess.PIPE) for _ in range(2)]
     assert [p.wait() for p in procs] == [0, 0]
     assert _generate(out, tmp_path) == reference.generate(PROMPT, max_new_tokens=8, do_sample=False).tolist()

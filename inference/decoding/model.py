@@ -28,7 +28,7 @@ from ...sizes import format_size
 from ...store import TieredStore
 from ...trace import TOKENS, Tracer
 from ..placement.budgets import DraftCost
-from ..placement.kv import KVBudget
+from ..placement.kv import KVBudget, device_shares
 from ..runtime.experts import ExpertRunner
 from .speculation import SpeculationStats
 
@@ -298,7 +298,7 @@ class TierstoreModel:
         if self.experts is not None:
             tiers.update({f"experts {name}": stats for name, stats in self.experts.store.tier_stats().items()})
             experts = self.experts.stats.to_dict(self.plan.experts.layers, self.plan.experts.experts_per_layer)
-        notes = [*self.kv_budget.device_shares(self.plan), *self._notes]
+        notes = [*device_shares(self.plan), *self._notes]
         return RunReport(plan=self.plan, tiers=tiers, timing=self._timing, device=str(self.device),
                          setup_s=self.setup_s, notes=notes,
                          speculation=self._speculation.to_dict() if self._speculation is not None else None,

@@ -145,7 +145,9 @@ def _splits_experts(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bool
     if split and not cfg.splits_experts:
         raise ConfigError(f"{checkpoint.path} holds each expert as a unit; experts.streaming = false (or compression) "
                           f"needs the original checkpoint, or a store converted without expert streaming")
-    if cfg.splits_experts and not split and has_routed_experts(checkpoint.path, trust_remote_code):
+    # the model is built once more on meta to see whether it has experts at all: only when the note is shown (-v)
+    if cfg.splits_experts and not split and log.isEnabledFor(logging.INFO) \
+            and has_routed_experts(checkpoint.path, trust_remote_code):
         log.info("%s keeps experts inside their layers (converted without expert streaming); convert it again to "
                  "stream experts", checkpoint.path)
     return split

@@ -43,13 +43,13 @@ class KVBudget:
         return kv_bytes_per_token(self.hf_config, self.dtype) * cache_tokens
 
     def reserve_bytes(self, cache_tokens: int) -> int:
-        """The device reserve a KV cache of `cache_tokens` needs, with activations, the dequantization buffer
-        and the draft's share."""
-        draft = self.draft.device_bytes(cache_tokens) if self.draft is not None else 0
-        return self.cache_bytes(cache_tokens) + ACTIVATION_SLACK_BYTES + self.scratch_bytes + draft
+        """The device reserve a KV cache of `cache_tokens` needs, with activations and the named parts."""
+        parts = sum(nbytes for _, nbytes in self.reserve_parts(cache_tokens))
+        return self.cache_bytes(cache_tokens) + ACTIVATION_SLACK_BYTES + parts
 
-    def _reserve_parts(self, cache_tokens: int) -> tuple[tuple[str, int], ...]:
-        """What the reserve for a KV cache of `cache_tokens` holds besides it and the activations, by name."""
+    def reserve_parts(self, cache_tokens: int) -> tuple[tuple[str, int], ...]:
+        """What that reserve holds besides the KV cache and the activations, by name: the dequantization buffer,
+        the draft's weights and KV cache."""
         parts = [("the dequantization buffer", self.scratch_bytes)] if self.scratch_bytes else []
         if self.draft is not None:
             parts.append((f"draft {self.draft.name}", self.draft.device_bytes(cache_tokens)))
@@ -70,7 +70,7 @@ class KVBudget:
         slots = experts.device_slots * experts.expert_bytes if experts is not None else 0
         # the experts' device slots are allocated once: the dense units make room around them
         wanted = dataclasses.replace(self.plan_input, device_reserve_bytes=needed, experts=None,
-                                     reserve_parts=self._reserve_parts(cache_tokens))
+                                     reserve_parts=self.reserve_parts(cache_tokens))
         replanned = make_plan(dataclasses.replace(wanted, device_reserve_bytes=needed + slots))
         return with_experts(replanned, experts, wanted) if experts is not None else replanned
 
@@ -116,24 +116,22 @@ class KVBudget:
                          f"both ways each pass")
         return notes
 
-    def device_shares(self, plan: Plan) -> list[str]:
-        """How the device budget asked for is shared out, when part of it is not weights."""
-        if not plan.device_reserve_bytes:
-            return []
-        draft = self.draft.reserve_bytes(self.separate_device) if self.draft is not None else 0
-        parts = [f"{format_size(plan.device_weights_bytes)} for weights"]
-        experts = plan.experts
-        if experts is not None:  # the dense units' share above; the experts' slots are their own
-            parts.append(f"{format_size(experts.device_slots * experts.expert_bytes)} for {experts.device_slots} "
-                         f"expert slots")
-        kept = plan.device_reserve_bytes - self.scratch_bytes - draft
-        if kept:
-            parts.append(f"{format_size(kept)} kept for activations and the KV cache")
-        if self.scratch_bytes:
-            parts.append(f"{format_size(self.scratch_bytes)} for the dequantization buffer")
-        if draft:
-            parts.append(f"{format_size(draft)} for the draft")
-        return [f"device budget {format_size(plan.device_budget_bytes)}: {', '.join(parts)}"]
+
+def device_shares(plan: Plan) -> list[str]:
+    """How the device budget asked for is shared out, when part of it is not weights: the expert slots, and
+    the reserve, whose named parts (a dequantization buffer, a draft) the plan carries."""
+    if not plan.device_reserve_bytes:
+        return []
+    parts = [f"{format_size(plan.device_weights_bytes)} for weights"]
+    experts = plan.experts
+    if experts is not None:  # the dense units' share above; the experts' slots are their own
+        parts.append(f"{format_size(experts.device_slots * experts.expert_bytes)} for {experts.device_slots} "
+                     f"expert slots")
+    kept = plan.device_reserve_bytes - sum(nbytes for _, nbytes in plan.reserve_parts)
+    if kept:
+        parts.append(f"{format_size(kept)} kept for activations and the KV cache")
+    parts += [f"{format_size(nbytes)} for {name}" for name, nbytes in plan.reserve_parts if nbytes]
+    return [f"device budget {format_size(plan.device_budget_bytes)}: {', '.join(parts)}"]
 
 
 def kv_cache_tokens(batch: int, max_seq_tokens: int) -> int:
