@@ -3,12 +3,13 @@
 Dense units (attention, norms, routers, shared experts, embeddings) are used by every pass; an expert only when a
 token is routed to it, so the dense plan comes first and the experts get the room it leaves: device slots (at
 least one token's experts, twice that so the next layer's predicted experts can load while this layer computes)
-and host RAM. Pure bookkeeping, like the dense planner.
+and host RAM. An expert routed to but not in a slot is either copied over the link or computed by the CPU where
+it lives (`split_misses`): the link and the CPU then work at once. Pure bookkeeping, like the dense planner.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..errors import BudgetError, ConfigError
 from ..sizes import format_size
@@ -18,8 +19,45 @@ from .eviction import Key
 from .registry import make_eviction
 
 EXPERT_POLICIES = ("lfu", "lru", "fifo")
-MAX_SLOTS = 1024  # torch's grouped_mm takes at most 1024 groups, and the slots are the kernel's groups
+COMPUTE_MODES = ("device", "host")  # where a missed expert is computed, besides auto (the cost model decides)
 DEFAULT_EXPERT_POLICY = "lfu"  # popularity is skewed on real models; the decay follows it as the text moves on
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertCosts:
+    """What a missed expert costs on each path, from measured rates: copied, its bytes cross the link whatever
+    its tokens; computed on the host, the CPU reads its bytes once per pass (`host_gbps`: weight bytes per second
+    of a one-token linear) and does more work per token (`host_gbps_32`: the same at 32 tokens)."""
+
+    link_gbps: float
+    host_gbps: float
+    host_gbps_32: float
+
+    def copy_s(self, nbytes: int) -> float:
+        return nbytes / (self.link_gbps * 1e9)
+
+    def host_s(self, nbytes: int, tokens: int) -> float:
+        one = nbytes / (self.host_gbps * 1e9)
+        per_token = max(nbytes / (self.host_gbps_32 * 1e9) - one, 0.0) / 31
+        return one + per_token * (tokens - 1)
+
+
+def split_misses(tokens: Mapping[int, int], nbytes: int, costs: ExpertCosts,
+                 heat: Mapping[int, int] | None = None) -> list[int]:
+    """Of a layer's missed experts (expert -> tokens routed to it, each of `nbytes`), those to compute on the
+    host; the rest are copied. The link and the CPU work at once, so the layer waits for the longer of the two:
+    experts move to the host, cheapest first (fewest tokens, then coldest by `heat`, so that the hot ones are
+    copied into slots where they will hit again), while that shortens the wait."""
+    order = sorted(tokens, key=lambda expert: (tokens[expert], (heat or {}).get(expert, 0), expert))
+    copy_each = costs.copy_s(nbytes)
+    link_s, host_s, chosen = copy_each * len(order), 0.0, []
+    for expert in order:
+        cost = costs.host_s(nbytes, tokens[expert])
+        if max(host_s + cost, link_s - copy_each) >= max(host_s, link_s):
+            break
+        chosen.append(expert)
+        host_s, link_s = host_s + cost, link_s - copy_each
+    return chosen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +74,8 @@ class ExpertsInput:
     host_policy: str = AUTO
     prefetch: str = AUTO
     predictable: bool = True
+    compute: str = AUTO
+    costs: ExpertCosts | None = None  # measured rates; None: not measured (auto then copies every miss)
 
     @property
     def total_experts(self) -> int:
@@ -58,6 +98,8 @@ class ExpertPlan:
     host_policy: str
     prefetch: str
     choose_policy: bool = False  # device_policy auto: re-chosen after each call from the routing it saw
+    compute: str = "device"  # where missed experts are computed: device (copied), host, or auto (split_misses)
+    costs: ExpertCosts | None = None
 
     @property
     def total_experts(self) -> int:
@@ -78,12 +120,24 @@ class ExpertPlan:
 
     def moved_bytes(self, batch: int = 1) -> tuple[int, int]:
         """(host->device, disk) expert bytes of one pass, expected under uniform routing: the device slots beyond
-        one pass's working set hit in proportion to the experts they hold, host RAM likewise for the disk."""
+        one pass's working set hit in proportion to the experts they hold, host RAM likewise for the disk; of
+        the misses, the share computed on the host crosses no link."""
         routed = self.routed_bytes(batch)
         cached = max(self.device_slots - self.top_k * 2, 0) / self.total_experts
         in_host = self.host_experts / self.total_experts
-        h2d = routed * (1.0 - min(cached, 1.0))
-        return int(h2d), int(h2d * (1.0 - in_host))
+        missed = routed * (1.0 - min(cached, 1.0))
+        return int(missed * (1.0 - self.host_share)), int(missed * (1.0 - in_host))
+
+    @property
+    def host_share(self) -> float:
+        """The share of missed experts computed on the host at one token each: all under "host", none under
+        "device"; under "auto" the share that keeps the CPU and the link equally busy (each does its part of the
+        bytes at its own rate)."""
+        if self.compute == "host":
+            return 1.0
+        if self.compute == "device" or self.costs is None:
+            return 0.0
+        return self.costs.host_gbps / (self.costs.host_gbps + self.costs.link_gbps)
 
     def to_dict(self) -> dict[str, object]:
         return {**dataclasses.asdict(self), "routed_bytes_batch_1": self.routed_bytes(1)}
@@ -108,7 +162,17 @@ def best_policy(accesses: Sequence[Key], slots: int, current: str) -> tuple[str,
     return max(rates, key=lambda name: (rates[name], name == current)), rates
 
 
+def _compute(experts: ExpertsInput) -> str:
+    """Where missed experts are computed: as asked, auto only with measured rates to split by (else copied)."""
+    if experts.compute == AUTO and experts.costs is None:
+        return "device"
+    return experts.compute
+
+
 def _check(experts: ExpertsInput) -> None:
+    if experts.compute != AUTO and experts.compute not in COMPUTE_MODES:
+        raise ConfigError(f"experts.compute: unknown place {experts.compute!r}; choose from auto, "
+                          f"{', '.join(COMPUTE_MODES)}")
     for name in ("device_policy", "host_policy"):
         value = getattr(experts, name)
         if value != AUTO and value not in EXPERT_POLICIES:
@@ -143,7 +207,7 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
     left_device = plan.device_weights_bytes + slots * experts.expert_bytes - dense_device
     dense_host = sum(sizes[key] for key in plan.host_resident) + plan.host_slot_bytes
     left_host = max(dense.host_budget_bytes - dense_host, slots * experts.expert_bytes)
-    device_slots = min(experts.total_experts, MAX_SLOTS, max(slots, left_device // experts.expert_bytes))
+    device_slots = min(experts.total_experts, max(slots, left_device // experts.expert_bytes))
     expert_plan = ExpertPlan(
         layers=experts.layers, experts_per_layer=experts.experts_per_layer, top_k=experts.top_k,
         expert_bytes=experts.expert_bytes, device_slots=device_slots,
@@ -152,7 +216,8 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
         host_policy=DEFAULT_EXPERT_POLICY if experts.host_policy == AUTO else experts.host_policy,
         choose_policy=experts.device_policy == AUTO,
         prefetch=(("auto" if experts.prefetch == AUTO else experts.prefetch)
-                  if predict and device_slots >= 2 * experts.top_k else "none"))
+                  if predict and device_slots >= 2 * experts.top_k else "none"),
+        compute=_compute(experts), costs=experts.costs)
     notes = list(plan.notes)
     if device_slots < experts.total_experts and device_slots < experts.experts_per_layer:
         notes.append(f"{device_slots} expert slots on the device, fewer than a layer's {experts.experts_per_layer} "

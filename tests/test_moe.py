@@ -29,7 +29,9 @@ TINY_OVERRIDES = {"jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert
 
 
 def _config(root, **experts):
-    return {"runtime": {"cache_dir": os.path.join(root, "cache"), "device": "cpu"}, "experts": experts}
+    """Missed experts copied into slots unless asked otherwise (on a CPU, auto computes them where they are)."""
+    return {"runtime": {"cache_dir": os.path.join(root, "cache"), "device": "cpu"},
+            "experts": {"compute": "device", **experts}}
 
 
 def _reference(model, new_tokens=NEW_TOKENS, prompt=PROMPT):
@@ -97,19 +99,22 @@ def has_expert_units(model) -> bool:
         return False  # a layout tierstore refuses: the architecture sweep covers it
 
 
-def run_streamed(model, model_type, root):
-    """(reference tokens, streamed tokens, plan, report) of the tiny `model`."""
+def run_streamed(model, model_type, root, compute="device"):
+    """(reference tokens, streamed tokens, plan, report) of the tiny `model`, missed experts computed as
+    `compute` says."""
     want = _reference(model)
     directory = os.path.join(root, model_type)
     model.save_pretrained(directory)
-    config = _config(root)
+    config = _config(root, compute=compute)
     budget = _streaming_budget(directory, config)
     with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
         got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
         return want, got, streamed.plan, streamed.report()
 
 
-def test_every_moe_architecture_streams_its_experts_and_matches_transformers(tmp_path):
+@pytest.mark.parametrize("compute", ["device", "host"])
+def test_every_moe_architecture_streams_its_experts_and_matches_transformers(tmp_path, compute):
+    """Missed experts copied into slots (device), or computed by the CPU from host RAM (host)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -121,7 +126,7 @@ def test_every_moe_architecture_streams_its_experts_and_matches_transformers(tmp
             if model is None or not has_expert_units(model):
                 continue
             try:
-                want, got, plan, report = run_streamed(model, model_type, str(tmp_path))
+                want, got, plan, report = run_streamed(model, model_type, str(tmp_path), compute)
             except tierstore.TierstoreError:
                 raise
             except Exception as exc:  # noqa: BLE001 - as in the architecture sweep: transformers' own run fails
@@ -129,11 +134,14 @@ def test_every_moe_architecture_streams_its_experts_and_matches_transformers(tmp
                 continue
             experts = plan.experts
             moved_off_device = experts.device_slots < experts.total_experts
-            outcomes[model_type] = ("pass" if got == want and moved_off_device else "FAIL",
+            on_host = report.experts["host_computed"]
+            right_place = on_host > 0 if compute == "host" else on_host == 0
+            outcomes[model_type] = ("pass" if got == want and moved_off_device and right_place else "FAIL",
                                     f"{experts.device_slots}/{experts.total_experts} expert slots, "
-                                    f"{report.tiers['experts device'].misses} fetched")
+                                    f"{report.tiers['experts device'].misses} fetched, {on_host} on the CPU")
     ran = {k: v for k, v in outcomes.items() if v[0] != "skipped"}
-    print(f"\nMoE architectures: {sum(v[0] == 'pass' for v in ran.values())}/{len(ran)} stream their experts and "
+    print(f"\nMoE architectures, compute = {compute}: {sum(v[0] == 'pass' for v in ran.values())}/{len(ran)} "
+          f"stream their experts and "
           f"give transformers' tokens; {len(outcomes) - len(ran)} skipped (transformers' own tiny model fails)")
     for model_type, (outcome, detail) in outcomes.items():
         print(f"  {outcome:8} {model_type:22} {detail}")
@@ -371,3 +379,67 @@ def test_a_store_keeps_the_expert_layout_it_was_written_with(tmp_path):
         assert layered.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist() == want
     with pytest.raises(tierstore.ConfigError, match="holds each expert as a unit; experts.streaming = false"):
         tierstore.AutoModel.from_pretrained(split_store, config=_config(str(tmp_path), streaming=False))
+
+
+def test_the_cost_model_gives_the_cpu_the_cheap_cold_misses_while_that_shortens_the_layer():
+    from tierstore.policies.experts import ExpertCosts, split_misses
+
+    even = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0)
+    one_token = {expert: 1 for expert in range(8)}
+    assert len(split_misses(one_token, 10**7, even)) == 4  # as fast as the link: half each
+    slow_cpu = ExpertCosts(link_gbps=50.0, host_gbps=5.0, host_gbps_32=5.0)
+    assert split_misses(one_token, 10**7, slow_cpu) == []  # one host expert takes longer than all the copies
+    assert len(split_misses(one_token, 10**7, ExpertCosts(10.0, 30.0, 30.0))) == 6  # a faster CPU takes more
+    # the CPU's cost grows with tokens (32 tokens cost 8x one): the busy experts are copied, the cold ones computed
+    growing = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0 / 8)
+    mixed = {0: 40, 1: 1, 2: 1, 3: 30}
+    assert set(split_misses(mixed, 10**7, growing)) == {1, 2}
+    # at equal tokens, the coldest go to the CPU and the hot ones are copied into slots, where they hit again
+    heat = {expert: 100 * (expert % 2) for expert in range(8)}
+    assert set(split_misses(one_token, 10**7, even, heat)) == {0, 2, 4, 6}
+
+
+def test_misses_split_between_copies_and_the_cpu_give_the_same_tokens(tmp_path):
+    """auto with the CPU as fast as the link: a layer's misses are divided between the two, in one pass."""
+    from tierstore.policies.experts import ExpertCosts
+
+    model, directory = _saved("qwen3_moe", tmp_path)
+    want = _reference(model)
+    config = _config(str(tmp_path), prefetch="none")
+    budget = _streaming_budget(directory, config)
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
+        streamed.experts.compute = "auto"  # on a CPU the plan's auto is host: force the split
+        streamed.experts.costs = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0)
+        got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
+        report = streamed.report()
+    assert got == want
+    assert report.experts["host_computed"] > 0 and report.tiers["experts device"].misses > 0
+    assert report.experts["cpu_gbps"] > 0
+
+
+def test_a_budget_holding_every_expert_runs_past_the_kernels_group_limit(tmp_path, monkeypatch):
+    """1,600 experts, all in device slots: torch's grouped_mm takes at most 1,024 groups on a GPU, so the slots
+    run in windows; every kernel call must stay within the limit and the tokens must be transformers'."""
+    from tierstore.inference.runtime.experts import MAX_GROUPS
+
+    model, why = tiny("qwen3_moe", num_experts=400, num_hidden_layers=4, num_experts_per_tok=48)
+    assert model is not None, why
+    directory = str(tmp_path / "wide")
+    model.save_pretrained(directory)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 160), generator=torch.Generator().manual_seed(0))
+    want = _reference(model, prompt=prompt)  # a prompt routed to more than 1,024 of them (about 1,050)
+    groups = []
+    real = torch.nn.functional.grouped_mm
+
+    def counted(inputs, weight, *args, **kwargs):
+        groups.append(weight.shape[0])
+        return real(inputs, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", counted)
+    config = _config(str(tmp_path))
+    with tierstore.AutoModel.from_pretrained(directory, budget={"vram": "1GB", "ram": "1GB"}, config=config) as whole:
+        assert whole.plan.experts.device_slots == 1600 > MAX_GROUPS
+        got = whole.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
+    assert got == want
+    assert groups and max(groups) <= MAX_GROUPS
+    assert 1600 - MAX_GROUPS in groups  # the second window ran

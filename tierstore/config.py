@@ -14,7 +14,7 @@ from typing import Any
 from .budget import Budget
 from .errors import BudgetError, ConfigError
 from .policies.dense import RESIDENT_ORDERS
-from .policies.experts import EXPERT_POLICIES
+from .policies.experts import COMPUTE_MODES, EXPERT_POLICIES
 from .policies.registry import EVICTION_POLICIES, PREFETCH_POLICIES
 from .sizes import parse_size
 
@@ -146,6 +146,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "prefetch": (_choice(AUTO, "router", "none"), AUTO,
                      "router = run the next MoE layer's router on the current hidden state and start copying the "
                      "experts it picks; auto = router while at least half of the experts it copies are used"),
+        "compute": (_choice(AUTO, *COMPUTE_MODES), AUTO,
+                    "where an expert routed to but not on the device is computed: device = copied over the link "
+                    "into a slot; host = by the CPU from host RAM (the token's hidden state crosses the link, not "
+                    "the weights); auto = split per layer by measured rates so that link and CPU work at once "
+                    "(on a CPU: host)"),
         "implementation": (_choice(AUTO, *EXPERT_KERNELS), AUTO,
                            "transformers' experts kernel; auto = grouped_mm under expert streaming (the fastest on "
                            "GPUs, and exact there: eager sums a token's experts in slot order), else transformers' "

@@ -1,5 +1,6 @@
 """Measuring this machine: host-to-device GB/s (pinned and pageable), disk GB/s past the page cache as the store's
-parallel readers see it, free memory.
+parallel readers see it, the CPU's rate at an expert's linear layers (weight bytes per second, at 1 and 32 tokens),
+free memory.
 
 Results are cached as JSON in the cache directory; the planner reads them to predict time per pass.
 """
@@ -32,7 +33,7 @@ def load_probe(cache_dir: str) -> dict[str, float] | None:
         return None
 
 
-def _h2d_gbps(device: torch.device, pinned: bool, nbytes: int, repeats: int = 5) -> float:
+def h2d_gbps(device: torch.device, pinned: bool, nbytes: int, repeats: int = 5) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned and device.type == "cuda")
     src.fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -47,6 +48,21 @@ def _h2d_gbps(device: torch.device, pinned: bool, nbytes: int, repeats: int = 5)
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return nbytes / sorted(times)[len(times) // 2] / 1e9
+
+
+def cpu_linear_gbps(tokens: int, dtype: torch.dtype, rows: int = 4096, cols: int = 1024,
+                    repeats: int = 7) -> float:
+    """Weight bytes per second of torch's CPU `linear` over `tokens` tokens and a (rows, cols) matrix of `dtype`
+    (8 MB in bf16, about an expert's matrix), with torch's threads: what computing an expert on the host costs."""
+    weight = torch.randn(rows, cols).to(dtype)
+    inputs = torch.randn(tokens, cols).to(dtype)
+    torch.nn.functional.linear(inputs, weight)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(inputs, weight)
+        times.append(time.perf_counter() - start)
+    return weight.numel() * weight.element_size() / sorted(times)[len(times) // 2] / 1e9
 
 
 def _disk_gbps(directory: str, nbytes: int, threads: int, unit_bytes: int) -> float:
@@ -103,8 +119,10 @@ def run_probe(cache_dir: str, device: torch.device, nbytes: int = 256 * 2**20, d
         "free_vram_bytes": float(measured.vram or 0),
         "free_ram_bytes": float(measured.ram or 0),
         "free_disk_bytes": float(measured.disk or 0),
-        "h2d_pinned_gbps": _h2d_gbps(device, True, nbytes),
-        "h2d_gbps": _h2d_gbps(device, False, nbytes),
+        "h2d_pinned_gbps": h2d_gbps(device, True, nbytes),
+        "h2d_gbps": h2d_gbps(device, False, nbytes),
+        "cpu_linear_gbps": cpu_linear_gbps(1, torch.bfloat16),
+        "cpu_linear_gbps_32": cpu_linear_gbps(32, torch.bfloat16),
         "disk_gbps": _disk_gbps(cache_dir, disk_nbytes, reader_threads, unit_bytes),
         "disk_reader_threads": float(reader_threads),
         "disk_unit_bytes": float(unit_bytes),

@@ -76,7 +76,8 @@ class RunReport:
         copied = self.tiers["experts device"].bytes_in
         tokens = timing["new_tokens"] * timing["batch_size"]
         return {**self.experts, "passes": passes, "h2d_bytes_per_pass": copied / passes if passes else None,
-                "h2d_bytes_per_token": copied / tokens if tokens else None}
+                "h2d_bytes_per_token": copied / tokens if tokens else None,
+                "host_computed_per_pass": self.experts["host_computed"] / passes if passes else None}
 
     def tables(self) -> list[Table]:
         """The report as rich tables: tiers, then timing against the plan."""
@@ -107,7 +108,7 @@ class RunReport:
         if self.speculation is not None:
             tables.append(_speculation_table(self.speculation))
         if data["experts"] is not None:
-            tables.append(_experts_table(data["experts"]))
+            tables.extend(_experts_tables(data["experts"]))
         if self.plan.notes or self.notes:
             notes = Table(title="notes", show_header=False)
             notes.add_column("note")
@@ -138,19 +139,25 @@ def _speculation_table(data: dict[str, Any]) -> Table:
     return table
 
 
-def _experts_table(data: dict[str, Any]) -> Table:
-    table = Table(title="experts")
+def _experts_tables(data: dict[str, Any]) -> list[Table]:
+    """Two tables: how the experts were routed, and where the missed ones were computed."""
+    routing = Table(title="experts: routing")
     for column in ("layer calls", "routed/call", "experts touched", "busiest 10% share", "prediction recall",
-                   "prefetch used", "chunked calls", "copied/pass", "copied/token"):
-        table.add_column(column, justify="right")
+                   "prefetch used", "chunked calls"):
+        routing.add_column(column, justify="right")
     calls = data["calls"]
-    table.add_row(str(calls), _fmt(data["routed"] / calls if calls else None, "{:.1f}"),
-                  str(data["experts_touched"]), _fmt(data["busiest_tenth_share"], "{:.1%}"),
-                  _fmt(data["prediction_recall"], "{:.1%}"), _fmt(data["prefetch_used_share"], "{:.1%}"),
-                  str(data["chunked_calls"]),
-                  _fmt(data["h2d_bytes_per_pass"], "{}", format_size), _fmt(data["h2d_bytes_per_token"], "{}",
-                                                                              format_size))
-    return table
+    routing.add_row(str(calls), _fmt(data["routed"] / calls if calls else None, "{:.1f}"),
+                    str(data["experts_touched"]), _fmt(data["busiest_tenth_share"], "{:.1%}"),
+                    _fmt(data["prediction_recall"], "{:.1%}"), _fmt(data["prefetch_used_share"], "{:.1%}"),
+                    str(data["chunked_calls"]))
+    misses = Table(title="experts: misses")
+    for column in ("copied/pass", "copied/token", "CPU-computed/pass", "CPU GB/s", "host work/layer call"):
+        misses.add_column(column, justify="right")
+    misses.add_row(_fmt(data["h2d_bytes_per_pass"], "{}", format_size),
+                   _fmt(data["h2d_bytes_per_token"], "{}", format_size),
+                   _fmt(data["host_computed_per_pass"], "{:.1f}"), _fmt(data["cpu_gbps"], "{:.1f}"),
+                   _fmt(data["host_work_s_per_call"], "{:.2e} s"))
+    return [routing, misses]
 
 
 def plan_table(plan: Plan) -> Table:
@@ -189,13 +196,25 @@ def _expert_rows(experts: Any) -> list[tuple[str, str]]:
              f"device {experts.device_slots} slots ({format_size(experts.device_slots * experts.expert_bytes)}, "
              f"{experts.device_policy}), host {experts.host_experts} "
              f"({format_size(experts.host_experts * experts.expert_bytes)}, {experts.host_policy}), "
-             f"disk {total - experts.host_experts}; prefetch {experts.prefetch}")]
+             f"disk {total - experts.host_experts}; prefetch {experts.prefetch}"),
+            ("experts missed", _compute_text(experts))]
     for batch in (1, 32):
         h2d, disk = experts.moved_bytes(batch)
         rows.append((f"expert bytes per pass, batch {batch}",
                      f"routed {format_size(experts.routed_bytes(batch))}, host->device {format_size(h2d)}, disk "
                      f"{format_size(disk)} (uniform routing)"))
     return rows
+
+
+def _compute_text(experts: Any) -> str:
+    """Where an expert routed to but not in a slot is computed, and by what rates."""
+    if experts.compute == "device":
+        return "copied into a slot (experts.compute = device)"
+    if experts.compute == "host":
+        return "computed by the CPU from host RAM (experts.compute = host)"
+    costs = experts.costs
+    return (f"split per layer between copies ({costs.link_gbps:.1f} GB/s link) and the CPU ({costs.host_gbps:.1f} "
+            f"GB/s at 1 token, {costs.host_gbps_32:.1f} at 32): about {experts.host_share:.0%} on the CPU at batch 1")
 
 
 def _prediction(predicted: dict[str, float | str | None]) -> str:

@@ -247,6 +247,47 @@ class TieredStore:
             for key in keys:
                 self.device.unpin(key)
 
+    def on_device(self, key: Key) -> bool:
+        """Whether `key` is in the device tier, or on its way there."""
+        return key in self._device_data
+
+    def get_host_many(self, keys: list[Key]) -> list[dict[str, torch.Tensor]]:
+        """The units' tensors in host RAM, read from disk when not there (a unit also on the device is served
+        from RAM all the same: the caller computes on the host); pinned in the host tier until `release_host_many`.
+        Each request counts as a host hit, or as a host miss served by the disk."""
+        entries: list[_Entry] = []
+        try:
+            for key in keys:
+                with self._lock:
+                    entry = self._host_data.get(key)
+                    if entry is None:
+                        entry = self._start_host_load(key, required=True, served_from="disk")
+                    self.host.pin(key)  # beside the read's own pin, which it drops when done
+                    entries.append(entry)
+            for key, entry in zip(keys, entries):
+                entry.ready.result()
+                with self._lock:
+                    if entry.served_from == "disk":
+                        self.host.stats.misses += 1
+                        self.disk_stats.hits += 1
+                        entry.served_from = None
+                    else:
+                        self.host.stats.hits += 1
+                    self.host.access(key)
+                    if entry.tensors is None:
+                        with torch.inference_mode(False):
+                            entry.tensors = self.layouts[key].views(entry.buffer)
+        except BaseException:
+            self.release_host_many(keys[:len(entries)])
+            raise
+        return [entry.tensors for entry in entries]  # type: ignore[misc]
+
+    def release_host_many(self, keys: list[Key]) -> None:
+        """The host computation with `keys` is done (see `get_host_many`)."""
+        with self._lock:
+            for key in keys:
+                self.host.unpin(key)
+
     def prefetch(self, keys: list[Key]) -> list[Key]:
         """Start loading `keys` onto the device, in order, without waiting; stops at the first for which there is
         no room now. Returns the keys whose loads it started."""

@@ -4,6 +4,7 @@ makes from them. `tierstore plan` runs the same steps without reading any weight
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -12,9 +13,10 @@ from ...budget import Budget
 from ...compression import Codec, scratch_bytes
 from ...config import Config
 from ...errors import BudgetError, InputError, ModelError
-from ...policies.experts import ExpertsInput
+from ...policies.dense import AUTO
+from ...policies.experts import ExpertCosts, ExpertsInput
 from ...policies.planner import Plan, PlanInput, make_plan
-from ...probe import load_probe
+from ...probe import cpu_linear_gbps, h2d_gbps, load_probe
 from ...sizes import format_size
 from ..devices import dtype_name
 from ..loading.sources import Units
@@ -60,7 +62,7 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     if device.type == "cpu" and units.dtype != units.stored_dtype:
         notes.append(f"weights stored in {dtype_name(units.stored_dtype)} run in {dtype_name(units.dtype)} on the "
                      f"CPU (--dtype, or dtype=, chooses)")
-    experts = experts_input(units, cfg)
+    experts = experts_input(units, cfg, device)
     if experts is not None:
         notes.append(f"experts: {experts.total_experts} units of {format_size(experts.expert_bytes)} "
                      f"({experts.layers} layers x {experts.experts_per_layer}, {experts.top_k} per token), moved only "
@@ -82,7 +84,7 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
                          f"budget, and the model cannot run in what is left: {exc}") from exc
 
 
-def experts_input(units: Units, cfg: Config) -> ExpertsInput | None:
+def experts_input(units: Units, cfg: Config, device: torch.device) -> ExpertsInput | None:
     """The routed experts as the planner sees them, or None for a model without expert units."""
     groups = units.skeleton.experts
     if not groups:
@@ -91,10 +93,24 @@ def experts_input(units: Units, cfg: Config) -> ExpertsInput | None:
     if len(sizes) != 1:
         raise ModelError(f"experts of different sizes ({sorted(sizes)} bytes) cannot share the device slots; set "
                          f"experts.streaming = false")
+    compute, costs = cfg.experts.compute, None
+    if compute == AUTO and device.type == "cpu":
+        compute = "host"  # the device is the host: a copy into a slot would only add a memcpy
+    elif compute == AUTO:
+        costs = expert_costs(load_probe(cfg.runtime.cache_dir) or {}, device, units.dtype)
     return ExpertsInput(layers=len(groups), experts_per_layer=groups[0].num_experts, top_k=groups[0].top_k,
                         expert_bytes=sizes.pop(), device_policy=cfg.experts.device_policy,
                         host_policy=cfg.experts.host_policy, prefetch=cfg.experts.prefetch,
-                        predictable=all(group.router for group in groups[1:]))
+                        predictable=all(group.router for group in groups[1:]), compute=compute, costs=costs)
+
+
+def expert_costs(probe: Mapping[str, float], device: torch.device, dtype: torch.dtype) -> ExpertCosts:
+    """The rates missed experts are split by: the probe's (`tierstore probe`), each one not there measured now
+    (about a tenth of a second)."""
+    link = probe.get("h2d_pinned_gbps") or h2d_gbps(device, pinned=True, nbytes=64 * 2**20, repeats=3)
+    one = probe.get("cpu_linear_gbps") or cpu_linear_gbps(1, dtype)
+    many = probe.get("cpu_linear_gbps_32") or cpu_linear_gbps(32, dtype)
+    return ExpertCosts(link_gbps=link, host_gbps=one, host_gbps_32=many)
 
 
 def per_matrix_units(units: Units, device_budget_bytes: int) -> frozenset[str]:

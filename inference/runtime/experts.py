@@ -5,25 +5,35 @@ Seen as stacked slots, that tensor is a fused experts parameter of `slots` exper
 module unchanged on it, with the routed expert ids mapped to the slots that hold them. So only the routed experts
 cross the link, the kernel is transformers' (grouped_mm by default), and nothing is copied on the device.
 
-Per layer: one device->host sync reads the routing (and the next layer's predicted experts), the routed experts
-are fetched (hits cost nothing), the kernel is queued, and the predicted experts start copying behind it.
+Per layer: one device->host sync reads the routing (and the next layer's predicted experts). Routed experts in
+slots cost nothing; each missed one is either copied into a slot or computed by the CPU from host RAM
+(host_experts.py), as `experts.compute` and the cost model (policies/experts.py, `split_misses`) say, so that the
+link and the CPU work at once. The kernel is queued on the slots, with the host-computed experts' routing weights
+masked to zero, the CPU computes its experts meanwhile, and the sum of both is the layer's output; the predicted
+experts start copying behind the kernel. Slots beyond what the kernel takes in one call (MAX_GROUPS) are run in
+windows of that many, one call per window the routing touches.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...policies.experts import ExpertPlan, best_policy
+from ...policies.experts import ExpertCosts, ExpertPlan, best_policy, split_misses
 from ...policies.registry import make_eviction
 from ...store import SlotPool, StoreEvent, TieredStore
 from ...transfer import CPUTransfer, CUDATransfer
 from ...units import TensorSlot, UnitLayout, UnitSource
 from ..loading.skeleton import ExpertGroup
+from .host_experts import computes_on_host, host_outputs
+
+MAX_GROUPS = 1024  # torch's grouped_mm takes at most 1024 groups; the slots are the kernel's groups
 
 
 def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Mapping[str, UnitLayout],
@@ -34,7 +44,8 @@ def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Map
     pool = SlotPool(transfer.allocate_device(plan.device_slots * plan.expert_bytes), plan.expert_bytes)
     store = TieredStore(source, dict(layouts), plan.store_plan(), transfer, reader_threads=reader_threads,
                         on_event=on_event, device_pool=pool)
-    return ExpertRunner(groups, store, pool, dense, plan.prefetch, plan.device_policy if plan.choose_policy else None)
+    return ExpertRunner(groups, store, pool, dense, plan.prefetch, plan.device_policy if plan.choose_policy else None,
+                        plan.compute, plan.costs)
 
 
 def stacked_views(pool: SlotPool, layout: UnitLayout) -> list[torch.Tensor]:
@@ -64,6 +75,11 @@ class ExpertStats:
     prefetch_copied: int = 0  # experts copied because they were predicted
     prefetch_used: int = 0  # of those, routed to by the layer they were copied for
     chunked_calls: int = 0
+    host_computed: int = 0  # missed experts the CPU computed instead of copying
+    host_bytes: int = 0  # their weight bytes, read by the CPU
+    host_s: float = 0.0  # the CPU's time computing them
+    layer_s: float = 0.0  # wall time in MoE layers' experts (the loop's thread)
+    sync_s: float = 0.0  # of which waiting for the routing to reach the host
     counts: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # (layer, expert) -> pairs
 
     def to_dict(self, layers: int, experts_per_layer: int) -> dict[str, Any]:
@@ -78,7 +94,11 @@ class ExpertStats:
                                       else None),
                 "predicted": self.predicted, "predicted_hits": self.predicted_hits,
                 "prefetch_copied": self.prefetch_copied,
-                "prefetch_used_share": self.prefetch_used / self.prefetch_copied if self.prefetch_copied else None}
+                "prefetch_used_share": self.prefetch_used / self.prefetch_copied if self.prefetch_copied else None,
+                "host_computed": self.host_computed, "host_bytes": self.host_bytes, "host_s": self.host_s,
+                "cpu_gbps": self.host_bytes / self.host_s / 1e9 if self.host_s else None,
+                "host_work_s_per_call": ((self.layer_s - self.sync_s - self.host_s) / self.calls if self.calls
+                                         else None)}
 
 
 class ExpertRunner:
@@ -88,15 +108,22 @@ class ExpertRunner:
     MAX_ACCESSES = 200_000  # routed experts kept per call to choose the eviction policy from
 
     def __init__(self, groups: Sequence[ExpertGroup], store: TieredStore, pool: SlotPool, dense: TieredStore,
-                 prefetch: str, adaptive_policy: str | None = None) -> None:
+                 prefetch: str, adaptive_policy: str | None = None, compute: str = "device",
+                 costs: ExpertCosts | None = None) -> None:
         """`adaptive_policy`: the device slots' policy now, re-chosen after each call (`end_call`); None keeps
-        the planned one."""
+        the planned one. `compute`: where missed experts run (device, host, or auto: split by `costs`)."""
         self.groups = tuple(groups)
         self.store = store
         self.pool = pool
         self.dense = dense
         self.stats = ExpertStats()
         self._views = stacked_views(pool, store.layouts[self.groups[0].keys[0]])
+        self._windows = [(start, min(start + MAX_GROUPS, pool.count)) for start in range(0, pool.count, MAX_GROUPS)]
+        self._window_views = [[view[start:end] for view in self._views] for start, end in self._windows]
+        self.compute = compute
+        self.costs = costs
+        self._expert_bytes = store.layouts[self.groups[0].keys[0]].nbytes
+        self._on_host_ok = [computes_on_host(group.module) for group in self.groups]
         self._originals = [{attr: group.module._parameters[attr] for attr, _ in group.attrs} for group in groups]
         self._next = [groups[i + 1] if prefetch != "none" and i + 1 < len(groups) and groups[i + 1].router else None
                       for i in range(len(groups))]
@@ -138,8 +165,10 @@ class ExpertRunner:
     # -- one MoE layer --------------------------------------------------------------------------------------
     def _forward(self, index: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
+        start_s = time.perf_counter()
         following = self._next[index] if self._next[index] is not None and self._gate.wanted() else None
         routed, predicted = self._routing(hidden, top_k_index, following)
+        self.stats.sync_s += time.perf_counter() - start_s
         self._count(index, routed, predicted)
         top_k = top_k_index.shape[-1]
         chunks = _token_chunks([routed[i:i + top_k] for i in range(0, len(routed), top_k)], self.pool.count)
@@ -148,8 +177,9 @@ class ExpertRunner:
         outputs = []
         for first, (start, end, experts) in enumerate(chunks):
             prefetch = [following.keys[e] for e in predicted if e not in experts] if first == 0 and following else []
-            outputs.append(self._run(index, experts, prefetch, hidden[start:end], top_k_index[start:end],
-                                     top_k_weights[start:end], args, kwargs))
+            outputs.append(self._run(index, experts, routed[start * top_k:end * top_k], prefetch, hidden[start:end],
+                                     top_k_index[start:end], top_k_weights[start:end], args, kwargs))
+        self.stats.layer_s += time.perf_counter() - start_s
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _routing(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -167,31 +197,98 @@ class ExpertRunner:
             self.dense.release(following.router)
         return both[:ids.numel()], sorted(set(both[ids.numel():]))
 
-    def _run(self, index: int, experts: list[int], prefetch: list[str], hidden: torch.Tensor,
+    def _run(self, index: int, experts: list[int], routed: list[int], prefetch: list[str], hidden: torch.Tensor,
              top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Fetch `experts` (pinned while in use), run the kernel on the slots, then start `prefetch`."""
+        """The layer's experts for these tokens (`routed`: their routing, token-major): those on the device (or
+        copied there) by the kernel on the slots, the others by the CPU meanwhile; then start `prefetch`."""
         group = self.groups[index]
-        module = group.module
-        keys = [group.keys[e] for e in experts]
-        self.store.prefetch(keys)  # every miss queued before the first wait
-        held = self.store.get_many(keys)
+        on_host = self._host_share(index, experts, routed)
+        on_device = [expert for expert in experts if expert not in on_host]
+        device_keys = [group.keys[e] for e in on_device]
+        self.store.prefetch(device_keys)  # every copy queued before the first wait
+        # the CPU's inputs are read now, while nothing is queued after the routing: this waits for nothing
+        host_inputs = (hidden.to("cpu"), top_k_weights.to("cpu")) if on_host else None
+        held = self.store.get_many(device_keys)
         try:
-            # expert id -> slot; pinned, so that its copy queues behind the compute instead of waiting for it
-            lut = torch.zeros(group.num_experts, dtype=torch.long, pin_memory=self._device.type == "cuda")
-            for expert, tensors in zip(experts, held):
-                lut[expert] = self.pool.index(next(iter(tensors.values())))
-            for (attr, _), view in zip(group.attrs, self._views):
-                module._parameters[attr] = view
-            module.num_experts = self.pool.count
-            slots = lut.to(self._device, non_blocking=True)[top_k_index]
-            output = type(module).forward(module, hidden, slots, top_k_weights, *args, **kwargs)
+            output = (self._on_device(index, on_device, held, bool(on_host), hidden, top_k_index, top_k_weights,
+                                      args, kwargs) if on_device else None)
             if prefetch:  # queued once this layer's kernels are: they copy while those compute
                 self._copied[index + 1] = self.store.prefetch(prefetch)
-            return output
+        finally:
+            self.store.release_many(device_keys)
+        if host_inputs is None:
+            return output  # type: ignore[return-value]  (every routed expert ran on the device)
+        host = self._on_host(index, sorted(on_host), routed, top_k_index.shape[-1], *host_inputs)
+        return host.to(hidden.dtype) if output is None else (output.float() + host).to(output.dtype)
+
+    def _host_share(self, index: int, experts: list[int], routed: list[int]) -> set[int]:
+        """Which of `experts` the CPU computes: none under "device"; the missed ones (not in a slot, nor on
+        their way to one) under "host"; under "auto", of those, what `split_misses` gives the host."""
+        if self.compute == "device" or not self._on_host_ok[index]:
+            return set()
+        keys = self.groups[index].keys
+        missed = [expert for expert in experts if not self.store.on_device(keys[expert])]
+        if self.compute == "host" or not missed or self.costs is None:
+            return set(missed) if self.compute == "host" else set()
+        wanted = set(missed)
+        tokens = Counter(expert for expert in routed if expert in wanted)
+        heat = {expert: self.stats.counts.get((index, expert), 0) for expert in missed}
+        return set(split_misses(tokens, self._expert_bytes, self.costs, heat))
+
+    def _on_device(self, index: int, experts: list[int], held: list[dict[str, torch.Tensor]], masked: bool,
+                   hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args: tuple,
+                   kwargs: dict) -> torch.Tensor:
+        """transformers' experts kernel over the slots holding `experts`, one call per window of slots they
+        are in. A token's other experts (computed on the host, or in another window) point at a slot of this
+        window with routing weight zero, so that any kernel skips their contribution."""
+        group = self.groups[index]
+        module = group.module
+        slots = [self.pool.index(next(iter(tensors.values()))) for tensors in held]
+        windows = sorted({slot // MAX_GROUPS for slot in slots})
+        masked = masked or len(windows) > 1
+        outputs = []
+        try:
+            for window in windows:
+                first, end = self._windows[window]
+                inside = [(expert, slot - first) for expert, slot in zip(experts, slots) if first <= slot < end]
+                # expert id -> slot, and whether it runs here; pinned, so that its copy queues behind the compute
+                table = torch.zeros((2, group.num_experts), dtype=torch.long,
+                                    pin_memory=self._device.type == "cuda")
+                table[0] = inside[0][1]
+                ids = torch.tensor([expert for expert, _ in inside])
+                table[0, ids] = torch.tensor([slot for _, slot in inside])
+                table[1, ids] = 1
+                table = table.to(self._device, non_blocking=True)
+                weights = top_k_weights * table[1][top_k_index].to(top_k_weights.dtype) if masked else top_k_weights
+                for (attr, _), view in zip(group.attrs, self._window_views[window]):
+                    module._parameters[attr] = view
+                module.num_experts = end - first
+                outputs.append(type(module).forward(module, hidden, table[0][top_k_index], weights, *args, **kwargs))
         finally:
             module._parameters.update(self._originals[index])
             module.num_experts = group.num_experts
-            self.store.release_many(keys)
+        if len(outputs) == 1:
+            return outputs[0]
+        return torch.stack(outputs).float().sum(0).to(outputs[0].dtype)
+
+    def _on_host(self, index: int, experts: list[int], routed: list[int], top_k: int, hidden: torch.Tensor,
+                 routing_weights: torch.Tensor) -> torch.Tensor:
+        """The CPU's part of the layer's output (float32, on the device): `experts` from their host RAM copies."""
+        group = self.groups[index]
+        keys = [group.keys[e] for e in experts]
+        tensors = self.store.get_host_many(keys)
+        start_s = time.perf_counter()
+        try:
+            weights = [{attr: tensor for (attr, _), tensor in zip(group.attrs, unit.values())} for unit in tensors]
+            total = host_outputs(group.module, experts, weights, routed, top_k, hidden, routing_weights)
+        finally:
+            self.store.release_host_many(keys)
+        self.stats.host_s += time.perf_counter() - start_s
+        self.stats.host_computed += len(experts)
+        self.stats.host_bytes += len(experts) * self._expert_bytes
+        if self._device.type == "cuda":
+            total = total.pin_memory()
+        return total.to(self._device, non_blocking=True)
 
     def _count(self, index: int, routed: list[int], predicted: list[int]) -> None:
         """Routing counters; how the prediction made for this layer (and the copies it started) fared."""

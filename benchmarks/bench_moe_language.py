@@ -1,0 +1,209 @@
+"""Mixture-of-experts on real language, against resident transformers on the same machine.
+
+The model: SmolLM2-135M-Instruct inflated 2x wide (hidden 1152; `common.Inflation`, which keeps its function) and
+upcycled into Mixtral layers: each layer's MLP copied into 128 identical experts behind a fixed random router (top
+8, weights renormalised over the top 8, as Mixtral does). The tokens are SmolLM2's whatever the router picks, and
+the routing is a projection of real hidden states. 30 layers, bf16, 128 experts of 10.6 MB: 41 GB, experts fused
+in safetensors (tierstore reads them in place).
+
+    python benchmarks/bench_moe_language.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT --rows resident,4GB
+
+Rows (each one process): `resident` = transformers with every weight on the GPU (grouped_mm); `4GB`, `8GB`, `all`
+(a budget holding every expert in device slots) = tierstore at that vram and ram 56 GB, run with missed experts
+copied into slots (`device`: how tierstore ran before the CPU computed experts), split between copies and the CPU
+by the cost model (`auto`, the default), and all on the CPU (`host`): the modes are switched on one model object
+(`model.experts.compute`), each after a warm-up call per prompt; `draft` = vram 4 GB with SmolLM2 itself as the
+draft (the GGUF; the same function as the target). Greedy, several prompts with the chat template, each reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from common import QUESTION, Inflation, StepClock, encode, fmt, run_child, vm_hwm_bytes
+
+EXPERTS, TOP_K, FACTOR, LAYERS = 128, 8, 2, 30
+PROMPTS = [QUESTION, "What is the capital of France? Answer in two sentences.",
+           "Write a short poem about the sea."]
+BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB")}
+MODES = {"4GB": "device,auto,host", "8GB": "device,auto", "all": "auto", "draft": "auto"}
+
+
+def upcycle(gguf: str, out_dir: str, experts: int = EXPERTS, top_k: int = TOP_K, factor: int = FACTOR) -> None:
+    """The upcycled model (see the module docstring) as one safetensors shard per layer, config and tokenizer;
+    kept when already written."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MixtralConfig
+
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    inflation = Inflation(gguf, factor, inter_size=1536)
+    small = inflation.config
+    config = MixtralConfig(
+        vocab_size=small.vocab_size, hidden_size=small.hidden_size, intermediate_size=small.intermediate_size,
+        num_hidden_layers=small.num_hidden_layers, num_attention_heads=small.num_attention_heads,
+        num_key_value_heads=small.num_key_value_heads, head_dim=small.head_dim, hidden_act=small.hidden_act,
+        max_position_embeddings=small.max_position_embeddings, rms_norm_eps=small.rms_norm_eps,
+        rope_parameters=small.rope_parameters, tie_word_embeddings=True, num_local_experts=experts,
+        num_experts_per_tok=top_k, sliding_window=None, bos_token_id=small.bos_token_id,
+        eos_token_id=small.eos_token_id, pad_token_id=small.pad_token_id, dtype="bfloat16")
+    router = torch.Generator().manual_seed(0)
+    index = {}
+    for number, names in enumerate(inflation.names()):
+        tensors = {}
+        for name in names:
+            if not name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")):
+                tensors[name] = inflation.tensor(name)
+        if number:  # a decoder layer: its MLP as `experts` copies, and a router
+            prefix = f"model.layers.{number - 1}.mlp"
+            gate, up, down = (inflation.tensor(f"{prefix}.{part}.weight") for part in ("gate_proj", "up_proj",
+                                                                                        "down_proj"))
+            tensors[f"{prefix}.experts.gate_up_proj"] = torch.cat([gate, up]).expand(experts, -1, -1).contiguous()
+            tensors[f"{prefix}.experts.down_proj"] = down.expand(experts, -1, -1).contiguous()
+            tensors[f"{prefix}.gate.weight"] = (torch.randn(experts, config.hidden_size, generator=router)
+                                                * 0.02).bfloat16()
+        file = f"model-{number:05d}.safetensors"
+        save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
+        index.update({name: file for name in tensors})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as handle:
+        json.dump({"metadata": {}, "weight_map": index}, handle)
+    config.save_pretrained(out_dir)
+    inflation.tokenizer.save_pretrained(out_dir)
+
+
+def resident_row(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device_map="cuda",
+                                                 experts_implementation="grouped_mm")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    setup_s = time.perf_counter() - start
+    prompts = []
+    for prompt in PROMPTS:
+        ids = encode(tokenizer, prompt).cuda()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=8, do_sample=False)
+            clock = StepClock()
+            out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False,
+                                 logits_processor=LogitsProcessorList([clock]))
+        torch.cuda.synchronize()
+        prompts.append({**clock.summary(), "tokens": out[0, ids.shape[1]:].tolist()})
+    return {"setup_s": setup_s, "prompts": {"resident": prompts}, "peak_vram": torch.cuda.max_memory_allocated()}
+
+
+def tierstore_row(args: argparse.Namespace) -> dict:
+    import torch
+
+    import tierstore
+
+    start = time.perf_counter()
+    vram, ram = BUDGETS[args.row]
+    model = tierstore.AutoModel.from_pretrained(
+        args.model, budget={"vram": vram, "ram": ram}, config={"runtime": {"cache_dir": args.cache}},
+        draft=args.gguf if args.row == "draft" else None)
+    setup_s = time.perf_counter() - start
+    results = {}
+    for mode in MODES[args.row].split(","):
+        model.experts.compute = mode
+        rows = []
+        for prompt in PROMPTS:
+            ids = encode(model.tokenizer, prompt)
+            model.generate(ids, max_new_tokens=8, do_sample=False)
+            out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False)
+            report = model.report().to_dict()
+            timing, experts = report["timing"], report["experts"]
+            rows.append({"s_per_token": 1 / timing["decode_tokens_per_s"], "prefill_s": timing["prefill_s"],
+                         "tokens": out[0, ids.shape[1]:].tolist(), "experts": experts,
+                         "slot_hit_rate": report["tiers"]["experts device"]["hit_rate"],
+                         "speculation": report["speculation"]})
+            print(mode, json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
+        results[mode] = rows
+    plan = model.plan.experts
+    costs = plan.costs
+    model.close()
+    return {"setup_s": setup_s, "prompts": results, "device_slots": plan.device_slots,
+            "costs": None if costs is None else vars(costs), "expert_bytes": plan.expert_bytes,
+            "peak_vram": torch.cuda.max_memory_reserved(), "peak_rss": vm_hwm_bytes()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--model", default="/tmp/moe-language")
+    parser.add_argument("--cache", default="/tmp/moe-language-cache")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--rows", default="resident,4GB,8GB,all,draft")
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--row", default="")
+    args = parser.parse_args()
+    if args.child:
+        row = resident_row(args) if args.row == "resident" else tierstore_row(args)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+    import torch
+
+    from tierstore.probe import run_probe
+
+    start = time.perf_counter()
+    upcycle(args.gguf, args.model)
+    print(f"upcycled model ready in {time.perf_counter() - start:.1f} s", flush=True)
+    probe_path = os.path.join(args.cache, "probe.json")
+    probe = json.load(open(probe_path)) if os.path.exists(probe_path) else \
+        run_probe(args.cache, torch.device("cuda", 0), disk_nbytes=2**30)
+    print("probe", json.dumps(probe), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    saved = os.path.join(args.out, "moe_language.json")
+    results = json.load(open(saved)) if os.path.exists(saved) else {}
+    with open(os.path.join(args.out, "moe_language_log.txt"), "a") as log:
+        for row in args.rows.split(","):
+            results[row] = run_child(["--row", row, "--gguf", args.gguf, "--model", args.model, "--cache", args.cache,
+                                      "--tokens", str(args.tokens)], log, script=__file__)
+            with open(saved, "w") as handle:
+                json.dump({**results, "probe": probe}, handle, indent=1)
+            print(row, "done", flush=True)
+    print_table(results, probe, torch.cuda.get_device_name(0))
+
+
+def print_table(results: dict, probe: dict, card: str) -> None:
+    """One line per row, mode and prompt: s/token against the resident step of the same prompt."""
+    resident = results.get("resident", {}).get("prompts", {}).get("resident", [])
+    print(f"\ncard: {card}; link {probe['h2d_pinned_gbps']:.1f} GB/s pinned; CPU linear "
+          f"{probe.get('cpu_linear_gbps', 0):.1f} GB/s at 1 token, {probe.get('cpu_linear_gbps_32', 0):.1f} at 32")
+    print("| row | mode | prompt | s/token | x resident | copied/pass | CPU experts/pass | CPU GB/s | "
+          "host work/layer call | slot hits | tokens/pass | same tokens as resident |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, row in results.items():
+        if name == "probe":
+            continue
+        if "error" in row:
+            print(f"| {name} | error: {row['error']} |")
+            continue
+        for mode, prompts in row["prompts"].items():
+            for number, got in enumerate(prompts):
+                step = got.get("s_per_token") or got.get("decode_mean_s_per_token")
+                base = resident[number]["decode_mean_s_per_token"] if number < len(resident) else None
+                experts = got.get("experts") or {}
+                spec = got.get("speculation") or {}
+                same = "-" if number >= len(resident) else _same(got["tokens"], resident[number]["tokens"])
+                print(f"| {name} | {mode} | {number} | {step:.4f} | {fmt(base and step / base, '{:.2f}')} | "
+                      f"{fmt(experts.get('h2d_bytes_per_pass') and experts['h2d_bytes_per_pass'] / 1e9, '{:.2f} GB')}"
+                      f" | {fmt(experts.get('host_computed_per_pass'), '{:.1f}')} | {fmt(experts.get('cpu_gbps'), '{:.1f}')}"
+                      f" | {fmt(experts.get('host_work_s_per_call'), '{:.2e}')} | {fmt(got.get('slot_hit_rate'), '{:.1%}')}"
+                      f" | {fmt(spec.get('tokens_per_pass'), '{:.1f}')} | {same} |")
+
+
+def _same(tokens: list[int], reference: list[int]) -> str:
+    count = min(len(tokens), len(reference))
+    parting = next((i for i in range(count) if tokens[i] != reference[i]), None)
+    return f"all {count}" if parting is None else f"first {parting} of {count}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Routed experts computed by the CPU where they live, in host RAM: the token's hidden state crosses the link, not
+the expert's weights.
+
+The math is transformers' experts kernel for one expert (its `batched_mm` form): the first projection (gate and
+up, or up alone), the module's own `_apply_gate` or activation, the down projection, biases where the module has
+them, each output scaled by its routing weight. It runs on the expert's own tensors in the host tier (one slice of
+each fused parameter), so nothing is stacked or copied; outputs are summed per token in float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+def computes_on_host(module: nn.Module) -> bool:
+    """Whether this experts module's math is the one `expert_forward` runs: transformers' experts interface with
+    fused gate/up (or up) and down projections and no post-expert norm (whose weights live on the device)."""
+    if not hasattr(module, "has_gate") or getattr(module, "has_post_expert_norm", False):
+        return False
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    return first in module._parameters and "down_proj" in module._parameters
+
+
+def expert_forward(module: nn.Module, weights: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """One expert of `module` on `inputs` (tokens, hidden), from its tensors by parameter name (one slice each)."""
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    hidden = _linear(inputs, weights[first], weights.get(f"{first}_bias"), module.is_transposed)
+    hidden = module._apply_gate(hidden) if module.has_gate else module.act_fn(hidden)
+    return _linear(hidden, weights["down_proj"], weights.get("down_proj_bias"), module.is_transposed)
+
+
+def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    out = inputs @ weight if transposed else nn.functional.linear(inputs, weight)
+    return out if bias is None else out + bias
+
+
+def host_outputs(module: nn.Module, experts: Sequence[int], weights: Sequence[Mapping[str, torch.Tensor]],
+                 routed: Sequence[int], top_k: int, hidden: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+    """The summed outputs (tokens, hidden) in float32 of `experts`, each from its `weights`, for the tokens routed
+    to them: `routed` is the routing token-major (top_k per token); `hidden` and `routing_weights` are on the CPU."""
+    total = torch.zeros(hidden.shape, dtype=torch.float32)
+    rows: dict[int, tuple[list[int], list[int]]] = {expert: ([], []) for expert in experts}
+    for position, expert in enumerate(routed):
+        if expert in rows:
+            rows[expert][0].append(position // top_k)
+            rows[expert][1].append(position % top_k)
+    for expert, tensors in zip(experts, weights):
+        tokens, ranks = (torch.tensor(index) for index in rows[expert])
+        dtype = next(iter(tensors.values())).dtype
+        out = expert_forward(module, tensors, hidden[tokens].to(dtype))
+        total.index_add_(0, tokens, out.float() * routing_weights[tokens, ranks, None].float())
+    return total
