@@ -108,6 +108,7 @@ def tierstore_row(args: argparse.Namespace) -> dict:
         args.model, budget={"vram": vram, "ram": ram}, config={"runtime": {"cache_dir": args.cache}},
         draft=args.gguf if args.row == "draft" else None)
     setup_s = time.perf_counter() - start
+    reference = _resident_tokens(args.out)
     results = {}
     for mode in MODES[args.row].split(","):
         model.experts.compute = mode
@@ -118,10 +119,13 @@ def tierstore_row(args: argparse.Namespace) -> dict:
             out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False)
             report = model.report().to_dict()
             timing, experts = report["timing"], report["experts"]
+            tokens = out[0, ids.shape[1]:].tolist()
+            tiers = report["tiers"]
             rows.append({"s_per_token": 1 / timing["decode_tokens_per_s"], "prefill_s": timing["prefill_s"],
-                         "tokens": out[0, ids.shape[1]:].tolist(), "experts": experts,
-                         "slot_hit_rate": report["tiers"]["experts device"]["hit_rate"],
-                         "speculation": report["speculation"]})
+                         "tokens": tokens, "experts": experts, "slot_hit_rate": tiers["experts device"]["hit_rate"],
+                         "host_tier": {k: tiers["experts host"][k] for k in ("hits", "misses", "stall_s")},
+                         "speculation": report["speculation"],
+                         "margin": _margin(model, ids, tokens, reference.get(prompt))})
             print(mode, json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
         results[mode] = rows
     plan = model.plan.experts
@@ -129,7 +133,34 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     model.close()
     return {"setup_s": setup_s, "prompts": results, "device_slots": plan.device_slots,
             "costs": None if costs is None else vars(costs), "expert_bytes": plan.expert_bytes,
-            "peak_vram": torch.cuda.max_memory_reserved(), "peak_rss": vm_hwm_bytes()}
+            "peak_vram": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
+            "peak_rss": vm_hwm_bytes()}
+
+
+def _resident_tokens(out: str) -> dict[str, list[int]]:
+    """The resident row's tokens per prompt, when it ran first."""
+    try:
+        with open(os.path.join(out, "moe_language.json")) as handle:
+            rows = json.load(handle)["resident"]["prompts"]["resident"]
+    except (OSError, KeyError, ValueError):
+        return {}
+    return {prompt: row["tokens"] for prompt, row in zip(PROMPTS, rows)}
+
+
+def _margin(model, ids, tokens: list[int], reference: list[int] | None) -> dict | None:
+    """Where `tokens` leave the resident model's, the step and the gap between tierstore's two best logits
+    there (from one forward over the common prefix): a tie is a gap of one bf16 rounding or less."""
+    import torch
+
+    if reference is None:
+        return None
+    count = min(len(tokens), len(reference))
+    parting = next((i for i in range(count) if tokens[i] != reference[i]), None)
+    if parting is None:
+        return None
+    prefix = torch.tensor([ids[0].tolist() + reference[:parting]])
+    top = model(prefix).logits[0, -1].float().topk(2).values.tolist()
+    return {"step": parting, "top2_gap": top[0] - top[1], "top1": top[0]}
 
 
 def main() -> None:
@@ -139,7 +170,7 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/moe-language-cache")
     parser.add_argument("--out", default=".")
     parser.add_argument("--rows", default="resident,4GB,8GB,all,draft")
-    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--row", default="")
     args = parser.parse_args()
@@ -177,8 +208,8 @@ def print_table(results: dict, probe: dict, card: str) -> None:
     print(f"\ncard: {card}; link {probe['h2d_pinned_gbps']:.1f} GB/s pinned; CPU linear "
           f"{probe.get('cpu_linear_gbps', 0):.1f} GB/s at 1 token, {probe.get('cpu_linear_gbps_32', 0):.1f} at 32")
     print("| row | mode | prompt | s/token | x resident | copied/pass | CPU experts/pass | CPU GB/s | "
-          "host work/layer call | slot hits | tokens/pass | same tokens as resident |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "host work/layer call | slot hits | tokens/pass | same tokens as resident | top-2 gap there |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         if name == "probe":
             continue
@@ -196,7 +227,8 @@ def print_table(results: dict, probe: dict, card: str) -> None:
                       f"{fmt(experts.get('h2d_bytes_per_pass') and experts['h2d_bytes_per_pass'] / 1e9, '{:.2f} GB')}"
                       f" | {fmt(experts.get('host_computed_per_pass'), '{:.1f}')} | {fmt(experts.get('cpu_gbps'), '{:.1f}')}"
                       f" | {fmt(experts.get('host_work_s_per_call'), '{:.2e}')} | {fmt(got.get('slot_hit_rate'), '{:.1%}')}"
-                      f" | {fmt(spec.get('tokens_per_pass'), '{:.1f}')} | {same} |")
+                      f" | {fmt(spec.get('tokens_per_pass'), '{:.1f}')} | {same} | "
+                      f"{fmt((got.get('margin') or {}).get('top2_gap'), '{:.4f}')} |")
 
 
 def _same(tokens: list[int], reference: list[int]) -> str:

@@ -142,9 +142,12 @@ class ExpertPlan:
     def to_dict(self) -> dict[str, object]:
         return {**dataclasses.asdict(self), "routed_bytes_batch_1": self.routed_bytes(1)}
 
-    def store_plan(self) -> Plan:
-        """The plan the experts' own store carries out: slots and host bytes, the cache policies, no schedule."""
-        return Plan(regime="experts", device_resident=(), host_resident=(), streamed_from_host=(),
+    def store_plan(self, keys: Sequence[Key] = ()) -> Plan:
+        """The plan the experts' own store carries out: slots and host bytes, the cache policies, no schedule.
+        When host RAM holds every expert, the experts (`keys`) are resident there: read in the background from
+        the start, so that no pass waits for the disk (or the page cache) to serve one."""
+        resident = tuple(keys) if self.host_experts >= self.total_experts else ()
+        return Plan(regime="experts", device_resident=(), host_resident=resident, streamed_from_host=(),
                     streamed_from_disk=(), device_policy=self.device_policy, host_policy=self.host_policy,
                     prefetch="none", prefetch_depth=0, disk_prefetch_depth=0,
                     device_budget_bytes=self.device_slots * self.expert_bytes, host_budget_bytes=self.host_bytes,

@@ -246,3 +246,28 @@ def test_trace_on_cuda_times_copies_and_compute_with_events(tmp_path):
         events = sorted(spans[track], key=lambda e: e["ts"])
         for before, after in zip(events, events[1:]):
             assert after["ts"] >= before["ts"] + before["dur"] - 0.01
+
+
+@pytest.mark.parametrize("compute", ["device", "host", "split"])
+def test_moe_missed_experts_copied_or_computed_on_the_cpu_give_transformers_tokens(tmp_path, compute):
+    """A tiny Qwen3-MoE in float32 on CUDA, most experts off the device: missed experts copied into slots, computed
+    by the CPU, or split between the two (the cost model given equal rates): transformers' greedy tokens."""
+    from test_moe import PROMPT, _config, _reference, _saved, _streaming_budget
+
+    from tierstore.policies.experts import ExpertCosts
+
+    model, directory = _saved("qwen3_moe", tmp_path)
+    want = _reference(model, new_tokens=12)
+    config = _config(str(tmp_path), compute="device" if compute == "split" else compute, prefetch="none")
+    config["runtime"].update(device="cuda", device_reserve="64MB")  # a tiny model's activations: far less
+    budget = _streaming_budget(directory, config)
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float32) as streamed:
+        if compute == "split":
+            streamed.experts.compute = "auto"
+            streamed.experts.costs = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0)
+        got = streamed.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
+        report = streamed.report()
+    assert got == want
+    on_host, copied = report.experts["host_computed"], report.tiers["experts device"].misses
+    assert (on_host > 0) == (compute != "device") and (copied > 0) == (compute != "host")
+    print(f"\ncuda qwen3_moe, compute {compute}: tokens identical; {on_host} experts on the CPU, {copied} copied")

@@ -51,18 +51,19 @@ def h2d_gbps(device: torch.device, pinned: bool, nbytes: int, repeats: int = 5) 
 
 
 def cpu_linear_gbps(tokens: int, dtype: torch.dtype, rows: int = 4096, cols: int = 1024,
-                    repeats: int = 7) -> float:
-    """Weight bytes per second of torch's CPU `linear` over `tokens` tokens and a (rows, cols) matrix of `dtype`
-    (8 MB in bf16, about an expert's matrix), with torch's threads: what computing an expert on the host costs."""
-    weight = torch.randn(rows, cols).to(dtype)
-    inputs = torch.randn(tokens, cols).to(dtype)
-    torch.nn.functional.linear(inputs, weight)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+                    total_bytes: int = 512 * 2**20) -> float:
+    """Weight bytes per second of torch's CPU `linear` over `tokens` tokens and (rows, cols) matrices of `dtype`
+    (8 MB in bf16, about an expert's matrix), with torch's threads: what computing an expert on the host costs.
+    Each call reads another matrix of `total_bytes` of them, more than a CPU cache holds, as experts come from
+    RAM (a matrix read again from the cache would run several times faster than any expert does)."""
+    matrix_bytes = rows * cols * dtype.itemsize
+    weights = torch.full((max(2, total_bytes // matrix_bytes), rows, cols), 0.01, dtype=dtype)
+    inputs = torch.full((tokens, cols), 0.5, dtype=dtype)
+    torch.nn.functional.linear(inputs, weights[0])
+    start = time.perf_counter()
+    for weight in weights:
         torch.nn.functional.linear(inputs, weight)
-        times.append(time.perf_counter() - start)
-    return weight.numel() * weight.element_size() / sorted(times)[len(times) // 2] / 1e9
+    return weights.numel() * dtype.itemsize / (time.perf_counter() - start) / 1e9
 
 
 def _disk_gbps(directory: str, nbytes: int, threads: int, unit_bytes: int) -> float:

@@ -42,7 +42,8 @@ def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Map
     """The experts' store over the expert units' `layouts` (device slots, host RAM, disk, as `plan` says) and
     the runner using it."""
     pool = SlotPool(transfer.allocate_device(plan.device_slots * plan.expert_bytes), plan.expert_bytes)
-    store = TieredStore(source, dict(layouts), plan.store_plan(), transfer, reader_threads=reader_threads,
+    keys = [key for group in groups for key in group.keys]
+    store = TieredStore(source, dict(layouts), plan.store_plan(keys), transfer, reader_threads=reader_threads,
                         on_event=on_event, device_pool=pool)
     return ExpertRunner(groups, store, pool, dense, plan.prefetch, plan.device_policy if plan.choose_policy else None,
                         plan.compute, plan.costs)
