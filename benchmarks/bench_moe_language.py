@@ -28,7 +28,7 @@ EXPERTS, TOP_K, FACTOR, LAYERS = 128, 8, 2, 30
 PROMPTS = [QUESTION, "What is the capital of France? Answer in two sentences.",
            "Write a short poem about the sea."]
 BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB")}
-MODES = {"4GB": "device,auto,host", "8GB": "device,auto", "all": "auto", "draft": "auto"}
+MODES = {"4GB": "device,auto,host", "8GB": "device,auto", "all": "device", "draft": "auto"}
 
 
 def upcycle(gguf: str, out_dir: str, experts: int = EXPERTS, top_k: int = TOP_K, factor: int = FACTOR) -> None:
@@ -195,7 +195,7 @@ def main() -> None:
     with open(os.path.join(args.out, "moe_language_log.txt"), "a") as log:
         for row in args.rows.split(","):
             results[row] = run_child(["--row", row, "--gguf", args.gguf, "--model", args.model, "--cache", args.cache,
-                                      "--tokens", str(args.tokens)], log, script=__file__)
+                                      "--tokens", str(args.tokens), "--out", args.out], log, script=__file__)
             with open(saved, "w") as handle:
                 json.dump({**results, "probe": probe}, handle, indent=1)
             print(row, "done", flush=True)

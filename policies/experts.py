@@ -19,6 +19,9 @@ from .eviction import Key
 from .registry import make_eviction
 
 EXPERT_POLICIES = ("lfu", "lru", "fifo")
+# A layer call that computes any expert on the host pays this once: the hidden state and routing weights read
+# back, the CPU's sum copied over and added (measured on an H200 host: about half a millisecond).
+HOST_CALL_S = 0.5e-3
 COMPUTE_MODES = ("device", "host")  # where a missed expert is computed, besides auto (the cost model decides)
 DEFAULT_EXPERT_POLICY = "lfu"  # popularity is skewed on real models; the decay follows it as the text moves on
 
@@ -32,6 +35,7 @@ class ExpertCosts:
     link_gbps: float
     host_gbps: float
     host_gbps_32: float
+    host_call_s: float = HOST_CALL_S
 
     def copy_s(self, nbytes: int) -> float:
         return nbytes / (self.link_gbps * 1e9)
@@ -40,6 +44,13 @@ class ExpertCosts:
         one = nbytes / (self.host_gbps * 1e9)
         per_token = max(nbytes / (self.host_gbps_32 * 1e9) - one, 0.0) / 31
         return one + per_token * (tokens - 1)
+
+    def observed(self, nbytes: int, seconds: float) -> ExpertCosts:
+        """These costs with the one-token CPU rate moved toward one measured in the run (`nbytes` of experts at
+        a token or two each, computed in `seconds`): under a run's load (the link's copies reading the same RAM,
+        the loop's own threads) the CPU may well be slower than the probe found it."""
+        rate = nbytes / seconds / 1e9
+        return dataclasses.replace(self, host_gbps=0.8 * self.host_gbps + 0.2 * rate)
 
 
 def split_misses(tokens: Mapping[int, int], nbytes: int, costs: ExpertCosts,
@@ -52,7 +63,7 @@ def split_misses(tokens: Mapping[int, int], nbytes: int, costs: ExpertCosts,
     copy_each = costs.copy_s(nbytes)
     link_s, host_s, chosen = copy_each * len(order), 0.0, []
     for expert in order:
-        cost = costs.host_s(nbytes, tokens[expert])
+        cost = costs.host_s(nbytes, tokens[expert]) + (0.0 if chosen else costs.host_call_s)
         if max(host_s + cost, link_s - copy_each) >= max(host_s, link_s):
             break
         chosen.append(expert)

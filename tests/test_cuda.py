@@ -259,12 +259,14 @@ def test_moe_missed_experts_copied_or_computed_on_the_cpu_give_transformers_toke
     model, directory = _saved("qwen3_moe", tmp_path)
     want = _reference(model, new_tokens=12)
     config = _config(str(tmp_path), compute="device" if compute == "split" else compute, prefetch="none")
-    config["runtime"].update(device="cuda", device_reserve="64MB")  # a tiny model's activations: far less
-    budget = _streaming_budget(directory, config)
+    budget = _streaming_budget(directory, config)  # planned as on a CPU, plus a fixed reserve on the GPU
+    reserve = 64 * 2**20  # a tiny model's activations and KV cache need far less
+    config["runtime"].update(device="cuda", device_reserve=reserve)
+    budget = tierstore.Budget(vram=budget.vram + reserve, ram=budget.ram)
     with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float32) as streamed:
         if compute == "split":
             streamed.experts.compute = "auto"
-            streamed.experts.costs = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0)
+            streamed.experts.costs = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0, host_call_s=0.0)
         got = streamed.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
         report = streamed.report()
     assert got == want

@@ -387,6 +387,8 @@ def test_the_cost_model_gives_the_cpu_the_cheap_cold_misses_while_that_shortens_
     even = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0)
     one_token = {expert: 1 for expert in range(8)}
     assert len(split_misses(one_token, 10**7, even)) == 4  # as fast as the link: half each
+    # the host's fixed cost per layer call (reading the hidden state back, the sum's trip) keeps small misses copied
+    assert split_misses({0: 1, 1: 1}, 10**6, even) == []
     slow_cpu = ExpertCosts(link_gbps=50.0, host_gbps=5.0, host_gbps_32=5.0)
     assert split_misses(one_token, 10**7, slow_cpu) == []  # one host expert takes longer than all the copies
     assert len(split_misses(one_token, 10**7, ExpertCosts(10.0, 30.0, 30.0))) == 6  # a faster CPU takes more
@@ -409,7 +411,7 @@ def test_misses_split_between_copies_and_the_cpu_give_the_same_tokens(tmp_path):
     budget = _streaming_budget(directory, config)
     with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
         streamed.experts.compute = "auto"  # on a CPU the plan's auto is host: force the split
-        streamed.experts.costs = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0)
+        streamed.experts.costs = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0, host_call_s=0.0)
         got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
         report = streamed.report()
     assert got == want

@@ -33,7 +33,7 @@ from ...units import TensorSlot, UnitLayout, UnitSource
 from ..loading.skeleton import ExpertGroup
 from .host_experts import computes_on_host, host_outputs
 
-MAX_GROUPS = 1024  # torch's grouped_mm takes at most 1024 groups; the slots are the kernel's groups
+MAX_GROUPS = 1023  # torch's grouped_mm takes fewer than 1024 groups on a GPU; the slots are the kernel's groups
 
 
 def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Mapping[str, UnitLayout],
@@ -44,7 +44,7 @@ def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Map
     pool = SlotPool(transfer.allocate_device(plan.device_slots * plan.expert_bytes), plan.expert_bytes)
     keys = [key for group in groups for key in group.keys]
     store = TieredStore(source, dict(layouts), plan.store_plan(keys), transfer, reader_threads=reader_threads,
-                        on_event=on_event, device_pool=pool)
+                        on_event=on_event, device_pool=pool, copy_inline=True)
     return ExpertRunner(groups, store, pool, dense, plan.prefetch, plan.device_policy if plan.choose_policy else None,
                         plan.compute, plan.costs)
 
@@ -284,7 +284,10 @@ class ExpertRunner:
             total = host_outputs(group.module, experts, weights, routed, top_k, hidden, routing_weights)
         finally:
             self.store.release_host_many(keys)
-        self.stats.host_s += time.perf_counter() - start_s
+        elapsed_s = time.perf_counter() - start_s
+        self.stats.host_s += elapsed_s
+        if self.costs is not None and len(routed) <= 2 * top_k:  # one or two tokens: the one-token rate, as run
+            self.costs = self.costs.observed(len(experts) * self._expert_bytes, elapsed_s)
         self.stats.host_computed += len(experts)
         self.stats.host_bytes += len(experts) * self._expert_bytes
         if self._device.type == "cuda":
