@@ -223,12 +223,14 @@ def print_table(results: dict, probe: dict, card: str) -> None:
                 experts = got.get("experts") or {}
                 spec = got.get("speculation") or {}
                 same = "-" if number >= len(resident) else _same(got["tokens"], resident[number]["tokens"])
-                print(f"| {name} | {mode} | {number} | {step:.4f} | {fmt(base and step / base, '{:.2f}')} | "
-                      f"{fmt(experts.get('h2d_bytes_per_pass') and experts['h2d_bytes_per_pass'] / 1e9, '{:.2f} GB')}"
-                      f" | {fmt(experts.get('host_computed_per_pass'), '{:.1f}')} | {fmt(experts.get('cpu_gbps'), '{:.1f}')}"
-                      f" | {fmt(experts.get('host_work_s_per_call'), '{:.2e}')} | {fmt(got.get('slot_hit_rate'), '{:.1%}')}"
-                      f" | {fmt(spec.get('tokens_per_pass'), '{:.1f}')} | {same} | "
-                      f"{fmt((got.get('margin') or {}).get('top2_gap'), '{:.4f}')} |")
+                copied = experts.get("h2d_bytes_per_pass")
+                cells = [name, mode, number, f"{step:.4f}", fmt(base and step / base, "{:.2f}"),
+                         fmt(copied and copied / 1e9, "{:.2f} GB"),
+                         fmt(experts.get("host_computed_per_pass"), "{:.1f}"),
+                         fmt(experts.get("cpu_gbps"), "{:.1f}"), fmt(experts.get("host_work_s_per_call"), "{:.2e}"),
+                         fmt(got.get("slot_hit_rate"), "{:.1%}"), fmt(spec.get("tokens_per_pass"), "{:.1f}"), same,
+                         fmt((got.get("margin") or {}).get("top2_gap"), "{:.4f}")]
+                print("| " + " | ".join(map(str, cells)) + " |")
 
 
 def _same(tokens: list[int], reference: list[int]) -> str:

@@ -37,7 +37,8 @@ def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def host_outputs(module: nn.Module, experts: Sequence[int], weights: Sequence[Mapping[str, torch.Tensor]],
-                 routed: Sequence[int], top_k: int, hidden: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+                 routed: Sequence[int], top_k: int, hidden: torch.Tensor,
+                 routing_weights: torch.Tensor) -> torch.Tensor:
     """The summed outputs (tokens, hidden) in float32 of `experts`, each from its `weights`, for the tokens routed
     to them: `routed` is the routing token-major (top_k per token); `hidden` and `routing_weights` are on the CPU."""
     total = torch.zeros(hidden.shape, dtype=torch.float32)
