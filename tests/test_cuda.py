@@ -260,7 +260,7 @@ def test_moe_missed_experts_copied_or_computed_on_the_cpu_give_transformers_toke
     want = _reference(model, new_tokens=12)
     config = _config(str(tmp_path), compute="device" if compute == "split" else compute, prefetch="none")
     budget = _streaming_budget(directory, config)  # planned as on a CPU, plus a fixed reserve on the GPU
-    reserve = 64 * 2**20  # a tiny model's activations and KV cache need far less
+    reserve = 512 * 2**20  # room for activations and the KV cache as the GPU plans them (64 MB was refused)
     config["runtime"].update(device="cuda", device_reserve=reserve)
     budget = tierstore.Budget(vram=budget.vram + reserve, ram=budget.ram)
     with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float32) as streamed:
