@@ -160,6 +160,27 @@ def test_depth_policy_drafts_deeper_when_passes_cost_more():
     assert next(d for d in range(1, 40) if not bad.extend(d)) < depth["dear"]
 
 
+def test_a_verify_pass_that_grows_with_the_tree_stops_the_tree_earlier():
+    """A mixture-of-experts target: each node costs its routed experts. Fed passes whose time grows with their
+    size, the policy fits that growth and stops where tokens per second peak; with flat passes it drafts as deep as
+    the flat rule does."""
+    flat, growing = DepthPolicy(growing_pass=True), DepthPolicy(growing_pass=True)
+    plain = DepthPolicy()
+    for nodes in (8, 40, 80, 160, 240) * 2:
+        flat.observe(pass_s=0.5, step_s=0.005, accepted=9, trials=10, nodes=nodes)
+        plain.observe(pass_s=0.5, step_s=0.005, accepted=9, trials=10, nodes=nodes)
+        growing.observe(pass_s=0.1 + 0.004 * nodes, step_s=0.005, accepted=9, trials=10, nodes=nodes)
+    assert growing.verify_s(200) == pytest.approx(0.9, rel=1e-6)
+    assert flat.verify_s(200) == pytest.approx(flat.verify_s(10))  # no growth seen: the mean
+    width = 8
+
+    def depth(policy):
+        return next(d for d in range(1, 40) if not policy.extend(d, d * width, width))
+
+    assert depth(flat) == depth(plain)
+    assert depth(growing) < depth(flat)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("draft", ["ngram", "self", "int8"])
 def test_smollm2_greedy_with_drafts_equals_transformers(draft, smollm2_store, smollm2_reference, tmp_path_factory):

@@ -166,7 +166,7 @@ class ModelDraft:
             self.steps += 1
             self.step_s += time.perf_counter() - start_s
             depth += 1
-            if not level or depth >= max_depth or not self.policy.extend(depth):
+            if not level or depth >= max_depth or not self.policy.extend(depth, len(tree) - 1, len(level)):
                 break
             start_s = time.perf_counter()
             writes = [self._cached + len(self._fed) + i for i in range(len(level))]

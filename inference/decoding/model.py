@@ -122,8 +122,10 @@ class TierstoreModel:
         self._closed = False
         self._speculation: SpeculationStats | None = None
         self._max_depth = self.config.speculation.depth or DEFAULT_MAX_DEPTH
-        # learns pass and draft-step costs across calls; a configured depth is drafted every pass
-        self._depth_policy = DepthPolicy(self._max_depth, fixed=self.config.speculation.depth is not None)
+        # learns pass and draft-step costs across calls; a configured depth is drafted every pass. A target whose
+        # routed experts are fetched as picked verifies a larger tree at a higher cost: the policy fits that cost.
+        self._depth_policy = DepthPolicy(self._max_depth, fixed=self.config.speculation.depth is not None,
+                                         growing_pass=self.experts is not None)
 
     @property
     def max_context(self) -> int | None:

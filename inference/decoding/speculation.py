@@ -89,7 +89,7 @@ def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: i
         if draft.policy is not None:
             steps = max(draft.steps - stats.draft_steps, 0)
             draft.policy.observe(verify_s, (verify_start_s - start_s) / steps if steps else None,
-                                 len(path) - 1, trials)
+                                 len(path) - 1, trials, len(tree) - 1)
         stats.draft_steps = draft.steps
         draft.accepted(tree, path)
         for index, token in enumerate(new):  # stop at the end of sequence, as generate does
