@@ -106,7 +106,8 @@ def experts_input(units: Units, cfg: Config, device: torch.device) -> ExpertsInp
 
 def expert_costs(probe: Mapping[str, float], device: torch.device, dtype: torch.dtype) -> ExpertCosts:
     """The rates missed experts are split by: the probe's (`tierstore probe`), each one not there measured now
-    (about a tenth of a second)."""
+    (the CPU's two rates read 512 MB of matrices each: a fraction of a second on a server's cores, about two
+    seconds on two slow ones)."""
     link = probe.get("h2d_pinned_gbps") or h2d_gbps(device, pinned=True, nbytes=64 * 2**20, repeats=3)
     one = probe.get("cpu_linear_gbps") or cpu_linear_gbps(1, dtype)
     many = probe.get("cpu_linear_gbps_32") or cpu_linear_gbps(32, dtype)

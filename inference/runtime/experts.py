@@ -229,8 +229,10 @@ class ExpertRunner:
             return set()
         keys = self.groups[index].keys
         missed = [expert for expert in experts if not self.store.on_device(keys[expert])]
-        if self.compute == "host" or not missed or self.costs is None:
-            return set(missed) if self.compute == "host" else set()
+        if self.compute == "host":
+            return set(missed)
+        if not missed or self.costs is None:
+            return set()
         wanted = set(missed)
         tokens = Counter(expert for expert in routed if expert in wanted)
         heat = {expert: self.stats.counts.get((index, expert), 0) for expert in missed}
@@ -281,7 +283,8 @@ class ExpertRunner:
         start_s = time.perf_counter()
         try:
             weights = [{attr: tensor for (attr, _), tensor in zip(group.attrs, unit.values())} for unit in tensors]
-            total = host_outputs(group.module, experts, weights, routed, top_k, hidden, routing_weights)
+            total = host_outputs(group.module, experts, weights, routed, top_k, hidden, routing_weights,
+                                 pin_memory=self._device.type == "cuda")
         finally:
             self.store.release_host_many(keys)
         elapsed_s = time.perf_counter() - start_s
@@ -290,8 +293,6 @@ class ExpertRunner:
             self.costs = self.costs.observed(len(experts) * self._expert_bytes, elapsed_s)
         self.stats.host_computed += len(experts)
         self.stats.host_bytes += len(experts) * self._expert_bytes
-        if self._device.type == "cuda":
-            total = total.pin_memory()
         return total.to(self._device, non_blocking=True)
 
     def _count(self, index: int, routed: list[int], predicted: list[int]) -> None:

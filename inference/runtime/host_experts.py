@@ -37,11 +37,12 @@ def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def host_outputs(module: nn.Module, experts: Sequence[int], weights: Sequence[Mapping[str, torch.Tensor]],
-                 routed: Sequence[int], top_k: int, hidden: torch.Tensor,
-                 routing_weights: torch.Tensor) -> torch.Tensor:
+                 routed: Sequence[int], top_k: int, hidden: torch.Tensor, routing_weights: torch.Tensor,
+                 pin_memory: bool = False) -> torch.Tensor:
     """The summed outputs (tokens, hidden) in float32 of `experts`, each from its `weights`, for the tokens routed
-    to them: `routed` is the routing token-major (top_k per token); `hidden` and `routing_weights` are on the CPU."""
-    total = torch.zeros(hidden.shape, dtype=torch.float32)
+    to them: `routed` is the routing token-major (top_k per token); `hidden` and `routing_weights` are on the CPU.
+    `pin_memory`: the sum is made in pinned memory, so that its copy to a GPU does not wait for the host."""
+    total = torch.zeros(hidden.shape, dtype=torch.float32, pin_memory=pin_memory)
     rows: dict[int, tuple[list[int], list[int]]] = {expert: ([], []) for expert in experts}
     for position, expert in enumerate(routed):
         if expert in rows:
