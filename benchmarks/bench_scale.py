@@ -38,15 +38,15 @@ SHAPES = {  # model type, config fields
 WEIGHT_STD = 0.02
 
 
-def model_config(shape: str):
+def model_config(shape: str, context: int = 4096):
     from transformers import AutoConfig
 
     model_type, fields = SHAPES[shape]
-    return AutoConfig.for_model(model_type, **fields, max_position_embeddings=4096, tie_word_embeddings=False,
+    return AutoConfig.for_model(model_type, **fields, max_position_embeddings=context, tie_word_embeddings=False,
                                 dtype="bfloat16")
 
 
-def write_random_store(store: str, shape: str, codec: str, device: str) -> dict:
+def write_random_store(store: str, shape: str, codec: str, device: str, context: int = 4096) -> dict:
     """The store of `shape` with random weights made on `device` unit by unit (seeded by the unit's key, so a
     resumed write makes the same bytes); returns the seconds it took and its bytes on disk."""
     import torch
@@ -54,7 +54,7 @@ def write_random_store(store: str, shape: str, codec: str, device: str) -> dict:
     from tierstore.compression import Codec
     from tierstore.inference.loading.store_writer import write_store
 
-    config = model_config(shape)
+    config = model_config(shape, context)
     with torch.device("meta"):
         from transformers import AutoModelForCausalLM
         shapes = {name: tuple(p.shape) for name, p in AutoModelForCausalLM.from_config(config).named_parameters()}

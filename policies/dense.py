@@ -97,7 +97,7 @@ def reserve_text(reserve_bytes: int, parts: Sequence[tuple[str, int]]) -> str:
     return f"{format_size(reserve_bytes)}: {format_size(kept)} for activations and KV cache, {named}"
 
 
-def _slot_bytes(streamed: Sequence[UnitInfo], depth: int) -> int:
+def slot_bytes(streamed: Sequence[UnitInfo], depth: int) -> int:
     """Room to stream: the unit being computed plus `depth` prefetched ones, as `depth + 1` of the others, or the
     largest alone. A unit much larger than the rest (a 72B model's 2.5 GB output layer beside 0.5 GB layers) then
     has room to itself without cutting every unit's prefetch: the store holds prefetches back while there is no
@@ -132,7 +132,7 @@ def _choose_resident(units: Sequence[UnitInfo], budget_bytes: int, depth: int,
     resident_bytes = 0
     for unit in ranked:
         streamed = [u for u in units if u not in resident and u is not unit]
-        if resident_bytes + unit.nbytes + _slot_bytes(streamed, depth) <= budget_bytes:
+        if resident_bytes + unit.nbytes + slot_bytes(streamed, depth) <= budget_bytes:
             resident.append(unit)
             resident_bytes += unit.nbytes
     return resident
@@ -154,7 +154,7 @@ def _fit(tier: str, units: Sequence[UnitInfo], budget_bytes: int, depth: int,
     for tried in range(depth, -1, -1):
         resident = _choose_resident(units, budget_bytes, tried, order)
         streamed = [u for u in units if u not in resident]
-        if sum(u.nbytes for u in resident) + _slot_bytes(streamed, tried) <= budget_bytes:
+        if sum(u.nbytes for u in resident) + slot_bytes(streamed, tried) <= budget_bytes:
             return tried, resident
     return 0, []
 
@@ -181,7 +181,7 @@ def _place_in_host(units: list[UnitInfo], through_host: list[UnitInfo], device_r
     is first loaded, so the tier must hold the largest; when all streamed units fit beside one device-resident
     unit in transit, they all stay; else the resident set and the disk read-ahead depth that fit."""
     _check_fits("host", units, host_bytes)
-    if sum(u.nbytes for u in through_host) + _slot_bytes(device_resident, 0) <= host_bytes:
+    if sum(u.nbytes for u in through_host) + slot_bytes(device_resident, 0) <= host_bytes:
         return 0, through_host  # nothing is read from disk twice: no read-ahead depth
     host_depth, resident = _fit("host", through_host or units, host_bytes, depth, order)
     return host_depth, [u for u in resident if u in through_host]
@@ -232,8 +232,8 @@ def make_dense_plan(data: PlanInput) -> Plan:
         host_budget_bytes=data.host_budget_bytes,
         device_reserve_bytes=data.device_reserve_bytes,
         device_weights_bytes=device_weights,
-        device_slot_bytes=_slot_bytes(through_host, depth),
-        host_slot_bytes=_slot_bytes(from_disk or device_resident, host_depth),
+        device_slot_bytes=slot_bytes(through_host, depth),
+        host_slot_bytes=slot_bytes(from_disk or device_resident, host_depth),
         h2d_bytes_per_pass=h2d_bytes,
         disk_bytes_per_pass=disk_bytes,
         predicted=predict_pass(h2d_bytes, disk_bytes, data),

@@ -167,6 +167,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                      "where a GPU run's KV cache lives: auto = in the device reserve when the device budget holds it "
                      "beside the weights, else in host RAM (streamed a layer ahead); device; host (more of the "
                      "device budget for weights)"),
+        "prefill_chunk": (_int_or_auto(1), AUTO,
+                          "prompt tokens fed per weight pass; auto = the whole prompt while its activations are small, "
+                          "else chunks as large as the device budget holds beside the KV cache"),
         "cache_dir": (_path, "~/.cache/tierstore", "where converted layer stores are written"),
         "trace": (_file_or_none, "", "write a timeline of reads, copies, compute and stalls here (Chrome trace "
                                      "JSON, for Perfetto or `tierstore plot`); \"\" = no trace"),

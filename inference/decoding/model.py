@@ -29,7 +29,11 @@ from ...store import TieredStore
 from ...trace import TOKENS, Tracer
 from ..placement.budgets import DraftCost
 from ..placement.kv import KVBudget, device_shares
+from ..placement.prefill import plan_prefill
+from ..runtime.chunk_attention import takes_lower_right
+from ..runtime.reserved_cache import reserved_cache
 from ..runtime.experts import ExpertRunner
+from .prefill import prefill
 from .speculation import SpeculationStats
 
 log = logging.getLogger(__name__)
@@ -159,11 +163,13 @@ class TierstoreModel:
             self.tracer.anchor()
         if self.draft is not None:
             return self._speculate(input_ids, kwargs, notes)
-        if self.kv_on_host and "past_key_values" not in kwargs:
-            kwargs["past_key_values"] = self.new_kv_cache()
         if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         clock = _StepClock(self.tracer)
+        if "past_key_values" not in kwargs:
+            cache = self._prefill_chunks(input_ids, kwargs.get("attention_mask"), total, notes)
+            if cache is not None:
+                kwargs["past_key_values"] = cache
         processors = list(kwargs.pop("logits_processor", None) or [])
         from transformers import LogitsProcessorList
         with quiet_forward():
@@ -172,6 +178,46 @@ class TierstoreModel:
         self._record(clock, decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls),
                      batch_size=input_ids.shape[0], notes=notes)
         return out
+
+    def _prefill_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, total_tokens: int,
+                        notes: list[str]) -> Any:
+        """The cache generate starts from (None: transformers makes its own). When one pass over the prompt would
+        not fit the device budget (`plan_prefill`), all but its last token are fed into that cache here in chunks,
+        under a plan that gives the chunks the room, and the decode plan comes back after; generate feeds the last
+        token. On the device that cache is written in place (`reserved_cache`, room for `total_tokens`). A model
+        whose cache is not transformers' DynamicCache runs its prompt in one pass."""
+        cache = self.new_kv_cache()
+        prompt = input_ids.shape[1] - 1
+        masked = (attention_mask is not None and not bool(attention_mask.all())) or \
+            not takes_lower_right(self.model.config, prompt)
+        try:
+            chunked = plan_prefill(self.kv_budget, self.plan, prompt, input_ids.shape[0], masked,
+                                   self.config.runtime.prefill_chunk)
+        except BudgetError as exc:
+            raise InputError(f"a prompt of {prompt + 1} tokens cannot be fed within the device budget: {exc}; "
+                             f"shorten it or raise --vram") from exc
+        if chunked.chunk_tokens >= prompt or (cache is None and not self._plain_cache()):
+            return cache
+        if cache is None:
+            cache = reserved_cache(self.model.config, total_tokens)
+        decode_plan = self.plan
+        if chunked.plan is not None:
+            self.store.replan(chunked.plan)
+            self.plan = chunked.plan
+        try:
+            with quiet_forward():
+                prefill(self.model, input_ids, cache, chunked.chunk_tokens, attention_mask, stop=prompt)
+        finally:
+            if chunked.plan is not None:
+                self.store.replan(decode_plan)
+                self.plan = decode_plan
+        notes.extend([chunked.note] if chunked.note else [])
+        return cache
+
+    def _plain_cache(self) -> bool:
+        """Whether transformers would give this model its DynamicCache (not a static, quantized or model-made one)."""
+        return self.model._supports_default_dynamic_cache() and \
+            getattr(self.model.generation_config, "cache_implementation", None) is None
 
     def _check_input(self, input_ids: Any) -> None:
         """Refuse what would fail deep inside the model: a closed model, no tokens, ids outside the vocabulary."""

@@ -66,12 +66,17 @@ class KVBudget:
         needed = self.reserve_bytes(cache_tokens)
         if needed <= plan.device_reserve_bytes:
             return None
+        return self.reserved_plan(plan, needed, self.reserve_parts(cache_tokens))
+
+    def reserved_plan(self, plan: Plan, reserve_bytes: int, parts: tuple[tuple[str, int], ...]) -> Plan:
+        """`plan` re-made with a device reserve of `reserve_bytes` holding the named `parts` (and the KV cache
+        and activations); BudgetError when the budget leaves the weights no room beside it."""
         experts = plan.experts
         slots = experts.device_slots * experts.expert_bytes if experts is not None else 0
         # the experts' device slots are allocated once: the dense units make room around them
-        wanted = dataclasses.replace(self.plan_input, device_reserve_bytes=needed, experts=None,
-                                     reserve_parts=self.reserve_parts(cache_tokens))
-        replanned = make_plan(dataclasses.replace(wanted, device_reserve_bytes=needed + slots))
+        wanted = dataclasses.replace(self.plan_input, device_reserve_bytes=reserve_bytes, experts=None,
+                                     reserve_parts=parts)
+        replanned = make_plan(dataclasses.replace(wanted, device_reserve_bytes=reserve_bytes + slots))
         return with_experts(replanned, experts, wanted) if experts is not None else replanned
 
     def placement(self, plan: Plan, cache_tokens: int) -> tuple[bool, Plan | None]:

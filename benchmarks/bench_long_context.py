@@ -1,0 +1,103 @@
+"""Long prompts within a 4 GB budget: Qwen2.5-7B's shape (bf16, context 131,072, random weights), one process
+per row, each row's peak reserved VRAM (torch's, allocator cache included) beside its budget.
+
+Rows are prompt tokens; `+whole` runs the prompt in one pass (runtime.prefill_chunk larger than the prompt: what
+tierstore did before chunked prefill). One device-tool call on nvidia-h200:
+    python benchmarks/bench_long_context.py --out $OUT --rows 1024 8192 32000 32000+whole 131000
+The store is written once under --work (15.2 GB, as bench_scale.py writes it); --shape tiny checks the script on
+a CPU. Decode runs --tokens steps; the plan's bound for a step counts the weights and KV cache bytes it moves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from bench_scale import write_random_store
+from common import vm_hwm_bytes
+
+CONTEXT = 131072
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    import tierstore
+
+    tokens, *flags = args.row.split("+")
+    prompt = int(tokens)
+    runtime = {"cache_dir": args.cache, **({"prefill_chunk": prompt + 1} if "whole" in flags else {})}
+    model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
+                                                config={"runtime": runtime})
+    model.warm_up()
+    vocab = model.model.config.get_text_config().vocab_size
+    ids = torch.randint(100, vocab, (1, prompt), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False)
+    wall_s = time.perf_counter() - start
+    report = model.report().to_dict()
+    timing = report["timing"]
+    cuda = torch.cuda.is_available()
+    result = {"prompt": prompt, "prefill_s": timing["prefill_s"], "decode_s_per_token": timing["decode_step_s"],
+              "wall_s": wall_s, "notes": report["notes"], "plan_notes": report["plan"]["notes"],
+              "h2d_bytes_per_pass": report["plan"]["h2d_bytes_per_pass"], "predicted": report["plan"]["predicted"],
+              "tokens": out[0, prompt:].tolist(), "peak_rss": vm_hwm_bytes(),
+              "peak_vram_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
+              "peak_vram_allocated": torch.cuda.max_memory_allocated() if cuda else 0}
+    model.close()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--row")
+    parser.add_argument("--store")
+    parser.add_argument("--rows", nargs="+", default=["1024", "8192", "32000", "32000+whole", "131000"])
+    parser.add_argument("--shape", default="7b")
+    parser.add_argument("--vram", default="4GB")
+    parser.add_argument("--ram", default="64GB")
+    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--work", default="/tmp/tierstore-long")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    args.cache = os.path.join(args.work, "cache")
+    if args.child:
+        child(args)
+        return
+    import subprocess
+    import sys
+
+    import torch
+
+    from tierstore.probe import run_probe
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(args.out, exist_ok=True)
+    store = os.path.join(args.work, f"{args.shape}-long")
+    probe = run_probe(args.cache, torch.device(device), disk_nbytes=2 * 2**30 if device == "cuda" else 64 * 2**20)
+    print("probe", json.dumps(probe), flush=True)
+    written = write_random_store(store, args.shape, "none", device, context=CONTEXT)
+    print(f"store {store}: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
+    results = {"probe": probe, "store": written, "vram": args.vram, "ram": args.ram, "rows": {}}
+    for row in args.rows:
+        argv = [sys.executable, __file__, "--child", "--row", row, "--store", store, "--vram", args.vram, "--ram",
+                args.ram, "--tokens", str(args.tokens), "--work", args.work]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        r = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
+        results["rows"][row] = r
+        with open(os.path.join(args.out, "long_context.json"), "w") as handle:
+            json.dump(results, handle, indent=1)
+        if "error" in r:
+            print(f"{row}: error {r['error']}", flush=True)
+            continue
+        step = r["predicted"].get("step_s")
+        print(f"{row}: peak reserved {r['peak_vram_reserved'] / 1e9:.2f} GB (budget {args.vram}), prefill "
+              f"{r['prefill_s']:.2f} s, decode {r['decode_s_per_token']:.3f} s/token (plan's weight bound "
+              f"{step}), peak RSS {r['peak_rss'] / 1e9:.1f} GB; notes: {'; '.join(r['notes'])}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

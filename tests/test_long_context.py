@@ -1,0 +1,144 @@
+"""Long prompts within the budget: fed in chunks, they give transformers' own greedy tokens and logits."""
+import dataclasses
+
+import pytest
+import torch
+
+import tierstore
+from tierstore.errors import BudgetError
+from tierstore.inference.placement.prefill import activation_bytes_per_token, plan_prefill
+from tierstore.inference.runtime import chunk_attention
+from tierstore.policies.dense import slot_bytes
+from tierstore.policies.planner import make_plan
+
+PROMPT = torch.tensor([[(7 * i + 3) % 250 + 3 for i in range(61)]])
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts the chunk attention's calls that attended lower-right without a mask."""
+    calls = []
+    real = chunk_attention.causal_lower_right
+
+    def counted(*size):
+        calls.append(size)
+        return real(*size)
+    monkeypatch.setattr(chunk_attention, "causal_lower_right", counted)
+    return calls
+
+
+def _config(cache_config, chunk):
+    return {**cache_config, "runtime": {**cache_config["runtime"], "prefill_chunk": chunk}}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "mixtral"])
+@pytest.mark.parametrize("chunk", [1, 7, 16, 60])
+def test_chunked_prompt_gives_transformers_tokens(model_type, chunk, tiny_dirs, cache_config, attention_calls):
+    directory, reference = tiny_dirs(model_type)
+    want = reference.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    with tierstore.AutoModel.from_pretrained(directory, config=_config(cache_config, chunk)) as model:
+        got = model.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    assert got.tolist() == want.tolist()
+    chunks = -(-(PROMPT.shape[1] - 1) // chunk)
+    if chunks > 1 and chunk > 1:  # every chunk after the first attends lower-right, in each layer, without a mask
+        assert len(attention_calls) == (chunks - 1) * reference.config.num_hidden_layers
+        assert all(queries < keys for queries, keys in attention_calls)
+
+
+def test_sliding_window_chunks_keep_the_window(tiny_dirs, cache_config, attention_calls, tmp_path):
+    """A window shorter than the prompt: chunks across it still see only the window (transformers' mask)."""
+    from conftest import tiny_model
+
+    reference = tiny_model("mistral")
+    reference.config.sliding_window = 12
+    directory = tmp_path / "mistral-window"
+    reference.save_pretrained(directory)
+    assert not chunk_attention.takes_lower_right(reference.config, PROMPT.shape[1])
+    want = reference.generate(PROMPT, max_new_tokens=8, do_sample=False)
+    for chunk in (5, 16):
+        with tierstore.AutoModel.from_pretrained(str(directory), config=_config(cache_config, chunk)) as model:
+            assert model.generate(PROMPT, max_new_tokens=8, do_sample=False).tolist() == want.tolist()
+    assert attention_calls == []
+    full = reference.generate(PROMPT, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert full.tolist() == want.tolist()  # the window matters: transformers agrees with itself without a cache
+
+
+def test_chunked_logits_match_one_pass(tiny_dirs, cache_config):
+    from tierstore.inference.decoding.prefill import prefill
+    from transformers import DynamicCache
+
+    directory, reference = tiny_dirs("llama")
+    with torch.no_grad():
+        want = reference(PROMPT).logits[:, -1]
+    with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model:
+        cache = DynamicCache(config=model.model.config)
+        with torch.no_grad():
+            prefill(model.model, PROMPT, cache, 9, stop=PROMPT.shape[1] - 1)
+            got = model(PROMPT[:, -1:], past_key_values=cache).logits[:, -1]
+        assert cache.get_seq_length() == PROMPT.shape[1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_left_padded_batch_in_chunks_equals_each_alone(tiny_dirs, cache_config):
+    directory, reference = tiny_dirs("qwen2")
+    prompts = [PROMPT[0, :40].tolist(), PROMPT[0, 5:19].tolist(), PROMPT[0, :3].tolist()]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with tierstore.AutoModel.from_pretrained(directory, config=_config(cache_config, 6)) as model:
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for row, prompt in enumerate(prompts):
+        alone = reference.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert batch[row, width:].tolist() == alone[0, len(prompt):].tolist()
+
+
+def test_prefill_chunk_is_validated():
+    with pytest.raises(tierstore.ConfigError, match="runtime.prefill_chunk"):
+        tierstore.Config.from_dict({"runtime": {"prefill_chunk": 0}})
+
+
+def test_chunks_are_planned_within_the_device_budget(tiny_dirs, cache_config):
+    """On a GPU-like budget: a short prompt runs in one pass; a long one in chunks whose activations, the KV
+    cache's reserve and the weights' plan all fit the device budget; when the budget holds every weight beside the
+    chunks, they all stay resident."""
+    directory, reference = tiny_dirs("llama")
+    with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model:
+        gpu = dataclasses.replace(model.kv_budget, separate_device=True)
+        per_token = activation_bytes_per_token(reference.config, torch.float32, 0)
+        weights = sum(unit.nbytes for unit in gpu.plan_input.units)
+        assert plan_prefill(gpu, model.plan, 100, 1, False, None).chunk_tokens == 100
+        reserve, rows = 300 * 2**20, 2000  # a batch of 2000 rows: chunk activations far above the slack
+        streaming = reserve + slot_bytes(gpu.plan_input.units, 1) + 100 * rows * per_token
+        for device_bytes, all_resident in ((streaming, False), (reserve + weights + 2**30, True)):
+            planned_input = dataclasses.replace(gpu.plan_input, device_budget_bytes=device_bytes,
+                                                device_reserve_bytes=reserve)
+            plan = make_plan(planned_input)
+            budget = dataclasses.replace(gpu, plan_input=planned_input)
+            long = plan_prefill(budget, plan, 10**6, rows, False, None)
+            assert 64 <= long.chunk_tokens < 10**6 and long.plan is not None and "chunks of" in long.note
+            chunk_bytes = long.chunk_tokens * rows * per_token
+            assert long.plan.device_reserve_bytes == plan.device_reserve_bytes + chunk_bytes
+            assert long.plan.device_reserve_bytes + long.plan.device_weights_bytes <= device_bytes
+            assert (len(long.plan.device_resident) == len(gpu.plan_input.units)) == all_resident
+            masked = plan_prefill(budget, plan, 5000, rows, True, None)  # a mask row grows with the prompt
+            assert masked.chunk_tokens < plan_prefill(budget, plan, 5000, rows, False, None).chunk_tokens
+        with pytest.raises(BudgetError, match="activations take"):
+            plan_prefill(budget, plan, 10**6, rows, True, None)
+
+
+def test_reserved_cache_writes_in_place_and_survives_replacement():
+    from tierstore.inference.runtime.reserved_cache import ReservedLayer
+
+    layer = ReservedLayer(10)
+    chunks = [torch.randn(2, 3, n, 4) for n in (4, 5)]
+    for chunk in chunks:
+        keys, values = layer.update(chunk, -chunk)
+    buffer = layer._buffers[0]
+    assert keys.data_ptr() == buffer.data_ptr() and buffer.shape[-2] == 10
+    torch.testing.assert_close(keys, torch.cat(chunks, dim=-2))
+    layer.keys, layer.values = layer.keys[1:], layer.values[1:]  # rows selected: the next update copies them out
+    more = torch.randn(1, 3, 3, 4)  # past its capacity, too
+    keys, values = layer.update(more, -more)
+    torch.testing.assert_close(keys, torch.cat([chunks[0][1:], chunks[1][1:], more], dim=-2))
+    torch.testing.assert_close(values, -keys)
+    assert layer._buffers[0].shape[-2] > 12
