@@ -142,3 +142,48 @@ def test_reserved_cache_writes_in_place_and_survives_replacement():
     torch.testing.assert_close(keys, torch.cat([chunks[0][1:], chunks[1][1:], more], dim=-2))
     torch.testing.assert_close(values, -keys)
     assert layer._buffers[0].shape[-2] > 12
+
+
+def _prefix_config(cache_config, directory):
+    return {**cache_config, "runtime": {**cache_config["runtime"], "prefix_cache_dir": str(directory)}}
+
+
+def test_a_repeated_prefix_is_served_from_the_cache(tiny_dirs, cache_config, tmp_path):
+    """A second turn that starts with the first turn's prompt and answer skips their prefill (counted), with the
+    tokens transformers gives; a new process finds the entry on disk."""
+    directory, reference = tiny_dirs("llama")
+    config = _prefix_config(cache_config, tmp_path / "prefixes")
+    first = PROMPT[:, :40]
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        turn = model.generate(first, max_new_tokens=6, do_sample=False)
+        assert turn.tolist() == reference.generate(first, max_new_tokens=6, do_sample=False).tolist()
+        second = torch.cat([turn, PROMPT[:, 40:52]], dim=1)
+        got = model.generate(second, max_new_tokens=6, do_sample=False)
+        stats = model.prefix_cache().stats
+        assert stats.hits == 1 and stats.tokens_saved == turn.shape[1] - 1
+        assert any("prefix cache" in note for note in model.report().notes)
+    assert got.tolist() == reference.generate(second, max_new_tokens=6, do_sample=False).tolist()
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:  # from disk, in a new run
+        assert model.generate(second, max_new_tokens=6, do_sample=False).tolist() == got.tolist()
+        assert model.prefix_cache().stats.hits == 1 and model.prefix_cache().stats.refused == 0
+
+
+def test_a_corrupt_or_partial_prefix_entry_is_never_served(tiny_dirs, cache_config, tmp_path):
+    from tierstore.inference.runtime.prefix_cache import SUFFIX
+
+    directory, reference = tiny_dirs("llama")
+    store = tmp_path / "prefixes"
+    config = _prefix_config(cache_config, store)
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        model.generate(PROMPT[:, :40], max_new_tokens=4, do_sample=False)
+    (entry,) = [p for p in store.iterdir() if p.name.endswith(SUFFIX)]
+    data = bytearray(entry.read_bytes())
+    data[-5] ^= 0xFF  # a flipped byte in the last layer's values
+    entry.write_bytes(bytes(data))
+    (store / ".tmp-killed.kv.safetensors").write_bytes(bytes(data[:100]))  # a write a killed run left
+    want = reference.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        assert model.generate(PROMPT, max_new_tokens=4, do_sample=False).tolist() == want.tolist()
+        stats = model.prefix_cache().stats
+        assert stats.hits == 0 and stats.refused == 1
+    assert not (store / ".tmp-killed.kv.safetensors").exists() and not entry.exists()

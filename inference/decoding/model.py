@@ -31,6 +31,7 @@ from ..placement.budgets import DraftCost
 from ..placement.kv import KVBudget, device_shares
 from ..placement.prefill import plan_prefill
 from ..runtime.chunk_attention import takes_lower_right
+from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key
 from ..runtime.reserved_cache import reserved_cache
 from ..runtime.experts import ExpertRunner
 from .prefill import prefill
@@ -125,6 +126,7 @@ class TierstoreModel:
         self._notes: list[str] = []
         self._closed = False
         self._speculation: SpeculationStats | None = None
+        self._prefixes: PrefixCache | None = None  # opened on first use (`prefix_cache`)
         self._max_depth = self.config.speculation.depth or DEFAULT_MAX_DEPTH
         # learns pass and draft-step costs across calls; a configured depth is drafted every pass. A target whose
         # routed experts are fetched as picked verifies a larger tree at a higher cost: the policy fits that cost.
@@ -166,8 +168,9 @@ class TierstoreModel:
         if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         clock = _StepClock(self.tracer)
+        keep_prefix = False
         if "past_key_values" not in kwargs:
-            cache = self._prefill_chunks(input_ids, kwargs.get("attention_mask"), total, notes)
+            cache, keep_prefix = self._prefill_chunks(input_ids, kwargs.get("attention_mask"), total, notes)
             if cache is not None:
                 kwargs["past_key_values"] = cache
         processors = list(kwargs.pop("logits_processor", None) or [])
@@ -175,29 +178,46 @@ class TierstoreModel:
         with quiet_forward():
             out = self.model.generate(input_ids, logits_processor=LogitsProcessorList([*processors, clock]),
                                       **kwargs)
+        if keep_prefix:
+            self._keep_prefix(out, kwargs["past_key_values"])
         self._record(clock, decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls),
                      batch_size=input_ids.shape[0], notes=notes)
         return out
 
     def _prefill_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, total_tokens: int,
-                        notes: list[str]) -> Any:
-        """The cache generate starts from (None: transformers makes its own). When one pass over the prompt would
-        not fit the device budget (`plan_prefill`), all but its last token are fed into that cache here in chunks,
-        under a plan that gives the chunks the room, and the decode plan comes back after; generate feeds the last
-        token. On the device that cache is written in place (`reserved_cache`, room for `total_tokens`). A model
-        whose cache is not transformers' DynamicCache runs its prompt in one pass."""
+                        notes: list[str]) -> tuple[Any, bool]:
+        """The cache generate starts from (None: transformers makes its own), and whether to keep it as a prefix
+        after. A prompt that starts like a sequence in the prefix cache (`runtime.prefix_cache_dir`) starts from
+        that sequence's KV cache. When one pass over the rest would not fit the device budget (`plan_prefill`),
+        all but the last token are fed here in chunks, under a plan that gives the chunks the room, and the decode
+        plan comes back after; generate feeds what is left. On the device the cache is written in place
+        (`reserved_cache`, room for `total_tokens`). A model whose cache is not transformers' DynamicCache runs its
+        prompt in one pass."""
         cache = self.new_kv_cache()
         prompt = input_ids.shape[1] - 1
+        plain = cache is None and self._plain_cache()
+        prefixes = self.prefix_cache() if plain and input_ids.shape[0] == 1 else None
+        start = 0
+        if prefixes is not None:
+            cache = reserved_cache(self.model.config, total_tokens)
+            hit = prefixes.lookup(input_ids[0].tolist())
+            if hit is not None:
+                start, layers = hit
+                for index, (keys, values) in enumerate(layers):
+                    cache.layers[index].update(keys.to(self.device), values.to(self.device))
+                notes.append(f"prefix cache: {start} of the prompt's {prompt + 1} tokens reused")
+        if start >= prompt:
+            return cache, prefixes is not None  # all but the last token reused: generate feeds that one
         masked = (attention_mask is not None and not bool(attention_mask.all())) or \
             not takes_lower_right(self.model.config, prompt)
         try:
-            chunked = plan_prefill(self.kv_budget, self.plan, prompt, input_ids.shape[0], masked,
+            chunked = plan_prefill(self.kv_budget, self.plan, prompt - start, input_ids.shape[0], masked,
                                    self.config.runtime.prefill_chunk)
         except BudgetError as exc:
             raise InputError(f"a prompt of {prompt + 1} tokens cannot be fed within the device budget: {exc}; "
                              f"shorten it or raise --vram") from exc
-        if chunked.chunk_tokens >= prompt or (cache is None and not self._plain_cache()):
-            return cache
+        if (chunked.chunk_tokens >= prompt - start and not start) or (cache is None and not plain):
+            return cache, prefixes is not None  # one pass: generate's own (after a prefix, fed here maskless)
         if cache is None:
             cache = reserved_cache(self.model.config, total_tokens)
         decode_plan = self.plan
@@ -206,13 +226,37 @@ class TierstoreModel:
             self.plan = chunked.plan
         try:
             with quiet_forward():
-                prefill(self.model, input_ids, cache, chunked.chunk_tokens, attention_mask, stop=prompt)
+                prefill(self.model, input_ids, cache, chunked.chunk_tokens, attention_mask, start=start, stop=prompt)
         finally:
             if chunked.plan is not None:
                 self.store.replan(decode_plan)
                 self.plan = decode_plan
-        notes.extend([chunked.note] if chunked.note else [])
-        return cache
+            if self.device.type == "cuda":  # the chunks' blocks back to the GPU: the budget counts what is held
+                torch.cuda.empty_cache()
+        notes.extend([chunked.note] if chunked.note and chunked.chunk_tokens < prompt - start else [])
+        return cache, prefixes is not None
+
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache (`runtime.prefix_cache_dir`), opened on first use; None when none is configured."""
+        runtime = self.config.runtime
+        if self._prefixes is None and runtime.prefix_cache_dir is not None:
+            self._prefixes = self.open_prefix_cache()
+        return self._prefixes
+
+    def open_prefix_cache(self) -> PrefixCache:
+        """A prefix cache for this model as configured (a server opens one even without a directory)."""
+        runtime = self.config.runtime
+        key = model_key(self.model.config, self.model.dtype, self.store.layouts, self.config.compression)
+        return PrefixCache(key, runtime.prefix_cache_ram or 0, runtime.prefix_cache_dir,
+                           runtime.prefix_cache_disk or 0)
+
+    def _keep_prefix(self, out: torch.Tensor, cache: Any) -> None:
+        """The sequence generate just made, as a prefix for later prompts (what its cache holds)."""
+        layers = cache_layers(cache)
+        if layers is not None and self._prefixes is not None:
+            length = cache.get_seq_length()
+            self._prefixes.store(out[0, :length].tolist(), [(k[..., :length, :], v[..., :length, :])
+                                                            for k, v in layers])
 
     def _plain_cache(self) -> bool:
         """Whether transformers would give this model its DynamicCache (not a static, quantized or model-made one)."""
@@ -365,6 +409,8 @@ class TierstoreModel:
         if self._closed:
             return
         self._closed = True
+        if self._prefixes is not None:
+            self._prefixes.close()
         self._resources.close()
         self.decompressor = None
         if self.tracer is not None:

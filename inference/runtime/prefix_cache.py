@@ -1,0 +1,254 @@
+"""Finished prompts' KV caches kept for reuse, keyed by their tokens: a later prompt that starts the same way (a
+system prompt, the earlier turns of a chat) skips that part of its prefill.
+
+Entries live in host RAM (an LRU bounded in bytes, cachetools') and, with a directory, on disk (bounded in bytes,
+the least recently used removed first). An entry is one safetensors file: its tokens, each layer's keys and values
+for one sequence, the model it was made by and an xxh3-128 checksum of its tensors. Files are written whole or not
+at all (`write_atomic`), in the background; a file that fails to parse, whose checksum differs or that another
+model made is ignored (and a corrupt one removed), never served.
+
+A lookup takes the entry sharing the longest common prefix with the prompt, at most all but the prompt's last
+token (whose logits the caller needs), and at least `MIN_PREFIX_TOKENS`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import cachetools
+import torch
+import xxhash
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ...files import write_atomic
+
+log = logging.getLogger(__name__)
+
+MIN_PREFIX_TOKENS = 16
+SUFFIX = ".kv.safetensors"
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [1, heads, tokens, head_dim]
+
+
+@dataclasses.dataclass
+class PrefixStats:
+    """What the cache did: prompts served from it, tokens they did not prefill, prompts not found, entries stored,
+    entries refused as corrupt or stale."""
+
+    hits: int = 0
+    tokens_saved: int = 0
+    misses: int = 0
+    stored: int = 0
+    refused: int = 0
+
+
+@dataclasses.dataclass
+class _Entry:
+    tokens: torch.Tensor  # int64, the sequence whose KV the entry holds
+    nbytes: int
+    last_used: float
+
+
+def model_key(config: Any, dtype: torch.dtype, layouts: Any, codec: Any) -> str:
+    """What makes one model's KV cache another's: its config, compute dtype, compression and units' sizes."""
+    text = json.dumps({"config": config.to_json_string(use_diff=False), "dtype": str(dtype), "codec": repr(codec),
+                       "units": sorted((key, layout.nbytes) for key, layout in layouts.items())}, sort_keys=True)
+    return xxhash.xxh3_128_hexdigest(text.encode())
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = xxhash.xxh3_128()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(memoryview(tensors[name].contiguous().view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def _entry_bytes(layers: Layers) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in layers)
+
+
+class PrefixCache:
+    """KV caches of earlier sequences for `model` (its `model_key`), up to `ram_bytes` in RAM and `disk_bytes` in
+    `directory` (None: RAM only). Thread-safe; `close` waits for the writes in flight."""
+
+    def __init__(self, key: str, ram_bytes: int, directory: str | None = None, disk_bytes: int = 0) -> None:
+        self.key = key
+        self.directory = directory
+        self.disk_bytes = disk_bytes
+        self.stats = PrefixStats()
+        self._ram: cachetools.LRUCache = cachetools.LRUCache(maxsize=ram_bytes, getsizeof=_entry_bytes)
+        self._index: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tierstore-prefix")
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+            self._scan()
+
+    def _scan(self) -> None:
+        """Index the directory's entries by their tokens (read lazily below), leftovers of killed writes removed."""
+        for item in os.scandir(self.directory):
+            if item.name.startswith(".tmp-"):
+                os.unlink(item.path)  # write_atomic's temporary file of a killed run: never an entry
+            elif item.name.endswith(SUFFIX):
+                tokens = self._read_tokens(item.path)
+                if tokens is not None:
+                    stat = item.stat()
+                    self._index[item.name[:-len(SUFFIX)]] = _Entry(tokens, stat.st_size, stat.st_mtime)
+
+    def lookup(self, tokens: list[int]) -> tuple[int, Layers] | None:
+        """The longest stored prefix of `tokens` (all but the last at most) and its layers cropped to it, on the
+        CPU; None (counted a miss) when none is at least MIN_PREFIX_TOKENS long."""
+        query = torch.tensor(tokens, dtype=torch.long)
+        with self._lock:
+            best, best_length = None, 0
+            for name, entry in self._index.items():
+                length = _common_prefix(entry.tokens, query)
+                if length > best_length:
+                    best, best_length = name, length
+        usable = min(best_length, len(tokens) - 1)
+        layers = self._load(best) if best is not None and usable >= MIN_PREFIX_TOKENS else None
+        if layers is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.stats.tokens_saved += usable
+        return usable, [(k[..., :usable, :], v[..., :usable, :]) for k, v in layers]
+
+    def store(self, tokens: list[int], layers: Layers) -> None:
+        """Keep `layers` (one sequence's KV cache, any device) as the entry for `tokens`: copied to RAM now,
+        written to disk in the background."""
+        if len(tokens) < MIN_PREFIX_TOKENS:
+            return
+        name = xxhash.xxh3_128_hexdigest(self.key.encode() + torch.tensor(tokens, dtype=torch.long).numpy().tobytes())
+        host = [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers]
+        entry = _Entry(torch.tensor(tokens, dtype=torch.long), _entry_bytes(host), time.time())
+        with self._lock:
+            try:
+                self._ram[name] = host
+            except ValueError:  # larger than the RAM the cache may take: on disk only, or not at all
+                if self.directory is None:
+                    return
+            self._index[name] = entry
+            self.stats.stored += 1
+        if self.directory is not None:
+            self._writer.submit(self._write, name, entry.tokens, host)
+
+    def _write(self, name: str, tokens: torch.Tensor, layers: Layers) -> None:
+        tensors = {"tokens": tokens}
+        for index, (keys, values) in enumerate(layers):
+            tensors[f"k.{index}"], tensors[f"v.{index}"] = keys.contiguous(), values.contiguous()
+        data = save_safetensors(tensors, metadata={"model": self.key, "checksum": _checksum(tensors)})
+        try:
+            write_atomic(self._path(name), data)
+        except OSError:
+            log.warning("could not write a prefix cache entry to %s", self.directory, exc_info=True)
+            return
+        with self._lock:
+            if name in self._index:
+                self._index[name].nbytes = len(data)
+            self._evict_disk()
+
+    def _evict_disk(self) -> None:
+        """Called under the lock: the least recently used entries' files removed while the directory holds more
+        than its bytes."""
+        on_disk = sorted((entry.last_used, name) for name, entry in self._index.items()
+                         if os.path.exists(self._path(name)))
+        total = sum(self._index[name].nbytes for _, name in on_disk)
+        for _, name in on_disk:
+            if total <= self.disk_bytes:
+                break
+            total -= self._index[name].nbytes
+            os.unlink(self._path(name))
+            if name not in self._ram:
+                del self._index[name]
+
+    def _load(self, name: str) -> Layers | None:
+        """An entry's layers from RAM, else from disk (verified, then kept in RAM); None when refused."""
+        with self._lock:
+            layers = self._ram.get(name)
+            self._index[name].last_used = time.time()
+            if layers is None and (self.directory is None or not os.path.exists(self._path(name))):
+                del self._index[name]  # left RAM, and no file (yet, or any more)
+                return None
+        if layers is not None:
+            return layers
+        layers = self._read(name)
+        with self._lock:
+            if layers is None:
+                self._index.pop(name, None)
+            else:
+                try:
+                    self._ram[name] = layers
+                except ValueError:  # larger than the cache's RAM: served from the file each time
+                    pass
+        return layers
+
+    def _read_tokens(self, path: str) -> torch.Tensor | None:
+        """An entry file's tokens, read without its layers; None when the file is refused."""
+        try:
+            with safe_open(path, "pt") as opened:
+                if (opened.metadata() or {}).get("model") != self.key:
+                    self.stats.refused += 1  # another model's: left for it
+                    return None
+                return opened.get_tensor("tokens")
+        except Exception as exc:  # noqa: BLE001 - a file that does not parse is corrupt, whatever the parser says
+            self._refuse(path, f"does not parse ({exc})")
+            return None
+
+    def _read(self, name: str) -> Layers | None:
+        """An entry file's layers, checked against its checksum; None (the file removed) when it is corrupt."""
+        path = self._path(name)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+            tensors = load_safetensors(data)
+            header_bytes = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8:8 + header_bytes]).get("__metadata__", {})
+        except Exception as exc:  # noqa: BLE001 - as above
+            self._refuse(path, f"does not parse ({exc})")
+            return None
+        if metadata.get("model") != self.key or _checksum(tensors) != metadata.get("checksum"):
+            self._refuse(path, "checksum mismatch")
+            return None
+        return [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(sum(1 for n in tensors if n[0] == "k"))]
+
+    def _refuse(self, path: str, why: str) -> None:
+        """A corrupt entry file: counted, logged and removed."""
+        log.warning("prefix cache entry %s %s; removed", path, why)
+        self.stats.refused += 1
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def _path(self, name: str) -> str:
+        assert self.directory is not None
+        return os.path.join(self.directory, name + SUFFIX)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+
+def _common_prefix(stored: torch.Tensor, query: torch.Tensor) -> int:
+    length = min(len(stored), len(query))
+    differs = (stored[:length] != query[:length]).nonzero()
+    return int(differs[0]) if differs.numel() else length
+
+
+def cache_layers(cache: Any) -> Layers | None:
+    """A one-sequence cache's keys and values per layer, when every layer is plain full attention (None otherwise:
+    a window's or a recurrent state cannot be cut to a prefix)."""
+    from transformers.cache_utils import DynamicLayer
+
+    if any(not isinstance(layer, DynamicLayer) or type(layer).__name__ not in ("DynamicLayer", "ReservedLayer")
+           for layer in getattr(cache, "layers", [None])):
+        return None
+    return [(layer.keys, layer.values) for layer in cache.layers]
