@@ -3,7 +3,9 @@ per row, each row's peak reserved VRAM (torch's, allocator cache included) besid
 
 Rows are prompt tokens; `+whole` runs the prompt in one pass (runtime.prefill_chunk larger than the prompt: what
 tierstore did before chunked prefill). One device-tool call on nvidia-h200:
-    python benchmarks/bench_long_context.py --out $OUT --rows 1024 8192 32000 32000+whole 131000
+    python benchmarks/bench_long_context.py --out $OUT --rows 1024 8192 32000 32000+whole 131000 16000+turns
+`+turns` is a conversation's second turn through the prefix cache (`runtime.prefix_cache_dir`): time to first token
+with the first turn's KV cache reused, against the same length with nothing to reuse.
 The store is written once under --work (15.2 GB, as bench_scale.py writes it); --shape tiny checks the script on
 a CPU. Decode runs --tokens steps; the plan's bound for a step counts the weights and KV cache bytes it moves.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 
 from bench_scale import write_random_store
@@ -27,12 +30,18 @@ def child(args: argparse.Namespace) -> None:
 
     tokens, *flags = args.row.split("+")
     prompt = int(tokens)
-    runtime = {"cache_dir": args.cache, **({"prefill_chunk": prompt + 1} if "whole" in flags else {})}
+    if "turns" in flags:  # nothing reused from an earlier run
+        shutil.rmtree(os.path.join(args.work, "prefixes"), ignore_errors=True)
+    runtime = {"cache_dir": args.cache, **({"prefill_chunk": prompt + 1} if "whole" in flags else {}),
+               **({"prefix_cache_dir": os.path.join(args.work, "prefixes")} if "turns" in flags else {})}
     model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
                                                 config={"runtime": runtime})
     model.warm_up()
     vocab = model.model.config.get_text_config().vocab_size
     ids = torch.randint(100, vocab, (1, prompt), generator=torch.Generator().manual_seed(1))
+    if "turns" in flags:
+        turns(model, ids.to(model.device), args.tokens)
+        return
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False)
     wall_s = time.perf_counter() - start
@@ -45,6 +54,30 @@ def child(args: argparse.Namespace) -> None:
               "tokens": out[0, prompt:].tolist(), "peak_rss": vm_hwm_bytes(),
               "peak_vram_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
               "peak_vram_allocated": torch.cuda.max_memory_allocated() if cuda else 0}
+    model.close()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def turns(model, first, new_tokens: int) -> None:
+    """A conversation's second turn (the first turn's prompt and answer, then 64 new tokens) with its prefix in the
+    prefix cache, against the same length with nothing to reuse (its first token changed)."""
+    import torch
+
+    out = model.generate(first, max_new_tokens=new_tokens, do_sample=False)
+    first_s = model.report().to_dict()["timing"]["prefill_s"]
+    more = torch.randint(100, 1000, (1, 64), generator=torch.Generator().manual_seed(2))
+    second = torch.cat([out, more.to(out.device)], dim=1)
+    fresh = second.clone()
+    fresh[0, 0] += 1
+    model.generate(fresh, max_new_tokens=1, do_sample=False)
+    without_s = model.report().to_dict()["timing"]["prefill_s"]
+    model.generate(second, max_new_tokens=1, do_sample=False)
+    report = model.report().to_dict()
+    stats = model.prefix_cache().stats
+    result = {"prompt": second.shape[1], "first_turn_prefill_s": first_s, "second_turn_without_reuse_s": without_s,
+              "second_turn_with_reuse_s": report["timing"]["prefill_s"], "hits": stats.hits,
+              "tokens_saved": stats.tokens_saved, "notes": report["notes"],
+              "peak_vram_reserved": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0}
     model.close()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -92,6 +125,13 @@ def main() -> None:
             json.dump(results, handle, indent=1)
         if "error" in r:
             print(f"{row}: error {r['error']}", flush=True)
+            continue
+        if "second_turn_with_reuse_s" in r:
+            print(f"{row}: second turn of {r['prompt']} tokens: time to first token "
+                  f"{r['second_turn_with_reuse_s']:.3f} s with the prefix cache ({r['tokens_saved']} tokens reused) "
+                  f"against {r['second_turn_without_reuse_s']:.3f} s without "
+                  f"({r['second_turn_without_reuse_s'] / r['second_turn_with_reuse_s']:.1f}x); peak reserved "
+                  f"{r['peak_vram_reserved'] / 1e9:.2f} GB", flush=True)
             continue
         step = r["predicted"].get("step_s")
         print(f"{row}: peak reserved {r['peak_vram_reserved'] / 1e9:.2f} GB (budget {args.vram}), prefill "

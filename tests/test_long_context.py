@@ -3,13 +3,13 @@ import dataclasses
 
 import pytest
 import torch
-
-import tierstore
-from tierstore.errors import BudgetError
 from tierstore.inference.placement.prefill import activation_bytes_per_token, plan_prefill
 from tierstore.inference.runtime import chunk_attention
 from tierstore.policies.dense import slot_bytes
 from tierstore.policies.planner import make_plan
+
+import tierstore
+from tierstore.errors import BudgetError
 
 PROMPT = torch.tensor([[(7 * i + 3) % 250 + 3 for i in range(61)]])
 
@@ -187,3 +187,41 @@ def test_a_corrupt_or_partial_prefix_entry_is_never_served(tiny_dirs, cache_conf
         stats = model.prefix_cache().stats
         assert stats.hits == 0 and stats.refused == 1
     assert not (store / ".tmp-killed.kv.safetensors").exists() and not entry.exists()
+
+
+def test_a_server_turn_that_repeats_a_finished_one_skips_its_prefill(smollm2_store, smollm2_reference, tmp_path):
+    """Through the batcher (as the server runs): a second turn that starts with a finished sequence (prompt and
+    answer) joins from its KV cache, beside a request that does not, and both get transformers' tokens."""
+    import threading
+    import time
+
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
+
+    reference, tokenizer = smollm2_reference
+    turn = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    first = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=False)
+    with tierstore.AutoModel.from_pretrained(smollm2_store[0], config={"runtime": {"cache_dir": str(tmp_path)}}) \
+            as model:
+        batcher = Batcher(model, max_batch=4, max_queue=4, max_seq_tokens=400)
+        try:
+            def run(prompts):
+                done = [threading.Event() for _ in prompts]
+                sequences = [batcher.submit(p, SamplingParams(max_tokens=12, temperature=0),
+                                            lambda event, i=i: event.finish_reason and done[i].set())
+                             for i, p in enumerate(prompts)]
+                deadline = time.monotonic() + 120
+                while not all(d.is_set() for d in done) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                return [s.tokens for s in sequences]
+
+            (answer,) = run([first])
+            second = first + answer + tokenizer("And three more?", add_special_tokens=False).input_ids
+            other = tokenizer("The capital of France is", add_special_tokens=False).input_ids
+            got = run([second, other])
+            assert batcher.prefixes.stats.hits == 1
+            assert batcher.prefixes.stats.tokens_saved == len(first) + len(answer) - 1
+        finally:
+            batcher.close()
+    for prompt, tokens in zip([second, other], got):
+        want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
+        assert tokens == want[:len(tokens)].tolist()

@@ -31,9 +31,9 @@ from ..placement.budgets import DraftCost
 from ..placement.kv import KVBudget, device_shares
 from ..placement.prefill import plan_prefill
 from ..runtime.chunk_attention import takes_lower_right
+from ..runtime.experts import ExpertRunner
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key
 from ..runtime.reserved_cache import reserved_cache
-from ..runtime.experts import ExpertRunner
 from .prefill import prefill
 from .speculation import SpeculationStats
 
@@ -224,6 +224,8 @@ class TierstoreModel:
         if chunked.plan is not None:
             self.store.replan(chunked.plan)
             self.plan = chunked.plan
+            if self.device.type == "cuda":  # the evicted units' blocks back to the GPU, for the chunks to take
+                torch.cuda.empty_cache()
         try:
             with quiet_forward():
                 prefill(self.model, input_ids, cache, chunked.chunk_tokens, attention_mask, start=start, stop=prompt)

@@ -30,7 +30,9 @@ import torch
 from ...errors import InputError
 from ..decoding import sampling
 from ..decoding.model import quiet_forward
+from ..decoding.prefill import prefill
 from ..placement.kv import kv_cache_tokens
+from ..runtime.prefix_cache import cache_layers
 from .kv_rows import compact, keep_rows, merge_rows, plain_layers
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,9 @@ class Batcher:
         self.steps = 0  # weight passes
         self.tokens_generated = 0
         self.prefills_apart = 0  # joining prompts given a pass of their own (see _step)
+        runtime = model.config.runtime
+        wanted = bool(runtime.prefix_cache_ram) or runtime.prefix_cache_dir is not None
+        self.prefixes = model.open_prefix_cache() if wanted and not model.kv_on_host else None
         self._thread = threading.Thread(target=self._loop, name="tierstore-batcher", daemon=True)
         self._thread.start()
 
@@ -184,6 +189,8 @@ class Batcher:
             self._running = False
             self._wake.notify()
         self._thread.join()
+        if self.prefixes is not None:
+            self.prefixes.close()
 
     # -- the loop (the batcher's thread) -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -245,12 +252,61 @@ class Batcher:
         for sequence in joining:
             if sequence.params.temperature > 0:
                 sequence.generator = sampling.generator(self.device, sequence.params.seed)
+        if self.prefixes is not None and self._joinable is not False:
+            joining = [s for s in joining if not self._join_from_prefix(s)]
         width = max([len(s.prompt_ids) for s in joining] + [1])
         if joining and self._active and not self._beside(joining, width):
             self.prefills_apart += 1  # counted first: a caller may see the prompts' first tokens before it returns
             self._prefill_apart(joining)
             joining = []
         self._forward(joining)
+
+    def _join_from_prefix(self, sequence: Sequence) -> bool:
+        """When the prefix cache holds the start of `sequence`'s prompt: its KV cache restored, the rest of the
+        prompt fed in a pass of its own, its first token sampled and its row appended to the batch's. Whether it
+        joined so."""
+        from transformers import DynamicCache
+
+        hit = self.prefixes.lookup(sequence.prompt_ids)
+        if hit is None:
+            return False
+        start, layers = hit
+        cache = DynamicCache(config=self.model.model.config)
+        for index, (keys, values) in enumerate(layers):
+            cache.layers[index].update(keys.to(self.device), values.to(self.device))
+        ids = torch.tensor([sequence.prompt_ids], device=self.device)
+        with quiet_forward():
+            out = prefill(self.model.model, ids, cache, len(sequence.prompt_ids), start=start)
+        self.model.settle_kv_cache()
+        sequence.tokens.append(self._sample(out.logits[:, -1, :].float(), [sequence])[0])
+        sequence.cached = len(sequence.prompt_ids)
+        self.steps += 1
+        self.tokens_generated += 1
+        self._emit(sequence)
+        if sequence.finish_reason is not None:
+            self._keep_prefix(sequence, cache, torch.ones((1, sequence.cached), dtype=torch.long), 0)
+            return True
+        mask = torch.ones((1, sequence.cached), dtype=torch.long)
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            assert self._mask is not None
+            self._mask = merge_rows(self._cache, self._mask, cache, mask)
+        with self._wake:
+            self._active = [*self._active, sequence]
+        return True
+
+    def _keep_prefix(self, sequence: Sequence, cache: Any, mask: torch.Tensor, row: int) -> None:
+        """A finished sequence's cached tokens and their KV (row `row` of `cache`) into the prefix cache."""
+        layers = cache_layers(cache)
+        if layers is None or sequence.finish_reason not in ("stop", "length"):
+            return
+        columns = mask[row].nonzero().squeeze(1)
+        tokens = [*sequence.prompt_ids, *sequence.tokens][:sequence.cached]
+        if len(columns) != len(tokens):
+            return
+        self.prefixes.store(tokens, [(k[row:row + 1, :, columns.to(k.device)], v[row:row + 1, :, columns.to(k.device)])
+                                     for k, v in layers])
 
     def _beside(self, joining: list[Sequence], width: int) -> bool:
         """Whether `joining`'s prompts (`width` the longest) share the running rows' pass: when that pads the
@@ -371,6 +427,10 @@ class Batcher:
             return
         kept = {id(s) for s in survivors}
         indices = [row for row, s in enumerate(self._active) if id(s) in kept]
+        if self.prefixes is not None and self._cache is not None and self._mask is not None:
+            for row, sequence in enumerate(self._active):
+                if id(sequence) not in kept:
+                    self._keep_prefix(sequence, self._cache, self._mask, row)
         for sequence in self._active:
             if id(sequence) not in kept and reason is not None:
                 self._finish(sequence, reason)

@@ -128,7 +128,7 @@ class PrefixCache:
         if len(tokens) < MIN_PREFIX_TOKENS:
             return
         name = xxhash.xxh3_128_hexdigest(self.key.encode() + torch.tensor(tokens, dtype=torch.long).numpy().tobytes())
-        host = [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in layers]
+        host = [(_to_host(k), _to_host(v)) for k, v in layers]
         entry = _Entry(torch.tensor(tokens, dtype=torch.long), _entry_bytes(host), time.time())
         with self._lock:
             try:
@@ -252,3 +252,12 @@ def cache_layers(cache: Any) -> Layers | None:
            for layer in getattr(cache, "layers", [None])):
         return None
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `tensor`, in pinned memory when it comes from a GPU (it goes back there at a hit: a 7B
+    model's 16k-token entry, 0.9 GB, crosses the link in about 20 ms pinned, 0.13 s pageable)."""
+    if tensor.device.type != "cuda":
+        return tensor.to("cpu", copy=True)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor)
