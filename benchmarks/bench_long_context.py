@@ -5,7 +5,8 @@ Rows are prompt tokens; `+whole` runs the prompt in one pass (runtime.prefill_ch
 tierstore did before chunked prefill). One device-tool call on nvidia-h200:
     python benchmarks/bench_long_context.py --out $OUT --rows 1024 8192 32000 32000+whole 131000 16000+turns
 `+turns` is a conversation's second turn through the prefix cache (`runtime.prefix_cache_dir`): time to first token
-with the first turn's KV cache reused, against the same length with nothing to reuse.
+with the first turn's KV cache reused, against the same length with nothing to reuse; `+serve` the same through the
+batcher `tierstore serve` runs (prefixes in RAM), time counted from the request's submission.
 The store is written once under --work (15.2 GB, as bench_scale.py writes it); --shape tiny checks the script on
 a CPU. Decode runs --tokens steps; the plan's bound for a step counts the weights and KV cache bytes it moves.
 """
@@ -33,7 +34,8 @@ def child(args: argparse.Namespace) -> None:
     if "turns" in flags:  # nothing reused from an earlier run
         shutil.rmtree(os.path.join(args.work, "prefixes"), ignore_errors=True)
     runtime = {"cache_dir": args.cache, **({"prefill_chunk": prompt + 1} if "whole" in flags else {}),
-               **({"prefix_cache_dir": os.path.join(args.work, "prefixes")} if "turns" in flags else {})}
+               **({"prefix_cache_dir": os.path.join(args.work, "prefixes")} if "turns" in flags else {}),
+               **({"prefix_cache_ram": "8GB"} if "serve" in flags else {})}
     model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
                                                 config={"runtime": runtime})
     model.warm_up()
@@ -41,6 +43,9 @@ def child(args: argparse.Namespace) -> None:
     ids = torch.randint(100, vocab, (1, prompt), generator=torch.Generator().manual_seed(1))
     if "turns" in flags:
         turns(model, ids.to(model.device), args.tokens)
+        return
+    if "serve" in flags:
+        serve_turns(model, ids[0].tolist(), args.tokens)
         return
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False)
@@ -79,6 +84,49 @@ def turns(model, first, new_tokens: int) -> None:
               "tokens_saved": stats.tokens_saved, "notes": report["notes"],
               "peak_vram_reserved": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0}
     model.close()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def serve_turns(model, first: list[int], new_tokens: int) -> None:
+    """The same through the batcher `tierstore serve` runs (no HTTP): time from submitting a request to its first
+    token, for the first turn, the second turn with its prefix reused, and the second turn's length with nothing to
+    reuse."""
+    import threading
+
+    import torch
+
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
+    from tierstore.inference.placement.kv import largest_batch
+
+    max_seq = len(first) + new_tokens + 80
+    largest_batch(model, 1, max_seq)
+    batcher = Batcher(model, max_batch=1, max_queue=4, max_seq_tokens=max_seq)
+
+    def first_token_s(prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+        done, stamps = threading.Event(), []
+
+        def on_event(event) -> None:
+            stamps.append(time.perf_counter())
+            if event.finish_reason:
+                done.set()
+        start = time.perf_counter()
+        sequence = batcher.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), on_event)
+        done.wait(600)
+        return stamps[0] - start, sequence.tokens
+
+    try:
+        first_s, answer = first_token_s(first, new_tokens)
+        second = first + answer + torch.randint(100, 1000, (64,), generator=torch.Generator().manual_seed(2)).tolist()
+        without_s, _ = first_token_s([second[0] + 1, *second[1:]], 1)
+        with_s, _ = first_token_s(second, 1)
+        stats = batcher.prefixes.stats
+        result = {"prompt": len(second), "first_turn_prefill_s": first_s, "second_turn_without_reuse_s": without_s,
+                  "second_turn_with_reuse_s": with_s, "hits": stats.hits, "tokens_saved": stats.tokens_saved,
+                  "notes": [], "peak_vram_reserved": torch.cuda.max_memory_reserved()
+                  if torch.cuda.is_available() else 0}
+    finally:
+        batcher.close()
+        model.close()
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -225,3 +225,31 @@ def test_a_server_turn_that_repeats_a_finished_one_skips_its_prefill(smollm2_sto
     for prompt, tokens in zip([second, other], got):
         want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
         assert tokens == want[:len(tokens)].tolist()
+
+
+def test_a_server_prompt_too_long_for_one_pass_joins_in_chunks(smollm2_store, smollm2_reference, tmp_path):
+    """Through the batcher: a prompt whose one pass would not fit is fed apart in chunks (as generate feeds it),
+    beside a running short one, and both get transformers' tokens."""
+    import time
+
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
+
+    reference, tokenizer = smollm2_reference
+    long = tokenizer(" ".join(f"word{i}" for i in range(60)), add_special_tokens=False).input_ids
+    short = tokenizer("The capital of France is", add_special_tokens=False).input_ids
+    config = {"runtime": {"cache_dir": str(tmp_path), "prefill_chunk": 32, "prefix_cache_ram": 0}}
+    with tierstore.AutoModel.from_pretrained(smollm2_store[0], config=config) as model:
+        batcher = Batcher(model, max_batch=4, max_queue=4, max_seq_tokens=400)
+        try:
+            assert batcher.prefixes is None
+            first = batcher.submit(short, SamplingParams(max_tokens=12, temperature=0), lambda event: None)
+            second = batcher.submit(long, SamplingParams(max_tokens=8, temperature=0), lambda event: None)
+            deadline = time.monotonic() + 120
+            while not (first.finish_reason and second.finish_reason) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            batcher.close()
+    assert len(long) > 64
+    for prompt, sequence in ((short, first), (long, second)):
+        want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
+        assert sequence.tokens == want[:len(sequence.tokens)].tolist() and len(sequence.tokens) >= 8

@@ -29,12 +29,10 @@ from ...store import TieredStore
 from ...trace import TOKENS, Tracer
 from ..placement.budgets import DraftCost
 from ..placement.kv import KVBudget, device_shares
-from ..placement.prefill import plan_prefill
-from ..runtime.chunk_attention import takes_lower_right
 from ..runtime.experts import ExpertRunner
-from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key
+from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
-from .prefill import prefill
+from .prefill import feed_prompt, plan_feed
 from .speculation import SpeculationStats
 
 log = logging.getLogger(__name__)
@@ -188,11 +186,10 @@ class TierstoreModel:
                         notes: list[str]) -> tuple[Any, bool]:
         """The cache generate starts from (None: transformers makes its own), and whether to keep it as a prefix
         after. A prompt that starts like a sequence in the prefix cache (`runtime.prefix_cache_dir`) starts from
-        that sequence's KV cache. When one pass over the rest would not fit the device budget (`plan_prefill`),
-        all but the last token are fed here in chunks, under a plan that gives the chunks the room, and the decode
-        plan comes back after; generate feeds what is left. On the device the cache is written in place
-        (`reserved_cache`, room for `total_tokens`). A model whose cache is not transformers' DynamicCache runs its
-        prompt in one pass."""
+        that sequence's KV cache. When one pass over the rest would not fit the device budget (`plan_feed`), all
+        but the last token are fed here in chunks (`feed_prompt`); generate feeds what is left. On the device the
+        cache is written in place (`reserved_cache`, room for `total_tokens`). A model whose cache is not
+        transformers' DynamicCache runs its prompt in one pass."""
         cache = self.new_kv_cache()
         prompt = input_ids.shape[1] - 1
         plain = cache is None and self._plain_cache()
@@ -203,39 +200,18 @@ class TierstoreModel:
             hit = prefixes.lookup(input_ids[0].tolist())
             if hit is not None:
                 start, layers = hit
-                for index, (keys, values) in enumerate(layers):
-                    cache.layers[index].update(keys.to(self.device), values.to(self.device))
+                restore(cache, layers, self.device)
                 notes.append(f"prefix cache: {start} of the prompt's {prompt + 1} tokens reused")
         if start >= prompt:
             return cache, prefixes is not None  # all but the last token reused: generate feeds that one
-        masked = (attention_mask is not None and not bool(attention_mask.all())) or \
-            not takes_lower_right(self.model.config, prompt)
-        try:
-            chunked = plan_prefill(self.kv_budget, self.plan, prompt - start, input_ids.shape[0], masked,
-                                   self.config.runtime.prefill_chunk)
-        except BudgetError as exc:
-            raise InputError(f"a prompt of {prompt + 1} tokens cannot be fed within the device budget: {exc}; "
-                             f"shorten it or raise --vram") from exc
-        if (chunked.chunk_tokens >= prompt - start and not start) or (cache is None and not plain):
+        planned = plan_feed(self, prompt - start, input_ids.shape[0], attention_mask)
+        if (planned.chunk_tokens >= prompt - start and not start) or (cache is None and not plain):
             return cache, prefixes is not None  # one pass: generate's own (after a prefix, fed here maskless)
         if cache is None:
             cache = reserved_cache(self.model.config, total_tokens)
-        decode_plan = self.plan
-        if chunked.plan is not None:
-            self.store.replan(chunked.plan)
-            self.plan = chunked.plan
-            if self.device.type == "cuda":  # the evicted units' blocks back to the GPU, for the chunks to take
-                torch.cuda.empty_cache()
-        try:
-            with quiet_forward():
-                prefill(self.model, input_ids, cache, chunked.chunk_tokens, attention_mask, start=start, stop=prompt)
-        finally:
-            if chunked.plan is not None:
-                self.store.replan(decode_plan)
-                self.plan = decode_plan
-            if self.device.type == "cuda":  # the chunks' blocks back to the GPU: the budget counts what is held
-                torch.cuda.empty_cache()
-        notes.extend([chunked.note] if chunked.note and chunked.chunk_tokens < prompt - start else [])
+        with quiet_forward():
+            note = feed_prompt(self, input_ids, cache, start, prompt, attention_mask, planned)[1]
+        notes.extend([note] if note else [])
         return cache, prefixes is not None
 
     def prefix_cache(self) -> PrefixCache | None:

@@ -2,7 +2,8 @@
 
 Each chunk is one forward of the model over the cache: the chunk's positions come from the attention mask as
 transformers numbers them (left padding included), and the mask grows with the cache. Only the last position's
-logits are made (`logits_to_keep=1`); the caller's generate then feeds the tokens left over.
+logits are made (`logits_to_keep=1`). `feed_prompt` sizes the chunks for a TierstoreModel's budget
+(`plan_prefill`) and runs them under the plan that gives them room.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 
 import torch
 
-from ..runtime.chunk_attention import lower_right_chunks
+from ...errors import BudgetError, InputError
+from ..placement.prefill import Prefill, plan_prefill
+from ..runtime.chunk_attention import lower_right_chunks, takes_lower_right
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,3 +40,42 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: Any, chunk_tokens: int,
                         position_ids=positions[:, begin:end], past_key_values=cache, use_cache=True,
                         logits_to_keep=1)
     return out
+
+
+def plan_feed(model: Any, tokens: int, rows: int, attention_mask: torch.Tensor | None) -> Prefill:
+    """How `model` (a TierstoreModel) feeds `rows` prompts of `tokens` under its current plan; InputError when not
+    even one token's activations fit the device budget."""
+    masked = (attention_mask is not None and not bool(attention_mask.all())) or \
+        not takes_lower_right(model.model.config, tokens)
+    try:
+        return plan_prefill(model.kv_budget, model.plan, tokens, rows, masked, model.config.runtime.prefill_chunk)
+    except BudgetError as exc:
+        raise InputError(f"a prompt of {tokens} tokens cannot be fed within the device budget: {exc}; shorten it "
+                         f"or raise --vram") from exc
+
+
+def feed_prompt(model: Any, input_ids: torch.Tensor, cache: Any, start: int = 0, stop: int | None = None,
+                attention_mask: torch.Tensor | None = None, planned: Prefill | None = None) -> tuple[Any, str | None]:
+    """Feed `input_ids[:, start:stop]` into `cache` through `model` (a TierstoreModel) in the chunks `planned` (or
+    `plan_feed`) gives: the store re-planned for the chunks while they run, then back, and the GPU allocator's
+    cache emptied at each change (the budget counts what the process holds). Returns the last forward's output
+    and the plan's note when the prompt took more than one chunk."""
+    stop = input_ids.shape[1] if stop is None else stop
+    planned = planned or plan_feed(model, stop - start, input_ids.shape[0], attention_mask)
+    decode_plan = model.plan
+    cuda = model.device.type == "cuda"
+    if planned.plan is not None:
+        model.store.replan(planned.plan)
+        model.plan = planned.plan
+        if cuda:  # the evicted units' blocks back to the GPU, for the chunks to take
+            torch.cuda.empty_cache()
+    try:
+        with torch.no_grad():
+            out = prefill(model.model, input_ids, cache, planned.chunk_tokens, attention_mask, start, stop)
+    finally:
+        if planned.plan is not None:
+            model.store.replan(decode_plan)
+            model.plan = decode_plan
+        if cuda:
+            torch.cuda.empty_cache()
+    return out, planned.note if planned.chunk_tokens < stop - start else None

@@ -30,9 +30,9 @@ import torch
 from ...errors import InputError
 from ..decoding import sampling
 from ..decoding.model import quiet_forward
-from ..decoding.prefill import prefill
+from ..decoding.prefill import feed_prompt, plan_feed
 from ..placement.kv import kv_cache_tokens
-from ..runtime.prefix_cache import cache_layers
+from ..runtime.prefix_cache import cache_layers, restore
 from .kv_rows import compact, keep_rows, merge_rows, plain_layers
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,8 @@ class Batcher:
         for sequence in joining:
             if sequence.params.temperature > 0:
                 sequence.generator = sampling.generator(self.device, sequence.params.seed)
-        if self.prefixes is not None and self._joinable is not False:
-            joining = [s for s in joining if not self._join_from_prefix(s)]
+        if self._joinable is not False:
+            joining = [s for s in joining if not self._join_apart(s)]
         width = max([len(s.prompt_ids) for s in joining] + [1])
         if joining and self._active and not self._beside(joining, width):
             self.prefills_apart += 1  # counted first: a caller may see the prompts' first tokens before it returns
@@ -261,32 +261,30 @@ class Batcher:
             joining = []
         self._forward(joining)
 
-    def _join_from_prefix(self, sequence: Sequence) -> bool:
-        """When the prefix cache holds the start of `sequence`'s prompt: its KV cache restored, the rest of the
-        prompt fed in a pass of its own, its first token sampled and its row appended to the batch's. Whether it
-        joined so."""
+    def _join_apart(self, sequence: Sequence) -> bool:
+        """A prompt that starts like a finished sequence (the prefix cache), or too long for one pass within the
+        device budget, joins on its own: its cache restored from the prefix, the rest of the prompt fed in chunks
+        (`feed_prompt`), its first token sampled and its row appended to the batch's. Whether it joined so."""
         from transformers import DynamicCache
 
-        hit = self.prefixes.lookup(sequence.prompt_ids)
-        if hit is None:
+        prompt = len(sequence.prompt_ids)
+        hit = self.prefixes.lookup(sequence.prompt_ids) if self.prefixes is not None else None
+        start = hit[0] if hit is not None else 0
+        if hit is None and (self.model.kv_on_host or plan_feed(self.model, prompt, 1, None).chunk_tokens >= prompt):
             return False
-        start, layers = hit
         cache = DynamicCache(config=self.model.model.config)
-        for index, (keys, values) in enumerate(layers):
-            cache.layers[index].update(keys.to(self.device), values.to(self.device))
+        if hit is not None:
+            restore(cache, hit[1], self.device)
         ids = torch.tensor([sequence.prompt_ids], device=self.device)
         with quiet_forward():
-            out = prefill(self.model.model, ids, cache, len(sequence.prompt_ids), start=start)
-        self.model.settle_kv_cache()
+            out, note = feed_prompt(self.model, ids, cache, start)
+        if note:
+            log.info(note)
         sequence.tokens.append(self._sample(out.logits[:, -1, :].float(), [sequence])[0])
-        sequence.cached = len(sequence.prompt_ids)
+        sequence.cached = prompt
         self.steps += 1
         self.tokens_generated += 1
-        self._emit(sequence)
-        if sequence.finish_reason is not None:
-            self._keep_prefix(sequence, cache, torch.ones((1, sequence.cached), dtype=torch.long), 0)
-            return True
-        mask = torch.ones((1, sequence.cached), dtype=torch.long)
+        mask = torch.ones((1, prompt), dtype=torch.long)
         if self._cache is None:
             self._cache, self._mask = cache, mask
         else:
@@ -294,6 +292,10 @@ class Batcher:
             self._mask = merge_rows(self._cache, self._mask, cache, mask)
         with self._wake:
             self._active = [*self._active, sequence]
+        self._emit(sequence)  # in the batch first: its receiver may look at the batch
+        if sequence.finish_reason is not None:
+            with self._wake:
+                self._keep([s for s in self._active if s is not sequence], reason=None)
         return True
 
     def _keep_prefix(self, sequence: Sequence, cache: Any, mask: torch.Tensor, row: int) -> None:

@@ -261,3 +261,9 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to("cpu", copy=True)
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     return host.copy_(tensor)
+
+
+def restore(cache: Any, layers: Layers, device: torch.device) -> None:
+    """Fill an empty cache with a prefix's `layers` (from `PrefixCache.lookup`), moved to `device`."""
+    for index, (keys, values) in enumerate(layers):
+        cache.layers[index].update(keys.to(device, non_blocking=True), values.to(device, non_blocking=True))
