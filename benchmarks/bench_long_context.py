@@ -4,6 +4,7 @@ per row, each row's peak reserved VRAM (torch's, allocator cache included) besid
 Rows are prompt tokens; `+whole` runs the prompt in one pass (runtime.prefill_chunk larger than the prompt: what
 tierstore did before chunked prefill). One device-tool call on nvidia-h200:
     python benchmarks/bench_long_context.py --out $OUT --rows 1024 8192 32000 32000+whole 131000 16000+turns
+`+host` keeps the KV cache in host RAM (runtime.kv_cache = "host"), to compare with the device cache's tokens;
 `+turns` is a conversation's second turn through the prefix cache (`runtime.prefix_cache_dir`): time to first token
 with the first turn's KV cache reused, against the same length with nothing to reuse; `+serve` the same through the
 batcher `tierstore serve` runs (prefixes in RAM), time counted from the request's submission.
@@ -35,7 +36,8 @@ def child(args: argparse.Namespace) -> None:
         shutil.rmtree(os.path.join(args.work, "prefixes"), ignore_errors=True)
     runtime = {"cache_dir": args.cache, **({"prefill_chunk": prompt + 1} if "whole" in flags else {}),
                **({"prefix_cache_dir": os.path.join(args.work, "prefixes")} if "turns" in flags else {}),
-               **({"prefix_cache_ram": "8GB"} if "serve" in flags else {})}
+               **({"prefix_cache_ram": "8GB"} if "serve" in flags else {}),
+               **({"kv_cache": "host"} if "host" in flags else {})}
     model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
                                                 config={"runtime": runtime})
     model.warm_up()
@@ -182,6 +184,10 @@ def main() -> None:
                   f"{r['peak_vram_reserved'] / 1e9:.2f} GB", flush=True)
             continue
         step = r["predicted"].get("step_s")
+        plain = results["rows"].get(row.split("+")[0], {})
+        if row != row.split("+")[0] and "tokens" in plain:
+            same = "the same tokens" if plain["tokens"] == r["tokens"] else f"tokens DIFFER: {r['tokens']}"
+            print(f"{row}: {same} as row {row.split('+')[0]}", flush=True)
         print(f"{row}: peak reserved {r['peak_vram_reserved'] / 1e9:.2f} GB (budget {args.vram}), prefill "
               f"{r['prefill_s']:.2f} s, decode {r['decode_s_per_token']:.3f} s/token (plan's weight bound "
               f"{step}), peak RSS {r['peak_rss'] / 1e9:.1f} GB; notes: {'; '.join(r['notes'])}", flush=True)
