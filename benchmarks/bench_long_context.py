@@ -96,7 +96,6 @@ def serve_turns(model, first: list[int], new_tokens: int) -> None:
     import threading
 
     import torch
-
     from tierstore.inference.front.batcher import Batcher, SamplingParams
     from tierstore.inference.placement.kv import largest_batch
 
