@@ -253,22 +253,3 @@ def test_a_server_prompt_too_long_for_one_pass_joins_in_chunks(smollm2_store, sm
     for prompt, sequence in ((short, first), (long, second)):
         want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
         assert sequence.tokens == want[:len(sequence.tokens)].tolist() and len(sequence.tokens) >= 8
-
-
-def test_the_pinned_host_kv_cache_gives_the_device_cache_tokens(tiny_dirs, cache_config):
-    """The host KV tier's cache (its copies made plain on a CPU): chunks, then decode, transformers' tokens."""
-    from tierstore.inference.decoding.prefill import prefill
-    from tierstore.inference.runtime.pinned_kv import PinnedKVCache
-
-    directory, reference = tiny_dirs("qwen2")
-    want = reference.generate(PROMPT, max_new_tokens=8, do_sample=False)
-    with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model:
-        cache = PinnedKVCache(model.model.config, PROMPT.shape[1] + 8, torch.device("cpu"))
-        assert PinnedKVCache.supports(cache)
-        with torch.no_grad():
-            prefill(model.model, PROMPT, cache, 9, stop=PROMPT.shape[1] - 1)
-        assert cache.get_seq_length() == PROMPT.shape[1] - 1
-        got = model.generate(PROMPT, past_key_values=cache, max_new_tokens=8, do_sample=False)
-        assert got.tolist() == want.tolist()
-        with pytest.raises(ValueError, match="holds 69 tokens"):
-            model.generate(got, past_key_values=cache, max_new_tokens=2, do_sample=False)

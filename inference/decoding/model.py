@@ -190,7 +190,7 @@ class TierstoreModel:
         but the last token are fed here in chunks (`feed_prompt`); generate feeds what is left. On the device the
         cache is written in place (`reserved_cache`, room for `total_tokens`). A model whose cache is not
         transformers' DynamicCache runs its prompt in one pass."""
-        cache = self.new_kv_cache(total_tokens if input_ids.shape[0] == 1 else None)
+        cache = self.new_kv_cache()
         prompt = input_ids.shape[1] - 1
         plain = cache is None and self._plain_cache()
         prefixes = self.prefix_cache() if plain and input_ids.shape[0] == 1 else None
@@ -205,8 +205,9 @@ class TierstoreModel:
         if start >= prompt:
             return cache, prefixes is not None  # all but the last token reused: generate feeds that one
         planned = plan_feed(self, prompt - start, input_ids.shape[0], attention_mask)
-        if (planned.chunk_tokens >= prompt - start and not start) or (cache is None and not plain):
-            return cache, prefixes is not None  # one pass: generate's own (after a prefix, fed here maskless)
+        if (planned.chunk_tokens >= prompt - start and planned.plan is None and not start) or \
+                (cache is None and not plain):
+            return cache, prefixes is not None  # one pass, generate's own: its activations fit the reserve
         if cache is None:
             cache = reserved_cache(self.model.config, total_tokens)
         with quiet_forward():
@@ -288,20 +289,13 @@ class TierstoreModel:
         one); BudgetError when it fits nowhere allowed. Changes nothing."""
         return self.kv_budget.placement(self.plan, cache_tokens)
 
-    def new_kv_cache(self, capacity_tokens: int | None = None) -> Any:
+    def new_kv_cache(self) -> Any:
         """The cache a generate call or a fresh batch starts with: None (the model makes its own, on the device)
-        or, when the KV cache lives in host RAM, a generate call's `PinnedKVCache` of `capacity_tokens` (for a
-        model whose layers are all full attention), else transformers' offloaded DynamicCache (`HostKVCache`,
-        whose rows the batcher can reshape)."""
+        or, when the KV cache lives in host RAM, transformers' offloaded DynamicCache (`HostKVCache`)."""
         if not self.kv_on_host:
             return None
         from ..runtime.host_cache import HostKVCache
-        from ..runtime.pinned_kv import PinnedKVCache
 
-        if capacity_tokens is not None:
-            cache = PinnedKVCache(self.model.config, capacity_tokens, self.device)
-            if PinnedKVCache.supports(cache):
-                return cache
         return HostKVCache(self.model.config)
 
     def settle_kv_cache(self) -> None:

@@ -33,6 +33,7 @@ from ..decoding.model import quiet_forward
 from ..decoding.prefill import feed_prompt, plan_feed
 from ..placement.kv import kv_cache_tokens
 from ..runtime.prefix_cache import cache_layers, restore
+from ..runtime.reserved_cache import as_dynamic, reserved_cache
 from .kv_rows import compact, keep_rows, merge_rows, plain_layers
 
 log = logging.getLogger(__name__)
@@ -265,19 +266,18 @@ class Batcher:
         """A prompt that starts like a finished sequence (the prefix cache), or too long for one pass within the
         device budget, joins on its own: its cache restored from the prefix, the rest of the prompt fed in chunks
         (`feed_prompt`), its first token sampled and its row appended to the batch's. Whether it joined so."""
-        from transformers import DynamicCache
-
         prompt = len(sequence.prompt_ids)
         hit = self.prefixes.lookup(sequence.prompt_ids) if self.prefixes is not None else None
         start = hit[0] if hit is not None else 0
         if hit is None and (self.model.kv_on_host or plan_feed(self.model, prompt, 1, None).chunk_tokens >= prompt):
             return False
-        cache = DynamicCache(config=self.model.model.config)
+        cache = reserved_cache(self.model.model.config, prompt)  # written in place while the chunks run
         if hit is not None:
             restore(cache, hit[1], self.device)
         ids = torch.tensor([sequence.prompt_ids], device=self.device)
         with quiet_forward():
             out, note = feed_prompt(self.model, ids, cache, start)
+        as_dynamic(cache)
         if note:
             log.info(note)
         sequence.tokens.append(self._sample(out.logits[:, -1, :].float(), [sequence])[0])
@@ -305,10 +305,15 @@ class Batcher:
             return
         columns = mask[row].nonzero().squeeze(1)
         tokens = [*sequence.prompt_ids, *sequence.tokens][:sequence.cached]
-        if len(columns) != len(tokens):
+        if len(columns) != len(tokens) or not len(columns):
             return
-        self.prefixes.store(tokens, [(k[row:row + 1, :, columns.to(k.device)], v[row:row + 1, :, columns.to(k.device)])
-                                     for k, v in layers])
+        first, last = int(columns[0]), int(columns[-1]) + 1
+        if last - first == len(columns):  # one run of columns (rows are right-aligned): views, nothing copied here
+            picked = [(k[row:row + 1, :, first:last], v[row:row + 1, :, first:last]) for k, v in layers]
+        else:
+            picked = [(k[row:row + 1, :, columns.to(k.device)], v[row:row + 1, :, columns.to(k.device)])
+                      for k, v in layers]
+        self.prefixes.store(tokens, picked)
 
     def _beside(self, joining: list[Sequence], width: int) -> bool:
         """Whether `joining`'s prompts (`width` the longest) share the running rows' pass: when that pads the

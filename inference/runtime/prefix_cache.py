@@ -4,8 +4,9 @@ system prompt, the earlier turns of a chat) skips that part of its prefill.
 Entries live in host RAM (an LRU bounded in bytes, cachetools') and, with a directory, on disk (bounded in bytes,
 the least recently used removed first). An entry is one safetensors file: its tokens, each layer's keys and values
 for one sequence, the model it was made by and an xxh3-128 checksum of its tensors. Files are written whole or not
-at all (`write_atomic`), in the background; a file that fails to parse, whose checksum differs or that another
-model made is ignored (and a corrupt one removed), never served.
+at all (`write_atomic`). Copies to RAM and writes to disk run on threads of their own (a lookup waits for the
+copies queued before it). A file that fails to parse, whose checksum differs or that another model made is ignored
+(and a corrupt one removed), never served.
 
 A lookup takes the entry sharing the longest common prefix with the prompt, at most all but the prompt's last
 token (whose logits the caller needs), and at least `MIN_PREFIX_TOKENS`.
@@ -87,7 +88,8 @@ class PrefixCache:
         self._ram: cachetools.LRUCache = cachetools.LRUCache(maxsize=ram_bytes, getsizeof=_entry_bytes)
         self._index: dict[str, _Entry] = {}
         self._lock = threading.Lock()
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tierstore-prefix")
+        self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tierstore-prefix-ram")
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tierstore-prefix-disk")
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
             self._scan()
@@ -107,6 +109,7 @@ class PrefixCache:
         """The longest stored prefix of `tokens` (all but the last at most) and its layers cropped to it, on the
         CPU; None (counted a miss) when none is at least MIN_PREFIX_TOKENS long."""
         query = torch.tensor(tokens, dtype=torch.long)
+        self._copier.submit(lambda: None).result()  # the sequences being kept count: a turn may follow at once
         with self._lock:
             best, best_length = None, 0
             for name, entry in self._index.items():
@@ -123,23 +126,30 @@ class PrefixCache:
         return usable, [(k[..., :usable, :], v[..., :usable, :]) for k, v in layers]
 
     def store(self, tokens: list[int], layers: Layers) -> None:
-        """Keep `layers` (one sequence's KV cache, any device) as the entry for `tokens`: copied to RAM now,
-        written to disk in the background."""
-        if len(tokens) < MIN_PREFIX_TOKENS:
-            return
-        name = xxhash.xxh3_128_hexdigest(self.key.encode() + torch.tensor(tokens, dtype=torch.long).numpy().tobytes())
+        """Keep `layers` (one sequence's KV cache, any device; tensors no one writes to again) as the entry for
+        `tokens`. The copy to RAM and the write to disk run on the cache's own thread: a server's next request
+        does not wait for them (pinning 0.9 GB of RAM alone takes a large part of a second)."""
+        if len(tokens) >= MIN_PREFIX_TOKENS:
+            self._copier.submit(self._keep, torch.tensor(tokens, dtype=torch.long), layers)
+
+    def _keep(self, tokens: torch.Tensor, layers: Layers) -> None:
+        name = xxhash.xxh3_128_hexdigest(self.key.encode() + tokens.numpy().tobytes())
         host = [(_to_host(k), _to_host(v)) for k, v in layers]
-        entry = _Entry(torch.tensor(tokens, dtype=torch.long), _entry_bytes(host), time.time())
         with self._lock:
             try:
                 self._ram[name] = host
             except ValueError:  # larger than the RAM the cache may take: on disk only, or not at all
                 if self.directory is None:
                     return
-            self._index[name] = entry
+            self._index[name] = _Entry(tokens, _entry_bytes(host), time.time())
             self.stats.stored += 1
         if self.directory is not None:
-            self._writer.submit(self._write, name, entry.tokens, host)
+            self._writer.submit(self._write, name, tokens, host)
+
+    def settle(self) -> None:
+        """Wait for the entries being kept, in RAM and on disk."""
+        self._copier.submit(lambda: None).result()
+        self._writer.submit(lambda: None).result()
 
     def _write(self, name: str, tokens: torch.Tensor, layers: Layers) -> None:
         tensors = {"tokens": tokens}
@@ -234,6 +244,7 @@ class PrefixCache:
         return os.path.join(self.directory, name + SUFFIX)
 
     def close(self) -> None:
+        self._copier.shutdown(wait=True)
         self._writer.shutdown(wait=True)
 
 

@@ -64,3 +64,15 @@ def reserved_cache(config: Any, capacity_tokens: int) -> DynamicCache:
     cache.layers = [ReservedLayer(capacity_tokens) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
     return cache
+
+
+def as_dynamic(cache: DynamicCache) -> DynamicCache:
+    """`cache` with its ReservedLayers made plain DynamicLayers holding the same tensors (no copy: for the
+    batcher's row surgery, which takes only plain layers; a layer filled to its capacity hands over its buffer)."""
+    for index, layer in enumerate(cache.layers):
+        if isinstance(layer, ReservedLayer):
+            plain = DynamicLayer()
+            plain.is_initialized = True
+            plain.keys, plain.values, plain.device = layer.keys, layer.values, layer.keys.device
+            cache.layers[index] = plain
+    return cache
