@@ -11,14 +11,17 @@ compose.py  the one place a model is opened: resolve -> units -> shard -> draft 
 placement/  how the device and RAM budgets are divided: budgets.py (budgets capped to the machine, the device
             reserve, a draft's cost, the planner's input), plan.py (units -> policies/planner.py's plan, dense or
             MoE, with the reserve for dequantization and a draft), kv.py (the KV cache's share: device reserve or
-            host RAM, re-plans as it grows, the largest batch)
+            host RAM, re-plans as it grows, the largest batch), prefill.py (a long prompt's chunks and their room)
 runtime/    what runs each pass. Module adapters (adapters.py: made = attached, `detach()` restores; hooks.py
             lends each unit's tensors around its module's forward, lookup.py answers the input embedding from
             RAM, experts.py runs MoE layers on the routed experts' device slots, collectives.py combines tensor-
-            parallel ranks' outputs); host_cache.py: the KV cache in host RAM
+            parallel ranks' outputs); the KV cache: host_cache.py (in host RAM), reserved_cache.py (on the device,
+            written in place), prefix_cache.py (finished sequences' caches kept for reuse); chunk_attention.py
+            (a prompt chunk's attention without a mask tensor)
 decoding/   the decode loops: model.py (TierstoreModel: transformers' generate, timing, report, KV placement),
-            speculation.py (a draft's tree verified in one pass; drafts.py, tree.py), and under all three loops
-            (generate, speculation, the batcher) sampling.py
+            speculation.py (a draft's tree verified in one pass; drafts.py, tree.py), prefill.py (a prompt fed in
+            chunks, for generate and the batcher), and under all three loops (generate, speculation, the batcher)
+            sampling.py
 loading/    from what the user names to units: resolve.py, checkpoint.py, safetensors_header.py, skeleton.py (the
             meta model cut into units: architecture knowledge lives here), sources.py (`open_units`: safetensors
             read in place or a layer store), convert.py (GGUF, .bin, renamed safetensors -> a layer store),

@@ -58,17 +58,15 @@ def feed_prompt(model: Any, input_ids: torch.Tensor, cache: Any, start: int = 0,
                 attention_mask: torch.Tensor | None = None, planned: Prefill | None = None) -> tuple[Any, str | None]:
     """Feed `input_ids[:, start:stop]` into `cache` through `model` (a TierstoreModel) in the chunks `planned` (or
     `plan_feed`) gives: the store re-planned for the chunks while they run, then back, and the GPU allocator's
-    cache emptied at each change (the budget counts what the process holds). Returns the last forward's output
+    cache emptied after (the budget counts what the process holds). Returns the last forward's output
     and the plan's note when the prompt took more than one chunk."""
     stop = input_ids.shape[1] if stop is None else stop
     planned = planned or plan_feed(model, stop - start, input_ids.shape[0], attention_mask)
     decode_plan = model.plan
     cuda = model.device.type == "cuda"
-    if planned.plan is not None:
-        model.store.replan(planned.plan)
+    if planned.plan is not None:  # the evicted units' blocks stay cached for the chunks to take (emptying the
+        model.store.replan(planned.plan)  # cache here took the 32,000-token row from 4.09 to 4.39 GB on an H200)
         model.plan = planned.plan
-        if cuda:  # the evicted units' blocks back to the GPU, for the chunks to take
-            torch.cuda.empty_cache()
     try:
         with torch.no_grad():
             out = prefill(model.model, input_ids, cache, planned.chunk_tokens, attention_mask, start, stop)
