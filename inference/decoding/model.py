@@ -338,7 +338,7 @@ class TierstoreModel:
         with quiet_forward():
             out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warped), ends, stats,
                             self._max_depth, kwargs.get("streamer"), on_first_token=lambda: clock(None, None),
-                            tracer=self.tracer)
+                            tracer=self.tracer, feed=lambda ids, cache: feed_prompt(self, ids, cache)[0].logits[0])
         self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes)
         self._speculation = stats
         return out

@@ -45,7 +45,7 @@ def activation_bytes_per_token(config: Any, dtype: torch.dtype, masked_keys: int
     also holds its scores in float32."""
     text = config.get_text_config()
     hidden = text.hidden_size
-    heads = text.num_attention_heads
+    heads = getattr(text, "num_attention_heads", None) or 1  # none: a state-space model's mixer, as wide
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     routed = getattr(text, "num_experts_per_tok", None)
