@@ -253,3 +253,19 @@ def test_a_server_prompt_too_long_for_one_pass_joins_in_chunks(smollm2_store, sm
     for prompt, sequence in ((short, first), (long, second)):
         want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
         assert sequence.tokens == want[:len(sequence.tokens)].tolist() and len(sequence.tokens) >= 8
+
+
+def test_the_report_says_where_the_kv_cache_was_and_what_the_prompt_reused(tiny_dirs, cache_config, tmp_path):
+    directory, _ = tiny_dirs("llama")
+    config = _prefix_config(_config(cache_config, 16), tmp_path / "prefixes")
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        assert model.report().kv is None
+        out = model.generate(PROMPT, max_new_tokens=4, do_sample=False)
+        model.generate(torch.cat([out, PROMPT[:, :20]], dim=1), max_new_tokens=4, do_sample=False)
+        kv = model.report().to_dict()["kv"]
+        assert kv["tier"] == "device" and kv["moved_bytes_per_pass"] == 0
+        assert kv["cache_tokens"] == out.shape[1] + 20 + 4 and kv["bytes"] == model.kv_budget.cache_bytes(
+            kv["cache_tokens"])
+        assert kv["prefix_tokens_reused"] == out.shape[1] - 1 and kv["prompt_chunk_tokens"] == 16
+        assert kv["prefix"]["hits"] == 1 and kv["prefix"]["misses"] == 1
+        assert "KV cache" in str(model.report())

@@ -49,6 +49,7 @@ class RunReport:
     speculation: dict[str, Any] | None = None  # SpeculationStats.to_dict() of a run with a draft
     experts: dict[str, Any] | None = None  # ExpertStats.to_dict() of a mixture-of-experts run
     peak_rss_bytes: int | None = None  # the process's peak resident memory so far: what the budgets do not bound
+    kv: dict[str, Any] | None = None  # the last call's KV cache: where, how large, moved per pass, prompt chunks
 
     def to_dict(self) -> dict[str, Any]:
         """The whole report as JSON-serialisable data."""
@@ -66,6 +67,7 @@ class RunReport:
             "notes": list(self.notes),
             "speculation": self.speculation,
             "experts": self._experts(timing),
+            "kv": self.kv,
         }
 
     def _experts(self, timing: dict[str, Any]) -> dict[str, Any] | None:
@@ -109,6 +111,8 @@ class RunReport:
             tables.append(_speculation_table(self.speculation))
         if data["experts"] is not None:
             tables.extend(_experts_tables(data["experts"]))
+        if self.kv is not None:
+            tables.append(_kv_table(self.kv))
         if self.plan.notes or self.notes:
             notes = Table(title="notes", show_header=False)
             notes.add_column("note")
@@ -136,6 +140,20 @@ def _speculation_table(data: dict[str, Any]) -> Table:
                   _fmt(data["tree_nodes"] / data["passes"] if data["passes"] else None, "{:.1f}"),
                   f"{data['draft_s']:.3f}", _fmt(data["draft_step_s"], "{:.4f}"), f"{data['verify_s']:.3f}",
                   _fmt(data["verify_pass_s"], "{:.4f}"))
+    return table
+
+
+def _kv_table(data: dict[str, Any]) -> Table:
+    """Where the KV cache lived, what it moved per pass, how the prompt was fed and what the prefix cache saved."""
+    table = Table(title="KV cache")
+    for column in ("tier", "tokens", "bytes", "moved/pass", "prompt chunk", "prefix tokens reused",
+                   "prefix hits/misses"):
+        table.add_column(column, justify="right")
+    prefix = data.get("prefix")
+    table.add_row(data["tier"], str(data["cache_tokens"]), format_size(data["bytes"]),
+                  format_size(data["moved_bytes_per_pass"]), str(data["prompt_chunk_tokens"] or "whole"),
+                  str(data["prefix_tokens_reused"]),
+                  f"{prefix['hits']}/{prefix['misses']}" if prefix is not None else "-")
     return table
 
 

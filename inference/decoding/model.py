@@ -125,6 +125,7 @@ class TierstoreModel:
         self._closed = False
         self._speculation: SpeculationStats | None = None
         self._prefixes: PrefixCache | None = None  # opened on first use (`prefix_cache`)
+        self._kv_call: dict[str, Any] | None = None  # the last generate call's KV cache, for the report
         self._max_depth = self.config.speculation.depth or DEFAULT_MAX_DEPTH
         # learns pass and draft-step costs across calls; a configured depth is drafted every pass. A target whose
         # routed experts are fetched as picked verifies a larger tree at a higher cost: the policy fits that cost.
@@ -167,6 +168,7 @@ class TierstoreModel:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         clock = _StepClock(self.tracer)
         keep_prefix = False
+        self._kv_call = {"cache_tokens": input_ids.shape[0] * total, "chunk": None, "reused": 0}
         if "past_key_values" not in kwargs:
             cache, keep_prefix = self._prefill_chunks(input_ids, kwargs.get("attention_mask"), total, notes)
             if cache is not None:
@@ -200,6 +202,7 @@ class TierstoreModel:
             hit = prefixes.lookup(input_ids[0].tolist())
             if hit is not None:
                 start, layers = hit
+                self._kv_call["reused"] = start
                 restore(cache, layers, self.device)
                 notes.append(f"prefix cache: {start} of the prompt's {prompt + 1} tokens reused")
         if start >= prompt:
@@ -212,6 +215,7 @@ class TierstoreModel:
             cache = reserved_cache(self.model.config, total_tokens)
         with quiet_forward():
             note = feed_prompt(self, input_ids, cache, start, prompt, attention_mask, planned)[1]
+        self._kv_call["chunk"] = planned.chunk_tokens if planned.chunk_tokens < prompt - start else None
         notes.extend([note] if note else [])
         return cache, prefixes is not None
 
@@ -373,7 +377,21 @@ class TierstoreModel:
         return RunReport(plan=self.plan, tiers=tiers, timing=self._timing, device=str(self.device),
                          setup_s=self.setup_s, notes=notes,
                          speculation=self._speculation.to_dict() if self._speculation is not None else None,
-                         experts=experts, peak_rss_bytes=peak_rss_bytes())
+                         experts=experts, peak_rss_bytes=peak_rss_bytes(), kv=self._kv_report())
+
+    def _kv_report(self) -> dict[str, Any] | None:
+        """The last generate call's KV cache for the report (None before any): its tier and size (the room
+        placed for it), the bytes a host cache moves per pass at its full length (transformers' offloaded cache
+        copies each layer up and back), the prompt's chunk and what the prefix cache saved."""
+        if self._kv_call is None or getattr(self.model.config.get_text_config(), "num_attention_heads", None) is None:
+            return None  # no call yet, or a model without attention (and no KV cache)
+        tokens = self._kv_call["cache_tokens"]
+        nbytes = self.kv_budget.cache_bytes(tokens)
+        prefixes = self._prefixes
+        return {"tier": "host" if self.kv_on_host else "device", "cache_tokens": tokens, "bytes": nbytes,
+                "moved_bytes_per_pass": 2 * nbytes if self.kv_on_host else 0,
+                "prompt_chunk_tokens": self._kv_call["chunk"], "prefix_tokens_reused": self._kv_call["reused"],
+                "prefix": dataclasses.asdict(prefixes.stats) if prefixes is not None else None}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"plan {self.plan.regime}, {len(self.plan.schedule)} units"
