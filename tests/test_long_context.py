@@ -1,5 +1,6 @@
 """Long prompts within the budget: fed in chunks, they give transformers' own greedy tokens and logits."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -269,3 +270,24 @@ def test_the_report_says_where_the_kv_cache_was_and_what_the_prompt_reused(tiny_
         assert kv["prefix_tokens_reused"] == out.shape[1] - 1 and kv["prompt_chunk_tokens"] == 16
         assert kv["prefix"]["hits"] == 1 and kv["prefix"]["misses"] == 1
         assert "KV cache" in str(model.report())
+
+
+def test_generate_takes_a_prefix_cache_directory(smollm2_store, tmp_path):
+    """`tierstore generate --prefix-cache DIR`: the second run starts from the first run's entry; a file given as
+    the directory is refused in one line."""
+    import subprocess
+    import sys
+
+    store, _ = smollm2_store
+    base = [sys.executable, "-m", "tierstore", "generate", store, "--max-new-tokens", "4", "--prefix-cache",
+            str(tmp_path / "prefixes"), "--report-json"]
+    for run in range(2):
+        out = subprocess.run([*base, str(tmp_path / f"r{run}.json"), "--prompt", "What is the capital of France?"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    kv = json.loads((tmp_path / "r1.json").read_text())["kv"]
+    assert kv["prefix"]["hits"] == 1 and kv["prefix_tokens_reused"] > 16
+    (tmp_path / "a-file").write_text("x")
+    bad = subprocess.run([*base[:-3], "--prefix-cache", str(tmp_path / "a-file"), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is a file" in bad.stderr and "Traceback" not in bad.stderr

@@ -3,6 +3,7 @@ library."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--report-json", help="write the report (tokens, text, tiers, timing, plan) here")
     gen.add_argument("--trace", help="write a timeline of reads, copies, compute and stalls here (Chrome trace "
                                      "JSON: open in Perfetto, or draw with tierstore plot)")
+    gen.add_argument("--prefix-cache", metavar="DIR", help="keep each finished sequence's KV cache in DIR, and start "
+                                                           "a later prompt that begins the same way from it")
     gen.add_argument("--tp", type=int, help="tensor parallelism: N processes, one per GPU, each streaming its "
                                             "shard of every unit under the budget of its own device (under "
                                             "torchrun: the number of processes)")
@@ -115,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "completion), at most the model's context")
     serve.add_argument("--dtype", choices=list(DTYPES),
                        help="compute dtype (default: the checkpoint's on a GPU, float32 on a CPU)")
+    serve.add_argument("--prefix-cache", metavar="DIR", help="keep finished sequences' KV caches on disk in DIR too "
+                                                             "(they are kept in RAM in any case), across restarts")
     _budget_args(serve, draft=False)
 
     plan = sub.add_parser("plan", help="print the placement plan; nothing runs")
@@ -167,7 +172,14 @@ def _budget(args: argparse.Namespace) -> Budget | None:
 def _config(args: argparse.Namespace) -> Any:
     from ...config import Config
 
-    return Config.load(args.config).with_compression(args.compress)
+    config = Config.load(args.config).with_compression(args.compress)
+    directory = getattr(args, "prefix_cache", None)
+    if directory is None:
+        return config
+    directory = os.path.expanduser(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise InputError(f"--prefix-cache {directory!r} is a file; give a directory")
+    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, prefix_cache_dir=directory))
 
 
 def _generate(args: argparse.Namespace) -> int:
