@@ -54,17 +54,14 @@ def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: i
               on_first_token: Callable[[], None] | None = None, tracer: Tracer | None = None,
               feed: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` after `input_ids` (1, n) with `model` (a transformers causal LM) verifying
-    `draft`'s trees; returns (1, n + new) like `generate`. `feed(input_ids, cache)` feeds the prompt and returns
-    its last logits (default: one forward)."""
+    `draft`'s trees; returns (1, n + new) like `generate`. `feed(ids, cache)`: the prompt's last logits."""
     from transformers import DynamicCache
 
     device = input_ids.device
     cache = DynamicCache()
+    feed = feed or (lambda ids, kv: model(ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0])
     with torch.no_grad():
-        if feed is not None:
-            logits = feed(input_ids, cache)
-        else:
-            logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0]
+        logits = feed(input_ids, cache)
     root = int(choose(logits[-1:])[0])
     if on_first_token is not None:
         on_first_token()
