@@ -4,7 +4,11 @@ per row, each row's peak reserved VRAM (torch's, allocator cache included) besid
 Rows are prompt tokens; `+whole` runs the prompt in one pass (runtime.prefill_chunk larger than the prompt: what
 tierstore did before chunked prefill). One device-tool call on nvidia-h200:
     python benchmarks/bench_long_context.py --out $OUT --rows 1024 8192 32000 32000+whole 131000 16000+turns
-`+host` keeps the KV cache in host RAM (runtime.kv_cache = "host"), to compare with the device cache's tokens;
+`+host` keeps the KV cache in host RAM (runtime.kv_cache = "host"), `+disk` on disk (runtime.kv_cache = "disk"),
+to compare with the device cache's tokens; `+ramNN` gives the row a RAM budget of NN GB (with auto, the KV layers
+the RAM budget does not hold beside the weights go to disk); `+expand` runs the row with
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (tierstore's default since); `+chunkN` feeds the prompt N tokens
+at a time (to compare tokens across KV tiers with the same arithmetic);
 `+turns` is a conversation's second turn through the prefix cache (`runtime.prefix_cache_dir`): time to first token
 with the first turn's KV cache reused, against the same length with nothing to reuse; `+serve` the same through the
 batcher `tierstore serve` runs (prefixes in RAM), time counted from the request's submission.
@@ -32,13 +36,19 @@ def child(args: argparse.Namespace) -> None:
 
     tokens, *flags = args.row.split("+")
     prompt = int(tokens)
+    if "expand" in flags:  # before torch's CUDA allocator starts
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if "turns" in flags:  # nothing reused from an earlier run
         shutil.rmtree(os.path.join(args.work, "prefixes"), ignore_errors=True)
-    runtime = {"cache_dir": args.cache, **({"prefill_chunk": prompt + 1} if "whole" in flags else {}),
+    whole = prompt + 1 if "whole" in flags else None
+    chunk = next((int(flag[5:]) for flag in flags if flag.startswith("chunk")), whole)
+    runtime = {"cache_dir": args.cache, **({"prefill_chunk": chunk} if chunk else {}),
                **({"prefix_cache_dir": os.path.join(args.work, "prefixes")} if "turns" in flags else {}),
                **({"prefix_cache_ram": "8GB"} if "serve" in flags else {}),
-               **({"kv_cache": "host"} if "host" in flags else {})}
-    model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
+               **({"kv_cache": "host"} if "host" in flags else {}),
+               **({"kv_cache": "disk", "kv_dir": os.path.join(args.work, "kv")} if "disk" in flags else {})}
+    ram = next((f"{flag[3:]}GB" for flag in flags if flag.startswith("ram")), args.ram)
+    model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=ram),
                                                 config={"runtime": runtime})
     model.warm_up()
     vocab = model.model.config.get_text_config().vocab_size
@@ -58,7 +68,7 @@ def child(args: argparse.Namespace) -> None:
     result = {"prompt": prompt, "prefill_s": timing["prefill_s"], "decode_s_per_token": timing["decode_step_s"],
               "wall_s": wall_s, "notes": report["notes"], "plan_notes": report["plan"]["notes"],
               "h2d_bytes_per_pass": report["plan"]["h2d_bytes_per_pass"], "predicted": report["plan"]["predicted"],
-              "tokens": out[0, prompt:].tolist(), "peak_rss": vm_hwm_bytes(),
+              "tokens": out[0, prompt:].tolist(), "peak_rss": vm_hwm_bytes(), "kv": report["kv"],
               "peak_vram_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
               "peak_vram_allocated": torch.cuda.max_memory_allocated() if cuda else 0}
     model.close()
@@ -183,10 +193,20 @@ def main() -> None:
                   f"{r['peak_vram_reserved'] / 1e9:.2f} GB", flush=True)
             continue
         step = r["predicted"].get("step_s")
-        plain = results["rows"].get(row.split("+")[0], {})
-        if row != row.split("+")[0] and "tokens" in plain:
+        kv = r["kv"]
+        link_bytes = r["h2d_bytes_per_pass"] + kv["moved_bytes_per_pass"]
+        bound_s = max(link_bytes / (probe["h2d_pinned_gbps"] * 1e9) if device == "cuda" else 0,
+                      kv["disk_bytes_per_pass"] / (probe["disk_gbps"] * 1e9))
+        print(f"{row}: KV cache {kv['tier']} ({kv['tier_bytes']}), per decode pass {link_bytes / 1e9:.2f} GB over the "
+              f"link (weights {r['h2d_bytes_per_pass'] / 1e9:.2f}, KV {kv['moved_bytes_per_pass'] / 1e9:.2f}), "
+              f"{kv['disk_bytes_per_pass'] / 1e9:.2f} GB of KV from disk: bound {bound_s:.3f} s, decode "
+              f"{r['decode_s_per_token'] / bound_s if bound_s else float('nan'):.2f}x it", flush=True)
+        tokens, *flags = row.split("+")  # the row with the KV cache on the device and the same prompt feeding
+        base = "+".join([tokens, *(flag for flag in flags if flag.startswith("chunk") or flag == "whole")])
+        plain = results["rows"].get(base, {})
+        if row != base and "tokens" in plain:
             same = "the same tokens" if plain["tokens"] == r["tokens"] else f"tokens DIFFER: {r['tokens']}"
-            print(f"{row}: {same} as row {row.split('+')[0]}", flush=True)
+            print(f"{row}: {same} as row {base}", flush=True)
         print(f"{row}: peak reserved {r['peak_vram_reserved'] / 1e9:.2f} GB (budget {args.vram}), prefill "
               f"{r['prefill_s']:.2f} s, decode {r['decode_s_per_token']:.3f} s/token (plan's weight bound "
               f"{step}), peak RSS {r['peak_rss'] / 1e9:.1f} GB; notes: {'; '.join(r['notes'])}", flush=True)

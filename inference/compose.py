@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any
 
@@ -216,7 +217,8 @@ def _open_runtime(request: OpenRequest, device: torch.device, units: Units, toke
     attach(resources, AttachedHooks(units.skeleton, store, device, decompressor, tracer))
     kv_budget = KVBudget(planned_from, cfg.runtime.kv_cache, device.type == "cuda", units.hf_config, units.dtype,
                          decompressor.scratch.nbytes if decompressor is not None else 0, draft_cost,
-                         sum(layout.nbytes for layout in dense.values()))
+                         sum(layout.nbytes for layout in dense.values()),
+                         cfg.runtime.kv_dir or os.path.join(cfg.runtime.cache_dir, "kv"))
     return ModelParts(units.skeleton.model, tokenizer, store, plan, planned_from, kv_budget, device, cfg, 0.0,
                       decompressor, draft_cost=draft_cost, tracer=tracer, experts=experts)
 

@@ -253,7 +253,6 @@ def test_moe_missed_experts_copied_or_computed_on_the_cpu_give_transformers_toke
     """A tiny Qwen3-MoE in float32 on CUDA, most experts off the device: missed experts copied into slots, computed
     by the CPU, or split between the two (the cost model given equal rates): transformers' greedy tokens."""
     from test_moe import PROMPT, _config, _reference, _saved, _streaming_budget
-
     from tierstore.policies.experts import ExpertCosts
 
     model, directory = _saved("qwen3_moe", tmp_path)
@@ -273,3 +272,29 @@ def test_moe_missed_experts_copied_or_computed_on_the_cpu_give_transformers_toke
     on_host, copied = report.experts["host_computed"], report.tiers["experts device"].misses
     assert (on_host > 0) == (compute != "device") and (copied > 0) == (compute != "host")
     print(f"\ncuda qwen3_moe, compute {compute}: tokens identical; {on_host} experts on the CPU, {copied} copied")
+
+
+@pytest.mark.parametrize("tiers", [("host",), ("disk",), ("device", "disk", "host", "host", "disk", "disk")])
+def test_tiered_kv_cache_on_cuda_gives_the_device_caches_logits(tiers, tmp_path):
+    """Layers fetched ahead on the cache's stream, rows written back, disk layers through pinned bounce buffers
+    read ahead on the I/O thread: every step's logits equal a device DynamicCache's, for chunks and tokens."""
+    from tierstore.inference.runtime.tiered_kv import TieredKVCache
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval().to("cuda")
+    layers = (tiers * 6)[:6]
+    ids = torch.randint(3, 256, (2, 3000), device="cuda")
+    plain = DynamicCache(config=config)
+    tiered = TieredKVCache(config, layers, 3100, torch.device("cuda"), str(tmp_path))
+    with torch.no_grad():
+        spans = [(0, 1024), (1024, 2900), *((end, end + 1) for end in range(2900, 2960))]
+        for start, end in spans:
+            want = model(ids[:, start:end], past_key_values=plain).logits
+            got = model(ids[:, start:end], past_key_values=tiered).logits
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    tiered.settle()
+    assert tiered.traffic.passes == len(spans)
+    tiered.close()

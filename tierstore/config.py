@@ -163,10 +163,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                       "it, else eager); sdpa (PyTorch's, flash kernels on a GPU), eager, flash_attention_2 "
                       "(flash-attn) or flash_attention_4 (flash-attn-4, Hopper and Blackwell GPUs)"),
         "device_reserve": (_size_or_none, AUTO, "device bytes kept for activations and KV cache; auto = estimated"),
-        "kv_cache": (_choice(AUTO, "device", "host"), AUTO,
+        "kv_cache": (_choice(AUTO, "device", "host", "disk"), AUTO,
                      "where a GPU run's KV cache lives: auto = in the device reserve when the device budget holds it "
-                     "beside the weights, else in host RAM (streamed a layer ahead); device; host (more of the "
-                     "device budget for weights)"),
+                     "beside the weights, else layer by layer in host RAM and, past the RAM budget, on disk "
+                     "(fetched a layer ahead); device; host (more of the device budget for weights); disk (every "
+                     "layer in kv_dir, on a CPU too)"),
+        "kv_dir": (_file_or_none, "", "where KV cache layers on disk go (files removed as soon as opened); "
+                                      "\"\" = kv under cache_dir"),
         "prefill_chunk": (_int_or_auto(1), AUTO,
                           "prompt tokens fed per weight pass; auto = the whole prompt while its activations are small, "
                           "else chunks as large as the device budget holds beside the KV cache"),

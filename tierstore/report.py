@@ -144,14 +144,16 @@ def _speculation_table(data: dict[str, Any]) -> Table:
 
 
 def _kv_table(data: dict[str, Any]) -> Table:
-    """Where the KV cache lived, what it moved per pass, how the prompt was fed and what the prefix cache saved."""
+    """Where the KV cache lived (bytes by tier), what a decode pass moved over the link and from disk, how the
+    prompt was fed and what the prefix cache saved."""
     table = Table(title="KV cache")
-    for column in ("tier", "tokens", "bytes", "moved/pass", "prompt chunk", "prefix tokens reused",
-                   "prefix hits/misses"):
+    for column in ("tier", "tokens", "bytes by tier", "link/pass", "disk/pass", "prompt chunk",
+                   "prefix tokens reused", "prefix hits/misses"):
         table.add_column(column, justify="right")
     prefix = data.get("prefix")
-    table.add_row(data["tier"], str(data["cache_tokens"]), format_size(data["bytes"]),
-                  format_size(data["moved_bytes_per_pass"]), str(data["prompt_chunk_tokens"] or "whole"),
+    by_tier = ", ".join(f"{tier} {format_size(nbytes)}" for tier, nbytes in data["tier_bytes"].items())
+    table.add_row(data["tier"], str(data["cache_tokens"]), by_tier, format_size(data["moved_bytes_per_pass"]),
+                  format_size(data["disk_bytes_per_pass"]), str(data["prompt_chunk_tokens"] or "whole"),
                   str(data["prefix_tokens_reused"]),
                   f"{prefix['hits']}/{prefix['misses']}" if prefix is not None else "-")
     return table

@@ -28,10 +28,12 @@ from ...sizes import format_size
 from ...store import TieredStore
 from ...trace import TOKENS, Tracer
 from ..placement.budgets import DraftCost
-from ..placement.kv import KVBudget, device_shares
+from ..placement.kv import KVBudget, KVTiers, Workload, describe_tiers, device_shares
+from ..placement.prefill import plan_prefill
 from ..runtime.experts import ExpertRunner
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
+from ..runtime.tiered_kv import KVTraffic, TieredKVCache
 from .prefill import feed_prompt, plan_feed
 from .speculation import SpeculationStats
 
@@ -120,7 +122,7 @@ class TierstoreModel:
         self.kv_budget = parts.kv_budget
         self._resources = resources
         self._timing = Timing()
-        self.kv_on_host = False  # the KV cache lives in host RAM (fit_kv_cache decides, per call or batch)
+        self.kv_tiers: KVTiers | None = None  # where each layer's KV lives when not all on the device (fit_kv_cache)
         self._notes: list[str] = []
         self._closed = False
         self._speculation: SpeculationStats | None = None
@@ -131,6 +133,11 @@ class TierstoreModel:
         # routed experts are fetched as picked verifies a larger tree at a higher cost: the policy fits that cost.
         self._depth_policy = DepthPolicy(self._max_depth, fixed=self.config.speculation.depth is not None,
                                          growing_pass=self.experts is not None)
+
+    @property
+    def kv_on_host(self) -> bool:
+        """Whether the KV cache has layers off the device (in host RAM or on disk)."""
+        return self.kv_tiers is not None
 
     @property
     def max_context(self) -> int | None:
@@ -155,7 +162,10 @@ class TierstoreModel:
             if kwargs.get(name) is not None:
                 raise InputError(f"{name} is not supported; open the model with a draft instead: "
                                  f"from_pretrained(..., draft=\"ngram\" or a small model)")
-        notes = [] if "past_key_values" in kwargs else self.fit_kv_cache(input_ids.shape[0] * total)
+        rows, prompt_tokens = input_ids.shape[0], input_ids.shape[-1]
+        workload = Workload(prompt_tokens, max_new or 20, lambda plan: plan_prefill(
+            self.kv_budget, plan, prompt_tokens, rows, False, self.config.runtime.prefill_chunk).chunk_tokens)
+        notes = [] if "past_key_values" in kwargs else self.fit_kv_cache(rows * total, workload=workload)
         input_ids = input_ids.to(self.device)
         self.store.reset_counters()
         if self.experts is not None:
@@ -168,7 +178,8 @@ class TierstoreModel:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         clock = _StepClock(self.tracer)
         keep_prefix = False
-        self._kv_call = {"cache_tokens": input_ids.shape[0] * total, "chunk": None, "reused": 0}
+        self._kv_call = {"cache_tokens": input_ids.shape[0] * total, "chunk": None, "reused": 0,
+                         "tiers": self.kv_tiers}
         if "past_key_values" not in kwargs:
             cache, keep_prefix = self._prefill_chunks(input_ids, kwargs.get("attention_mask"), total, notes)
             if cache is not None:
@@ -180,6 +191,7 @@ class TierstoreModel:
                                       **kwargs)
         if keep_prefix:
             self._keep_prefix(out, kwargs["past_key_values"])
+        self._settle_tiered(kwargs.get("past_key_values"))
         self._record(clock, decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls),
                      batch_size=input_ids.shape[0], notes=notes)
         return out
@@ -192,7 +204,7 @@ class TierstoreModel:
         but the last token are fed here in chunks (`feed_prompt`); generate feeds what is left. On the device the
         cache is written in place (`reserved_cache`, room for `total_tokens`). A model whose cache is not
         transformers' DynamicCache runs its prompt in one pass."""
-        cache = self.new_kv_cache()
+        cache = self.new_kv_cache(total_tokens)
         prompt = input_ids.shape[1] - 1
         plain = cache is None and self._plain_cache()
         prefixes = self.prefix_cache() if plain and input_ids.shape[0] == 1 else None
@@ -216,8 +228,23 @@ class TierstoreModel:
         with quiet_forward():
             note = feed_prompt(self, input_ids, cache, start, prompt, attention_mask, planned)[1]
         self._kv_call["chunk"] = planned.chunk_tokens if planned.chunk_tokens < prompt - start else None
+        if isinstance(cache, TieredKVCache):  # what decoding moves is counted from here
+            self._kv_call["prefill_traffic"] = dataclasses.replace(cache.traffic)
         notes.extend([note] if note else [])
         return cache, prefixes is not None
+
+    def _settle_tiered(self, cache: Any) -> None:
+        """A TieredKVCache's bytes by tier and what its decode passes moved, for the report; then its files and
+        buffers are let go."""
+        if not isinstance(cache, TieredKVCache):
+            return
+        cache.settle()
+        before = self._kv_call.pop("prefill_traffic", KVTraffic())
+        traffic = cache.traffic
+        decode = KVTraffic(*(getattr(traffic, field.name) - getattr(before, field.name)
+                             for field in dataclasses.fields(KVTraffic)))
+        self._kv_call.update(tier_bytes=cache.tier_bytes(), decode=decode.per_pass(), whole=traffic.per_pass())
+        cache.close()
 
     def prefix_cache(self) -> PrefixCache | None:
         """The prefix cache (`runtime.prefix_cache_dir`), opened on first use; None when none is configured."""
@@ -274,37 +301,44 @@ class TierstoreModel:
         if self.tracer is not None:
             self.tracer.write()
 
-    def fit_kv_cache(self, cache_tokens: int) -> list[str]:
-        """Place a KV cache of `cache_tokens` (over all sequences) before anything runs (`KVBudget.placement`):
-        re-plan the device tier when its reserve must grow, and say where the cache lives. InputError when
-        neither the device nor the RAM budget holds it. Returns notes for the report."""
+    def fit_kv_cache(self, cache_tokens: int, tiered: bool = True, workload: Workload | None = None) -> list[str]:
+        """Place a KV cache of `cache_tokens` (over all sequences) before anything runs (`KVBudget.placement`; a
+        batch whose rows change is not `tiered`; a generate call's `workload` weighs the placements): re-plan the
+        device tier when its reserve must grow, and say where the cache lives. InputError when no budget allowed
+        holds it. Returns notes for the report."""
         try:
-            on_host, plan = self.kv_placement(cache_tokens)
+            tiers, plan = self.kv_budget.placement(self.plan, cache_tokens, tiered, workload)
         except BudgetError as exc:
-            raise InputError(self.kv_budget.refusal(self.plan, cache_tokens)) from exc
-        self.kv_on_host = on_host
+            raise InputError(self.kv_budget.refusal(self.plan, cache_tokens, tiered)) from exc
+        self.kv_tiers = tiers
         if plan is not None:
             self.store.replan(plan)
             self.plan = plan
-        return self.kv_budget.notes(cache_tokens, on_host, plan)
+        return self.kv_budget.notes(cache_tokens, tiers, plan, tiered)
 
-    def kv_placement(self, cache_tokens: int) -> tuple[bool, Plan | None]:
-        """Whether a KV cache of `cache_tokens` would go to host RAM, and the plan it needs (None: the current
-        one); BudgetError when it fits nowhere allowed. Changes nothing."""
-        return self.kv_budget.placement(self.plan, cache_tokens)
+    def kv_placement(self, cache_tokens: int, tiered: bool = True) -> tuple[KVTiers | None, Plan | None]:
+        """Where a KV cache of `cache_tokens` would live (None: on the device; else a tier per layer), and the plan
+        it needs (None: the current one); BudgetError when it fits nowhere allowed. Changes nothing."""
+        return self.kv_budget.placement(self.plan, cache_tokens, tiered)
 
-    def new_kv_cache(self) -> Any:
-        """The cache a generate call or a fresh batch starts with: None (the model makes its own, on the device)
-        or, when the KV cache lives in host RAM, transformers' offloaded DynamicCache (`HostKVCache`)."""
-        if not self.kv_on_host:
+    def new_kv_cache(self, capacity_tokens: int | None = None) -> Any:
+        """The cache a generate call (room for `capacity_tokens` per sequence) or a fresh batch (None: its rows
+        change) starts with: None (the model makes its own, on the device) when the cache lives there; else a
+        `TieredKVCache` with each layer where `fit_kv_cache` placed it, or for a batch transformers' offloaded
+        DynamicCache in host RAM (`HostKVCache`)."""
+        if self.kv_tiers is None:
             return None
-        from ..runtime.host_cache import HostKVCache
+        if capacity_tokens is None:
+            from ..runtime.host_cache import HostKVCache
 
-        return HostKVCache(self.model.config)
+            return HostKVCache(self.model.config)
+        from ..runtime.tiered_kv import TieredKVCache
+
+        return TieredKVCache(self.model.config, self.kv_tiers, capacity_tokens, self.device, self.kv_budget.disk_dir)
 
     def settle_kv_cache(self) -> None:
         """Wait for the host cache's copies in flight, before its tensors are reshaped between passes."""
-        if self.kv_on_host:
+        if self.kv_tiers is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _speculate(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
@@ -380,16 +414,22 @@ class TierstoreModel:
                          experts=experts, peak_rss_bytes=peak_rss_bytes(), kv=self._kv_report())
 
     def _kv_report(self) -> dict[str, Any] | None:
-        """The last generate call's KV cache for the report (None before any): its tier and size (the room
-        placed for it), the bytes a host cache moves per pass at its full length (transformers' offloaded cache
-        copies each layer up and back), the prompt's chunk and what the prefix cache saved."""
+        """The last generate call's KV cache for the report (None before any): its tiers and size (the room
+        placed for it), the bytes it moved per decode pass (measured for a tiered cache; transformers' offloaded
+        cache copies each layer up and back), the prompt's chunk and what the prefix cache saved."""
         if self._kv_call is None or getattr(self.model.config.get_text_config(), "num_attention_heads", None) is None:
             return None  # no call yet, or a model without attention (and no KV cache)
         tokens = self._kv_call["cache_tokens"]
         nbytes = self.kv_budget.cache_bytes(tokens)
         prefixes = self._prefixes
-        return {"tier": "host" if self.kv_on_host else "device", "cache_tokens": tokens, "bytes": nbytes,
-                "moved_bytes_per_pass": 2 * nbytes if self.kv_on_host else 0,
+        tiers = self._kv_call.get("tiers")
+        decode = self._kv_call.get("decode")
+        if decode is None:  # on the device, or the batcher's offloaded cache
+            decode = {"link_bytes_per_pass": 2 * nbytes if tiers is not None else 0, "disk_bytes_per_pass": 0}
+        return {"tier": describe_tiers(tiers) if tiers is not None else "device", "cache_tokens": tokens,
+                "bytes": nbytes, "tier_bytes": self._kv_call.get("tier_bytes") or {"device": nbytes},
+                "moved_bytes_per_pass": decode["link_bytes_per_pass"],
+                "disk_bytes_per_pass": decode["disk_bytes_per_pass"],
                 "prompt_chunk_tokens": self._kv_call["chunk"], "prefix_tokens_reused": self._kv_call["reused"],
                 "prefix": dataclasses.asdict(prefixes.stats) if prefixes is not None else None}
 
