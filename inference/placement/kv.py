@@ -121,7 +121,10 @@ class KVBudget:
         device reserve then holds the layers in use. Layers bound for disk may stay on the device instead, in place
         of resident weights (`_kept_on_device`). `runtime.kv_cache` may insist on a tier. BudgetError when the cache
         fits nowhere allowed. On a CPU the cache lives with the activations unless `runtime.kv_cache = disk`."""
-        layers = self.hf_config.get_text_config().num_hidden_layers
+        text = self.hf_config.get_text_config()
+        if getattr(text, "num_attention_heads", None) is None:
+            return None, None  # no attention, no KV cache: the model keeps its own state
+        layers = text.num_hidden_layers
         if not self.separate_device:  # the device is the host
             return (("disk",) * layers, None) if self.where == "disk" and tiered else (None, None)
         if self.where in ("auto", "device"):
@@ -198,11 +201,13 @@ class KVBudget:
             notes.append(f"{format_size(replanned.device_reserve_bytes)} of device reserve for "
                          f"{'the KV cache layers in use' if tiers is not None else 'the KV cache'} and activations: "
                          f"{len(replanned.device_resident)} units now resident")
+        if tiers is None:
+            return notes
         size = f"KV cache of {cache_tokens} tokens ({format_size(self.cache_bytes(cache_tokens))})"
-        if tiers is not None and tiered:
+        if tiered:
             notes.append(f"{size} by layer: {describe_tiers(tiers)}; layers off the device are fetched a layer ahead "
                          f"and only new rows go back")
-        elif tiers is not None:
+        else:
             notes.append(f"{size} in host RAM, streamed a layer ahead by transformers' offloaded DynamicCache: it "
                          f"crosses the link both ways each pass")
         return notes
