@@ -122,34 +122,6 @@ def test_kv_cache_option_is_validated():
         tierstore.Config.from_dict({"runtime": {"kv_cache": "ssd"}})
 
 
-def test_a_lookup_waits_only_for_a_longer_prefix_being_kept(monkeypatch):
-    """An unrelated sequence still being copied into the prefix cache does not hold up a lookup (pinning its RAM
-    took 0.3 s of a server's time to first token); one that shares more of the prompt is waited for and served."""
-    import threading
-
-    from tierstore.inference.runtime import prefix_cache
-
-    release = threading.Event()
-    real = prefix_cache._to_host
-
-    def slow(tensor):
-        release.wait(10)
-        return real(tensor)
-    monkeypatch.setattr(prefix_cache, "_to_host", slow)
-    cache = prefix_cache.PrefixCache("model", 2**30)
-    layers = [(torch.ones(1, 2, 40, 4), torch.ones(1, 2, 40, 4))]
-    cache.store(list(range(40)), layers)  # held in the copier until released
-    found = []
-    unrelated = threading.Thread(target=lambda: found.append(cache.lookup([99, *range(1, 50)])))
-    unrelated.start()
-    unrelated.join(5)
-    assert not unrelated.is_alive() and found == [None]  # returned at once, while the copy was still held
-    threading.Timer(0.2, release.set).start()
-    hit = cache.lookup([*range(40), 7, 8])
-    assert hit is not None and hit[0] == 40 and cache.stats.hits == 1
-    cache.close()
-
-
 def test_a_cache_beyond_every_tier_is_refused_naming_them(tiny_dirs, cache_config, tmp_path):
     directory, _ = tiny_dirs("llama")
     with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model:
