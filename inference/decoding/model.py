@@ -239,11 +239,8 @@ class TierstoreModel:
         if not isinstance(cache, TieredKVCache):
             return
         cache.settle()
-        before = self._kv_call.pop("prefill_traffic", KVTraffic())
-        traffic = cache.traffic
-        decode = KVTraffic(*(getattr(traffic, field.name) - getattr(before, field.name)
-                             for field in dataclasses.fields(KVTraffic)))
-        self._kv_call.update(tier_bytes=cache.tier_bytes(), decode=decode.per_pass(), whole=traffic.per_pass())
+        decode = cache.traffic.since(self._kv_call.pop("prefill_traffic", KVTraffic()))
+        self._kv_call.update(tier_bytes=cache.tier_bytes(), decode=decode.per_pass())
         cache.close()
 
     def prefix_cache(self) -> PrefixCache | None:

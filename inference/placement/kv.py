@@ -176,11 +176,11 @@ class KVBudget:
         rates = (self.plan_input.h2d_gbps, self.plan_input.disk_gbps)
         if not low or workload is None or None in rates:
             return low, plan_for(low) or plan
-        candidates = sorted({0, low, *(low * part // 4 for part in (1, 2, 3))})
-        costs = {count: workload.seconds(plan_for(count), in_ram * layer_bytes, (on_disk - count) * layer_bytes,
-                                         *rates) for count in candidates}
-        best = min(candidates, key=lambda count: (costs[count], -count))
-        return best, plan_for(best) or plan
+        plans = {count: plan_for(count) for count in {0, low, *(low * part // 4 for part in (1, 2, 3))}}
+        costs = {count: workload.seconds(planned, in_ram * layer_bytes, (on_disk - count) * layer_bytes, *rates)
+                 for count, planned in plans.items()}
+        best = min(sorted(plans), key=lambda count: (costs[count], -count))
+        return best, plans[best] or plan
 
     def refusal(self, plan: Plan, cache_tokens: int, tiered: bool = True) -> str:
         """Why a KV cache of `cache_tokens` fits nowhere, naming each place it was allowed."""

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ...errors import InputError
+from ..loading.layerstore import pread_exact
 from .reserved_cache import ReservedLayer
 
 DEVICE_BUFFERS = 2  # an offloaded layer computing, and the next one fetched ahead
@@ -50,6 +51,11 @@ class KVTraffic:
     disk_read_bytes: int = 0
     disk_write_bytes: int = 0
     passes: int = 0
+
+    def since(self, before: KVTraffic) -> KVTraffic:
+        """What was moved after `before` (an earlier copy of these counters)."""
+        return KVTraffic(*(getattr(self, field.name) - getattr(before, field.name)
+                           for field in dataclasses.fields(KVTraffic)))
 
     def per_pass(self) -> dict[str, int]:
         passes = max(self.passes, 1)
@@ -123,12 +129,13 @@ class TieredKVCache(DynamicCache):
             else:
                 self.layers[index] = OffloadedLayer(tier, capacity_tokens)
                 self.order.append(index)
-        if any(self.layers[index].tier == "disk" for index in self.order) and disk_dir is None:
+        self._position = {index: position for position, index in enumerate(self.order)}
+        on_disk = any(self.layers[index].tier == "disk" for index in self.order)
+        if on_disk and disk_dir is None:
             raise InputError("a KV cache on disk needs a directory (runtime.kv_dir)")
         self.traffic = KVTraffic()
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        on_disk = any(self.layers[index].tier == "disk" for index in self.order)
         self.reader = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierstore-kv-read") \
             if on_disk and self.cuda else None
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tierstore-kv-write") \
@@ -156,7 +163,7 @@ class TieredKVCache(DynamicCache):
         buffer = self._next_buffer
         self._next_buffer = 1 - buffer
         if layer.fetched_into != buffer:  # not fetched ahead (the first pass, or a pass begun elsewhere)
-            self._fetch(layer, buffer)
+            self._fetch(layer_idx, buffer)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         keys, values = self._buffer(buffer, key_states)
@@ -167,12 +174,11 @@ class TieredKVCache(DynamicCache):
         values[..., start:end, :].copy_(value_states)
         layer.length, layer.fetched_into = end, None
         self._write_back(layer, buffer, keys, values, start, end)
-        position = self.order.index(layer_idx)
-        following = self.layers[self.order[(position + 1) % len(self.order)]]
-        if following is not layer:
-            after = self.layers[self.order[(position + 2) % len(self.order)]]
-            if after.tier == "disk" and after is not following and after is not layer:
-                self._start_read(self.order[(position + 2) % len(self.order)], buffer)  # before waiting on the next
+        position = self._position[layer_idx]
+        following, after = (self.order[(position + step) % len(self.order)] for step in (1, 2))
+        if following != layer_idx:
+            if self.layers[after].tier == "disk" and after not in (following, layer_idx):
+                self._start_read(after, buffer)  # before waiting on the next
             self._fetch(following, 1 - buffer)
         layer.keys, layer.values = keys[..., :end, :], values[..., :end, :]
         return layer.keys, layer.values
@@ -201,9 +207,10 @@ class TieredKVCache(DynamicCache):
             self._buffers[key] = [(like.new_empty(shape), like.new_empty(shape)) for _ in range(DEVICE_BUFFERS)]
         return self._buffers[key][index]
 
-    def _fetch(self, layer: OffloadedLayer, index: int) -> None:
-        """Queue `layer`'s tokens into device buffer `index` (on the cache's stream, after the compute queued so
-        far has read that buffer)."""
+    def _fetch(self, layer_idx: int, index: int) -> None:
+        """Queue layer `layer_idx`'s tokens into device buffer `index` (on the cache's stream, after the compute
+        queued so far has read that buffer)."""
+        layer = self.layers[layer_idx]
         layer.fetched_into = index
         if not layer.length:
             return
@@ -213,7 +220,7 @@ class TieredKVCache(DynamicCache):
         if layer.tier == "host":
             sources = layer.host
         elif self.cuda:
-            bounce = self._read_result(layer, index)
+            bounce = self._read_result(layer_idx, index)
             sources = self._bounce_for(layer, bounce)
         else:  # on a CPU the file is read straight into the buffer
             self._read(layer, (keys.flatten(0, 1), values.flatten(0, 1)), layer.length)
@@ -248,9 +255,9 @@ class TieredKVCache(DynamicCache):
         self._reads[layer_idx] = (index, [self.reader.submit(read, view, offset) for view, offset in pieces])
         self.traffic.disk_read_bytes += sum(len(view) for view, _ in pieces)
 
-    def _read_result(self, layer: OffloadedLayer, index: int) -> int:
-        """The bounce buffer holding `layer`'s tokens (read into `index` now, if no read was started ahead)."""
-        layer_idx = self.layers.index(layer)
+    def _read_result(self, layer_idx: int, index: int) -> int:
+        """The bounce buffer holding layer `layer_idx`'s tokens (read into `index` now, if no read was started
+        ahead)."""
         if layer_idx not in self._reads:
             self._start_read(layer_idx, index)
         bounce, reads = self._reads.pop(layer_idx)
@@ -393,12 +400,7 @@ def _pieces(layer: OffloadedLayer, targets: tuple[torch.Tensor, torch.Tensor],
 
 def _read_piece(fd: int, view: memoryview, offset: int) -> None:
     """Fill `view` from the file at `offset`, then drop those pages from the page cache."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise OSError(f"a KV cache file ended {len(view) - done} bytes early")
-        done += got
+    pread_exact(fd, view, offset, "a KV cache file")
     os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
 
 
