@@ -131,3 +131,16 @@ def test_a_cache_beyond_every_tier_is_refused_naming_them(tiny_dirs, cache_confi
                                                        r".* \(runtime.kv_dir\); use fewer"):
             model.fit_kv_cache(10**14)
         assert model.kv_tiers is None and os.listdir(tmp_path) == []  # nothing placed, nothing made
+
+
+def test_a_kv_dir_that_is_a_file_is_refused_in_one_line(tiny_dirs, cache_config, tmp_path):
+    """Before anything runs or is written: the option is named, the file is left as it was."""
+    directory, _ = tiny_dirs("llama")
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    for kv_dir in (taken, taken / "kv"):
+        config = {"runtime": {**cache_config["runtime"], "kv_cache": "disk", "kv_dir": str(kv_dir)}}
+        with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+            with pytest.raises(tierstore.InputError, match=r"runtime.kv_dir .* is not a directory"):
+                model.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    assert taken.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["taken"]

@@ -126,7 +126,10 @@ class KVBudget:
             return None, None  # no attention, no KV cache: the model keeps its own state
         layers = text.num_hidden_layers
         if not self.separate_device:  # the device is the host
-            return (("disk",) * layers, None) if self.where == "disk" and tiered else (None, None)
+            if self.where != "disk" or not tiered:
+                return None, None
+            self._check_disk(layers, self.cache_bytes(cache_tokens))
+            return ("disk",) * layers, None
         if self.where in ("auto", "device"):
             try:
                 return None, self.device_plan(plan, cache_tokens)
@@ -142,15 +145,22 @@ class KVBudget:
                 raise BudgetError(f"a KV cache of {cache_tokens} tokens does not fit the RAM budget's room")
             in_ram = min(in_ram, max(room // per_layer - 2, 0))  # two layers' pinned bounce buffers for reads
             on_disk = layers - in_ram
-            if _free_disk_bytes(self.disk_dir) < on_disk * per_layer:
-                raise BudgetError(f"{on_disk} layers of KV cache ({format_size(on_disk * per_layer)}) do not fit the "
-                                  f"free space of {self.disk_dir}")
+            self._check_disk(on_disk, on_disk * per_layer)
         in_use = math.ceil(min(DEVICE_BUFFERS if tiered else KV_LAYERS_ON_DEVICE, layers) * cache_tokens / layers)
         base = self.device_plan(plan, in_use) or plan
         kept, kept_plan = self._kept_on_device(base, in_use, in_ram, on_disk, cache_tokens / layers, per_layer,
                                                workload)
         tiers = ["device"] * kept + _spread(in_ram, on_disk - kept)
         return tuple(tiers), None if kept_plan is plan else kept_plan
+
+    def _check_disk(self, layers: int, nbytes: int) -> None:
+        """Refuse `layers` layers of KV cache (`nbytes`) on disk: InputError when `runtime.kv_dir` cannot hold
+        files, BudgetError when its file system lacks the room."""
+        if self.disk_dir is None:
+            raise BudgetError("a KV cache on disk needs a directory (runtime.kv_dir)")
+        if _free_disk_bytes(self.disk_dir) < nbytes:
+            raise BudgetError(f"{layers} layers of KV cache ({format_size(nbytes)}) do not fit the free space of "
+                              f"{self.disk_dir}")
 
     def _kept_on_device(self, plan: Plan, in_use: int, in_ram: int, on_disk: int, layer_tokens: float,
                         layer_bytes: int, workload: Workload | None) -> tuple[int, Plan]:
@@ -226,10 +236,17 @@ def _spread(in_ram: int, on_disk: int) -> list[str]:
 
 
 def _free_disk_bytes(directory: str) -> int:
-    """Free bytes of the file system `directory` is (or would be made) on."""
+    """Free bytes of the file system `directory` is (or would be made) on; InputError when it is not a directory,
+    or the folder it would be made in cannot be written."""
     existing = os.path.abspath(directory)
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        if os.path.exists(existing):
+            raise InputError(f"runtime.kv_dir {directory!r} cannot hold the KV cache's files: {existing!r} is not a "
+                             f"directory")
         existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"runtime.kv_dir {directory!r} cannot hold the KV cache's files: no permission to write in "
+                         f"{existing!r}")
     return shutil.disk_usage(existing).free
 
 
