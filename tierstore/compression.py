@@ -76,6 +76,11 @@ class Codec:
         """Where a matrix may start: a block boundary that is also 256 bytes into the packed codes."""
         return math.lcm(self.blocksize, 512 if self.format == "nf4" else 256)
 
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per matrix element: the code and its block's float32 scale."""
+        return (4 if self.format == "nf4" else 8) + 32 / self.blocksize
+
     def packed_bytes(self, numel: int) -> int:
         return numel // 2 if self.format == "nf4" else numel
 

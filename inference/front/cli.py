@@ -1,4 +1,4 @@
-"""The `tierstore` command: generate, serve, plan, convert, plot, probe. Each subcommand parses, then calls the
+"""The `tierstore` command: generate, serve, plan, convert, eval, plot, probe, cache. Each subcommand parses, then calls the
 library."""
 from __future__ import annotations
 
@@ -135,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "int8, the rest in --dtype)")
     conv.add_argument("--config", help="TOML config file (budget.disk caps the store's size)")
     conv.add_argument("--trust-remote-code", action="store_true")
+    conv.add_argument("--eval", action="store_true", help="with --compress: measure the store against the "
+                                                          "uncompressed model, as `tierstore eval` does")
     _verbose_arg(conv, argparse.SUPPRESS)
+
+    _eval_parser(sub)
 
     plot = sub.add_parser("plot", help="draw one pass of a --trace file as lanes, with each link's GB/s")
     plot.add_argument("trace", help="a trace written by generate --trace")
@@ -154,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--config", help="TOML config file (runtime.cache_dir says where the cache is)")
     _verbose_arg(cache, argparse.SUPPRESS)
     return parser
+
+
+def _eval_parser(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="measure what compression costs in accuracy: top-1 agreement, KL divergence "
+                                     "and perplexity of each format against the uncompressed model")
+    ev.add_argument("model", help="the uncompressed model (directory, GGUF file, layer store, alias or Hub id)")
+    ev.add_argument("--formats", help="comma-separated formats to measure (default: "
+                                      f"{','.join(COMPRESSION_FORMATS)})")
+    ev.add_argument("--text", help="a UTF-8 text file to read (default: the bundled English text, ~3,400 tokens)")
+    ev.add_argument("--window", type=int, default=512, help="tokens per teacher-forced pass")
+    ev.add_argument("--max-tokens", type=int, help="read at most this many tokens of the text")
+    ev.add_argument("--dtype", choices=list(DTYPES),
+                    help="compute dtype (default: the checkpoint's on a GPU, float32 on a CPU)")
+    ev.add_argument("--json", help="write the measurements here as JSON")
+    _budget_args(ev, draft=False)
 
 
 def _console() -> Any:
@@ -305,10 +324,63 @@ def _plan(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from ..compose import convert_model
 
+    if args.eval and not args.compress:
+        raise InputError("--eval measures a compressed store against the model: give --compress too")
     out = convert_model(args.model, args.out_dir, dtype=args.dtype, compress=args.compress, config=args.config,
                         trust_remote_code=args.trust_remote_code)
     print(f"layer store written to {out}")
+    if args.eval:
+        from ...config import Config
+        from .quality import Candidate, QualityRequest, measure_quality
+
+        config = Config.load(args.config)
+        request = QualityRequest(model=args.model, candidates=[Candidate(args.compress, out, config)], config=config,
+                                 trust_remote_code=args.trust_remote_code)
+        _print_quality(measure_quality(request), None)
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ...config import Config
+    from .quality import Candidate, QualityRequest, measure_quality
+
+    formats = args.formats.split(",") if args.formats else list(COMPRESSION_FORMATS)
+    for name in formats:
+        if name not in ("none", *COMPRESSION_FORMATS):
+            raise InputError(f"--formats: {name!r} is not a format; choose from none, {', '.join(COMPRESSION_FORMATS)}")
+    if args.compress not in (None, "none"):
+        raise InputError("eval measures --formats against the uncompressed model; --compress does not apply")
+    if args.json:
+        from ...files import check_writable
+        check_writable(args.json, "--json file")
+    config = Config.load(args.config)
+    request = QualityRequest(model=args.model, config=config, text_path=args.text, budget=_budget(args),
+                             window_tokens=args.window, max_tokens=args.max_tokens, dtype=args.dtype,
+                             trust_remote_code=args.trust_remote_code, allow_download=args.download,
+                             candidates=[Candidate(name, args.model, config.with_compression(name))
+                                         for name in formats])
+    _print_quality(measure_quality(request, on_progress=lambda line: print(f"tierstore: {line}", file=sys.stderr)),
+                   args.json)
+    return 0
+
+
+def _print_quality(result: dict[str, Any], json_path: str | None) -> None:
+    """The eval table, and the JSON file when asked."""
+    from rich.table import Table
+
+    first = result["formats"][0]
+    table = Table(title=f"tierstore eval: {result['model']}, {first['tokens']} tokens of {result['text']}, "
+                        f"reference perplexity {first['reference_perplexity']:.3f}")
+    for column in ("format", "bits/weight", "top-1 agreement", "KL mean", "KL p99", "perplexity", "change"):
+        table.add_column(column, justify="left" if column == "format" else "right")
+    for row in result["formats"]:
+        bits = "as stored" if row["bits_per_weight"] is None else f"{row['bits_per_weight']:.3f}"
+        table.add_row(row["format"], bits, f"{100 * row['top1_agreement']:.2f}%", f"{row['kl_mean']:.4f}",
+                      f"{row['kl_p99']:.4f}", f"{row['perplexity']:.3f}", f"{100 * row['perplexity_change']:+.2f}%")
+    _console().print(table)
+    if json_path:
+        from ...files import write_atomic
+        write_atomic(json_path, json.dumps(result, indent=1).encode())
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -389,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
     handler = {"generate": _generate, "serve": _serve, "plan": _plan, "convert": _convert, "plot": _plot,
-               "probe": _probe, "cache": _cache}[args.command]
+               "probe": _probe, "cache": _cache, "eval": _eval}[args.command]
     try:
         return handler(args)
     except TierstoreError as exc:
