@@ -1,0 +1,44 @@
+"""GGUF's quantized formats dequantized by tierstore's torch code give the `gguf` package's reference values, bit for
+bit, for every block layout."""
+import numpy as np
+import pytest
+import torch
+
+from tierstore import ggml
+
+gguf = pytest.importorskip("gguf")  # a test dependency: pyproject's [test] extra installs it
+
+SCALE_BYTES = {  # where each format keeps its float16 scales (the rest of a block is codes and packed sub-scales)
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,),
+    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
+}
+
+
+def random_blocks(format: str, blocks: int, seed: int = 0) -> np.ndarray:
+    """Random codes with finite random float16 scales."""
+    rng = np.random.default_rng(seed)
+    _, nbytes = ggml.BLOCKS[format]
+    data = rng.integers(0, 256, size=(blocks, nbytes), dtype=np.uint8)
+    for start in SCALE_BYTES[format]:
+        data[:, start:start + 2] = rng.normal(0, 0.05, size=(blocks, 1)).astype(np.float16).view(np.uint8)
+    return data
+
+
+@pytest.mark.parametrize("format", sorted(ggml.BLOCKS))
+def test_every_format_matches_the_gguf_reference_bit_for_bit(format):
+    assert ggml.BLOCKS[format] == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[format]]
+    data = random_blocks(format, 64)
+    want = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format]).reshape(-1)
+    out = torch.empty(want.size, dtype=torch.float32)
+    ggml.dequantize(format, torch.from_numpy(data).reshape(-1), out)
+    assert torch.equal(out, torch.from_numpy(want))
+    half = torch.empty(want.size, dtype=torch.bfloat16)  # the compute dtype's copy is the float32 values, cast
+    ggml.dequantize(format, torch.from_numpy(data).reshape(-1), half)
+    assert torch.equal(half, torch.from_numpy(want).to(torch.bfloat16))
+
+
+def test_sizes_and_bits_per_weight():
+    assert ggml.packed_bytes("Q4_K", 512) == 288 and ggml.bits_per_weight("Q4_K") == 4.5
+    assert ggml.bits_per_weight("Q4_1") == 5.0 and ggml.bits_per_weight("Q6_K") == 6.5625
+    with pytest.raises(ValueError, match="Q8_0 packs 32 elements a block; 33"):
+        ggml.packed_bytes("Q8_0", 33)

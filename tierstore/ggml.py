@@ -1,0 +1,168 @@
+"""GGML's quantized block formats (what GGUF files hold), dequantized with torch ops on whatever device the bytes are.
+
+Each format packs a matrix row by row in blocks of 32 or 256 elements, with the block's scales inside it, so a
+quantized matrix keeps its file's bytes in every tier and is expanded only where it computes. The arithmetic follows
+the `gguf` package's reference dequantizers step by step in float32, so the values are the same bits as
+transformers' own dequantized load (tests/test_ggml.py checks every format against them on random blocks). Only the
+last cast goes to the compute dtype.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+QK_K = 256
+# format -> (elements per block, bytes per block); the `gguf` package's GGML_QUANT_SIZES for the formats here
+BLOCKS: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
+}
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def packed_bytes(format: str, numel: int) -> int:
+    """Bytes of `numel` elements in `format` (a whole number of blocks)."""
+    elements, nbytes = BLOCKS[format]
+    if numel % elements:
+        raise ValueError(f"{format} packs {elements} elements a block; {numel} is not a multiple")
+    return numel // elements * nbytes
+
+
+def bits_per_weight(format: str) -> float:
+    elements, nbytes = BLOCKS[format]
+    return 8 * nbytes / elements
+
+
+def dequantize(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Fill `out` (1-D, any float dtype, on `packed`'s device) with the elements the uint8 `packed` holds."""
+    elements, nbytes = BLOCKS[format]
+    blocks = packed.view(-1, nbytes)
+    out.view(-1, elements).copy_(_DEQUANTIZE[format](blocks))
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The float16 at bytes start..start+2 of each block, as float32 [blocks, 1]."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _shifts(values: tuple[int, ...], device: torch.device, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8, device=device).view(shape)
+
+
+def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+    """Low nibbles of each `group` bytes, then their high nibbles: [blocks, 2 * qs bytes], uint8."""
+    n = qs.shape[0]
+    return ((qs.reshape(n, -1, 1, group) >> _shifts((0, 4), qs.device, (1, 1, 2, 1))) & 0x0F).reshape(n, -1)
+
+
+def _bits(qh: torch.Tensor, count: int) -> torch.Tensor:
+    """Bit i of the little-endian bit string `qh` [blocks, count // 8] at position i: [blocks, count], uint8."""
+    n = qh.shape[0]
+    return ((qh.reshape(n, -1, 1) >> _shifts(tuple(range(8)), qh.device, (1, 1, 8))) & 1).reshape(n, count)
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * (_nibbles(b[:, 2:], 16).to(torch.int8) - 8).float()
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * _nibbles(b[:, 4:], 16).float() + _f16(b, 2)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 6:], 16) | (_bits(b[:, 2:6], 32) << 4)
+    return _f16(b, 0) * (q.to(torch.int8) - 16).float()
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 8:], 16) | (_bits(b[:, 4:8], 32) << 4)
+    return _f16(b, 0) * q.float() + _f16(b, 2)
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales, qs = b[:, :16], b[:, 16:80]
+    d, dmin = _f16(b, 80), _f16(b, 82)
+    dl = (d * (scales & 0x0F).float()).view(n, 16, 1)
+    ml = (dmin * (scales >> 4).float()).view(n, 16, 1)
+    q = (qs.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))) & 3
+    return (dl * q.reshape(n, 16, 16).float() - ml).reshape(n, QK_K)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    hmask, qs, scales, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b, 108)
+    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts((0, 4), b.device, (1, 2, 1))).reshape(n, 16)
+    high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts((0, 2, 4, 6), b.device, (1, 4, 1))).reshape(n, 16)
+    scale = ((low & 0x0F) | ((high & 0x03) << 4)).to(torch.int8) - 32
+    dl = (d * scale.float()).view(n, 16, 1)
+    ql = ((qs.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))) & 3).reshape(n, 16, 16)
+    qh = ((hmask.reshape(n, 1, 1, 32) >> _shifts(tuple(range(8)), b.device, (1, 1, 8, 1))) & 1).reshape(n, 16, 16)
+    q = ql.to(torch.int8) - ((qh ^ 1) << 2).to(torch.int8)
+    return (dl * q.float()).reshape(n, QK_K)
+
+
+def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's and Q5_K's eight 6-bit scales and minimums packed in 12 bytes."""
+    n = scales.shape[0]
+    s = scales.reshape(n, 3, 4)
+    d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (_f16(b, 0) * sc.float()).view(n, -1, 1)
+    dm = (_f16(b, 2) * mn.float()).view(n, -1, 1)
+    q = _nibbles(b[:, 16:], 32).reshape(n, -1, 32).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (_f16(b, 0) * sc.float()).view(n, -1, 1)
+    dm = (_f16(b, 2) * mn.float()).view(n, -1, 1)
+    qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(tuple(range(8)), b.device, (1, 1, 8, 1))) & 1).reshape(n, 8, 32)
+    q = (_nibbles(b[:, 48:], 32).reshape(n, 8, 32) | (qh << 4)).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql, qh, scales = b[:, :128], b[:, 128:192], b[:, 192:208]
+    d = (_f16(b, 208) * scales.contiguous().view(torch.int8).float()).view(n, 16, 1)
+    low = _nibbles(ql, 64).reshape(n, 8, 32)
+    high = ((qh.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))) & 3).reshape(n, 8, 32)
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    return (d * q).reshape(n, QK_K)
+
+
+def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
+    values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=b.device)
+    return _f16(b, 0) * values[_nibbles(b[:, 2:], 16).long()]
+
+
+def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    high = ((b[:, 2:4].reshape(n, 2, 1) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4))) & 0x03).reshape(n, 8)
+    low = ((b[:, 4:8].reshape(n, 4, 1) >> _shifts((0, 4), b.device, (1, 1, 2))) & 0x0F).reshape(n, 8)
+    dl = (_f16(b, 0) * ((low | (high << 4)).to(torch.int8) - 32).float()).view(n, 8, 1)
+    values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=b.device)
+    q = values[_nibbles(b[:, 8:], 16).long()].reshape(n, 8, 32)
+    return (dl * q).reshape(n, QK_K)
+
+
+_DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0, "Q2_K": _q2_k, "Q3_K": _q3_k,
+    "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
+}
