@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from tierstore.inference.front.cli import main
 from tierstore.inference.front.quality import Agreement, bundled_text, windows
 

@@ -1,11 +1,15 @@
-"""Block-wise 8-bit and 4-bit (nf4) storage of a unit's matrices with bitsandbytes, dequantized where it computes.
+"""Compressed storage of a unit's matrices, dequantized where it computes.
 
-A compressed unit keeps its small tensors (norms, biases) as they are and packs all its matrices into two tensors:
-PACKED, the codes of every matrix back to back, and ABSMAX, one float32 scale per block. Each matrix starts on a
-block boundary, so no block mixes two matrices, and one kernel call per unit dequantizes them all into a scratch
-buffer that the model's matrices then view. Units stay compressed in every tier, the device included: a resident
-unit costs its compressed bytes, and each use costs one dequantization (0.21 ms of GPU time for a 7B layer in
-nf4 on an H200, benchmarks/dequant_cost.py).
+Two kinds of codec:
+- block-wise 8-bit and 4-bit (nf4) with bitsandbytes, which tierstore quantizes itself (`compression.format`): a
+  unit keeps its small tensors (norms, biases) as they are and packs all its matrices into two tensors: PACKED, the
+  codes of every matrix back to back, and ABSMAX, one float32 scale per block. Each matrix starts on a block
+  boundary, so no block mixes two matrices, and one kernel call per unit dequantizes them all;
+- "ggml": a GGUF file's matrices kept in their file's block formats (Q4_K, Q8_0, ..., one format per matrix, see
+  ggml.py), back to back in PACKED; their scales are inside their blocks.
+Either way the matrices are dequantized into a scratch buffer that the model's matrices then view. Units stay
+compressed in every tier, the device included: a resident unit costs its compressed bytes, and each use costs one
+dequantization (0.21 ms of GPU time for a 7B layer in nf4 on an H200, benchmarks/dequant_cost.py).
 """
 from __future__ import annotations
 
@@ -19,11 +23,17 @@ import torch
 
 from .config import BLOCKSIZES, COMPRESSION_FORMATS
 from .errors import CheckpointError, ConfigError
+from .ggml import BLOCKS as GGML_BLOCKS
+from .ggml import bits_per_weight as ggml_bits
+from .ggml import dequantize as ggml_dequantize
+from .ggml import packed_bytes as ggml_packed_bytes
 from .units import UnitLayout, align
 
 PACKED = "tierstore.packed"
 ABSMAX = "tierstore.absmax"
 DEFAULT_BLOCKSIZE = {"nf4": 64, "int8": 256}
+GGML = "ggml"  # a GGUF's matrices as the file packs them, each in its own block format
+GGML_ALIGN = 256  # a ggml matrix starts this many elements (and bytes, in PACKED) into its unit's buffers
 
 
 def _ops() -> Any:
@@ -67,19 +77,19 @@ class Codec:
         """The codec a config's [compression] section asks for, or None for format "none"."""
         return None if compression.format == "none" else cls.create(compression.format, compression.blocksize)
 
+    @classmethod
+    def ggml(cls) -> "Codec":
+        """The codec of a GGUF's matrices kept as the file packs them (formats recorded per matrix)."""
+        return cls(GGML, 0)
+
     @property
     def name(self) -> str:
-        return f"{self.format}-{self.blocksize}"
+        return GGML if self.format == GGML else f"{self.format}-{self.blocksize}"
 
     @property
     def align_elements(self) -> int:
         """Where a matrix may start: a block boundary that is also 256 bytes into the packed codes."""
         return math.lcm(self.blocksize, 512 if self.format == "nf4" else 256)
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits per matrix element: the code and its block's float32 scale."""
-        return (4 if self.format == "nf4" else 8) + 32 / self.blocksize
 
     def packed_bytes(self, numel: int) -> int:
         return numel // 2 if self.format == "nf4" else numel
@@ -93,6 +103,8 @@ class Codec:
             codec = cls(str(data["format"]), int(data["blocksize"]), tuple(float(x) for x in data.get("code", ())))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed compression record") from exc
+        if codec == cls.ggml():
+            return codec
         if codec.format not in COMPRESSION_FORMATS or codec.blocksize not in BLOCKSIZES \
                 or (codec.format == "int8") != (len(codec.code) == 256):
             raise CheckpointError(f"{where}: unsupported compression {data!r}")
@@ -101,14 +113,20 @@ class Codec:
 
 @dataclasses.dataclass(frozen=True)
 class PackedMatrices:
-    """Where each matrix of one unit sits in its dequantized flat vector of `numel` elements."""
+    """Where each matrix of one unit sits in its dequantized flat vector of `numel` elements, and for a ggml unit
+    each matrix's block format and first byte in PACKED."""
 
     numel: int
     matrices: Mapping[str, tuple[int, tuple[int, ...]]]  # name -> (first element, shape)
+    formats: Mapping[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # ggml: name -> (format, byte)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"numel": self.numel,
-                "matrices": {name: [offset, list(shape)] for name, (offset, shape) in self.matrices.items()}}
+        data: dict[str, Any] = {
+            "numel": self.numel,
+            "matrices": {name: [offset, list(shape)] for name, (offset, shape) in self.matrices.items()}}
+        if self.formats:
+            data["ggml"] = {name: [format, start] for name, (format, start) in self.formats.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "PackedMatrices":
@@ -116,11 +134,53 @@ class PackedMatrices:
             numel = int(data["numel"])
             matrices = {str(name): (int(offset), tuple(int(d) for d in shape))
                         for name, (offset, shape) in data["matrices"].items()}
+            formats = {str(name): (str(format), int(start)) for name, (format, start) in data.get("ggml", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed packed-matrix record") from exc
         if any(offset < 0 or offset + math.prod(shape) > numel for offset, shape in matrices.values()):
             raise CheckpointError(f"{where}: a packed matrix lies outside its {numel} elements")
-        return cls(numel, matrices)
+        if formats and (set(formats) != set(matrices) or any(f not in GGML_BLOCKS for f, _ in formats.values())):
+            found = sorted({format for format, _ in formats.values()})
+            raise CheckpointError(f"{where}: unsupported ggml matrix formats {found}")
+        return cls(numel, matrices, formats)
+
+    def ggml_bytes(self, name: str) -> tuple[int, int]:
+        """First and last byte (exclusive) of ggml matrix `name` in PACKED."""
+        format, start = self.formats[name]
+        return start, start + ggml_packed_bytes(format, math.prod(self.matrices[name][1]))
+
+
+def ggml_layout(key: str, plain: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                matrices: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[UnitLayout, PackedMatrices]:
+    """The layout of a unit whose `plain` tensors are stored as they are and whose `matrices` (name -> ggml format,
+    shape) keep their blocks in PACKED, each starting GGML_ALIGN bytes (and dequantized elements) apart."""
+    placed: dict[str, tuple[int, tuple[int, ...]]] = {}
+    formats: dict[str, tuple[str, int]] = {}
+    numel = nbytes = 0
+    for name, (format, shape) in matrices.items():
+        placed[name], formats[name] = (numel, tuple(shape)), (format, nbytes)
+        numel += align(math.prod(shape), GGML_ALIGN)
+        nbytes += align(ggml_packed_bytes(format, math.prod(shape)), GGML_ALIGN)
+    tensors = {**plain, PACKED: (torch.uint8, (nbytes,))}
+    return UnitLayout.pack(key, tensors), PackedMatrices(numel, placed, formats)
+
+
+def bits_per_weight(codec: Codec, packed: Mapping[Hashable, PackedMatrices]) -> float:
+    """Stored bits per element of the compressed matrices (block scales included, alignment not)."""
+    if codec.format != GGML:  # the code, and its block's float32 scale
+        return (4 if codec.format == "nf4" else 8) + 32 / codec.blocksize
+    pairs = [(ggml_bits(p.formats[name][0]), math.prod(shape))
+             for p in packed.values() for name, (_, shape) in p.matrices.items()]
+    return sum(bits * numel for bits, numel in pairs) / max(sum(numel for _, numel in pairs), 1)
+
+
+def describe_formats(packed: Mapping[Hashable, PackedMatrices]) -> str:
+    """The ggml formats of a store's matrices and how many of each, e.g. "Q4_K x150, Q6_K x30"."""
+    counts: dict[str, int] = {}
+    for p in packed.values():
+        for format, _ in p.formats.values():
+            counts[format] = counts.get(format, 0) + 1
+    return ", ".join(f"{format} x{count}" for format, count in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def compressed_layout(layout: UnitLayout, matrices: Set[str], codec: Codec) -> tuple[UnitLayout, PackedMatrices | None]:
@@ -178,40 +238,52 @@ class Decompressor:
                  device: torch.device, per_matrix: Set[Hashable] = frozenset()) -> None:
         self.codec = codec
         self.per_matrix = frozenset(per_matrix)
-        self._packed = dict(packed)
+        self.packed = dict(packed)
         self._dtype = dtype
-        self._ops = _ops()
+        self._ops = _ops() if codec.format != GGML else None
         self._code = torch.tensor(codec.code, device=device) if codec.code else None
         self._out_variant = device.type == "cuda"  # bitsandbytes' CPU backend has no `out=` kernels
         self.scratch = torch.empty(scratch_bytes(packed, dtype, self.per_matrix) // dtype.itemsize, dtype=dtype,
                                    device=device)
         self._views = {key: {name: self.scratch[offset:offset + math.prod(shape)].view(shape)
                              for name, (offset, shape) in p.matrices.items()}
-                       for key, p in self._packed.items() if key not in self.per_matrix}
+                       for key, p in self.packed.items() if key not in self.per_matrix}
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._packed
+        return key in self.packed
 
     def matrix_names(self, key: Hashable) -> frozenset[str]:
         """The compressed matrices of unit `key`."""
-        return frozenset(self._packed[key].matrices)
+        return frozenset(self.packed[key].matrices)
 
     def materialize(self, key: Hashable, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The unit's tensors with its matrices dequantized. The matrices are valid for the compute queued before
         the next call: two compressed units must never be in use at once (the hooks check this at setup)."""
-        numel = self._packed[key].numel
-        self._dequantize(tensors[PACKED], tensors[ABSMAX], self.scratch[:numel])
+        packed = self.packed[key]
+        if self.codec.format == GGML:
+            for name, (offset, shape) in packed.matrices.items():
+                self._dequantize_ggml(packed, name, tensors[PACKED], self.scratch[offset:offset + math.prod(shape)])
+        else:
+            self._dequantize(tensors[PACKED], tensors[ABSMAX], self.scratch[:packed.numel])
         return {**tensors, **self._views[key]}
 
     def materialize_matrix(self, key: Hashable, name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Matrix `name` of unit `key` (whose stored tensors are `tensors`) dequantized, valid for the compute
         queued before the next call."""
-        offset, shape = self._packed[key].matrices[name]
+        offset, shape = self.packed[key].matrices[name]
+        if self.codec.format == GGML:
+            self._dequantize_ggml(self.packed[key], name, tensors[PACKED], self.scratch[:math.prod(shape)])
+            return self.scratch[:math.prod(shape)].view(shape)
         numel = align(math.prod(shape), self.codec.blocksize)  # whole blocks; matrices start on block boundaries
         codes = tensors[PACKED][self.codec.packed_bytes(offset):self.codec.packed_bytes(offset + numel)]
         absmax = tensors[ABSMAX][offset // self.codec.blocksize:(offset + numel) // self.codec.blocksize]
         self._dequantize(codes, absmax, self.scratch[:numel])
         return self.scratch[:math.prod(shape)].view(shape)
+
+    @staticmethod
+    def _dequantize_ggml(packed: PackedMatrices, name: str, codes: torch.Tensor, out: torch.Tensor) -> None:
+        start, end = packed.ggml_bytes(name)
+        ggml_dequantize(packed.formats[name][0], codes[start:end], out)
 
     def _dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor) -> None:
         numel = out.numel()

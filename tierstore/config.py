@@ -130,6 +130,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                    "store the decoder layers' matrices block-wise in 4-bit nf4 or 8-bit (bitsandbytes); none = as is"),
         "blocksize": (_blocksize, AUTO, "elements per quantization block (64 to 4096); auto = 64 for nf4, 256 "
                                         "for int8"),
+        "gguf": (_choice(AUTO, "packed", "dequantized"), AUTO,
+                 "a GGUF's quantized layer matrices: kept in the file's formats in every tier and dequantized where "
+                 "they compute (packed), or stored dequantized; auto = packed on a GPU, dequantized on a CPU "
+                 "(no link to save bytes on, and its dequantization costs more than it saves)"),
     },
     "speculation": {
         "width": (_int(1), 8, "draft tree: nodes kept per level, and candidates per node"),

@@ -1,5 +1,5 @@
-"""The `tierstore` command: generate, serve, plan, convert, eval, plot, probe, cache. Each subcommand parses, then calls the
-library."""
+"""The `tierstore` command: generate, serve, plan, convert, eval, plot, probe, cache. Each subcommand parses, then
+calls the library."""
 from __future__ import annotations
 
 import argparse

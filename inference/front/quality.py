@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ...budget import Budget
+from ...compression import GGML, bits_per_weight
 from ...errors import InputError
 from .text import check_text
 
@@ -120,7 +121,7 @@ def measure_quality(request: QualityRequest, on_progress: Callable[[str], None] 
     text = read_text(request.text_path)
     with tempfile.TemporaryDirectory(prefix="eval-", dir=_scratch_dir(request.config)) as scratch:
         with _open(request, request.model, request.config) as reference:
-            if reference.decompressor is not None:
+            if reference.decompressor is not None and reference.decompressor.codec.format != GGML:
                 raise InputError(f"{request.model} is stored compressed ({reference.decompressor.codec.name}); "
                                  f"eval measures formats against the uncompressed model: give that one")
             parts = _tokenize(reference, text, request)
@@ -135,9 +136,9 @@ def measure_quality(request: QualityRequest, on_progress: Callable[[str], None] 
                 for index, logprobs in enumerate(_logprobs(model, parts)):
                     reference_logprobs = torch.load(os.path.join(scratch, f"{index}.pt"), weights_only=True)
                     agreement.add(reference_logprobs, logprobs, parts[index][1:])
-                codec = model.decompressor.codec if model.decompressor is not None else None
-                rows.append({"format": candidate.label, "bits_per_weight": codec.bits_per_weight if codec else None,
-                             **agreement.summary()})
+                unpack = model.decompressor
+                bits = bits_per_weight(unpack.codec, unpack.packed) if unpack is not None else None
+                rows.append({"format": candidate.label, "bits_per_weight": bits, **agreement.summary()})
     return {"model": request.model, "text": request.text_path or f"bundled ({BUNDLED_TEXT})",
             "window_tokens": request.window_tokens, "formats": rows}
 

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
+from ...compression import Codec
 from ...config import Config
 from ...errors import CheckpointError
 from ...sizes import format_size
-from ..devices import dtype_name
+from ..devices import compute_device, dtype_name
 from .checkpoint import cut_short, gguf_cut_short, load_config, load_tokenizer, safetensors_entries
+from .gguf_packed import GGUFTensors, PackedMatrix
 from .layerstore import MANIFEST
 from .resolve import Checkpoint
 from .skeleton import Skeleton, build_skeleton, parse_slice
@@ -49,23 +51,39 @@ def convert_if_needed(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bo
 
 
 def convert_into_cache(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bool, progress: bool) -> Checkpoint:
-    """The layer store of `checkpoint` in the cache, converted on first use. Experts kept whole inside their layers
-    is another store than experts as units of their own; for a model without routed experts the two hold the same
-    bytes, so a finished one of either serves both (one full-precision copy in the cache, not two)."""
-    store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=_variant(cfg.splits_experts))
-    other = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=_variant(not cfg.splits_experts))
+    """The layer store of `checkpoint` in the cache, converted on first use. A GGUF's quantized matrices stay in
+    their file's formats unless the config compresses the model itself or asks for them dequantized. Experts kept
+    whole inside their layers is another store than experts as units of their own; for a model without routed
+    experts the two hold the same bytes, so a finished one of either serves both (one copy in the cache, not two)."""
+    keep_ggml = keeps_ggml(checkpoint, cfg)
+    store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None,
+                                  variant=_variant(cfg.splits_experts, keep_ggml))
+    other = default_store_dir(checkpoint, cfg.runtime.cache_dir, None,
+                              variant=_variant(not cfg.splits_experts, keep_ggml))
     if not _finished(store_dir) and _finished(other) and not has_routed_experts(other, trust_remote_code):
         log.info("%s: the layer store %s serves both expert layouts (the model has no routed experts)",
                  checkpoint.path, other)
         return Checkpoint("store", other, checkpoint.name)
     convert(checkpoint, store_dir, trust_remote_code=trust_remote_code, progress=progress,
-            disk_budget_bytes=cfg.budget.disk, split_experts=cfg.splits_experts)
+            disk_budget_bytes=cfg.budget.disk, split_experts=cfg.splits_experts, keep_ggml=keep_ggml)
     return Checkpoint("store", store_dir, checkpoint.name)
 
 
-def _variant(split_experts: bool) -> str:
-    """The cache key's variant of a plain conversion: experts kept whole inside their layers is another store."""
-    return "" if split_experts else "whole-experts"
+def keeps_ggml(checkpoint: Checkpoint, cfg: Config) -> bool:
+    """Whether a GGUF's matrices stay in their own formats: not when the model is to be compressed by tierstore,
+    and as `compression.gguf` says (auto: where the model computes on a GPU)."""
+    if checkpoint.kind != "gguf" or cfg.compression.format != "none":
+        return False
+    if cfg.compression.gguf == "auto":
+        return compute_device(cfg.runtime.device).type == "cuda"
+    return cfg.compression.gguf == "packed"
+
+
+def _variant(split_experts: bool, keep_ggml: bool) -> str:
+    """The cache key's variant of a plain conversion: experts kept whole inside their layers is another store, and
+    so is a GGUF with its matrices kept packed."""
+    parts = (["ggml"] if keep_ggml else []) + ([] if split_experts else ["whole-experts"])
+    return "-".join(parts)
 
 
 def _finished(store_dir: str) -> bool:
@@ -81,34 +99,41 @@ def has_routed_experts(checkpoint_dir: str, trust_remote_code: bool) -> bool:
 
 def convert(checkpoint: Checkpoint, out_dir: str, dtype: torch.dtype | None = None,
             trust_remote_code: bool = False, progress: bool = True, disk_budget_bytes: int | None = None,
-            split_experts: bool = True) -> str:
+            split_experts: bool = True, keep_ggml: bool = False) -> str:
     """Write the layer store of `checkpoint` into `out_dir` (resuming a killed run); returns `out_dir`. Refuses
     a finished store of another dtype or format there, and a store larger than `disk_budget_bytes`. With
-    `split_experts`, each routed expert of a mixture-of-experts layer is a unit: a file of its own."""
+    `split_experts`, each routed expert of a mixture-of-experts layer is a unit: a file of its own. With
+    `keep_ggml` (a GGUF, no `dtype`), the layers' quantized matrices keep their file's block formats."""
+    keep_ggml = keep_ggml and checkpoint.kind == "gguf" and dtype is None
     requested = dtype_name(dtype) if dtype is not None else None  # None: each tensor as the checkpoint stores it
-    with store_writer(out_dir, requested, None) as finished:
+    compression = Codec.ggml().to_dict() if keep_ggml else None
+    with store_writer(out_dir, requested, compression) as finished:
         if finished:
             log.info("layer store of %s already in %s", checkpoint.path, out_dir)
             return out_dir
         log.info("converting %s into the layer store %s", checkpoint.path, out_dir)
         config = load_config(checkpoint, trust_remote_code)
         skeleton = build_skeleton(config, torch.float32, trust_remote_code, split_experts=split_experts)
+        gguf = _open_gguf(checkpoint, skeleton, keep_ggml) if checkpoint.kind == "gguf" else None
+        packed = gguf.packed_bytes() if gguf is not None else {}
         done = finished_units(out_dir)
-        total_bytes, left_bytes = _plain_bytes(skeleton, {}, dtype), _plain_bytes(skeleton, done, dtype)
+        total_bytes, left_bytes = _plain_bytes(skeleton, {}, dtype, packed), _plain_bytes(skeleton, done, dtype, packed)
         require_room(out_dir, left_bytes, disk_budget_bytes)
         name = os.path.basename(checkpoint.path)
         announce = (f"converting {name} into a layer store of {format_size(total_bytes)}, once: later runs read "
                     f"{out_dir}")
         with progress_bar(progress, total_bytes, total_bytes - left_bytes, f"reading {name}", announce) as advance:
-            records = _convert_units(checkpoint, skeleton, out_dir, dict(done), dtype, advance)
+            records = _convert_units(checkpoint, skeleton, out_dir, dict(done), dtype, advance, gguf)
             advance(0, "saving the tokenizer and config")
+            kind = {"compression": compression} if compression else {"dtype": requested}
             write_metadata(out_dir, os.path.abspath(checkpoint.path), config, records,
-                           load_tokenizer(checkpoint, trust_remote_code), dtype=requested)
+                           load_tokenizer(checkpoint, trust_remote_code), **kind)
     return out_dir
 
 
 def _convert_units(checkpoint: Checkpoint, skeleton: Skeleton, out_dir: str, records: dict[str, Any],
-                   dtype: torch.dtype | None, advance: Callable[..., None]) -> dict[str, Any]:
+                   dtype: torch.dtype | None, advance: Callable[..., None],
+                   gguf: GGUFTensors | None) -> dict[str, Any]:
     """Every unit not in `records` written from the checkpoint's shards, one shard in memory at a time; returns
     all the units' records. CheckpointError when the checkpoint lacks a unit's tensors."""
     owners: dict[str, list[tuple[str, str, int | None]]] = {}  # tensor -> (unit key, name there, expert)
@@ -117,7 +142,7 @@ def _convert_units(checkpoint: Checkpoint, skeleton: Skeleton, out_dir: str, rec
             tensor, expert = parse_slice(name)
             owners.setdefault(tensor, []).append((key, name, expert))
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    for shard in _shards(checkpoint, skeleton):
+    for shard in _shards(checkpoint, skeleton, gguf):
         advance(0, "converting units")
         for tensor_name, tensor in shard.items():
             for key, name, expert in owners.get(tensor_name, ()):
@@ -134,9 +159,26 @@ def _convert_units(checkpoint: Checkpoint, skeleton: Skeleton, out_dir: str, rec
     return records
 
 
-def _shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
+def _open_gguf(checkpoint: Checkpoint, skeleton: Skeleton, keep_ggml: bool) -> GGUFTensors:
+    with _gguf_errors(checkpoint):
+        return GGUFTensors(checkpoint.path, skeleton, keep_ggml)
+
+
+@contextlib.contextmanager
+def _gguf_errors(checkpoint: Checkpoint) -> Iterator[None]:
+    """A GGUF the reader cannot read, as one CheckpointError naming the file."""
+    try:
+        yield
+    except (ValueError, KeyError, OSError) as exc:
+        if cut_short(exc):
+            raise CheckpointError(gguf_cut_short(checkpoint.path)) from exc
+        raise CheckpointError(f"{checkpoint.path}: cannot read GGUF: {exc}") from exc
+
+
+def _shards(checkpoint: Checkpoint, skeleton: Skeleton,
+            gguf: GGUFTensors | None) -> Iterator[dict[str, torch.Tensor | PackedMatrix]]:
     with _no_transformers_bars():
-        yield from _read_shards(checkpoint, skeleton)
+        yield from _read_shards(checkpoint, skeleton, gguf)
 
 
 @contextlib.contextmanager
@@ -158,15 +200,11 @@ def _no_transformers_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _read_shards(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator[dict[str, torch.Tensor]]:
-    if checkpoint.kind == "gguf":
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-        try:
-            yield load_gguf_checkpoint(checkpoint.path, return_tensors=True, model_to_load=skeleton.model)["tensors"]
-        except (ValueError, KeyError, OSError) as exc:
-            if cut_short(exc):
-                raise CheckpointError(gguf_cut_short(checkpoint.path)) from exc
-            raise CheckpointError(f"{checkpoint.path}: cannot read GGUF: {exc}") from exc
+def _read_shards(checkpoint: Checkpoint, skeleton: Skeleton,
+                 gguf: GGUFTensors | None) -> Iterator[dict[str, torch.Tensor | PackedMatrix]]:
+    if gguf is not None:
+        with _gguf_errors(checkpoint):
+            yield from gguf
     elif checkpoint.kind == "bin":
         for path in sorted(glob.glob(os.path.join(checkpoint.path, "*.bin"))):
             try:
@@ -211,8 +249,11 @@ def _renamed_safetensors(checkpoint: Checkpoint, skeleton: Skeleton) -> Iterator
         yield loaded
 
 
-def _plain_bytes(skeleton: Skeleton, done: dict[str, Any], dtype: torch.dtype | None) -> int:
-    """Bytes the units not yet written will take, floating-point tensors in `dtype` (None: as the model's)."""
+def _plain_bytes(skeleton: Skeleton, done: dict[str, Any], dtype: torch.dtype | None,
+                 packed: dict[str, int]) -> int:
+    """Bytes the units not yet written will take, floating-point tensors in `dtype` (None: as the model's), the
+    matrices in `packed` at their packed bytes."""
     shapes = parameter_shapes(skeleton)
-    return sum(kind.itemsize * math.prod(shape) for key, names in skeleton.units.items() if key not in done
-               for kind, shape in (planned_tensor(shapes, name, dtype) for name in names))
+    return sum(packed[name] if name in packed else kind.itemsize * math.prod(shape)
+               for key, names in skeleton.units.items() if key not in done
+               for name in names for kind, shape in (planned_tensor(shapes, name, dtype),))

@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 
-from ...compression import Codec, compress_unit, compressed_layout
+from ...compression import PACKED, Codec, compress_unit, compressed_layout, ggml_layout
 from ...errors import BudgetError, CheckpointError, InputError, TierstoreError
 from ...files import write_atomic
 from ...sizes import format_size
 from ...units import UnitLayout, UnitSource, require_tensors
 from ..devices import as_dtype, dtype_name
 from .checkpoint import load_config, load_tokenizer
+from .gguf_packed import PackedMatrix
 from .layerstore import FORMAT, MANIFEST, checksum, layout_to_dict, read_manifest, unit_filename
 from .resolve import Checkpoint
 from .skeleton import Skeleton, build_skeleton, parse_slice
@@ -149,16 +150,26 @@ def planned_tensor(shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], na
                                                                               else shape)
 
 
-def write_tensors(out_dir: str, key: str, tensors: dict[str, torch.Tensor], order: list[str],
-                dtype: torch.dtype | None) -> dict[str, Any]:
-    """Pack one unit into its aligned buffer, write it and its sidecar atomically; returns its manifest record."""
-    cast = {name: (dtype if dtype is not None and tensors[name].is_floating_point() else tensors[name].dtype)
-            for name in order}
-    layout = UnitLayout.pack(key, {name: (cast[name], tuple(tensors[name].shape)) for name in order})
+def write_tensors(out_dir: str, key: str, tensors: Mapping[str, torch.Tensor | PackedMatrix], order: list[str],
+                  dtype: torch.dtype | None) -> dict[str, Any]:
+    """Pack one unit into its aligned buffer, write it and its sidecar atomically; returns its manifest record.
+    Matrices given as PackedMatrix keep their ggml blocks (the unit's PACKED tensor)."""
+    matrices = {name: (tensors[name].format, tensors[name].shape) for name in order
+                if isinstance(tensors[name], PackedMatrix)}
+    plain = {name: (dtype if dtype is not None and tensors[name].is_floating_point() else tensors[name].dtype,
+                    tuple(tensors[name].shape)) for name in order if name not in matrices}
+    if matrices:
+        layout, packed = ggml_layout(key, plain, matrices)
+    else:
+        layout, packed = UnitLayout.pack(key, plain), None
     buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
-    for name, view in layout.views(buffer).items():
-        view.copy_(tensors[name])
-    return _write_buffer(out_dir, key, layout, buffer, {})
+    views = layout.views(buffer)
+    for name in plain:
+        views[name].copy_(tensors[name])
+    for name in matrices:
+        start, end = packed.ggml_bytes(name)
+        views[PACKED][start:end].copy_(tensors[name].data)
+    return _write_buffer(out_dir, key, layout, buffer, {"packed": packed.to_dict()} if packed else {})
 
 
 def _write_buffer(out_dir: str, key: str, layout: UnitLayout, buffer: torch.Tensor,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...budget import Budget
-from ...compression import Codec, scratch_bytes
+from ...compression import GGML, Codec, bits_per_weight, describe_formats, scratch_bytes
 from ...config import Config
 from ...errors import BudgetError, InputError, ModelError
 from ...policies.dense import AUTO
@@ -131,6 +131,9 @@ def _compression_note(units: Units, codec: Codec, per_matrix: frozenset[str]) ->
     plain = sum(p.numel() for p in units.skeleton.model.parameters()) * units.dtype.itemsize
     stored = sum(layout.nbytes for layout in units.layouts.values())
     how = "matrix by matrix, as each runs," if per_matrix else "on use"
-    return (f"weights stored as {codec.format} (blocksize {codec.blocksize}): {format_size(stored)} instead of "
+    bits = bits_per_weight(codec, units.packed)
+    kind = (f"in the GGUF's own formats ({describe_formats(units.packed)}; {bits:.2f} bits/weight)"
+            if codec.format == GGML else f"as {codec.format} (blocksize {codec.blocksize}, {bits:.3f} bits/weight)")
+    return (f"layer matrices stored {kind}: {format_size(stored)} instead of "
             f"{format_size(plain)} in {dtype_name(units.dtype)}; each unit dequantized {how} into a "
             f"{format_size(scratch_bytes(units.packed, units.dtype, per_matrix))} buffer")
