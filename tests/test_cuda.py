@@ -298,3 +298,23 @@ def test_tiered_kv_cache_on_cuda_gives_the_device_caches_logits(tiers, tmp_path)
     tiered.settle()
     assert tiered.traffic.passes == len(spans)
     tiered.close()
+
+
+@pytest.mark.parametrize("format", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                    "IQ4_NL", "IQ4_XS"])
+def test_ggml_blocks_dequantized_on_cuda_match_the_cpu_reference(format):
+    """The fused (compiled) kernel gives the CPU's float32 values, up to a fused multiply-add's last bit."""
+    from test_ggml import random_blocks
+
+    from tierstore import ggml
+
+    data = torch.from_numpy(random_blocks(format, 4096)).reshape(-1)
+    want = torch.empty(4096 * ggml.BLOCKS[format][0])
+    ggml.dequantize(format, data, want)
+    got = torch.empty_like(want, device="cuda")
+    ggml.dequantize(format, data.cuda(), got)
+    assert ggml._FUSED.get(format) is not None, "the compiled kernel fell back to one op at a time"
+    assert torch.allclose(got.cpu(), want, rtol=1e-6, atol=1e-7)
+    half = torch.empty(want.numel(), dtype=torch.bfloat16, device="cuda")
+    ggml.dequantize(format, data.cuda(), half)
+    assert (half.float().cpu() - want.bfloat16().float()).abs().max() <= want.abs().max() * 2**-7

@@ -4,13 +4,17 @@ Each format packs a matrix row by row in blocks of 32 or 256 elements, with the 
 quantized matrix keeps its file's bytes in every tier and is expanded only where it computes. The arithmetic follows
 the `gguf` package's reference dequantizers step by step in float32, so the values are the same bits as
 transformers' own dequantized load (tests/test_ggml.py checks every format against them on random blocks). Only the
-last cast goes to the compute dtype.
+last cast goes to the compute dtype. On a GPU each format's steps are compiled into one kernel (torch.compile), so a
+matrix is read once and written once; where compiling fails, the same steps run one op at a time.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 QK_K = 256
 # format -> (elements per block, bytes per block); the `gguf` package's GGML_QUANT_SIZES for the formats here
@@ -38,8 +42,38 @@ def bits_per_weight(format: str) -> float:
 def dequantize(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
     """Fill `out` (1-D, any float dtype, on `packed`'s device) with the elements the uint8 `packed` holds."""
     elements, nbytes = BLOCKS[format]
-    blocks = packed.view(-1, nbytes)
-    out.view(-1, elements).copy_(_DEQUANTIZE[format](blocks))
+    blocks, target = packed.view(-1, nbytes), out.view(-1, elements)
+    fused = _fused(format) if packed.is_cuda else None
+    if fused is not None:
+        try:
+            fused(blocks, target)
+            return
+        except Exception as exc:  # noqa: BLE001 (a compiler failure of any kind): run the ops one at a time
+            log.warning("dequantizing %s: torch.compile failed (%s); running its ops one at a time",
+                        format, type(exc).__name__)
+            _FUSED[format] = None
+    target.copy_(_DEQUANTIZE[format](blocks))
+
+
+def dequantize_eager(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
+    """`dequantize` one op at a time (what a CPU runs; a benchmark's baseline on a GPU)."""
+    elements, nbytes = BLOCKS[format]
+    out.view(-1, elements).copy_(_DEQUANTIZE[format](packed.view(-1, nbytes)))
+
+
+_FUSED: dict[str, Callable[[torch.Tensor, torch.Tensor], None] | None] = {}
+
+
+def _fused(format: str) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """`format`'s dequantization and cast compiled into one kernel, compiled on first use (None once it failed)."""
+    if format not in _FUSED:
+        steps = _DEQUANTIZE[format]
+
+        def into(blocks: torch.Tensor, out: torch.Tensor) -> None:
+            out.copy_(steps(blocks))
+
+        _FUSED[format] = torch.compile(into, dynamic=True, fullgraph=True)
+    return _FUSED[format]
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:

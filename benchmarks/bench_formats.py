@@ -1,0 +1,214 @@
+"""Every weight format at the 7B shape on one GPU: a layer's dequantization against the copy its bytes take, and a
+decode step against its link bound.
+
+One device call (nvidia-h200, about 6 minutes):
+    python benchmarks/bench_formats.py --out $OUT --formats bf16,nf4,int8,Q8_0,Q6_K,Q5_K,Q4_K,Q4_0,Q3_K,Q2_K
+1. For each GGUF format (ggml.py): one Qwen2.5-7B layer's matrices as random valid blocks, dequantized into bf16 on
+   the GPU, fused (torch.compile) and one op at a time, against the time the layer's packed bytes take to cross the
+   pinned link (tierstore's probe). A format pays off only when its dequantization is shorter than that copy.
+2. For each format, a random-weight Qwen2.5-7B-shaped store (bf16, nf4 and int8 written by bench_scale's
+   `write_random_store`; a GGUF format as a ggml store: its matrices' blocks as a GGUF would hold them) is opened in a
+   child process at vram 4 GB / ram 64 GB: everything in pinned RAM, so a pass is bound by the link. Prints the median
+   decode step against the plan's bound, the bytes per pass and the peak VRAM. The store is removed after its row.
+`--shape tiny` checks the script on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+import zlib
+
+from bench_scale import model_config, write_random_store
+from common import PROMPT_TOKENS, StepClock, run_child, vm_hwm_bytes, word_tokenizer
+
+BNB = ("bf16", "nf4", "int8")
+TYPICAL_CODE = {  # |code| of a typical element, so that the random blocks give weights of about WEIGHT_STD
+    "Q4_0": 4, "Q4_1": 8, "Q5_0": 8, "Q5_1": 16, "Q8_0": 64, "Q2_K": 24, "Q3_K": 64, "Q4_K": 240, "Q5_K": 500,
+    "Q6_K": 1000, "IQ4_NL": 60, "IQ4_XS": 1000,
+}
+SCALE_BYTES = {  # where each format keeps its float16 scales (and minimums)
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,),
+    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
+}
+WEIGHT_STD = 0.02
+
+
+def random_blocks(format: str, numel: int, device, seed: int):
+    """`numel` elements of random codes in `format`, with scales that make weights of about WEIGHT_STD."""
+    import torch
+
+    from tierstore.ggml import BLOCKS
+
+    elements, nbytes = BLOCKS[format]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    blocks = torch.randint(0, 256, (numel // elements, nbytes), dtype=torch.uint8, device=device, generator=gen)
+    scale = torch.full((blocks.shape[0], 1), WEIGHT_STD / TYPICAL_CODE[format], dtype=torch.float16, device=device)
+    for start in SCALE_BYTES[format]:
+        blocks[:, start:start + 2] = scale.view(torch.uint8)
+    return blocks.reshape(-1)
+
+
+def write_ggml_store(store: str, shape: str, format: str, device: str) -> dict:
+    """A random-weight store whose layer matrices are `format` blocks (embeddings and norms in bf16)."""
+    import torch
+
+    from tierstore.compression import Codec
+    from tierstore.inference.loading.gguf_packed import PackedMatrix
+    from tierstore.inference.loading.skeleton import build_skeleton
+    from tierstore.inference.loading.store_writer import finished_units, store_writer, write_metadata, write_tensors
+
+    config = model_config(shape)
+    skeleton = build_skeleton(config, torch.bfloat16, split_experts=False)
+    shapes = {name: tuple(p.shape) for name, p in skeleton.model.named_parameters()}
+    start = time.perf_counter()
+    with store_writer(store, None, Codec.ggml().to_dict()) as finished:
+        if not finished:
+            records = finished_units(store)
+            for key, names in skeleton.units.items():
+                if key in records:
+                    continue
+                gen = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
+                tensors = {}
+                for index, name in enumerate(names):
+                    if name in skeleton.matrices:
+                        data = random_blocks(format, shapes[name][0] * shapes[name][1], device,
+                                             zlib.crc32(key.encode()) + index).cpu()
+                        tensors[name] = PackedMatrix(format, data, shapes[name])
+                    elif name.endswith("norm.weight"):
+                        tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
+                    else:
+                        tensors[name] = (torch.randn(shapes[name], generator=gen, device=device)
+                                         * WEIGHT_STD).bfloat16().cpu()
+                records[key] = write_tensors(store, key, tensors, names, torch.bfloat16)
+            write_metadata(store, "bench_formats", config, records, word_tokenizer(config.vocab_size),
+                           compression=Codec.ggml().to_dict())
+    nbytes = sum(entry.stat().st_size for entry in os.scandir(os.path.join(store, "units")))
+    return {"write_s": time.perf_counter() - start, "store_bytes": nbytes}
+
+
+def layer_dequant(format: str, shape: str, device: str, link_gbps: float) -> dict:
+    """One layer's matrices dequantized into bf16, fused and one op at a time, against their copy time."""
+    import torch
+
+    from tierstore import ggml
+
+    config = model_config(shape)
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+    packed = [random_blocks(format, r * c, device, n) for n, (r, c) in enumerate(shapes)]
+    out = torch.empty(max(r * c for r, c in shapes), dtype=torch.bfloat16, device=device)
+    nbytes = sum(p.numel() for p in packed)
+
+    def timed(run) -> float:
+        for p, (r, c) in zip(packed, shapes):  # warm-up (and compile)
+            run(format, p, out[:r * c])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        reps = 10 if device == "cuda" else 1
+        start = time.perf_counter()
+        for _ in range(reps):
+            for p, (r, c) in zip(packed, shapes):
+                run(format, p, out[:r * c])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / reps
+
+    fused, eager = timed(ggml.dequantize), timed(ggml.dequantize_eager)
+    copy_s = nbytes / (link_gbps * 1e9)
+    return {"layer_bytes": nbytes, "fused_s": fused, "eager_s": eager, "copy_s": copy_s}
+
+
+def child(args: argparse.Namespace) -> None:
+    """One format's row: open its store at the budget, warm up, generate; prints a RESULT line."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    import tierstore
+
+    model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
+                                                config={"runtime": {"cache_dir": args.cache}})
+    vocab = model.model.config.get_text_config().vocab_size
+    ids = torch.randint(100, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up: fills the tiers, compiles dequantizers
+    clock = StepClock()
+    out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False,
+                         logits_processor=LogitsProcessorList([clock]))
+    report = model.report().to_dict()
+    plan = report["plan"]
+    model.close()
+    cuda = torch.cuda.is_available()
+    print("RESULT " + json.dumps({
+        **clock.summary(), "predicted": plan["predicted"], "h2d_bytes_per_pass": plan["h2d_bytes_per_pass"],
+        "regime": plan["regime"], "notes": plan["notes"], "tokens": out[0, PROMPT_TOKENS:].tolist(),
+        "peak_vram_reserved": torch.cuda.max_memory_reserved() if cuda else 0, "peak_rss": vm_hwm_bytes()}),
+        flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--store", help="(child) the store")
+    parser.add_argument("--formats", default="bf16,nf4,int8,Q8_0,Q6_K,Q5_K,Q4_K,Q4_0,Q3_K,Q2_K")
+    parser.add_argument("--shape", default="7b", choices=["7b", "tiny"])
+    parser.add_argument("--vram", default="4GB")
+    parser.add_argument("--ram", default="64GB")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--work", default="/tmp/tierstore-formats")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    args.cache = os.path.join(args.work, "cache")
+    if args.child:
+        child(args)
+        return
+    import torch
+
+    from tierstore.probe import run_probe
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(args.out, exist_ok=True)
+    probe = run_probe(args.cache, torch.device(device), disk_nbytes=2**30 if device == "cuda" else 64 * 2**20)
+    link = probe.get("h2d_pinned_gbps") or 50.0
+    print("probe", json.dumps(probe), flush=True)
+    formats = args.formats.split(",")
+    results: dict = {"probe": probe, "dequant": {}, "rows": {}}
+    for format in formats:
+        if format not in BNB:
+            d = results["dequant"][format] = layer_dequant(format, args.shape, device, link)
+            print(f"dequant {format}: layer {d['layer_bytes'] / 1e6:.1f} MB, copy {d['copy_s'] * 1e3:.2f} ms, fused "
+                  f"{d['fused_s'] * 1e3:.2f} ms ({d['fused_s'] / d['copy_s']:.2f}x copy), one op at a time "
+                  f"{d['eager_s'] * 1e3:.2f} ms ({d['eager_s'] / d['copy_s']:.2f}x copy)", flush=True)
+    with open(os.path.join(args.out, "formats_log.txt"), "a") as log:
+        for format in formats:
+            store = os.path.join(args.work, f"{args.shape}-{format}")
+            if format in BNB:
+                written = write_random_store(store, args.shape, "none" if format == "bf16" else format, device)
+            else:
+                written = write_ggml_store(store, args.shape, format, device)
+            row = run_child(["--store", store, "--vram", args.vram, "--ram", args.ram, "--tokens", str(args.tokens),
+                             "--work", args.work, "--shape", args.shape], log, script=__file__)
+            results["rows"][format] = {**row, **written}
+            shutil.rmtree(store, ignore_errors=True)
+            with open(os.path.join(args.out, "formats_results.json"), "w") as handle:
+                json.dump(results, handle, indent=1)
+            print_row(format, results["rows"][format], results["probe"])
+
+
+def print_row(format: str, r: dict, probe: dict) -> None:
+    if "error" in r:
+        print(f"{format}: error: {r['error']}", flush=True)
+        return
+    bound = r["predicted"].get("step_s")
+    step = r["decode_s_per_token"]
+    ratio = f"{step / bound:.2f}x" if bound else "-"
+    print(f"{format}: store {r['store_bytes'] / 1e9:.2f} GB (written in {r['write_s']:.0f} s), "
+          f"{r['h2d_bytes_per_pass'] / 1e9:.2f} GB over the link per pass, decode {step:.4f} s/token, bound "
+          f"{bound} ({r['predicted'].get('bound')}): {ratio}, peak VRAM {r['peak_vram_reserved'] / 1e9:.2f} GB "
+          f"reserved, regime {r['regime']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
