@@ -54,11 +54,16 @@ def random_blocks(format: str, numel: int, device, seed: int):
 def write_ggml_store(store: str, shape: str, format: str, device: str) -> dict:
     """A random-weight store whose layer matrices are `format` blocks (embeddings and norms in bf16)."""
     import torch
-
-    from tierstore.compression import Codec
     from tierstore.inference.loading.gguf_packed import PackedMatrix
     from tierstore.inference.loading.skeleton import build_skeleton
-    from tierstore.inference.loading.store_writer import finished_units, store_writer, write_metadata, write_tensors
+    from tierstore.inference.loading.store_writer import (
+        finished_units,
+        store_writer,
+        write_metadata,
+        write_tensors,
+    )
+
+    from tierstore.compression import Codec
 
     config = model_config(shape)
     skeleton = build_skeleton(config, torch.bfloat16, split_experts=False)

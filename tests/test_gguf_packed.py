@@ -5,13 +5,13 @@ import os
 
 import pytest
 import torch
+from tierstore.inference.loading.convert import convert
+from tierstore.inference.loading.layerstore import read_manifest
+from tierstore.inference.loading.resolve import resolve
 
 import tierstore
 from tierstore.compression import GGML, Codec, PackedMatrices, bits_per_weight
 from tierstore.errors import CheckpointError
-from tierstore.inference.loading.convert import convert
-from tierstore.inference.loading.layerstore import read_manifest
-from tierstore.inference.loading.resolve import resolve
 
 gguf = pytest.importorskip("gguf")
 
@@ -67,8 +67,9 @@ def test_packed_gguf_gives_transformers_tokens_and_logits(smollm2_store, smollm2
 
 
 def test_auto_keeps_a_gguf_packed_only_on_a_gpu(smollm2_store, monkeypatch):
-    from tierstore.config import Config
     from tierstore.inference.loading import convert as conversion
+
+    from tierstore.config import Config
 
     checkpoint = resolve(smollm2_store[1])
     assert not conversion.keeps_ggml(checkpoint, Config.load({"runtime": {"device": "cpu"}}))
