@@ -4,8 +4,9 @@ decode step against its link bound.
 One device call (nvidia-h200, about 6 minutes):
     python benchmarks/bench_formats.py --out $OUT --formats bf16,nf4,int8,Q8_0,Q6_K,Q5_K,Q4_K,Q4_0,Q3_K,Q2_K
 1. For each GGUF format (ggml.py): one Qwen2.5-7B layer's matrices as random valid blocks, dequantized into bf16 on
-   the GPU, fused (torch.compile) and one op at a time, against the time the layer's packed bytes take to cross the
-   pinned link (tierstore's probe). A format pays off only when its dequantization is shorter than that copy.
+   the GPU as a pass does it (one fused torch.compile kernel per run of one format) and one op at a time, against the
+   time the layer's packed bytes take to cross the pinned link (tierstore's probe). A format pays off only when its
+   dequantization is shorter than that copy.
 2. For each format, a random-weight Qwen2.5-7B-shaped store (bf16, nf4 and int8 written by bench_scale's
    `write_random_store`; a GGUF format as a ggml store: its matrices' blocks as a GGUF would hold them) is opened in a
    child process at vram 4 GB / ram 64 GB: everything in pinned RAM, so a pass is bound by the link. Prints the median
@@ -95,36 +96,45 @@ def write_ggml_store(store: str, shape: str, format: str, device: str) -> dict:
 
 
 def layer_dequant(format: str, shape: str, device: str, link_gbps: float) -> dict:
-    """One layer's matrices dequantized into bf16, fused and one op at a time, against their copy time."""
+    """One layer's matrices dequantized into bf16 as a run dequantizes them (`Decompressor.materialize`: one fused
+    kernel per run of one format), and one op at a time, against the time their bytes take to cross the link."""
     import torch
 
     from tierstore import ggml
+    from tierstore.compression import PACKED, Codec, Decompressor, ggml_layout, ggml_runs
 
     config = model_config(shape)
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
-    packed = [random_blocks(format, r * c, device, n) for n, (r, c) in enumerate(shapes)]
-    out = torch.empty(max(r * c for r, c in shapes), dtype=torch.bfloat16, device=device)
-    nbytes = sum(p.numel() for p in packed)
+    shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (i, h), "up": (i, h), "down": (h, i)}
+    layout, packed = ggml_layout("layer", {}, {name: (format, shape) for name, shape in shapes.items()})
+    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
+    views = layout.views(buffer)
+    for seed, name in enumerate(shapes):
+        start, end = packed.ggml_bytes(name)
+        views[PACKED][start:end].copy_(random_blocks(format, shapes[name][0] * shapes[name][1], device, seed))
+    unpack = Decompressor(Codec.ggml(), {"layer": packed}, torch.bfloat16, torch.device(device))
+
+    def eager() -> None:
+        for run_format, first_byte, end_byte, first, last in ggml_runs(packed):
+            ggml.dequantize_eager(run_format, views[PACKED][first_byte:end_byte], unpack.scratch[first:last])
 
     def timed(run) -> float:
-        for p, (r, c) in zip(packed, shapes):  # warm-up (and compile)
-            run(format, p, out[:r * c])
+        run()  # warm-up (and compile)
         if device == "cuda":
             torch.cuda.synchronize()
-        reps = 10 if device == "cuda" else 1
+        reps = 20 if device == "cuda" else 1
         start = time.perf_counter()
         for _ in range(reps):
-            for p, (r, c) in zip(packed, shapes):
-                run(format, p, out[:r * c])
+            run()
         if device == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / reps
 
-    fused, eager = timed(ggml.dequantize), timed(ggml.dequantize_eager)
-    copy_s = nbytes / (link_gbps * 1e9)
-    return {"layer_bytes": nbytes, "fused_s": fused, "eager_s": eager, "copy_s": copy_s}
+    fused = timed(lambda: unpack.materialize("layer", views))
+    nbytes = views[PACKED].numel()
+    return {"layer_bytes": nbytes, "fused_s": fused, "eager_s": timed(eager), "copy_s": nbytes / (link_gbps * 1e9),
+            "runs": len(ggml_runs(packed))}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -183,8 +193,9 @@ def main() -> None:
     for format in formats:
         if format not in BNB:
             d = results["dequant"][format] = layer_dequant(format, args.shape, device, link)
-            print(f"dequant {format}: layer {d['layer_bytes'] / 1e6:.1f} MB, copy {d['copy_s'] * 1e3:.2f} ms, fused "
-                  f"{d['fused_s'] * 1e3:.2f} ms ({d['fused_s'] / d['copy_s']:.2f}x copy), one op at a time "
+            print(f"dequant {format}: layer {d['layer_bytes'] / 1e6:.1f} MB in {d['runs']} run(s), copy "
+                  f"{d['copy_s'] * 1e3:.2f} ms, fused {d['fused_s'] * 1e3:.2f} ms ({d['fused_s'] / d['copy_s']:.2f}x "
+                  f"copy), one op at a time "
                   f"{d['eager_s'] * 1e3:.2f} ms ({d['eager_s'] / d['copy_s']:.2f}x copy)", flush=True)
     with open(os.path.join(args.out, "formats_log.txt"), "a") as log:
         for format in formats:

@@ -91,3 +91,28 @@ def test_a_corrupt_packed_record_is_refused():
     with pytest.raises(CheckpointError, match="malformed"):
         PackedMatrices.from_dict({**record, "ggml": {"w": "Q4_1"}}, "u")
     assert Codec.from_dict(json.loads(json.dumps(Codec.ggml().to_dict())), "m") == Codec.ggml()
+
+
+def test_a_unit_of_one_format_is_one_run_and_dequantizes_like_its_matrices():
+    from test_ggml import random_blocks
+
+    from tierstore import ggml
+    from tierstore.compression import Decompressor, ggml_layout, ggml_runs
+
+    matrices = {"q": ("Q4_K", (256, 512)), "k": ("Q4_K", (256, 512)), "v": ("Q6_K", (256, 512)),
+                "o": ("Q4_K", (512, 256))}
+    layout, packed = ggml_layout("u", {"norm": (torch.float32, (512,))}, matrices)
+    assert [run[0] for run in ggml_runs(packed)] == ["Q4_K", "Q6_K", "Q4_K"]  # q and k: one call
+    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    views = layout.views(buffer)
+    want = {}
+    for seed, (name, (format, shape)) in enumerate(matrices.items()):
+        data = torch.from_numpy(random_blocks(format, shape[0] * shape[1] // 256, seed)).reshape(-1)
+        start, end = packed.ggml_bytes(name)
+        views["tierstore.packed"][start:end].copy_(data)
+        want[name] = torch.empty(shape)
+        ggml.dequantize(format, data, want[name].view(-1))
+    unpack = Decompressor(Codec.ggml(), {"u": packed}, torch.float32, torch.device("cpu"))
+    got = unpack.materialize("u", views)
+    assert all(torch.equal(got[name], want[name]) for name in matrices)
+    assert torch.equal(unpack.materialize_matrix("u", "v", views), want["v"])

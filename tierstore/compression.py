@@ -33,7 +33,7 @@ PACKED = "tierstore.packed"
 ABSMAX = "tierstore.absmax"
 DEFAULT_BLOCKSIZE = {"nf4": 64, "int8": 256}
 GGML = "ggml"  # a GGUF's matrices as the file packs them, each in its own block format
-GGML_ALIGN = 256  # a ggml matrix starts this many elements (and bytes, in PACKED) into its unit's buffers
+GGML_ALIGN_ELEMENTS, GGML_ALIGN_BYTES = 256, 16  # where a ggml matrix may start in the dequantized buffer and PACKED
 
 
 def _ops() -> Any:
@@ -153,16 +153,31 @@ class PackedMatrices:
 def ggml_layout(key: str, plain: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
                 matrices: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[UnitLayout, PackedMatrices]:
     """The layout of a unit whose `plain` tensors are stored as they are and whose `matrices` (name -> ggml format,
-    shape) keep their blocks in PACKED, each starting GGML_ALIGN bytes (and dequantized elements) apart."""
+    shape) keep their blocks in PACKED. The alignments are small enough that matrices of whole 256-element rows follow
+    each other without a gap, so that a run of one format is dequantized by one call (`ggml_runs`)."""
     placed: dict[str, tuple[int, tuple[int, ...]]] = {}
     formats: dict[str, tuple[str, int]] = {}
     numel = nbytes = 0
     for name, (format, shape) in matrices.items():
         placed[name], formats[name] = (numel, tuple(shape)), (format, nbytes)
-        numel += align(math.prod(shape), GGML_ALIGN)
-        nbytes += align(ggml_packed_bytes(format, math.prod(shape)), GGML_ALIGN)
+        numel += align(math.prod(shape), GGML_ALIGN_ELEMENTS)
+        nbytes += align(ggml_packed_bytes(format, math.prod(shape)), GGML_ALIGN_BYTES)
     tensors = {**plain, PACKED: (torch.uint8, (nbytes,))}
     return UnitLayout.pack(key, tensors), PackedMatrices(numel, placed, formats)
+
+
+def ggml_runs(packed: PackedMatrices) -> list[tuple[str, int, int, int, int]]:
+    """A ggml unit's matrices as runs of one format that lie back to back both in PACKED and in the dequantized
+    buffer: (format, first byte, end byte, first element, end element) each."""
+    runs: list[tuple[str, int, int, int, int]] = []
+    for name, (offset, shape) in sorted(packed.matrices.items(), key=lambda item: item[1][0]):
+        start, end = packed.ggml_bytes(name)
+        format, numel = packed.formats[name][0], math.prod(shape)
+        if runs and runs[-1][0] == format and runs[-1][2] == start and runs[-1][4] == offset:
+            runs[-1] = (format, runs[-1][1], end, runs[-1][3], offset + numel)
+        else:
+            runs.append((format, start, end, offset, offset + numel))
+    return runs
 
 
 def bits_per_weight(codec: Codec, packed: Mapping[Hashable, PackedMatrices]) -> float:
@@ -248,6 +263,7 @@ class Decompressor:
         self._views = {key: {name: self.scratch[offset:offset + math.prod(shape)].view(shape)
                              for name, (offset, shape) in p.matrices.items()}
                        for key, p in self.packed.items() if key not in self.per_matrix}
+        self._runs = {key: ggml_runs(p) for key, p in self.packed.items()} if codec.format == GGML else {}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.packed
@@ -261,8 +277,8 @@ class Decompressor:
         the next call: two compressed units must never be in use at once (the hooks check this at setup)."""
         packed = self.packed[key]
         if self.codec.format == GGML:
-            for name, (offset, shape) in packed.matrices.items():
-                self._dequantize_ggml(packed, name, tensors[PACKED], self.scratch[offset:offset + math.prod(shape)])
+            for format, start, end, first, last in self._runs[key]:
+                ggml_dequantize(format, tensors[PACKED][start:end], self.scratch[first:last])
         else:
             self._dequantize(tensors[PACKED], tensors[ABSMAX], self.scratch[:packed.numel])
         return {**tensors, **self._views[key]}

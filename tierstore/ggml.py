@@ -52,27 +52,23 @@ def dequantize(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
             log.warning("dequantizing %s: torch.compile failed (%s); running its ops one at a time",
                         format, type(exc).__name__)
             _FUSED[format] = None
-    target.copy_(_DEQUANTIZE[format](blocks))
+    _DEQUANTIZE[format](blocks, target)
 
 
 def dequantize_eager(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
     """`dequantize` one op at a time (what a CPU runs; a benchmark's baseline on a GPU)."""
     elements, nbytes = BLOCKS[format]
-    out.view(-1, elements).copy_(_DEQUANTIZE[format](packed.view(-1, nbytes)))
+    _DEQUANTIZE[format](packed.view(-1, nbytes), out.view(-1, elements))
 
 
 _FUSED: dict[str, Callable[[torch.Tensor, torch.Tensor], None] | None] = {}
 
 
 def _fused(format: str) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
-    """`format`'s dequantization and cast compiled into one kernel, compiled on first use (None once it failed)."""
+    """`format`'s dequantization and cast compiled into one kernel on first use (None once that failed). Each
+    format is its own function, so each is compiled (and guarded) on its own."""
     if format not in _FUSED:
-        steps = _DEQUANTIZE[format]
-
-        def into(blocks: torch.Tensor, out: torch.Tensor) -> None:
-            out.copy_(steps(blocks))
-
-        _FUSED[format] = torch.compile(into, dynamic=True, fullgraph=True)
+        _FUSED[format] = torch.compile(_DEQUANTIZE[format], dynamic=True, fullgraph=True)
     return _FUSED[format]
 
 
@@ -97,39 +93,39 @@ def _bits(qh: torch.Tensor, count: int) -> torch.Tensor:
     return ((qh.reshape(n, -1, 1) >> _shifts(tuple(range(8)), qh.device, (1, 1, 8))) & 1).reshape(n, count)
 
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * (_nibbles(b[:, 2:], 16).to(torch.int8) - 8).float()
+def _q4_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(_f16(b, 0) * (_nibbles(b[:, 2:], 16).to(torch.int8) - 8).float())
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * _nibbles(b[:, 4:], 16).float() + _f16(b, 2)
+def _q4_1(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(_f16(b, 0) * _nibbles(b[:, 4:], 16).float() + _f16(b, 2))
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
+def _q5_0(b: torch.Tensor, out: torch.Tensor) -> None:
     q = _nibbles(b[:, 6:], 16) | (_bits(b[:, 2:6], 32) << 4)
-    return _f16(b, 0) * (q.to(torch.int8) - 16).float()
+    out.copy_(_f16(b, 0) * (q.to(torch.int8) - 16).float())
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
+def _q5_1(b: torch.Tensor, out: torch.Tensor) -> None:
     q = _nibbles(b[:, 8:], 16) | (_bits(b[:, 4:8], 32) << 4)
-    return _f16(b, 0) * q.float() + _f16(b, 2)
+    out.copy_(_f16(b, 0) * q.float() + _f16(b, 2))
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+def _q8_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0))
 
 
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
+def _q2_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     scales, qs = b[:, :16], b[:, 16:80]
     d, dmin = _f16(b, 80), _f16(b, 82)
     dl = (d * (scales & 0x0F).float()).view(n, 16, 1)
     ml = (dmin * (scales >> 4).float()).view(n, 16, 1)
     q = (qs.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))) & 3
-    return (dl * q.reshape(n, 16, 16).float() - ml).reshape(n, QK_K)
+    out.copy_((dl * q.reshape(n, 16, 16).float() - ml).reshape(n, QK_K))
 
 
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
+def _q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     hmask, qs, scales, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b, 108)
     low = (scales[:, :8].reshape(n, 1, 8) >> _shifts((0, 4), b.device, (1, 2, 1))).reshape(n, 16)
@@ -139,7 +135,7 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     ql = ((qs.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))) & 3).reshape(n, 16, 16)
     qh = ((hmask.reshape(n, 1, 1, 32) >> _shifts(tuple(range(8)), b.device, (1, 1, 8, 1))) & 1).reshape(n, 16, 16)
     q = ql.to(torch.int8) - ((qh ^ 1) << 2).to(torch.int8)
-    return (dl * q.float()).reshape(n, QK_K)
+    out.copy_((dl * q.float()).reshape(n, QK_K))
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,51 +148,51 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     sc, mn = _k_scale_min(b[:, 4:16])
     d = (_f16(b, 0) * sc.float()).view(n, -1, 1)
     dm = (_f16(b, 2) * mn.float()).view(n, -1, 1)
     q = _nibbles(b[:, 16:], 32).reshape(n, -1, 32).float()
-    return (d * q - dm).reshape(n, QK_K)
+    out.copy_((d * q - dm).reshape(n, QK_K))
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     sc, mn = _k_scale_min(b[:, 4:16])
     d = (_f16(b, 0) * sc.float()).view(n, -1, 1)
     dm = (_f16(b, 2) * mn.float()).view(n, -1, 1)
     qh = ((b[:, 16:48].reshape(n, 1, 1, 32) >> _shifts(tuple(range(8)), b.device, (1, 1, 8, 1))) & 1).reshape(n, 8, 32)
     q = (_nibbles(b[:, 48:], 32).reshape(n, 8, 32) | (qh << 4)).float()
-    return (d * q - dm).reshape(n, QK_K)
+    out.copy_((d * q - dm).reshape(n, QK_K))
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     ql, qh, scales = b[:, :128], b[:, 128:192], b[:, 192:208]
     d = (_f16(b, 208) * scales.contiguous().view(torch.int8).float()).view(n, 16, 1)
     low = _nibbles(ql, 64).reshape(n, 8, 32)
     high = ((qh.reshape(n, -1, 1, 32) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4, 1))) & 3).reshape(n, 8, 32)
     q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
-    return (d * q).reshape(n, QK_K)
+    out.copy_((d * q).reshape(n, QK_K))
 
 
-def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
+def _iq4_nl(b: torch.Tensor, out: torch.Tensor) -> None:
     values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=b.device)
-    return _f16(b, 0) * values[_nibbles(b[:, 2:], 16).long()]
+    out.copy_(_f16(b, 0) * values[_nibbles(b[:, 2:], 16).long()])
 
 
-def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+def _iq4_xs(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
     high = ((b[:, 2:4].reshape(n, 2, 1) >> _shifts((0, 2, 4, 6), b.device, (1, 1, 4))) & 0x03).reshape(n, 8)
     low = ((b[:, 4:8].reshape(n, 4, 1) >> _shifts((0, 4), b.device, (1, 1, 2))) & 0x0F).reshape(n, 8)
     dl = (_f16(b, 0) * ((low | (high << 4)).to(torch.int8) - 32).float()).view(n, 8, 1)
     values = torch.tensor(IQ4_VALUES, dtype=torch.float32, device=b.device)
     q = values[_nibbles(b[:, 8:], 16).long()].reshape(n, 8, 32)
-    return (dl * q).reshape(n, QK_K)
+    out.copy_((dl * q).reshape(n, QK_K))
 
 
-_DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+_DEQUANTIZE: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
     "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0, "Q2_K": _q2_k, "Q3_K": _q3_k,
     "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
 }
