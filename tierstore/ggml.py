@@ -40,17 +40,27 @@ def bits_per_weight(format: str) -> float:
 
 
 def dequantize(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
-    """Fill `out` (1-D, any float dtype, on `packed`'s device) with the elements the uint8 `packed` holds, at most
-    CHUNK_ELEMENTS at a time (so that no step's temporaries outgrow a few tens of MB)."""
+    """Fill `out` (1-D, any float dtype, on `packed`'s device) with the elements the uint8 `packed` holds: on a GPU
+    in one fused kernel (no temporaries), elsewhere one op at a time in chunks."""
     elements, nbytes = BLOCKS[format]
     blocks, target = packed.view(-1, nbytes), out.view(-1, elements)
-    step = CHUNK_ELEMENTS // elements
-    for first in range(0, blocks.shape[0], step):
-        _dequantize_blocks(format, blocks[first:first + step], target[first:first + step])
+    fused = _fused(format) if blocks.is_cuda else None
+    if fused is not None:
+        try:
+            torch._dynamo.maybe_mark_dynamic(blocks, 0)  # the block count varies; a block's layout does not
+            torch._dynamo.maybe_mark_dynamic(target, 0)
+            fused(blocks, target)
+            return
+        except Exception as exc:  # noqa: BLE001 (a compiler failure of any kind): run the ops one at a time
+            log.warning("dequantizing %s: torch.compile failed (%s); running its ops one at a time",
+                        format, type(exc).__name__)
+            _FUSED[format] = None
+    dequantize_eager(format, packed, out)
 
 
 def dequantize_eager(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
-    """`dequantize` one op at a time (what a CPU runs; a benchmark's baseline on a GPU)."""
+    """`dequantize` one op at a time, CHUNK_ELEMENTS at a time so that no step's temporaries outgrow a few tens of
+    MB (what a CPU runs; a benchmark's baseline on a GPU)."""
     elements, nbytes = BLOCKS[format]
     blocks, target = packed.view(-1, nbytes), out.view(-1, elements)
     step = CHUNK_ELEMENTS // elements
@@ -60,21 +70,6 @@ def dequantize_eager(format: str, packed: torch.Tensor, out: torch.Tensor) -> No
 
 CHUNK_ELEMENTS = 1 << 24
 _FUSED: dict[str, Callable[[torch.Tensor, torch.Tensor], None] | None] = {}
-
-
-def _dequantize_blocks(format: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
-    fused = _fused(format) if blocks.is_cuda else None
-    if fused is not None:
-        try:
-            torch._dynamo.maybe_mark_dynamic(blocks, 0)  # the block count varies; a block's layout does not
-            torch._dynamo.maybe_mark_dynamic(out, 0)
-            fused(blocks, out)
-            return
-        except Exception as exc:  # noqa: BLE001 (a compiler failure of any kind): run the ops one at a time
-            log.warning("dequantizing %s: torch.compile failed (%s); running its ops one at a time",
-                        format, type(exc).__name__)
-            _FUSED[format] = None
-    _DEQUANTIZE[format](blocks, out)
 
 
 def _fused(format: str) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
