@@ -168,7 +168,7 @@ def _tokenize(model: Any, text: str, request: QualityRequest) -> list[torch.Tens
         window = request.window_tokens
     parts = windows(ids, window)
     if not parts:
-        raise InputError(f"the text is {ids.numel()} token long; eval needs at least 2")
+        raise InputError(f"the text is {ids.numel()} tokens long; eval needs at least 2")
     return parts
 
 
