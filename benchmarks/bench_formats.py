@@ -30,10 +30,6 @@ TYPICAL_CODE = {  # |code| of a typical element, so that the random blocks give 
     "Q4_0": 4, "Q4_1": 8, "Q5_0": 8, "Q5_1": 16, "Q8_0": 64, "Q2_K": 24, "Q3_K": 64, "Q4_K": 240, "Q5_K": 500,
     "Q6_K": 1000, "IQ4_NL": 60, "IQ4_XS": 1000,
 }
-SCALE_BYTES = {  # where each format keeps its float16 scales (and minimums)
-    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,),
-    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
-}
 WEIGHT_STD = 0.02
 
 
@@ -41,13 +37,13 @@ def random_blocks(format: str, numel: int, device, seed: int):
     """`numel` elements of random codes in `format`, with scales that make weights of about WEIGHT_STD."""
     import torch
 
-    from tierstore.ggml import BLOCKS
+    from tierstore.ggml import BLOCKS, HALF_SCALES
 
     elements, nbytes = BLOCKS[format]
     gen = torch.Generator(device=device).manual_seed(seed)
     blocks = torch.randint(0, 256, (numel // elements, nbytes), dtype=torch.uint8, device=device, generator=gen)
     scale = torch.full((blocks.shape[0], 1), WEIGHT_STD / TYPICAL_CODE[format], dtype=torch.float16, device=device)
-    for start in SCALE_BYTES[format]:
+    for start in HALF_SCALES[format]:
         blocks[:, start:start + 2] = scale.view(torch.uint8)
     return blocks.reshape(-1)
 

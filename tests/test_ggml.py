@@ -8,18 +8,13 @@ from tierstore import ggml
 
 gguf = pytest.importorskip("gguf")  # a test dependency: pyproject's [test] extra installs it
 
-SCALE_BYTES = {  # where each format keeps its float16 scales (the rest of a block is codes and packed sub-scales)
-    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,),
-    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
-}
-
 
 def random_blocks(format: str, blocks: int, seed: int = 0) -> np.ndarray:
     """Random codes with finite random float16 scales."""
     rng = np.random.default_rng(seed)
     _, nbytes = ggml.BLOCKS[format]
     data = rng.integers(0, 256, size=(blocks, nbytes), dtype=np.uint8)
-    for start in SCALE_BYTES[format]:
+    for start in ggml.HALF_SCALES[format]:
         data[:, start:start + 2] = rng.normal(0, 0.05, size=(blocks, 1)).astype(np.float16).view(np.uint8)
     return data
 
