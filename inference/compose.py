@@ -34,7 +34,7 @@ from .decoding.drafts import NgramDraft
 from .decoding.model import ModelParts, TierstoreModel
 from .devices import as_dtype, compute_device
 from .loading.checkpoint import checkpoint_dtype, load_config, load_tokenizer
-from .loading.convert import convert, convert_if_needed
+from .loading.convert import convert, convert_if_needed, keeps_ggml
 from .loading.resolve import Checkpoint, resolve
 from .loading.shards import Group, rank_note, rank_store, shard_units
 from .loading.skeleton import build_skeleton
@@ -307,14 +307,15 @@ def check_same_vocabulary(target_config: Any, target_tokenizer: Any, draft: Tier
 def convert_model(model: str, out_dir: str, dtype: torch.dtype | str | None = None, compress: str | None = None,
                   config: Any = None, trust_remote_code: bool = False) -> str:
     """Write the layer store of `model` into `out_dir` (what `tierstore convert` runs): its tensors in `dtype`
-    (None: as the checkpoint stores them), or compressed with `compress` ("nf4", "int8"); `config`'s budget.disk
-    caps its size. Returns `out_dir`."""
+    (None: as the checkpoint stores them; a GGUF's matrices packed as `compression.gguf` says), or compressed with
+    `compress` ("nf4", "int8"); `config`'s budget.disk caps its size. Returns `out_dir`."""
     dtype = as_dtype(dtype)
     cfg = Config.load(config)
     if compress:
         return compress_model(model, out_dir, compress, dtype, config=cfg, trust_remote_code=trust_remote_code)
-    return convert(resolve(model), out_dir, dtype=dtype, trust_remote_code=trust_remote_code, progress=True,
-                   disk_budget_bytes=cfg.budget.disk)
+    checkpoint = resolve(model)
+    return convert(checkpoint, out_dir, dtype=dtype, trust_remote_code=trust_remote_code, progress=True,
+                   disk_budget_bytes=cfg.budget.disk, keep_ggml=keeps_ggml(checkpoint, cfg))
 
 
 def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | None = None, config: Any = None,

@@ -116,3 +116,14 @@ def test_a_unit_of_one_format_is_one_run_and_dequantizes_like_its_matrices():
     got = unpack.materialize("u", views)
     assert all(torch.equal(got[name], want[name]) for name in matrices)
     assert torch.equal(unpack.materialize_matrix("u", "v", views), want["v"])
+
+
+def test_convert_keeps_a_gguf_packed_when_the_config_says_so(smollm2_store, tmp_path, capsys):
+    from tierstore.inference.front.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text('[compression]\ngguf = "packed"\n')
+    assert main(["convert", smollm2_store[1], str(tmp_path / "s"), "--config", str(config)]) == 0
+    assert read_manifest(str(tmp_path / "s"))["compression"]["format"] == GGML
+    assert main(["convert", smollm2_store[1], str(tmp_path / "s")]) == 2  # on a CPU auto dequantizes: another store
+    assert "already holds a layer store ggml-compressed" in capsys.readouterr().err
