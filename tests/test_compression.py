@@ -227,3 +227,48 @@ def test_direct_io_reads_the_same_units_and_says_how_it_reads(tiny_dirs, tmp_pat
         assert mode == ("O_DIRECT" if direct_io_works(store_dir) else "posix_fadvise(DONTNEED)")
         assert f"disk reads: {mode}" in model.plan.notes
         assert model.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == want
+
+
+@pytest.mark.parametrize("recipe", ["q4_k_m", "q8_0"])
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_ggml_recipes_equal_transformers_with_the_gguf_packages_dequantized_weights(model_type, recipe, tiny_dirs,
+                                                                                    tmp_path):
+    """tierstore's own GGML quantization: the model equals transformers' whose layer matrices are the same blocks
+    dequantized by the `gguf` package's reference code (no tierstore dequantizer in the reference)."""
+    gguf = pytest.importorskip("gguf")
+    from tierstore import ggml, ggml_quantize
+    from tierstore.compression import recipe_formats
+
+    directory, original = tiny_dirs(model_type)
+    reference = copy.deepcopy(original)
+    shapes = {name: tuple(p.shape) for name, p in reference.named_parameters() if ".layers." in name and p.dim() >= 2}
+    formats = recipe_formats(recipe, shapes, set(shapes))
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name in formats:
+                blocks = ggml_quantize.quantize(formats[name], param.data.reshape(-1)).numpy()
+                blocks = blocks.reshape(-1, ggml.BLOCKS[formats[name]][1])
+                values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[formats[name]])
+                param.copy_(torch.from_numpy(values).reshape(param.shape))
+    with tierstore.AutoModel.from_pretrained(directory, config=_config(tmp_path, recipe)) as model:
+        assert any(f"stored as {recipe} (" in note for note in model.plan.notes)
+        got = model.generate(IDS, max_new_tokens=10, do_sample=False)
+        assert got.tolist() == reference.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
+        torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_q4_k_m_gives_some_value_and_down_matrices_more_bits():
+    from tierstore.compression import recipe_formats
+
+    names = [f"model.layers.{i}.{m}.weight" for i in range(16) for m in ("self_attn.v_proj", "mlp.down_proj",
+                                                                         "mlp.up_proj")]
+    formats = recipe_formats("q4_k_m", {name: (256, 256) for name in names}, set(names))
+    six = sorted({int(name.split(".")[2]) for name, f in formats.items() if f == "Q6_K"})
+    assert six == [0, 1, 4, 7, 10, 13, 14, 15]  # llama.cpp's use_more_bits for 16 layers
+    assert all(formats[name] == "Q4_K" for name in names if "up_proj" in name)
+    odd = recipe_formats("q4_k", {"model.layers.0.mlp.up_proj.weight": (32, 3)}, set())
+    assert odd == {"model.layers.0.mlp.up_proj.weight": "Q8_0"}  # 96 elements: not whole Q4_K blocks
+    with pytest.raises(ConfigError, match="has 33 elements, not a multiple of 32"):
+        recipe_formats("q4_k", {"model.layers.0.w": (3, 11)}, set())
+    with pytest.raises(ConfigError, match="compression.blocksize applies to nf4 and int8"):
+        Codec.create("q4_k", 64)

@@ -37,3 +37,24 @@ def test_sizes_and_bits_per_weight():
     assert ggml.bits_per_weight("Q4_1") == 5.0 and ggml.bits_per_weight("Q6_K") == 6.5625
     with pytest.raises(ValueError, match="Q8_0 packs 32 elements a block; 33"):
         ggml.packed_bytes("Q8_0", 33)
+
+
+@pytest.mark.parametrize("format", ["Q8_0", "Q4_K", "Q6_K"])
+def test_tierstores_quantizers_write_blocks_the_reference_reads_back_close(format):
+    """Quantized by tierstore, dequantized by the `gguf` package: valid blocks, and the error of a good quantizer
+    (llama.cpp's searches: Q4_K beats nf4's error at the same 4.5 bits)."""
+    from tierstore import ggml_quantize
+
+    torch.manual_seed(0)
+    values = torch.randn(256 * 64) * 0.02
+    values[::97] *= 8  # a few outliers, as real weights have
+    packed = ggml_quantize.quantize(format, values)
+    assert packed.dtype == torch.uint8 and packed.numel() == ggml.packed_bytes(format, values.numel())
+    blocks = packed.numpy().reshape(-1, ggml.BLOCKS[format][1])
+    back = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[format]).reshape(-1))
+    error = ((back - values).norm() / values.norm()).item()
+    assert error < {"Q8_0": 0.01, "Q6_K": 0.03, "Q4_K": 0.1}[format]
+    zeros = ggml_quantize.quantize(format, torch.zeros(256))  # an all-zero block stays zero, not NaN
+    out = torch.empty(256)
+    ggml.dequantize(format, zeros, out)
+    assert torch.equal(out, torch.zeros(256))

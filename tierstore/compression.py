@@ -32,7 +32,9 @@ from .units import UnitLayout, align
 PACKED = "tierstore.packed"
 ABSMAX = "tierstore.absmax"
 DEFAULT_BLOCKSIZE = {"nf4": 64, "int8": 256}
-GGML = "ggml"  # a GGUF's matrices as the file packs them, each in its own block format
+GGML = "ggml"  # matrices in GGML's block formats (ggml.py), each in its own: a GGUF's, or quantized by a recipe
+# recipe -> the block format of its matrices; "q4_k_m" gives some attention value and MLP down matrices Q6_K
+GGML_RECIPES = {"q4_k": "Q4_K", "q4_k_m": "Q4_K", "q6_k": "Q6_K", "q8_0": "Q8_0"}
 GGML_ALIGN_ELEMENTS, GGML_ALIGN_BYTES = 256, 16  # where a ggml matrix may start in the dequantized buffer and PACKED
 
 
@@ -49,18 +51,24 @@ def _ops() -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Codec:
-    """How a store's matrices are compressed: format, elements per block, and (int8) the code book."""
+    """How a store's matrices are compressed: format, elements per block, (int8) the code book, and for GGML
+    blocks the recipe tierstore quantized them with ("" for a GGUF's own)."""
 
     format: str
     blocksize: int
     code: tuple[float, ...] = ()
+    recipe: str = ""
 
     @classmethod
     def create(cls, format: str, blocksize: int | None = None) -> "Codec":
-        """A codec with bitsandbytes' defaults; ConfigError naming what is not allowed."""
+        """A codec with bitsandbytes' defaults, or a GGML recipe; ConfigError naming what is not allowed."""
         if format not in COMPRESSION_FORMATS:
             raise ConfigError(f"compression.format: {format!r} is not allowed; choose from none, "
                               f"{', '.join(COMPRESSION_FORMATS)}")
+        if format in GGML_RECIPES:
+            if blocksize is not None:
+                raise ConfigError(f"compression.blocksize applies to nf4 and int8; {format} has fixed blocks")
+            return cls(GGML, 0, recipe=format)
         blocksize = DEFAULT_BLOCKSIZE[format] if blocksize is None else blocksize
         if blocksize not in BLOCKSIZES:
             raise ConfigError(f"compression.blocksize: {blocksize} is not allowed; choose from "
@@ -84,7 +92,9 @@ class Codec:
 
     @property
     def name(self) -> str:
-        return GGML if self.format == GGML else f"{self.format}-{self.blocksize}"
+        if self.format == GGML:
+            return self.recipe or GGML
+        return f"{self.format}-{self.blocksize}"
 
     @property
     def align_elements(self) -> int:
@@ -95,15 +105,18 @@ class Codec:
         return numel // 2 if self.format == "nf4" else numel
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "blocksize": self.blocksize, "code": list(self.code)}
+        data = {"format": self.format, "blocksize": self.blocksize, "code": list(self.code)}
+        return {**data, "recipe": self.recipe} if self.recipe else data
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Codec":
         try:
-            codec = cls(str(data["format"]), int(data["blocksize"]), tuple(float(x) for x in data.get("code", ())))
+            codec = cls(str(data["format"]), int(data["blocksize"]), tuple(float(x) for x in data.get("code", ())),
+                        str(data.get("recipe", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed compression record") from exc
-        if codec == cls.ggml():
+        if codec.format == GGML and codec.blocksize == 0 and not codec.code \
+                and (codec.recipe == "" or codec.recipe in GGML_RECIPES):
             return codec
         if codec.format not in COMPRESSION_FORMATS or codec.blocksize not in BLOCKSIZES \
                 or (codec.format == "int8") != (len(codec.code) == 256):
@@ -199,10 +212,15 @@ def describe_formats(packed: Mapping[Hashable, PackedMatrices]) -> str:
 
 
 def compressed_layout(layout: UnitLayout, matrices: Set[str], codec: Codec) -> tuple[UnitLayout, PackedMatrices | None]:
-    """The layout a unit gets when `matrices` (names in `layout`) are compressed, computed without any data."""
+    """The layout a unit gets when `matrices` (names in `layout`, of all the model's matrices) are compressed,
+    computed without any data."""
     chosen = [name for name in layout.slots if name in matrices]
     if not chosen:
         return layout, None
+    if codec.format == GGML:
+        formats = recipe_formats(codec.recipe, {name: layout.slots[name].shape for name in chosen}, matrices)
+        plain = {name: (slot.dtype, slot.shape) for name, slot in layout.slots.items() if name not in formats}
+        return ggml_layout(layout.key, plain, {name: (formats[name], layout.slots[name].shape) for name in chosen})
     placed: dict[str, tuple[int, tuple[int, ...]]] = {}
     numel = 0
     for name in chosen:
@@ -223,6 +241,8 @@ def compress_unit(layout: UnitLayout, buffer: torch.Tensor, matrices: Set[str], 
     if packed is None:
         return layout, buffer, None
     source = layout.views(buffer)
+    if codec.format == GGML:
+        return packed_layout, _ggml_unit(packed_layout, packed, source, device), packed
     dtype = next(source[name].dtype for name in packed.matrices)
     flat = torch.zeros(packed.numel, dtype=dtype, device=device)
     for name, (offset, shape) in packed.matrices.items():
@@ -240,6 +260,53 @@ def compress_unit(layout: UnitLayout, buffer: torch.Tensor, matrices: Set[str], 
     targets[PACKED].copy_(codes.reshape(-1))
     targets[ABSMAX].copy_(absmax.reshape(-1))
     return packed_layout, out, packed
+
+
+def recipe_formats(recipe: str, shapes: Mapping[str, tuple[int, ...]], matrices: Set[str]) -> dict[str, str]:
+    """The block format of each matrix (name -> shape) under a GGML recipe. "q4_k_m" follows llama.cpp's Q4_K_M:
+    Q6_K for the attention value and MLP down matrices of the first and last eighth of the layers and of every
+    third layer between, Q4_K elsewhere. A matrix whose size is not a whole number of the format's blocks falls back
+    to Q8_0 (32-element blocks); one that is not even that is refused."""
+    layers = len({index for index in map(_layer_index, matrices) if index is not None})
+    formats = {}
+    for name, shape in shapes.items():
+        format = GGML_RECIPES[recipe]
+        index = _layer_index(name)
+        if recipe == "q4_k_m" and index is not None and name.rsplit(".", 2)[-2] in ("v_proj", "down_proj") \
+                and (index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2):
+            format = "Q6_K"
+        numel = math.prod(shape)
+        if numel % GGML_BLOCKS[format][0]:
+            format = "Q8_0"
+        if numel % GGML_BLOCKS[format][0]:
+            raise ConfigError(f"compression.format {recipe}: matrix {name} has {numel} elements, not a multiple of "
+                              f"32; use nf4 or int8")
+        formats[name] = format
+    return formats
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    for before, after in zip(parts, parts[1:]):
+        if before == "layers" and after.isdigit():
+            return int(after)
+    return None
+
+
+def _ggml_unit(layout: UnitLayout, packed: PackedMatrices, source: Mapping[str, torch.Tensor],
+               device: torch.device) -> torch.Tensor:
+    """A unit's buffer with its matrices quantized on `device` into their GGML blocks (recipe_formats)."""
+    from .ggml_quantize import quantize
+
+    out = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    targets = layout.views(out)
+    for name, tensor in source.items():
+        if name in packed.formats:
+            start, end = packed.ggml_bytes(name)
+            targets[PACKED][start:end].copy_(quantize(packed.formats[name][0], tensor.to(device).reshape(-1)))
+        else:
+            targets[name].copy_(tensor)
+    return out
 
 
 class Decompressor:

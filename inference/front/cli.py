@@ -54,7 +54,8 @@ def _budget_args(parser: argparse.ArgumentParser, draft: bool = True) -> None:
     parser.add_argument("--ram", help="host tier budget, e.g. 16GB (default: measured)")
     parser.add_argument("--config", help="TOML config file")
     parser.add_argument("--compress", choices=["none", *COMPRESSION_FORMATS],
-                        help="store the layers' matrices in 4-bit nf4 or 8-bit (sets compression.format)")
+                        help="store the layers' matrices compressed: nf4, int8 (bitsandbytes) or GGML's k-quants "
+                             "q4_k, q4_k_m, q6_k, q8_0 (sets compression.format)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     parser.add_argument("--download", action="store_true", help="allow downloading a Hub model not in the cache")
     # serve refuses a draft in one line; its help does not offer one
@@ -131,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("model")
     conv.add_argument("out_dir")
     conv.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype")
-    conv.add_argument("--compress", choices=COMPRESSION_FORMATS, help="write a compressed store (matrices in nf4 or "
-                                                                  "int8, the rest in --dtype)")
+    conv.add_argument("--compress", choices=COMPRESSION_FORMATS, help="write a compressed store (matrices in this "
+                                                                  "format, the rest in --dtype)")
     conv.add_argument("--config", help="TOML config file (budget.disk caps the store's size)")
     conv.add_argument("--trust-remote-code", action="store_true")
     conv.add_argument("--eval", action="store_true", help="with --compress: measure the store against the "

@@ -94,8 +94,8 @@ def _format(manifest: dict[str, Any]) -> str:
     if not manifest:
         return "unfinished"
     compression = manifest.get("compression")
-    if compression:
-        return str(compression.get("format", "compressed"))
+    if compression:  # a GGML recipe by its name ("q4_k_m"); a GGUF's own blocks as "ggml"
+        return str(compression.get("recipe") or compression.get("format", "compressed"))
     units = manifest.get("units", {})
     dtypes = sorted({tensor.get("dtype", "?") for unit in units.values()
                      for tensor in unit.get("tensors", {}).values()})

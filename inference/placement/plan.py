@@ -132,8 +132,11 @@ def _compression_note(units: Units, codec: Codec, per_matrix: frozenset[str]) ->
     stored = sum(layout.nbytes for layout in units.layouts.values())
     how = "matrix by matrix, as each runs," if per_matrix else "on use"
     bits = bits_per_weight(codec, units.packed)
-    kind = (f"in the GGUF's own formats ({describe_formats(units.packed)}; {bits:.2f} bits/weight)"
-            if codec.format == GGML else f"as {codec.format} (blocksize {codec.blocksize}, {bits:.3f} bits/weight)")
+    if codec.format == GGML:
+        whose = f"as {codec.recipe}" if codec.recipe else "in the GGUF's own formats"
+        kind = f"{whose} ({describe_formats(units.packed)}; {bits:.2f} bits/weight)"
+    else:
+        kind = f"as {codec.format} (blocksize {codec.blocksize}, {bits:.3f} bits/weight)"
     return (f"layer matrices stored {kind}: {format_size(stored)} instead of "
             f"{format_size(plain)} in {dtype_name(units.dtype)}; each unit dequantized {how} into a "
             f"{format_size(scratch_bytes(units.packed, units.dtype, per_matrix))} buffer")

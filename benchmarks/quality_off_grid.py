@@ -1,0 +1,85 @@
+"""Every format's quality on SmolLM2, on its own weights and on weights moved off their 4-bit grid.
+
+SmolLM2-135M-Instruct's weights come from a Q4_1 GGUF: every 32 of them lie on a 4-bit grid with a scale and a
+minimum. A format with that grid reproduces them almost exactly, which says nothing about other models. So the
+decoder layers' matrices also get Gaussian noise (--noise times each matrix's standard deviation, seeded), the
+noisy model is written as a safetensors checkpoint, checked to still answer sensibly (its greedy answer is printed),
+and `tierstore eval` measures every format against it. CPU, about 10 minutes:
+    python benchmarks/quality_off_grid.py --out /tmp/offgrid
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from tierstore.config import COMPRESSION_FORMATS
+
+PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def write_off_grid(gguf: str, out_dir: str, noise: float, seed: int = 0) -> None:
+    """SmolLM2 with noise added to its decoder layers' matrices, as a float32 safetensors checkpoint."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return
+    directory, name = os.path.dirname(gguf), os.path.basename(gguf)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if ".layers." in param_name and param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=generator) * param.std() * noise)
+    os.makedirs(out_dir, exist_ok=True)  # transformers will not save a model it loaded from a GGUF: write it here
+    state = {key: value.contiguous() for key, value in model.state_dict().items()
+             if not (key == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out_dir)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    with open(os.path.join(out_dir, "config.json"), "w") as handle:  # written last: the checkpoint is whole
+        json.dump(config, handle, indent=1)
+
+
+def answer(model_dir: str) -> str:
+    """The model's greedy answer to PROMPT: the check that noise left it speaking."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, max_new_tokens=24, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def main() -> None:
+    from tierstore.inference.front.cli import main as tierstore
+    from tierstore.inference.loading.resolve import resolve
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="/tmp/offgrid")
+    parser.add_argument("--noise", type=float, default=0.05, help="noise std as a fraction of each matrix's std")
+    parser.add_argument("--formats", default=",".join(COMPRESSION_FORMATS))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    noisy = os.path.join(args.out, f"smollm2-noise{args.noise}")
+    write_off_grid(resolve("smollm2").path, noisy, args.noise)
+    print(f"off the grid (noise {args.noise}): {answer(noisy)!r}", flush=True)
+    results = {}
+    for name, model in (("on the grid", "smollm2"), (f"off the grid, noise {args.noise}", noisy)):
+        path = os.path.join(args.out, f"eval-{'on' if model == 'smollm2' else 'off'}.json")
+        tierstore(["eval", model, "--formats", args.formats, "--json", path])
+        with open(path) as handle:
+            results[name] = json.load(handle)
+    with open(os.path.join(args.out, "quality.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
