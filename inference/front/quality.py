@@ -120,7 +120,7 @@ def measure_quality(request: QualityRequest, on_progress: Callable[[str], None] 
         raise InputError(f"--max-tokens must be at least 2, got {request.max_tokens}")
     text = read_text(request.text_path)
     with tempfile.TemporaryDirectory(prefix="eval-", dir=_scratch_dir(request.config)) as scratch:
-        with _open(request, request.model, request.config) as reference:
+        with _open(request, request.model, request.config.with_compression("none")) as reference:
             if reference.decompressor is not None and reference.decompressor.codec.format != GGML:
                 raise InputError(f"{request.model} is stored compressed ({reference.decompressor.codec.name}); "
                                  f"eval measures formats against the uncompressed model: give that one")
