@@ -49,13 +49,14 @@ def _verbose_arg(parser: argparse.ArgumentParser, default: Any = False) -> None:
                         help="log each step: resolving, converting, planning, loading, generating")
 
 
-def _budget_args(parser: argparse.ArgumentParser, draft: bool = True) -> None:
+def _budget_args(parser: argparse.ArgumentParser, draft: bool = True, compress: bool = True) -> None:
     parser.add_argument("--vram", help="device tier budget, e.g. 4GB (default: measured)")
     parser.add_argument("--ram", help="host tier budget, e.g. 16GB (default: measured)")
     parser.add_argument("--config", help="TOML config file")
+    # eval refuses --compress in one line (it measures --formats); its help does not offer it
     parser.add_argument("--compress", choices=["none", *COMPRESSION_FORMATS],
                         help="store the layers' matrices compressed: nf4, int8 (bitsandbytes) or GGML's k-quants "
-                             "q4_k, q4_k_m, q6_k, q8_0 (sets compression.format)")
+                             "q4_k, q4_k_m, q6_k, q8_0 (sets compression.format)" if compress else argparse.SUPPRESS)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     parser.add_argument("--download", action="store_true", help="allow downloading a Hub model not in the cache")
     # serve refuses a draft in one line; its help does not offer one
@@ -173,7 +174,7 @@ def _eval_parser(sub: Any) -> None:
     ev.add_argument("--dtype", choices=list(DTYPES),
                     help="compute dtype (default: the checkpoint's on a GPU, float32 on a CPU)")
     ev.add_argument("--json", help="write the measurements here as JSON")
-    _budget_args(ev, draft=False)
+    _budget_args(ev, draft=False, compress=False)
 
 
 def _console() -> Any:
