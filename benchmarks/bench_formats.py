@@ -7,8 +7,9 @@ One device call (nvidia-h200, about 6 minutes):
    the GPU as a pass does it (one fused torch.compile kernel per run of one format) and one op at a time, against the
    time the layer's packed bytes take to cross the pinned link (tierstore's probe). A format pays off only when its
    dequantization is shorter than that copy.
-2. For each format, a random-weight Qwen2.5-7B-shaped store (bf16, nf4 and int8 written by bench_scale's
-   `write_random_store`; a GGUF format as a ggml store: its matrices' blocks as a GGUF would hold them) is opened in a
+2. For each format, a random-weight Qwen2.5-7B-shaped store (bf16 and tierstore's compression formats, e.g. nf4 or
+   q4_k_m, written and quantized on the GPU by bench_scale's `write_random_store`; a GGUF format in upper case as a
+   ggml store: random blocks, as a GGUF would hold them) is opened in a
    child process at vram 4 GB / ram 64 GB: everything in pinned RAM, so a pass is bound by the link. Prints the median
    decode step against the plan's bound, the bytes per pass and the peak VRAM. The store is removed after its row.
 `--shape tiny` checks the script on a CPU.
@@ -25,7 +26,7 @@ import zlib
 from bench_scale import model_config, write_random_store
 from common import PROMPT_TOKENS, StepClock, run_child, vm_hwm_bytes, word_tokenizer
 
-BNB = ("bf16", "nf4", "int8")
+QUANTIZED_HERE = ("bf16", "nf4", "int8", "q4_k", "q4_k_m", "q6_k", "q8_0")  # tierstore's compression.format values
 TYPICAL_CODE = {  # |code| of a typical element, so that the random blocks give weights of about WEIGHT_STD
     "Q4_0": 4, "Q4_1": 8, "Q5_0": 8, "Q5_1": 16, "Q8_0": 64, "Q2_K": 24, "Q3_K": 64, "Q4_K": 240, "Q5_K": 500,
     "Q6_K": 1000, "IQ4_NL": 60, "IQ4_XS": 1000,
@@ -187,7 +188,7 @@ def main() -> None:
     formats = args.formats.split(",")
     results: dict = {"probe": probe, "dequant": {}, "rows": {}}
     for format in formats:
-        if format not in BNB:
+        if format not in QUANTIZED_HERE:
             d = results["dequant"][format] = layer_dequant(format, args.shape, device, link)
             print(f"dequant {format}: layer {d['layer_bytes'] / 1e6:.1f} MB in {d['runs']} run(s), copy "
                   f"{d['copy_s'] * 1e3:.2f} ms, fused {d['fused_s'] * 1e3:.2f} ms ({d['fused_s'] / d['copy_s']:.2f}x "
@@ -196,7 +197,7 @@ def main() -> None:
     with open(os.path.join(args.out, "formats_log.txt"), "a") as log:
         for format in formats:
             store = os.path.join(args.work, f"{args.shape}-{format}")
-            if format in BNB:
+            if format in QUANTIZED_HERE:
                 written = write_random_store(store, args.shape, "none" if format == "bf16" else format, device)
             else:
                 written = write_ggml_store(store, args.shape, format, device)
