@@ -16,11 +16,13 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..budget import Budget
+from ..calibration import calibration_text
 from ..compression import Codec, Decompressor, scratch_bytes
 from ..config import Config
 from ..errors import InputError
@@ -31,6 +33,7 @@ from ..store import TieredStore
 from ..trace import Tracer
 from ..transfer import make_transfer
 from .decoding.drafts import NgramDraft
+from .decoding.importance import measure_importance
 from .decoding.model import ModelParts, TierstoreModel
 from .devices import as_dtype, compute_device
 from .loading.checkpoint import checkpoint_dtype, load_config, load_tokenizer
@@ -149,7 +152,8 @@ def _open_units(request: OpenRequest, device: torch.device, group: Group | None,
     adapter combining the ranks' outputs after the modules they split."""
     checkpoint = request.checkpoint
     log.info("%s: a %s checkpoint at %s; compute on %s", request.model, checkpoint.kind, checkpoint.path, device)
-    units = open_units(checkpoint, request.cfg, device, request.dtype, request.trust_remote_code, request.progress)
+    units = open_units(checkpoint, request.cfg, device, request.dtype, request.trust_remote_code, request.progress,
+                       importance=_importance(request))
     resources.callback(units.close)
     if group is None:
         return units
@@ -158,6 +162,21 @@ def _open_units(request: OpenRequest, device: torch.device, group: Group | None,
     resources.callback(units.close)
     attach(resources, Collectives(styles, group))
     return units
+
+
+def _importance(request: OpenRequest) -> Callable[[], dict[str, torch.Tensor]] | None:
+    """How a calibrated compression gets its importance matrix (None for one that needs none): the model, opened
+    uncompressed under the same budget, reads the calibration text."""
+    setting = request.cfg.compression.calibration
+    if setting is None or request.cfg.compression.format == "none":
+        return None
+
+    def measure() -> dict[str, torch.Tensor]:
+        log.info("%s: measuring the importance matrix over the calibration text (%s)", request.model, setting)
+        plain = dataclasses.replace(request, cfg=request.cfg.with_compression("none"), draft=None, trace=None)
+        with _open(plain) as model:
+            return measure_importance(model, calibration_text(setting))
+    return measure
 
 
 def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokenizer: Any,
@@ -336,7 +355,8 @@ def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | N
     try:
         if units.codec is not None:
             raise InputError(f"{units.checkpoint.path} is already compressed ({units.codec.name})")
+        request = _request(model, None, cfg, dtype, trust_remote_code, False, progress, None, None, 1)
         return compress(units.source, units.skeleton, units.checkpoint, out_dir, codec, device, trust_remote_code,
-                        progress, disk_budget_bytes=cfg.budget.disk)
+                        progress, disk_budget_bytes=cfg.budget.disk, importance=_importance(request))
     finally:
         units.close()

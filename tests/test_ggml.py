@@ -58,3 +58,20 @@ def test_tierstores_quantizers_write_blocks_the_reference_reads_back_close(forma
     out = torch.empty(256)
     ggml.dequantize(format, zeros, out)
     assert torch.equal(out, torch.zeros(256))
+
+
+def test_an_importance_matrix_keeps_the_important_weights_closer():
+    """Weights whose inputs matter more are quantized with less error when the search weighs them so."""
+    from tierstore import ggml_quantize
+
+    torch.manual_seed(1)
+    values = torch.randn(256 * 32) * 0.02
+    importance = torch.ones(256 * 32)
+    importance[::2] = 100.0  # every other weight's input is ten times larger
+    for format in ("Q4_K", "Q6_K"):
+        errors = []
+        for weights in (None, importance):
+            out = torch.empty_like(values)
+            ggml.dequantize(format, ggml_quantize.quantize(format, values, weights), out)
+            errors.append(((out - values) ** 2 * importance).sum().item())
+        assert errors[1] < errors[0] * 0.9, (format, errors)

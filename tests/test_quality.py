@@ -82,3 +82,62 @@ def test_eval_refuses_an_empty_text_and_a_compressed_reference(smollm2_store, tm
     assert main(["convert", smollm2_store[0], str(tmp_path / "s"), "--compress", "int8"]) == 0
     assert main(["eval", str(tmp_path / "s"), "--config", str(config), "--formats", "none"]) == 2
     assert "is stored compressed (int8-256)" in capsys.readouterr().err
+
+
+def test_importance_covers_every_layer_linear(smollm2_store, tmp_path):
+    """The importance matrix: one mean square per input feature of every decoder-layer linear."""
+    import torch
+    from tierstore.inference.decoding.importance import measure_importance
+
+    import tierstore
+    from tierstore.calibration import calibration_text
+
+    config = {"runtime": {"cache_dir": str(tmp_path)}}
+    with tierstore.AutoModel.from_pretrained(smollm2_store[0], config=config) as model:
+        linears = {f"{name}.weight": module.in_features for name, module in model.model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and ".layers." in name}
+        importance = measure_importance(model, calibration_text("bundled")[:2000])
+    assert len(linears) == 30 * 7
+    assert {name: len(value) for name, value in importance.items()} == linears
+    assert all((value >= 0).all() and value.sum() > 0 for value in importance.values())
+
+
+def test_a_calibration_names_its_store_and_is_refused_where_it_cannot_apply(tmp_path):
+    from tierstore.inference.loading.store_writer import write_store
+
+    from tierstore.compression import Codec
+    from tierstore.config import Config
+    from tierstore.errors import ConfigError, InputError
+
+    plain = Codec.wanted(Config.load({"compression": {"format": "q4_k"}}).compression)
+    fitted = Codec.wanted(Config.load({"compression": {"format": "q4_k", "calibration": "bundled"}}).compression)
+    own = tmp_path / "text.txt"
+    own.write_text("Another calibration text, about rivers and mills.")
+    other = Codec.wanted(Config.load({"compression": {"format": "q4_k", "calibration": str(own)}}).compression)
+    assert plain.name == "q4_k" and fitted.name.startswith("q4_k-imatrix-") and other.name != fitted.name
+    assert Codec.from_dict(fitted.to_dict(), "m") == fitted
+    with pytest.raises(ConfigError, match="compression.calibration applies to the GGML formats"):
+        Codec.wanted(Config.load({"compression": {"format": "nf4", "calibration": "bundled"}}).compression)
+    with pytest.raises(ConfigError, match="compression.calibration: cannot read"):
+        Codec.wanted(Config.load({"compression": {"format": "q4_k", "calibration": str(tmp_path / "no")}}).compression)
+    with pytest.raises(InputError, match="write_store quantizes data-free"):
+        write_store(str(tmp_path / "s"), None, lambda key, names: {}, "float32", codec=fitted)
+
+
+@pytest.mark.slow
+def test_a_calibrated_q4_k_agrees_more_than_the_data_free_one(smollm2_off_grid, tmp_path):
+    """Fitted to the bundled calibration text (not the text eval reads), q4_k's KL from the model drops. (On
+    SmolLM2's own weights both find the Q4_1 grid they lie on, and agree exactly.)"""
+    out = tmp_path / "eval.json"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[runtime]\ncache_dir = "{tmp_path / "cache"}"\n[compression]\ncalibration = "bundled"\n')
+    plain = tmp_path / "plain.toml"
+    plain.write_text(f'[runtime]\ncache_dir = "{tmp_path / "cache"}"\n')
+    rows = {}
+    for name, path in (("fitted", config), ("plain", plain)):
+        assert main(["eval", smollm2_off_grid, "--formats", "q4_k", "--max-tokens", "400", "--window", "200",
+                     "--json", str(out), "--config", str(path)]) == 0
+        rows[name] = json.loads(out.read_text())["formats"][0]
+    assert rows["fitted"]["format"] == "q4_k+imatrix" and rows["plain"]["format"] == "q4_k"
+    assert rows["fitted"]["kl_mean"] < rows["plain"]["kl_mean"]
+    assert len(list((tmp_path / "cache").glob("*q4_k-imatrix-*"))) == 1  # a store of its own

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .calibration import calibration_text, text_digest
 from .config import BLOCKSIZES, COMPRESSION_FORMATS
 from .errors import CheckpointError, ConfigError
 from .ggml import BLOCKS as GGML_BLOCKS
@@ -58,17 +59,22 @@ class Codec:
     blocksize: int
     code: tuple[float, ...] = ()
     recipe: str = ""
+    calibration: str = ""  # a recipe's calibration text (its digest); "" = data-free
 
     @classmethod
-    def create(cls, format: str, blocksize: int | None = None) -> "Codec":
-        """A codec with bitsandbytes' defaults, or a GGML recipe; ConfigError naming what is not allowed."""
+    def create(cls, format: str, blocksize: int | None = None, calibration: str = "") -> "Codec":
+        """A codec with bitsandbytes' defaults, or a GGML recipe (fitted to the calibration text whose digest is
+        `calibration`); ConfigError naming what is not allowed."""
         if format not in COMPRESSION_FORMATS:
             raise ConfigError(f"compression.format: {format!r} is not allowed; choose from none, "
                               f"{', '.join(COMPRESSION_FORMATS)}")
         if format in GGML_RECIPES:
             if blocksize is not None:
                 raise ConfigError(f"compression.blocksize applies to nf4 and int8; {format} has fixed blocks")
-            return cls(GGML, 0, recipe=format)
+            return cls(GGML, 0, recipe=format, calibration=calibration)
+        if calibration:
+            raise ConfigError(f"compression.calibration applies to the GGML formats ({', '.join(GGML_RECIPES)}), "
+                              f"not {format}")
         blocksize = DEFAULT_BLOCKSIZE[format] if blocksize is None else blocksize
         if blocksize not in BLOCKSIZES:
             raise ConfigError(f"compression.blocksize: {blocksize} is not allowed; choose from "
@@ -83,7 +89,10 @@ class Codec:
     @classmethod
     def wanted(cls, compression: Any) -> "Codec | None":
         """The codec a config's [compression] section asks for, or None for format "none"."""
-        return None if compression.format == "none" else cls.create(compression.format, compression.blocksize)
+        if compression.format == "none":
+            return None
+        digest = text_digest(calibration_text(compression.calibration)) if compression.calibration else ""
+        return cls.create(compression.format, compression.blocksize, digest)
 
     @classmethod
     def ggml(cls) -> "Codec":
@@ -93,7 +102,7 @@ class Codec:
     @property
     def name(self) -> str:
         if self.format == GGML:
-            return self.recipe or GGML
+            return (self.recipe or GGML) + (f"-imatrix-{self.calibration}" if self.calibration else "")
         return f"{self.format}-{self.blocksize}"
 
     @property
@@ -106,13 +115,17 @@ class Codec:
 
     def to_dict(self) -> dict[str, Any]:
         data = {"format": self.format, "blocksize": self.blocksize, "code": list(self.code)}
-        return {**data, "recipe": self.recipe} if self.recipe else data
+        if self.recipe:
+            data["recipe"] = self.recipe
+        if self.calibration:
+            data["calibration"] = self.calibration
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Codec":
         try:
             codec = cls(str(data["format"]), int(data["blocksize"]), tuple(float(x) for x in data.get("code", ())),
-                        str(data.get("recipe", "")))
+                        str(data.get("recipe", "")), str(data.get("calibration", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed compression record") from exc
         if codec.format == GGML and codec.blocksize == 0 and not codec.code \
@@ -233,16 +246,18 @@ def compressed_layout(layout: UnitLayout, matrices: Set[str], codec: Codec) -> t
 
 
 def compress_unit(layout: UnitLayout, buffer: torch.Tensor, matrices: Set[str], codec: Codec,
-                  device: torch.device) -> tuple[UnitLayout, torch.Tensor, PackedMatrices | None]:
+                  device: torch.device, importance: Mapping[str, torch.Tensor] | None = None,
+                  ) -> tuple[UnitLayout, torch.Tensor, PackedMatrices | None]:
     """Compress the matrices of one unit (its bytes in `buffer`, on the CPU or already on `device`) on `device`;
     returns the new layout, its CPU buffer (`buffer` itself when the unit has no matrices) and where the matrices
-    sit."""
+    sit. `importance`: a calibrated GGML recipe's importance matrix (matrix name -> mean square of each input
+    feature)."""
     packed_layout, packed = compressed_layout(layout, matrices, codec)
     if packed is None:
         return layout, buffer, None
     source = layout.views(buffer)
     if codec.format == GGML:
-        return packed_layout, _ggml_unit(packed_layout, packed, source, device), packed
+        return packed_layout, _ggml_unit(packed_layout, packed, source, device, importance or {}), packed
     dtype = next(source[name].dtype for name in packed.matrices)
     flat = torch.zeros(packed.numel, dtype=dtype, device=device)
     for name, (offset, shape) in packed.matrices.items():
@@ -294,18 +309,24 @@ def _layer_index(name: str) -> int | None:
 
 
 def _ggml_unit(layout: UnitLayout, packed: PackedMatrices, source: Mapping[str, torch.Tensor],
-               device: torch.device) -> torch.Tensor:
-    """A unit's buffer with its matrices quantized on `device` into their GGML blocks (recipe_formats)."""
+               device: torch.device, importance: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A unit's buffer with its matrices quantized on `device` into their GGML blocks (recipe_formats), each
+    weight's error weighed by its input feature's importance where the matrix has one."""
     from .ggml_quantize import quantize
 
     out = torch.zeros(layout.nbytes, dtype=torch.uint8)
     targets = layout.views(out)
     for name, tensor in source.items():
-        if name in packed.formats:
-            start, end = packed.ggml_bytes(name)
-            targets[PACKED][start:end].copy_(quantize(packed.formats[name][0], tensor.to(device).reshape(-1)))
-        else:
+        if name not in packed.formats:
             targets[name].copy_(tensor)
+            continue
+        weight = importance.get(name)
+        if weight is not None and weight.numel() == tensor.shape[-1]:  # column j's importance, on every row
+            weight = weight.to(device).repeat(tensor.numel() // weight.numel())
+        else:
+            weight = None
+        start, end = packed.ggml_bytes(name)
+        targets[PACKED][start:end].copy_(quantize(packed.formats[name][0], tensor.to(device).reshape(-1), weight))
     return out
 
 

@@ -131,6 +131,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                    "quantized by tierstore (q4_k, q4_k_m, q6_k, q8_0); none = as is"),
         "blocksize": (_blocksize, AUTO, "elements per quantization block (64 to 4096); auto = 64 for nf4, 256 "
                                         "for int8"),
+        "calibration": (_file_or_none, "", "the GGML formats (q4_k, ...): \"bundled\" or a text file whose "
+                                           "activations weigh each weight's error (an importance matrix, measured "
+                                           "with the model uncompressed when the store is written); \"\" = none, "
+                                           "data-free"),
         "gguf": (_choice(AUTO, "packed", "dequantized"), AUTO,
                  "a GGUF's quantized layer matrices: kept in the file's formats in every tier and dequantized where "
                  "they compute (packed), or stored dequantized; auto = packed on a GPU, dequantized on a CPU "

@@ -7,8 +7,10 @@ The k-quants follow llama.cpp's reference quantizers (`quantize_row_q4_K_ref`, `
 - Q6_K: 16 sub-blocks of 16, symmetric 6-bit codes, each sub-block's scale searched over 19 grids
   (`make_qx_quants`) and stored as int8 against a float16 super-scale: 6.5625 bits;
 - Q8_0: blocks of 32, symmetric 8-bit against a float16 scale: 8.5 bits.
-Everything is vectorised over blocks, so a 7B layer quantizes in well under a second on a GPU. The blocks are the
-same bytes a GGUF would hold: ggml.py (and the `gguf` package) dequantize them.
+Given an importance per weight (the mean square of the input each weight multiplies, measured over a calibration
+text: llama.cpp's importance matrix), the searches weigh each weight's error by it, so that the weights that move the
+output most are kept closest. Everything is vectorised over blocks, so a 7B layer quantizes in well under a second
+on a GPU. The blocks are the same bytes a GGUF would hold: ggml.py (and the `gguf` package) dequantize them.
 """
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ import torch
 QK_K = 256
 
 
-def quantize(format: str, values: torch.Tensor) -> torch.Tensor:
-    """`values` (any float dtype, 1-D, a whole number of blocks) as `format`'s blocks: uint8, on the same device."""
-    return _QUANTIZE[format](values.float().reshape(-1))
+def quantize(format: str, values: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """`values` (any float dtype, 1-D, a whole number of blocks) as `format`'s blocks: uint8, on the same device.
+    `importance`: one non-negative weight per value (None: all equal)."""
+    x = values.float().reshape(-1)
+    weight = None if importance is None else importance.float().reshape(-1).to(x.device)
+    return _QUANTIZE[format](x, weight)
 
 
 def _half_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +32,7 @@ def _half_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).reshape(-1, 1).view(torch.uint8)
 
 
-def _q8_0(x: torch.Tensor) -> torch.Tensor:
+def _q8_0(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:  # its one scale needs no search
     blocks = x.view(-1, 32)
     d = blocks.abs().amax(1) / 127
     inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
@@ -66,10 +71,13 @@ def _scale_min_search(x: torch.Tensor, weights: torch.Tensor, nmax: int, steps: 
     return codes, torch.where(flat, torch.zeros_like(scale), scale), -minimum
 
 
-def _q4_k(x: torch.Tensor) -> torch.Tensor:
+def _q4_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     sub = x.view(-1, 32)
     n = sub.shape[0] // 8
-    weights = (sub.pow(2).mean(1, keepdim=True)).sqrt() + sub.abs()
+    if importance is None:
+        weights = (sub.pow(2).mean(1, keepdim=True)).sqrt() + sub.abs()
+    else:  # llama.cpp's weighting with an importance matrix
+        weights = importance.view(-1, 32) * (sub.pow(2).mean(1, keepdim=True) + sub * sub).sqrt()
     _, scales, mins = _scale_min_search(sub, weights, 15)
     scales, mins = scales.view(n, 8), mins.view(n, 8)
     max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
@@ -90,13 +98,13 @@ def _q4_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([_half_bytes(d), _half_bytes(dmin), packed, qs], 1).reshape(-1)
 
 
-def _symmetric_search(x: torch.Tensor, nmax: int) -> torch.Tensor:
+def _symmetric_search(x: torch.Tensor, nmax: int, importance: torch.Tensor | None) -> torch.Tensor:
     """llama.cpp's make_qx_quants (rmse_type 1) for rows of `x`: the scale of codes in -nmax..nmax-1 minimizing
-    the squared error weighted by x², searched over 19 grids."""
+    the squared error weighted by x² (times the importance, when given), searched over 19 grids."""
     index = x.abs().argmax(1, keepdim=True)
     peak = x.gather(1, index)
     safe_peak = torch.where(peak != 0, peak, torch.ones_like(peak))
-    weights = x * x
+    weights = x * x if importance is None else x * x * importance
     best_scale = torch.zeros_like(peak)
     best = torch.full_like(peak, -1.0)
     for step in range(-9, 10):
@@ -110,10 +118,10 @@ def _symmetric_search(x: torch.Tensor, nmax: int) -> torch.Tensor:
     return torch.where(peak != 0, best_scale, torch.zeros_like(best_scale)).view(-1)
 
 
-def _q6_k(x: torch.Tensor) -> torch.Tensor:
+def _q6_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     sub = x.view(-1, 16)
     n = sub.shape[0] // 16
-    scales = _symmetric_search(sub, 32).view(n, 16)
+    scales = _symmetric_search(sub, 32, None if importance is None else importance.view(-1, 16)).view(n, 16)
     index = scales.abs().argmax(1, keepdim=True)
     max_scale = scales.gather(1, index)
     inverse = torch.where(max_scale != 0, -128 / max_scale, torch.zeros_like(max_scale))

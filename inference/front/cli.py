@@ -359,11 +359,18 @@ def _eval(args: argparse.Namespace) -> int:
     request = QualityRequest(model=args.model, config=config, text_path=args.text, budget=_budget(args),
                              window_tokens=args.window, max_tokens=args.max_tokens, dtype=args.dtype,
                              trust_remote_code=args.trust_remote_code, allow_download=args.download,
-                             candidates=[Candidate(name, args.model, config.with_compression(name))
-                                         for name in formats])
+                             candidates=[Candidate(_format_label(name, config), args.model,
+                                                   config.with_compression(name)) for name in formats])
     _print_quality(measure_quality(request, on_progress=lambda line: print(f"tierstore: {line}", file=sys.stderr)),
                    args.json)
     return 0
+
+
+def _format_label(name: str, config: Any) -> str:
+    """A format's row in the eval table: a GGML recipe fitted to a calibration text says so."""
+    from ...compression import GGML_RECIPES
+
+    return f"{name}+imatrix" if name in GGML_RECIPES and config.compression.calibration else name
 
 
 def _print_quality(result: dict[str, Any], json_path: str | None) -> None:

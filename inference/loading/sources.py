@@ -8,7 +8,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,9 +50,11 @@ class Units:
 
 
 def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype: torch.dtype | None,
-               trust_remote_code: bool, progress: bool, write: bool = True) -> Units:
+               trust_remote_code: bool, progress: bool, write: bool = True,
+               importance: Callable[[], Mapping[str, torch.Tensor]] | None = None) -> Units:
     """The units of the checkpoint the user named, step by step. With `write` False (planning only) no compressed
-    store is written: one that does not exist yet is described by the layouts it would have."""
+    store is written: one that does not exist yet is described by the layouts it would have. `importance` measures
+    the importance matrix a calibrated compression needs, if one is written."""
     _check_attention(cfg.runtime.attention)  # before anything is converted
     checkpoint = convert_if_needed(checkpoint, cfg, trust_remote_code, progress)  # GGUF, .bin: a layer store, once
     hf_config = load_config(checkpoint, trust_remote_code)
@@ -73,7 +75,7 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
         store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=wanted.name)
         try:
             compress(source, skeleton, checkpoint, store_dir, wanted, device, trust_remote_code, progress,
-                     disk_budget_bytes=cfg.budget.disk)
+                     disk_budget_bytes=cfg.budget.disk, importance=importance)
         finally:
             close_source(source)
         source = store_source(store_dir, cfg.io.verify_checksums, dtype, drop_cache)

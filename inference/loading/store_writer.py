@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ...compression import PACKED, Codec, compress_unit, compressed_layout, ggml_layout
-from ...errors import BudgetError, CheckpointError, InputError, TierstoreError
+from ...errors import BudgetError, CheckpointError, ConfigError, InputError, TierstoreError
 from ...files import write_atomic
 from ...sizes import format_size
 from ...units import UnitLayout, UnitSource, require_tensors
@@ -42,21 +42,28 @@ _LOCK = ".lock"
 
 def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: str, codec: Codec,
              device: torch.device, trust_remote_code: bool = False, progress: bool = True,
-             disk_budget_bytes: int | None = None) -> str:
+             disk_budget_bytes: int | None = None,
+             importance: Callable[[], Mapping[str, torch.Tensor]] | None = None) -> str:
     """Write a compressed layer store of the units `source` serves (the model `base`), one unit at a time,
-    quantizing on `device`; resumable, locked and refused like `convert`. Returns `out_dir`."""
+    quantizing on `device`; resumable, locked and refused like `convert`. A calibrated codec's importance matrix
+    comes from `importance()`, called only when units are left to write. Returns `out_dir`."""
     with store_writer(out_dir, None, codec.to_dict()) as finished:
         if finished:
             log.info("%s store of %s already in %s", codec.format, base.path, out_dir)
             return out_dir
-        log.info("compressing %s to %s into %s", base.path, codec.format, out_dir)
+        log.info("compressing %s to %s into %s", base.path, codec.name, out_dir)
         layouts = {key: source.layout(key) for key in skeleton.units}
+        weights: dict[str, Mapping[str, torch.Tensor]] = {}
 
         def write_unit(key: str) -> dict[str, Any]:
+            if codec.calibration and not weights:
+                if importance is None:
+                    raise ConfigError(f"{codec.name}: a calibrated compression needs its importance matrix measured")
+                weights["matrix"] = importance()
             buffer = torch.empty(layouts[key].nbytes, dtype=torch.uint8)
             source.read_into(key, buffer)
             packed_layout, packed_buffer, packed = compress_unit(layouts[key], buffer, skeleton.matrices, codec,
-                                                                 device)
+                                                                 device, weights.get("matrix"))
             extra = {"packed": packed.to_dict()} if packed is not None else {}
             return _write_buffer(out_dir, key, packed_layout, packed_buffer, extra)
 
@@ -80,6 +87,8 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
     disk budget checked before anything is written. Mixture-of-experts layers keep their experts inside them when
     compressed (as `compress` stores them), else one unit per expert. Returns `out_dir`."""
     dtype = as_dtype(dtype)
+    if codec is not None and codec.calibration:
+        raise InputError("write_store quantizes data-free: give a codec without a calibration text")
     requested = dtype_name(dtype) if codec is None else None
     with store_writer(out_dir, requested, codec.to_dict() if codec else None) as finished:
         if finished:
