@@ -5,7 +5,7 @@ minimum. A format with that grid reproduces them almost exactly, which says noth
 decoder layers' matrices also get Gaussian noise (--noise times each matrix's standard deviation, seeded), the
 noisy model is written as a safetensors checkpoint, checked to still answer sensibly (its greedy answer is printed),
 and `tierstore eval` measures every format against it. CPU, about 10 minutes:
-    python benchmarks/quality_off_grid.py --out /tmp/offgrid
+    python benchmarks/quality_off_grid.py --out /tmp/offgrid [--calibration bundled --formats q4_k,q4_k_m]
 """
 from __future__ import annotations
 
@@ -66,15 +66,19 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/offgrid")
     parser.add_argument("--noise", type=float, default=0.05, help="noise std as a fraction of each matrix's std")
     parser.add_argument("--formats", default=",".join(COMPRESSION_FORMATS))
+    parser.add_argument("--calibration", help="compression.calibration for the GGML formats (e.g. bundled)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    config = os.path.join(args.out, "eval.toml")
+    with open(config, "w") as handle:
+        handle.write(f'[compression]\ncalibration = "{args.calibration}"\n' if args.calibration else "")
     noisy = os.path.join(args.out, f"smollm2-noise{args.noise}")
     write_off_grid(resolve("smollm2").path, noisy, args.noise)
     print(f"off the grid (noise {args.noise}): {answer(noisy)!r}", flush=True)
     results = {}
     for name, model in (("on the grid", "smollm2"), (f"off the grid, noise {args.noise}", noisy)):
         path = os.path.join(args.out, f"eval-{'on' if model == 'smollm2' else 'off'}.json")
-        tierstore(["eval", model, "--formats", args.formats, "--json", path])
+        tierstore(["eval", model, "--formats", args.formats, "--json", path, "--config", config])
         with open(path) as handle:
             results[name] = json.load(handle)
     with open(os.path.join(args.out, "quality.json"), "w") as handle:
