@@ -4,7 +4,8 @@ run, on top of loading:
 front/      what users call: cli.py (one library function per command), generate.py (a request's prompts to
             text), batchfile.py (a JSONL file, resumable), batcher.py (continuous batching; kv_rows.py: its ragged
             KV cache's row surgery), server.py (the OpenAI-compatible API and `serve`), launch.py (--tp ranks),
-            text.py (prompts that are not UTF-8 refused)
+            quality.py (`eval`: what a compression format costs in accuracy), text.py (prompts that are not UTF-8
+            refused)
 compose.py  the one place a model is opened: resolve -> units -> shard -> draft -> place -> stores -> adapters ->
             decoding/model.TierstoreModel, everything opened on one ExitStack that `close()` closes; also
             `make_plan_for` (`tierstore plan`: the same steps up to the plan, no weights read), `convert_model`
@@ -21,10 +22,11 @@ runtime/    what runs each pass. Module adapters (adapters.py: made = attached, 
 decoding/   the decode loops: model.py (TierstoreModel: transformers' generate, timing, report, KV placement),
             speculation.py (a draft's tree verified in one pass; drafts.py, tree.py), prefill.py (a prompt fed in
             chunks, for generate and the batcher), and under all three loops (generate, speculation, the batcher)
-            sampling.py
+            sampling.py; importance.py (a calibration text's importance matrix, for calibrated compression)
 loading/    from what the user names to units: resolve.py, checkpoint.py, safetensors_header.py, skeleton.py (the
             meta model cut into units: architecture knowledge lives here), sources.py (`open_units`: safetensors
-            read in place or a layer store), convert.py (GGUF, .bin, renamed safetensors -> a layer store),
+            read in place or a layer store), convert.py (GGUF, .bin, renamed safetensors -> a layer store;
+            gguf_packed.py: a GGUF's matrices kept in their block formats),
             layerstore.py (the store's format and reader) beside store_writer.py (its writer), cache.py (the
             cache's stores listed and removed), shards.py (a tensor-parallel rank's shards)
 devices.py  leaf helpers: the compute device and dtypes
