@@ -18,32 +18,6 @@ from tierstore.config import COMPRESSION_FORMATS
 PROMPT = "What is the capital of France? Answer in one sentence."
 
 
-def write_off_grid(gguf: str, out_dir: str, noise: float, seed: int = 0) -> None:
-    """SmolLM2 with noise added to its decoder layers' matrices, as a float32 safetensors checkpoint."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if os.path.exists(os.path.join(out_dir, "config.json")):
-        return
-    directory, name = os.path.dirname(gguf), os.path.basename(gguf)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if ".layers." in param_name and param.dim() == 2:
-                param.add_(torch.randn(param.shape, generator=generator) * param.std() * noise)
-    os.makedirs(out_dir, exist_ok=True)  # transformers will not save a model it loaded from a GGUF: write it here
-    state = {key: value.contiguous() for key, value in model.state_dict().items()
-             if not (key == "lm_head.weight" and model.config.tie_word_embeddings)}
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out_dir)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    with open(os.path.join(out_dir, "config.json"), "w") as handle:  # written last: the checkpoint is whole
-        json.dump(config, handle, indent=1)
-
-
 def answer(model_dir: str) -> str:
     """The model's greedy answer to PROMPT: the check that noise left it speaking."""
     import torch
@@ -60,6 +34,7 @@ def answer(model_dir: str) -> str:
 
 def main() -> None:
     from tierstore.inference.front.cli import main as tierstore
+    from tierstore.inference.front.quality import write_off_grid
     from tierstore.inference.loading.resolve import resolve
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -123,25 +123,8 @@ def smollm2_off_grid(smollm2_store, tmp_path_factory):
     """SmolLM2 with Gaussian noise (0.05 of each layer matrix's std) added, so that its weights no longer lie on
     the 4-bit grid of the GGUF they came from: a float32 safetensors checkpoint (benchmarks/quality_off_grid.py
     measures every format on it)."""
-    import json
+    from tierstore.inference.front.quality import write_off_grid
 
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _, path = smollm2_store
-    out = tmp_path_factory.mktemp("smollm2-off-grid")
-    directory, name = os.path.dirname(path), os.path.basename(path)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in model.state_dict().items():
-        if ".layers." in key and value.dim() == 2:
-            value = value + torch.randn(value.shape, generator=generator) * value.std() * 0.05
-        if key != "lm_head.weight":  # tied to the embedding
-            state[key] = value.contiguous()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(str(out))
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(config))
-    return str(out)
+    out = str(tmp_path_factory.mktemp("smollm2-off-grid"))
+    write_off_grid(smollm2_store[1], out, noise=0.05)
+    return out

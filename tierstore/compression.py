@@ -5,8 +5,9 @@ Two kinds of codec:
   unit keeps its small tensors (norms, biases) as they are and packs all its matrices into two tensors: PACKED, the
   codes of every matrix back to back, and ABSMAX, one float32 scale per block. Each matrix starts on a block
   boundary, so no block mixes two matrices, and one kernel call per unit dequantizes them all;
-- "ggml": a GGUF file's matrices kept in their file's block formats (Q4_K, Q8_0, ..., one format per matrix, see
-  ggml.py), back to back in PACKED; their scales are inside their blocks.
+- "ggml": matrices in GGML's block formats (Q4_K, Q8_0, ..., one format per matrix, see ggml.py), back to back
+  in PACKED, their scales inside their blocks: a GGUF file's own, or quantized by tierstore with a recipe
+  (`compression.format = "q4_k"`, ...; ggml_quantize.py), optionally fitted to a calibration text.
 Either way the matrices are dequantized into a scratch buffer that the model's matrices then view. Units stay
 compressed in every tier, the device included: a resident unit costs its compressed bytes, and each use costs one
 dequantization (0.21 ms of GPU time for a 7B layer in nf4 on an H200, benchmarks/dequant_cost.py).
@@ -376,18 +377,15 @@ class Decompressor:
         queued before the next call."""
         offset, shape = self.packed[key].matrices[name]
         if self.codec.format == GGML:
-            self._dequantize_ggml(self.packed[key], name, tensors[PACKED], self.scratch[:math.prod(shape)])
+            start, end = self.packed[key].ggml_bytes(name)
+            ggml_dequantize(self.packed[key].formats[name][0], tensors[PACKED][start:end],
+                            self.scratch[:math.prod(shape)])
             return self.scratch[:math.prod(shape)].view(shape)
         numel = align(math.prod(shape), self.codec.blocksize)  # whole blocks; matrices start on block boundaries
         codes = tensors[PACKED][self.codec.packed_bytes(offset):self.codec.packed_bytes(offset + numel)]
         absmax = tensors[ABSMAX][offset // self.codec.blocksize:(offset + numel) // self.codec.blocksize]
         self._dequantize(codes, absmax, self.scratch[:numel])
         return self.scratch[:math.prod(shape)].view(shape)
-
-    @staticmethod
-    def _dequantize_ggml(packed: PackedMatrices, name: str, codes: torch.Tensor, out: torch.Tensor) -> None:
-        start, end = packed.ggml_bytes(name)
-        ggml_dequantize(packed.formats[name][0], codes[start:end], out)
 
     def _dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor) -> None:
         numel = out.numel()

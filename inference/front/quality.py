@@ -178,3 +178,32 @@ def _logprobs(model: Any, parts: Sequence[torch.Tensor]) -> Iterator[torch.Tenso
         for part in parts:
             logits = model(part[None], use_cache=False).logits[0, :-1]
             yield logits.float().log_softmax(-1).cpu()
+
+
+def write_off_grid(gguf: str, out_dir: str, noise: float, seed: int = 0) -> None:
+    """The model of a GGUF with Gaussian noise (`noise` × each decoder-layer matrix's standard deviation) added to
+    its layer matrices, as a float32 safetensors checkpoint in `out_dir` (kept if already there): weights moved off
+    the grid the file quantized them to, so that a format with that grid is not flattered by it."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return
+    directory, name = os.path.dirname(gguf), os.path.basename(gguf)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if ".layers." in param_name and param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=generator) * param.std() * noise)
+    os.makedirs(out_dir, exist_ok=True)  # transformers will not save a model it loaded from a GGUF: write it here
+    state = {key: value.contiguous() for key, value in model.state_dict().items()
+             if not (key == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out_dir)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    with open(os.path.join(out_dir, "config.json"), "w") as handle:  # written last: the checkpoint is whole
+        json.dump(config, handle, indent=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -47,29 +48,27 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
     """Write a compressed layer store of the units `source` serves (the model `base`), one unit at a time,
     quantizing on `device`; resumable, locked and refused like `convert`. A calibrated codec's importance matrix
     comes from `importance()`, called only when units are left to write. Returns `out_dir`."""
+    if codec.calibration and importance is None:
+        raise ConfigError(f"{codec.name}: a calibrated compression needs its importance matrix measured")
+    measured = functools.cache(importance) if codec.calibration else None  # once, and only if units are left
     with store_writer(out_dir, None, codec.to_dict()) as finished:
         if finished:
-            log.info("%s store of %s already in %s", codec.format, base.path, out_dir)
+            log.info("%s store of %s already in %s", codec.name, base.path, out_dir)
             return out_dir
         log.info("compressing %s to %s into %s", base.path, codec.name, out_dir)
         layouts = {key: source.layout(key) for key in skeleton.units}
-        weights: dict[str, Mapping[str, torch.Tensor]] = {}
 
         def write_unit(key: str) -> dict[str, Any]:
-            if codec.calibration and not weights:
-                if importance is None:
-                    raise ConfigError(f"{codec.name}: a calibrated compression needs its importance matrix measured")
-                weights["matrix"] = importance()
             buffer = torch.empty(layouts[key].nbytes, dtype=torch.uint8)
             source.read_into(key, buffer)
             packed_layout, packed_buffer, packed = compress_unit(layouts[key], buffer, skeleton.matrices, codec,
-                                                                 device, weights.get("matrix"))
+                                                                 device, measured() if measured else None)
             extra = {"packed": packed.to_dict()} if packed is not None else {}
             return _write_buffer(out_dir, key, packed_layout, packed_buffer, extra)
 
         sizes = {key: compressed_layout(layout, skeleton.matrices, codec)[0].nbytes for key, layout in layouts.items()}
         records = _write_missing(out_dir, sizes, write_unit, disk_budget_bytes, progress,
-                                 f"compressing to {codec.format}")
+                                 f"compressing to {codec.name}")
         write_metadata(out_dir, os.path.abspath(base.path), load_config(base, trust_remote_code), records,
                         load_tokenizer(base, trust_remote_code),
                         compression=codec.to_dict())
