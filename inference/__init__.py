@@ -28,6 +28,7 @@ loading/    from what the user names to units: resolve.py, checkpoint.py, safete
             read in place or a layer store), convert.py (GGUF, .bin, renamed safetensors -> a layer store;
             gguf_packed.py: a GGUF's matrices kept in their block formats),
             layerstore.py (the store's format and reader) beside store_writer.py (its writer), cache.py (the
-            cache's stores listed and removed), shards.py (a tensor-parallel rank's shards)
+            cache's stores listed and removed), splits.py (how tensor parallelism cuts each tensor) beside
+            shards.py (a rank's shards served and stored)
 devices.py  leaf helpers: the compute device and dtypes
 """

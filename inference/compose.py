@@ -39,9 +39,10 @@ from .devices import as_dtype, compute_device
 from .loading.checkpoint import checkpoint_dtype, load_config, load_tokenizer
 from .loading.convert import convert, convert_if_needed, keeps_ggml
 from .loading.resolve import Checkpoint, resolve
-from .loading.shards import Group, rank_note, rank_store, shard_units
+from .loading.shards import blocks_note, rank_note, rank_store, shard_units, whole_model_config
 from .loading.skeleton import build_skeleton
-from .loading.sources import Units, open_units
+from .loading.sources import Units, as_compressed, open_units
+from .loading.splits import Group, cut_blocks
 from .loading.store_writer import compress
 from .placement.budgets import DraftCost, kv_bytes_per_token, pinned_arena_bytes
 from .placement.kv import KVBudget
@@ -99,13 +100,12 @@ def _open(request: OpenRequest) -> TierstoreModel:
     start_s = time.perf_counter()
     with contextlib.ExitStack() as resources:  # closed here only if a step fails; else the model's
         group, device = _join_ranks(request, resources)
-        units = _open_units(request, device, group, resources)
+        units, rank_notes = _open_units(request, device, group, resources)
         tokenizer = load_tokenizer(units.checkpoint, request.trust_remote_code)
         drafter, draft_cost = _open_draft(request, device, units, tokenizer, resources)
         plan, planned_from = place(units, request.cfg, device, draft_cost,
                                    host_lookup=group is None and request.host_lookup)
-        if group is not None:
-            plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(group)))
+        plan = dataclasses.replace(plan, notes=(*plan.notes, *rank_notes))
         parts = _open_runtime(request, device, units, tokenizer, (plan, planned_from, draft_cost), resources)
         log.info("plan %s: %d units resident on %s, %d in host RAM, %d read from disk each pass; prefetch depth "
                  "%d; ready in %.1f s", plan.regime, len(plan.device_resident), device, len(plan.host_resident),
@@ -121,17 +121,25 @@ def _request(model: str, budget: Any, config: Any, dtype: Any, trust_remote_code
     trace = trace or cfg.runtime.trace
     if trace is not None:
         check_writable(trace, "trace file")
-    if tensor_parallel < 1:
-        raise InputError(f"tensor_parallel must be at least 1, got {tensor_parallel}")
-    if tensor_parallel > 1 and draft is not None:
-        raise InputError("a draft speculates on one device; tensor parallelism runs without one")
+    _check_tensor_parallel(cfg, tensor_parallel, draft)
     if draft is not None and (not isinstance(draft, str) or not draft.strip()):
         raise InputError(f"draft: expected \"ngram\" or a model (path, alias, Hub id), got {draft!r}")
-    checkpoint = resolve(model, allow_download=allow_download)
+    checkpoint = resolve(model, allow_download=allow_download, weights=tensor_parallel == 1)  # ranks: shard stores
     if draft not in (None, "ngram"):
         resolve(draft, allow_download=allow_download)  # a missing draft is refused before anything is written
     return OpenRequest(model, checkpoint, cfg, compute_device(cfg.runtime.device), as_dtype(dtype),
                        trust_remote_code, allow_download, progress, draft, trace, tensor_parallel)
+
+
+def _check_tensor_parallel(cfg: Config, tensor_parallel: int, draft: str | None) -> None:
+    """Refuse what tensor parallelism cannot run, before anything is written."""
+    if tensor_parallel < 1:
+        raise InputError(f"tensor_parallel must be at least 1, got {tensor_parallel}")
+    if tensor_parallel > 1 and draft is not None:
+        raise InputError("a draft speculates on one device; tensor parallelism runs without one")
+    if tensor_parallel > 1 and cfg.compression.format != "none" and cfg.compression.calibration is not None:
+        raise InputError("compression.calibration measures one process's model; tensor parallelism quantizes each "
+                         "rank's shard data-free: leave calibration unset with --tp")
 
 
 def _join_ranks(request: OpenRequest, resources: contextlib.ExitStack) -> tuple[Group | None, torch.device]:
@@ -147,21 +155,35 @@ def _join_ranks(request: OpenRequest, resources: contextlib.ExitStack) -> tuple[
 
 
 def _open_units(request: OpenRequest, device: torch.device, group: Group | None,
-                resources: contextlib.ExitStack) -> Units:
-    """The model's units, their files closed with the model. Under tensor parallelism, this rank's shards, and the
-    adapter combining the ranks' outputs after the modules they split."""
+                resources: contextlib.ExitStack) -> tuple[Units, tuple[str, ...]]:
+    """The model's units, their files closed with the model, and the plan's notes on them. Under tensor
+    parallelism, this rank's shards (compressed by the rank when the config asks), and the adapter combining the
+    ranks' outputs after the modules they split."""
     checkpoint = request.checkpoint
     log.info("%s: a %s checkpoint at %s; compute on %s", request.model, checkpoint.kind, checkpoint.path, device)
-    units = open_units(checkpoint, request.cfg, device, request.dtype, request.trust_remote_code, request.progress,
-                       importance=_importance(request))
-    resources.callback(units.close)
     if group is None:
-        return units
+        units = open_units(checkpoint, request.cfg, device, request.dtype, request.trust_remote_code,
+                           request.progress, importance=_importance(request))
+        resources.callback(units.close)
+        return units, ()
+    units = open_units(checkpoint, whole_model_config(request.cfg), device, request.dtype,
+                       request.trust_remote_code, request.progress)
+    resources.callback(units.close)
+    notes = _rank_notes(units, group, request.cfg)
     units, styles = shard_units(units, group)
-    units = rank_store(units, group, request.cfg, device, request.progress)
+    units = rank_store(units, group, request.cfg, device, request.progress, request.trust_remote_code)
     resources.callback(units.close)
     attach(resources, Collectives(styles, group))
-    return units
+    return units, notes
+
+
+def _rank_notes(whole: Units, group: Group, cfg: Config) -> tuple[str, ...]:
+    """The plan's notes on a rank's share of the `whole` (uncompressed) units: what it holds and, compressed,
+    whether its quantization blocks are a one-process model's."""
+    codec = Codec.wanted(cfg.compression)
+    if codec is None:
+        return (rank_note(group),)
+    return rank_note(group, codec), blocks_note(cut_blocks(whole.skeleton, whole.layouts, group, codec))
 
 
 def _importance(request: OpenRequest) -> Callable[[], dict[str, torch.Tensor]] | None:
@@ -268,19 +290,28 @@ def _trace_meta(model: str, device: torch.device, cfg: Config, plan: Plan) -> di
 def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: Any, trust_remote_code: bool = False,
                   allow_download: bool = False, draft: str | None = None, tensor_parallel: int = 1) -> Plan:
     """The plan `from_pretrained` would make (with `draft` beside the model; with `tensor_parallel` N, rank 0's,
-    whose shards are every rank's size), without reading any weights."""
+    whose shards are every rank's size), without reading any weights: a directory holding only config.json is
+    enough."""
     cfg = Config.load(config).with_budget(budget)
+    _check_tensor_parallel(cfg, tensor_parallel, draft)
     device = compute_device(cfg.runtime.device)
-    units = open_units(resolve(model, allow_download), cfg, device, None, trust_remote_code, progress=True,
-                       write=False)
+    checkpoint = resolve(model, allow_download, weights=False)
+    whole_cfg = whole_model_config(cfg) if tensor_parallel > 1 else cfg
+    units = open_units(checkpoint, whole_cfg, device, None, trust_remote_code, progress=True, write=False)
     try:
+        notes: tuple[str, ...] = ()
         if tensor_parallel > 1:
-            units = shard_units(units, Group(0, tensor_parallel))[0]
+            group = Group(0, tensor_parallel)
+            notes = _rank_notes(units, group, cfg)
+            units = shard_units(units, group)[0]
+            codec = Codec.wanted(cfg.compression)
+            units = as_compressed(units, codec) if codec is not None else units
+        if checkpoint.kind == "config":
+            notes = (f"planned from {checkpoint.path}/config.json alone: no weights are present, and a run needs "
+                     f"them", *notes)
         cost = _plan_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download) if draft else None
         plan = place(units, cfg, device, cost, host_lookup=tensor_parallel == 1)[0]
-        if tensor_parallel > 1:
-            plan = dataclasses.replace(plan, notes=(*plan.notes, rank_note(Group(0, tensor_parallel))))
-        return plan
+        return dataclasses.replace(plan, notes=(*plan.notes, *notes))
     finally:
         units.close()
 

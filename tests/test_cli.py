@@ -34,7 +34,8 @@ def tiny_dir(tiny_dirs):
     (["plan", "{tiny}", "--vram", "1KB", "--ram", "1GB"], ["device budget", "needs", "bytes"]),
     (["plan", "/nonexistent/model"], ["/nonexistent/model", "no such file"]),
     (["plan", "{empty}"], ["empty"]),
-    (["plan", "{config_only}"], ["no weights"]),
+    (["generate", "{config_only}", "--prompt", "hi"], ["no weights", "tierstore plan"]),
+    (["plan", "{tiny}", "--tp", "2", "--config", "{calibrated}"], ["calibration", "--tp"]),
     (["plan", "{not_gguf}"], ["not a GGUF"]),
     (["plan", "{truncated}"], ["truncated"]),
     (["plan", "{lying}"], ["offsets"]),
@@ -111,7 +112,9 @@ def _bad_inputs(tmp_path, tiny_dir):
     (unknown / "model.safetensors").write_bytes(source)
     paths["unknown_arch"] = str(unknown)
     for name, text in (("bad_toml", '[budget]\nvram = \n'), ("bad_key", '[policy]\ndevise = "lru"\n'),
-                       ("bad_policy", '[policy]\ndevice = "random"\n'), ("neg_depth", '[policy]\nprefetch_depth = -2\n')):
+                       ("bad_policy", '[policy]\ndevice = "random"\n'),
+                       ("neg_depth", '[policy]\nprefetch_depth = -2\n'),
+                       ("calibrated", '[compression]\nformat = "q4_k"\ncalibration = "bundled"\n')):
         (tmp_path / f"{name.replace('_', '')}.toml").write_text(text)
         paths[name] = str(tmp_path / f"{name.replace('_', '')}.toml")
     paths["bad_toml"] = str(tmp_path / "bad.toml")

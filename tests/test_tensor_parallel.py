@@ -14,12 +14,13 @@ PROMPT = [5, 9, 33, 7, 81, 100, 3]
 RANK_SCRIPT = os.path.join(os.path.dirname(__file__), "tp_rank.py")
 
 
-def _torchrun(ranks: int, model_dir: str, tmp_path, prompt=PROMPT, new_tokens: int = 8) -> dict:
-    """The rank script under torchrun; rank 0's tokens and logits."""
+def _torchrun(ranks: int, model_dir: str, tmp_path, prompt=PROMPT, new_tokens: int = 8, sections=None) -> dict:
+    """The rank script under torchrun (with config `sections` beside the cache directory); rank 0's tokens and
+    logits."""
     out = tmp_path / f"tp{ranks}.pt"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                           "--standalone", RANK_SCRIPT, model_dir, str(out), json.dumps(prompt),
-                          str(new_tokens), str(tmp_path / "cache")],
+                          str(new_tokens), str(tmp_path / "cache"), json.dumps(sections or {})],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HOME": str(tmp_path),
                                                                            "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -53,6 +54,148 @@ def test_smollm2_three_ranks_give_one_process_tokens_and_logits(smollm2_store, t
     got = _torchrun(3, store, tmp_path, prompt, 12)
     assert got["tokens"].tolist() == want_tokens.tolist()
     assert (got["logits"] - want_logits).abs().max() < 1e-4
+
+
+def _one_process(model_dir: str, tmp_path, prompt, new_tokens: int, sections) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens and the prompt's logits of one process, with config `sections`."""
+    import tierstore
+
+    config = {**sections, "runtime": {"cache_dir": str(tmp_path / "one")}}
+    with tierstore.AutoModel.from_pretrained(model_dir, config=config) as one:
+        ids = torch.tensor([prompt])
+        return one.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0), one(ids).logits
+
+
+@pytest.mark.slow
+def test_three_ranks_over_nf4_smollm2_give_the_one_process_nf4_tokens(smollm2_store, tmp_path):
+    """Each rank quantizes its own third of every matrix; SmolLM2's cuts fall on nf4's 64-element blocks, so the
+    ranks hold the one-process nf4 model's weights and give its tokens (logits within float32 summation order)."""
+    store, _ = smollm2_store
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365]
+    sections = {"compression": {"format": "nf4"}}
+    want_tokens, want_logits = _one_process(store, tmp_path, prompt, 12, sections)
+    got = _torchrun(3, store, tmp_path, prompt, 12, sections)
+    assert got["tokens"].tolist() == want_tokens.tolist()
+    assert (got["logits"] - want_logits).abs().max() < 1e-3
+    for rank in range(3):  # each rank wrote only its own shards, compressed
+        (manifest,) = (tmp_path / "cache").glob(f"*-tp3-rank{rank}-nf4-64*/manifest.json")
+        assert json.loads(manifest.read_text())["compression"]["format"] == "nf4"
+    assert not list((tmp_path / "cache").glob("*-nf4-64")), "a rank wrote the whole compressed model"
+
+
+@pytest.fixture(scope="module")
+def block_aligned_llama(tmp_path_factory):
+    """A llama whose halves are whole blocks of every format here (hidden 512, MLP 1024: 256-element rows)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         tie_word_embeddings=False)).eval()
+    directory = tmp_path_factory.mktemp("aligned-llama")
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("sections", [{"compression": {"format": "int8"}},
+                                      {"compression": {"format": "q4_k"}},
+                                      {"compression": {"format": "nf4", "blocksize": 128}}], ids=str)
+def test_two_ranks_over_a_compressed_model_give_the_one_process_tokens(sections, block_aligned_llama, tmp_path):
+    want_tokens, want_logits = _one_process(block_aligned_llama, tmp_path, PROMPT, 8, sections)
+    got = _torchrun(2, block_aligned_llama, tmp_path, PROMPT, 8, sections)
+    assert got["tokens"].tolist() == want_tokens.tolist()
+    assert (got["logits"] - want_logits).abs().max() < 1e-4
+
+
+def test_ranks_of_a_bare_config_read_shard_stores_written_by_write_store(block_aligned_llama, tmp_path):
+    """A model known only by its config.json runs under tensor parallelism from shard stores each rank's
+    `write_store(..., shard=)` wrote beforehand (how a benchmark writes a 405B model no disk here holds whole): the
+    ranks give the one-process compressed tokens; a missing rank store is refused in one line."""
+    from safetensors.torch import load_file
+    from tierstore.inference.loading.resolve import resolve
+    from tierstore.inference.loading.shards import rank_store_dir
+    from tierstore.inference.loading.splits import Group
+    from tierstore.inference.loading.store_writer import write_store
+    from transformers import AutoConfig
+
+    from tierstore.compression import Codec
+    from tierstore.config import Config
+
+    sections = {"compression": {"format": "nf4", "blocksize": 128}}
+    want_tokens, want_logits = _one_process(block_aligned_llama, tmp_path, PROMPT, 8, sections)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(Path(block_aligned_llama, "config.json").read_text())
+    weights = load_file(str(Path(block_aligned_llama, "model.safetensors")))
+    cfg = Config.load({**sections, "runtime": {"cache_dir": str(tmp_path / "cache")}})
+    config = AutoConfig.from_pretrained(bare)
+    checkpoint = resolve(str(bare), weights=False)
+    for rank in range(2):
+        write_store(rank_store_dir(checkpoint, cfg, torch.float32, Group(rank, 2)), config,
+                    lambda key, names: {name: weights[name] for name in names}, torch.float32,
+                    codec=Codec.create("nf4", 128), shard=Group(rank, 2), progress=False)
+    got = _torchrun(2, str(bare), tmp_path, PROMPT, 8, sections)
+    assert got["tokens"].tolist() == want_tokens.tolist()
+    assert (got["logits"] - want_logits).abs().max() < 1e-4
+    # the CLI's cache is under HOME, where no rank wrote its shards: refused, and nothing is left there
+    run = _cli(tmp_path, str(bare), "--prompt", "hi", "--tp", "2", "--config", _toml(tmp_path, sections))
+    assert run.returncode == 2, run.stderr[-3000:]
+    (line,) = run.stderr.strip().splitlines()
+    assert "no weights" in line and "shards are not in" in line, line
+    assert not list(tmp_path.glob(".cache/tierstore/*tp2*"))
+
+
+def _toml(tmp_path, sections) -> str:
+    path = tmp_path / "sections.toml"
+    path.write_text("".join(f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in items.items())
+                            for name, items in sections.items()))
+    return str(path)
+
+
+def test_a_compressed_ranks_plan_needs_no_weights_and_says_where_blocks_are_cut(tiny_dirs, tmp_path):
+    """`tierstore plan --tp N --compress F` of a directory holding only config.json: a rank's compressed units, and
+    whether its quantization blocks are the one-process model's (the tiny llama's 32-column halves cut nf4's
+    64-element blocks; 8-bit blocks of 64 are whole in its 64-column rows only when not split)."""
+    from tierstore.inference.compose import make_plan_for
+
+    directory, _ = tiny_dirs("llama")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(Path(directory, "config.json").read_text())
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache")}, "compression": {"format": "nf4"}}
+    with_weights = make_plan_for(directory, {"vram": "1GB", "ram": "1GB"}, config, tensor_parallel=2)
+    bare_plan = make_plan_for(str(bare), {"vram": "1GB", "ram": "1GB"}, config, tensor_parallel=2)
+    assert bare_plan.device_resident == with_weights.device_resident
+    assert bare_plan.device_budget_bytes == with_weights.device_budget_bytes
+    assert any("config.json alone" in note for note in bare_plan.notes)
+    assert any("quantized to nf4-64 by the rank itself" in note for note in bare_plan.notes)
+    assert any("cut inside a quantization block" in note for note in bare_plan.notes)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.bin")), "a plan wrote units"
+
+
+def test_cut_blocks_names_the_matrices_a_rank_cuts_inside_a_block(tiny_dirs, tmp_path):
+    """Row cuts are whole blocks when a shard's rows hold whole blocks; column cuts need whole blocks in every row."""
+    from tierstore.inference.loading.resolve import resolve
+    from tierstore.inference.loading.sources import open_units
+    from tierstore.inference.loading.splits import Group, cut_blocks
+
+    from tierstore.compression import Codec
+    from tierstore.config import Config
+
+    directory, _ = tiny_dirs("llama")  # hidden 64, MLP 128
+    units = open_units(resolve(directory), Config.load({"runtime": {"cache_dir": str(tmp_path)}}),
+                       torch.device("cpu"), None, False, False)
+    try:
+        def cut(codec):
+            return cut_blocks(units.skeleton, units.layouts, Group(0, 2), codec)
+
+        nf4 = cut(Codec.create("nf4", 64))
+        assert set(nf4) == {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)}  # 32 of 64 columns
+        assert cut(Codec.create("int8", 64)) == nf4
+        assert not cut(Codec.create("q8_0"))  # 32-element blocks
+        assert len(cut(Codec.create("int8", 128))) > len(nf4)
+    finally:
+        units.close()
 
 
 def _cli(tmp_path, *args, env=None):
@@ -145,11 +288,13 @@ def test_bad_tp_is_refused_in_one_line_before_any_rank_starts(args, message, smo
 def test_a_ranks_units_are_its_shard_and_the_plan_says_so(tiny_dirs, tmp_path):
     """At N = 2 each decoder layer and the vocabulary units are about half (the norms stay whole on every rank),
     and `tierstore plan --tp 2` is a rank's plan."""
-    from tierstore.config import Config
     from tierstore.inference.compose import make_plan_for
     from tierstore.inference.loading.resolve import resolve
+    from tierstore.inference.loading.shards import shard_units
     from tierstore.inference.loading.sources import open_units
-    from tierstore.inference.loading.shards import Group, shard_units
+    from tierstore.inference.loading.splits import Group
+
+    from tierstore.config import Config
 
     directory, _ = tiny_dirs("llama")
     config = {"runtime": {"cache_dir": str(tmp_path)}}
@@ -168,11 +313,13 @@ def test_a_ranks_units_are_its_shard_and_the_plan_says_so(tiny_dirs, tmp_path):
 def test_a_ranks_shard_store_holds_its_slices_and_one_sharded_another_way_is_refused(tiny_dirs, tmp_path):
     """`rank_store` writes the rank's slices of every unit as they were served from the whole units, and reads
     them back from there; a store whose manifest says another shape for a unit is refused, naming it."""
+    from tierstore.inference.loading.resolve import resolve
+    from tierstore.inference.loading.shards import rank_store, shard_units
+    from tierstore.inference.loading.sources import open_units
+    from tierstore.inference.loading.splits import Group
+
     from tierstore.config import Config
     from tierstore.errors import CheckpointError
-    from tierstore.inference.loading.resolve import resolve
-    from tierstore.inference.loading.sources import open_units
-    from tierstore.inference.loading.shards import Group, rank_store, shard_units
 
     directory, _ = tiny_dirs("llama")
     cfg = Config.load({"runtime": {"cache_dir": str(tmp_path)}})

@@ -26,7 +26,8 @@ def check_launch(model: str, world: int, cfg: Any, trust_remote_code: bool, allo
     from ..loading.checkpoint import load_config
     from ..loading.convert import convert_if_needed
     from ..loading.resolve import resolve
-    from ..loading.shards import check_world
+    from ..loading.shards import whole_model_config
+    from ..loading.splits import check_world
 
     if world < 1:
         raise InputError(f"--tp must be at least 1, got {world}")
@@ -34,7 +35,9 @@ def check_launch(model: str, world: int, cfg: Any, trust_remote_code: bool, allo
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise InputError(f"--tp {world} asks for {world} ranks, one per GPU, but this host has "
                          f"{torch.cuda.device_count()} GPUs")
-    checkpoint = convert_if_needed(resolve(model, allow_download=allow_download), cfg, trust_remote_code, True)
+    # converted as the ranks read it (a config.json alone: each rank's shards were written beforehand)
+    checkpoint = convert_if_needed(resolve(model, allow_download=allow_download, weights=False),
+                                   whole_model_config(cfg), trust_remote_code, True)
     check_world(load_config(checkpoint, trust_remote_code), world)
 
 

@@ -16,15 +16,17 @@ ALIASES = {
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """A located checkpoint. kind: store (converted), safetensors, bin or gguf."""
+    """A located checkpoint. kind: store (converted), safetensors, bin, gguf, or config (a config.json without
+    weights, which only a plan reads)."""
 
     kind: str
     path: str
     name: str
 
 
-def resolve(model: str, allow_download: bool = False) -> Checkpoint:
-    """Locate `model`; CheckpointError or ModelError with one line saying what is missing."""
+def resolve(model: str, allow_download: bool = False, weights: bool = True) -> Checkpoint:
+    """Locate `model`; CheckpointError or ModelError with one line saying what is missing. With `weights` False
+    (a plan), a directory holding a config.json and no weights is a "config" checkpoint."""
     if not isinstance(model, str) or not model.strip():
         raise CheckpointError("no model given: pass a directory, a GGUF file, an alias or a Hub repo id")
     if model in ALIASES:
@@ -33,9 +35,9 @@ def resolve(model: str, allow_download: bool = False) -> Checkpoint:
     if os.path.isfile(path):
         return _file(path)
     if os.path.isdir(path):
-        return _directory(path)
+        return _directory(path, weights)
     if _looks_like_repo_id(model):
-        return _directory(_hub_snapshot(model, allow_download))
+        return _directory(_hub_snapshot(model, allow_download), weights)
     raise CheckpointError(f"{model}: no such file or directory, and not an alias ({', '.join(ALIASES)}) "
                           f"or a Hub repo id (org/name)")
 
@@ -61,7 +63,7 @@ def _file(path: str) -> Checkpoint:
     raise CheckpointError(f"{path}: a single file must be GGUF; for safetensors or .bin pass the model directory")
 
 
-def _directory(path: str) -> Checkpoint:
+def _directory(path: str, weights: bool) -> Checkpoint:
     name = os.path.basename(os.path.normpath(path))
     if os.path.isfile(os.path.join(path, MANIFEST)):
         return Checkpoint("store", path, name)
@@ -81,7 +83,10 @@ def _directory(path: str) -> Checkpoint:
     if glob.glob(os.path.join(path, "units", "*.bin")):
         raise CheckpointError(f"{path}: a tierstore layer store without its {MANIFEST} (an unfinished conversion, or "
                               f"the manifest was deleted): convert again into it to finish, or delete the folder")
-    raise CheckpointError(f"{path}: has config.json but no weights (*.safetensors or *.bin)")
+    if not weights:
+        return Checkpoint("config", path, name)
+    raise CheckpointError(f"{path}: has config.json but no weights (*.safetensors or *.bin); only `tierstore plan` "
+                          f"reads a model from its config alone")
 
 
 def _looks_like_repo_id(model: str) -> bool:

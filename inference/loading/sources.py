@@ -1,6 +1,7 @@
 """Where a model's units come from, opened in one straight line: the checkpoint converted if it must be, its
 config, the model skeleton, and the source of the units' bytes: safetensors shards read in place (no second copy
-on disk) or a converted layer store, compressed on first use when the config asks for it."""
+on disk) or a converted layer store, compressed on first use when the config asks for it. A directory holding only
+a config.json is planned from it (`ConfigSource`), never run."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ from .layerstore import LayerStoreSource, pread_exact, read_manifest
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry
 from .skeleton import Skeleton, build_skeleton, parse_slice
-from .store_writer import compress, default_store_dir
+from .store_writer import compress, default_store_dir, parameter_shapes, planned_tensor
 
 log = logging.getLogger(__name__)
 
@@ -80,27 +81,34 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
             close_source(source)
         source = store_source(store_dir, cfg.io.verify_checksums, dtype, drop_cache)
         checkpoint, codec, packed = Checkpoint("store", store_dir, checkpoint.name), source.codec, source.packed
+    missing = [key for key in skeleton.units if not _has_unit(source, key)]
+    if missing:
+        close_source(source)
+        raise CheckpointError(f"{checkpoint.path}: no unit {missing[0]!r} ({len(missing)} missing); it was "
+                              f"written for another layout of this model: convert it again")
+    layouts = {key: source.layout(key) for key in skeleton.units}
+    units = Units(skeleton, source, layouts, checkpoint, hf_config, dtype, stored, codec, packed)
     if codec is None and wanted is not None:  # planning only: the layouts compression would give
-        codec, layouts = wanted, {}
-        for key in skeleton.units:
-            layouts[key], unit_packed = compressed_layout(source.layout(key), skeleton.matrices, codec)
-            if unit_packed is not None:
-                packed[key] = unit_packed
-    else:
-        missing = [key for key in skeleton.units if not _has_unit(source, key)]
-        if missing:
-            close_source(source)
-            raise CheckpointError(f"{checkpoint.path}: no unit {missing[0]!r} ({len(missing)} missing); it was "
-                                  f"written for another layout of this model: convert it again")
-        layouts = {key: source.layout(key) for key in skeleton.units}
+        units = as_compressed(units, wanted)
     try:
         for key, names in skeleton.units.items():
-            held = set(layouts[key].slots) | set(packed[key].matrices if key in packed else ())
+            held = set(units.layouts[key].slots) | set(units.packed[key].matrices if key in units.packed else ())
             require_tensors(key, names, held, checkpoint.path)
     except CheckpointError:
         close_source(source)
         raise
-    return Units(skeleton, source, layouts, checkpoint, hf_config, dtype, stored, codec, packed)
+    return units
+
+
+def as_compressed(units: Units, codec: Codec) -> Units:
+    """`units` (uncompressed) as `codec` would store them, computed without their data: for a plan, and for the
+    layouts a compressed store written from them must have."""
+    layouts, packed = {}, {}
+    for key, layout in units.layouts.items():
+        layouts[key], unit_packed = compressed_layout(layout, units.skeleton.matrices, codec)
+        if unit_packed is not None:
+            packed[key] = unit_packed
+    return dataclasses.replace(units, layouts=layouts, codec=codec, packed=packed)
 
 
 def drops_page_cache(cfg: Config, device: torch.device) -> bool:
@@ -130,6 +138,8 @@ def _open_source(checkpoint: Checkpoint, skeleton: Skeleton, cfg: Config, dtype:
                  trust_remote_code: bool, progress: bool) -> tuple[UnitSource, Checkpoint]:
     """The unit source of a safetensors directory (read in place) or a layer store, converting safetensors whose
     names need transformers' conversion rules once; returns it with the checkpoint it reads."""
+    if checkpoint.kind == "config":
+        return ConfigSource(checkpoint.path, skeleton, dtype), checkpoint
     if checkpoint.kind == "safetensors":
         source = in_place_source(checkpoint, skeleton.units, dtype, drop_cache)
         if source is not None:
@@ -207,6 +217,25 @@ def close_source(source: Any) -> None:
     closer = getattr(source, "close", None)
     if closer is not None:
         closer()
+
+
+class ConfigSource:
+    """The units of a model known from its config.json alone, for a plan: their layouts are the model's parameters
+    on the meta device, in `dtype`; there are no bytes to read."""
+
+    read_mode = "unknown (no weights: the plan is made from config.json alone)"
+
+    def __init__(self, path: str, skeleton: Skeleton, dtype: torch.dtype) -> None:
+        self.path = path
+        shapes = parameter_shapes(skeleton)
+        self._layouts = {key: UnitLayout.pack(key, {name: planned_tensor(shapes, name, dtype) for name in names})
+                         for key, names in skeleton.units.items()}
+
+    def layout(self, key: Hashable) -> UnitLayout:
+        return self._layouts[key]  # type: ignore[index]
+
+    def read_into(self, key: Hashable, out: torch.Tensor) -> None:
+        raise CheckpointError(f"{self.path}: has config.json but no weights to read unit {key!r}")
 
 
 class SafetensorsSource:

@@ -35,6 +35,7 @@ from .gguf_packed import PackedMatrix
 from .layerstore import FORMAT, MANIFEST, checksum, layout_to_dict, read_manifest, unit_filename
 from .resolve import Checkpoint
 from .skeleton import Skeleton, build_skeleton, parse_slice
+from .splits import Group, check_world, plan_splits, split_layouts
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,17 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
 
 def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str]], Mapping[str, torch.Tensor]],
                 dtype: torch.dtype, codec: Codec | None = None, device: torch.device | str = "cpu",
-                tokenizer: Any = None, progress: bool = True, disk_budget_bytes: int | None = None) -> str:
+                tokenizer: Any = None, progress: bool = True, disk_budget_bytes: int | None = None,
+                shard: Group | None = None) -> str:
     """Write a layer store for a transformers `config` whose weights come one unit at a time from
     `unit_tensors(key, names)` (the unit's tensors by name, e.g. generated on the GPU or read from elsewhere),
     stored in `dtype` and, with a `codec`, quantized on `device` before they are written: no full-precision copy of
     a compressed model ever reaches the disk. Like `convert`: every unit's file and checksum written atomically, a
     killed run resumed without asking for finished units again, a finished store of another kind refused, and the
     disk budget checked before anything is written. Mixture-of-experts layers keep their experts inside them when
-    compressed (as `compress` stores them), else one unit per expert. Returns `out_dir`."""
+    compressed (as `compress` stores them), else one unit per expert. With `shard`, the store is that
+    tensor-parallel rank's (`shards.rank_store_dir` says where a run looks for it): `unit_tensors` gives whole
+    tensors, and the rank's part of each (`splits.plan_splits`) is stored. Returns `out_dir`."""
     dtype = as_dtype(dtype)
     if codec is not None and codec.calibration:
         raise InputError("write_store quantizes data-free: give a codec without a calibration text")
@@ -97,6 +101,11 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
         shapes = parameter_shapes(skeleton)
         layouts = {key: UnitLayout.pack(key, {name: planned_tensor(shapes, name, dtype) for name in names})
                    for key, names in skeleton.units.items()}
+        whole, splits = layouts, {}
+        if shard is not None:
+            check_world(config, shard.world)
+            splits = plan_splits(skeleton, layouts, shard)[0]
+            layouts = split_layouts(layouts, splits)
         # a compressed unit is packed where it is quantized: tensors made on a GPU never cross the link twice
         pack_device = torch.device(device) if codec else torch.device("cpu")
 
@@ -106,10 +115,15 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
             require_tensors(key, layout.slots, tensors, "unit_tensors")
             buffer = torch.zeros(layout.nbytes, dtype=torch.uint8, device=pack_device)
             for name, view in layout.views(buffer).items():
-                if tuple(tensors[name].shape) != tuple(view.shape):
+                want = whole[key].slots[name].shape
+                if tuple(tensors[name].shape) != tuple(want):
                     raise InputError(f"unit_tensors: {name!r} of unit {key!r} has shape "
-                                     f"{tuple(tensors[name].shape)}, the model's is {tuple(view.shape)}")
-                view.copy_(tensors[name])
+                                     f"{tuple(tensors[name].shape)}, the model's is {tuple(want)}")
+                split = splits.get(key, {}).get(name)
+                if split is None:
+                    view.copy_(tensors[name])
+                elif not split.zero:  # a rowwise bias stays zeros after rank 0
+                    view.copy_(tensors[name].narrow(split.dim, split.start, split.length))
             extra: dict[str, Any] = {}
             if codec is not None:
                 layout, buffer, packed = compress_unit(layout, buffer, skeleton.matrices, codec, pack_device)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError
-from ..loading.shards import Group
+from ..loading.splits import Group
 
 TIMEOUT_S = 300  # a collective waiting longer than this ends the run (a rank died, or hangs)
 
