@@ -20,9 +20,10 @@ runtime/    what runs each pass. Module adapters (adapters.py: made = attached, 
             written in place), prefix_cache.py (finished sequences' caches kept for reuse); chunk_attention.py
             (a prompt chunk's attention without a mask tensor)
 decoding/   the decode loops: model.py (TierstoreModel: transformers' generate, timing, report, KV placement),
-            speculation.py (a draft's tree verified in one pass; drafts.py, tree.py), prefill.py (a prompt fed in
-            chunks, for generate and the batcher), and under all three loops (generate, speculation, the batcher)
-            sampling.py; importance.py (a calibration text's importance matrix, for calibrated compression)
+            graphed.py (a resident model's decode steps replayed from a CUDA graph), speculation.py (a draft's
+            tree verified in one pass; drafts.py, tree.py), prefill.py (a prompt fed in chunks, for generate and
+            the batcher), and under all three loops (generate, speculation, the batcher) sampling.py;
+            importance.py (a calibration text's importance matrix, for calibrated compression)
 loading/    from what the user names to units: resolve.py, checkpoint.py, safetensors_header.py, skeleton.py (the
             meta model cut into units: architecture knowledge lives here), sources.py (`open_units`: safetensors
             read in place or a layer store), convert.py (GGUF, .bin, renamed safetensors -> a layer store;

@@ -79,6 +79,51 @@ def test_tokens_identical_and_vram_within_budget(tmp_path):
     print(f"\ncuda tiny llama: tokens identical, peak VRAM {peak} bytes <= budget {budget.vram}")
 
 
+@pytest.mark.parametrize("compress", ["none", "nf4"])
+def test_resident_decode_replays_a_cuda_graph_with_the_eager_tokens_within_the_budget(compress, tmp_path):
+    """Every unit on the device: decode steps replay one CUDA graph (float32, a sampled and a greedy call, batch
+    one and two), giving the eager run's tokens (`cuda_graphs = off`), within the budget; a second call of the same
+    size reuses the graph; a streamed model says why it is not graphed."""
+    directory, _ = _tiny(tmp_path)
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3], [8, 1, 4, 4, 60, 2, 19]])
+    budget = tierstore.Budget(vram="1GB", ram="1GB")
+    runs = {}
+    for graphs in ("off", "auto"):
+        config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs},
+                  "compression": {"format": compress}}
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config,
+                                                 dtype=torch.float32) as model:
+            assert model.plan.regime == "device"
+            calls, notes = [], []
+            for rows in (ids[:1], ids, ids):
+                calls.append(model.generate(rows, max_new_tokens=24, do_sample=False).tolist())
+                calls.append(model.report().timing.graphed)
+                notes.extend(model.report().notes)
+            torch.manual_seed(0)
+            calls.append(model.generate(ids[:1], max_new_tokens=24, do_sample=True, top_k=20).tolist())
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak <= budget.vram, f"peak {peak} > budget {budget.vram}"
+        runs[graphs] = calls, notes
+    (eager, _), (graphed, notes) = runs["off"], runs["auto"]
+    assert [c for c in eager if not isinstance(c, bool)] == [c for c in graphed if not isinstance(c, bool)]
+    assert [c for c in eager if isinstance(c, bool)] == [False] * 3
+    assert [c for c in graphed if isinstance(c, bool)] == [True] * 3
+    assert any("CUDA graph of an earlier call" in note for note in notes), notes
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache")}}
+    _, layer = unit_sizes(directory, str(tmp_path / "sizes"))
+    with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram=3 * layer + 300 * 2**20,
+                                                                                ram="1GB"),
+                                             config={"runtime": {**config["runtime"],
+                                                                 "device_reserve": 300 * 2**20}},
+                                             dtype=torch.float32) as streamed:
+        streamed.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        report = streamed.report()
+    assert report.timing.graphed is False
+    assert any("not graphed" in note and "streamed units" in note for note in report.notes), report.notes
+
+
 def test_smollm2_on_cuda_matches_transformers(smollm2_store, smollm2_reference, tmp_path):
     store_dir, _ = smollm2_store
     reference, tokenizer = smollm2_reference

@@ -41,7 +41,8 @@ def test_greedy_tokens_match_transformers(model_type, tiny_dirs, cache_config):
 def test_an_untied_embedding_is_looked_up_in_ram_when_the_ram_budget_holds_it(tiny_dirs, cache_config):
     """The table stays in RAM: not in the schedule, its bytes off the link and out of the RAM budget left to the
     store, the same tokens; the weight the model sees is NaN on the compute device, so any other use would show.
-    A RAM budget that cannot hold it beside a streamed unit streams it as before."""
+    A RAM budget that cannot hold it beside a streamed unit streams it as before, and a device that holds the whole
+    model keeps it there."""
     directory, reference = tiny_dirs("llama")
     table = reference.get_input_embeddings().weight.numel() * 4
     ids = torch.tensor([PROMPTS[0]])
@@ -52,6 +53,8 @@ def test_an_untied_embedding_is_looked_up_in_ram_when_the_ram_budget_holds_it(ti
         assert torch.isnan(model.model.get_input_embeddings().weight).all()
         assert model.generate(ids, max_new_tokens=8, do_sample=False).tolist() == want
     layer = max(sum(p.numel() for p in layer.parameters()) for layer in reference.model.layers) * 4
+    with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model:  # the device holds it all
+        assert model.plan.host_lookup == () and "embed_tokens" in model.plan.device_resident
     small = tierstore.Budget(vram="1GB", ram=layer + table // 2)  # a layer fits, the table beside it does not
     with tierstore.AutoModel.from_pretrained(directory, budget=small, config=cache_config) as model:
         assert model.plan.host_lookup == () and "embed_tokens" in model.plan.schedule
@@ -87,10 +90,10 @@ def test_batch_of_different_lengths_equals_each_alone(tiny_dirs, cache_config):
 
 
 def test_detach_restores_the_model(tiny_dirs, cache_config):
-    directory, _ = tiny_dirs("llama")
-    model = tierstore.AutoModel.from_pretrained(directory, config=cache_config)
+    directory, reference = tiny_dirs("llama")
+    model = tierstore.AutoModel.from_pretrained(directory, budget=_budget_for(reference), config=cache_config)
     before = {name: (p.device.type, id(p)) for name, p in model.model.named_parameters()}
-    # the input embedding, answered from RAM, shows a placeholder on the compute device while attached
+    # streamed, the input embedding is answered from RAM: a placeholder on the compute device while attached
     assert [name for name, (device, _) in before.items() if device != "meta"] == ["model.embed_tokens.weight"]
     model.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=3, do_sample=False)
     model.close()
@@ -113,3 +116,34 @@ def test_attention_choice(tiny_dirs, tmp_path):
         with pytest.raises(tierstore.ModelError, match="flash-attn"):
             tierstore.AutoModel.from_pretrained(directory, config={"runtime": {"cache_dir": str(tmp_path),
                                                                                "attention": "flash_attention_2"}})
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma"])
+def test_the_graphed_decode_loop_gives_transformers_tokens(model_type, tiny_dirs, cache_config):
+    """The loop a CUDA graph replays (static KV cache, bias from the position, prompt fed in chunks), run eagerly
+    on the CPU: transformers' greedy tokens, for one and two sequences, and a sequence ended by its EOS padded."""
+    from tierstore.inference.decoding import graphed
+    from tierstore.inference.decoding.sampling import chooser
+
+    import tierstore
+
+    directory, reference = tiny_dirs(model_type)
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3], [8, 1, 4, 4, 60, 2, 19]])
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model, torch.no_grad():
+        decoder = graphed.GraphedDecoder(model.model, model.device)
+        old_chunk, graphed.PROMPT_CHUNK_TOKENS = graphed.PROMPT_CHUNK_TOKENS, 3  # three prompt chunks
+        try:
+            for rows in (ids[:1], ids):
+                got, stats = decoder.generate(rows, 12, chooser(False, None), set(), 0, None, lambda: None)
+                assert got.tolist() == want[:len(rows)].tolist()
+                assert stats.steps == 11
+            end = int(want[1, 7 + 4])  # row 2's fifth new token as the EOS: that row ends, padded with 0
+            got, _ = decoder.generate(ids, 12, chooser(False, None), {end}, 0, None, lambda: None)
+        finally:
+            graphed.PROMPT_CHUNK_TOKENS = old_chunk
+    with torch.no_grad():
+        ended = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=end)
+    assert got.tolist() == ended.tolist()
+    assert 0 in got[1, 7:].tolist()

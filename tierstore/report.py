@@ -26,6 +26,8 @@ class Timing:
     decode_steps: int = 0
     new_tokens: int = 0
     batch_size: int = 0
+    graphed: bool | None = None  # decode steps replayed a CUDA graph (None: not on a GPU)
+    host_step_s: float | None = None  # of a graphed step: the host's time issuing it, not the device's
 
     def to_dict(self) -> dict[str, float | int | None]:
         """Seconds, steps and derived rates."""
@@ -99,13 +101,16 @@ class RunReport:
         # tokens per sequence; tokens/s over all the batch's sequences
         run = Table(title="run")
         for column in ("prefill s", "decode s", "batch", "tokens each", "tokens/s", "step s", "predicted step s",
-                       "ratio", "bound", "peak RSS"):
+                       "ratio", "bound", "graphed", "peak RSS"):
             run.add_column(column, justify="right")
+        graphed = "-" if timing["graphed"] is None else \
+            f"yes, host {timing['host_step_s'] * 1e3:.2f} ms/step" if timing["graphed"] and timing["host_step_s"] \
+            else "yes" if timing["graphed"] else "no"
         run.add_row(f"{timing['prefill_s']:.3f}", f"{timing['decode_s']:.3f}", str(timing["batch_size"]),
                     str(timing["new_tokens"]), _fmt(timing["decode_tokens_per_s"], "{:.2f}"),
                     _fmt(timing["decode_step_s"], "{:.4f}"), _fmt(timing["predicted_step_s"], "{:.4f}"),
                     _fmt(timing["ratio_to_bound"], "{:.2f}x"), str(self.plan.predicted.get("bound") or "-"),
-                    format_size(self.peak_rss_bytes) if self.peak_rss_bytes else "-")
+                    graphed, format_size(self.peak_rss_bytes) if self.peak_rss_bytes else "-")
         tables = [tiers, run]
         if self.speculation is not None:
             tables.append(_speculation_table(self.speculation))

@@ -79,9 +79,10 @@ class NgramDraft:
 
 
 class StaticKV(DynamicCache):
-    """Key/value buffers at fixed addresses for the draft, so one forward can be captured in a CUDA graph and
-    replayed: every forward writes its `width` new entries at the positions in `write_at` and attends over the
-    whole buffer, the mask saying which positions hold live tokens. transformers' layers call `update`."""
+    """Key/value buffers at fixed addresses (for the draft, and for graphed.py's decode steps), so one forward can
+    be captured in a CUDA graph and replayed: every forward writes its new entries at the positions in `write_at`
+    and attends over the whole buffer, the mask saying which positions hold live tokens. transformers' layers call
+    `update`."""
 
     def __init__(self, max_tokens: int) -> None:
         super().__init__()

@@ -34,6 +34,7 @@ from ..runtime.experts import ExpertRunner
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
 from ..runtime.tiered_kv import KVTraffic, TieredKVCache
+from .graphed import GraphedDecoder, GraphStats
 from .prefill import feed_prompt, plan_feed
 from .speculation import SpeculationStats
 
@@ -127,6 +128,7 @@ class TierstoreModel:
         self._closed = False
         self._speculation: SpeculationStats | None = None
         self._prefixes: PrefixCache | None = None  # opened on first use (`prefix_cache`)
+        self._graphed: GraphedDecoder | None = None  # made on the first call whose decode steps can be graphed
         self._kv_call: dict[str, Any] | None = None  # the last generate call's KV cache, for the report
         self._max_depth = self.config.speculation.depth or DEFAULT_MAX_DEPTH
         # learns pass and draft-step costs across calls; a configured depth is drafted every pass. A target whose
@@ -174,6 +176,10 @@ class TierstoreModel:
             self.tracer.anchor()
         if self.draft is not None:
             return self._speculate(input_ids, kwargs, notes)
+        unfit = self._graph_refusal(input_ids, kwargs, total)
+        if unfit is None:
+            return self._generate_graphed(input_ids, kwargs, notes)
+        notes.extend([f"decode steps not graphed: {unfit}"] if unfit else [])
         if "attention_mask" in kwargs and kwargs["attention_mask"] is not None:
             kwargs["attention_mask"] = kwargs["attention_mask"].to(self.device)
         clock = _StepClock(self.tracer)
@@ -194,6 +200,56 @@ class TierstoreModel:
         self._settle_tiered(kwargs.get("past_key_values"))
         self._record(clock, decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls),
                      batch_size=input_ids.shape[0], notes=notes)
+        return out
+
+    def _graph_refusal(self, input_ids: torch.Tensor, kwargs: dict[str, Any], total_tokens: int) -> str | None:
+        """Why this call's decode steps cannot replay a CUDA graph (None: they can; "": not asked for, or not on a
+        GPU)."""
+        from .graphed import refusal
+
+        if self.config.runtime.cuda_graphs == "off" or self.device.type != "cuda":
+            return ""
+        plan = self.plan
+        moving = len(set(plan.schedule) - set(plan.device_resident)) + len(plan.host_lookup)
+        if moving:
+            return f"{moving} of the model's units are not kept on the device (streamed units change addresses)"
+        if self.experts is not None:
+            return "routed experts are fetched as the router picks them"
+        if self.kv_on_host:
+            return "the KV cache has layers off the device"
+        if self.prefix_cache() is not None:
+            return "the prefix cache keeps transformers' own cache"
+        if self.tracer is not None:
+            return "a trace records every unit's events, which a replay does not run"
+        if not self._plain_cache():
+            return "the model makes its own cache"
+        return refusal(self.model.generation_config, kwargs, self.model.config, input_ids, total_tokens)
+
+    def _generate_graphed(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
+        """generate with every decode step replayed from a CUDA graph (`graphed.GraphedDecoder`)."""
+        from .graphed import call_settings
+        from .sampling import chooser, eos_ids, warp
+
+        settings = call_settings(self.model.generation_config, kwargs)[0]
+        rows, prompt = input_ids.shape
+        max_new = settings.max_new_tokens if settings.max_new_tokens is not None else settings.max_length - prompt
+        warped = warp(settings.temperature, settings.top_k, settings.top_p) if settings.do_sample else None
+        ends = settings.eos_token_id if isinstance(settings.eos_token_id, list) else \
+            [] if settings.eos_token_id is None else [settings.eos_token_id]
+        pad = settings.pad_token_id if settings.pad_token_id is not None else (ends[0] if ends else 0)
+        if self._graphed is None:
+            self._graphed = GraphedDecoder(self.model, self.device)
+        clock = _StepClock(self.tracer)
+        self._kv_call = {"cache_tokens": rows * (prompt + max_new), "chunk": None, "reused": 0, "tiers": None}
+        with quiet_forward():
+            out, stats = self._graphed.generate(input_ids, max(max_new, 1), chooser(settings.do_sample, warped),
+                                                eos_ids(ends), pad, kwargs.get("streamer"), lambda: clock(None, None))
+        failure = self._graphed.failure
+        notes.append(f"decode steps not graphed: CUDA graph capture failed ({failure}); they ran eagerly" if failure
+                     else f"decode steps replayed from a CUDA graph (captured in {stats.capture_s:.2f} s)"
+                     if stats.capture_s else "decode steps replayed from the CUDA graph of an earlier call")
+        self._record(clock, decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls), batch_size=rows,
+                     notes=notes, graph=None if failure else stats)
         return out
 
     def _prefill_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, total_tokens: int,
@@ -284,14 +340,17 @@ class TierstoreModel:
             raise InputError(f"token id {low if low < 0 else high} is outside the vocabulary (0 to {vocab - 1})")
 
     def _record(self, clock: _StepClock, decode_steps: int, new_tokens: int, batch_size: int,
-                notes: list[str]) -> None:
-        """The timing of the call that just ended (its device work included) and its notes, for the report."""
+                notes: list[str], graph: GraphStats | None = None) -> None:
+        """The timing of the call that just ended (its device work included) and its notes, for the report;
+        `graph`: its decode steps replayed a CUDA graph."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         end_s = time.perf_counter()
         first = clock.calls[0] if clock.calls else end_s
         self._timing = Timing(prefill_s=first - clock.start_s, decode_s=end_s - first, decode_steps=decode_steps,
-                              new_tokens=new_tokens, batch_size=batch_size)
+                              new_tokens=new_tokens, batch_size=batch_size,
+                              graphed=None if self.device.type != "cuda" else graph is not None,
+                              host_step_s=graph.host_step_s if graph is not None else None)
         log.info("generated %d tokens x %d sequences: prefill %.3f s, decode %.3f s over %d passes", new_tokens,
                  batch_size, self._timing.prefill_s, self._timing.decode_s, decode_steps)
         self._notes = notes + (self.experts.end_call() if self.experts is not None else [])

@@ -29,20 +29,12 @@ PER_MATRIX_SHARE = 8  # a unit's dequantization buffer above 1/8 of the device b
 def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | None = None,
           host_lookup: bool = True) -> tuple[Plan, PlanInput]:
     """The plan for `units` (beside `draft`, when one is given) and what it was made from. With `host_lookup`,
-    an input embedding that the RAM budget holds stays in RAM (runtime/lookup.py): the plan's `host_lookup`."""
+    an input embedding that the RAM budget holds stays in RAM (runtime/lookup.py) when the model does not fit the
+    device whole: the plan's `host_lookup`."""
     measured = Budget.measure(cfg.runtime.cache_dir)
     device_bytes, host_bytes, notes = effective_budgets(cfg.budget, measured, device)
     sizes = {key: layout.nbytes for key, layout in units.layouts.items()}
     schedule = units.skeleton.schedule
-    lookup = lookup_key(units.skeleton) if host_lookup else None
-    if lookup is not None and sizes[lookup] + max((n for key, n in sizes.items() if key != lookup), default=0) \
-            <= host_bytes:
-        table_bytes = sizes.pop(lookup)
-        host_bytes -= table_bytes
-        schedule = [key for key in schedule if key != lookup]
-        notes.append(lookup_note(lookup, table_bytes))
-    else:
-        lookup = None
     reserve = device_reserve_bytes(units.hf_config, units.dtype, device, cfg.runtime.device_reserve)
     parts = []  # what the reserve holds besides activations and the KV cache
     if units.codec is not None:
@@ -57,6 +49,17 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
             notes.append("on a CPU a pass is bound by compute, which grows with the tokens it verifies: a draft pays "
                          "only where a pass costs far more than a draft step (README, Speculative decoding)")
     reserve += sum(nbytes for _, nbytes in parts)
+    # The table stays in RAM only when the model does not fit the device whole: there it saves device room, and
+    # a resident model's lookup would only add a host round trip to each pass, which a CUDA graph cannot hold.
+    lookup = lookup_key(units.skeleton) if host_lookup and sum(sizes.values()) + reserve > device_bytes else None
+    if lookup is not None and sizes[lookup] + max((n for key, n in sizes.items() if key != lookup), default=0) \
+            <= host_bytes:
+        table_bytes = sizes.pop(lookup)
+        host_bytes -= table_bytes
+        schedule = [key for key in schedule if key != lookup]
+        notes.append(lookup_note(lookup, table_bytes))
+    else:
+        lookup = None
     notes.append(f"disk reads: {getattr(units.source, 'read_mode', 'page cache')}")
     notes.append(f"attention: {units.skeleton.model.config._attn_implementation}")
     if device.type == "cpu" and units.dtype != units.stored_dtype:

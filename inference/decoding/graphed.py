@@ -1,0 +1,230 @@
+"""Decode steps replayed from a CUDA graph, for a model whose every unit stays on the device: the launch floor.
+
+A decode step of a resident 7B model launches about a thousand kernels from Python: 0.056 s/token in transformers
+on an H200, where reading its 15 GB from HBM takes about 3 ms. Here a step runs over buffers at fixed addresses
+(the token fed, its position, an attention bias computed from that position on the device, a static KV cache and
+the logits), so it is captured once and replayed: a step costs one graph launch, the choice of the next token and
+reading that token back. `refusal` says which calls cannot run this way (units streamed through slots change
+their addresses; routed experts and host-tier KV caches sync inside the pass) and why.
+
+The prompt is fed eagerly, in chunks, into the same cache with a 4D bias (causal inside the chunk). Decoding
+attends through a bias over the whole buffer (SDPA's memory-efficient kernel) where transformers' decode runs its
+flash kernel, so tokens equal transformers' up to the kernels' rounding: a bf16 tie can part them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .drafts import StaticKV
+from .sampling import Choose
+
+log = logging.getLogger(__name__)
+
+PROMPT_CHUNK_TOKENS = 512  # prompt tokens a prefill forward feeds: its bias is chunk x buffer entries
+ROUND_TOKENS = 256  # buffers are sized in these steps, so calls of similar lengths reuse one graph
+# generation settings that change the decode loop, with the values that leave it plain (what it runs)
+PLAIN_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "num_beams": (None, 1), "num_beam_groups": (None, 1), "num_return_sequences": (None, 1),
+    "penalty_alpha": (None,), "diversity_penalty": (None, 0.0), "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "min_p": (None,), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0), "bad_words_ids": (None,), "force_words_ids": (None,), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,), "guidance_scale": (None, 1.0), "renormalize_logits": (None, False),
+    "exponential_decay_length_penalty": (None,), "stop_strings": (None,), "max_time": (None,),
+    "use_cache": (None, True), "output_attentions": (None, False), "output_hidden_states": (None, False),
+    "output_scores": (None, False), "output_logits": (None, False), "return_dict_in_generate": (None, False),
+    "cache_implementation": (None,), "watermarking_config": (None,), "dola_layers": (None,),
+    "prompt_lookup_num_tokens": (None,), "assistant_early_exit": (None,),
+}
+
+
+@dataclasses.dataclass
+class GraphStats:
+    """One generate call's decode steps: how many replayed the graph, the capture's seconds, and the host's
+    seconds issuing the steps (graph launch, next-token choice; not the wait for the device)."""
+
+    steps: int = 0
+    capture_s: float = 0.0
+    host_s: float = 0.0
+
+    @property
+    def host_step_s(self) -> float | None:
+        return self.host_s / self.steps if self.steps else None
+
+
+def refusal(generation_config: Any, kwargs: dict[str, Any], config: Any, input_ids: torch.Tensor,
+            total_tokens: int) -> str | None:
+    """Why a generate call with these arguments cannot be graphed (None: it can), as a note's words. The model
+    side (every unit on the device, no routed experts, the KV cache on the device) is the caller's to check."""
+    for name in ("past_key_values", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
+                 "assistant_model", "negative_prompt_ids", "return_dict_in_generate", "output_scores",
+                 "output_logits", "generation_config"):
+        if kwargs.get(name):
+            return f"generate was given {name}"
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        return "the prompts are padded (an attention mask with zeros)"
+    settings, unused = call_settings(generation_config, kwargs)
+    if unused:
+        return f"generate was given {', '.join(sorted(unused))}"
+    pad = settings.pad_token_id
+    if input_ids.shape[0] > 1 and pad is not None and bool((input_ids == pad).any()):
+        return "the prompts hold the pad token (transformers reads that as padding)"
+    changed = sorted(name for name, plain in PLAIN_SETTINGS.items() if getattr(settings, name, None) not in plain)
+    if changed:
+        return f"generation settings {', '.join(changed)}"
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or ()
+    if window and (not layer_types or "sliding_attention" in layer_types) and total_tokens > window:
+        return f"the sequence outgrows the sliding window of {window} tokens"
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation not in ("sdpa", "eager"):
+        return f"{implementation} takes no attention bias"
+    return None
+
+
+def call_settings(generation_config: Any, kwargs: dict[str, Any]) -> tuple[Any, set[str]]:
+    """The generation settings a call runs with (the model's, updated by the call's arguments), and the arguments
+    that are no generation setting (a model input, which the graphed loop does not pass on)."""
+    import copy
+
+    settings = copy.deepcopy(generation_config)
+    unused = settings.update(**{key: value for key, value in kwargs.items()
+                                if key not in ("streamer", "attention_mask")})
+    return settings, {key for key, value in unused.items() if value is not None}
+
+
+class GraphedDecoder:
+    """Plain decoding (greedy or sampled) of one resident model with its steps replayed from a CUDA graph. The
+    graph and its buffers are kept for the next call of the same batch size and buffer length."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.model = model  # transformers' model, its units all on `device`
+        self.device = device
+        self._shape: tuple[int, int] | None = None  # (rows, buffer tokens) of the buffers and graph
+        self._kv: StaticKV | None = None
+        self._static: dict[str, torch.Tensor] = {}
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._capture_failed: str | None = None
+
+    @property
+    def failure(self) -> str | None:
+        """Why capture failed (the calls then run eagerly), if it did."""
+        return self._capture_failed
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, choose: Choose, ends: set[int],
+                 pad_token_id: int, streamer: Any, on_token: Callable[[], None]) -> tuple[torch.Tensor, GraphStats]:
+        """Up to `max_new_tokens` after `input_ids` (rows, n), as transformers' generate returns them: a row that
+        ends early is padded with `pad_token_id` until every row has ended. `on_token` is called as each token is
+        chosen (the first ends prefill)."""
+        rows, prompt = input_ids.shape
+        self._prepare(rows, prompt + max_new_tokens)
+        stats = GraphStats()
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        logits = self._prefill(input_ids)
+        out, finished = [input_ids], torch.zeros(rows, dtype=torch.bool, device=self.device)
+        ends_t = torch.tensor(sorted(ends), dtype=torch.long, device=self.device)
+        for step in range(max_new_tokens):
+            start_s = time.perf_counter()
+            if step:
+                logits = self._step(prompt + step - 1, stats)
+            tokens = choose(logits)
+            tokens = torch.where(finished, pad_token_id, tokens)
+            self._static["ids"].copy_(tokens.view(rows, 1))
+            if step:
+                stats.steps += 1
+                stats.host_s += time.perf_counter() - start_s
+            out.append(tokens.view(rows, 1))
+            finished |= torch.isin(tokens, ends_t)
+            on_token()
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            if bool(finished.all()):  # the step's one wait for the device
+                break
+        if streamer is not None:
+            streamer.end()
+        return torch.cat(out, dim=1), stats
+
+    def _prepare(self, rows: int, tokens: int) -> None:
+        """Buffers for `rows` sequences of up to `tokens` (rounded up); a graph of another shape is let go."""
+        capacity = -(-tokens // ROUND_TOKENS) * ROUND_TOKENS
+        if self._shape is not None and self._shape[0] == rows and self._shape[1] >= tokens:
+            return
+        self._graph, self._kv, self._static = None, None, {}  # the old graph's memory pool goes with it
+        self._shape = (rows, capacity)
+        self._kv = StaticKV(capacity)
+        dtype = self.model.dtype
+        self._static = {"ids": torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+                        "position": torch.zeros(1, dtype=torch.long, device=self.device),
+                        "keys": torch.arange(capacity, device=self.device),
+                        "zero": torch.zeros((), dtype=dtype, device=self.device),
+                        "masked": torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=self.device)}
+
+    def _bias(self, positions: torch.Tensor) -> torch.Tensor:
+        """(rows, 1, len(positions), buffer) attention bias: each position sees the entries up to itself."""
+        static = self._static
+        visible = static["keys"][None, :] <= positions[:, None]
+        bias = torch.where(visible, static["zero"], static["masked"])
+        return bias[None, None].expand(self._shape[0], 1, *bias.shape)  # type: ignore[index]
+
+    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed the prompt in chunks into the static cache; the last position's logits (rows, vocab), float32."""
+        rows, prompt = input_ids.shape
+        kv = self._kv
+        for begin in range(0, prompt, PROMPT_CHUNK_TOKENS):
+            end = min(begin + PROMPT_CHUNK_TOKENS, prompt)
+            positions = torch.arange(begin, end, device=self.device)
+            kv.write_at, kv.length = positions, end  # type: ignore[union-attr]
+            out = self.model(input_ids=input_ids[:, begin:end], position_ids=positions.expand(rows, -1),
+                             cache_position=positions, attention_mask=self._bias(positions), past_key_values=kv,
+                             use_cache=True, logits_to_keep=1)
+        kv.write_at = self._static["position"]  # type: ignore[union-attr]
+        return out.logits[:, -1, :].float()
+
+    def _step(self, position: int, stats: GraphStats) -> torch.Tensor:
+        """The forward of the tokens in the `ids` buffer at `position`: replayed, or run eagerly and captured."""
+        self._static["position"].fill_(position)
+        self._kv.length = position + 1  # type: ignore[union-attr]
+        if self._graph is not None:
+            self._graph.replay()
+            return self._static["logits"]
+        self._forward()
+        if self._capture_failed is None and self.device.type == "cuda":  # elsewhere (tests) the loop runs eagerly
+            start_s = time.perf_counter()
+            self._capture()
+            stats.capture_s += time.perf_counter() - start_s
+        return self._static["logits"]
+
+    def _forward(self) -> None:
+        """The step: its bias from the position, the model's forward, the logits kept as float32."""
+        static = self._static
+        position = static["position"]
+        out = self.model(input_ids=static["ids"], position_ids=position.expand(self._shape[0], 1),  # type: ignore
+                         cache_position=position, attention_mask=self._bias(position), past_key_values=self._kv,
+                         use_cache=True)
+        static["logits"] = out.logits[:, -1, :].float()
+
+    def _capture(self) -> None:
+        """Record the step (right after an eager one warmed it up); the first replay gives this step's logits again.
+        A failure is kept and the calls run eagerly from then on."""
+        try:
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._forward()
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
+            self._capture_failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            log.warning("decode steps not graphed: CUDA graph capture failed (%s)", self._capture_failed)
+            self._forward()  # this step's logits again, from an eager forward
+            return
+        graph.replay()
+        self._graph = graph
