@@ -147,3 +147,21 @@ def test_the_graphed_decode_loop_gives_transformers_tokens(model_type, tiny_dirs
         ended = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=end)
     assert got.tolist() == ended.tolist()
     assert 0 in got[1, 7:].tolist()
+
+
+def test_cuda_graphs_is_validated_and_changes_no_token_on_a_cpu(tiny_dirs, tmp_path):
+    """`runtime.cuda_graphs` takes auto or off (anything else is refused, naming the key); on a CPU both give the
+    same tokens and the report says nothing was graphed (None: not a GPU)."""
+    from tierstore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="runtime.cuda_graphs"):
+        tierstore.Config.load({"runtime": {"cuda_graphs": "on"}})
+    directory, _ = tiny_dirs("llama")
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
+    tokens = {}
+    for setting in ("auto", "off"):
+        config = {"runtime": {"cache_dir": str(tmp_path), "cuda_graphs": setting}}
+        with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+            tokens[setting] = model.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+            assert model.report().timing.graphed is None
+    assert tokens["auto"] == tokens["off"]
