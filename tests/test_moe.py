@@ -56,9 +56,12 @@ def _plan_cli(tmp_path, directory, config, *options):
 
 
 def _units(directory, config):
-    """The dense units' sizes, largest last, and the experts' plan, under an unlimited budget."""
+    """The sizes of the dense units a streamed run keeps in its store (an untied input embedding is looked up in
+    RAM then), largest last, and the experts' plan, under an unlimited budget."""
     with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
-        return sorted(layout.nbytes for layout in whole.store.layouts.values()), whole.plan.experts
+        tied = whole.model.config.get_text_config().tie_word_embeddings
+        return sorted(layout.nbytes for key, layout in whole.store.layouts.items()
+                      if tied or key != "embed_tokens"), whole.plan.experts
 
 
 def _streaming_budget(directory, config):

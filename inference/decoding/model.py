@@ -221,6 +221,8 @@ class TierstoreModel:
             return "the prefix cache keeps transformers' own cache"
         if self.tracer is not None:
             return "a trace records every unit's events, which a replay does not run"
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return "tensor-parallel ranks run their collectives eagerly"
         if not self._plain_cache():
             return "the model makes its own cache"
         return refusal(self.model.generation_config, kwargs, self.model.config, input_ids, total_tokens)
