@@ -319,6 +319,28 @@ def test_moe_missed_experts_copied_or_computed_on_the_cpu_give_transformers_toke
     print(f"\ncuda qwen3_moe, compute {compute}: tokens identical; {on_host} experts on the CPU, {copied} copied")
 
 
+def test_a_resident_moe_with_experts_in_its_layers_replays_a_graph_with_the_eager_tokens(tmp_path):
+    """A tiny Qwen3-MoE in bf16 (grouped_mm's own dtype on CUDA; its float32 path copies from the host and cannot
+    be captured), all on the device with its experts inside their layers: the decode steps replay a CUDA graph and
+    give the eager steps' greedy tokens; under expert streaming they run eagerly, and the note says why."""
+    from test_moe import PROMPT, _saved
+
+    _, directory = _saved("qwen3_moe", tmp_path)
+    runs = {}
+    for streaming, graphs in ((False, "off"), (False, "auto"), (True, "auto")):
+        config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs},
+                  "experts": {"streaming": streaming, "implementation": "grouped_mm"}}
+        with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram="1GB", ram="1GB"),
+                                                 config=config, dtype=torch.bfloat16) as resident:
+            tokens = resident.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
+            runs[streaming, graphs] = tokens, resident.report()
+    (eager, _), (graphed, report), (streamed, streamed_report) = runs.values()
+    assert graphed == eager and report.timing.graphed is True, report.notes
+    assert streamed_report.timing.graphed is False
+    assert any("routed experts" in note for note in streamed_report.notes), streamed_report.notes
+    print(f"\ncuda qwen3_moe bf16: graphed tokens equal eager; streamed experts' tokens equal: {streamed == eager}")
+
+
 @pytest.mark.parametrize("tiers", [("host",), ("disk",), ("device", "disk", "host", "host", "disk", "disk")])
 def test_tiered_kv_cache_on_cuda_gives_the_device_caches_logits(tiers, tmp_path):
     """Layers fetched ahead on the cache's stream, rows written back, disk layers through pinned bounce buffers
