@@ -62,12 +62,9 @@ class GraphStats:
 def refusal(generation_config: Any, kwargs: dict[str, Any], config: Any, input_ids: torch.Tensor,
             total_tokens: int) -> str | None:
     """Why a generate call with these arguments cannot be graphed (None: it can), as a note's words. The model
-    side (every unit on the device, no routed experts, the KV cache on the device) is the caller's to check."""
-    for name in ("past_key_values", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
-                 "assistant_model", "negative_prompt_ids", "return_dict_in_generate", "output_scores",
-                 "output_logits", "generation_config"):
-        if kwargs.get(name):
-            return f"generate was given {name}"
+    side (every unit on the device, no routed experts, the KV cache on the device) is the caller's to check.
+    Arguments that are no generation setting (a cache, logits processors, stopping criteria, a generation config)
+    are refused by name; settings beyond plain decoding by `PLAIN_SETTINGS`."""
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         return "the prompts are padded (an attention mask with zeros)"

@@ -34,8 +34,9 @@ from ..runtime.experts import ExpertRunner
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
 from ..runtime.tiered_kv import KVTraffic, TieredKVCache
-from .graphed import GraphedDecoder, GraphStats
+from .graphed import GraphedDecoder, GraphStats, call_settings, refusal
 from .prefill import feed_prompt, plan_feed
+from .sampling import chooser, eos_ids, warp
 from .speculation import SpeculationStats
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,6 @@ class TierstoreModel:
     def _graph_refusal(self, input_ids: torch.Tensor, kwargs: dict[str, Any], total_tokens: int) -> str | None:
         """Why this call's decode steps cannot replay a CUDA graph (None: they can; "": not asked for, or not on a
         GPU)."""
-        from .graphed import refusal
-
         if self.config.runtime.cuda_graphs == "off" or self.device.type != "cuda":
             return ""
         plan = self.plan
@@ -229,9 +228,6 @@ class TierstoreModel:
 
     def _generate_graphed(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
         """generate with every decode step replayed from a CUDA graph (`graphed.GraphedDecoder`)."""
-        from .graphed import call_settings
-        from .sampling import chooser, eos_ids, warp
-
         settings = call_settings(self.model.generation_config, kwargs)[0]
         rows, prompt = input_ids.shape
         max_new = settings.max_new_tokens if settings.max_new_tokens is not None else settings.max_length - prompt
@@ -402,7 +398,6 @@ class TierstoreModel:
     def _speculate(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
         """generate with the draft: one weight pass verifies each tree of drafted tokens."""
         from .drafts import ModelDraft, NgramDraft
-        from .sampling import chooser, eos_ids, warp
         from .speculation import check_speculation_request, speculate
         from .tree import check_mask_support, check_window
 

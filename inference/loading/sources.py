@@ -24,7 +24,7 @@ from .layerstore import LayerStoreSource, pread_exact, read_manifest
 from .resolve import Checkpoint
 from .safetensors_header import TensorEntry
 from .skeleton import Skeleton, build_skeleton, parse_slice
-from .store_writer import compress, default_store_dir, parameter_shapes, planned_tensor
+from .store_writer import compress, default_store_dir, planned_layouts
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,7 @@ class ConfigSource:
 
     def __init__(self, path: str, skeleton: Skeleton, dtype: torch.dtype) -> None:
         self.path = path
-        shapes = parameter_shapes(skeleton)
-        self._layouts = {key: UnitLayout.pack(key, {name: planned_tensor(shapes, name, dtype) for name in names})
-                         for key, names in skeleton.units.items()}
+        self._layouts = planned_layouts(skeleton, dtype)
 
     def layout(self, key: Hashable) -> UnitLayout:
         return self._layouts[key]  # type: ignore[index]

@@ -98,9 +98,7 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
             log.info("layer store already in %s", out_dir)
             return out_dir
         skeleton = build_skeleton(config, dtype, split_experts=codec is None)
-        shapes = parameter_shapes(skeleton)
-        layouts = {key: UnitLayout.pack(key, {name: planned_tensor(shapes, name, dtype) for name in names})
-                   for key, names in skeleton.units.items()}
+        layouts = planned_layouts(skeleton, dtype)
         whole, splits = layouts, {}
         if shard is not None:
             check_world(config, shard.world)
@@ -156,6 +154,13 @@ def copy_units(out_dir: str, source: UnitSource, layouts: Mapping[str, UnitLayou
         records = _write_missing(out_dir, sizes, write_unit, disk_budget_bytes, progress, "writing units")
         write_metadata(out_dir, origin, config, records, None, dtype=dtype_name(dtype))
     return out_dir
+
+
+def planned_layouts(skeleton: Skeleton, dtype: torch.dtype) -> dict[str, UnitLayout]:
+    """Every unit's layout as the model's parameters give it (no bytes read), floating point in `dtype`."""
+    shapes = parameter_shapes(skeleton)
+    return {key: UnitLayout.pack(key, {name: planned_tensor(shapes, name, dtype) for name in names})
+            for key, names in skeleton.units.items()}
 
 
 def parameter_shapes(skeleton: Skeleton) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
