@@ -80,6 +80,7 @@ def tierstore_row(model_dir: str, ids, tokens: int, vram: str, ram: str, compres
     config = {"runtime": {"cache_dir": cache, "cuda_graphs": graphs}, "compression": {"format": compress}}
     if moe:
         config["experts"] = {"streaming": False, "implementation": "grouped_mm"}
+    torch.cuda.empty_cache()  # the rows share a process: an earlier row's cached blocks are not this row's peak
     torch.cuda.reset_peak_memory_stats()
     with tierstore.AutoModel.from_pretrained(model_dir, budget=tierstore.Budget(vram=vram, ram=ram), config=config,
                                              dtype=None if moe else torch.float16) as model:
