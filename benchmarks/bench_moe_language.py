@@ -110,7 +110,7 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     setup_s = time.perf_counter() - start
     reference = _resident_tokens(args.out)
     results = {}
-    for mode in MODES[args.row].split(","):
+    for mode in (args.mode or MODES[args.row]).split(","):
         model.experts.compute = mode
         rows = []
         for prompt in PROMPTS:
@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--rows", default="resident,4GB,8GB,all,draft")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--mode", help="run tierstore rows in these modes only (e.g. auto), instead of each row's")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--row", default="")
     args = parser.parse_args()
@@ -194,8 +195,9 @@ def main() -> None:
     results = json.load(open(saved)) if os.path.exists(saved) else {}
     with open(os.path.join(args.out, "moe_language_log.txt"), "a") as log:
         for row in args.rows.split(","):
+            mode = ["--mode", args.mode] if args.mode and row != "resident" else []
             results[row] = run_child(["--row", row, "--gguf", args.gguf, "--model", args.model, "--cache", args.cache,
-                                      "--tokens", str(args.tokens), "--out", args.out], log, script=__file__)
+                                      "--tokens", str(args.tokens), "--out", args.out, *mode], log, script=__file__)
             with open(saved, "w") as handle:
                 json.dump({**results, "probe": probe}, handle, indent=1)
             print(row, "done", flush=True)
@@ -208,8 +210,9 @@ def print_table(results: dict, probe: dict, card: str) -> None:
     print(f"\ncard: {card}; link {probe['h2d_pinned_gbps']:.1f} GB/s pinned; CPU linear "
           f"{probe.get('cpu_linear_gbps', 0):.1f} GB/s at 1 token, {probe.get('cpu_linear_gbps_32', 0):.1f} at 32")
     print("| row | mode | prompt | s/token | x resident | copied/pass | CPU experts/pass | CPU GB/s | "
-          "host work/layer call | slot hits | tokens/pass | same tokens as resident | top-2 gap there |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "host work/layer call | slot hits | tokens/pass | verify pass s | largest tree | same tokens as resident | "
+          "top-2 gap there |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         if name == "probe":
             continue
@@ -228,7 +231,8 @@ def print_table(results: dict, probe: dict, card: str) -> None:
                          fmt(copied and copied / 1e9, "{:.2f} GB"),
                          fmt(experts.get("host_computed_per_pass"), "{:.1f}"),
                          fmt(experts.get("cpu_gbps"), "{:.1f}"), fmt(experts.get("host_work_s_per_call"), "{:.2e}"),
-                         fmt(got.get("slot_hit_rate"), "{:.1%}"), fmt(spec.get("tokens_per_pass"), "{:.1f}"), same,
+                         fmt(got.get("slot_hit_rate"), "{:.1%}"), fmt(spec.get("tokens_per_pass"), "{:.1f}"),
+                         fmt(spec.get("verify_pass_s"), "{:.3f}"), fmt(spec.get("largest_tree"), "{}"), same,
                          fmt((got.get("margin") or {}).get("top2_gap"), "{:.4f}")]
                 print("| " + " | ".join(map(str, cells)) + " |")
 

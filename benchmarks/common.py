@@ -281,6 +281,7 @@ def run_row(target: str, draft: str | None, prompt: str, new_tokens: int, budget
             "tokens_per_pass": spec.get("tokens_per_pass"), "acceptance": spec.get("acceptance_rate"),
             "draft_step_s": spec.get("draft_step_s"), "draft_s": spec.get("draft_s"),
             "verify_pass_s": spec.get("verify_pass_s"), "tree_nodes": spec.get("tree_nodes"),
+            "largest_tree": spec.get("largest_tree"),
             "passes": spec.get("passes"), "peak_vram": torch.cuda.max_memory_allocated() if cuda else None,
             "device_resident": len(plan.device_resident), "notes": report["notes"] + list(plan.notes),
             "graphed": spec.get("graphed")}

@@ -1,84 +1,143 @@
-"""How deep a draft tree grows: keep drafting while the next level still raises the expected tokens per second.
+"""How large a draft tree grows: step by step, while the expected tokens per second still rise.
 
-A verify pass of the streamed model costs `pass_s` whatever the tree's size (the link is the wall), and each draft
-step costs `step_s`. With `a` the running acceptance rate (at a verified position that had drafted candidates, how
-often the model's token was among them), a tree `d` levels deep is expected to yield `E(d) = 1 + a + ... + a^d`
-tokens per pass. Level `d + 1` is drafted when the tokens it adds pay for its step:
+A model draft grows its tree best-first (as SpecExec does): each draft step adds the most promising candidates
+anywhere in the tree and feeds them through the draft to find their children. A candidate's score is the chance that
+the verifying model accepts the whole path to it: the product, along the path, of the measured acceptance of a
+token the draft gave that probability at that rank among its siblings (`acceptance`: how often, at a verified node,
+the child the draft ranked r and scored at p was the model's pick, in bins of p for the top-ranked child and for
+the others, each bin leaning on its rank's overall rate until it has data of its own). A greedy model accepts a
+draft's top token far more often than the draft's probability says when the draft is a copy of it, and far less
+when the draft is weak; the bins learn either.
 
-    a^(d+1) * (pass_s + d * step_s) > E(d) * step_s
+The policy decides each step from what it measured:
+- `step_s`, a draft step's seconds;
+- the verify pass's seconds as a function of its token count (`VerifyCurve`). For a streamed dense model it is flat
+  until compute shows, so trees grow large; for a mixture-of-experts target each token brings its routed experts
+  across the link, so the curve climbs (and flattens once every expert is moved);
+- the tree's expected yield `E`: one (the bonus token every pass gets) plus the sum of its nodes' scores.
 
-i.e. when tokens per second rise. Costs and the rate are running means over passes. Pure bookkeeping, no torch.
+With `T` the drafting seconds so far this pass and `G_k` the summed scores of the `k` best candidates (known before
+the step), the step adds the `k <= width` candidates that maximise
 
-A mixture-of-experts target breaks the first assumption: its verify pass moves every distinct expert the tree's
-tokens are routed to, so a larger tree costs more. With `growing_pass`, the policy fits the verify time to the
-tree's size (a decayed least-squares line over passes, never falling with size) and drafts level `d + 1` only when
-tokens per second still rise with that level's nodes costed:
+    (E + G_k) / (T + step_s + verify_s(n + k))
 
-    E(d + 1) / (pass_s(nodes + added) + (d + 1) * step_s) > E(d) / (pass_s(nodes) + d * step_s)
+and is drafted when that beats `E / (T + verify_s(n))`, i.e. when tokens per second rise. When a step does not pay,
+candidates may still join the tree without feeding them (no draft step, only the verify cost): the same test
+without `step_s`. The curve is trusted up to four times the largest tree measured, so trees grow by that factor
+across passes while that pays, and a climbing cost is seen before the tree outgrows it. Pure bookkeeping, no torch.
 """
 from __future__ import annotations
 
-DEFAULT_MAX_DEPTH = 32
-_WARMUP_DEPTH = 4  # levels drafted before any cost has been measured
-_DECAY = 0.7  # weight of the past in the running means
+import bisect
+
+DEFAULT_MAX_NODES = 1024
+_WARMUP_STEPS = 4  # steps drafted before any cost has been measured
+_DECAY = 0.7  # weight of the past in the running means of costs
+_EXPLORE = 4  # the largest tree drafted is at most this many times the largest one measured
+_BINS = 10  # acceptance is measured in this many bins of the draft's probability, for top-ranked children and others
+_MEMORY = 500.0  # observations an acceptance bin remembers (older ones fade)
 
 
-class DepthPolicy:
-    """Decides, level by level, whether drafting one more level is worth its cost; learns from each pass."""
+class VerifyCurve:
+    """A verify pass's seconds by its token count: decayed means in power-of-two buckets of tokens, joined by
+    straight lines and never falling with size. Below the smallest bucket measured, that bucket's time."""
 
-    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH, fixed: bool = False, growing_pass: bool = False) -> None:
-        self.max_depth = max_depth
-        self.fixed = fixed  # draft max_depth levels every pass (while the draft finds candidates)
-        self.growing_pass = growing_pass  # the verify pass costs more with more nodes (a mixture-of-experts target)
-        self.pass_s: float | None = None
-        self.step_s: float | None = None
-        self._accepted = 0.0  # decayed counts: positions whose token the draft had, and positions tried
-        self._trials = 0.0
-        self._fit = [0.0] * 5  # decayed sums over passes: weight, nodes, seconds, nodes^2, nodes * seconds
+    def __init__(self) -> None:
+        self._buckets: dict[int, list[float]] = {}  # log2 bucket -> [weight, weighted tokens, weighted seconds]
 
     @property
-    def acceptance(self) -> float:
-        """The running acceptance rate; a neutral 0.5 before anything was verified."""
-        return (self._accepted + 0.5) / (self._trials + 1.0)
+    def largest_tokens(self) -> int:
+        """The largest pass measured (mean tokens of its bucket); 0 before any."""
+        return max((round(tokens / weight) for weight, tokens, _ in self._buckets.values()), default=0)
 
-    def extend(self, depth: int, nodes: int = 0, added: int = 0) -> bool:
-        """Draft level `depth + 1`? `nodes`: the tree's drafted nodes so far; `added`: about how many the next level
-        adds (used when the verify pass grows with the tree)."""
-        if depth >= self.max_depth:
-            return False
-        if depth == 0 or self.fixed:
-            return True
-        if self.pass_s is None or self.step_s is None:
-            return depth < _WARMUP_DEPTH
-        rate = self.acceptance
-        expected_tokens = sum(rate ** level for level in range(depth + 1))
-        if self.growing_pass:
-            now = expected_tokens / (self.verify_s(nodes) + depth * self.step_s)
-            deeper = (expected_tokens + rate ** (depth + 1)) / (self.verify_s(nodes + added)
-                                                                 + (depth + 1) * self.step_s)
-            return deeper > now
-        return rate ** (depth + 1) * (self.pass_s + depth * self.step_s) > expected_tokens * self.step_s
+    def observe(self, tokens: int, seconds: float) -> None:
+        bucket = self._buckets.setdefault(max(tokens, 1).bit_length(), [0.0, 0.0, 0.0])
+        bucket[:] = [_DECAY * bucket[0] + 1.0, _DECAY * bucket[1] + tokens, _DECAY * bucket[2] + seconds]
 
-    def verify_s(self, nodes: int) -> float:
-        """The expected verify time of a tree of `nodes` drafted nodes: the running mean, or under `growing_pass`
-        the fitted line once passes of different sizes were seen (its slope never below zero)."""
-        weight, sum_n, sum_s, sum_nn, sum_ns = self._fit
-        mean_s = self.pass_s if self.pass_s is not None else 0.0
-        if not self.growing_pass or weight == 0.0:
-            return mean_s
-        spread = sum_nn / weight - (sum_n / weight) ** 2
-        if spread <= 1.0:  # every pass about the same size: no slope to see
-            return mean_s
-        slope = max((sum_ns / weight - sum_n / weight * sum_s / weight) / spread, 0.0)
-        return sum_s / weight + slope * (nodes - sum_n / weight)
+    def seconds(self, tokens: int) -> float | None:
+        """The expected seconds of a pass of `tokens`; None before any pass, or past `_EXPLORE` times the largest."""
+        if not self._buckets or tokens > _EXPLORE * max(self.largest_tokens, 1):
+            return None
+        points = sorted((tokens_sum / weight, seconds_sum / weight)
+                        for weight, tokens_sum, seconds_sum in self._buckets.values())
+        sizes, times = [size for size, _ in points], []
+        for _, seconds in points:  # never falling with size: a larger pass that ran faster was noise
+            times.append(max(seconds, times[-1]) if times else seconds)
+        where = bisect.bisect_left(sizes, tokens)
+        if where == 0:
+            return times[0]
+        if where == len(sizes):
+            return times[-1]  # flat past the largest: a streamed pass costs its bytes, whatever its tokens
+        left, right = sizes[where - 1], sizes[where]
+        share = (tokens - left) / (right - left)
+        return times[where - 1] + share * (times[where] - times[where - 1])
 
-    def observe(self, pass_s: float, step_s: float | None, accepted: int, trials: int, nodes: int = 0) -> None:
-        """Fold one pass in: its verify time, mean draft step time, its accepted positions out of those tried, and
-        the tree's drafted nodes."""
-        self._fit = [_DECAY * total + part for total, part in
-                     zip(self._fit, (1.0, nodes, pass_s, nodes * nodes, nodes * pass_s))]
-        self.pass_s = pass_s if self.pass_s is None else _DECAY * self.pass_s + (1 - _DECAY) * pass_s
-        if step_s is not None:
-            self.step_s = step_s if self.step_s is None else _DECAY * self.step_s + (1 - _DECAY) * step_s
-        self._accepted = _DECAY * self._accepted + accepted
-        self._trials = _DECAY * self._trials + trials
+
+class TreePolicy:
+    """Decides, step by step, how many candidates join the tree and whether drafting one more step is worth its
+    cost; learns from each pass.
+
+    `max_nodes` caps the drafted nodes of a tree (their activations must fit the device reserve); `fixed_steps`
+    drafts that many steps every pass (`speculation.depth`) instead of deciding."""
+
+    def __init__(self, max_nodes: int = DEFAULT_MAX_NODES, fixed_steps: int | None = None) -> None:
+        self.max_nodes = max_nodes
+        self.fixed_steps = fixed_steps
+        self.curve = VerifyCurve()
+        self.step_s: float | None = None
+        self._tried = [0.0] * (2 * _BINS)  # per bin of (top-ranked or not, probability): children verified, accepted
+        self._taken = [0.0] * (2 * _BINS)
+
+    def acceptance(self, probability: float, rank: int) -> float:
+        """How often the model accepts a drafted token the draft gave `probability` at `rank` among its siblings
+        (0: its best), its parent accepted: the measured rate of that bin, shrunk towards the rate of all bins of
+        that rank (which learns in a few passes), itself shrunk towards `probability` (one observation each)."""
+        where = _bin(probability, rank)
+        first = _BINS if rank else 0
+        pooled = ((sum(self._taken[first:first + _BINS]) + probability)
+                  / (sum(self._tried[first:first + _BINS]) + 1.0))
+        return (self._taken[where] + pooled) / (self._tried[where] + 1.0)
+
+    def take(self, steps: int, nodes: int, scores: float, gains: list[float], drafted_s: float,
+             feed: bool = True) -> int:
+        """How many of the best candidates (their scores `gains`, best first) join the tree, with `feed` followed
+        by a draft step for their children; 0: none (stop). `steps` drafted so far this pass, the tree's `nodes`
+        (root excluded) and the sum of their `scores`, and the pass's drafting seconds so far."""
+        gains = gains[:max(self.max_nodes - nodes, 0)]
+        if not gains or gains[0] <= 0.0:
+            return 0
+        if self.fixed_steps is not None:
+            return len(gains) if steps < self.fixed_steps or not feed else 0
+        now_s = self.curve.seconds(nodes + 1)
+        if self.step_s is None or now_s is None:
+            return len(gains) if steps < _WARMUP_STEPS or not feed else 0
+        expected = 1.0 + scores
+        step_s = self.step_s if feed else 0.0
+        best_rate, best, gained = expected / (drafted_s + now_s), 0, 0.0
+        for count, gain in enumerate(gains, 1):
+            gained += gain
+            next_s = self.curve.seconds(nodes + 1 + count)
+            if next_s is None:  # past what was measured by more than the exploring factor: measure this size first
+                break
+            rate = (expected + gained) / (drafted_s + step_s + next_s)
+            if rate > best_rate:
+                best_rate, best = rate, count
+        return best
+
+    def observe_step(self, seconds: float) -> None:
+        """One draft step's seconds."""
+        self.step_s = seconds if self.step_s is None else _DECAY * self.step_s + (1 - _DECAY) * seconds
+
+    def observe_pass(self, seconds: float, tokens: int, tried: list[tuple[float, int, bool]]) -> None:
+        """One verify pass: its seconds and token count (the tree's nodes and its root), and for each drafted
+        child of an accepted node, the draft's probability of it, its rank, and whether the model accepted it."""
+        self.curve.observe(tokens, seconds)
+        fade = 1.0 - 1.0 / _MEMORY
+        for probability, rank, accepted in tried:
+            where = _bin(probability, rank)
+            self._tried[where] = fade * self._tried[where] + 1.0
+            self._taken[where] = fade * self._taken[where] + float(accepted)
+
+
+def _bin(probability: float, rank: int) -> int:
+    return min(int(probability * _BINS), _BINS - 1) + (_BINS if rank else 0)

@@ -11,7 +11,7 @@ from test_smollm2 import BUDGETS, PROMPTS as SMOLLM2_PROMPTS, _ids
 
 import tierstore
 from tierstore.inference.front.cli import main
-from tierstore.policies.speculation import DepthPolicy
+from tierstore.policies.speculation import TreePolicy, VerifyCurve
 
 REPEATING = [5, 9, 33, 7, 81, 100, 3, 5, 9, 33, 7, 81]  # gives the ngram draft something to find
 
@@ -50,6 +50,46 @@ def test_greedy_with_a_draft_equals_plain_greedy(model_type, tiny_dirs, tmp_path
                     assert spec["acceptance_rate"] == 1.0 and spec["tokens_per_pass"] >= 2
                 for tier, stats in model.report().tiers.items():
                     assert stats.budget_bytes is None or stats.peak_bytes <= stats.budget_bytes, tier
+
+
+def _recurring_prompt(reference) -> list[int]:
+    """A prompt after which the n-gram draft finds eight different continuations: eight pieces `[5, r] + 11 random
+    tokens`, ending in 5, where r is the model's greedy next token after it (found by iterating to a fixed point)."""
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        pieces = [torch.randint(40, 120, (11,), generator=generator).tolist() for _ in range(8)]
+        root = 5
+        for _ in range(10):
+            prompt = [token for piece in pieces for token in [5, root] + piece] + [5]
+            with torch.no_grad():
+                nxt = int(reference(torch.tensor([prompt])).logits[0, -1].argmax())
+            if nxt == root:
+                return prompt
+            root = nxt
+    raise AssertionError("no prompt found whose greedy next token recurs in it")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_trees_of_hundreds_of_nodes_give_transformers_greedy_tokens(model_type, tiny_dirs, tmp_path_factory,
+                                                                    tmp_path):
+    """Each draft verifies trees of 256 nodes or more in one pass: n-grams over a prompt whose last tokens recur
+    with eight different continuations, the model drafting itself, and another model."""
+    directory, reference = tiny_dirs(model_type)
+    other = _draft_dir(tmp_path_factory, model_type, seed=1)
+    ids = torch.tensor([_recurring_prompt(reference)])
+    want = reference.generate(ids, max_new_tokens=48, do_sample=False)
+    config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"depth": 10, "width": 32}}
+    for draft in ("ngram", directory, other):
+        with tierstore.AutoModel.from_pretrained(directory, config=config, draft=draft) as model:
+            got = model.generate(ids, max_new_tokens=48, do_sample=False)
+            spec = model.report().speculation
+        assert got.tolist() == want.tolist(), draft
+        assert spec["largest_tree"] >= 256, (draft, spec)
+    capped = {**config, "speculation": {**config["speculation"], "nodes": 40}}
+    with tierstore.AutoModel.from_pretrained(directory, config=capped, draft=other) as model:
+        got = model.generate(ids, max_new_tokens=48, do_sample=False)
+        assert got.tolist() == want.tolist()
+        assert 0 < model.report().speculation["largest_tree"] <= 40  # speculation.nodes caps every tree
 
 
 def test_end_of_sequence_and_max_new_tokens_hold(tiny_dirs, tmp_path):
@@ -146,39 +186,99 @@ def test_sampling_with_a_draft_keeps_the_model_distribution(tmp_path_factory, tm
     assert _p_value(torch.bincount(draft_counts, minlength=6), want[2]) < 1e-3
 
 
-def test_depth_policy_drafts_deeper_when_passes_cost_more():
-    cheap, dear = DepthPolicy(), DepthPolicy()
-    for policy, pass_s in ((cheap, 0.01), (dear, 0.5)):
-        for _ in range(10):
-            policy.observe(pass_s=pass_s, step_s=0.005, accepted=9, trials=10)
-    depth = {name: next(d for d in range(1, 40) if not policy.extend(d)) for name, policy in
-             (("cheap", cheap), ("dear", dear))}
-    assert depth["cheap"] < depth["dear"] <= 32
-    bad = DepthPolicy()
-    for _ in range(10):
-        bad.observe(pass_s=0.5, step_s=0.005, accepted=1, trials=10)
-    assert next(d for d in range(1, 40) if not bad.extend(d)) < depth["dear"]
+def _nodes(policy: TreePolicy, width: int = 8, decay: float = 0.97) -> int:
+    """The nodes the policy drafts for a chain-like draft: each step's best candidate is the chain's next token
+    (scores decaying by `decay`), the others a hundredth of it."""
+    steps, nodes, scores, drafted_s, chain = 1, 0, 0.0, 0.0, decay
+    while True:
+        gains = [chain] + [chain / 100] * (width - 1)
+        count = policy.take(steps, nodes, scores, gains, drafted_s)
+        if count == 0:
+            return nodes + policy.take(steps, nodes, scores, gains, drafted_s, feed=False)
+        steps, nodes, scores = steps + 1, nodes + count, scores + sum(gains[:count])
+        drafted_s += policy.step_s or 0.005
+        chain *= decay
+        if steps > 1000:
+            return nodes
 
 
-def test_a_verify_pass_that_grows_with_the_tree_stops_the_tree_earlier():
-    """A mixture-of-experts target: each node costs its routed experts. Fed passes whose time grows with their
-    size, the policy fits that growth and stops where tokens per second peak; with flat passes it drafts as deep as
-    the flat rule does."""
-    flat, growing = DepthPolicy(growing_pass=True), DepthPolicy(growing_pass=True)
-    plain = DepthPolicy()
-    for nodes in (8, 40, 80, 160, 240) * 2:
-        flat.observe(pass_s=0.5, step_s=0.005, accepted=9, trials=10, nodes=nodes)
-        plain.observe(pass_s=0.5, step_s=0.005, accepted=9, trials=10, nodes=nodes)
-        growing.observe(pass_s=0.1 + 0.004 * nodes, step_s=0.005, accepted=9, trials=10, nodes=nodes)
-    assert growing.verify_s(200) == pytest.approx(0.9, rel=1e-6)
-    assert flat.verify_s(200) == pytest.approx(flat.verify_s(10))  # no growth seen: the mean
-    width = 8
+def _learn(policy: TreePolicy, verify_s, sizes=(9, 17, 33, 65, 129, 257, 513), step_s: float = 0.005) -> None:
+    """Feed passes of each size whose time `verify_s(tokens)` gives."""
+    for tokens in sizes * 3:
+        policy.observe_step(step_s)
+        policy.observe_pass(verify_s(tokens), tokens, [])
 
-    def depth(policy):
-        return next(d for d in range(1, 40) if not policy.extend(d, d * width, width))
 
-    assert depth(flat) == depth(plain)
-    assert depth(growing) < depth(flat)
+def test_the_verify_curve_interpolates_never_falls_and_is_trusted_up_to_four_times_what_it_measured():
+    curve = VerifyCurve()
+    assert curve.seconds(10) is None
+    for tokens, seconds in ((10, 0.2), (40, 0.6), (80, 0.5)):  # the 80-token pass ran faster: noise
+        curve.observe(tokens, seconds)
+    assert curve.seconds(5) == pytest.approx(0.2)
+    assert curve.seconds(25) == pytest.approx(0.4)
+    assert curve.seconds(80) == pytest.approx(0.6)  # never below a smaller pass
+    assert curve.seconds(320) == pytest.approx(0.6) and curve.seconds(321) is None
+
+
+def test_trees_grow_large_when_the_verify_pass_is_flat_and_stay_small_when_it_grows():
+    """A streamed dense model: the verify pass costs its bytes whatever the tree, so the tree grows to hundreds of
+    nodes. A mixture-of-experts target whose every node brings experts across the link: a small tree, whose steps
+    leave out the weak candidates a flat pass takes for free."""
+    flat, growing = TreePolicy(), TreePolicy()
+    _learn(flat, lambda tokens: 0.5)
+    _learn(growing, lambda tokens: 0.05 + 0.004 * tokens)
+    assert _nodes(flat) >= 256
+    assert _nodes(growing) < _nodes(flat) / 4
+    assert _nodes(growing) < _nodes(growing, width=1) * 2  # about one node a step: the chain
+    dear = TreePolicy()  # a flat pass that costs more makes the same draft step worth more
+    _learn(dear, lambda tokens: 2.0)
+    assert _nodes(dear, decay=0.9) > _nodes(flat, decay=0.9)
+
+
+def test_trees_stop_at_the_node_cap_and_grow_by_at_most_four_times_a_pass():
+    policy = TreePolicy(max_nodes=64)
+    _learn(policy, lambda tokens: 0.5)
+    assert _nodes(policy) == 64
+    fresh = TreePolicy()
+    assert _nodes(fresh) == 4 * 8  # nothing measured: the warm-up's steps
+    _learn(fresh, lambda tokens: 0.5, sizes=(33,))
+    assert 2 * 33 <= _nodes(fresh) <= 4 * 33  # trusted up to four times the largest pass measured
+
+
+def test_acceptance_is_measured_by_the_drafts_probability_and_a_weak_draft_gets_a_smaller_tree():
+    good, weak = TreePolicy(), TreePolicy()
+    assert good.acceptance(0.3, 0) == pytest.approx(0.3)  # nothing measured: the draft's own probability
+    _learn(good, lambda tokens: 0.5)
+    _learn(weak, lambda tokens: 0.5)
+    for _ in range(50):  # a copy of the model: its top tokens are accepted even when it was unsure
+        good.observe_pass(0.5, 65, [(0.35, 0, True), (0.3, 1, False), (0.05, 2, False)])
+        weak.observe_pass(0.5, 65, [(0.9, 0, False), (0.05, 1, False)])  # a sure draft that is wrong
+    assert good.acceptance(0.35, 0) > 0.9 and good.acceptance(0.3, 1) < 0.05
+    assert weak.acceptance(0.95, 0) < 0.05
+    assert _nodes(weak, decay=weak.acceptance(0.9, 0)) < _nodes(good, decay=good.acceptance(0.35, 0)) / 4
+
+
+def test_a_trees_nodes_are_capped_by_the_activation_room_of_one_verify_pass():
+    from transformers import LlamaConfig
+
+    from tierstore.inference.placement.prefill import activation_bytes_per_token, tree_nodes_within
+
+    config = LlamaConfig(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                         vocab_size=152064, num_hidden_layers=28)
+    room = 256 * 2**20
+    short = tree_nodes_within(config, torch.bfloat16, 1_000, room, 1024)
+    long = tree_nodes_within(config, torch.bfloat16, 100_000, room, 1024)
+    assert 64 <= long < short < 1024  # a longer context's mask rows leave room for fewer nodes
+    for context, nodes in ((1_000, short), (100_000, long)):
+        per_node = activation_bytes_per_token(config, torch.bfloat16, context + nodes) + 152064 * 2
+        assert nodes * per_node <= room < 2 * nodes * per_node
+    assert tree_nodes_within(config, torch.bfloat16, 1_000, 2**40, 1024) == 1024  # the configured cap
+
+
+def test_a_fixed_step_count_is_drafted_whatever_the_costs():
+    policy = TreePolicy(fixed_steps=3)
+    _learn(policy, lambda tokens: 0.05 + 0.004 * tokens)
+    assert _nodes(policy) == 3 * 8
 
 
 @pytest.mark.slow

@@ -141,8 +141,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                  "(no link to save bytes on, and its dequantization costs more than it saves)"),
     },
     "speculation": {
-        "width": (_int(1), 8, "draft tree: nodes kept per level, and candidates per node"),
-        "depth": (_int_or_auto(1), AUTO, "draft tree levels per pass; auto = as deep as pays (measured), at most 32"),
+        "width": (_int(1), 8, "draft tree: nodes a draft step adds (the most likely candidates anywhere in the "
+                              "tree), and candidates per node"),
+        "depth": (_int_or_auto(1), AUTO, "draft steps per pass; auto = as many as pay (measured verify and step "
+                                         "costs)"),
+        "nodes": (_int_or_auto(1), AUTO, "most drafted nodes a tree holds; auto = 1024, fewer where a verify pass's "
+                                         "activations would outgrow the device reserve"),
         "ngram": (_int(1), 3, "ngram draft: longest n-gram matched"),
     },
     "experts": {

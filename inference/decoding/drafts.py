@@ -1,14 +1,16 @@
 """Drafts: what proposes a tree of tokens for the streamed model to verify in one weight pass.
 
 - `NgramDraft` (prompt lookup): continuations of earlier occurrences of the sequence's last n-gram; free.
-- `ModelDraft`: a small model with the same tokenizer, resident on the compute device, drafting a tree level by
-  level: each level feeds the `width` most likely leaves through the draft at once (one forward per level, with a
-  tree attention mask) and keeps the `width` most likely of their children. `DepthPolicy` decides when to stop.
+- `ModelDraft`: a small model with the same tokenizer, resident on the compute device, growing a tree best-first:
+  each step adds up to `width` of the most promising candidates anywhere in the tree (scored by the measured chance
+  that the model accepts their paths) and feeds them through the draft at once (one forward, with a tree attention
+  mask) to score their children. `TreePolicy` decides how many and when to stop, from the measured costs.
 
 Both implement `propose(history, max_depth) -> DraftTree` and `accepted(tree, path)`.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ...policies.speculation import DepthPolicy
+from ...policies.speculation import DEFAULT_MAX_NODES, TreePolicy
 from .sampling import Warp
 from .tree import DraftTree
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WIDTH = 8
 DEFAULT_NGRAM = 3
+NGRAM_DEPTH = 64  # tokens of a continuation drafted: past that an earlier occurrence rarely still holds
 
 
 class NgramDraft:
@@ -35,18 +38,20 @@ class NgramDraft:
     def __init__(self, max_ngram: int = DEFAULT_NGRAM, max_branches: int = DEFAULT_WIDTH) -> None:
         self.max_ngram = max_ngram
         self.max_branches = max_branches
+        self.max_nodes = DEFAULT_MAX_NODES  # set per call from the device reserve
         self.policy = None
         self.steps = 0
         self.step_s = 0.0
         self._ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> end indices of its occurrences
         self._indexed = 0
 
-    def reset(self, max_tokens: int) -> None:
+    def reset(self, max_tokens: int, stop_ids: frozenset[int] = frozenset()) -> None:
         """Forget the last sequence (a new generate call)."""
         self._ends, self._indexed = {}, 0
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
-        """A tree of at most `max_branches` continuations, each at most `max_depth` long."""
+        """A tree of at most `max_branches` continuations, each at most `max_depth` (and NGRAM_DEPTH) long, and
+        at most `max_nodes` nodes."""
         tree = DraftTree.rooted_at(history[-1])
         if max_depth < 1:
             return tree
@@ -58,7 +63,9 @@ class NgramDraft:
                 if end == len(history):  # the suffix itself
                     continue
                 node = 0
-                for token in history[end:end + max_depth]:
+                for token in history[end:end + min(max_depth, NGRAM_DEPTH)]:
+                    if len(tree) > self.max_nodes:
+                        break
                     node = tree.add(node, token, 1.0)
                 branches += 1
                 if branches == self.max_branches:
@@ -121,18 +128,19 @@ class ModelDraft:
     generate call as a CUDA graph and replayed: a step costs kernels, not Python."""
 
     def __init__(self, model: Any, name: str, warp: Warp, vocab_size: int, width: int = DEFAULT_WIDTH,
-                 policy: DepthPolicy | None = None) -> None:
+                 policy: TreePolicy | None = None) -> None:
         self.model = model  # the draft's TierstoreModel
         self.name = name
         self.warp = warp
         self.vocab_size = vocab_size  # the target's: a draft padded to more ids never proposes those
         self.width = width
-        self.policy = policy or DepthPolicy()
+        self.policy = policy or TreePolicy()
         self.steps = 0
         self.step_s = 0.0
         self._kv = StaticKV(0)  # sized by `reset` for each sequence
         self._cached = 0  # accepted tokens whose entries are live, at positions 0..cached-1
         self._fed: list[int] = []  # tree nodes fed in the last proposal, at positions cached, cached + 1, ...
+        self._stop_ids: frozenset[int] = frozenset()  # tokens that end the sequence: their children are never drafted
         self._graph: torch.cuda.CUDAGraph | None = None
         self._capture_tried = False
         self._static: dict[str, Any] | None = None
@@ -142,14 +150,18 @@ class ModelDraft:
         """Whether the steps replay a CUDA graph."""
         return self._graph is not None
 
-    def reset(self, max_tokens: int) -> None:
-        """A new sequence of at most `max_tokens` tokens: fresh buffers (room for a deepest tree too), new graph."""
-        self._kv = StaticKV(max_tokens + (self.policy.max_depth + 2) * self.width)
+    def reset(self, max_tokens: int, stop_ids: frozenset[int] = frozenset()) -> None:
+        """A new sequence of at most `max_tokens` tokens, ending at any of `stop_ids` (nothing is drafted after
+        one): fresh buffers (room for the largest tree too), new graph."""
+        self._stop_ids = stop_ids
+        self._kv = StaticKV(max_tokens + self.policy.max_nodes + 2 * self.width)
         self._cached, self._fed, self._graph, self._static = 0, [], None, None
         self._capture_tried = False
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
-        """Catch up on the accepted tokens, then draft level by level while the depth policy says it pays."""
+        """Catch up on the accepted tokens, then grow the tree best-first while the tree policy says it pays: each
+        step adds up to `width` of the best candidates (children of fed nodes, at most `max_depth` deep) and feeds
+        them to find theirs."""
         tree = DraftTree.rooted_at(history[-1])
         self._fed = []
         if max_depth < 1:
@@ -161,13 +173,26 @@ class ModelDraft:
             probs = self._step([history[i] for i in chunk], chunk, chunk, None)
         probs = probs[len(chunk) - 1:len(chunk)]  # the root's children
         self._cached = len(history)
-        frontier, depth = [0], 0
+        candidates: list[tuple[float, int, int, float, int]] = []  # heap of (-score, parent, token, probability, rank)
+        level, scores, steps, drafted_s = [0], 0.0, 0, 0.0
         while True:
-            level = self._grow(tree, frontier, probs)  # waits for the forward: the step ends here
-            self.steps += 1
-            self.step_s += time.perf_counter() - start_s
-            depth += 1
-            if not level or depth >= max_depth or not self.policy.extend(depth, len(tree) - 1, len(level)):
+            self._push(candidates, tree, level, probs, max_depth)  # waits for the forward: the step ends here
+            step_s = time.perf_counter() - start_s
+            self.steps, self.step_s = self.steps + 1, self.step_s + step_s
+            steps, drafted_s = steps + 1, drafted_s + step_s
+            if steps > 1:  # the first step also caught up on the accepted tokens
+                self.policy.observe_step(step_s)
+            gains = [-candidate[0] for candidate in heapq.nsmallest(self.width, candidates)]
+            count = self.policy.take(steps, len(tree) - 1, scores, gains, drafted_s)
+            feed = count > 0
+            if not feed:
+                count = self.policy.take(steps, len(tree) - 1, scores, gains, drafted_s, feed=False)
+            if count == 0:
+                break
+            best = [heapq.heappop(candidates) for _ in range(count)]
+            level = [tree.add(parent, token, -score, prob, rank) for score, parent, token, prob, rank in best]
+            scores += sum(gains[:count])
+            if not feed:
                 break
             start_s = time.perf_counter()
             writes = [self._cached + len(self._fed) + i for i in range(len(level))]
@@ -175,7 +200,6 @@ class ModelDraft:
             probs = self._step([tree.tokens[node] for node in level], positions, writes,
                                tree.ancestry(level, self._fed + level))
             self._fed += level
-            frontier = level
         return tree
 
     def accepted(self, tree: DraftTree, path: list[int]) -> None:
@@ -186,14 +210,18 @@ class ModelDraft:
         self._cached += len(kept)
         self._fed = []
 
-    def _grow(self, tree: DraftTree, frontier: list[int], probs: torch.Tensor) -> list[int]:
-        """Children of the frontier: the `width` most likely paths among each node's `width` best tokens."""
-        top_p, top_i = probs[:len(frontier)].topk(min(self.width, probs.shape[-1]), dim=-1)
+    def _push(self, candidates: list[tuple[float, int, int, float, int]], tree: DraftTree, fed: list[int],
+              probs: torch.Tensor, max_depth: int) -> None:
+        """The `width` most likely children of each fed node, as candidates scored by the chance that the model
+        accepts their paths (the policy's measured acceptance of tokens the draft gave their probability)."""
+        top_p, top_i = probs[:len(fed)].topk(min(self.width, probs.shape[-1]), dim=-1)
         top_p, top_i = top_p.tolist(), top_i.tolist()  # the host needs the tokens: this is the step's sync
-        candidates = sorted(((tree.scores[parent] * p, parent, token)
-                             for parent, ps, ts in zip(frontier, top_p, top_i) for p, token in zip(ps, ts)),
-                            reverse=True)[:self.width]
-        return [tree.add(parent, token, score) for score, parent, token in candidates if score > 0]
+        for parent, ps, ts in zip(fed, top_p, top_i):
+            if tree.depths[parent] < max_depth and tree.tokens[parent] not in self._stop_ids:
+                for rank, (p, token) in enumerate(zip(ps, ts)):
+                    if p > 0.0:
+                        score = tree.scores[parent] * self.policy.acceptance(p, rank)
+                        heapq.heappush(candidates, (-score, parent, token, p, rank))
 
     def _step(self, tokens: list[int], positions: list[int], writes: list[int],
               allowed: torch.Tensor | None) -> torch.Tensor:

@@ -22,14 +22,14 @@ from ...compression import Decompressor
 from ...config import Config
 from ...errors import BudgetError, InputError
 from ...policies.planner import Plan, PlanInput
-from ...policies.speculation import DEFAULT_MAX_DEPTH, DepthPolicy
+from ...policies.speculation import DEFAULT_MAX_NODES, TreePolicy
 from ...report import RunReport, Timing
 from ...sizes import format_size
 from ...store import TieredStore
 from ...trace import TOKENS, Tracer
-from ..placement.budgets import DraftCost
+from ..placement.budgets import ACTIVATION_SLACK_BYTES, DraftCost
 from ..placement.kv import KVBudget, KVTiers, Workload, describe_tiers, device_shares
-from ..placement.prefill import plan_prefill
+from ..placement.prefill import plan_prefill, tree_nodes_within
 from ..runtime.experts import ExpertRunner
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
@@ -131,11 +131,10 @@ class TierstoreModel:
         self._prefixes: PrefixCache | None = None  # opened on first use (`prefix_cache`)
         self._graphed: GraphedDecoder | None = None  # made on the first call whose decode steps can be graphed
         self._kv_call: dict[str, Any] | None = None  # the last generate call's KV cache, for the report
-        self._max_depth = self.config.speculation.depth or DEFAULT_MAX_DEPTH
-        # learns pass and draft-step costs across calls; a configured depth is drafted every pass. A target whose
-        # routed experts are fetched as picked verifies a larger tree at a higher cost: the policy fits that cost.
-        self._depth_policy = DepthPolicy(self._max_depth, fixed=self.config.speculation.depth is not None,
-                                         growing_pass=self.experts is not None)
+        # learns the draft step's and the verify pass's costs across calls (a target whose routed experts are
+        # fetched as picked verifies a larger tree at a higher cost: the curve shows it); a configured depth is
+        # drafted every pass
+        self._tree_policy = TreePolicy(fixed_steps=self.config.speculation.depth)
 
     @property
     def kv_on_host(self) -> bool:
@@ -419,20 +418,32 @@ class TierstoreModel:
         if isinstance(self.draft, TierstoreModel):
             check_window(self.draft.model.config, input_ids.shape[1] + max_new, f"draft {self.draft_cost.name}")
             check_mask_support(self.draft.model.config, f"draft {self.draft_cost.name}")
+        nodes = self._tree_nodes(input_ids.shape[1] + max_new)
         if isinstance(self.draft, NgramDraft):
             draft = self.draft
+            draft.max_nodes = nodes
         else:
+            self._tree_policy.max_nodes = nodes
             draft = ModelDraft(self.draft, self.draft_cost.name, warped, self.model.config.get_text_config().vocab_size,
-                               self.config.speculation.width, self._depth_policy)
+                               self.config.speculation.width, self._tree_policy)
         stats = SpeculationStats(draft.name)
         clock = _StepClock(self.tracer)
         with quiet_forward():
             out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warped), ends, stats,
-                            self._max_depth, kwargs.get("streamer"), on_first_token=lambda: clock(None, None),
+                            kwargs.get("streamer"), on_first_token=lambda: clock(None, None),
                             tracer=self.tracer, feed=lambda ids, cache: feed_prompt(self, ids, cache)[0].logits[0])
         self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes)
         self._speculation = stats
         return out
+
+    def _tree_nodes(self, context_tokens: int) -> int:
+        """The most drafted nodes a verify pass holds in this call: `speculation.nodes`, fewer where their
+        activations (each node's attention mask row over the context included) and logits would outgrow the
+        device reserve's activation room."""
+        wanted = self.config.speculation.nodes or DEFAULT_MAX_NODES
+        if not self.kv_budget.separate_device:  # on a CPU activations live in RAM, outside the device tier
+            return wanted
+        return tree_nodes_within(self.model.config, self.model.dtype, context_tokens, ACTIVATION_SLACK_BYTES, wanted)
 
     def warm_up(self) -> float:
         """One pass of one token, so that the RAM and device tiers hold what the plan puts there (read from disk

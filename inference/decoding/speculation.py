@@ -34,6 +34,7 @@ class SpeculationStats:
     accepted: int = 0  # drafted tokens the model accepted
     trials: int = 0  # verified positions that had drafted candidates
     tree_nodes: int = 0  # drafted nodes verified, over all passes
+    largest_tree: int = 0  # the most drafted nodes one pass verified
     draft_s: float = 0.0
     verify_s: float = 0.0
     draft_steps: int = 0
@@ -50,7 +51,7 @@ class SpeculationStats:
 
 
 def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: int, choose: Choose,
-              eos_ids: set[int], stats: SpeculationStats, max_depth: int, streamer: Any = None,
+              eos_ids: set[int], stats: SpeculationStats, streamer: Any = None,
               on_first_token: Callable[[], None] | None = None, tracer: Tracer | None = None,
               feed: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` after `input_ids` (1, n) with `model` (a transformers causal LM) verifying
@@ -70,10 +71,10 @@ def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: i
     if streamer is not None:
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor([root]))
-    draft.reset(input_ids.shape[1] + max_new_tokens + 1)
+    draft.reset(input_ids.shape[1] + max_new_tokens + 1, frozenset(eos_ids))
     while len(emitted) < max_new_tokens and root not in eos_ids:
         start_s = time.perf_counter()
-        tree = draft.propose(history, max_depth=min(max_new_tokens - len(emitted) - 1, max_depth))
+        tree = draft.propose(history, max_depth=max_new_tokens - len(emitted) - 1)
         verify_start_s = time.perf_counter()
         path, bonus = _verify(model, cache, tree, choose, device)
         verify_s = time.perf_counter() - verify_start_s
@@ -86,12 +87,11 @@ def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: i
         stats.accepted += len(path) - 1
         stats.trials += trials
         stats.tree_nodes += len(tree) - 1
+        stats.largest_tree = max(stats.largest_tree, len(tree) - 1)
         stats.draft_s += verify_start_s - start_s
         stats.verify_s += verify_s
         if draft.policy is not None:
-            steps = max(draft.steps - stats.draft_steps, 0)
-            draft.policy.observe(verify_s, (verify_start_s - start_s) / steps if steps else None,
-                                 len(path) - 1, trials, len(tree) - 1)
+            draft.policy.observe_pass(verify_s, len(tree), _tried(tree, path))
         stats.draft_steps = draft.steps
         draft.accepted(tree, path)
         for index, token in enumerate(new):  # stop at the end of sequence, as generate does
@@ -109,6 +109,12 @@ def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: i
     stats.new_tokens += len(emitted)
     stats.graphed = getattr(draft, "graphed", None)
     return torch.tensor([history], device=device)
+
+
+def _tried(tree: DraftTree, path: list[int]) -> list[tuple[float, int, bool]]:
+    """Each drafted child of an accepted node: the draft's probability of it, its rank, whether it was accepted."""
+    return [(tree.probs[child], tree.ranks[child], index + 1 < len(path) and child == path[index + 1])
+            for index, node in enumerate(path) for child in tree.children[node].values()]
 
 
 def _verify(model: Any, cache: Any, tree: DraftTree, choose: Choose, device: torch.device) -> tuple[list[int], int]:

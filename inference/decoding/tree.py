@@ -16,12 +16,16 @@ from ...errors import InputError, ModelError
 
 @dataclasses.dataclass
 class DraftTree:
-    """Tokens with parents; `scores[i]` is the draft's probability that the path to node i is accepted."""
+    """Tokens with parents; `scores[i]` is the expected chance that the path to node i is accepted, `probs[i]` the
+    draft's probability of node i's token after its parent's, and `ranks[i]` that token's rank among the draft's
+    choices there (0: its best)."""
 
     tokens: list[int]
     parents: list[int] = dataclasses.field(default_factory=lambda: [-1])
     depths: list[int] = dataclasses.field(default_factory=lambda: [0])
     scores: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    probs: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    ranks: list[int] = dataclasses.field(default_factory=lambda: [0])
     children: list[dict[int, int]] = dataclasses.field(default_factory=lambda: [{}])  # token -> child node
 
     @classmethod
@@ -31,7 +35,7 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, parent: int, token: int, score: float) -> int:
+    def add(self, parent: int, token: int, score: float, prob: float = 1.0, rank: int = 0) -> int:
         """Add a child of `parent` (or return the one with that token); its node index."""
         existing = self.children[parent].get(token)
         if existing is not None:
@@ -41,6 +45,8 @@ class DraftTree:
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
         self.scores.append(score)
+        self.probs.append(prob)
+        self.ranks.append(rank)
         self.children.append({})
         self.children[parent][token] = node
         return node
@@ -56,12 +62,17 @@ class DraftTree:
     def ancestry(self, nodes: list[int], among: list[int]) -> torch.Tensor:
         """(len(nodes), len(among)) bool: `among[j]` is `nodes[i]` or one of its ancestors."""
         where = {node: column for column, node in enumerate(among)}
-        allowed = torch.zeros(len(nodes), len(among), dtype=torch.bool)
-        for row, node in enumerate(nodes):
+        rows: list[int] = []
+        columns: list[int] = []
+        for row, node in enumerate(nodes):  # one index list for the whole matrix: trees reach thousands of nodes
             while node >= 0:
-                if node in where:
-                    allowed[row, where[node]] = True
+                column = where.get(node)
+                if column is not None:
+                    rows.append(row)
+                    columns.append(column)
                 node = self.parents[node]
+        allowed = torch.zeros(len(nodes), len(among), dtype=torch.bool)
+        allowed[rows, columns] = True
         return allowed
 
 

@@ -60,6 +60,20 @@ def activation_bytes_per_token(config: Any, dtype: torch.dtype, masked_keys: int
     return int(per_token * ESTIMATE_SLACK)
 
 
+def tree_nodes_within(config: Any, dtype: torch.dtype, context_tokens: int, room_bytes: int, cap: int) -> int:
+    """The most nodes (at most `cap`, at least 1) a draft tree may have for one verify pass over a context of
+    `context_tokens` to keep its activations, each node's mask row over the context and the tree, and its logits
+    within `room_bytes`."""
+    vocab = config.get_text_config().vocab_size
+    nodes = cap
+    while nodes > 1:
+        per_token = activation_bytes_per_token(config, dtype, context_tokens + nodes) + vocab * dtype.itemsize
+        if nodes * per_token <= room_bytes:
+            break
+        nodes //= 2
+    return nodes
+
+
 def plan_prefill(budget: KVBudget, plan: Plan, prompt_tokens: int, rows: int, masked: bool,
                  chunk_setting: int | None) -> Prefill:
     """How to feed `rows` prompts of `prompt_tokens` under `plan` (the one placing their KV cache): the configured

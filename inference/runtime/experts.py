@@ -10,7 +10,8 @@ slots cost nothing; each missed one is either copied into a slot or computed by 
 (host_experts.py), as `experts.compute` and the cost model (policies/experts.py, `split_misses`) say, so that the
 link and the CPU work at once. The kernel is queued on the slots, with the host-computed experts' routing weights
 masked to zero, the CPU computes its experts meanwhile, and the sum of both is the layer's output; the predicted
-experts start copying behind the kernel. Slots beyond what the kernel takes in one call (MAX_GROUPS) are run in
+experts start copying behind the kernel (behind the CPU's experts when it has some: loads in flight hold host RAM
+those may need). Slots beyond what the kernel takes in one call (MAX_GROUPS) are run in
 windows of that many, one call per window the routing touches.
 """
 from __future__ import annotations
@@ -177,7 +178,7 @@ class ExpertRunner:
             self.stats.chunked_calls += 1
         outputs = []
         for first, (start, end, experts) in enumerate(chunks):
-            prefetch = [following.keys[e] for e in predicted if e not in experts] if first == 0 and following else []
+            prefetch = [following.keys[e] for e in predicted] if first == 0 and following else []
             outputs.append(self._run(index, experts, routed[start * top_k:end * top_k], prefetch, hidden[start:end],
                                      top_k_index[start:end], top_k_weights[start:end], args, kwargs))
         self.stats.layer_s += time.perf_counter() - start_s
@@ -213,13 +214,15 @@ class ExpertRunner:
         try:
             output = (self._on_device(index, on_device, held, bool(on_host), hidden, top_k_index, top_k_weights,
                                       args, kwargs) if on_device else None)
-            if prefetch:  # queued once this layer's kernels are: they copy while those compute
+            if prefetch and host_inputs is None:  # queued once this layer's kernels are: they copy while those compute
                 self._copied[index + 1] = self.store.prefetch(prefetch)
         finally:
             self.store.release_many(device_keys)
         if host_inputs is None:
             return output  # type: ignore[return-value]  (every routed expert ran on the device)
         host = self._on_host(index, sorted(on_host), routed, top_k_index.shape[-1], *host_inputs)
+        if prefetch:  # after the CPU's experts: loads in flight hold host RAM its experts may need
+            self._copied[index + 1] = self.store.prefetch(prefetch)
         return host.to(hidden.dtype) if output is None else (output.float() + host).to(output.dtype)
 
     def _host_share(self, index: int, experts: list[int], routed: list[int]) -> set[int]:
