@@ -51,6 +51,7 @@ class VerifyCurve:
         return max((round(tokens / weight) for weight, tokens, _ in self._buckets.values()), default=0)
 
     def observe(self, tokens: int, seconds: float) -> None:
+        """One verify pass of `tokens` that took `seconds`."""
         bucket = self._buckets.setdefault(max(tokens, 1).bit_length(), [0.0, 0.0, 0.0])
         bucket[:] = [_DECAY * bucket[0] + 1.0, _DECAY * bucket[1] + tokens, _DECAY * bucket[2] + seconds]
 

@@ -182,16 +182,11 @@ class ModelDraft:
             steps, drafted_s = steps + 1, drafted_s + step_s
             if steps > 1:  # the first step also caught up on the accepted tokens
                 self.policy.observe_step(step_s)
-            gains = [-candidate[0] for candidate in heapq.nsmallest(self.width, candidates)]
-            count = self.policy.take(steps, len(tree) - 1, scores, gains, drafted_s)
-            feed = count > 0
-            if not feed:
-                count = self.policy.take(steps, len(tree) - 1, scores, gains, drafted_s, feed=False)
-            if count == 0:
+            best, feed = self._choose(candidates, len(tree) - 1, scores, steps, drafted_s)
+            if not best:
                 break
-            best = [heapq.heappop(candidates) for _ in range(count)]
             level = [tree.add(parent, token, -score, prob, rank) for score, parent, token, prob, rank in best]
-            scores += sum(gains[:count])
+            scores -= sum(score for score, *_ in best)
             if not feed:
                 break
             start_s = time.perf_counter()
@@ -209,6 +204,17 @@ class ModelDraft:
         self._kv.move(kept, self._cached)
         self._cached += len(kept)
         self._fed = []
+
+    def _choose(self, candidates: list[tuple[float, int, int, float, int]], nodes: int, scores: float, steps: int,
+                drafted_s: float) -> tuple[list[tuple[float, int, int, float, int]], bool]:
+        """The candidates that join the tree now (popped from the heap, best first), and whether a draft step
+        follows for their children: the policy is asked with a step, then without one."""
+        gains = [-candidate[0] for candidate in heapq.nsmallest(self.width, candidates)]
+        count = self.policy.take(steps, nodes, scores, gains, drafted_s)
+        feed = count > 0
+        if not feed:
+            count = self.policy.take(steps, nodes, scores, gains, drafted_s, feed=False)
+        return [heapq.heappop(candidates) for _ in range(count)], feed
 
     def _push(self, candidates: list[tuple[float, int, int, float, int]], tree: DraftTree, fed: list[int],
               probs: torch.Tensor, max_depth: int) -> None:
