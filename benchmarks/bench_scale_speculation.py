@@ -5,12 +5,13 @@ The target is SmolLM2-135M-Instruct inflated as bench_speculation.py does, 14 ti
 and 42 key-value heads of 64), the MLP 29568 wide (Qwen2.5-72B's), and 80 layers deep: its 30, then 50 whose
 weights are zero, so that each passes its input through. 71.5 B parameters, written as an nf4 layer store by
 `write_store`, each unit padded and quantized on the GPU (no bf16 copy on disk, about 40 GB). Its function is
-SmolLM2's with nf4 weights; the draft is the GGUF's weights unquantized, so draft and target differ as a real
-draft and target do (by quantization, here).
+SmolLM2's with nf4 weights; the drafts are SmolLM2 as nf4 and int8 stores and the GGUF's weights unquantized
+("bf16"), so draft and target differ as a real draft and target do (by quantization, here), and ngram on a
+rewrite prompt; each runs several chat prompts (`--prompts`), each reported against its own no-draft row.
 
 One device-tool call on nvidia-h200, the GGUF and bitsandbytes carried:
     python benchmarks/bench_scale_speculation.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT
-Each row is one model object: a warm-up generate, then the measured one (greedy, chat template).
+Each row is one model object: a warm-up generate, then the measured one (greedy, chat template, 128 tokens).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import json
 import os
 import time
 
-from common import QUESTION, Inflation, fmt, run_row
+from common import Inflation
+from spec_rows import CHAT_PROMPTS, make_drafts, print_table, speculation_rows
 
 FACTOR, INTER, LAYERS = 14, 29568, 80
 
@@ -46,7 +48,10 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--vram", default="4GB")
     parser.add_argument("--ram", default="64GB")
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=3, help="how many of the chat prompts each draft runs")
+    parser.add_argument("--only", default="none,nf4,bf16,ngram",
+                        help="comma-separated drafts to run (none, nf4, int8, bf16 = the GGUF as is, ngram)")
     parser.add_argument("--codec", default="nf4", choices=["nf4", "int8", "none"])
     parser.add_argument("--factor", type=int, default=FACTOR, help="width multiple of the target")
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
@@ -65,24 +70,16 @@ def main() -> None:
     written = write_target(inflation, store, args.codec, device)
     del inflation
     print(f"target: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
-    rows = {}
-    for name, draft in (("none", None), ("SmolLM2 (the GGUF)", args.gguf)):
-        reference = rows["none"]["tokens"] if rows else None
-        rows[name] = run_row(store, draft, QUESTION, args.new_tokens, budget, config, reference)
-        print(json.dumps({name: {k: v for k, v in rows[name].items() if k != "tokens"}}), flush=True)
+    wanted = args.only.split(",")
+    drafts = make_drafts(args.gguf, args.work, config, codecs=tuple(set(wanted) & {"nf4", "int8"}))
+    rows = speculation_rows(store, drafts, wanted, CHAT_PROMPTS[:args.prompts], args.new_tokens, budget, config)
     with open(os.path.join(args.out, "scale_speculation.json"), "w") as handle:
-        json.dump({"written": written, "rows": rows}, handle, indent=1)
+        json.dump({"written": written, "rows": [{"draft": name, "prompt": number, **row}
+                                                for name, number, row in rows]}, handle, indent=1)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(f"\ncard: {card}; target {written['store_bytes'] / 1e9:.1f} GB ({args.codec}); vram {args.vram} / ram "
           f"{args.ram}; greedy, {args.new_tokens} new tokens")
-    print("draft | tokens/s | x no draft | tokens/pass | accept | s per pass | predicted pass s | same tokens")
-    base = rows["none"]
-    for name, row in rows.items():
-        same = "yes" if row["first_difference"] is None else \
-            f"from token {row['first_difference']} (top-2 margin {row['top2_logit_margin_there']:.3f})"
-        print(f"{name} | {row['tokens_per_s']:.3f} | {row['tokens_per_s'] / base['tokens_per_s']:.2f} | "
-              f"{row['tokens_per_pass'] or 1:.2f} | {fmt(row['acceptance'], '{:.2f}')} | {row['pass_s']:.3f} | "
-              f"{fmt(row['predicted_pass_s'], '{:.3f}')} | {same}")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,8 @@ import json
 import os
 import time
 
-from common import INTER, QUESTION, WIDTH_FACTOR, fmt, inflate, run_row
-
-PROMPTS = [QUESTION, "Write a short story about a lighthouse keeper.", "What causes the seasons on Earth?"]
-
-REWRITE = ("Rewrite the following paragraph in the same words, only fixing the spelling: The old lighthouse "
-           "stood on the rocky cape for more then a hundred years. Every night its keeper climbed the narrow "
-           "stairs, lit the great lamp, and watched the ships pass safely threw the dark water. When the storms "
-           "came, the light never failed, and the sailors new they were close to home.")
+from common import INTER, WIDTH_FACTOR, inflate
+from spec_rows import CHAT_PROMPTS, make_drafts, print_table, speculation_rows
 
 
 def main() -> None:
@@ -43,7 +37,6 @@ def main() -> None:
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
     args = parser.parse_args()
     import torch
-    from tierstore.inference.compose import compress_model
 
     import tierstore
     from tierstore.probe import run_probe
@@ -56,48 +49,14 @@ def main() -> None:
     print(f"target built in {time.perf_counter() - start:.1f} s", flush=True)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     run_probe(config["runtime"]["cache_dir"], device)
-    drafts = {"bf16": args.gguf}
-    for codec in ("nf4", "int8"):
-        drafts[codec] = os.path.join(args.work, f"draft-{codec}")
-        if not os.path.exists(os.path.join(drafts[codec], "manifest.json")):
-            compress_model(args.gguf, drafts[codec], codec, dtype=torch.bfloat16, config=config, progress=False)
     wanted = (args.only or "none,nf4,int8,bf16,ngram").split(",")
-    prompts = PROMPTS[:args.prompts]
-    rows = []  # (draft, prompt kind, row); the prompt kind is "rewrite" for ngram, else the prompt's number
-    for name in wanted:
-        for number, prompt in ([("rewrite", REWRITE)] if name == "ngram" else list(enumerate(prompts))):
-            if name == "ngram":
-                rows.append(("none", "rewrite", run_row(target, None, prompt, args.new_tokens, budget, config)))
-            base = next((row for kind, where, row in rows if kind == "none" and where == number), None)
-            row = run_row(target, "ngram" if name == "ngram" else (drafts.get(name) if name != "none" else None),
-                          prompt, args.new_tokens, budget, config, base["tokens"] if base else None)
-            rows.append((name, number, row))
-            print(json.dumps({f"{name} {number}": {k: v for k, v in row.items() if k != "tokens"}}), flush=True)
+    drafts = make_drafts(args.gguf, args.work, config, codecs=tuple(set(wanted) & {"nf4", "int8"}))
+    rows = speculation_rows(target, drafts, wanted, CHAT_PROMPTS[:args.prompts], args.new_tokens, budget, config)
     with open(os.path.join(args.out, "speculation.json"), "w") as handle:
         json.dump([{"draft": name, "prompt": number, **row} for name, number, row in rows], handle, indent=1)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(f"\ncard: {card}; target {target}: vram 4GB / ram 16GB; greedy, {args.new_tokens} new tokens")
     print_table(rows)
-
-
-def print_table(rows: list) -> None:
-    """One line per draft and prompt, against the no-draft row of the same prompt."""
-    header = ("draft", "prompt", "tokens/s", "x no draft", "tokens/pass", "accept", "largest tree", "draft step s",
-              "verify pass s", "pass s", "same tokens", "graphed")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for name, number, row in rows:
-        base = next((got for kind, where, got in rows if kind == "none" and where == number), None)
-        speedup = row["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
-        same = row["tokens"] == base["tokens"] if base else None
-        cells = [name, number, f"{row['tokens_per_s']:.2f}", f"{speedup:.2f}" if speedup else "-",
-                 fmt(row["tokens_per_pass"], "{:.2f}"), fmt(row["acceptance"], "{:.2f}"),
-                 fmt(row["largest_tree"], "{}"), fmt(row["draft_step_s"], "{:.4f}"),
-                 fmt(row["verify_pass_s"], "{:.4f}"), fmt(row["pass_s"], "{:.4f}"),
-                 str(same) if same or row["first_difference"] is None else
-                 f"from token {row['first_difference']} (top-2 margin {row['top2_logit_margin_there']:.3f})",
-                 str(row["graphed"])]
-        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

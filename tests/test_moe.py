@@ -321,6 +321,26 @@ def test_the_prefetch_gate_stops_guessing_while_its_copies_go_unused():
     assert always.wanted()
 
 
+def test_the_next_layers_predicted_experts_are_copied_even_where_this_layer_routed_to_the_same_ids(tmp_path):
+    """Every layer's router the same: the next layer's guess (its router on this layer's input) names exactly the
+    ids this layer routed to. Those are other units, and must be prefetched (they once were filtered out)."""
+    model, _ = _saved("mixtral", tmp_path)
+    routers = [layer.mlp.gate.weight for layer in model.model.layers]
+    with torch.no_grad():
+        for weight in routers[1:]:
+            weight.copy_(routers[0])
+    directory = str(tmp_path / "same-routers")
+    model.save_pretrained(directory)
+    config = _config(str(tmp_path), prefetch="router")
+    want = _reference(model)
+    with tierstore.AutoModel.from_pretrained(directory, budget=_streaming_budget(directory, config),
+                                             config=config) as streamed:
+        got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
+        experts = streamed.report().experts
+    assert got == want
+    assert experts["predicted"] > 0 and experts["prefetch_copied"] > 0, experts
+
+
 def test_the_trace_has_the_experts_own_tracks(tmp_path):
     """Expert copies and reads go on tracks of their own, one event per expert copied."""
     model, directory = _saved("qwen3_moe", tmp_path)

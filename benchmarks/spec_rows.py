@@ -1,0 +1,65 @@
+"""What the speculation benchmarks share: the prompts, the SmolLM2 drafts, one row per draft and prompt (each its own
+model object, compared with the no-draft row of the same prompt), and the table."""
+from __future__ import annotations
+
+import json
+import os
+
+from common import QUESTION, fmt, run_row
+
+CHAT_PROMPTS = [QUESTION, "Write a short story about a lighthouse keeper.", "What causes the seasons on Earth?"]
+REWRITE = ("Rewrite the following paragraph in the same words, only fixing the spelling: The old lighthouse "
+           "stood on the rocky cape for more then a hundred years. Every night its keeper climbed the narrow "
+           "stairs, lit the great lamp, and watched the ships pass safely threw the dark water. When the storms "
+           "came, the light never failed, and the sailors new they were close to home.")
+
+
+def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("nf4", "int8")) -> dict[str, str]:
+    """SmolLM2 as drafts: the GGUF as is ("bf16") and a layer store per codec (kept when already written)."""
+    import torch
+
+    from tierstore.inference.compose import compress_model
+
+    drafts = {"bf16": gguf}
+    for codec in codecs:
+        drafts[codec] = os.path.join(work, f"draft-{codec}")
+        if not os.path.exists(os.path.join(drafts[codec], "manifest.json")):
+            compress_model(gguf, drafts[codec], codec, dtype=torch.bfloat16, config=config, progress=False)
+    return drafts
+
+
+def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], prompts: list[str], new_tokens: int,
+                     budget, config: dict) -> list[tuple[str, object, dict]]:
+    """(draft, prompt number or "rewrite", row) for each wanted draft ("none", "ngram" or a key of `drafts`) and
+    prompt; ngram runs the rewrite prompt, with its own no-draft row."""
+    rows: list[tuple[str, object, dict]] = []
+    for name in wanted:
+        for number, prompt in ([("rewrite", REWRITE)] if name == "ngram" else list(enumerate(prompts))):
+            if name == "ngram":
+                rows.append(("none", "rewrite", run_row(target, None, prompt, new_tokens, budget, config)))
+            base = next((row for kind, where, row in rows if kind == "none" and where == number), None)
+            draft = "ngram" if name == "ngram" else drafts.get(name) if name != "none" else None
+            row = run_row(target, draft, prompt, new_tokens, budget, config, base["tokens"] if base else None)
+            rows.append((name, number, row))
+            print(json.dumps({f"{name} {number}": {k: v for k, v in row.items() if k != "tokens"}}), flush=True)
+    return rows
+
+
+def print_table(rows: list[tuple[str, object, dict]]) -> None:
+    """One line per draft and prompt, against the no-draft row of the same prompt."""
+    header = ("draft", "prompt", "tokens/s", "x no draft", "tokens/pass", "accept", "largest tree", "draft step s",
+              "verify pass s", "pass s", "same tokens", "graphed")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, number, row in rows:
+        base = next((got for kind, where, got in rows if kind == "none" and where == number), None)
+        speedup = row["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
+        same = row["tokens"] == base["tokens"] if base else None
+        cells = [name, number, f"{row['tokens_per_s']:.2f}", f"{speedup:.2f}" if speedup else "-",
+                 fmt(row["tokens_per_pass"], "{:.2f}"), fmt(row["acceptance"], "{:.2f}"),
+                 fmt(row["largest_tree"], "{}"), fmt(row["draft_step_s"], "{:.4f}"),
+                 fmt(row["verify_pass_s"], "{:.4f}"), fmt(row["pass_s"], "{:.4f}"),
+                 str(same) if same or row["first_difference"] is None else
+                 f"from token {row['first_difference']} (top-2 margin {row['top2_logit_margin_there']:.3f})",
+                 str(row["graphed"])]
+        print("| " + " | ".join(map(str, cells)) + " |")
