@@ -301,15 +301,16 @@ class ExpertRunner:
     def _count(self, index: int, routed: list[int], predicted: list[int]) -> None:
         """Routing counters; how the prediction made for this layer (and the copies it started) fared."""
         stats = self.stats
-        distinct = set(routed)
+        pairs = Counter(routed)  # a verify pass routes thousands of (token, expert) pairs a layer: count them in C
+        distinct = pairs.keys()
         stats.calls += 1
-        stats.routed += len(distinct)
+        stats.routed += len(pairs)
         stats.pairs += len(routed)
-        for expert in routed:
-            stats.counts[index, expert] = stats.counts.get((index, expert), 0) + 1
+        for expert, count in pairs.items():
+            stats.counts[index, expert] = stats.counts.get((index, expert), 0) + count
         if self.policy is not None and len(self._accesses) < self.MAX_ACCESSES:
             keys = self.groups[index].keys
-            self._accesses.extend(keys[expert] for expert in dict.fromkeys(routed))
+            self._accesses.extend(keys[expert] for expert in pairs)  # first-routed order
         expected = self._expected.pop(index, None)
         if expected is not None:
             stats.predicted_hits += len(distinct & set(expected))
@@ -353,6 +354,9 @@ class PrefetchGate:
 def _token_chunks(rows: list[list[int]], slots: int) -> list[tuple[int, int, list[int]]]:
     """Consecutive token ranges whose routed experts fit `slots` at once: (start, end, sorted experts). One range
     when all fit, as they do in decoding; a long prompt with fewer slots than routed experts takes several."""
+    every = set().union(*rows)
+    if len(every) <= slots:  # decoding, a verify pass, a short prompt: no per-row walk
+        return [(0, len(rows), sorted(every))]
     chunks: list[tuple[int, int, list[int]]] = []
     start, experts = 0, set()
     for row_index, row in enumerate(rows):
