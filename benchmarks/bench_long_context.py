@@ -11,7 +11,11 @@ PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (tierstore's default since); `+
 at a time (to compare tokens across KV tiers with the same arithmetic);
 `+turns` is a conversation's second turn through the prefix cache (`runtime.prefix_cache_dir`): time to first token
 with the first turn's KV cache reused, against the same length with nothing to reuse; `+serve` the same through the
-batcher `tierstore serve` runs (prefixes in RAM), time counted from the request's submission.
+batcher `tierstore serve` runs (prefixes in RAM), time counted from the request's submission, with the second turn
+right after the first (its cache still on the device) and again after another request (from RAM); `+parts` adds
+where each request's time went (`time_parts`: it waits for the device around each part, which delays the request);
+`+pauseS` waits S seconds before each request (a user reading the answer): the rows without it send each request
+the moment the last one's final token is out.
 The store is written once under --work (15.2 GB, as bench_scale.py writes it); --shape tiny checks the script on
 a CPU. Decode runs --tokens steps; the plan's bound for a step counts the weights and KV cache bytes it moves.
 """
@@ -57,7 +61,8 @@ def child(args: argparse.Namespace) -> None:
         turns(model, ids.to(model.device), args.tokens)
         return
     if "serve" in flags:
-        serve_turns(model, ids[0].tolist(), args.tokens)
+        pause_s = next((float(flag[5:]) for flag in flags if flag.startswith("pause")), 0.0)
+        serve_turns(model, ids[0].tolist(), args.tokens, timed="parts" in flags, pause_s=pause_s)
         return
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False)
@@ -99,10 +104,11 @@ def turns(model, first, new_tokens: int) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def serve_turns(model, first: list[int], new_tokens: int) -> None:
+def serve_turns(model, first: list[int], new_tokens: int, timed: bool, pause_s: float) -> None:
     """The same through the batcher `tierstore serve` runs (no HTTP): time from submitting a request to its first
-    token, for the first turn, the second turn with its prefix reused, and the second turn's length with nothing to
-    reuse."""
+    token for, in this order, a prompt of the second turn's length with nothing to reuse (the server's first
+    request), the first turn, the second turn (its first turn's cache kept on the device), another user's short
+    request, and a second turn again (another continuation of the first turn, now from RAM)."""
     import threading
 
     import torch
@@ -112,33 +118,84 @@ def serve_turns(model, first: list[int], new_tokens: int) -> None:
     max_seq = len(first) + new_tokens + 80
     largest_batch(model, 1, max_seq)
     batcher = Batcher(model, max_batch=1, max_queue=4, max_seq_tokens=max_seq)
+    seconds = time_parts(batcher) if timed else {}
+    parts: dict[str, dict[str, float]] = {}
 
-    def first_token_s(prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+    def first_token_s(name: str, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
         done, stamps = threading.Event(), []
 
         def on_event(event) -> None:
             stamps.append(time.perf_counter())
             if event.finish_reason:
                 done.set()
+        time.sleep(pause_s)  # a client's time between an answer and its next request
+        seconds.clear()
         start = time.perf_counter()
         sequence = batcher.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), on_event)
         done.wait(600)
+        parts[name] = {part: value - start if part.endswith(" began") else value for part, value in seconds.items()}
         return stamps[0] - start, sequence.tokens
 
+    def words(count: int, seed: int) -> list[int]:
+        return torch.randint(100, 1000, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
     try:
-        first_s, answer = first_token_s(first, new_tokens)
-        second = first + answer + torch.randint(100, 1000, (64,), generator=torch.Generator().manual_seed(2)).tolist()
-        without_s, _ = first_token_s([second[0] + 1, *second[1:]], 1)
-        with_s, _ = first_token_s(second, 1)
+        without_s, _ = first_token_s("without", [first[0] + 1, *first[1:], *words(new_tokens + 64, 4)], 1)
+        first_s, answer = first_token_s("first", first, new_tokens)
+        second = first + answer + words(64, 2)
+        with_s, _ = first_token_s("with", second, 1)
+        first_token_s("another request", words(64, 5), 1)
+        again_s, _ = first_token_s("with, from RAM", first + answer + words(64, 3), 1)
         stats = batcher.prefixes.stats
-        result = {"prompt": len(second), "first_turn_prefill_s": first_s, "second_turn_without_reuse_s": without_s,
-                  "second_turn_with_reuse_s": with_s, "hits": stats.hits, "tokens_saved": stats.tokens_saved,
-                  "notes": [], "peak_vram_reserved": torch.cuda.max_memory_reserved()
-                  if torch.cuda.is_available() else 0}
+        result = {"prompt": len(second), "first_turn_prefill_s": first_s, "h2d_bytes_per_pass":
+                  model.plan.h2d_bytes_per_pass, "second_turn_without_reuse_s": without_s,
+                  "second_turn_with_reuse_s": with_s, "second_turn_after_another_request_s": again_s,
+                  "hits": stats.hits, "tokens_saved": stats.tokens_saved, "hits_on_device": stats.on_device,
+                  "pause_s": pause_s, "notes": [], "seconds_by_part": parts,
+                  "peak_vram_reserved": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0}
     finally:
         batcher.close()
         model.close()
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def time_parts(batcher) -> dict[str, float]:
+    """Seconds spent in the parts of a request's way to its first token, added up by name until cleared: the
+    prefix lookup (with its wait for the copies before it), the restore to the device, the prompt's feeding (and
+    the store's re-plans for its chunks, within it), and on the prefix cache's thread the copies to RAM (the
+    batcher's parts are timed to the device's completion); for the batcher's own steps, when each began."""
+    import torch
+    from tierstore.inference.front import batcher as batcher_module
+    from tierstore.inference.runtime import prefix_cache
+
+    seconds: dict[str, float] = {}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def timed(owner, name: str, synced: bool) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if synced:
+                sync()
+            start = time.perf_counter()
+            seconds.setdefault(name + " began", start)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if synced:
+                    sync()
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    if batcher.prefixes is not None:
+        timed(batcher.prefixes, "lookup", True)
+    timed(batcher_module, "restore", True)
+    timed(batcher_module, "feed_prompt", True)
+    timed(batcher.model.store, "replan", True)
+    timed(prefix_cache, "copy_to_host", False)
+    for name in ("_step", "_join_apart", "_emit"):
+        timed(batcher, name, False)
+    return seconds
 
 
 def main() -> None:
@@ -187,10 +244,24 @@ def main() -> None:
             continue
         if "second_turn_with_reuse_s" in r:
             print(f"{row}: second turn of {r['prompt']} tokens: time to first token "
-                  f"{r['second_turn_with_reuse_s']:.3f} s with the prefix cache ({r['tokens_saved']} tokens reused) "
+                  f"{r['second_turn_with_reuse_s']:.3f} s with the prefix cache ({r['tokens_saved']} tokens reused, "
+                  f"{r.get('hits_on_device', 0)} of {r['hits']} hits from the cache kept on the device) "
                   f"against {r['second_turn_without_reuse_s']:.3f} s without "
-                  f"({r['second_turn_without_reuse_s'] / r['second_turn_with_reuse_s']:.1f}x); peak reserved "
-                  f"{r['peak_vram_reserved'] / 1e9:.2f} GB", flush=True)
+                  f"({r['second_turn_without_reuse_s'] / r['second_turn_with_reuse_s']:.1f}x); the first turn's "
+                  f"{r['first_turn_prefill_s']:.3f} s; peak reserved {r['peak_vram_reserved'] / 1e9:.2f} GB",
+                  flush=True)
+            if "h2d_bytes_per_pass" in r and device == "cuda":
+                pass_s = r["h2d_bytes_per_pass"] / (probe["h2d_pinned_gbps"] * 1e9)
+                print(f"{row}: a hit is one weight pass: {r['h2d_bytes_per_pass'] / 1e9:.2f} GB over the link, "
+                      f"{pass_s:.3f} s at the probe's pinned rate; so no hit beats {pass_s:.3f} s and no ratio "
+                      f"{r['second_turn_without_reuse_s'] / pass_s:.1f}x", flush=True)
+            if "second_turn_after_another_request_s" in r:
+                print(f"{row}: a second turn after another request ran, from RAM: "
+                      f"{r['second_turn_after_another_request_s']:.3f} s "
+                      f"({r['second_turn_without_reuse_s'] / r['second_turn_after_another_request_s']:.1f}x)",
+                      flush=True)
+            for request, parts in r.get("seconds_by_part", {}).items():
+                print(f"{row}: {request}: " + ", ".join(f"{name} {s:.3f} s" for name, s in parts.items()), flush=True)
             continue
         step = r["predicted"].get("step_s")
         kv = r["kv"]

@@ -367,6 +367,34 @@ def test_tiered_kv_cache_on_cuda_gives_the_device_caches_logits(tiers, tmp_path)
     tiered.close()
 
 
+def test_prefix_entries_are_pinned_and_a_cropped_hit_reaches_the_device_whole():
+    """On a GPU the prefix cache's RAM is one page-locked arena; an entry copied from the device on the cache's
+    stream, then a prefix of it cut from a longer entry, comes back through `restore` equal to the original."""
+    from tierstore.inference.runtime.prefix_cache import PrefixCache, restore
+    from tierstore.inference.runtime.reserved_cache import reserved_cache
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=256, hidden_size=256, num_hidden_layers=3, num_attention_heads=8,
+                         num_key_value_heads=2)
+    layers = [tuple(torch.randn(1, 2, 300, 32, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+              for _ in range(3)]
+    prefixes = PrefixCache("key", ram_bytes=2**24, pinned=True)
+    try:
+        assert prefixes._arena.registered
+        tokens = list(range(300))
+        prefixes.store(tokens, layers)
+        hit = prefixes.lookup(tokens[:200] + [999])
+        assert hit is not None and hit[0] == 200 and not hit[1][0][0].is_contiguous()
+        arena = prefixes._arena.buffer  # registered with CUDA (torch's is_pinned knows only its own allocator's)
+        assert 0 <= hit[1][0][0].data_ptr() - arena.data_ptr() < arena.numel()
+        cache = reserved_cache(config, 256)
+        restore(cache, hit[1], torch.device("cuda"))
+        for (keys, values), layer in zip(layers, cache.layers):
+            assert torch.equal(layer.keys, keys[..., :200, :]) and torch.equal(layer.values, values[..., :200, :])
+    finally:
+        prefixes.close()
+
+
 @pytest.mark.parametrize("format", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                                     "IQ4_NL", "IQ4_XS"])
 def test_ggml_blocks_dequantized_on_cuda_match_the_cpu_reference(format):

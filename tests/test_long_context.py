@@ -190,9 +190,79 @@ def test_a_corrupt_or_partial_prefix_entry_is_never_served(tiny_dirs, cache_conf
     assert not (store / ".tmp-killed.kv.safetensors").exists() and not entry.exists()
 
 
+def _layers(tokens, layers=3, seed=0):
+    """One sequence's KV cache [1, heads 2, tokens, head_dim 8] per layer, each tensor cut from a wider batch (not
+    contiguous, as the batcher's rows are)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(3, 2, tokens + 5, 8, generator=generator)[1:2, :, 5:] for _ in range(2))
+            for _ in range(layers)]
+
+
+def test_an_entry_is_copied_into_one_host_buffer():
+    from tierstore.inference.runtime.host_copy import ALIGN_BYTES, copy_to_host, host_bytes
+
+    layers = _layers(37)
+    buffer = torch.empty(host_bytes(layers), dtype=torch.uint8)
+    copied = copy_to_host(layers, buffer)
+    assert [(k.tolist(), v.tolist()) for k, v in copied] == [(k.tolist(), v.tolist()) for k, v in layers]
+    offsets = [t.data_ptr() - buffer.data_ptr() for pair in copied for t in pair]
+    assert offsets == sorted(offsets) and all(offset % ALIGN_BYTES == 0 for offset in offsets)
+    assert offsets[-1] + copied[-1][1].nbytes <= buffer.numel()
+
+
+def test_entries_live_in_one_arena_within_the_ram_bytes():
+    """Entries are pieces of the cache's one arena: the least recently used leaves (its piece reused) when a new
+    one needs the room, and an entry larger than the RAM is not kept there."""
+    from tierstore.inference.runtime.host_copy import host_bytes
+    from tierstore.inference.runtime.prefix_cache import PrefixCache
+
+    entry = -(-host_bytes(_layers(40)) // 4096) * 4096  # pieces come in pages
+    prefixes = PrefixCache("key", ram_bytes=2 * entry)
+    arena = prefixes._arena.buffer
+    tokens = [[seed * 100 + i for i in range(40)] for seed in range(3)]
+    try:
+        for seed in range(3):
+            prefixes.store(tokens[seed], _layers(40, seed=seed))
+            prefixes.settle()
+        assert prefixes.lookup(tokens[0] + [7]) is None  # the least recently used made room
+        for seed in (1, 2):
+            got = prefixes.lookup(tokens[seed] + [7])
+            assert got is not None and got[0] == 40 and torch.equal(got[1][2][1], _layers(40, seed=seed)[2][1])
+            start = got[1][0][0].data_ptr() - arena.data_ptr()
+            assert 0 <= start < arena.numel()
+        prefixes.store(list(range(1000, 1090)), _layers(90))  # larger than the RAM: no disk, so not kept
+        prefixes.settle()
+        assert prefixes.lookup(list(range(1000, 1091))) is None and prefixes.stats.stored == 3
+        assert prefixes.lookup(tokens[2] + [7]) is not None  # and nothing made room for it
+    finally:
+        prefixes.close()
+
+
+def test_the_sequence_kept_on_the_device_serves_the_next_lookup_only():
+    from tierstore.inference.runtime.prefix_cache import PrefixCache
+
+    prefixes = PrefixCache("key", ram_bytes=2**20)
+    tokens = list(range(50, 90))
+    try:
+        prefixes.store(tokens, _layers(40))
+        kept = _layers(40, seed=5)
+        prefixes.keep_on_device(tokens, kept)
+        got = prefixes.lookup(tokens + [3])
+        assert got is not None and got[0] == 40 and got[1][1][0].data_ptr() == kept[1][0].data_ptr()
+        assert prefixes.stats.on_device == 1 and prefixes._on_device is None
+        got = prefixes.lookup(tokens + [3])  # from RAM now
+        assert got is not None and got[1][1][0].data_ptr() != kept[1][0].data_ptr()
+        prefixes.keep_on_device(tokens, kept)
+        assert prefixes.lookup([1] * 30) is None and prefixes._on_device is None  # let go on a miss too
+        assert (prefixes.stats.hits, prefixes.stats.on_device, prefixes.stats.misses) == (2, 1, 1)
+    finally:
+        prefixes.close()
+
+
 def test_a_server_turn_that_repeats_a_finished_one_skips_its_prefill(smollm2_store, smollm2_reference, tmp_path):
     """Through the batcher (as the server runs): a second turn that starts with a finished sequence (prompt and
-    answer) joins from its KV cache, beside a request that does not, and both get transformers' tokens."""
+    answer) joins from its KV cache, beside a request that does not, and both get transformers' tokens; the same
+    turn again is served from RAM."""
     import threading
     import time
 
@@ -205,9 +275,9 @@ def test_a_server_turn_that_repeats_a_finished_one_skips_its_prefill(smollm2_sto
             as model:
         batcher = Batcher(model, max_batch=4, max_queue=4, max_seq_tokens=400)
         try:
-            def run(prompts):
+            def run(prompts, max_tokens=12):
                 done = [threading.Event() for _ in prompts]
-                sequences = [batcher.submit(p, SamplingParams(max_tokens=12, temperature=0),
+                sequences = [batcher.submit(p, SamplingParams(max_tokens=max_tokens, temperature=0),
                                             lambda event, i=i: event.finish_reason and done[i].set())
                              for i, p in enumerate(prompts)]
                 deadline = time.monotonic() + 120
@@ -219,8 +289,16 @@ def test_a_server_turn_that_repeats_a_finished_one_skips_its_prefill(smollm2_sto
             second = first + answer + tokenizer("And three more?", add_special_tokens=False).input_ids
             other = tokenizer("The capital of France is", add_special_tokens=False).input_ids
             got = run([second, other])
-            assert batcher.prefixes.stats.hits == 1
-            assert batcher.prefixes.stats.tokens_saved == len(first) + len(answer) - 1
+            stats = batcher.prefixes.stats
+            assert stats.hits == 1 and stats.on_device == 1  # the drained batch's cache, kept where it was
+            assert stats.tokens_saved == len(first) + len(answer) - 1
+            assert run([second]) == [got[0]]  # from RAM: two rows left the last batch, none was kept on the device
+            assert (stats.hits, stats.on_device) == (2, 1)
+            passes = []
+            hook = model.model.register_forward_pre_hook(lambda *_: passes.append(1))
+            assert run([second], max_tokens=1) == [got[0][:1]]
+            hook.remove()
+            assert len(passes) == 1  # and no pass over an empty batch after it
         finally:
             batcher.close()
     for prompt, tokens in zip([second, other], got):

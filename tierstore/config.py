@@ -188,7 +188,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                           "else chunks as large as the device budget holds beside the KV cache"),
         "prefix_cache_ram": (_size_or_none, "2GB",
                              "host RAM for finished sequences' KV caches, reused by later prompts that start the same "
-                             "way (a server keeps them there; beside the budgets); 0 = none"),
+                             "way (a server keeps them there; beside the budgets; taken, and pinned on a GPU, when "
+                             "the cache opens); 0 = none"),
         "prefix_cache_dir": (_file_or_none, "", "a directory keeping those KV caches on disk too, across runs "
                                                 "(generate reuses prefixes only when one is given); \"\" = none"),
         "prefix_cache_disk": (_size_or_none, "16GB", "the most bytes that directory takes (least recently used "

@@ -308,7 +308,7 @@ class TierstoreModel:
         runtime = self.config.runtime
         key = model_key(self.model.config, self.model.dtype, self.store.layouts, self.config.compression)
         return PrefixCache(key, runtime.prefix_cache_ram or 0, runtime.prefix_cache_dir,
-                           runtime.prefix_cache_disk or 0)
+                           runtime.prefix_cache_disk or 0, pinned=self.device.type == "cuda")
 
     def _keep_prefix(self, out: torch.Tensor, cache: Any) -> None:
         """The sequence generate just made, as a prefix for later prompts (what its cache holds)."""

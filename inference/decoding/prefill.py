@@ -58,7 +58,8 @@ def feed_prompt(model: Any, input_ids: torch.Tensor, cache: Any, start: int = 0,
                 attention_mask: torch.Tensor | None = None, planned: Prefill | None = None) -> tuple[Any, str | None]:
     """Feed `input_ids[:, start:stop]` into `cache` through `model` (a TierstoreModel) in the chunks `planned` (or
     `plan_feed`) gives: the store re-planned for the chunks while they run, then back, and the GPU allocator's
-    cache emptied after (the budget counts what the process holds). Returns the last forward's output
+    cache emptied after a re-plan or several chunks (the budget counts what the process holds). Returns the last
+    forward's output
     and the plan's note when the prompt took more than one chunk."""
     stop = input_ids.shape[1] if stop is None else stop
     planned = planned or plan_feed(model, stop - start, input_ids.shape[0], attention_mask)
@@ -74,6 +75,6 @@ def feed_prompt(model: Any, input_ids: torch.Tensor, cache: Any, start: int = 0,
         if planned.plan is not None:
             model.store.replan(decode_plan)
             model.plan = decode_plan
-        if cuda:
-            torch.cuda.empty_cache()
+        if cuda and (planned.plan is not None or planned.chunk_tokens < stop - start):
+            torch.cuda.empty_cache()  # what the chunks' activations took (one chunk under the decode plan fits)
     return out, planned.note if planned.chunk_tokens < stop - start else None

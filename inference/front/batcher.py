@@ -14,6 +14,10 @@ larger numbers than sequences of the longest length would.
 Caches with other layer kinds (sliding windows, recurrent states) cannot be joined this way: for those models a
 new request waits until the running batch has drained, and the batch then starts afresh (still one pass per step
 for all of it).
+
+Finished sequences go to the prefix cache (`runtime.prefix_cache_ram`). When the batch drains, the last one's KV
+cache also stays where it is until the next request: a chat's next turn continues it without crossing the link
+(`PrefixCache.keep_on_device`), and any other request lets it go before making its own.
 """
 from __future__ import annotations
 
@@ -260,7 +264,8 @@ class Batcher:
             self.prefills_apart += 1  # counted first: a caller may see the prompts' first tokens before it returns
             self._prefill_apart(joining)
             joining = []
-        self._forward(joining)
+        if self._active or joining:  # none when a prompt that joined on its own ended at its first token
+            self._forward(joining)
 
     def _join_apart(self, sequence: Sequence) -> bool:
         """A prompt that starts like a finished sequence (the prefix cache), or too long for one pass within the
@@ -298,22 +303,22 @@ class Batcher:
                 self._keep([s for s in self._active if s is not sequence], reason=None)
         return True
 
-    def _keep_prefix(self, sequence: Sequence, cache: Any, mask: torch.Tensor, row: int) -> None:
-        """A finished sequence's cached tokens and their KV (row `row` of `cache`) into the prefix cache."""
+    def _finished_kv(self, sequence: Sequence, cache: Any, mask: torch.Tensor,
+                     row: int) -> tuple[list[int], Any] | None:
+        """A finished sequence's cached tokens and their KV (row `row` of `cache`), for the prefix cache; None
+        when it did not end by a stop or its length, or its cache cannot be cut to a prefix."""
         layers = cache_layers(cache)
         if layers is None or sequence.finish_reason not in ("stop", "length"):
-            return
+            return None
         columns = mask[row].nonzero().squeeze(1)
         tokens = [*sequence.prompt_ids, *sequence.tokens][:sequence.cached]
         if len(columns) != len(tokens) or not len(columns):
-            return
+            return None
         first, last = int(columns[0]), int(columns[-1]) + 1
         if last - first == len(columns):  # one run of columns (rows are right-aligned): views, nothing copied here
-            picked = [(k[row:row + 1, :, first:last], v[row:row + 1, :, first:last]) for k, v in layers]
-        else:
-            picked = [(k[row:row + 1, :, columns.to(k.device)], v[row:row + 1, :, columns.to(k.device)])
-                      for k, v in layers]
-        self.prefixes.store(tokens, picked)
+            return tokens, [(k[row:row + 1, :, first:last], v[row:row + 1, :, first:last]) for k, v in layers]
+        return tokens, [(k[row:row + 1, :, columns.to(k.device)], v[row:row + 1, :, columns.to(k.device)])
+                        for k, v in layers]
 
     def _beside(self, joining: list[Sequence], width: int) -> bool:
         """Whether `joining`'s prompts (`width` the longest) share the running rows' pass: when that pads the
@@ -436,8 +441,11 @@ class Batcher:
         indices = [row for row, s in enumerate(self._active) if id(s) in kept]
         if self.prefixes is not None and self._cache is not None and self._mask is not None:
             for row, sequence in enumerate(self._active):
-                if id(sequence) not in kept:
-                    self._keep_prefix(sequence, self._cache, self._mask, row)
+                finished = None if id(sequence) in kept else self._finished_kv(sequence, self._cache, self._mask, row)
+                if finished is not None:
+                    self.prefixes.store(*finished)
+                    if not survivors and self._mask.shape[0] == 1:  # the batch drains: its cache stays on the
+                        self.prefixes.keep_on_device(*finished)  # device, where the next turn continues it
         for sequence in self._active:
             if id(sequence) not in kept and reason is not None:
                 self._finish(sequence, reason)

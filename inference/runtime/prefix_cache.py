@@ -2,11 +2,14 @@
 system prompt, the earlier turns of a chat) skips that part of its prefill.
 
 Entries live in host RAM (an LRU bounded in bytes, cachetools') and, with a directory, on disk (bounded in bytes,
-the least recently used removed first). An entry is one safetensors file: its tokens, each layer's keys and values
-for one sequence, the model it was made by and an xxh3-128 checksum of its tensors. Files are written whole or not
-at all (`write_atomic`). Copies to RAM and writes to disk run on threads of their own (a lookup waits for the
-copies queued before it). A file that fails to parse, whose checksum differs or that another model made is ignored
-(and a corrupt one removed), never served.
+the least recently used removed first). In RAM every entry is a piece of one arena of the cache's RAM bytes, made
+when the cache opens and, on a GPU, page-locked then, once (`transfer.PinnedArena`): pinning memory as entries come
+took 0.62 s a GiB on an H200, and it held up the model's own CUDA calls meanwhile. A hit then crosses the link at
+full speed. On disk an entry is one safetensors file: its tokens, each layer's keys and values for one sequence, the
+model it was made by and an xxh3-128 checksum of its tensors. Files are written whole or not at all
+(`write_atomic`). Copies to RAM and writes to disk run on threads of their own (a lookup waits for the copies
+queued before it). A file that fails to parse, whose checksum differs or that another model made is ignored (and a
+corrupt one removed), never served.
 
 A lookup takes the entry sharing the longest common prefix with the prompt, at most all but the prompt's last
 token (whose logits the caller needs), and at least `MIN_PREFIX_TOKENS`.
@@ -29,25 +32,62 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ...files import write_atomic
+from ...files import PAGE_BYTES, write_atomic
+from ...transfer import Arena, PinnedArena
+from ...units import align
+from .host_copy import Layers, copy_to_host, host_bytes, to_device
 
 log = logging.getLogger(__name__)
 
 MIN_PREFIX_TOKENS = 16
 SUFFIX = ".kv.safetensors"
-Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [1, heads, tokens, head_dim]
 
 
 @dataclasses.dataclass
 class PrefixStats:
-    """What the cache did: prompts served from it, tokens they did not prefill, prompts not found, entries stored,
-    entries refused as corrupt or stale."""
+    """What the cache did: prompts served from it (`on_device` of them from the sequence kept on the device),
+    tokens they did not prefill, prompts not found, entries stored, entries refused as corrupt or stale."""
 
     hits: int = 0
+    on_device: int = 0
     tokens_saved: int = 0
     misses: int = 0
     stored: int = 0
     refused: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """An entry's layers in RAM: views of `piece`, its part of the arena."""
+
+    layers: Layers
+    piece: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return align(self.piece.numel(), PAGE_BYTES)  # what the arena counts
+
+
+class _HeldEntries(cachetools.LRUCache):
+    """The entries in RAM, least recently used first out; an entry that leaves gives its piece back to `arena`."""
+
+    def __init__(self, arena: Arena, capacity_bytes: int) -> None:
+        super().__init__(maxsize=capacity_bytes, getsizeof=lambda held: held.nbytes)
+        self.arena = arena
+
+    def popitem(self) -> tuple[str, _Held]:
+        name, held = super().popitem()
+        self.arena.give(held.piece)
+        return name, held
+
+    def piece(self, nbytes: int) -> torch.Tensor | None:
+        """A piece of `nbytes`, the least recently used entries let go until one is free; None when the arena
+        could not hold it even empty."""
+        if align(nbytes, PAGE_BYTES) > self.maxsize:
+            return None
+        while (piece := self.arena.take(nbytes)) is None and len(self):
+            self.popitem()
+        return piece
 
 
 @dataclasses.dataclass
@@ -72,22 +112,25 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _entry_bytes(layers: Layers) -> int:
-    return sum(k.nbytes + v.nbytes for k, v in layers)
-
-
 class PrefixCache:
     """KV caches of earlier sequences for `model` (its `model_key`), up to `ram_bytes` in RAM and `disk_bytes` in
-    `directory` (None: RAM only). Thread-safe; `close` waits for the writes in flight."""
+    `directory` (None: RAM only). `pinned`: the RAM is page-locked (the model runs on a GPU). Thread-safe; `close`
+    waits for the work in flight."""
 
-    def __init__(self, key: str, ram_bytes: int, directory: str | None = None, disk_bytes: int = 0) -> None:
+    def __init__(self, key: str, ram_bytes: int, directory: str | None = None, disk_bytes: int = 0,
+                 pinned: bool = False) -> None:
         self.key = key
         self.directory = directory
         self.disk_bytes = disk_bytes
         self.stats = PrefixStats()
-        self._ram: cachetools.LRUCache = cachetools.LRUCache(maxsize=ram_bytes, getsizeof=_entry_bytes)
+        ram_bytes = align(ram_bytes, PAGE_BYTES)
+        self._pinned = pinned
+        self._arena = PinnedArena(ram_bytes) if pinned and ram_bytes else Arena(ram_bytes)
+        self._ram = _HeldEntries(self._arena, ram_bytes)
         self._index: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        self._stream: torch.cuda.Stream | None = None  # the copies' own, made at the first copy from a GPU
+        self._on_device: tuple[torch.Tensor, Layers] | None = None  # see keep_on_device
         self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tierstore-prefix-ram")
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tierstore-prefix-disk")
         if directory is not None:
@@ -107,21 +150,29 @@ class PrefixCache:
 
     def lookup(self, tokens: list[int]) -> tuple[int, Layers] | None:
         """The longest stored prefix of `tokens` (all but the last at most) and its layers cropped to it, on the
-        CPU; None (counted a miss) when none is at least MIN_PREFIX_TOKENS long."""
+        CPU, or on the device when the sequence kept there (`keep_on_device`) is the longest; None (counted a miss)
+        when none is at least MIN_PREFIX_TOKENS long. The sequence kept on the device is let go either way."""
         query = torch.tensor(tokens, dtype=torch.long)
         # the sequences being kept count (a turn may follow at once), and until copied they hold their device
         # memory: waiting for all of them keeps a new cache from being made beside them (measured on an H200, a
-        # server waiting only for related ones peaked at 4.37 GB of a 4 GB budget, and took 0.88 s to a
-        # first token against 0.65)
+        # server waiting only for related ones peaked at 4.37 GB of a 4 GB budget)
         self._copier.submit(lambda: None).result()
+        on_device, self._on_device = self._on_device, None
         with self._lock:
             best, best_length = None, 0
             for name, entry in self._index.items():
-                length = _common_prefix(entry.tokens, query)
+                length = common_prefix(entry.tokens, query)
                 if length > best_length:
                     best, best_length = name, length
-        usable = min(best_length, len(tokens) - 1)
-        layers = self._load(best) if best is not None and usable >= MIN_PREFIX_TOKENS else None
+        device_length = common_prefix(on_device[0], query) if on_device is not None else 0
+        usable = min(max(best_length, device_length), len(tokens) - 1)
+        layers = None
+        if usable >= MIN_PREFIX_TOKENS:
+            if on_device is not None and device_length >= best_length:
+                layers = on_device[1]
+                self.stats.on_device += 1
+            else:
+                layers = self._load(best)
         if layers is None:
             self.stats.misses += 1
             return None
@@ -129,26 +180,52 @@ class PrefixCache:
         self.stats.tokens_saved += usable
         return usable, [(k[..., :usable, :], v[..., :usable, :]) for k, v in layers]
 
+    def keep_on_device(self, tokens: list[int], layers: Layers) -> None:
+        """Hold on to the KV cache of the sequence that just finished (`tokens`, which `store` keeps too) where
+        it is, for the next lookup only: a next turn that continues it starts without a copy. The caller keeps
+        room for it on the device until then (a server between requests)."""
+        self._on_device = (torch.tensor(tokens, dtype=torch.long), layers)
+
     def store(self, tokens: list[int], layers: Layers) -> None:
         """Keep `layers` (one sequence's KV cache, any device; tensors no one writes to again) as the entry for
-        `tokens`. The copy to RAM and the write to disk run on the cache's own thread: a server's next request
-        does not wait for them (pinning 0.9 GB of RAM alone takes a large part of a second)."""
-        if len(tokens) >= MIN_PREFIX_TOKENS:
-            self._copier.submit(self._keep, torch.tensor(tokens, dtype=torch.long), layers)
+        `tokens`. The copy to RAM and the write to disk run on the cache's own threads: a server's next request
+        does not wait for them, only a lookup for the copies."""
+        if len(tokens) < MIN_PREFIX_TOKENS:
+            return
+        ready = None
+        if layers and layers[0][0].is_cuda:  # the copy waits for the work that wrote them, and nothing after
+            ready = torch.cuda.Event()
+            ready.record()
+        self._copier.submit(self._keep, torch.tensor(tokens, dtype=torch.long), layers, ready)
 
-    def _keep(self, tokens: torch.Tensor, layers: Layers) -> None:
+    def _keep(self, tokens: torch.Tensor, layers: Layers, ready: torch.cuda.Event | None) -> None:
         name = xxhash.xxh3_128_hexdigest(self.key.encode() + tokens.numpy().tobytes())
-        host = [(_to_host(k), _to_host(v)) for k, v in layers]
+        if ready is not None and self._stream is None:
+            self._stream = torch.cuda.Stream(layers[0][0].device)
+        held = self._hold(name, layers, ready)
+        if held is None:  # larger than the RAM the cache may take: on disk only, or not at all
+            if self.directory is None:
+                return
+            layers = [(keys.cpu(), values.cpu()) for keys, values in layers]
         with self._lock:
-            try:
-                self._ram[name] = host
-            except ValueError:  # larger than the RAM the cache may take: on disk only, or not at all
-                if self.directory is None:
-                    return
-            self._index[name] = _Entry(tokens, _entry_bytes(host), time.time())
+            self._index[name] = _Entry(tokens, held.nbytes if held else host_bytes(layers), time.time())
             self.stats.stored += 1
         if self.directory is not None:
-            self._writer.submit(self._write, name, tokens, host)
+            self._writer.submit(self._write, name, tokens, held.layers if held else layers)
+
+    def _hold(self, name: str, layers: Layers, ready: torch.cuda.Event | None = None) -> _Held | None:
+        """`layers` copied into a piece of the arena and kept in RAM as `name`; None when they are larger than
+        the cache's RAM. A copy from a GPU runs on the cache's stream after `ready`. (A piece that an entry gave
+        back may still be the source of a hit's copy to the device: that copy was queued on the compute stream
+        before `ready` was recorded there, so the new copy waits for it.)"""
+        with self._lock:
+            piece = self._ram.piece(host_bytes(layers))
+        if piece is None:
+            return None
+        held = _Held(copy_to_host(layers, piece, ready, self._stream if ready is not None else None), piece)
+        with self._lock:
+            self._ram[name] = held
+        return held
 
     def settle(self) -> None:
         """Wait for the entries being kept, in RAM and on disk."""
@@ -187,23 +264,22 @@ class PrefixCache:
     def _load(self, name: str) -> Layers | None:
         """An entry's layers from RAM, else from disk (verified, then kept in RAM); None when refused."""
         with self._lock:
-            layers = self._ram.get(name)
+            held = self._ram.get(name)
             self._index[name].last_used = time.time()
-            if layers is None and (self.directory is None or not os.path.exists(self._path(name))):
+            if held is None and (self.directory is None or not os.path.exists(self._path(name))):
                 del self._index[name]  # left RAM, and no file (yet, or any more)
                 return None
-        if layers is not None:
-            return layers
+        if held is not None:
+            return held.layers
         layers = self._read(name)
-        with self._lock:
-            if layers is None:
+        if layers is None:
+            with self._lock:
                 self._index.pop(name, None)
-            else:
-                try:
-                    self._ram[name] = layers
-                except ValueError:  # larger than the cache's RAM: served from the file each time
-                    pass
-        return layers
+            return None
+        if self._pinned:  # the piece it takes may be an earlier hit's, which may still be crossing to the device
+            torch.cuda.current_stream().synchronize()
+        held = self._hold(name, layers)  # None: larger than the cache's RAM, served from the file each time
+        return held.layers if held is not None else layers
 
     def _read_tokens(self, path: str) -> torch.Tensor | None:
         """An entry file's tokens, read without its layers; None when the file is refused."""
@@ -250,9 +326,14 @@ class PrefixCache:
     def close(self) -> None:
         self._copier.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        self._on_device = None
+        with self._lock:
+            self._ram.clear()
+            self._arena.release()
 
 
-def _common_prefix(stored: torch.Tensor, query: torch.Tensor) -> int:
+def common_prefix(stored: torch.Tensor, query: torch.Tensor) -> int:
+    """How many tokens two sequences share from their start."""
     length = min(len(stored), len(query))
     differs = (stored[:length] != query[:length]).nonzero()
     return int(differs[0]) if differs.numel() else length
@@ -269,16 +350,10 @@ def cache_layers(cache: Any) -> Layers | None:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of `tensor`, in pinned memory when it comes from a GPU (it goes back there at a hit: a 7B
-    model's 16k-token entry, 0.9 GB, crosses the link in about 20 ms pinned, 0.13 s pageable)."""
-    if tensor.device.type != "cuda":
-        return tensor.to("cpu", copy=True)
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    return host.copy_(tensor)
-
-
 def restore(cache: Any, layers: Layers, device: torch.device) -> None:
-    """Fill an empty cache with a prefix's `layers` (from `PrefixCache.lookup`), moved to `device`."""
+    """Fill an empty cache with a prefix's `layers` (from `PrefixCache.lookup`), moved to `device`. The list is
+    emptied as its layers are copied, so that a prefix kept on the device lets its memory go a layer at a time."""
     for index, (keys, values) in enumerate(layers):
-        cache.layers[index].update(keys.to(device, non_blocking=True), values.to(device, non_blocking=True))
+        layers[index] = None  # type: ignore[call-overload]
+        cache.layers[index].update(to_device(keys, device), to_device(values, device))
+        del keys, values
