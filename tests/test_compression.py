@@ -229,7 +229,7 @@ def test_direct_io_reads_the_same_units_and_says_how_it_reads(tiny_dirs, tmp_pat
         assert model.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == want
 
 
-@pytest.mark.parametrize("recipe", ["q4_k_m", "q8_0"])
+@pytest.mark.parametrize("recipe", ["q3_k", "q4_k_m", "q5_k", "q8_0"])
 @pytest.mark.parametrize("model_type", ["llama", "mixtral"])
 def test_ggml_recipes_equal_transformers_with_the_gguf_packages_dequantized_weights(model_type, recipe, tiny_dirs,
                                                                                     tmp_path):

@@ -87,7 +87,7 @@ def _device(key: str, value: Any) -> Any:
     return value
 
 
-COMPRESSION_FORMATS = ("nf4", "int8", "q4_k", "q4_k_m", "q6_k", "q8_0")
+COMPRESSION_FORMATS = ("nf4", "int8", "q3_k", "q4_k", "q4_k_m", "q5_k", "q6_k", "q8_0")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_4")  # transformers' names
 EXPERT_KERNELS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts_implementation names
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' block-wise kernels accept
@@ -128,7 +128,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
     "compression": {
         "format": (_choice("none", *COMPRESSION_FORMATS), "none",
                    "store the decoder layers' matrices block-wise: nf4 or int8 (bitsandbytes), or GGML's k-quants "
-                   "quantized by tierstore (q4_k, q4_k_m, q6_k, q8_0); none = as is"),
+                   "quantized by tierstore (q3_k, q4_k, q4_k_m, q5_k, q6_k, q8_0); none = as is"),
         "blocksize": (_blocksize, AUTO, "elements per quantization block (64 to 4096); auto = 64 for nf4, 256 "
                                         "for int8"),
         "calibration": (_file_or_none, "", "the GGML formats (q4_k, ...): \"bundled\" or a text file whose "

@@ -1,11 +1,15 @@
-"""Quantizing into GGML's block formats (the inverse of ggml.py): tierstore's own 4-, 6- and 8-bit compression.
+"""Quantizing into GGML's block formats (the inverse of ggml.py): tierstore's own 3- to 8-bit compression.
 
-The k-quants follow llama.cpp's reference quantizers (`quantize_row_q4_K_ref`, `quantize_row_q6_K_ref`), data-free:
+The k-quants follow llama.cpp's reference quantizers (`quantize_row_q3_K_ref` to `quantize_row_q6_K_ref`),
+data-free:
 - Q4_K: super-blocks of 256 in 8 sub-blocks of 32, each with a scale and a minimum found by a weighted
   least-squares search over 21 candidate grids (`make_qkx2_quants`), both then quantized to 6 bits against the
   super-block's float16 scale and minimum: 4.5 bits a weight;
-- Q6_K: 16 sub-blocks of 16, symmetric 6-bit codes, each sub-block's scale searched over 19 grids
-  (`make_qx_quants`) and stored as int8 against a float16 super-scale: 6.5625 bits;
+- Q5_K: the same with 5-bit codes (16 grids): 5.5 bits;
+- Q3_K: 16 sub-blocks of 16, symmetric 3-bit codes, each sub-block's scale searched over 19 grids
+  (`make_qx_quants`; llama.cpp's data-free Q3_K refines codes one at a time instead) and stored in 6 bits against
+  a float16 super-scale: 3.4375 bits;
+- Q6_K: 16 sub-blocks of 16, symmetric 6-bit codes, scales searched as Q3_K's and stored as int8: 6.5625 bits;
 - Q8_0: blocks of 32, symmetric 8-bit against a float16 scale: 8.5 bits.
 Given an importance per weight (the mean square of the input each weight multiplies, measured over a calibration
 text: llama.cpp's importance matrix), the searches weigh each weight's error by it, so that the weights that move the
@@ -71,14 +75,17 @@ def _scale_min_search(x: torch.Tensor, weights: torch.Tensor, nmax: int, steps: 
     return codes, torch.where(flat, torch.zeros_like(scale), scale), -minimum
 
 
-def _q4_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+def _scales_mins_codes(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, rmin: float, rdelta: float,
+                       steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K's and Q5_K's super-blocks of 256 in 8 sub-blocks of 32: the float16 scale and minimum (as float32),
+    the 12 bytes of 6-bit sub-block scales and minimums, and the codes in 0..nmax [blocks, 8, 32]."""
     sub = x.view(-1, 32)
     n = sub.shape[0] // 8
     if importance is None:
         weights = (sub.pow(2).mean(1, keepdim=True)).sqrt() + sub.abs()
     else:  # llama.cpp's weighting with an importance matrix
         weights = importance.view(-1, 32) * (sub.pow(2).mean(1, keepdim=True) + sub * sub).sqrt()
-    _, scales, mins = _scale_min_search(sub, weights, 15)
+    _, scales, mins = _scale_min_search(sub, weights, nmax, steps, rmin, rdelta)
     scales, mins = scales.view(n, 8), mins.view(n, 8)
     max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
     ls = torch.round(scales * torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))).clamp(0, 63)
@@ -87,15 +94,33 @@ def _q4_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     dmin = (max_min / 63).to(torch.float16).float()
     step, offset = (d * ls).view(-1, 1), (dmin * lm).view(-1, 1)  # what the dequantizer will use, per sub-block
     safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.where(step > 0, torch.round((sub + offset) / safe).clamp(0, 15), torch.zeros_like(sub))
-    codes = codes.to(torch.uint8).view(n, 4, 2, 32)
-    qs = (codes[:, :, 0] | (codes[:, :, 1] << 4)).view(n, 128)
+    codes = torch.where(step > 0, torch.round((sub + offset) / safe).clamp(0, nmax), torch.zeros_like(sub))
     ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
     packed = torch.empty(n, 12, dtype=torch.uint8, device=x.device)
     packed[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     packed[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     packed[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
-    return torch.cat([_half_bytes(d), _half_bytes(dmin), packed, qs], 1).reshape(-1)
+    return d, dmin, packed, codes.to(torch.uint8).view(n, 8, 32)
+
+
+def _nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [blocks, 8, 32] below 16 as Q4_K's and Q5_K's 128 bytes: each 64 codes' first 32 in the low nibbles."""
+    pairs = codes.view(codes.shape[0], 4, 2, 32)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).view(-1, 128)
+
+
+def _q4_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    d, dmin, packed, codes = _scales_mins_codes(x, importance, 15, -1.0, 0.1, 20)
+    return torch.cat([_half_bytes(d), _half_bytes(dmin), packed, _nibble_pairs(codes)], 1).reshape(-1)
+
+
+def _q5_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """Q4_K with 5-bit codes (llama.cpp's search from -0.5 in 15 steps): the fifth bits in 32 bytes, bit j of byte
+    i for sub-block j's code i. 5.5 bits a weight."""
+    d, dmin, packed, codes = _scales_mins_codes(x, importance, 31, -0.5, 0.1, 15)
+    high = (codes >> 4).long() << torch.arange(8, device=x.device).view(1, 8, 1)
+    qh = high.sum(1).to(torch.uint8)
+    return torch.cat([_half_bytes(d), _half_bytes(dmin), packed, qh, _nibble_pairs(codes & 0x0F)], 1).reshape(-1)
 
 
 def _symmetric_search(x: torch.Tensor, nmax: int, importance: torch.Tensor | None) -> torch.Tensor:
@@ -122,11 +147,8 @@ def _q6_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     sub = x.view(-1, 16)
     n = sub.shape[0] // 16
     scales = _symmetric_search(sub, 32, None if importance is None else importance.view(-1, 16)).view(n, 16)
-    index = scales.abs().argmax(1, keepdim=True)
-    max_scale = scales.gather(1, index)
-    inverse = torch.where(max_scale != 0, -128 / max_scale, torch.zeros_like(max_scale))
-    d = torch.where(max_scale != 0, 1 / inverse, torch.zeros_like(max_scale)).to(torch.float16).float()
-    small = torch.round(inverse * scales).clamp(max=127).to(torch.int8)
+    d, rounded = _signed_scales(scales, 128)
+    small = rounded.to(torch.int8)
     step = (d * small.float()).view(-1, 1)
     safe = torch.where(step != 0, step, torch.ones_like(step))
     codes = torch.where(step != 0, torch.round(sub / safe).clamp(-32, 31), torch.zeros_like(sub)) + 32
@@ -138,5 +160,39 @@ def _q6_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([ql, qh, small.view(torch.uint8), _half_bytes(d)], 1).reshape(-1)
 
 
-_QUANTIZE = {"Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
+def _signed_scales(scales: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-block scales [blocks, k] as integers in -levels..levels-1 against a float16 super-scale (the largest in
+    magnitude maps to -levels, as llama.cpp's Q3_K and Q6_K do): (super-scale as float32, integers)."""
+    index = scales.abs().argmax(1, keepdim=True)
+    max_scale = scales.gather(1, index)
+    inverse = torch.where(max_scale != 0, -levels / max_scale, torch.zeros_like(max_scale))
+    d = torch.where(max_scale != 0, 1 / inverse, torch.zeros_like(max_scale)).to(torch.float16).float()
+    return d, torch.round(inverse * scales).clamp(-levels, levels - 1)
+
+
+def _q3_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """16 sub-blocks of 16, symmetric 3-bit codes (-4..3), each sub-block's scale searched as Q6_K's, stored in 6
+    bits against a float16 super-scale; the codes' low two bits four to a byte, their high bits in a 32-byte mask.
+    3.4375 bits a weight."""
+    sub = x.view(-1, 16)
+    n = sub.shape[0] // 16
+    scales = _symmetric_search(sub, 4, None if importance is None else importance.view(-1, 16)).view(n, 16)
+    d, small = _signed_scales(scales, 32)
+    step = (d * small).view(-1, 1)
+    safe = torch.where(step != 0, step, torch.ones_like(step))
+    codes = (torch.where(step != 0, torch.round(sub / safe).clamp(-4, 3), torch.zeros_like(sub)) + 4)
+    codes = codes.to(torch.uint8).view(n, 256)
+    positions = torch.arange(8, device=x.device).view(1, 8, 1)
+    hmask = (((codes >> 2) & 1).view(n, 8, 32).long() << positions).sum(1).to(torch.uint8)
+    low = (codes & 3).view(n, 2, 4, 32).long() << (2 * torch.arange(4, device=x.device)).view(1, 1, 4, 1)
+    qs = low.sum(2).to(torch.uint8).view(n, 64)
+    levels = (small + 32).to(torch.uint8)  # 0..63
+    packed = torch.zeros(n, 12, dtype=torch.uint8, device=x.device)
+    packed[:, :8] = (levels[:, :8] & 0x0F) | ((levels[:, 8:] & 0x0F) << 4)
+    top = (levels >> 4).view(n, 4, 4).long() << (2 * torch.arange(4, device=x.device)).view(1, 4, 1)
+    packed[:, 8:] = top.sum(1).to(torch.uint8)
+    return torch.cat([hmask, qs, packed, _half_bytes(d)], 1).reshape(-1)
+
+
+_QUANTIZE = {"Q8_0": _q8_0, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 FORMATS = tuple(_QUANTIZE)
