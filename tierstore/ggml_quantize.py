@@ -103,10 +103,17 @@ def _scales_mins_codes(x: torch.Tensor, importance: torch.Tensor | None, nmax: i
     return d, dmin, packed, codes.to(torch.uint8).view(n, 8, 32)
 
 
+def _pack(fields: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
+    """Fields of `bits` bits along `dim` packed into one byte, the first in the lowest bits (uint8, `dim` gone)."""
+    shape = [1] * fields.dim()
+    shape[dim] = -1
+    shifts = bits * torch.arange(fields.shape[dim], device=fields.device).view(shape)
+    return (fields.long() << shifts).sum(dim).to(torch.uint8)
+
+
 def _nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
     """Codes [blocks, 8, 32] below 16 as Q4_K's and Q5_K's 128 bytes: each 64 codes' first 32 in the low nibbles."""
-    pairs = codes.view(codes.shape[0], 4, 2, 32)
-    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).view(-1, 128)
+    return _pack(codes.view(codes.shape[0], 4, 2, 32), 2, 4).view(-1, 128)
 
 
 def _q4_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
@@ -118,8 +125,7 @@ def _q5_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     """Q4_K with 5-bit codes (llama.cpp's search from -0.5 in 15 steps): the fifth bits in 32 bytes, bit j of byte
     i for sub-block j's code i. 5.5 bits a weight."""
     d, dmin, packed, codes = _scales_mins_codes(x, importance, 31, -0.5, 0.1, 15)
-    high = (codes >> 4).long() << torch.arange(8, device=x.device).view(1, 8, 1)
-    qh = high.sum(1).to(torch.uint8)
+    qh = _pack(codes >> 4, 1, 1)
     return torch.cat([_half_bytes(d), _half_bytes(dmin), packed, qh, _nibble_pairs(codes & 0x0F)], 1).reshape(-1)
 
 
@@ -153,10 +159,8 @@ def _q6_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     safe = torch.where(step != 0, step, torch.ones_like(step))
     codes = torch.where(step != 0, torch.round(sub / safe).clamp(-32, 31), torch.zeros_like(sub)) + 32
     codes = codes.to(torch.uint8).view(n, 256)
-    low = (codes & 0x0F).view(n, 2, 2, 64)
-    ql = (low[:, :, 0] | (low[:, :, 1] << 4)).view(n, 128)
-    high = (codes >> 4).view(n, 2, 4, 32)
-    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).view(n, 64)
+    ql = _pack((codes & 0x0F).view(n, 2, 2, 64), 2, 4).view(n, 128)
+    qh = _pack((codes >> 4).view(n, 2, 4, 32), 2, 2).view(n, 64)
     return torch.cat([ql, qh, small.view(torch.uint8), _half_bytes(d)], 1).reshape(-1)
 
 
@@ -182,15 +186,10 @@ def _q3_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     safe = torch.where(step != 0, step, torch.ones_like(step))
     codes = (torch.where(step != 0, torch.round(sub / safe).clamp(-4, 3), torch.zeros_like(sub)) + 4)
     codes = codes.to(torch.uint8).view(n, 256)
-    positions = torch.arange(8, device=x.device).view(1, 8, 1)
-    hmask = (((codes >> 2) & 1).view(n, 8, 32).long() << positions).sum(1).to(torch.uint8)
-    low = (codes & 3).view(n, 2, 4, 32).long() << (2 * torch.arange(4, device=x.device)).view(1, 1, 4, 1)
-    qs = low.sum(2).to(torch.uint8).view(n, 64)
-    levels = (small + 32).to(torch.uint8)  # 0..63
-    packed = torch.zeros(n, 12, dtype=torch.uint8, device=x.device)
-    packed[:, :8] = (levels[:, :8] & 0x0F) | ((levels[:, 8:] & 0x0F) << 4)
-    top = (levels >> 4).view(n, 4, 4).long() << (2 * torch.arange(4, device=x.device)).view(1, 4, 1)
-    packed[:, 8:] = top.sum(1).to(torch.uint8)
+    hmask = _pack((codes >> 2).view(n, 8, 32), 1, 1)
+    qs = _pack((codes & 3).view(n, 2, 4, 32), 2, 2).view(n, 64)
+    levels = (small + 32).to(torch.uint8)  # 0..63: low nibbles two to a byte, top two bits four to a byte
+    packed = torch.cat([_pack((levels & 0x0F).view(n, 2, 8), 1, 4), _pack((levels >> 4).view(n, 4, 4), 1, 2)], 1)
     return torch.cat([hmask, qs, packed, _half_bytes(d)], 1).reshape(-1)
 
 

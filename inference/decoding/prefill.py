@@ -59,8 +59,7 @@ def feed_prompt(model: Any, input_ids: torch.Tensor, cache: Any, start: int = 0,
     """Feed `input_ids[:, start:stop]` into `cache` through `model` (a TierstoreModel) in the chunks `planned` (or
     `plan_feed`) gives: the store re-planned for the chunks while they run, then back, and the GPU allocator's
     cache emptied after a re-plan or several chunks (the budget counts what the process holds). Returns the last
-    forward's output
-    and the plan's note when the prompt took more than one chunk."""
+    forward's output and the plan's note when the prompt took more than one chunk."""
     stop = input_ids.shape[1] if stop is None else stop
     planned = planned or plan_feed(model, stop - start, input_ids.shape[0], attention_mask)
     decode_plan = model.plan

@@ -200,8 +200,6 @@ class PrefixCache:
 
     def _keep(self, tokens: torch.Tensor, layers: Layers, ready: torch.cuda.Event | None) -> None:
         name = xxhash.xxh3_128_hexdigest(self.key.encode() + tokens.numpy().tobytes())
-        if ready is not None and self._stream is None:
-            self._stream = torch.cuda.Stream(layers[0][0].device)
         held = self._hold(name, layers, ready)
         if held is None:  # larger than the RAM the cache may take: on disk only, or not at all
             if self.directory is None:
@@ -222,6 +220,8 @@ class PrefixCache:
             piece = self._ram.piece(host_bytes(layers))
         if piece is None:
             return None
+        if ready is not None and self._stream is None:
+            self._stream = torch.cuda.Stream(layers[0][0].device)
         held = _Held(copy_to_host(layers, piece, ready, self._stream if ready is not None else None), piece)
         with self._lock:
             self._ram[name] = held
