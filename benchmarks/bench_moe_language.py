@@ -10,10 +10,11 @@ in safetensors (tierstore reads them in place).
 
 Rows (each one process): `resident` = transformers with every weight on the GPU (grouped_mm); `4GB`, `8GB`, `all`
 (a budget holding every expert in device slots) = tierstore at that vram and ram 56 GB, run with missed experts
-copied into slots (`device`: how tierstore ran before the CPU computed experts), split between copies and the CPU
-by the cost model (`auto`, the default), and all on the CPU (`host`): the modes are switched on one model object
-(`model.experts.compute`), each after a warm-up call per prompt; `draft` = vram 4 GB with SmolLM2 itself as the
-draft (the GGUF; the same function as the target). Greedy, several prompts with the chat template, each reported.
+copied into slots (`device`), read in place from mapped host RAM in decode steps (`mapped`, which auto picks on a
+GPU when RAM holds every expert), or all on the CPU (`host`): the modes are switched on one model object
+(`model.experts.compute`; `--mode` overrides the list), each after a warm-up call per prompt; `draft` = vram 4 GB
+with SmolLM2 itself as the draft (the GGUF; the same function as the target). Greedy, several prompts with the
+chat template, each reported.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ EXPERTS, TOP_K, FACTOR, LAYERS = 128, 8, 2, 30
 PROMPTS = [QUESTION, "What is the capital of France? Answer in two sentences.",
            "Write a short poem about the sea."]
 BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB")}
-MODES = {"4GB": "device,auto,host", "8GB": "device,auto", "all": "device", "draft": "auto"}
+MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,mapped", "draft": "auto"}
 
 
 def upcycle(gguf: str, out_dir: str, experts: int = EXPERTS, top_k: int = TOP_K, factor: int = FACTOR) -> None:
@@ -122,6 +123,7 @@ def tierstore_row(args: argparse.Namespace) -> dict:
             tokens = out[0, ids.shape[1]:].tolist()
             tiers = report["tiers"]
             rows.append({"s_per_token": 1 / timing["decode_tokens_per_s"], "prefill_s": timing["prefill_s"],
+                         "graphed": timing["graphed"],
                          "tokens": tokens, "experts": experts, "slot_hit_rate": tiers["experts device"]["hit_rate"],
                          "host_tier": {k: tiers["experts host"][k] for k in ("hits", "misses", "stall_s")},
                          "speculation": report["speculation"],
@@ -215,10 +217,10 @@ def print_table(results: dict, probe: dict, card: str) -> None:
     resident = results.get("resident", {}).get("prompts", {}).get("resident", [])
     print(f"\ncard: {card}; link {probe['h2d_pinned_gbps']:.1f} GB/s pinned; CPU linear "
           f"{probe.get('cpu_linear_gbps', 0):.1f} GB/s at 1 token, {probe.get('cpu_linear_gbps_32', 0):.1f} at 32")
-    print("| row | mode | prompt | s/token | x resident | copied/pass | CPU experts/pass | CPU GB/s | "
-          "host work/layer call | slot hits | tokens/pass | verify pass s | largest tree | same tokens as resident | "
-          "top-2 gap where it parts from the reference row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| row | mode | prompt | s/token | x resident | copied/pass | read in place/pass | CPU experts/pass | "
+          "CPU GB/s | host work/layer call | slot hits | tokens/pass | verify pass s | largest tree | "
+          "same tokens as resident | top-2 gap where it parts from the reference row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         if name == "probe":
             continue
@@ -235,6 +237,8 @@ def print_table(results: dict, probe: dict, card: str) -> None:
                 copied = experts.get("h2d_bytes_per_pass")
                 cells = [name, mode, number, f"{step:.4f}", fmt(base and step / base, "{:.2f}"),
                          fmt(copied and copied / 1e9, "{:.2f} GB"),
+                         fmt(experts.get("mapped_bytes_per_pass") and experts["mapped_bytes_per_pass"] / 1e9,
+                             "{:.2f} GB"),
                          fmt(experts.get("host_computed_per_pass"), "{:.1f}"),
                          fmt(experts.get("cpu_gbps"), "{:.1f}"), fmt(experts.get("host_work_s_per_call"), "{:.2e}"),
                          fmt(got.get("slot_hit_rate"), "{:.1%}"), fmt(spec.get("tokens_per_pass"), "{:.1f}"),

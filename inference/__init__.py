@@ -15,14 +15,16 @@ placement/  how the device and RAM budgets are divided: budgets.py (budgets capp
             host RAM, re-plans as it grows, the largest batch), prefill.py (a long prompt's chunks and their room)
 runtime/    what runs each pass. Module adapters (adapters.py: made = attached, `detach()` restores; hooks.py
             lends each unit's tensors around its module's forward, lookup.py answers the input embedding from
-            RAM, experts.py runs MoE layers on the routed experts' device slots, collectives.py combines tensor-
-            parallel ranks' outputs); the KV cache: host_cache.py (in host RAM), reserved_cache.py (on the device,
+            RAM, experts.py runs MoE layers on the routed experts' device slots, or on the CPU (host_experts.py)
+            or read in place from mapped RAM (mapped_experts.py), collectives.py combines tensor-parallel ranks'
+            outputs); the KV cache: host_cache.py (in host RAM), reserved_cache.py (on the device,
             written in place), prefix_cache.py (finished sequences' caches kept for reuse); chunk_attention.py
             (a prompt chunk's attention without a mask tensor)
 decoding/   the decode loops: model.py (TierstoreModel: transformers' generate, timing, report, KV placement),
-            graphed.py (a resident model's decode steps replayed from a CUDA graph), speculation.py (a draft's
-            tree verified in one pass; drafts.py, tree.py), prefill.py (a prompt fed in chunks, for generate and
-            the batcher), and under all three loops (generate, speculation, the batcher) sampling.py;
+            graphed.py (decode steps replayed from a CUDA graph: a resident model, or experts read in place),
+            speculation.py (a draft's tree verified in one pass; drafts.py, tree.py), prefill.py (a prompt fed in
+            chunks, for generate and the batcher), and under all three loops (generate, speculation, the batcher)
+            sampling.py;
             importance.py (a calibration text's importance matrix, for calibrated compression)
 loading/    from what the user names to units: resolve.py, checkpoint.py, safetensors_header.py, skeleton.py (the
             meta model cut into units: architecture knowledge lives here), sources.py (`open_units`: safetensors

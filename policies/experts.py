@@ -22,7 +22,9 @@ EXPERT_POLICIES = ("lfu", "lru", "fifo")
 # A layer call that computes any expert on the host pays this once: the hidden state and routing weights read
 # back, the CPU's sum copied over and added (measured on an H200 host: about half a millisecond).
 HOST_CALL_S = 0.5e-3
-COMPUTE_MODES = ("device", "host")  # where a missed expert is computed, besides auto (the cost model decides)
+# Where a missed expert is computed, besides auto (the cost model decides): copied into a slot, computed by the CPU,
+# or read in place by the device from mapped host RAM (a decode step's; inference/runtime/mapped_experts.py).
+COMPUTE_MODES = ("device", "host", "mapped")
 DEFAULT_EXPERT_POLICY = "lfu"  # popularity is skewed on real models; the decay follows it as the text moves on
 
 
@@ -232,6 +234,11 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
         prefetch=(("auto" if experts.prefetch == AUTO else experts.prefetch)
                   if predict and device_slots >= 2 * experts.top_k else "none"),
         compute=_compute(experts), costs=experts.costs)
+    if expert_plan.compute == "mapped" and expert_plan.host_experts < expert_plan.total_experts:
+        every = format_size(expert_plan.total_experts * experts.expert_bytes)
+        raise BudgetError(f"experts.compute = mapped reads routed experts from host RAM, which must hold all "
+                          f"{expert_plan.total_experts} ({every}); the RAM budget leaves room for "
+                          f"{expert_plan.host_experts}: raise ram, or choose device or host")
     notes = list(plan.notes)
     if device_slots < experts.total_experts and device_slots < experts.experts_per_layer:
         notes.append(f"{device_slots} expert slots on the device, fewer than a layer's {experts.experts_per_layer} "

@@ -293,17 +293,19 @@ def test_trace_on_cuda_times_copies_and_compute_with_events(tmp_path):
             assert after["ts"] >= before["ts"] + before["dur"] - 0.01
 
 
-@pytest.mark.parametrize("compute", ["device", "host", "split"])
+@pytest.mark.parametrize("compute", ["device", "host", "split", "mapped"])
 def test_moe_missed_experts_copied_or_computed_on_the_cpu_give_transformers_tokens(tmp_path, compute):
     """A tiny Qwen3-MoE in float32 on CUDA, most experts off the device: missed experts copied into slots, computed
-    by the CPU, or split between the two (the cost model given equal rates): transformers' greedy tokens."""
+    by the CPU, split between the two (the cost model given equal rates), or read in place from mapped host RAM in
+    the decode steps: transformers' greedy tokens."""
     from test_moe import PROMPT, _config, _reference, _saved, _streaming_budget
     from tierstore.policies.experts import ExpertCosts
 
     model, directory = _saved("qwen3_moe", tmp_path)
     want = _reference(model, new_tokens=12)
     config = _config(str(tmp_path), compute="device" if compute == "split" else compute, prefetch="none")
-    budget = _streaming_budget(directory, config)  # planned as on a CPU, plus a fixed reserve on the GPU
+    # planned as on a CPU, plus a fixed reserve on the GPU
+    budget = _streaming_budget(directory, config, every_expert_in_ram=compute == "mapped")
     reserve = 512 * 2**20  # room for activations and the KV cache as the GPU plans them (64 MB was refused)
     config["runtime"].update(device="cuda", device_reserve=reserve)
     budget = tierstore.Budget(vram=budget.vram + reserve, ram=budget.ram)
@@ -314,31 +316,86 @@ def test_moe_missed_experts_copied_or_computed_on_the_cpu_give_transformers_toke
         got = streamed.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
         report = streamed.report()
     assert got == want
-    on_host, copied = report.experts["host_computed"], report.tiers["experts device"].misses
-    assert (on_host > 0) == (compute != "device") and (copied > 0) == (compute != "host")
-    print(f"\ncuda qwen3_moe, compute {compute}: tokens identical; {on_host} experts on the CPU, {copied} copied")
+    on_host, copied = report.experts["host_computed"], report.tiers["experts device"].bytes_in
+    in_place = report.experts["mapped_bytes"]
+    assert (on_host > 0) == (compute in ("host", "split")) and (in_place > 0) == (compute == "mapped")
+    assert compute == "mapped" or (copied > 0) == (compute != "host")
+    print(f"\ncuda qwen3_moe, compute {compute}: tokens identical; {on_host} experts on the CPU, {copied} bytes "
+          f"copied, {in_place} read in place")
 
 
 def test_a_resident_moe_with_experts_in_its_layers_replays_a_graph_with_the_eager_tokens(tmp_path):
     """A tiny Qwen3-MoE in bf16 (grouped_mm's own dtype on CUDA; its float32 path copies from the host and cannot
     be captured), all on the device with its experts inside their layers: the decode steps replay a CUDA graph and
-    give the eager steps' greedy tokens; under expert streaming they run eagerly, and the note says why."""
+    give the eager steps' greedy tokens; under expert streaming with every expert in pinned RAM, auto reads them
+    in place and the steps replay a graph too; with the experts copied as picked they run eagerly, and the note
+    says why."""
     from test_moe import PROMPT, _saved
 
     _, directory = _saved("qwen3_moe", tmp_path)
     runs = {}
-    for streaming, graphs in ((False, "off"), (False, "auto"), (True, "auto")):
+    for streaming, graphs, compute in ((False, "off", "auto"), (False, "auto", "auto"), (True, "auto", "auto"),
+                                       (True, "auto", "device")):
         config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs},
-                  "experts": {"streaming": streaming, "implementation": "grouped_mm"}}
+                  "experts": {"streaming": streaming, "implementation": "grouped_mm", "compute": compute}}
         with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram="1GB", ram="1GB"),
                                                  config=config, dtype=torch.bfloat16) as resident:
             tokens = resident.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
-            runs[streaming, graphs] = tokens, resident.report()
-    (eager, _), (graphed, report), (streamed, streamed_report) = runs.values()
+            runs[streaming, graphs, compute] = tokens, resident.report()
+    (eager, _), (graphed, report), (in_place, in_place_report), (copied, copied_report) = runs.values()
     assert graphed == eager and report.timing.graphed is True, report.notes
-    assert streamed_report.timing.graphed is False
-    assert any("routed experts" in note for note in streamed_report.notes), streamed_report.notes
-    print(f"\ncuda qwen3_moe bf16: graphed tokens equal eager; streamed experts' tokens equal: {streamed == eager}")
+    assert in_place_report.timing.graphed is True and in_place_report.experts["mapped_pairs"] > 0
+    assert copied_report.timing.graphed is False
+    assert any("routed experts" in note for note in copied_report.notes), copied_report.notes
+    print(f"\ncuda qwen3_moe bf16: graphed tokens equal eager; streamed experts' tokens equal: read in place "
+          f"{in_place == eager}, copied {copied == eager}")
+
+
+def test_moe_experts_read_in_place_replay_a_graph_with_the_eager_tokens(tmp_path):
+    """A tiny Qwen3-MoE in bf16 on CUDA, its dense units on the device and a third of its experts in slots, every
+    expert in RAM, `experts.compute = mapped`: the decode steps replay a CUDA graph (the routing never reaches the
+    host inside a step) and give the eager steps' tokens; every replayed step's routing is counted, as eagerly."""
+    from test_architectures import tiny
+    from test_moe import PROMPT, _config, _units
+    from tierstore.inference.compose import make_plan_for
+
+    # tied embeddings: an untied input embedding is looked up in RAM unless the whole model fits the device
+    model, why = tiny("qwen3_moe", tie_word_embeddings=True)
+    assert model is not None, why
+    directory = str(tmp_path / "qwen3_moe_bf16")  # saved in bf16, so that the GPU's plans are bf16's
+    model.to(torch.bfloat16).save_pretrained(directory)
+    dense, experts = _units(directory, _config(str(tmp_path)))  # float32 sizes (a CPU's): bf16 takes half
+    reserve = 512 * 2**20
+    ram = sum(dense) + 2 * experts.total_experts * experts.expert_bytes
+
+    def config(graphs):
+        config = _config(str(tmp_path), compute="mapped", prefetch="none")
+        config["runtime"].update(device="cuda", device_reserve=reserve, cuda_graphs=graphs)
+        return config
+
+    def resident_dense(vram):  # whether the plan keeps every dense unit on the device
+        try:
+            plan = make_plan_for(directory, {"vram": vram, "ram": ram}, config("auto"))
+        except tierstore.BudgetError:
+            return False
+        return set(plan.schedule) <= set(plan.device_resident) and not plan.host_lookup
+
+    vram = reserve + sum(dense) // 2
+    while not resident_dense(vram):  # the least room that holds the dense units: the fewest expert slots
+        vram += experts.expert_bytes // 2
+    runs = {}
+    for graphs in ("off", "auto"):
+        with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram=vram, ram=ram),
+                                                 config=config(graphs), dtype=torch.bfloat16) as model:
+            tokens = model.generate(PROMPT, max_new_tokens=16, do_sample=False, pad_token_id=0).tolist()
+            runs[graphs] = tokens, model.report(), model.plan.experts
+    (eager, eager_report, plan), (graphed, report, _) = runs.values()
+    assert plan.device_slots < plan.total_experts, plan
+    assert report.timing.graphed is True and eager_report.timing.graphed is False, report.notes
+    assert graphed == eager
+    assert report.experts["mapped_pairs"] == eager_report.experts["mapped_pairs"] > 0
+    print(f"\ncuda qwen3_moe bf16, experts read in place: {plan.device_slots}/{plan.total_experts} slots, graphed "
+          f"tokens equal eager; {report.experts['mapped_admitted']} copied into slots as it ran")
 
 
 @pytest.mark.parametrize("tiers", [("host",), ("disk",), ("device", "disk", "host", "host", "disk", "disk")])

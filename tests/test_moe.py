@@ -64,15 +64,15 @@ def _units(directory, config):
                       if tied or key != "embed_tokens"), whole.plan.experts
 
 
-def _streaming_budget(directory, config):
+def _streaming_budget(directory, config, every_expert_in_ram=False):
     """A budget holding a quarter of the dense units and about a third of the experts on the device, and half the
-    experts in RAM: lowered until the plan keeps some experts off the device (where dense units are large, the
-    planner gives the experts whatever the dense units leave)."""
+    experts in RAM (or all of them): lowered until the plan keeps some experts off the device (where dense units
+    are large, the planner gives the experts whatever the dense units leave)."""
     dense, experts = _units(directory, config)
     assert experts is not None, "no expert units"
     expert_total = experts.total_experts * experts.expert_bytes
     vram = dense[-1] * 3 + sum(dense) // 4 + max(expert_total // 3, 2 * experts.top_k * experts.expert_bytes)
-    ram = sum(dense) + expert_total // 2
+    ram = sum(dense) + (2 * expert_total if every_expert_in_ram else expert_total // 2)
     def slots(vram_bytes):
         try:
             return make_plan_for(directory, {"vram": vram_bytes, "ram": ram}, config).experts.device_slots
@@ -109,15 +109,16 @@ def run_streamed(model, model_type, root, compute="device"):
     directory = os.path.join(root, model_type)
     model.save_pretrained(directory)
     config = _config(root, compute=compute)
-    budget = _streaming_budget(directory, config)
+    budget = _streaming_budget(directory, config, every_expert_in_ram=compute == "mapped")
     with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
         got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
         return want, got, streamed.plan, streamed.report()
 
 
-@pytest.mark.parametrize("compute", ["device", "host"])
+@pytest.mark.parametrize("compute", ["device", "host", "mapped"])
 def test_every_moe_architecture_streams_its_experts_and_matches_transformers(tmp_path, compute):
-    """Missed experts copied into slots (device), or computed by the CPU from host RAM (host)."""
+    """Missed experts copied into slots (device), computed by the CPU from host RAM (host), or read in place from
+    host RAM in decode steps (mapped)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -137,11 +138,13 @@ def test_every_moe_architecture_streams_its_experts_and_matches_transformers(tmp
                 continue
             experts = plan.experts
             moved_off_device = experts.device_slots < experts.total_experts
-            on_host = report.experts["host_computed"]
+            on_host, in_place = report.experts["host_computed"], report.experts["mapped_bytes"]
             right_place = on_host > 0 if compute == "host" else on_host == 0
+            right_place = right_place and (in_place > 0) == (compute == "mapped")
             outcomes[model_type] = ("pass" if got == want and moved_off_device and right_place else "FAIL",
                                     f"{experts.device_slots}/{experts.total_experts} expert slots, "
-                                    f"{report.tiers['experts device'].misses} fetched, {on_host} on the CPU")
+                                    f"{report.tiers['experts device'].misses} fetched, {on_host} on the CPU, "
+                                    f"{in_place} bytes read in place")
     ran = {k: v for k, v in outcomes.items() if v[0] != "skipped"}
     print(f"\nMoE architectures, compute = {compute}: {sum(v[0] == 'pass' for v in ran.values())}/{len(ran)} "
           f"stream their experts and "
@@ -468,3 +471,39 @@ def test_a_budget_holding_every_expert_runs_past_the_kernels_group_limit(tmp_pat
     assert got == want
     assert groups and max(groups) <= MAX_GROUPS
     assert 1600 - MAX_GROUPS in groups  # the second window ran
+
+
+def test_experts_read_in_place_follow_the_routing_into_slots_and_every_row_leads_to_its_expert(tmp_path):
+    """`experts.compute = mapped` on a tiny Mixtral, a third of the experts in device slots, every one in RAM, a
+    longer decode: transformers' tokens; experts routed to again are copied into slots as it runs, and afterwards
+    every expert's row of the table leads to that expert's own bytes (in its slot or in host RAM)."""
+    model, directory = _saved("mixtral", tmp_path)
+    want = _reference(model, new_tokens=24)
+    config = _config(str(tmp_path), compute="mapped", prefetch="none")
+    budget = _streaming_budget(directory, config, every_expert_in_ram=True)
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
+        got = streamed.generate(PROMPT, max_new_tokens=24, do_sample=False, pad_token_id=0).tolist()
+        report = streamed.report()
+        runner = streamed.experts
+        keys = [key for group in runner.groups for key in group.keys]
+        in_ram = runner.store.get_host_many(keys, count=False)
+        try:
+            wrong = [key for key, tensors in zip(keys, in_ram)
+                     if not torch.equal(runner._mapped.bytes_read(key),
+                                        torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors.values()]))]
+        finally:
+            runner.store.release_host_many(keys)
+    assert got == want
+    experts = report.experts
+    assert experts["mapped_pairs"] > 0 and experts["mapped_admitted"] > 0, experts
+    assert 0 < experts["mapped_slot_share"] < 1, experts
+    assert not wrong, wrong
+
+
+def test_reading_experts_in_place_needs_every_expert_in_ram(tmp_path):
+    """`experts.compute = mapped` with a RAM budget for half the experts is refused in one line naming the fix."""
+    _, directory = _saved("mixtral", tmp_path)
+    budget = _streaming_budget(directory, _config(str(tmp_path)))
+    config = _config(str(tmp_path), compute="mapped")
+    with pytest.raises(tierstore.BudgetError, match="mapped reads routed experts from host RAM, which must hold"):
+        make_plan_for(directory, budget, config)

@@ -162,8 +162,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "compute": (_choice(AUTO, *COMPUTE_MODES), AUTO,
                     "where an expert routed to but not on the device is computed: device = copied over the link "
                     "into a slot; host = by the CPU from host RAM (the token's hidden state crosses the link, not "
-                    "the weights); auto = split per layer by measured rates so that link and CPU work at once "
-                    "(on a CPU: host)"),
+                    "the weights); mapped = read in place by the GPU from page-locked host RAM, no copy and no "
+                    "wait for the routing (layer calls of up to 32 token-expert pairs, as in decoding; host RAM "
+                    "must hold every expert); auto = split per layer by measured rates so that link and CPU work "
+                    "at once (on a CPU: host)"),
         "implementation": (_choice(AUTO, *EXPERT_KERNELS), AUTO,
                            "transformers' experts kernel; auto = grouped_mm under expert streaming (the fastest on "
                            "GPUs, and exact there: eager sums a token's experts in slot order), else transformers' "

@@ -256,10 +256,38 @@ class TieredStore:
         """Whether `key` is in the device tier, or on its way there."""
         return key in self._device_data
 
-    def get_host_many(self, keys: list[Key]) -> list[dict[str, torch.Tensor]]:
+    def landed_on_device(self, keys: list[Key]) -> dict[Key, dict[str, torch.Tensor]]:
+        """Of `keys`, the device tensors of those whose copy there has finished; nothing is pinned, counted or
+        waited for. A caller that reads them without `get` relies on eviction's fence: a unit evicted later is
+        overwritten only after the compute queued before its eviction."""
+        with self._lock:
+            entries = {key: self._device_data.get(key) for key in keys}
+            return {key: entry.tensors for key, entry in entries.items()
+                    if entry is not None and entry.ready.done() and entry.ready.exception() is None
+                    and self.transfer.done(entry.copy_fence)}
+
+    def in_host(self, keys: list[Key]) -> bool:
+        """Whether every one of `keys` has been read into host RAM (none still on its way, none missing)."""
+        with self._lock:
+            entries = (self._host_data.get(key) for key in keys)
+            return all(entry is not None and entry.ready.done() for entry in entries)
+
+    def count_served(self, routed: list[Key], device_hits: int, host_bytes: int) -> None:
+        """Requests for `routed` served without `get` (the device reading experts in place): `device_hits` of
+        them from the device tier, the others (`host_bytes`) from host RAM, a device miss and a host hit each.
+        Each is an access for the device tier's policy, as through `get`."""
+        with self._lock:
+            for key in routed:
+                self.device.access(key)
+            self.device.stats.hits += device_hits
+            self.device.stats.misses += len(routed) - device_hits
+            self.host.stats.hits += len(routed) - device_hits
+            self.host.stats.bytes_out += host_bytes
+
+    def get_host_many(self, keys: list[Key], count: bool = True) -> list[dict[str, torch.Tensor]]:
         """The units' tensors in host RAM, read from disk when not there (a unit also on the device is served
         from RAM all the same: the caller computes on the host); pinned in the host tier until `release_host_many`.
-        Each request counts as a host hit, or as a host miss served by the disk."""
+        Each request counts as a host hit, or as a host miss served by the disk (unless not `count`)."""
         entries: list[_Entry] = []
         try:
             for key in keys:
@@ -273,11 +301,11 @@ class TieredStore:
                 entry.ready.result()
                 with self._lock:
                     if entry.served_from == "disk":
-                        self.host.stats.misses += 1
-                        self.disk_stats.hits += 1
+                        self.host.stats.misses += count
+                        self.disk_stats.hits += count
                         entry.served_from = None
                     else:
-                        self.host.stats.hits += 1
+                        self.host.stats.hits += count
                     self.host.access(key)
                     if entry.tensors is None:
                         with torch.inference_mode(False):

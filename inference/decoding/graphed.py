@@ -5,7 +5,9 @@ on an H200, where reading its 15 GB from HBM takes about 3 ms. Here a step runs 
 (the token fed, its position, an attention bias computed from that position on the device, a static KV cache and
 the logits), so it is captured once and replayed: a step costs one graph launch, the choice of the next token and
 reading that token back. `refusal` says which calls cannot run this way (units streamed through slots change
-their addresses; routed experts and host-tier KV caches sync inside the pass) and why.
+their addresses; routed experts copied as picked and host-tier KV caches sync inside the pass) and why. Routed
+experts read in place (inference/runtime/mapped_experts.py) need no host inside the pass: a hook between replays
+does their bookkeeping.
 
 The prompt is fed eagerly, in chunks, into the same cache with a 4D bias (causal inside the chunk). Decoding
 attends through a bias over the whole buffer (SDPA's memory-efficient kernel) where transformers' decode runs its
@@ -103,9 +105,12 @@ class GraphedDecoder:
     """Plain decoding (greedy or sampled) of one resident model with its steps replayed from a CUDA graph. The
     graph and its buffers are kept for the next call of the same batch size and buffer length."""
 
-    def __init__(self, model: Any, device: torch.device) -> None:
-        self.model = model  # transformers' model, its units all on `device`
+    def __init__(self, model: Any, device: torch.device, before_replay: Callable[[], None] | None = None) -> None:
+        """`before_replay`: called before each replay (work a replay cannot do: the routed experts' bookkeeping,
+        inference/runtime/experts.py)."""
+        self.model = model  # transformers' model, its units all on `device` (or routed experts read in place)
         self.device = device
+        self._before_replay = before_replay
         self._shape: tuple[int, int] | None = None  # (rows, buffer tokens) of the buffers and graph
         self._kv: StaticKV | None = None
         self._static: dict[str, torch.Tensor] = {}
@@ -192,6 +197,8 @@ class GraphedDecoder:
         self._static["position"].fill_(position)
         self._kv.length = position + 1  # type: ignore[union-attr]
         if self._graph is not None:
+            if self._before_replay is not None:
+                self._before_replay()
             self._graph.replay()
             return self._static["logits"]
         self._forward()

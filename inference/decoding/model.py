@@ -211,7 +211,7 @@ class TierstoreModel:
         moving = len(set(plan.schedule) - set(plan.device_resident)) + len(plan.host_lookup)
         if moving:
             return f"{moving} of the model's units are not kept on the device (streamed units change addresses)"
-        if self.experts is not None:
+        if self.experts is not None and not self.experts.graphable(input_ids.shape[0]):
             return "routed experts are fetched as the router picks them"
         if self.kv_on_host:
             return "the KV cache has layers off the device"
@@ -235,7 +235,8 @@ class TierstoreModel:
             [] if settings.eos_token_id is None else [settings.eos_token_id]
         pad = settings.pad_token_id if settings.pad_token_id is not None else (ends[0] if ends else 0)
         if self._graphed is None:
-            self._graphed = GraphedDecoder(self.model, self.device)
+            self._graphed = GraphedDecoder(self.model, self.device,
+                                           self.experts.before_replay if self.experts is not None else None)
         clock = _StepClock(self.tracer)
         self._kv_call = {"cache_tokens": rows * (prompt + max_new), "chunk": None, "reused": 0, "tiers": None}
         with quiet_forward():

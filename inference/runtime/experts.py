@@ -13,6 +13,10 @@ masked to zero, the CPU computes its experts meanwhile, and the sum of both is t
 experts start copying behind the kernel (behind the CPU's experts when it has some: loads in flight hold host RAM
 those may need). Slots beyond what the kernel takes in one call (MAX_GROUPS) are run in
 windows of that many, one call per window the routing touches.
+
+A decode step's layer call (a few tokens) can instead read its experts in place, from their slot or from mapped
+host RAM, with no sync and no copy (mapped_experts.py): under `experts.compute = mapped`, and under auto on a GPU
+whose pinned host RAM holds every expert.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...errors import ConfigError
 from ...policies.experts import ExpertCosts, ExpertPlan, best_policy, split_misses
 from ...policies.registry import make_eviction
 from ...store import SlotPool, StoreEvent, TieredStore
@@ -33,6 +38,7 @@ from ...transfer import CPUTransfer, CUDATransfer
 from ...units import TensorSlot, UnitLayout, UnitSource
 from ..loading.skeleton import ExpertGroup
 from .host_experts import computes_on_host, host_outputs
+from .mapped_experts import MAX_PAIRS, MappedExperts, Served
 
 MAX_GROUPS = 1023  # torch's grouped_mm takes fewer than 1024 groups on a GPU; the slots are the kernel's groups
 
@@ -80,6 +86,10 @@ class ExpertStats:
     host_computed: int = 0  # missed experts the CPU computed instead of copying
     host_bytes: int = 0  # their weight bytes, read by the CPU
     host_s: float = 0.0  # the CPU's time computing them
+    mapped_pairs: int = 0  # (token, expert) pairs whose expert the device read in place (mapped_experts.py)
+    mapped_from_slots: int = 0  # of those, read from a slot; the others over the link from host RAM
+    mapped_bytes: int = 0  # the expert bytes those others read over the link
+    mapped_admitted: int = 0  # experts read in place that were then copied into a slot (routed to again and again)
     layer_s: float = 0.0  # wall time in MoE layers' experts (the loop's thread)
     sync_s: float = 0.0  # of which waiting for the routing to reach the host
     counts: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # (layer, expert) -> pairs
@@ -99,6 +109,9 @@ class ExpertStats:
                 "prefetch_used_share": self.prefetch_used / self.prefetch_copied if self.prefetch_copied else None,
                 "host_computed": self.host_computed, "host_bytes": self.host_bytes, "host_s": self.host_s,
                 "cpu_gbps": self.host_bytes / self.host_s / 1e9 if self.host_s else None,
+                "mapped_pairs": self.mapped_pairs, "mapped_bytes": self.mapped_bytes,
+                "mapped_admitted": self.mapped_admitted,
+                "mapped_slot_share": self.mapped_from_slots / self.mapped_pairs if self.mapped_pairs else None,
                 "host_work_s_per_call": ((self.layer_s - self.sync_s - self.host_s) / self.calls if self.calls
                                          else None)}
 
@@ -135,6 +148,16 @@ class ExpertRunner:
         self._copied: dict[int, list[str]] = {}  # layer index -> expert units copied on that prediction
         self.policy = adaptive_policy
         self._accesses: list[str] = []  # this call's routed experts, in order
+        self._mapped: MappedExperts | None = None  # made on the first call that reads experts in place
+        self._keys = [key for group in self.groups for key in group.keys]
+        # auto reads a decode step's experts in place where the device can: a GPU, every expert in pinned RAM
+        pinned = getattr(store.transfer, "pinned", False)
+        self._maps_on_auto = (self._device.type == "cuda" and pinned
+                              and len(store.plan.host_resident) == len(store.layouts))
+        if compute == "mapped" and self._device.type == "cuda" and not pinned:
+            raise ConfigError("experts.compute = mapped reads experts from page-locked host RAM; set "
+                              "io.pinned_memory = true, or choose device or host")
+        self._mapped_stale = False  # the slots may have changed since its table was made
         for index, group in enumerate(self.groups):
             group.module.forward = functools.partial(self._forward, index)
 
@@ -143,10 +166,15 @@ class ExpertRunner:
         self.stats = ExpertStats()
         self.store.reset_counters()
         self._accesses = []
+        if self._mapped is not None:  # a call that ended without end_call (an error): not this call's
+            self._mapped.drain(wait=True)
+            self._mapped.replays_done()
 
     def end_call(self) -> list[str]:
         """After a generate call: under an adaptive policy, replay the call's routing through the device slots
         under each policy and keep the one that would have hit most for the next call. Returns report notes."""
+        if self._mapped is not None:
+            self._count_served(self._mapped.drain(wait=True) + self._mapped.replays_done())
         if self.policy is None or not self._accesses:
             return []
         best, rates = best_policy(self._accesses, self.pool.count, self.policy)
@@ -159,6 +187,9 @@ class ExpertRunner:
     def detach(self) -> None:
         """Give every experts module back its own forward, parameters and expert count (the store is closed by
         whoever opened it)."""
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
         for group, originals in zip(self.groups, self._originals):
             group.module.__dict__.pop("forward", None)
             group.module._parameters.update(originals)
@@ -168,6 +199,13 @@ class ExpertRunner:
     def _forward(self, index: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
         start_s = time.perf_counter()
+        if self._reads_in_place(index, top_k_index):
+            if self._device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # see before_replay
+                return self._mapped.forward(index, hidden, top_k_index, top_k_weights)  # type: ignore[union-attr]
+            output = self._read_in_place(index, hidden, top_k_index, top_k_weights)
+            self.stats.layer_s += time.perf_counter() - start_s
+            return output
+        self._mapped_stale = self._mapped is not None  # this call may change what the slots hold
         following = self._next[index] if self._next[index] is not None and self._gate.wanted() else None
         routed, predicted = self._routing(hidden, top_k_index, following)
         self.stats.sync_s += time.perf_counter() - start_s
@@ -183,6 +221,67 @@ class ExpertRunner:
                                      top_k_index[start:end], top_k_weights[start:end], args, kwargs))
         self.stats.layer_s += time.perf_counter() - start_s
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _reads_in_place(self, index: int, top_k_index: torch.Tensor) -> bool:
+        """Whether this layer call reads its experts in place: asked for (or auto where the device can), a
+        decode step's few tokens, and experts whose math the gather's matmuls run."""
+        return self._maps() and top_k_index.numel() <= MAX_PAIRS and self._on_host_ok[index]
+
+    def _maps(self) -> bool:
+        """Whether decode steps read experts in place: asked for, or auto where the device can once every
+        expert has reached RAM (until then they are copied, rather than the step waiting for the last read)."""
+        if self.compute == "mapped":
+            return True
+        if self.compute != "auto" or not self._maps_on_auto:
+            return False
+        if self._mapped is None and not self.store.in_host(self._keys):
+            return False
+        return True
+
+    def graphable(self, rows: int) -> bool:
+        """Whether a decode step of `rows` sequences leaves its MoE layers nothing to do on the host (every one
+        reads its experts in place), so that it can be captured as a CUDA graph (see `before_replay`)."""
+        return self._maps() and rows * self.groups[0].top_k <= MAX_PAIRS and all(self._on_host_ok)
+
+    def before_replay(self) -> None:
+        """Before each replay of a captured decode step: count the routing the last replay logged, let the slots
+        follow it, and re-point the table after calls that went through the store."""
+        if self._mapped is None:
+            return
+        if self._mapped_stale:
+            self._mapped.refresh()
+            self._mapped_stale = False
+        self._follow(self._mapped.drain() + self._mapped.replaying())
+
+    def _read_in_place(self, index: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The layer's routed experts read by the device from their slot or from host RAM (mapped_experts.py)."""
+        if self._mapped is None:
+            self._mapped = MappedExperts(self.groups, self.store, self.pool)
+        elif self._mapped_stale:
+            self._mapped.refresh()
+        self._mapped_stale = False
+        self._follow(self._mapped.drain())
+        return self._mapped.forward(index, hidden, top_k_index, top_k_weights)
+
+    def _follow(self, served: list[Served]) -> None:
+        """Count layer calls read in place and let the slots follow their routing (MappedExperts.admit)."""
+        self._count_served(served)
+        admitted = self._mapped.admitted  # type: ignore[union-attr]
+        self._mapped.admit(served, self.stats.counts)  # type: ignore[union-attr]
+        self.stats.mapped_admitted += self._mapped.admitted - admitted  # type: ignore[union-attr]
+
+    def _count_served(self, served: list[Served]) -> None:
+        """Count layer calls read in place, once their routing has reached the host."""
+        for call in served:
+            self._count(call.layer, call.routed, [])
+            over_link = len(call.routed) - call.from_slots
+            self.stats.mapped_pairs += len(call.routed)
+            self.stats.mapped_from_slots += call.from_slots
+            self.stats.mapped_bytes += over_link * self._expert_bytes
+            keys = self.groups[call.layer].keys
+            self.store.count_served([keys[expert] for expert in call.routed], call.from_slots,
+                                    over_link * self._expert_bytes)
 
     def _routing(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  following: ExpertGroup | None) -> tuple[list[int], list[int]]:

@@ -24,7 +24,8 @@ def computes_on_host(module: nn.Module) -> bool:
 
 
 def expert_forward(module: nn.Module, weights: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-    """One expert of `module` on `inputs` (tokens, hidden), from its tensors by parameter name (one slice each)."""
+    """One expert of `module` on `inputs` (tokens, hidden), from its tensors by parameter name (one slice each);
+    or, with the tensors stacked one expert per row of `inputs` (rows, *shape), each row by its own expert."""
     first = "gate_up_proj" if module.has_gate else "up_proj"
     hidden = _linear(inputs, weights[first], weights.get(f"{first}_bias"), module.is_transposed)
     hidden = module._apply_gate(hidden) if module.has_gate else module.act_fn(hidden)
@@ -32,7 +33,10 @@ def expert_forward(module: nn.Module, weights: Mapping[str, torch.Tensor], input
 
 
 def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    out = inputs @ weight if transposed else nn.functional.linear(inputs, weight)
+    if weight.dim() == 3:  # one matrix per row of inputs
+        out = (inputs[:, None, :] @ weight)[:, 0] if transposed else (weight @ inputs[:, :, None])[..., 0]
+    else:
+        out = inputs @ weight if transposed else nn.functional.linear(inputs, weight)
     return out if bias is None else out + bias
 
 
