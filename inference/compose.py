@@ -241,8 +241,9 @@ def _open_runtime(request: OpenRequest, device: torch.device, units: Units, toke
     the model's parts (its draft and timing still to add)."""
     cfg = request.cfg
     plan, planned_from, draft_cost = placed
+    lookup = None
     if plan.host_lookup:
-        attach(resources, HostLookup(units, plan.host_lookup[0], device))
+        lookup = attach(resources, HostLookup(units, plan.host_lookup[0], device, cfg.io.pinned_memory))
         units = without_lookup(units, plan.host_lookup)  # the store streams the rest
     tracer = Tracer(request.trace, device, _trace_meta(request.model, device, cfg, plan)) if request.trace else None
     expert_keys = units.skeleton.expert_keys
@@ -261,7 +262,7 @@ def _open_runtime(request: OpenRequest, device: torch.device, units: Units, toke
                          sum(layout.nbytes for layout in dense.values()),
                          cfg.runtime.kv_dir or os.path.join(cfg.runtime.cache_dir, "kv"))
     return ModelParts(units.skeleton.model, tokenizer, store, plan, planned_from, kv_budget, device, cfg, 0.0,
-                      decompressor, draft_cost=draft_cost, tracer=tracer, experts=experts)
+                      decompressor, draft_cost=draft_cost, tracer=tracer, experts=experts, lookup=lookup)
 
 
 def _open_experts(cfg: Config, device: torch.device, units: Units, plan: Plan, store: TieredStore,

@@ -398,6 +398,45 @@ def test_moe_experts_read_in_place_replay_a_graph_with_the_eager_tokens(tmp_path
           f"tokens equal eager; {report.experts['mapped_admitted']} copied into slots as it ran")
 
 
+def test_an_embedding_looked_up_in_ram_is_read_in_place_and_the_steps_replay_a_graph(tmp_path):
+    """A tiny untied Llama whose input embedding stays in RAM and whose other units fit the device: the GPU reads
+    the table's rows in place, so the decode steps replay a CUDA graph, with the tokens of eager steps and of the
+    CPU's lookup (`io.pinned_memory = false`)."""
+    from test_architectures import PROMPT, tiny
+    from tierstore.inference.compose import make_plan_for
+
+    model, why = tiny("llama", tie_word_embeddings=False)
+    assert model is not None, why
+    directory = str(tmp_path / "llama")
+    model.save_pretrained(directory)
+    reserve = 256 * 2**20
+
+    def config(graphs="auto", pinned=True):
+        return {"runtime": {"cache_dir": str(tmp_path / "cache"), "device": "cuda", "device_reserve": reserve,
+                            "cuda_graphs": graphs}, "io": {"pinned_memory": pinned}}
+
+    def looked_up(vram):  # the embedding in RAM and every other unit on the device
+        try:
+            plan = make_plan_for(directory, {"vram": vram, "ram": "1GB"}, config())
+        except tierstore.BudgetError:
+            return False
+        return plan.host_lookup == ("embed_tokens",) and set(plan.schedule) <= set(plan.device_resident)
+
+    vram = reserve
+    while not looked_up(vram):
+        vram += 2**16
+        assert vram < reserve + 2**30, "no budget keeps the embedding in RAM and the rest on the device"
+    runs = {}
+    for graphs, pinned in (("auto", True), ("off", True), ("off", False)):
+        with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram=vram, ram="1GB"),
+                                                 config=config(graphs, pinned)) as streamed:
+            tokens = streamed.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
+            runs[graphs, pinned] = tokens, streamed.report()
+    (graphed, report), (eager, _), (on_cpu, _) = runs.values()
+    assert report.timing.graphed is True, report.notes
+    assert graphed == eager == on_cpu
+
+
 @pytest.mark.parametrize("tiers", [("host",), ("disk",), ("device", "disk", "host", "host", "disk", "disk")])
 def test_tiered_kv_cache_on_cuda_gives_the_device_caches_logits(tiers, tmp_path):
     """Layers fetched ahead on the cache's stream, rows written back, disk layers through pinned bounce buffers

@@ -2,13 +2,16 @@
 
 On a CPU the device tier is the compute's working set in RAM and a copy is a memcpy. On CUDA the host tier is
 pinned, copies run on a dedicated stream, compute waits on an event (never a device-wide synchronize), and a
-device buffer is overwritten only after the compute that read it has finished.
+device buffer is overwritten only after the compute that read it has finished. Pinned RAM can also be read in
+place by the GPU's kernels (`mapped_view`).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 
+import numpy
 import torch
 
 from .files import PAGE_BYTES
@@ -129,13 +132,13 @@ class PinnedArena(Arena):
     def __init__(self, capacity_bytes: int) -> None:
         start_s = time.perf_counter()
         super().__init__(capacity_bytes)
-        self.registered = capacity_bytes > 0 and _host_register(self.buffer)
+        self.registered = capacity_bytes > 0 and host_register(self.buffer)
         self.pin_s = time.perf_counter() - start_s
 
     def release(self) -> None:
         """Unpin (before the buffer is freed)."""
         if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            host_unregister(self.buffer)
             self.registered = False
 
 
@@ -146,7 +149,8 @@ def page_aligned(nbytes: int) -> torch.Tensor:
     return raw[start:start + nbytes]
 
 
-def _host_register(buffer: torch.Tensor) -> bool:
+def host_register(buffer: torch.Tensor) -> bool:
+    """Page-lock a CPU buffer for the GPU (and map it into its address space); False, logged, when refused."""
     result = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
     code = getattr(result, "value", result)
     if code != 0:
@@ -154,6 +158,36 @@ def _host_register(buffer: torch.Tensor) -> bool:
                     buffer.numel(), code)
         return False
     return True
+
+
+def host_unregister(buffer: torch.Tensor) -> None:
+    """Undo `host_register` (before the buffer is freed)."""
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
+_WORDS = {1: ("|u1", ctypes.c_uint8), 2: ("<i2", ctypes.c_int16), 4: ("<i4", ctypes.c_int32),
+          8: ("<i8", ctypes.c_int64)}  # an integer type of each item size, as array interfaces spell them
+
+
+class _DeviceArray:
+    """`__cuda_array_interface__` for memory at an address: how torch makes a CUDA tensor of it."""
+
+    def __init__(self, address: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (address, False),
+                                         "version": 2, "strides": None}
+
+
+def mapped_view(address: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The memory at `address` (page-locked RAM or the device's own) as a contiguous tensor of `shape` and `dtype`
+    on `device`, owning nothing: whatever lives there must outlive it. On a GPU, unified addressing maps
+    page-locked RAM into the device's address space, so its kernels read those bytes in place, over the link, at
+    about the copy engine's rate (benchmarks/mapped_read.py)."""
+    typestr, word = _WORDS[dtype.itemsize]
+    if device.type == "cuda":
+        raw = torch.as_tensor(_DeviceArray(address, shape, typestr), device=device)
+    else:
+        raw = torch.from_numpy(numpy.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(word)), shape=shape))
+    return raw.view(dtype)
 
 
 class CUDATransfer:

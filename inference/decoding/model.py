@@ -31,6 +31,7 @@ from ..placement.budgets import ACTIVATION_SLACK_BYTES, DraftCost
 from ..placement.kv import KVBudget, KVTiers, Workload, describe_tiers, device_shares
 from ..placement.prefill import plan_prefill, tree_nodes_within
 from ..runtime.experts import ExpertRunner
+from ..runtime.lookup import HostLookup
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
 from ..runtime.tiered_kv import KVTraffic, TieredKVCache
@@ -95,6 +96,7 @@ class ModelParts:
     draft_cost: DraftCost | None = None  # a model draft's device bytes
     tracer: Tracer | None = None
     experts: ExpertRunner | None = None  # routed experts fetched as picked (a mixture-of-experts model)
+    lookup: HostLookup | None = None  # the input embedding answered from RAM
 
 
 def peak_rss_bytes() -> int:
@@ -110,6 +112,7 @@ class TierstoreModel:
     def __init__(self, parts: ModelParts, resources: contextlib.ExitStack) -> None:
         self.model = parts.model
         self.experts = parts.experts
+        self.lookup = parts.lookup
         self.tracer = parts.tracer
         self.plan_input = parts.plan_input
         self.tokenizer = parts.tokenizer
@@ -208,7 +211,8 @@ class TierstoreModel:
         if self.config.runtime.cuda_graphs == "off" or self.device.type != "cuda":
             return ""
         plan = self.plan
-        moving = len(set(plan.schedule) - set(plan.device_resident)) + len(plan.host_lookup)
+        looked_up = 0 if self.lookup is not None and self.lookup.mapped is not None else len(plan.host_lookup)
+        moving = len(set(plan.schedule) - set(plan.device_resident)) + looked_up
         if moving:
             return f"{moving} of the model's units are not kept on the device (streamed units change addresses)"
         if self.experts is not None and not self.experts.graphable(input_ids.shape[0]):

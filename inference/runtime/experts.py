@@ -227,21 +227,24 @@ class ExpertRunner:
         decode step's few tokens, and experts whose math the gather's matmuls run."""
         return self._maps() and top_k_index.numel() <= MAX_PAIRS and self._on_host_ok[index]
 
+    def _wants_mapped(self) -> bool:
+        return self.compute == "mapped" or (self.compute == "auto" and self._maps_on_auto)
+
     def _maps(self) -> bool:
         """Whether decode steps read experts in place: asked for, or auto where the device can once every
-        expert has reached RAM (until then they are copied, rather than the step waiting for the last read)."""
-        if self.compute == "mapped":
-            return True
-        if self.compute != "auto" or not self._maps_on_auto:
-            return False
-        if self._mapped is None and not self.store.in_host(self._keys):
-            return False
-        return True
+        expert has reached RAM (until then an eager step copies them, rather than wait for the last read)."""
+        return self._wants_mapped() and (self.compute == "mapped" or self._mapped is not None
+                                         or self.store.in_host(self._keys))
 
     def graphable(self, rows: int) -> bool:
         """Whether a decode step of `rows` sequences leaves its MoE layers nothing to do on the host (every one
-        reads its experts in place), so that it can be captured as a CUDA graph (see `before_replay`)."""
-        return self._maps() and rows * self.groups[0].top_k <= MAX_PAIRS and all(self._on_host_ok)
+        reads its experts in place), so that it can be captured as a CUDA graph (see `before_replay`). A call
+        that can be waits here for every expert to reach RAM."""
+        if not (self._wants_mapped() and rows * self.groups[0].top_k <= MAX_PAIRS and all(self._on_host_ok)):
+            return False
+        if self._mapped is None:
+            self._mapped = MappedExperts(self.groups, self.store, self.pool)
+        return True
 
     def before_replay(self) -> None:
         """Before each replay of a captured decode step: count the routing the last replay logged, let the slots

@@ -3,8 +3,11 @@
 A pass needs only the embedding rows of the tokens it carries, yet streaming the table would copy all of it: a
 72B model's 152k x 8192 table is 2.5 GB per pass over the link, and a 2.5 GB slot out of a 4 GB device budget.
 So the table stays in RAM (charged to the RAM budget), the embedding's forward gathers the rows there and copies
-only them. Its weight, as the model sees it, is a one-element tensor on the compute device expanded to the
-table's shape (right device, dtype and shape for code that asks) and NaN, so that any other use of it shows.
+only them. On a GPU the table is page-locked and mapped into the device's address space, so the lookup is the
+device's own kernel reading its tokens' rows over the link: no wait for the host, and a decode step that can be
+captured as a CUDA graph. Its weight, as the model sees it, is a one-element tensor on the compute device
+expanded to the table's shape (right device, dtype and shape for code that asks) and NaN, so that any other use
+of it shows.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from ...sizes import format_size
+from ...transfer import host_register, host_unregister, mapped_view, page_aligned
 from ..loading.skeleton import Skeleton
 from ..loading.sources import Units
 
@@ -45,27 +49,38 @@ def without_lookup(units: Units, keys: tuple[str, ...]) -> Units:
 class HostLookup:
     """The embedding of unit `key` answered from RAM until `detach` (a module adapter, see adapters.py)."""
 
-    def __init__(self, units: Units, key: str, device: torch.device) -> None:
+    def __init__(self, units: Units, key: str, device: torch.device, pinned: bool = True) -> None:
+        """`pinned`: on a GPU, page-lock the table and read it in place (else rows are gathered by the CPU)."""
         site = next(site for site in units.skeleton.sites if site.key == key)
         self.module: nn.Module = site.module
         self.original = site.bindings[0].original
         layout = units.layouts[key]
-        buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
-        units.source.read_into(key, buffer)  # verified bytes, or CheckpointError
-        self.table = layout.views(buffer)[site.bindings[0].tensor]
+        self._buffer = page_aligned(layout.nbytes)
+        units.source.read_into(key, self._buffer)  # verified bytes, or CheckpointError
+        self.table = layout.views(self._buffer)[site.bindings[0].tensor]
         self.device = device
+        self.mapped: torch.Tensor | None = None  # the table as the GPU reads it in place
+        if device.type == "cuda" and pinned and host_register(self._buffer):
+            self.mapped = mapped_view(self.table.data_ptr(), tuple(self.table.shape), self.table.dtype, device)
         shown = torch.full((), float("nan"), dtype=self.table.dtype, device=device).expand(self.table.shape)
         self.module._parameters["weight"] = shown  # type: ignore[assignment]
         self.module.forward = self._forward  # type: ignore[method-assign]
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = nn.functional.embedding(input_ids.cpu(), self.table, self.module.padding_idx)  # type: ignore[arg-type]
+        padding = self.module.padding_idx
+        if self.mapped is not None:
+            return nn.functional.embedding(input_ids.to(self.device), self.mapped, padding)  # type: ignore[arg-type]
+        rows = nn.functional.embedding(input_ids.cpu(), self.table, padding)  # type: ignore[arg-type]
         return rows.to(self.device)
 
     def detach(self) -> None:
-        """The module as it was: its meta weight and its class's forward."""
+        """The module as it was: its meta weight and its class's forward (the table unpinned)."""
         self.module._parameters["weight"] = self.original
         vars(self.module).pop("forward", None)
+        if self.mapped is not None:
+            torch.cuda.synchronize(self.device)  # no queued lookup may still read it
+            self.mapped = None
+            host_unregister(self._buffer)
 
 
 def lookup_note(key: str, nbytes: int) -> str:

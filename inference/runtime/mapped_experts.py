@@ -17,16 +17,15 @@ slots hold.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 
-import numpy
 import torch
 
 from ...store import SlotPool, TieredStore
+from ...transfer import mapped_view
 from ..loading.skeleton import ExpertGroup
 from .host_experts import expert_forward
 
@@ -229,20 +228,7 @@ class MappedExperts:
         self._pending.append((layer, host, event, self._in_slots[layer]))
 
 
-class _DeviceArray:
-    """`__cuda_array_interface__` for memory at an address: how torch makes a CUDA tensor of it."""
-
-    def __init__(self, address: int, shape: tuple[int, int]) -> None:
-        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<i8", "data": (address, False), "version": 2,
-                                         "strides": None}
-
-
 def span_view(base: int, nbytes: int, row_bytes: int, device: torch.device) -> torch.Tensor:
-    """The memory [base, base + nbytes) as rows of `row_bytes` (int64 words), addressable on `device`; owns
-    nothing, so whatever lives there must outlive it. On a GPU the range may join device memory and mapped host
-    RAM: only the rows of either are ever read."""
-    shape = (nbytes // row_bytes, row_bytes // 8)
-    if device.type == "cuda":
-        return torch.as_tensor(_DeviceArray(base, shape), device=device)
-    words = numpy.ctypeslib.as_array(ctypes.cast(base, ctypes.POINTER(ctypes.c_int64)), shape=shape)
-    return torch.from_numpy(words)
+    """The memory [base, base + nbytes) as rows of `row_bytes` (int64 words), addressable on `device`. On a GPU the
+    range may join device memory and mapped host RAM: only the rows of either are ever read."""
+    return mapped_view(base, (nbytes // row_bytes, row_bytes // 8), torch.int64, device)
