@@ -240,6 +240,12 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
                           f"{expert_plan.total_experts} ({every}); the RAM budget leaves room for "
                           f"{expert_plan.host_experts}: raise ram, or choose device or host")
     notes = list(plan.notes)
+    every_in_ram = expert_plan.host_experts >= expert_plan.total_experts
+    if expert_plan.compute == "mapped" or (expert_plan.compute == "auto" and every_in_ram):
+        notes.append("experts: a decode step reads each routed expert in place, from its slot or over the link from "
+                     "pinned RAM (no copy, no wait for the routing; on a GPU); a longer call "
+                     + ("copies the missed ones" if expert_plan.compute == "mapped" else
+                        "splits the missed ones between copies and the CPU"))
     if device_slots < experts.total_experts and device_slots < experts.experts_per_layer:
         notes.append(f"{device_slots} expert slots on the device, fewer than a layer's {experts.experts_per_layer} "
                      f"experts: a long prompt's pass runs its experts in token chunks")

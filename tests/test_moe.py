@@ -507,3 +507,39 @@ def test_reading_experts_in_place_needs_every_expert_in_ram(tmp_path):
     config = _config(str(tmp_path), compute="mapped")
     with pytest.raises(tierstore.BudgetError, match="mapped reads routed experts from host RAM, which must hold"):
         make_plan_for(directory, budget, config)
+
+
+def test_experts_read_in_place_under_a_draft_and_in_the_batcher_give_the_plain_tokens(tmp_path):
+    """`experts.compute = mapped` beside calls that copy experts: an n-gram draft's verify passes (wide ones
+    copy, narrow ones read in place) give transformers' greedy tokens, and the batcher's rows, decoded together,
+    get the tokens each gets alone."""
+    import threading
+    import types
+
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
+
+    model, directory = _saved("mixtral", tmp_path)
+    prompts = [[5, 9, 33, 7, 81, 5, 9, 33], [12, 40, 7], [3, 3, 90, 14, 61]]
+    want = [model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0].tolist()
+            for ids in prompts]
+    config = _config(str(tmp_path), compute="mapped")
+    budget = _streaming_budget(directory, config, every_expert_in_ram=True)
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, draft="ngram") as drafted:
+        got = [drafted.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0].tolist()
+               for ids in prompts]
+        assert drafted.report().experts["mapped_pairs"] > 0
+    assert got == want
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
+        # the tiny model has no tokenizer: the batcher needs its pad and end ids, and text for its events
+        streamed.tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=None, decode=lambda ids, **_: "")
+        batcher = Batcher(streamed, max_batch=4, max_queue=4, max_seq_tokens=64)
+        done = [threading.Event() for _ in prompts]
+        sequences = [batcher.submit(ids, SamplingParams(max_tokens=16, temperature=0),
+                                    lambda event, i=i: done[i].set() if event.finish_reason else None)
+                     for i, ids in enumerate(prompts)]
+        assert all(event.wait(120) for event in done)
+        batcher.close()
+        assert streamed.experts.stats.mapped_pairs > 0
+    assert [ids + s.tokens for ids, s in zip(prompts, sequences)] == [row[:len(ids) + len(s.tokens)]
+                                                                      for ids, row, s in zip(prompts, want, sequences)]
+    assert all(len(s.tokens) == 16 for s in sequences)
