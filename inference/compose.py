@@ -33,7 +33,7 @@ from ..store import TieredStore
 from ..trace import Tracer
 from ..transfer import make_transfer
 from .decoding.drafts import NgramDraft
-from .decoding.importance import measure_importance
+from .decoding.importance import measure_importance, measure_sensitivity
 from .decoding.model import ModelParts, TierstoreModel
 from .devices import as_dtype, compute_device
 from .loading.checkpoint import checkpoint_dtype, load_config, load_tokenizer
@@ -137,6 +137,9 @@ def _check_tensor_parallel(cfg: Config, tensor_parallel: int, draft: str | None)
         raise InputError(f"tensor_parallel must be at least 1, got {tensor_parallel}")
     if tensor_parallel > 1 and draft is not None:
         raise InputError("a draft speculates on one device; tensor parallelism runs without one")
+    if tensor_parallel > 1 and cfg.compression.format == "mixed":
+        raise InputError("compression.format = mixed measures one process's model to choose its formats; tensor "
+                         "parallelism quantizes each rank's shard on its own: choose one format with --tp")
     if tensor_parallel > 1 and cfg.compression.format != "none" and cfg.compression.calibration is not None:
         raise InputError("compression.calibration measures one process's model; tensor parallelism quantizes each "
                          "rank's shard data-free: leave calibration unset with --tp")
@@ -197,7 +200,11 @@ def _importance(request: OpenRequest) -> Callable[[], dict[str, torch.Tensor]] |
         log.info("%s: measuring the importance matrix over the calibration text (%s)", request.model, setting)
         plain = dataclasses.replace(request, cfg=request.cfg.with_compression("none"), draft=None, trace=None)
         with _open(plain) as model:
-            return measure_importance(model, calibration_text(setting))
+            measured = measure_importance(model, calibration_text(setting))
+            if request.cfg.compression.format == "mixed":
+                log.info("%s: measuring each matrix's sensitivity for mixed formats", request.model)
+                measured.update(measure_sensitivity(model, calibration_text(setting)))
+            return measured
     return measure
 
 

@@ -272,3 +272,58 @@ def test_q4_k_m_gives_some_value_and_down_matrices_more_bits():
         recipe_formats("q4_k", {"model.layers.0.w": (3, 11)}, set())
     with pytest.raises(ConfigError, match="compression.blocksize applies to nf4 and int8"):
         Codec.create("q4_k", 64)
+
+
+def test_mixed_formats_spend_their_bits_where_the_error_falls_most():
+    """The allocation (no model): the matrix whose error falls most per bit is upgraded first, the total stays
+    within the bits asked for, a format that costs more bits for no less error is skipped, and bits below the
+    smallest formats are refused in one line."""
+    from tierstore.allocation import allocate
+
+    errors = {"hard": {"Q3_K": 100.0, "Q4_K": 40.0, "Q5_K": 10.0, "Q6_K": 5.0, "Q8_0": 1.0},
+              "easy": {"Q3_K": 10.0, "Q4_K": 4.0, "Q5_K": 1.0, "Q6_K": 0.5, "Q8_0": 0.1},
+              "flat": {"Q3_K": 5.0, "Q4_K": 5.0, "Q5_K": 5.0, "Q6_K": 5.0, "Q8_0": 5.0}}
+    numel = dict.fromkeys(errors, 256 * 64)
+    chosen = allocate(errors, numel, bits=5.0)
+    assert chosen["flat"] == "Q3_K"  # more bits buy it nothing
+    order = ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    assert order.index(chosen["hard"]) > order.index(chosen["easy"])
+    from tierstore.ggml import bits_per_weight
+    spent = sum(bits_per_weight(f) * numel[name] for name, f in chosen.items()) / sum(numel.values())
+    assert spent <= 5.0
+    assert allocate(errors, numel, bits=8.5) == {"hard": "Q8_0", "easy": "Q8_0", "flat": "Q3_K"}
+    with pytest.raises(ConfigError, match="compression.bits = 3.0: the smallest formats already take 3.44"):
+        allocate(errors, numel, bits=3.0)
+
+
+def test_mixed_formats_meet_their_bits_and_the_store_keeps_its_allocation(tiny_dirs, tmp_path):
+    """`compression.format = "mixed"` on a tiny Llama: formats chosen per matrix (more than one), bits per weight
+    within `compression.bits`, tokens equal transformers' with the same blocks dequantized, and the store (with
+    its allocation) reused by the next open; a bad bits value and mixed under --tp are one clear line each."""
+    from tierstore import ggml, ggml_quantize
+    from tierstore.compression import bits_per_weight
+
+    directory, original = tiny_dirs("llama")
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache")}, "compression": {"format": "mixed", "bits": 5.0}}
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        codec, packed = model.store.source.codec, model.store.source.packed
+        store_dir = model.store.source.directory
+        got = model.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
+    allocation = dict(codec.allocation)
+    assert len(set(allocation.values())) > 1, allocation
+    assert 3.4 < bits_per_weight(codec, packed) <= 5.0
+    reference = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name in allocation:
+                flat = param.data.reshape(-1)
+                restored = torch.empty_like(flat)
+                ggml.dequantize(allocation[name], ggml_quantize.quantize(allocation[name], flat), restored)
+                param.copy_(restored.reshape(param.shape))
+    assert got == reference.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as again:
+        assert again.store.source.directory == store_dir and dict(again.store.source.codec.allocation) == allocation
+    with pytest.raises(ConfigError, match="compression.bits: 3 is not allowed; use a number from 3.4375 to 8.5"):
+        tierstore.Config.from_dict({"compression": {"format": "mixed", "bits": 3}})
+    with pytest.raises(tierstore.InputError, match="compression.format = mixed measures one process's model"):
+        tierstore.AutoModel.from_pretrained(directory, config=config, tensor_parallel=2)

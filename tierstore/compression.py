@@ -7,7 +7,8 @@ Two kinds of codec:
   boundary, so no block mixes two matrices, and one kernel call per unit dequantizes them all;
 - "ggml": matrices in GGML's block formats (Q4_K, Q8_0, ..., one format per matrix, see ggml.py), back to back
   in PACKED, their scales inside their blocks: a GGUF file's own, or quantized by tierstore with a recipe
-  (`compression.format = "q4_k"`, ...; ggml_quantize.py), optionally fitted to a calibration text.
+  (`compression.format = "q4_k"`, ...; ggml_quantize.py), optionally fitted to a calibration text, or a format per
+  matrix chosen to meet `compression.bits` (`"mixed"`, allocation.py).
 Either way the matrices are dequantized into a scratch buffer that the model's matrices then view. Units stay
 compressed in every tier, the device included: a resident unit costs its compressed bytes, and each use costs one
 dequantization (0.21 ms of GPU time for a 7B layer in nf4 on an H200, benchmarks/dequant_cost.py).
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .allocation import CANDIDATES, HIGHEST_BITS, LOWEST_BITS
 from .calibration import calibration_text, text_digest
 from .config import BLOCKSIZES, COMPRESSION_FORMATS
 from .errors import CheckpointError, ConfigError
@@ -37,6 +39,7 @@ DEFAULT_BLOCKSIZE = {"nf4": 64, "int8": 256}
 GGML = "ggml"  # matrices in GGML's block formats (ggml.py), each in its own: a GGUF's, or quantized by a recipe
 # recipe -> the block format of its matrices; "q4_k_m" gives some attention value and MLP down matrices Q6_K
 GGML_RECIPES = {"q3_k": "Q3_K", "q4_k": "Q4_K", "q4_k_m": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K", "q8_0": "Q8_0"}
+MIXED = "mixed"  # a format per matrix, meeting compression.bits (allocation.py)
 GGML_ALIGN_ELEMENTS, GGML_ALIGN_BYTES = 256, 16  # where a ggml matrix may start in the dequantized buffer and PACKED
 
 
@@ -61,18 +64,24 @@ class Codec:
     code: tuple[float, ...] = ()
     recipe: str = ""
     calibration: str = ""  # a recipe's calibration text (its digest); "" = data-free
+    bits: float = 0.0  # "mixed": the bits per weight its formats meet
+    allocation: tuple[tuple[str, str], ...] = ()  # "mixed": (matrix, format) each, once measured (allocation.py)
 
     @classmethod
-    def create(cls, format: str, blocksize: int | None = None, calibration: str = "") -> "Codec":
+    def create(cls, format: str, blocksize: int | None = None, calibration: str = "", bits: float = 0.0) -> "Codec":
         """A codec with bitsandbytes' defaults, or a GGML recipe (fitted to the calibration text whose digest is
-        `calibration`); ConfigError naming what is not allowed."""
+        `calibration`; "mixed": formats per matrix within `bits` per weight, allocated when the store is
+        written); ConfigError naming what is not allowed."""
         if format not in COMPRESSION_FORMATS:
             raise ConfigError(f"compression.format: {format!r} is not allowed; choose from none, "
                               f"{', '.join(COMPRESSION_FORMATS)}")
-        if format in GGML_RECIPES:
+        if format in GGML_RECIPES or format == MIXED:
             if blocksize is not None:
                 raise ConfigError(f"compression.blocksize applies to nf4 and int8; {format} has fixed blocks")
-            return cls(GGML, 0, recipe=format, calibration=calibration)
+            if format == MIXED and not LOWEST_BITS <= bits <= HIGHEST_BITS:
+                raise ConfigError(f"compression.bits = {bits}: mixed formats take {LOWEST_BITS:.4g} to "
+                                  f"{HIGHEST_BITS:.4g} bits per weight")
+            return cls(GGML, 0, recipe=format, calibration=calibration, bits=bits if format == MIXED else 0.0)
         if calibration:
             raise ConfigError(f"compression.calibration applies to the GGML formats ({', '.join(GGML_RECIPES)}), "
                               f"not {format}")
@@ -93,7 +102,7 @@ class Codec:
         if compression.format == "none":
             return None
         digest = text_digest(calibration_text(compression.calibration)) if compression.calibration else ""
-        return cls.create(compression.format, compression.blocksize, digest)
+        return cls.create(compression.format, compression.blocksize, digest, compression.bits)
 
     @classmethod
     def ggml(cls) -> "Codec":
@@ -103,7 +112,8 @@ class Codec:
     @property
     def name(self) -> str:
         if self.format == GGML:
-            return (self.recipe or GGML) + (f"-imatrix-{self.calibration}" if self.calibration else "")
+            recipe = f"{MIXED}{self.bits:g}" if self.recipe == MIXED else self.recipe or GGML
+            return recipe + (f"-imatrix-{self.calibration}" if self.calibration else "")
         return f"{self.format}-{self.blocksize}"
 
     @property
@@ -120,17 +130,28 @@ class Codec:
             data["recipe"] = self.recipe
         if self.calibration:
             data["calibration"] = self.calibration
+        if self.recipe == MIXED:
+            data["bits"] = self.bits
+            data["allocation"] = dict(self.allocation)
         return data
+
+    def identity(self) -> dict[str, Any]:
+        """What tells one store of this codec from another: `to_dict` less the allocation, which a store written
+        again would measure again."""
+        return {key: value for key, value in self.to_dict().items() if key != "allocation"}
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Codec":
         try:
             codec = cls(str(data["format"]), int(data["blocksize"]), tuple(float(x) for x in data.get("code", ())),
-                        str(data.get("recipe", "")), str(data.get("calibration", "")))
+                        str(data.get("recipe", "")), str(data.get("calibration", "")), float(data.get("bits", 0.0)),
+                        tuple(sorted((str(name), str(format))
+                                     for name, format in data.get("allocation", {}).items())))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed compression record") from exc
         if codec.format == GGML and codec.blocksize == 0 and not codec.code \
-                and (codec.recipe == "" or codec.recipe in GGML_RECIPES):
+                and (codec.recipe == "" or codec.recipe in GGML_RECIPES or codec.recipe == MIXED) \
+                and all(format in CANDIDATES for _, format in codec.allocation):
             return codec
         if codec.format not in COMPRESSION_FORMATS or codec.blocksize not in BLOCKSIZES \
                 or (codec.format == "int8") != (len(codec.code) == 256):
@@ -232,7 +253,7 @@ def compressed_layout(layout: UnitLayout, matrices: Set[str], codec: Codec) -> t
     if not chosen:
         return layout, None
     if codec.format == GGML:
-        formats = recipe_formats(codec.recipe, {name: layout.slots[name].shape for name in chosen}, matrices)
+        formats = recipe_formats(codec, {name: layout.slots[name].shape for name in chosen}, matrices)
         plain = {name: (slot.dtype, slot.shape) for name, slot in layout.slots.items() if name not in formats}
         return ggml_layout(layout.key, plain, {name: (formats[name], layout.slots[name].shape) for name in chosen})
     placed: dict[str, tuple[int, tuple[int, ...]]] = {}
@@ -278,15 +299,21 @@ def compress_unit(layout: UnitLayout, buffer: torch.Tensor, matrices: Set[str], 
     return packed_layout, out, packed
 
 
-def recipe_formats(recipe: str, shapes: Mapping[str, tuple[int, ...]], matrices: Set[str]) -> dict[str, str]:
-    """The block format of each matrix (name -> shape) under a GGML recipe. "q4_k_m" follows llama.cpp's Q4_K_M:
-    Q6_K for the attention value and MLP down matrices of the first and last eighth of the layers and of every
-    third layer between, Q4_K elsewhere. A matrix whose size is not a whole number of the format's blocks falls back
-    to Q8_0 (32-element blocks); one that is not even that is refused."""
+def recipe_formats(codec: Codec | str, shapes: Mapping[str, tuple[int, ...]], matrices: Set[str]) -> dict[str, str]:
+    """The block format of each matrix (name -> shape) under a GGML codec (or recipe name). "q4_k_m" follows
+    llama.cpp's Q4_K_M: Q6_K for the attention value and MLP down matrices of the first and last eighth of the
+    layers and of every third layer between, Q4_K elsewhere. "mixed" gives each matrix its allocated format
+    (before the allocation is measured, for a plan: the candidate nearest its bits). A matrix whose size is not a
+    whole number of the format's blocks falls back to Q8_0 (32-element blocks); one that is not even that is
+    refused."""
+    codec = Codec(GGML, 0, recipe=codec) if isinstance(codec, str) else codec
+    recipe = codec.recipe
     layers = len({index for index in map(_layer_index, matrices) if index is not None})
+    allocation = dict(codec.allocation)
+    nearest = min(CANDIDATES, key=lambda format: abs(ggml_bits(format) - codec.bits))
     formats = {}
     for name, shape in shapes.items():
-        format = GGML_RECIPES[recipe]
+        format = allocation.get(name, nearest) if recipe == MIXED else GGML_RECIPES[recipe]
         index = _layer_index(name)
         if recipe == "q4_k_m" and index is not None and name.rsplit(".", 2)[-2] in ("v_proj", "down_proj") \
                 and (index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2):

@@ -47,6 +47,14 @@ def _int(minimum: int) -> Callable[[str, Any], Any]:
     return check
 
 
+def _float_range(low: float, high: float) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(f"{key}: {value!r} is not allowed; use a number from {low:g} to {high:g}")
+        return float(value)
+    return check
+
+
 def _bool(key: str, value: Any) -> Any:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: {value!r} is not allowed; use true or false")
@@ -87,7 +95,7 @@ def _device(key: str, value: Any) -> Any:
     return value
 
 
-COMPRESSION_FORMATS = ("nf4", "int8", "q3_k", "q4_k", "q4_k_m", "q5_k", "q6_k", "q8_0")
+COMPRESSION_FORMATS = ("nf4", "int8", "q3_k", "q4_k", "q4_k_m", "q5_k", "q6_k", "q8_0", "mixed")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_4")  # transformers' names
 EXPERT_KERNELS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts_implementation names
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' block-wise kernels accept
@@ -128,7 +136,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
     "compression": {
         "format": (_choice("none", *COMPRESSION_FORMATS), "none",
                    "store the decoder layers' matrices block-wise: nf4 or int8 (bitsandbytes), or GGML's k-quants "
-                   "quantized by tierstore (q3_k, q4_k, q4_k_m, q5_k, q6_k, q8_0); none = as is"),
+                   "quantized by tierstore (q3_k, q4_k, q4_k_m, q5_k, q6_k, q8_0), or mixed: a k-quant per matrix "
+                   "chosen by its measured error to meet compression.bits; none = as is"),
+        "bits": (_float_range(3.4375, 8.5), 4.5,
+                 "mixed: bits per weight (3.44 to 8.5) the decoder matrices' formats meet together, the matrices "
+                 "whose error weighs most (on the calibration text, when one is given) keeping the most"),
         "blocksize": (_blocksize, AUTO, "elements per quantization block (64 to 4096); auto = 64 for nf4, 256 "
                                         "for int8"),
         "calibration": (_file_or_none, "", "the GGML formats (q4_k, ...): \"bundled\" or a text file whose "

@@ -368,10 +368,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _format_label(name: str, config: Any) -> str:
-    """A format's row in the eval table: a GGML recipe fitted to a calibration text says so."""
-    from ...compression import GGML_RECIPES
+    """A format's row in the eval table: mixed formats say their bits, a GGML recipe fitted to a calibration text
+    says so."""
+    from ...compression import GGML_RECIPES, MIXED
 
-    return f"{name}+imatrix" if name in GGML_RECIPES and config.compression.calibration else name
+    label = f"{MIXED}{config.compression.bits:g}" if name == MIXED else name
+    calibrated = (name in GGML_RECIPES or name == MIXED) and config.compression.calibration
+    return f"{label}+imatrix" if calibrated else label
 
 
 def _print_quality(result: dict[str, Any], json_path: str | None) -> None:

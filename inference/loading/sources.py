@@ -68,7 +68,7 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
     source, checkpoint = _open_source(checkpoint, skeleton, cfg, dtype, drop_cache, trust_remote_code, progress)
     codec, packed = getattr(source, "codec", None), dict(getattr(source, "packed", {}))
     wanted = Codec.wanted(cfg.compression)
-    if codec is not None and wanted is not None and wanted != codec:
+    if codec is not None and wanted is not None and wanted.name != codec.name:
         close_source(source)
         raise ConfigError(f"{checkpoint.path} is stored as {codec.name}; compression asks for {wanted.name}: "
                           f"use the uncompressed model, or compression.format = \"none\"")

@@ -134,7 +134,7 @@ def cut_blocks(skeleton: Skeleton, layouts: dict[str, UnitLayout], group: Group,
     cut = []
     for key, mine in splits.items():
         shapes = {name: layouts[key].slots[name].shape for name in mine if name in skeleton.matrices}
-        formats = recipe_formats(codec.recipe, shapes, skeleton.matrices) if codec.format == GGML else {}
+        formats = recipe_formats(codec, shapes, skeleton.matrices) if codec.format == GGML else {}
         for name, shape in shapes.items():
             split = mine[name]
             block = GGML_BLOCKS[formats[name]][0] if formats else codec.blocksize

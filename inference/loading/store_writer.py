@@ -9,7 +9,9 @@ checked before anything is written, and two writers of one directory serialised 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -24,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ...compression import PACKED, Codec, compress_unit, compressed_layout, ggml_layout
+from ...allocation import SENSITIVITY, allocate, matrix_errors
+from ...compression import MIXED, PACKED, Codec, compress_unit, compressed_layout, ggml_layout
 from ...errors import BudgetError, CheckpointError, ConfigError, InputError, TierstoreError
 from ...files import write_atomic
 from ...sizes import format_size
@@ -52,12 +55,14 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
     if codec.calibration and importance is None:
         raise ConfigError(f"{codec.name}: a calibrated compression needs its importance matrix measured")
     measured = functools.cache(importance) if codec.calibration else None  # once, and only if units are left
-    with store_writer(out_dir, None, codec.to_dict()) as finished:
+    with store_writer(out_dir, None, codec.identity()) as finished:
         if finished:
             log.info("%s store of %s already in %s", codec.name, base.path, out_dir)
             return out_dir
         log.info("compressing %s to %s into %s", base.path, codec.name, out_dir)
         layouts = {key: source.layout(key) for key in skeleton.units}
+        if codec.recipe == MIXED and not codec.allocation:
+            codec = _allocated(codec, source, skeleton, layouts, device, measured() if measured else {})
 
         def write_unit(key: str) -> dict[str, Any]:
             buffer = torch.empty(layouts[key].nbytes, dtype=torch.uint8)
@@ -76,6 +81,30 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
     return out_dir
 
 
+def _allocated(codec: Codec, source: UnitSource, skeleton: Skeleton, layouts: Mapping[str, UnitLayout],
+               device: torch.device, importance: Mapping[str, torch.Tensor]) -> Codec:
+    """`codec` ("mixed") with its formats allocated (allocation.py): every matrix of every unit read once and
+    quantized in each candidate format on `device`, its error weighed by `importance`."""
+    errors: dict[str, dict[str, float]] = {}
+    numel: dict[str, int] = {}
+    for key, layout in layouts.items():
+        names = [name for name in layout.slots if name in skeleton.matrices]
+        if not names:
+            continue
+        buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+        source.read_into(key, buffer)
+        tensors = layout.views(buffer)
+        for name in names:
+            weight = float(importance.get(f"{name}{SENSITIVITY}", 1.0))  # KL per relative error, when measured
+            errors[name] = {format: error * weight
+                            for format, error in matrix_errors(tensors[name].to(device), importance.get(name)).items()}
+            numel[name] = tensors[name].numel()
+    allocation = allocate(errors, numel, codec.bits)
+    counts = collections.Counter(allocation.values())
+    log.info("%s: formats by measured error: %s", codec.name, ", ".join(f"{f} x{n}" for f, n in sorted(counts.items())))
+    return dataclasses.replace(codec, allocation=tuple(sorted(allocation.items())))
+
+
 def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str]], Mapping[str, torch.Tensor]],
                 dtype: torch.dtype, codec: Codec | None = None, device: torch.device | str = "cpu",
                 tokenizer: Any = None, progress: bool = True, disk_budget_bytes: int | None = None,
@@ -90,8 +119,9 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
     tensor-parallel rank's (`shards.rank_store_dir` says where a run looks for it): `unit_tensors` gives whole
     tensors, and the rank's part of each (`splits.plan_splits`) is stored. Returns `out_dir`."""
     dtype = as_dtype(dtype)
-    if codec is not None and codec.calibration:
-        raise InputError("write_store quantizes data-free: give a codec without a calibration text")
+    if codec is not None and (codec.calibration or codec.recipe == MIXED):
+        raise InputError("write_store quantizes data-free, one format for all: give a codec without a calibration "
+                         "text, not mixed")
     requested = dtype_name(dtype) if codec is None else None
     with store_writer(out_dir, requested, codec.to_dict() if codec else None) as finished:
         if finished:
@@ -302,7 +332,7 @@ def _check_same_kind(out_dir: str, manifest: dict[str, Any], dtype: str | None,
             return f"{compression.get('format')}-compressed"
         return f"in {dtype}" if dtype else "in the checkpoint's dtypes"
 
-    have = manifest.get("compression")
+    have = {key: value for key, value in (manifest.get("compression") or {}).items() if key != "allocation"}
     differs = (have or None) != (compression or None) or (
         compression is None and "dtype" in manifest and manifest["dtype"] != dtype)
     if differs:
