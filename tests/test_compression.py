@@ -275,9 +275,9 @@ def test_q4_k_m_gives_some_value_and_down_matrices_more_bits():
 
 
 def test_mixed_formats_spend_their_bits_where_the_error_falls_most():
-    """The allocation (no model): the matrix whose error falls most per bit is upgraded first, the total stays
-    within the bits asked for, a format that costs more bits for no less error is skipped, and bits below the
-    smallest formats are refused in one line."""
+    """The allocation (no model): no matrix below the largest format within the bits, the matrix whose error falls
+    most per bit upgraded first, the total within the bits asked for, a format that costs more bits for no less
+    error skipped, and bits below the smallest formats refused in one line."""
     from tierstore.allocation import allocate
 
     errors = {"hard": {"Q3_K": 100.0, "Q4_K": 40.0, "Q5_K": 10.0, "Q6_K": 5.0, "Q8_0": 1.0},
@@ -285,13 +285,14 @@ def test_mixed_formats_spend_their_bits_where_the_error_falls_most():
               "flat": {"Q3_K": 5.0, "Q4_K": 5.0, "Q5_K": 5.0, "Q6_K": 5.0, "Q8_0": 5.0}}
     numel = dict.fromkeys(errors, 256 * 64)
     chosen = allocate(errors, numel, bits=5.0)
-    assert chosen["flat"] == "Q3_K"  # more bits buy it nothing
+    assert chosen["flat"] == "Q4_K"  # the floor at 5 bits; more bits buy it nothing
     order = ["Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
     assert order.index(chosen["hard"]) > order.index(chosen["easy"])
     from tierstore.ggml import bits_per_weight
     spent = sum(bits_per_weight(f) * numel[name] for name, f in chosen.items()) / sum(numel.values())
     assert spent <= 5.0
-    assert allocate(errors, numel, bits=8.5) == {"hard": "Q8_0", "easy": "Q8_0", "flat": "Q3_K"}
+    assert allocate(errors, numel, bits=8.5) == {"hard": "Q8_0", "easy": "Q8_0", "flat": "Q8_0"}
+    assert allocate(errors, numel, bits=4.0)["flat"] == "Q3_K" and chosen != allocate(errors, numel, bits=4.0)
     with pytest.raises(ConfigError, match="compression.bits = 3.0: the smallest formats already take 3.44"):
         allocate(errors, numel, bits=3.0)
 
