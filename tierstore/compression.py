@@ -136,9 +136,8 @@ class Codec:
         return data
 
     def identity(self) -> dict[str, Any]:
-        """What tells one store of this codec from another: `to_dict` less the allocation, which a store written
-        again would measure again."""
-        return {key: value for key, value in self.to_dict().items() if key != "allocation"}
+        """What tells one store of this codec from another (`codec_identity` of `to_dict`)."""
+        return codec_identity(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Codec":
@@ -196,6 +195,12 @@ class PackedMatrices:
         """First and last byte (exclusive) of ggml matrix `name` in PACKED."""
         format, start = self.formats[name]
         return start, start + ggml_packed_bytes(format, math.prod(self.matrices[name][1]))
+
+
+def codec_identity(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A codec's record less its allocation, which a store written again would measure again: what tells one
+    compressed store from another."""
+    return {key: value for key, value in record.items() if key != "allocation"}
 
 
 def ggml_layout(key: str, plain: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],

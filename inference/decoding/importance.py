@@ -26,9 +26,7 @@ NOISE_RELATIVE_MSE = 0.01  # the relative squared error added to a linear's outp
 def measure_importance(model, text: str, window_tokens: int = WINDOW_TOKENS) -> dict[str, torch.Tensor]:
     """Mean square of each input feature of each decoder-layer linear (by its weight's name), float32 on the CPU,
     over `text` read by `model` (a TierstoreModel)."""
-    if model.tokenizer is None:
-        raise InputError("compression.calibration: the model ships no tokenizer to read the calibration text with")
-    ids = model.tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = _token_ids(model, text)
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
@@ -59,9 +57,7 @@ def measure_sensitivity(model, text: str, window_tokens: int = SENSITIVITY_TOKEN
     """Each decoder-layer linear's sensitivity (by its weight's name + SENSITIVITY, a 0-d float32 tensor): the mean
     KL divergence, over the first window of `text`, of the model's next-token distributions when Gaussian noise of
     `relative_mse` times its output's mean square is added to that linear's output, divided by `relative_mse`."""
-    if model.tokenizer is None:
-        raise InputError("compression.calibration: the model ships no tokenizer to read the calibration text with")
-    ids = model.tokenizer(text, return_tensors="pt").input_ids[0, :window_tokens][None]
+    ids = _token_ids(model, text)[:window_tokens][None]
     linears = [(name, module) for name, module in model.model.named_modules()
                if isinstance(module, nn.Linear) and ".layers." in f".{name}."]
     generator = torch.Generator().manual_seed(0)
@@ -84,3 +80,10 @@ def measure_sensitivity(model, text: str, window_tokens: int = SENSITIVITY_TOKEN
                 handle.remove()
             sensitivity[f"{name}.weight{SENSITIVITY}"] = (kl / relative_mse).float().cpu()
     return sensitivity
+
+
+def _token_ids(model, text: str) -> torch.Tensor:
+    """The calibration text as `model`'s token ids (1-D); InputError when it ships no tokenizer."""
+    if model.tokenizer is None:
+        raise InputError("compression.calibration: the model ships no tokenizer to read the calibration text with")
+    return model.tokenizer(text, return_tensors="pt").input_ids[0]

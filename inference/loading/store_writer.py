@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ...allocation import SENSITIVITY, allocate, matrix_errors
-from ...compression import MIXED, PACKED, Codec, compress_unit, compressed_layout, ggml_layout
+from ...compression import MIXED, PACKED, Codec, codec_identity, compress_unit, compressed_layout, ggml_layout
 from ...errors import BudgetError, CheckpointError, ConfigError, InputError, TierstoreError
 from ...files import write_atomic
 from ...sizes import format_size
@@ -123,7 +123,7 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
         raise InputError("write_store quantizes data-free, one format for all: give a codec without a calibration "
                          "text, not mixed")
     requested = dtype_name(dtype) if codec is None else None
-    with store_writer(out_dir, requested, codec.to_dict() if codec else None) as finished:
+    with store_writer(out_dir, requested, codec.identity() if codec else None) as finished:
         if finished:
             log.info("layer store already in %s", out_dir)
             return out_dir
@@ -332,7 +332,7 @@ def _check_same_kind(out_dir: str, manifest: dict[str, Any], dtype: str | None,
             return f"{compression.get('format')}-compressed"
         return f"in {dtype}" if dtype else "in the checkpoint's dtypes"
 
-    have = {key: value for key, value in (manifest.get("compression") or {}).items() if key != "allocation"}
+    have = codec_identity(manifest.get("compression") or {})
     differs = (have or None) != (compression or None) or (
         compression is None and "dtype" in manifest and manifest["dtype"] != dtype)
     if differs:

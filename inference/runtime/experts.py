@@ -242,30 +242,32 @@ class ExpertRunner:
         that can be waits here for every expert to reach RAM."""
         if not (self._wants_mapped() and rows * self.groups[0].top_k <= MAX_PAIRS and all(self._on_host_ok)):
             return False
-        if self._mapped is None:
-            self._mapped = MappedExperts(self.groups, self.store, self.pool)
+        self._engine()
         return True
 
     def before_replay(self) -> None:
         """Before each replay of a captured decode step: count the routing the last replay logged, let the slots
         follow it, and re-point the table after calls that went through the store."""
-        if self._mapped is None:
-            return
-        if self._mapped_stale:
-            self._mapped.refresh()
-            self._mapped_stale = False
-        self._follow(self._mapped.drain() + self._mapped.replaying())
+        if self._mapped is not None:
+            engine = self._engine()
+            self._follow(engine.drain() + engine.replaying())
 
     def _read_in_place(self, index: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
         """The layer's routed experts read by the device from their slot or from host RAM (mapped_experts.py)."""
+        engine = self._engine()
+        self._follow(engine.drain())
+        return engine.forward(index, hidden, top_k_index, top_k_weights)
+
+    def _engine(self) -> MappedExperts:
+        """The in-place reader, made on first use (it waits for every expert to reach RAM), its table re-pointed
+        when calls through the store may have changed what the slots hold."""
         if self._mapped is None:
             self._mapped = MappedExperts(self.groups, self.store, self.pool)
         elif self._mapped_stale:
             self._mapped.refresh()
         self._mapped_stale = False
-        self._follow(self._mapped.drain())
-        return self._mapped.forward(index, hidden, top_k_index, top_k_weights)
+        return self._mapped
 
     def _follow(self, served: list[Served]) -> None:
         """Count layer calls read in place and let the slots follow their routing (MappedExperts.admit)."""
