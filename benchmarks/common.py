@@ -284,7 +284,8 @@ def run_row(target: str, draft: str | None, prompt: str, new_tokens: int, budget
             "largest_tree": spec.get("largest_tree"),
             "passes": spec.get("passes"), "peak_vram": torch.cuda.max_memory_allocated() if cuda else None,
             "device_resident": len(plan.device_resident), "notes": report["notes"] + list(plan.notes),
-            "graphed": spec.get("graphed")}
+            "graphed": spec.get("graphed"), "verify_graphed": spec.get("verify_graphed"),
+            "decode_graphed": timing.get("graphed")}
 
 
 def fmt(value, spec: str) -> str:

@@ -48,7 +48,7 @@ def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], pro
 def print_table(rows: list[tuple[str, object, dict]]) -> None:
     """One line per draft and prompt, against the no-draft row of the same prompt."""
     header = ("draft", "prompt", "tokens/s", "x no draft", "tokens/pass", "accept", "largest tree", "draft step s",
-              "verify pass s", "pass s", "same tokens", "graphed")
+              "verify pass s", "pass s", "same tokens", "draft graphed", "verify graphed")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, number, row in rows:
@@ -61,5 +61,5 @@ def print_table(rows: list[tuple[str, object, dict]]) -> None:
                  fmt(row["verify_pass_s"], "{:.4f}"), fmt(row["pass_s"], "{:.4f}"),
                  str(same) if same or row["first_difference"] is None else
                  f"from token {row['first_difference']} (top-2 margin {row['top2_logit_margin_there']:.3f})",
-                 str(row["graphed"])]
+                 str(row["graphed"]), str(row.get("verify_graphed"))]
         print("| " + " | ".join(map(str, cells)) + " |")

@@ -262,6 +262,81 @@ def test_speculation_on_cuda_replays_a_graph_and_keeps_the_tokens(tmp_path):
               f"pass, graphed {spec['graphed']}, peak VRAM {peak} <= {budget.vram}")
 
 
+def test_a_resident_models_verify_passes_replay_graphs_with_the_eager_tokens(tmp_path):
+    """Every unit on the device, drafts ngram and a different model: the verify passes replay CUDA graphs (trees
+    padded to a few widths) and give the eager run's tokens (`cuda_graphs = off`), greedy and within the budget;
+    a second call reuses the graphs."""
+    from conftest import tiny_model
+
+    directory, _ = _tiny(tmp_path)
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "other")
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3, 5, 9, 33, 7, 81]])
+    budget = tierstore.Budget(vram="1GB", ram="1GB")
+    runs = {}
+    for graphs in ("off", "auto"):
+        config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs},
+                  "speculation": {"width": 4}}
+        for draft in ("ngram", str(tmp_path / "other")):
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float32,
+                                                     draft=draft) as model:
+                assert model.plan.regime == "device"
+                calls = [model.generate(ids, max_new_tokens=40, do_sample=False).tolist() for _ in range(2)]
+                spec, notes = model.report().speculation, model.report().notes
+            peak = torch.cuda.max_memory_allocated() - base
+            assert peak <= budget.vram, f"{draft}: peak {peak} > budget {budget.vram}"
+            assert calls[0] == calls[1]
+            runs[graphs, draft] = calls[0], spec["verify_graphed"], notes
+    for draft in ("ngram", str(tmp_path / "other")):
+        (eager, eager_graphed, _), (graphed, graphed_flag, notes) = runs["off", draft], runs["auto", draft]
+        assert graphed == eager, draft
+        assert eager_graphed is None and graphed_flag is True, (draft, notes)
+        assert any("verify passes replayed from CUDA graphs" in note for note in notes), notes
+        print(f"\ncuda resident verify passes graphed, draft {draft}: tokens as eager")
+
+
+def test_batch_decode_steps_replay_graphs_with_the_ragged_batchers_tokens(smollm2_store, tmp_path):
+    """SmolLM2 resident (float32): six requests through four rows, two leaving early. The batcher's static rows
+    replay CUDA graphs (row counts padded to powers of two) and give the tokens of the ragged, eager batcher,
+    within the budget."""
+    import time
+
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
+
+    store_dir, _ = smollm2_store
+    budget = tierstore.Budget(vram="2GB", ram="2GB")
+    prompts = ["What is the capital of France?", "Hi", "List three colors.", "Describe a cat.",
+               "What is 2+2?", "Why is the sky blue?"]
+    lengths = [24, 3, 24, 12, 5, 24]
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with tierstore.AutoModel.from_pretrained(store_dir, budget=budget, dtype=torch.float32,
+                                             config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
+        assert model.plan.regime == "device"
+        tok = model.tokenizer
+        ids = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False).input_ids
+               for p in prompts]
+        runs = {}
+        for static in (False, None):
+            batcher = Batcher(model, max_batch=4, max_queue=8, max_seq_tokens=256, static_rows=static)
+            sequences = [batcher.submit(row, SamplingParams(max_tokens=length, temperature=0), lambda event: None)
+                         for row, length in zip(ids, lengths)]
+            deadline = time.monotonic() + 120
+            while not all(s.finish_reason for s in sequences):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            runs[static] = [s.tokens for s in sequences], batcher.graphed, batcher.steps
+            batcher.close()
+    peak = torch.cuda.max_memory_allocated() - base
+    (ragged, ragged_graphed, _), (rows, graphed, steps) = runs[False], runs[None]
+    assert rows == ragged
+    assert ragged_graphed is None and graphed is True
+    assert peak <= budget.vram, f"peak {peak} > budget {budget.vram}"
+    print(f"\ncuda batcher: static rows graphed, {steps} steps, tokens as the ragged batcher's, peak {peak}")
+
+
 def test_trace_on_cuda_times_copies_and_compute_with_events(tmp_path):
     """Streamed on the GPU with a trace: the same tokens, one compute event per unit and pass, and on the compute
     and copy tracks (CUDA event times) no event starts before the one before it ends."""

@@ -122,7 +122,7 @@ def test_attention_choice(tiny_dirs, tmp_path):
 def test_the_graphed_decode_loop_gives_transformers_tokens(model_type, tiny_dirs, cache_config):
     """The loop a CUDA graph replays (static KV cache, bias from the position, prompt fed in chunks), run eagerly
     on the CPU: transformers' greedy tokens, for one and two sequences, and a sequence ended by its EOS padded."""
-    from tierstore.inference.decoding import graphed
+    from tierstore.inference.decoding import graphed, static_forward
     from tierstore.inference.decoding.sampling import chooser
 
     import tierstore
@@ -133,7 +133,7 @@ def test_the_graphed_decode_loop_gives_transformers_tokens(model_type, tiny_dirs
         want = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model, torch.no_grad():
         decoder = graphed.GraphedDecoder(model.model, model.device)
-        old_chunk, graphed.PROMPT_CHUNK_TOKENS = graphed.PROMPT_CHUNK_TOKENS, 3  # three prompt chunks
+        old_chunk, static_forward.PROMPT_CHUNK_TOKENS = static_forward.PROMPT_CHUNK_TOKENS, 3  # three prompt chunks
         try:
             for rows in (ids[:1], ids):
                 got, stats = decoder.generate(rows, 12, chooser(False, None), set(), 0, None, lambda: None)
@@ -142,7 +142,7 @@ def test_the_graphed_decode_loop_gives_transformers_tokens(model_type, tiny_dirs
             end = int(want[1, 7 + 4])  # row 2's fifth new token as the EOS: that row ends, padded with 0
             got, _ = decoder.generate(ids, 12, chooser(False, None), {end}, 0, None, lambda: None)
         finally:
-            graphed.PROMPT_CHUNK_TOKENS = old_chunk
+            static_forward.PROMPT_CHUNK_TOKENS = old_chunk
     with torch.no_grad():
         ended = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=end)
     assert got.tolist() == ended.tolist()

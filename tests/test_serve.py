@@ -291,6 +291,36 @@ def test_batcher_joins_running_batches_and_matches_alone(smollm2_store, tmp_path
         batcher.close()
 
 
+def test_static_rows_give_each_sequence_its_tokens_alone_and_restore_prefixes(smollm2_store, tmp_path):
+    """The batch cache kept as static rows (the layout whose decode steps replay CUDA graphs; eager on a CPU):
+    six requests through four rows get the greedy tokens they get alone, rows left free mid-batch take the last
+    rows' sequences, and a prompt continuing a finished sequence restores that sequence's KV into its row."""
+    import torch
+
+    import tierstore
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
+
+    store, _ = smollm2_store
+    with tierstore.AutoModel.from_pretrained(store, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
+        ids, alone = _alone(model, PROMPTS[:6], 16)
+        lengths = [16, 3, 16, 10, 5, 16]  # the second and fifth leave early, freeing rows before running ones
+        batcher = Batcher(model, max_batch=4, max_queue=8, max_seq_tokens=512, static_rows=True)
+        sequences = [batcher.submit(row, SamplingParams(max_tokens=length, temperature=0), lambda event: None)
+                     for row, length in zip(ids, lengths)]
+        _until(lambda: all(s.finish_reason for s in sequences))
+        assert [s.tokens for s in sequences] == [row[:length] for row, length in zip(alone, lengths)]
+        assert batcher._rows.moves >= 1 and batcher.mask is None and batcher.graphed is False
+        follow = ids[0] + alone[0] + ids[2][-6:]  # the first conversation's next turn
+        want = model.generate(torch.tensor([follow]), max_new_tokens=8, do_sample=False)[0, len(follow):].tolist()
+        hits = batcher.prefixes.stats.hits
+        sequence = batcher.submit(follow, SamplingParams(max_tokens=8, temperature=0), lambda event: None)
+        _until(lambda: sequence.finish_reason is not None)
+        assert sequence.tokens == want[:len(sequence.tokens)] and len(sequence.tokens) >= 1
+        assert batcher.prefixes.stats.hits == hits + 1
+        assert batcher._rows.reused_tokens >= len(ids[0]) + len(alone[0]) - 1  # the turn's prefix was not fed
+        batcher.close()
+
+
 def test_the_batcher_admits_requests_while_their_kv_cache_fits_its_tokens(smollm2_store, tmp_path):
     """The KV cache is held to its size in tokens: a request joins only while the batch, every row grown to its
     max_tokens, still fits. Short requests then share passes in larger numbers than sequences of the longest

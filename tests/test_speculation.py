@@ -92,6 +92,68 @@ def test_trees_of_hundreds_of_nodes_give_transformers_greedy_tokens(model_type, 
         assert 0 < model.report().speculation["largest_tree"] <= 40  # speculation.nodes caps every tree
 
 
+class _Decoys:
+    """A draft that knows the answer and hides it among wrong siblings: every true token is its parent's second
+    child, so the accepted path's nodes are not contiguous (their cache entries must be moved together)."""
+
+    name, policy, steps, step_s = "decoys", None, 0, 0.0
+
+    def __init__(self, answer: list[int], vocab_size: int) -> None:
+        self.answer, self.vocab_size = answer, vocab_size
+
+    def reset(self, max_tokens, stop_ids=frozenset()):
+        pass
+
+    def propose(self, history, max_depth):
+        from tierstore.inference.decoding.tree import DraftTree
+
+        tree = DraftTree.rooted_at(history[-1])
+        node = 0
+        for token in self.answer[len(history):len(history) + min(max_depth, 6)]:
+            tree.add(node, (token + 1) % self.vocab_size, 0.5)  # the decoy first
+            node = tree.add(node, token, 0.5)
+        return tree
+
+    def accepted(self, tree, path):
+        pass
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_verify_passes_over_fixed_buffers_give_transformers_greedy_tokens(model_type, tiny_dirs, tmp_path_factory,
+                                                                         tmp_path):
+    """The verify pass a CUDA graph replays (a static cache, each tree padded to one of a few widths, the accepted
+    path's entries moved after the prefix), run eagerly on the CPU: transformers' greedy tokens for n-gram trees of
+    hundreds of nodes and another model's trees, through one verifier whose buffers serve both calls."""
+    from tierstore.inference.decoding.drafts import ModelDraft, NgramDraft
+    from tierstore.inference.decoding.sampling import chooser, warp
+    from tierstore.inference.decoding.speculation import SpeculationStats, speculate
+    from tierstore.inference.decoding.verifier import GraphedVerifier
+
+    directory, reference = tiny_dirs(model_type)
+    other = _draft_dir(tmp_path_factory, model_type, seed=1)
+    ids = torch.tensor([_recurring_prompt(reference)])
+    want = reference.generate(ids, max_new_tokens=48, do_sample=False)
+    config = {"runtime": {"cache_dir": str(tmp_path)}}
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model, \
+            tierstore.AutoModel.from_pretrained(other, config=config) as draft_model:
+        verifier = GraphedVerifier(model.model, model.device, max_nodes=300)
+        ngram = NgramDraft(max_branches=32)
+        ngram.max_nodes = 300
+        drafted = ModelDraft(draft_model, "other", warp(None, None, None), reference.config.vocab_size, width=32,
+                             policy=TreePolicy(fixed_steps=10, max_nodes=300))
+        for draft in (ngram, drafted, _Decoys(want[0].tolist(), reference.config.vocab_size)):
+            stats = SpeculationStats(draft.name)
+            with torch.no_grad():
+                got = speculate(verifier, draft, ids, 48, chooser(False, None), set(), stats)
+            assert got.tolist() == want.tolist(), draft.name
+            assert stats.passes < 47, stats  # drafted tokens were accepted
+        kv = verifier.kv
+        assert stats.largest_tree <= 300
+    widths = sorted(verifier._forwards)
+    assert widths[-1] == 301 and len(widths) >= 2, widths  # the widest (the node cap) and smaller trees' widths
+    assert verifier.kv is kv  # the second call reused the first's buffers
+
+
 def test_end_of_sequence_and_max_new_tokens_hold(tiny_dirs, tmp_path):
     directory, reference = tiny_dirs("llama")
     config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"depth": 8}}

@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from ...policies.speculation import DEFAULT_MAX_NODES, TreePolicy
 from .sampling import Warp
+from .static_forward import StaticForward, StaticKV
 from .tree import DraftTree
 
 log = logging.getLogger(__name__)
@@ -85,43 +85,6 @@ class NgramDraft:
         self._indexed = len(history) + 1
 
 
-class StaticKV(DynamicCache):
-    """Key/value buffers at fixed addresses (for the draft, and for graphed.py's decode steps), so one forward can
-    be captured in a CUDA graph and replayed: every forward writes its new entries at the positions in `write_at`
-    and attends over the whole buffer, the mask saying which positions hold live tokens. transformers' layers call
-    `update`."""
-
-    def __init__(self, max_tokens: int) -> None:
-        super().__init__()
-        self.max_tokens = max_tokens
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.write_at: torch.Tensor | None = None  # (width,) positions of this forward's new entries
-        self.length = 0  # live positions, for transformers' own bookkeeping
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx == len(self.keys):  # (batch, heads, positions, head_dim), allocated on first use
-            shape = (*key_states.shape[:2], self.max_tokens, key_states.shape[-1])
-            self.keys.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
-            self.values.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
-        self.keys[layer_idx].index_copy_(2, self.write_at, key_states)
-        self.values[layer_idx].index_copy_(2, self.write_at, value_states)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
-    def move(self, sources: list[int], to: int) -> None:
-        """Copy the entries at `sources` to positions `to`, `to + 1`, ... (the accepted nodes, made contiguous)."""
-        if not sources or not self.keys:
-            return
-        index = torch.tensor(sources, device=self.keys[0].device)
-        for buffers in (self.keys, self.values):
-            for buffer in buffers:
-                buffer[:, :, to:to + len(sources)] = buffer.index_select(2, index)
-
-
 class ModelDraft:
     """A resident small model drafting a tree. Each draft step is one forward of exactly `width` tokens (tree
     nodes or a piece of the accepted chain, padded) over fixed buffers, so on a GPU it is captured once per
@@ -141,22 +104,20 @@ class ModelDraft:
         self._cached = 0  # accepted tokens whose entries are live, at positions 0..cached-1
         self._fed: list[int] = []  # tree nodes fed in the last proposal, at positions cached, cached + 1, ...
         self._stop_ids: frozenset[int] = frozenset()  # tokens that end the sequence: their children are never drafted
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._capture_tried = False
-        self._static: dict[str, Any] | None = None
+        self._forward: StaticForward | None = None  # made by `reset` over the sequence's buffers
 
     @property
     def graphed(self) -> bool:
         """Whether the steps replay a CUDA graph."""
-        return self._graph is not None
+        return self._forward is not None and self._forward.graphed
 
     def reset(self, max_tokens: int, stop_ids: frozenset[int] = frozenset()) -> None:
         """A new sequence of at most `max_tokens` tokens, ending at any of `stop_ids` (nothing is drafted after
         one): fresh buffers (room for the largest tree too), new graph."""
         self._stop_ids = stop_ids
         self._kv = StaticKV(max_tokens + self.policy.max_nodes + 2 * self.width)
-        self._cached, self._fed, self._graph, self._static = 0, [], None, None
-        self._capture_tried = False
+        self._forward = StaticForward(self.model.model, self._kv, self.width, self.model.device)
+        self._cached, self._fed = 0, []
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
         """Catch up on the accepted tokens, then grow the tree best-first while the tree policy says it pays: each
@@ -233,66 +194,12 @@ class ModelDraft:
               allowed: torch.Tensor | None) -> torch.Tensor:
         """One forward of `width` slots: `tokens` at `positions`, their entries written at `writes`; a causal
         chain after the live prefix (allowed None) or tree nodes (`allowed`: which of the fed nodes and these
-        each may see). Unused slots write to the buffer's spare end and see only position 0. Returns the
-        probabilities of each slot's next token."""
-        kv = self._kv
-        count, width = len(tokens), self.width
-        spare = kv.max_tokens - width  # the last `width` positions are never live
-        visible = torch.zeros(width, kv.max_tokens, dtype=torch.bool)
-        visible[:, 0] = True
+        each may see). Returns the probabilities of each slot's next token."""
+        count = len(tokens)
         if allowed is None:  # the chain: all live entries before it, and itself causally
-            visible[:count, :positions[0]] = True
-            visible[:count, positions[0]:positions[0] + count] = torch.ones(count, count, dtype=torch.bool).tril()
+            seen_from, allowed = positions[0], torch.ones(count, count, dtype=torch.bool).tril()
         else:
-            visible[:count, :self._cached] = True
-            visible[:count, self._cached:self._cached + allowed.shape[1]] = allowed
-        inputs = self._inputs()
-        inputs["ids"].copy_(torch.tensor(tokens + [0] * (width - count)))
-        inputs["positions"].copy_(torch.tensor(positions + [0] * (width - count)))
-        inputs["writes"].copy_(torch.tensor(writes + list(range(spare + count, spare + width))))
-        bias = torch.zeros(visible.shape, dtype=inputs["bias"].dtype)
-        inputs["bias"][0, 0].copy_(bias.masked_fill_(~visible, torch.finfo(bias.dtype).min))
-        kv.length = max(writes[:count]) + 1
-        if self._graph is not None:
-            self._graph.replay()
-        else:
-            self._forward()
-        if not self._capture_tried and self.model.device.type == "cuda":
-            self._capture()
-        return self.warp(inputs["logits"][0, :, :self.vocab_size].float())
-
-    def _inputs(self) -> dict[str, torch.Tensor]:
-        """The forward's fixed input and output tensors (made on first use for each buffer)."""
-        if self._static is None:
-            device, dtype = self.model.device, self.model.model.dtype
-            self._static = {"ids": torch.zeros(1, self.width, dtype=torch.long, device=device),
-                            "positions": torch.zeros(1, self.width, dtype=torch.long, device=device),
-                            "writes": torch.zeros(self.width, dtype=torch.long, device=device),
-                            "bias": torch.zeros(1, 1, self.width, self._kv.max_tokens, dtype=dtype, device=device)}
-            self._kv.write_at = self._static["writes"]
-        return self._static
-
-    def _forward(self) -> None:
-        inputs = self._static
-        with torch.no_grad():
-            out = self.model.model(input_ids=inputs["ids"], position_ids=inputs["positions"],
-                                   cache_position=inputs["writes"], attention_mask=inputs["bias"],
-                                   past_key_values=self._kv, use_cache=True)
-        inputs["logits"] = out.logits
-
-    def _capture(self) -> None:
-        """Record the forward as a CUDA graph (once a sequence, right after an eager forward warmed it up); its
-        inputs are refilled in place before each replay. A failure leaves the draft running eagerly (slower,
-        same tokens)."""
-        self._capture_tried = True
-        try:
-            torch.cuda.synchronize(self.model.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._forward()
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
-            log.warning("draft %s: CUDA graph capture failed (%s); drafting without it", self.name, exc)
-            self._forward()  # the logits again, from an eager forward
-            return
-        graph.replay()  # capture records without running: this step's logits come from the first replay
-        self._graph = graph
+            seen_from = self._cached
+        assert self._forward is not None, "reset() makes the draft's forward"
+        logits = self._forward.run(tokens, positions, writes, seen_from, allowed)
+        return self.warp(logits[:, :self.vocab_size].float())

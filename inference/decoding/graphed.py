@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 
-from .drafts import StaticKV
 from .sampling import Choose
+from .static_forward import StaticKV, causal_bias, feed_prompt_static
 
 log = logging.getLogger(__name__)
 
-PROMPT_CHUNK_TOKENS = 512  # prompt tokens a prefill forward feeds: its bias is chunk x buffer entries
 ROUND_TOKENS = 256  # buffers are sized in these steps, so calls of similar lengths reuse one graph
 # generation settings that change the decode loop, with the values that leave it plain (what it runs)
 PLAIN_SETTINGS: dict[str, tuple[Any, ...]] = {
@@ -79,6 +78,12 @@ def refusal(generation_config: Any, kwargs: dict[str, Any], config: Any, input_i
     changed = sorted(name for name, plain in PLAIN_SETTINGS.items() if getattr(settings, name, None) not in plain)
     if changed:
         return f"generation settings {', '.join(changed)}"
+    return attention_refusal(config, total_tokens)
+
+
+def attention_refusal(config: Any, total_tokens: int) -> str | None:
+    """Why a model's attention cannot run over a static buffer through a bias for sequences of `total_tokens`
+    (None: it can)."""
     text = config.get_text_config()
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None) or ()
@@ -164,33 +169,15 @@ class GraphedDecoder:
         self._graph, self._kv, self._static = None, None, {}  # the old graph's memory pool goes with it
         self._shape = (rows, capacity)
         self._kv = StaticKV(capacity)
-        dtype = self.model.dtype
         self._static = {"ids": torch.zeros(rows, 1, dtype=torch.long, device=self.device),
                         "position": torch.zeros(1, dtype=torch.long, device=self.device),
-                        "keys": torch.arange(capacity, device=self.device),
-                        "zero": torch.zeros((), dtype=dtype, device=self.device),
-                        "masked": torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=self.device)}
-
-    def _bias(self, positions: torch.Tensor) -> torch.Tensor:
-        """(rows, 1, len(positions), buffer) attention bias: each position sees the entries up to itself."""
-        static = self._static
-        visible = static["keys"][None, :] <= positions[:, None]
-        bias = torch.where(visible, static["zero"], static["masked"])
-        return bias[None, None].expand(self._shape[0], 1, *bias.shape)  # type: ignore[index]
+                        "keys": torch.arange(capacity, device=self.device)}
 
     def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Feed the prompt in chunks into the static cache; the last position's logits (rows, vocab), float32."""
-        rows, prompt = input_ids.shape
-        kv = self._kv
-        for begin in range(0, prompt, PROMPT_CHUNK_TOKENS):
-            end = min(begin + PROMPT_CHUNK_TOKENS, prompt)
-            positions = torch.arange(begin, end, device=self.device)
-            kv.write_at, kv.length = positions, end  # type: ignore[union-attr]
-            out = self.model(input_ids=input_ids[:, begin:end], position_ids=positions.expand(rows, -1),
-                             cache_position=positions, attention_mask=self._bias(positions), past_key_values=kv,
-                             use_cache=True, logits_to_keep=1)
-        kv.write_at = self._static["position"]  # type: ignore[union-attr]
-        return out.logits[:, -1, :].float()
+        logits = feed_prompt_static(self.model, self._kv, input_ids)  # type: ignore[arg-type]
+        self._kv.write_at = self._static["position"]  # type: ignore[union-attr]
+        return logits
 
     def _step(self, position: int, stats: GraphStats) -> torch.Tensor:
         """The forward of the tokens in the `ids` buffer at `position`: replayed, or run eagerly and captured."""
@@ -212,9 +199,10 @@ class GraphedDecoder:
         """The step: its bias from the position, the model's forward, the logits kept as float32."""
         static = self._static
         position = static["position"]
-        out = self.model(input_ids=static["ids"], position_ids=position.expand(self._shape[0], 1),  # type: ignore
-                         cache_position=position, attention_mask=self._bias(position), past_key_values=self._kv,
-                         use_cache=True)
+        rows = self._shape[0]  # type: ignore[index]
+        bias = causal_bias(position, static["keys"], self.model.dtype).expand(rows, -1, -1, -1)
+        out = self.model(input_ids=static["ids"], position_ids=position.expand(rows, 1),
+                         cache_position=position, attention_mask=bias, past_key_values=self._kv, use_cache=True)
         static["logits"] = out.logits[:, -1, :].float()
 
     def _capture(self) -> None:

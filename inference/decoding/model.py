@@ -35,10 +35,11 @@ from ..runtime.lookup import HostLookup
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
 from ..runtime.tiered_kv import KVTraffic, TieredKVCache
-from .graphed import GraphedDecoder, GraphStats, call_settings, refusal
+from .graphed import GraphedDecoder, GraphStats, attention_refusal, call_settings, refusal
 from .prefill import feed_prompt, plan_feed
 from .sampling import chooser, eos_ids, warp
 from .speculation import SpeculationStats
+from .verifier import GraphedVerifier, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class TierstoreModel:
         self._speculation: SpeculationStats | None = None
         self._prefixes: PrefixCache | None = None  # opened on first use (`prefix_cache`)
         self._graphed: GraphedDecoder | None = None  # made on the first call whose decode steps can be graphed
+        self._graphed_verifier: GraphedVerifier | None = None  # made on the first draft call that can be graphed
         self._kv_call: dict[str, Any] | None = None  # the last generate call's KV cache, for the report
         # learns the draft step's and the verify pass's costs across calls (a target whose routed experts are
         # fetched as picked verifies a larger tree at a higher cost: the curve shows it); a configured depth is
@@ -208,6 +210,22 @@ class TierstoreModel:
     def _graph_refusal(self, input_ids: torch.Tensor, kwargs: dict[str, Any], total_tokens: int) -> str | None:
         """Why this call's decode steps cannot replay a CUDA graph (None: they can; "": not asked for, or not on a
         GPU)."""
+        unfit = self._model_graph_refusal(input_ids.shape[0])
+        if unfit is not None:
+            return unfit
+        if self.prefix_cache() is not None:
+            return "the prefix cache keeps transformers' own cache"
+        return refusal(self.model.generation_config, kwargs, self.model.config, input_ids, total_tokens)
+
+    def graph_rows_refusal(self, rows: int, max_seq_tokens: int) -> str | None:
+        """Why a batch's decode steps of up to `rows` sequences of `max_seq_tokens` cannot replay CUDA graphs
+        (None: they can; "": not asked for, or not on a GPU)."""
+        unfit = self._model_graph_refusal(rows)
+        return unfit if unfit is not None else attention_refusal(self.model.config, max_seq_tokens)
+
+    def _model_graph_refusal(self, tokens: int) -> str | None:
+        """Why a forward of `tokens` tokens (a batch's decode step, a verify pass) cannot replay a CUDA graph, on
+        the model's side (None: it can; "": not asked for, or not on a GPU)."""
         if self.config.runtime.cuda_graphs == "off" or self.device.type != "cuda":
             return ""
         plan = self.plan
@@ -215,19 +233,17 @@ class TierstoreModel:
         moving = len(set(plan.schedule) - set(plan.device_resident)) + looked_up
         if moving:
             return f"{moving} of the model's units are not kept on the device (streamed units change addresses)"
-        if self.experts is not None and not self.experts.graphable(input_ids.shape[0]):
+        if self.experts is not None and not self.experts.graphable(tokens):
             return "routed experts are fetched as the router picks them"
         if self.kv_on_host:
             return "the KV cache has layers off the device"
-        if self.prefix_cache() is not None:
-            return "the prefix cache keeps transformers' own cache"
         if self.tracer is not None:
             return "a trace records every unit's events, which a replay does not run"
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return "tensor-parallel ranks run their collectives eagerly"
         if not self._plain_cache():
             return "the model makes its own cache"
-        return refusal(self.model.generation_config, kwargs, self.model.config, input_ids, total_tokens)
+        return None
 
     def _generate_graphed(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
         """generate with every decode step replayed from a CUDA graph (`graphed.GraphedDecoder`)."""
@@ -433,13 +449,31 @@ class TierstoreModel:
                                self.config.speculation.width, self._tree_policy)
         stats = SpeculationStats(draft.name)
         clock = _StepClock(self.tracer)
+        verifier = self._verifier(nodes, notes)
         with quiet_forward():
-            out = speculate(self.model, draft, input_ids, max_new, chooser(do_sample, warped), ends, stats,
-                            kwargs.get("streamer"), on_first_token=lambda: clock(None, None),
-                            tracer=self.tracer, feed=lambda ids, cache: feed_prompt(self, ids, cache)[0].logits[0])
-        self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes)
+            out = speculate(verifier, draft, input_ids, max_new, chooser(do_sample, warped), ends, stats,
+                            kwargs.get("streamer"), on_first_token=lambda: clock(None, None), tracer=self.tracer)
+        if isinstance(verifier, GraphedVerifier):
+            failure = verifier.failure
+            notes.append(f"verify passes not graphed: CUDA graph capture failed ({failure})" if failure else
+                         "verify passes replayed from CUDA graphs, trees padded to "
+                         f"{'/'.join(map(str, verifier.widths()))} tokens")
+        self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes,
+                     graph=GraphStats() if verifier.graphed else None)
         self._speculation = stats
         return out
+
+    def _verifier(self, max_nodes: int, notes: list[str]) -> Verifier | GraphedVerifier:
+        """The verify passes' runner for this call: over fixed buffers, replayed from CUDA graphs, when every unit
+        stays on the device (kept for later calls); else transformers' cache, the prompt fed within the budget."""
+        unfit = self._model_graph_refusal(max_nodes + 1)
+        if unfit is not None:
+            notes.extend([f"verify passes not graphed: {unfit}"] if unfit else [])
+            return Verifier(self.model, self.device, feed=lambda ids, cache: feed_prompt(self, ids, cache)[0].logits[0])
+        if self._graphed_verifier is None:
+            self._graphed_verifier = GraphedVerifier(self.model, self.device, max_nodes)
+        self._graphed_verifier.max_nodes = max_nodes
+        return self._graphed_verifier
 
     def _tree_nodes(self, context_tokens: int) -> int:
         """The most drafted nodes a verify pass holds in this call: `speculation.nodes`, fewer where their

@@ -21,7 +21,7 @@ import torch
 from ...errors import InputError
 from ...trace import DRAFT, TOKENS, Tracer
 from .sampling import Choose
-from .tree import DraftTree, attention_bias, keep_positions
+from .tree import DraftTree
 
 
 @dataclasses.dataclass
@@ -39,6 +39,7 @@ class SpeculationStats:
     verify_s: float = 0.0
     draft_steps: int = 0
     graphed: bool | None = None  # a model draft's steps replayed a CUDA graph
+    verify_graphed: bool | None = None  # the verify passes replayed CUDA graphs (None: not tried)
 
     def to_dict(self) -> dict[str, Any]:
         """Counters and the rates derived from them."""
@@ -50,19 +51,13 @@ class SpeculationStats:
         return data
 
 
-def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: int, choose: Choose,
+def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: int, choose: Choose,
               eos_ids: set[int], stats: SpeculationStats, streamer: Any = None,
-              on_first_token: Callable[[], None] | None = None, tracer: Tracer | None = None,
-              feed: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> torch.Tensor:
-    """Generate up to `max_new_tokens` after `input_ids` (1, n) with `model` (a transformers causal LM) verifying
-    `draft`'s trees; returns (1, n + new) like `generate`. `feed(ids, cache)`: the prompt's last logits."""
-    from transformers import DynamicCache
-
+              on_first_token: Callable[[], None] | None = None, tracer: Tracer | None = None) -> torch.Tensor:
+    """Generate up to `max_new_tokens` after `input_ids` (1, n), `verifier` (verifier.py: the model's side)
+    checking `draft`'s trees; returns (1, n + new) like `generate`."""
     device = input_ids.device
-    cache = DynamicCache()
-    feed = feed or (lambda ids, kv: model(ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0])
-    with torch.no_grad():
-        logits = feed(input_ids, cache)
+    logits = verifier.start(input_ids, input_ids.shape[1] + max_new_tokens + 1)
     root = int(choose(logits[-1:])[0])
     if on_first_token is not None:
         on_first_token()
@@ -76,7 +71,7 @@ def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: i
         start_s = time.perf_counter()
         tree = draft.propose(history, max_depth=max_new_tokens - len(emitted) - 1)
         verify_start_s = time.perf_counter()
-        path, bonus = _verify(model, cache, tree, choose, device)
+        path, bonus = verifier.verify(tree, choose)
         verify_s = time.perf_counter() - verify_start_s
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
         if tracer is not None:
@@ -108,6 +103,7 @@ def speculate(model: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: i
         streamer.end()
     stats.new_tokens += len(emitted)
     stats.graphed = getattr(draft, "graphed", None)
+    stats.verify_graphed = verifier.graphed
     return torch.tensor([history], device=device)
 
 
@@ -115,24 +111,6 @@ def _tried(tree: DraftTree, path: list[int]) -> list[tuple[float, int, bool]]:
     """Each drafted child of an accepted node: the draft's probability of it, its rank, whether it was accepted."""
     return [(tree.probs[child], tree.ranks[child], index + 1 < len(path) and child == path[index + 1])
             for index, node in enumerate(path) for child in tree.children[node].values()]
-
-
-def _verify(model: Any, cache: Any, tree: DraftTree, choose: Choose, device: torch.device) -> tuple[list[int], int]:
-    """One forward over the tree; the accepted path (node indices from the root) and the bonus token. The cache
-    keeps the prefix and the path's nodes."""
-    prefix = cache.get_seq_length()
-    nodes = list(range(len(tree)))
-    bias = attention_bias(prefix, tree.ancestry(nodes, nodes), model.dtype, device)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([tree.tokens], device=device),
-                       position_ids=torch.tensor([[prefix + depth for depth in tree.depths]], device=device),
-                       attention_mask=bias, past_key_values=cache, use_cache=True).logits[0]
-    picks = choose(logits).tolist()  # one token per node: the host needs them, this is the pass's sync
-    path = [0]
-    while (child := tree.children[path[-1]].get(picks[path[-1]])) is not None:
-        path.append(child)
-    keep_positions(cache, prefix, [prefix + node for node in path])
-    return path, picks[path[-1]]
 
 
 # generate's arguments that speculative decoding honours; anything else given with a draft is refused by name

@@ -39,6 +39,7 @@ from ..placement.kv import kv_cache_tokens
 from ..runtime.prefix_cache import cache_layers, restore
 from ..runtime.reserved_cache import as_dynamic, reserved_cache
 from .kv_rows import compact, keep_rows, merge_rows, plain_layers
+from .static_rows import StaticRows
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,13 @@ class Batcher:
 
     `max_batch` caps the rows of a pass, `max_queue` the requests waiting to join (beyond it `submit` raises
     QueueFull), `max_seq_tokens` a sequence's prompt plus completion, `cache_tokens` the rows times columns the
-    KV cache may come to (default: `max_batch` sequences of `max_seq_tokens`, see `kv_cache_tokens`)."""
+    KV cache may come to (default: `max_batch` sequences of `max_seq_tokens`, see `kv_cache_tokens`).
+    `static_rows`: keep the cache as fixed rows whose decode steps replay CUDA graphs (static_rows.py); None
+    does so when the model's steps can be graphed and `cache_tokens` holds `max_batch` rows of
+    `max_seq_tokens`; True forces the layout (eagerly on a CPU: tests), False the ragged cache."""
 
     def __init__(self, model: Any, max_batch: int, max_queue: int, max_seq_tokens: int,
-                 cache_tokens: int | None = None) -> None:
+                 cache_tokens: int | None = None, static_rows: bool | None = None) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.device = model.device
@@ -135,6 +139,7 @@ class Batcher:
         runtime = model.config.runtime
         wanted = bool(runtime.prefix_cache_ram) or runtime.prefix_cache_dir is not None
         self.prefixes = model.open_prefix_cache() if wanted and not model.kv_on_host else None
+        self._rows = self._static_rows(static_rows)
         self._thread = threading.Thread(target=self._loop, name="tierstore-batcher", daemon=True)
         self._thread.start()
 
@@ -166,9 +171,30 @@ class Batcher:
 
     @property
     def mask(self) -> torch.Tensor | None:
-        """The batch cache's mask [rows, columns] (1 where a row's token is cached); None while no batch runs.
-        Read it between steps (from an event), as the batcher's thread replaces it each step."""
+        """The batch cache's mask [rows, columns] (1 where a row's token is cached); None while no batch runs,
+        and with static rows (their lengths say it). Read it between steps (from an event), as the batcher's
+        thread replaces it each step."""
         return self._mask
+
+    @property
+    def graphed(self) -> bool | None:
+        """Whether decode steps replayed CUDA graphs (None: the cache is not kept as static rows)."""
+        return None if self._rows is None else self._rows.graphed
+
+    def _static_rows(self, wanted: bool | None) -> StaticRows | None:
+        """The static rows this batcher keeps its cache in, if it does (see `static_rows` in the class doc)."""
+        if wanted is False:
+            return None
+        if wanted is None:
+            unfit = self.model.graph_rows_refusal(self.max_batch, self.max_seq_tokens)
+            if unfit is None and self.cache_tokens < self.max_batch * self.max_seq_tokens:
+                unfit = f"the KV cache's {self.cache_tokens} tokens hold fewer than {self.max_batch} rows of " \
+                        f"{self.max_seq_tokens}"
+            if unfit is not None:
+                if unfit:
+                    log.info("batch decode steps not graphed: %s", unfit)
+                return None
+        return StaticRows(self.model, self.max_batch, self.max_seq_tokens)
 
     def counts(self) -> dict[str, int]:
         with self._wake:
@@ -232,6 +258,10 @@ class Batcher:
         if self._joinable is False and self._active:
             return []  # this model's cache cannot take new rows: wait for the batch to drain
         joining: list[Sequence] = []
+        if self._rows is not None:  # every row holds a sequence of max_seq_tokens
+            while self._waiting and len(self._active) + len(joining) < self.max_batch:
+                joining.append(self._waiting.popleft())
+            return joining
         while self._waiting and len(self._active) + len(joining) < self.max_batch:
             candidates = [*joining, self._waiting[0]]
             columns = max([self._columns()] + [len(s.prompt_ids) for s in candidates])  # at best: a pass apart
@@ -257,6 +287,12 @@ class Batcher:
         for sequence in joining:
             if sequence.params.temperature > 0:
                 sequence.generator = sampling.generator(self.device, sequence.params.seed)
+        if self._rows is not None:
+            for sequence in joining:
+                self._join_row(sequence)
+            if self._active:
+                self._step_rows()
+            return
         if self._joinable is not False:
             joining = [s for s in joining if not self._join_apart(s)]
         width = max([len(s.prompt_ids) for s in joining] + [1])
@@ -266,6 +302,48 @@ class Batcher:
             joining = []
         if self._active or joining:  # none when a prompt that joined on its own ended at its first token
             self._forward(joining)
+
+    def _join_row(self, sequence: Sequence) -> None:
+        """A prompt takes the next static row: its prefix restored from the prefix cache, the rest fed in chunks,
+        its first token sampled."""
+        assert self._rows is not None
+        hit = self.prefixes.lookup(sequence.prompt_ids) if self.prefixes is not None else None
+        with quiet_forward():
+            logits = self._rows.fill(len(self._active), sequence.prompt_ids, hit[1] if hit is not None else None)
+        sequence.tokens.append(self._sample(logits, [sequence])[0])
+        sequence.cached = len(sequence.prompt_ids)
+        self.steps += 1
+        self.tokens_generated += 1
+        with self._wake:
+            self._active = [*self._active, sequence]
+        self._emit(sequence)
+        if sequence.finish_reason is not None:
+            with self._wake:
+                self._keep([s for s in self._active if s is not sequence], reason=None)
+
+    def _step_rows(self) -> None:
+        """One decode step of every static row (a replayed graph on a GPU), a token for each; the finished leave."""
+        assert self._rows is not None
+        rows = self._active
+        with quiet_forward():
+            logits = self._rows.step([sequence.tokens[-1] for sequence in rows])
+        self._advance(rows, self._sample(logits, rows), [1] * len(rows))
+
+    def _advance(self, rows: list[Sequence], next_tokens: list[int], fed: list[int]) -> None:
+        """After a pass: each row's `fed` tokens are cached and its next token emitted; the finished rows leave."""
+        self.steps += 1
+        if self.model.experts is not None and self.steps % EXPERT_WINDOW_STEPS == 0:
+            for note in self.model.experts.end_call():  # a server has no calls: windows of steps stand in
+                log.info(note)
+            self.model.experts.reset()
+        for sequence, count, token in zip(rows, fed, next_tokens):
+            sequence.cached += count
+            sequence.tokens.append(token)
+            self._emit(sequence)
+        self.tokens_generated += len(rows)
+        with self._wake:
+            self._active = rows
+            self._keep([s for s in rows if s.finish_reason is None], reason=None)
 
     def _join_apart(self, sequence: Sequence) -> bool:
         """A prompt that starts like a finished sequence (the prefix cache), or too long for one pass within the
@@ -369,20 +447,7 @@ class Batcher:
         self._cache, self._mask = out.past_key_values, mask
         if self._joinable is None:
             self._joinable = plain_layers(self._cache)
-        next_tokens = self._sample(out.logits[:, -1, :].float(), rows)
-        self.steps += 1
-        if self.model.experts is not None and self.steps % EXPERT_WINDOW_STEPS == 0:
-            for note in self.model.experts.end_call():  # a server has no calls: windows of steps stand in
-                log.info(note)
-            self.model.experts.reset()
-        for sequence, fed, token in zip(rows, new_mask.sum(dim=1).tolist(), next_tokens):
-            sequence.cached += fed
-            sequence.tokens.append(token)
-            self._emit(sequence)
-        self.tokens_generated += len(rows)
-        with self._wake:
-            self._active = rows
-            self._keep([s for s in rows if s.finish_reason is None], reason=None)
+        self._advance(rows, self._sample(out.logits[:, -1, :].float(), rows), new_mask.sum(dim=1).tolist())
         if self._joinable and self._cache is not None:
             self._mask = compact(self._cache, self._mask)
 
@@ -433,28 +498,55 @@ class Batcher:
             sequence.cancelled = True
 
     def _keep(self, survivors: list[Sequence], reason: str | None) -> None:
-        """Called under the lock: the batch shrinks to `survivors` (in their order), freeing the others' rows;
-        the sequences leaving end with `reason` (None: they have finished already)."""
+        """Called under the lock: the batch shrinks to `survivors` (in their order; static rows fill the rows
+        left free with the last rows' sequences), freeing the others' rows; the sequences leaving end with
+        `reason` (None: they have finished already)."""
         if len(survivors) == len(self._active):
             return
         kept = {id(s) for s in survivors}
-        indices = [row for row, s in enumerate(self._active) if id(s) in kept]
-        if self.prefixes is not None and self._cache is not None and self._mask is not None:
+        if self.prefixes is not None:
             for row, sequence in enumerate(self._active):
-                finished = None if id(sequence) in kept else self._finished_kv(sequence, self._cache, self._mask, row)
+                finished = None if id(sequence) in kept else self._leaving_kv(sequence, row)
                 if finished is not None:
                     self.prefixes.store(*finished)
-                    if not survivors and self._mask.shape[0] == 1:  # the batch drains: its cache stays on the
+                    if not survivors and len(self._active) == 1:  # the batch drains: its cache stays on the
                         self.prefixes.keep_on_device(*finished)  # device, where the next turn continues it
         for sequence in self._active:
             if id(sequence) not in kept and reason is not None:
                 self._finish(sequence, reason)
+        if self._rows is not None:
+            self._active = self._pack_rows(kept)
+            return
+        indices = [row for row, s in enumerate(self._active) if id(s) in kept]
         self._active = survivors
         if not survivors:
             self._cache = self._mask = None
             return
         assert self._cache is not None and self._mask is not None
         self._mask = keep_rows(self._cache, self._mask, indices)
+
+    def _leaving_kv(self, sequence: Sequence, row: int) -> tuple[list[int], Any] | None:
+        """A leaving sequence's cached tokens and their KV, for the prefix cache (see `_finished_kv`)."""
+        if self._rows is None:
+            if self._cache is None or self._mask is None:
+                return None
+            return self._finished_kv(sequence, self._cache, self._mask, row)
+        if sequence.finish_reason not in ("stop", "length") or self._rows.lengths[row] != sequence.cached:
+            return None
+        return [*sequence.prompt_ids, *sequence.tokens][:sequence.cached], self._rows.layers(row)
+
+    def _pack_rows(self, kept: set[int]) -> list[Sequence]:
+        """The static rows' sequences after the others leave: the last rows' kept sequences move into the rows
+        left free before them, so that the batch's rows stay the first ones."""
+        assert self._rows is not None
+        count = sum(1 for s in self._active if id(s) in kept)
+        placed: list[Sequence | None] = [s if id(s) in kept else None for s in self._active[:count]]
+        movers = [(row, s) for row, s in enumerate(self._active) if row >= count and id(s) in kept]
+        free = [row for row, s in enumerate(placed) if s is None]
+        for row, (source, sequence) in zip(free, movers):
+            self._rows.move(source, row)
+            placed[row] = sequence
+        return placed  # type: ignore[return-value]
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

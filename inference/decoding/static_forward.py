@@ -1,0 +1,164 @@
+"""Forwards over buffers at fixed addresses, so that a CUDA graph can record one and replay it.
+
+`StaticKV` holds the key/value entries of every layer in buffers sized once; a forward writes its new entries at
+the positions its `write_at` tensor names and attends over the whole buffer, a bias saying which entries each
+token sees. `StaticForward` is one forward of a fixed number of tokens over such a cache (the draft's steps, the
+verify pass's trees in buckets of widths): its inputs are refilled in place, and on a GPU it runs eagerly once,
+is recorded, and is replayed after. `feed_prompt_static` fills the cache with a prompt eagerly, in chunks.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+log = logging.getLogger(__name__)
+
+PROMPT_CHUNK_TOKENS = 512  # prompt tokens a prefill forward feeds: its bias is chunk x buffer entries
+
+
+class StaticKV(DynamicCache):
+    """Key/value buffers at fixed addresses: every forward writes its new entries at the positions in `write_at`
+    and attends over the whole buffer, the mask saying which positions hold live tokens. transformers' layers call
+    `update`."""
+
+    def __init__(self, max_tokens: int) -> None:
+        super().__init__()
+        self.max_tokens = max_tokens
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.write_at: torch.Tensor | None = None  # (width,) positions of this forward's new entries
+        self.length = 0  # live positions, for transformers' own bookkeeping
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):  # (batch, heads, positions, head_dim), allocated on first use
+            shape = (*key_states.shape[:2], self.max_tokens, key_states.shape[-1])
+            self.keys.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
+            self.values.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
+        self.keys[layer_idx].index_copy_(2, self.write_at, key_states)
+        self.values[layer_idx].index_copy_(2, self.write_at, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def move(self, sources: list[int], to: int) -> None:
+        """Copy the entries at `sources` to positions `to`, `to + 1`, ... (the accepted nodes, made contiguous)."""
+        if not sources or not self.keys:
+            return
+        index = torch.tensor(sources, device=self.keys[0].device)
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[:, :, to:to + len(sources)] = buffer.index_select(2, index)
+
+
+def causal_bias(positions: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, len(positions), len(keys)) additive bias: each position sees the entries up to itself."""
+    visible = keys[None, :] <= positions[:, None]
+    zero = torch.zeros((), dtype=dtype, device=keys.device)
+    return torch.where(visible, zero, torch.finfo(dtype).min)[None, None]
+
+
+def feed_prompt_static(model: Any, kv: StaticKV, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Feed `input_ids[:, start:]` (rows, n) into `kv` at positions start.. in chunks of PROMPT_CHUNK_TOKENS, each
+    attending causally over the buffer; the last position's logits (rows, vocab), float32."""
+    rows, prompt = input_ids.shape
+    keys = torch.arange(kv.max_tokens, device=input_ids.device)  # on the compute device
+    for begin in range(start, prompt, PROMPT_CHUNK_TOKENS):
+        end = min(begin + PROMPT_CHUNK_TOKENS, prompt)
+        positions = keys[begin:end]
+        kv.write_at, kv.length = positions, end
+        bias = causal_bias(positions, keys, model.dtype).expand(rows, -1, -1, -1)
+        out = model(input_ids=input_ids[:, begin:end], position_ids=positions.expand(rows, -1),
+                    cache_position=positions, attention_mask=bias, past_key_values=kv, use_cache=True,
+                    logits_to_keep=1)
+    return out.logits[:, -1, :].float()
+
+
+class StaticForward:
+    """One forward of exactly `width` tokens over `kv`, for one sequence. `run` refills its inputs in place: the
+    tokens, their positions, where their entries are written, and what each sees (every entry before `seen_from`,
+    then `allowed` over the entries from there). Fewer tokens than `width` are padded: the pads write just past the
+    last real entry (never live there: a later forward overwrites them) and see only entry 0. On a GPU the first
+    run is eager, the second records a CUDA graph (in `pool` when given: graphs sharing a pool must not run at
+    once, and each run's logits are read before the next), and later runs replay it."""
+
+    def __init__(self, model: Any, kv: StaticKV, width: int, device: torch.device, pool: Any = None) -> None:
+        self.model = model  # transformers' model, its units computed on `device`
+        self.kv = kv
+        self.width = width
+        self.device = device
+        self.pool = pool
+        dtype = model.dtype
+        self.ids = torch.zeros(1, width, dtype=torch.long, device=device)
+        self.positions = torch.zeros(1, width, dtype=torch.long, device=device)
+        self.writes = torch.zeros(width, dtype=torch.long, device=device)
+        self.bias = torch.zeros(1, 1, width, kv.max_tokens, dtype=dtype, device=device)
+        self._keys = torch.arange(kv.max_tokens, device=device)
+        self._masked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failure: str | None = None  # why capture failed (the runs stay eager)
+        self._runs = 0
+
+    def run(self, tokens: list[int], positions: list[int], writes: list[int], seen_from: int,
+            allowed: torch.Tensor) -> torch.Tensor:
+        """The logits (width, vocab) of `tokens` (at most `width`) at `positions`, their entries written at
+        `writes`; token i sees entries [0, seen_from) and entry seen_from + j where allowed[i, j]. Valid until the
+        next run of any forward sharing the pool."""
+        count, width = len(tokens), self.width
+        pads = range(max(writes) + 1, max(writes) + 1 + width - count)
+        self.ids.copy_(torch.tensor([tokens + [0] * (width - count)]))
+        self.positions.copy_(torch.tensor([positions + [0] * (width - count)]))
+        self.writes.copy_(torch.tensor(writes + list(pads)))
+        self._fill_bias(count, seen_from, allowed)
+        self.kv.length = max(writes) + 1
+        self.kv.write_at = self.writes
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._forward()
+            self._runs += 1
+            if self._runs == 2 and self.device.type == "cuda":  # the first run warmed the kernels up
+                self._capture()
+        return self.logits[0]  # type: ignore[index]
+
+    @property
+    def graphed(self) -> bool:
+        return self.graph is not None
+
+    def _fill_bias(self, count: int, seen_from: int, allowed: torch.Tensor) -> None:
+        """Row i < count: 0 over [0, seen_from) and where `allowed` says, the dtype's minimum elsewhere; pad rows
+        see entry 0."""
+        bias = self.bias[0, 0]
+        rows = bias[:count]
+        rows.copy_(torch.where(self._keys < seen_from, 0.0, self._masked).expand(count, -1))
+        block = rows[:, seen_from:seen_from + allowed.shape[1]]
+        block.copy_(torch.where(allowed.to(bias.device), 0.0, self._masked))
+        bias[count:].fill_(self._masked)
+        bias[count:, 0] = 0.0
+
+    def _forward(self) -> None:
+        with torch.no_grad():
+            out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.writes,
+                             attention_mask=self.bias, past_key_values=self.kv, use_cache=True)
+        self.logits = out.logits
+
+    def _capture(self) -> None:
+        """Record the forward as a CUDA graph; the first replay gives this run's logits again. A failure is kept
+        and the runs stay eager."""
+        try:
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self._forward()
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
+            self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            log.warning("a %d-token forward is not graphed: CUDA graph capture failed (%s)", self.width, self.failure)
+            self._forward()
+            return
+        graph.replay()
+        self.graph = graph

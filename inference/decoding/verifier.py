@@ -1,0 +1,127 @@
+"""The verifying model's side of speculation: the prompt fed into its cache, then one forward per drafted tree
+(tree attention mask, positions by depth), the cache cut to the accepted path.
+
+`Verifier` runs transformers' own cache and forward: any model, any tier. `GraphedVerifier` is for a model whose
+every unit stays on the device, where a pass is launches rather than bytes: its cache is a `StaticKV` sized for
+the call, and a tree is padded to the next of a few widths (`WIDTHS`, powers of two up to the node cap), each
+width one `StaticForward` replayed from a CUDA graph once it has run twice. Both give the same tokens up to the
+attention kernels' rounding.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .sampling import Choose
+from .static_forward import StaticForward, StaticKV, feed_prompt_static
+from .tree import DraftTree, attention_bias, keep_positions
+
+ROUND_TOKENS = 256  # the cache is sized in these steps, so calls of similar lengths reuse its graphs
+SMALLEST_WIDTH = 8  # a pass of fewer tokens costs what one of eight does: no graph below it
+
+
+def walk(tree: DraftTree, picks: list[int]) -> tuple[list[int], int]:
+    """The accepted path (node indices from the root) following the model's pick at each node, and the pick
+    after its last node (the bonus token)."""
+    path = [0]
+    while (child := tree.children[path[-1]].get(picks[path[-1]])) is not None:
+        path.append(child)
+    return path, picks[path[-1]]
+
+
+class Verifier:
+    """Verify passes through transformers' DynamicCache; `feed(ids, cache)` feeds the prompt (the caller's
+    chunking within the budget) and returns its last logits."""
+
+    graphed = None  # never replays a graph
+
+    def __init__(self, model: Any, device: torch.device, feed: Any = None) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.device = device
+        self.cache = DynamicCache()
+        self._feed = feed or (lambda ids, kv: model(ids, past_key_values=kv, use_cache=True,
+                                                    logits_to_keep=1).logits[0])
+
+    def start(self, input_ids: torch.Tensor, max_tokens: int) -> torch.Tensor:
+        """Feed the prompt (1, n); its last position's logits (1, vocab)."""
+        with torch.no_grad():
+            return self._feed(input_ids, self.cache)[-1:]
+
+    def verify(self, tree: DraftTree, choose: Choose) -> tuple[list[int], int]:
+        """One forward over the tree; the accepted path and the bonus token. The cache keeps the prefix and the
+        path's nodes."""
+        device = self.device
+        prefix = self.cache.get_seq_length()
+        nodes = list(range(len(tree)))
+        bias = attention_bias(prefix, tree.ancestry(nodes, nodes), self.model.dtype, device)
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([tree.tokens], device=device),
+                                position_ids=torch.tensor([[prefix + depth for depth in tree.depths]], device=device),
+                                attention_mask=bias, past_key_values=self.cache, use_cache=True).logits[0]
+        path, bonus = walk(tree, choose(logits).tolist())  # the host needs the picks: the pass's sync
+        keep_positions(self.cache, prefix, [prefix + node for node in path])
+        return path, bonus
+
+
+class GraphedVerifier:
+    """Verify passes of a model resident on the device, over fixed buffers. Kept across calls: a call whose
+    sequence and tree fit the buffers reuses their graphs."""
+
+    def __init__(self, model: Any, device: torch.device, max_nodes: int) -> None:
+        self.model = model  # transformers' model, every unit on `device`
+        self.device = device
+        self.max_nodes = max_nodes  # drafted nodes a tree may have (set per call: the device reserve's share)
+        self.kv: StaticKV | None = None
+        self._forwards: dict[int, StaticForward] = {}
+        self._pool: Any = None
+        self._max_width = 0
+        self._cached = 0  # accepted tokens whose entries are live, at positions 0..cached-1
+
+    @property
+    def graphed(self) -> bool:
+        """Whether any width's passes replayed a CUDA graph."""
+        return any(forward.graphed for forward in self._forwards.values())
+
+    @property
+    def failure(self) -> str | None:
+        return next((forward.failure for forward in self._forwards.values() if forward.failure), None)
+
+    def widths(self) -> list[int]:
+        """The widths a tree is padded to: powers of two from SMALLEST_WIDTH, the last one the node cap."""
+        widths, width = [], SMALLEST_WIDTH
+        while width < self._max_width:
+            widths.append(width)
+            width *= 2
+        return widths + [self._max_width]
+
+    def start(self, input_ids: torch.Tensor, max_tokens: int) -> torch.Tensor:
+        """Feed the prompt (1, n) into buffers for a sequence of up to `max_tokens` and trees of up to `max_nodes`
+        drafted nodes; its last position's logits (1, vocab)."""
+        width = max(self.max_nodes + 1, SMALLEST_WIDTH)  # the root and its drafted nodes
+        tokens = -(-max_tokens // ROUND_TOKENS) * ROUND_TOKENS + width  # pads write past the tree
+        if self.kv is None or self.kv.max_tokens < tokens or self._max_width != width:
+            self.kv, self._forwards, self._max_width = StaticKV(tokens), {}, width
+            self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        with torch.no_grad():
+            logits = feed_prompt_static(self.model, self.kv, input_ids)
+        self._cached = input_ids.shape[1]
+        return logits
+
+    def verify(self, tree: DraftTree, choose: Choose) -> tuple[list[int], int]:
+        """One forward over the tree, padded to a width; the accepted path and the bonus token. The path's
+        entries are moved right after the prefix."""
+        count, prefix = len(tree), self._cached
+        width = next(width for width in self.widths() if width >= count)
+        forward = self._forwards.get(width)
+        if forward is None:
+            forward = self._forwards[width] = StaticForward(self.model, self.kv, width, self.device, self._pool)
+        nodes = list(range(count))
+        logits = forward.run(tree.tokens, [prefix + depth for depth in tree.depths],
+                             [prefix + node for node in nodes], prefix, tree.ancestry(nodes, nodes))
+        path, bonus = walk(tree, choose(logits[:count]).tolist())  # the host needs the picks: the pass's sync
+        self.kv.move([prefix + node for node in path], prefix)  # type: ignore[union-attr]
+        self._cached = prefix + len(path)
+        return path, bonus
