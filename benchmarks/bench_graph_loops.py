@@ -64,8 +64,28 @@ def batcher_rows(target: str, batches: list[int], new_tokens: int, config: dict,
             parted = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
                       for x, y in zip(tokens[False], tokens[True])]
             rows[-1]["first_differences"] = parted
+            rows[-1]["margins"] = [None if where is None else _margin(model, row + ragged[:where])
+                                   for row, ragged, where in zip(ids, tokens[False], parted)]
             rows[-2]["x_ragged"], rows[-1]["x_ragged"] = 1.0, rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
     return rows
+
+
+def _margin(model, ids: list[int]) -> float:
+    """The gap between the model's two best logits after `ids`, from one plain forward (where two runs part)."""
+    import torch
+
+    with torch.no_grad():
+        top = model(torch.tensor([ids], device=model.device)).logits[0, -1].float().topk(2).values.tolist()
+    return top[0] - top[1]
+
+
+def _partings(row: dict) -> str:
+    """Where the static rows' tokens part from the ragged ones', row by row, with the margin there."""
+    if "first_differences" not in row:
+        return "-"
+    parted = [f"{where} ({margin:.3f})" for where, margin in zip(row["first_differences"], row["margins"])
+              if where is not None]
+    return ", ".join(parted) or "none"
 
 
 def main() -> None:
@@ -94,12 +114,12 @@ def main() -> None:
         config = {"runtime": {"cache_dir": os.path.join(args.work, "cache")}}
         results["batcher"] = batcher_rows(target, [int(b) for b in args.batches.split(",")], args.new_tokens,
                                           config, budget)
-        print("| batch | cache | graphed | tokens/s | x ragged | passes | s/pass | first differences |")
+        print("| batch | cache | graphed | tokens/s | x ragged | passes | s/pass | rows part at (top-2 margin) |")
         print("|---|---|---|---|---|---|---|---|")
         for row in results["batcher"]:
             print(f"| {row['batch']} | {row['cache']} | {row['graphed']} | {row['tokens_per_s']:.1f} | "
                   f"{row.get('x_ragged', 1.0):.2f} | {row['passes']} | {row['s_per_pass']:.4f} | "
-                  f"{row.get('first_differences', '-')} |")
+                  f"{_partings(row)} |")
     if "speculation" not in args.skip:
         results["speculation"] = {}
         for graphs in ("off", "auto"):

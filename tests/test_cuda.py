@@ -132,7 +132,7 @@ def test_smollm2_on_cuda_matches_transformers(smollm2_store, smollm2_reference, 
     want = reference.generate(ids.cuda(), max_new_tokens=20, do_sample=False).tolist()
     reference.cpu()
     config = {"runtime": {"cache_dir": str(tmp_path)}}
-    with tierstore.AutoModel.from_pretrained(store_dir, budget=tierstore.Budget(vram="400MB", ram="300MB"),
+    with tierstore.AutoModel.from_pretrained(store_dir, budget=tierstore.Budget(vram="600MB", ram="300MB"),
                                              config=config, dtype=torch.float32) as model:
         got = model.generate(ids, max_new_tokens=20, do_sample=False).tolist()
         print(model.report())

@@ -83,8 +83,8 @@ class StaticForward:
     tokens, their positions, where their entries are written, and what each sees (every entry before `seen_from`,
     then `allowed` over the entries from there). Fewer tokens than `width` are padded: the pads write just past the
     last real entry (never live there: a later forward overwrites them) and see only entry 0. On a GPU the first
-    run is eager, the second records a CUDA graph (in `pool` when given: graphs sharing a pool must not run at
-    once, and each run's logits are read before the next), and later runs replay it."""
+    run is eager and is then recorded as a CUDA graph (in `pool` when given: graphs sharing a pool must not run
+    at once, and each run's logits are read before the next), which later runs replay."""
 
     def __init__(self, model: Any, kv: StaticKV, width: int, device: torch.device, pool: Any = None) -> None:
         self.model = model  # transformers' model, its units computed on `device`
@@ -122,7 +122,7 @@ class StaticForward:
         else:
             self._forward()
             self._runs += 1
-            if self._runs == 2 and self.device.type == "cuda":  # the first run warmed the kernels up
+            if self._runs == 1 and self.device.type == "cuda":  # the eager run warmed the kernels up
                 self._capture()
         return self.logits[0]  # type: ignore[index]
 

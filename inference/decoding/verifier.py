@@ -3,9 +3,9 @@
 
 `Verifier` runs transformers' own cache and forward: any model, any tier. `GraphedVerifier` is for a model whose
 every unit stays on the device, where a pass is launches rather than bytes: its cache is a `StaticKV` sized for
-the call, and a tree is padded to the next of a few widths (`WIDTHS`, powers of two up to the node cap), each
-width one `StaticForward` replayed from a CUDA graph once it has run twice. Both give the same tokens up to the
-attention kernels' rounding.
+the call, and a tree is padded to the next of a few widths (`widths`: powers of two up to the node cap), each
+width one `StaticForward`, recorded as a CUDA graph on its first run and replayed after. Both give the same
+tokens up to the attention kernels' rounding.
 """
 from __future__ import annotations
 
