@@ -97,6 +97,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=2, help="chat prompts each draft runs")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip (batcher,speculation)")
+    parser.add_argument("--steady", action="store_true",
+                        help="warm each speculation row's model with a call as long as the measured one, so that "
+                             "its verify graphs are recorded before it is timed (a server's steady state)")
     parser.add_argument("--vram", default="40GB", help="the device budget: the whole target fits")
     parser.add_argument("--ram", default="16GB")
     parser.add_argument("--factor", type=int, default=WIDTH_FACTOR, help="width multiple of the target")
@@ -125,7 +128,8 @@ def main() -> None:
         for graphs in ("off", "auto"):
             config = {"runtime": {"cache_dir": os.path.join(args.work, "cache"), "cuda_graphs": graphs}}
             rows = speculation_rows(target, {"bf16": args.gguf}, ["none", "bf16", "ngram"],
-                                    CHAT_PROMPTS[:args.prompts], args.new_tokens * 2, budget, config)
+                                    CHAT_PROMPTS[:args.prompts], args.new_tokens * 2, budget, config,
+                                    warm_tokens=args.new_tokens * 2 if args.steady else 8)
             print(f"cuda_graphs = {graphs}")
             print_table(rows)
             results["speculation"][graphs] = [(name, where, {k: v for k, v in row.items() if k != "tokens"})

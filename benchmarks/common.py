@@ -249,9 +249,9 @@ def encode(tokenizer, prompt: str):
 
 
 def run_row(target: str, draft: str | None, prompt: str, new_tokens: int, budget, config,
-            reference: list[int] | None = None) -> dict:
-    """One model object: a warm-up call, then the measured call. Where the tokens leave `reference` (the
-    no-draft run), the margin between the model's two best logits there, from one plain forward."""
+            reference: list[int] | None = None, warm_tokens: int = 8) -> dict:
+    """One model object: a warm-up call of `warm_tokens`, then the measured call. Where the tokens leave
+    `reference` (the no-draft run), the margin between the model's two best logits there, from one plain forward."""
     import torch
 
     import tierstore
@@ -261,7 +261,7 @@ def run_row(target: str, draft: str | None, prompt: str, new_tokens: int, budget
         torch.cuda.reset_peak_memory_stats()
     with tierstore.AutoModel.from_pretrained(target, budget=budget, config=config, draft=draft) as model:
         ids = encode(model.tokenizer, prompt)
-        model.generate(ids, max_new_tokens=8, do_sample=False)
+        model.generate(ids, max_new_tokens=warm_tokens, do_sample=False)
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
         report = model.report().to_dict()
         plan = model.plan

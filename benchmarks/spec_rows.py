@@ -29,17 +29,20 @@ def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("
 
 
 def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], prompts: list[str], new_tokens: int,
-                     budget, config: dict) -> list[tuple[str, object, dict]]:
+                     budget, config: dict, warm_tokens: int = 8) -> list[tuple[str, object, dict]]:
     """(draft, prompt number or "rewrite", row) for each wanted draft ("none", "ngram" or a key of `drafts`) and
-    prompt; ngram runs the rewrite prompt, with its own no-draft row."""
+    prompt, each after a warm-up call of `warm_tokens` on its model object; ngram runs the rewrite prompt, with
+    its own no-draft row."""
     rows: list[tuple[str, object, dict]] = []
     for name in wanted:
         for number, prompt in ([("rewrite", REWRITE)] if name == "ngram" else list(enumerate(prompts))):
             if name == "ngram":
-                rows.append(("none", "rewrite", run_row(target, None, prompt, new_tokens, budget, config)))
+                rows.append(("none", "rewrite", run_row(target, None, prompt, new_tokens, budget, config,
+                                                        warm_tokens=warm_tokens)))
             base = next((row for kind, where, row in rows if kind == "none" and where == number), None)
             draft = "ngram" if name == "ngram" else drafts.get(name) if name != "none" else None
-            row = run_row(target, draft, prompt, new_tokens, budget, config, base["tokens"] if base else None)
+            row = run_row(target, draft, prompt, new_tokens, budget, config, base["tokens"] if base else None,
+                          warm_tokens)
             rows.append((name, number, row))
             print(json.dumps({f"{name} {number}": {k: v for k, v in row.items() if k != "tokens"}}), flush=True)
     return rows

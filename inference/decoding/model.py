@@ -457,7 +457,8 @@ class TierstoreModel:
             failure = verifier.failure
             notes.append(f"verify passes not graphed: CUDA graph capture failed ({failure})" if failure else
                          "verify passes replayed from CUDA graphs, trees padded to "
-                         f"{'/'.join(map(str, verifier.widths()))} tokens")
+                         f"{'/'.join(map(str, verifier.widths()))} tokens (recording them has taken "
+                         f"{verifier.capture_s():.2f} s so far)")
         self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes,
                      graph=GraphStats() if verifier.graphed else None)
         self._speculation = stats

@@ -70,9 +70,10 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
     while len(emitted) < max_new_tokens and root not in eos_ids:
         start_s = time.perf_counter()
         tree = draft.propose(history, max_depth=max_new_tokens - len(emitted) - 1)
-        verify_start_s = time.perf_counter()
+        verify_start_s, captured_s = time.perf_counter(), verifier.capture_s()
         path, bonus = verifier.verify(tree, choose)
         verify_s = time.perf_counter() - verify_start_s
+        recording_s = verifier.capture_s() - captured_s  # a graph recorded this pass: not what the next costs
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
         if tracer is not None:
             tracer.span(DRAFT, "draft", start_s, verify_start_s, nodes=len(tree) - 1)
@@ -86,7 +87,7 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
         stats.draft_s += verify_start_s - start_s
         stats.verify_s += verify_s
         if draft.policy is not None:
-            draft.policy.observe_pass(verify_s, len(tree), _tried(tree, path))
+            draft.policy.observe_pass(verify_s - recording_s, len(tree), _tried(tree, path))
         stats.draft_steps = draft.steps
         draft.accepted(tree, path)
         for index, token in enumerate(new):  # stop at the end of sequence, as generate does

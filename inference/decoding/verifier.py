@@ -36,6 +36,10 @@ class Verifier:
 
     graphed = None  # never replays a graph
 
+    @staticmethod
+    def capture_s() -> float:
+        return 0.0
+
     def __init__(self, model: Any, device: torch.device, feed: Any = None) -> None:
         from transformers import DynamicCache
 
@@ -84,6 +88,10 @@ class GraphedVerifier:
     def graphed(self) -> bool:
         """Whether any width's passes replayed a CUDA graph."""
         return any(forward.graphed for forward in self._forwards.values())
+
+    def capture_s(self) -> float:
+        """Seconds spent so far recording graphs (beyond what replays would have cost)."""
+        return sum(forward.capture_s for forward in self._forwards.values())
 
     @property
     def failure(self) -> str | None:
