@@ -368,6 +368,34 @@ def test_trace_on_cuda_times_copies_and_compute_with_events(tmp_path):
             assert after["ts"] >= before["ts"] + before["dur"] - 0.01
 
 
+def test_a_traced_resident_run_replays_its_graph_and_the_trace_shows_each_replay(tmp_path):
+    """Every unit on the device, with a trace: the decode steps still replay a CUDA graph, the tokens equal the
+    untraced run's, and the passes track holds one "graph replay" pass per replayed step, with GPU times, beside
+    the eager passes (prefill, the first step) and their compute events."""
+    import json
+
+    directory, _ = _tiny(tmp_path)
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
+    budget = tierstore.Budget(vram="1GB", ram="1GB")
+    runs = {}
+    for trace in (None, str(tmp_path / "run.json")):
+        config = {"runtime": {"cache_dir": str(tmp_path / "cache"), **({"trace": trace} if trace else {})}}
+        with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config,
+                                                 dtype=torch.float32) as model:
+            assert model.plan.regime == "device"
+            runs[trace] = model.generate(ids, max_new_tokens=12, do_sample=False).tolist(), \
+                model.report().timing.graphed
+    assert runs[None] == runs[str(tmp_path / "run.json")] and runs[None][1] is True
+    trace = json.loads((tmp_path / "run.json").read_text())
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    passes = [e for e in trace["traceEvents"] if e["ph"] == "X" and names[e["tid"]] == "passes"]
+    replays = [e for e in passes if e["args"].get("graph")]
+    new_tokens = len(runs[None][0][0]) - ids.shape[1]
+    assert len(replays) == new_tokens - 2 > 0, passes  # the prefill and one eager step give two, replays the rest
+    assert all(e["dur"] > 0 for e in replays)
+    assert any(names[e["tid"]] == "compute" for e in trace["traceEvents"] if e["ph"] == "X")
+
+
 @pytest.mark.parametrize("compute", ["device", "host", "split", "mapped"])
 def test_moe_missed_experts_copied_or_computed_on_the_cpu_give_transformers_tokens(tmp_path, compute):
     """A tiny Qwen3-MoE in float32 on CUDA, most experts off the device: missed experts copied into slots, computed

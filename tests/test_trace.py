@@ -123,3 +123,16 @@ def test_speculation_traces_draft_steps(smollm2_store, tmp_path):
     assert len(_track(trace, "draft")) == verify_passes >= 1
     assert len(_track(trace, PASSES)) == verify_passes + 1  # and the prefill
     assert len([e for e in _track(trace, TOKENS) if e["ph"] == "i"]) == verify_passes + 1
+
+
+def test_a_muted_tracer_records_nothing():
+    """Inside `muted` (a CUDA graph being captured) stamps are None and spans are dropped; after it, recorded."""
+    from tierstore.trace import COMPUTE, Tracer
+
+    tracer = Tracer("unused.json", torch.device("cpu"))
+    with tracer.muted():
+        assert tracer.stamp() is None
+        tracer.span(COMPUTE, "unit", None, None)
+    start = tracer.stamp()
+    tracer.span(COMPUTE, "unit", start, tracer.stamp())
+    assert len(tracer._pending) == 1

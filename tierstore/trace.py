@@ -9,10 +9,12 @@ Nothing here runs unless a trace was asked for: the store and the hooks call a t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,6 +48,7 @@ class Tracer:
         self._spare: list[Any] = []  # resolved ones, recorded again rather than created again
         self._dropped = 0
         self._passes = 0
+        self._muted = False
         self._lock = threading.Lock()
         if self._cuda:
             self._spare = [torch.cuda.Event(enable_timing=True) for _ in range(_SPARE_EVENTS)]
@@ -63,8 +66,21 @@ class Tracer:
             event.synchronize()
             self._anchors.append((event, time.perf_counter()))
 
+    @contextlib.contextmanager
+    def muted(self) -> Iterator[None]:
+        """Record nothing inside: a CUDA graph being captured (an event recorded there would be part of the graph,
+        and the hooks' spans would stand for one replay only). The replays are traced as passes instead."""
+        self._muted = True
+        try:
+            yield
+        finally:
+            self._muted = False
+
     def stamp(self) -> Stamp:
-        """Now, on the compute stream: a recorded CUDA event on a GPU, `perf_counter` seconds elsewhere."""
+        """Now, on the compute stream: a recorded CUDA event on a GPU, `perf_counter` seconds elsewhere (None
+        while muted)."""
+        if self._muted:
+            return None
         if not self._cuda:
             return time.perf_counter()
         event = self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
@@ -97,6 +113,8 @@ class Tracer:
                   {"unit": str(event.key), "bytes": event.nbytes, "tier": event.tier})
 
     def _add(self, phase: str, track: str, name: str, start: Stamp, end: Stamp, args: dict[str, Any]) -> None:
+        if self._muted:
+            return
         with self._lock:
             if len(self._pending) + len(self._resolved) >= MAX_EVENTS:
                 self._dropped += 1

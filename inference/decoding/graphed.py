@@ -15,6 +15,7 @@ flash kernel, so tokens equal transformers' up to the kernels' rounding: a bf16 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ...trace import PASSES, Tracer
 from .sampling import Choose
 from .static_forward import StaticKV, causal_bias, feed_prompt_static
 
@@ -110,12 +112,14 @@ class GraphedDecoder:
     """Plain decoding (greedy or sampled) of one resident model with its steps replayed from a CUDA graph. The
     graph and its buffers are kept for the next call of the same batch size and buffer length."""
 
-    def __init__(self, model: Any, device: torch.device, before_replay: Callable[[], None] | None = None) -> None:
+    def __init__(self, model: Any, device: torch.device, before_replay: Callable[[], None] | None = None,
+                 tracer: Tracer | None = None) -> None:
         """`before_replay`: called before each replay (work a replay cannot do: the routed experts' bookkeeping,
-        inference/runtime/experts.py)."""
+        inference/runtime/experts.py). `tracer`: each replay is traced as a pass (the capture records nothing)."""
         self.model = model  # transformers' model, its units all on `device` (or routed experts read in place)
         self.device = device
         self._before_replay = before_replay
+        self._tracer = tracer
         self._shape: tuple[int, int] | None = None  # (rows, buffer tokens) of the buffers and graph
         self._kv: StaticKV | None = None
         self._static: dict[str, torch.Tensor] = {}
@@ -186,7 +190,13 @@ class GraphedDecoder:
         if self._graph is not None:
             if self._before_replay is not None:
                 self._before_replay()
-            self._graph.replay()
+            if self._tracer is None:
+                self._graph.replay()
+            else:
+                start, index = self._tracer.stamp(), self._tracer.begin_pass()
+                self._graph.replay()
+                self._tracer.span(PASSES, f"pass {index} (graph replay)", start, self._tracer.stamp(), index=index,
+                                  tokens=self._shape[0], graph=True)  # type: ignore[index]
             return self._static["logits"]
         self._forward()
         if self._capture_failed is None and self.device.type == "cuda":  # elsewhere (tests) the loop runs eagerly
@@ -211,7 +221,8 @@ class GraphedDecoder:
         try:
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            muted = self._tracer.muted() if self._tracer is not None else contextlib.nullcontext()
+            with muted, torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._forward()
         except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
             self._capture_failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]

@@ -210,7 +210,7 @@ class TierstoreModel:
     def _graph_refusal(self, input_ids: torch.Tensor, kwargs: dict[str, Any], total_tokens: int) -> str | None:
         """Why this call's decode steps cannot replay a CUDA graph (None: they can; "": not asked for, or not on a
         GPU)."""
-        unfit = self._model_graph_refusal(input_ids.shape[0])
+        unfit = self._model_graph_refusal(input_ids.shape[0], traced=True)
         if unfit is not None:
             return unfit
         if self.prefix_cache() is not None:
@@ -223,9 +223,10 @@ class TierstoreModel:
         unfit = self._model_graph_refusal(rows)
         return unfit if unfit is not None else attention_refusal(self.model.config, max_seq_tokens)
 
-    def _model_graph_refusal(self, tokens: int) -> str | None:
+    def _model_graph_refusal(self, tokens: int, traced: bool = False) -> str | None:
         """Why a forward of `tokens` tokens (a batch's decode step, a verify pass) cannot replay a CUDA graph, on
-        the model's side (None: it can; "": not asked for, or not on a GPU)."""
+        the model's side (None: it can; "": not asked for, or not on a GPU). `traced`: the caller traces its
+        replays (generate's decode steps do)."""
         if self.config.runtime.cuda_graphs == "off" or self.device.type != "cuda":
             return ""
         plan = self.plan
@@ -237,7 +238,7 @@ class TierstoreModel:
             return "routed experts are fetched as the router picks them"
         if self.kv_on_host:
             return "the KV cache has layers off the device"
-        if self.tracer is not None:
+        if self.tracer is not None and not traced:
             return "a trace records every unit's events, which a replay does not run"
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return "tensor-parallel ranks run their collectives eagerly"
@@ -256,7 +257,8 @@ class TierstoreModel:
         pad = settings.pad_token_id if settings.pad_token_id is not None else (ends[0] if ends else 0)
         if self._graphed is None:
             self._graphed = GraphedDecoder(self.model, self.device,
-                                           self.experts.before_replay if self.experts is not None else None)
+                                           self.experts.before_replay if self.experts is not None else None,
+                                           self.tracer)
         clock = _StepClock(self.tracer)
         self._kv_call = {"cache_tokens": rows * (prompt + max_new), "chunk": None, "reused": 0, "tiers": None}
         with quiet_forward():
