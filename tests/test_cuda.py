@@ -454,12 +454,12 @@ def test_a_resident_moe_with_experts_in_its_layers_replays_a_graph_with_the_eage
           f"{in_place == eager}, copied {copied == eager}")
 
 
-def test_moe_experts_read_in_place_replay_a_graph_with_the_eager_tokens(tmp_path):
-    """A tiny Qwen3-MoE in bf16 on CUDA, its dense units on the device and a third of its experts in slots, every
-    expert in RAM, `experts.compute = mapped`: the decode steps replay a CUDA graph (the routing never reaches the
-    host inside a step) and give the eager steps' tokens; every replayed step's routing is counted, as eagerly."""
+def _mapped_moe(tmp_path):
+    """A tiny Qwen3-MoE saved in bf16, every expert in RAM and read in place (`experts.compute = mapped`), its
+    dense units on the device and a third of its experts in slots: (directory, budget, config for a
+    `cuda_graphs` setting)."""
     from test_architectures import tiny
-    from test_moe import PROMPT, _config, _units
+    from test_moe import _config, _units
     from tierstore.inference.compose import make_plan_for
 
     # tied embeddings: an untied input embedding is looked up in RAM unless the whole model fits the device
@@ -486,10 +486,20 @@ def test_moe_experts_read_in_place_replay_a_graph_with_the_eager_tokens(tmp_path
     vram = reserve + sum(dense) // 2
     while not resident_dense(vram):  # the least room that holds the dense units: the fewest expert slots
         vram += experts.expert_bytes // 2
+    return directory, tierstore.Budget(vram=vram, ram=ram), config
+
+
+def test_moe_experts_read_in_place_replay_a_graph_with_the_eager_tokens(tmp_path):
+    """A tiny Qwen3-MoE in bf16 on CUDA, its dense units on the device and a third of its experts in slots, every
+    expert in RAM, `experts.compute = mapped`: the decode steps replay a CUDA graph (the routing never reaches the
+    host inside a step) and give the eager steps' tokens; every replayed step's routing is counted, as eagerly."""
+    from test_moe import PROMPT
+
+    directory, budget, config = _mapped_moe(tmp_path)
     runs = {}
     for graphs in ("off", "auto"):
-        with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram=vram, ram=ram),
-                                                 config=config(graphs), dtype=torch.bfloat16) as model:
+        with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config(graphs),
+                                                 dtype=torch.bfloat16) as model:
             tokens = model.generate(PROMPT, max_new_tokens=16, do_sample=False, pad_token_id=0).tolist()
             runs[graphs] = tokens, model.report(), model.plan.experts
     (eager, eager_report, plan), (graphed, report, _) = runs.values()
@@ -499,6 +509,36 @@ def test_moe_experts_read_in_place_replay_a_graph_with_the_eager_tokens(tmp_path
     assert report.experts["mapped_pairs"] == eager_report.experts["mapped_pairs"] > 0
     print(f"\ncuda qwen3_moe bf16, experts read in place: {plan.device_slots}/{plan.total_experts} slots, graphed "
           f"tokens equal eager; {report.experts['mapped_admitted']} copied into slots as it ran")
+
+
+def test_a_batch_of_moe_rows_reading_experts_in_place_replays_graphs_with_the_eager_tokens(tmp_path):
+    """The same MoE through the batcher's static rows (three sequences, one leaving early): the steps replay CUDA
+    graphs with the experts read in place, and give the tokens the same rows give eagerly (`cuda_graphs = off`)."""
+    import threading
+    import types
+
+    from tierstore.inference.front.batcher import Batcher, SamplingParams
+
+    directory, budget, config = _mapped_moe(tmp_path)
+    prompts = [[5, 9, 33, 7, 81, 5, 9, 33], [12, 40, 7], [3, 3, 90, 14, 61]]
+    runs = {}
+    for graphs in ("off", "auto"):
+        with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config(graphs),
+                                                 dtype=torch.bfloat16) as model:
+            # the tiny model has no tokenizer: the batcher needs its pad and end ids, and text for its events
+            model.tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=None, decode=lambda ids, **_: "")
+            batcher = Batcher(model, max_batch=4, max_queue=4, max_seq_tokens=64, static_rows=True)
+            done = [threading.Event() for _ in prompts]
+            sequences = [batcher.submit(ids, SamplingParams(max_tokens=length, temperature=0),
+                                        lambda event, i=i: done[i].set() if event.finish_reason else None)
+                         for i, (ids, length) in enumerate(zip(prompts, (16, 5, 16)))]
+            assert all(event.wait(120) for event in done)
+            batcher.close()
+            runs[graphs] = [s.tokens for s in sequences], batcher.graphed, model.experts.stats.mapped_pairs
+    (eager, eager_graphed, _), (graphed, was_graphed, pairs) = runs["off"], runs["auto"]
+    assert graphed == eager and [len(t) for t in graphed] == [16, 5, 16]
+    assert eager_graphed is False and was_graphed is True and pairs > 0
+    print("\ncuda qwen3_moe batcher, experts read in place: static rows graphed, tokens equal eager")
 
 
 def test_an_embedding_looked_up_in_ram_is_read_in_place_and_the_steps_replay_a_graph(tmp_path):

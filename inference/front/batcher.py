@@ -182,19 +182,19 @@ class Batcher:
         return None if self._rows is None else self._rows.graphed
 
     def _static_rows(self, wanted: bool | None) -> StaticRows | None:
-        """The static rows this batcher keeps its cache in, if it does (see `static_rows` in the class doc)."""
+        """The static rows this batcher keeps its cache in, if it does (see `static_rows` in the class doc); their
+        steps are graphed when the model's can be."""
         if wanted is False:
             return None
-        if wanted is None:
-            unfit = self.model.graph_rows_refusal(self.max_batch, self.max_seq_tokens)
-            if unfit is None and self.cache_tokens < self.max_batch * self.max_seq_tokens:
-                unfit = f"the KV cache's {self.cache_tokens} tokens hold fewer than {self.max_batch} rows of " \
-                        f"{self.max_seq_tokens}"
-            if unfit is not None:
-                if unfit:
-                    log.info("batch decode steps not graphed: %s", unfit)
-                return None
-        return StaticRows(self.model, self.max_batch, self.max_seq_tokens)
+        unfit = self.model.graph_rows_refusal(self.max_batch, self.max_seq_tokens)
+        if unfit is None and self.cache_tokens < self.max_batch * self.max_seq_tokens:
+            unfit = f"the KV cache's {self.cache_tokens} tokens hold fewer than {self.max_batch} rows of " \
+                    f"{self.max_seq_tokens}"
+        if unfit:
+            log.info("batch decode steps not graphed: %s", unfit)
+        if wanted is None and unfit is not None:
+            return None
+        return StaticRows(self.model, self.max_batch, self.max_seq_tokens, graphs=unfit is None)
 
     def counts(self) -> dict[str, int]:
         with self._wake:

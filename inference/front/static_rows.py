@@ -70,7 +70,8 @@ class StaticRows:
     graphs on a GPU (`model`: a TierstoreModel whose units all stay on its device). `before_replay`: work a replay
     cannot do (routed experts read in place keep their bookkeeping)."""
 
-    def __init__(self, model: Any, rows: int, capacity: int) -> None:
+    def __init__(self, model: Any, rows: int, capacity: int, graphs: bool = True) -> None:
+        """`graphs`: record and replay the steps on a GPU (`runtime.cuda_graphs`); False keeps them eager."""
         self.model = model.model
         self.device = model.device
         self.rows, self.capacity = rows, capacity
@@ -78,7 +79,8 @@ class StaticRows:
         self.lengths = [0] * rows  # tokens cached in each row
         self._keys = torch.arange(capacity, device=self.device)
         self._steps: dict[int, _Step] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        self._graphs = graphs and self.device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if self._graphs else None
         self._before_replay = model.experts.before_replay if model.experts is not None else None
         self.failure: str | None = None  # why capture failed (steps then stay eager)
         self.moves = 0  # sequences moved into a row left free
@@ -137,7 +139,7 @@ class StaticRows:
         else:
             self._forward(step)
             step.runs += 1
-            if step.runs == 2 and self.device.type == "cuda" and self.failure is None:
+            if step.runs == 2 and self._graphs and self.failure is None:
                 self._capture(step)
         for row in range(count):
             self.lengths[row] += 1
