@@ -11,6 +11,10 @@ The cache is held to a size in tokens (rows times columns, what the budget reser
 when the batch, with every row grown to its `max_tokens`, still fits. Short requests therefore share a pass in
 larger numbers than sequences of the longest length would.
 
+When the model's decode steps can replay a CUDA graph (every unit and the KV cache on the device), the cache is
+instead one fixed row per sequence (static_rows.py): prompts are fed into their rows one at a time, and every
+step of the running rows is replayed from a graph for its (power-of-two) row count.
+
 Caches with other layer kinds (sliding windows, recurrent states) cannot be joined this way: for those models a
 new request waits until the running batch has drained, and the batch then starts afresh (still one pass per step
 for all of it).
