@@ -318,6 +318,13 @@ def test_static_rows_give_each_sequence_its_tokens_alone_and_restore_prefixes(sm
         assert sequence.tokens == want[:len(sequence.tokens)] and len(sequence.tokens) >= 1
         assert batcher.prefixes.stats.hits == hits + 1
         assert batcher._rows.reused_tokens >= len(ids[0]) + len(alone[0]) - 1  # the turn's prefix was not fed
+        first = [batcher.submit(row, SamplingParams(max_tokens=16, temperature=0), lambda event: None)
+                 for row in ids[:3]]
+        _until(lambda: all(len(s.tokens) >= 2 for s in first))
+        batcher.cancel(first[0])  # the first row leaves mid-batch: the last row's sequence moves into it
+        _until(lambda: all(s.finish_reason for s in first))
+        assert first[0].finish_reason == "cancelled"
+        assert [s.tokens for s in first[1:]] == alone[1:3]
         batcher.close()
 
 
