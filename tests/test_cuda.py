@@ -534,10 +534,12 @@ def test_a_batch_of_moe_rows_reading_experts_in_place_replays_graphs_with_the_ea
                          for i, (ids, length) in enumerate(zip(prompts, (16, 5, 16)))]
             assert all(event.wait(120) for event in done)
             batcher.close()
-            runs[graphs] = [s.tokens for s in sequences], batcher.graphed, model.experts.stats.mapped_pairs
-    (eager, eager_graphed, _), (graphed, was_graphed, pairs) = runs["off"], runs["auto"]
+            runs[graphs] = [s.tokens for s in sequences], batcher.graphed, model.experts.stats.mapped_pairs, \
+                batcher.steps_note
+    (eager, eager_graphed, _, eager_note), (graphed, was_graphed, pairs, note) = runs["off"], runs["auto"]
     assert graphed == eager and [len(t) for t in graphed] == [16, 5, 16]
     assert eager_graphed is False and was_graphed is True and pairs > 0
+    assert eager_note == "" and "replayed from CUDA graphs" in note, (eager_note, note)  # a server's start-up line
     print("\ncuda qwen3_moe batcher, experts read in place: static rows graphed, tokens equal eager")
 
 

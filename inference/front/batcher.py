@@ -143,6 +143,7 @@ class Batcher:
         runtime = model.config.runtime
         wanted = bool(runtime.prefix_cache_ram) or runtime.prefix_cache_dir is not None
         self.prefixes = model.open_prefix_cache() if wanted and not model.kv_on_host else None
+        self.steps_note = ""  # whether decode steps replay CUDA graphs, and why not (a server's start-up line)
         self._rows = self._static_rows(static_rows)
         self._thread = threading.Thread(target=self._loop, name="tierstore-batcher", daemon=True)
         self._thread.start()
@@ -194,10 +195,12 @@ class Batcher:
         if unfit is None and self.cache_tokens < self.max_batch * self.max_seq_tokens:
             unfit = f"the KV cache's {self.cache_tokens} tokens hold fewer than {self.max_batch} rows of " \
                     f"{self.max_seq_tokens}"
-        if unfit:
-            log.info("batch decode steps not graphed: %s", unfit)
+        self.steps_note = f"batch decode steps not graphed: {unfit}" if unfit else ""
         if wanted is None and unfit is not None:
             return None
+        if unfit is None:
+            self.steps_note = (f"batch decode steps replayed from CUDA graphs (the KV cache as {self.max_batch} "
+                               f"static rows of {self.max_seq_tokens} tokens)")
         return StaticRows(self.model, self.max_batch, self.max_seq_tokens, graphs=unfit is None)
 
     def counts(self) -> dict[str, int]:

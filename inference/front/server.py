@@ -356,7 +356,7 @@ def serve(request: GenerateRequest, options: ServeOptions, say: Callable[[str], 
         where = "; the KV cache in host RAM" if model.kv_on_host else ""
         ready = (f"serving {name} at http://{options.host}:{options.port}/v1, up to {batch} sequences of {max_seq} "
                  f"tokens per pass{shorter}{where}")
-        _run(model, name, options, max_seq, kv_cache_tokens(batch, max_seq), on_start=lambda: say(ready))
+        _run(model, name, options, max_seq, kv_cache_tokens(batch, max_seq), say, ready)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -371,13 +371,15 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _run(model: Any, name: str, options: ServeOptions, max_seq_tokens: int, cache_tokens: int,
-         on_start: Callable[[], None]) -> None:
-    """Serve an opened model until SIGTERM or Ctrl-C. On SIGTERM: stop accepting, let what is in flight finish for
-    up to `options.grace_s`, cancel the rest, and return; Ctrl-C after the same shutdown raises
-    KeyboardInterrupt."""
+         say: Callable[[str], None], ready: str) -> None:
+    """Serve an opened model until SIGTERM or Ctrl-C, saying how its batches decode and then `ready` once it
+    listens. On SIGTERM: stop accepting, let what is in flight finish for up to `options.grace_s`, cancel the rest,
+    and return; Ctrl-C after the same shutdown raises KeyboardInterrupt."""
     batcher = Batcher(model, max_batch=options.max_batch, max_queue=options.max_queue, max_seq_tokens=max_seq_tokens,
                       cache_tokens=cache_tokens)
-    app = create_app(model, batcher, name, options.api_key, on_start,
+    if batcher.steps_note:
+        say(batcher.steps_note)
+    app = create_app(model, batcher, name, options.api_key, lambda: say(ready),
                      on_shutdown=lambda: batcher.close(options.grace_s))
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=options.grace_s)
