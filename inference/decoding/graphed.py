@@ -15,7 +15,6 @@ flash kernel, so tokens equal transformers' up to the kernels' rounding: a bf16 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -26,7 +25,7 @@ import torch
 
 from ...trace import PASSES, Tracer
 from .sampling import Choose
-from .static_forward import StaticKV, causal_bias, feed_prompt_static
+from .static_forward import StaticKV, causal_bias, feed_prompt_static, record_graph
 
 log = logging.getLogger(__name__)
 
@@ -218,16 +217,7 @@ class GraphedDecoder:
     def _capture(self) -> None:
         """Record the step (right after an eager one warmed it up); the first replay gives this step's logits again.
         A failure is kept and the calls run eagerly from then on."""
-        try:
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            muted = self._tracer.muted() if self._tracer is not None else contextlib.nullcontext()
-            with muted, torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._forward()
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
-            self._capture_failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        muted = self._tracer.muted() if self._tracer is not None else None
+        self._graph, self._capture_failed = record_graph(self._forward, self.device, muted=muted)
+        if self._capture_failed is not None:
             log.warning("decode steps not graphed: CUDA graph capture failed (%s)", self._capture_failed)
-            self._forward()  # this step's logits again, from an eager forward
-            return
-        graph.replay()
-        self._graph = graph

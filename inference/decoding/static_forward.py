@@ -4,12 +4,15 @@
 the positions its `write_at` tensor names and attends over the whole buffer, a bias saying which entries each
 token sees. `StaticForward` is one forward of a fixed number of tokens over such a cache (the draft's steps, the
 verify pass's trees in buckets of widths): its inputs are refilled in place, and on a GPU it runs eagerly once,
-is recorded, and is replayed after. `feed_prompt_static` fills the cache with a prompt eagerly, in chunks.
+is recorded, and is replayed after. `feed_prompt_static` fills the cache with a prompt eagerly, in chunks;
+`record_graph` records a forward (every graphed loop's, here and in graphed.py and static_rows.py).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +64,26 @@ def causal_bias(positions: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype)
     visible = keys[None, :] <= positions[:, None]
     zero = torch.zeros((), dtype=dtype, device=keys.device)
     return torch.where(visible, zero, torch.finfo(dtype).min)[None, None]
+
+
+def record_graph(forward: Callable[[], None], device: torch.device, pool: Any = None,
+                 muted: contextlib.AbstractContextManager[Any] | None = None,
+                 ) -> tuple[torch.cuda.CUDAGraph | None, str | None]:
+    """Record `forward` (which has just run eagerly, warming its kernels up) as a CUDA graph, in `pool` when given,
+    inside `muted` (a tracer's, so that the capture records no events); then replay it once, so that its outputs
+    hold this run's values again. Returns (graph, None), or (None, why) after `forward` ran eagerly once more: the
+    caller stays eager."""
+    try:
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with muted or contextlib.nullcontext(), torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            forward()
+    except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
+        forward()
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    torch.cuda.synchronize(device)  # what came before the replay is the recording's cost
+    graph.replay()
+    return graph, None
 
 
 def feed_prompt_static(model: Any, kv: StaticKV, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -123,7 +146,10 @@ class StaticForward:
         elif self.device.type == "cuda" and self.failure is None:
             start_s = time.perf_counter()
             self._forward()  # the eager run warms the kernels up
-            self._capture()
+            self.graph, self.failure = record_graph(self._forward, self.device, self.pool)
+            if self.failure is not None:
+                log.warning("a %d-token forward is not graphed: CUDA graph capture failed (%s)", self.width,
+                            self.failure)
             self.capture_s += time.perf_counter() - start_s
         else:
             self._forward()
@@ -149,20 +175,3 @@ class StaticForward:
             out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.writes,
                              attention_mask=self.bias, past_key_values=self.kv, use_cache=True)
         self.logits = out.logits
-
-    def _capture(self) -> None:
-        """Record the forward as a CUDA graph; the first replay gives this run's logits again. A failure is kept
-        and the runs stay eager."""
-        try:
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                self._forward()
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
-            self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-            log.warning("a %d-token forward is not graphed: CUDA graph capture failed (%s)", self.width, self.failure)
-            self._forward()
-            return
-        torch.cuda.synchronize(self.device)  # what came before the replay is the capture's cost
-        self.graph = graph
-        graph.replay()

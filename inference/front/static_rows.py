@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from ..decoding.static_forward import PROMPT_CHUNK_TOKENS, causal_bias
+from ..decoding.static_forward import causal_bias, feed_prompt_static, record_graph
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +24,13 @@ Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class RowsKV(DynamicCache):
-    """Per-layer (rows, heads, capacity, head_dim) buffers; a forward runs over rows [first, first + count) and
-    writes its entries at `write_at` (count, new tokens): each row's own positions."""
+    """Per-layer (rows, heads, max_tokens, head_dim) buffers; a forward runs over rows [first, first + count) and
+    writes its entries at `write_at`: (count, new tokens), each row's own positions, or (new tokens,), the same
+    for every row (a prompt's, fed as `StaticKV`'s are)."""
 
-    def __init__(self, rows: int, capacity: int) -> None:
+    def __init__(self, rows: int, max_tokens: int) -> None:
         super().__init__()
-        self.rows, self.capacity = rows, capacity
+        self.rows, self.max_tokens = rows, max_tokens
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.first, self.count = 0, rows
@@ -39,12 +40,13 @@ class RowsKV(DynamicCache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):
-            shape = (self.rows, key_states.shape[1], self.capacity, key_states.shape[-1])
+            shape = (self.rows, key_states.shape[1], self.max_tokens, key_states.shape[-1])
             self.keys.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
             self.values.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
         rows = slice(self.first, self.first + self.count)
         keys, values = self.keys[layer_idx][rows], self.values[layer_idx][rows]
-        index = self.write_at[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
+        write_at = self.write_at if self.write_at.dim() == 2 else self.write_at.expand(self.count, -1)
+        index = write_at[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[-1])
         keys.scatter_(2, index, key_states)
         values.scatter_(2, index, value_states)
         return keys, values
@@ -109,18 +111,11 @@ class StaticRows:
             for index, (keys, values) in enumerate(prefix):
                 self.kv.keys[index][row, :, :start].copy_(keys[0])
                 self.kv.values[index][row, :, :start].copy_(values[0])
-        ids_t = torch.tensor([ids], device=self.device)
         self.kv.first, self.kv.count = row, 1
-        for begin in range(start, len(ids), PROMPT_CHUNK_TOKENS):
-            end = min(begin + PROMPT_CHUNK_TOKENS, len(ids))
-            positions = self._keys[begin:end]
-            self.kv.write_at, self.kv.length = positions[None], end
-            with torch.no_grad():
-                out = self.model(input_ids=ids_t[:, begin:end], position_ids=positions[None], cache_position=positions,
-                                 attention_mask=causal_bias(positions, self._keys, self.model.dtype),
-                                 past_key_values=self.kv, use_cache=True, logits_to_keep=1)
+        with torch.no_grad():
+            logits = feed_prompt_static(self.model, self.kv, torch.tensor([ids], device=self.device), start)
         self.lengths[row] = len(ids)
-        return out.logits[:, -1, :].float()
+        return logits
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Rows 0..len(tokens)-1 each fed its token at its own position; their logits (len(tokens), vocab),
@@ -164,20 +159,14 @@ class StaticRows:
         """The buffers exist once any forward has run: a prefix copied in before the first runs one token."""
         if not self.kv.keys:
             self.kv.first, self.kv.count = 0, 1
-            self.kv.write_at, self.kv.length = self._keys[:1][None], 1
             with torch.no_grad():
-                self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
-                           position_ids=self._keys[:1][None], cache_position=self._keys[:1],
-                           attention_mask=causal_bias(self._keys[:1], self._keys, self.model.dtype),
-                           past_key_values=self.kv, use_cache=True, logits_to_keep=1)
+                feed_prompt_static(self.model, self.kv, torch.zeros(1, 1, dtype=torch.long, device=self.device))
 
     def _forward(self, step: _Step) -> None:
         """The step's forward over rows 0..count-1; its bias from each row's position."""
         self.kv.first, self.kv.count = 0, step.count
         self.kv.write_at, self.kv.length = step.positions[:, None], 1
-        visible = self._keys[None, :] <= step.positions[:, None]
-        zero = torch.zeros((), dtype=self.model.dtype, device=self.device)
-        bias = torch.where(visible, zero, torch.finfo(self.model.dtype).min)[:, None, None, :]
+        bias = causal_bias(step.positions, self._keys, self.model.dtype).view(step.count, 1, 1, -1)  # a row each
         with torch.no_grad():
             out = self.model(input_ids=step.ids, position_ids=step.positions[:, None],
                              cache_position=step.positions[:1], attention_mask=bias, past_key_values=self.kv,
@@ -187,15 +176,6 @@ class StaticRows:
     def _capture(self, step: _Step) -> None:
         """Record the step (right after an eager run); the first replay gives its logits again. A failure is kept
         and the steps stay eager."""
-        try:
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self._forward(step)
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: stay eager
-            self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        step.graph, self.failure = record_graph(lambda: self._forward(step), self.device, self._pool)
+        if self.failure is not None:
             log.warning("batch steps not graphed: CUDA graph capture failed (%s)", self.failure)
-            self._forward(step)
-            return
-        graph.replay()
-        step.graph = graph
