@@ -19,6 +19,7 @@ chat template, each reported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -111,8 +112,15 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     setup_s = time.perf_counter() - start
     reference = _reference_tokens(args.out)
     results = {}
-    for mode in (args.mode or MODES[args.row]).split(","):
+    modes = (args.mode or MODES[args.row]).split(",")
+    budgets = args.expert_budgets.split(",") if args.row == "draft" else [None]
+    for mode, expert_budget in ((mode, budget) for mode in modes for budget in budgets):
         model.experts.compute = mode
+        if expert_budget is not None:  # speculation.expert_budget for this variant's verify passes
+            model.config = dataclasses.replace(model.config, speculation=dataclasses.replace(
+                model.config.speculation, expert_budget=None if expert_budget == "none" else int(expert_budget)))
+            mode = f"{mode}, expert budget {expert_budget}"
+            model.forget_tree_costs()  # each budget's tree policy learns from its own passes
         rows = []
         for prompt in PROMPTS:
             ids = encode(model.tokenizer, prompt)
@@ -180,6 +188,9 @@ def main() -> None:
     parser.add_argument("--rows", default="resident,4GB,8GB,all,draft")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--mode", help="run tierstore rows in these modes only (e.g. auto), instead of each row's")
+    parser.add_argument("--expert-budgets", default="32,64,none",
+                        help="the draft row: speculation.expert_budget values tried in turn (missed experts a verify "
+                             "pass moves per MoE layer, or none)")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--row", default="")
     args = parser.parse_args()
@@ -205,7 +216,8 @@ def main() -> None:
         for row in args.rows.split(","):
             mode = ["--mode", args.mode] if args.mode and row != "resident" else []
             results[row] = run_child(["--row", row, "--gguf", args.gguf, "--model", args.model, "--cache", args.cache,
-                                      "--tokens", str(args.tokens), "--out", args.out, *mode], log, script=__file__)
+                                      "--tokens", str(args.tokens), "--out", args.out,
+                                      "--expert-budgets", args.expert_budgets, *mode], log, script=__file__)
             with open(saved, "w") as handle:
                 json.dump({**results, "probe": probe}, handle, indent=1)
             print(row, "done", flush=True)
@@ -219,8 +231,9 @@ def print_table(results: dict, probe: dict, card: str) -> None:
           f"{probe.get('cpu_linear_gbps', 0):.1f} GB/s at 1 token, {probe.get('cpu_linear_gbps_32', 0):.1f} at 32")
     print("| row | mode | prompt | s/token | x resident | copied/pass | read in place/pass | CPU experts/pass | "
           "CPU GB/s | host work/layer call | slot hits | tokens/pass | verify pass s | largest tree | "
-          "same tokens as resident | top-2 gap where it parts from the reference row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "pruned nodes/pass | most moved/layer | same tokens as resident | top-2 gap where it parts from the "
+          "reference row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         if name == "probe":
             continue
@@ -242,7 +255,9 @@ def print_table(results: dict, probe: dict, card: str) -> None:
                          fmt(experts.get("host_computed_per_pass"), "{:.1f}"),
                          fmt(experts.get("cpu_gbps"), "{:.1f}"), fmt(experts.get("host_work_s_per_call"), "{:.2e}"),
                          fmt(got.get("slot_hit_rate"), "{:.1%}"), fmt(spec.get("tokens_per_pass"), "{:.1f}"),
-                         fmt(spec.get("verify_pass_s"), "{:.3f}"), fmt(spec.get("largest_tree"), "{}"), same,
+                         fmt(spec.get("verify_pass_s"), "{:.3f}"), fmt(spec.get("largest_tree"), "{}"),
+                         fmt(spec.get("passes") and spec["pruned_nodes"] / spec["passes"], "{:.1f}"),
+                         fmt(spec.get("most_missed_experts"), "{}"), same,
                          fmt((got.get("margin") or {}).get("top2_gap"), "{:.4f}")]
                 print("| " + " | ".join(map(str, cells)) + " |")
 

@@ -24,7 +24,12 @@ the step), the step adds the `k <= width` candidates that maximise
 and is drafted when that beats `E / (T + verify_s(n))`, i.e. when tokens per second rise. When a step does not pay,
 candidates may still join the tree without feeding them (no draft step, only the verify cost): the same test
 without `step_s`. The curve is trusted up to four times the largest tree measured, so trees grow by that factor
-across passes while that pays, and a climbing cost is seen before the tree outgrows it. Pure bookkeeping, no torch.
+across passes while that pays, and a climbing cost is seen before the tree outgrows it.
+
+A mixture-of-experts target verifies under an expert budget (inference/runtime/expert_budget.py) that keeps the
+tree's best nodes only: its verify pass then costs the same whatever the tree, and the nodes past what it keeps
+yield nothing. So trees are capped at twice the nodes recent passes kept (`observe_kept`). Pure bookkeeping, no
+torch.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ _DECAY = 0.7  # weight of the past in the running means of costs
 _EXPLORE = 4  # the largest tree drafted is at most this many times the largest one measured
 _BINS = 10  # acceptance is measured in this many bins of the draft's probability, for top-ranked children and others
 _MEMORY = 500.0  # observations an acceptance bin remembers (older ones fade)
+_KEPT_ROOM = 2.0  # under an expert budget, trees hold at most this many times the nodes recent passes kept
+_KEPT_FLOOR = 8  # ... and at least this many
 
 
 class VerifyCurve:
@@ -86,6 +93,7 @@ class TreePolicy:
         self.fixed_steps = fixed_steps
         self.curve = VerifyCurve()
         self.step_s: float | None = None
+        self.kept: float | None = None  # running mean of the drafted nodes an expert budget kept per pass
         self._tried = [0.0] * (2 * _BINS)  # per bin of (top-ranked or not, probability): children verified, accepted
         self._taken = [0.0] * (2 * _BINS)
 
@@ -104,7 +112,7 @@ class TreePolicy:
         """How many of the best candidates (their scores `gains`, best first) join the tree, with `feed` followed
         by a draft step for their children; 0: none (stop). `steps` drafted so far this pass, the tree's `nodes`
         (root excluded) and the sum of their `scores`, and the pass's drafting seconds so far."""
-        gains = gains[:max(self.max_nodes - nodes, 0)]
+        gains = gains[:max(self.node_cap() - nodes, 0)]
         if not gains or gains[0] <= 0.0:
             return 0
         if self.fixed_steps is not None:
@@ -124,6 +132,16 @@ class TreePolicy:
             if rate > best_rate:
                 best_rate, best = rate, count
         return best
+
+    def node_cap(self) -> int:
+        """The most drafted nodes a tree gets now: `max_nodes`, or fewer where an expert budget keeps fewer."""
+        if self.kept is None:
+            return self.max_nodes
+        return min(self.max_nodes, max(int(_KEPT_ROOM * self.kept), _KEPT_FLOOR))
+
+    def observe_kept(self, nodes: int) -> None:
+        """A verify pass under an expert budget kept `nodes` of its drafted nodes."""
+        self.kept = nodes if self.kept is None else _DECAY * self.kept + (1 - _DECAY) * nodes
 
     def observe_step(self, seconds: float) -> None:
         """One draft step's seconds."""

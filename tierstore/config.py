@@ -39,6 +39,16 @@ def _int_or_auto(minimum: int) -> Callable[[str, Any], Any]:
     return check
 
 
+def _int_or_none(minimum: int) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if value == "none":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}: {value!r} is not allowed; use an integer >= {minimum} or \"none\"")
+        return value
+    return check
+
+
 def _int(minimum: int) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -160,6 +170,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "nodes": (_int_or_auto(1), AUTO, "most drafted nodes a tree holds; auto = 1024, fewer where a verify pass's "
                                          "activations would outgrow the device reserve"),
         "ngram": (_int(1), 3, "ngram draft: longest n-gram matched"),
+        "expert_budget": (_int_or_none(1), "none",
+                          "mixture-of-experts models with streamed experts: the most experts not in device slots "
+                          "that a verify pass moves (copies or computes on the host) per MoE layer, the tree pruned "
+                          "to it best node first; none = no budget (the tree's size alone decides, as measured "
+                          "verify costs say: with a matched draft, deep paths reuse experts and pay best)"),
     },
     "experts": {
         "streaming": (_bool, True, "mixture-of-experts models: each routed expert is a unit of its own, moved only "

@@ -449,7 +449,7 @@ class TierstoreModel:
             self._tree_policy.max_nodes = nodes
             draft = ModelDraft(self.draft, self.draft_cost.name, warped, self.model.config.get_text_config().vocab_size,
                                self.config.speculation.width, self._tree_policy)
-        stats = SpeculationStats(draft.name)
+        stats = SpeculationStats(draft.name, expert_budget=self._expert_budget())
         clock = _StepClock(self.tracer)
         verifier = self._verifier(nodes, notes)
         with quiet_forward():
@@ -472,11 +472,22 @@ class TierstoreModel:
         unfit = self._model_graph_refusal(max_nodes + 1)
         if unfit is not None:
             notes.extend([f"verify passes not graphed: {unfit}"] if unfit else [])
-            return Verifier(self.model, self.device, feed=lambda ids, cache: feed_prompt(self, ids, cache)[0].logits[0])
+            return Verifier(self.model, self.device, feed=lambda ids, cache: feed_prompt(self, ids, cache)[0].logits[0],
+                            experts=self.experts, max_missed=self._expert_budget())
         if self._graphed_verifier is None:
             self._graphed_verifier = GraphedVerifier(self.model, self.device, max_nodes)
         self._graphed_verifier.max_nodes = max_nodes
         return self._graphed_verifier
+
+    def forget_tree_costs(self) -> None:
+        """Start the draft tree's policy afresh: the costs and acceptance it learned over earlier calls are
+        forgotten (a benchmark comparing settings on one model object)."""
+        self._tree_policy = TreePolicy(fixed_steps=self.config.speculation.depth)
+
+    def _expert_budget(self) -> int | None:
+        """The most missed experts a verify pass moves per MoE layer (`speculation.expert_budget`); None without
+        one, or without streamed experts."""
+        return None if self.experts is None else self.config.speculation.expert_budget
 
     def _tree_nodes(self, context_tokens: int) -> int:
         """The most drafted nodes a verify pass holds in this call: `speculation.nodes`, fewer where their

@@ -33,13 +33,16 @@ class SpeculationStats:
     new_tokens: int = 0
     accepted: int = 0  # drafted tokens the model accepted
     trials: int = 0  # verified positions that had drafted candidates
-    tree_nodes: int = 0  # drafted nodes verified, over all passes
+    tree_nodes: int = 0  # drafted nodes sent to verify passes (those an expert budget pruned included)
     largest_tree: int = 0  # the most drafted nodes one pass verified
     draft_s: float = 0.0
     verify_s: float = 0.0
     draft_steps: int = 0
     graphed: bool | None = None  # a model draft's steps replayed a CUDA graph
     verify_graphed: bool | None = None  # the verify passes replayed CUDA graphs (None: not tried)
+    expert_budget: int | None = None  # missed experts a verify pass may move per MoE layer (None: no budget)
+    pruned_nodes: int = 0  # drafted nodes the expert budget dropped before they were verified
+    most_missed_experts: int = 0  # the most missed experts one MoE layer call of a verify pass moved
 
     def to_dict(self) -> dict[str, Any]:
         """Counters and the rates derived from them."""
@@ -88,6 +91,8 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
         stats.verify_s += verify_s
         if draft.policy is not None:
             draft.policy.observe_pass(verify_s - recording_s, len(tree), _tried(tree, path))
+            if verifier.last_kept is not None:
+                draft.policy.observe_kept(verifier.last_kept)
         stats.draft_steps = draft.steps
         draft.accepted(tree, path)
         for index, token in enumerate(new):  # stop at the end of sequence, as generate does
@@ -105,6 +110,8 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
     stats.new_tokens += len(emitted)
     stats.graphed = getattr(draft, "graphed", None)
     stats.verify_graphed = verifier.graphed
+    stats.pruned_nodes += verifier.pruned_nodes
+    stats.most_missed_experts = max(stats.most_missed_experts, verifier.most_missed)
     return torch.tensor([history], device=device)
 
 

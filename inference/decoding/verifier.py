@@ -1,11 +1,12 @@
 """The verifying model's side of speculation: the prompt fed into its cache, then one forward per drafted tree
 (tree attention mask, positions by depth), the cache cut to the accepted path.
 
-`Verifier` runs transformers' own cache and forward: any model, any tier. `GraphedVerifier` is for a model whose
-every unit stays on the device, where a pass is launches rather than bytes: its cache is a `StaticKV` sized for
-the call, and a tree is padded to the next of a few widths (`widths`: powers of two up to the node cap), each
-width one `StaticForward`, recorded as a CUDA graph on its first run and replayed after. Both give the same
-tokens up to the attention kernels' rounding.
+`Verifier` runs transformers' own cache and forward: any model, any tier; for a mixture-of-experts model whose
+experts stream, a pass may run under an expert budget (inference/runtime/expert_budget.py) that prunes the tree to
+the missed experts it may move. `GraphedVerifier` is for a model whose every unit stays on the device, where a pass
+is launches rather than bytes: its cache is a `StaticKV` sized for the call, and a tree is padded to the next of a
+few widths (`widths`: powers of two up to the node cap), each width one `StaticForward`, recorded as a CUDA graph
+on its first run and replayed after. Both give the same tokens up to the attention kernels' rounding.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..runtime.expert_budget import ExpertBudget
 from .sampling import Choose
 from .static_forward import StaticForward, StaticKV, feed_prompt_static
 from .tree import DraftTree, attention_bias, keep_positions
@@ -32,7 +34,9 @@ def walk(tree: DraftTree, picks: list[int]) -> tuple[list[int], int]:
 
 class Verifier:
     """Verify passes through transformers' DynamicCache; `feed(ids, cache)` feeds the prompt (the caller's
-    chunking within the budget) and returns its last logits."""
+    chunking within the budget) and returns its last logits. With `experts` (the streamed experts' runner) and
+    `max_missed`, each pass moves at most that many missed experts per MoE layer, dropping the nodes that would
+    need more."""
 
     graphed = None  # never replays a graph
 
@@ -40,7 +44,8 @@ class Verifier:
     def capture_s() -> float:
         return 0.0
 
-    def __init__(self, model: Any, device: torch.device, feed: Any = None) -> None:
+    def __init__(self, model: Any, device: torch.device, feed: Any = None, experts: Any = None,
+                 max_missed: int | None = None) -> None:
         from transformers import DynamicCache
 
         self.model = model
@@ -48,6 +53,11 @@ class Verifier:
         self.cache = DynamicCache()
         self._feed = feed or (lambda ids, kv: model(ids, past_key_values=kv, use_cache=True,
                                                     logits_to_keep=1).logits[0])
+        self.experts = experts if max_missed is not None else None
+        self.max_missed = max_missed
+        self.pruned_nodes = 0  # drafted nodes the expert budget dropped, over this call's passes
+        self.most_missed = 0  # the most missed experts one budgeted MoE layer call moved
+        self.last_kept: int | None = None  # drafted nodes the last pass's budget kept (None: no budget)
 
     def start(self, input_ids: torch.Tensor, max_tokens: int) -> torch.Tensor:
         """Feed the prompt (1, n); its last position's logits (1, vocab)."""
@@ -61,10 +71,22 @@ class Verifier:
         prefix = self.cache.get_seq_length()
         nodes = list(range(len(tree)))
         bias = attention_bias(prefix, tree.ancestry(nodes, nodes), self.model.dtype, device)
-        with torch.no_grad():
-            logits = self.model(input_ids=torch.tensor([tree.tokens], device=device),
-                                position_ids=torch.tensor([[prefix + depth for depth in tree.depths]], device=device),
-                                attention_mask=bias, past_key_values=self.cache, use_cache=True).logits[0]
+        budget = ExpertBudget(tree.parents, tree.scores, self.max_missed) if self.experts is not None else None
+        if budget is not None:
+            self.experts.budget = budget  # the runner prunes the tree at each MoE layer
+        try:
+            with torch.no_grad():
+                logits = self.model(input_ids=torch.tensor([tree.tokens], device=device),
+                                    position_ids=torch.tensor([[prefix + depth for depth in tree.depths]],
+                                                              device=device),
+                                    attention_mask=bias, past_key_values=self.cache, use_cache=True).logits[0]
+        finally:
+            if budget is not None:
+                self.experts.budget = None
+        if budget is not None:
+            self.pruned_nodes += tree.drop(budget.live)
+            self.last_kept = budget.kept
+            self.most_missed = max([self.most_missed, *budget.missed_per_layer])
         path, bonus = walk(tree, choose(logits).tolist())  # the host needs the picks: the pass's sync
         keep_positions(self.cache, prefix, [prefix + node for node in path])
         return path, bonus
@@ -73,6 +95,9 @@ class Verifier:
 class GraphedVerifier:
     """Verify passes of a model resident on the device, over fixed buffers. Kept across calls: a call whose
     sequence and tree fit the buffers reuses their graphs."""
+
+    pruned_nodes = most_missed = 0  # every expert is on the device: no budget
+    last_kept = None
 
     def __init__(self, model: Any, device: torch.device, max_nodes: int) -> None:
         self.model = model  # transformers' model, every unit on `device`

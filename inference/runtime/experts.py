@@ -14,6 +14,10 @@ experts start copying behind the kernel (behind the CPU's experts when it has so
 those may need). Slots beyond what the kernel takes in one call (MAX_GROUPS) are run in
 windows of that many, one call per window the routing touches.
 
+In a verify pass of speculative decoding, the drafted tree is first pruned to the pass's expert budget
+(expert_budget.py): nodes whose experts would take the layer's missed experts past it are dropped, their routing
+pointed at the root's experts with weight zero.
+
 A decode step's layer call (a few tokens) can instead read its experts in place, from their slot or from mapped
 host RAM, with no sync and no copy (mapped_experts.py): under `experts.compute = mapped`, and under auto on a GPU
 whose pinned host RAM holds every expert.
@@ -37,6 +41,7 @@ from ...store import SlotPool, StoreEvent, TieredStore
 from ...transfer import CPUTransfer, CUDATransfer
 from ...units import TensorSlot, UnitLayout, UnitSource
 from ..loading.skeleton import ExpertGroup
+from .expert_budget import ExpertBudget
 from .host_experts import computes_on_host, host_outputs
 from .mapped_experts import MAX_PAIRS, MappedExperts, Served
 
@@ -158,6 +163,7 @@ class ExpertRunner:
             raise ConfigError("experts.compute = mapped reads experts from page-locked host RAM; set "
                               "io.pinned_memory = true, or choose device or host")
         self._mapped_stale = False  # the slots may have changed since its table was made
+        self.budget: ExpertBudget | None = None  # set by a verify pass for its forward (verifier.py)
         for index, group in enumerate(self.groups):
             group.module.forward = functools.partial(self._forward, index)
 
@@ -206,16 +212,23 @@ class ExpertRunner:
             self.stats.layer_s += time.perf_counter() - start_s
             return output
         self._mapped_stale = self._mapped is not None  # this call may change what the slots hold
-        following = self._next[index] if self._next[index] is not None and self._gate.wanted() else None
+        # no prediction in a budgeted verify pass: it moves only the experts its kept nodes need
+        predicts = self.budget is None and self._next[index] is not None and self._gate.wanted()
+        following = self._next[index] if predicts else None
         routed, predicted = self._routing(hidden, top_k_index, following)
         self.stats.sync_s += time.perf_counter() - start_s
-        self._count(index, routed, predicted)
         top_k = top_k_index.shape[-1]
+        if self.budget is not None and len(routed) == top_k * len(self.budget.live):
+            routed, top_k_index, top_k_weights = self._within_budget(index, routed, top_k, top_k_index, top_k_weights)
+        self._count(index, routed, predicted)
         chunks = _token_chunks([routed[i:i + top_k] for i in range(0, len(routed), top_k)], self.pool.count)
         if len(chunks) > 1:
             self.stats.chunked_calls += 1
         outputs = []
         for first, (start, end, experts) in enumerate(chunks):
+            if not experts:  # only nodes an expert budget pruned
+                outputs.append(torch.zeros_like(hidden[start:end]))
+                continue
             prefetch = [following.keys[e] for e in predicted] if first == 0 and following else []
             outputs.append(self._run(index, experts, routed[start * top_k:end * top_k], prefetch, hidden[start:end],
                                      top_k_index[start:end], top_k_weights[start:end], args, kwargs))
@@ -302,6 +315,21 @@ class ExpertRunner:
         finally:
             self.dense.release(following.router)
         return both[:ids.numel()], sorted(set(both[ids.numel():]))
+
+    def _within_budget(self, index: int, routed: list[int], top_k: int, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """A verify pass's routing with the nodes its expert budget drops (`self.budget`, one row per tree node)
+        taken out: their experts are -1 in `routed` (no expert, nothing for the CPU) and the root's in the device
+        kernel's index, with routing weight zero (nothing added to their rows, which nobody reads)."""
+        keys = self.groups[index].keys
+        rows = [routed[start:start + top_k] for start in range(0, len(routed), top_k)]
+        live = self.budget.prune(rows, lambda expert: not self.store.on_device(keys[expert]))  # type: ignore[union-attr]
+        if all(live):
+            return routed, top_k_index, top_k_weights
+        routed = [expert for row, kept in zip(rows, live) for expert in (row if kept else [-1] * top_k)]
+        keep = torch.tensor(live, device=top_k_index.device)[:, None]
+        return (routed, torch.where(keep, top_k_index, top_k_index[:1]),
+                top_k_weights * keep.to(top_k_weights.dtype))
 
     def _run(self, index: int, experts: list[int], routed: list[int], prefetch: list[str], hidden: torch.Tensor,
              top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -396,7 +424,9 @@ class ExpertRunner:
             self.store.release_host_many(keys)
         elapsed_s = time.perf_counter() - start_s
         self.stats.host_s += elapsed_s
-        if self.costs is not None and len(routed) <= 2 * top_k:  # one or two tokens: the one-token rate, as run
+        chosen = set(experts)
+        pairs = sum(1 for expert in routed if expert in chosen)
+        if self.costs is not None and pairs <= 2 * len(experts):  # a token or two each: the one-token rate, as run
             self.costs = self.costs.observed(len(experts) * self._expert_bytes, elapsed_s)
         self.stats.host_computed += len(experts)
         self.stats.host_bytes += len(experts) * self._expert_bytes
@@ -406,10 +436,11 @@ class ExpertRunner:
         """Routing counters; how the prediction made for this layer (and the copies it started) fared."""
         stats = self.stats
         pairs = Counter(routed)  # a verify pass routes thousands of (token, expert) pairs a layer: count them in C
+        pairs.pop(-1, None)  # a node an expert budget pruned
         distinct = pairs.keys()
         stats.calls += 1
         stats.routed += len(pairs)
-        stats.pairs += len(routed)
+        stats.pairs += sum(pairs.values())
         for expert, count in pairs.items():
             stats.counts[index, expert] = stats.counts.get((index, expert), 0) + count
         if self.policy is not None and len(self._accesses) < self.MAX_ACCESSES:
@@ -457,16 +488,18 @@ class PrefetchGate:
 
 def _token_chunks(rows: list[list[int]], slots: int) -> list[tuple[int, int, list[int]]]:
     """Consecutive token ranges whose routed experts fit `slots` at once: (start, end, sorted experts). One range
-    when all fit, as they do in decoding; a long prompt with fewer slots than routed experts takes several."""
-    every = set().union(*rows)
+    when all fit, as they do in decoding; a long prompt with fewer slots than routed experts takes several. A row
+    of -1 (a node an expert budget pruned) needs none."""
+    every = set().union(*rows) - {-1}
     if len(every) <= slots:  # decoding, a verify pass, a short prompt: no per-row walk
         return [(0, len(rows), sorted(every))]
     chunks: list[tuple[int, int, list[int]]] = []
     start, experts = 0, set()
     for row_index, row in enumerate(rows):
-        if len(experts | set(row)) > slots and experts:
+        needed = set(row) - {-1}
+        if len(experts | needed) > slots and experts:
             chunks.append((start, row_index, sorted(experts)))
             start, experts = row_index, set()
-        experts |= set(row)
+        experts |= needed
     chunks.append((start, len(rows), sorted(experts)))
     return chunks
