@@ -347,3 +347,21 @@ def test_every_device_copy_waits_for_the_compute_queued_before_its_buffer_was_ha
     store.close()
     assert len(transfer.waited_for) > len(sizes)  # streamed units came back pass after pass
     assert all(isinstance(fence, str) and fence.startswith("compute fence") for fence in transfer.waited_for)
+
+
+def test_a_tiers_evictable_units_are_a_view_of_what_is_held_and_unpinned():
+    """The victims' candidates: held and not pinned, as the tier is now (not a copy), minus victims taken."""
+    from tierstore.policies.eviction import LRU
+    from tierstore.tier import Tier
+
+    tier = Tier("device", 100, LRU())
+    for key in ("a", "b", "c"):
+        tier.admit(key, 10)
+    tier.pin("b")
+    view = tier.evictable()
+    assert sorted(view) == ["a", "c"] and len(view) == 2 and "b" not in view
+    view.discard("a")
+    assert sorted(view) == ["c"] and "a" in tier.evictable()
+    tier.unpin("b")
+    assert "b" in view  # a view: it sees the unpin
+    assert tier.plan_admit("d", 90) == ["a", "b"]  # LRU order: 90 of 100 with 30 held needs 20 freed

@@ -6,6 +6,7 @@ reserved before bytes are allocated, so the budget holds even while a unit moves
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Set
 
 from .errors import BudgetError, InvariantError
 from .policies.eviction import EvictionPolicy, Key
@@ -84,9 +85,10 @@ class Tier:
         self.stats.peak_bytes = self.stats.used_bytes - sum(self._sizes[victim] for victim in victims)
         return victims
 
-    def evictable(self) -> set[Key]:
-        """Units that may leave now: held and not pinned."""
-        return {key for key in self._sizes if not self._pins.get(key)}
+    def evictable(self) -> Evictable:
+        """Units that may leave now: held and not pinned (a view: asking whether a key is one costs O(1), so a
+        policy finding one victim among a thousand expert slots need not copy them all)."""
+        return Evictable(self._sizes, self._pins)
 
     def plan_admit(self, key: Key, nbytes: int) -> list[Key] | None:
         """The victims that would make room for `key`, or None if pinned units leave too little room.
@@ -177,3 +179,25 @@ def replay(trace: list[Key], sizes: dict[Key, int], budget_bytes: int, policy: E
             tier.stats.bytes_in += sizes[key]
         tier.access(key)
     return tier.stats
+
+
+class Evictable(Set):
+    """The held units that are not pinned, seen through the tier's own maps; `discard` takes a unit out of this view
+    only (a victim already chosen)."""
+
+    def __init__(self, sizes: dict[Key, int], pins: dict[Key, int]) -> None:
+        self._sizes = sizes
+        self._pins = pins
+        self._taken: set[Key] = set()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sizes and not self._pins.get(key) and key not in self._taken  # type: ignore[call-overload]
+
+    def __iter__(self) -> Iterator[Key]:
+        return (key for key in self._sizes if key in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def discard(self, key: Key) -> None:
+        self._taken.add(key)
