@@ -15,8 +15,8 @@ those may need). Slots beyond what the kernel takes in one call (MAX_GROUPS) are
 windows of that many, one call per window the routing touches.
 
 In a verify pass of speculative decoding, the drafted tree is first pruned to the pass's expert budget
-(expert_budget.py): nodes whose experts would take the layer's missed experts past it are dropped, their routing
-pointed at the root's experts with weight zero.
+(expert_budget.py): nodes whose experts would take the layer's missed experts past it are dropped and need no
+expert (`_within_budget`).
 
 A decode step's layer call (a few tokens) can instead read its experts in place, from their slot or from mapped
 host RAM, with no sync and no copy (mapped_experts.py): under `experts.compute = mapped`, and under auto on a GPU
