@@ -3,8 +3,9 @@
 bench_moe_language.py's model routes each layer's MLP input (SmolLM2's, padded with zeros by the inflation) through
 a fixed random router (128 experts, top 8). So its routing can be computed from SmolLM2 itself: generate greedy
 text for the benchmark's prompts, then, per layer, the top 8 of a random 128-row projection of each generated
-token's MLP input (a Gaussian router like the benchmark's, not the same draw). A verify pass of t accepted tokens moves (at most) the distinct experts of t consecutive tokens;
-plain decoding moves 8 per token. `reuse` = 8 t / distinct is what a perfect draft saves in expert bytes per token.
+token's MLP input (a Gaussian router like the benchmark's, not the same draw). A verify pass of t accepted tokens
+moves (at most) the distinct experts of t consecutive tokens; plain decoding moves 8 per token. `reuse` = 8 t /
+distinct is what a perfect draft saves in expert bytes per token.
 
     python benchmarks/routing_reuse.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf
 """
