@@ -29,22 +29,13 @@ def _choice(*allowed: str) -> Callable[[str, Any], Any]:
     return check
 
 
-def _int_or_auto(minimum: int) -> Callable[[str, Any], Any]:
+def _int_or(word: str, minimum: int) -> Callable[[str, Any], Any]:
+    """An integer >= `minimum`, or `word` (auto, none), which means None."""
     def check(key: str, value: Any) -> Any:
-        if value == AUTO:
+        if value == word:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{key}: {value!r} is not allowed; use an integer >= {minimum} or \"auto\"")
-        return value
-    return check
-
-
-def _int_or_none(minimum: int) -> Callable[[str, Any], Any]:
-    def check(key: str, value: Any) -> Any:
-        if value == "none":
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{key}: {value!r} is not allowed; use an integer >= {minimum} or \"none\"")
+            raise ConfigError(f"{key}: {value!r} is not allowed; use an integer >= {minimum} or \"{word}\"")
         return value
     return check
 
@@ -133,7 +124,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "device": (_choice(*_EVICTION), AUTO, "eviction policy of the device tier; auto = static (planner)"),
         "host": (_choice(*_EVICTION), AUTO, "eviction policy of the host tier; auto = static (planner)"),
         "prefetch": (_choice(*_PREFETCH), AUTO, "prefetch policy; auto = lookahead"),
-        "prefetch_depth": (_int_or_auto(0), AUTO, "units loaded ahead of the one computing; auto = planned"),
+        "prefetch_depth": (_int_or(AUTO, 0), AUTO, "units loaded ahead of the one computing; auto = planned"),
         "resident_order": (_choice(*RESIDENT_ORDERS), "spread", "which of equal units stay resident when not all fit: "
                                                                   "spread over the pass, or the first ones"),
     },
@@ -165,12 +156,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
     "speculation": {
         "width": (_int(1), 8, "draft tree: nodes a draft step adds (the most likely candidates anywhere in the "
                               "tree), and candidates per node"),
-        "depth": (_int_or_auto(1), AUTO, "draft steps per pass; auto = as many as pay (measured verify and step "
-                                         "costs)"),
-        "nodes": (_int_or_auto(1), AUTO, "most drafted nodes a tree holds; auto = 1024, fewer where a verify pass's "
-                                         "activations would outgrow the device reserve"),
+        "depth": (_int_or(AUTO, 1), AUTO, "draft steps per pass; auto = as many as pay (measured verify and step "
+                                          "costs)"),
+        "nodes": (_int_or(AUTO, 1), AUTO, "most drafted nodes a tree holds; auto = 1024, fewer where a verify pass's "
+                                          "activations would outgrow the device reserve"),
         "ngram": (_int(1), 3, "ngram draft: longest n-gram matched"),
-        "expert_budget": (_int_or_none(1), "none",
+        "expert_budget": (_int_or("none", 1), "none",
                           "mixture-of-experts models with streamed experts: the most experts not in device slots "
                           "that a verify pass moves (copies or computes on the host) per MoE layer, the tree pruned "
                           "to it best node first; none = no budget (the tree's size alone decides, as measured "
@@ -212,7 +203,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                      "layer in kv_dir, on a CPU too)"),
         "kv_dir": (_file_or_none, "", "where KV cache layers on disk go (files removed as soon as opened); "
                                       "\"\" = kv under cache_dir"),
-        "prefill_chunk": (_int_or_auto(1), AUTO,
+        "prefill_chunk": (_int_or(AUTO, 1), AUTO,
                           "prompt tokens fed per weight pass; auto = the whole prompt while its activations are small, "
                           "else chunks as large as the device budget holds beside the KV cache"),
         "prefix_cache_ram": (_size_or_none, "2GB",
