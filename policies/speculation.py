@@ -26,9 +26,10 @@ candidates may still join the tree without feeding them (no draft step, only the
 without `step_s`. The curve is trusted up to four times the largest tree measured, so trees grow by that factor
 across passes while that pays, and a climbing cost is seen before the tree outgrows it.
 
-A mixture-of-experts target verifies under an expert budget (inference/runtime/expert_budget.py) that keeps the
-tree's best nodes only: its verify pass then costs the same whatever the tree, and the nodes past what it keeps
-yield nothing. So trees are capped at twice the nodes recent passes kept (`observe_kept`). Pure bookkeeping, no
+A mixture-of-experts target may verify under an expert budget (`speculation.expert_budget`;
+inference/runtime/expert_budget.py) that keeps the tree's best nodes only: its verify pass then costs about the same
+whatever the tree, and the nodes past what it keeps yield nothing. So trees are capped at twice the nodes recent
+passes kept (`observe_kept`). Pure bookkeeping, no
 torch.
 """
 from __future__ import annotations

@@ -52,8 +52,9 @@ class DraftTree:
         return node
 
     def drop(self, live: list[bool]) -> int:
-        """Take the nodes that are not `live` (whose parents are not either) out of their parents' children, so
-        that walks and acceptance counts see only the rest; their indices stay. Returns how many were dropped."""
+        """Take the nodes that are not `live` (an expert budget pruned them, with their subtrees) out of their
+        parents' children, so that walks and acceptance counts see only the rest; their indices stay. Returns how
+        many were dropped."""
         dropped = [node for node in range(1, len(self.tokens)) if not live[node]]
         for node in dropped:
             self.children[self.parents[node]].pop(self.tokens[node], None)

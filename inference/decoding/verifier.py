@@ -10,6 +10,7 @@ on its first run and replayed after. Both give the same tokens up to the attenti
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -72,17 +73,11 @@ class Verifier:
         nodes = list(range(len(tree)))
         bias = attention_bias(prefix, tree.ancestry(nodes, nodes), self.model.dtype, device)
         budget = ExpertBudget(tree.parents, tree.scores, self.max_missed) if self.experts is not None else None
-        if budget is not None:
-            self.experts.budget = budget  # the runner prunes the tree at each MoE layer
-        try:
-            with torch.no_grad():
-                logits = self.model(input_ids=torch.tensor([tree.tokens], device=device),
-                                    position_ids=torch.tensor([[prefix + depth for depth in tree.depths]],
-                                                              device=device),
-                                    attention_mask=bias, past_key_values=self.cache, use_cache=True).logits[0]
-        finally:
-            if budget is not None:
-                self.experts.budget = None
+        pruning = self.experts.pruning(budget) if budget is not None else contextlib.nullcontext()
+        with pruning, torch.no_grad():  # the experts' runner prunes the tree at each MoE layer
+            logits = self.model(input_ids=torch.tensor([tree.tokens], device=device),
+                                position_ids=torch.tensor([[prefix + depth for depth in tree.depths]], device=device),
+                                attention_mask=bias, past_key_values=self.cache, use_cache=True).logits[0]
         if budget is not None:
             self.pruned_nodes += tree.drop(budget.live)
             self.last_kept = budget.kept

@@ -24,11 +24,12 @@ whose pinned host RAM holds every expert.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -163,7 +164,7 @@ class ExpertRunner:
             raise ConfigError("experts.compute = mapped reads experts from page-locked host RAM; set "
                               "io.pinned_memory = true, or choose device or host")
         self._mapped_stale = False  # the slots may have changed since its table was made
-        self.budget: ExpertBudget | None = None  # set by a verify pass for its forward (verifier.py)
+        self.budget: ExpertBudget | None = None  # a verify pass's, during its forward (`pruning`)
         for index, group in enumerate(self.groups):
             group.module.forward = functools.partial(self._forward, index)
 
@@ -189,6 +190,15 @@ class ExpertRunner:
             self.policy = best
         replayed = ", ".join(f"{name} {rate:.1%}" for name, rate in rates.items())
         return [f"expert slots' policy for the next call: {best} (this call's routing replayed: {replayed})"]
+
+    @contextlib.contextmanager
+    def pruning(self, budget: ExpertBudget) -> Iterator[ExpertBudget]:
+        """Within: MoE layer calls prune `budget`'s tree to it (a verify pass's forward)."""
+        self.budget = budget
+        try:
+            yield budget
+        finally:
+            self.budget = None
 
     def detach(self) -> None:
         """Give every experts module back its own forward, parameters and expert count (the store is closed by
