@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +24,8 @@ import torch
 
 from ..budget import Budget
 from ..calibration import calibration_text
-from ..compression import Codec, Decompressor, scratch_bytes
+from ..allocation import candidates
+from ..compression import GPTQ, MIXED, Codec, Decompressor, recipe_formats, scratch_bytes
 from ..config import Config
 from ..errors import InputError
 from ..files import check_writable
@@ -33,7 +35,7 @@ from ..store import TieredStore
 from ..trace import Tracer
 from ..transfer import make_transfer
 from .decoding.drafts import NgramDraft
-from .decoding.importance import measure_importance, measure_sensitivity
+from .decoding.importance import measure_importance, measure_rounding, measure_sensitivity
 from .decoding.model import ModelParts, TierstoreModel
 from .devices import as_dtype, compute_device
 from .loading.checkpoint import checkpoint_dtype, load_config, load_tokenizer
@@ -204,8 +206,25 @@ def _importance(request: OpenRequest) -> Callable[[], dict[str, torch.Tensor]] |
             if request.cfg.compression.format == "mixed":
                 log.info("%s: measuring each matrix's sensitivity for mixed formats", request.model)
                 measured.update(measure_sensitivity(model, calibration_text(setting)))
+            if request.cfg.compression.rounding == GPTQ:
+                log.info("%s: rounding each matrix by GPTQ over the calibration text", request.model)
+                names = frozenset(name for name, _ in model.model.named_parameters())
+                measured.update(measure_rounding(model, calibration_text(setting),
+                                                 _rounded_formats(request.cfg, names)))
             return measured
     return measure
+
+
+def _rounded_formats(cfg: Config, names: frozenset[str]) -> Callable[[str, tuple[int, ...]], tuple[str, ...]]:
+    """The formats GPTQ writes a matrix in under `cfg`'s recipe (the model's parameters are `names`): its own, or
+    for mixed every candidate (the allocation then picks one by their measured errors)."""
+    codec = Codec.wanted(cfg.compression)
+
+    def formats(name: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+        if codec.recipe == MIXED:
+            return candidates(math.prod(shape))
+        return (recipe_formats(codec, {name: shape}, names)[name],)
+    return formats
 
 
 def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokenizer: Any,

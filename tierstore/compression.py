@@ -40,6 +40,8 @@ GGML = "ggml"  # matrices in GGML's block formats (ggml.py), each in its own: a 
 # recipe -> the block format of its matrices; "q4_k_m" gives some attention value and MLP down matrices Q6_K
 GGML_RECIPES = {"q3_k": "Q3_K", "q4_k": "Q4_K", "q4_k_m": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K", "q8_0": "Q8_0"}
 MIXED = "mixed"  # a format per matrix, meeting compression.bits (allocation.py)
+NEAREST, GPTQ = "nearest", "gptq"  # compression.rounding: how a calibrated recipe chooses its codes
+ROUNDINGS = (NEAREST, GPTQ)
 GGML_ALIGN_ELEMENTS, GGML_ALIGN_BYTES = 256, 16  # where a ggml matrix may start in the dequantized buffer and PACKED
 
 
@@ -66,22 +68,31 @@ class Codec:
     calibration: str = ""  # a recipe's calibration text (its digest); "" = data-free
     bits: float = 0.0  # "mixed": the bits per weight its formats meet
     allocation: tuple[tuple[str, str], ...] = ()  # "mixed": (matrix, format) each, once measured (allocation.py)
+    rounding: str = ""  # a calibrated recipe's codes: "" = each to its nearest level, GPTQ = by GPTQ (gptq.py)
 
     @classmethod
-    def create(cls, format: str, blocksize: int | None = None, calibration: str = "", bits: float = 0.0) -> "Codec":
+    def create(cls, format: str, blocksize: int | None = None, calibration: str = "", bits: float = 0.0,
+               rounding: str = NEAREST) -> "Codec":
         """A codec with bitsandbytes' defaults, or a GGML recipe (fitted to the calibration text whose digest is
-        `calibration`; "mixed": formats per matrix within `bits` per weight, allocated when the store is
-        written); ConfigError naming what is not allowed."""
+        `calibration`, its codes chosen by `rounding`; "mixed": formats per matrix within `bits` per weight,
+        allocated when the store is written); ConfigError naming what is not allowed."""
         if format not in COMPRESSION_FORMATS:
             raise ConfigError(f"compression.format: {format!r} is not allowed; choose from none, "
                               f"{', '.join(COMPRESSION_FORMATS)}")
+        if rounding not in ROUNDINGS:
+            raise ConfigError(f"compression.rounding: {rounding!r} is not allowed; choose from "
+                              f"{', '.join(ROUNDINGS)}")
+        if rounding == GPTQ and not (calibration and (format in GGML_RECIPES or format == MIXED)):
+            raise ConfigError("compression.rounding = gptq fits codes to a calibration text's activations: it needs "
+                              "a GGML format (q4_k, ..., mixed) and compression.calibration")
         if format in GGML_RECIPES or format == MIXED:
             if blocksize is not None:
                 raise ConfigError(f"compression.blocksize applies to nf4 and int8; {format} has fixed blocks")
             if format == MIXED and not LOWEST_BITS <= bits <= HIGHEST_BITS:
                 raise ConfigError(f"compression.bits = {bits}: mixed formats take {LOWEST_BITS:.4g} to "
                                   f"{HIGHEST_BITS:.4g} bits per weight")
-            return cls(GGML, 0, recipe=format, calibration=calibration, bits=bits if format == MIXED else 0.0)
+            return cls(GGML, 0, recipe=format, calibration=calibration, bits=bits if format == MIXED else 0.0,
+                       rounding=GPTQ if rounding == GPTQ else "")
         if calibration:
             raise ConfigError(f"compression.calibration applies to the GGML formats ({', '.join(GGML_RECIPES)}), "
                               f"not {format}")
@@ -102,7 +113,7 @@ class Codec:
         if compression.format == "none":
             return None
         digest = text_digest(calibration_text(compression.calibration)) if compression.calibration else ""
-        return cls.create(compression.format, compression.blocksize, digest, compression.bits)
+        return cls.create(compression.format, compression.blocksize, digest, compression.bits, compression.rounding)
 
     @classmethod
     def ggml(cls) -> "Codec":
@@ -113,7 +124,8 @@ class Codec:
     def name(self) -> str:
         if self.format == GGML:
             recipe = f"{MIXED}{self.bits:g}" if self.recipe == MIXED else self.recipe or GGML
-            return recipe + (f"-imatrix-{self.calibration}" if self.calibration else "")
+            fitted = f"-{self.rounding or 'imatrix'}-{self.calibration}" if self.calibration else ""
+            return recipe + fitted
         return f"{self.format}-{self.blocksize}"
 
     @property
@@ -133,6 +145,8 @@ class Codec:
         if self.recipe == MIXED:
             data["bits"] = self.bits
             data["allocation"] = dict(self.allocation)
+        if self.rounding:
+            data["rounding"] = self.rounding
         return data
 
     def identity(self) -> dict[str, Any]:
@@ -145,12 +159,13 @@ class Codec:
             codec = cls(str(data["format"]), int(data["blocksize"]), tuple(float(x) for x in data.get("code", ())),
                         str(data.get("recipe", "")), str(data.get("calibration", "")), float(data.get("bits", 0.0)),
                         tuple(sorted((str(name), str(format))
-                                     for name, format in data.get("allocation", {}).items())))
+                                     for name, format in data.get("allocation", {}).items())),
+                          str(data.get("rounding", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed compression record") from exc
         if codec.format == GGML and codec.blocksize == 0 and not codec.code \
                 and (codec.recipe == "" or codec.recipe in GGML_RECIPES or codec.recipe == MIXED) \
-                and all(format in CANDIDATES for _, format in codec.allocation):
+                and all(format in CANDIDATES for _, format in codec.allocation) and codec.rounding in ("", GPTQ):
             return codec
         if codec.format not in COMPRESSION_FORMATS or codec.blocksize not in BLOCKSIZES \
                 or (codec.format == "int8") != (len(codec.code) == 256):
@@ -344,8 +359,10 @@ def _layer_index(name: str) -> int | None:
 def _ggml_unit(layout: UnitLayout, packed: PackedMatrices, source: Mapping[str, torch.Tensor],
                device: torch.device, importance: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """A unit's buffer with its matrices quantized on `device` into their GGML blocks (recipe_formats), each
-    weight's error weighed by its input feature's importance where the matrix has one."""
+    weight's error weighed by its input feature's importance where the matrix has one, or the blocks GPTQ made for
+    it where `importance` holds them."""
     from .ggml_quantize import quantize
+    from .gptq import blocks_key
 
     out = torch.zeros(layout.nbytes, dtype=torch.uint8)
     targets = layout.views(out)
@@ -353,13 +370,18 @@ def _ggml_unit(layout: UnitLayout, packed: PackedMatrices, source: Mapping[str, 
         if name not in packed.formats:
             targets[name].copy_(tensor)
             continue
+        format = packed.formats[name][0]
+        start, end = packed.ggml_bytes(name)
+        rounded = importance.get(blocks_key(name, format))
+        if rounded is not None:  # GPTQ's, made while the calibration text ran
+            targets[PACKED][start:end].copy_(rounded)
+            continue
         weight = importance.get(name)
         if weight is not None and weight.numel() == tensor.shape[-1]:  # column j's importance, on every row
             weight = weight.to(device).repeat(tensor.numel() // weight.numel())
         else:
             weight = None
-        start, end = packed.ggml_bytes(name)
-        targets[PACKED][start:end].copy_(quantize(packed.formats[name][0], tensor.to(device).reshape(-1), weight))
+        targets[PACKED][start:end].copy_(quantize(format, tensor.to(device).reshape(-1), weight))
     return out
 
 

@@ -148,6 +148,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                                            "activations weigh each weight's error (an importance matrix, measured "
                                            "with the model uncompressed when the store is written); \"\" = none, "
                                            "data-free"),
+        "rounding": (_choice("nearest", "gptq"), "nearest",
+                     "the GGML formats with a calibration text: how each weight's code is chosen; nearest = its "
+                     "nearest level, the levels searched with the importance matrix; gptq = column by column, each "
+                     "column's error folded into the columns not yet rounded, fitted to the calibration text's "
+                     "activations (GPTQ): the same blocks and bits, less output error, minutes more to write"),
         "gguf": (_choice(AUTO, "packed", "dequantized"), AUTO,
                  "a GGUF's quantized layer matrices: kept in the file's formats in every tier and dequantized where "
                  "they compute (packed), or stored dequantized; auto = packed on a GPU, dequantized on a CPU "
@@ -331,3 +336,8 @@ class Config:
             return self
         value = SCHEMA["compression"]["format"][0]("compression.format", format)
         return dataclasses.replace(self, compression=dataclasses.replace(self.compression, format=value))
+
+    def data_free(self) -> "Config":
+        """This config without a calibration text (and so with nearest rounding)."""
+        return dataclasses.replace(self, compression=dataclasses.replace(self.compression, calibration=None,
+                                                                         rounding="nearest"))

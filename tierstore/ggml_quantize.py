@@ -18,17 +18,46 @@ on a GPU. The blocks are the same bytes a GGUF would hold: ggml.py (and the `ggu
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 
 QK_K = 256
 
 
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Where a format's codes may put the values of some blocks: value = step * code - offset, per sub-block of
+    `sub` values ([sub-blocks, 1] each), codes in `low`..`high`; `pack` turns codes [sub-blocks, sub] into the
+    blocks' bytes (uint8, 1-D). A sub-block whose step is 0 holds -offset wherever its code is 0."""
+
+    step: torch.Tensor
+    offset: torch.Tensor
+    low: int
+    high: int
+    sub: int
+    pack: Callable[[torch.Tensor], torch.Tensor]
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The nearest codes of `x` (its sub-blocks in order, any shape) on this grid, float [sub-blocks, sub]."""
+        safe = torch.where(self.step != 0, self.step, torch.ones_like(self.step))
+        codes = torch.round((x.reshape(-1, self.sub) + self.offset) / safe).clamp(self.low, self.high)
+        return torch.where(self.step != 0, codes, torch.zeros_like(codes))
+
+
 def quantize(format: str, values: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
     """`values` (any float dtype, 1-D, a whole number of blocks) as `format`'s blocks: uint8, on the same device.
     `importance`: one non-negative weight per value (None: all equal)."""
+    found = grid(format, values, importance)
+    return found.pack(found.codes(values.float()))
+
+
+def grid(format: str, values: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
+    """`format`'s grid for `values` (1-D, a whole number of blocks), its scales searched as `quantize` does."""
     x = values.float().reshape(-1)
     weight = None if importance is None else importance.float().reshape(-1).to(x.device)
-    return _QUANTIZE[format](x, weight)
+    return _GRIDS[format](x, weight)
 
 
 def _half_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -36,12 +65,13 @@ def _half_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16).reshape(-1, 1).view(torch.uint8)
 
 
-def _q8_0(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:  # its one scale needs no search
+def _q8_0(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:  # its one scale needs no search
     blocks = x.view(-1, 32)
-    d = blocks.abs().amax(1) / 127
-    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    q = torch.round(blocks * inverse[:, None]).clamp(-127, 127).to(torch.int8).view(torch.uint8)
-    return torch.cat([_half_bytes(d), q], 1).reshape(-1)
+    d = (blocks.abs().amax(1, keepdim=True) / 127).to(torch.float16).float()
+
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_half_bytes(d), codes.to(torch.int8).view(torch.uint8)], 1).reshape(-1)
+    return Grid(d, torch.zeros_like(d), -127, 127, 32, pack)
 
 
 def _scale_min_search(x: torch.Tensor, weights: torch.Tensor, nmax: int, steps: int = 20, rmin: float = -1.0,
@@ -75,10 +105,11 @@ def _scale_min_search(x: torch.Tensor, weights: torch.Tensor, nmax: int, steps: 
     return codes, torch.where(flat, torch.zeros_like(scale), scale), -minimum
 
 
-def _scales_mins_codes(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, rmin: float, rdelta: float,
-                       steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scales_mins(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, rmin: float, rdelta: float,
+                 steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_K's and Q5_K's super-blocks of 256 in 8 sub-blocks of 32: the float16 scale and minimum (as float32),
-    the 12 bytes of 6-bit sub-block scales and minimums, and the codes in 0..nmax [blocks, 8, 32]."""
+    the 12 bytes of 6-bit sub-block scales and minimums, and each sub-block's step and offset [blocks * 8, 1] as
+    the dequantizer will use them."""
     sub = x.view(-1, 32)
     n = sub.shape[0] // 8
     if importance is None:
@@ -92,15 +123,13 @@ def _scales_mins_codes(x: torch.Tensor, importance: torch.Tensor | None, nmax: i
     lm = torch.round(mins * torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))).clamp(0, 63)
     d = (max_scale / 63).to(torch.float16).float()
     dmin = (max_min / 63).to(torch.float16).float()
-    step, offset = (d * ls).view(-1, 1), (dmin * lm).view(-1, 1)  # what the dequantizer will use, per sub-block
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.where(step > 0, torch.round((sub + offset) / safe).clamp(0, nmax), torch.zeros_like(sub))
+    step, offset = (d * ls).view(-1, 1), (dmin * lm).view(-1, 1)
     ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
     packed = torch.empty(n, 12, dtype=torch.uint8, device=x.device)
     packed[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     packed[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     packed[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
-    return d, dmin, packed, codes.to(torch.uint8).view(n, 8, 32)
+    return d, dmin, packed, step, offset
 
 
 def _pack(fields: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
@@ -116,17 +145,26 @@ def _nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
     return _pack(codes.view(codes.shape[0], 4, 2, 32), 2, 4).view(-1, 128)
 
 
-def _q4_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    d, dmin, packed, codes = _scales_mins_codes(x, importance, 15, -1.0, 0.1, 20)
-    return torch.cat([_half_bytes(d), _half_bytes(dmin), packed, _nibble_pairs(codes)], 1).reshape(-1)
+def _q4_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
+    d, dmin, scales, step, offset = _scales_mins(x, importance, 15, -1.0, 0.1, 20)
+
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        codes = codes.to(torch.uint8).view(-1, 8, 32)
+        return torch.cat([_half_bytes(d), _half_bytes(dmin), scales, _nibble_pairs(codes)], 1).reshape(-1)
+    return Grid(step, offset, 0, 15, 32, pack)
 
 
-def _q5_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+def _q5_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
     """Q4_K with 5-bit codes (llama.cpp's search from -0.5 in 15 steps): the fifth bits in 32 bytes, bit j of byte
     i for sub-block j's code i. 5.5 bits a weight."""
-    d, dmin, packed, codes = _scales_mins_codes(x, importance, 31, -0.5, 0.1, 15)
-    qh = _pack(codes >> 4, 1, 1)
-    return torch.cat([_half_bytes(d), _half_bytes(dmin), packed, qh, _nibble_pairs(codes & 0x0F)], 1).reshape(-1)
+    d, dmin, scales, step, offset = _scales_mins(x, importance, 31, -0.5, 0.1, 15)
+
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        codes = codes.to(torch.uint8).view(-1, 8, 32)
+        high = _pack(codes >> 4, 1, 1)
+        return torch.cat([_half_bytes(d), _half_bytes(dmin), scales, high, _nibble_pairs(codes & 0x0F)],
+                         1).reshape(-1)
+    return Grid(step, offset, 0, 31, 32, pack)
 
 
 def _symmetric_search(x: torch.Tensor, nmax: int, importance: torch.Tensor | None) -> torch.Tensor:
@@ -149,19 +187,20 @@ def _symmetric_search(x: torch.Tensor, nmax: int, importance: torch.Tensor | Non
     return torch.where(peak != 0, best_scale, torch.zeros_like(best_scale)).view(-1)
 
 
-def _q6_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+def _q6_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
     sub = x.view(-1, 16)
     n = sub.shape[0] // 16
     scales = _symmetric_search(sub, 32, None if importance is None else importance.view(-1, 16)).view(n, 16)
     d, rounded = _signed_scales(scales, 128)
     small = rounded.to(torch.int8)
+
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        codes = (codes + 32).to(torch.uint8).view(n, 256)
+        ql = _pack((codes & 0x0F).view(n, 2, 2, 64), 2, 4).view(n, 128)
+        qh = _pack((codes >> 4).view(n, 2, 4, 32), 2, 2).view(n, 64)
+        return torch.cat([ql, qh, small.view(torch.uint8), _half_bytes(d)], 1).reshape(-1)
     step = (d * small.float()).view(-1, 1)
-    safe = torch.where(step != 0, step, torch.ones_like(step))
-    codes = torch.where(step != 0, torch.round(sub / safe).clamp(-32, 31), torch.zeros_like(sub)) + 32
-    codes = codes.to(torch.uint8).view(n, 256)
-    ql = _pack((codes & 0x0F).view(n, 2, 2, 64), 2, 4).view(n, 128)
-    qh = _pack((codes >> 4).view(n, 2, 4, 32), 2, 2).view(n, 64)
-    return torch.cat([ql, qh, small.view(torch.uint8), _half_bytes(d)], 1).reshape(-1)
+    return Grid(step, torch.zeros_like(step), -32, 31, 16, pack)
 
 
 def _signed_scales(scales: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +213,7 @@ def _signed_scales(scales: torch.Tensor, levels: int) -> tuple[torch.Tensor, tor
     return d, torch.round(inverse * scales).clamp(-levels, levels - 1)
 
 
-def _q3_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+def _q3_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
     """16 sub-blocks of 16, symmetric 3-bit codes (-4..3), each sub-block's scale searched as Q6_K's, stored in 6
     bits against a float16 super-scale; the codes' low two bits four to a byte, their high bits in a 32-byte mask.
     3.4375 bits a weight."""
@@ -182,16 +221,17 @@ def _q3_k(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     n = sub.shape[0] // 16
     scales = _symmetric_search(sub, 4, None if importance is None else importance.view(-1, 16)).view(n, 16)
     d, small = _signed_scales(scales, 32)
-    step = (d * small).view(-1, 1)
-    safe = torch.where(step != 0, step, torch.ones_like(step))
-    codes = (torch.where(step != 0, torch.round(sub / safe).clamp(-4, 3), torch.zeros_like(sub)) + 4)
-    codes = codes.to(torch.uint8).view(n, 256)
-    hmask = _pack((codes >> 2).view(n, 8, 32), 1, 1)
-    qs = _pack((codes & 3).view(n, 2, 4, 32), 2, 2).view(n, 64)
     levels = (small + 32).to(torch.uint8)  # 0..63: low nibbles two to a byte, top two bits four to a byte
     packed = torch.cat([_pack((levels & 0x0F).view(n, 2, 8), 1, 4), _pack((levels >> 4).view(n, 4, 4), 1, 2)], 1)
-    return torch.cat([hmask, qs, packed, _half_bytes(d)], 1).reshape(-1)
+
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        codes = (codes + 4).to(torch.uint8).view(n, 256)
+        hmask = _pack((codes >> 2).view(n, 8, 32), 1, 1)
+        qs = _pack((codes & 3).view(n, 2, 4, 32), 2, 2).view(n, 64)
+        return torch.cat([hmask, qs, packed, _half_bytes(d)], 1).reshape(-1)
+    step = (d * small).view(-1, 1)
+    return Grid(step, torch.zeros_like(step), -4, 3, 16, pack)
 
 
-_QUANTIZE = {"Q8_0": _q8_0, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
-FORMATS = tuple(_QUANTIZE)
+_GRIDS = {"Q8_0": _q8_0, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+FORMATS = tuple(_GRIDS)

@@ -9,16 +9,25 @@ For mixed precision (allocation.py) the same model also measures each linear's s
 of the next-token distribution per unit of relative squared error added to that linear's output (Gaussian noise,
 one linear at a time, over one window). At small errors the KL grows linearly with that error (HIGGS' linearity),
 so a matrix's relative quantization error times its sensitivity predicts what quantizing it costs.
+
+For GPTQ rounding (gptq.py) each linear needs its inputs' whole second moment, a columns x columns matrix: too
+large to keep for every linear of a big model at once. So the text's windows go through the model as one batch,
+each linear sees every token in one call, and its blocks are made right there, while its layer's weights are
+present; the second moment lives only until the next linear's input arrives.
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ...allocation import SENSITIVITY
 from ...errors import InputError
+from ...gptq import blocks_key, error_key, output_error, quantize_gptq
 
 WINDOW_TOKENS = 512
+GPTQ_TOKENS = 8192  # the most calibration tokens GPTQ reads: they go through the model at once
 SENSITIVITY_TOKENS = 256  # the window each linear's noise is measured over
 NOISE_RELATIVE_MSE = 0.01  # the relative squared error added to a linear's output to measure its sensitivity
 
@@ -37,9 +46,7 @@ def measure_importance(model, text: str, window_tokens: int = WINDOW_TOKENS) -> 
             rows[name] = rows.get(name, 0) + x.shape[0]
         return add
 
-    handles = [module.register_forward_pre_hook(hook(f"{name}.weight"))
-               for name, module in model.model.named_modules()
-               if isinstance(module, nn.Linear) and ".layers." in f".{name}."]
+    handles = [module.register_forward_pre_hook(hook(f"{name}.weight")) for name, module in _linears(model)]
     try:
         with torch.no_grad():
             for start in range(0, ids.numel(), window_tokens):
@@ -58,8 +65,7 @@ def measure_sensitivity(model, text: str, window_tokens: int = SENSITIVITY_TOKEN
     KL divergence, over the first window of `text`, of the model's next-token distributions when Gaussian noise of
     `relative_mse` times its output's mean square is added to that linear's output, divided by `relative_mse`."""
     ids = _token_ids(model, text)[:window_tokens][None]
-    linears = [(name, module) for name, module in model.model.named_modules()
-               if isinstance(module, nn.Linear) and ".layers." in f".{name}."]
+    linears = _linears(model)
     generator = torch.Generator().manual_seed(0)
 
     def noisy(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
@@ -80,6 +86,52 @@ def measure_sensitivity(model, text: str, window_tokens: int = SENSITIVITY_TOKEN
                 handle.remove()
             sensitivity[f"{name}.weight{SENSITIVITY}"] = (kl / relative_mse).float().cpu()
     return sensitivity
+
+
+def measure_rounding(model, text: str, formats: Callable[[str, tuple[int, ...]], Sequence[str]],
+                     max_tokens: int = GPTQ_TOKENS, window_tokens: int = WINDOW_TOKENS) -> dict[str, torch.Tensor]:
+    """Each decoder-layer linear's GPTQ blocks in each of `formats(name, shape)` (by its weight's name) and their
+    relative output errors over the calibration text (keys: gptq.blocks_key and error_key; blocks on the CPU),
+    from one forward of the text's first `max_tokens` tokens in windows of equal length, batched."""
+    ids = _token_ids(model, text)[:max_tokens]
+    count = -(-ids.numel() // window_tokens)
+    length = ids.numel() // count
+    if length < 2:
+        raise InputError(f"compression.calibration: {ids.numel()} tokens; GPTQ needs at least 2")
+    results: dict[str, torch.Tensor] = {}
+    shared: dict[str, object] = {}  # the last input's second moment: q, k and v (gate and up) read one input
+
+    def second_moment(x: torch.Tensor) -> torch.Tensor:
+        if shared.get("input") is not x:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            shared.update(input=x, hessian=flat.T @ flat)
+        return shared["hessian"]  # type: ignore[return-value]
+
+    def hook(name: str):
+        def quantize(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            weight = module.weight.detach()
+            for format in formats(name, tuple(weight.shape)):
+                hessian = second_moment(inputs[0])
+                blocks = quantize_gptq(format, weight, hessian)
+                results[blocks_key(name, format)] = blocks.cpu()
+                results[error_key(name, format)] = torch.tensor(output_error(format, blocks, weight, hessian))
+        return quantize
+
+    handles = [module.register_forward_pre_hook(hook(f"{name}.weight")) for name, module in _linears(model)]
+    try:
+        with torch.no_grad():
+            model(ids[:count * length].view(count, length), use_cache=False, logits_to_keep=1)
+    finally:
+        shared.clear()
+        for handle in handles:
+            handle.remove()
+    return results
+
+
+def _linears(model) -> list[tuple[str, nn.Module]]:
+    """The decoder layers' nn.Linear modules of `model` (a TierstoreModel), by name."""
+    return [(name, module) for name, module in model.model.named_modules()
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}."]
 
 
 def _token_ids(model, text: str) -> torch.Tensor:

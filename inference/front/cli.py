@@ -361,20 +361,30 @@ def _eval(args: argparse.Namespace) -> int:
                              window_tokens=args.window, max_tokens=args.max_tokens, dtype=args.dtype,
                              trust_remote_code=args.trust_remote_code, allow_download=args.download,
                              candidates=[Candidate(_format_label(name, config), args.model,
-                                                   config.with_compression(name)) for name in formats])
+                                                   _candidate_config(config, name)) for name in formats])
     _print_quality(measure_quality(request, on_progress=lambda line: print(f"tierstore: {line}", file=sys.stderr)),
                    args.json)
     return 0
 
 
-def _format_label(name: str, config: Any) -> str:
-    """A format's row in the eval table: mixed formats say their bits, a GGML recipe fitted to a calibration text
-    says so."""
+def _candidate_config(config: Any, name: str) -> Any:
+    """eval's config for format `name`: a calibration text (and its rounding) applies to the GGML formats alone,
+    so a list of formats can mix them with nf4 and int8."""
     from ...compression import GGML_RECIPES, MIXED
 
+    fitted = config.with_compression(name)
+    return fitted if name in GGML_RECIPES or name == MIXED else fitted.data_free()
+
+
+def _format_label(name: str, config: Any) -> str:
+    """A format's row in the eval table: mixed formats say their bits, a GGML recipe fitted to a calibration text
+    says how (+imatrix, +gptq)."""
+    from ...compression import GGML_RECIPES, GPTQ, MIXED
+
     label = f"{MIXED}{config.compression.bits:g}" if name == MIXED else name
-    calibrated = (name in GGML_RECIPES or name == MIXED) and config.compression.calibration
-    return f"{label}+imatrix" if calibrated else label
+    if not config.compression.calibration or (name not in GGML_RECIPES and name != MIXED):
+        return label
+    return f"{label}+{'gptq' if config.compression.rounding == GPTQ else 'imatrix'}"
 
 
 def _print_quality(result: dict[str, Any], json_path: str | None) -> None:

@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from ...allocation import SENSITIVITY, allocate, matrix_errors
+from ...allocation import SENSITIVITY, allocate, candidates, matrix_errors
 from ...compression import MIXED, PACKED, Codec, codec_identity, compress_unit, compressed_layout, ggml_layout
 from ...errors import BudgetError, CheckpointError, ConfigError, InputError, TierstoreError
 from ...files import write_atomic
+from ...gptq import error_key
 from ...sizes import format_size
 from ...units import UnitLayout, UnitSource, require_tensors
 from ..devices import as_dtype, dtype_name
@@ -96,13 +97,21 @@ def _allocated(codec: Codec, source: UnitSource, skeleton: Skeleton, layouts: Ma
         tensors = layout.views(buffer)
         for name in names:
             weight = float(importance.get(f"{name}{SENSITIVITY}", 1.0))  # KL per relative error, when measured
-            errors[name] = {format: error * weight
-                            for format, error in matrix_errors(tensors[name].to(device), importance.get(name)).items()}
+            errors[name] = {format: error * weight for format, error in _errors(name, tensors[name].to(device),
+                                                                               importance).items()}
             numel[name] = tensors[name].numel()
     allocation = allocate(errors, numel, codec.bits)
     counts = collections.Counter(allocation.values())
     log.info("%s: formats by measured error: %s", codec.name, ", ".join(f"{f} x{n}" for f, n in sorted(counts.items())))
     return dataclasses.replace(codec, allocation=tuple(sorted(allocation.items())))
+
+
+def _errors(name: str, weight: torch.Tensor, importance: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Matrix `name`'s relative error in each candidate format: GPTQ's measured output errors where the
+    calibration rounded it, else its error quantized to nearest (allocation.matrix_errors)."""
+    rounded = {format: float(importance[error_key(name, format)]) for format in candidates(weight.numel())
+               if error_key(name, format) in importance}
+    return rounded or matrix_errors(weight, importance.get(name))
 
 
 def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str]], Mapping[str, torch.Tensor]],
