@@ -112,9 +112,12 @@ def measure_rounding(model, text: str, formats: Callable[[str, tuple[int, ...]],
             weight = module.weight.detach()
             for format in formats(name, tuple(weight.shape)):
                 hessian = second_moment(inputs[0])
-                blocks = quantize_gptq(format, weight, hessian)
+                try:
+                    blocks, error = _rounded(format, weight, hessian)
+                except torch.cuda.OutOfMemoryError:  # a wide matrix's inverse beside the layer: round on the CPU
+                    blocks, error = _rounded(format, weight.cpu(), hessian.cpu())
                 results[blocks_key(name, format)] = blocks.cpu()
-                results[error_key(name, format)] = torch.tensor(output_error(format, blocks, weight, hessian))
+                results[error_key(name, format)] = torch.tensor(error)
         return quantize
 
     handles = [module.register_forward_pre_hook(hook(f"{name}.weight")) for name, module in _linears(model)]
@@ -126,6 +129,12 @@ def measure_rounding(model, text: str, formats: Callable[[str, tuple[int, ...]],
         for handle in handles:
             handle.remove()
     return results
+
+
+def _rounded(format: str, weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """GPTQ's blocks of `weight` in `format` and their relative output error, on weight's device."""
+    blocks = quantize_gptq(format, weight, hessian)
+    return blocks, output_error(format, blocks, weight, hessian)
 
 
 def _linears(model) -> list[tuple[str, nn.Module]]:
