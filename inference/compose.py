@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from ..allocation import candidates
 from ..budget import Budget
 from ..calibration import calibration_text
-from ..allocation import candidates
 from ..compression import GPTQ, MIXED, Codec, Decompressor, recipe_formats, scratch_bytes
 from ..config import Config
 from ..errors import InputError

@@ -52,7 +52,8 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
              importance: Callable[[], Mapping[str, torch.Tensor]] | None = None) -> str:
     """Write a compressed layer store of the units `source` serves (the model `base`), one unit at a time,
     quantizing on `device`; resumable, locked and refused like `convert`. A calibrated codec's importance matrix
-    comes from `importance()`, called only when units are left to write. Returns `out_dir`."""
+    (with GPTQ rounding, also each matrix's blocks and their errors: gptq.blocks_key) comes from `importance()`,
+    called only when units are left to write. Returns `out_dir`."""
     if codec.calibration and importance is None:
         raise ConfigError(f"{codec.name}: a calibrated compression needs its importance matrix measured")
     measured = functools.cache(importance) if codec.calibration else None  # once, and only if units are left
