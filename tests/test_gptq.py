@@ -120,6 +120,42 @@ def test_a_gptq_store_holds_the_blocks_gptq_made_and_runs_as_them(recipe, tiny_d
         assert again.store.source.codec == codec and not made
 
 
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "phi3", "mixtral"])
+def test_gptq_rounds_every_decoder_linear_of_each_architecture(model_type, tiny_dirs, tmp_path, monkeypatch,
+                                                               token_calibration):
+    """Across architectures (phi3's fused projections, mixtral's experts, which are no nn.Linear): every
+    decoder-layer nn.Linear is stored as the blocks GPTQ made for it, any other matrix rounded to nearest, and the
+    tokens are transformers' with those blocks dequantized."""
+    from torch import nn
+
+    from tierstore.inference import compose
+
+    made: dict[str, torch.Tensor] = {}
+    measure = compose.measure_rounding
+    monkeypatch.setattr(compose, "measure_rounding", lambda *a, **k: made.update(measure(*a, **k)) or made)
+    directory, original = tiny_dirs(model_type)
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache")},
+              "compression": {"format": "q4_k", "calibration": "bundled", "rounding": "gptq"}}
+    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
+        packed = model.store.source.packed
+        got = model.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
+    formats = {name: entry[0] for unit in packed.values() for name, entry in unit.formats.items()}
+    linears = {f"{name}.weight" for name, module in original.named_modules()
+               if isinstance(module, nn.Linear) and ".layers." in name}
+    assert linears and {name for name in formats if blocks_key(name, formats[name]) in made} == linears
+    reference = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name in formats:
+                blocks = made.get(blocks_key(name, formats[name]))
+                if blocks is None:  # no nn.Linear: no importance either, so the data-free search
+                    blocks = ggml_quantize.quantize(formats[name], param.data.reshape(-1))
+                restored = torch.empty(param.numel())
+                ggml.dequantize(formats[name], blocks, restored)
+                param.copy_(restored.view_as(param))
+    assert got == reference.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
+
+
 def test_gptq_rounding_is_refused_where_it_cannot_apply(tiny_dirs, tmp_path, capsys):
     """gptq without a calibration text, or with nf4, and an unknown rounding: one line each, exit 2 from the CLI."""
     from tierstore.inference.front.cli import main
