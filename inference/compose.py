@@ -201,16 +201,16 @@ def _importance(request: OpenRequest) -> Callable[[], dict[str, torch.Tensor]] |
     def measure() -> dict[str, torch.Tensor]:
         log.info("%s: measuring the importance matrix over the calibration text (%s)", request.model, setting)
         plain = dataclasses.replace(request, cfg=request.cfg.with_compression("none"), draft=None, trace=None)
+        text = calibration_text(setting)
         with _open(plain) as model:
-            measured = measure_importance(model, calibration_text(setting))
-            if request.cfg.compression.format == "mixed":
+            measured = measure_importance(model, text)
+            if request.cfg.compression.format == MIXED:
                 log.info("%s: measuring each matrix's sensitivity for mixed formats", request.model)
-                measured.update(measure_sensitivity(model, calibration_text(setting)))
+                measured.update(measure_sensitivity(model, text))
             if request.cfg.compression.rounding == GPTQ:
                 log.info("%s: rounding each matrix by GPTQ over the calibration text", request.model)
                 names = frozenset(name for name, _ in model.model.named_parameters())
-                measured.update(measure_rounding(model, calibration_text(setting),
-                                                 _rounded_formats(request.cfg, names)))
+                measured.update(measure_rounding(model, text, _rounded_formats(request.cfg, names)))
             return measured
     return measure
 

@@ -29,8 +29,7 @@ across passes while that pays, and a climbing cost is seen before the tree outgr
 A mixture-of-experts target may verify under an expert budget (`speculation.expert_budget`;
 inference/runtime/expert_budget.py) that keeps the tree's best nodes only: its verify pass then costs about the same
 whatever the tree, and the nodes past what it keeps yield nothing. So trees are capped at twice the nodes recent
-passes kept (`observe_kept`). Pure bookkeeping, no
-torch.
+passes kept (`observe_kept`). Pure bookkeeping, no torch.
 """
 from __future__ import annotations
 

@@ -42,6 +42,12 @@ GGML_RECIPES = {"q3_k": "Q3_K", "q4_k": "Q4_K", "q4_k_m": "Q4_K", "q5_k": "Q5_K"
 MIXED = "mixed"  # a format per matrix, meeting compression.bits (allocation.py)
 NEAREST, GPTQ = "nearest", "gptq"  # compression.rounding: how a calibrated recipe chooses its codes
 ROUNDINGS = (NEAREST, GPTQ)
+
+
+def ggml_recipe(format: str) -> bool:
+    """Whether compression.format `format` is one tierstore quantizes into GGML blocks (a recipe, or mixed): the
+    formats a calibration text and GPTQ rounding apply to."""
+    return format in GGML_RECIPES or format == MIXED
 GGML_ALIGN_ELEMENTS, GGML_ALIGN_BYTES = 256, 16  # where a ggml matrix may start in the dequantized buffer and PACKED
 
 
@@ -82,10 +88,10 @@ class Codec:
         if rounding not in ROUNDINGS:
             raise ConfigError(f"compression.rounding: {rounding!r} is not allowed; choose from "
                               f"{', '.join(ROUNDINGS)}")
-        if rounding == GPTQ and not (calibration and (format in GGML_RECIPES or format == MIXED)):
+        if rounding == GPTQ and not (calibration and ggml_recipe(format)):
             raise ConfigError("compression.rounding = gptq fits codes to a calibration text's activations: it needs "
                               "a GGML format (q4_k, ..., mixed) and compression.calibration")
-        if format in GGML_RECIPES or format == MIXED:
+        if ggml_recipe(format):
             if blocksize is not None:
                 raise ConfigError(f"compression.blocksize applies to nf4 and int8; {format} has fixed blocks")
             if format == MIXED and not LOWEST_BITS <= bits <= HIGHEST_BITS:
@@ -164,7 +170,7 @@ class Codec:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed compression record") from exc
         if codec.format == GGML and codec.blocksize == 0 and not codec.code \
-                and (codec.recipe == "" or codec.recipe in GGML_RECIPES or codec.recipe == MIXED) \
+                and (codec.recipe == "" or ggml_recipe(codec.recipe)) \
                 and all(format in CANDIDATES for _, format in codec.allocation) and codec.rounding in ("", GPTQ):
             return codec
         if codec.format not in COMPRESSION_FORMATS or codec.blocksize not in BLOCKSIZES \

@@ -370,19 +370,19 @@ def _eval(args: argparse.Namespace) -> int:
 def _candidate_config(config: Any, name: str) -> Any:
     """eval's config for format `name`: a calibration text (and its rounding) applies to the GGML formats alone,
     so a list of formats can mix them with nf4 and int8."""
-    from ...compression import GGML_RECIPES, MIXED
+    from ...compression import ggml_recipe
 
     fitted = config.with_compression(name)
-    return fitted if name in GGML_RECIPES or name == MIXED else fitted.data_free()
+    return fitted if ggml_recipe(name) else fitted.data_free()
 
 
 def _format_label(name: str, config: Any) -> str:
     """A format's row in the eval table: mixed formats say their bits, a GGML recipe fitted to a calibration text
     says how (+imatrix, +gptq)."""
-    from ...compression import GGML_RECIPES, GPTQ, MIXED
+    from ...compression import GPTQ, MIXED, ggml_recipe
 
     label = f"{MIXED}{config.compression.bits:g}" if name == MIXED else name
-    if not config.compression.calibration or (name not in GGML_RECIPES and name != MIXED):
+    if not config.compression.calibration or not ggml_recipe(name):
         return label
     return f"{label}+{'gptq' if config.compression.rounding == GPTQ else 'imatrix'}"
 

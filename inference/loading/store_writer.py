@@ -19,6 +19,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -85,34 +86,36 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
 
 def _allocated(codec: Codec, source: UnitSource, skeleton: Skeleton, layouts: Mapping[str, UnitLayout],
                device: torch.device, importance: Mapping[str, torch.Tensor]) -> Codec:
-    """`codec` ("mixed") with its formats allocated (allocation.py): every matrix of every unit read once and
-    quantized in each candidate format on `device`, its error weighed by `importance`."""
+    """`codec` ("mixed") with its formats allocated (allocation.py) from each matrix's error in every candidate
+    format, times its sensitivity where measured: GPTQ's measured output errors where the calibration rounded the
+    matrix, else its unit read once and each matrix quantized to nearest on `device`, weighed by `importance`."""
     errors: dict[str, dict[str, float]] = {}
     numel: dict[str, int] = {}
     for key, layout in layouts.items():
         names = [name for name in layout.slots if name in skeleton.matrices]
-        if not names:
-            continue
-        buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
-        source.read_into(key, buffer)
-        tensors = layout.views(buffer)
+        tensors = None
         for name in names:
+            numel[name] = math.prod(layout.slots[name].shape)
+            measured = _gptq_errors(name, numel[name], importance)
+            if not measured:
+                if tensors is None:  # the unit's bytes, once
+                    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+                    source.read_into(key, buffer)
+                    tensors = layout.views(buffer)
+                measured = matrix_errors(tensors[name].to(device), importance.get(name))
             weight = float(importance.get(f"{name}{SENSITIVITY}", 1.0))  # KL per relative error, when measured
-            errors[name] = {format: error * weight for format, error in _errors(name, tensors[name].to(device),
-                                                                               importance).items()}
-            numel[name] = tensors[name].numel()
+            errors[name] = {format: error * weight for format, error in measured.items()}
     allocation = allocate(errors, numel, codec.bits)
     counts = collections.Counter(allocation.values())
     log.info("%s: formats by measured error: %s", codec.name, ", ".join(f"{f} x{n}" for f, n in sorted(counts.items())))
     return dataclasses.replace(codec, allocation=tuple(sorted(allocation.items())))
 
 
-def _errors(name: str, weight: torch.Tensor, importance: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Matrix `name`'s relative error in each candidate format: GPTQ's measured output errors where the
-    calibration rounded it, else its error quantized to nearest (allocation.matrix_errors)."""
-    rounded = {format: float(importance[error_key(name, format)]) for format in candidates(weight.numel())
-               if error_key(name, format) in importance}
-    return rounded or matrix_errors(weight, importance.get(name))
+def _gptq_errors(name: str, numel: int, importance: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Matrix `name`'s relative output error in each candidate format as GPTQ measured it while the calibration
+    text ran ({} where it did not round the matrix)."""
+    return {format: float(importance[error_key(name, format)]) for format in candidates(numel)
+            if error_key(name, format) in importance}
 
 
 def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str]], Mapping[str, torch.Tensor]],

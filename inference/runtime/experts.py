@@ -46,6 +46,8 @@ from .expert_budget import ExpertBudget
 from .host_experts import computes_on_host, host_outputs
 from .mapped_experts import MAX_PAIRS, MappedExperts, Served
 
+PRUNED = -1  # the routing of a tree node an expert budget dropped: no expert
+
 MAX_GROUPS = 1023  # torch's grouped_mm takes fewer than 1024 groups on a GPU; the slots are the kernel's groups
 
 
@@ -329,14 +331,14 @@ class ExpertRunner:
     def _within_budget(self, index: int, routed: list[int], top_k: int, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """A verify pass's routing with the nodes its expert budget drops (`self.budget`, one row per tree node)
-        taken out: their experts are -1 in `routed` (no expert, nothing for the CPU) and the root's in the device
+        taken out: their experts are PRUNED in `routed` (no expert, nothing for the CPU) and the root's in the device
         kernel's index, with routing weight zero (nothing added to their rows, which nobody reads)."""
         keys = self.groups[index].keys
         rows = [routed[start:start + top_k] for start in range(0, len(routed), top_k)]
         live = self.budget.prune(rows, lambda expert: not self.store.on_device(keys[expert]))  # type: ignore[union-attr]
         if all(live):
             return routed, top_k_index, top_k_weights
-        routed = [expert for row, kept in zip(rows, live) for expert in (row if kept else [-1] * top_k)]
+        routed = [expert for row, kept in zip(rows, live) for expert in (row if kept else [PRUNED] * top_k)]
         keep = torch.tensor(live, device=top_k_index.device)[:, None]
         return (routed, torch.where(keep, top_k_index, top_k_index[:1]),
                 top_k_weights * keep.to(top_k_weights.dtype))
@@ -446,7 +448,7 @@ class ExpertRunner:
         """Routing counters; how the prediction made for this layer (and the copies it started) fared."""
         stats = self.stats
         pairs = Counter(routed)  # a verify pass routes thousands of (token, expert) pairs a layer: count them in C
-        pairs.pop(-1, None)  # a node an expert budget pruned
+        pairs.pop(PRUNED, None)
         distinct = pairs.keys()
         stats.calls += 1
         stats.routed += len(pairs)
@@ -499,14 +501,14 @@ class PrefetchGate:
 def _token_chunks(rows: list[list[int]], slots: int) -> list[tuple[int, int, list[int]]]:
     """Consecutive token ranges whose routed experts fit `slots` at once: (start, end, sorted experts). One range
     when all fit, as they do in decoding; a long prompt with fewer slots than routed experts takes several. A row
-    of -1 (a node an expert budget pruned) needs none."""
-    every = set().union(*rows) - {-1}
+    of PRUNED needs none."""
+    every = set().union(*rows) - {PRUNED}
     if len(every) <= slots:  # decoding, a verify pass, a short prompt: no per-row walk
         return [(0, len(rows), sorted(every))]
     chunks: list[tuple[int, int, list[int]]] = []
     start, experts = 0, set()
     for row_index, row in enumerate(rows):
-        needed = set(row) - {-1}
+        needed = set(row) - {PRUNED}
         if len(experts | needed) > slots and experts:
             chunks.append((start, row_index, sorted(experts)))
             start, experts = row_index, set()
