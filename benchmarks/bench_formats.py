@@ -4,9 +4,10 @@ decode step against its link bound.
 One device call (nvidia-h200, about 6 minutes):
     python benchmarks/bench_formats.py --out $OUT --formats bf16,nf4,int8,Q8_0,Q6_K,Q5_K,Q4_K,Q4_0,Q3_K,Q2_K
 1. For each GGUF format (ggml.py): one Qwen2.5-7B layer's matrices as random valid blocks, dequantized into bf16 on
-   the GPU as a pass does it (one fused torch.compile kernel per run of one format) and one op at a time, against the
-   time the layer's packed bytes take to cross the pinned link (tierstore's probe). A format pays off only when its
-   dequantization is shorter than that copy.
+   the GPU as a pass does it (one kernel per run of one format: Triton's for the k-quants, ggml_triton.py,
+   torch.compile's for the others), by torch.compile's kernel (the k-quants' baseline) and one op at a time,
+   against the time the layer's packed bytes take to cross the pinned link (tierstore's probe). A format pays off
+   only when its dequantization is shorter than that copy.
 2. For each format, a random-weight Qwen2.5-7B-shaped store (bf16 and tierstore's compression formats, e.g. nf4 or
    q4_k_m, written and quantized on the GPU by bench_scale's `write_random_store`; a GGUF format in upper case as a
    ggml store: random blocks, as a GGUF would hold them) is opened in a
@@ -116,6 +117,11 @@ def layer_dequant(format: str, shape: str, device: str, link_gbps: float) -> dic
         for run_format, first_byte, end_byte, first, last in ggml_runs(packed):
             ggml.dequantize_eager(run_format, views[PACKED][first_byte:end_byte], unpack.scratch[first:last])
 
+    def compiled() -> None:
+        for run_format, first_byte, end_byte, first, last in ggml_runs(packed):
+            if not ggml.dequantize_compiled(run_format, views[PACKED][first_byte:end_byte], unpack.scratch[first:last]):
+                raise RuntimeError(f"{run_format}: torch.compile failed")
+
     def timed(run) -> float:
         run()  # warm-up (and compile)
         if device == "cuda":
@@ -130,7 +136,8 @@ def layer_dequant(format: str, shape: str, device: str, link_gbps: float) -> dic
 
     fused = timed(lambda: unpack.materialize("layer", views))
     nbytes = views[PACKED].numel()
-    return {"layer_bytes": nbytes, "fused_s": fused, "eager_s": timed(eager), "copy_s": nbytes / (link_gbps * 1e9),
+    return {"layer_bytes": nbytes, "fused_s": fused, "compiled_s": timed(compiled) if device == "cuda" else None,
+            "eager_s": timed(eager), "copy_s": nbytes / (link_gbps * 1e9),
             "runs": len(ggml_runs(packed))}
 
 
@@ -191,8 +198,9 @@ def main() -> None:
         if format not in QUANTIZED_HERE:
             d = results["dequant"][format] = layer_dequant(format, args.shape, device, link)
             print(f"dequant {format}: layer {d['layer_bytes'] / 1e6:.1f} MB in {d['runs']} run(s), copy "
-                  f"{d['copy_s'] * 1e3:.2f} ms, fused {d['fused_s'] * 1e3:.2f} ms ({d['fused_s'] / d['copy_s']:.2f}x "
-                  f"copy), one op at a time "
+                  f"{d['copy_s'] * 1e3:.2f} ms, as a pass does {d['fused_s'] * 1e3:.3f} ms "
+                  f"({d['fused_s'] / d['copy_s']:.2f}x copy), torch.compile "
+                  f"{'-' if d['compiled_s'] is None else round(d['compiled_s'] * 1e3, 3)} ms, one op at a time "
                   f"{d['eager_s'] * 1e3:.2f} ms ({d['eager_s'] / d['copy_s']:.2f}x copy)", flush=True)
     with open(os.path.join(args.out, "formats_log.txt"), "a") as log:
         for format in formats:

@@ -639,7 +639,9 @@ def test_prefix_entries_are_pinned_and_a_cropped_hit_reaches_the_device_whole():
 @pytest.mark.parametrize("format", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                                     "IQ4_NL", "IQ4_XS"])
 def test_ggml_blocks_dequantized_on_cuda_match_the_cpu_reference(format):
-    """The fused (compiled) kernel gives the CPU's float32 values, up to a fused multiply-add's last bit."""
+    """The GPU's kernel gives the CPU's float32 values: the k-quants' Triton kernels bit for bit (no fused
+    multiply-add), the other formats' compiled steps up to a fused multiply-add's last bit. The compiled steps, the
+    k-quants' fallback, do so for every format."""
     from test_ggml import random_blocks
 
     from tierstore import ggml
@@ -649,11 +651,19 @@ def test_ggml_blocks_dequantized_on_cuda_match_the_cpu_reference(format):
     ggml.dequantize(format, data, want)
     got = torch.empty_like(want, device="cuda")
     ggml.dequantize(format, data.cuda(), got)
-    assert ggml._FUSED.get(format) is not None, "the compiled kernel fell back to one op at a time"
-    assert torch.allclose(got.cpu(), want, rtol=1e-6, atol=1e-7)
     half = torch.empty(want.numel(), dtype=torch.bfloat16, device="cuda")
     ggml.dequantize(format, data.cuda(), half)
-    assert (half.float().cpu() - want.bfloat16().float()).abs().max() <= want.abs().max() * 2**-7
+    if format.endswith("_K"):
+        assert format not in ggml._NO_TRITON, "the Triton kernel failed (see the warning)"
+        assert torch.equal(got.cpu(), want)
+        assert torch.equal(half.cpu(), want.bfloat16())
+    else:
+        assert ggml._FUSED.get(format) is not None, "the compiled kernel fell back to one op at a time"
+        assert torch.allclose(got.cpu(), want, rtol=1e-6, atol=1e-7)
+        assert (half.float().cpu() - want.bfloat16().float()).abs().max() <= want.abs().max() * 2**-7
+    compiled = torch.empty_like(got)
+    assert ggml.dequantize_compiled(format, data.cuda(), compiled)
+    assert torch.allclose(compiled.cpu(), want, rtol=1e-6, atol=1e-7)
 
 
 def test_gptq_rounds_on_the_gpu_as_well_as_on_the_cpu():

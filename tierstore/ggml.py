@@ -4,8 +4,9 @@ Each format packs a matrix row by row in blocks of 32 or 256 elements, with the 
 quantized matrix keeps its file's bytes in every tier and is expanded only where it computes. The arithmetic follows
 the `gguf` package's reference dequantizers step by step in float32, so the values are the same bits as
 transformers' own dequantized load (tests/test_ggml.py checks every format against them on random blocks). Only the
-last cast goes to the compute dtype. On a GPU each format's steps are compiled into one kernel (torch.compile), so a
-matrix is read once and written once; where compiling fails, the same steps run one op at a time.
+last cast goes to the compute dtype. On a GPU the k-quants run Triton kernels written for their layout
+(ggml_triton.py), and the other formats' steps are compiled into one kernel each (torch.compile), so a matrix is read
+once and written once; where either fails, the next one down runs: compiled, then one op at a time.
 """
 from __future__ import annotations
 
@@ -45,22 +46,53 @@ def bits_per_weight(format: str) -> float:
 
 
 def dequantize(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
-    """Fill `out` (1-D, any float dtype, on `packed`'s device) with the elements the uint8 `packed` holds: on a GPU
-    in one fused kernel (no temporaries), elsewhere one op at a time in chunks."""
+    """Fill `out` (1-D, contiguous, any float dtype, on `packed`'s device) with the elements the uint8 `packed`
+    holds: on a GPU in one kernel (no temporaries), elsewhere one op at a time in chunks."""
+    if packed.is_cuda and (_dequantize_triton(format, packed, out) or dequantize_compiled(format, packed, out)):
+        return
+    dequantize_eager(format, packed, out)
+
+
+def dequantize_compiled(format: str, packed: torch.Tensor, out: torch.Tensor) -> bool:
+    """`dequantize` by `format`'s steps compiled into one kernel; False (and a warning, once) where that fails."""
     elements, nbytes = BLOCKS[format]
     blocks, target = packed.view(-1, nbytes), out.view(-1, elements)
-    fused = _fused(format) if blocks.is_cuda else None
-    if fused is not None:
-        try:
-            torch._dynamo.maybe_mark_dynamic(blocks, 0)  # the block count varies; a block's layout does not
-            torch._dynamo.maybe_mark_dynamic(target, 0)
-            fused(blocks, target)
-            return
-        except Exception as exc:  # noqa: BLE001 (a compiler failure of any kind): run the ops one at a time
-            log.warning("dequantizing %s: torch.compile failed (%s); running its ops one at a time",
-                        format, type(exc).__name__)
-            _FUSED[format] = None
-    dequantize_eager(format, packed, out)
+    fused = _fused(format)
+    if fused is None:
+        return False
+    try:
+        torch._dynamo.maybe_mark_dynamic(blocks, 0)  # the block count varies; a block's layout does not
+        torch._dynamo.maybe_mark_dynamic(target, 0)
+        fused(blocks, target)
+        return True
+    except Exception as exc:  # noqa: BLE001 (a compiler failure of any kind): run the ops one at a time
+        log.warning("dequantizing %s: torch.compile failed (%s); running its ops one at a time",
+                    format, type(exc).__name__)
+        _FUSED[format] = None
+        return False
+
+
+def _dequantize_triton(format: str, packed: torch.Tensor, out: torch.Tensor) -> bool:
+    """`dequantize` by the format's Triton kernel; False where it has none, or Triton fails (a warning, once)."""
+    if format in _NO_TRITON:
+        return False
+    try:
+        from . import ggml_triton
+    except ImportError:  # a build of torch without Triton
+        _NO_TRITON.update(BLOCKS)
+        return False
+    if format not in ggml_triton.FORMATS:
+        _NO_TRITON.add(format)
+        return False
+    elements, nbytes = BLOCKS[format]
+    try:
+        ggml_triton.dequantize(format, packed.view(-1, nbytes), out.view(-1, elements))
+        return True
+    except Exception as exc:  # noqa: BLE001 (a compiler or launch failure of any kind): compile the steps instead
+        log.warning("dequantizing %s: its Triton kernel failed (%s: %s); compiling its steps instead",
+                    format, type(exc).__name__, exc)
+        _NO_TRITON.add(format)
+        return False
 
 
 def dequantize_eager(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
@@ -75,6 +107,7 @@ def dequantize_eager(format: str, packed: torch.Tensor, out: torch.Tensor) -> No
 
 CHUNK_ELEMENTS = 1 << 24
 _FUSED: dict[str, Callable[[torch.Tensor, torch.Tensor], None] | None] = {}
+_NO_TRITON: set[str] = set()  # formats without a Triton kernel here, or whose kernel failed
 
 
 def _fused(format: str) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
