@@ -77,16 +77,16 @@ def _dequantize_triton(format: str, packed: torch.Tensor, out: torch.Tensor) -> 
     if format in _NO_TRITON:
         return False
     try:
-        from . import ggml_triton
+        from .ggml_triton import FORMATS, dequantize as dequantize_triton
     except ImportError:  # a build of torch without Triton
         _NO_TRITON.update(BLOCKS)
         return False
-    if format not in ggml_triton.FORMATS:
+    if format not in FORMATS:
         _NO_TRITON.add(format)
         return False
     elements, nbytes = BLOCKS[format]
     try:
-        ggml_triton.dequantize(format, packed.view(-1, nbytes), out.view(-1, elements))
+        dequantize_triton(format, packed.view(-1, nbytes), out.view(-1, elements))
         return True
     except Exception as exc:  # noqa: BLE001 (a compiler or launch failure of any kind): compile the steps instead
         log.warning("dequantizing %s: its Triton kernel failed (%s: %s); compiling its steps instead",
