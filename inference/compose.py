@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ from .loading.resolve import Checkpoint, resolve
 from .loading.shards import blocks_note, rank_note, rank_store, shard_units, whole_model_config
 from .loading.skeleton import build_skeleton
 from .loading.sources import Units, as_compressed, open_units
+from .loading.spill import SpilledTensors
 from .loading.splits import Group, cut_blocks
 from .loading.store_writer import compress
 from .placement.budgets import DraftCost, kv_bytes_per_token, pinned_arena_bytes
@@ -191,26 +192,28 @@ def _rank_notes(whole: Units, group: Group, cfg: Config) -> tuple[str, ...]:
     return rank_note(group, codec), blocks_note(cut_blocks(whole.skeleton, whole.layouts, group, codec))
 
 
-def _importance(request: OpenRequest) -> Callable[[], dict[str, torch.Tensor]] | None:
+def _importance(request: OpenRequest) -> Callable[[str], Mapping[str, torch.Tensor]] | None:
     """How a calibrated compression gets its importance matrix (None for one that needs none): the model, opened
-    uncompressed under the same budget, reads the calibration text."""
+    uncompressed under the same budget, reads the calibration text. What it measures waits in the folder it is
+    given (GPTQ's blocks are as large as the store: spill.py)."""
     setting = request.cfg.compression.calibration
     if setting is None or request.cfg.compression.format == "none":
         return None
 
-    def measure() -> dict[str, torch.Tensor]:
+    def measure(folder: str) -> Mapping[str, torch.Tensor]:
         log.info("%s: measuring the importance matrix over the calibration text (%s)", request.model, setting)
         plain = dataclasses.replace(request, cfg=request.cfg.with_compression("none"), draft=None, trace=None)
         text = calibration_text(setting)
+        measured = SpilledTensors(folder)
         with _open(plain) as model:
-            measured = measure_importance(model, text)
+            measured.update(measure_importance(model, text))
             if request.cfg.compression.format == MIXED:
                 log.info("%s: measuring each matrix's sensitivity for mixed formats", request.model)
                 measured.update(measure_sensitivity(model, text))
             if request.cfg.compression.rounding == GPTQ:
                 log.info("%s: rounding each matrix by GPTQ over the calibration text", request.model)
                 names = frozenset(name for name, _ in model.model.named_parameters())
-                measured.update(measure_rounding(model, text, _rounded_formats(request.cfg, names)))
+                measure_rounding(model, text, _rounded_formats(request.cfg, names), into=measured)
             return measured
     return measure
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -79,14 +80,20 @@ def test_a_gptq_store_holds_the_blocks_gptq_made_and_runs_as_them(recipe, tiny_d
     """A tiny Llama written with compression.rounding = "gptq": the store holds the blocks the calibration's GPTQ
     made (its tokens and logits are transformers' with those blocks dequantized), they differ from nearest
     rounding's, mixed formats are allocated from GPTQ's measured errors, and the store is named for its rounding
-    and reused."""
+    and reused. The blocks wait on disk in the store's folder until its units are written, and are gone after."""
     from tierstore.inference import compose
+    from tierstore.inference.loading import spill
 
     made: dict[str, torch.Tensor] = {}
+    parked: list[str] = []
     measure = compose.measure_rounding
+    monkeypatch.setattr(spill, "SPILL_BYTES", 0)  # a tiny model's blocks are parked too
 
     def kept(*args, **kwargs):
         results = measure(*args, **kwargs)
+        assert isinstance(results, spill.SpilledTensors) and results.directory.endswith(".parked")
+        parked.append(results.directory)
+        assert len(os.listdir(results.directory)) == len(results)  # every block, error and importance on disk
         made.update(results)
         return results
     monkeypatch.setattr(compose, "measure_rounding", kept)
@@ -99,6 +106,7 @@ def test_a_gptq_store_holds_the_blocks_gptq_made_and_runs_as_them(recipe, tiny_d
         logits = model(IDS).logits
     formats = {name: entry[0] for unit in packed.values() for name, entry in unit.formats.items()}
     assert codec.rounding == "gptq" and "-gptq-" in codec.name and len(formats) == 4 * 7
+    assert len(parked) == 1 and not os.path.exists(parked[0]) and os.path.isdir(os.path.dirname(parked[0]))
     if recipe == "mixed":
         assert len(set(formats.values())) > 1 and dict(codec.allocation) == formats
     reference = copy.deepcopy(original)

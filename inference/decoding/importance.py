@@ -17,7 +17,7 @@ present; the second moment lives only until the next linear's input arrives.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 
 import torch
 from torch import nn
@@ -89,16 +89,19 @@ def measure_sensitivity(model, text: str, window_tokens: int = SENSITIVITY_TOKEN
 
 
 def measure_rounding(model, text: str, formats: Callable[[str, tuple[int, ...]], Sequence[str]],
-                     max_tokens: int = GPTQ_TOKENS, window_tokens: int = WINDOW_TOKENS) -> dict[str, torch.Tensor]:
+                     into: MutableMapping[str, torch.Tensor] | None = None, max_tokens: int = GPTQ_TOKENS,
+                     window_tokens: int = WINDOW_TOKENS) -> MutableMapping[str, torch.Tensor]:
     """Each decoder-layer linear's GPTQ blocks in each of `formats(name, shape)` (by its weight's name) and their
     relative output errors over the calibration text (keys: gptq.blocks_key and error_key; blocks on the CPU),
-    from one forward of the text's first `max_tokens` tokens in windows of equal length, batched."""
+    from one forward of the text's first `max_tokens` tokens in windows of equal length, batched. They are put
+    into `into` as each is made (a SpilledTensors parks the blocks on disk), which is returned (a new dict when
+    None)."""
     ids = _token_ids(model, text)[:max_tokens]
     count = -(-ids.numel() // window_tokens)
     length = ids.numel() // count
     if length < 2:
         raise InputError(f"compression.calibration: {ids.numel()} tokens; GPTQ needs at least 2")
-    results: dict[str, torch.Tensor] = {}
+    results = {} if into is None else into
     shared: dict[str, object] = {}  # the last input's second moment: q, k and v (gate and up) read one input
 
     def second_moment(x: torch.Tensor) -> torch.Tensor:

@@ -45,22 +45,27 @@ from .splits import Group, check_world, plan_splits, split_layouts
 log = logging.getLogger(__name__)
 
 _LOCK = ".lock"
+PARKED = ".parked"  # a compressed store's measured calibration (GPTQ's blocks) while its units are written
 
 
 def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: str, codec: Codec,
              device: torch.device, trust_remote_code: bool = False, progress: bool = True,
              disk_budget_bytes: int | None = None,
-             importance: Callable[[], Mapping[str, torch.Tensor]] | None = None) -> str:
+             importance: Callable[[str], Mapping[str, torch.Tensor]] | None = None) -> str:
     """Write a compressed layer store of the units `source` serves (the model `base`), one unit at a time,
     quantizing on `device`; resumable, locked and refused like `convert`. A calibrated codec's importance matrix
-    (with GPTQ rounding, also each matrix's blocks and their errors: gptq.blocks_key) comes from `importance()`,
-    called only when units are left to write. Returns `out_dir`."""
+    (with GPTQ rounding, also each matrix's blocks and their errors: gptq.blocks_key) comes from
+    `importance(folder)`, called only when units are left to write; what it parks in `folder` (inside `out_dir`)
+    is removed once the store is whole. Returns `out_dir`."""
     if codec.calibration and importance is None:
         raise ConfigError(f"{codec.name}: a calibrated compression needs its importance matrix measured")
-    measured = functools.cache(importance) if codec.calibration else None  # once, and only if units are left
+    parked = os.path.join(out_dir, PARKED)
+    # measured once, and only if units are left
+    measured = functools.cache(lambda: importance(parked)) if importance and codec.calibration else None
     with store_writer(out_dir, None, codec.identity()) as finished:
         if finished:
             log.info("%s store of %s already in %s", codec.name, base.path, out_dir)
+            shutil.rmtree(parked, ignore_errors=True)  # a run killed after its last unit
             return out_dir
         log.info("compressing %s to %s into %s", base.path, codec.name, out_dir)
         layouts = {key: source.layout(key) for key in skeleton.units}
@@ -81,6 +86,7 @@ def compress(source: UnitSource, skeleton: Skeleton, base: Checkpoint, out_dir: 
         write_metadata(out_dir, os.path.abspath(base.path), load_config(base, trust_remote_code), records,
                         load_tokenizer(base, trust_remote_code),
                         compression=codec.to_dict())
+        shutil.rmtree(parked, ignore_errors=True)
     return out_dir
 
 
@@ -354,10 +360,12 @@ def _check_same_kind(out_dir: str, manifest: dict[str, Any], dtype: str | None,
 
 
 def _remove_created(out_dir: str, created: list[str]) -> None:
-    """Undo `store_writer`'s set-up: the lock, leftover temporary files, and the folders it made."""
+    """Undo `store_writer`'s set-up: the lock, leftover temporary files, a measured calibration parked there, and
+    the folders it made."""
     for leftover in (os.path.join(out_dir, _LOCK), *glob.glob(os.path.join(out_dir, "units", ".tmp-*"))):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(leftover)
+    shutil.rmtree(os.path.join(out_dir, PARKED), ignore_errors=True)
     for directory in reversed(created):
         with contextlib.suppress(OSError):  # not empty: something else is in there, keep it
             os.rmdir(directory)
