@@ -26,6 +26,7 @@ HOST_CALL_S = 0.5e-3
 # or read in place by the device from mapped host RAM (a decode step's; inference/runtime/mapped_experts.py).
 COMPUTE_MODES = ("device", "host", "mapped")
 DEFAULT_EXPERT_POLICY = "lfu"  # popularity is skewed on real models; the decay follows it as the text moves on
+GATHER_PAIRS = 8  # (token, expert) pairs whose experts a layer reading them in place gathers at once, at least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,13 @@ def best_policy(accesses: Sequence[Key], slots: int, current: str) -> tuple[str,
     return max(rates, key=lambda name: (rates[name], name == current)), rates
 
 
+def gather_pairs(top_k: int) -> int:
+    """How many (token, expert) pairs a layer call that reads its experts in place gathers at once: whole tokens'
+    routing, at least GATHER_PAIRS (inference/runtime/mapped_experts.py). Their experts' bytes are what the
+    plan reserves on the device for that buffer."""
+    return top_k * max(1, GATHER_PAIRS // top_k)
+
+
 def _compute(experts: ExpertsInput) -> str:
     """Where missed experts are computed: as asked, auto only with measured rates to split by (else copied)."""
     if experts.compute == AUTO and experts.costs is None:
@@ -202,6 +210,10 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
     _check(experts)
     one_token = experts.top_k * experts.expert_bytes
     predict = experts.prefetch != "none" and experts.predictable
+    # a device with an activation reserve (a GPU) may read experts in place: its gather buffer is an activation
+    gather = (gather_pairs(experts.top_k) * experts.expert_bytes
+              if dense.device_reserve_bytes and _compute(experts) in (AUTO, "mapped") else 0)
+    dense = dataclasses.replace(dense, device_reserve_bytes=dense.device_reserve_bytes + gather)
     plan = None
     for slots in ((2 * experts.top_k, experts.top_k) if predict else (experts.top_k,)):
         try:

@@ -95,3 +95,26 @@ def test_a_bad_policy_name_is_a_config_error():
 
     with pytest.raises(ConfigError, match="device_policy: unknown policy 'random'"):
         _plan(500 * MB, 2000 * MB, device_policy="random")
+
+
+@pytest.mark.parametrize("compute, reserved", [("mapped", True), ("auto", True), ("device", False), ("host", False)])
+def test_a_moe_plan_reserves_the_in_place_gather_where_experts_may_be_read_in_place(compute, reserved):
+    """A layer reading its experts in place gathers a few of them into one buffer (inference/runtime/
+    mapped_experts.py): on a device with an activation reserve that buffer is reserved too, out of the slots."""
+    from tierstore.policies.experts import ExpertCosts, ExpertsInput, gather_pairs
+
+    assert gather_pairs(4) == 8 and gather_pairs(1) == 8 and gather_pairs(16) == 16 and gather_pairs(3) == 6
+    units, schedule = _units()
+
+    def plan(compute, reserve):
+        experts = ExpertsInput(layers=10, experts_per_layer=64, top_k=4, expert_bytes=10 * MB, compute=compute,
+                               costs=ExpertCosts(link_gbps=50.0, host_gbps=40.0, host_gbps_32=40.0))
+        return make_plan(PlanInput(units=units, schedule=schedule, device_budget_bytes=2000 * MB,
+                                   host_budget_bytes=20_000 * MB, device_reserve_bytes=reserve, experts=experts))
+    gather = 8 * 10 * MB if reserved else 0
+    on_gpu = plan(compute, 300 * MB)
+    assert on_gpu.device_reserve_bytes == 300 * MB + gather
+    assert on_gpu.experts.device_slots == plan("device", 300 * MB + gather).experts.device_slots
+    assert plan(compute, 0).device_reserve_bytes == 0  # a CPU: activations live in RAM
+    if reserved:
+        assert on_gpu.experts.device_slots < plan("device", 300 * MB).experts.device_slots

@@ -7,8 +7,10 @@ link, at about the copy engine's rate (50.7 against 52.8 GB/s on an H200: benchm
 device gives, per MoE layer and expert, the row where the expert's bytes start now: its slot's while it has one,
 else its host copy's. A layer call of a few tokens (a decode step) gathers its routed experts' rows into one
 buffer, from HBM for an expert in a slot and over the link for the others (only their bytes cross it), and runs
-each (token, expert) pair's projections as batched matmuls. The routing stays on the device: the host queues
-layer after layer while the device reads, and the call's shapes are fixed.
+each (token, expert) pair's projections as batched matmuls, whole tokens' pairs at a time (at least GATHER_PAIRS):
+the buffer then holds what the plan reserved for it, a decode step's experts, whatever the call's size. The
+routing stays on the device: the host queues layer after layer while the device reads, and the call's shapes are
+fixed.
 
 The routed ids follow to the host without a wait and are counted there (`drain`; a step captured as a CUDA graph
 logs them on the device instead, read between replays: `replaying`), and the slots follow them (`admit`). The
@@ -24,6 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ...policies.experts import gather_pairs
 from ...store import SlotPool, TieredStore
 from ...transfer import mapped_view
 from ..loading.skeleton import ExpertGroup
@@ -113,18 +116,25 @@ class MappedExperts:
         tokens, top_k = top_k_index.shape
         ids = top_k_index.reshape(-1)
         starts = self.rows.index_select(0, ids + self._first[layer])
-        gathered = self.span.index_select(0, (starts[:, None] + self._row_steps).reshape(-1))
-        raw = gathered.view(torch.uint8).view(ids.numel(), -1)
-        weights = {attr: raw[:, slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(ids.numel(), *slot.shape)
-                   for (attr, _), slot in zip(group.attrs, self.layout.slots.values())}
-        dtype = weights[group.attrs[0][0]].dtype
-        out = expert_forward(group.module, weights, hidden.repeat_interleave(top_k, dim=0).to(dtype))
+        inputs = hidden.repeat_interleave(top_k, dim=0)
+        step = gather_pairs(top_k)  # the gather holds this many experts at once (the plan reserves them)
+        out = torch.cat([self._run_pairs(group, starts[first:first + step], inputs[first:first + step])
+                         for first in range(0, ids.numel(), step)])
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             self._log[layer, :ids.numel()].copy_(ids)
             self._log_pairs = ids.numel()
         else:
             self._note(layer, ids)
         return (out.float().view(tokens, top_k, -1) * top_k_weights[..., None].float()).sum(1).to(hidden.dtype)
+
+    def _run_pairs(self, group: ExpertGroup, starts: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Each pair's expert (its rows start at `starts`) gathered into one buffer, run on the pair's input."""
+        gathered = self.span.index_select(0, (starts[:, None] + self._row_steps).reshape(-1))
+        raw = gathered.view(torch.uint8).view(starts.numel(), -1)
+        weights = {attr: raw[:, slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(starts.numel(),
+                                                                                             *slot.shape)
+                   for (attr, _), slot in zip(group.attrs, self.layout.slots.values())}
+        return expert_forward(group.module, weights, inputs.to(weights[group.attrs[0][0]].dtype))
 
     def drain(self, wait: bool = False) -> list[Served]:
         """The routing of the layer calls whose ids have reached the host (all of them, after a wait, with
