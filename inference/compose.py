@@ -31,6 +31,7 @@ from ..errors import InputError
 from ..files import check_writable
 from ..policies.planner import Plan, PlanInput
 from ..probe import load_probe
+from ..rotation import HADAMARD
 from ..store import TieredStore
 from ..trace import Tracer
 from ..transfer import make_transfer
@@ -143,6 +144,9 @@ def _check_tensor_parallel(cfg: Config, tensor_parallel: int, draft: str | None)
     if tensor_parallel > 1 and cfg.compression.format == "mixed":
         raise InputError("compression.format = mixed measures one process's model to choose its formats; tensor "
                          "parallelism quantizes each rank's shard on its own: choose one format with --tp")
+    if tensor_parallel > 1 and cfg.compression.format != "none" and cfg.compression.rotation == HADAMARD:
+        raise InputError("compression.rotation turns whole blocks of a matrix's columns, which tensor parallelism "
+                         "cuts between ranks: leave rotation unset with --tp")
     if tensor_parallel > 1 and cfg.compression.format != "none" and cfg.compression.calibration is not None:
         raise InputError("compression.calibration measures one process's model; tensor parallelism quantizes each "
                          "rank's shard data-free: leave calibration unset with --tp")
@@ -213,7 +217,8 @@ def _importance(request: OpenRequest) -> Callable[[str], Mapping[str, torch.Tens
             if request.cfg.compression.rounding == GPTQ:
                 log.info("%s: rounding each matrix by GPTQ over the calibration text", request.model)
                 names = frozenset(name for name, _ in model.model.named_parameters())
-                measure_rounding(model, text, _rounded_formats(request.cfg, names), into=measured)
+                measure_rounding(model, text, _rounded_formats(request.cfg, names), into=measured,
+                                 rotated=request.cfg.compression.rotation == HADAMARD)
             return measured
     return measure
 

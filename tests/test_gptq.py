@@ -74,13 +74,15 @@ def token_calibration(monkeypatch):
     monkeypatch.setattr(importance, "_token_ids", lambda model, text: ids)
 
 
-@pytest.mark.parametrize("recipe", ["q4_k", "mixed"])
+@pytest.mark.parametrize("recipe", ["q4_k", "mixed", "q3_k+rotation"])
 def test_a_gptq_store_holds_the_blocks_gptq_made_and_runs_as_them(recipe, tiny_dirs, tmp_path, monkeypatch,
                                                                    token_calibration):
     """A tiny Llama written with compression.rounding = "gptq": the store holds the blocks the calibration's GPTQ
     made (its tokens and logits are transformers' with those blocks dequantized), they differ from nearest
     rounding's, mixed formats are allocated from GPTQ's measured errors, and the store is named for its rounding
-    and reused. The blocks wait on disk in the store's folder until its units are written, and are gone after."""
+    and reused. The blocks wait on disk in the store's folder until its units are written, and are gone after.
+    With a rotation, GPTQ rounds W R against Rᵀ H R and the store turns the blocks back by Rᵀ."""
+    from tierstore import rotation
     from tierstore.inference import compose
     from tierstore.inference.loading import spill
 
@@ -98,14 +100,17 @@ def test_a_gptq_store_holds_the_blocks_gptq_made_and_runs_as_them(recipe, tiny_d
         return results
     monkeypatch.setattr(compose, "measure_rounding", kept)
     directory, original = tiny_dirs("llama")
+    recipe, rotated = recipe.split("+")[0], recipe.endswith("+rotation")
     config = {"runtime": {"cache_dir": str(tmp_path / "cache")},
-              "compression": {"format": recipe, "calibration": "bundled", "rounding": "gptq", "bits": 5.0}}
+              "compression": {"format": recipe, "calibration": "bundled", "rounding": "gptq", "bits": 5.0,
+                              "rotation": "hadamard" if rotated else "none"}}
     with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
         codec, packed = model.store.source.codec, model.store.source.packed
         got = model.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
         logits = model(IDS).logits
     formats = {name: entry[0] for unit in packed.values() for name, entry in unit.formats.items()}
     assert codec.rounding == "gptq" and "-gptq-" in codec.name and len(formats) == 4 * 7
+    assert codec.name.endswith("-rot") == rotated
     assert len(parked) == 1 and not os.path.exists(parked[0]) and os.path.isdir(os.path.dirname(parked[0]))
     if recipe == "mixed":
         assert len(set(formats.values())) > 1 and dict(codec.allocation) == formats
@@ -117,9 +122,12 @@ def test_a_gptq_store_holds_the_blocks_gptq_made_and_runs_as_them(recipe, tiny_d
                 blocks = made[blocks_key(name, formats[name])]
                 restored = torch.empty(param.numel())
                 ggml.dequantize(formats[name], blocks, restored)
+                weight = original.get_parameter(name).data
+                if rotated and rotation.applies(tuple(param.shape)):
+                    turn = rotation.rotate(torch.eye(param.shape[1]), name)  # R
+                    restored, weight = restored.view_as(param) @ turn.T, rotation.rotate(weight, name)
                 param.copy_(restored.view_as(param))
-                differs += not torch.equal(blocks, ggml_quantize.quantize(formats[name], original.get_parameter(
-                    name).data.reshape(-1)))
+                differs += not torch.equal(blocks, ggml_quantize.quantize(formats[name], weight.reshape(-1)))
     assert differs > len(formats) // 2
     assert got == reference.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
     torch.testing.assert_close(logits, reference(IDS).logits, atol=1e-5, rtol=1e-5)

@@ -31,6 +31,8 @@ from .ggml import BLOCKS as GGML_BLOCKS
 from .ggml import bits_per_weight as ggml_bits
 from .ggml import dequantize as ggml_dequantize
 from .ggml import packed_bytes as ggml_packed_bytes
+from . import rotation
+from .rotation import HADAMARD
 from .units import UnitLayout, align
 
 PACKED = "tierstore.packed"
@@ -75,19 +77,26 @@ class Codec:
     bits: float = 0.0  # "mixed": the bits per weight its formats meet
     allocation: tuple[tuple[str, str], ...] = ()  # "mixed": (matrix, format) each, once measured (allocation.py)
     rounding: str = ""  # a calibrated recipe's codes: "" = each to its nearest level, GPTQ = by GPTQ (gptq.py)
+    rotation: str = ""  # a recipe's matrices: "" = as they are, HADAMARD = inputs rotated first (rotation.py)
 
     @classmethod
     def create(cls, format: str, blocksize: int | None = None, calibration: str = "", bits: float = 0.0,
-               rounding: str = NEAREST) -> "Codec":
+               rounding: str = NEAREST, rotation: str = "none") -> "Codec":
         """A codec with bitsandbytes' defaults, or a GGML recipe (fitted to the calibration text whose digest is
-        `calibration`, its codes chosen by `rounding`; "mixed": formats per matrix within `bits` per weight,
-        allocated when the store is written); ConfigError naming what is not allowed."""
+        `calibration`, its codes chosen by `rounding`, its matrices' inputs rotated first under `rotation`;
+        "mixed": formats per matrix within `bits` per weight, allocated when the store is written); ConfigError
+        naming what is not allowed."""
         if format not in COMPRESSION_FORMATS:
             raise ConfigError(f"compression.format: {format!r} is not allowed; choose from none, "
                               f"{', '.join(COMPRESSION_FORMATS)}")
         if rounding not in ROUNDINGS:
             raise ConfigError(f"compression.rounding: {rounding!r} is not allowed; choose from "
                               f"{', '.join(ROUNDINGS)}")
+        if rotation not in ("none", HADAMARD):
+            raise ConfigError(f"compression.rotation: {rotation!r} is not allowed; choose from none, {HADAMARD}")
+        if rotation == HADAMARD and format not in GGML_RECIPES:
+            raise ConfigError(f"compression.rotation = {HADAMARD} applies to the GGML formats tierstore quantizes "
+                              f"({', '.join(GGML_RECIPES)}), not {format}")
         if rounding == GPTQ and not (calibration and ggml_recipe(format)):
             raise ConfigError("compression.rounding = gptq fits codes to a calibration text's activations: it needs "
                               "a GGML format (q4_k, ..., mixed) and compression.calibration")
@@ -98,7 +107,7 @@ class Codec:
                 raise ConfigError(f"compression.bits = {bits}: mixed formats take {LOWEST_BITS:.4g} to "
                                   f"{HIGHEST_BITS:.4g} bits per weight")
             return cls(GGML, 0, recipe=format, calibration=calibration, bits=bits if format == MIXED else 0.0,
-                       rounding=GPTQ if rounding == GPTQ else "")
+                       rounding=GPTQ if rounding == GPTQ else "", rotation=HADAMARD if rotation == HADAMARD else "")
         if calibration:
             raise ConfigError(f"compression.calibration applies to the GGML formats ({', '.join(GGML_RECIPES)}), "
                               f"not {format}")
@@ -119,7 +128,8 @@ class Codec:
         if compression.format == "none":
             return None
         digest = text_digest(calibration_text(compression.calibration)) if compression.calibration else ""
-        return cls.create(compression.format, compression.blocksize, digest, compression.bits, compression.rounding)
+        return cls.create(compression.format, compression.blocksize, digest, compression.bits, compression.rounding,
+                          compression.rotation)
 
     @classmethod
     def ggml(cls) -> "Codec":
@@ -131,7 +141,7 @@ class Codec:
         if self.format == GGML:
             recipe = f"{MIXED}{self.bits:g}" if self.recipe == MIXED else self.recipe or GGML
             fitted = f"-{self.rounding or 'imatrix'}-{self.calibration}" if self.calibration else ""
-            return recipe + fitted
+            return recipe + fitted + ("-rot" if self.rotation else "")
         return f"{self.format}-{self.blocksize}"
 
     @property
@@ -153,6 +163,8 @@ class Codec:
             data["allocation"] = dict(self.allocation)
         if self.rounding:
             data["rounding"] = self.rounding
+        if self.rotation:
+            data["rotation"] = self.rotation
         return data
 
     def identity(self) -> dict[str, Any]:
@@ -166,12 +178,13 @@ class Codec:
                         str(data.get("recipe", "")), str(data.get("calibration", "")), float(data.get("bits", 0.0)),
                         tuple(sorted((str(name), str(format))
                                      for name, format in data.get("allocation", {}).items())),
-                          str(data.get("rounding", "")))
+                          str(data.get("rounding", "")), str(data.get("rotation", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{where}: malformed compression record") from exc
         if codec.format == GGML and codec.blocksize == 0 and not codec.code \
                 and (codec.recipe == "" or ggml_recipe(codec.recipe)) \
-                and all(format in CANDIDATES for _, format in codec.allocation) and codec.rounding in ("", GPTQ):
+                and all(format in CANDIDATES for _, format in codec.allocation) and codec.rounding in ("", GPTQ) \
+                and codec.rotation in ("", HADAMARD):
             return codec
         if codec.format not in COMPRESSION_FORMATS or codec.blocksize not in BLOCKSIZES \
                 or (codec.format == "int8") != (len(codec.code) == 256):
@@ -305,7 +318,8 @@ def compress_unit(layout: UnitLayout, buffer: torch.Tensor, matrices: Set[str], 
         return layout, buffer, None
     source = layout.views(buffer)
     if codec.format == GGML:
-        return packed_layout, _ggml_unit(packed_layout, packed, source, device, importance or {}), packed
+        buffer = _ggml_unit(packed_layout, packed, source, device, importance or {}, bool(codec.rotation))
+        return packed_layout, buffer, packed
     dtype = next(source[name].dtype for name in packed.matrices)
     flat = torch.zeros(packed.numel, dtype=dtype, device=device)
     for name, (offset, shape) in packed.matrices.items():
@@ -363,10 +377,11 @@ def _layer_index(name: str) -> int | None:
 
 
 def _ggml_unit(layout: UnitLayout, packed: PackedMatrices, source: Mapping[str, torch.Tensor],
-               device: torch.device, importance: Mapping[str, torch.Tensor]) -> torch.Tensor:
+               device: torch.device, importance: Mapping[str, torch.Tensor], rotated: bool = False) -> torch.Tensor:
     """A unit's buffer with its matrices quantized on `device` into their GGML blocks (recipe_formats), each
     weight's error weighed by its input feature's importance where the matrix has one, or the blocks GPTQ made for
-    it where `importance` holds them."""
+    it where `importance` holds them. `rotated`: each matrix whose columns come in whole blocks is quantized as
+    W R (rotation.py; the importance, measured on unrotated inputs, is then not used)."""
     from .ggml_quantize import quantize
     from .gptq import blocks_key
 
@@ -383,6 +398,8 @@ def _ggml_unit(layout: UnitLayout, packed: PackedMatrices, source: Mapping[str, 
             targets[PACKED][start:end].copy_(rounded)
             continue
         weight = importance.get(name)
+        if rotated and rotation.applies(tuple(tensor.shape)):
+            tensor, weight = rotation.rotate(tensor.to(device), name), None
         if weight is not None and weight.numel() == tensor.shape[-1]:  # column j's importance, on every row
             weight = weight.to(device).repeat(tensor.numel() // weight.numel())
         else:
@@ -413,6 +430,8 @@ class Decompressor:
                              for name, (offset, shape) in p.matrices.items()}
                        for key, p in self.packed.items() if key not in self.per_matrix}
         self._runs = {key: ggml_runs(p) for key, p in self.packed.items()} if codec.format == GGML else {}
+        self._rotated = {key: [name for name, (_, shape) in p.matrices.items() if rotation.applies(shape)]
+                         for key, p in self.packed.items()} if codec.rotation else {}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.packed
@@ -428,6 +447,8 @@ class Decompressor:
         if self.codec.format == GGML:
             for format, start, end, first, last in self._runs[key]:
                 ggml_dequantize(format, tensors[PACKED][start:end], self.scratch[first:last])
+            for name in self._rotated.get(key, ()):
+                rotation.unrotate_(self._views[key][name], name)
         else:
             self._dequantize(tensors[PACKED], tensors[ABSMAX], self.scratch[:packed.numel])
         return {**tensors, **self._views[key]}
@@ -440,7 +461,10 @@ class Decompressor:
             start, end = self.packed[key].ggml_bytes(name)
             ggml_dequantize(self.packed[key].formats[name][0], tensors[PACKED][start:end],
                             self.scratch[:math.prod(shape)])
-            return self.scratch[:math.prod(shape)].view(shape)
+            matrix = self.scratch[:math.prod(shape)].view(shape)
+            if self.codec.rotation and rotation.applies(shape):
+                rotation.unrotate_(matrix, name)
+            return matrix
         numel = align(math.prod(shape), self.codec.blocksize)  # whole blocks; matrices start on block boundaries
         codes = tensors[PACKED][self.codec.packed_bytes(offset):self.codec.packed_bytes(offset + numel)]
         absmax = tensors[ABSMAX][offset // self.codec.blocksize:(offset + numel) // self.codec.blocksize]

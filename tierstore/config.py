@@ -153,6 +153,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                      "nearest level, the levels searched with the importance matrix; gptq = column by column, each "
                      "column's error folded into the columns not yet rounded, fitted to the calibration text's "
                      "activations (GPTQ): the same blocks and bits, less output error, minutes more to write"),
+        "rotation": (_choice("none", "hadamard"), "none",
+                     "the GGML formats tierstore quantizes (not mixed): hadamard = each matrix's inputs turned by "
+                     "random signs and a 64-wide Hadamard transform before it is quantized, and the matrix turned "
+                     "back as it is dequantized (QuIP-style incoherence): outliers spread over their block, which "
+                     "helps at 3 bits and can hurt at 4 (measured: README); none = as is"),
         "gguf": (_choice(AUTO, "packed", "dequantized"), AUTO,
                  "a GGUF's quantized layer matrices: kept in the file's formats in every tier and dequantized where "
                  "they compute (packed), or stored dequantized; auto = packed on a GPU, dequantized on a CPU "
@@ -338,6 +343,7 @@ class Config:
         return dataclasses.replace(self, compression=dataclasses.replace(self.compression, format=value))
 
     def data_free(self) -> "Config":
-        """This config without a calibration text (and so with nearest rounding)."""
+        """This config without what only the GGML recipes take: a calibration text (and so with nearest rounding)
+        and a rotation."""
         return dataclasses.replace(self, compression=dataclasses.replace(self.compression, calibration=None,
-                                                                         rounding="nearest"))
+                                                                         rounding="nearest", rotation="none"))

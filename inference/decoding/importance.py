@@ -22,6 +22,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 import torch
 from torch import nn
 
+from ... import rotation
 from ...allocation import SENSITIVITY
 from ...errors import InputError
 from ...gptq import blocks_key, error_key, output_error, quantize_gptq
@@ -89,13 +90,15 @@ def measure_sensitivity(model, text: str, window_tokens: int = SENSITIVITY_TOKEN
 
 
 def measure_rounding(model, text: str, formats: Callable[[str, tuple[int, ...]], Sequence[str]],
-                     into: MutableMapping[str, torch.Tensor] | None = None, max_tokens: int = GPTQ_TOKENS,
+                     into: MutableMapping[str, torch.Tensor] | None = None, rotated: bool = False,
+                     max_tokens: int = GPTQ_TOKENS,
                      window_tokens: int = WINDOW_TOKENS) -> MutableMapping[str, torch.Tensor]:
     """Each decoder-layer linear's GPTQ blocks in each of `formats(name, shape)` (by its weight's name) and their
     relative output errors over the calibration text (keys: gptq.blocks_key and error_key; blocks on the CPU),
     from one forward of the text's first `max_tokens` tokens in windows of equal length, batched. They are put
     into `into` as each is made (a SpilledTensors parks the blocks on disk), which is returned (a new dict when
-    None)."""
+    None). `rotated`: a matrix whose columns come in whole blocks is rounded as W R, its inputs' second moment as
+    Rᵀ H R (rotation.py)."""
     ids = _token_ids(model, text)[:max_tokens]
     count = -(-ids.numel() // window_tokens)
     length = ids.numel() // count
@@ -113,8 +116,14 @@ def measure_rounding(model, text: str, formats: Callable[[str, tuple[int, ...]],
     def hook(name: str):
         def quantize(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             weight = module.weight.detach()
-            for format in formats(name, tuple(weight.shape)):
+            shape = tuple(weight.shape)
+            turned = rotated and rotation.applies(shape)
+            if turned:
+                weight = rotation.rotate(weight, name)
+            for format in formats(name, shape):
                 hessian = second_moment(inputs[0])
+                if turned:
+                    hessian = rotation.rotate_hessian(hessian, name)
                 try:
                     blocks, error = _rounded(format, weight, hessian)
                 except torch.cuda.OutOfMemoryError:  # a wide matrix's inverse beside the layer: round on the CPU

@@ -378,13 +378,16 @@ def _candidate_config(config: Any, name: str) -> Any:
 
 def _format_label(name: str, config: Any) -> str:
     """A format's row in the eval table: mixed formats say their bits, a GGML recipe fitted to a calibration text
-    says how (+imatrix, +gptq)."""
+    says how (+imatrix, +gptq), and a rotated one says so (+rot)."""
     from ...compression import GPTQ, MIXED, ggml_recipe
+    from ...rotation import HADAMARD
 
     label = f"{MIXED}{config.compression.bits:g}" if name == MIXED else name
-    if not config.compression.calibration or not ggml_recipe(name):
+    if not ggml_recipe(name):
         return label
-    return f"{label}+{'gptq' if config.compression.rounding == GPTQ else 'imatrix'}"
+    if config.compression.calibration:
+        label += f"+{'gptq' if config.compression.rounding == GPTQ else 'imatrix'}"
+    return label + ("+rot" if config.compression.rotation == HADAMARD else "")
 
 
 def _print_quality(result: dict[str, Any], json_path: str | None) -> None:
