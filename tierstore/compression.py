@@ -31,8 +31,9 @@ from .ggml import BLOCKS as GGML_BLOCKS
 from .ggml import bits_per_weight as ggml_bits
 from .ggml import dequantize as ggml_dequantize
 from .ggml import packed_bytes as ggml_packed_bytes
-from . import rotation
 from .rotation import HADAMARD
+from .rotation import applies as rotates
+from .rotation import rotate, unrotate_
 from .units import UnitLayout, align
 
 PACKED = "tierstore.packed"
@@ -398,8 +399,8 @@ def _ggml_unit(layout: UnitLayout, packed: PackedMatrices, source: Mapping[str, 
             targets[PACKED][start:end].copy_(rounded)
             continue
         weight = importance.get(name)
-        if rotated and rotation.applies(tuple(tensor.shape)):
-            tensor, weight = rotation.rotate(tensor.to(device), name), None
+        if rotated and rotates(tuple(tensor.shape)):
+            tensor, weight = rotate(tensor.to(device), name), None
         if weight is not None and weight.numel() == tensor.shape[-1]:  # column j's importance, on every row
             weight = weight.to(device).repeat(tensor.numel() // weight.numel())
         else:
@@ -430,7 +431,7 @@ class Decompressor:
                              for name, (offset, shape) in p.matrices.items()}
                        for key, p in self.packed.items() if key not in self.per_matrix}
         self._runs = {key: ggml_runs(p) for key, p in self.packed.items()} if codec.format == GGML else {}
-        self._rotated = {key: [name for name, (_, shape) in p.matrices.items() if rotation.applies(shape)]
+        self._rotated = {key: [name for name, (_, shape) in p.matrices.items() if rotates(shape)]
                          for key, p in self.packed.items()} if codec.rotation else {}
 
     def __contains__(self, key: Hashable) -> bool:
@@ -448,7 +449,7 @@ class Decompressor:
             for format, start, end, first, last in self._runs[key]:
                 ggml_dequantize(format, tensors[PACKED][start:end], self.scratch[first:last])
             for name in self._rotated.get(key, ()):
-                rotation.unrotate_(self._views[key][name], name)
+                unrotate_(self._views[key][name], name)
         else:
             self._dequantize(tensors[PACKED], tensors[ABSMAX], self.scratch[:packed.numel])
         return {**tensors, **self._views[key]}
@@ -462,8 +463,8 @@ class Decompressor:
             ggml_dequantize(self.packed[key].formats[name][0], tensors[PACKED][start:end],
                             self.scratch[:math.prod(shape)])
             matrix = self.scratch[:math.prod(shape)].view(shape)
-            if self.codec.rotation and rotation.applies(shape):
-                rotation.unrotate_(matrix, name)
+            if self.codec.rotation and rotates(shape):
+                unrotate_(matrix, name)
             return matrix
         numel = align(math.prod(shape), self.codec.blocksize)  # whole blocks; matrices start on block boundaries
         codes = tensors[PACKED][self.codec.packed_bytes(offset):self.codec.packed_bytes(offset + numel)]

@@ -22,7 +22,8 @@ from collections.abc import Callable, MutableMapping, Sequence
 import torch
 from torch import nn
 
-from ... import rotation
+from ...rotation import applies as rotates
+from ...rotation import rotate, rotate_hessian
 from ...allocation import SENSITIVITY
 from ...errors import InputError
 from ...gptq import blocks_key, error_key, output_error, quantize_gptq
@@ -117,13 +118,13 @@ def measure_rounding(model, text: str, formats: Callable[[str, tuple[int, ...]],
         def quantize(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             weight = module.weight.detach()
             shape = tuple(weight.shape)
-            turned = rotated and rotation.applies(shape)
+            turned = rotated and rotates(shape)
             if turned:
-                weight = rotation.rotate(weight, name)
+                weight = rotate(weight, name)
             for format in formats(name, shape):
                 hessian = second_moment(inputs[0])
                 if turned:
-                    hessian = rotation.rotate_hessian(hessian, name)
+                    hessian = rotate_hessian(hessian, name)
                 try:
                     blocks, error = _rounded(format, weight, hessian)
                 except torch.cuda.OutOfMemoryError:  # a wide matrix's inverse beside the layer: round on the CPU
