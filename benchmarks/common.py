@@ -361,3 +361,28 @@ def _percentile(values: list[float], percent: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[int(percent) - 1]
+
+
+def measure_swapped(logprobs, reference, parts, weights, originals, approximate) -> tuple[dict, float, float]:
+    """The quality scripts' harness (quality_hqq.py, quality_bound.py): each matrix of `originals` (name -> tensor)
+    swapped for `approximate(name, tensor)` in `weights` (name -> the model's parameter), the model measured as
+    `tierstore eval` measures it (`logprobs()`: its log-probabilities per window of `parts`, against `reference`),
+    and the matrices put back. Returns the agreement summary, the relative squared weight error and the seconds
+    spent approximating."""
+    from tierstore.inference.front.quality import Agreement
+
+    start_s, error, norm = time.perf_counter(), 0.0, 0.0
+    for name, weight in originals.items():
+        approximated = approximate(name, weight).float()
+        error += float((approximated - weight).square().sum())
+        norm += float(weight.square().sum())
+        weights[name].copy_(approximated)
+    spent_s = time.perf_counter() - start_s
+    try:
+        agreement = Agreement()
+        for expected, got, part in zip(reference, logprobs(), parts):
+            agreement.add(expected, got, part[1:])
+    finally:
+        for name, weight in originals.items():
+            weights[name].copy_(weight)
+    return agreement.summary(), error / norm, spent_s

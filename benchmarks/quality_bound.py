@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
+from common import measure_swapped
 from torch import nn
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     from tierstore.compression import GGML_RECIPES
     from tierstore.ggml import dequantize
     from tierstore.gptq import DAMPING, _inverse_cholesky, quantize_gptq
-    from tierstore.inference.front.quality import Agreement, bundled_text, windows
+    from tierstore.inference.front.quality import bundled_text, windows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/tmp/offgrid/smollm2-noise0.05")
@@ -56,6 +56,7 @@ def main() -> None:
     for handle in handles:
         handle.remove()
     originals = {name: module.weight.detach().clone() for name, module in linears.items()}
+    weights = {name: module.weight for name, module in linears.items()}
 
     def logprobs() -> list[torch.Tensor]:
         return [model(part[None], use_cache=False).logits[0, :-1].float().log_softmax(-1) for part in parts]
@@ -97,24 +98,15 @@ def main() -> None:
     for row in args.rows.split(","):
         kind, value = row.split(":")
         generator = torch.Generator().manual_seed(args.seed)
-        start_s, error, norm = time.perf_counter(), 0.0, 0.0
-        for name, module in linears.items():
-            weight = originals[name]
+
+        def approximate(name: str, weight: torch.Tensor) -> torch.Tensor:
             if kind == "gptq":
-                approximated = gptq(weight, hessians[name], value)
-            else:
-                approximated = at_bound(weight, hessians[name], float(value), kind == "bound", generator)
-            error += float((approximated - weight).square().sum())
-            norm += float(weight.square().sum())
-            module.weight.copy_(approximated)
-        agreement = Agreement()
-        for expected, got, part in zip(reference, logprobs(), parts):
-            agreement.add(expected, got, part[1:])
-        s = agreement.summary()
+                return gptq(weight, hessians[name], value)
+            return at_bound(weight, hessians[name], float(value), kind == "bound", generator)
+
+        s, error, spent_s = measure_swapped(logprobs, reference, parts, weights, originals, approximate)
         print(f"| {row} | {s['top1_agreement']:.2%} | {s['kl_mean']:.4f} | {s['perplexity_change']:+.2%} | "
-              f"{error / norm:.2e} | {time.perf_counter() - start_s:.0f} |", flush=True)
-        for name, module in linears.items():
-            module.weight.copy_(originals[name])
+              f"{error:.2e} | {spent_s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ scales). Its bits are the codes plus 2 × 16 bits a group. CPU, about 4 minutes:
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
+from common import measure_swapped
 
 Quantize = Callable[[torch.Tensor], torch.Tensor]  # a matrix -> its dequantized approximation, same shape
 
@@ -74,7 +74,7 @@ def row(name: str) -> tuple[Quantize, float]:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tierstore.inference.front.quality import Agreement, bundled_text, windows
+    from tierstore.inference.front.quality import bundled_text, windows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="/tmp/offgrid/smollm2-noise0.05")
@@ -97,22 +97,10 @@ def main() -> None:
     print("| row | bits/weight | top-1 | KL mean | KL p99 | ppl change | relative weight error | quantize s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, approximate, bits in rows:
-        start_s, error, norm = time.perf_counter(), 0.0, 0.0
-        for key, weight in originals.items():
-            approximated = approximate(weight).float()
-            error += float((approximated - weight).square().sum())
-            norm += float(weight.square().sum())
-            parameters[key].copy_(approximated)
-        quantize_s = time.perf_counter() - start_s
-        agreement = Agreement()
-        for expected, got, part in zip(reference, logprobs(), parts):
-            agreement.add(expected, got, part[1:])
-        s = agreement.summary()
+        s, error, quantize_s = measure_swapped(logprobs, reference, parts, parameters, originals,
+                                               lambda _, weight: approximate(weight))
         print(f"| {name} | {bits:.3f} | {s['top1_agreement']:.2%} | {s['kl_mean']:.4f} | {s['kl_p99']:.3f} | "
-              f"{s['perplexity_change']:+.2%} | {error / norm:.3e} | {quantize_s:.1f} |", flush=True)
-        for key, weight in originals.items():
-            parameters[key].copy_(weight)
-
+              f"{s['perplexity_change']:+.2%} | {error:.3e} | {quantize_s:.1f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -330,48 +330,15 @@ def test_mixed_formats_meet_their_bits_and_the_store_keeps_its_allocation(tiny_d
         tierstore.AutoModel.from_pretrained(directory, config=config, tensor_parallel=2)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
-def test_rotated_recipes_equal_transformers_with_the_blocks_turned_back(model_type, tiny_dirs, tmp_path):
-    """compression.rotation = hadamard: a matrix is stored as the blocks of W R (rotation.py) and turned back as it
-    is dequantized. The model equals transformers' whose matrices are those blocks dequantized by the `gguf`
-    package times Rᵀ, R written out as a matrix here; the store is named for its rotation."""
-    gguf = pytest.importorskip("gguf")
-    from tierstore import ggml, ggml_quantize, rotation
-
-    directory, original = tiny_dirs(model_type)
-    reference = copy.deepcopy(original)
-    turned = 0
-    with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if ".layers." not in name or param.dim() < 2:
-                continue
-            rotated = rotation.applies(tuple(param.shape))
-            weight = rotation.rotate(param.data, name) if rotated else param.data
-            blocks = ggml_quantize.quantize("Q3_K", weight.reshape(-1)).numpy().reshape(-1, ggml.BLOCKS["Q3_K"][1])
-            values = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q3_K))
-            values = values.reshape(param.shape)
-            if rotated:
-                turn = rotation.rotate(torch.eye(param.shape[1]), name)  # R, as I R
-                torch.testing.assert_close(turn @ turn.T, torch.eye(param.shape[1]), atol=1e-6, rtol=0)
-                values, turned = values @ turn.T, turned + 1
-            param.copy_(values)
-    assert turned >= 4 * 4  # q, k, v, o of every layer (llama's MLP too; mixtral's experts are 3-D: as they are)
-    config = {"runtime": {"cache_dir": str(tmp_path / "cache")},
-              "compression": {"format": "q3_k", "rotation": "hadamard"}}
-    with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
-        assert model.store.source.codec.name == "q3_k-rot"
-        got = model.generate(IDS, max_new_tokens=10, do_sample=False)
-        assert got.tolist() == reference.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
-        torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, atol=1e-4, rtol=1e-4)
-
-
 def test_rotation_is_refused_where_it_cannot_apply(tiny_dirs, tmp_path, capsys):
-    """A rotation with nf4, with mixed formats, or an unknown word: one line each, exit 2 from the CLI."""
+    """A rotation with nf4, with mixed formats, without GPTQ (it loses quality there), or an unknown word: one
+    line each, exit 2 from the CLI."""
     from tierstore.inference.front.cli import main
 
     directory, _ = tiny_dirs("llama")
     for compression, words in [('format = "nf4"\nrotation = "hadamard"', "applies to the GGML formats"),
                                ('format = "mixed"\nrotation = "hadamard"', "not mixed"),
+                               ('format = "q3_k"\nrotation = "hadamard"', "needs compression.rounding = gptq"),
                                ('format = "q4_k"\nrotation = "givens"', "compression.rotation: 'givens'")]:
         path = tmp_path / "c.toml"
         path.write_text(f'[runtime]\ncache_dir = "{tmp_path / "cache"}"\n[compression]\n{compression}\n')
@@ -384,7 +351,8 @@ def test_rotation_is_refused_with_tensor_parallelism():
     """Ranks hold blocks of columns each; a rotation mixes 64 columns at a time: refused before anything runs."""
     from tierstore.inference.compose import _check_tensor_parallel
 
-    config = tierstore.Config.from_dict({"compression": {"format": "q4_k", "rotation": "hadamard"}})
+    config = tierstore.Config.from_dict({"compression": {"format": "q4_k", "rotation": "hadamard",
+                                                         "calibration": "bundled", "rounding": "gptq"}})
     with pytest.raises(tierstore.InputError, match="leave rotation unset with --tp"):
         _check_tensor_parallel(config, 2, None)
     _check_tensor_parallel(config, 1, None)

@@ -136,22 +136,26 @@ def test_a_gptq_store_holds_the_blocks_gptq_made_and_runs_as_them(recipe, tiny_d
         assert again.store.source.codec == codec and not made
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "phi3", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "phi3", "mixtral", "mixtral+rotation", "phi3+rotation"])
 def test_gptq_rounds_every_decoder_linear_of_each_architecture(model_type, tiny_dirs, tmp_path, monkeypatch,
                                                                token_calibration):
     """Across architectures (phi3's fused projections, mixtral's experts, which are no nn.Linear): every
     decoder-layer nn.Linear is stored as the blocks GPTQ made for it, any other matrix rounded to nearest, and the
-    tokens are transformers' with those blocks dequantized."""
+    tokens are transformers' with those blocks dequantized (and, rotated, turned back by Rᵀ written out here;
+    mixtral's 3-D expert stacks stay unrotated)."""
     from torch import nn
 
+    from tierstore import rotation
     from tierstore.inference import compose
 
     made: dict[str, torch.Tensor] = {}
     measure = compose.measure_rounding
     monkeypatch.setattr(compose, "measure_rounding", lambda *a, **k: made.update(measure(*a, **k)) or made)
+    model_type, rotated = model_type.split("+")[0], model_type.endswith("+rotation")
     directory, original = tiny_dirs(model_type)
     config = {"runtime": {"cache_dir": str(tmp_path / "cache")},
-              "compression": {"format": "q4_k", "calibration": "bundled", "rounding": "gptq"}}
+              "compression": {"format": "q4_k", "calibration": "bundled", "rounding": "gptq",
+                              "rotation": "hadamard" if rotated else "none"}}
     with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
         packed = model.store.source.packed
         got = model.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
@@ -160,15 +164,22 @@ def test_gptq_rounds_every_decoder_linear_of_each_architecture(model_type, tiny_
                if isinstance(module, nn.Linear) and ".layers." in name}
     assert linears and {name for name in formats if blocks_key(name, formats[name]) in made} == linears
     reference = copy.deepcopy(original)
+    turned = 0
     with torch.no_grad():
         for name, param in reference.named_parameters():
             if name in formats:
+                turn = rotated and rotation.applies(tuple(param.shape))
                 blocks = made.get(blocks_key(name, formats[name]))
-                if blocks is None:  # no nn.Linear: no importance either, so the data-free search
-                    blocks = ggml_quantize.quantize(formats[name], param.data.reshape(-1))
+                if blocks is None:  # no nn.Linear (mixtral's router): no importance either, the data-free search
+                    weight = rotation.rotate(param.data, name) if turn else param.data
+                    blocks = ggml_quantize.quantize(formats[name], weight.reshape(-1))
                 restored = torch.empty(param.numel())
                 ggml.dequantize(formats[name], blocks, restored)
-                param.copy_(restored.view_as(param))
+                restored = restored.view_as(param)
+                if turn:
+                    restored, turned = restored @ rotation.rotate(torch.eye(param.shape[1]), name).T, turned + 1
+                param.copy_(restored)
+    assert turned >= (len(linears) if rotated else 0) and (turned == 0) != rotated
     assert got == reference.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
 
 

@@ -154,10 +154,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                      "column's error folded into the columns not yet rounded, fitted to the calibration text's "
                      "activations (GPTQ): the same blocks and bits, less output error, minutes more to write"),
         "rotation": (_choice("none", "hadamard"), "none",
-                     "the GGML formats tierstore quantizes (not mixed): hadamard = each matrix's inputs turned by "
-                     "random signs and a 64-wide Hadamard transform before it is quantized, and the matrix turned "
-                     "back as it is dequantized (QuIP-style incoherence): outliers spread over their block, which "
-                     "helps at 3 bits and can hurt at 4 (measured: README); none = as is"),
+                     "the GGML formats tierstore quantizes (not mixed), with rounding = gptq: hadamard = each "
+                     "matrix's inputs turned by random signs and a 64-wide Hadamard transform before it is "
+                     "quantized, and the matrix turned back as it is dequantized (QuIP-style incoherence): helps at "
+                     "3 bits, can hurt at 4 (measured: README); none = as is"),
         "gguf": (_choice(AUTO, "packed", "dequantized"), AUTO,
                  "a GGUF's quantized layer matrices: kept in the file's formats in every tier and dequantized where "
                  "they compute (packed), or stored dequantized; auto = packed on a GPU, dequantized on a CPU "

@@ -4,10 +4,12 @@ A linear computes W x. With R orthogonal, W x = (W R)(Rᵀ x), so a store may ho
 (W R) Rᵀ = W up to the quantization error. R here is a random sign per input column followed by a Hadamard
 transform within each run of BLOCK columns: it spreads each weight's outliers over its block, so a block's scale
 fits its weights better, and it spreads the input's energy evenly, which is what GPTQ's error feedback works with
-best. Low bits gain most (SmolLM2 off its grid, q3_k with GPTQ: 66.6% top-1 against 71.8% rotated); at 4 bits a
-grid the weights already lie near loses that structure (q4_k 89.5% against 87.0%). The signs come from the
-matrix's name (seeded), so nothing is stored but the codec's word; the dequantized matrix is turned back in place,
-one small matmul per BLOCK columns.
+best. Measured on SmolLM2 off its grid (`tierstore eval`): q3_k with GPTQ 65.9% top-1, rotated 71.5%; but q4_k
+with GPTQ 89.8%, rotated 87.2% (those weights still lie near a 4-bit grid, which the rotation scatters), and
+without GPTQ a rotation loses everywhere (q3_k 53.2% against 44.2%: the error lands evenly on every input,
+the loud ones too), so it is only offered with GPTQ. The signs come from the matrix's name (seeded), so nothing
+is stored but the codec's word; the dequantized matrix is turned back in place, one small matmul per BLOCK
+columns.
 """
 from __future__ import annotations
 
