@@ -7,8 +7,9 @@ Two kinds of codec:
   boundary, so no block mixes two matrices, and one kernel call per unit dequantizes them all;
 - "ggml": matrices in GGML's block formats (Q4_K, Q8_0, ..., one format per matrix, see ggml.py), back to back
   in PACKED, their scales inside their blocks: a GGUF file's own, or quantized by tierstore with a recipe
-  (`compression.format = "q4_k"`, ...; ggml_quantize.py), optionally fitted to a calibration text, or a format per
-  matrix chosen to meet `compression.bits` (`"mixed"`, allocation.py).
+  (`compression.format = "q4_k"`, ...; ggml_quantize.py), optionally fitted to a calibration text (and rounded
+  by GPTQ, gptq.py, optionally on rotated inputs: rotation.py, the matrix turned back after it is dequantized), or
+  a format per matrix chosen to meet `compression.bits` (`"mixed"`, allocation.py).
 Either way the matrices are dequantized into a scratch buffer that the model's matrices then view. Units stay
 compressed in every tier, the device included: a resident unit costs its compressed bytes, and each use costs one
 dequantization (0.21 ms of GPU time for a 7B layer in nf4 on an H200, benchmarks/dequant_cost.py).
