@@ -33,3 +33,38 @@ def test_the_second_moment_turns_with_the_inputs_so_outputs_are_unchanged():
 def test_only_matrices_of_whole_blocks_of_columns_are_turned():
     assert rotation.applies((5, 128)) and rotation.applies((1, 64))
     assert not rotation.applies((64, 96)) and not rotation.applies((4, 64, 64)) and not rotation.applies((64,))
+
+
+def test_a_rotated_unit_is_turned_back_whether_dequantized_whole_or_matrix_by_matrix():
+    """compress_unit quantizes W R where a matrix has whole blocks of columns (w1, w2; w3's 96 columns are not:
+    as it is), and the Decompressor turns it back, for a whole unit and for one matrix at a time alike."""
+    import dataclasses
+
+    from tierstore import ggml, ggml_quantize
+    from tierstore.compression import Codec, Decompressor, compress_unit
+    from tierstore.units import UnitLayout
+
+    torch.manual_seed(2)
+    tensors = {"w1": torch.randn(32, 2 * rotation.BLOCK), "w2": torch.randn(32, 256), "w3": torch.randn(16, 96)}
+    layout = UnitLayout.pack("u", {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
+    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for name, view in layout.views(buffer).items():
+        view.copy_(tensors[name])
+    codec = dataclasses.replace(Codec.create("q4_k"), rotation=rotation.HADAMARD)  # the mechanics, without GPTQ
+    packed_layout, packed_buffer, packed = compress_unit(layout, buffer, set(tensors), codec, torch.device("cpu"))
+    want = {}
+    for name, weight in tensors.items():
+        format = packed.formats[name][0]
+        turned = rotation.applies(tuple(weight.shape))
+        blocks = ggml_quantize.quantize(format, (rotation.rotate(weight, name) if turned else weight).reshape(-1))
+        restored = torch.empty(weight.numel())
+        ggml.dequantize(format, blocks, restored)
+        restored = restored.view_as(weight)
+        want[name] = restored @ rotation.rotate(torch.eye(weight.shape[1]), name).T if turned else restored
+    views = packed_layout.views(packed_buffer)
+    whole = Decompressor(codec, {"u": packed}, torch.float32, torch.device("cpu")).materialize("u", views)
+    by_matrix = Decompressor(codec, {"u": packed}, torch.float32, torch.device("cpu"), per_matrix={"u"})
+    for name, weight in tensors.items():
+        torch.testing.assert_close(whole[name], want[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(by_matrix.materialize_matrix("u", name, views), want[name], atol=1e-5, rtol=0)
+        assert ((whole[name] - weight).norm() / weight.norm()).item() < 0.12  # Q4_K's error, not garbage
