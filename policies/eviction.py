@@ -2,7 +2,9 @@
 
 The store calls `on_insert` when a unit enters a tier, `on_access` each time the loop asks for it, and
 `on_remove` when it leaves; `victim(candidates)` answers which of the evictable keys to drop. The store, not the
-policy, knows which units are in use, so it passes only those that may go.
+policy, knows which units are in use, so it passes only those that may go. The policies here also rank the
+candidates lazily (`ranked`), so that a tier making room for many units at once (an MoE layer's missed experts)
+walks its policy once, not once per unit.
 
 cachetools' caches couple choosing a victim to removing it (`popitem`) and cannot skip units in use, so the
 orderings here are kept by hand; each is a few lines over an OrderedDict.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence, Set
+from collections.abc import Generator, Hashable, Iterator, Sequence, Set
 from typing import Protocol
 
 Key = Hashable  # a unit's name: the one definition, used by the tiers, the store and the policies
@@ -26,7 +28,40 @@ class EvictionPolicy(Protocol):
     def victim(self, candidates: Set[Key]) -> Key | None: ...
 
 
-class _Ordered:
+def first(ranking: Iterator[Key]) -> Key | None:
+    """The first key of a ranking (None when empty); the ranking is closed, so a walk restores what it moved."""
+    try:
+        return next(ranking, None)
+    finally:
+        close = getattr(ranking, "close", None)
+        if close is not None:
+            close()
+
+
+def ranked(policy: EvictionPolicy, candidates: Set[Key]) -> Generator[Key, None, None]:
+    """`candidates` in the order `policy` would evict them, lazily: its own `ranked` when it has one, else one
+    `victim` call per key (a policy plugged in from outside need only answer `victim`)."""
+    own = getattr(policy, "ranked", None)
+    if own is not None:
+        yield from own(candidates)
+        return
+    left = set(candidates)
+    while (victim := policy.victim(left)) is not None:
+        left.discard(victim)
+        yield victim
+
+
+class _Ranked:
+    """A policy whose `victim` is the first of its `ranked` candidates."""
+
+    def ranked(self, candidates: Set[Key]) -> Generator[Key, None, None]:
+        raise NotImplementedError
+
+    def victim(self, candidates: Set[Key]) -> Key | None:
+        return first(self.ranked(candidates))
+
+
+class _Ordered(_Ranked):
     """Shared bookkeeping: keys in insertion order; subclasses choose what access does and which end goes."""
 
     def __init__(self) -> None:
@@ -42,8 +77,8 @@ class _Ordered:
     def on_remove(self, key: Key) -> None:
         self._order.pop(key, None)
 
-    def victim(self, candidates: Set[Key]) -> Key | None:
-        return next((key for key in self._order if key in candidates), None)
+    def ranked(self, candidates: Set[Key]) -> Generator[Key, None, None]:
+        return (key for key in self._order if key in candidates)
 
 
 class FIFO(_Ordered):
@@ -61,11 +96,11 @@ class LRU(_Ordered):
 class MRU(LRU):
     """Most recently used goes: the right choice for a cyclic scan without a known schedule."""
 
-    def victim(self, candidates: Set[Key]) -> Key | None:
-        return next((key for key in reversed(self._order) if key in candidates), None)
+    def ranked(self, candidates: Set[Key]) -> Generator[Key, None, None]:
+        return (key for key in reversed(self._order) if key in candidates)
 
 
-class LFU:
+class LFU(_Ranked):
     """Least frequently used goes, with decay: each access counts 2**(1/half_life) times more than the one before,
     so a count halves in weight after `half_life_accesses` later accesses (to any key) and a unit popular long ago
     does not stay forever. Counts outlive eviction (the keys are a model's units, a bounded set), so a popular unit
@@ -98,21 +133,22 @@ class LFU:
     def on_remove(self, key: Key) -> None:
         self._inserted.pop(key, None)
 
-    def victim(self, candidates: Set[Key]) -> Key | None:
-        held_back: list[tuple[float, int, Key]] = []  # current entries of keys not evictable now
-        found = None
-        while self._heap:
-            count, inserted, key = self._heap[0]
-            if self._inserted.get(key) != inserted or self._count[key] != count:
-                heapq.heappop(self._heap)  # stale: removed since, or accessed since
-            elif key in candidates:
-                found = key
-                break
-            else:
-                held_back.append(heapq.heappop(self._heap))
-        for entry in held_back:
-            heapq.heappush(self._heap, entry)
-        return found
+    def ranked(self, candidates: Set[Key]) -> Generator[Key, None, None]:
+        """Least counted first: the heap is popped as far as the caller reads (stale entries dropped on the way),
+        and the current entries popped go back when the walk is closed."""
+        popped: list[tuple[float, int, Key]] = []  # current entries taken off the heap, to go back
+        try:
+            while self._heap:
+                entry = heapq.heappop(self._heap)
+                count, inserted, key = entry
+                if self._inserted.get(key) != inserted or self._count[key] != count:
+                    continue  # stale: removed since, or accessed since
+                popped.append(entry)
+                if key in candidates:
+                    yield key
+        finally:
+            for entry in popped:
+                heapq.heappush(self._heap, entry)
 
     def _rebuild(self) -> None:
         """Drop stale entries; rescale the counts when the weights grow large (only their ratios matter)."""
@@ -123,7 +159,7 @@ class LFU:
         heapq.heapify(self._heap)
 
 
-class Belady:
+class Belady(_Ranked):
     """Optimal with a known future: drop the unit whose next use is farthest away.
 
     `schedule` is the order of accesses in one pass (a key may appear twice, e.g. tied embeddings); passes repeat.
@@ -158,9 +194,9 @@ class Belady:
             return self._period + 1
         return min((p - self._position - 1) % self._period for p in positions) + 1
 
-    def victim(self, candidates: Set[Key]) -> Key | None:
+    def ranked(self, candidates: Set[Key]) -> Generator[Key, None, None]:
         present = [key for key in candidates if key in self._present]
-        return max(present, key=self.next_use_distance, default=None)
+        yield from sorted(present, key=self.next_use_distance, reverse=True)  # ties: the first candidate first
 
 
 class Static(_Ordered):
@@ -174,6 +210,6 @@ class Static(_Ordered):
         super().__init__()
         self.resident = frozenset(resident)
 
-    def victim(self, candidates: Set[Key]) -> Key | None:
-        transient = next((key for key in self._order if key in candidates and key not in self.resident), None)
-        return transient if transient is not None else super().victim(candidates)
+    def ranked(self, candidates: Set[Key]) -> Generator[Key, None, None]:
+        yield from (key for key in self._order if key in candidates and key not in self.resident)
+        yield from (key for key in self._order if key in candidates and key in self.resident)

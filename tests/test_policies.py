@@ -146,3 +146,104 @@ def test_lfu_heap_chooses_as_a_scan_would():
                 assert want == got
             else:  # equal up to the rescaling's rounding
                 assert counts[got] == pytest.approx(counts[want], rel=1e-9), (got, want)
+
+
+def test_a_ranking_is_the_order_of_victims_one_at_a_time_and_a_walk_leaves_the_policy_as_it_was(policy):
+    """`ranked` lists the candidates in the order repeated `victim` calls (each victim then taken out of the
+    candidates) would give them; a walk read partly and closed leaves the policy unchanged (LFU pops its heap
+    during a walk and pushes back what it took)."""
+    from tierstore.policies.eviction import first, ranked
+
+    rng = random.Random(3)
+    keys = SCHEDULE  # Belady ranks units by their next use in it (units outside it tie)
+    for key in keys:
+        policy.on_insert(key, 1)
+    for _ in range(50):
+        policy.on_access(rng.choice(keys))
+    candidates = set(keys) - {"u2"}
+    one_at_a_time, left = [], set(candidates)
+    while (victim := policy.victim(left)) is not None:
+        one_at_a_time.append(victim)
+        left.discard(victim)
+    assert sorted(one_at_a_time) == sorted(candidates)
+    assert list(policy.ranked(candidates)) == one_at_a_time
+    walk = policy.ranked(candidates)
+    assert [next(walk) for _ in range(3)] == one_at_a_time[:3]
+    walk.close()
+    assert first(policy.ranked(candidates)) == policy.victim(candidates) == one_at_a_time[0]
+    assert list(ranked(policy, candidates)) == one_at_a_time
+
+
+def test_a_policy_that_only_answers_victim_is_ranked_by_asking_it_again():
+    """A policy plugged in from outside needs only `victim`: the tier's walk asks it once per victim."""
+    from tierstore.policies.eviction import ranked
+    from tierstore.tier import Tier
+
+    class Alphabetical:
+        def on_insert(self, key, nbytes): pass
+        def on_access(self, key): pass
+        def on_remove(self, key): pass
+        def victim(self, candidates): return min(candidates, default=None)
+
+    assert list(ranked(Alphabetical(), {"c", "a", "b"})) == ["a", "b", "c"]
+    tier = Tier("device", 40, Alphabetical())
+    for key in ("d", "b", "c", "a"):
+        tier.admit(key, 10)
+    tier.pin("a")
+    assert tier.plan_room(25) == ["b", "c", "d"]  # none of 40 free: 25 bytes take three units, "a" is in use
+    assert tier.plan_room(45) is None
+
+
+def test_room_for_many_units_is_found_in_one_walk_as_one_at_a_time_would(monkeypatch):
+    """An MoE layer's hundred missed experts: the victims `plan_room` finds at once are those one `plan_admit`
+    per unit would (each unit pinned as it is admitted), and the LFU heap is walked once, not once per unit."""
+    from tierstore.policies.eviction import LFU
+    from tierstore.tier import Tier
+
+    rng = random.Random(5)
+
+    def filled() -> Tier:
+        tier = Tier("device", 300 * 10, LFU())
+        for index in range(300):
+            tier.admit(f"e{index}", 10)
+        for _ in range(3000):
+            tier.access(f"e{rng.randrange(300)}")
+        for index in range(0, 300, 3):
+            tier.pin(f"e{index}")  # a third in use
+        return tier
+
+    state = rng.getstate()
+    batch = filled()
+    pops = _counting_heap_pops(batch.policy, monkeypatch)
+    at_once = batch.plan_room(100 * 10)
+    walked = pops()
+    monkeypatch.undo()
+    rng.setstate(state)
+    single = filled()
+    one_by_one = []
+    for index in range(100):
+        victims = single.plan_admit(f"new{index}", 10)
+        for victim in victims:
+            single.remove(victim)
+        single.admit(f"new{index}", 10)
+        single.pin(f"new{index}")
+        one_by_one += victims
+    assert at_once == one_by_one and len(at_once) == 100
+    assert walked < 2 * 300  # one pass over the heap's entries (stale ones included), not 100 of them
+
+
+def _counting_heap_pops(policy, monkeypatch):
+    """Count the heap pops `policy` (an LFU) makes from now on; returns a function reading the count."""
+    import heapq
+
+    from tierstore.policies import eviction
+
+    count = [0]
+
+    def counting(heap):
+        count[0] += heap is policy._heap
+        return heapq.heappop(heap)
+
+    monkeypatch.setattr(eviction, "heapq", type("counted", (), {"heappop": staticmethod(counting),
+                                                                 "heappush": heapq.heappush, "heapify": heapq.heapify}))
+    return lambda: count[0]

@@ -365,3 +365,23 @@ def test_a_tiers_evictable_units_are_a_view_of_what_is_held_and_unpinned():
     tier.unpin("b")
     assert "b" in view  # a view: it sees the unpin
     assert tier.plan_admit("d", 90) == ["a", "b"]  # LRU order: 90 of 100 with 30 held needs 20 freed
+
+
+def test_a_slots_views_are_made_once_and_named_for_the_unit_in_it():
+    """Experts placed alike reuse the views of the slot they land in; each unit sees its own names, and views of
+    different slots or placements never mix."""
+    from tierstore.store import SlotPool
+
+    pool = SlotPool(torch.zeros(4 * 1024, dtype=torch.uint8), 1024)
+    first = UnitLayout.pack("e1", {"e1.up": (torch.float32, (8, 4)), "e1.down": (torch.float32, (4, 8))})
+    second = UnitLayout.pack("e2", {"e2.up": (torch.float32, (8, 4)), "e2.down": (torch.float32, (4, 8))})
+    other = UnitLayout.pack("x", {"x.w": (torch.bfloat16, (16, 16))})
+    slot = pool.tensor[2048:3072]
+    a, b = pool.views(slot, first), pool.views(slot, second)
+    assert list(a) == ["e1.up", "e1.down"] and list(b) == ["e2.up", "e2.down"]
+    assert a["e1.up"] is b["e2.up"] and a["e1.down"] is b["e2.down"]  # made once
+    assert a["e1.up"].data_ptr() == slot.data_ptr() and a["e1.down"].shape == (4, 8)
+    elsewhere = pool.views(pool.tensor[0:1024], first)
+    assert elsewhere["e1.up"].data_ptr() == pool.tensor.data_ptr()
+    assert pool.views(slot, other)["x.w"].dtype == torch.bfloat16
+    assert pool.index(b["e2.down"]) == 2

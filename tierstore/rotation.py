@@ -61,6 +61,7 @@ def _hadamard(device: torch.device, dtype: torch.dtype = torch.float32) -> torch
     return (h / math.sqrt(BLOCK)).to(device, dtype)
 
 
+@functools.lru_cache(maxsize=4096)  # a few KB each; made anew, each pass paid a host draw and a blocking copy
 def _signs(name: str, columns: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Matrix `name`'s random signs, one per column, the same on every machine (seeded by the name)."""
     generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))

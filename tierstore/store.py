@@ -73,6 +73,12 @@ class BufferPool:
         bucket = self._free[nbytes]
         return self._free.pop(nbytes)[0] if len(bucket) == 1 else bucket.pop()
 
+    def views(self, buffer: torch.Tensor, layout: UnitLayout) -> dict[str, torch.Tensor]:
+        """`layout`'s tensors viewing `buffer`, one of this pool's (made outside inference mode: the store's
+        views outlive any caller's)."""
+        with torch.inference_mode(False):
+            return layout.views(buffer)
+
     def give(self, buffer: torch.Tensor, free_after: object) -> None:
         """Return a buffer; it may be overwritten once `free_after` has passed."""
         bucket = self._free.get(buffer.numel())
@@ -91,6 +97,7 @@ class SlotPool(BufferPool):
         super().__init__(self._exhausted)
         self.tensor = tensor
         self.slot_bytes = slot_bytes
+        self._views: dict[tuple[int, tuple], tuple[torch.Tensor, ...]] = {}  # (slot, places) -> views
         self.count = tensor.numel() // slot_bytes
         for index in reversed(range(self.count)):
             self.give(tensor[index * slot_bytes:(index + 1) * slot_bytes], None)
@@ -101,6 +108,15 @@ class SlotPool(BufferPool):
     def index(self, view: torch.Tensor) -> int:
         """The slot holding `view`, a tensor inside one slot."""
         return (view.data_ptr() - self.tensor.data_ptr()) // self.slot_bytes
+
+    def views(self, buffer: torch.Tensor, layout: UnitLayout) -> dict[str, torch.Tensor]:
+        """The slot's views for `layout`'s tensors, made once per slot and placement of tensors: a verify pass
+        copies a hundred experts a layer into slots, and making their views anew cost about 35 us each."""
+        key = (self.index(buffer), layout.places)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = tuple(super().views(buffer, layout).values())
+        return dict(zip(layout.slots, views))
 
     def _exhausted(self, nbytes: int) -> torch.Tensor:
         raise InvariantError(f"every one of the {self.count} device slots is taken; the tier's budget should have "
@@ -391,8 +407,7 @@ class TieredStore:
         self._evict_from_device(victims)
         self.device.admit(key, nbytes)
         buffer, free_after = self._device_pool.take(nbytes, self.device.used_bytes, self.device.budget_bytes)
-        with torch.inference_mode(False):
-            tensors = self.layouts[key].views(buffer)
+        tensors = self._device_pool.views(buffer, self.layouts[key])
         entry = _Entry(buffer, Future(), tensors=tensors, served_from=served_from)
         self._device_data[key] = entry
         self.device.pin(key)
@@ -408,6 +423,9 @@ class TieredStore:
         the order asked for); returns those started. A unit is never evicted to make room for one needed after
         it: each key stays pinned while the later ones look for room. Called under the lock."""
         started, held = [], []
+        missing = [key for key in keys if key not in self._device_data]
+        if len(missing) > 1:  # room for all of them made at once when pins allow: one walk of the policy
+            self._evict_from_device(self.device.plan_room(sum(self.layouts[key].nbytes for key in missing)) or [])
         try:
             for key in keys:
                 if key not in self._device_data:

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Iterator, Set
 
 from .errors import BudgetError, InvariantError
-from .policies.eviction import EvictionPolicy, Key
+from .policies.eviction import EvictionPolicy, Key, ranked
 from .sizes import format_size
 
 
@@ -108,15 +108,22 @@ class Tier:
         victims: list[Key] = []
         if nbytes <= 0:
             return victims  # room already: no need to look at what is held
-        candidates = self.evictable()
-        while nbytes > 0:
-            victim = self.policy.victim(candidates)
-            if victim is None:
-                return None
-            candidates.discard(victim)
-            victims.append(victim)
-            nbytes -= self._sizes[victim]
-        return victims
+        ranking = ranked(self.policy, self.evictable())
+        try:  # one walk of the policy, however many victims
+            for victim in ranking:
+                victims.append(victim)
+                nbytes -= self._sizes[victim]
+                if nbytes <= 0:
+                    return victims
+        finally:
+            ranking.close()
+        return None
+
+    def plan_room(self, nbytes: int) -> list[Key] | None:
+        """The victims that would leave `nbytes` free (room for several units, found in one walk of the policy),
+        or None if pinned units leave too little room."""
+        budget = self.stats.budget_bytes
+        return [] if budget is None else self._victims(nbytes - (budget - self.stats.used_bytes))
 
     def admit(self, key: Key, nbytes: int) -> None:
         """Account `key` as held. The caller has removed the victims from `plan_admit` first."""

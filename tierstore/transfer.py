@@ -200,6 +200,7 @@ class CUDATransfer:
         self.arena = PinnedArena(host_capacity_bytes) if pinned and host_capacity_bytes else None
         self.setup_s = self.arena.pin_s if self.arena else 0.0
         self._let_go = False  # the device pool let buffers go since the last allocation
+        self._waited: object = None  # the last fence the copy stream was made to wait for
 
     def allocate_host(self, nbytes: int) -> torch.Tensor:
         """A host buffer: a piece of the pinned arena, or (arena used up) a buffer pinned on its own."""
@@ -237,8 +238,9 @@ class CUDATransfer:
         Returns (completion event, (start, end) timing events).
         """
         with torch.cuda.stream(self.stream):
-            if dst_free_after is not None:
-                self.stream.wait_event(dst_free_after)
+            if dst_free_after is not None and dst_free_after is not self._waited:  # the stream runs in order:
+                self.stream.wait_event(dst_free_after)  # once it has waited for a fence, every later copy has
+                self._waited = dst_free_after
             start = torch.cuda.Event(enable_timing=True)
             start.record(self.stream)
             dst.copy_(src, non_blocking=True)

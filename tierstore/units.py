@@ -5,6 +5,7 @@ Its byte size is exact and known before any byte is read, so tiers can reserve r
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Container, Hashable, Iterable, Mapping
 from typing import Protocol
 
@@ -57,6 +58,11 @@ class UnitLayout:
             slots[name] = TensorSlot(offset, dtype, tuple(shape))
             offset = align(offset + slots[name].nbytes)
         return cls(key, slots, max(offset, ALIGN_BYTES))
+
+    @functools.cached_property
+    def places(self) -> tuple[TensorSlot, ...]:
+        """Where its tensors lie, in order, hashable: units placed alike (a model's experts) view a buffer alike."""
+        return tuple(self.slots.values())
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed tensors viewing `buffer` (uint8, at least `nbytes`), without copying."""
