@@ -5,7 +5,9 @@ One device call (nvidia-h200, about 6 minutes):
     python benchmarks/bench_formats.py --out $OUT --formats bf16,nf4,int8,Q8_0,Q6_K,Q5_K,Q4_K,Q4_0,Q3_K,Q2_K
 1. For each GGUF format (ggml.py): one Qwen2.5-7B layer's matrices as random valid blocks, dequantized into bf16 on
    the GPU as a pass does it (one kernel per run of one format: Triton's for the k-quants, ggml_triton.py,
-   torch.compile's for the others), by torch.compile's kernel (the k-quants' baseline) and one op at a time,
+   torch.compile's for the others), the same with each matrix turned back from its Hadamard rotation afterwards
+   (what `compression.rotation = "hadamard"` adds, rotation.py), by torch.compile's kernel (the k-quants'
+   baseline) and one op at a time,
    against the time the layer's packed bytes take to cross the pinned link (tierstore's probe). A format pays off
    only when its dequantization is shorter than that copy.
 2. For each format, a random-weight Qwen2.5-7B-shaped store (bf16 and tierstore's compression formats, e.g. nf4 or
@@ -18,6 +20,7 @@ One device call (nvidia-h200, about 6 minutes):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -100,6 +103,7 @@ def layer_dequant(format: str, shape: str, device: str, link_gbps: float) -> dic
 
     from tierstore import ggml
     from tierstore.compression import PACKED, Codec, Decompressor, ggml_layout, ggml_runs
+    from tierstore.rotation import HADAMARD
 
     config = model_config(shape)
     h, i = config.hidden_size, config.intermediate_size
@@ -135,8 +139,11 @@ def layer_dequant(format: str, shape: str, device: str, link_gbps: float) -> dic
         return (time.perf_counter() - start) / reps
 
     fused = timed(lambda: unpack.materialize("layer", views))
+    rotated = Decompressor(dataclasses.replace(Codec.ggml(), rotation=HADAMARD), {"layer": packed}, torch.bfloat16,
+                           torch.device(device))
     nbytes = views[PACKED].numel()
-    return {"layer_bytes": nbytes, "fused_s": fused, "compiled_s": timed(compiled) if device == "cuda" else None,
+    return {"layer_bytes": nbytes, "fused_s": fused, "rotated_s": timed(lambda: rotated.materialize("layer", views)),
+            "compiled_s": timed(compiled) if device == "cuda" else None,
             "eager_s": timed(eager), "copy_s": nbytes / (link_gbps * 1e9),
             "runs": len(ggml_runs(packed))}
 
@@ -199,7 +206,8 @@ def main() -> None:
             d = results["dequant"][format] = layer_dequant(format, args.shape, device, link)
             print(f"dequant {format}: layer {d['layer_bytes'] / 1e6:.1f} MB in {d['runs']} run(s), copy "
                   f"{d['copy_s'] * 1e3:.2f} ms, as a pass does {d['fused_s'] * 1e3:.3f} ms "
-                  f"({d['fused_s'] / d['copy_s']:.2f}x copy), torch.compile "
+                  f"({d['fused_s'] / d['copy_s']:.2f}x copy), with the Hadamard rotation turned back "
+                  f"{d['rotated_s'] * 1e3:.3f} ms ({d['rotated_s'] / d['copy_s']:.2f}x copy), torch.compile "
                   f"{'-' if d['compiled_s'] is None else round(d['compiled_s'] * 1e3, 3)} ms, one op at a time "
                   f"{d['eager_s'] * 1e3:.2f} ms ({d['eager_s'] / d['copy_s']:.2f}x copy)", flush=True)
     with open(os.path.join(args.out, "formats_log.txt"), "a") as log:
