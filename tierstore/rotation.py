@@ -45,11 +45,11 @@ def unrotate_(matrix: torch.Tensor, name: str) -> None:
     """Turn a dequantized W R (rows, columns; any float dtype, on any device) back into W, in place."""
     rows, columns = matrix.shape
     hadamard = _hadamard(matrix.device, matrix.dtype)  # its own inverse: symmetric and orthonormal
+    signs = _signs(name, columns, matrix.device, matrix.dtype).view(-1, BLOCK)  # [column blocks, BLOCK]
     step = max(1, CHUNK_ELEMENTS // columns)  # rows at a time: the product's temporary stays small
     for first in range(0, rows, step):
-        blocks = matrix[first:first + step].view(-1, BLOCK)
-        blocks.copy_(blocks @ hadamard)
-    matrix.mul_(_signs(name, columns, matrix.device, matrix.dtype))
+        blocks = matrix[first:first + step].view(-1, columns // BLOCK, BLOCK)
+        torch.mul(blocks @ hadamard, signs, out=blocks)  # one pass back over the rows: product, then signs
 
 
 @functools.cache
