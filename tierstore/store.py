@@ -172,7 +172,7 @@ class TieredStore:
                            make_eviction(plan.device_policy, self.schedule, set(plan.device_resident)))
         self.host = Tier("host", plan.host_budget_bytes,
                          make_eviction(plan.host_policy, self.schedule, set(plan.host_resident)))
-        self.disk_stats = TierStats(budget_bytes=None, used_bytes=sum(l.nbytes for l in layouts.values()))
+        self.disk_stats = TierStats(budget_bytes=None, used_bytes=sum(layout.nbytes for layout in layouts.values()))
         self.disk_stats.peak_bytes = self.disk_stats.used_bytes
         self._prefetch = make_prefetch(plan.prefetch, plan.prefetch_depth)
         self._disk_prefetch = make_prefetch(plan.prefetch, plan.disk_prefetch_depth)  # disk reads run further ahead
