@@ -385,3 +385,16 @@ def test_a_slots_views_are_made_once_and_named_for_the_unit_in_it():
     assert elsewhere["e1.up"].data_ptr() == pool.tensor.data_ptr()
     assert pool.views(slot, other)["x.w"].dtype == torch.bfloat16
     assert pool.index(b["e2.down"]) == 2
+
+
+def test_room_made_at_once_for_several_units_never_takes_one_of_them():
+    """Loads asked for together find their room in one walk of the policy, and that walk never evicts a unit of
+    the same request that is already there (it is needed before the later ones)."""
+    store, _ = make_store({f"u{i}": 64 for i in range(6)}, device=4 * 256, host=6 * 256, device_policy="lru")
+    for key in ("u0", "u1", "u2", "u3"):
+        store.get(key)
+        store.release(key)
+    started = store.prefetch(["u0", "u4", "u5"])  # u0 is the least recently used, and asked for first
+    assert started == ["u4", "u5"]
+    assert store.on_device("u0") and not store.on_device("u1") and not store.on_device("u2")
+    store.close()

@@ -424,8 +424,16 @@ class TieredStore:
         it: each key stays pinned while the later ones look for room. Called under the lock."""
         started, held = [], []
         missing = [key for key in keys if key not in self._device_data]
-        if len(missing) > 1:  # room for all of them made at once when pins allow: one walk of the policy
-            self._evict_from_device(self.device.plan_room(sum(self.layouts[key].nbytes for key in missing)) or [])
+        if len(missing) > 1:  # room for all of them at once, when there is some without any of `keys` going
+            present = [key for key in keys if key in self._device_data]
+            for key in present:
+                self.device.pin(key)
+            try:  # one walk of the policy, not one per unit (an MoE layer's hundred missed experts)
+                victims = self.device.plan_room(sum(self.layouts[key].nbytes for key in missing))
+            finally:
+                for key in present:
+                    self.device.unpin(key)
+            self._evict_from_device(victims or [])
         try:
             for key in keys:
                 if key not in self._device_data:
