@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Generator, Hashable, Iterator, Sequence, Set
+from collections.abc import Generator, Hashable, Sequence, Set
 from typing import Protocol
 
 Key = Hashable  # a unit's name: the one definition, used by the tiers, the store and the policies
@@ -28,14 +28,12 @@ class EvictionPolicy(Protocol):
     def victim(self, candidates: Set[Key]) -> Key | None: ...
 
 
-def first(ranking: Iterator[Key]) -> Key | None:
+def first(ranking: Generator[Key, None, None]) -> Key | None:
     """The first key of a ranking (None when empty); the ranking is closed, so a walk restores what it moved."""
     try:
         return next(ranking, None)
     finally:
-        close = getattr(ranking, "close", None)
-        if close is not None:
-            close()
+        ranking.close()
 
 
 def ranked(policy: EvictionPolicy, candidates: Set[Key]) -> Generator[Key, None, None]:
