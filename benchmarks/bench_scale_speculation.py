@@ -49,9 +49,11 @@ def main() -> None:
     parser.add_argument("--vram", default="4GB")
     parser.add_argument("--ram", default="64GB")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--base-tokens", type=int, default=None,
+                        help="new tokens of the no-draft rows (default --new-tokens): a streamed step's cost is flat")
     parser.add_argument("--prompts", type=int, default=3, help="how many of the chat prompts each draft runs")
     parser.add_argument("--only", default="none,nf4,bf16,ngram",
-                        help="comma-separated drafts to run (none, nf4, int8, bf16 = the GGUF as is, ngram)")
+                        help="comma-separated drafts to run (none, nf4, int8, q3_k, bf16 = the GGUF as is, ngram)")
     parser.add_argument("--codec", default="nf4", choices=["nf4", "int8", "none"])
     parser.add_argument("--factor", type=int, default=FACTOR, help="width multiple of the target")
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
@@ -71,8 +73,9 @@ def main() -> None:
     del inflation
     print(f"target: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
     wanted = args.only.split(",")
-    drafts = make_drafts(args.gguf, args.work, config, codecs=tuple(set(wanted) & {"nf4", "int8"}))
-    rows = speculation_rows(store, drafts, wanted, CHAT_PROMPTS[:args.prompts], args.new_tokens, budget, config)
+    drafts = make_drafts(args.gguf, args.work, config, codecs=tuple(set(wanted) & {"nf4", "int8", "q3_k"}))
+    rows = speculation_rows(store, drafts, wanted, CHAT_PROMPTS[:args.prompts], args.new_tokens, budget, config,
+                            base_tokens=args.base_tokens)
     with open(os.path.join(args.out, "scale_speculation.json"), "w") as handle:
         json.dump({"written": written, "rows": [{"draft": name, "prompt": number, **row}
                                                 for name, number, row in rows]}, handle, indent=1)

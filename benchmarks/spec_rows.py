@@ -29,20 +29,23 @@ def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("
 
 
 def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], prompts: list[str], new_tokens: int,
-                     budget, config: dict, warm_tokens: int = 8) -> list[tuple[str, object, dict]]:
+                     budget, config: dict, warm_tokens: int = 8,
+                     base_tokens: int | None = None) -> list[tuple[str, object, dict]]:
     """(draft, prompt number or "rewrite", row) for each wanted draft ("none", "ngram" or a key of `drafts`) and
     prompt, each after a warm-up call of `warm_tokens` on its model object; ngram runs the rewrite prompt, with
-    its own no-draft row."""
+    its own no-draft row. No-draft rows generate `base_tokens` (default `new_tokens`): a streamed step costs the
+    same at every length, so a large target's baseline can be shorter; tokens are then compared over its length."""
+    base_tokens = base_tokens or new_tokens
     rows: list[tuple[str, object, dict]] = []
     for name in wanted:
         for number, prompt in ([("rewrite", REWRITE)] if name == "ngram" else list(enumerate(prompts))):
             if name == "ngram":
-                rows.append(("none", "rewrite", run_row(target, None, prompt, new_tokens, budget, config,
+                rows.append(("none", "rewrite", run_row(target, None, prompt, base_tokens, budget, config,
                                                         warm_tokens=warm_tokens)))
             base = next((row for kind, where, row in rows if kind == "none" and where == number), None)
             draft = "ngram" if name == "ngram" else drafts.get(name) if name != "none" else None
-            row = run_row(target, draft, prompt, new_tokens, budget, config, base["tokens"] if base else None,
-                          warm_tokens)
+            row = run_row(target, draft, prompt, base_tokens if draft is None else new_tokens, budget, config,
+                          base["tokens"] if base else None, warm_tokens)
             rows.append((name, number, row))
             print(json.dumps({f"{name} {number}": {k: v for k, v in row.items() if k != "tokens"}}), flush=True)
     return rows
@@ -57,12 +60,13 @@ def print_table(rows: list[tuple[str, object, dict]]) -> None:
     for name, number, row in rows:
         base = next((got for kind, where, got in rows if kind == "none" and where == number), None)
         speedup = row["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
-        same = row["tokens"] == base["tokens"] if base else None
+        compared = min(len(row["tokens"]), len(base["tokens"])) if base else 0  # a shorter baseline: its length
+        same = row["tokens"][:compared] == base["tokens"][:compared] if base else None
         cells = [name, number, f"{row['tokens_per_s']:.2f}", f"{speedup:.2f}" if speedup else "-",
                  fmt(row["tokens_per_pass"], "{:.2f}"), fmt(row["acceptance"], "{:.2f}"),
                  fmt(row["largest_tree"], "{}"), fmt(row["draft_step_s"], "{:.4f}"),
                  fmt(row["verify_pass_s"], "{:.4f}"), fmt(row["pass_s"], "{:.4f}"),
-                 str(same) if same or row["first_difference"] is None else
+                 f"all {compared}" if same else "-" if row["first_difference"] is None else
                  f"from token {row['first_difference']} (top-2 margin {row['top2_logit_margin_there']:.3f})",
                  str(row["graphed"]), str(row.get("verify_graphed"))]
         print("| " + " | ".join(map(str, cells)) + " |")
