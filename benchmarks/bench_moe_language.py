@@ -29,8 +29,10 @@ from common import QUESTION, Inflation, StepClock, encode, fmt, run_child, vm_hw
 EXPERTS, TOP_K, FACTOR, LAYERS = 128, 8, 2, 30
 PROMPTS = [QUESTION, "What is the capital of France? Answer in two sentences.",
            "Write a short poem about the sea."]
-BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB")}
-MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,mapped", "draft": "auto"}
+BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB"),
+           "draft+compile": ("4GB", "56GB")}  # the draft bound and compiled (speculation.compile)
+MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,mapped", "draft": "auto",
+         "draft+compile": "auto"}
 
 
 def upcycle(gguf: str, out_dir: str, experts: int = EXPERTS, top_k: int = TOP_K, factor: int = FACTOR) -> None:
@@ -106,14 +108,16 @@ def tierstore_row(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     vram, ram = BUDGETS[args.row]
+    drafting = args.row.startswith("draft")
     model = tierstore.AutoModel.from_pretrained(
-        args.model, budget={"vram": vram, "ram": ram}, config={"runtime": {"cache_dir": args.cache}},
-        draft=args.gguf if args.row == "draft" else None)
+        args.model, budget={"vram": vram, "ram": ram},
+        config={"runtime": {"cache_dir": args.cache}, "speculation": {"compile": args.row == "draft+compile"}},
+        draft=args.gguf if drafting else None)
     setup_s = time.perf_counter() - start
     reference = _reference_tokens(args.out)
     results = {}
     modes = (args.mode or MODES[args.row]).split(",")
-    budgets = args.expert_budgets.split(",") if args.row == "draft" else [None]
+    budgets = args.expert_budgets.split(",") if drafting else [None]
     for mode, expert_budget in ((mode, budget) for mode in modes for budget in budgets):
         model.experts.compute = mode
         if expert_budget is not None:  # speculation.expert_budget for this variant's verify passes

@@ -53,7 +53,8 @@ def main() -> None:
                         help="new tokens of the no-draft rows (default --new-tokens): a streamed step's cost is flat")
     parser.add_argument("--prompts", type=int, default=3, help="how many of the chat prompts each draft runs")
     parser.add_argument("--only", default="none,nf4,bf16,ngram",
-                        help="comma-separated drafts to run (none, nf4, int8, q3_k, bf16 = the GGUF as is, ngram)")
+                        help="comma-separated drafts to run (none, nf4, int8, q3_k, bf16 = the GGUF as is, ngram; a "
+                             "model draft + \"+compile\" runs it compiled)")
     parser.add_argument("--codec", default="nf4", choices=["nf4", "int8", "none"])
     parser.add_argument("--factor", type=int, default=FACTOR, help="width multiple of the target")
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
@@ -73,7 +74,7 @@ def main() -> None:
     del inflation
     print(f"target: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
     wanted = args.only.split(",")
-    drafts = make_drafts(args.gguf, args.work, config, codecs=tuple(set(wanted) & {"nf4", "int8", "q3_k"}))
+    drafts = make_drafts(args.gguf, args.work, config, codecs=tuple({name.partition("+")[0] for name in wanted} & {"nf4", "int8", "q3_k"}))
     rows = speculation_rows(store, drafts, wanted, CHAT_PROMPTS[:args.prompts], args.new_tokens, budget, config,
                             base_tokens=args.base_tokens)
     with open(os.path.join(args.out, "scale_speculation.json"), "w") as handle:

@@ -1,13 +1,16 @@
 """Where a model draft's step goes: the forward (a replayed CUDA graph), the candidates' read-back and heap, the
-policy's choice, the tree's mask, on a SmolLM2-shaped draft (random weights, bf16) on the GPU.
+policy's choice, the tree's mask, on a SmolLM2-shaped draft (random weights, bf16; or `--draft`, e.g. the SmolLM2
+GGUF, packed) on the GPU; the draft as it runs by default, then bound and compiled (`speculation.compile`), in one
+process: the ratio of their steps is what compiling gains.
 
-    python benchmarks/draft_step.py
+    python benchmarks/draft_step.py [--draft s.gguf]
 
 Each phase is timed with the device synchronized at its ends, so the phases add up to a step; a step's own
 time (unsynchronized phases, as the draft runs) is printed beside them.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import functools
 import os
@@ -15,23 +18,50 @@ import time
 
 from common import word_tokenizer
 
+WIDTHS = (8, 16)
+NODE_CAPS = (64, 1024)
+
 
 def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import tierstore
-    from tierstore.inference.decoding import drafts, static_forward, tree
-    from tierstore.inference.decoding.sampling import warp
-    from tierstore.policies.speculation import TreePolicy
 
-    path = "/tmp/draft-shape"
-    if not os.path.exists(os.path.join(path, "config.json")):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draft", default=None, help="the draft (default: a SmolLM2-shaped random bf16 model)")
+    args = parser.parse_args()
+    path = args.draft or "/tmp/draft-shape"
+    if args.draft is None and not os.path.exists(os.path.join(path, "config.json")):
         config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
                              max_position_embeddings=8192)
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
         word_tokenizer(49152).save_pretrained(path)
+    per_step: dict[tuple[int, int], dict[bool, float]] = collections.defaultdict(dict)
+    for compile in (False, True):
+        config = {"runtime": {"cache_dir": "/tmp/draft-cache"}, "speculation": {"compile": compile}}
+        with tierstore.AutoModel.from_pretrained(path, budget=tierstore.Budget(vram="8GB", ram="8GB"), config=config,
+                                                 draft=path) as model:  # the model drafting for itself
+            print(f"compile {compile}: the draft takes {model.draft_cost.weights_bytes / 1e6:.1f} MB on the device",
+                  flush=True)
+            for width in WIDTHS:
+                for nodes in NODE_CAPS:
+                    per_step[(width, nodes)][compile] = _step_ms(model.draft, width, nodes)
+    for (width, nodes), ms in per_step.items():
+        print(f"width {width}, node cap {nodes}: {ms[False]:.3f} ms a step, compiled {ms[True]:.3f} "
+              f"({ms[True] / ms[False]:.2f}x)")
+
+
+def _step_ms(model, width: int, nodes: int) -> float:
+    """A draft step's ms as it runs, on `model` (a draft's TierstoreModel), after a warm-up (compile, graph
+    recording); its synchronized phases printed."""
+    import torch
+
+    from tierstore.inference.decoding import drafts, static_forward, tree
+    from tierstore.inference.decoding.sampling import warp
+    from tierstore.policies.speculation import TreePolicy
+
     spent: dict[str, float] = collections.defaultdict(float)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
@@ -46,46 +76,44 @@ def main() -> None:
             return result
         return wrapper
 
-    with tierstore.AutoModel.from_pretrained(path, budget=tierstore.Budget(vram="8GB", ram="8GB"),
-                                             config={"runtime": {"cache_dir": "/tmp/draft-cache"}}) as model:
-        for width in (8, 16):
-            for nodes in (64, 1024):
-                draft = drafts.ModelDraft(model, "shape", warp(None, None, None), 49152, width,
-                                          TreePolicy(max_nodes=nodes, fixed_steps=16))
-                draft.reset(300)
-                history = list(range(100, 140))
-                with torch.no_grad():
-                    for _ in range(3):  # warm: graph captured
-                        history.append(7)
-                        draft.accepted(draft.propose(history, 32), [0])
-                    plain_steps, plain_s = draft.steps, draft.step_s
-                    for _ in range(5):
-                        history.append(7)
-                        draft.accepted(draft.propose(history, 32), [0])
-                    steps = draft.steps - plain_steps
-                    per_step_ms = (draft.step_s - plain_s) / steps * 1e3
-                    saved = {"run": static_forward.StaticForward.run, "push": drafts.ModelDraft._push,
-                             "choose": drafts.ModelDraft._choose, "ancestry": tree.DraftTree.ancestry}
-                    spent.clear()
-                    static_forward.StaticForward.run = timed("forward (replay)", saved["run"])
-                    drafts.ModelDraft._push = timed("read-back + heap", saved["push"])
-                    drafts.ModelDraft._choose = timed("policy choice", saved["choose"])
-                    tree.DraftTree.ancestry = timed("tree mask", saved["ancestry"])
-                    try:
-                        before = draft.steps
-                        for _ in range(5):
-                            history.append(7)
-                            draft.accepted(draft.propose(history, 32), [0])
-                        counted = draft.steps - before
-                    finally:
-                        static_forward.StaticForward.run = saved["run"]
-                        drafts.ModelDraft._push = saved["push"]
-                        drafts.ModelDraft._choose = saved["choose"]
-                        tree.DraftTree.ancestry = saved["ancestry"]
-                phases = ", ".join(f"{name} {seconds / counted * 1e3:.3f}" for name, seconds in spent.items())
-                print(f"width {width}, node cap {nodes}, buffer {draft._kv.max_tokens} tokens, graphed "
-                      f"{draft.graphed}: {per_step_ms:.3f} ms a step as it runs; synchronized phases (ms a step): "
-                      f"{phases}", flush=True)
+    start_s = time.perf_counter()
+    vocab = model.model.config.get_text_config().vocab_size
+    draft = drafts.ModelDraft(model, "shape", warp(None, None, None), vocab, width,
+                              TreePolicy(max_nodes=nodes, fixed_steps=16))
+    draft.reset(300)
+    history = list(range(100, 140))
+    with torch.no_grad():
+        for _ in range(3):  # warm: compiled, graph captured
+            history.append(7)
+            draft.accepted(draft.propose(history, 32), [0])
+        warm_s = time.perf_counter() - start_s
+        plain_steps, plain_s = draft.steps, draft.step_s
+        for _ in range(5):
+            history.append(7)
+            draft.accepted(draft.propose(history, 32), [0])
+        per_step_ms = (draft.step_s - plain_s) / (draft.steps - plain_steps) * 1e3
+        saved = {"run": static_forward.StaticForward.run, "push": drafts.ModelDraft._push,
+                 "choose": drafts.ModelDraft._choose, "ancestry": tree.DraftTree.ancestry}
+        static_forward.StaticForward.run = timed("forward (replay)", saved["run"])
+        drafts.ModelDraft._push = timed("read-back + heap", saved["push"])
+        drafts.ModelDraft._choose = timed("policy choice", saved["choose"])
+        tree.DraftTree.ancestry = timed("tree mask", saved["ancestry"])
+        try:
+            before = draft.steps
+            for _ in range(5):
+                history.append(7)
+                draft.accepted(draft.propose(history, 32), [0])
+            counted = draft.steps - before
+        finally:
+            static_forward.StaticForward.run = saved["run"]
+            drafts.ModelDraft._push = saved["push"]
+            drafts.ModelDraft._choose = saved["choose"]
+            tree.DraftTree.ancestry = saved["ancestry"]
+    phases = ", ".join(f"{name} {seconds / counted * 1e3:.3f}" for name, seconds in spent.items())
+    print(f"width {width}, node cap {nodes}, buffer {draft._kv.max_tokens} tokens, graphed {draft.graphed}, "
+          f"compiled {draft.compiled} (warm-up {warm_s:.1f} s): {per_step_ms:.3f} ms a step as it runs; "
+          f"synchronized phases (ms a step): {phases}", flush=True)
+    return per_step_ms
 
 
 if __name__ == "__main__":

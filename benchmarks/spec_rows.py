@@ -31,9 +31,9 @@ def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("
 def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], prompts: list[str], new_tokens: int,
                      budget, config: dict, warm_tokens: int = 8,
                      base_tokens: int | None = None) -> list[tuple[str, object, dict]]:
-    """(draft, prompt number or "rewrite", row) for each wanted draft ("none", "ngram" or a key of `drafts`) and
-    prompt, each after a warm-up call of `warm_tokens` on its model object; ngram runs the rewrite prompt, with
-    its own no-draft row. No-draft rows generate `base_tokens` (default `new_tokens`): a streamed step costs the
+    """(draft, prompt number or "rewrite", row) for each wanted draft ("none", "ngram" or a key of `drafts`; a
+    model draft's name + "+compile" runs it under `speculation.compile`) and prompt, each after a warm-up call of
+    `warm_tokens` on its model object; ngram runs the rewrite prompt, with its own no-draft row. No-draft rows generate `base_tokens` (default `new_tokens`): a streamed step costs the
     same at every length, so a large target's baseline can be shorter; tokens are then compared over its length."""
     base_tokens = base_tokens or new_tokens
     rows: list[tuple[str, object, dict]] = []
@@ -43,8 +43,10 @@ def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], pro
                 rows.append(("none", "rewrite", run_row(target, None, prompt, base_tokens, budget, config,
                                                         warm_tokens=warm_tokens)))
             base = next((row for kind, where, row in rows if kind == "none" and where == number), None)
-            draft = "ngram" if name == "ngram" else drafts.get(name) if name != "none" else None
-            row = run_row(target, draft, prompt, base_tokens if draft is None else new_tokens, budget, config,
+            kind, _, flag = name.partition("+")
+            draft = "ngram" if kind == "ngram" else drafts.get(kind) if kind != "none" else None
+            settings = {**config, "speculation": {"compile": True}} if flag == "compile" else config
+            row = run_row(target, draft, prompt, base_tokens if draft is None else new_tokens, budget, settings,
                           base["tokens"] if base else None, warm_tokens)
             rows.append((name, number, row))
             print(json.dumps({f"{name} {number}": {k: v for k, v in row.items() if k != "tokens"}}), flush=True)

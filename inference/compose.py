@@ -52,6 +52,7 @@ from .placement.budgets import DraftCost, kv_bytes_per_token, pinned_arena_bytes
 from .placement.kv import KVBudget
 from .placement.plan import per_matrix_units, place
 from .runtime.adapters import attach
+from .runtime.bound import BoundWeights, unpacked_bytes
 from .runtime.collectives import TIMEOUT_S, Collectives, join_group, leave_group, rank_device
 from .runtime.experts import ExpertRunner, open_experts
 from .runtime.hooks import AttachedHooks
@@ -77,6 +78,7 @@ class OpenRequest:
     trace: str | None
     tensor_parallel: int
     host_lookup: bool = True  # an input embedding the RAM budget holds may stay there (not for a resident draft)
+    bound: bool = False  # every unit resident, bound once, the forward compiled (a draft, speculation.compile)
 
 
 class AutoModel:
@@ -255,11 +257,14 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
         runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
     # all of it on the device, its input embedding too: a draft step is captured as a CUDA graph, which cannot
     # copy rows from RAM
+    bound = cfg.speculation.compile
     model = _open(dataclasses.replace(
         _request(request.draft, None, draft_cfg, units.dtype, request.trust_remote_code, request.allow_download,
-                 request.progress, None, None, 1), host_lookup=False))
+                 request.progress, None, None, 1), host_lookup=False, bound=bound))
     resources.callback(model.close)
     scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0
+    if bound and model.decompressor is not None:  # its matrices unpacked beside the packed units
+        scratch += unpacked_bytes(model.decompressor.packed, units.dtype)
     cost = _draft_cost(request.draft, model.store.layouts, scratch, model.model.config, units.dtype)
     if model.plan.regime != "device":
         raise InputError(f"draft {request.draft} needs {cost.weights_bytes} bytes on the device, more than is free "
@@ -290,13 +295,17 @@ def _open_runtime(request: OpenRequest, device: torch.device, units: Units, toke
     experts = _open_experts(cfg, device, units, plan, store, tracer, resources) if plan.experts else None
     decompressor = Decompressor(units.codec, units.packed, units.dtype, device,
                                 per_matrix_units(units, plan.device_budget_bytes)) if units.codec else None
-    attach(resources, AttachedHooks(units.skeleton, store, device, decompressor, tracer))
+    if request.bound:
+        attach(resources, BoundWeights(units.skeleton, store, device, decompressor))
+    else:
+        attach(resources, AttachedHooks(units.skeleton, store, device, decompressor, tracer))
     kv_budget = KVBudget(planned_from, cfg.runtime.kv_cache, device.type == "cuda", units.hf_config, units.dtype,
                          decompressor.scratch.nbytes if decompressor is not None else 0, draft_cost,
                          sum(layout.nbytes for layout in dense.values()),
                          cfg.runtime.kv_dir or os.path.join(cfg.runtime.cache_dir, "kv"))
     return ModelParts(units.skeleton.model, tokenizer, store, plan, planned_from, kv_budget, device, cfg, 0.0,
-                      decompressor, draft_cost=draft_cost, tracer=tracer, experts=experts, lookup=lookup)
+                      decompressor, draft_cost=draft_cost, tracer=tracer, experts=experts, lookup=lookup,
+                      compiled=torch.compile(units.skeleton.model) if request.bound else None)
 
 
 def _open_experts(cfg: Config, device: torch.device, units: Units, plan: Plan, store: TieredStore,
@@ -355,7 +364,8 @@ def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype
                 allow_download: bool) -> DraftCost | None:
     """What `_open_draft` would charge to the device budget (None for ngram), with no weights read and nothing
     converted: a store's or safetensors' layouts, or a GGUF's or .bin's parameters counted on the meta device (a
-    draft runs uncompressed, in `dtype`)."""
+    draft runs uncompressed, in `dtype`; bound for `speculation.compile`, a packed draft's file counts too, as an
+    upper bound of the packed copy kept beside it)."""
     if spec == "ngram":
         return None
     checkpoint = resolve(spec, allow_download)
@@ -363,11 +373,16 @@ def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype
         hf_config = load_config(checkpoint, trust_remote_code)
         skeleton = build_skeleton(hf_config, dtype, trust_remote_code)
         weights = sum(param.numel() for param in skeleton.model.parameters()) * dtype.itemsize
+        if cfg.speculation.compile and checkpoint.kind == "gguf":
+            weights += os.path.getsize(checkpoint.path)
         return DraftCost(spec, weights, kv_bytes_per_token(hf_config, dtype))
     units = open_units(checkpoint, cfg.with_compression("none").without_expert_streaming(), device, dtype,
                        trust_remote_code, progress=True, write=False)
     units.close()
-    return _draft_cost(spec, units.layouts, scratch_bytes(units.packed, dtype), units.hf_config, dtype)
+    scratch = scratch_bytes(units.packed, dtype)
+    if cfg.speculation.compile:
+        scratch += unpacked_bytes(units.packed, dtype)
+    return _draft_cost(spec, units.layouts, scratch, units.hf_config, dtype)
 
 
 def _draft_cost(spec: str, layouts: dict[str, Any], scratch: int, hf_config: Any, dtype: torch.dtype) -> DraftCost:

@@ -371,6 +371,45 @@ def test_smollm2_greedy_with_drafts_equals_transformers(draft, smollm2_store, sm
         assert report["tiers"][tier]["peak_bytes"] <= report["tiers"][tier]["budget_bytes"]
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_compiled_draft_gives_plain_greedy_tokens_and_its_unpacked_bytes_are_charged(
+        packed, tiny_dirs, tmp_path_factory, tmp_path):
+    """speculation.compile: the draft's weights bound once (a q8_0 draft's unpacked), its steps run through
+    torch.compile (on a CPU, each step after the first); the target's tokens stay its own."""
+    from tierstore.inference.compose import compress_model, make_plan_for
+
+    directory, reference = tiny_dirs("llama")
+    draft = _draft_dir(tmp_path_factory, "llama", seed=1)
+    config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"width": 3}}
+    if packed:
+        store = str(tmp_path / "draft-q8_0")
+        compress_model(draft, store, "q8_0", config=config, progress=False)
+        draft = store
+    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4
+    streaming = _budget_for(reference)
+    budget = tierstore.Budget(vram=streaming.vram + 3 * draft_bytes, ram=streaming.ram)
+    compiled = {**config, "speculation": {"width": 3, "compile": True}}
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=compiled, draft=draft) as model:
+        for prompt in (REPEATING, *PROMPTS[:2]):
+            ids = torch.tensor([prompt])
+            want = reference.generate(ids, max_new_tokens=16, do_sample=False)
+            assert model.generate(ids, max_new_tokens=16, do_sample=False).tolist() == want.tolist(), prompt
+        spec = model.report().speculation
+        assert spec["draft_compiled"] is True and spec["draft_steps"] > 0
+        opened = model.plan
+        drafter = model.draft
+        assert all(param.device.type != "meta" for param in drafter.model.parameters())  # bound, no hooks
+        assert not any(module._forward_pre_hooks for module in drafter.model.modules())
+    assert all(param.device.type == "meta" for param in drafter.model.parameters())  # put back at close
+    plain = make_plan_for(directory, budget, config, draft=draft)
+    bound = make_plan_for(directory, budget, compiled, draft=draft)
+    extra = bound.device_reserve_bytes - plain.device_reserve_bytes
+    matrices = sum(p.numel() for name, p in reference.named_parameters()
+                   if p.dim() == 2 and name.startswith("model.layers."))
+    assert extra == (matrices * 4 if packed else 0)  # float32 on a CPU
+    assert opened.device_reserve_bytes == bound.device_reserve_bytes  # the plan run is the plan shown
+
+
 def test_plan_charges_the_draft_to_the_device_budget(tiny_dirs, tmp_path, capsys):
     directory, reference = tiny_dirs("llama")
     draft_bytes = sum(p.numel() for p in reference.parameters()) * 4

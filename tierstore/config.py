@@ -171,6 +171,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "nodes": (_int_or(AUTO, 1), AUTO, "most drafted nodes a tree holds; auto = 1024, fewer where a verify pass's "
                                           "activations would outgrow the device reserve"),
         "ngram": (_int(1), 3, "ngram draft: longest n-gram matched"),
+        "compile": (_bool, False, "a model draft's steps: its weights bound once (a compressed draft's unpacked, "
+                                  "which the device budget then pays for) and its forward compiled by "
+                                  "torch.compile before the CUDA graph records it, fusing each layer's small "
+                                  "kernels; the first call pays the compile"),
         "expert_budget": (_int_or("none", 1), "none",
                           "mixture-of-experts models with streamed experts: the most experts not in device slots "
                           "that a verify pass moves (copies or computes on the host) per MoE layer, the tree pruned "

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WIDTH = 8
 DEFAULT_NGRAM = 3
 NGRAM_DEPTH = 64  # tokens of a continuation drafted: past that an earlier occurrence rarely still holds
+KV_STEP_TOKENS = 256  # a model draft's cache is sized in these steps: calls of similar lengths share its shapes
+# (a compiled draft compiles again for a new shape)
 
 
 class NgramDraft:
@@ -111,12 +113,26 @@ class ModelDraft:
         """Whether the steps replay a CUDA graph."""
         return self._forward is not None and self._forward.graphed
 
+    @property
+    def compiled(self) -> bool | None:
+        """Whether the steps ran the draft compiled (None: not asked for, `speculation.compile`)."""
+        if self.model.compiled is None or self._forward is None:
+            return None
+        return self._forward.compiled is not None and self._forward.compiled_runs > 0
+
+    @property
+    def compile_failure(self) -> str | None:
+        """Why the steps stopped running compiled, if they did."""
+        return self._forward.compile_failure if self._forward is not None else None
+
     def reset(self, max_tokens: int, stop_ids: frozenset[int] = frozenset()) -> None:
         """A new sequence of at most `max_tokens` tokens, ending at any of `stop_ids` (nothing is drafted after
         one): fresh buffers (room for the largest tree too), new graph."""
         self._stop_ids = stop_ids
-        self._kv = StaticKV(max_tokens + self.policy.max_nodes + 2 * self.width)
-        self._forward = StaticForward(self.model.model, self._kv, self.width, self.model.device)
+        entries = max_tokens + self.policy.max_nodes + 2 * self.width
+        self._kv = StaticKV(-(-entries // KV_STEP_TOKENS) * KV_STEP_TOKENS)
+        self._forward = StaticForward(self.model.model, self._kv, self.width, self.model.device,
+                                      compiled=self.model.compiled)
         self._cached, self._fed = 0, []
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:

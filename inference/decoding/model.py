@@ -98,6 +98,7 @@ class ModelParts:
     tracer: Tracer | None = None
     experts: ExpertRunner | None = None  # routed experts fetched as picked (a mixture-of-experts model)
     lookup: HostLookup | None = None  # the input embedding answered from RAM
+    compiled: Any = None  # torch.compile of `model`, whose weights are bound (a draft under speculation.compile)
 
 
 def peak_rss_bytes() -> int:
@@ -126,6 +127,7 @@ class TierstoreModel:
         self.draft = parts.draft
         self.draft_cost = parts.draft_cost
         self.kv_budget = parts.kv_budget
+        self.compiled = parts.compiled
         self._resources = resources
         self._timing = Timing()
         self.kv_tiers: KVTiers | None = None  # where each layer's KV lives when not all on the device (fit_kv_cache)
@@ -461,6 +463,9 @@ class TierstoreModel:
                          "verify passes replayed from CUDA graphs, trees padded to "
                          f"{'/'.join(map(str, verifier.widths()))} tokens (recording them has taken "
                          f"{verifier.capture_s():.2f} s so far)")
+        if isinstance(draft, ModelDraft) and draft.compile_failure:
+            notes.append(f"draft steps not compiled: torch.compile failed ({draft.compile_failure}); they ran "
+                         f"uncompiled")
         self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes,
                      graph=GraphStats() if verifier.graphed else None)
         self._speculation = stats

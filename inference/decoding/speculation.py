@@ -39,6 +39,7 @@ class SpeculationStats:
     verify_s: float = 0.0
     draft_steps: int = 0
     graphed: bool | None = None  # a model draft's steps replayed a CUDA graph
+    draft_compiled: bool | None = None  # a model draft's steps ran compiled (None: not asked for)
     verify_graphed: bool | None = None  # the verify passes replayed CUDA graphs (None: not tried)
     expert_budget: int | None = None  # missed experts a verify pass may move per MoE layer (None: no budget)
     pruned_nodes: int = 0  # drafted nodes the expert budget dropped before they were verified
@@ -109,6 +110,7 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
         streamer.end()
     stats.new_tokens += len(emitted)
     stats.graphed = getattr(draft, "graphed", None)
+    stats.draft_compiled = getattr(draft, "compiled", None)
     stats.verify_graphed = verifier.graphed
     stats.pruned_nodes += verifier.pruned_nodes
     stats.most_missed_experts = max(stats.most_missed_experts, verifier.most_missed)

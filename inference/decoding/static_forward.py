@@ -108,10 +108,16 @@ class StaticForward:
     then `allowed` over the entries from there). Fewer tokens than `width` are padded: the pads write just past the
     last real entry (never live there: a later forward overwrites them) and see only entry 0. On a GPU the first
     run is eager and is then recorded as a CUDA graph (in `pool` when given: graphs sharing a pool must not run
-    at once, and each run's logits are read before the next), which later runs replay."""
+    at once, and each run's logits are read before the next), which later runs replay. With `compiled` (the
+    model under torch.compile, its weights bound), the runs after the first eager one go through it, and on a
+    GPU it is what the graph records; should it fail, the runs stay eager."""
 
-    def __init__(self, model: Any, kv: StaticKV, width: int, device: torch.device, pool: Any = None) -> None:
+    def __init__(self, model: Any, kv: StaticKV, width: int, device: torch.device, pool: Any = None,
+                 compiled: Any = None) -> None:
         self.model = model  # transformers' model, its units computed on `device`
+        self.compiled = compiled
+        self.compile_failure: str | None = None  # why the compiled forward was dropped
+        self.compiled_runs = 0  # forwards run through `compiled` (a graph's recording counts once)
         self.kv = kv
         self.width = width
         self.device = device
@@ -145,15 +151,34 @@ class StaticForward:
             self.graph.replay()
         elif self.device.type == "cuda" and self.failure is None:
             start_s = time.perf_counter()
-            self._forward()  # the eager run warms the kernels up
-            self.graph, self.failure = record_graph(self._forward, self.device, self.pool)
+            self._forward(self.model)  # the eager run warms the kernels up (and sizes the cache's buffers)
+            forward = self._compiled_or_eager()  # compiled (and warmed up) now, not while recording
+            self.graph, self.failure = record_graph(lambda: self._forward(forward), self.device, self.pool)
             if self.failure is not None:
                 log.warning("a %d-token forward is not graphed: CUDA graph capture failed (%s)", self.width,
                             self.failure)
             self.capture_s += time.perf_counter() - start_s
+        elif self.logits is None:
+            self._forward(self.model)  # the first run eager: it sizes the cache's buffers
         else:
-            self._forward()
+            self._compiled_or_eager()
         return self.logits[0]  # type: ignore[index]
+
+    def _compiled_or_eager(self) -> Any:
+        """Run the forward compiled, or eagerly when there is no compiled model or it fails (then never again);
+        returns the model that ran."""
+        if self.compiled is not None:
+            try:
+                self._forward(self.compiled)
+                self.compiled_runs += 1
+                return self.compiled
+            except Exception as exc:  # noqa: BLE001 - a model torch.compile cannot take runs as it did before
+                self.compile_failure = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                self.compiled = None
+                log.warning("a %d-token forward runs uncompiled: torch.compile failed (%s)", self.width,
+                            self.compile_failure)
+        self._forward(self.model)
+        return self.model
 
     @property
     def graphed(self) -> bool:
@@ -170,8 +195,8 @@ class StaticForward:
         bias[count:].fill_(self._masked)
         bias[count:, 0] = 0.0
 
-    def _forward(self) -> None:
+    def _forward(self, model: Any) -> None:
         with torch.no_grad():
-            out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.writes,
+            out = model(input_ids=self.ids, position_ids=self.positions, cache_position=self.writes,
                              attention_mask=self.bias, past_key_values=self.kv, use_cache=True)
         self.logits = out.logits

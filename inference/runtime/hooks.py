@@ -104,12 +104,7 @@ class AttachedHooks:
         if decompressor is not None:
             _check_not_nested([site for site in skeleton.sites if site.key in decompressor])
         self._handles = []
-        self._moved_buffers: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
-        for module in skeleton.model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None and buffer.device != device:
-                    self._moved_buffers.append((module._buffers, name, buffer))
-                    module._buffers[name] = buffer.to(device)
+        self._moved_buffers = move_buffers(skeleton.model, device)
         for site in skeleton.sites:
             pre_forward, post_forward, matrix_hooks = _make_hooks(site, store, decompressor)
             for module, pre_matrix, post_matrix in matrix_hooks:
@@ -137,9 +132,27 @@ class AttachedHooks:
         for site in self._sites:
             for binding in site.bindings:
                 binding.module._parameters[binding.attr] = binding.original
-        for buffers, name, original in self._moved_buffers:
-            buffers[name] = original
-        self._moved_buffers.clear()
+        restore_buffers(self._moved_buffers)
+
+
+MovedBuffers = list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]]
+
+
+def move_buffers(model: nn.Module, device: torch.device) -> MovedBuffers:
+    """Put every buffer of `model` (rotary frequencies and the like) on `device`; what `restore_buffers` undoes."""
+    moved: MovedBuffers = []
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                moved.append((module._buffers, name, buffer))
+                module._buffers[name] = buffer.to(device)
+    return moved
+
+
+def restore_buffers(moved: MovedBuffers) -> None:
+    for buffers, name, original in moved:
+        buffers[name] = original
+    moved.clear()
 
 
 def _check_not_nested(sites: list[HookSite]) -> None:
