@@ -371,10 +371,10 @@ def test_smollm2_greedy_with_drafts_equals_transformers(draft, smollm2_store, sm
         assert report["tiers"][tier]["peak_bytes"] <= report["tiers"][tier]["budget_bytes"]
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [None, "q8_0", "nf4"])
 def test_a_compiled_draft_gives_plain_greedy_tokens_and_its_unpacked_bytes_are_charged(
         packed, tiny_dirs, tmp_path_factory, tmp_path):
-    """speculation.compile: the draft's weights bound once (a q8_0 draft's unpacked), its steps run through
+    """speculation.compile: the draft's weights bound once (a compressed draft's unpacked), its steps run through
     torch.compile (on a CPU, each step after the first); the target's tokens stay its own."""
     from tierstore.inference.compose import compress_model, make_plan_for
 
@@ -382,8 +382,8 @@ def test_a_compiled_draft_gives_plain_greedy_tokens_and_its_unpacked_bytes_are_c
     draft = _draft_dir(tmp_path_factory, "llama", seed=1)
     config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"width": 3}}
     if packed:
-        store = str(tmp_path / "draft-q8_0")
-        compress_model(draft, store, "q8_0", config=config, progress=False)
+        store = str(tmp_path / f"draft-{packed}")
+        compress_model(draft, store, packed, config=config, progress=False)
         draft = store
     draft_bytes = sum(p.numel() for p in reference.parameters()) * 4
     streaming = _budget_for(reference)
