@@ -21,7 +21,7 @@ import os
 import time
 
 from common import Inflation
-from spec_rows import CHAT_PROMPTS, make_drafts, print_table, speculation_rows
+from spec_rows import CHAT_PROMPTS, codecs_of, make_drafts, print_table, speculation_rows
 
 FACTOR, INTER, LAYERS = 14, 29568, 80
 
@@ -74,7 +74,7 @@ def main() -> None:
     del inflation
     print(f"target: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
     wanted = args.only.split(",")
-    drafts = make_drafts(args.gguf, args.work, config, codecs=tuple({name.partition("+")[0] for name in wanted} & {"nf4", "int8", "q3_k"}))
+    drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, {"nf4", "int8", "q3_k"}))
     rows = speculation_rows(store, drafts, wanted, CHAT_PROMPTS[:args.prompts], args.new_tokens, budget, config,
                             base_tokens=args.base_tokens)
     with open(os.path.join(args.out, "scale_speculation.json"), "w") as handle:

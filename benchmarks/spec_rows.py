@@ -28,13 +28,19 @@ def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("
     return drafts
 
 
+def codecs_of(wanted: list[str], codecs: set[str]) -> tuple[str, ...]:
+    """The draft stores the wanted rows need (their names without a "+compile"), of `codecs`."""
+    return tuple({name.partition("+")[0] for name in wanted} & codecs)
+
+
 def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], prompts: list[str], new_tokens: int,
                      budget, config: dict, warm_tokens: int = 8,
                      base_tokens: int | None = None) -> list[tuple[str, object, dict]]:
     """(draft, prompt number or "rewrite", row) for each wanted draft ("none", "ngram" or a key of `drafts`; a
     model draft's name + "+compile" runs it under `speculation.compile`) and prompt, each after a warm-up call of
-    `warm_tokens` on its model object; ngram runs the rewrite prompt, with its own no-draft row. No-draft rows generate `base_tokens` (default `new_tokens`): a streamed step costs the
-    same at every length, so a large target's baseline can be shorter; tokens are then compared over its length."""
+    `warm_tokens` on its model object; ngram runs the rewrite prompt, with its own no-draft row. No-draft rows
+    generate `base_tokens` (default `new_tokens`): a streamed step costs the same at every length, so a large
+    target's baseline can be shorter; tokens are then compared over its length."""
     base_tokens = base_tokens or new_tokens
     rows: list[tuple[str, object, dict]] = []
     for name in wanted:

@@ -364,8 +364,8 @@ def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype
                 allow_download: bool) -> DraftCost | None:
     """What `_open_draft` would charge to the device budget (None for ngram), with no weights read and nothing
     converted: a store's or safetensors' layouts, or a GGUF's or .bin's parameters counted on the meta device (a
-    draft runs uncompressed, in `dtype`; bound for `speculation.compile`, a packed draft's file counts too, as an
-    upper bound of the packed copy kept beside it)."""
+    draft runs uncompressed, in `dtype`; bound for `speculation.compile`, a GGUF kept packed counts its file too,
+    an upper bound of the packed copy kept beside the unpacked matrices)."""
     if spec == "ngram":
         return None
     checkpoint = resolve(spec, allow_download)
@@ -373,7 +373,9 @@ def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype
         hf_config = load_config(checkpoint, trust_remote_code)
         skeleton = build_skeleton(hf_config, dtype, trust_remote_code)
         weights = sum(param.numel() for param in skeleton.model.parameters()) * dtype.itemsize
-        if cfg.speculation.compile and checkpoint.kind == "gguf":
+        draft_cfg = dataclasses.replace(cfg.with_compression("none"), runtime=dataclasses.replace(
+            cfg.runtime, device=str(device)))
+        if cfg.speculation.compile and keeps_ggml(checkpoint, draft_cfg):
             weights += os.path.getsize(checkpoint.path)
         return DraftCost(spec, weights, kv_bytes_per_token(hf_config, dtype))
     units = open_units(checkpoint, cfg.with_compression("none").without_expert_streaming(), device, dtype,

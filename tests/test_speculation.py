@@ -410,6 +410,27 @@ def test_a_compiled_draft_gives_plain_greedy_tokens_and_its_unpacked_bytes_are_c
     assert opened.device_reserve_bytes == bound.device_reserve_bytes  # the plan run is the plan shown
 
 
+def test_a_draft_torch_compile_cannot_take_runs_uncompiled_with_a_note(tiny_dirs, tmp_path, monkeypatch):
+    """A compiled forward that raises (a model torch.compile cannot trace) is dropped once, with a note; the steps
+    run as before and the tokens stay the model's."""
+    directory, reference = tiny_dirs("llama")
+    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4
+    streaming = _budget_for(reference)
+    budget = tierstore.Budget(vram=streaming.vram + 2 * draft_bytes, ram=streaming.ram)
+    config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"width": 3, "compile": True}}
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, draft=directory) as model:
+        def failing(*args, **kwargs):
+            raise RuntimeError("cannot trace this\nsecond line")
+        monkeypatch.setattr(model.draft, "compiled", failing)
+        ids = torch.tensor([REPEATING])
+        want = reference.generate(ids, max_new_tokens=12, do_sample=False)
+        assert model.generate(ids, max_new_tokens=12, do_sample=False).tolist() == want.tolist()
+        report = model.report()
+        assert report.speculation["draft_compiled"] is False and report.speculation["draft_steps"] > 1
+        assert any("draft steps not compiled: torch.compile failed (RuntimeError: cannot trace this)" in note
+                   for note in report.notes)
+
+
 def test_plan_charges_the_draft_to_the_device_budget(tiny_dirs, tmp_path, capsys):
     directory, reference = tiny_dirs("llama")
     draft_bytes = sum(p.numel() for p in reference.parameters()) * 4
