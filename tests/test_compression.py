@@ -331,13 +331,13 @@ def test_mixed_formats_meet_their_bits_and_the_store_keeps_its_allocation(tiny_d
 
 
 def test_rotation_is_refused_where_it_cannot_apply(tiny_dirs, tmp_path, capsys):
-    """A rotation with nf4, with mixed formats, without GPTQ (it loses quality there), or an unknown word: one
+    """A rotation with nf4, without GPTQ (it loses quality there; mixed formats too), or an unknown word: one
     line each, exit 2 from the CLI."""
     from tierstore.inference.front.cli import main
 
     directory, _ = tiny_dirs("llama")
     for compression, words in [('format = "nf4"\nrotation = "hadamard"', "applies to the GGML formats"),
-                               ('format = "mixed"\nrotation = "hadamard"', "not mixed"),
+                               ('format = "mixed"\nrotation = "hadamard"', "needs compression.rounding = gptq"),
                                ('format = "q3_k"\nrotation = "hadamard"', "needs compression.rounding = gptq"),
                                ('format = "q4_k"\nrotation = "givens"', "compression.rotation: 'givens'")]:
         path = tmp_path / "c.toml"

@@ -74,7 +74,7 @@ def token_calibration(monkeypatch):
     monkeypatch.setattr(importance, "_token_ids", lambda model, text: ids)
 
 
-@pytest.mark.parametrize("recipe", ["q4_k", "mixed", "q3_k+rotation"])
+@pytest.mark.parametrize("recipe", ["q4_k", "mixed", "q3_k+rotation", "mixed+rotation"])
 def test_a_gptq_store_holds_the_blocks_gptq_made_and_runs_as_them(recipe, tiny_dirs, tmp_path, monkeypatch,
                                                                    token_calibration):
     """A tiny Llama written with compression.rounding = "gptq": the store holds the blocks the calibration's GPTQ

@@ -96,9 +96,9 @@ class Codec:
                               f"{', '.join(ROUNDINGS)}")
         if rotation not in ("none", HADAMARD):
             raise ConfigError(f"compression.rotation: {rotation!r} is not allowed; choose from none, {HADAMARD}")
-        if rotation == HADAMARD and format not in GGML_RECIPES:
+        if rotation == HADAMARD and not ggml_recipe(format):
             raise ConfigError(f"compression.rotation = {HADAMARD} applies to the GGML formats tierstore quantizes "
-                              f"({', '.join(GGML_RECIPES)}), not {format}")
+                              f"({', '.join(GGML_RECIPES)}, {MIXED}), not {format}")
         if rotation == HADAMARD and rounding != GPTQ:
             raise ConfigError(f"compression.rotation = {HADAMARD} needs compression.rounding = gptq (and a "
                               f"calibration text): without GPTQ's error feedback a rotation loses quality (SmolLM2 "

@@ -154,7 +154,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                      "column's error folded into the columns not yet rounded, fitted to the calibration text's "
                      "activations (GPTQ): the same blocks and bits, less output error, minutes more to write"),
         "rotation": (_choice("none", "hadamard"), "none",
-                     "the GGML formats tierstore quantizes (not mixed), with rounding = gptq: hadamard = each "
+                     "the GGML formats tierstore quantizes (mixed too), with rounding = gptq: hadamard = each "
                      "matrix's inputs turned by random signs and a 64-wide Hadamard transform before it is "
                      "quantized, and the matrix turned back as it is dequantized (QuIP-style incoherence): helps at "
                      "3 bits, can hurt at 4 (measured: README); none = as is"),
