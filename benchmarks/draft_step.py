@@ -109,11 +109,27 @@ def _step_ms(model, width: int, nodes: int) -> float:
             drafts.ModelDraft._push = saved["push"]
             drafts.ModelDraft._choose = saved["choose"]
             tree.DraftTree.ancestry = saved["ancestry"]
+        kernels = _kernels_per_forward(draft) if torch.cuda.is_available() else None
     phases = ", ".join(f"{name} {seconds / counted * 1e3:.3f}" for name, seconds in spent.items())
     print(f"width {width}, node cap {nodes}, buffer {draft._kv.max_tokens} tokens, graphed {draft.graphed}, "
           f"compiled {draft.compiled} (warm-up {warm_s:.1f} s): {per_step_ms:.3f} ms a step as it runs; "
-          f"synchronized phases (ms a step): {phases}", flush=True)
+          f"synchronized phases (ms a step): {phases}; kernels a forward: {kernels}", flush=True)
     return per_step_ms
+
+
+def _kernels_per_forward(draft) -> int:
+    """The GPU kernels one replay of the draft's recorded forward launches (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    forward = draft._forward
+    if forward is None or forward.graph is None:
+        return 0
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward.graph.replay()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
 if __name__ == "__main__":
