@@ -232,7 +232,7 @@ def _rounded_formats(cfg: Config, names: frozenset[str]) -> Callable[[str, tuple
 
     def formats(name: str, shape: tuple[int, ...]) -> tuple[str, ...]:
         if codec.recipe == MIXED:
-            return candidates(math.prod(shape))
+            return candidates(math.prod(shape), codec.bits)
         return (recipe_formats(codec, {name: shape}, names)[name],)
     return formats
 

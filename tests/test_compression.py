@@ -229,7 +229,7 @@ def test_direct_io_reads_the_same_units_and_says_how_it_reads(tiny_dirs, tmp_pat
         assert model.generate(IDS, max_new_tokens=8, do_sample=False).tolist() == want
 
 
-@pytest.mark.parametrize("recipe", ["q3_k", "q4_k_m", "q5_k", "q8_0"])
+@pytest.mark.parametrize("recipe", ["q2_k", "q3_k", "q4_k_m", "q5_k", "q8_0"])
 @pytest.mark.parametrize("model_type", ["llama", "mixtral"])
 def test_ggml_recipes_equal_transformers_with_the_gguf_packages_dequantized_weights(model_type, recipe, tiny_dirs,
                                                                                     tmp_path):
@@ -324,8 +324,8 @@ def test_mixed_formats_meet_their_bits_and_the_store_keeps_its_allocation(tiny_d
     assert got == reference.generate(IDS, max_new_tokens=10, do_sample=False).tolist()
     with tierstore.AutoModel.from_pretrained(directory, config=config) as again:
         assert again.store.source.directory == store_dir and dict(again.store.source.codec.allocation) == allocation
-    with pytest.raises(ConfigError, match="compression.bits: 3 is not allowed; use a number from 3.4375 to 8.5"):
-        tierstore.Config.from_dict({"compression": {"format": "mixed", "bits": 3}})
+    with pytest.raises(ConfigError, match="compression.bits: 2.5 is not allowed; use a number from 2.625 to 8.5"):
+        tierstore.Config.from_dict({"compression": {"format": "mixed", "bits": 2.5}})
     with pytest.raises(tierstore.InputError, match="compression.format = mixed measures one process's model"):
         tierstore.AutoModel.from_pretrained(directory, config=config, tensor_parallel=2)
 

@@ -39,7 +39,7 @@ def test_sizes_and_bits_per_weight():
         ggml.packed_bytes("Q8_0", 33)
 
 
-@pytest.mark.parametrize("format", ["Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("format", ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_tierstores_quantizers_write_blocks_the_reference_reads_back_close(format):
     """Quantized by tierstore, dequantized by the `gguf` package: valid blocks, and the error of a good quantizer
     (llama.cpp's searches: Q4_K beats nf4's error at the same 4.5 bits)."""
@@ -53,7 +53,7 @@ def test_tierstores_quantizers_write_blocks_the_reference_reads_back_close(forma
     blocks = packed.numpy().reshape(-1, ggml.BLOCKS[format][1])
     back = torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[format]).reshape(-1))
     error = ((back - values).norm() / values.norm()).item()
-    assert error < {"Q8_0": 0.01, "Q6_K": 0.03, "Q5_K": 0.05, "Q4_K": 0.1, "Q3_K": 0.21}[format]
+    assert error < {"Q8_0": 0.01, "Q6_K": 0.03, "Q5_K": 0.05, "Q4_K": 0.1, "Q3_K": 0.21, "Q2_K": 0.36}[format]
     zeros = ggml_quantize.quantize(format, torch.zeros(256))  # an all-zero block stays zero, not NaN
     out = torch.empty(256)
     ggml.dequantize(format, zeros, out)
@@ -68,7 +68,7 @@ def test_an_importance_matrix_keeps_the_important_weights_closer():
     values = torch.randn(256 * 32) * 0.02
     importance = torch.ones(256 * 32)
     importance[::2] = 100.0  # every other weight's input is ten times larger
-    for format in ("Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    for format in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
         errors = []
         for weights in (None, importance):
             out = torch.empty_like(values)

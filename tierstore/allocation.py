@@ -1,8 +1,9 @@
 """Mixed precision: a block format per matrix, chosen by measured sensitivity to meet a bits-per-weight target.
 
-Each matrix is quantized in every candidate format and its error measured relative to its output: the squared
-weight error of column j weighed by the mean square of input feature j (the importance matrix, importance.py;
-without a calibration text every feature weighs 1), over the same sum for the weights themselves. Times the
+Each matrix is quantized in every candidate format from the target's floor up (below it none is ever chosen) and
+its error measured relative to its output: the squared weight error of column j weighed by the mean square of
+input feature j (the importance matrix, importance.py; without a calibration text every feature weighs 1), over
+the same sum for the weights themselves. Times the
 matrix's sensitivity (the KL divergence of the model's next-token distribution per unit of relative error added
 to that matrix's output, measured over the calibration text: importance.py), that predicts what quantizing it
 costs, as HIGGS' linearity theorem has it. That holds for small errors, and the step down from the format the
@@ -26,16 +27,23 @@ from .ggml import bits_per_weight as format_bits
 from .ggml_quantize import quantize
 
 SENSITIVITY = ":sensitivity"  # a matrix's name + this, beside its importance: KL per relative error (importance.py)
-CANDIDATES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # the formats tierstore writes, fewest bits first
+CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # the formats tierstore writes, fewest bits first
 LOWEST_BITS, HIGHEST_BITS = format_bits(CANDIDATES[0]), format_bits(CANDIDATES[-1])
 
 
-def candidates(numel: int) -> tuple[str, ...]:
-    """The candidate formats a matrix of `numel` elements fills with whole blocks."""
-    return tuple(format for format in CANDIDATES if numel % BLOCKS[format][0] == 0)
+def candidates(numel: int, bits: float | None = None) -> tuple[str, ...]:
+    """The candidate formats a matrix of `numel` elements fills with whole blocks; with a target of `bits` per
+    weight, only those from its floor up (the allocation never goes below the floor: see above)."""
+    least = floor(bits) if bits is not None else 0.0
+    return tuple(format for format in CANDIDATES if numel % BLOCKS[format][0] == 0 and format_bits(format) >= least)
 
 
-def matrix_errors(weight: torch.Tensor, importance: torch.Tensor | None) -> dict[str, float]:
+def floor(bits: float) -> float:
+    """The bits per weight of the largest candidate format within `bits` (every matrix starts there)."""
+    return max((format_bits(format) for format in CANDIDATES if format_bits(format) <= bits), default=0.0)
+
+
+def matrix_errors(weight: torch.Tensor, importance: torch.Tensor | None, bits: float | None = None) -> dict[str, float]:
     """Each candidate format's importance-weighted squared error of `weight` (rows, columns), quantized with that
     importance as the quantizers weigh it (column j's importance on every row)."""
     flat = weight.float().reshape(-1)
@@ -45,7 +53,7 @@ def matrix_errors(weight: torch.Tensor, importance: torch.Tensor | None) -> dict
     weights = feature.repeat(flat.numel() // columns)
     energy = float((flat ** 2 * weights).sum()) or 1.0  # the output's expected square: errors are relative to it
     errors = {}
-    for format in candidates(flat.numel()):
+    for format in candidates(flat.numel(), bits):
         restored = torch.empty_like(flat)
         dequantize(format, quantize(format, flat, weights if importance is not None else None), restored)
         errors[format] = float(((restored - flat) ** 2 * weights).sum()) / energy
@@ -56,9 +64,9 @@ def allocate(errors: Mapping[str, Mapping[str, float]], numel: Mapping[str, int]
     """The format of each matrix (name -> its formats' errors, its element count) with the least total error whose
     stored bits per weight stay within `bits`, none below the floor (the largest candidate within `bits`) where
     it has a choice. ConfigError when `bits` is below what the smallest formats take."""
-    floor = max((format_bits(format) for format in CANDIDATES if format_bits(format) <= bits), default=0.0)
+    least = floor(bits)
     hulls = {name: _lower_hull({format: error for format, error in by_format.items()
-                                if format_bits(format) >= floor} or by_format)
+                                if format_bits(format) >= least} or by_format)
              for name, by_format in errors.items()}
     chosen = {name: 0 for name in hulls}  # index into each hull
     spent = sum(format_bits(hulls[name][0][0]) * numel[name] for name in hulls)

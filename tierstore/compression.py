@@ -42,7 +42,8 @@ ABSMAX = "tierstore.absmax"
 DEFAULT_BLOCKSIZE = {"nf4": 64, "int8": 256}
 GGML = "ggml"  # matrices in GGML's block formats (ggml.py), each in its own: a GGUF's, or quantized by a recipe
 # recipe -> the block format of its matrices; "q4_k_m" gives some attention value and MLP down matrices Q6_K
-GGML_RECIPES = {"q3_k": "Q3_K", "q4_k": "Q4_K", "q4_k_m": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K", "q8_0": "Q8_0"}
+GGML_RECIPES = {"q2_k": "Q2_K", "q3_k": "Q3_K", "q4_k": "Q4_K", "q4_k_m": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K",
+                "q8_0": "Q8_0"}
 MIXED = "mixed"  # a format per matrix, meeting compression.bits (allocation.py)
 NEAREST, GPTQ = "nearest", "gptq"  # compression.rounding: how a calibrated recipe chooses its codes
 ROUNDINGS = (NEAREST, GPTQ)

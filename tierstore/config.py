@@ -96,7 +96,7 @@ def _device(key: str, value: Any) -> Any:
     return value
 
 
-COMPRESSION_FORMATS = ("nf4", "int8", "q3_k", "q4_k", "q4_k_m", "q5_k", "q6_k", "q8_0", "mixed")
+COMPRESSION_FORMATS = ("nf4", "int8", "q2_k", "q3_k", "q4_k", "q4_k_m", "q5_k", "q6_k", "q8_0", "mixed")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_4")  # transformers' names
 EXPERT_KERNELS = ("grouped_mm", "batched_mm", "eager")  # transformers' experts_implementation names
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' block-wise kernels accept
@@ -137,10 +137,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
     "compression": {
         "format": (_choice("none", *COMPRESSION_FORMATS), "none",
                    "store the decoder layers' matrices block-wise: nf4 or int8 (bitsandbytes), or GGML's k-quants "
-                   "quantized by tierstore (q3_k, q4_k, q4_k_m, q5_k, q6_k, q8_0), or mixed: a k-quant per matrix "
-                   "chosen by its measured error to meet compression.bits; none = as is"),
-        "bits": (_float_range(3.4375, 8.5), 4.5,
-                 "mixed: bits per weight (3.44 to 8.5) the decoder matrices' formats meet together, the matrices "
+                   "quantized by tierstore (q2_k, q3_k, q4_k, q4_k_m, q5_k, q6_k, q8_0), or mixed: a k-quant per "
+                   "matrix chosen by its measured error to meet compression.bits; none = as is"),
+        "bits": (_float_range(2.625, 8.5), 4.5,
+                 "mixed: bits per weight (2.625 to 8.5) the decoder matrices' formats meet together, the matrices "
                  "whose error weighs most (on the calibration text, when one is given) keeping the most"),
         "blocksize": (_blocksize, AUTO, "elements per quantization block (64 to 4096); auto = 64 for nf4, 256 "
                                         "for int8"),

@@ -1,11 +1,13 @@
 """Quantizing into GGML's block formats (the inverse of ggml.py): tierstore's own 3- to 8-bit compression.
 
-The k-quants follow llama.cpp's reference quantizers (`quantize_row_q3_K_ref` to `quantize_row_q6_K_ref`),
+The k-quants follow llama.cpp's reference quantizers (`quantize_row_q2_K_ref` to `quantize_row_q6_K_ref`),
 data-free:
 - Q4_K: super-blocks of 256 in 8 sub-blocks of 32, each with a scale and a minimum found by a weighted
   least-squares search over 21 candidate grids (`make_qkx2_quants`), both then quantized to 6 bits against the
   super-block's float16 scale and minimum: 4.5 bits a weight;
 - Q5_K: the same with 5-bit codes (16 grids): 5.5 bits;
+- Q2_K: 16 sub-blocks of 16, 2-bit codes with a scale and a minimum each (searched as Q4_K's, from -0.5 in 15
+  steps), both stored in 4 bits against the super-block's float16 scale and minimum: 2.625 bits;
 - Q3_K: 16 sub-blocks of 16, symmetric 3-bit codes, each sub-block's scale searched over 19 grids
   (`make_qx_quants`; llama.cpp's data-free Q3_K refines codes one at a time instead) and stored in 6 bits against
   a float16 super-scale: 3.4375 bits;
@@ -167,6 +169,32 @@ def _q5_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
     return Grid(step, offset, 0, 31, 32, pack)
 
 
+def _q2_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
+    """16 sub-blocks of 16, codes 0..3 with a scale and a minimum each, both in 4 bits (a byte per sub-block:
+    scale low, minimum high) against the float16 super-scale and super-minimum; the codes four to a byte, each 128
+    values' 32 bytes holding its four runs of 32 in bit pairs. 2.625 bits a weight."""
+    sub = x.view(-1, 16)
+    n = sub.shape[0] // 16
+    if importance is None:  # llama.cpp's reference weighs each value by its magnitude
+        weights = sub.abs()
+    else:
+        weights = importance.view(-1, 16) * (sub.pow(2).mean(1, keepdim=True) + sub * sub).sqrt()
+    _, scales, mins = _scale_min_search(sub, weights, 3, 15, -0.5, 0.1)
+    scales, mins = scales.view(n, 16), mins.view(n, 16)
+    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
+    ls = torch.round(scales * torch.where(max_scale > 0, 15 / max_scale, torch.zeros_like(max_scale))).clamp(0, 15)
+    lm = torch.round(mins * torch.where(max_min > 0, 15 / max_min, torch.zeros_like(max_min))).clamp(0, 15)
+    d = (max_scale / 15).to(torch.float16).float()
+    dmin = (max_min / 15).to(torch.float16).float()
+    step, offset = (d * ls).view(-1, 1), (dmin * lm).view(-1, 1)
+    packed = ls.to(torch.uint8) | (lm.to(torch.uint8) << 4)
+
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        qs = _pack(codes.to(torch.uint8).view(n, 2, 4, 32), 2, 2).view(n, 64)
+        return torch.cat([packed, qs, _half_bytes(d), _half_bytes(dmin)], 1).reshape(-1)
+    return Grid(step, offset, 0, 3, 16, pack)
+
+
 def _symmetric_search(x: torch.Tensor, nmax: int, importance: torch.Tensor | None) -> torch.Tensor:
     """llama.cpp's make_qx_quants (rmse_type 1) for rows of `x`: the scale of codes in -nmax..nmax-1 minimizing
     the squared error weighted by x² (times the importance, when given), searched over 19 grids."""
@@ -233,5 +261,5 @@ def _q3_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
     return Grid(step, torch.zeros_like(step), -4, 3, 16, pack)
 
 
-_GRIDS = {"Q8_0": _q8_0, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_GRIDS = {"Q8_0": _q8_0, "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 FORMATS = tuple(_GRIDS)

@@ -56,7 +56,7 @@ def _budget_args(parser: argparse.ArgumentParser, draft: bool = True, compress: 
     # eval refuses --compress in one line (it measures --formats); its help does not offer it
     parser.add_argument("--compress", choices=["none", *COMPRESSION_FORMATS],
                         help="store the layers' matrices compressed: nf4, int8 (bitsandbytes) or GGML's k-quants "
-                             "q3_k, q4_k, q4_k_m, q5_k, q6_k, q8_0 (sets compression.format)"
+                             "q2_k, q3_k, q4_k, q4_k_m, q5_k, q6_k, q8_0 (sets compression.format)"
                         if compress else argparse.SUPPRESS)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
     parser.add_argument("--download", action="store_true", help="allow downloading a Hub model not in the cache")

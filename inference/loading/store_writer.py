@@ -102,13 +102,13 @@ def _allocated(codec: Codec, source: UnitSource, skeleton: Skeleton, layouts: Ma
         tensors = None
         for name in names:
             numel[name] = math.prod(layout.slots[name].shape)
-            measured = _gptq_errors(name, numel[name], importance)
+            measured = _gptq_errors(name, numel[name], importance, codec.bits)
             if not measured:
                 if tensors is None:  # the unit's bytes, once
                     buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
                     source.read_into(key, buffer)
                     tensors = layout.views(buffer)
-                measured = matrix_errors(tensors[name].to(device), importance.get(name))
+                measured = matrix_errors(tensors[name].to(device), importance.get(name), codec.bits)
             weight = float(importance.get(f"{name}{SENSITIVITY}", 1.0))  # KL per relative error, when measured
             errors[name] = {format: error * weight for format, error in measured.items()}
     allocation = allocate(errors, numel, codec.bits)
@@ -117,10 +117,10 @@ def _allocated(codec: Codec, source: UnitSource, skeleton: Skeleton, layouts: Ma
     return dataclasses.replace(codec, allocation=tuple(sorted(allocation.items())))
 
 
-def _gptq_errors(name: str, numel: int, importance: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Matrix `name`'s relative output error in each candidate format as GPTQ measured it while the calibration
-    text ran ({} where it did not round the matrix)."""
-    return {format: float(importance[error_key(name, format)]) for format in candidates(numel)
+def _gptq_errors(name: str, numel: int, importance: Mapping[str, torch.Tensor], bits: float) -> dict[str, float]:
+    """Matrix `name`'s relative output error in each candidate format for `bits` as GPTQ measured it while the
+    calibration text ran ({} where it did not round the matrix)."""
+    return {format: float(importance[error_key(name, format)]) for format in candidates(numel, bits)
             if error_key(name, format) in importance}
 
 
