@@ -119,19 +119,26 @@ def _scales_mins(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, rm
     else:  # llama.cpp's weighting with an importance matrix
         weights = importance.view(-1, 32) * (sub.pow(2).mean(1, keepdim=True) + sub * sub).sqrt()
     _, scales, mins = _scale_min_search(sub, weights, nmax, steps, rmin, rdelta)
-    scales, mins = scales.view(n, 8), mins.view(n, 8)
-    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
-    ls = torch.round(scales * torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))).clamp(0, 63)
-    lm = torch.round(mins * torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))).clamp(0, 63)
-    d = (max_scale / 63).to(torch.float16).float()
-    dmin = (max_min / 63).to(torch.float16).float()
-    step, offset = (d * ls).view(-1, 1), (dmin * lm).view(-1, 1)
-    ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
+    d, dmin, ls, lm, step, offset = _super_scaled(scales.view(n, 8), mins.view(n, 8), 63)
     packed = torch.empty(n, 12, dtype=torch.uint8, device=x.device)
     packed[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     packed[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     packed[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
     return d, dmin, packed, step, offset
+
+
+def _super_scaled(scales: torch.Tensor, mins: torch.Tensor, levels: int) -> tuple[torch.Tensor, ...]:
+    """Sub-block scales and minimums [blocks, k] as integers 0..levels against each block's float16 super-scale
+    and super-minimum (the largest maps to `levels`): (super-scale, super-minimum as float32 [blocks, 1], the
+    integers as uint8 [blocks, k], each sub-block's step and offset [blocks * k, 1] as the dequantizer uses them)."""
+    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
+    ls = torch.round(scales * torch.where(max_scale > 0, levels / max_scale, torch.zeros_like(max_scale)))
+    lm = torch.round(mins * torch.where(max_min > 0, levels / max_min, torch.zeros_like(max_min)))
+    ls, lm = ls.clamp(0, levels), lm.clamp(0, levels)
+    d = (max_scale / levels).to(torch.float16).float()
+    dmin = (max_min / levels).to(torch.float16).float()
+    step, offset = (d * ls).view(-1, 1), (dmin * lm).view(-1, 1)
+    return d, dmin, ls.to(torch.uint8), lm.to(torch.uint8), step, offset
 
 
 def _pack(fields: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
@@ -180,14 +187,8 @@ def _q2_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
     else:
         weights = importance.view(-1, 16) * (sub.pow(2).mean(1, keepdim=True) + sub * sub).sqrt()
     _, scales, mins = _scale_min_search(sub, weights, 3, 15, -0.5, 0.1)
-    scales, mins = scales.view(n, 16), mins.view(n, 16)
-    max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
-    ls = torch.round(scales * torch.where(max_scale > 0, 15 / max_scale, torch.zeros_like(max_scale))).clamp(0, 15)
-    lm = torch.round(mins * torch.where(max_min > 0, 15 / max_min, torch.zeros_like(max_min))).clamp(0, 15)
-    d = (max_scale / 15).to(torch.float16).float()
-    dmin = (max_min / 15).to(torch.float16).float()
-    step, offset = (d * ls).view(-1, 1), (dmin * lm).view(-1, 1)
-    packed = ls.to(torch.uint8) | (lm.to(torch.uint8) << 4)
+    d, dmin, ls, lm, step, offset = _super_scaled(scales.view(n, 16), mins.view(n, 16), 15)
+    packed = ls | (lm << 4)
 
     def pack(codes: torch.Tensor) -> torch.Tensor:
         qs = _pack(codes.to(torch.uint8).view(n, 2, 4, 32), 2, 2).view(n, 64)
