@@ -249,12 +249,7 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
     # refused before the draft is converted or read when the model cannot run beside what it would take
     place(units, cfg, device, _plan_draft(request.draft, cfg, device, units.dtype, request.trust_remote_code,
                                           request.allow_download))
-    # The draft's own budget: whatever is free (it must all fit); what it takes is charged to the target's plan.
-    # Resident, a mixture-of-experts draft keeps its experts inside its layers: no routing read back per layer,
-    # so its steps can be captured in a CUDA graph.
-    draft_cfg = dataclasses.replace(
-        cfg.with_compression("none").without_expert_streaming(), budget=Budget(),
-        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
+    draft_cfg = _draft_config(cfg, device)
     # all of it on the device, its input embedding too: a draft step is captured as a CUDA graph, which cannot
     # copy rows from RAM
     bound = cfg.speculation.compile
@@ -271,6 +266,15 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
                          f"there")
     check_same_vocabulary(units.hf_config, tokenizer, model, request.draft)
     return model, cost
+
+
+def _draft_config(cfg: Config, device: torch.device) -> Config:
+    """The config a model draft opens with. Its own budget: whatever is free (it must all fit); what it takes is
+    charged to the target's plan. Resident, a mixture-of-experts draft keeps its experts inside its layers: no
+    routing read back per layer, so its steps can be captured in a CUDA graph."""
+    return dataclasses.replace(
+        cfg.with_compression("none").without_expert_streaming(), budget=Budget(),
+        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
 
 
 def _open_runtime(request: OpenRequest, device: torch.device, units: Units, tokenizer: Any,
@@ -373,9 +377,7 @@ def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype
         hf_config = load_config(checkpoint, trust_remote_code)
         skeleton = build_skeleton(hf_config, dtype, trust_remote_code)
         weights = sum(param.numel() for param in skeleton.model.parameters()) * dtype.itemsize
-        draft_cfg = dataclasses.replace(cfg.with_compression("none"), runtime=dataclasses.replace(
-            cfg.runtime, device=str(device)))
-        if cfg.speculation.compile and keeps_ggml(checkpoint, draft_cfg):
+        if cfg.speculation.compile and keeps_ggml(checkpoint, _draft_config(cfg, device)):
             weights += os.path.getsize(checkpoint.path)
         return DraftCost(spec, weights, kv_bytes_per_token(hf_config, dtype))
     units = open_units(checkpoint, cfg.with_compression("none").without_expert_streaming(), device, dtype,

@@ -1,4 +1,4 @@
-"""Quantizing into GGML's block formats (the inverse of ggml.py): tierstore's own 3- to 8-bit compression.
+"""Quantizing into GGML's block formats (the inverse of ggml.py): tierstore's own 2- to 8-bit compression.
 
 The k-quants follow llama.cpp's reference quantizers (`quantize_row_q2_K_ref` to `quantize_row_q6_K_ref`),
 data-free:

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WIDTH = 8
 DEFAULT_NGRAM = 3
 NGRAM_DEPTH = 64  # tokens of a continuation drafted: past that an earlier occurrence rarely still holds
-KV_STEP_TOKENS = 256  # a model draft's cache is sized in these steps: calls of similar lengths share its shapes
-# (a compiled draft compiles again for a new shape)
+KV_STEP_TOKENS = 256  # a compiled draft's cache is sized in these steps: calls of similar lengths share its
+# shapes (it compiles again for a new shape)
 
 
 class NgramDraft:
@@ -130,7 +130,9 @@ class ModelDraft:
         one): fresh buffers (room for the largest tree too), new graph."""
         self._stop_ids = stop_ids
         entries = max_tokens + self.policy.max_nodes + 2 * self.width
-        self._kv = StaticKV(-(-entries // KV_STEP_TOKENS) * KV_STEP_TOKENS)
+        if self.model.compiled is not None:
+            entries = -(-entries // KV_STEP_TOKENS) * KV_STEP_TOKENS
+        self._kv = StaticKV(entries)
         self._forward = StaticForward(self.model.model, self._kv, self.width, self.model.device,
                                       compiled=self.model.compiled)
         self._cached, self._fed = 0, []

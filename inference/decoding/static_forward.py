@@ -198,5 +198,5 @@ class StaticForward:
     def _forward(self, model: Any) -> None:
         with torch.no_grad():
             out = model(input_ids=self.ids, position_ids=self.positions, cache_position=self.writes,
-                             attention_mask=self.bias, past_key_values=self.kv, use_cache=True)
+                        attention_mask=self.bias, past_key_values=self.kv, use_cache=True)
         self.logits = out.logits
