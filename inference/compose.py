@@ -54,7 +54,7 @@ from .placement.plan import per_matrix_units, place
 from .runtime.adapters import attach
 from .runtime.bound import BoundWeights, unpacked_bytes
 from .runtime.collectives import TIMEOUT_S, Collectives, join_group, leave_group, rank_device
-from .runtime.experts import ExpertRunner, open_experts
+from .runtime.experts import ExpertRunner, Packed, open_experts
 from .runtime.hooks import AttachedHooks
 from .runtime.lookup import HostLookup, without_lookup
 
@@ -297,7 +297,7 @@ def _open_runtime(request: OpenRequest, device: torch.device, units: Units, toke
     resources.callback(store.close)
     store.disk_stats.budget_bytes = cfg.budget.disk
     experts = _open_experts(cfg, device, units, plan, store, tracer, resources) if plan.experts else None
-    decompressor = Decompressor(units.codec, units.packed, units.dtype, device,
+    decompressor = Decompressor(units.codec, units.dense_packed, units.dtype, device,
                                 per_matrix_units(units, plan.device_budget_bytes)) if units.codec else None
     if request.bound:
         attach(resources, BoundWeights(units.skeleton, store, device, decompressor))
@@ -318,8 +318,10 @@ def _open_experts(cfg: Config, device: torch.device, units: Units, plan: Plan, s
     layouts = {key: units.layouts[key] for key in units.skeleton.expert_keys}
     transfer = make_transfer(device, cfg.io.pinned_memory, pinned_arena_bytes(plan.experts.host_bytes, layouts))
     on_event = functools.partial(tracer.store_event, prefix="experts ") if tracer is not None else None
+    packed = {key: units.packed[key] for key in layouts if key in units.packed}
     runner = open_experts(units.skeleton.experts, units.source, layouts, plan.experts, store, transfer,
-                          cfg.io.reader_threads, on_event)
+                          cfg.io.reader_threads, on_event,
+                          Packed(units.codec, packed, units.dtype) if packed else None)
     resources.callback(runner.store.close)
     return attach(resources, runner)
 
@@ -434,9 +436,8 @@ def compress_model(model: str, out_dir: str, format: str, dtype: torch.dtype | N
     device = compute_device(cfg.runtime.device)
     checkpoint = convert_if_needed(resolve(model), cfg, trust_remote_code, progress)
     dtype = dtype or checkpoint_dtype(load_config(checkpoint, trust_remote_code))
-    # the base is read as compression will pack it: experts whole inside their layers (see Config.splits_experts)
-    units = open_units(checkpoint, cfg.with_compression("none").without_expert_streaming(), device, dtype,
-                       trust_remote_code, progress)
+    # the base is read as compression will pack it: each expert a unit of its own under expert streaming
+    units = open_units(checkpoint, cfg.with_compression("none"), device, dtype, trust_remote_code, progress)
     try:
         if units.codec is not None:
             raise InputError(f"{units.checkpoint.path} is already compressed ({units.codec.name})")

@@ -57,16 +57,17 @@ class ExpertCosts:
 
 
 def split_misses(tokens: Mapping[int, int], nbytes: int, costs: ExpertCosts,
-                 heat: Mapping[int, int] | None = None) -> list[int]:
-    """Of a layer's missed experts (expert -> tokens routed to it, each of `nbytes`), those to compute on the
-    host; the rest are copied. The link and the CPU work at once, so the layer waits for the longer of the two:
-    experts move to the host, cheapest first (fewest tokens, then coldest by `heat`, so that the hot ones are
-    copied into slots where they will hit again), while that shortens the wait."""
+                 heat: Mapping[int, int] | None = None, host_nbytes: int | None = None) -> list[int]:
+    """Of a layer's missed experts (expert -> tokens routed to it, each of `nbytes` as stored), those to compute
+    on the host; the rest are copied. The link and the CPU work at once, so the layer waits for the longer of the
+    two: experts move to the host, cheapest first (fewest tokens, then coldest by `heat`, so that the hot ones are
+    copied into slots where they will hit again), while that shortens the wait. `host_nbytes`: the bytes the CPU's
+    work on one scales with, where that is not `nbytes` (a compressed expert is dequantized first)."""
     order = sorted(tokens, key=lambda expert: (tokens[expert], (heat or {}).get(expert, 0), expert))
     copy_each = costs.copy_s(nbytes)
     link_s, host_s, chosen = copy_each * len(order), 0.0, []
     for expert in order:
-        cost = costs.host_s(nbytes, tokens[expert]) + (0.0 if chosen else costs.host_call_s)
+        cost = costs.host_s(host_nbytes or nbytes, tokens[expert]) + (0.0 if chosen else costs.host_call_s)
         if max(host_s + cost, link_s - copy_each) >= max(host_s, link_s):
             break
         chosen.append(expert)
@@ -90,6 +91,8 @@ class ExpertsInput:
     predictable: bool = True
     compute: str = AUTO
     costs: ExpertCosts | None = None  # measured rates; None: not measured (auto then copies every miss)
+    window: int = 0  # compressed experts: how many are dequantized at once on the device (0: uncompressed)
+    window_bytes: int = 0  # that window's device bytes
 
     @property
     def total_experts(self) -> int:
@@ -114,6 +117,7 @@ class ExpertPlan:
     choose_policy: bool = False  # device_policy auto: re-chosen after each call from the routing it saw
     compute: str = "device"  # where missed experts are computed: device (copied), host, or auto (split_misses)
     costs: ExpertCosts | None = None
+    window: int = 0  # compressed experts dequantized at once (inference/runtime/packed_experts.py); 0: none
 
     @property
     def total_experts(self) -> int:
@@ -210,10 +214,12 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
     _check(experts)
     one_token = experts.top_k * experts.expert_bytes
     predict = experts.prefetch != "none" and experts.predictable
-    # a device with an activation reserve (a GPU) may read experts in place: its gather buffer is an activation
+    # a device with an activation reserve (a GPU) may read experts in place: its gather buffer is an activation;
+    # compressed experts are never read in place, and their window of dequantized experts is one instead
     gather = (gather_pairs(experts.top_k) * experts.expert_bytes
-              if dense.device_reserve_bytes and _compute(experts) in (AUTO, "mapped") else 0)
-    dense = dataclasses.replace(dense, device_reserve_bytes=dense.device_reserve_bytes + gather)
+              if dense.device_reserve_bytes and _compute(experts) in (AUTO, "mapped") and not experts.window else 0)
+    dense = dataclasses.replace(dense, device_reserve_bytes=dense.device_reserve_bytes + gather
+                                + experts.window_bytes)
     plan = None
     for slots in ((2 * experts.top_k, experts.top_k) if predict else (experts.top_k,)):
         try:
@@ -245,7 +251,10 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
         choose_policy=experts.device_policy == AUTO,
         prefetch=(("auto" if experts.prefetch == AUTO else experts.prefetch)
                   if predict and device_slots >= 2 * experts.top_k else "none"),
-        compute=_compute(experts), costs=experts.costs)
+        compute=_compute(experts), costs=experts.costs, window=experts.window)
+    if expert_plan.compute == "mapped" and expert_plan.window:
+        raise ConfigError("experts.compute = mapped reads experts as they are stored; compressed experts are "
+                          "dequantized before they compute: choose auto, device or host")
     if expert_plan.compute == "mapped" and expert_plan.host_experts < expert_plan.total_experts:
         every = format_size(expert_plan.total_experts * experts.expert_bytes)
         raise BudgetError(f"experts.compute = mapped reads routed experts from host RAM, which must hold all "
@@ -253,11 +262,15 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
                           f"{expert_plan.host_experts}: raise ram, or choose device or host")
     notes = list(plan.notes)
     every_in_ram = expert_plan.host_experts >= expert_plan.total_experts
-    if expert_plan.compute == "mapped" or (expert_plan.compute == "auto" and every_in_ram):
+    if expert_plan.compute == "mapped" or (expert_plan.compute == "auto" and every_in_ram and not experts.window):
         notes.append("experts: a decode step reads each routed expert in place, from its slot or over the link from "
                      "pinned RAM (no copy, no wait for the routing; on a GPU); a longer call "
                      + ("copies the missed ones" if expert_plan.compute == "mapped" else
                         "splits the missed ones between copies and the CPU"))
+    if experts.window:
+        notes.append(f"experts stay compressed in every tier, their device slots too; the routed ones are "
+                     f"dequantized on the device, {experts.window} at a time, into a "
+                     f"{format_size(experts.window_bytes)} window")
     if device_slots < experts.total_experts and device_slots < experts.experts_per_layer:
         notes.append(f"{device_slots} expert slots on the device, fewer than a layer's {experts.experts_per_layer} "
                      f"experts: a long prompt's pass runs its experts in token chunks")

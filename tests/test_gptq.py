@@ -143,7 +143,7 @@ def test_gptq_rounds_every_decoder_linear_of_each_architecture(model_type, tiny_
     """Across architectures (phi3's fused projections, mixtral's experts, which are no nn.Linear): every
     decoder-layer nn.Linear is stored as the blocks GPTQ made for it, any other matrix rounded to nearest, and the
     tokens are transformers' with those blocks dequantized (and, rotated, turned back by Rᵀ written out here;
-    mixtral's 3-D expert stacks stay unrotated)."""
+    mixtral's experts, units of their own, each expert's matrices rotated and turned back too)."""
     from torch import nn
 
     from tierstore import rotation
@@ -167,19 +167,22 @@ def test_gptq_rounds_every_decoder_linear_of_each_architecture(model_type, tiny_
     reference = copy.deepcopy(original)
     turned = 0
     with torch.no_grad():
-        for name, param in reference.named_parameters():
-            if name in formats:
-                turn = rotated and rotation.applies(tuple(param.shape))
+        for whole, param in reference.named_parameters():
+            # a matrix, or each expert's slice of a fused experts tensor (experts are units of their own)
+            pieces = [(whole, param.data)] if whole in formats else \
+                [(f"{whole}[{e}]", param.data[e]) for e in range(param.shape[0]) if f"{whole}[{e}]" in formats]
+            for name, data in pieces:
+                turn = rotated and rotation.applies(tuple(data.shape))
                 blocks = made.get(blocks_key(name, formats[name]))
-                if blocks is None:  # no nn.Linear (mixtral's router): no importance either, the data-free search
-                    weight = rotation.rotate(param.data, name) if turn else param.data
+                if blocks is None:  # no nn.Linear (mixtral's experts): no importance either, the data-free search
+                    weight = rotation.rotate(data, name) if turn else data
                     blocks = ggml_quantize.quantize(formats[name], weight.reshape(-1))
-                restored = torch.empty(param.numel())
+                restored = torch.empty(data.numel())
                 ggml.dequantize(formats[name], blocks, restored)
-                restored = restored.view_as(param)
+                restored = restored.view_as(data)
                 if turn:
-                    restored, turned = restored @ rotation.rotate(torch.eye(param.shape[1]), name).T, turned + 1
-                param.copy_(restored)
+                    restored, turned = restored @ rotation.rotate(torch.eye(data.shape[1]), name).T, turned + 1
+                data.copy_(restored)
     assert turned >= (len(linears) if rotated else 0) and (turned == 0) != rotated
     assert got == reference.generate(IDS, max_new_tokens=8, do_sample=False).tolist()
 

@@ -427,10 +427,7 @@ class Decompressor:
         self.codec = codec
         self.per_matrix = frozenset(per_matrix)
         self.packed = dict(packed)
-        self._dtype = dtype
-        self._ops = _ops() if codec.format != GGML else None
-        self._code = torch.tensor(codec.code, device=device) if codec.code else None
-        self._out_variant = device.type == "cuda"  # bitsandbytes' CPU backend has no `out=` kernels
+        self._unpacker = MatrixUnpacker(codec, dtype, device)
         self.scratch = torch.empty(scratch_bytes(packed, dtype, self.per_matrix) // dtype.itemsize, dtype=dtype,
                                    device=device)
         self._views = {key: {name: self.scratch[offset:offset + math.prod(shape)].view(shape)
@@ -457,28 +454,47 @@ class Decompressor:
             for name in self._rotated.get(key, ()):
                 unrotate_(self._views[key][name], name)
         else:
-            self._dequantize(tensors[PACKED], tensors[ABSMAX], self.scratch[:packed.numel])
+            self._unpacker.dequantize(tensors[PACKED], tensors[ABSMAX], self.scratch[:packed.numel])
         return {**tensors, **self._views[key]}
 
     def materialize_matrix(self, key: Hashable, name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Matrix `name` of unit `key` (whose stored tensors are `tensors`) dequantized, valid for the compute
         queued before the next call."""
-        offset, shape = self.packed[key].matrices[name]
+        return self._unpacker.matrix_into(self.packed[key], name, tensors, self.scratch)
+
+
+class MatrixUnpacker:
+    """Dequantizes one matrix of a compressed unit into a buffer on `device` (the unit's tensors there too)."""
+
+    def __init__(self, codec: Codec, dtype: torch.dtype, device: torch.device) -> None:
+        self.codec = codec
+        self._dtype = dtype
+        self._ops = _ops() if codec.format != GGML else None
+        self._code = torch.tensor(codec.code, device=device) if codec.code else None
+        self._out_variant = device.type == "cuda"  # bitsandbytes' CPU backend has no `out=` kernels
+
+    def matrix_into(self, packed: PackedMatrices, name: str, tensors: Mapping[str, torch.Tensor],
+                    out: torch.Tensor) -> torch.Tensor:
+        """Matrix `name` of a unit (`packed`: where its matrices sit; `tensors`: its stored tensors) dequantized
+        into the start of `out` (1-D, in the compute dtype, room for `unpacked_numel(codec, shape)` elements);
+        returns that part of `out` in the matrix's shape."""
+        offset, shape = packed.matrices[name]
+        numel = math.prod(shape)
         if self.codec.format == GGML:
-            start, end = self.packed[key].ggml_bytes(name)
-            ggml_dequantize(self.packed[key].formats[name][0], tensors[PACKED][start:end],
-                            self.scratch[:math.prod(shape)])
-            matrix = self.scratch[:math.prod(shape)].view(shape)
+            start, end = packed.ggml_bytes(name)
+            ggml_dequantize(packed.formats[name][0], tensors[PACKED][start:end], out[:numel])
+            matrix = out[:numel].view(shape)
             if self.codec.rotation and rotates(shape):
                 unrotate_(matrix, name)
             return matrix
-        numel = align(math.prod(shape), self.codec.blocksize)  # whole blocks; matrices start on block boundaries
-        codes = tensors[PACKED][self.codec.packed_bytes(offset):self.codec.packed_bytes(offset + numel)]
-        absmax = tensors[ABSMAX][offset // self.codec.blocksize:(offset + numel) // self.codec.blocksize]
-        self._dequantize(codes, absmax, self.scratch[:numel])
-        return self.scratch[:math.prod(shape)].view(shape)
+        whole = align(numel, self.codec.blocksize)  # whole blocks; matrices start on block boundaries
+        codes = tensors[PACKED][self.codec.packed_bytes(offset):self.codec.packed_bytes(offset + whole)]
+        absmax = tensors[ABSMAX][offset // self.codec.blocksize:(offset + whole) // self.codec.blocksize]
+        self.dequantize(codes, absmax, out[:whole])
+        return out[:numel].view(shape)
 
-    def _dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor) -> None:
+    def dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor) -> None:
+        """bitsandbytes' codes and block scales into `out` (its length: the codes' elements)."""
         numel = out.numel()
         if self.codec.format == "nf4":
             if self._out_variant:
@@ -492,6 +508,12 @@ class Decompressor:
         else:
             out.copy_(self._ops.dequantize_blockwise(codes, absmax, self._code, self.codec.blocksize,
                                                      self._dtype).reshape(-1))
+
+
+def unpacked_numel(codec: Codec, shape: tuple[int, ...]) -> int:
+    """Elements a matrix of `shape` takes while it is dequantized (bitsandbytes' codecs: whole blocks)."""
+    numel = math.prod(shape)
+    return numel if codec.format == GGML else align(numel, codec.blocksize)
 
 
 def scratch_bytes(packed: Mapping[Hashable, PackedMatrices], dtype: torch.dtype,

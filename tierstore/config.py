@@ -183,7 +183,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
     },
     "experts": {
         "streaming": (_bool, True, "mixture-of-experts models: each routed expert is a unit of its own, moved only "
-                                   "when a token is routed to it; false = whole layers (also with compression)"),
+                                   "when a token is routed to it (compressed experts cross packed and are "
+                                   "dequantized on the device); false = whole layers"),
         "device_policy": (_choice(AUTO, *EXPERT_POLICIES), AUTO,
                           "eviction policy of the experts cached on the device; auto = lfu (frequency with decay)"),
         "host_policy": (_choice(AUTO, *EXPERT_POLICIES), AUTO,
@@ -196,8 +197,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                     "into a slot; host = by the CPU from host RAM (the token's hidden state crosses the link, not "
                     "the weights); mapped = read in place by the GPU from page-locked host RAM, no copy and no "
                     "wait for the routing (layer calls of up to 32 token-expert pairs, as in decoding; host RAM "
-                    "must hold every expert); auto = split per layer by measured rates so that link and CPU work "
-                    "at once (on a CPU: host)"),
+                    "must hold every expert; not for compressed experts); auto = split per layer by measured "
+                    "rates so that link and CPU work at once (on a CPU: host)"),
         "implementation": (_choice(AUTO, *EXPERT_KERNELS), AUTO,
                            "transformers' experts kernel; auto = grouped_mm under expert streaming (the fastest on "
                            "GPUs, and exact there: eager sums a token's experts in slot order), else transformers' "
@@ -331,9 +332,9 @@ class Config:
 
     @property
     def splits_experts(self) -> bool:
-        """Whether mixture-of-experts layers are cut into one unit per expert (not with compression, whose
-        dequantization buffer holds one unit at a time)."""
-        return bool(self.experts.streaming) and self.compression.format == "none"
+        """Whether mixture-of-experts layers are cut into one unit per expert (compressed or not: a compressed
+        expert crosses the link packed and is dequantized on the device as it is routed to)."""
+        return bool(self.experts.streaming)
 
     def without_expert_streaming(self) -> "Config":
         """This config with `experts.streaming` off."""

@@ -23,7 +23,7 @@ from ...errors import CheckpointError
 from ...sizes import format_size
 from ..devices import compute_device, dtype_name
 from .checkpoint import cut_short, gguf_cut_short, load_config, load_tokenizer, safetensors_entries
-from .gguf_packed import GGUFTensors, PackedMatrix
+from .gguf_packed import GGUFTensors, PackedMatrix, has_quantized_stacks
 from .layerstore import MANIFEST
 from .resolve import Checkpoint
 from .skeleton import Skeleton, build_skeleton, parse_slice
@@ -56,8 +56,10 @@ def convert_into_cache(checkpoint: Checkpoint, cfg: Config, trust_remote_code: b
     whole inside their layers is another store than experts as units of their own; for a model without routed
     experts the two hold the same bytes, so a finished one of either serves both (one copy in the cache, not two)."""
     keep_ggml = keeps_ggml(checkpoint, cfg)
+    with _gguf_errors(checkpoint):
+        stacks = keep_ggml and cfg.splits_experts and has_quantized_stacks(checkpoint.path)
     store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None,
-                                  variant=_variant(cfg.splits_experts, keep_ggml))
+                                  variant=_variant(cfg.splits_experts, keep_ggml, stacks))
     other = default_store_dir(checkpoint, cfg.runtime.cache_dir, None,
                               variant=_variant(not cfg.splits_experts, keep_ggml))
     if not _finished(store_dir) and _finished(other) and not has_routed_experts(other, trust_remote_code):
@@ -79,10 +81,12 @@ def keeps_ggml(checkpoint: Checkpoint, cfg: Config) -> bool:
     return cfg.compression.gguf == "packed"
 
 
-def _variant(split_experts: bool, keep_ggml: bool) -> str:
+def _variant(split_experts: bool, keep_ggml: bool, packed_experts: bool = False) -> str:
     """The cache key's variant of a plain conversion: experts kept whole inside their layers is another store, and
-    so is a GGUF with its matrices kept packed."""
-    parts = (["ggml"] if keep_ggml else []) + ([] if split_experts else ["whole-experts"])
+    so is a GGUF with its matrices kept packed, and one whose expert stacks are kept packed (a store of the same
+    GGUF converted before tierstore kept them is not that one)."""
+    parts = (["ggml"] if keep_ggml else []) + ([] if split_experts else ["whole-experts"]) \
+        + (["packed-experts"] if packed_experts else [])
     return "-".join(parts)
 
 

@@ -246,7 +246,9 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList],
         if id(param) not in canonical:
             canonical[id(param)] = (tensor, _unit_key(site, layers_name))
             units.setdefault(_unit_key(site, layers_name), []).append(tensor)
-            if module_name.startswith(prefix) and param.dim() >= 2 and param.is_floating_point():
+            # a router stays as it is: a unit of its own, read whole to predict the next layer's experts
+            if module_name.startswith(prefix) and param.dim() >= 2 and param.is_floating_point() \
+                    and module_name not in routers:
                 matrices.add(tensor)
         tensor, key = canonical[id(param)]
         site_bindings.setdefault(site, []).append(Binding(module, attr, tensor, param))
@@ -267,7 +269,10 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList],
         layer = _unit_key(prefix + name[len(prefix):].split(".", 1)[0], layers_name)
         keys = tuple(f"{layer}.experts.{e}" for e in range(module.num_experts))
         for e, key in enumerate(keys):
-            units[key] = [expert_slice(tensor, e) for _, tensor in fused[name]]  # never compressed: no matrices
+            units[key] = [expert_slice(tensor, e) for _, tensor in fused[name]]
+            # each expert's slice of a fused weight (3-D: experts, rows, columns) is a matrix compression may pack
+            matrices.update(expert_slice(tensor, e) for attr, tensor in fused[name]
+                            if module._parameters[attr].dim() >= 3 and module._parameters[attr].is_floating_point())
         router_key = _unit_key(router, layers_name) if router is not None and router in site_bindings else None
         groups.append(ExpertGroup(layer, name, module, tuple(fused[name]), keys, top_k, router_key,
                                   f"{router}.weight" if router_key is not None else None))

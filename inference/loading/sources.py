@@ -45,6 +45,13 @@ class Units:
     codec: Codec | None = None
     packed: dict[str, PackedMatrices] = dataclasses.field(default_factory=dict)
 
+    @property
+    def dense_packed(self) -> dict[str, PackedMatrices]:
+        """Where the matrices sit of the compressed units other than routed experts (those are dequantized into
+        a window of their own: runtime/packed_experts.py)."""
+        experts = self.skeleton.expert_keys
+        return {key: packed for key, packed in self.packed.items() if key not in experts}
+
     def close(self) -> None:
         """Close the source's files."""
         close_source(self.source)
@@ -73,7 +80,9 @@ def open_units(checkpoint: Checkpoint, cfg: Config, device: torch.device, dtype:
         raise ConfigError(f"{checkpoint.path} is stored as {codec.name}; compression asks for {wanted.name}: "
                           f"use the uncompressed model, or compression.format = \"none\"")
     if codec is None and wanted is not None and write:  # compressed on first use, into the cache
-        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=wanted.name)
+        # experts as units of their own is another store than experts whole inside their layers
+        variant = wanted.name + ("-experts" if skeleton.experts else "")
+        store_dir = default_store_dir(checkpoint, cfg.runtime.cache_dir, None, variant=variant)
         try:
             compress(source, skeleton, checkpoint, store_dir, wanted, device, trust_remote_code, progress,
                      disk_budget_bytes=cfg.budget.disk, importance=importance)
@@ -155,8 +164,8 @@ def _splits_experts(checkpoint: Checkpoint, cfg: Config, trust_remote_code: bool
         return cfg.splits_experts
     split = any(".experts." in key for key in read_manifest(checkpoint.path).get("units", {}))
     if split and not cfg.splits_experts:
-        raise ConfigError(f"{checkpoint.path} holds each expert as a unit; experts.streaming = false (or compression) "
-                          f"needs the original checkpoint, or a store converted without expert streaming")
+        raise ConfigError(f"{checkpoint.path} holds each expert as a unit; experts.streaming = false needs the "
+                          f"original checkpoint, or a store converted without expert streaming")
     # the model is built once more on meta to see whether it has experts at all: only when the note is shown (-v)
     if cfg.splits_experts and not split and log.isEnabledFor(logging.INFO) \
             and has_routed_experts(checkpoint.path, trust_remote_code):

@@ -21,6 +21,8 @@ from ...sizes import format_size
 from ..devices import dtype_name
 from ..loading.sources import Units
 from ..runtime.lookup import lookup_key, lookup_note
+from ..runtime.packed_experts import window_bytes as unpacked_window_bytes
+from ..runtime.packed_experts import window_size
 from .budgets import DraftCost, device_reserve_bytes, effective_budgets, plan_input
 
 PER_MATRIX_SHARE = 8  # a unit's dequantization buffer above 1/8 of the device budget is cut to one matrix
@@ -39,7 +41,7 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     parts = []  # what the reserve holds besides activations and the KV cache
     if units.codec is not None:
         per_matrix = per_matrix_units(units, device_bytes)
-        parts.append(("the dequantization buffer", scratch_bytes(units.packed, units.dtype, per_matrix)))
+        parts.append(("the dequantization buffer", scratch_bytes(units.dense_packed, units.dtype, per_matrix)))
         notes.append(_compression_note(units, units.codec, per_matrix))
     draft_bytes = draft.reserve_bytes(device.type == "cuda") if draft is not None else 0
     if draft is not None:
@@ -101,10 +103,17 @@ def experts_input(units: Units, cfg: Config, device: torch.device) -> ExpertsInp
         compute = "host"  # the device is the host: a copy into a slot would only add a memcpy
     elif compute == AUTO:
         costs = expert_costs(load_probe(cfg.runtime.cache_dir) or {}, device, units.dtype)
+    window, window_bytes = 0, 0
+    first = groups[0].keys[0]
+    if first in units.packed:  # compressed experts: dequantized on the device into a window of them
+        window = window_size(groups[0].num_experts, groups[0].top_k)
+        window_bytes = unpacked_window_bytes(units.codec, units.packed[first], units.layouts[first],
+                                             units.skeleton.units[first], window, units.dtype)
     return ExpertsInput(layers=len(groups), experts_per_layer=groups[0].num_experts, top_k=groups[0].top_k,
                         expert_bytes=sizes.pop(), device_policy=cfg.experts.device_policy,
                         host_policy=cfg.experts.host_policy, prefetch=cfg.experts.prefetch,
-                        predictable=all(group.router for group in groups[1:]), compute=compute, costs=costs)
+                        predictable=all(group.router for group in groups[1:]), compute=compute, costs=costs,
+                        window=window, window_bytes=window_bytes)
 
 
 def expert_costs(probe: Mapping[str, float], device: torch.device, dtype: torch.dtype) -> ExpertCosts:
@@ -125,7 +134,7 @@ def per_matrix_units(units: Units, device_budget_bytes: int) -> frozenset[str]:
     linear_weights = {binding.tensor for site in units.skeleton.sites for binding in site.bindings
                       if isinstance(binding.module, nn.Linear) and binding.attr == "weight"
                       and binding.module is not site.module}
-    return frozenset(key for key, packed in units.packed.items()
+    return frozenset(key for key, packed in units.dense_packed.items()
                      if packed.numel * units.dtype.itemsize * PER_MATRIX_SHARE > device_budget_bytes
                      and set(packed.matrices) <= linear_weights)
 
@@ -142,4 +151,4 @@ def _compression_note(units: Units, codec: Codec, per_matrix: frozenset[str]) ->
         kind = f"as {codec.format} (blocksize {codec.blocksize}, {bits:.3f} bits/weight)"
     return (f"layer matrices stored {kind}: {format_size(stored)} instead of "
             f"{format_size(plain)} in {dtype_name(units.dtype)}; each unit dequantized {how} into a "
-            f"{format_size(scratch_bytes(units.packed, units.dtype, per_matrix))} buffer")
+            f"{format_size(scratch_bytes(units.dense_packed, units.dtype, per_matrix))} buffer")

@@ -35,16 +35,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...compression import Codec, PackedMatrices
 from ...errors import ConfigError
 from ...policies.experts import ExpertCosts, ExpertPlan, best_policy, split_misses
 from ...policies.registry import make_eviction
 from ...store import SlotPool, StoreEvent, TieredStore
 from ...transfer import CPUTransfer, CUDATransfer
 from ...units import TensorSlot, UnitLayout, UnitSource
-from ..loading.skeleton import ExpertGroup
+from ..loading.skeleton import ExpertGroup, expert_slice
 from .expert_budget import ExpertBudget
 from .host_experts import computes_on_host, host_outputs
 from .mapped_experts import MAX_PAIRS, MappedExperts, Served
+from .packed_experts import ExpertUnpacker
 
 PRUNED = -1  # the routing of a tree node an expert budget dropped: no expert
 
@@ -53,15 +55,35 @@ MAX_GROUPS = 1023  # torch's grouped_mm takes fewer than 1024 groups on a GPU; t
 
 def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Mapping[str, UnitLayout],
                  plan: ExpertPlan, dense: TieredStore, transfer: CPUTransfer | CUDATransfer, reader_threads: int,
-                 on_event: Callable[[StoreEvent], None] | None = None) -> ExpertRunner:
+                 on_event: Callable[[StoreEvent], None] | None = None, packed: Packed | None = None) -> ExpertRunner:
     """The experts' store over the expert units' `layouts` (device slots, host RAM, disk, as `plan` says) and
-    the runner using it."""
+    the runner using it. `packed`: compressed experts' codec, where each one's matrices sit, and the compute
+    dtype they are dequantized into (packed_experts.py)."""
     pool = SlotPool(transfer.allocate_device(plan.device_slots * plan.expert_bytes), plan.expert_bytes)
     keys = [key for group in groups for key in group.keys]
     store = TieredStore(source, dict(layouts), plan.store_plan(keys), transfer, reader_threads=reader_threads,
                         on_event=on_event, device_pool=pool, copy_inline=True)
+    unpacker = None
+    if packed is not None:
+        first = groups[0].keys[0]
+        unpacker = ExpertUnpacker(packed.codec, packed.matrices[first], layouts[first], _names(groups[0], 0),
+                                  plan.window, packed.dtype, pool.tensor.device)
     return ExpertRunner(groups, store, pool, dense, plan.prefetch, plan.device_policy if plan.choose_policy else None,
-                        plan.compute, plan.costs)
+                        plan.compute, plan.costs, unpacker, packed.matrices if packed is not None else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Compressed experts: their codec, each expert unit's matrices (key -> where they sit), the compute dtype."""
+
+    codec: Codec
+    matrices: Mapping[str, PackedMatrices]
+    dtype: torch.dtype
+
+
+def _names(group: ExpertGroup, expert: int) -> list[str]:
+    """Expert `expert`'s tensor names in `group`, in the kernel's parameter order."""
+    return [expert_slice(tensor, expert) for _, tensor in group.attrs]
 
 
 def stacked_views(pool: SlotPool, layout: UnitLayout) -> list[torch.Tensor]:
@@ -132,20 +154,29 @@ class ExpertRunner:
 
     def __init__(self, groups: Sequence[ExpertGroup], store: TieredStore, pool: SlotPool, dense: TieredStore,
                  prefetch: str, adaptive_policy: str | None = None, compute: str = "device",
-                 costs: ExpertCosts | None = None) -> None:
+                 costs: ExpertCosts | None = None, unpacker: ExpertUnpacker | None = None,
+                 packed: Mapping[str, PackedMatrices] | None = None) -> None:
         """`adaptive_policy`: the device slots' policy now, re-chosen after each call (`end_call`); None keeps
-        the planned one. `compute`: where missed experts run (device, host, or auto: split by `costs`)."""
+        the planned one. `compute`: where missed experts run (device, host, or auto: split by `costs`).
+        `unpacker`: for compressed experts (`packed`: where each one's matrices sit), the window they are
+        dequantized into before the kernel runs."""
         self.groups = tuple(groups)
         self.store = store
         self.pool = pool
         self.dense = dense
         self.stats = ExpertStats()
-        self._views = stacked_views(pool, store.layouts[self.groups[0].keys[0]])
+        self._unpacker = unpacker
+        self._packed = packed or {}
         self._windows = [(start, min(start + MAX_GROUPS, pool.count)) for start in range(0, pool.count, MAX_GROUPS)]
-        self._window_views = [[view[start:end] for view in self._views] for start, end in self._windows]
+        self._window_views = ([] if unpacker is not None else
+                              [[view[start:end] for view in stacked_views(pool, store.layouts[self.groups[0].keys[0]])]
+                               for start, end in self._windows])
         self.compute = compute
         self.costs = costs
         self._expert_bytes = store.layouts[self.groups[0].keys[0]].nbytes
+        # what the CPU's work on one expert scales with: its matrices as they compute (dequantized first)
+        self._host_work_bytes = (sum(view[0].nbytes for view in unpacker.views) if unpacker is not None
+                                 else self._expert_bytes)
         self._on_host_ok = [computes_on_host(group.module) for group in self.groups]
         self._originals = [{attr: group.module._parameters[attr] for attr, _ in group.attrs} for group in groups]
         self._next = [groups[i + 1] if prefetch != "none" and i + 1 < len(groups) and groups[i + 1].router else None
@@ -160,8 +191,11 @@ class ExpertRunner:
         self._keys = [key for group in self.groups for key in group.keys]
         # auto reads a decode step's experts in place where the device can: a GPU, every expert in pinned RAM
         pinned = getattr(store.transfer, "pinned", False)
-        self._maps_on_auto = (self._device.type == "cuda" and pinned
+        self._maps_on_auto = (self._device.type == "cuda" and pinned and unpacker is None
                               and len(store.plan.host_resident) == len(store.layouts))
+        if compute == "mapped" and unpacker is not None:
+            raise ConfigError("experts.compute = mapped reads experts as they are stored; compressed experts are "
+                              "dequantized before they compute: choose auto, device or host")
         if compute == "mapped" and self._device.type == "cuda" and not pinned:
             raise ConfigError("experts.compute = mapped reads experts from page-locked host RAM; set "
                               "io.pinned_memory = true, or choose device or host")
@@ -383,36 +417,34 @@ class ExpertRunner:
         wanted = set(missed)
         tokens = Counter(expert for expert in routed if expert in wanted)
         heat = {expert: self.stats.counts.get((index, expert), 0) for expert in missed}
-        return set(split_misses(tokens, self._expert_bytes, self.costs, heat))
+        return set(split_misses(tokens, self._expert_bytes, self.costs, heat, self._host_work_bytes))
 
     def _on_device(self, index: int, experts: list[int], held: list[dict[str, torch.Tensor]], masked: bool,
                    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args: tuple,
                    kwargs: dict) -> torch.Tensor:
-        """transformers' experts kernel over the slots holding `experts`, one call per window of slots they
-        are in. A token's other experts (computed on the host, or in another window) point at a slot of this
-        window with routing weight zero, so that any kernel skips their contribution."""
+        """transformers' experts kernel over `experts` (`held`: their tensors on the device), one call per window
+        of them (`_kernel_windows`). A token's other experts (computed on the host, or in another window) point
+        at a place in this window with routing weight zero, so that any kernel skips their contribution."""
         group = self.groups[index]
         module = group.module
-        slots = [self.pool.index(next(iter(tensors.values()))) for tensors in held]
-        windows = sorted({slot // MAX_GROUPS for slot in slots})
-        masked = masked or len(windows) > 1
         outputs = []
         try:
-            for window in windows:
-                first, end = self._windows[window]
-                inside = [(expert, slot - first) for expert, slot in zip(experts, slots) if first <= slot < end]
-                # expert id -> slot, and whether it runs here; pinned, so that its copy queues behind the compute
+            windows, several = self._kernel_windows(index, experts, held)
+            masked = masked or several
+            for inside, views in windows:
+                # expert id -> place in the window, and whether it runs here; pinned, so that its copy queues
+                # behind the compute
                 table = torch.zeros((2, group.num_experts), dtype=torch.long,
                                     pin_memory=self._device.type == "cuda")
                 table[0] = inside[0][1]
                 ids = torch.tensor([expert for expert, _ in inside])
-                table[0, ids] = torch.tensor([slot for _, slot in inside])
+                table[0, ids] = torch.tensor([place for _, place in inside])
                 table[1, ids] = 1
                 table = table.to(self._device, non_blocking=True)
                 weights = top_k_weights * table[1][top_k_index].to(top_k_weights.dtype) if masked else top_k_weights
-                for (attr, _), view in zip(group.attrs, self._window_views[window]):
+                for (attr, _), view in zip(group.attrs, views):
                     module._parameters[attr] = view
-                module.num_experts = end - first
+                module.num_experts = views[0].shape[0]
                 outputs.append(type(module).forward(module, hidden, table[0][top_k_index], weights, *args, **kwargs))
         finally:
             module._parameters.update(self._originals[index])
@@ -420,6 +452,32 @@ class ExpertRunner:
         if len(outputs) == 1:
             return outputs[0]
         return torch.stack(outputs).float().sum(0).to(outputs[0].dtype)
+
+    def _kernel_windows(self, index: int, experts: list[int], held: list[dict[str, torch.Tensor]],
+                        ) -> tuple[Iterator[tuple[list[tuple[int, int]], list[torch.Tensor]]], bool]:
+        """The kernel calls `experts` take, each as (expert, place) pairs and the stacked views the places index,
+        and whether there are several. Uncompressed: the slots themselves, in windows of MAX_GROUPS. Compressed:
+        the unpacker's window, each call's experts dequantized into it as the call comes (the next fill is
+        queued after the kernel that read the last)."""
+        if self._unpacker is None:
+            slots = [self.pool.index(next(iter(tensors.values()))) for tensors in held]
+            windows = sorted({slot // MAX_GROUPS for slot in slots})
+
+            def in_slots() -> Iterator[tuple[list[tuple[int, int]], list[torch.Tensor]]]:
+                for window in windows:
+                    first, end = self._windows[window]
+                    yield ([(expert, slot - first) for expert, slot in zip(experts, slots) if first <= slot < end],
+                           self._window_views[window])
+            return in_slots(), len(windows) > 1
+        unpacker, group = self._unpacker, self.groups[index]
+
+        def unpacked() -> Iterator[tuple[list[tuple[int, int]], list[torch.Tensor]]]:
+            for start in range(0, len(experts), unpacker.window):
+                chunk = experts[start:start + unpacker.window]
+                for place, (expert, tensors) in enumerate(zip(chunk, held[start:start + unpacker.window])):
+                    unpacker.fill(place, _names(group, expert), self._packed[group.keys[expert]], tensors)
+                yield list(zip(chunk, range(len(chunk)))), unpacker.views
+        return unpacked(), len(experts) > unpacker.window
 
     def _on_host(self, index: int, experts: list[int], routed: list[int], top_k: int, hidden: torch.Tensor,
                  routing_weights: torch.Tensor) -> torch.Tensor:
@@ -429,7 +487,10 @@ class ExpertRunner:
         tensors = self.store.get_host_many(keys)
         start_s = time.perf_counter()
         try:
-            weights = [{attr: tensor for (attr, _), tensor in zip(group.attrs, unit.values())} for unit in tensors]
+            if self._unpacker is not None:  # dequantized by the CPU first
+                tensors = [self._unpacker.on_host(_names(group, e), self._packed[group.keys[e]], unit)
+                           for e, unit in zip(experts, tensors)]
+            weights = [{attr: tensor for (attr, _), tensor in zip(group.attrs, _values(unit))} for unit in tensors]
             total = host_outputs(group.module, experts, weights, routed, top_k, hidden, routing_weights,
                                  pin_memory=self._device.type == "cuda")
         finally:
@@ -439,7 +500,7 @@ class ExpertRunner:
         chosen = set(experts)
         pairs = sum(1 for expert in routed if expert in chosen)
         if self.costs is not None and pairs <= 2 * len(experts):  # a token or two each: the one-token rate, as run
-            self.costs = self.costs.observed(len(experts) * self._expert_bytes, elapsed_s)
+            self.costs = self.costs.observed(len(experts) * self._host_work_bytes, elapsed_s)
         self.stats.host_computed += len(experts)
         self.stats.host_bytes += len(experts) * self._expert_bytes
         return total.to(self._device, non_blocking=True)
@@ -472,6 +533,10 @@ class ExpertRunner:
         if predicted:
             stats.predicted += len(predicted)
             self._expected[index + 1] = predicted
+
+
+def _values(unit: Mapping[str, torch.Tensor] | list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(unit.values()) if isinstance(unit, Mapping) else unit
 
 
 class PrefetchGate:
