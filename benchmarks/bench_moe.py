@@ -118,7 +118,8 @@ def child(args: argparse.Namespace) -> None:
         import tierstore
 
         experts = json.loads(args.experts)
-        config = {"runtime": {"cache_dir": args.cache}, "experts": experts}
+        config = {"runtime": {"cache_dir": args.cache}, "experts": experts,
+                  "compression": {"format": args.compress}}
         model = tierstore.AutoModel.from_pretrained(args.model, budget={"vram": args.vram, "ram": args.ram},
                                                     config=config)
         setup_s = time.perf_counter() - start
@@ -168,6 +169,11 @@ ROWS = [  # name, system, kernel, experts config, vram, ram, new tokens
      {"prefetch": "none", "device_policy": "fifo", "host_policy": "fifo"}, "4GB", "48GB", 16),
     ("tierstore whole layers", "tierstore", "-", {"streaming": False, "implementation": "grouped_mm"}, "4GB",
      "48GB", 8),
+    # compressed experts (q8_0: tierstore's quantizer, fast on any machine), packed in their slots and dequantized
+    # into a window as they compute; its tokens are compared with the same store's whole layers
+    ("q8_0: tierstore experts (packed)", "tierstore", "-", {}, "4GB", "48GB", 16),
+    ("q8_0: tierstore whole layers", "tierstore", "-", {"streaming": False, "implementation": "grouped_mm"}, "4GB",
+     "48GB", 8),
     ("accelerate 4GiB/48GiB", "accelerate", "grouped_mm", {}, "4GiB", "48GiB", 3),
 ]
 SKEWED = [  # the same model with routers skewed by skew_routers (run after the rows above)
@@ -190,11 +196,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--out", default=".")
     parser.add_argument("--only", default="", help="row names separated by ;")
+    parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="decoder layers of the model")
+    parser.add_argument("--compress", default="none", help="(a row's) compression.format")
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    probe = prepare(args.out, args.cache, lambda: build_checkpoint(args.model))
+    probe = prepare(args.out, args.cache, lambda: build_checkpoint(args.model, num_hidden_layers=args.layers))
     only = set(filter(None, args.only.split(";")))
     results = {}
     with open(os.path.join(args.out, "bench_moe_log.txt"), "w") as log:
@@ -203,9 +211,10 @@ def main() -> None:
                 continue
             if name.startswith("skewed:") and not any(done.startswith("skewed:") for done in results):
                 skew_routers(args.model)
+            compress = name.split(":")[0] if name.startswith("q8_0:") else "none"
             results[name] = run_child(["--system", system, "--kernel", kernel, "--experts", json.dumps(experts),
                                        "--model", args.model, "--cache", args.cache, "--vram", vram, "--ram", ram,
-                                       "--tokens", str(tokens)], log, script=__file__)
+                                       "--tokens", str(tokens), "--compress", compress], log, script=__file__)
             print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),
                   flush=True)
             with open(os.path.join(args.out, "bench_moe_results.json"), "w") as handle:
@@ -222,6 +231,7 @@ def print_table(results: dict, probe: dict) -> None:
     gbps = probe.get("h2d_pinned_gbps")
     resident = results.get("resident grouped_mm", {}).get("decode_s_per_token")
     whole = results.get("tierstore whole layers", {})
+    quantized_whole = results.get("q8_0: tierstore whole layers", {})
     grouped = results.get("resident grouped_mm", {}).get("tokens")
     grouped_skewed = results.get("skewed: resident grouped_mm", {}).get("tokens")
     print(f"\npinned host->device {gbps:.1f} GB/s; an expert is {expert_bytes} bytes; resident grouped_mm step "
@@ -236,6 +246,8 @@ def print_table(results: dict, probe: dict) -> None:
             continue
         step = row["decode_s_per_token"]
         skewed = name.startswith("skewed:")
+        quantized = name.startswith("q8_0:")  # compared with the q8_0 store's whole layers
+        same_store_whole = quantized_whole if quantized else whole
         moved = bound = ratio = hit = recall = skew = "-"
         if "dense_h2d_per_pass" in row:
             per_pass = row["dense_h2d_per_pass"] + (row["expert_h2d_per_pass"] or 0)
@@ -255,8 +267,8 @@ def print_table(results: dict, probe: dict) -> None:
                 skew = f"{row['experts']['busiest_tenth_share']:.1%}"
         print(f"| {name} | {row['prefill_s']:.3f} | {step:.4f} | {moved} | {bound} | {ratio} | {hit} | {recall} | "
               f"{skew} | {row['peak_vram'] / 1e9:.2f} GB | {row['peak_rss'] / 1e9:.1f} GB | "
-              f"{'-' if skewed else _same_prefix(row['tokens'], whole.get('tokens'))} | "
-              f"{_same_prefix(row['tokens'], grouped_skewed if skewed else grouped)} |")
+              f"{'-' if skewed else _same_prefix(row['tokens'], same_store_whole.get('tokens'))} | "
+              f"{'-' if quantized else _same_prefix(row['tokens'], grouped_skewed if skewed else grouped)} |")
 
 
 def _same_prefix(tokens: list | None, reference: list | None) -> str:
