@@ -252,6 +252,12 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
         prefetch=(("auto" if experts.prefetch == AUTO else experts.prefetch)
                   if predict and device_slots >= 2 * experts.top_k else "none"),
         compute=_compute(experts), costs=experts.costs, window=experts.window)
+    notes = [*plan.notes, *_checked_notes(expert_plan, experts)]
+    return with_experts(dataclasses.replace(plan, notes=tuple(notes)), expert_plan, dense)
+
+
+def _checked_notes(expert_plan: ExpertPlan, experts: ExpertsInput) -> list[str]:
+    """The plan's notes on the experts; ConfigError or BudgetError for a `compute` the plan cannot carry out."""
     if expert_plan.compute == "mapped" and expert_plan.window:
         raise ConfigError("experts.compute = mapped reads experts as they are stored; compressed experts are "
                           "dequantized before they compute: choose auto, device or host")
@@ -260,7 +266,7 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
         raise BudgetError(f"experts.compute = mapped reads routed experts from host RAM, which must hold all "
                           f"{expert_plan.total_experts} ({every}); the RAM budget leaves room for "
                           f"{expert_plan.host_experts}: raise ram, or choose device or host")
-    notes = list(plan.notes)
+    notes = []
     every_in_ram = expert_plan.host_experts >= expert_plan.total_experts
     if expert_plan.compute == "mapped" or (expert_plan.compute == "auto" and every_in_ram and not experts.window):
         notes.append("experts: a decode step reads each routed expert in place, from its slot or over the link from "
@@ -271,10 +277,11 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
         notes.append(f"experts stay compressed in every tier, their device slots too; the routed ones are "
                      f"dequantized on the device, {experts.window} at a time, into a "
                      f"{format_size(experts.window_bytes)} window")
-    if device_slots < experts.total_experts and device_slots < experts.experts_per_layer:
-        notes.append(f"{device_slots} expert slots on the device, fewer than a layer's {experts.experts_per_layer} "
+    slots = expert_plan.device_slots
+    if slots < experts.total_experts and slots < experts.experts_per_layer:
+        notes.append(f"{slots} expert slots on the device, fewer than a layer's {experts.experts_per_layer} "
                      f"experts: a long prompt's pass runs its experts in token chunks")
-    return with_experts(dataclasses.replace(plan, notes=tuple(notes)), expert_plan, dense)
+    return notes
 
 
 def with_experts(plan: Plan, experts: ExpertPlan, dense: PlanInput) -> Plan:

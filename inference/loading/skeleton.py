@@ -263,20 +263,26 @@ def _cut(model: nn.Module, layers: tuple[str, nn.ModuleList],
         bind_from = model.get_submodule(site.rsplit(".", 1)[0]) if site_modules[site] is embedding and "." in site \
             else None
         sites.append(HookSite(site_modules[site], keys.pop(), position, tuple(site_bindings[site]), bind_from))
-    groups = []
-    for name, (router, top_k) in experts.items():
-        module = model.get_submodule(name)
-        layer = _unit_key(prefix + name[len(prefix):].split(".", 1)[0], layers_name)
-        keys = tuple(f"{layer}.experts.{e}" for e in range(module.num_experts))
-        for e, key in enumerate(keys):
-            units[key] = [expert_slice(tensor, e) for _, tensor in fused[name]]
-            # each expert's slice of a fused weight (3-D: experts, rows, columns) is a matrix compression may pack
-            matrices.update(expert_slice(tensor, e) for attr, tensor in fused[name]
-                            if module._parameters[attr].dim() >= 3 and module._parameters[attr].is_floating_point())
-        router_key = _unit_key(router, layers_name) if router is not None and router in site_bindings else None
-        groups.append(ExpertGroup(layer, name, module, tuple(fused[name]), keys, top_k, router_key,
-                                  f"{router}.weight" if router_key is not None else None))
+    groups = [_expert_group(model, name, router, top_k, fused[name], layers_name, units, matrices,
+                            router in site_bindings) for name, (router, top_k) in experts.items()]
     return Skeleton(model, units, tuple(sites), frozenset(matrices), tuple(groups))
+
+
+def _expert_group(model: nn.Module, name: str, router: str | None, top_k: int, fused: list[tuple[str, str]],
+                  layers_name: str, units: dict[str, list[str]], matrices: set[str], router_bound: bool) -> ExpertGroup:
+    """The experts module `name` as a group of expert units, added to `units` (each expert's slice of a fused
+    weight, 3-D: experts, rows, columns, added to `matrices`, which compression may pack)."""
+    module = model.get_submodule(name)
+    prefix = layers_name + "."
+    layer = _unit_key(prefix + name[len(prefix):].split(".", 1)[0], layers_name)
+    keys = tuple(f"{layer}.experts.{e}" for e in range(module.num_experts))
+    for e, key in enumerate(keys):
+        units[key] = [expert_slice(tensor, e) for _, tensor in fused]
+        matrices.update(expert_slice(tensor, e) for attr, tensor in fused
+                        if module._parameters[attr].dim() >= 3 and module._parameters[attr].is_floating_point())
+    router_key = _unit_key(router, layers_name) if router is not None and router_bound else None
+    return ExpertGroup(layer, name, module, tuple(fused), keys, top_k, router_key,
+                       f"{router}.weight" if router_key is not None else None)
 
 
 def _unit_key(site: str, layers_name: str) -> str:
