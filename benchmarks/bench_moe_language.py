@@ -13,8 +13,9 @@ Rows (each one process): `resident` = transformers with every weight on the GPU 
 copied into slots (`device`), read in place from mapped host RAM in decode steps (`mapped`, which auto picks on a
 GPU when RAM holds every expert), or all on the CPU (`host`): the modes are switched on one model object
 (`model.experts.compute`; `--mode` overrides the list), each after a warm-up call per prompt; `draft` = vram 4 GB
-with SmolLM2 itself as the draft (the GGUF; the same function as the target). Greedy, several prompts with the
-chat template, each reported.
+with SmolLM2 itself as the draft (the GGUF; the same function as the target). A row named with "+q8_0" (any
+compression.format) runs the model stored that way, its experts packed in every tier; "+compile" compiles the
+draft. Greedy, several prompts with the chat template, each reported.
 """
 from __future__ import annotations
 
@@ -29,10 +30,17 @@ from common import QUESTION, Inflation, StepClock, encode, fmt, run_child, vm_hw
 EXPERTS, TOP_K, FACTOR, LAYERS = 128, 8, 2, 30
 PROMPTS = [QUESTION, "What is the capital of France? Answer in two sentences.",
            "Write a short poem about the sea."]
-BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB"),
-           "draft+compile": ("4GB", "56GB")}  # the draft bound and compiled (speculation.compile)
-MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,mapped", "draft": "auto",
-         "draft+compile": "auto"}
+BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB")}
+MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,mapped", "draft": "auto"}
+# a row's name may add "+compile" (the draft bound and compiled: speculation.compile) and "+FORMAT" (the model
+# stored with compression.format FORMAT, its experts packed in every tier: "4GB+q8_0", "draft+q4_k+compile")
+
+
+def row_parts(row: str) -> tuple[str, str, bool]:
+    """A row's budget row, its compression format ("none") and whether its draft is compiled."""
+    base, *extras = row.split("+")
+    formats = [extra for extra in extras if extra != "compile"]
+    return base, formats[0] if formats else "none", "compile" in extras
 
 
 def upcycle(gguf: str, out_dir: str, experts: int = EXPERTS, top_k: int = TOP_K, factor: int = FACTOR) -> None:
@@ -107,16 +115,20 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     import tierstore
 
     start = time.perf_counter()
-    vram, ram = BUDGETS[args.row]
-    drafting = args.row.startswith("draft")
+    base, compress, compile = row_parts(args.row)
+    vram, ram = BUDGETS[base]
+    drafting = base == "draft"
     model = tierstore.AutoModel.from_pretrained(
         args.model, budget={"vram": vram, "ram": ram},
-        config={"runtime": {"cache_dir": args.cache}, "speculation": {"compile": args.row == "draft+compile"}},
+        config={"runtime": {"cache_dir": args.cache}, "speculation": {"compile": compile},
+                "compression": {"format": compress}},
         draft=args.gguf if drafting else None)
     setup_s = time.perf_counter() - start
     reference = _reference_tokens(args.out)
     results = {}
-    modes = (args.mode or MODES[args.row]).split(",")
+    modes = (args.mode or MODES[base]).split(",")
+    if compress != "none":  # compressed experts are never read in place
+        modes = [mode for mode in modes if mode != "mapped"]
     budgets = args.expert_budgets.split(",") if drafting else [None]
     for mode, expert_budget in ((mode, budget) for mode in modes for budget in budgets):
         model.experts.compute = mode
