@@ -304,12 +304,18 @@ def _open_runtime(request: OpenRequest, device: torch.device, units: Units, toke
     else:
         attach(resources, AttachedHooks(units.skeleton, store, device, decompressor, tracer))
     kv_budget = KVBudget(planned_from, cfg.runtime.kv_cache, device.type == "cuda", units.hf_config, units.dtype,
-                         decompressor.scratch.nbytes if decompressor is not None else 0, draft_cost,
+                         _unpacking_bytes(decompressor, experts), draft_cost,
                          sum(layout.nbytes for layout in dense.values()),
                          cfg.runtime.kv_dir or os.path.join(cfg.runtime.cache_dir, "kv"))
     return ModelParts(units.skeleton.model, tokenizer, store, plan, planned_from, kv_budget, device, cfg, 0.0,
                       decompressor, draft_cost=draft_cost, tracer=tracer, experts=experts, lookup=lookup,
                       compiled=torch.compile(units.skeleton.model) if request.bound else None)
+
+
+def _unpacking_bytes(decompressor: Decompressor | None, experts: ExpertRunner | None) -> int:
+    """Device bytes of the dequantization buffers: the dense units', and the window of compressed experts."""
+    return (decompressor.scratch.nbytes if decompressor is not None else 0) + \
+        (experts.unpacked_window_bytes if experts is not None else 0)
 
 
 def _open_experts(cfg: Config, device: torch.device, units: Units, plan: Plan, store: TieredStore,

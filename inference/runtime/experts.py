@@ -204,6 +204,11 @@ class ExpertRunner:
         for index, group in enumerate(self.groups):
             group.module.forward = functools.partial(self._forward, index)
 
+    @property
+    def unpacked_window_bytes(self) -> int:
+        """Device bytes of the window compressed experts are dequantized into (0 for uncompressed experts)."""
+        return self._unpacker.buffer.nbytes if self._unpacker is not None else 0
+
     def reset(self) -> None:
         """Start the counters afresh (a new generate call), the store's too."""
         self.stats = ExpertStats()
