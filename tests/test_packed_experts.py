@@ -81,12 +81,24 @@ def test_compressed_experts_stream_packed_and_equal_transformers_with_the_same_w
     assert report.tiers["experts device"].bytes_in % experts.expert_bytes == 0  # packed experts crossed
 
 
-def test_a_call_routed_to_more_experts_than_the_window_runs_the_kernel_once_per_window(tmp_path, monkeypatch):
+@pytest.mark.parametrize("alike", [True, False])
+def test_a_call_routed_to_more_experts_than_the_window_runs_the_kernel_once_per_window(tmp_path, monkeypatch, alike):
     """A window of 2 dequantized experts: a prompt routed to all 4 of a layer's runs the kernel twice per layer,
-    with the same tokens."""
+    with the same tokens; the window filled from the slots a tensor at a time for all its experts (alike), or an
+    expert at a time (as for experts in different formats, or rotated)."""
+    from tierstore.inference.runtime import experts as runner
     from tierstore.inference.runtime import packed_experts
 
     monkeypatch.setattr(packed_experts, "WINDOW_EXPERTS", 2)
+    monkeypatch.setattr(runner, "placed_alike", lambda packed, keys: alike)
+    filled = []
+    for method in ("fill", "fill_slots"):
+        real_fill = getattr(packed_experts.ExpertUnpacker, method)
+
+        def recorded(self, *args, _real=real_fill, _method=method):
+            filled.append(_method)
+            return _real(self, *args)
+        monkeypatch.setattr(packed_experts.ExpertUnpacker, method, recorded)
     model, directory = _saved("mixtral", tmp_path)
     prompt = torch.arange(3, 40).unsqueeze(0)
     want = _reference(_quantized_reference(model, "nf4"), prompt=prompt)
@@ -108,6 +120,7 @@ def test_a_call_routed_to_more_experts_than_the_window_runs_the_kernel_once_per_
     assert got == want
     assert set(calls) == {2}  # every kernel call sees the window, never more
     assert len(calls) > layer_calls  # some layer calls (the prompt's, routed to 3 or 4 experts) took two windows
+    assert set(filled) == {"fill_slots" if alike else "fill"}
 
 
 def test_reading_compressed_experts_in_place_is_refused_in_one_line(tmp_path):
@@ -213,3 +226,14 @@ def test_a_gguf_moe_whose_gate_and_up_differ_in_format_dequantizes_them_and_stil
         assert any(name.endswith("gate_up_proj[0]") for name in layout.slots)  # ... gate_up dequantized
         got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
     assert got == _reference(reference)
+
+
+def test_experts_in_different_formats_are_not_filled_as_if_placed_alike():
+    from tierstore.compression import PackedMatrices
+    from tierstore.inference.runtime.packed_experts import placed_alike
+
+    def expert(format):
+        return PackedMatrices(256 * 64, {"w": (0, (256, 64))}, {"w": (format, 0)})
+
+    assert placed_alike({"a": expert("Q4_K"), "b": expert("Q4_K")}, ["a", "b"])
+    assert not placed_alike({"a": expert("Q4_K"), "b": expert("Q6_K")}, ["a", "b"])

@@ -46,7 +46,7 @@ from ..loading.skeleton import ExpertGroup, expert_slice
 from .expert_budget import ExpertBudget
 from .host_experts import computes_on_host, host_outputs
 from .mapped_experts import MAX_PAIRS, MappedExperts, Served
-from .packed_experts import ExpertUnpacker
+from .packed_experts import ExpertUnpacker, placed_alike
 
 PRUNED = -1  # the routing of a tree node an expert budget dropped: no expert
 
@@ -67,7 +67,8 @@ def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Map
     if packed is not None:
         first = groups[0].keys[0]
         unpacker = ExpertUnpacker(packed.codec, packed.matrices[first], layouts[first], _names(groups[0], 0),
-                                  plan.window, packed.dtype, pool.tensor.device)
+                                  plan.window, packed.dtype, pool.tensor.device,
+                                  alike=placed_alike(packed.matrices, keys))
     return ExpertRunner(groups, store, pool, dense, plan.prefetch, plan.device_policy if plan.choose_policy else None,
                         plan.compute, plan.costs, unpacker, packed.matrices if packed is not None else None)
 
@@ -167,6 +168,7 @@ class ExpertRunner:
         self.stats = ExpertStats()
         self._unpacker = unpacker
         self._packed = packed or {}
+        self._pool_rows = pool.tensor[:pool.count * pool.slot_bytes].view(pool.count, pool.slot_bytes)
         self._windows = [(start, min(start + MAX_GROUPS, pool.count)) for start in range(0, pool.count, MAX_GROUPS)]
         self._window_views = ([] if unpacker is not None else
                               [[view[start:end] for view in stacked_views(pool, store.layouts[self.groups[0].keys[0]])]
@@ -207,7 +209,7 @@ class ExpertRunner:
     @property
     def unpacked_window_bytes(self) -> int:
         """Device bytes of the window compressed experts are dequantized into (0 for uncompressed experts)."""
-        return self._unpacker.buffer.nbytes if self._unpacker is not None else 0
+        return self._unpacker.nbytes if self._unpacker is not None else 0
 
     def reset(self) -> None:
         """Start the counters afresh (a new generate call), the store's too."""
@@ -479,8 +481,14 @@ class ExpertRunner:
         def unpacked() -> Iterator[tuple[list[tuple[int, int]], list[torch.Tensor]]]:
             for start in range(0, len(experts), unpacker.window):
                 chunk = experts[start:start + unpacker.window]
-                for place, (expert, tensors) in enumerate(zip(chunk, held[start:start + unpacker.window])):
-                    unpacker.fill(place, _names(group, expert), self._packed[group.keys[expert]], tensors)
+                chunk_held = held[start:start + unpacker.window]
+                if unpacker.alike:  # a few kernels for the whole chunk, gathered from the slots
+                    slots = torch.tensor([self.pool.index(next(iter(tensors.values()))) for tensors in chunk_held],
+                                         pin_memory=self._device.type == "cuda")
+                    unpacker.fill_slots(self._pool_rows, slots.to(self._device, non_blocking=True))
+                else:
+                    for place, (expert, tensors) in enumerate(zip(chunk, chunk_held)):
+                        unpacker.fill(place, _names(group, expert), self._packed[group.keys[expert]], tensors)
                 yield list(zip(chunk, range(len(chunk)))), unpacker.views
         return unpacked(), len(experts) > unpacker.window
 

@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ...compression import Codec, MatrixUnpacker, PackedMatrices, unpacked_numel
-from ...units import UnitLayout, align
+from ...compression import ABSMAX, GGML, PACKED, Codec, MatrixUnpacker, PackedMatrices, unpacked_numel
+from ...ggml import dequantize as ggml_dequantize
+from ...units import UnitLayout
 
 WINDOW_EXPERTS = 32  # experts dequantized at once: a decode step's or a short call's routed experts in one kernel
-ROW_ALIGN_ELEMENTS = 64  # where each parameter's part of a window row starts (128 bytes in bf16)
 
 
 def window_size(experts_per_layer: int, top_k: int) -> int:
@@ -29,7 +29,7 @@ def window_size(experts_per_layer: int, top_k: int) -> int:
 
 def row_numel(codec: Codec, packed: PackedMatrices, layout: UnitLayout, names: Sequence[str]) -> int:
     """Elements of one expert in the window (its tensors `names`, in the kernel's parameter order)."""
-    return sum(align(_numel(codec, packed, layout, name), ROW_ALIGN_ELEMENTS) for name in names)
+    return sum(_numel(codec, packed, layout, name) for name in names)
 
 
 def window_bytes(codec: Codec, packed: PackedMatrices, layout: UnitLayout, names: Sequence[str], window: int,
@@ -50,43 +50,85 @@ def _shape(packed: PackedMatrices, layout: UnitLayout, name: str) -> tuple[int, 
 
 class ExpertUnpacker:
     """The window of dequantized experts (see the module docstring), for experts stored as `packed` and `layout`
-    describe one of them (every expert of the model is placed alike)."""
+    describe one of them. `alike`: every expert's matrices sit where the first's do, in its formats, unrotated; the
+    window is then filled from the slots in a few kernels a call (`fill_slots`: per tensor, one gather of the
+    experts' bytes and one dequantization), else one expert at a time (`fill`)."""
 
     def __init__(self, codec: Codec, packed: PackedMatrices, layout: UnitLayout, names: Sequence[str], window: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, alike: bool = False) -> None:
         self.window = window
+        self.alike = alike and not codec.rotation  # a rotation's signs are drawn per matrix name
+        self._codec = codec
+        self._first, self._layout = packed, layout
         self._unpacker = MatrixUnpacker(codec, dtype, device)
         self._host = MatrixUnpacker(codec, dtype, torch.device("cpu")) if device.type != "cpu" else self._unpacker
         self._dtype = dtype
-        starts, start = [], 0
+        self._names = list(names)
+        # per tensor: its window, flat (window x elements written per expert), and the kernel's view of it
+        self._flat, self.views = [], []
         for name in names:
-            starts.append(start)
-            start += align(_numel(codec, packed, layout, name), ROW_ALIGN_ELEMENTS)
-        self._parts = [(first, _numel(codec, packed, layout, name), _shape(packed, layout, name))
-                       for first, name in zip(starts, names)]
-        self.buffer = torch.empty((window, start), dtype=dtype, device=device)
-        self.views = [self.buffer[:, first:first + math.prod(shape)].view(window, *shape)
-                      for first, _, shape in self._parts]  # the kernel's parameters, in `names`' order
+            numel, shape = _numel(codec, packed, layout, name), _shape(packed, layout, name)
+            flat = torch.empty(window * numel, dtype=dtype, device=device)
+            self._flat.append(flat)
+            self.views.append(flat.view(window, numel)[:, :math.prod(shape)].view(window, *shape))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(flat.nbytes for flat in self._flat)
+
+    def fill_slots(self, pool: torch.Tensor, slots: torch.Tensor) -> None:
+        """Dequantize the experts in device slots `slots` (a long tensor on the device; `pool`: the slots' bytes
+        as (slots, slot bytes)) into window places 0, 1, ...: needs `alike`."""
+        count = slots.numel()
+        for name, flat, view in zip(self._names, self._flat, self.views):
+            if name not in self._first.matrices:
+                place = self._layout.slots[name]
+                rows = pool[slots, place.offset:place.offset + place.nbytes]
+                view[:count].copy_(rows.view(place.dtype).view(count, *place.shape))
+                continue
+            numel = flat.numel() // self.window
+            if self._codec.format == GGML:
+                start, end = self._first.ggml_bytes(name)
+                base = self._layout.slots[PACKED].offset
+                rows = pool[slots, base + start:base + end]  # each expert's blocks, back to back
+                ggml_dequantize(self._first.formats[name][0], rows.reshape(-1), flat[:count * numel])
+                continue
+            offset, _ = self._first.matrices[name]
+            blocksize = self._codec.blocksize
+            codes_at, scales_at = self._layout.slots[PACKED].offset, self._layout.slots[ABSMAX].offset
+            codes = pool[slots, codes_at + self._codec.packed_bytes(offset):
+                         codes_at + self._codec.packed_bytes(offset + numel)]
+            scales = pool[slots, scales_at + offset // blocksize * 4:scales_at + (offset + numel) // blocksize * 4]
+            self._unpacker.dequantize(codes.reshape(-1), scales.reshape(-1).view(torch.float32),
+                                      flat[:count * numel])
 
     def fill(self, position: int, names: Sequence[str], packed: PackedMatrices,
              tensors: Mapping[str, torch.Tensor]) -> None:
         """Dequantize one expert (its tensor names in parameter order, where its matrices sit, its stored tensors
-        on the device) into window position `position`."""
-        row = self.buffer[position]
-        for name, (first, numel, shape) in zip(names, self._parts):
+        on the device) into window place `position`."""
+        for name, flat, view in zip(names, self._flat, self.views):
             if name in packed.matrices:
-                self._unpacker.matrix_into(packed, name, tensors, row[first:first + numel])
+                numel = flat.numel() // self.window
+                self._unpacker.matrix_into(packed, name, tensors, flat[position * numel:(position + 1) * numel])
             else:
-                row[first:first + math.prod(shape)].view(shape).copy_(tensors[name])
+                view[position].copy_(tensors[name])
 
     def on_host(self, names: Sequence[str], packed: PackedMatrices,
                 tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """One expert's tensors (stored in host RAM: `tensors`) dequantized by the CPU, in parameter order."""
         out = []
-        for name, (_, numel, shape) in zip(names, self._parts):
+        for name, flat in zip(names, self._flat):
             if name in packed.matrices:
-                buffer = torch.empty(numel, dtype=self._dtype)
+                buffer = torch.empty(flat.numel() // self.window, dtype=self._dtype)
                 out.append(self._host.matrix_into(packed, name, tensors, buffer))
             else:
                 out.append(tensors[name])
         return out
+
+
+def placed_alike(packed: Mapping[str, PackedMatrices], keys: Sequence[str]) -> bool:
+    """Whether every expert's matrices sit where the first's do, in its formats (a mixed store may give experts of
+    the same size different formats)."""
+    first = packed[keys[0]]
+    where = (list(first.matrices.values()), list(first.formats.values()))
+    return all((list(packed[key].matrices.values()), list(packed[key].formats.values())) == where for key in keys)
