@@ -214,10 +214,10 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
     _check(experts)
     one_token = experts.top_k * experts.expert_bytes
     predict = experts.prefetch != "none" and experts.predictable
-    # a device with an activation reserve (a GPU) may read experts in place: its gather buffer is an activation;
-    # compressed experts are never read in place, and their window of dequantized experts is one instead
-    gather = (gather_pairs(experts.top_k) * experts.expert_bytes
-              if dense.device_reserve_bytes and _compute(experts) in (AUTO, "mapped") and not experts.window else 0)
+    # a device with an activation reserve (a GPU) may read experts in place: its gather buffer is an activation
+    # (compressed experts are read in place only when asked: auto does not yet); their window is one too
+    maps = _compute(experts) == "mapped" or (_compute(experts) == AUTO and not experts.window)
+    gather = gather_pairs(experts.top_k) * experts.expert_bytes if dense.device_reserve_bytes and maps else 0
     dense = dataclasses.replace(dense, device_reserve_bytes=dense.device_reserve_bytes + gather
                                 + experts.window_bytes)
     plan = None
@@ -258,9 +258,6 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
 
 def _checked_notes(expert_plan: ExpertPlan, experts: ExpertsInput) -> list[str]:
     """The plan's notes on the experts; ConfigError or BudgetError for a `compute` the plan cannot carry out."""
-    if expert_plan.compute == "mapped" and expert_plan.window:
-        raise ConfigError("experts.compute = mapped reads experts as they are stored; compressed experts are "
-                          "dequantized before they compute: choose auto, device or host")
     if expert_plan.compute == "mapped" and expert_plan.host_experts < expert_plan.total_experts:
         every = format_size(expert_plan.total_experts * experts.expert_bytes)
         raise BudgetError(f"experts.compute = mapped reads routed experts from host RAM, which must hold all "

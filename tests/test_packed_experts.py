@@ -45,27 +45,30 @@ def _config(tmp_path, codec, **experts):
             "experts": {"compute": "device", "prefetch": "none", **experts}}
 
 
-def _streaming_budget(directory, config):
+def _streaming_budget(directory, config, every_expert_in_ram=False):
     """Room on the device for the reserve (the dequantization buffer and the experts' window), every dense unit
-    and a third of the experts; in RAM for the dense units and half the experts (the rest read from disk)."""
+    and a third of the experts; in RAM for the dense units and half the experts (the rest read from disk), or all
+    of them."""
     with tierstore.AutoModel.from_pretrained(directory, config=config) as whole:
         reserve, experts = whole.plan.device_reserve_bytes, whole.plan.experts
         dense = sum(layout.nbytes for layout in whole.store.layouts.values())
+    in_ram = experts.total_experts if every_expert_in_ram else experts.total_experts // 2
     return tierstore.Budget(vram=reserve + dense + experts.total_experts // 3 * experts.expert_bytes,
-                            ram=dense + experts.total_experts // 2 * experts.expert_bytes)
+                            ram=dense + in_ram * experts.expert_bytes)
 
 
-@pytest.mark.parametrize("compute", ["device", "host"])
+@pytest.mark.parametrize("compute", ["device", "host", "mapped"])
 @pytest.mark.parametrize("codec", ["nf4", "q4_k"])
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
 def test_compressed_experts_stream_packed_and_equal_transformers_with_the_same_weights(model_type, codec, compute,
                                                                                         tmp_path):
-    """Missed experts copied packed into slots and dequantized there (device), or dequantized and computed by the
-    CPU (host); the slots hold packed bytes, a few times fewer than the experts' own."""
+    """Missed experts copied packed into slots and dequantized there (device), dequantized and computed by the
+    CPU (host), or a decode step's experts read in place, packed, from their slots or host RAM and dequantized
+    together (mapped); the slots hold packed bytes, a few times fewer than the experts' own."""
     model, directory = _saved(model_type, tmp_path)
     want = _reference(_quantized_reference(model, codec))
     config = _config(tmp_path, codec, compute=compute)
-    budget = _streaming_budget(directory, config)
+    budget = _streaming_budget(directory, config, every_expert_in_ram=compute == "mapped")
     with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
         experts = streamed.plan.experts
         assert experts.window >= experts.top_k and experts.device_slots < experts.total_experts
@@ -78,6 +81,7 @@ def test_compressed_experts_stream_packed_and_equal_transformers_with_the_same_w
         report = streamed.report()
     assert got == want
     assert (report.experts["host_computed"] > 0) == (compute == "host")
+    assert (report.experts["mapped_pairs"] > 0) == (compute == "mapped")
     assert report.tiers["experts device"].bytes_in % experts.expert_bytes == 0  # packed experts crossed
 
 
@@ -90,6 +94,7 @@ def test_a_call_routed_to_more_experts_than_the_window_runs_the_kernel_once_per_
     from tierstore.inference.runtime import packed_experts
 
     monkeypatch.setattr(packed_experts, "WINDOW_EXPERTS", 2)
+    monkeypatch.setattr(packed_experts, "gather_pairs", lambda top_k: top_k)  # no in-place reads here
     monkeypatch.setattr(runner, "placed_alike", lambda packed, keys: alike)
     filled = []
     for method in ("fill", "fill_slots"):
@@ -123,9 +128,15 @@ def test_a_call_routed_to_more_experts_than_the_window_runs_the_kernel_once_per_
     assert set(filled) == {"fill_slots" if alike else "fill"}
 
 
-def test_reading_compressed_experts_in_place_is_refused_in_one_line(tmp_path):
+def test_reading_compressed_experts_in_place_needs_them_alike_and_is_refused_in_one_line_otherwise(tmp_path,
+                                                                                                   monkeypatch):
+    """A decode step reading experts in place dequantizes them on the device without knowing which they are: all
+    must be in the same formats, unrotated."""
+    from tierstore.inference.runtime import experts as runner
+
+    monkeypatch.setattr(runner, "placed_alike", lambda packed, keys: False)
     _, directory = _saved("mixtral", tmp_path)
-    with pytest.raises(tierstore.ConfigError, match="compressed experts are dequantized before they compute"):
+    with pytest.raises(tierstore.ConfigError, match="mapped dequantizes the experts it reads all alike"):
         tierstore.AutoModel.from_pretrained(directory, budget={"vram": "1GB", "ram": "1GB"},
                                             config=_config(tmp_path, "nf4", compute="mapped"))
 

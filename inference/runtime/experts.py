@@ -193,11 +193,12 @@ class ExpertRunner:
         self._keys = [key for group in self.groups for key in group.keys]
         # auto reads a decode step's experts in place where the device can: a GPU, every expert in pinned RAM
         pinned = getattr(store.transfer, "pinned", False)
+        # (not yet for compressed experts, whose in-place reads are not measured on a GPU yet)
         self._maps_on_auto = (self._device.type == "cuda" and pinned and unpacker is None
                               and len(store.plan.host_resident) == len(store.layouts))
-        if compute == "mapped" and unpacker is not None:
-            raise ConfigError("experts.compute = mapped reads experts as they are stored; compressed experts are "
-                              "dequantized before they compute: choose auto, device or host")
+        if compute == "mapped" and unpacker is not None and not unpacker.alike:
+            raise ConfigError("experts.compute = mapped dequantizes the experts it reads all alike; these are stored "
+                              "in several formats, or rotated: choose auto, device or host")
         if compute == "mapped" and self._device.type == "cuda" and not pinned:
             raise ConfigError("experts.compute = mapped reads experts from page-locked host RAM; set "
                               "io.pinned_memory = true, or choose device or host")
@@ -329,7 +330,7 @@ class ExpertRunner:
         """The in-place reader, made on first use (it waits for every expert to reach RAM), its table re-pointed
         when calls through the store may have changed what the slots hold."""
         if self._mapped is None:
-            self._mapped = MappedExperts(self.groups, self.store, self.pool)
+            self._mapped = MappedExperts(self.groups, self.store, self.pool, self._unpacker)
         elif self._mapped_stale:
             self._mapped.refresh()
         self._mapped_stale = False

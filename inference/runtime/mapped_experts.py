@@ -31,6 +31,7 @@ from ...store import SlotPool, TieredStore
 from ...transfer import mapped_view
 from ..loading.skeleton import ExpertGroup
 from .host_experts import expert_forward
+from .packed_experts import ExpertUnpacker
 
 MAX_PAIRS = 32  # (token, expert) pairs a layer call reads in place; a longer call copies each expert once instead
 ALIGN_BYTES = 512  # the widest row the gather reads, when every expert's place allows
@@ -58,8 +59,11 @@ class MappedExperts:
     host copy at once (its slot is overwritten only after the compute queued before), a copied expert's at its
     slot once the copy has landed."""
 
-    def __init__(self, groups: Sequence[ExpertGroup], store: TieredStore, pool: SlotPool) -> None:
+    def __init__(self, groups: Sequence[ExpertGroup], store: TieredStore, pool: SlotPool,
+                 unpacker: ExpertUnpacker | None = None) -> None:
+        """`unpacker`: for compressed experts (placed alike), the window each gather is dequantized into."""
         self.groups = tuple(groups)
+        self._unpacker = unpacker
         self.store = store
         self.pool = pool
         self.device = pool.tensor.device
@@ -85,6 +89,7 @@ class MappedExperts:
         self._host_rows = [(start - base) // self.row_bytes for start in starts]  # by expert, as in self._keys
         self._slot_row0 = (pool.tensor.data_ptr() - base) // self.row_bytes
         self._row_steps = torch.arange(self.layout.nbytes // self.row_bytes, device=self.device)
+        self._pair_rows = torch.arange(gather_pairs(groups[0].top_k), device=self.device)
         self.rows = torch.tensor(self._host_rows, device=self.device)  # expert (flat) -> its first row now
         self._index = {key: flat for flat, key in enumerate(self._keys)}
         self._first = [self._index[group.keys[0]] for group in groups]  # each layer's first expert, flat
@@ -131,9 +136,13 @@ class MappedExperts:
         """Each pair's expert (its rows start at `starts`) gathered into one buffer, run on the pair's input."""
         gathered = self.span.index_select(0, (starts[:, None] + self._row_steps).reshape(-1))
         raw = gathered.view(torch.uint8).view(starts.numel(), -1)
-        weights = {attr: raw[:, slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(starts.numel(),
-                                                                                             *slot.shape)
-                   for (attr, _), slot in zip(group.attrs, self.layout.slots.values())}
+        if self._unpacker is not None:  # packed: dequantized into the window, a tensor at a time for all pairs
+            self._unpacker.fill_slots(raw, self._pair_rows[:starts.numel()])
+            weights = {attr: view[:starts.numel()] for (attr, _), view in zip(group.attrs, self._unpacker.views)}
+        else:
+            weights = {attr: raw[:, slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(starts.numel(),
+                                                                                                 *slot.shape)
+                       for (attr, _), slot in zip(group.attrs, self.layout.slots.values())}
         return expert_forward(group.module, weights, inputs.to(weights[group.attrs[0][0]].dtype))
 
     def drain(self, wait: bool = False) -> list[Served]:

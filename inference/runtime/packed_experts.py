@@ -17,14 +17,16 @@ import torch
 
 from ...compression import ABSMAX, GGML, PACKED, Codec, MatrixUnpacker, PackedMatrices, unpacked_numel
 from ...ggml import dequantize as ggml_dequantize
+from ...policies.experts import gather_pairs
 from ...units import UnitLayout
 
 WINDOW_EXPERTS = 32  # experts dequantized at once: a decode step's or a short call's routed experts in one kernel
 
 
 def window_size(experts_per_layer: int, top_k: int) -> int:
-    """Experts a window holds: WINDOW_EXPERTS, at least one token's, at most a layer's."""
-    return min(experts_per_layer, max(top_k, WINDOW_EXPERTS))
+    """Experts a window holds: WINDOW_EXPERTS, at least one token's, at most a layer's; and at least the (token,
+    expert) pairs a layer call reading its experts in place gathers at once (mapped_experts.py)."""
+    return max(min(experts_per_layer, max(top_k, WINDOW_EXPERTS)), gather_pairs(top_k))
 
 
 def row_numel(codec: Codec, packed: PackedMatrices, layout: UnitLayout, names: Sequence[str]) -> int:
@@ -77,8 +79,8 @@ class ExpertUnpacker:
         return sum(flat.nbytes for flat in self._flat)
 
     def fill_slots(self, pool: torch.Tensor, slots: torch.Tensor) -> None:
-        """Dequantize the experts in device slots `slots` (a long tensor on the device; `pool`: the slots' bytes
-        as (slots, slot bytes)) into window places 0, 1, ...: needs `alike`."""
+        """Dequantize the experts in rows `slots` of `pool` (a long tensor on the device; `pool`: experts' bytes as
+        (rows, bytes a row), the device slots or a gathered buffer) into window places 0, 1, ...: needs `alike`."""
         count = slots.numel()
         for name, flat, view in zip(self._names, self._flat, self.views):
             if name not in self._first.matrices:
