@@ -127,8 +127,6 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     reference = _reference_tokens(args.out)
     results = {}
     modes = (args.mode or MODES[base]).split(",")
-    if compress != "none":  # compressed experts are never read in place
-        modes = [mode for mode in modes if mode != "mapped"]
     budgets = args.expert_budgets.split(",") if drafting else [None]
     for mode, expert_budget in ((mode, budget) for mode in modes for budget in budgets):
         model.experts.compute = mode
