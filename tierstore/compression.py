@@ -487,10 +487,9 @@ class MatrixUnpacker:
             if self.codec.rotation and rotates(shape):
                 unrotate_(matrix, name)
             return matrix
-        whole = align(numel, self.codec.blocksize)  # whole blocks; matrices start on block boundaries
-        codes = tensors[PACKED][self.codec.packed_bytes(offset):self.codec.packed_bytes(offset + whole)]
-        absmax = tensors[ABSMAX][offset // self.codec.blocksize:(offset + whole) // self.codec.blocksize]
-        self.dequantize(codes, absmax, out[:whole])
+        whole = unpacked_numel(self.codec, shape)
+        codes, scales = block_ranges(self.codec, offset, whole)
+        self.dequantize(tensors[PACKED][codes], tensors[ABSMAX][scales], out[:whole])
         return out[:numel].view(shape)
 
     def dequantize(self, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor) -> None:
@@ -514,6 +513,14 @@ def unpacked_numel(codec: Codec, shape: tuple[int, ...]) -> int:
     """Elements a matrix of `shape` takes while it is dequantized (bitsandbytes' codecs: whole blocks)."""
     numel = math.prod(shape)
     return numel if codec.format == GGML else align(numel, codec.blocksize)
+
+
+def block_ranges(codec: Codec, offset: int, numel: int) -> tuple[slice, slice]:
+    """Where a matrix of bitsandbytes' codec (at element `offset` of its unit's packed matrices, `numel` elements:
+    whole blocks, as matrices start on block boundaries) sits: its codes' bytes in PACKED, its block scales (one
+    float32 each) in ABSMAX."""
+    return (slice(codec.packed_bytes(offset), codec.packed_bytes(offset + numel)),
+            slice(offset // codec.blocksize, (offset + numel) // codec.blocksize))
 
 
 def scratch_bytes(packed: Mapping[Hashable, PackedMatrices], dtype: torch.dtype,

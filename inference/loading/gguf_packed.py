@@ -49,10 +49,6 @@ class PackedStack:
         rows = np.concatenate([part[expert] for part in self.parts])[self.order]
         return PackedMatrix(self.format, torch.from_numpy(np.ascontiguousarray(rows)).reshape(-1), self.shape)
 
-    @property
-    def expert_bytes(self) -> int:
-        return self.order.size * self.parts[0].shape[-1]
-
 
 class GGUFTensors:
     """The model's tensors in a GGUF file, by the model's names: what `load_gguf_checkpoint` returns, read a few
@@ -142,7 +138,7 @@ def _row_order(processor: Any, gguf_name: str, rows: int, names: dict[str, str],
                parsed: dict[str, Any]) -> tuple[str, np.ndarray] | None:
     """The model's name for `gguf_name` and the order of its rows, when the processor does nothing else to it."""
     probe = np.arange(rows, dtype=np.float64)[:, None]
-    scratch = {**parsed, "tensors": {}, "config": copy.deepcopy(parsed["config"])}  # no side effects on the real one
+    scratch = _scratch(parsed)
     try:
         result = processor.process(weights=probe, name=gguf_name, tensor_key_mapping=names, parsed_parameters=scratch)
     except Exception:  # a processor that needs the real values or shape: dequantize this one
@@ -155,12 +151,22 @@ def _row_order(processor: Any, gguf_name: str, rows: int, names: dict[str, str],
     return names[result.name], perm.astype(np.int64)
 
 
+def _scratch(parsed: dict[str, Any]) -> dict[str, Any]:
+    """What the processor is given for a probe: the parsed fields with tensors and config of its own (no side
+    effects on the real ones)."""
+    return {**parsed, "tensors": {}, "config": copy.deepcopy(parsed["config"])}
+
+
 def has_quantized_stacks(path: str) -> bool:
-    """Whether a GGUF file holds 3-D tensors (a mixture-of-experts layer's expert stacks) in a block format tierstore
-    reads (its header only)."""
+    """Whether a GGUF file holds expert stacks in a block format tierstore reads (its header only)."""
     from gguf import GGUFReader
 
-    return any(len(t.shape) == 3 and t.tensor_type.name in BLOCKS for t in GGUFReader(path).tensors)
+    return bool(_quantized_stacks(GGUFReader(path)))
+
+
+def _quantized_stacks(reader: Any) -> list[Any]:
+    """The file's 3-D tensors (a mixture-of-experts layer's expert stacks) in a block format tierstore reads."""
+    return [t for t in reader.tensors if len(t.shape) == 3 and t.tensor_type.name in BLOCKS]
 
 
 def _packable_stacks(reader: Any, processor: Any, names: dict[str, str], parsed: dict[str, Any],
@@ -168,9 +174,8 @@ def _packable_stacks(reader: Any, processor: Any, names: dict[str, str], parsed:
                      ) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
     """The fused experts tensors whose parts (3-D expert stacks in one ggml format) can stay packed: model name
     -> (the parts' gguf names, the row order of one expert's matrix over its parts' rows stacked)."""
-    stacks = [t for t in reader.tensors if len(t.shape) == 3 and t.tensor_type.name in BLOCKS]
     by_model: dict[str, list[Any]] = {}
-    for tensor in stacks:
+    for tensor in _quantized_stacks(reader):
         target = _gathered_into(processor, tensor, names, parsed)
         if target is not None and expert_slice(target, 0) in matrices:
             by_model.setdefault(target, []).append(tensor)
@@ -184,7 +189,7 @@ def _packable_stacks(reader: Any, processor: Any, names: dict[str, str], parsed:
 
 def _gathered_into(processor: Any, tensor: Any, names: dict[str, str], parsed: dict[str, Any]) -> str | None:
     """The model tensor the processor gathers a 3-D stack into (a scratch run on zeros of one column), or None."""
-    scratch = {**parsed, "tensors": {}, "config": copy.deepcopy(parsed["config"])}
+    scratch = _scratch(parsed)
     experts, rows = int(tensor.shape[2]), int(tensor.shape[1])
     try:
         processor.process(weights=np.zeros((experts, rows, 1)), name=tensor.name, tensor_key_mapping=names,
@@ -204,7 +209,7 @@ def _stack_order(processor: Any, parts: list[Any], names: dict[str, str], parsed
     if any(p.tensor_type != first.tensor_type or tuple(p.shape) != tuple(first.shape) for p in parts):
         return None
     columns, rows, experts = (int(n) for n in first.shape)
-    scratch = {**parsed, "tensors": {}, "config": copy.deepcopy(parsed["config"])}
+    scratch = _scratch(parsed)
     span = experts * rows
     try:
         for index, part in enumerate(parts):

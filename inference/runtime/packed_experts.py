@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ...compression import ABSMAX, GGML, PACKED, Codec, MatrixUnpacker, PackedMatrices, unpacked_numel
+from ...compression import (ABSMAX, GGML, PACKED, Codec, MatrixUnpacker, PackedMatrices, block_ranges,
+                            unpacked_numel)
 from ...ggml import dequantize as ggml_dequantize
 from ...policies.experts import gather_pairs
 from ...units import UnitLayout
@@ -95,13 +96,12 @@ class ExpertUnpacker:
                 rows = pool[slots, base + start:base + end]  # each expert's blocks, back to back
                 ggml_dequantize(self._first.formats[name][0], rows.reshape(-1), flat[:count * numel])
                 continue
-            offset, _ = self._first.matrices[name]
-            blocksize = self._codec.blocksize
-            codes_at, scales_at = self._layout.slots[PACKED].offset, self._layout.slots[ABSMAX].offset
-            codes = pool[slots, codes_at + self._codec.packed_bytes(offset):
-                         codes_at + self._codec.packed_bytes(offset + numel)]
-            scales = pool[slots, scales_at + offset // blocksize * 4:scales_at + (offset + numel) // blocksize * 4]
-            self._unpacker.dequantize(codes.reshape(-1), scales.reshape(-1).view(torch.float32),
+            codes, scales = block_ranges(self._codec, self._first.matrices[name][0], numel)
+            codes_at, absmax = self._layout.slots[PACKED].offset, self._layout.slots[ABSMAX]
+            scales_at, scale_bytes = absmax.offset, absmax.dtype.itemsize
+            codes_rows = pool[slots, codes_at + codes.start:codes_at + codes.stop]
+            scale_rows = pool[slots, scales_at + scales.start * scale_bytes:scales_at + scales.stop * scale_bytes]
+            self._unpacker.dequantize(codes_rows.reshape(-1), scale_rows.reshape(-1).view(absmax.dtype),
                                       flat[:count * numel])
 
     def fill(self, position: int, names: Sequence[str], packed: PackedMatrices,
