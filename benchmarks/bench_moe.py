@@ -169,11 +169,12 @@ ROWS = [  # name, system, kernel, experts config, vram, ram, new tokens
      {"prefetch": "none", "device_policy": "fifo", "host_policy": "fifo"}, "4GB", "48GB", 16),
     ("tierstore whole layers", "tierstore", "-", {"streaming": False, "implementation": "grouped_mm"}, "4GB",
      "48GB", 8),
-    # compressed experts (q8_0: tierstore's quantizer, fast on any machine), packed in their slots and dequantized
-    # into a window as they compute; its tokens are compared with the same store's whole layers
-    ("q8_0: tierstore experts (packed)", "tierstore", "-", {}, "4GB", "48GB", 16),
-    ("q8_0: tierstore experts read in place (compute mapped)", "tierstore", "-", {"compute": "mapped"}, "4GB",
-     "48GB", 16),
+    # compressed experts (q8_0: tierstore's quantizer, fast on any machine), packed in every tier: decode steps
+    # read them in place and dequantize them on the device (auto), or fill a window from their slots; their tokens
+    # are compared with the same store's whole layers
+    ("q8_0: tierstore experts (packed, read in place: the default)", "tierstore", "-", {}, "4GB", "48GB", 16),
+    ("q8_0: tierstore experts copied into slots, window filled (compute device)", "tierstore", "-",
+     {"compute": "device"}, "4GB", "48GB", 16),
     ("q8_0: tierstore whole layers", "tierstore", "-", {"streaming": False, "implementation": "grouped_mm"}, "4GB",
      "48GB", 8),
     ("accelerate 4GiB/48GiB", "accelerate", "grouped_mm", {}, "4GiB", "48GiB", 3),

@@ -93,6 +93,7 @@ class ExpertsInput:
     costs: ExpertCosts | None = None  # measured rates; None: not measured (auto then copies every miss)
     window: int = 0  # compressed experts: how many are dequantized at once on the device (0: uncompressed)
     window_bytes: int = 0  # that window's device bytes
+    mappable: bool = True  # every expert can be read in place (compressed ones: all stored alike, unrotated)
 
     @property
     def total_experts(self) -> int:
@@ -214,9 +215,9 @@ def make_moe_plan(dense: PlanInput, experts: ExpertsInput) -> Plan:
     _check(experts)
     one_token = experts.top_k * experts.expert_bytes
     predict = experts.prefetch != "none" and experts.predictable
-    # a device with an activation reserve (a GPU) may read experts in place: its gather buffer is an activation
-    # (compressed experts are read in place only when asked: auto does not yet); their window is one too
-    maps = _compute(experts) == "mapped" or (_compute(experts) == AUTO and not experts.window)
+    # a device with an activation reserve (a GPU) may read experts in place: its gather buffer is an activation;
+    # compressed experts' window is one too
+    maps = _compute(experts) == "mapped" or (_compute(experts) == AUTO and experts.mappable)
     gather = gather_pairs(experts.top_k) * experts.expert_bytes if dense.device_reserve_bytes and maps else 0
     dense = dataclasses.replace(dense, device_reserve_bytes=dense.device_reserve_bytes + gather
                                 + experts.window_bytes)
@@ -265,7 +266,7 @@ def _checked_notes(expert_plan: ExpertPlan, experts: ExpertsInput) -> list[str]:
                           f"{expert_plan.host_experts}: raise ram, or choose device or host")
     notes = []
     every_in_ram = expert_plan.host_experts >= expert_plan.total_experts
-    if expert_plan.compute == "mapped" or (expert_plan.compute == "auto" and every_in_ram and not experts.window):
+    if expert_plan.compute == "mapped" or (expert_plan.compute == "auto" and every_in_ram and experts.mappable):
         notes.append("experts: a decode step reads each routed expert in place, from its slot or over the link from "
                      "pinned RAM (no copy, no wait for the routing; on a GPU); a longer call "
                      + ("copies the missed ones" if expert_plan.compute == "mapped" else

@@ -118,3 +118,20 @@ def test_a_moe_plan_reserves_the_in_place_gather_where_experts_may_be_read_in_pl
     assert plan(compute, 0).device_reserve_bytes == 0  # a CPU: activations live in RAM
     if reserved:
         assert on_gpu.experts.device_slots < plan("device", 300 * MB).experts.device_slots
+
+
+@pytest.mark.parametrize("mappable", [True, False])
+def test_compressed_experts_are_read_in_place_under_auto_only_when_stored_alike(mappable):
+    """Packed experts all in one format are read in place under auto (dequantized on the device, measured faster
+    than filling the window from slots); experts in several formats, or rotated, never are: no gather reserved."""
+    from tierstore.policies.experts import ExpertCosts, ExpertsInput
+
+    units, schedule = _units()
+    experts = ExpertsInput(layers=10, experts_per_layer=64, top_k=4, expert_bytes=3 * MB, window=32,
+                           window_bytes=320 * MB, mappable=mappable,
+                           costs=ExpertCosts(link_gbps=50.0, host_gbps=40.0, host_gbps_32=40.0))
+    plan = make_plan(PlanInput(units=units, schedule=schedule, device_budget_bytes=2000 * MB,
+                               host_budget_bytes=20_000 * MB, device_reserve_bytes=300 * MB, experts=experts))
+    assert plan.device_reserve_bytes == 300 * MB + 320 * MB + (8 * 3 * MB if mappable else 0)
+    assert any("reads each routed expert in place" in note for note in plan.notes) == mappable
+    assert any("dequantized on the device, 32 at a time" in note for note in plan.notes)

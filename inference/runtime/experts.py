@@ -191,10 +191,10 @@ class ExpertRunner:
         self._accesses: list[str] = []  # this call's routed experts, in order
         self._mapped: MappedExperts | None = None  # made on the first call that reads experts in place
         self._keys = [key for group in self.groups for key in group.keys]
-        # auto reads a decode step's experts in place where the device can: a GPU, every expert in pinned RAM
+        # auto reads a decode step's experts in place where the device can: a GPU, every expert in pinned RAM,
+        # compressed experts all in one format (each read is dequantized on the device, as `mapped` does)
         pinned = getattr(store.transfer, "pinned", False)
-        # (not yet for compressed experts, whose in-place reads are not measured on a GPU yet)
-        self._maps_on_auto = (self._device.type == "cuda" and pinned and unpacker is None
+        self._maps_on_auto = (self._device.type == "cuda" and pinned and (unpacker is None or unpacker.alike)
                               and len(store.plan.host_resident) == len(store.layouts))
         if compute == "mapped" and unpacker is not None and not unpacker.alike:
             raise ConfigError("experts.compute = mapped dequantizes the experts it reads all alike; these are stored "
