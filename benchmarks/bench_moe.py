@@ -239,8 +239,8 @@ def print_table(results: dict, probe: dict) -> None:
     grouped_skewed = results.get("skewed: resident grouped_mm", {}).get("tokens")
     print(f"\npinned host->device {gbps:.1f} GB/s; an expert is {expert_bytes} bytes; resident grouped_mm step "
           f"{resident}")
-    print("| row | prefill s | decode s/token | copied per pass (prefill included) | bound s | ratio | expert device hit | "
-          "prediction recall | busiest 10% share | peak VRAM | peak RSS | tokens = whole layers | "
+    print("| row | prefill s | decode s/token | copied per pass (prefill included) | bound s | ratio | "
+          "expert device hit | prediction recall | busiest 10% share | peak VRAM | peak RSS | tokens = whole layers | "
           "tokens = resident grouped_mm (same routers) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
