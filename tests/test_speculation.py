@@ -331,10 +331,36 @@ def test_a_trees_nodes_are_capped_by_the_activation_room_of_one_verify_pass():
     short = tree_nodes_within(config, torch.bfloat16, 1_000, room, 1024)
     long = tree_nodes_within(config, torch.bfloat16, 100_000, room, 1024)
     assert 64 <= long < short < 1024  # a longer context's mask rows leave room for fewer nodes
+    kv = 2 * 28 * 4 * 128 * 2  # each node's keys and values in every layer, until the accepted path is kept
     for context, nodes in ((1_000, short), (100_000, long)):
-        per_node = activation_bytes_per_token(config, torch.bfloat16, context + nodes) + 152064 * 2
+        per_node = activation_bytes_per_token(config, torch.bfloat16, context + nodes) + 152064 * 2 + kv
         assert nodes * per_node <= room < 2 * nodes * per_node
     assert tree_nodes_within(config, torch.bfloat16, 1_000, 2**40, 1024) == 1024  # the configured cap
+
+
+def test_a_short_calls_unused_kv_reserve_is_room_for_its_tree():
+    """The device reserve is sized for a long context; a call with a shorter one leaves the rest to its tree
+    (a 72B-wide model's trees were held to 256 nodes by the activation slack alone, with 0.9 GB of it unused)."""
+    import types
+
+    from transformers import LlamaConfig
+
+    from tierstore.inference.placement.budgets import ACTIVATION_SLACK_BYTES, kv_bytes_per_token
+    from tierstore.inference.placement.kv import KVBudget
+    from tierstore.inference.placement.prefill import tree_nodes_within
+
+    config = LlamaConfig(hidden_size=8064, intermediate_size=29568, num_attention_heads=126, num_key_value_heads=42,
+                         head_dim=64, vocab_size=49152, num_hidden_layers=80)
+    budget = KVBudget(None, "auto", True, config, torch.bfloat16, scratch_bytes=500 * 2**20)
+    reserve = budget.reserve_bytes(1024)  # a plan made for 1,024 tokens of context
+    plan = types.SimpleNamespace(device_reserve_bytes=reserve)
+    per_token = kv_bytes_per_token(config, torch.bfloat16)
+    assert budget.spare_reserve_bytes(plan, 300) == (1024 - 300) * per_token
+    assert budget.spare_reserve_bytes(plan, 4096) == 0
+    slack_only = tree_nodes_within(config, torch.bfloat16, 300, ACTIVATION_SLACK_BYTES, 1024)
+    with_spare = tree_nodes_within(config, torch.bfloat16, 300,
+                                   ACTIVATION_SLACK_BYTES + budget.spare_reserve_bytes(plan, 300), 1024)
+    assert slack_only < with_spare
 
 
 def test_a_fixed_step_count_is_drafted_whatever_the_costs():

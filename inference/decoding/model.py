@@ -496,12 +496,14 @@ class TierstoreModel:
 
     def _tree_nodes(self, context_tokens: int) -> int:
         """The most drafted nodes a verify pass holds in this call: `speculation.nodes`, fewer where their
-        activations (each node's attention mask row over the context included) and logits would outgrow the
-        device reserve's activation room."""
+        activations (each node's attention mask row over the context included), logits and KV entries would
+        outgrow the device reserve's room: the activation slack and what this call's KV cache leaves of the
+        reserve."""
         wanted = self.config.speculation.nodes or DEFAULT_MAX_NODES
         if not self.kv_budget.separate_device:  # on a CPU activations live in RAM, outside the device tier
             return wanted
-        return tree_nodes_within(self.model.config, self.model.dtype, context_tokens, ACTIVATION_SLACK_BYTES, wanted)
+        room = ACTIVATION_SLACK_BYTES + self.kv_budget.spare_reserve_bytes(self.plan, context_tokens)
+        return tree_nodes_within(self.model.config, self.model.dtype, context_tokens, room, wanted)
 
     def warm_up(self) -> float:
         """One pass of one token, so that the RAM and device tiers hold what the plan puts there (read from disk

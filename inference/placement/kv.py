@@ -79,6 +79,11 @@ class KVBudget:
         parts = sum(nbytes for _, nbytes in self.reserve_parts(cache_tokens))
         return self.cache_bytes(cache_tokens) + ACTIVATION_SLACK_BYTES + parts
 
+    def spare_reserve_bytes(self, plan: Plan, cache_tokens: int) -> int:
+        """Bytes of `plan`'s device reserve that a call of `cache_tokens` leaves unused (the reserve is sized for a
+        longer context than most calls have): room a verify pass's tree may take beside the activation slack."""
+        return max(plan.device_reserve_bytes - self.reserve_bytes(cache_tokens), 0)
+
     def reserve_parts(self, cache_tokens: int) -> tuple[tuple[str, int], ...]:
         """What that reserve holds besides the KV cache and the activations, by name: the dequantization buffer,
         the draft's weights and KV cache."""

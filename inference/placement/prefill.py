@@ -20,7 +20,7 @@ from ...errors import BudgetError
 from ...policies.dense import slot_bytes
 from ...policies.planner import Plan
 from ...sizes import format_size
-from .budgets import ACTIVATION_SLACK_BYTES
+from .budgets import ACTIVATION_SLACK_BYTES, kv_bytes_per_token
 from .kv import KVBudget
 
 ONE_PASS_ACTIVATION_BYTES = ACTIVATION_SLACK_BYTES // 2  # a prompt's activations that need no chunks of their own
@@ -62,12 +62,13 @@ def activation_bytes_per_token(config: Any, dtype: torch.dtype, masked_keys: int
 
 def tree_nodes_within(config: Any, dtype: torch.dtype, context_tokens: int, room_bytes: int, cap: int) -> int:
     """The most nodes (at most `cap`, at least 1) a draft tree may have for one verify pass over a context of
-    `context_tokens` to keep its activations, each node's mask row over the context and the tree, and its logits
-    within `room_bytes`."""
+    `context_tokens` to keep its activations, each node's mask row over the context and the tree, its logits and
+    its KV entries (held until the pass's accepted path is kept) within `room_bytes`."""
     vocab = config.get_text_config().vocab_size
+    kv = kv_bytes_per_token(config, dtype)
     nodes = cap
     while nodes > 1:
-        per_token = activation_bytes_per_token(config, dtype, context_tokens + nodes) + vocab * dtype.itemsize
+        per_token = activation_bytes_per_token(config, dtype, context_tokens + nodes) + vocab * dtype.itemsize + kv
         if nodes * per_token <= room_bytes:
             break
         nodes //= 2
