@@ -666,6 +666,27 @@ def test_ggml_blocks_dequantized_on_cuda_match_the_cpu_reference(format):
     assert torch.allclose(compiled.cpu(), want, rtol=1e-6, atol=1e-7)
 
 
+def test_the_compiled_dequantization_of_a_large_matrix_takes_little_beyond_its_output():
+    """A whole MoE layer's expert matrix (here 268M elements, Q8_0) dequantized by the compiled steps adds at most
+    a few chunks' worth of device memory to its packed input and its output (a whole-layer q8_0 MoE peaked at 7.41
+    GB under a 4 GB budget before the chunks)."""
+    from tierstore import ggml
+
+    elements, nbytes = ggml.BLOCKS["Q8_0"]
+    blocks = (1 << 28) // elements
+    data = torch.randint(0, 256, (blocks, nbytes), dtype=torch.uint8, device="cuda")
+    data[:, :2] = torch.tensor([0, 0x3C], dtype=torch.uint8, device="cuda")  # scale 1.0
+    out = torch.empty(blocks * elements, dtype=torch.bfloat16, device="cuda")
+    assert ggml.dequantize_compiled("Q8_0", data[:64].reshape(-1), out[:64 * elements])  # compiled already
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    assert ggml.dequantize_compiled("Q8_0", data.reshape(-1), out)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= 8 * ggml.CHUNK_ELEMENTS * 4
+    assert torch.equal(out[:elements].float().cpu(), data[0, 2:].view(torch.int8).float().cpu())
+
+
 def test_gptq_rounds_on_the_gpu_as_well_as_on_the_cpu():
     """GPTQ on CUDA (where a store is quantized on a GPU machine): its blocks' output error within 2% of the CPU's
     for the same matrix and inputs (float32 sums in another order may round a few codes the other way), and well

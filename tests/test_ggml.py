@@ -75,3 +75,25 @@ def test_an_importance_matrix_keeps_the_important_weights_closer():
             ggml.dequantize(format, ggml_quantize.quantize(format, values, weights), out)
             errors.append(((out - values) ** 2 * importance).sum().item())
         assert errors[1] < errors[0] * (0.95 if format == "Q5_K" else 0.9), (format, errors)  # Q5_K: 0.914 here
+
+
+def test_the_compiled_dequantization_runs_in_bounded_chunks(monkeypatch):
+    """The compiled kernel (what a GPU runs for the formats without a Triton kernel) is called CHUNK_ELEMENTS at a
+    time, so its own result buffer and intermediates stay small whatever the matrix; the chunks cover it exactly.
+    (The compiled function is stood in for by the same steps run eagerly: the chunking is what is tested.)"""
+    format = "Q8_0"
+    elements, _ = ggml.BLOCKS[format]
+    calls = []
+
+    def eager(blocks, target):
+        calls.append(blocks.shape[0])
+        ggml._DEQUANTIZE[format](blocks, target)
+
+    monkeypatch.setitem(ggml._FUSED, format, eager)
+    monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", 3 * elements)
+    data = random_blocks(format, 10)
+    want = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format]).reshape(-1)
+    out = torch.empty(want.size, dtype=torch.float32)
+    assert ggml.dequantize_compiled(format, torch.from_numpy(data).reshape(-1), out)
+    assert calls == [3, 3, 3, 1]
+    assert torch.equal(out, torch.from_numpy(want))

@@ -54,16 +54,21 @@ def dequantize(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def dequantize_compiled(format: str, packed: torch.Tensor, out: torch.Tensor) -> bool:
-    """`dequantize` by `format`'s steps compiled into one kernel; False (and a warning, once) where that fails."""
+    """`dequantize` by `format`'s steps compiled into one kernel, CHUNK_ELEMENTS at a time: the compiled function
+    may write `out` through a result of its own and keep intermediates, each as large as its call (a whole MoE
+    layer's experts are hundreds of millions of elements); False (and a warning, once) where compiling fails."""
     elements, nbytes = BLOCKS[format]
     blocks, target = packed.view(-1, nbytes), out.view(-1, elements)
     fused = _fused(format)
     if fused is None:
         return False
+    step = CHUNK_ELEMENTS // elements
     try:
-        torch._dynamo.maybe_mark_dynamic(blocks, 0)  # the block count varies; a block's layout does not
-        torch._dynamo.maybe_mark_dynamic(target, 0)
-        fused(blocks, target)
+        for first in range(0, blocks.shape[0], step):
+            part, into = blocks[first:first + step], target[first:first + step]
+            torch._dynamo.maybe_mark_dynamic(part, 0)  # the block count varies; a block's layout does not
+            torch._dynamo.maybe_mark_dynamic(into, 0)
+            fused(part, into)
         return True
     except Exception as exc:  # noqa: BLE001 (a compiler failure of any kind): run the ops one at a time
         log.warning("dequantizing %s: torch.compile failed (%s); running its ops one at a time",
