@@ -24,7 +24,7 @@ import threading
 import time
 
 from common import INTER, WIDTH_FACTOR, inflate
-from spec_rows import CHAT_PROMPTS, print_table, speculation_rows
+from spec_rows import CHAT_PROMPTS, chosen_prompts, print_table, speculation_rows
 
 
 def batcher_rows(target: str, batches: list[int], new_tokens: int, config: dict, budget) -> list[dict]:
@@ -128,7 +128,7 @@ def main() -> None:
         for graphs in ("off", "auto"):
             config = {"runtime": {"cache_dir": os.path.join(args.work, "cache"), "cuda_graphs": graphs}}
             rows = speculation_rows(target, {"bf16": args.gguf}, ["none", "bf16", "ngram"],
-                                    CHAT_PROMPTS[:args.prompts], args.new_tokens * 2, budget, config,
+                                    chosen_prompts(str(args.prompts)), args.new_tokens * 2, budget, config,
                                     warm_tokens=args.new_tokens * 2 if args.steady else 8)
             print(f"cuda_graphs = {graphs}")
             print_table(rows)

@@ -21,7 +21,7 @@ import os
 import time
 
 from common import Inflation
-from spec_rows import CHAT_PROMPTS, codecs_of, make_drafts, print_table, speculation_rows
+from spec_rows import chosen_prompts, codecs_of, make_drafts, print_table, speculation_rows
 
 FACTOR, INTER, LAYERS = 14, 29568, 80
 
@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--base-tokens", type=int, default=None,
                         help="new tokens of the no-draft rows (default --new-tokens): a streamed step's cost is flat")
-    parser.add_argument("--prompts", type=int, default=3, help="how many of the chat prompts each draft runs")
+    parser.add_argument("--prompts", default="3", help="the chat prompts each draft runs: how many, or "
+                        "their numbers (\"1,2\")")
     parser.add_argument("--only", default="none,nf4,bf16,ngram",
                         help="comma-separated drafts to run (none, nf4, int8, q3_k, bf16 = the GGUF as is, ngram; a "
                              "model draft + \"+compile\" runs it compiled)")
@@ -75,7 +76,7 @@ def main() -> None:
     print(f"target: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
     wanted = args.only.split(",")
     drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, {"nf4", "int8", "q3_k"}))
-    rows = speculation_rows(store, drafts, wanted, CHAT_PROMPTS[:args.prompts], args.new_tokens, budget, config,
+    rows = speculation_rows(store, drafts, wanted, chosen_prompts(args.prompts), args.new_tokens, budget, config,
                             base_tokens=args.base_tokens)
     with open(os.path.join(args.out, "scale_speculation.json"), "w") as handle:
         json.dump({"written": written, "rows": [{"draft": name, "prompt": number, **row}

@@ -22,7 +22,7 @@ import os
 import time
 
 from common import INTER, WIDTH_FACTOR, inflate
-from spec_rows import CHAT_PROMPTS, codecs_of, make_drafts, print_table, speculation_rows
+from spec_rows import chosen_prompts, codecs_of, make_drafts, print_table, speculation_rows
 
 
 def main() -> None:
@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/spec")
     parser.add_argument("--out", default=".")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prompts", type=int, default=3, help="how many of the chat prompts each draft runs")
+    parser.add_argument("--prompts", default="3", help="the chat prompts each draft runs: how many, or "
+                        "their numbers (\"1,2\")")
     parser.add_argument("--only", help="comma-separated drafts to run (none,nf4,int8,bf16,ngram; a model draft's "
                         "name + \"+compile\" runs it compiled)")
     parser.add_argument("--factor", type=int, default=WIDTH_FACTOR, help="width multiple of the target")
@@ -52,7 +53,7 @@ def main() -> None:
     run_probe(config["runtime"]["cache_dir"], device)
     wanted = (args.only or "none,nf4,int8,bf16,ngram").split(",")
     drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, {"nf4", "int8"}))
-    rows = speculation_rows(target, drafts, wanted, CHAT_PROMPTS[:args.prompts], args.new_tokens, budget, config)
+    rows = speculation_rows(target, drafts, wanted, chosen_prompts(args.prompts), args.new_tokens, budget, config)
     with open(os.path.join(args.out, "speculation.json"), "w") as handle:
         json.dump([{"draft": name, "prompt": number, **row} for name, number, row in rows], handle, indent=1)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"

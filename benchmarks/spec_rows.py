@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from common import QUESTION, fmt, run_row
 
@@ -12,6 +13,17 @@ REWRITE = ("Rewrite the following paragraph in the same words, only fixing the s
            "stood on the rocky cape for more then a hundred years. Every night its keeper climbed the narrow "
            "stairs, lit the great lamp, and watched the ships pass safely threw the dark water. When the storms "
            "came, the light never failed, and the sailors new they were close to home.")
+
+
+def chosen_prompts(spec: str) -> dict[int, str]:
+    """The chat prompts a run takes, by number: "3" = the first three; "1,2" = those (a later call can run the
+    prompts an earlier one had no time for, each against its own no-draft row)."""
+    if "," not in spec and int(spec) > 0:
+        return dict(enumerate(CHAT_PROMPTS[:int(spec)]))
+    numbers = [int(part) for part in spec.split(",") if part]
+    if not numbers or not all(0 <= number < len(CHAT_PROMPTS) for number in numbers):
+        raise SystemExit(f"--prompts {spec!r}: a count, or numbers of the {len(CHAT_PROMPTS)} chat prompts from 0")
+    return {number: CHAT_PROMPTS[number] for number in numbers}
 
 
 def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("nf4", "int8")) -> dict[str, str]:
@@ -33,7 +45,7 @@ def codecs_of(wanted: list[str], codecs: set[str]) -> tuple[str, ...]:
     return tuple({name.partition("+")[0] for name in wanted} & codecs)
 
 
-def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], prompts: list[str], new_tokens: int,
+def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], prompts: dict[int, str], new_tokens: int,
                      budget, config: dict, warm_tokens: int = 8,
                      base_tokens: int | None = None) -> list[tuple[str, object, dict]]:
     """(draft, prompt number or "rewrite", row) for each wanted draft ("none", "ngram" or a key of `drafts`; a
@@ -44,7 +56,7 @@ def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], pro
     base_tokens = base_tokens or new_tokens
     rows: list[tuple[str, object, dict]] = []
     for name in wanted:
-        for number, prompt in ([("rewrite", REWRITE)] if name == "ngram" else list(enumerate(prompts))):
+        for number, prompt in ([("rewrite", REWRITE)] if name == "ngram" else list(prompts.items())):
             if name == "ngram":
                 rows.append(("none", "rewrite", run_row(target, None, prompt, base_tokens, budget, config,
                                                         warm_tokens=warm_tokens)))
@@ -52,8 +64,10 @@ def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], pro
             kind, _, flag = name.partition("+")
             draft = "ngram" if kind == "ngram" else drafts.get(kind) if kind != "none" else None
             settings = {**config, "speculation": {"compile": True}} if flag == "compile" else config
+            start_s = time.perf_counter()
             row = run_row(target, draft, prompt, base_tokens if draft is None else new_tokens, budget, settings,
                           base["tokens"] if base else None, warm_tokens)
+            row["row_s"] = time.perf_counter() - start_s  # the model's opening and warm-up included
             rows.append((name, number, row))
             print(json.dumps({f"{name} {number}": {k: v for k, v in row.items() if k != "tokens"}}), flush=True)
     return rows
