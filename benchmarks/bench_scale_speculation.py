@@ -21,7 +21,7 @@ import os
 import time
 
 from common import Inflation
-from spec_rows import chosen_prompts, codecs_of, make_drafts, print_table, speculation_rows
+from spec_rows import chosen_prompts, codecs_of, make_drafts, print_table, spec_config, speculation_rows
 
 FACTOR, INTER, LAYERS = 14, 29568, 80
 
@@ -67,9 +67,7 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    # each row opens the target afresh; RAM holds all of it during the run, so the page cache may keep it between
-    # rows too (read with O_DIRECT, each opening re-read 40.8 GB from disk at 1.37 GB/s on the 72B target)
-    config = {"runtime": {"cache_dir": os.path.join(args.work, "cache")}, "io": {"direct_io": False}}
+    config = spec_config(args.work)
     budget = tierstore.Budget(vram=args.vram, ram=args.ram)
     store = os.path.join(args.work, "target")
     inflation = Inflation(args.gguf, args.factor, args.inter, args.layers)

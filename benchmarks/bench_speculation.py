@@ -22,7 +22,7 @@ import os
 import time
 
 from common import INTER, WIDTH_FACTOR, inflate
-from spec_rows import chosen_prompts, codecs_of, make_drafts, print_table, speculation_rows
+from spec_rows import chosen_prompts, codecs_of, make_drafts, print_table, spec_config, speculation_rows
 
 
 def main() -> None:
@@ -43,9 +43,7 @@ def main() -> None:
     import tierstore
     from tierstore.probe import run_probe
 
-    # each row opens the target afresh; RAM holds all of it during the run, so the page cache may keep it between
-    # rows too (read with O_DIRECT, each opening re-read 40.8 GB from disk at 1.37 GB/s on the 72B target)
-    config = {"runtime": {"cache_dir": os.path.join(args.work, "cache")}, "io": {"direct_io": False}}
+    config = spec_config(args.work)
     budget = tierstore.Budget(vram="4GB", ram="16GB")
     target = os.path.join(args.work, "target")
     start = time.perf_counter()

@@ -340,7 +340,7 @@ def test_a_trees_nodes_are_capped_by_the_activation_room_of_one_verify_pass():
 
 def test_a_short_calls_unused_kv_reserve_is_room_for_its_tree():
     """The device reserve is sized for a long context; a call with a shorter one leaves the rest to its tree
-    (a 72B-wide model's trees were held to 256 nodes by the activation slack alone, with 0.9 GB of it unused)."""
+    (a 72B-wide model's trees were held to 256 nodes by the activation slack alone, with 0.7 GB of it unused)."""
     import types
 
     from transformers import LlamaConfig
