@@ -175,11 +175,6 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                                   "which the device budget then pays for) and its forward compiled by "
                                   "torch.compile before the CUDA graph records it, fusing each layer's small "
                                   "kernels; the first call pays the compile"),
-        "ahead": (_bool_or_auto, AUTO, "a model draft keeps growing its tree while the model verifies it (on a "
-                                       "thread of its own), and a pass whose bonus token that grown tree holds "
-                                       "starts the next tree from its subtree, already drafted; the draft's KV "
-                                       "cache then holds a second tree; auto = on a GPU, where the verify pass "
-                                       "streams weights (a resident model's passes are launches, not link time)"),
         "expert_budget": (_int_or("none", 1), "none",
                           "mixture-of-experts models with streamed experts: the most experts not in device slots "
                           "that a verify pass moves (copies or computes on the host) per MoE layer, the tree pruned "

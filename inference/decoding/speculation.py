@@ -11,7 +11,6 @@ keeps only the accepted path.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -39,8 +38,6 @@ class SpeculationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     draft_steps: int = 0
-    ahead_steps: int = 0  # a model draft's steps grown while the model verified (off the passes' critical path)
-    carried_trees: int = 0  # passes whose tree started from a subtree grown ahead (the last pass's bonus token in it)
     graphed: bool | None = None  # a model draft's steps replayed a CUDA graph
     draft_compiled: bool | None = None  # a model draft's steps ran compiled (None: not asked for)
     verify_graphed: bool | None = None  # the verify passes replayed CUDA graphs (None: not tried)
@@ -74,13 +71,11 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor([root]))
     draft.reset(input_ids.shape[1] + max_new_tokens + 1, frozenset(eos_ids))
-    ahead = getattr(draft, "growing_ahead", contextlib.nullcontext)  # a model draft grows its tree meanwhile
     while len(emitted) < max_new_tokens and root not in eos_ids:
         start_s = time.perf_counter()
         tree = draft.propose(history, max_depth=max_new_tokens - len(emitted) - 1)
         verify_start_s, captured_s = time.perf_counter(), verifier.capture_s()
-        with ahead():
-            path, bonus = verifier.verify(tree, choose)
+        path, bonus = verifier.verify(tree, choose)
         verify_s = time.perf_counter() - verify_start_s
         recording_s = verifier.capture_s() - captured_s  # a graph recorded this pass: not what the next costs
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
@@ -100,7 +95,7 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
             if verifier.last_kept is not None:
                 draft.policy.observe_kept(verifier.last_kept)
         stats.draft_steps = draft.steps
-        draft.accepted(tree, path, bonus)
+        draft.accepted(tree, path)
         for index, token in enumerate(new):  # stop at the end of sequence, as generate does
             if token in eos_ids:
                 new = new[:index + 1]
@@ -114,8 +109,6 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
     if streamer is not None:
         streamer.end()
     stats.new_tokens += len(emitted)
-    stats.ahead_steps += getattr(draft, "ahead_steps", 0)
-    stats.carried_trees += getattr(draft, "carried_trees", 0)
     stats.graphed = getattr(draft, "graphed", None)
     stats.draft_compiled = getattr(draft, "compiled", None)
     stats.verify_graphed = verifier.graphed
