@@ -95,7 +95,7 @@ def test_a_call_routed_to_more_experts_than_the_window_runs_the_kernel_once_per_
 
     monkeypatch.setattr(packed_experts, "WINDOW_EXPERTS", 2)
     monkeypatch.setattr(packed_experts, "gather_pairs", lambda top_k: top_k)  # no in-place reads here
-    monkeypatch.setattr(runner, "placed_alike", lambda packed, keys: alike)
+    monkeypatch.setattr(runner, "stored_alike", lambda codec, packed, keys: alike)
     filled = []
     for method in ("fill", "fill_slots"):
         real_fill = getattr(packed_experts.ExpertUnpacker, method)
@@ -134,7 +134,7 @@ def test_reading_compressed_experts_in_place_needs_them_alike_and_is_refused_in_
     must be in the same formats, unrotated."""
     from tierstore.inference.runtime import experts as runner
 
-    monkeypatch.setattr(runner, "placed_alike", lambda packed, keys: False)
+    monkeypatch.setattr(runner, "stored_alike", lambda codec, packed, keys: False)
     _, directory = _saved("mixtral", tmp_path)
     with pytest.raises(tierstore.ConfigError, match="mapped dequantizes the experts it reads all alike"):
         tierstore.AutoModel.from_pretrained(directory, budget={"vram": "1GB", "ram": "1GB"},
@@ -239,12 +239,15 @@ def test_a_gguf_moe_whose_gate_and_up_differ_in_format_dequantizes_them_and_stil
     assert got == _reference(reference)
 
 
-def test_experts_in_different_formats_are_not_filled_as_if_placed_alike():
-    from tierstore.compression import PackedMatrices
-    from tierstore.inference.runtime.packed_experts import placed_alike
+def test_experts_in_different_formats_or_rotated_are_not_dequantized_as_if_stored_alike():
+    from tierstore.compression import Codec, PackedMatrices
+    from tierstore.inference.runtime.packed_experts import stored_alike
 
     def expert(format):
         return PackedMatrices(256 * 64, {"w": (0, (256, 64))}, {"w": (format, 0)})
 
-    assert placed_alike({"a": expert("Q4_K"), "b": expert("Q4_K")}, ["a", "b"])
-    assert not placed_alike({"a": expert("Q4_K"), "b": expert("Q6_K")}, ["a", "b"])
+    plain = Codec.create("q4_k")
+    rotated = Codec.create("q4_k", calibration="digest", rounding="gptq", rotation="hadamard")
+    assert stored_alike(plain, {"a": expert("Q4_K"), "b": expert("Q4_K")}, ["a", "b"])
+    assert not stored_alike(plain, {"a": expert("Q4_K"), "b": expert("Q6_K")}, ["a", "b"])
+    assert not stored_alike(rotated, {"a": expert("Q4_K"), "b": expert("Q4_K")}, ["a", "b"])

@@ -22,7 +22,7 @@ from ..devices import dtype_name
 from ..loading.sources import Units
 from ..runtime.lookup import lookup_key, lookup_note
 from ..runtime.packed_experts import window_bytes as unpacked_window_bytes
-from ..runtime.packed_experts import placed_alike, window_size
+from ..runtime.packed_experts import stored_alike, window_size
 from .budgets import DraftCost, device_reserve_bytes, effective_budgets, plan_input
 
 PER_MATRIX_SHARE = 8  # a unit's dequantization buffer above 1/8 of the device budget is cut to one matrix
@@ -110,7 +110,7 @@ def experts_input(units: Units, cfg: Config, device: torch.device) -> ExpertsInp
         window_bytes = unpacked_window_bytes(units.codec, units.packed[first], units.layouts[first],
                                              units.skeleton.units[first], window, units.dtype)
         keys = [key for group in groups for key in group.keys]
-        mappable = not units.codec.rotation and placed_alike(units.packed, keys)  # else auto never reads in place
+        mappable = stored_alike(units.codec, units.packed, keys)  # else auto never reads them in place
     return ExpertsInput(layers=len(groups), experts_per_layer=groups[0].num_experts, top_k=groups[0].top_k,
                         expert_bytes=sizes.pop(), device_policy=cfg.experts.device_policy,
                         host_policy=cfg.experts.host_policy, prefetch=cfg.experts.prefetch,

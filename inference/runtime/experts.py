@@ -46,7 +46,7 @@ from ..loading.skeleton import ExpertGroup, expert_slice
 from .expert_budget import ExpertBudget
 from .host_experts import computes_on_host, host_outputs
 from .mapped_experts import MAX_PAIRS, MappedExperts, Served
-from .packed_experts import ExpertUnpacker, placed_alike
+from .packed_experts import ExpertUnpacker, stored_alike
 
 PRUNED = -1  # the routing of a tree node an expert budget dropped: no expert
 
@@ -68,7 +68,7 @@ def open_experts(groups: Sequence[ExpertGroup], source: UnitSource, layouts: Map
         first = groups[0].keys[0]
         unpacker = ExpertUnpacker(packed.codec, packed.matrices[first], layouts[first], _names(groups[0], 0),
                                   plan.window, packed.dtype, pool.tensor.device,
-                                  alike=placed_alike(packed.matrices, keys))
+                                  alike=stored_alike(packed.codec, packed.matrices, keys))
     return ExpertRunner(groups, store, pool, dense, plan.prefetch, plan.device_policy if plan.choose_policy else None,
                         plan.compute, plan.costs, unpacker, packed.matrices if packed is not None else None)
 

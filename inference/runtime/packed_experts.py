@@ -53,14 +53,14 @@ def _shape(packed: PackedMatrices, layout: UnitLayout, name: str) -> tuple[int, 
 
 class ExpertUnpacker:
     """The window of dequantized experts (see the module docstring), for experts stored as `packed` and `layout`
-    describe one of them. `alike`: every expert's matrices sit where the first's do, in its formats, unrotated; the
+    describe one of them. `alike`: every expert is stored alike (`stored_alike`); the
     window is then filled from the slots in a few kernels a call (`fill_slots`: per tensor, one gather of the
     experts' bytes and one dequantization), else one expert at a time (`fill`)."""
 
     def __init__(self, codec: Codec, packed: PackedMatrices, layout: UnitLayout, names: Sequence[str], window: int,
                  dtype: torch.dtype, device: torch.device, alike: bool = False) -> None:
         self.window = window
-        self.alike = alike and not codec.rotation  # a rotation's signs are drawn per matrix name
+        self.alike = alike
         self._codec = codec
         self._first, self._layout = packed, layout
         self._unpacker = MatrixUnpacker(codec, dtype, device)
@@ -128,9 +128,13 @@ class ExpertUnpacker:
         return out
 
 
-def placed_alike(packed: Mapping[str, PackedMatrices], keys: Sequence[str]) -> bool:
-    """Whether every expert's matrices sit where the first's do, in its formats (a mixed store may give experts of
-    the same size different formats)."""
+def stored_alike(codec: Codec, packed: Mapping[str, PackedMatrices], keys: Sequence[str]) -> bool:
+    """Whether the compressed experts `keys` can be dequantized all alike, a few kernels for many (read in place,
+    or a window filled from the slots): every expert's matrices sit where the first's do, in its formats (a mixed
+    store may give experts of the same size different formats), unrotated (a rotation's signs are drawn per matrix
+    name)."""
+    if codec.rotation:
+        return False
     first = packed[keys[0]]
     where = (list(first.matrices.values()), list(first.formats.values()))
     return all((list(packed[key].matrices.values()), list(packed[key].formats.values())) == where for key in keys)
