@@ -55,7 +55,7 @@ def main() -> None:
                         "their numbers (\"1,2\")")
     parser.add_argument("--only", default="none,nf4,bf16,ngram",
                         help="comma-separated drafts to run (none, nf4, int8, q3_k, bf16 = the GGUF as is, ngram; a "
-                             "model draft + \"+compile\" runs it compiled)")
+                             "model draft + \"+compile\" runs it compiled, + \"+ahead\" with speculation.ahead)")
     parser.add_argument("--codec", default="nf4", choices=["nf4", "int8", "none"])
     parser.add_argument("--factor", type=int, default=FACTOR, help="width multiple of the target")
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--prompts", default="3", help="the chat prompts each draft runs: how many, or "
                         "their numbers (\"1,2\")")
     parser.add_argument("--only", help="comma-separated drafts to run (none,nf4,int8,bf16,ngram; a model draft's "
-                        "name + \"+compile\" runs it compiled)")
+                        "name + \"+compile\" runs it compiled, + \"+ahead\" with speculation.ahead)")
     parser.add_argument("--factor", type=int, default=WIDTH_FACTOR, help="width multiple of the target")
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
     args = parser.parse_args()

@@ -85,12 +85,12 @@ def _step_ms(model, width: int, nodes: int) -> float:
     with torch.no_grad():
         for _ in range(3):  # warm: compiled, graph captured
             history.append(7)
-            draft.accepted(draft.propose(history, 32), [0])
+            draft.accepted(draft.propose(history, 32), [0], -1)  # nothing accepted, no bonus
         warm_s = time.perf_counter() - start_s
         plain_steps, plain_s = draft.steps, draft.step_s
         for _ in range(5):
             history.append(7)
-            draft.accepted(draft.propose(history, 32), [0])
+            draft.accepted(draft.propose(history, 32), [0], -1)  # nothing accepted, no bonus
         per_step_ms = (draft.step_s - plain_s) / (draft.steps - plain_steps) * 1e3
         saved = {"run": static_forward.StaticForward.run, "push": drafts.ModelDraft._push,
                  "choose": drafts.ModelDraft._choose, "ancestry": tree.DraftTree.ancestry}
@@ -102,7 +102,7 @@ def _step_ms(model, width: int, nodes: int) -> float:
             before = draft.steps
             for _ in range(5):
                 history.append(7)
-                draft.accepted(draft.propose(history, 32), [0])
+                draft.accepted(draft.propose(history, 32), [0], -1)  # nothing accepted, no bonus
             counted = draft.steps - before
         finally:
             static_forward.StaticForward.run = saved["run"]

@@ -51,6 +51,18 @@ def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("
     return drafts
 
 
+ROW_FLAGS = {"compile": ("compile", True), "ahead": ("ahead", True)}  # "nf4+compile+ahead"
+
+
+def row_speculation(flags: list[str]) -> dict:
+    """The speculation settings a row's name asks for after its draft: +compile (`speculation.compile`), +ahead
+    (`speculation.ahead`: the draft grows its tree while each verify pass runs)."""
+    unknown = [flag for flag in flags if flag not in ROW_FLAGS]
+    if unknown:
+        raise SystemExit(f"row flags {unknown} unknown; use {', '.join('+' + flag for flag in ROW_FLAGS)}")
+    return dict(ROW_FLAGS[flag] for flag in flags)
+
+
 def codecs_of(wanted: list[str], codecs: set[str]) -> tuple[str, ...]:
     """The draft stores the wanted rows need (their names without a "+compile"), of `codecs`."""
     return tuple({name.partition("+")[0] for name in wanted} & codecs)
@@ -60,7 +72,7 @@ def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], pro
                      budget, config: dict, warm_tokens: int = 8,
                      base_tokens: int | None = None) -> list[tuple[str, object, dict]]:
     """(draft, prompt number or "rewrite", row) for each wanted draft ("none", "ngram" or a key of `drafts`; a
-    model draft's name + "+compile" runs it under `speculation.compile`) and prompt, each after a warm-up call of
+    model draft's name + "+compile" and/or "+ahead" as `row_speculation` says) and prompt, each after a warm-up call of
     `warm_tokens` on its model object; ngram runs the rewrite prompt, with its own no-draft row. No-draft rows
     generate `base_tokens` (default `new_tokens`): a streamed step costs the same at every length, so a large
     target's baseline can be shorter; tokens are then compared over its length."""
@@ -72,9 +84,9 @@ def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], pro
                 rows.append(("none", "rewrite", run_row(target, None, prompt, base_tokens, budget, config,
                                                         warm_tokens=warm_tokens)))
             base = next((row for kind, where, row in rows if kind == "none" and where == number), None)
-            kind, _, flag = name.partition("+")
+            kind, *flags = name.split("+")
             draft = "ngram" if kind == "ngram" else drafts.get(kind) if kind != "none" else None
-            settings = {**config, "speculation": {"compile": True}} if flag == "compile" else config
+            settings = {**config, "speculation": row_speculation(flags)}
             start_s = time.perf_counter()
             row = run_row(target, draft, prompt, base_tokens if draft is None else new_tokens, budget, settings,
                           base["tokens"] if base else None, warm_tokens)
@@ -87,7 +99,8 @@ def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], pro
 def print_table(rows: list[tuple[str, object, dict]]) -> None:
     """One line per draft and prompt, against the no-draft row of the same prompt."""
     header = ("draft", "prompt", "tokens/s", "x no draft", "tokens/pass", "accept", "largest tree", "draft step s",
-              "verify pass s", "pass s", "same tokens", "draft graphed", "verify graphed")
+              "verify pass s", "pass s", "passes from a grown subtree", "same tokens", "draft graphed",
+              "verify graphed")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, number, row in rows:
@@ -99,6 +112,7 @@ def print_table(rows: list[tuple[str, object, dict]]) -> None:
                  fmt(row["tokens_per_pass"], "{:.2f}"), fmt(row["acceptance"], "{:.2f}"),
                  fmt(row["largest_tree"], "{}"), fmt(row["draft_step_s"], "{:.4f}"),
                  fmt(row["verify_pass_s"], "{:.4f}"), fmt(row["pass_s"], "{:.4f}"),
+                 f"{row['carried_trees']} of {row['passes']}" if row.get("carried_trees") is not None else "-",
                  f"all {compared}" if same else "-" if row["first_difference"] is None else
                  f"from token {row['first_difference']} (top-2 margin {row['top2_logit_margin_there']:.3f})",
                  str(row["graphed"]), str(row.get("verify_graphed"))]

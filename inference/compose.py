@@ -30,6 +30,7 @@ from ..config import Config
 from ..errors import InputError
 from ..files import check_writable
 from ..policies.planner import Plan, PlanInput
+from ..policies.speculation import DEFAULT_MAX_NODES
 from ..probe import load_probe
 from ..rotation import HADAMARD
 from ..store import TieredStore
@@ -374,7 +375,17 @@ def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: An
 
 def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
                 allow_download: bool) -> DraftCost | None:
-    """What `_open_draft` would charge to the device budget (None for ngram), with no weights read and nothing
+    """What `_open_draft` would charge to the device budget (None for ngram), a tree grown ahead included where
+    the draft may grow one (`speculation.ahead` true or auto, on a GPU)."""
+    cost = _draft_cost_of(spec, cfg, device, dtype, trust_remote_code, allow_download)
+    if cost is None or device.type != "cuda" or cfg.speculation.ahead is False:
+        return cost
+    return dataclasses.replace(cost, ahead_tokens=cfg.speculation.nodes or DEFAULT_MAX_NODES)
+
+
+def _draft_cost_of(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
+                   allow_download: bool) -> DraftCost | None:
+    """What a draft holds on the device: its weights and KV cache per token, with no weights read and nothing
     converted: a store's or safetensors' layouts, or a GGUF's or .bin's parameters counted on the meta device (a
     draft runs uncompressed, in `dtype`; bound for `speculation.compile`, a GGUF kept packed counts its file too,
     an upper bound of the packed copy kept beside the unpacked matrices)."""

@@ -92,6 +92,50 @@ def test_trees_of_hundreds_of_nodes_give_transformers_greedy_tokens(model_type, 
         assert 0 < model.report().speculation["largest_tree"] <= 40  # speculation.nodes caps every tree
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_a_tree_grown_while_the_model_verifies_starts_the_next_one_and_keeps_the_tokens(
+        model_type, tiny_dirs, tmp_path_factory, tmp_path, monkeypatch):
+    """With `speculation.ahead` the draft grows its tree between the launch of a (streamed) verify pass and its
+    read-back; a pass whose bonus token is in that grown tree starts the next tree from its subtree, the draft's
+    cache entries moved with it. Greedy tokens stay transformers'; the model drafting itself still has every
+    drafted token accepted (an entry moved wrong would change its probabilities), and its passes do start from
+    carried subtrees."""
+    from tierstore.inference.decoding.drafts import ModelDraft
+
+    monkeypatch.setattr(ModelDraft, "ahead_min_steps", 4)  # grow this much however soon the pass is done
+    directory, reference = tiny_dirs(model_type)
+    other = _draft_dir(tmp_path_factory, model_type, seed=1)
+    streaming = _budget_for(reference)
+    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4
+    budget = tierstore.Budget(vram=streaming.vram + draft_bytes, ram=streaming.ram)
+    config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"depth": 3, "width": 3, "ahead": True}}
+    for draft in (directory, other):
+        with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, draft=draft) as model:
+            assert model.plan.regime == "disk"  # the verify pass streams
+            for prompt in (REPEATING, *PROMPTS):
+                ids = torch.tensor([prompt])
+                want = reference.generate(ids, max_new_tokens=32, do_sample=False)
+                got = model.generate(ids, max_new_tokens=32, do_sample=False)
+                assert got.tolist() == want.tolist(), (draft, prompt)
+                spec = model.report().speculation
+                assert spec["ahead_steps"] >= spec["passes"], spec  # (the last passes have little depth left to grow)
+                if draft == directory:
+                    assert spec["acceptance_rate"] == 1.0, spec
+                    assert spec["carried_trees"] >= spec["passes"] // 2, spec
+            notes = " ".join(model.report().notes)
+            assert "started from a subtree grown ahead" in notes, notes
+
+
+def test_a_draft_that_grows_ahead_is_charged_a_second_trees_kv_cache():
+    from tierstore.inference.placement.budgets import DraftCost
+
+    plain = DraftCost("draft", weights_bytes=1000, kv_bytes_per_token=10)
+    ahead = DraftCost("draft", weights_bytes=1000, kv_bytes_per_token=10, ahead_tokens=1024)
+    assert ahead.reserve_bytes(True) - plain.reserve_bytes(True) == 10 * 1024
+    assert ahead.reserve_bytes(False) == plain.reserve_bytes(False) == 1000  # a CPU: the weights only
+    assert "and a tree of 1024 grown ahead" in ahead.note(True)
+
+
 class _Decoys:
     """A draft that knows the answer and hides it among wrong siblings: every true token is its parent's second
     child, so the accepted path's nodes are not contiguous (their cache entries must be moved together)."""
@@ -114,7 +158,7 @@ class _Decoys:
             node = tree.add(node, token, 0.5)
         return tree
 
-    def accepted(self, tree, path):
+    def accepted(self, tree, path, bonus):
         pass
 
 

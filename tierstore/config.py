@@ -175,6 +175,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                                   "which the device budget then pays for) and its forward compiled by "
                                   "torch.compile before the CUDA graph records it, fusing each layer's small "
                                   "kernels; the first call pays the compile"),
+        "ahead": (_bool_or_auto, False, "a model draft keeps growing its tree while the model's verify pass runs "
+                                        "(its steps issued between the pass's launch and its read-back, on the "
+                                        "draft's own stream), and a pass whose bonus token that grown tree holds "
+                                        "starts the next tree from its subtree, already drafted; the draft's KV "
+                                        "cache then holds a second tree; auto = on a GPU where the verify pass "
+                                        "streams weights. Off by default: not yet measured on a GPU in this form "
+                                        "(README, Speculative decoding)"),
         "expert_budget": (_int_or("none", 1), "none",
                           "mixture-of-experts models with streamed experts: the most experts not in device slots "
                           "that a verify pass moves (copies or computes on the host) per MoE layer, the tree pruned "

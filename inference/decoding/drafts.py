@@ -5,14 +5,21 @@
   each step adds up to `width` of the most promising candidates anywhere in the tree (scored by the measured chance
   that the model accepts their paths) and feeds them through the draft at once (one forward, with a tree attention
   mask) to score their children. `TreePolicy` decides how many and when to stop, from the measured costs.
+  With `ahead`, it keeps growing its own copy of the tree while the model verifies it (a streamed verify pass
+  leaves the device's compute idle, waiting on the link; the verifier calls `grow_while` between launching the
+  pass and reading its picks back); when the pass's bonus token is a node of that grown tree, the next tree
+  starts from its subtree, already drafted.
 
-Both implement `propose(history, max_depth) -> DraftTree` and `accepted(tree, path)`.
+Both implement `propose(history, max_depth) -> DraftTree` and `accepted(tree, path, bonus)`.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import heapq
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,7 +83,7 @@ class NgramDraft:
                 break
         return tree
 
-    def accepted(self, tree: DraftTree, path: list[int]) -> None:
+    def accepted(self, tree: DraftTree, path: list[int], bonus: int) -> None:
         """Nothing to keep: the draft holds no state but its index."""
 
     def _index(self, history: list[int]) -> None:
@@ -92,21 +99,29 @@ class ModelDraft:
     nodes or a piece of the accepted chain, padded) over fixed buffers, so on a GPU it is captured once per
     generate call as a CUDA graph and replayed: a step costs kernels, not Python."""
 
+    ahead_min_steps = 0  # steps grown ahead even once the verify pass is done (tests: an amount not left to timing)
+
     def __init__(self, model: Any, name: str, warp: Warp, vocab_size: int, width: int = DEFAULT_WIDTH,
-                 policy: TreePolicy | None = None) -> None:
+                 policy: TreePolicy | None = None, ahead: bool = False) -> None:
         self.model = model  # the draft's TierstoreModel
         self.name = name
         self.warp = warp
         self.vocab_size = vocab_size  # the target's: a draft padded to more ids never proposes those
         self.width = width
         self.policy = policy or TreePolicy()
+        self.ahead = ahead  # grow the tree while the model verifies it (`grow_while`)
         self.steps = 0
         self.step_s = 0.0
+        self.ahead_steps = 0  # steps drafted while the model verified
+        self.carried_trees = 0  # proposals that started from a subtree grown while the model verified
         self._kv = StaticKV(0)  # sized by `reset` for each sequence
         self._cached = 0  # accepted tokens whose entries are live, at positions 0..cached-1
         self._fed: list[int] = []  # tree nodes fed in the last proposal, at positions cached, cached + 1, ...
         self._stop_ids: frozenset[int] = frozenset()  # tokens that end the sequence: their children are never drafted
         self._forward: StaticForward | None = None  # made by `reset` over the sequence's buffers
+        self._stream: Any = None  # the device stream steps grown ahead run on
+        self._grown: _Proposal | None = None  # the last proposal, as drafted (and grown ahead)
+        self._carried: _Proposal | None = None  # a subtree of it to start the next proposal from
 
     @property
     def graphed(self) -> bool:
@@ -129,38 +144,40 @@ class ModelDraft:
         """A new sequence of at most `max_tokens` tokens, ending at any of `stop_ids` (nothing is drafted after
         one): fresh buffers (room for the largest tree too), new graph."""
         self._stop_ids = stop_ids
-        entries = max_tokens + self.policy.max_nodes + 2 * self.width
+        trees = 2 if self.ahead else 1  # a tree and what grows ahead of it
+        entries = max_tokens + trees * self.policy.max_nodes + 2 * self.width
         if self.model.compiled is not None:
             entries = -(-entries // KV_STEP_TOKENS) * KV_STEP_TOKENS
         self._kv = StaticKV(entries)
         self._forward = StaticForward(self.model.model, self._kv, self.width, self.model.device,
                                       compiled=self.model.compiled)
-        self._cached, self._fed = 0, []
+        self._cached, self._fed, self._grown, self._carried = 0, [], None, None
+        if self.ahead and self.model.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.model.device)
 
     def propose(self, history: list[int], max_depth: int) -> DraftTree:
-        """Catch up on the accepted tokens, then grow the tree best-first while the tree policy says it pays: each
-        step adds up to `width` of the best candidates (children of fed nodes, at most `max_depth` deep) and feeds
-        them to find theirs."""
-        tree = DraftTree.rooted_at(history[-1])
-        self._fed = []
+        """Catch up on the accepted tokens (or start from the subtree grown ahead that the last pass's bonus token
+        roots), then grow the tree best-first while the tree policy says it pays: each step adds up to `width` of
+        the best candidates (children of fed nodes, at most `max_depth` deep) and feeds them to find theirs."""
+        carried, self._carried, self._grown = self._usable_carry(history, max_depth), None, None
         if max_depth < 1:
-            return tree
+            return DraftTree.rooted_at(history[-1])
         start_s = time.perf_counter()
-        pending = list(range(self._cached, len(history)))
-        for begin in range(0, len(pending), self.width):  # the chain, `width` tokens a forward
-            chunk = pending[begin:begin + self.width]
-            probs = self._step([history[i] for i in chunk], chunk, chunk, None)
-        probs = probs[len(chunk) - 1:len(chunk)]  # the root's children
-        self._cached = len(history)
-        candidates: list[tuple[float, int, int, float, int]] = []  # heap of (-score, parent, token, probability, rank)
-        level, scores, steps, drafted_s = [0], 0.0, 0, 0.0
+        if carried is not None:
+            tree, candidates, level = carried.tree, carried.candidates, []
+            self.carried_trees += 1
+        else:
+            tree, candidates, level = DraftTree.rooted_at(history[-1]), [], [0]
+            probs = self._catch_up(history)
+        scores, steps, drafted_s = sum(tree.scores[1:]), 0, 0.0
         while True:
-            self._push(candidates, tree, level, probs, max_depth)  # waits for the forward: the step ends here
-            step_s = time.perf_counter() - start_s
-            self.steps, self.step_s = self.steps + 1, self.step_s + step_s
-            steps, drafted_s = steps + 1, drafted_s + step_s
-            if steps > 1:  # the first step also caught up on the accepted tokens
-                self.policy.observe_step(step_s)
+            if level:
+                self._push(candidates, tree, level, probs, max_depth)  # waits for the forward: the step ends here
+                step_s = time.perf_counter() - start_s
+                self.steps, self.step_s = self.steps + 1, self.step_s + step_s
+                steps, drafted_s = steps + 1, drafted_s + step_s
+                if steps > 1 or carried is not None:  # a first step that caught up on the accepted tokens is longer
+                    self.policy.observe_step(step_s)
             best, feed = self._choose(candidates, len(tree) - 1, scores, steps, drafted_s)
             if not best:
                 break
@@ -169,20 +186,103 @@ class ModelDraft:
             if not feed:
                 break
             start_s = time.perf_counter()
-            writes = [self._cached + len(self._fed) + i for i in range(len(level))]
-            positions = [len(history) - 1 + tree.depths[node] for node in level]
-            probs = self._step([tree.tokens[node] for node in level], positions, writes,
-                               tree.ancestry(level, self._fed + level))
-            self._fed += level
+            probs = self._feed(tree, level, len(history) - 1)
+        self._grown = _Proposal(tree, candidates, max_depth, len(history) - 1)
         return tree
 
-    def accepted(self, tree: DraftTree, path: list[int]) -> None:
-        """Keep the entries of the accepted nodes that were fed, right after the accepted prefix."""
+    def grow_while(self, busy: Callable[[], bool]) -> None:
+        """Called by the verifier once the model's verify pass of the last proposal is launched: while `busy()`
+        (the pass still running on the device) and for at least `ahead_min_steps` steps, grow a copy of the
+        proposal's tree best first, one step at a time, on the draft's own stream, within the KV cache's room. The
+        same thread that launched the pass, so nothing contends for the interpreter; a streamed pass leaves the
+        device's compute idle, waiting on the link. Nothing unless `ahead` and the steps replay a graph (or run on
+        a CPU)."""
+        grown, forward = self._grown, self._forward
+        if not self.ahead or grown is None or forward is None or (self._stream is not None and not forward.graphed):
+            return
+        grown.tree = grown.tree.copy()  # the verifier reads (and may prune) the tree it was given
+        with torch.no_grad(), torch.cuda.stream(self._stream) if self._stream is not None else \
+                contextlib.nullcontext():  # not ordered after the pass: the draft's last step was read back
+            self._grow(grown, busy)
+        if self._stream is not None:  # what the draft does next (its cache moved) comes after these steps
+            torch.cuda.current_stream(self.model.device).wait_stream(self._stream)
+
+    def accepted(self, tree: DraftTree, path: list[int], bonus: int) -> None:
+        """Keep the entries of the accepted nodes that were fed, right after the accepted prefix. When the tree
+        grown ahead holds the bonus token after the path, fed, keep its entry too and those of the fed nodes below
+        it: the next proposal starts from that subtree."""
         where = {node: self._cached + index for index, node in enumerate(self._fed)}
         kept = [where[node] for node in path[1:] if node in where]
-        self._kv.move(kept, self._cached)
-        self._cached += len(kept)
-        self._fed = []
+        grown = self._grown
+        root = grown.tree.children[path[-1]].get(bonus) if grown is not None else None
+        if root is None or root not in where or len(kept) < len(path) - 1:
+            self._kv.move(kept, self._cached)
+            self._cached += len(kept)
+            self._fed = []
+            return
+        below = grown.tree.subtree(root)
+        members = set(below)
+        fed_below = [node for node in self._fed if node in members and node != root]
+        self._kv.move(kept + [where[root]] + [where[node] for node in fed_below], self._cached)
+        self._cached += len(kept) + 1
+        self._carried = _rerooted(grown, root, below, set(fed_below))
+        self._fed = [self._carried.index[node] for node in fed_below]
+
+    def _usable_carry(self, history: list[int], max_depth: int) -> "_Proposal | None":
+        """The subtree carried from the last pass, if it roots this history and fits `max_depth`; else forget it
+        (its root's entry too: the catch-up feeds it again)."""
+        carried = self._carried
+        if carried is None:
+            return None
+        if (carried.tree.tokens[0] == history[-1] and self._cached == len(history)
+                and max(carried.tree.depths) <= max_depth):
+            carried.candidates = [entry for entry in carried.candidates if carried.tree.depths[entry[1]] < max_depth]
+            heapq.heapify(carried.candidates)
+            return carried
+        self._cached, self._fed = self._cached - 1, []
+        return None
+
+    def _catch_up(self, history: list[int]) -> torch.Tensor:
+        """Feed the accepted tokens the cache lacks, `width` a forward; the probabilities of the root's children."""
+        pending = list(range(self._cached, len(history)))
+        for begin in range(0, len(pending), self.width):
+            chunk = pending[begin:begin + self.width]
+            probs = self._step([history[i] for i in chunk], chunk, chunk, None)
+        self._cached = len(history)
+        return probs[len(chunk) - 1:len(chunk)]
+
+    def _feed(self, tree: DraftTree, level: list[int], root_position: int) -> torch.Tensor:
+        """One step over tree nodes `level`, their entries after the fed ones; their children's probabilities."""
+        writes = [self._cached + len(self._fed) + i for i in range(len(level))]
+        positions = [root_position + tree.depths[node] for node in level]
+        probs = self._step([tree.tokens[node] for node in level], positions, writes,
+                           tree.ancestry(level, self._fed + level))
+        self._fed += level
+        return probs
+
+    def _grow(self, grown: "_Proposal", busy: Callable[[], bool]) -> None:
+        """Steps that each feed the `width` best of the tree's unfed nodes and candidates (added to the tree), while
+        `busy()` or fewer than `ahead_min_steps` ran, until the KV cache's room runs out."""
+        tree, candidates = grown.tree, grown.candidates
+        fed = set(self._fed)
+        unfed = [(-tree.scores[node], node) for node in range(1, len(tree)) if node not in fed
+                 and tree.depths[node] < grown.max_depth and tree.tokens[node] not in self._stop_ids]
+        heapq.heapify(unfed)
+        steps = 0
+        while busy() or steps < self.ahead_min_steps:
+            room = self._kv.max_tokens - self._cached - len(self._fed) - 2 * self.width  # pads write past the last
+            level: list[int] = []
+            while len(level) < min(self.width, room) and (unfed or candidates):
+                if unfed and (not candidates or unfed[0][0] <= candidates[0][0]):
+                    level.append(heapq.heappop(unfed)[1])
+                else:
+                    score, parent, token, prob, rank = heapq.heappop(candidates)
+                    level.append(tree.add(parent, token, -score, prob, rank))
+            if not level:
+                break
+            self._push(candidates, tree, level, self._feed(tree, level, grown.root_position), grown.max_depth)
+            steps += 1
+        self.ahead_steps += steps
 
     def _choose(self, candidates: list[tuple[float, int, int, float, int]], nodes: int, scores: float, steps: int,
                 drafted_s: float) -> tuple[list[tuple[float, int, int, float, int]], bool]:
@@ -221,3 +321,37 @@ class ModelDraft:
         assert self._forward is not None, "reset() makes the draft's forward"
         logits = self._forward.run(tokens, positions, writes, seen_from, allowed)
         return self.warp(logits[:, :self.vocab_size].float())
+
+
+@dataclasses.dataclass
+class _Proposal:
+    """A proposal as the draft grew it: its tree, the candidates not in it (heap of (-score, parent, token,
+    probability, rank)), its depth limit, and the root's position; `index` maps a carried subtree's old nodes to
+    its own."""
+
+    tree: DraftTree
+    candidates: list[tuple[float, int, int, float, int]]
+    max_depth: int
+    root_position: int
+    index: dict[int, int] = dataclasses.field(default_factory=dict)
+
+
+def _rerooted(grown: _Proposal, root: int, below: list[int], fed: set[int]) -> _Proposal:
+    """The subtree of `grown` under `root` (`below`: root first, parents before children) as a proposal rooted at
+    root's token: its fed nodes, scores relative to the root's; its unfed nodes and the candidates under it become
+    the candidates."""
+    old, scale = grown.tree, grown.tree.scores[root]
+    tree, index = DraftTree.rooted_at(old.tokens[root]), {root: 0}
+    candidates = [(score / scale, index_parent, token, prob, rank) for score, index_parent, token, prob, rank
+                  in grown.candidates if index_parent in fed or index_parent == root]
+    for node in below[1:]:
+        if node in fed:
+            index[node] = tree.add(index[old.parents[node]], old.tokens[node], old.scores[node] / scale,
+                                   old.probs[node], old.ranks[node])
+        else:  # unfed: a leaf, whose children nobody knows yet
+            candidates.append((-old.scores[node] / scale, old.parents[node], old.tokens[node], old.probs[node],
+                               old.ranks[node]))
+    candidates = [(score, index[parent], token, prob, rank) for score, parent, token, prob, rank in candidates]
+    heapq.heapify(candidates)
+    return _Proposal(tree, candidates, grown.max_depth - old.depths[root], grown.root_position + old.depths[root],
+                     index)

@@ -454,6 +454,8 @@ class TierstoreModel:
         stats = SpeculationStats(draft.name, expert_budget=self._expert_budget())
         clock = _StepClock(self.tracer)
         verifier = self._verifier(nodes, notes)
+        if isinstance(draft, ModelDraft):
+            draft.ahead = self._grows_ahead(verifier)
         with quiet_forward():
             out = speculate(verifier, draft, input_ids, max_new, chooser(do_sample, warped), ends, stats,
                             kwargs.get("streamer"), on_first_token=lambda: clock(None, None), tracer=self.tracer)
@@ -463,6 +465,10 @@ class TierstoreModel:
                          "verify passes replayed from CUDA graphs, trees padded to "
                          f"{'/'.join(map(str, verifier.widths()))} tokens (recording them has taken "
                          f"{verifier.capture_s():.2f} s so far)")
+        if isinstance(draft, ModelDraft) and draft.ahead:
+            notes.append(f"the draft grew its trees while the model verified them: {stats.carried_trees} of "
+                         f"{stats.passes} passes started from a subtree grown ahead ({stats.ahead_steps} steps "
+                         f"grown ahead)")
         if isinstance(draft, ModelDraft) and draft.compile_failure:
             notes.append(f"draft steps not compiled: torch.compile failed ({draft.compile_failure}); they ran "
                          f"uncompiled")
@@ -470,6 +476,15 @@ class TierstoreModel:
                      graph=GraphStats() if verifier.graphed else None)
         self._speculation = stats
         return out
+
+    def _grows_ahead(self, verifier: Verifier | GraphedVerifier) -> bool:
+        """Whether a model draft grows its tree while the model verifies it (`speculation.ahead`); auto: on a GPU
+        where the verify pass streams weights, its compute idle on the link (a resident model's graphed pass is
+        launches, which the draft's steps would only delay)."""
+        setting = self.config.speculation.ahead
+        if setting is not None:
+            return setting
+        return self.device.type == "cuda" and not isinstance(verifier, GraphedVerifier)
 
     def _verifier(self, max_nodes: int, notes: list[str]) -> Verifier | GraphedVerifier:
         """The verify passes' runner for this call: over fixed buffers, replayed from CUDA graphs, when every unit

@@ -7,7 +7,8 @@ follows the child holding that token. The first token no child holds is the pass
 token is therefore the model's own choice given the tokens before it: greedy output equals plain greedy decoding,
 and sampled output has the model's distribution (the multi-candidate rejection rule with deterministic drafts: a
 candidate is accepted with the model's probability of it, and a rejection samples from the rest). The KV cache
-keeps only the accepted path.
+keeps only the accepted path. A model draft may keep growing its tree while the pass runs (`speculation.ahead`):
+what it grows depends only on the tokens so far, never on the model's picks, so both rules hold.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class SpeculationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     draft_steps: int = 0
+    ahead_steps: int = 0  # a model draft's steps grown while the model verified (off the passes' critical path)
+    carried_trees: int = 0  # passes whose tree started from a subtree grown ahead (the last pass's bonus token in it)
     graphed: bool | None = None  # a model draft's steps replayed a CUDA graph
     draft_compiled: bool | None = None  # a model draft's steps ran compiled (None: not asked for)
     verify_graphed: bool | None = None  # the verify passes replayed CUDA graphs (None: not tried)
@@ -71,11 +74,12 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor([root]))
     draft.reset(input_ids.shape[1] + max_new_tokens + 1, frozenset(eos_ids))
+    grow = getattr(draft, "grow_while", None)  # a model draft grows its tree while the pass runs
     while len(emitted) < max_new_tokens and root not in eos_ids:
         start_s = time.perf_counter()
         tree = draft.propose(history, max_depth=max_new_tokens - len(emitted) - 1)
         verify_start_s, captured_s = time.perf_counter(), verifier.capture_s()
-        path, bonus = verifier.verify(tree, choose)
+        path, bonus = verifier.verify(tree, choose, meanwhile=grow)
         verify_s = time.perf_counter() - verify_start_s
         recording_s = verifier.capture_s() - captured_s  # a graph recorded this pass: not what the next costs
         new = [tree.tokens[node] for node in path[1:]] + [bonus]
@@ -95,7 +99,7 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
             if verifier.last_kept is not None:
                 draft.policy.observe_kept(verifier.last_kept)
         stats.draft_steps = draft.steps
-        draft.accepted(tree, path)
+        draft.accepted(tree, path, bonus)
         for index, token in enumerate(new):  # stop at the end of sequence, as generate does
             if token in eos_ids:
                 new = new[:index + 1]
@@ -109,12 +113,19 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
     if streamer is not None:
         streamer.end()
     stats.new_tokens += len(emitted)
+    _count_call(stats, draft, verifier)
+    return torch.tensor([history], device=device)
+
+
+def _count_call(stats: SpeculationStats, draft: Any, verifier: Any) -> None:
+    """What the draft and the verifier counted over a generate call, into `stats`."""
+    stats.ahead_steps += getattr(draft, "ahead_steps", 0)
+    stats.carried_trees += getattr(draft, "carried_trees", 0)
     stats.graphed = getattr(draft, "graphed", None)
     stats.draft_compiled = getattr(draft, "compiled", None)
     stats.verify_graphed = verifier.graphed
     stats.pruned_nodes += verifier.pruned_nodes
     stats.most_missed_experts = max(stats.most_missed_experts, verifier.most_missed)
-    return torch.tensor([history], device=device)
 
 
 def _tried(tree: DraftTree, path: list[int]) -> list[tuple[float, int, bool]]:

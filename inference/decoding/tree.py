@@ -35,6 +35,18 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def copy(self) -> "DraftTree":
+        """A tree that grows apart from this one (its nodes keep their indices)."""
+        return DraftTree(self.tokens[:], self.parents[:], self.depths[:], self.scores[:], self.probs[:], self.ranks[:],
+                         [dict(children) for children in self.children])
+
+    def subtree(self, node: int) -> list[int]:
+        """`node` and its descendants, each after its parent."""
+        order = [node]
+        for member in order:
+            order.extend(self.children[member].values())
+        return order
+
     def add(self, parent: int, token: int, score: float, prob: float = 1.0, rank: int = 0) -> int:
         """Add a child of `parent` (or return the one with that token); its node index."""
         existing = self.children[parent].get(token)

@@ -11,6 +11,7 @@ on its first run and replayed after. Both give the same tokens up to the attenti
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,19 @@ from .tree import DraftTree, attention_bias, keep_positions
 
 ROUND_TOKENS = 256  # the cache is sized in these steps, so calls of similar lengths reuse its graphs
 SMALLEST_WIDTH = 8  # a pass of fewer tokens costs what one of eight does: no graph below it
+
+
+Meanwhile = Callable[[Callable[[], bool]], None]  # work done while a launched pass runs, given whether it still does
+
+
+def running(device: torch.device) -> Callable[[], bool]:
+    """Whether the work queued so far on `device`'s current stream is still running (never, on a CPU: each op has
+    finished when it returns)."""
+    if device.type != "cuda":
+        return lambda: False
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return lambda: not event.query()
 
 
 def walk(tree: DraftTree, picks: list[int]) -> tuple[list[int], int]:
@@ -65,9 +79,9 @@ class Verifier:
         with torch.no_grad():
             return self._feed(input_ids, self.cache)[-1:]
 
-    def verify(self, tree: DraftTree, choose: Choose) -> tuple[list[int], int]:
+    def verify(self, tree: DraftTree, choose: Choose, meanwhile: Meanwhile | None = None) -> tuple[list[int], int]:
         """One forward over the tree; the accepted path and the bonus token. The cache keeps the prefix and the
-        path's nodes."""
+        path's nodes. `meanwhile(busy)` runs once the forward is launched, before its picks are read back."""
         device = self.device
         prefix = self.cache.get_seq_length()
         nodes = list(range(len(tree)))
@@ -78,6 +92,8 @@ class Verifier:
             logits = self.model(input_ids=torch.tensor([tree.tokens], device=device),
                                 position_ids=torch.tensor([[prefix + depth for depth in tree.depths]], device=device),
                                 attention_mask=bias, past_key_values=self.cache, use_cache=True).logits[0]
+        if meanwhile is not None:
+            meanwhile(running(device))
         if budget is not None:
             self.pruned_nodes += tree.drop(budget.live)
             self.last_kept = budget.kept
@@ -138,9 +154,10 @@ class GraphedVerifier:
         self._cached = input_ids.shape[1]
         return logits
 
-    def verify(self, tree: DraftTree, choose: Choose) -> tuple[list[int], int]:
+    def verify(self, tree: DraftTree, choose: Choose, meanwhile: Meanwhile | None = None) -> tuple[list[int], int]:
         """One forward over the tree, padded to a width; the accepted path and the bonus token. The path's
-        entries are moved right after the prefix."""
+        entries are moved right after the prefix. `meanwhile` is never called: this pass replays a graph, and a
+        draft's graph replayed beside it would share the cuBLAS workspace of the stream both were recorded on."""
         count, prefix = len(tree), self._cached
         width = next(width for width in self.widths() if width >= count)
         forward = self._forwards.get(width)

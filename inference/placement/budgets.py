@@ -82,6 +82,7 @@ class DraftCost:
     name: str
     weights_bytes: int
     kv_bytes_per_token: int
+    ahead_tokens: int = 0  # KV entries for a tree grown while the model verifies (`speculation.ahead`)
 
     def device_bytes(self, cache_tokens: int) -> int:
         """Weights plus a KV cache of `cache_tokens`."""
@@ -89,13 +90,14 @@ class DraftCost:
 
     def reserve_bytes(self, separate_device: bool) -> int:
         """What the plan takes from the streamed model's device budget: weights and a KV cache as long as the
-        model's own reserve (on a CPU, `separate_device` False, the weights: activations and KV caches live
-        outside the device tier)."""
-        return self.device_bytes(_RESERVE_CONTEXT_TOKENS if separate_device else 0)
+        model's own reserve, plus the tree grown ahead (on a CPU, `separate_device` False, the weights: activations
+        and KV caches live outside the device tier)."""
+        return self.device_bytes(_RESERVE_CONTEXT_TOKENS + self.ahead_tokens if separate_device else 0)
 
     def note(self, separate_device: bool) -> str:
         kv_bytes = self.reserve_bytes(separate_device) - self.weights_bytes
-        kv = f" + {format_size(kv_bytes)} of KV cache for {_RESERVE_CONTEXT_TOKENS} tokens" if kv_bytes else ""
+        ahead = f" and a tree of {self.ahead_tokens} grown ahead" if self.ahead_tokens else ""
+        kv = f" + {format_size(kv_bytes)} of KV cache for {_RESERVE_CONTEXT_TOKENS} tokens{ahead}" if kv_bytes else ""
         return (f"draft {self.name}: {format_size(self.weights_bytes)} of weights{kv}, resident on the device and "
                 f"taken from the device budget")
 
