@@ -132,7 +132,7 @@ def run_child(argv: list[str], log, script: str) -> dict:
         lines.append(line)
         log.write(line)
     status = proc.wait()
-    result = next((json.loads(l[7:]) for l in lines if l.startswith("RESULT ")), None)
+    result = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), None)
     if result is None:
         return {"error": "".join(lines[-5:]).strip().splitlines()[-1] if lines else f"exit {status}"}
     return result
