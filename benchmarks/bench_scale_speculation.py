@@ -21,7 +21,8 @@ import os
 import time
 
 from common import Inflation
-from spec_rows import chosen_prompts, codecs_of, make_drafts, print_table, spec_config, speculation_rows
+from spec_rows import (check_gguf, chosen_prompts, chosen_rows, codecs_of,
+                       make_drafts, print_table, spec_config, speculation_rows)
 
 FACTOR, INTER, LAYERS = 14, 29568, 80
 
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
     parser.add_argument("--layers", type=int, default=LAYERS, help="layers of the target (SmolLM2 has 30)")
     args = parser.parse_args()
+    check_gguf(args.gguf)
+    wanted = chosen_rows(args.only, ("nf4", "int8", "q3_k", "bf16"))
+    prompts = chosen_prompts(args.prompts)
     import torch
 
     import tierstore
@@ -74,9 +78,8 @@ def main() -> None:
     written = write_target(inflation, store, args.codec, device)
     del inflation
     print(f"target: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
-    wanted = args.only.split(",")
     drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, {"nf4", "int8", "q3_k"}))
-    rows = speculation_rows(store, drafts, wanted, chosen_prompts(args.prompts), args.new_tokens, budget, config,
+    rows = speculation_rows(store, drafts, wanted, prompts, args.new_tokens, budget, config,
                             base_tokens=args.base_tokens)
     with open(os.path.join(args.out, "scale_speculation.json"), "w") as handle:
         json.dump({"written": written, "rows": [{"draft": name, "prompt": number, **row}

