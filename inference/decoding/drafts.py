@@ -225,8 +225,8 @@ class ModelDraft:
         fed_below = [node for node in self._fed if node in members and node != root]
         self._kv.move(kept + [where[root]] + [where[node] for node in fed_below], self._cached)
         self._cached += len(kept) + 1
-        self._carried = _rerooted(grown, root, below, set(fed_below))
-        self._fed = [self._carried.index[node] for node in fed_below]
+        self._carried, index = _rerooted(grown, root, below, set(fed_below))
+        self._fed = [index[node] for node in fed_below]
 
     def _usable_carry(self, history: list[int], max_depth: int) -> "_Proposal | None":
         """The subtree carried from the last pass, if it roots this history and fits `max_depth`; else forget it
@@ -326,20 +326,18 @@ class ModelDraft:
 @dataclasses.dataclass
 class _Proposal:
     """A proposal as the draft grew it: its tree, the candidates not in it (heap of (-score, parent, token,
-    probability, rank)), its depth limit, and the root's position; `index` maps a carried subtree's old nodes to
-    its own."""
+    probability, rank)), its depth limit, and the root's position."""
 
     tree: DraftTree
     candidates: list[tuple[float, int, int, float, int]]
     max_depth: int
     root_position: int
-    index: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
-def _rerooted(grown: _Proposal, root: int, below: list[int], fed: set[int]) -> _Proposal:
+def _rerooted(grown: _Proposal, root: int, below: list[int], fed: set[int]) -> tuple[_Proposal, dict[int, int]]:
     """The subtree of `grown` under `root` (`below`: root first, parents before children) as a proposal rooted at
     root's token: its fed nodes, scores relative to the root's; its unfed nodes and the candidates under it become
-    the candidates."""
+    the candidates. With it, each kept node's index in it."""
     old, scale = grown.tree, grown.tree.scores[root]
     tree, index = DraftTree.rooted_at(old.tokens[root]), {root: 0}
     candidates = [(score / scale, index_parent, token, prob, rank) for score, index_parent, token, prob, rank
@@ -353,5 +351,5 @@ def _rerooted(grown: _Proposal, root: int, below: list[int], fed: set[int]) -> _
                                old.ranks[node]))
     candidates = [(score, index[parent], token, prob, rank) for score, parent, token, prob, rank in candidates]
     heapq.heapify(candidates)
-    return _Proposal(tree, candidates, grown.max_depth - old.depths[root], grown.root_position + old.depths[root],
-                     index)
+    return _Proposal(tree, candidates, grown.max_depth - old.depths[root],
+                     grown.root_position + old.depths[root]), index
