@@ -262,6 +262,48 @@ def test_speculation_on_cuda_replays_a_graph_and_keeps_the_tokens(tmp_path):
               f"pass, graphed {spec['graphed']}, peak VRAM {peak} <= {budget.vram}")
 
 
+def test_a_draft_growing_its_tree_during_a_streamed_verify_pass_keeps_the_tokens(tmp_path, monkeypatch):
+    """`speculation.ahead` on the GPU: the draft's graphed steps run on its own stream while the streamed verify
+    pass runs, and a pass whose bonus token the grown tree holds starts the next tree from that subtree. Tokens
+    equal plain decoding's with the model itself and another as the draft; the self-draft keeps every token it
+    drafts (a cache entry moved wrong, or a step reading the pass's buffers, would change that), and the draft's
+    bytes (a second tree's KV entries among them) stay inside the device budget."""
+    from conftest import tiny_model
+    from tierstore.inference.decoding.drafts import ModelDraft
+
+    monkeypatch.setattr(ModelDraft, "ahead_min_steps", 4)  # grow this much however soon the pass is done
+    directory, reference = _tiny(tmp_path)
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "other")
+    _, layer = unit_sizes(directory, str(tmp_path / "sizes"))
+    streaming = 300 * 2**20
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3, 5, 9, 33, 7, 81]])
+    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4 + 2 * 1024 * 1024  # weights, two trees' KV
+    runs = {}
+    for ahead in (False, True):
+        config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device_reserve": streaming - 3 * layer - 70_000},
+                  "speculation": {"depth": 6, "width": 4, "ahead": ahead}}
+        for draft in (directory, str(tmp_path / "other")):
+            budget = tierstore.Budget(vram=streaming + draft_bytes, ram="1GB")
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, dtype=torch.float32,
+                                                     draft=draft) as model:
+                assert model.plan.regime != "device"
+                got = model.generate(ids, max_new_tokens=40, do_sample=False).tolist()
+                spec = model.report().speculation
+            peak = torch.cuda.max_memory_allocated() - base
+            assert peak <= budget.vram, f"{draft}: peak {peak} > budget {budget.vram}"
+            runs[ahead, draft] = got, spec
+    for draft in (directory, str(tmp_path / "other")):
+        (plain, _), (got, spec) = runs[False, draft], runs[True, draft]
+        assert got == plain, draft
+        assert spec["ahead_steps"] >= spec["passes"] and spec["carried_trees"] > 0, spec
+        if draft == directory:
+            assert spec["acceptance_rate"] == 1.0, spec
+        print(f"\ncuda speculation ahead, draft {draft}: tokens as without, {spec['carried_trees']} of "
+              f"{spec['passes']} passes from a carried subtree, {spec['ahead_steps']} steps grown ahead")
+
+
 def test_a_resident_models_verify_passes_replay_graphs_with_the_eager_tokens(tmp_path):
     """Every unit on the device, drafts ngram and a different model: the verify passes replay CUDA graphs (trees
     padded to a few widths) and give the eager run's tokens (`cuda_graphs = off`), greedy and within the budget;
@@ -685,6 +727,24 @@ def test_the_compiled_dequantization_of_a_large_matrix_takes_little_beyond_its_o
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before <= 8 * ggml.CHUNK_ELEMENTS * 4
     assert torch.equal(out[:elements].float().cpu(), data[0, 2:].view(torch.int8).float().cpu())
+
+
+def test_quantizing_a_large_matrix_on_the_gpu_takes_little_beyond_its_blocks():
+    """A whole MoE layer's expert stack (here 268M values) quantized to Q8_0 on the GPU, as a store is written on a
+    GPU machine, adds at most a few chunks' float32 temporaries to its input and its blocks: unchunked, the search
+    held several float32 copies of the whole stack (a q8_0 whole-layer MoE store peaked at 7.41 GB under a 4 GB
+    budget while it was written)."""
+    from tierstore import ggml, ggml_quantize
+
+    values = torch.randn(1 << 28, dtype=torch.bfloat16, device="cuda") * 0.02
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    blocks = ggml_quantize.quantize("Q8_0", values)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= blocks.nbytes + 8 * ggml.CHUNK_ELEMENTS * 4
+    part = values[:1 << 20].cpu()
+    assert torch.equal(blocks[:(1 << 20) // 32 * 34].cpu(), ggml_quantize.quantize("Q8_0", part))
 
 
 def test_gptq_rounds_on_the_gpu_as_well_as_on_the_cpu():

@@ -97,3 +97,24 @@ def test_the_compiled_dequantization_runs_in_bounded_chunks(monkeypatch):
     assert ggml.dequantize_compiled(format, torch.from_numpy(data).reshape(-1), out)
     assert calls == [3, 3, 3, 1]
     assert torch.equal(out, torch.from_numpy(want))
+
+
+@pytest.mark.parametrize("format", ["Q8_0", "Q3_K", "Q4_K"])
+def test_quantizing_in_chunks_writes_the_blocks_of_one_whole_call(monkeypatch, format):
+    """The quantizer goes a bounded number of values at a time (a whole MoE layer's experts would need several
+    times their size in float32 temporaries at once): its blocks equal those of a call that takes them all at once,
+    with no importance, one per value, and one per column repeated down the rows (chunks then hold whole rows)."""
+    from tierstore import ggml_quantize
+
+    torch.manual_seed(2)
+    rows, columns = 12, 512
+    values = torch.randn(rows * columns) * 0.02
+    per_value, per_column = torch.rand(rows * columns) + 0.5, torch.rand(columns) + 0.5
+    whole = {name: ggml_quantize.quantize(format, values, weights)
+             for name, weights in (("none", None), ("value", per_value), ("column", per_column))}
+    assert torch.equal(whole["column"], ggml_quantize.quantize(format, values, per_column.repeat(rows)))
+    monkeypatch.setattr(ggml_quantize, "CHUNK_ELEMENTS", 3 * columns)  # four chunks of three rows
+    for name, weights in (("none", None), ("value", per_value), ("column", per_column)):
+        assert torch.equal(ggml_quantize.quantize(format, values, weights), whole[name]), name
+    with pytest.raises(ValueError, match="repeat evenly"):
+        ggml_quantize.quantize(format, values, torch.ones(1000))

@@ -21,9 +21,12 @@ on a GPU. The blocks are the same bytes a GGUF would hold: ggml.py (and the `ggu
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
+
+from .ggml import BLOCKS, CHUNK_ELEMENTS
 
 QK_K = 256
 
@@ -50,9 +53,29 @@ class Grid:
 
 def quantize(format: str, values: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
     """`values` (any float dtype, 1-D, a whole number of blocks) as `format`'s blocks: uint8, on the same device.
-    `importance`: one non-negative weight per value (None: all equal)."""
-    found = grid(format, values, importance)
-    return found.pack(found.codes(values.float()))
+    `importance`: one non-negative weight per value, or one per column repeated down the rows (a length that divides
+    the values'); None: all equal. Blocks are independent, so the values go CHUNK_ELEMENTS at a time: the searches'
+    float32 temporaries are several times their input, and a whole MoE layer's experts are hundreds of millions
+    of values (7.4 GB of device memory for a 4 GB budget's q8_0 store, unchunked)."""
+    elements, nbytes = BLOCKS[format]
+    columns = importance is not None and importance.numel() != values.numel()  # one weight per column
+    if columns and values.numel() % importance.numel():
+        raise ValueError(f"{importance.numel()} importance weights do not repeat evenly over {values.numel()} values")
+    period = math.lcm(elements, importance.numel()) if columns else elements
+    step = max(CHUNK_ELEMENTS // period, 1) * period
+    out = torch.empty(values.numel() // elements * nbytes, dtype=torch.uint8, device=values.device)
+    for begin in range(0, values.numel(), step):
+        part = values[begin:begin + step]
+        if importance is None:
+            weight = None
+        elif columns:
+            weight = importance.to(values.device).repeat(part.numel() // importance.numel())
+        else:
+            weight = importance[begin:begin + step]
+        found = grid(format, part, weight)
+        first, last = begin // elements * nbytes, (begin + part.numel()) // elements * nbytes
+        out[first:last] = found.pack(found.codes(part.float()))
+    return out
 
 
 def grid(format: str, values: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
