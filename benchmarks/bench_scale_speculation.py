@@ -6,8 +6,9 @@ and 42 key-value heads of 64), the MLP 29568 wide (Qwen2.5-72B's), and 80 layers
 weights are zero, so that each passes its input through. 71.5 B parameters, written as an nf4 layer store by
 `write_store`, each unit padded and quantized on the GPU (no bf16 copy on disk, about 40 GB). Its function is
 SmolLM2's with nf4 weights; the drafts are SmolLM2 as nf4 and int8 stores and the GGUF's weights unquantized
-("bf16"), so draft and target differ as a real draft and target do (by quantization, here), and ngram on a
-rewrite prompt; each runs several chat prompts (`--prompts`), each reported against its own no-draft row.
+("bf16"), so draft and target differ as a real draft and target do (by quantization, here), and ngram on
+prompts that ask to rewrite a paragraph (`spec_rows.REWRITES`); each model draft runs several chat prompts
+(`--prompts`), each reported against its own no-draft row.
 
 One device-tool call on nvidia-h200, the GGUF and bitsandbytes carried:
     python benchmarks/bench_scale_speculation.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT

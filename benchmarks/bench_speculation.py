@@ -12,7 +12,7 @@ bound: the same function as the target), and ngram on a prompt that asks to rewr
     python benchmarks/bench_speculation.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/spec --out $OUT
 
 Every row is one generate call after a warm-up call on the same model object; tokens are compared with the
-no-draft row of the same prompt. Each draft runs `--prompts` chat prompts (ngram: the rewrite prompt), each reported.
+no-draft row of the same prompt. Each draft runs `--prompts` chat prompts (ngram: the rewrite prompts), each reported.
 """
 from __future__ import annotations
 

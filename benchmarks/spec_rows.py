@@ -11,10 +11,17 @@ from typing import NoReturn
 from common import QUESTION, fmt, run_row
 
 CHAT_PROMPTS = [QUESTION, "Write a short story about a lighthouse keeper.", "What causes the seasons on Earth?"]
-REWRITE = ("Rewrite the following paragraph in the same words, only fixing the spelling: The old lighthouse "
-           "stood on the rocky cape for more then a hundred years. Every night its keeper climbed the narrow "
-           "stairs, lit the great lamp, and watched the ships pass safely threw the dark water. When the storms "
-           "came, the light never failed, and the sailors new they were close to home.")
+PARAGRAPH = ("The old lighthouse stood on the rocky cape for more then a hundred years. Every night its keeper climbed "
+             "the narrow stairs, lit the great lamp, and watched the ships pass safely threw the dark water. When the "
+             "storms came, the light never failed, and the sailors new they were close to home.")
+# ngram's prompts: a paragraph to rewrite, asked three ways. SmolLM2 answers the first with a one-sentence summary
+# (34 tokens: 2.6 tokens a verify pass on the GPU, the rows before 2026-12-06 ran only it), the other two by
+# writing the paragraph out corrected (62-68 tokens), the task prompt lookup serves.
+REWRITES = {
+    "rewrite": "Rewrite the following paragraph in the same words, only fixing the spelling: " + PARAGRAPH,
+    "rewrite-whole": "Correct the spelling mistakes in this text and write out the whole corrected text: " + PARAGRAPH,
+    "rewrite-full": "Fix the spelling in the following paragraph. Reply with the full paragraph.\n\n" + PARAGRAPH,
+}
 
 
 def chosen_prompts(spec: str) -> dict[int, str]:
@@ -97,18 +104,18 @@ def codecs_of(wanted: list[str], codecs: set[str]) -> tuple[str, ...]:
 def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], prompts: dict[int, str], new_tokens: int,
                      budget, config: dict, warm_tokens: int = 8,
                      base_tokens: int | None = None) -> list[tuple[str, object, dict]]:
-    """(draft, prompt number or "rewrite", row) for each wanted draft ("none", "ngram" or a key of `drafts`; a
-    model draft's name + "+compile" and/or "+ahead" as `row_speculation` says) and prompt, each after a warm-up call of
-    `warm_tokens` on its model object; ngram runs the rewrite prompt, with its own no-draft row. No-draft rows
-    generate `base_tokens` (default `new_tokens`): a streamed step costs the same at every length, so a large
-    target's baseline can be shorter; tokens are then compared over its length."""
+    """(draft, prompt number or rewrite prompt's name, row) for each wanted draft ("none", "ngram" or a key of
+    `drafts`; a model draft's name + "+compile" and/or "+ahead" as `row_speculation` says) and prompt, each after a
+    warm-up call of `warm_tokens` on its model object; ngram runs the rewrite prompts (REWRITES), each with its own
+    no-draft row. No-draft rows generate `base_tokens` (default `new_tokens`): a streamed step costs the same at
+    every length, so a large target's baseline can be shorter; tokens are then compared over its length."""
     base_tokens = base_tokens or new_tokens
     rows: list[tuple[str, object, dict]] = []
     for name in wanted:
-        for number, prompt in ([("rewrite", REWRITE)] if name == "ngram" else list(prompts.items())):
+        for number, prompt in (list(REWRITES.items()) if name == "ngram" else list(prompts.items())):
             if name == "ngram":
-                rows.append(("none", "rewrite", run_row(target, None, prompt, base_tokens, budget, config,
-                                                        warm_tokens=warm_tokens)))
+                rows.append(("none", number, run_row(target, None, prompt, base_tokens, budget, config,
+                                                     warm_tokens=warm_tokens)))
             base = next((row for kind, where, row in rows if kind == "none" and where == number), None)
             kind, *flags = name.split("+")
             draft = "ngram" if kind == "ngram" else drafts.get(kind) if kind != "none" else None
