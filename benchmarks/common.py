@@ -279,6 +279,7 @@ def run_row(target: str, draft: str | None, prompt: str, new_tokens: int, budget
             "tokens_per_s": timing["decode_tokens_per_s"], "pass_s": timing["decode_step_s"],
             "predicted_pass_s": timing["predicted_step_s"], "new_tokens": timing["new_tokens"],
             "tokens_per_pass": spec.get("tokens_per_pass"), "acceptance": spec.get("acceptance_rate"),
+            "acceptance_by_depth": spec.get("acceptance_by_depth"),
             "draft_step_s": spec.get("draft_step_s"), "draft_s": spec.get("draft_s"),
             "verify_pass_s": spec.get("verify_pass_s"), "tree_nodes": spec.get("tree_nodes"),
             "largest_tree": spec.get("largest_tree"), "ahead_steps": spec.get("ahead_steps"),

@@ -131,9 +131,9 @@ def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], pro
 
 def print_table(rows: list[tuple[str, object, dict]]) -> None:
     """One line per draft and prompt, against the no-draft row of the same prompt."""
-    header = ("draft", "prompt", "tokens/s", "x no draft", "tokens/pass", "accept", "largest tree", "draft step s",
-              "verify pass s", "pass s", "passes from a grown subtree", "same tokens", "draft graphed",
-              "verify graphed")
+    header = ("draft", "prompt", "tokens/s", "x no draft", "tokens/pass", "accept", "accept by depth 1-8",
+              "largest tree", "draft step s", "verify pass s", "pass s", "passes from a grown subtree", "same tokens",
+              "draft graphed", "verify graphed")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, number, row in rows:
@@ -143,6 +143,7 @@ def print_table(rows: list[tuple[str, object, dict]]) -> None:
         same = row["tokens"][:compared] == base["tokens"][:compared] if base else None
         cells = [name, number, f"{row['tokens_per_s']:.2f}", f"{speedup:.2f}" if speedup else "-",
                  fmt(row["tokens_per_pass"], "{:.2f}"), fmt(row["acceptance"], "{:.2f}"),
+                 " ".join(f"{rate:.2f}" for rate in (row.get("acceptance_by_depth") or [])[:8]) or "-",
                  fmt(row["largest_tree"], "{}"), fmt(row["draft_step_s"], "{:.4f}"),
                  fmt(row["verify_pass_s"], "{:.4f}"), fmt(row["pass_s"], "{:.4f}"),
                  f"{row['carried_trees']} of {row['passes']}" if row.get("carried_trees") is not None else "-",

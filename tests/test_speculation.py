@@ -48,6 +48,7 @@ def test_greedy_with_a_draft_equals_plain_greedy(model_type, tiny_dirs, tmp_path
                 assert spec["new_tokens"] >= 1
                 if draft == directory and depth == 5 and spec["passes"]:  # the model drafting itself
                     assert spec["acceptance_rate"] == 1.0 and spec["tokens_per_pass"] >= 2
+                    assert spec["acceptance_by_depth"] and set(spec["acceptance_by_depth"]) == {1.0}, spec
                 for tier, stats in model.report().tiers.items():
                     assert stats.budget_bytes is None or stats.peak_bytes <= stats.budget_bytes, tier
 
@@ -559,7 +560,29 @@ def test_a_batch_with_a_draft_is_refused_and_the_report_says_what_speculation_di
         data = json.loads(json.dumps(model.report().to_dict()))
     assert {"tokens_per_pass", "acceptance_rate", "draft_s", "passes"} <= set(data["speculation"])
     assert data["timing"]["new_tokens"] == 12 and data["speculation"]["passes"] < 11  # the n-grams were found
-    assert "speculation (draft: ngram)" in str(model.report())
+    assert "speculation (draft: ngram)" in str(model.report()) and "% at depth 1-4" in str(model.report())
+
+
+def test_acceptance_by_depth_counts_a_trial_wherever_the_accepted_path_had_candidates():
+    """Sequoia's acceptance vector: at depth d, the passes whose accepted path reached a node with drafted children
+    there, and the share of them that accepted one; a path that ends at a leaf counts no trial below it."""
+    from tierstore.inference.decoding.speculation import SpeculationStats
+    from tierstore.inference.decoding.tree import DraftTree
+
+    tree = DraftTree.rooted_at(1)
+    a = tree.add(0, 2, 0.9)
+    tree.add(0, 3, 0.5)
+    c = tree.add(a, 4, 0.8)
+    tree.add(c, 5, 0.7)
+    stats = SpeculationStats("test")
+    stats.count_path(tree, [0, a, c])  # depths 1 and 2 accepted, depth 3 tried and rejected
+    stats.count_path(tree, [0])  # depth 1 rejected
+    stats.count_path(tree, [0, a])  # depth 1 accepted, depth 2 rejected
+    leaf = DraftTree.rooted_at(1)
+    stats.count_path(leaf, [0])  # nothing drafted: no trial
+    assert stats.depth_trials == [3, 2, 1] and stats.depth_accepted == [2, 1, 0]
+    assert stats.to_dict()["acceptance_by_depth"] == [2 / 3, 0.5, 0.0]
+    assert SpeculationStats("none").to_dict()["acceptance_by_depth"] == []
 
 
 def test_a_sequence_longer_than_a_sliding_window_is_refused(tmp_path_factory, tmp_path):

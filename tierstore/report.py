@@ -136,17 +136,25 @@ class RunReport:
         return buffer.getvalue()
 
 
+DEPTHS_SHOWN = 4  # the speculation table's acceptance by depth (the report's dict holds every depth)
+
+
 def _speculation_table(data: dict[str, Any]) -> Table:
     """Passes, tokens and time; for streamed experts also the verify passes' expert budget (missed experts per MoE
     layer), the drafted nodes it pruned per pass and the most one layer call moved."""
     table = Table(title=f"speculation (draft: {data['draft']})")
     budgeted = data.get("expert_budget") is not None
-    for column in ("passes", "tokens/pass", "acceptance", "tree nodes/pass", "draft s", "draft step s",
-                   "verify s", "verify pass s", *(("expert budget", "pruned nodes/pass", "most moved") * budgeted)):
-        table.add_column(column, justify="right")
-    per_pass = (lambda count: count / data["passes"] if data["passes"] else None)
+    for column in ("passes", "tokens/pass", "acceptance", f"% at depth 1-{DEPTHS_SHOWN}", "tree nodes/pass",
+                   "draft s", "draft step s", "verify s", "verify pass s",
+                   *(("expert budget", "pruned nodes/pass", "most moved") * budgeted)):
+        table.add_column(column, justify="right", no_wrap=column.startswith("%"))
+
+    def per_pass(count: int) -> float | None:
+        return count / data["passes"] if data["passes"] else None
     table.add_row(str(data["passes"]), _fmt(data["tokens_per_pass"], "{:.2f}"),
-                  _fmt(data["acceptance_rate"], "{:.1%}"), _fmt(per_pass(data["tree_nodes"]), "{:.1f}"),
+                  _fmt(data["acceptance_rate"], "{:.1%}"),
+                  " ".join(f"{rate * 100:.0f}" for rate in data["acceptance_by_depth"][:DEPTHS_SHOWN]) or "-",
+                  _fmt(per_pass(data["tree_nodes"]), "{:.1f}"),
                   f"{data['draft_s']:.3f}", _fmt(data["draft_step_s"], "{:.4f}"), f"{data['verify_s']:.3f}",
                   _fmt(data["verify_pass_s"], "{:.4f}"),
                   *((str(data["expert_budget"]), _fmt(per_pass(data["pruned_nodes"]), "{:.1f}"),

@@ -47,12 +47,29 @@ class SpeculationStats:
     expert_budget: int | None = None  # missed experts a verify pass may move per MoE layer (None: no budget)
     pruned_nodes: int = 0  # drafted nodes the expert budget dropped before they were verified
     most_missed_experts: int = 0  # the most missed experts one MoE layer call of a verify pass moved
+    depth_trials: list[int] = dataclasses.field(default_factory=list)  # [d]: passes with candidates at depth d + 1
+    depth_accepted: list[int] = dataclasses.field(default_factory=list)  # [d]: of those, passes accepting one
+
+    def count_path(self, tree: DraftTree, path: list[int]) -> None:
+        """One pass's accepted `path` through `tree`: a trial at each depth where the path's last node had drafted
+        children, an acceptance where the path went on."""
+        for depth, node in enumerate(path):
+            if not tree.children[node]:
+                break
+            if depth == len(self.depth_trials):
+                self.depth_trials.append(0)
+                self.depth_accepted.append(0)
+            self.depth_trials[depth] += 1
+            self.depth_accepted[depth] += depth + 1 < len(path)
 
     def to_dict(self) -> dict[str, Any]:
-        """Counters and the rates derived from them."""
+        """Counters and the rates derived from them: `acceptance_by_depth[d]`, the share of passes that reached
+        depth d with candidates there and accepted one (Sequoia's acceptance vector)."""
         data = dataclasses.asdict(self)
         data["tokens_per_pass"] = self.new_tokens / self.passes if self.passes else None
         data["acceptance_rate"] = self.accepted / self.trials if self.trials else None
+        data["acceptance_by_depth"] = [accepted / trials for accepted, trials
+                                       in zip(self.depth_accepted, self.depth_trials)]
         data["draft_step_s"] = self.draft_s / self.draft_steps if self.draft_steps else None
         data["verify_pass_s"] = self.verify_s / self.passes if self.passes else None
         return data
@@ -86,10 +103,10 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
         if tracer is not None:
             tracer.span(DRAFT, "draft", start_s, verify_start_s, nodes=len(tree) - 1)
             tracer.instant(TOKENS, "tokens", tracer.stamp(), accepted=len(path) - 1, new=len(new))
-        trials = sum(1 for node in path if tree.children[node])
         stats.passes += 1
         stats.accepted += len(path) - 1
-        stats.trials += trials
+        stats.trials += sum(1 for node in path if tree.children[node])
+        stats.count_path(tree, path)
         stats.tree_nodes += len(tree) - 1
         stats.largest_tree = max(stats.largest_tree, len(tree) - 1)
         stats.draft_s += verify_start_s - start_s
