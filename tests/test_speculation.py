@@ -127,6 +127,42 @@ def test_a_tree_grown_while_the_model_verifies_starts_the_next_one_and_keeps_the
             assert "started from a subtree grown ahead" in notes, notes
 
 
+def test_a_subtree_grown_ahead_is_cut_to_the_node_cap_before_it_is_verified(tiny_dirs, tmp_path, monkeypatch):
+    """The draft grows its copy of the tree during a pass up to its cache's room (two trees' worth), so the subtree
+    the bonus token roots can outgrow `speculation.nodes`, the most a verify pass holds (the device reserve is
+    sized for it): a carried subtree keeps its best nodes up to the cap, the tokens stay transformers'."""
+    from tierstore.inference.decoding.drafts import ModelDraft
+
+    monkeypatch.setattr(ModelDraft, "ahead_min_steps", 12)  # each pass grows 12 steps of 3 ahead: up to 36 nodes
+    directory, reference = tiny_dirs("llama")
+    config = {"runtime": {"cache_dir": str(tmp_path)},
+              "speculation": {"depth": 2, "width": 3, "ahead": True, "nodes": 8}}
+    with tierstore.AutoModel.from_pretrained(directory, config=config, draft=directory) as model:
+        for prompt in (REPEATING, *PROMPTS):
+            ids = torch.tensor([prompt])
+            want = reference.generate(ids, max_new_tokens=32, do_sample=False)
+            got = model.generate(ids, max_new_tokens=32, do_sample=False)
+            assert got.tolist() == want.tolist(), prompt
+            spec = model.report().speculation
+            assert spec["carried_trees"] > 0 and spec["acceptance_rate"] == 1.0, spec
+            assert spec["largest_tree"] <= 8, spec
+
+
+def test_a_capped_subtree_keeps_its_best_fed_nodes_with_their_ancestors_and_their_unfed_children():
+    from tierstore.inference.decoding.drafts import _capped
+    from tierstore.inference.decoding.tree import DraftTree
+
+    tree = DraftTree.rooted_at(1)
+    a, b = tree.add(0, 2, 0.9), tree.add(0, 3, 0.6)
+    c, d = tree.add(a, 4, 0.8), tree.add(b, 5, 0.5)
+    e = tree.add(c, 6, 0.7)  # unfed leaves: e, and d's child
+    tree.add(d, 7, 0.4)
+    below, fed = tree.subtree(0), {a, b, c, d}
+    assert _capped(tree, below, fed, 4) == below
+    assert _capped(tree, below, fed, 2) == [0, a, c, e]  # b, d and d's unfed child go
+    assert _capped(tree, below, fed, 3) == [0, a, b, c, e]
+
+
 def test_a_draft_that_grows_ahead_is_charged_a_second_trees_kv_cache():
     from tierstore.inference.placement.budgets import DraftCost
 

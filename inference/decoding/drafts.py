@@ -220,7 +220,7 @@ class ModelDraft:
             self._cached += len(kept)
             self._fed = []
             return
-        below = grown.tree.subtree(root)
+        below = _capped(grown.tree, grown.tree.subtree(root), set(self._fed), self.policy.node_cap())
         members = set(below)
         fed_below = [node for node in self._fed if node in members and node != root]
         self._kv.move(kept + [where[root]] + [where[node] for node in fed_below], self._cached)
@@ -332,6 +332,22 @@ class _Proposal:
     candidates: list[tuple[float, int, int, float, int]]
     max_depth: int
     root_position: int
+
+
+def _capped(tree: DraftTree, below: list[int], fed: set[int], cap: int) -> list[int]:
+    """Subtree `below` (its root first, parents before children) with at most `cap` fed nodes under its root, the
+    best scored, and the unfed ones whose parents stay: what grows ahead during a pass can outgrow the most a verify
+    pass holds. A node's score never exceeds its parent's, so best first is parents first."""
+    under = [node for node in below[1:] if node in fed]
+    if len(under) <= cap:
+        return below
+    kept = {below[0]}
+    for node in sorted(under, key=lambda node: (-tree.scores[node], tree.depths[node], node)):
+        if len(kept) > cap:
+            break
+        if tree.parents[node] in kept:
+            kept.add(node)
+    return [node for node in below if node in kept or (node not in fed and tree.parents[node] in kept)]
 
 
 def _rerooted(grown: _Proposal, root: int, below: list[int], fed: set[int]) -> tuple[_Proposal, dict[int, int]]:
