@@ -163,6 +163,36 @@ def test_a_capped_subtree_keeps_its_best_fed_nodes_with_their_ancestors_and_thei
     assert _capped(tree, below, fed, 3) == [0, a, b, c, e]
 
 
+def test_the_ngram_draft_follows_a_text_being_rewritten_past_a_replaced_token():
+    """Prompt lookup with edits: after an exact n-gram, the continuation of an earlier occurrence; after a token (or
+    two) that replaced one of the text being rewritten, the text after the replaced ones; the last token alone
+    only where no longer n-gram occurred."""
+    from tierstore.inference.decoding.drafts import NgramDraft
+
+    source = [10, 11, 12, 13, 14, 15, 16, 17]
+
+    def paths(history: list[int]) -> set[tuple[int, ...]]:
+        draft = NgramDraft(max_branches=4)
+        tree = draft.propose(history, max_depth=4)
+        leaves = [node for node in range(1, len(tree)) if not tree.children[node]]
+        out = set()
+        for leaf in leaves:
+            path = []
+            while leaf:
+                path.append(tree.tokens[leaf])
+                leaf = tree.parents[leaf]
+            out.add(tuple(path[::-1]))
+        return out
+
+    assert paths(source + [99, 10, 11, 12]) == {(13, 14, 15, 16)}  # exact
+    assert paths(source + [99, 10, 11, 50]) == {(13, 14, 15, 16)}  # 12 replaced by 50
+    assert paths(source + [99, 10, 11, 50, 51]) == {(14, 15, 16, 17)}  # 12 13 replaced by 50 51
+    assert paths(source + [99, 10, 11, 50, 51, 52]) == set()  # nothing left to follow
+    assert paths([5, 6, 7, 8, 1, 6, 9, 2, 5, 6]) == {(7, 8, 1, 6)}  # "5 6" occurred: not "6" alone
+    assert paths([5, 6, 7, 8, 1, 6, 9, 2, 4, 6]) == {(7, 8, 1, 6), (9, 2, 4, 6)}  # only "6" did
+    assert not NgramDraft().propose([1, 2, 3], max_depth=0).children[0]
+
+
 def test_a_draft_that_grows_ahead_is_charged_a_second_trees_kv_cache():
     from tierstore.inference.placement.budgets import DraftCost
 
