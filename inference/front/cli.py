@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_arg(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    _generate_parser(sub)
+    _serve_parser(sub)
+    _store_parsers(sub)
+    _eval_parser(sub)
+    _tool_parsers(sub)
+    return parser
+
+
+def _generate_parser(sub: Any) -> None:
+    """generate: prompts (or a file of them) through the model, then the run report."""
     gen = sub.add_parser("generate", help="generate text, then print the run report")
     gen.add_argument("model", help="model directory, GGUF file, layer store, alias (smollm2) or Hub repo id")
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
@@ -106,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "torchrun: the number of processes)")
     _budget_args(gen)
 
+
+def _serve_parser(sub: Any) -> None:
+    """serve: the OpenAI-compatible API."""
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible API (chat and text completions, streamed "
                                          "or not); many requests share each weight pass")
     serve.add_argument("model", help="model directory, GGUF file, layer store, alias (smollm2) or Hub repo id")
@@ -125,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(they are kept in RAM in any case), across restarts")
     _budget_args(serve, draft=False)
 
+
+def _store_parsers(sub: Any) -> None:
+    """plan and convert: what a model's placement and its layer store will be."""
     plan = sub.add_parser("plan", help="print the placement plan; nothing runs")
     plan.add_argument("model")
     plan.add_argument("--tp", type=int, default=1, help="the plan of each of N tensor-parallel ranks")
@@ -142,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "uncompressed model, as `tierstore eval` does")
     _verbose_arg(conv, argparse.SUPPRESS)
 
-    _eval_parser(sub)
+
+def _tool_parsers(sub: Any) -> None:
+    """plot, probe and cache: the tools around a run."""
 
     plot = sub.add_parser("plot", help="draw one pass of a --trace file as lanes, with each link's GB/s")
     plot.add_argument("trace", help="a trace written by generate --trace")
@@ -160,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         "(those in use are kept)")
     cache.add_argument("--config", help="TOML config file (runtime.cache_dir says where the cache is)")
     _verbose_arg(cache, argparse.SUPPRESS)
-    return parser
 
 
 def _eval_parser(sub: Any) -> None:
+    """eval: what each compression format costs in accuracy."""
     ev = sub.add_parser("eval", help="measure what compression costs in accuracy: top-1 agreement, KL divergence "
                                      "and perplexity of each format against the uncompressed model")
     ev.add_argument("model", help="the uncompressed model (directory, GGUF file, layer store, alias or Hub id)")
