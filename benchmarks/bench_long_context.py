@@ -234,7 +234,7 @@ def main() -> None:
         argv = [sys.executable, __file__, "--child", "--row", row, "--store", store, "--vram", args.vram, "--ram",
                 args.ram, "--tokens", str(args.tokens), "--work", args.work]
         proc = subprocess.run(argv, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((text for text in proc.stdout.splitlines() if text.startswith("RESULT ")), None)
         r = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout).strip().splitlines()[-3:]}
         results["rows"][row] = r
         with open(os.path.join(args.out, "long_context.json"), "w") as handle:

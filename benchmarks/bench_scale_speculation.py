@@ -5,9 +5,9 @@ The target is SmolLM2-135M-Instruct inflated as bench_speculation.py does, 14 ti
 and 42 key-value heads of 64), the MLP 29568 wide (Qwen2.5-72B's), and 80 layers deep: its 30, then 50 whose
 weights are zero, so that each passes its input through. 71.5 B parameters, written as an nf4 layer store by
 `write_store`, each unit padded and quantized on the GPU (no bf16 copy on disk, about 40 GB). Its function is
-SmolLM2's with nf4 weights; the drafts are SmolLM2 as nf4 and int8 stores and the GGUF's weights unquantized
-("bf16"), so draft and target differ as a real draft and target do (by quantization, here), and ngram on
-prompts that ask to rewrite a paragraph (`spec_rows.REWRITES`); each model draft runs several chat prompts
+SmolLM2's with nf4 weights; the drafts are SmolLM2 as nf4, int8 and 3-bit stores and the GGUF's weights
+unquantized ("bf16"), so draft and target differ as a real draft and target do (by quantization, here), and ngram
+on prompts that ask to rewrite a paragraph (`spec_rows.REWRITES`); each model draft runs several chat prompts
 (`--prompts`), each reported against its own no-draft row.
 
 One device-tool call on nvidia-h200, the GGUF and bitsandbytes carried:
@@ -56,15 +56,16 @@ def main() -> None:
     parser.add_argument("--prompts", default="3", help="the chat prompts each draft runs: how many, or "
                         "their numbers (\"1,2\")")
     parser.add_argument("--only", default="none,nf4,bf16,ngram",
-                        help="comma-separated drafts to run (none, nf4, int8, q3_k, bf16 = the GGUF as is, ngram; a "
-                             "model draft + \"+compile\" runs it compiled, + \"+ahead\" with speculation.ahead)")
+                        help="comma-separated drafts to run (none, nf4, int8, q3_k, q3_k_gptq = q3_k by GPTQ on "
+                             "rotated matrices, bf16 = the GGUF as is, ngram; a model draft + \"+compile\" runs it "
+                             "compiled, + \"+ahead\" with speculation.ahead)")
     parser.add_argument("--codec", default="nf4", choices=["nf4", "int8", "none"])
     parser.add_argument("--factor", type=int, default=FACTOR, help="width multiple of the target")
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
     parser.add_argument("--layers", type=int, default=LAYERS, help="layers of the target (SmolLM2 has 30)")
     args = parser.parse_args()
     check_gguf(args.gguf)
-    wanted = chosen_rows(args.only, ("nf4", "int8", "q3_k", "bf16"))
+    wanted = chosen_rows(args.only, ("nf4", "int8", "q3_k", "q3_k_gptq", "bf16"))
     prompts = chosen_prompts(args.prompts)
     import torch
 
@@ -79,7 +80,7 @@ def main() -> None:
     written = write_target(inflation, store, args.codec, device)
     del inflation
     print(f"target: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
-    drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, {"nf4", "int8", "q3_k"}))
+    drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, {"nf4", "int8", "q3_k", "q3_k_gptq"}))
     rows = speculation_rows(store, drafts, wanted, prompts, args.new_tokens, budget, config,
                             base_tokens=args.base_tokens)
     with open(os.path.join(args.out, "scale_speculation.json"), "w") as handle:
