@@ -277,6 +277,7 @@ def test_a_draft_growing_its_tree_during_a_streamed_verify_pass_keeps_the_tokens
     bytes (a second tree's KV entries among them) stay inside the device budget."""
     from conftest import tiny_model
     from tierstore.inference.decoding.drafts import ModelDraft
+    from tierstore.inference.placement.budgets import kv_bytes_per_token
 
     monkeypatch.setattr(ModelDraft, "ahead_min_steps", 4)  # grow this much however soon the pass is done
     directory, reference = _tiny(tmp_path)
@@ -284,11 +285,14 @@ def test_a_draft_growing_its_tree_during_a_streamed_verify_pass_keeps_the_tokens
     _, layer = unit_sizes(directory, str(tmp_path / "sizes"))
     streaming = 300 * 2**20
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3, 5, 9, 33, 7, 81]])
-    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4 + 2 * 1024 * 1024  # weights, two trees' KV
+    weights = sum(p.numel() for p in reference.parameters()) * 4
     runs = {}
     for ahead in (False, True):
         config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device_reserve": streaming - 3 * layer - 70_000},
                   "speculation": {"depth": 6, "width": 4, "ahead": ahead}}
+        # its weights, 1024 tokens of KV (as the test above), and the tree grown ahead's: the target's room stays
+        draft_bytes = weights + 1024 * 1024 + (kv_bytes_per_token(reference.config, torch.float32) * 1024 if ahead
+                                               else 0)
         for draft in (directory, str(tmp_path / "other")):
             budget = tierstore.Budget(vram=streaming + draft_bytes, ram="1GB")
             runs[ahead, draft] = _streamed_speculation(directory, draft, budget, config, ids)
