@@ -26,6 +26,7 @@ from spec_rows import (check_gguf, chosen_prompts, chosen_rows, codecs_of,
                        make_drafts, print_table, spec_config, speculation_rows)
 
 FACTOR, INTER, LAYERS = 14, 29568, 80
+STORE_DRAFTS = ("nf4", "int8", "q3_k", "q3_k_gptq")  # drafts written as layer stores (spec_rows.make_drafts)
 
 
 def write_target(inflation: Inflation, store: str, codec: str, device) -> dict:
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LAYERS, help="layers of the target (SmolLM2 has 30)")
     args = parser.parse_args()
     check_gguf(args.gguf)
-    wanted = chosen_rows(args.only, ("nf4", "int8", "q3_k", "q3_k_gptq", "bf16"))
+    wanted = chosen_rows(args.only, (*STORE_DRAFTS, "bf16"))
     prompts = chosen_prompts(args.prompts)
     import torch
 
@@ -80,7 +81,7 @@ def main() -> None:
     written = write_target(inflation, store, args.codec, device)
     del inflation
     print(f"target: {written['store_bytes'] / 1e9:.2f} GB, written in {written['write_s']:.1f} s", flush=True)
-    drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, {"nf4", "int8", "q3_k", "q3_k_gptq"}))
+    drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, set(STORE_DRAFTS)))
     rows = speculation_rows(store, drafts, wanted, prompts, args.new_tokens, budget, config,
                             base_tokens=args.base_tokens)
     with open(os.path.join(args.out, "scale_speculation.json"), "w") as handle:

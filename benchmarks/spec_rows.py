@@ -15,7 +15,7 @@ PARAGRAPH = ("The old lighthouse stood on the rocky cape for more then a hundred
              "the narrow stairs, lit the great lamp, and watched the ships pass safely threw the dark water. When the "
              "storms came, the light never failed, and the sailors new they were close to home.")
 # ngram's prompts: a paragraph to rewrite, asked three ways. SmolLM2 answers the first with a one-sentence summary
-# (34 tokens: 2.6 tokens a verify pass on the GPU, the rows before 2026-12-06 ran only it), the other two by
+# (34 tokens: 2.6 tokens a verify pass on the GPU; rows before the seventh session ran only it), the other two by
 # writing the paragraph out corrected (62-68 tokens), the task prompt lookup serves.
 REWRITES = {
     "rewrite": "Rewrite the following paragraph in the same words, only fixing the spelling: " + PARAGRAPH,

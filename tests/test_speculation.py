@@ -647,6 +647,7 @@ def test_acceptance_by_depth_counts_a_trial_wherever_the_accepted_path_had_candi
     leaf = DraftTree.rooted_at(1)
     stats.count_path(leaf, [0])  # nothing drafted: no trial
     assert stats.depth_trials == [3, 2, 1] and stats.depth_accepted == [2, 1, 0]
+    assert (stats.trials, stats.accepted) == (6, 3)  # the overall rate counts the same trials
     assert stats.to_dict()["acceptance_by_depth"] == [2 / 3, 0.5, 0.0]
     assert SpeculationStats("none").to_dict()["acceptance_by_depth"] == []
 

@@ -407,7 +407,7 @@ def _ggml_unit(layout: UnitLayout, packed: PackedMatrices, source: Mapping[str, 
         weight = importance.get(name)
         if rotated and rotates(tuple(tensor.shape)):
             tensor, weight = rotate(tensor.to(device), name), None
-        if weight is None or weight.numel() != tensor.shape[-1]:  # column j's importance, on every row
+        if weight is not None and weight.numel() != tensor.shape[-1]:  # only column j's importance, on every row
             weight = None
         targets[PACKED][start:end].copy_(quantize(format, tensor.to(device).reshape(-1), weight))
     return out

@@ -64,12 +64,13 @@ def quantize(format: str, values: torch.Tensor, importance: torch.Tensor | None 
     period = math.lcm(elements, importance.numel()) if columns else elements
     step = max(CHUNK_ELEMENTS // period, 1) * period
     out = torch.empty(values.numel() // elements * nbytes, dtype=torch.uint8, device=values.device)
+    importance = importance.to(values.device) if importance is not None else None
     for begin in range(0, values.numel(), step):
         part = values[begin:begin + step]
         if importance is None:
             weight = None
         elif columns:
-            weight = importance.to(values.device).repeat(part.numel() // importance.numel())
+            weight = importance.repeat(part.numel() // importance.numel())
         else:
             weight = importance[begin:begin + step]
         found = grid(format, part, weight)

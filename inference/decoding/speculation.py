@@ -52,15 +52,18 @@ class SpeculationStats:
 
     def count_path(self, tree: DraftTree, path: list[int]) -> None:
         """One pass's accepted `path` through `tree`: a trial at each depth where the path's last node had drafted
-        children, an acceptance where the path went on."""
+        children, an acceptance where the path went on (overall and by depth)."""
         for depth, node in enumerate(path):
             if not tree.children[node]:
                 break
             if depth == len(self.depth_trials):
                 self.depth_trials.append(0)
                 self.depth_accepted.append(0)
+            went_on = depth + 1 < len(path)
+            self.trials += 1
+            self.accepted += went_on
             self.depth_trials[depth] += 1
-            self.depth_accepted[depth] += depth + 1 < len(path)
+            self.depth_accepted[depth] += went_on
 
     def to_dict(self) -> dict[str, Any]:
         """Counters and the rates derived from them: `acceptance_by_depth[d]`, the share of passes that reached
@@ -104,8 +107,6 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
             tracer.span(DRAFT, "draft", start_s, verify_start_s, nodes=len(tree) - 1)
             tracer.instant(TOKENS, "tokens", tracer.stamp(), accepted=len(path) - 1, new=len(new))
         stats.passes += 1
-        stats.accepted += len(path) - 1
-        stats.trials += sum(1 for node in path if tree.children[node])
         stats.count_path(tree, path)
         stats.tree_nodes += len(tree) - 1
         stats.largest_tree = max(stats.largest_tree, len(tree) - 1)
