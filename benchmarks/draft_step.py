@@ -3,7 +3,7 @@ policy's choice, the tree's mask, on a SmolLM2-shaped draft (random weights, bf1
 GGUF, packed) on the GPU; the draft as it runs by default, then bound and compiled (`speculation.compile`), in one
 process: the ratio of their steps is what compiling gains.
 
-    python benchmarks/draft_step.py [--draft s.gguf]
+    python benchmarks/draft_step.py [--draft s.gguf] [--widths 8,16,32] [--compiled-only]
 
 Each phase is timed with the device synchronized at its ends, so the phases add up to a step; a step's own
 time (unsynchronized phases, as the draft runs) is printed beside them.
@@ -30,7 +30,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draft", default=None, help="the draft (default: a SmolLM2-shaped random bf16 model)")
+    parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="draft step widths, comma-separated")
+    parser.add_argument("--compiled-only", action="store_true", help="only the compiled draft (no ratio)")
     args = parser.parse_args()
+    widths = [int(width) for width in args.widths.split(",")]
     path = args.draft or "/tmp/draft-shape"
     if args.draft is None and not os.path.exists(os.path.join(path, "config.json")):
         config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -39,18 +42,19 @@ def main() -> None:
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
         word_tokenizer(49152).save_pretrained(path)
     per_step: dict[tuple[int, int], dict[bool, float]] = collections.defaultdict(dict)
-    for compile in (False, True):
+    for compile in (True,) if args.compiled_only else (False, True):
         config = {"runtime": {"cache_dir": "/tmp/draft-cache"}, "speculation": {"compile": compile}}
         with tierstore.AutoModel.from_pretrained(path, budget=tierstore.Budget(vram="8GB", ram="8GB"), config=config,
                                                  draft=path) as model:  # the model drafting for itself
             print(f"compile {compile}: the draft takes {model.draft_cost.weights_bytes / 1e6:.1f} MB on the device",
                   flush=True)
-            for width in WIDTHS:
+            for width in widths:
                 for nodes in NODE_CAPS:
                     per_step[(width, nodes)][compile] = _step_ms(model.draft, width, nodes)
     for (width, nodes), ms in per_step.items():
-        print(f"width {width}, node cap {nodes}: {ms[False]:.3f} ms a step, compiled {ms[True]:.3f} "
-              f"({ms[True] / ms[False]:.2f}x)")
+        plain = f"{ms[False]:.3f} ms a step, " if False in ms else ""
+        ratio = f" ({ms[True] / ms[False]:.2f}x)" if False in ms else ""
+        print(f"width {width}, node cap {nodes}: {plain}compiled {ms[True]:.3f}{ratio}")
 
 
 def _step_ms(model, width: int, nodes: int) -> float:
@@ -118,11 +122,11 @@ def _step_ms(model, width: int, nodes: int) -> float:
 
 
 def _kernels_per_forward(draft) -> int:
-    """The GPU kernels one replay of the draft's recorded forward launches (torch.profiler)."""
+    """The GPU kernels one replay of the draft's widest recorded forward launches (torch.profiler)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    forward = draft._forward
+    forward = draft._forwards[max(draft._forwards)] if draft._forwards else None
     if forward is None or forward.graph is None:
         return 0
     torch.cuda.synchronize()

@@ -93,12 +93,16 @@ def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("
     return drafts
 
 
-ROW_FLAGS = {"compile": ("compile", True), "ahead": ("ahead", True)}  # "nf4+compile+ahead"
+# "nf4+compile+ahead", "nf4+compile+w32": a draft step's width 32 (the default 8). On this CPU, the 7B rows
+# replayed with the H100's costs (the draft's steps and a flat verify pass injected) gave 4.62 / 5.03 / 5.16x no draft
+# on the median prompt at widths 8 / 16 / 32 (steps of 3.2 / 3.7 / 4.2 ms assumed), 6.79x with steps of 0.3 ms
+ROW_FLAGS = {"compile": ("compile", True), "ahead": ("ahead", True), "w16": ("width", 16), "w32": ("width", 32)}
 
 
 def row_speculation(flags: list[str]) -> dict:
     """The speculation settings a row's name asks for after its draft: +compile (`speculation.compile`), +ahead
-    (`speculation.ahead`: the draft grows its tree while each verify pass runs)."""
+    (`speculation.ahead`: the draft grows its tree while each verify pass runs), +w16 / +w32
+    (`speculation.width`)."""
     unknown = [flag for flag in flags if flag not in ROW_FLAGS]
     if unknown:
         refuse(f"row flags {unknown} unknown; use {', '.join('+' + flag for flag in ROW_FLAGS)}")

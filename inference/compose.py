@@ -36,7 +36,7 @@ from ..rotation import HADAMARD
 from ..store import TieredStore
 from ..trace import Tracer
 from ..transfer import make_transfer
-from .decoding.drafts import NgramDraft
+from .decoding.drafts import NGRAM_BRANCHES, NgramDraft
 from .decoding.importance import measure_importance, measure_rounding, measure_sensitivity
 from .decoding.model import ModelParts, TierstoreModel
 from .devices import as_dtype, compute_device
@@ -245,7 +245,7 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
     if request.draft is None:
         return None, None
     if request.draft == "ngram":
-        return NgramDraft(request.cfg.speculation.ngram, request.cfg.speculation.width), None
+        return NgramDraft(request.cfg.speculation.ngram, min(request.cfg.speculation.width, NGRAM_BRANCHES)), None
     cfg = request.cfg
     # refused before the draft is converted or read when the model cannot run beside what it would take
     place(units, cfg, device, _plan_draft(request.draft, cfg, device, units.dtype, request.trust_remote_code,

@@ -10,7 +10,10 @@ draft's top token far more often than the draft's probability says when the draf
 when the draft is weak; the bins learn either.
 
 The policy decides each step from what it measured:
-- `step_s`, a draft step's seconds;
+- a draft step's seconds by its width (`step_cost`): a draft runs a step over one of a few fixed widths (8, 16,
+  32), the smallest holding the step's candidates, and on a GPU a step's time barely grows with its width (its
+  forward is bound by kernel launches), where on a CPU it grows with it: so how many candidates a step takes adapts
+  to the hardware;
 - the verify pass's seconds as a function of its token count (`VerifyCurve`). For a streamed dense model it is flat
   until compute shows, so trees grow large; for a mixture-of-experts target each token brings its routed experts
   across the link, so the curve climbs (and flattens once every expert is moved);
@@ -19,7 +22,7 @@ The policy decides each step from what it measured:
 With `T` the drafting seconds so far this pass and `G_k` the summed scores of the `k` best candidates (known before
 the step), the step adds the `k <= width` candidates that maximise
 
-    (E + G_k) / (T + step_s + verify_s(n + k))
+    (E + G_k) / (T + step_s(k) + verify_s(n + k))
 
 and is drafted when that beats `E / (T + verify_s(n))`, i.e. when tokens per second rise. When a step does not pay,
 candidates may still join the tree without feeding them (no draft step, only the verify cost): the same test
@@ -92,7 +95,8 @@ class TreePolicy:
         self.max_nodes = max_nodes
         self.fixed_steps = fixed_steps
         self.curve = VerifyCurve()
-        self.step_s: float | None = None
+        self.widths: tuple[int, ...] = ()  # the draft's step widths, ascending (set by the draft; () = one)
+        self._step_s: dict[int, float] = {}  # decayed mean seconds of a step, by its width (0: the only one)
         self.kept: float | None = None  # running mean of the drafted nodes an expert budget kept per pass
         self._tried = [0.0] * (2 * _BINS)  # per bin of (top-ranked or not, probability): children verified, accepted
         self._taken = [0.0] * (2 * _BINS)
@@ -121,14 +125,13 @@ class TreePolicy:
         if self.step_s is None or now_s is None:
             return len(gains) if steps < _WARMUP_STEPS or not feed else 0
         expected = 1.0 + scores
-        step_s = self.step_s if feed else 0.0
         best_rate, best, gained = expected / (drafted_s + now_s), 0, 0.0
         for count, gain in enumerate(gains, 1):
             gained += gain
             next_s = self.curve.seconds(nodes + 1 + count)
             if next_s is None:  # past what was measured by more than the exploring factor: measure this size first
                 break
-            rate = (expected + gained) / (drafted_s + step_s + next_s)
+            rate = (expected + gained) / (drafted_s + (self.step_cost(count) if feed else 0.0) + next_s)
             if rate > best_rate:
                 best_rate, best = rate, count
         return best
@@ -143,9 +146,29 @@ class TreePolicy:
         """A verify pass under an expert budget kept `nodes` of its drafted nodes."""
         self.kept = nodes if self.kept is None else _DECAY * self.kept + (1 - _DECAY) * nodes
 
-    def observe_step(self, seconds: float) -> None:
-        """One draft step's seconds."""
-        self.step_s = seconds if self.step_s is None else _DECAY * self.step_s + (1 - _DECAY) * seconds
+    @property
+    def step_s(self) -> float | None:
+        """A step's seconds at the narrowest width measured; None before any."""
+        return self._step_s[min(self._step_s)] if self._step_s else None
+
+    def step_cost(self, candidates: int) -> float:
+        """The expected seconds of a step feeding `candidates`: those measured at the narrowest width holding them,
+        else at the widest narrower one measured (a wider step costs at least that: trying it measures it)."""
+        width = self.width_for(candidates)
+        if width in self._step_s:
+            return self._step_s[width]
+        narrower = [known for known in self._step_s if known < width]
+        return self._step_s[max(narrower)] if narrower else self.step_s  # type: ignore[return-value]
+
+    def width_for(self, candidates: int) -> int:
+        """The narrowest of `widths` holding `candidates` (0 where the draft has one width)."""
+        return next((width for width in self.widths if width >= candidates), 0) if self.widths else 0
+
+    def observe_step(self, seconds: float, candidates: int = 0) -> None:
+        """One draft step's seconds, and how many candidates it fed (its width is the narrowest holding them)."""
+        width = self.width_for(candidates)
+        known = self._step_s.get(width)
+        self._step_s[width] = seconds if known is None else _DECAY * known + (1 - _DECAY) * seconds
 
     def observe_pass(self, seconds: float, tokens: int, tried: list[tuple[float, int, bool]]) -> None:
         """One verify pass: its seconds and token count (the tree's nodes and its root), and for each drafted

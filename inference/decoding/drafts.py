@@ -4,7 +4,9 @@
 - `ModelDraft`: a small model with the same tokenizer, resident on the compute device, growing a tree best-first:
   each step adds up to `width` of the most promising candidates anywhere in the tree (scored by the measured chance
   that the model accepts their paths) and feeds them through the draft at once (one forward, with a tree attention
-  mask) to score their children. `TreePolicy` decides how many and when to stop, from the measured costs.
+  mask) to score their children. `TreePolicy` decides how many and when to stop, from the measured costs; a step
+  runs over the narrowest of a few fixed widths (`step_widths`) that holds its candidates, each width's cost
+  measured, so a GPU (where a wider step costs little more) takes wide steps and a CPU narrow ones.
   With `ahead`, it keeps growing its own copy of the tree while the model verifies it (a streamed verify pass
   leaves the device's compute idle, waiting on the link; the verifier calls `grow_while` between launching the
   pass and reading its picks back); when the pass's bonus token is a node of that grown tree, the next tree
@@ -31,7 +33,9 @@ from .tree import DraftTree
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WIDTH = 8
+DEFAULT_WIDTH = 32  # a model draft's widest step
+NGRAM_BRANCHES = 8  # continuations an n-gram draft proposes
+NARROWEST_STEP = 8  # a draft step's widths: powers of two from this up to `width`
 DEFAULT_NGRAM = 3
 NGRAM_DEPTH = 64  # tokens of a continuation drafted: past that an earlier occurrence rarely still holds
 KV_STEP_TOKENS = 256  # a compiled draft's cache is sized in these steps: calls of similar lengths share its
@@ -44,7 +48,7 @@ class NgramDraft:
 
     name = "ngram"
 
-    def __init__(self, max_ngram: int = DEFAULT_NGRAM, max_branches: int = DEFAULT_WIDTH) -> None:
+    def __init__(self, max_ngram: int = DEFAULT_NGRAM, max_branches: int = NGRAM_BRANCHES) -> None:
         self.max_ngram = max_ngram
         self.max_branches = max_branches
         self.max_nodes = DEFAULT_MAX_NODES  # set per call from the device reserve
@@ -131,7 +135,9 @@ class ModelDraft:
         self.warp = warp
         self.vocab_size = vocab_size  # the target's: a draft padded to more ids never proposes those
         self.width = width
+        self.widths = step_widths(width)
         self.policy = policy or TreePolicy()
+        self.policy.widths = self.widths
         self.ahead = ahead  # grow the tree while the model verifies it (`grow_while`)
         self.steps = 0
         self.step_s = 0.0
@@ -141,27 +147,29 @@ class ModelDraft:
         self._cached = 0  # accepted tokens whose entries are live, at positions 0..cached-1
         self._fed: list[int] = []  # tree nodes fed in the last proposal, at positions cached, cached + 1, ...
         self._stop_ids: frozenset[int] = frozenset()  # tokens that end the sequence: their children are never drafted
-        self._forward: StaticForward | None = None  # made by `reset` over the sequence's buffers
+        self._forwards: dict[int, StaticForward] = {}  # by width, over the sequence's buffers (`reset`)
+        self._pool: Any = None  # the CUDA graph memory pool the widths' graphs share
         self._stream: Any = None  # the device stream steps grown ahead run on
         self._grown: _Proposal | None = None  # the last proposal, as drafted (and grown ahead)
         self._carried: _Proposal | None = None  # a subtree of it to start the next proposal from
 
     @property
     def graphed(self) -> bool:
-        """Whether the steps replay a CUDA graph."""
-        return self._forward is not None and self._forward.graphed
+        """Whether the steps replay CUDA graphs (every width that ran)."""
+        return bool(self._forwards) and all(forward.graphed for forward in self._forwards.values())
 
     @property
     def compiled(self) -> bool | None:
         """Whether the steps ran the draft compiled (None: not asked for, `speculation.compile`)."""
-        if self.model.compiled is None or self._forward is None:
+        if self.model.compiled is None or not self._forwards:
             return None
-        return self._forward.compiled is not None and self._forward.compiled_runs > 0
+        return all(forward.compiled is not None and forward.compiled_runs > 0 for forward in self._forwards.values())
 
     @property
     def compile_failure(self) -> str | None:
         """Why the steps stopped running compiled, if they did."""
-        return self._forward.compile_failure if self._forward is not None else None
+        return next((forward.compile_failure for forward in self._forwards.values() if forward.compile_failure),
+                    None)
 
     def reset(self, max_tokens: int, stop_ids: frozenset[int] = frozenset()) -> None:
         """A new sequence of at most `max_tokens` tokens, ending at any of `stop_ids` (nothing is drafted after
@@ -172,8 +180,9 @@ class ModelDraft:
         if self.model.compiled is not None:
             entries = -(-entries // KV_STEP_TOKENS) * KV_STEP_TOKENS
         self._kv = StaticKV(entries)
-        self._forward = StaticForward(self.model.model, self._kv, self.width, self.model.device,
-                                      compiled=self.model.compiled)
+        self._forwards = {}
+        if self.model.device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle()
         self._cached, self._fed, self._grown, self._carried = 0, [], None, None
         if self.ahead and self.model.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.model.device)
@@ -200,7 +209,7 @@ class ModelDraft:
                 self.steps, self.step_s = self.steps + 1, self.step_s + step_s
                 steps, drafted_s = steps + 1, drafted_s + step_s
                 if steps > 1 or carried is not None:  # a first step that caught up on the accepted tokens is longer
-                    self.policy.observe_step(step_s)
+                    self.policy.observe_step(step_s, len(level))
             best, feed = self._choose(candidates, len(tree) - 1, scores, steps, drafted_s)
             if not best:
                 break
@@ -220,8 +229,8 @@ class ModelDraft:
         same thread that launched the pass, so nothing contends for the interpreter; a streamed pass leaves the
         device's compute idle, waiting on the link. Nothing unless `ahead` and the steps replay a graph (or run on
         a CPU)."""
-        grown, forward = self._grown, self._forward
-        if not self.ahead or grown is None or forward is None or (self._stream is not None and not forward.graphed):
+        grown = self._grown
+        if not self.ahead or grown is None or not self._forwards or (self._stream is not None and not self.graphed):
             return
         grown.tree = grown.tree.copy()  # the verifier reads (and may prune) the tree it was given
         with torch.no_grad(), torch.cuda.stream(self._stream) if self._stream is not None else \
@@ -341,9 +350,22 @@ class ModelDraft:
             seen_from, allowed = positions[0], torch.ones(count, count, dtype=torch.bool).tril()
         else:
             seen_from = self._cached
-        assert self._forward is not None, "reset() makes the draft's forward"
-        logits = self._forward.run(tokens, positions, writes, seen_from, allowed)
-        return self.warp(logits[:, :self.vocab_size].float())
+        width = next(width for width in self.widths if width >= count)
+        forward = self._forwards.get(width)
+        if forward is None:
+            forward = self._forwards[width] = StaticForward(self.model.model, self._kv, width, self.model.device,
+                                                            self._pool, compiled=self.model.compiled)
+        logits = forward.run(tokens, positions, writes, seen_from, allowed)
+        return self.warp(logits[:count, :self.vocab_size].float())
+
+
+def step_widths(width: int) -> tuple[int, ...]:
+    """A draft step's widths up to `width`: powers of two from NARROWEST_STEP, the last `width` itself."""
+    widths, step = [], NARROWEST_STEP
+    while step < width:
+        widths.append(step)
+        step *= 2
+    return (*widths, width)
 
 
 @dataclasses.dataclass
