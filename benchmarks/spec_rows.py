@@ -93,9 +93,9 @@ def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("
     return drafts
 
 
-# "nf4+compile+ahead", "nf4+compile+w32": a draft step's width 32 (the default 8). On this CPU, the 7B rows
-# replayed with the H100's costs (the draft's steps and a flat verify pass injected) gave 4.62 / 5.03 / 5.16x no draft
-# on the median prompt at widths 8 / 16 / 32 (steps of 3.2 / 3.7 / 4.2 ms assumed), 6.79x with steps of 0.3 ms
+# "nf4+compile+ahead"; "nf4+compile+w32": steps of up to 32 slots, each over the narrowest of 8, 16, 32 holding what
+# the policy takes (the default: 8). Replayed on this CPU with the H100's 7B costs (spec_replay.py): 5.65 / 3.84 /
+# 4.73x no draft at 8, 5.23 / 4.00 / 5.12x at 32; with near-free steps (0.3 ms) 7.13 / 5.27 / 7.37x
 ROW_FLAGS = {"compile": ("compile", True), "ahead": ("ahead", True), "w16": ("width", 16), "w32": ("width", 32)}
 
 

@@ -164,10 +164,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                  "(no link to save bytes on, and its dequantization costs more than it saves)"),
     },
     "speculation": {
-        "width": (_int(1), 32, "draft tree: the most nodes a draft step adds (the most likely candidates anywhere "
-                               "in the tree), and candidates per node; a step runs over 8, 16 or 32 slots, the "
-                               "narrowest holding what the tree policy takes, so its measured cost by width decides "
-                               "how wide steps go; an ngram draft proposes at most min(8, width) continuations"),
+        "width": (_int(1), 8, "draft tree: the most nodes a draft step adds (the most likely candidates anywhere in "
+                              "the tree), and candidates per node; above 8, a step runs over 8, 16, ... slots up to "
+                              "it, the narrowest holding what the tree policy takes, each width's cost measured "
+                              "(a CPU replay with a GPU's costs: 32 raised the median 7B prompt and lowered the best "
+                              "one: README); an ngram draft proposes at most min(8, width) continuations"),
         "depth": (_int_or(AUTO, 1), AUTO, "draft steps per pass; auto = as many as pay (measured verify and step "
                                           "costs)"),
         "nodes": (_int_or(AUTO, 1), AUTO, "most drafted nodes a tree holds; auto = 1024, fewer where a verify pass's "

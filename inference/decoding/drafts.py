@@ -33,7 +33,7 @@ from .tree import DraftTree
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WIDTH = 32  # a model draft's widest step
+DEFAULT_WIDTH = 8  # a model draft's widest step (speculation.width)
 NGRAM_BRANCHES = 8  # continuations an n-gram draft proposes
 NARROWEST_STEP = 8  # a draft step's widths: powers of two from this up to `width`
 DEFAULT_NGRAM = 3

@@ -1,0 +1,150 @@
+"""Speculation replayed on the CPU with a GPU's costs: what a draft and the tree policy would do on a machine whose
+draft step and verify pass times are given, over the target's own greedy answers.
+
+The target (SmolLM2, the function the 7B and 72B benchmarks inflate) answers the chat prompts greedily once; then
+the draft proposes its trees as it would in a run, each verify pass walks a tree along the target's tokens (what
+greedy verification accepts), and a clock that only the injected costs advance times it: a step of `w` slots costs
+`--step-ms` at the narrowest width listed that holds it, a verify pass costs `--verify-s` whatever its tree (a
+streamed pass is flat while the link dominates). Tokens a pass and acceptance come from the real draft; the
+seconds are the model's. Ratios are against a no-draft step of `--base-s`.
+
+    python benchmarks/spec_replay.py --gguf s.gguf                                     # the 7B row, H100 costs
+    python benchmarks/spec_replay.py --gguf s.gguf --width 8 --step-ms 8:3.2           # steps of 8 slots at most
+    python benchmarks/spec_replay.py --gguf s.gguf --step-ms 8:0.3,16:0.3,32:0.3       # near-free drafting
+
+Defaults: the H100's 7B row of the seventh session (no draft 0.161 s, verify pass 0.165 s, a compiled nf4 draft
+step 3.2 ms at width 8); 3.7 and 4.2 ms at 16 and 32 are assumptions (the H200 measured 1.10-1.13x from 8 to 16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from common import encode
+from spec_rows import CHAT_PROMPTS, check_gguf, make_drafts
+
+
+class _Clock:
+    """Stands in for `time` inside the draft module: only injected costs advance it."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--work", default="/tmp/spec-replay")
+    parser.add_argument("--draft", default="nf4", help="nf4, int8, q3_k_gptq, ... (spec_rows.make_drafts)")
+    parser.add_argument("--target", default="none", help="the target's compression (none: the GGUF as is)")
+    parser.add_argument("--width", type=int, default=32, help="speculation.width")
+    parser.add_argument("--step-ms", default="8:3.2,16:3.7,32:4.2", help="a draft step's ms by width")
+    parser.add_argument("--verify-s", type=float, default=0.165)
+    parser.add_argument("--base-s", type=float, default=0.161, help="a no-draft step's seconds")
+    parser.add_argument("--nodes", type=int, default=512, help="the node cap")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    check_gguf(args.gguf)
+    step_s = sorted((int(width), float(ms) / 1e3) for width, ms in
+                    (part.split(":") for part in args.step_ms.split(",")))
+    answers = _answers(args)
+    draft_path = make_drafts(args.gguf, args.work, {"runtime": {"cache_dir": os.path.join(args.work, "cache")}},
+                             (args.draft,))[args.draft]
+    for prompt, (ids, new) in enumerate(answers):
+        tokens_per_pass, nodes, drafted_s = _replay(draft_path, args, step_s, ids, new)
+        seconds_per_token = (drafted_s + len(new) / tokens_per_pass * args.verify_s) / len(new)
+        print(f"prompt {prompt}: {len(new)} tokens, {tokens_per_pass:.2f} tokens a pass, {nodes:.0f} nodes a pass, "
+              f"drafting {drafted_s / (len(new) / tokens_per_pass):.3f} s a pass: "
+              f"{args.base_s / seconds_per_token:.2f}x no draft", flush=True)
+
+
+def _answers(args) -> list[tuple[list[int], list[int]]]:
+    """The target's greedy answers to the chat prompts (ids, new tokens), computed once into --work."""
+    import torch
+
+    import tierstore
+
+    cache = os.path.join(args.work, f"answers-{args.target}-{args.new_tokens}.json")
+    if os.path.exists(cache):
+        with open(cache, encoding="utf-8") as handle:
+            return [tuple(pair) for pair in json.load(handle)]
+    config = {"runtime": {"cache_dir": os.path.join(args.work, "cache")}, "compression": {"format": args.target}}
+    answers = []
+    with tierstore.AutoModel.from_pretrained(args.gguf, budget=tierstore.Budget(vram="200MB", ram="2GB"),
+                                             config=config) as model:
+        for prompt in CHAT_PROMPTS:
+            ids = encode(model.tokenizer, prompt)
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)
+            answers.append((ids[0].tolist(), out[0, ids.shape[1]:].tolist()))
+    os.makedirs(args.work, exist_ok=True)
+    with open(cache + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(answers, handle)
+    os.replace(cache + ".tmp", cache)
+    return answers
+
+
+def _replay(draft_path: str, args, step_s: list[tuple[int, float]], ids: list[int],
+            new: list[int]) -> tuple[float, float, float]:
+    """(tokens a pass, drafted nodes a pass, drafting seconds) of one answer, after a warm-up of its first 8 tokens
+    with the same tree policy (as a benchmark row's model object runs a warm-up call first)."""
+    import torch
+
+    import tierstore
+    from tierstore.inference.decoding import drafts
+    from tierstore.inference.decoding.sampling import warp
+    from tierstore.inference.decoding.speculation import _tried
+    from tierstore.policies.speculation import TreePolicy
+
+    clock, real_time, real_step = _Clock(), drafts.time, drafts.ModelDraft._step
+
+    def step(draft, tokens, *rest):
+        probabilities = real_step(draft, tokens, *rest)
+        clock.now_s += next((cost for width, cost in step_s if width >= len(tokens)), step_s[-1][1])
+        return probabilities
+
+    drafts.time, drafts.ModelDraft._step = clock, step
+    try:
+        with tierstore.AutoModel.from_pretrained(draft_path, budget=tierstore.Budget(vram="200MB", ram="2GB"),
+                                                 config={"runtime": {"cache_dir": os.path.join(args.work, "cache")}}
+                                                 ) as model, torch.no_grad():
+            policy = TreePolicy(max_nodes=args.nodes)
+            vocab = model.model.config.get_text_config().vocab_size
+            _walk(drafts.ModelDraft(model, "draft", warp(None, None, None), vocab, args.width, policy),
+                  ids, new[:8], clock, args.verify_s, _tried)
+            draft = drafts.ModelDraft(model, "draft", warp(None, None, None), vocab, args.width, policy)
+            return _walk(draft, ids, new, clock, args.verify_s, _tried)
+    finally:
+        drafts.time, drafts.ModelDraft._step = real_time, real_step
+
+
+def _walk(draft, ids: list[int], new: list[int], clock: _Clock, verify_s: float, tried) -> tuple[float, float, float]:
+    """Speculate along `new` (the target's tokens after `ids`): (tokens a pass, nodes a pass, drafting seconds)."""
+    draft.reset(len(ids) + len(new) + 1)
+    history, emitted, passes, nodes, drafted_s = ids + new[:1], 1, 0, 0, 0.0
+    while emitted < len(new):
+        start_s = clock.now_s
+        tree = draft.propose(history, max_depth=len(new) - emitted - 1)
+        drafted_s += clock.now_s - start_s
+        path = [0]
+        while emitted + len(path) - 1 < len(new):
+            child = tree.children[path[-1]].get(new[emitted + len(path) - 1])
+            if child is None:
+                break
+            path.append(child)
+        taken = min(len(path), len(new) - emitted)  # the accepted tokens and the bonus
+        bonus = new[emitted + len(path) - 1] if emitted + len(path) - 1 < len(new) else new[-1]
+        draft.policy.observe_pass(verify_s, len(tree), tried(tree, path))
+        draft.accepted(tree, path, bonus)
+        history += new[emitted:emitted + taken]
+        emitted, passes, nodes = emitted + taken, passes + 1, nodes + len(tree) - 1
+        clock.now_s += verify_s
+    return len(new) / passes, nodes / passes, drafted_s
+
+
+if __name__ == "__main__":
+    main()
