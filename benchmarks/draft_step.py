@@ -17,6 +17,7 @@ import os
 import time
 
 from common import word_tokenizer
+from spec_rows import refuse
 
 WIDTHS = (8, 16)
 NODE_CAPS = (64, 1024)
@@ -33,7 +34,12 @@ def main() -> None:
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="draft step widths, comma-separated")
     parser.add_argument("--compiled-only", action="store_true", help="only the compiled draft (no ratio)")
     args = parser.parse_args()
-    widths = [int(width) for width in args.widths.split(",")]
+    try:
+        widths = [int(width) for width in args.widths.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        refuse(f"--widths {args.widths!r}: comma-separated step widths from 1, e.g. 8,16,32")
     path = args.draft or "/tmp/draft-shape"
     if args.draft is None and not os.path.exists(os.path.join(path, "config.json")):
         config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

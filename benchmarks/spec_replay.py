@@ -18,11 +18,12 @@ step 3.2 ms at width 8); 3.7 and 4.2 ms at 16 and 32 are assumptions (the H200 m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
 from common import encode
-from spec_rows import CHAT_PROMPTS, check_gguf, make_drafts
+from spec_rows import CHAT_PROMPTS, check_gguf, make_drafts, refuse
 
 
 class _Clock:
@@ -49,17 +50,38 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
     check_gguf(args.gguf)
-    step_s = sorted((int(width), float(ms) / 1e3) for width, ms in
-                    (part.split(":") for part in args.step_ms.split(",")))
+    step_s = _step_costs(args.step_ms)
+    import torch
+
+    import tierstore
+    from tierstore.errors import TierstoreError
+
+    config = {"runtime": {"cache_dir": os.path.join(args.work, "cache")}}
+    try:  # a draft no codec or recipe names is refused before the target's answers are computed
+        draft_path = make_drafts(args.gguf, args.work, config, (args.draft,))[args.draft]
+    except TierstoreError as exc:
+        refuse(f"--draft {args.draft!r}: {exc}")
     answers = _answers(args)
-    draft_path = make_drafts(args.gguf, args.work, {"runtime": {"cache_dir": os.path.join(args.work, "cache")}},
-                             (args.draft,))[args.draft]
-    for prompt, (ids, new) in enumerate(answers):
-        tokens_per_pass, nodes, drafted_s = _replay(draft_path, args, step_s, ids, new)
-        seconds_per_token = (drafted_s + len(new) / tokens_per_pass * args.verify_s) / len(new)
-        print(f"prompt {prompt}: {len(new)} tokens, {tokens_per_pass:.2f} tokens a pass, {nodes:.0f} nodes a pass, "
-              f"drafting {drafted_s / (len(new) / tokens_per_pass):.3f} s a pass: "
-              f"{args.base_s / seconds_per_token:.2f}x no draft", flush=True)
+    with _injected_costs(step_s) as clock, torch.no_grad(), tierstore.AutoModel.from_pretrained(
+            draft_path, budget=tierstore.Budget(vram="200MB", ram="2GB"), config=config) as model:
+        for prompt, (ids, new) in enumerate(answers):
+            tokens_per_pass, nodes, drafted_s = _replay(model, args, clock, ids, new)
+            passes = len(new) / tokens_per_pass
+            seconds_per_token = (drafted_s + passes * args.verify_s) / len(new)
+            print(f"prompt {prompt}: {len(new)} tokens, {tokens_per_pass:.2f} tokens a pass, {nodes:.0f} nodes a "
+                  f"pass, drafting {drafted_s / passes:.3f} s a pass: {args.base_s / seconds_per_token:.2f}x no "
+                  f"draft", flush=True)
+
+
+def _step_costs(spec: str) -> dict[int, float]:
+    """`--step-ms` ("8:3.2,16:3.7") as {width: seconds}; refused in one line when malformed."""
+    try:
+        costs = {int(width): float(ms) / 1e3 for width, ms in (part.split(":") for part in spec.split(","))}
+    except ValueError:
+        refuse(f"--step-ms {spec!r}: comma-separated width:milliseconds, e.g. 8:3.2,16:3.7")
+    if any(width < 1 or seconds < 0 for width, seconds in costs.items()):
+        refuse(f"--step-ms {spec!r}: widths from 1, milliseconds from 0")
+    return costs
 
 
 def _answers(args) -> list[tuple[list[int], list[int]]]:
@@ -68,7 +90,8 @@ def _answers(args) -> list[tuple[list[int], list[int]]]:
 
     import tierstore
 
-    cache = os.path.join(args.work, f"answers-{args.target}-{args.new_tokens}.json")
+    name = os.path.splitext(os.path.basename(args.gguf))[0]
+    cache = os.path.join(args.work, f"answers-{name}-{args.target}-{args.new_tokens}.json")
     if os.path.exists(cache):
         with open(cache, encoding="utf-8") as handle:
             return [tuple(pair) for pair in json.load(handle)]
@@ -88,42 +111,48 @@ def _answers(args) -> list[tuple[list[int], list[int]]]:
     return answers
 
 
-def _replay(draft_path: str, args, step_s: list[tuple[int, float]], ids: list[int],
-            new: list[int]) -> tuple[float, float, float]:
-    """(tokens a pass, drafted nodes a pass, drafting seconds) of one answer, after a warm-up of its first 8 tokens
-    with the same tree policy (as a benchmark row's model object runs a warm-up call first)."""
-    import torch
-
-    import tierstore
+@contextlib.contextmanager
+def _injected_costs(step_s: dict[int, float]):
+    """Inside: the draft module's clock is a `_Clock` that each draft step advances by its width's cost (the
+    narrowest listed width holding its tokens); yields the clock."""
     from tierstore.inference.decoding import drafts
-    from tierstore.inference.decoding.sampling import warp
-    from tierstore.inference.decoding.speculation import _tried
-    from tierstore.policies.speculation import TreePolicy
+    from tierstore.policies.speculation import narrowest
 
     clock, real_time, real_step = _Clock(), drafts.time, drafts.ModelDraft._step
+    widths = tuple(sorted(step_s))
 
     def step(draft, tokens, *rest):
         probabilities = real_step(draft, tokens, *rest)
-        clock.now_s += next((cost for width, cost in step_s if width >= len(tokens)), step_s[-1][1])
+        clock.now_s += step_s[narrowest(widths, len(tokens))]
         return probabilities
 
     drafts.time, drafts.ModelDraft._step = clock, step
     try:
-        with tierstore.AutoModel.from_pretrained(draft_path, budget=tierstore.Budget(vram="200MB", ram="2GB"),
-                                                 config={"runtime": {"cache_dir": os.path.join(args.work, "cache")}}
-                                                 ) as model, torch.no_grad():
-            policy = TreePolicy(max_nodes=args.nodes)
-            vocab = model.model.config.get_text_config().vocab_size
-            _walk(drafts.ModelDraft(model, "draft", warp(None, None, None), vocab, args.width, policy),
-                  ids, new[:8], clock, args.verify_s, _tried)
-            draft = drafts.ModelDraft(model, "draft", warp(None, None, None), vocab, args.width, policy)
-            return _walk(draft, ids, new, clock, args.verify_s, _tried)
+        yield clock
     finally:
         drafts.time, drafts.ModelDraft._step = real_time, real_step
 
 
-def _walk(draft, ids: list[int], new: list[int], clock: _Clock, verify_s: float, tried) -> tuple[float, float, float]:
+def _replay(model, args, clock: _Clock, ids: list[int], new: list[int]) -> tuple[float, float, float]:
+    """(tokens a pass, drafted nodes a pass, drafting seconds) of one answer with `model` (the draft, open) and a
+    fresh tree policy, after a warm-up of the answer's first 8 tokens (as a benchmark row's model object runs a
+    warm-up call first)."""
+    from tierstore.inference.decoding.drafts import ModelDraft
+    from tierstore.inference.decoding.sampling import warp
+    from tierstore.policies.speculation import TreePolicy
+
+    policy = TreePolicy(max_nodes=args.nodes)
+    vocab = model.model.config.get_text_config().vocab_size
+    for tokens in (new[:8], new):
+        result = _walk(ModelDraft(model, "draft", warp(None, None, None), vocab, args.width, policy), ids, tokens,
+                       clock, args.verify_s)
+    return result
+
+
+def _walk(draft, ids: list[int], new: list[int], clock: _Clock, verify_s: float) -> tuple[float, float, float]:
     """Speculate along `new` (the target's tokens after `ids`): (tokens a pass, nodes a pass, drafting seconds)."""
+    from tierstore.inference.decoding.speculation import _tried
+
     draft.reset(len(ids) + len(new) + 1)
     history, emitted, passes, nodes, drafted_s = ids + new[:1], 1, 0, 0, 0.0
     while emitted < len(new):
@@ -138,7 +167,7 @@ def _walk(draft, ids: list[int], new: list[int], clock: _Clock, verify_s: float,
             path.append(child)
         taken = min(len(path), len(new) - emitted)  # the accepted tokens and the bonus
         bonus = new[emitted + len(path) - 1] if emitted + len(path) - 1 < len(new) else new[-1]
-        draft.policy.observe_pass(verify_s, len(tree), tried(tree, path))
+        draft.policy.observe_pass(verify_s, len(tree), _tried(tree, path))
         draft.accepted(tree, path, bonus)
         history += new[emitted:emitted + taken]
         emitted, passes, nodes = emitted + taken, passes + 1, nodes + len(tree) - 1

@@ -161,8 +161,8 @@ class TreePolicy:
         return self._step_s[max(narrower)] if narrower else self.step_s  # type: ignore[return-value]
 
     def width_for(self, candidates: int) -> int:
-        """The narrowest of `widths` holding `candidates` (0 where the draft has one width)."""
-        return next((width for width in self.widths if width >= candidates), 0) if self.widths else 0
+        """The width of the step that feeds `candidates` (0 before a draft set its widths)."""
+        return narrowest(self.widths, candidates) if self.widths else 0
 
     def observe_step(self, seconds: float, candidates: int = 0) -> None:
         """One draft step's seconds, and how many candidates it fed (its width is the narrowest holding them)."""
@@ -179,6 +179,11 @@ class TreePolicy:
             where = _bin(probability, rank)
             self._tried[where] = fade * self._tried[where] + 1.0
             self._taken[where] = fade * self._taken[where] + float(accepted)
+
+
+def narrowest(widths: tuple[int, ...], candidates: int) -> int:
+    """The narrowest of `widths` (ascending) that holds `candidates`; the widest where none does."""
+    return next((width for width in widths if width >= candidates), widths[-1])
 
 
 def _bin(probability: float, rank: int) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ...policies.speculation import DEFAULT_MAX_NODES, TreePolicy
+from ...policies.speculation import DEFAULT_MAX_NODES, TreePolicy, narrowest
 from .sampling import Warp
 from .static_forward import StaticForward, StaticKV
 from .tree import DraftTree
@@ -350,7 +350,7 @@ class ModelDraft:
             seen_from, allowed = positions[0], torch.ones(count, count, dtype=torch.bool).tril()
         else:
             seen_from = self._cached
-        width = next(width for width in self.widths if width >= count)
+        width = narrowest(self.widths, count)
         forward = self._forwards.get(width)
         if forward is None:
             forward = self._forwards[width] = StaticForward(self.model.model, self._kv, width, self.model.device,
