@@ -3,7 +3,8 @@ policy's choice, the tree's mask, on a SmolLM2-shaped draft (random weights, bf1
 GGUF, packed) on the GPU; the draft as it runs by default, then bound and compiled (`speculation.compile`), in one
 process: the ratio of their steps is what compiling gains.
 
-    python benchmarks/draft_step.py [--draft s.gguf] [--widths 8,16,32] [--compiled-only]
+    python benchmarks/draft_step.py [--draft s.gguf] [--widths 8,16,32] [--compiled-only] [--node-caps 64,1024]
+                                       [--attention auto,eager]
 
 Each phase is timed with the device synchronized at its ends, so the phases add up to a step; a step's own
 time (unsynchronized phases, as the draft runs) is printed beside them.
@@ -19,6 +20,8 @@ import time
 from common import word_tokenizer
 from spec_rows import refuse
 
+from tierstore.config import ATTENTION
+
 WIDTHS = (8, 16)
 NODE_CAPS = (64, 1024)
 
@@ -33,6 +36,9 @@ def main() -> None:
     parser.add_argument("--draft", default=None, help="the draft (default: a SmolLM2-shaped random bf16 model)")
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="draft step widths, comma-separated")
     parser.add_argument("--compiled-only", action="store_true", help="only the compiled draft (no ratio)")
+    parser.add_argument("--node-caps", default=",".join(map(str, NODE_CAPS)), help="tree node caps, comma-separated")
+    parser.add_argument("--attention", default="auto", help="runtime.attention values to run, comma-separated "
+                                                            "(auto, sdpa, eager, ...)")
     args = parser.parse_args()
     try:
         widths = [int(width) for width in args.widths.split(",")]
@@ -40,6 +46,15 @@ def main() -> None:
         widths = []
     if not widths or min(widths) < 1:
         refuse(f"--widths {args.widths!r}: comma-separated step widths from 1, e.g. 8,16,32")
+    try:
+        node_caps = [int(cap) for cap in args.node_caps.split(",")]
+    except ValueError:
+        node_caps = []
+    if not node_caps or min(node_caps) < 1:
+        refuse(f"--node-caps {args.node_caps!r}: comma-separated node caps from 1, e.g. 64,1024")
+    attentions = args.attention.split(",")
+    if any(name not in ("auto", *ATTENTION) for name in attentions):
+        refuse(f"--attention {args.attention!r}: comma-separated, each one of auto, {', '.join(ATTENTION)}")
     path = args.draft or "/tmp/draft-shape"
     if args.draft is None and not os.path.exists(os.path.join(path, "config.json")):
         config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -47,20 +62,22 @@ def main() -> None:
                              max_position_embeddings=8192)
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
         word_tokenizer(49152).save_pretrained(path)
-    per_step: dict[tuple[int, int], dict[bool, float]] = collections.defaultdict(dict)
-    for compile in (True,) if args.compiled_only else (False, True):
-        config = {"runtime": {"cache_dir": "/tmp/draft-cache"}, "speculation": {"compile": compile}}
-        with tierstore.AutoModel.from_pretrained(path, budget=tierstore.Budget(vram="8GB", ram="8GB"), config=config,
-                                                 draft=path) as model:  # the model drafting for itself
-            print(f"compile {compile}: the draft takes {model.draft_cost.weights_bytes / 1e6:.1f} MB on the device",
-                  flush=True)
-            for width in widths:
-                for nodes in NODE_CAPS:
-                    per_step[(width, nodes)][compile] = _step_ms(model.draft, width, nodes)
-    for (width, nodes), ms in per_step.items():
+    per_step: dict[tuple[str, int, int], dict[bool, float]] = collections.defaultdict(dict)
+    for attention in attentions:
+        for compile in (True,) if args.compiled_only else (False, True):
+            config = {"runtime": {"cache_dir": "/tmp/draft-cache", "attention": attention},
+                      "speculation": {"compile": compile}}
+            with tierstore.AutoModel.from_pretrained(path, budget=tierstore.Budget(vram="8GB", ram="8GB"),
+                                                     config=config, draft=path) as model:  # drafting for itself
+                print(f"attention {attention}, compile {compile}: the draft takes "
+                      f"{model.draft_cost.weights_bytes / 1e6:.1f} MB on the device", flush=True)
+                for width in widths:
+                    for nodes in node_caps:
+                        per_step[(attention, width, nodes)][compile] = _step_ms(model.draft, width, nodes)
+    for (attention, width, nodes), ms in per_step.items():
         plain = f"{ms[False]:.3f} ms a step, " if False in ms else ""
         ratio = f" ({ms[True] / ms[False]:.2f}x)" if False in ms else ""
-        print(f"width {width}, node cap {nodes}: {plain}compiled {ms[True]:.3f}{ratio}")
+        print(f"attention {attention}, width {width}, node cap {nodes}: {plain}compiled {ms[True]:.3f}{ratio}")
 
 
 def _step_ms(model, width: int, nodes: int) -> float:

@@ -54,26 +54,29 @@ class VerifyCurve:
 
     def __init__(self) -> None:
         self._buckets: dict[int, list[float]] = {}  # log2 bucket -> [weight, weighted tokens, weighted seconds]
+        self._sizes: list[float] = []  # the buckets' mean tokens, ascending, and their seconds (never falling):
+        self._times: list[float] = []  # made once a pass, read by every step's choice
 
     @property
     def largest_tokens(self) -> int:
         """The largest pass measured (mean tokens of its bucket); 0 before any."""
-        return max((round(tokens / weight) for weight, tokens, _ in self._buckets.values()), default=0)
+        return round(self._sizes[-1]) if self._sizes else 0
 
     def observe(self, tokens: int, seconds: float) -> None:
         """One verify pass of `tokens` that took `seconds`."""
         bucket = self._buckets.setdefault(max(tokens, 1).bit_length(), [0.0, 0.0, 0.0])
         bucket[:] = [_DECAY * bucket[0] + 1.0, _DECAY * bucket[1] + tokens, _DECAY * bucket[2] + seconds]
+        points = sorted((tokens_sum / weight, seconds_sum / weight)
+                        for weight, tokens_sum, seconds_sum in self._buckets.values())
+        self._sizes, self._times = [size for size, _ in points], []
+        for _, mean_s in points:  # never falling with size: a larger pass that ran faster was noise
+            self._times.append(max(mean_s, self._times[-1]) if self._times else mean_s)
 
     def seconds(self, tokens: int) -> float | None:
         """The expected seconds of a pass of `tokens`; None before any pass, or past `_EXPLORE` times the largest."""
         if not self._buckets or tokens > _EXPLORE * max(self.largest_tokens, 1):
             return None
-        points = sorted((tokens_sum / weight, seconds_sum / weight)
-                        for weight, tokens_sum, seconds_sum in self._buckets.values())
-        sizes, times = [size for size, _ in points], []
-        for _, seconds in points:  # never falling with size: a larger pass that ran faster was noise
-            times.append(max(seconds, times[-1]) if times else seconds)
+        sizes, times = self._sizes, self._times
         where = bisect.bisect_left(sizes, tokens)
         if where == 0:
             return times[0]
@@ -100,15 +103,15 @@ class TreePolicy:
         self.kept: float | None = None  # running mean of the drafted nodes an expert budget kept per pass
         self._tried = [0.0] * (2 * _BINS)  # per bin of (top-ranked or not, probability): children verified, accepted
         self._taken = [0.0] * (2 * _BINS)
+        self._pooled = [(0.0, 0.0), (0.0, 0.0)]  # (tried, taken) over all bins, for top-ranked children and others
 
     def acceptance(self, probability: float, rank: int) -> float:
         """How often the model accepts a drafted token the draft gave `probability` at `rank` among its siblings
         (0: its best), its parent accepted: the measured rate of that bin, shrunk towards the rate of all bins of
         that rank (which learns in a few passes), itself shrunk towards `probability` (one observation each)."""
         where = _bin(probability, rank)
-        first = _BINS if rank else 0
-        pooled = ((sum(self._taken[first:first + _BINS]) + probability)
-                  / (sum(self._tried[first:first + _BINS]) + 1.0))
+        tried, taken = self._pooled[1 if rank else 0]
+        pooled = (taken + probability) / (tried + 1.0)
         return (self._taken[where] + pooled) / (self._tried[where] + 1.0)
 
     def take(self, steps: int, nodes: int, scores: float, gains: list[float], drafted_s: float,
@@ -179,6 +182,8 @@ class TreePolicy:
             where = _bin(probability, rank)
             self._tried[where] = fade * self._tried[where] + 1.0
             self._taken[where] = fade * self._taken[where] + float(accepted)
+        self._pooled = [(sum(self._tried[first:first + _BINS]), sum(self._taken[first:first + _BINS]))
+                        for first in (0, _BINS)]
 
 
 def narrowest(widths: tuple[int, ...], candidates: int) -> int:

@@ -200,11 +200,11 @@ class ModelDraft:
             self.carried_trees += 1
         else:
             tree, candidates, level = DraftTree.rooted_at(history[-1]), [], [0]
-            probs = self._catch_up(history)
+            top = self._catch_up(history)
         scores, steps, drafted_s = sum(tree.scores[1:]), 0, 0.0
         while True:
             if level:
-                self._push(candidates, tree, level, probs, max_depth)  # waits for the forward: the step ends here
+                self._push(candidates, tree, level, top, max_depth)  # waits for the forward: the step ends here
                 step_s = time.perf_counter() - start_s
                 self.steps, self.step_s = self.steps + 1, self.step_s + step_s
                 steps, drafted_s = steps + 1, drafted_s + step_s
@@ -218,7 +218,7 @@ class ModelDraft:
             if not feed:
                 break
             start_s = time.perf_counter()
-            probs = self._feed(tree, level, len(history) - 1)
+            top = self._feed(tree, level, len(history) - 1)
         self._grown = _Proposal(tree, candidates, max_depth, len(history) - 1)
         return tree
 
@@ -275,22 +275,22 @@ class ModelDraft:
         return None
 
     def _catch_up(self, history: list[int]) -> torch.Tensor:
-        """Feed the accepted tokens the cache lacks, `width` a forward; the probabilities of the root's children."""
+        """Feed the accepted tokens the cache lacks, `width` a forward; the root's likeliest children (`_top`)."""
         pending = list(range(self._cached, len(history)))
         for begin in range(0, len(pending), self.width):
             chunk = pending[begin:begin + self.width]
-            probs = self._step([history[i] for i in chunk], chunk, chunk, None)
+            top = self._step([history[i] for i in chunk], chunk, chunk, None)
         self._cached = len(history)
-        return probs[len(chunk) - 1:len(chunk)]
+        return top[len(chunk) - 1:len(chunk)]
 
     def _feed(self, tree: DraftTree, level: list[int], root_position: int) -> torch.Tensor:
-        """One step over tree nodes `level`, their entries after the fed ones; their children's probabilities."""
+        """One step over tree nodes `level`, their entries after the fed ones; their likeliest children (`_top`)."""
         writes = [self._cached + len(self._fed) + i for i in range(len(level))]
         positions = [root_position + tree.depths[node] for node in level]
-        probs = self._step([tree.tokens[node] for node in level], positions, writes,
-                           tree.ancestry(level, self._fed + level))
+        top = self._step([tree.tokens[node] for node in level], positions, writes,
+                         tree.ancestry(level, self._fed + level))
         self._fed += level
-        return probs
+        return top
 
     def _grow(self, grown: "_Proposal", busy: Callable[[], bool]) -> None:
         """Steps that each feed the `width` best of the tree's unfed nodes and candidates (added to the tree), while
@@ -328,23 +328,23 @@ class ModelDraft:
         return [heapq.heappop(candidates) for _ in range(count)], feed
 
     def _push(self, candidates: list[tuple[float, int, int, float, int]], tree: DraftTree, fed: list[int],
-              probs: torch.Tensor, max_depth: int) -> None:
-        """The `width` most likely children of each fed node, as candidates scored by the chance that the model
-        accepts their paths (the policy's measured acceptance of tokens the draft gave their probability)."""
-        top_p, top_i = probs[:len(fed)].topk(min(self.width, probs.shape[-1]), dim=-1)
-        top_p, top_i = top_p.tolist(), top_i.tolist()  # the host needs the tokens: this is the step's sync
-        for parent, ps, ts in zip(fed, top_p, top_i):
+              top: torch.Tensor, max_depth: int) -> None:
+        """The `width` most likely children of each fed node (`top`: their probabilities, then their tokens, a row
+        per fed node), as candidates scored by the chance that the model accepts their paths (the policy's
+        measured acceptance of tokens the draft gave their probability)."""
+        children = top.shape[-1] // 2
+        for parent, row in zip(fed, top[:len(fed)].tolist()):  # the host needs the tokens: this is the step's sync
             if tree.depths[parent] < max_depth and tree.tokens[parent] not in self._stop_ids:
-                for rank, (p, token) in enumerate(zip(ps, ts)):
+                for rank, (p, token) in enumerate(zip(row[:children], row[children:])):
                     if p > 0.0:
                         score = tree.scores[parent] * self.policy.acceptance(p, rank)
-                        heapq.heappush(candidates, (-score, parent, token, p, rank))
+                        heapq.heappush(candidates, (-score, parent, int(token), p, rank))
 
     def _step(self, tokens: list[int], positions: list[int], writes: list[int],
               allowed: torch.Tensor | None) -> torch.Tensor:
         """One forward of `width` slots: `tokens` at `positions`, their entries written at `writes`; a causal
         chain after the live prefix (allowed None) or tree nodes (`allowed`: which of the fed nodes and these
-        each may see). Returns the probabilities of each slot's next token."""
+        each may see). Returns each slot's `width` likeliest next tokens (`_top`), still on the device."""
         count = len(tokens)
         if allowed is None:  # the chain: all live entries before it, and itself causally
             seen_from, allowed = positions[0], torch.ones(count, count, dtype=torch.bool).tril()
@@ -354,9 +354,16 @@ class ModelDraft:
         forward = self._forwards.get(width)
         if forward is None:
             forward = self._forwards[width] = StaticForward(self.model.model, self._kv, width, self.model.device,
-                                                            self._pool, compiled=self.model.compiled)
-        logits = forward.run(tokens, positions, writes, seen_from, allowed)
-        return self.warp(logits[:count, :self.vocab_size].float())
+                                                            self._pool, compiled=self.model.compiled, head=self._top)
+        return forward.run(tokens, positions, writes, seen_from, allowed)
+
+    def _top(self, logits: torch.Tensor) -> torch.Tensor:
+        """(slots, 2 * width) float64 from logits (slots, vocab): each slot's `width` likeliest next tokens'
+        probabilities (the sampling settings' warp), then the tokens themselves; computed inside the step's
+        forward (its CUDA graph), so that a step reads back this and nothing else."""
+        probs = self.warp(logits[:, :self.vocab_size].float())
+        top_p, top_i = probs.topk(min(self.width, probs.shape[-1]), dim=-1)
+        return torch.cat([top_p.double(), top_i.double()], dim=-1)
 
 
 def step_widths(width: int) -> tuple[int, ...]:

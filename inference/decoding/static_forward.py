@@ -108,43 +108,49 @@ class StaticForward:
     then `allowed` over the entries from there). Fewer tokens than `width` are padded: the pads write just past the
     last real entry (never live there: a later forward overwrites them) and see only entry 0. On a GPU the first
     run is eager and is then recorded as a CUDA graph (in `pool` when given: graphs sharing a pool must not run
-    at once, and each run's logits are read before the next), which later runs replay. With `compiled` (the
+    at once, and each run's output is read before the next), which later runs replay. With `compiled` (the
     model under torch.compile, its weights bound), the runs after the first eager one go through it, and on a
-    GPU it is what the graph records; should it fail, the runs stay eager."""
+    GPU it is what the graph records; should it fail, the runs stay eager.
+
+    A run's host work is two copies from pinned buffers (the integers; which entries the tokens see) and the
+    replay: the attention bias is built from them inside the forward, and `head` (logits (width, vocab) to what
+    `run` returns; None: the logits) runs in it too, so that a draft's step reads back only its top choices."""
 
     def __init__(self, model: Any, kv: StaticKV, width: int, device: torch.device, pool: Any = None,
-                 compiled: Any = None) -> None:
+                 compiled: Any = None, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model = model  # transformers' model, its units computed on `device`
         self.compiled = compiled
         self.compile_failure: str | None = None  # why the compiled forward was dropped
         self.compiled_runs = 0  # forwards run through `compiled` (a graph's recording counts once)
+        self.head = head
         self.kv = kv
         self.width = width
         self.device = device
         self.pool = pool
-        dtype = model.dtype
-        self.ids = torch.zeros(1, width, dtype=torch.long, device=device)
-        self.positions = torch.zeros(1, width, dtype=torch.long, device=device)
-        self.writes = torch.zeros(width, dtype=torch.long, device=device)
-        self.bias = torch.zeros(1, 1, width, kv.max_tokens, dtype=dtype, device=device)
+        pinned = device.type == "cuda"
+        # ids, positions, write positions (width each), then seen_from and the count of real tokens
+        self._host_ints = torch.zeros(3 * width + 2, dtype=torch.long, pin_memory=pinned)
+        self._host_seen = torch.zeros(width, kv.max_tokens, dtype=torch.bool, pin_memory=pinned)
+        self._ints = torch.zeros(3 * width + 2, dtype=torch.long, device=device)
+        self._seen = torch.zeros(width, kv.max_tokens, dtype=torch.bool, device=device)  # beyond seen_from
+        self.ids = self._ints[:width].view(1, width)
+        self.positions = self._ints[width:2 * width].view(1, width)
+        self.writes = self._ints[2 * width:3 * width]
         self._keys = torch.arange(kv.max_tokens, device=device)
-        self._masked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
-        self.logits: torch.Tensor | None = None
+        self._rows = torch.arange(width, device=device)[:, None]
+        self._masked = torch.tensor(torch.finfo(model.dtype).min, dtype=model.dtype, device=device)
+        self._copied = torch.cuda.Event() if pinned else None  # the pinned buffers may be written again
+        self.output: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failure: str | None = None  # why capture failed (the runs stay eager)
         self.capture_s = 0.0  # seconds of the eager run and the recording, beyond what a replay costs
 
     def run(self, tokens: list[int], positions: list[int], writes: list[int], seen_from: int,
             allowed: torch.Tensor) -> torch.Tensor:
-        """The logits (width, vocab) of `tokens` (at most `width`) at `positions`, their entries written at
-        `writes`; token i sees entries [0, seen_from) and entry seen_from + j where allowed[i, j]. Valid until the
-        next run of any forward sharing the pool."""
-        count, width = len(tokens), self.width
-        pads = range(max(writes) + 1, max(writes) + 1 + width - count)
-        self.ids.copy_(torch.tensor([tokens + [0] * (width - count)]))
-        self.positions.copy_(torch.tensor([positions + [0] * (width - count)]))
-        self.writes.copy_(torch.tensor(writes + list(pads)))
-        self._fill_bias(count, seen_from, allowed)
+        """The head's output (or the logits (width, vocab)) of `tokens` (at most `width`) at `positions`, their
+        entries written at `writes`; token i sees entries [0, seen_from) and entry seen_from + j where
+        allowed[i, j]. Valid until the next run of any forward sharing the pool."""
+        self._fill(tokens, positions, writes, seen_from, allowed)
         self.kv.length = max(writes) + 1
         self.kv.write_at = self.writes
         if self.graph is not None:
@@ -158,11 +164,39 @@ class StaticForward:
                 log.warning("a %d-token forward is not graphed: CUDA graph capture failed (%s)", self.width,
                             self.failure)
             self.capture_s += time.perf_counter() - start_s
-        elif self.logits is None:
+        elif self.output is None:
             self._forward(self.model)  # the first run eager: it sizes the cache's buffers
         else:
             self._compiled_or_eager()
-        return self.logits[0]  # type: ignore[index]
+        return self.output  # type: ignore[return-value]
+
+    def _fill(self, tokens: list[int], positions: list[int], writes: list[int], seen_from: int,
+              allowed: torch.Tensor) -> None:
+        """The run's inputs into the pinned buffers, then onto the device (two copies)."""
+        count, width = len(tokens), self.width
+        if self._copied is not None:
+            self._copied.synchronize()  # the last run's copies have read the buffers
+        ints = self._host_ints.numpy()
+        pad_from = max(writes) + 1
+        ints[:count], ints[count:width] = tokens, 0
+        ints[width:width + count], ints[width + count:2 * width] = positions, 0
+        ints[2 * width:2 * width + count] = writes
+        ints[2 * width + count:3 * width] = range(pad_from, pad_from + width - count)
+        ints[3 * width], ints[3 * width + 1] = seen_from, count
+        seen = self._host_seen[:count]
+        seen.zero_()
+        seen[:, seen_from:seen_from + allowed.shape[1]] = allowed
+        self._ints.copy_(self._host_ints, non_blocking=True)
+        self._seen[:count].copy_(seen, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    def _bias(self) -> torch.Tensor:
+        """(1, 1, width, entries) additive bias from the device's inputs: a real token sees the entries before
+        seen_from and those its row of `_seen` marks; a pad sees entry 0."""
+        seen_from, count = self._ints[3 * self.width], self._ints[3 * self.width + 1]
+        visible = torch.where(self._rows < count, (self._keys < seen_from) | self._seen, self._keys == 0)
+        return torch.where(visible, 0.0, self._masked)[None, None]
 
     def _compiled_or_eager(self) -> Any:
         """Run the forward compiled, or eagerly when there is no compiled model or it fails (then never again);
@@ -184,19 +218,9 @@ class StaticForward:
     def graphed(self) -> bool:
         return self.graph is not None
 
-    def _fill_bias(self, count: int, seen_from: int, allowed: torch.Tensor) -> None:
-        """Row i < count: 0 over [0, seen_from) and where `allowed` says, the dtype's minimum elsewhere; pad rows
-        see entry 0."""
-        bias = self.bias[0, 0]
-        rows = bias[:count]
-        rows.copy_(torch.where(self._keys < seen_from, 0.0, self._masked).expand(count, -1))
-        block = rows[:, seen_from:seen_from + allowed.shape[1]]
-        block.copy_(torch.where(allowed.to(bias.device), 0.0, self._masked))
-        bias[count:].fill_(self._masked)
-        bias[count:, 0] = 0.0
-
     def _forward(self, model: Any) -> None:
         with torch.no_grad():
             out = model(input_ids=self.ids, position_ids=self.positions, cache_position=self.writes,
-                        attention_mask=self.bias, past_key_values=self.kv, use_cache=True)
-        self.logits = out.logits
+                        attention_mask=self._bias(), past_key_values=self.kv, use_cache=True)
+            logits = out.logits[0]
+            self.output = self.head(logits) if self.head is not None else logits
