@@ -117,7 +117,8 @@ class StaticForward:
     `run` returns; None: the logits) runs in it too, so that a draft's step reads back only its top choices."""
 
     def __init__(self, model: Any, kv: StaticKV, width: int, device: torch.device, pool: Any = None,
-                 compiled: Any = None, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 compiled: Any = None, head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 allowed_columns: int | None = None) -> None:
         self.model = model  # transformers' model, its units computed on `device`
         self.compiled = compiled
         self.compile_failure: str | None = None  # why the compiled forward was dropped
@@ -130,9 +131,12 @@ class StaticForward:
         pinned = device.type == "cuda"
         # ids, positions, write positions (width each), then seen_from and the count of real tokens
         self._host_ints = torch.zeros(3 * width + 2, dtype=torch.long, pin_memory=pinned)
-        self._host_seen = torch.zeros(width, kv.max_tokens, dtype=torch.bool, pin_memory=pinned)
+        # a run's `allowed` block, rows after rows (at most `allowed_columns` wide: a verify pass's tree is
+        # square, a draft's grows to the cache's room)
+        self._host_allowed = torch.zeros(width * (allowed_columns or kv.max_tokens), dtype=torch.bool,
+                                         pin_memory=pinned)
         self._ints = torch.zeros(3 * width + 2, dtype=torch.long, device=device)
-        self._seen = torch.zeros(width, kv.max_tokens, dtype=torch.bool, device=device)  # beyond seen_from
+        self._seen = torch.zeros(width, kv.max_tokens, dtype=torch.bool, device=device)  # allowed, placed
         self.ids = self._ints[:width].view(1, width)
         self.positions = self._ints[width:2 * width].view(1, width)
         self.writes = self._ints[2 * width:3 * width]
@@ -172,7 +176,8 @@ class StaticForward:
 
     def _fill(self, tokens: list[int], positions: list[int], writes: list[int], seen_from: int,
               allowed: torch.Tensor) -> None:
-        """The run's inputs into the pinned buffers, then onto the device (two copies)."""
+        """The run's inputs into the pinned buffers, then onto the device: two copies, and the rows' old marks
+        cleared."""
         count, width = len(tokens), self.width
         if self._copied is not None:
             self._copied.synchronize()  # the last run's copies have read the buffers
@@ -183,11 +188,12 @@ class StaticForward:
         ints[2 * width:2 * width + count] = writes
         ints[2 * width + count:3 * width] = range(pad_from, pad_from + width - count)
         ints[3 * width], ints[3 * width + 1] = seen_from, count
-        seen = self._host_seen[:count]
-        seen.zero_()
-        seen[:, seen_from:seen_from + allowed.shape[1]] = allowed
+        columns = allowed.shape[1]
+        block = self._host_allowed[:count * columns].view(count, columns)
+        block.copy_(allowed)
         self._ints.copy_(self._host_ints, non_blocking=True)
-        self._seen[:count].copy_(seen, non_blocking=True)
+        self._seen[:count].zero_()
+        self._seen[:count, seen_from:seen_from + columns].copy_(block, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 

@@ -162,7 +162,8 @@ class GraphedVerifier:
         width = next(width for width in self.widths() if width >= count)
         forward = self._forwards.get(width)
         if forward is None:
-            forward = self._forwards[width] = StaticForward(self.model, self.kv, width, self.device, self._pool)
+            forward = self._forwards[width] = StaticForward(self.model, self.kv, width, self.device, self._pool,
+                                                            allowed_columns=width)
         nodes = list(range(count))
         logits = forward.run(tree.tokens, [prefix + depth for depth in tree.depths],
                              [prefix + node for node in nodes], prefix, tree.ancestry(nodes, nodes))
