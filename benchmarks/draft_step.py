@@ -40,18 +40,8 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="runtime.attention values to run, comma-separated "
                                                             "(auto, sdpa, eager, ...)")
     args = parser.parse_args()
-    try:
-        widths = [int(width) for width in args.widths.split(",")]
-    except ValueError:
-        widths = []
-    if not widths or min(widths) < 1:
-        refuse(f"--widths {args.widths!r}: comma-separated step widths from 1, e.g. 8,16,32")
-    try:
-        node_caps = [int(cap) for cap in args.node_caps.split(",")]
-    except ValueError:
-        node_caps = []
-    if not node_caps or min(node_caps) < 1:
-        refuse(f"--node-caps {args.node_caps!r}: comma-separated node caps from 1, e.g. 64,1024")
+    widths = _counts(args.widths, "--widths", "step widths", "8,16,32")
+    node_caps = _counts(args.node_caps, "--node-caps", "node caps", "64,1024")
     attentions = args.attention.split(",")
     if any(name not in ("auto", *ATTENTION) for name in attentions):
         refuse(f"--attention {args.attention!r}: comma-separated, each one of auto, {', '.join(ATTENTION)}")
@@ -78,6 +68,17 @@ def main() -> None:
         plain = f"{ms[False]:.3f} ms a step, " if False in ms else ""
         ratio = f" ({ms[True] / ms[False]:.2f}x)" if False in ms else ""
         print(f"attention {attention}, width {width}, node cap {nodes}: {plain}compiled {ms[True]:.3f}{ratio}")
+
+
+def _counts(text: str, option: str, what: str, example: str) -> list[int]:
+    """A comma-separated list of whole numbers from 1; refused in one line (exit 2) otherwise."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        refuse(f"{option} {text!r}: comma-separated {what} from 1, e.g. {example}")
+    return counts
 
 
 def _step_ms(model, width: int, nodes: int) -> float:
