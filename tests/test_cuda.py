@@ -254,6 +254,17 @@ def test_speculation_on_cuda_replays_a_graph_and_keeps_the_tokens(tmp_path):
               f"pass, graphed {spec['graphed']}")
 
 
+def test_a_graphed_draft_steps_children_are_the_draft_models_own_likeliest_tokens(tmp_path):
+    """The draft's steps replayed from a CUDA graph (their bias, warp and top-k recorded in it, their inputs copied
+    from pinned buffers) give each node the children transformers' model gives after its path."""
+    from test_speculation import check_draft_children
+
+    directory, reference = _tiny(tmp_path)
+    graphed = check_draft_children(directory, reference, {"runtime": {"cache_dir": str(tmp_path / "cache")}},
+                                   dtype=torch.float32, atol=1e-3)
+    assert graphed
+
+
 def _streamed_speculation(directory, draft: str, budget, config: dict, ids: torch.Tensor) -> tuple[list, dict]:
     """40 greedy tokens of the streamed float32 model with `draft`, its peak device memory within the budget: the
     tokens and the report's speculation counters."""

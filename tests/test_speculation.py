@@ -462,17 +462,26 @@ def test_a_draft_steps_children_are_the_draft_models_own_likeliest_tokens_after_
                                                                                                   tmp_path):
     """A step reads back only each fed node's likeliest children (computed in its forward, from a bias built in
     it too): they are what transformers' model gives after the history and the node's own path, siblings unseen."""
+    directory, reference = tiny_dirs("llama")
+    check_draft_children(directory, reference, {"runtime": {"cache_dir": str(tmp_path)}})
+
+
+def check_draft_children(directory: str, reference, config: dict, dtype: torch.dtype | None = None,
+                         atol: float = 1e-4) -> bool:
+    """Draft a tree with the model at `directory` drafting for itself (the history, then the root's 8 children
+    fed; 8 of theirs join) and check every node against `reference` (transformers, on the CPU): its token among
+    the 8 likeliest after the history and its path, its probability within `atol`, its rank. Whether the steps
+    replayed a CUDA graph."""
     from tierstore.inference.decoding.drafts import ModelDraft
     from tierstore.inference.decoding.sampling import warp
 
-    directory, reference = tiny_dirs("llama")
     history = list(REPEATING)
-    with tierstore.AutoModel.from_pretrained(directory, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
+    with tierstore.AutoModel.from_pretrained(directory, config=config, dtype=dtype) as model:
         draft = ModelDraft(model, "self", warp(None, None, None), reference.config.vocab_size, width=8,
                            policy=TreePolicy(fixed_steps=2))
         draft.reset(64)
         with torch.no_grad():
-            tree = draft.propose(history, max_depth=8)  # the history, then the root's 8 children fed; 8 of theirs
+            tree = draft.propose(history, max_depth=8)
     deeper = [node for node in range(1, len(tree)) if tree.depths[node] == 2]
     assert len(tree.children[0]) == 8 and len(deeper) == 8, (len(tree.children[0]), len(deeper))
     for node in list(tree.children[0].values()) + deeper:
@@ -480,10 +489,11 @@ def test_a_draft_steps_children_are_the_draft_models_own_likeliest_tokens_after_
         with torch.no_grad():
             logits = reference(torch.tensor([history + path])).logits[0, -1]
         probs = torch.softmax(logits.float(), dim=-1)
-        top_p, top_i = probs.topk(8)
-        assert tree.tokens[node] in top_i.tolist(), (node, path)
-        assert tree.probs[node] == pytest.approx(probs[tree.tokens[node]].item(), abs=1e-4)
-        assert tree.ranks[node] == top_i.tolist().index(tree.tokens[node])
+        top_i = probs.topk(8).indices.tolist()
+        assert tree.tokens[node] in top_i, (node, path)
+        assert tree.probs[node] == pytest.approx(probs[tree.tokens[node]].item(), abs=atol)
+        assert tree.ranks[node] == top_i.index(tree.tokens[node])
+    return draft.graphed
 
 
 def test_acceptance_is_measured_by_the_drafts_probability_and_a_weak_draft_gets_a_smaller_tree():
