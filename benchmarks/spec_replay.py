@@ -152,6 +152,7 @@ def _replay(model, args, clock: _Clock, ids: list[int], new: list[int]) -> tuple
 def _walk(draft, ids: list[int], new: list[int], clock: _Clock, verify_s: float) -> tuple[float, float, float]:
     """Speculate along `new` (the target's tokens after `ids`): (tokens a pass, nodes a pass, drafting seconds)."""
     from tierstore.inference.decoding.speculation import _tried
+    from tierstore.inference.decoding.verifier import walk
 
     draft.reset(len(ids) + len(new) + 1)
     history, emitted, passes, nodes, drafted_s = ids + new[:1], 1, 0, 0, 0.0
@@ -159,14 +160,11 @@ def _walk(draft, ids: list[int], new: list[int], clock: _Clock, verify_s: float)
         start_s = clock.now_s
         tree = draft.propose(history, max_depth=len(new) - emitted - 1)
         drafted_s += clock.now_s - start_s
-        path = [0]
-        while emitted + len(path) - 1 < len(new):
-            child = tree.children[path[-1]].get(new[emitted + len(path) - 1])
-            if child is None:
-                break
-            path.append(child)
+        # the model's pick at each node is the answer's token at its depth (-1, no token: past the answer's end)
+        picks = [new[emitted + depth] if emitted + depth < len(new) else -1 for depth in tree.depths]
+        path, bonus = walk(tree, picks)
         taken = min(len(path), len(new) - emitted)  # the accepted tokens and the bonus
-        bonus = new[emitted + len(path) - 1] if emitted + len(path) - 1 < len(new) else new[-1]
+        bonus = bonus if bonus >= 0 else new[-1]
         draft.policy.observe_pass(verify_s, len(tree), _tried(tree, path))
         draft.accepted(tree, path, bonus)
         history += new[emitted:emitted + taken]

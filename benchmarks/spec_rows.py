@@ -94,8 +94,7 @@ def make_drafts(gguf: str, work: str, config: dict, codecs: tuple[str, ...] = ("
 
 
 # "nf4+compile+ahead"; "nf4+compile+w32": steps of up to 32 slots, each over the narrowest of 8, 16, 32 holding what
-# the policy takes (the default: 8). Replayed on this CPU with the H100's 7B costs (spec_replay.py): 5.65 / 3.84 /
-# 4.73x no draft at 8, 5.23 / 4.00 / 5.12x at 32; with near-free steps (0.3 ms) 7.13 / 5.27 / 7.37x
+# the policy takes (the default: 8; what spec_replay.py predicts for each: RESULTS.md)
 ROW_FLAGS = {"compile": ("compile", True), "ahead": ("ahead", True), "w16": ("width", 16), "w32": ("width", 32)}
 
 
