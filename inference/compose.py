@@ -261,7 +261,8 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
     scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0
     if bound and model.decompressor is not None:  # its matrices unpacked beside the packed units
         scratch += unpacked_bytes(model.decompressor.packed, units.dtype)
-    cost = _draft_cost(request.draft, model.store.layouts, scratch, model.model.config, units.dtype)
+    cost = _with_ahead(_draft_cost(request.draft, model.store.layouts, scratch, model.model.config, units.dtype),
+                       cfg, device)
     if model.plan.regime != "device":
         raise InputError(f"draft {request.draft} needs {cost.weights_bytes} bytes on the device, more than is free "
                          f"there")
@@ -377,7 +378,12 @@ def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype
                 allow_download: bool) -> DraftCost | None:
     """What `_open_draft` would charge to the device budget (None for ngram), a tree grown ahead included where
     the draft may grow one (`speculation.ahead` true or auto, on a GPU)."""
-    cost = _draft_cost_of(spec, cfg, device, dtype, trust_remote_code, allow_download)
+    return _with_ahead(_draft_cost_of(spec, cfg, device, dtype, trust_remote_code, allow_download), cfg, device)
+
+
+def _with_ahead(cost: DraftCost | None, cfg: Config, device: torch.device) -> DraftCost | None:
+    """`cost` with the KV entries of a tree grown ahead, where the draft may grow one (`speculation.ahead` true or
+    auto, on a GPU)."""
     if cost is None or device.type != "cuda" or cfg.speculation.ahead is False:
         return cost
     return dataclasses.replace(cost, ahead_tokens=cfg.speculation.nodes or DEFAULT_MAX_NODES)

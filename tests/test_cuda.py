@@ -310,9 +310,9 @@ def test_a_draft_growing_its_tree_during_a_streamed_verify_pass_keeps_the_tokens
     for draft in (directory, str(tmp_path / "other")):
         (plain, _), (got, spec) = runs[False, draft], runs[True, draft]
         assert got == plain, draft
-        assert spec["ahead_steps"] >= spec["passes"] and spec["carried_trees"] > 0, spec
-        if draft == directory:
-            assert spec["acceptance_rate"] == 1.0, spec
+        assert spec["ahead_steps"] >= spec["passes"], spec
+        if draft == directory:  # another model's trees rarely hold the model's next token: nothing to carry
+            assert spec["acceptance_rate"] == 1.0 and spec["carried_trees"] > 0, spec
         print(f"\ncuda speculation ahead, draft {draft}: tokens as without, {spec['carried_trees']} of "
               f"{spec['passes']} passes from a carried subtree, {spec['ahead_steps']} steps grown ahead")
 
