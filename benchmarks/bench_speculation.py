@@ -22,6 +22,7 @@ import os
 import time
 
 from common import INTER, WIDTH_FACTOR, inflate
+from draft_phases import draft_phases
 from spec_rows import (check_gguf, chosen_prompts, chosen_rows, codecs_of,
                        make_drafts, print_table, spec_config, speculation_rows)
 
@@ -38,6 +39,8 @@ def main() -> None:
                         "name + \"+compile\" runs it compiled, + \"+ahead\" with speculation.ahead)")
     parser.add_argument("--factor", type=int, default=WIDTH_FACTOR, help="width multiple of the target")
     parser.add_argument("--inter", type=int, default=INTER, help="MLP width of the target")
+    parser.add_argument("--phases", action="store_true", help="time a model draft's phases (synchronized: a "
+                                                              "little slower), printed with each row")
     args = parser.parse_args()
     check_gguf(args.gguf)
     wanted = chosen_rows(args.only or "none,nf4,int8,bf16,ngram", ("nf4", "int8", "bf16"))
@@ -56,7 +59,8 @@ def main() -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     run_probe(config["runtime"]["cache_dir"], device)
     drafts = make_drafts(args.gguf, args.work, config, codecs=codecs_of(wanted, {"nf4", "int8"}))
-    rows = speculation_rows(target, drafts, wanted, prompts, args.new_tokens, budget, config)
+    rows = speculation_rows(target, drafts, wanted, prompts, args.new_tokens, budget, config,
+                            phases=draft_phases if args.phases else None)
     with open(os.path.join(args.out, "speculation.json"), "w") as handle:
         json.dump([{"draft": name, "prompt": number, **row} for name, number, row in rows], handle, indent=1)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import os
 import time
 
 from common import word_tokenizer
+from draft_phases import draft_phases
 from spec_rows import refuse
 
 from tierstore.config import ATTENTION
@@ -37,11 +37,19 @@ def main() -> None:
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="draft step widths, comma-separated")
     parser.add_argument("--compiled-only", action="store_true", help="only the compiled draft (no ratio)")
     parser.add_argument("--node-caps", default=",".join(map(str, NODE_CAPS)), help="tree node caps, comma-separated")
+    parser.add_argument("--idle-ms", default="", help="also time steps after the device idled this long before "
+                                                      "each tree, comma-separated ms (e.g. 150: a 7B verify pass)")
     parser.add_argument("--attention", default="auto", help="runtime.attention values to run, comma-separated "
                                                             "(auto, sdpa, eager, ...)")
     args = parser.parse_args()
     widths = _counts(args.widths, "--widths", "step widths", "8,16,32")
     node_caps = _counts(args.node_caps, "--node-caps", "node caps", "64,1024")
+    try:
+        idles = [float(ms) for ms in args.idle_ms.split(",")] if args.idle_ms else []
+    except ValueError:
+        idles = [-1.0]
+    if any(ms < 0 for ms in idles):
+        refuse(f"--idle-ms {args.idle_ms!r}: comma-separated ms from 0, e.g. 150")
     attentions = args.attention.split(",")
     if any(name not in ("auto", *ATTENTION) for name in attentions):
         refuse(f"--attention {args.attention!r}: comma-separated, each one of auto, {', '.join(ATTENTION)}")
@@ -63,7 +71,7 @@ def main() -> None:
                       f"{model.draft_cost.weights_bytes / 1e6:.1f} MB on the device", flush=True)
                 for width in widths:
                     for nodes in node_caps:
-                        per_step[(attention, width, nodes)][compile] = _step_ms(model.draft, width, nodes)
+                        per_step[(attention, width, nodes)][compile] = _step_ms(model.draft, width, nodes, idles)
     for (attention, width, nodes), ms in per_step.items():
         plain = f"{ms[False]:.3f} ms a step, " if False in ms else ""
         ratio = f" ({ms[True] / ms[False]:.2f}x)" if False in ms else ""
@@ -81,28 +89,15 @@ def _counts(text: str, option: str, what: str, example: str) -> list[int]:
     return counts
 
 
-def _step_ms(model, width: int, nodes: int) -> float:
+def _step_ms(model, width: int, nodes: int, idles_ms: list[float]) -> float:
     """A draft step's ms as it runs, on `model` (a draft's TierstoreModel), after a warm-up (compile, graph
-    recording); its synchronized phases printed."""
+    recording); its synchronized phases printed, and its ms after the device idled `idles_ms` before each tree
+    (as it does while a streamed verify pass waits on the link)."""
     import torch
 
-    from tierstore.inference.decoding import drafts, static_forward, tree
+    from tierstore.inference.decoding import drafts
     from tierstore.inference.decoding.sampling import warp
     from tierstore.policies.speculation import TreePolicy
-
-    spent: dict[str, float] = collections.defaultdict(float)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-
-    def timed(name, function):
-        @functools.wraps(function)
-        def wrapper(*args, **kwargs):
-            sync()
-            start = time.perf_counter()
-            result = function(*args, **kwargs)
-            sync()
-            spent[name] += time.perf_counter() - start
-            return result
-        return wrapper
 
     start_s = time.perf_counter()
     vocab = model.model.config.get_text_config().vocab_size
@@ -110,38 +105,33 @@ def _step_ms(model, width: int, nodes: int) -> float:
                               TreePolicy(max_nodes=nodes, fixed_steps=16))
     draft.reset(300)
     history = list(range(100, 140))
+
+    def trees(count: int, idle_ms: float = 0.0) -> float:
+        """ms a step over `count` trees, nothing accepted and no bonus, the device idle `idle_ms` before each."""
+        steps, spent_s = draft.steps, draft.step_s
+        for _ in range(count):
+            if idle_ms:
+                torch.cuda.synchronize()
+                time.sleep(idle_ms / 1e3)
+            history.append(7)
+            draft.accepted(draft.propose(history, 32), [0], -1)
+        return (draft.step_s - spent_s) / (draft.steps - steps) * 1e3
+
     with torch.no_grad():
-        for _ in range(3):  # warm: compiled, graph captured
-            history.append(7)
-            draft.accepted(draft.propose(history, 32), [0], -1)  # nothing accepted, no bonus
+        trees(3)  # warm: compiled, graph captured
         warm_s = time.perf_counter() - start_s
-        plain_steps, plain_s = draft.steps, draft.step_s
-        for _ in range(5):
-            history.append(7)
-            draft.accepted(draft.propose(history, 32), [0], -1)  # nothing accepted, no bonus
-        per_step_ms = (draft.step_s - plain_s) / (draft.steps - plain_steps) * 1e3
-        saved = {"run": static_forward.StaticForward.run, "push": drafts.ModelDraft._push,
-                 "choose": drafts.ModelDraft._choose, "ancestry": tree.DraftTree.ancestry}
-        static_forward.StaticForward.run = timed("forward (replay)", saved["run"])
-        drafts.ModelDraft._push = timed("read-back + heap", saved["push"])
-        drafts.ModelDraft._choose = timed("policy choice", saved["choose"])
-        tree.DraftTree.ancestry = timed("tree mask", saved["ancestry"])
-        try:
-            before = draft.steps
-            for _ in range(5):
-                history.append(7)
-                draft.accepted(draft.propose(history, 32), [0], -1)  # nothing accepted, no bonus
-            counted = draft.steps - before
-        finally:
-            static_forward.StaticForward.run = saved["run"]
-            drafts.ModelDraft._push = saved["push"]
-            drafts.ModelDraft._choose = saved["choose"]
-            tree.DraftTree.ancestry = saved["ancestry"]
+        per_step_ms = trees(5)
+        with draft_phases() as passes:
+            trees(5)
+        idled = {idle: trees(5, idle) for idle in idles_ms}
         kernels = _kernels_per_forward(draft) if torch.cuda.is_available() else None
-    phases = ", ".join(f"{name} {seconds / counted * 1e3:.3f}" for name, seconds in spent.items())
+    steps = sum(record["steps"] for record in passes)
+    phases = ", ".join(f"{name} {sum(r.get(name, 0.0) for r in passes) / steps * 1e3:.3f}"
+                       for name in ("forward", "read-back + heap", "policy choice", "tree mask", "catch-up"))
+    after_idle = "".join(f"; after {idle:g} ms idle {ms:.3f} ms a step" for idle, ms in idled.items())
     print(f"width {width}, node cap {nodes}, buffer {draft._kv.max_tokens} tokens, graphed {draft.graphed}, "
           f"compiled {draft.compiled} (warm-up {warm_s:.1f} s): {per_step_ms:.3f} ms a step as it runs; "
-          f"synchronized phases (ms a step): {phases}; kernels a forward: {kernels}", flush=True)
+          f"synchronized phases (ms a step): {phases}; kernels a forward: {kernels}{after_idle}", flush=True)
     return per_step_ms
 
 

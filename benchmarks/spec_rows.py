@@ -2,6 +2,7 @@
 model object, compared with the no-draft row of the same prompt), and the table."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ import time
 from typing import NoReturn
 
 from common import QUESTION, fmt, run_row
+from draft_phases import phase_summary
 
 CHAT_PROMPTS = [QUESTION, "Write a short story about a lighthouse keeper.", "What causes the seasons on Earth?"]
 PARAGRAPH = ("The old lighthouse stood on the rocky cape for more then a hundred years. Every night its keeper climbed "
@@ -115,12 +117,13 @@ def codecs_of(wanted: list[str], codecs: set[str]) -> tuple[str, ...]:
 
 def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], prompts: dict[int, str], new_tokens: int,
                      budget, config: dict, warm_tokens: int = 8,
-                     base_tokens: int | None = None) -> list[tuple[str, object, dict]]:
+                     base_tokens: int | None = None, phases=None) -> list[tuple[str, object, dict]]:
     """(draft, prompt number or rewrite prompt's name, row) for each wanted draft ("none", "ngram" or a key of
     `drafts`; a model draft's name + "+compile" and/or "+ahead" as `row_speculation` says) and prompt, each after a
     warm-up call of `warm_tokens` on its model object; ngram runs the rewrite prompts (REWRITES), each with its own
     no-draft row. No-draft rows generate `base_tokens` (default `new_tokens`): a streamed step costs the same at
-    every length, so a large target's baseline can be shorter; tokens are then compared over its length."""
+    every length, so a large target's baseline can be shorter; tokens are then compared over its length.
+    `phases` (draft_phases.draft_phases): a model draft's rows time their drafting phase by phase."""
     base_tokens = base_tokens or new_tokens
     rows: list[tuple[str, object, dict]] = []
     for name in wanted:
@@ -133,9 +136,13 @@ def speculation_rows(target: str, drafts: dict[str, str], wanted: list[str], pro
             draft = "ngram" if kind == "ngram" else drafts.get(kind) if kind != "none" else None
             settings = {**config, "speculation": row_speculation(flags)}
             start_s = time.perf_counter()
-            row = run_row(target, draft, prompt, base_tokens if draft is None else new_tokens, budget, settings,
-                          base["tokens"] if base else None, warm_tokens)
+            with (phases() if phases is not None and draft not in (None, "ngram") else contextlib.nullcontext()) \
+                    as passes:
+                row = run_row(target, draft, prompt, base_tokens if draft is None else new_tokens, budget, settings,
+                              base["tokens"] if base else None, warm_tokens)
             row["row_s"] = time.perf_counter() - start_s  # the model's opening and warm-up included
+            if passes is not None:
+                row["draft_phases"] = phase_summary(passes)
             rows.append((name, number, row))
             print(json.dumps({f"{name} {number}": {k: v for k, v in row.items() if k != "tokens"}}), flush=True)
     return rows

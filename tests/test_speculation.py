@@ -458,6 +458,34 @@ def test_a_draft_step_runs_the_narrowest_width_that_holds_its_nodes(tiny_dirs, t
     assert len(tree) == 1 + 32 + 32
 
 
+def test_the_draft_phase_timer_accounts_for_every_step_and_puts_the_draft_back(tiny_dirs, tmp_path, monkeypatch):
+    """benchmarks/draft_phases.py, which says where a run's drafting goes: one record a tree, its steps the draft's
+    own count, phases that never overlap (their sum within the tree's time), and the draft's methods restored."""
+    from tierstore.inference.decoding.drafts import ModelDraft
+    from tierstore.inference.decoding.sampling import warp
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from draft_phases import PHASES, draft_phases, phase_summary
+
+    original = ModelDraft.propose
+    directory, reference = tiny_dirs("llama")
+    with tierstore.AutoModel.from_pretrained(directory, config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
+        draft = ModelDraft(model, "self", warp(None, None, None), reference.config.vocab_size, width=8,
+                           policy=TreePolicy(fixed_steps=3))
+        draft.reset(64)
+        with torch.no_grad(), draft_phases() as passes:
+            tree = draft.propose(list(REPEATING), max_depth=8)
+            draft.accepted(tree, [0, 1], tree.tokens[2])
+            draft.propose(list(REPEATING) + tree.tokens[1:3], max_depth=8)
+    assert ModelDraft.propose is original
+    assert len(passes) == 2 and sum(record["steps"] for record in passes) == draft.steps == 6, passes
+    assert passes[0].get("catch-up", 0) > 0, passes  # the history's first feed
+    for record in passes:
+        assert record.get("forward", 0) > 0, passes
+        assert sum(record.get(name, 0.0) for name in PHASES) <= record["propose"], record
+    assert phase_summary(passes).startswith("2 passes, 6 steps"), phase_summary(passes)
+
+
 def test_a_draft_steps_children_are_the_draft_models_own_likeliest_tokens_after_each_nodes_path(tiny_dirs,
                                                                                                   tmp_path):
     """A step reads back only each fed node's likeliest children (computed in its forward, from a bias built in
