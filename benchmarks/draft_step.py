@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
+import threading
 import time
 
 from common import word_tokenizer
@@ -91,8 +93,8 @@ def _counts(text: str, option: str, what: str, example: str) -> list[int]:
 
 def _step_ms(model, width: int, nodes: int, idles_ms: list[float]) -> float:
     """A draft step's ms as it runs, on `model` (a draft's TierstoreModel), after a warm-up (compile, graph
-    recording); its synchronized phases printed, and its ms after the device idled `idles_ms` before each tree
-    (as it does while a streamed verify pass waits on the link)."""
+    recording); its synchronized phases printed, its ms after the device idled `idles_ms` before each tree (as it
+    does while a streamed verify pass waits on the link), and its ms while host-to-device copies run beside it."""
     import torch
 
     from tierstore.inference.decoding import drafts
@@ -124,15 +126,46 @@ def _step_ms(model, width: int, nodes: int, idles_ms: list[float]) -> float:
         with draft_phases() as passes:
             trees(5)
         idled = {idle: trees(5, idle) for idle in idles_ms}
+        with _copying_to_device(model.device):
+            copying_ms = trees(5) if torch.cuda.is_available() else None
         kernels = _kernels_per_forward(draft) if torch.cuda.is_available() else None
     steps = sum(record["steps"] for record in passes)
     phases = ", ".join(f"{name} {sum(r.get(name, 0.0) for r in passes) / steps * 1e3:.3f}"
                        for name in ("forward", "read-back + heap", "policy choice", "tree mask", "catch-up"))
     after_idle = "".join(f"; after {idle:g} ms idle {ms:.3f} ms a step" for idle, ms in idled.items())
+    after_idle += f"; while host-to-device copies run {copying_ms:.3f} ms a step" if copying_ms else ""
     print(f"width {width}, node cap {nodes}, buffer {draft._kv.max_tokens} tokens, graphed {draft.graphed}, "
           f"compiled {draft.compiled} (warm-up {warm_s:.1f} s): {per_step_ms:.3f} ms a step as it runs; "
           f"synchronized phases (ms a step): {phases}; kernels a forward: {kernels}{after_idle}", flush=True)
     return per_step_ms
+
+
+@contextlib.contextmanager
+def _copying_to_device(device, nbytes: int = 512 * 2**20):
+    """While the block runs, a thread copies a pinned buffer to the device over and over on a stream of its own,
+    as a streamed target's store does while its draft steps (the copies of the next pass's layers)."""
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream, stop = torch.cuda.Stream(device), threading.Event()
+
+    def copy() -> None:
+        while not stop.is_set():
+            with torch.cuda.stream(stream):
+                target.copy_(source, non_blocking=True)
+            stream.synchronize()
+
+    worker = threading.Thread(target=copy, daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _kernels_per_forward(draft) -> int:
