@@ -5,11 +5,13 @@ the phases add up to what a pass spends drafting (the synchronizing itself slows
         model.generate(...)
     print(phase_summary(passes))
 
-Each pass's record: `queued` (the device's work still queued when drafting began: the target's tail), `propose`
-(the whole of drafting after that), `steps`, and per phase its seconds, phases never overlapping (a phase called
-inside another counts as the outer one): `catch-up` (feeding the accepted tokens, its forwards and read-back
-included), `forward` (each replayed or eager forward of the tree's steps), `read-back + heap`, `policy choice`,
-`tree mask`; and `NAME on the device`, the current stream's time between the phase's ends (CUDA events).
+Each pass's record: `queued` (the wait for the device's work when drafting began, every stream's: the store's
+copies of the next pass's layers still in flight count), `propose` (the whole of drafting after that), `steps`, and
+per phase its seconds, phases never overlapping (a phase called inside another counts as the outer one):
+`catch-up` (feeding the accepted tokens, its forwards and read-back included), `forward` (each replayed or eager
+forward of the tree's steps), `read-back + heap`, `policy choice`, `tree mask`; and `NAME on the device`, the
+current stream's time between the phase's ends (CUDA events: host delays inside the phase count), and `graph
+replay on the device`, the forward's CUDA-graph replays alone.
 """
 from __future__ import annotations
 
@@ -38,6 +40,21 @@ def draft_phases():
     passes: list[dict[str, float]] = []
     current: list[collections.defaultdict] = []  # the pass being drafted, if any
     inside: list[str] = []  # the phase running, if any
+    replays: list[tuple] = []  # (start, end) events around each graph replay of the phase running
+
+    def replay(function):
+        @functools.wraps(function)
+        def wrapper(self, *args, **kwargs):
+            if inside != ["forward"]:
+                return function(self, *args, **kwargs)
+            ends = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ends[0].record()
+            try:
+                return function(self, *args, **kwargs)
+            finally:
+                ends[1].record()
+                replays.append(ends)
+        return wrapper
 
     def timed(name, function):
         @functools.wraps(function)
@@ -60,6 +77,9 @@ def draft_phases():
                 current[0][name] += time.perf_counter() - start_s
                 if events:  # what the current stream spent between the phase's ends
                     current[0][f"{name} on the device"] += events[0].elapsed_time(events[1]) / 1e3
+                for start, end in replays:  # and in its graph replays alone
+                    current[0]["graph replay on the device"] += start.elapsed_time(end) / 1e3
+                replays.clear()
         return wrapper
 
     def propose(function):
@@ -83,6 +103,9 @@ def draft_phases():
     saved = [(drafts.ModelDraft, "propose", drafts.ModelDraft.propose)]
     saved += [(getattr(modules[module], owner), attr, getattr(getattr(modules[module], owner), attr))
               for module, owner, attr in PHASES.values()]
+    if torch.cuda.is_available():
+        saved.append((torch.cuda.CUDAGraph, "replay", torch.cuda.CUDAGraph.replay))
+        torch.cuda.CUDAGraph.replay = replay(torch.cuda.CUDAGraph.replay)
     drafts.ModelDraft.propose = propose(drafts.ModelDraft.propose)
     for name, (module, owner, attr) in PHASES.items():
         cls = getattr(modules[module], owner)
@@ -105,8 +128,8 @@ def phase_summary(passes: list[dict[str, float]]) -> str:
     rest = statistics.median(r["propose"] - sum(r.get(name, 0.0) for name in PHASES) for r in passes)
     stepped = [r for r in passes if r["steps"]]
     per_step = ", ".join(f"{name} {statistics.median(r.get(name, 0.0) / r['steps'] for r in stepped) * 1e3:.3f}"
-                         for name in ("forward", "forward on the device", "read-back + heap", "policy choice",
-                                      "tree mask")) if stepped else "-"
+                         for name in ("forward", "forward on the device", "graph replay on the device",
+                                      "read-back + heap", "policy choice", "tree mask")) if stepped else "-"
     return (f"{len(passes)} passes, {steps} steps (median {statistics.median(r['steps'] for r in passes):.0f} a "
             f"pass); median pass (ms): {median}, unaccounted {rest * 1e3:.2f}; a step (median pass, ms): "
             f"{per_step}")

@@ -131,7 +131,8 @@ def _step_ms(model, width: int, nodes: int, idles_ms: list[float]) -> float:
         kernels = _kernels_per_forward(draft) if torch.cuda.is_available() else None
     steps = sum(record["steps"] for record in passes)
     phases = ", ".join(f"{name} {sum(r.get(name, 0.0) for r in passes) / steps * 1e3:.3f}"
-                       for name in ("forward", "read-back + heap", "policy choice", "tree mask", "catch-up"))
+                       for name in ("forward", "forward on the device", "graph replay on the device",
+                                    "read-back + heap", "policy choice", "tree mask", "catch-up"))
     after_idle = "".join(f"; after {idle:g} ms idle {ms:.3f} ms a step" for idle, ms in idled.items())
     after_idle += f"; while host-to-device copies run {copying_ms:.3f} ms a step" if copying_ms else ""
     print(f"width {width}, node cap {nodes}, buffer {draft._kv.max_tokens} tokens, graphed {draft.graphed}, "
