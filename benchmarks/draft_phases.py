@@ -26,6 +26,9 @@ PHASES = {"forward": ("static_forward", "StaticForward", "run"),
           "policy choice": ("drafts", "ModelDraft", "_choose"),
           "tree mask": ("tree", "DraftTree", "ancestry"),
           "catch-up": ("drafts", "ModelDraft", "_catch_up")}
+# what a tree's steps spend, each step (the catch-up is once a tree)
+STEP_PHASES = ("forward", "forward on the device", "graph replay on the device", "read-back + heap", "policy choice",
+               "tree mask")
 
 
 @contextlib.contextmanager
@@ -128,8 +131,7 @@ def phase_summary(passes: list[dict[str, float]]) -> str:
     rest = statistics.median(r["propose"] - sum(r.get(name, 0.0) for name in PHASES) for r in passes)
     stepped = [r for r in passes if r["steps"]]
     per_step = ", ".join(f"{name} {statistics.median(r.get(name, 0.0) / r['steps'] for r in stepped) * 1e3:.3f}"
-                         for name in ("forward", "forward on the device", "graph replay on the device",
-                                      "read-back + heap", "policy choice", "tree mask")) if stepped else "-"
+                         for name in STEP_PHASES) if stepped else "-"
     return (f"{len(passes)} passes, {steps} steps (median {statistics.median(r['steps'] for r in passes):.0f} a "
             f"pass); median pass (ms): {median}, unaccounted {rest * 1e3:.2f}; a step (median pass, ms): "
             f"{per_step}")

@@ -19,7 +19,7 @@ import threading
 import time
 
 from common import word_tokenizer
-from draft_phases import draft_phases
+from draft_phases import STEP_PHASES, draft_phases
 from spec_rows import refuse
 
 from tierstore.config import ATTENTION
@@ -44,14 +44,9 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="runtime.attention values to run, comma-separated "
                                                             "(auto, sdpa, eager, ...)")
     args = parser.parse_args()
-    widths = _counts(args.widths, "--widths", "step widths", "8,16,32")
-    node_caps = _counts(args.node_caps, "--node-caps", "node caps", "64,1024")
-    try:
-        idles = [float(ms) for ms in args.idle_ms.split(",")] if args.idle_ms else []
-    except ValueError:
-        idles = [-1.0]
-    if any(ms < 0 for ms in idles):
-        refuse(f"--idle-ms {args.idle_ms!r}: comma-separated ms from 0, e.g. 150")
+    widths = _numbers(args.widths, "--widths", "step widths", "8,16,32")
+    node_caps = _numbers(args.node_caps, "--node-caps", "node caps", "64,1024")
+    idles = _numbers(args.idle_ms, "--idle-ms", "ms", "150", float, least=0) if args.idle_ms else []
     attentions = args.attention.split(",")
     if any(name not in ("auto", *ATTENTION) for name in attentions):
         refuse(f"--attention {args.attention!r}: comma-separated, each one of auto, {', '.join(ATTENTION)}")
@@ -80,15 +75,15 @@ def main() -> None:
         print(f"attention {attention}, width {width}, node cap {nodes}: {plain}compiled {ms[True]:.3f}{ratio}")
 
 
-def _counts(text: str, option: str, what: str, example: str) -> list[int]:
-    """A comma-separated list of whole numbers from 1; refused in one line (exit 2) otherwise."""
+def _numbers(text: str, option: str, what: str, example: str, kind: type = int, least: float = 1) -> list:
+    """A comma-separated list of `kind` numbers from `least`; refused in one line (exit 2) otherwise."""
     try:
-        counts = [int(part) for part in text.split(",")]
+        numbers = [kind(part) for part in text.split(",")]
     except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        refuse(f"{option} {text!r}: comma-separated {what} from 1, e.g. {example}")
-    return counts
+        numbers = []
+    if not numbers or min(numbers) < least:
+        refuse(f"{option} {text!r}: comma-separated {what} from {least}, e.g. {example}")
+    return numbers
 
 
 def _step_ms(model, width: int, nodes: int, idles_ms: list[float]) -> float:
@@ -131,8 +126,7 @@ def _step_ms(model, width: int, nodes: int, idles_ms: list[float]) -> float:
         kernels = _kernels_per_forward(draft) if torch.cuda.is_available() else None
     steps = sum(record["steps"] for record in passes)
     phases = ", ".join(f"{name} {sum(r.get(name, 0.0) for r in passes) / steps * 1e3:.3f}"
-                       for name in ("forward", "forward on the device", "graph replay on the device",
-                                    "read-back + heap", "policy choice", "tree mask", "catch-up"))
+                       for name in (*STEP_PHASES, "catch-up"))
     after_idle = "".join(f"; after {idle:g} ms idle {ms:.3f} ms a step" for idle, ms in idled.items())
     after_idle += f"; while host-to-device copies run {copying_ms:.3f} ms a step" if copying_ms else ""
     print(f"width {width}, node cap {nodes}, buffer {draft._kv.max_tokens} tokens, graphed {draft.graphed}, "
