@@ -131,8 +131,9 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     for mode, expert_budget in ((mode, budget) for mode in modes for budget in budgets):
         model.experts.compute = mode
         if expert_budget is not None:  # speculation.expert_budget for this variant's verify passes
+            value = {"auto": "auto", "none": None}[expert_budget] if not expert_budget.isdigit() else int(expert_budget)
             model.config = dataclasses.replace(model.config, speculation=dataclasses.replace(
-                model.config.speculation, expert_budget=None if expert_budget == "none" else int(expert_budget)))
+                model.config.speculation, expert_budget=value))
             mode = f"{mode}, expert budget {expert_budget}"
             model.forget_tree_costs()  # each budget's tree policy learns from its own passes
         rows = []
@@ -204,7 +205,7 @@ def main() -> None:
     parser.add_argument("--mode", help="run tierstore rows in these modes only (e.g. auto), instead of each row's")
     parser.add_argument("--expert-budgets", default="32,64,none",
                         help="the draft row: speculation.expert_budget values tried in turn (missed experts a verify "
-                             "pass moves per MoE layer, or none)")
+                             "pass moves per MoE layer, auto: pruned by worth, or none)")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--row", default="")
     args = parser.parse_args()

@@ -653,6 +653,28 @@ def test_a_compiled_draft_gives_plain_greedy_tokens_and_its_unpacked_bytes_are_c
     assert opened.device_reserve_bytes == bound.device_reserve_bytes  # the plan run is the plan shown
 
 
+def test_a_compiled_draft_compiles_once_for_calls_of_any_length(tiny_dirs, tmp_path_factory, tmp_path):
+    """Each generate call sizes the draft's cache by its own length; the entry count is compiled as a dynamic
+    dimension, so a longer call (a cache of another size) reuses the first compile instead of compiling again."""
+    from torch._dynamo.utils import counters
+
+    directory, reference = tiny_dirs("llama")
+    draft = _draft_dir(tmp_path_factory, "llama", seed=1)
+    config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"width": 3, "compile": True, "nodes": 16}}
+    streaming = _budget_for(reference)
+    budget = tierstore.Budget(vram=streaming.vram + 3 * sum(p.numel() for p in reference.parameters()) * 4,
+                              ram=streaming.ram)
+    ids = torch.tensor([PROMPTS[0]])
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, draft=draft) as model:
+        model.generate(ids, max_new_tokens=8, do_sample=False)
+        compiled = counters["stats"]["unique_graphs"]
+        for new in (40, 120):  # caches of other sizes
+            want = reference.generate(ids, max_new_tokens=new, do_sample=False)
+            assert model.generate(ids, max_new_tokens=new, do_sample=False).tolist() == want.tolist(), new
+        assert model.report().speculation["draft_compiled"] is True
+    assert compiled > 0 and counters["stats"]["unique_graphs"] == compiled
+
+
 def test_a_draft_torch_compile_cannot_take_runs_uncompiled_with_a_note(tiny_dirs, tmp_path, monkeypatch):
     """A compiled forward that raises (a model torch.compile cannot trace) is dropped once, with a note; the steps
     run as before and the tokens stay the model's."""

@@ -40,6 +40,21 @@ def _int_or(word: str, minimum: int) -> Callable[[str, Any], Any]:
     return check
 
 
+def _int_none_or_auto(minimum: int) -> Callable[[str, Any], Any]:
+    """An integer >= `minimum`, "none" (None) or "auto" (kept as the word)."""
+    number = _int_or("none", minimum)
+
+    def check(key: str, value: Any) -> Any:
+        if value == AUTO:
+            return AUTO
+        try:
+            return number(key, value)
+        except ConfigError:
+            raise ConfigError(f"{key}: {value!r} is not allowed; use an integer >= {minimum}, \"none\" or "
+                              f"\"{AUTO}\"") from None
+    return check
+
+
 def _int(minimum: int) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -185,11 +200,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                                         "cache then holds a second tree; auto = on a GPU where the verify pass "
                                         "streams weights. Off by default: not yet measured on a GPU in this form "
                                         "(README, Speculative decoding)"),
-        "expert_budget": (_int_or("none", 1), "none",
+        "expert_budget": (_int_none_or_auto(1), "none",
                           "mixture-of-experts models with streamed experts: the most experts not in device slots "
                           "that a verify pass moves (copies or computes on the host) per MoE layer, the tree pruned "
-                          "to it best node first; none = no budget (the tree's size alone decides, as measured "
-                          "verify costs say: with a matched draft, deep paths reuse experts and pay best)"),
+                          "to it best node first; auto = each node kept while the tokens it (with its subtree) is "
+                          "expected to give are worth the measured time of the missed experts it alone adds, at "
+                          "the run's tokens per second; none = no budget (the tree's size alone decides, as "
+                          "measured verify costs say)"),
     },
     "experts": {
         "streaming": (_bool, True, "mixture-of-experts models: each routed expert is a unit of its own, moved only "

@@ -38,8 +38,6 @@ NGRAM_BRANCHES = 8  # continuations an n-gram draft proposes
 NARROWEST_STEP = 8  # a draft step's widths: powers of two from this up to `width`
 DEFAULT_NGRAM = 3
 NGRAM_DEPTH = 64  # tokens of a continuation drafted: past that an earlier occurrence rarely still holds
-KV_STEP_TOKENS = 256  # a compiled draft's cache is sized in these steps: calls of similar lengths share its
-# shapes (it compiles again for a new shape)
 
 
 class NgramDraft:
@@ -176,9 +174,7 @@ class ModelDraft:
         one): fresh buffers (room for the largest tree too), new graph."""
         self._stop_ids = stop_ids
         trees = 2 if self.ahead else 1  # a tree and what grows ahead of it
-        entries = max_tokens + trees * self.policy.max_nodes + 2 * self.width
-        if self.model.compiled is not None:
-            entries = -(-entries // KV_STEP_TOKENS) * KV_STEP_TOKENS
+        entries = max_tokens + trees * self.policy.max_nodes + 2 * self.width  # any count: compiled once for all
         self._kv = StaticKV(entries)
         self._forwards = {}
         if self.model.device.type == "cuda":

@@ -19,7 +19,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...compression import Decompressor
-from ...config import Config
+from ...config import AUTO, Config
 from ...errors import BudgetError, InputError
 from ...policies.planner import Plan, PlanInput
 from ...policies.speculation import DEFAULT_MAX_NODES, TreePolicy
@@ -30,6 +30,7 @@ from ...trace import TOKENS, Tracer
 from ..placement.budgets import ACTIVATION_SLACK_BYTES, DraftCost
 from ..placement.kv import KVBudget, KVTiers, Workload, describe_tiers, device_shares
 from ..placement.prefill import plan_prefill, tree_nodes_within
+from ..runtime.expert_budget import PassRate
 from ..runtime.experts import ExpertRunner
 from ..runtime.lookup import HostLookup
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
@@ -142,6 +143,7 @@ class TierstoreModel:
         # fetched as picked verifies a larger tree at a higher cost: the curve shows it); a configured depth is
         # drafted every pass
         self._tree_policy = TreePolicy(fixed_steps=self.config.speculation.depth)
+        self._pass_rate = PassRate()  # the speculative run's tokens per second (expert_budget = auto prices by it)
 
     @property
     def kv_on_host(self) -> bool:
@@ -492,8 +494,10 @@ class TierstoreModel:
         unfit = self._model_graph_refusal(max_nodes + 1)
         if unfit is not None:
             notes.extend([f"verify passes not graphed: {unfit}"] if unfit else [])
+            budget = self._expert_budget()
             return Verifier(self.model, self.device, feed=lambda ids, cache: feed_prompt(self, ids, cache)[0].logits[0],
-                            experts=self.experts, max_missed=self._expert_budget())
+                            experts=self.experts, max_missed=None if budget == AUTO else budget,
+                            rate=self._pass_rate if budget == AUTO else None)
         if self._graphed_verifier is None:
             self._graphed_verifier = GraphedVerifier(self.model, self.device, max_nodes)
         self._graphed_verifier.max_nodes = max_nodes
@@ -503,10 +507,11 @@ class TierstoreModel:
         """Start the draft tree's policy afresh: the costs and acceptance it learned over earlier calls are
         forgotten (a benchmark comparing settings on one model object)."""
         self._tree_policy = TreePolicy(fixed_steps=self.config.speculation.depth)
+        self._pass_rate = PassRate()  # the speculative run's tokens per second (expert_budget = auto prices by it)
 
-    def _expert_budget(self) -> int | None:
-        """The most missed experts a verify pass moves per MoE layer (`speculation.expert_budget`); None without
-        one, or without streamed experts."""
+    def _expert_budget(self) -> int | str | None:
+        """The most missed experts a verify pass moves per MoE layer, or auto (pruned by worth):
+        `speculation.expert_budget`; None without one, or without streamed experts."""
         return None if self.experts is None else self.config.speculation.expert_budget
 
     def _tree_nodes(self, context_tokens: int) -> int:

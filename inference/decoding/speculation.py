@@ -44,7 +44,8 @@ class SpeculationStats:
     graphed: bool | None = None  # a model draft's steps replayed a CUDA graph
     draft_compiled: bool | None = None  # a model draft's steps ran compiled (None: not asked for)
     verify_graphed: bool | None = None  # the verify passes replayed CUDA graphs (None: not tried)
-    expert_budget: int | None = None  # missed experts a verify pass may move per MoE layer (None: no budget)
+    expert_budget: int | str | None = None  # missed experts a verify pass may move per MoE layer, or auto (pruned
+    # by worth); None: no budget
     pruned_nodes: int = 0  # drafted nodes the expert budget dropped before they were verified
     most_missed_experts: int = 0  # the most missed experts one MoE layer call of a verify pass moved
     depth_trials: list[int] = dataclasses.field(default_factory=list)  # [d]: passes with candidates at depth d + 1

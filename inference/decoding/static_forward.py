@@ -59,6 +59,15 @@ class StaticKV(DynamicCache):
                 buffer[:, :, to:to + len(sources)] = buffer.index_select(2, index)
 
 
+def entries_dynamic(bias: torch.Tensor, bias_dim: int, *buffers: torch.Tensor) -> None:
+    """Tell torch.compile that the cache's entry count varies (the attention bias's `bias_dim`, the buffers'
+    dimension 2): each generate call sizes a draft's cache by its own length, and a shape compiled as a constant
+    would compile again (tens of seconds on a GPU) for each new one."""
+    torch._dynamo.maybe_mark_dynamic(bias, bias_dim)
+    for buffer in buffers:
+        torch._dynamo.maybe_mark_dynamic(buffer, 2)
+
+
 def causal_bias(positions: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(1, 1, len(positions), len(keys)) additive bias: each position sees the entries up to itself."""
     visible = keys[None, :] <= positions[:, None]
@@ -226,7 +235,10 @@ class StaticForward:
 
     def _forward(self, model: Any) -> None:
         with torch.no_grad():
+            bias = self._bias()
+            if model is self.compiled:  # one compiled code for every cache length (see `entries_dynamic`)
+                entries_dynamic(bias, 3, *self.kv.keys, *self.kv.values)
             out = model(input_ids=self.ids, position_ids=self.positions, cache_position=self.writes,
-                        attention_mask=self._bias(), past_key_values=self.kv, use_cache=True)
+                        attention_mask=bias, past_key_values=self.kv, use_cache=True)
             logits = out.logits[0]
             self.output = self.head(logits) if self.head is not None else logits

@@ -11,12 +11,13 @@ on its first run and replayed after. Both give the same tokens up to the attenti
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..runtime.expert_budget import ExpertBudget
+from ..runtime.expert_budget import ExpertBudget, PassRate, Worth
 from .sampling import Choose
 from .static_forward import StaticForward, StaticKV, feed_prompt_static
 from .tree import DraftTree, attention_bias, keep_positions
@@ -51,7 +52,8 @@ class Verifier:
     """Verify passes through transformers' DynamicCache; `feed(ids, cache)` feeds the prompt (the caller's
     chunking within the budget) and returns its last logits. With `experts` (the streamed experts' runner) and
     `max_missed`, each pass moves at most that many missed experts per MoE layer, dropping the nodes that would
-    need more."""
+    need more; with `rate` (the run's tokens per second, observed here), it drops the nodes not worth the experts
+    they add (expert_budget.py, `Worth`)."""
 
     graphed = None  # never replays a graph
 
@@ -60,7 +62,7 @@ class Verifier:
         return 0.0
 
     def __init__(self, model: Any, device: torch.device, feed: Any = None, experts: Any = None,
-                 max_missed: int | None = None) -> None:
+                 max_missed: int | None = None, rate: PassRate | None = None) -> None:
         from transformers import DynamicCache
 
         self.model = model
@@ -68,8 +70,10 @@ class Verifier:
         self.cache = DynamicCache()
         self._feed = feed or (lambda ids, kv: model(ids, past_key_values=kv, use_cache=True,
                                                     logits_to_keep=1).logits[0])
-        self.experts = experts if max_missed is not None else None
+        self.experts = experts if max_missed is not None or rate is not None else None
         self.max_missed = max_missed
+        self.rate = rate
+        self._pass_end_s: float | None = None  # when the last pass (or the prompt) ended: a pass's time drafts too
         self.pruned_nodes = 0  # drafted nodes the expert budget dropped, over this call's passes
         self.most_missed = 0  # the most missed experts one budgeted MoE layer call moved
         self.last_kept: int | None = None  # drafted nodes the last pass's budget kept (None: no budget)
@@ -77,7 +81,9 @@ class Verifier:
     def start(self, input_ids: torch.Tensor, max_tokens: int) -> torch.Tensor:
         """Feed the prompt (1, n); its last position's logits (1, vocab)."""
         with torch.no_grad():
-            return self._feed(input_ids, self.cache)[-1:]
+            logits = self._feed(input_ids, self.cache)[-1:]
+        self._pass_end_s = time.perf_counter()
+        return logits
 
     def verify(self, tree: DraftTree, choose: Choose, meanwhile: Meanwhile | None = None) -> tuple[list[int], int]:
         """One forward over the tree; the accepted path and the bonus token. The cache keeps the prefix and the
@@ -86,7 +92,7 @@ class Verifier:
         prefix = self.cache.get_seq_length()
         nodes = list(range(len(tree)))
         bias = attention_bias(prefix, tree.ancestry(nodes, nodes), self.model.dtype, device)
-        budget = ExpertBudget(tree.parents, tree.scores, self.max_missed) if self.experts is not None else None
+        budget = self._budget(tree)
         pruning = self.experts.pruning(budget) if budget is not None else contextlib.nullcontext()
         with pruning, torch.no_grad():  # the experts' runner prunes the tree at each MoE layer
             logits = self.model(input_ids=torch.tensor([tree.tokens], device=device),
@@ -96,11 +102,29 @@ class Verifier:
             meanwhile(running(device))
         if budget is not None:
             self.pruned_nodes += tree.drop(budget.live)
-            self.last_kept = budget.kept
+            # a cap bounds what any pass verifies: the tree policy drafts up to twice what it kept; pruning by worth
+            # drops the side nodes of every tree, whatever its size, and must not shrink the paths drafted after
+            self.last_kept = budget.kept if self.max_missed is not None else None
             self.most_missed = max([self.most_missed, *budget.missed_per_layer])
         path, bonus = walk(tree, choose(logits).tolist())  # the host needs the picks: the pass's sync
         keep_positions(self.cache, prefix, [prefix + node for node in path])
+        now_s = time.perf_counter()
+        if self.rate is not None and self._pass_end_s is not None:
+            self.rate.observe(len(path), now_s - self._pass_end_s)
+        self._pass_end_s = now_s
         return path, bonus
+
+    def _budget(self, tree: DraftTree) -> ExpertBudget | None:
+        """The pass's expert budget: a cap of missed experts, pruning by worth once the run's rate is known, or
+        both; None without either."""
+        if self.experts is None:
+            return None
+        expert_s = self.experts.missed_expert_s() if self.rate is not None else None
+        tokens_per_s = self.rate.tokens_per_s if self.rate is not None else None
+        worth = Worth(expert_s, tokens_per_s) if expert_s and tokens_per_s else None
+        if worth is None and self.max_missed is None:
+            return None
+        return ExpertBudget(tree.parents, tree.scores, self.max_missed, worth)
 
 
 class GraphedVerifier:

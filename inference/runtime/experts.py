@@ -235,6 +235,15 @@ class ExpertRunner:
         replayed = ", ".join(f"{name} {rate:.1%}" for name, rate in rates.items())
         return [f"expert slots' policy for the next call: {best} (this call's routing replayed: {replayed})"]
 
+    def missed_expert_s(self) -> float | None:
+        """What one missed expert costs a layer call, as measured: its copy over the link, or under `host` the
+        CPU's work on it for one token; None where the rates are not known."""
+        if self.costs is None:
+            return None
+        if self.compute == "host":
+            return self.costs.host_s(self._host_work_bytes, 1)
+        return self.costs.copy_s(self._expert_bytes)
+
     @contextlib.contextmanager
     def pruning(self, budget: ExpertBudget) -> Iterator[ExpertBudget]:
         """Within: MoE layer calls prune `budget`'s tree to it (a verify pass's forward)."""
@@ -266,14 +275,16 @@ class ExpertRunner:
             self.stats.layer_s += time.perf_counter() - start_s
             return output
         self._mapped_stale = self._mapped is not None  # this call may change what the slots hold
-        # no prediction in a budgeted verify pass: it moves only the experts its kept nodes need
-        predicts = self.budget is None and self._next[index] is not None and self._gate.wanted()
+        # no prediction under a cap of missed experts: the pass moves only the experts its kept nodes need
+        capped = self.budget is not None and self.budget.max_missed is not None
+        predicts = not capped and self._next[index] is not None and self._gate.wanted()
         following = self._next[index] if predicts else None
-        routed, predicted = self._routing(hidden, top_k_index, following)
+        routed, guesses = self._routing(hidden, top_k_index, following)
         self.stats.sync_s += time.perf_counter() - start_s
         top_k = top_k_index.shape[-1]
         if self.budget is not None and len(routed) == top_k * len(self.budget.live):
             routed, top_k_index, top_k_weights = self._within_budget(index, routed, top_k, top_k_index, top_k_weights)
+        predicted = _guessed(guesses, routed, top_k)
         self._count(index, routed, predicted)
         chunks = _token_chunks([routed[i:i + top_k] for i in range(0, len(routed), top_k)], self.pool.count)
         if len(chunks) > 1:
@@ -357,7 +368,7 @@ class ExpertRunner:
 
     def _routing(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  following: ExpertGroup | None) -> tuple[list[int], list[int]]:
-        """The routed expert ids (token-major) and the next layer's predicted ones, read with one sync."""
+        """The routed expert ids and the next layer's guessed ones (both token-major), read with one sync."""
         ids = top_k_index.reshape(-1)
         if following is None:
             return ids.tolist(), []
@@ -368,7 +379,7 @@ class ExpertRunner:
             both = torch.cat([ids, guess.to(ids.dtype)]).tolist()
         finally:
             self.dense.release(following.router)
-        return both[:ids.numel()], sorted(set(both[ids.numel():]))
+        return both[:ids.numel()], both[ids.numel():]
 
     def _within_budget(self, index: int, routed: list[int], top_k: int, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -377,7 +388,8 @@ class ExpertRunner:
         kernel's index, with routing weight zero (nothing added to their rows, which nobody reads)."""
         keys = self.groups[index].keys
         rows = [routed[start:start + top_k] for start in range(0, len(routed), top_k)]
-        live = self.budget.prune(rows, lambda expert: not self.store.on_device(keys[expert]))  # type: ignore[union-attr]
+        live = self.budget.prune(rows, lambda expert: not self.store.on_device(keys[expert]),  # type: ignore[union-attr]
+                                 layers_left=len(self.groups) - index)
         if all(live):
             return routed, top_k_index, top_k_weights
         routed = [expert for row, kept in zip(rows, live) for expert in (row if kept else [PRUNED] * top_k)]
@@ -547,6 +559,19 @@ class ExpertRunner:
         if predicted:
             stats.predicted += len(predicted)
             self._expected[index + 1] = predicted
+
+
+def _guessed(guesses: list[int], routed: list[int], top_k: int) -> list[int]:
+    """The next layer's experts guessed for the rows an expert budget kept (a pruned row's routing is PRUNED),
+    sorted; `guesses` token-major, as many a row as the next layer routes."""
+    if not guesses:
+        return []
+    rows = len(routed) // top_k
+    if PRUNED not in routed:
+        return sorted(set(guesses))
+    per_row = len(guesses) // rows
+    return sorted({expert for row in range(rows) if routed[row * top_k] != PRUNED
+                   for expert in guesses[row * per_row:(row + 1) * per_row]})
 
 
 def _values(unit: Mapping[str, torch.Tensor] | list[torch.Tensor]) -> list[torch.Tensor]:
