@@ -242,13 +242,15 @@ def main() -> None:
 def print_table(results: dict, probe: dict, card: str) -> None:
     """One line per row, mode and prompt: s/token against the resident step of the same prompt."""
     resident = results.get("resident", {}).get("prompts", {}).get("resident", [])
+    plain = next(iter(results.get("4GB", {}).get("prompts", {}).values()), [])  # no draft at the draft's budget
     print(f"\ncard: {card}; link {probe['h2d_pinned_gbps']:.1f} GB/s pinned; CPU linear "
           f"{probe.get('cpu_linear_gbps', 0):.1f} GB/s at 1 token, {probe.get('cpu_linear_gbps_32', 0):.1f} at 32")
-    print("| row | mode | prompt | s/token | x resident | copied/pass | read in place/pass | CPU experts/pass | "
-          "CPU GB/s | host work/layer call | slot hits | tokens/pass | verify pass s | largest tree | "
+    print("| row | mode | prompt | s/token | x resident | x no draft (4GB row) | copied/pass | read in place/pass | "
+          "CPU experts/pass | CPU GB/s | host work/layer call | slot hits | tokens/pass | verify pass s | "
+          "largest tree | "
           "pruned nodes/pass | most moved/layer | same tokens as resident | top-2 gap where it parts from the "
           "reference row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         if name == "probe":
             continue
@@ -263,7 +265,9 @@ def print_table(results: dict, probe: dict, card: str) -> None:
                 spec = got.get("speculation") or {}
                 same = "-" if number >= len(resident) else _same(got["tokens"], resident[number]["tokens"])
                 copied = experts.get("h2d_bytes_per_pass")
+                speedup = plain[number]["s_per_token"] / step if spec and number < len(plain) else None
                 cells = [name, mode, number, f"{step:.4f}", fmt(base and step / base, "{:.2f}"),
+                         fmt(speedup, "{:.2f}"),
                          fmt(copied and copied / 1e9, "{:.2f} GB"),
                          fmt(experts.get("mapped_bytes_per_pass") and experts["mapped_bytes_per_pass"] / 1e9,
                              "{:.2f} GB"),

@@ -15,8 +15,9 @@ those may need). Slots beyond what the kernel takes in one call (MAX_GROUPS) are
 windows of that many, one call per window the routing touches.
 
 In a verify pass of speculative decoding, the drafted tree is first pruned to the pass's expert budget
-(expert_budget.py): nodes whose experts would take the layer's missed experts past it are dropped and need no
-expert (`_within_budget`).
+(expert_budget.py): nodes whose experts would take the layer's missed experts past its cap, or that are not worth
+the experts they add, are dropped and need no expert (`_within_budget`); without a cap the next layer's experts
+are still predicted, for the kept nodes only.
 
 A decode step's layer call (a few tokens) can instead read its experts in place, from their slot or from mapped
 host RAM, with no sync and no copy (mapped_experts.py): under `experts.compute = mapped`, and under auto on a GPU
