@@ -36,6 +36,12 @@ MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,map
 # stored with compression.format FORMAT, its experts packed in every tier: "4GB+q8_0", "draft+q4_k+compile")
 
 
+def expert_budget_setting(word: str) -> int | str | None:
+    """An `--expert-budgets` word as speculation.expert_budget takes it: a count, "auto" or "none" (None); a
+    KeyError or ValueError for anything else."""
+    return int(word) if word.isdigit() else {"auto": "auto", "none": None}[word]
+
+
 def row_parts(row: str) -> tuple[str, str, bool]:
     """A row's budget row, its compression format ("none") and whether its draft is compiled."""
     base, *extras = row.split("+")
@@ -131,9 +137,8 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     for mode, expert_budget in ((mode, budget) for mode in modes for budget in budgets):
         model.experts.compute = mode
         if expert_budget is not None:  # speculation.expert_budget for this variant's verify passes
-            value = {"auto": "auto", "none": None}[expert_budget] if not expert_budget.isdigit() else int(expert_budget)
             model.config = dataclasses.replace(model.config, speculation=dataclasses.replace(
-                model.config.speculation, expert_budget=value))
+                model.config.speculation, expert_budget=expert_budget_setting(expert_budget)))
             mode = f"{mode}, expert budget {expert_budget}"
             model.forget_tree_costs()  # each budget's tree policy learns from its own passes
         rows = []
@@ -247,9 +252,8 @@ def print_table(results: dict, probe: dict, card: str) -> None:
           f"{probe.get('cpu_linear_gbps', 0):.1f} GB/s at 1 token, {probe.get('cpu_linear_gbps_32', 0):.1f} at 32")
     print("| row | mode | prompt | s/token | x resident | x no draft (4GB row) | copied/pass | read in place/pass | "
           "CPU experts/pass | CPU GB/s | host work/layer call | slot hits | tokens/pass | verify pass s | "
-          "largest tree | "
-          "pruned nodes/pass | most moved/layer | same tokens as resident | top-2 gap where it parts from the "
-          "reference row |")
+          "largest tree | pruned nodes/pass | most moved/layer | same tokens as resident | top-2 gap where it parts "
+          "from the reference row |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         if name == "probe":

@@ -23,9 +23,9 @@ import argparse
 import contextlib
 import os
 
-from bench_moe_language import EXPERTS, PROMPTS, TOP_K
+from bench_moe_language import EXPERTS, PROMPTS, TOP_K, expert_budget_setting
 from common import encode
-from spec_replay import _injected_costs
+from spec_replay import injected_costs
 from spec_rows import check_gguf, make_drafts, refuse
 
 EXPERT_BYTES = 3 * 1152 * 1536 * 2  # one expert of the proxy: gate, up and down of the 2x-inflated MLP, bf16
@@ -90,8 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     check_gguf(args.gguf)
     try:
-        budgets = [{"none": None, "auto": "auto"}[word] if not word.isdigit() else int(word)
-                   for word in args.budgets.split(",")]
+        budgets = [expert_budget_setting(word) for word in args.budgets.split(",")]
         prompts = [int(number) for number in args.prompts.split(",")]
         base_s = [float(value) for value in args.base_s.split(",")]
         assert all(0 <= number < len(PROMPTS) for number in prompts) and len(base_s) == len(PROMPTS)
@@ -114,7 +113,7 @@ def main() -> None:
     directory, name = os.path.dirname(os.path.abspath(args.gguf)), os.path.basename(args.gguf)
     target = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
     target.tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    with _injected_costs({8: args.step_ms / 1e3}) as clock, torch.no_grad(), tierstore.AutoModel.from_pretrained(
+    with injected_costs({8: args.step_ms / 1e3}) as clock, torch.no_grad(), tierstore.AutoModel.from_pretrained(
             draft_path, budget=tierstore.Budget(vram="200MB", ram="2GB"), config=config) as draft_model:
         real_times = speculation.time, verifier.time
         speculation.time = verifier.time = clock

@@ -62,7 +62,7 @@ def main() -> None:
     except TierstoreError as exc:
         refuse(f"--draft {args.draft!r}: {exc}")
     answers = _answers(args)
-    with _injected_costs(step_s) as clock, torch.no_grad(), tierstore.AutoModel.from_pretrained(
+    with injected_costs(step_s) as clock, torch.no_grad(), tierstore.AutoModel.from_pretrained(
             draft_path, budget=tierstore.Budget(vram="200MB", ram="2GB"), config=config) as model:
         for prompt, (ids, new) in enumerate(answers):
             tokens_per_pass, nodes, drafted_s = _replay(model, args, clock, ids, new)
@@ -112,7 +112,7 @@ def _answers(args) -> list[tuple[list[int], list[int]]]:
 
 
 @contextlib.contextmanager
-def _injected_costs(step_s: dict[int, float]):
+def injected_costs(step_s: dict[int, float]):
     """Inside: the draft module's clock is a `_Clock` that each draft step advances by its width's cost (the
     narrowest listed width holding its tokens); yields the clock."""
     from tierstore.inference.decoding import drafts

@@ -139,11 +139,10 @@ class TierstoreModel:
         self._graphed: GraphedDecoder | None = None  # made on the first call whose decode steps can be graphed
         self._graphed_verifier: GraphedVerifier | None = None  # made on the first draft call that can be graphed
         self._kv_call: dict[str, Any] | None = None  # the last generate call's KV cache, for the report
-        # learns the draft step's and the verify pass's costs across calls (a target whose routed experts are
-        # fetched as picked verifies a larger tree at a higher cost: the curve shows it); a configured depth is
-        # drafted every pass
-        self._tree_policy = TreePolicy(fixed_steps=self.config.speculation.depth)
-        self._pass_rate = PassRate()  # the speculative run's tokens per second (expert_budget = auto prices by it)
+        # the tree policy learns the draft step's and the verify pass's costs across calls (a target whose routed
+        # experts are fetched as picked verifies a larger tree at a higher cost: the curve shows it); a configured
+        # depth is drafted every pass
+        self.forget_tree_costs()
 
     @property
     def kv_on_host(self) -> bool:

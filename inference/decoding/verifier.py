@@ -119,9 +119,10 @@ class Verifier:
         both; None without either."""
         if self.experts is None:
             return None
-        expert_s = self.experts.missed_expert_s() if self.rate is not None else None
-        tokens_per_s = self.rate.tokens_per_s if self.rate is not None else None
-        worth = Worth(expert_s, tokens_per_s) if expert_s and tokens_per_s else None
+        worth = None
+        if self.rate is not None:
+            expert_s, tokens_per_s = self.experts.missed_expert_s(), self.rate.tokens_per_s
+            worth = Worth(expert_s, tokens_per_s) if expert_s and tokens_per_s else None
         if worth is None and self.max_missed is None:
             return None
         return ExpertBudget(tree.parents, tree.scores, self.max_missed, worth)
