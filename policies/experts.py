@@ -48,24 +48,28 @@ class ExpertCosts:
         per_token = max(nbytes / (self.host_gbps_32 * 1e9) - one, 0.0) / 31
         return one + per_token * (tokens - 1)
 
-    def observed(self, nbytes: int, seconds: float) -> ExpertCosts:
-        """These costs with the one-token CPU rate moved toward one measured in the run (`nbytes` of experts at
-        a token or two each, computed in `seconds`): under a run's load (the link's copies reading the same RAM,
-        the loop's own threads) the CPU may well be slower than the probe found it."""
-        rate = nbytes / seconds / 1e9
-        return dataclasses.replace(self, host_gbps=0.8 * self.host_gbps + 0.2 * rate)
+    def observed(self, predicted_s: float, seconds: float) -> ExpertCosts:
+        """These costs with the CPU's rates moved toward what the run measured: work these costs put at
+        `predicted_s` took `seconds`. Under a run's load (the link's copies reading the same RAM, the loop's own
+        threads) the CPU may well be slower than the probe found it: on H100 hosts probed at 48-53 GB/s, a
+        speculative MoE run's verify passes got 4-8 GB/s of it."""
+        scale = 0.8 + 0.2 * predicted_s / seconds
+        return dataclasses.replace(self, host_gbps=self.host_gbps * scale, host_gbps_32=self.host_gbps_32 * scale)
 
 
 def split_misses(tokens: Mapping[int, int], nbytes: int, costs: ExpertCosts,
-                 heat: Mapping[int, int] | None = None, host_nbytes: int | None = None) -> list[int]:
+                 heat: Mapping[int, int] | None = None, host_nbytes: int | None = None,
+                 backlog_bytes: int = 0) -> list[int]:
     """Of a layer's missed experts (expert -> tokens routed to it, each of `nbytes` as stored), those to compute
     on the host; the rest are copied. The link and the CPU work at once, so the layer waits for the longer of the
     two: experts move to the host, cheapest first (fewest tokens, then coldest by `heat`, so that the hot ones are
     copied into slots where they will hit again), while that shortens the wait. `host_nbytes`: the bytes the CPU's
-    work on one scales with, where that is not `nbytes` (a compressed expert is dequantized first)."""
+    work on one scales with, where that is not `nbytes` (a compressed expert is dequantized first).
+    `backlog_bytes`: copies already queued on the link ahead of these (the experts predicted for this layer), which
+    the layer waits for too."""
     order = sorted(tokens, key=lambda expert: (tokens[expert], (heat or {}).get(expert, 0), expert))
     copy_each = costs.copy_s(nbytes)
-    link_s, host_s, chosen = copy_each * len(order), 0.0, []
+    link_s, host_s, chosen = costs.copy_s(backlog_bytes) + copy_each * len(order), 0.0, []
     for expert in order:
         cost = costs.host_s(host_nbytes or nbytes, tokens[expert]) + (0.0 if chosen else costs.host_call_s)
         if max(host_s + cost, link_s - copy_each) >= max(host_s, link_s):

@@ -60,17 +60,21 @@ def activation_bytes_per_token(config: Any, dtype: torch.dtype, masked_keys: int
     return int(per_token * ESTIMATE_SLACK)
 
 
+def tree_bytes(config: Any, dtype: torch.dtype, context_tokens: int, nodes: int) -> int:
+    """What one verify pass of a tree of `nodes` over a context of `context_tokens` takes on the device: its
+    activations, each node's mask row over the context and the tree, its logits and its KV entries (held until
+    the pass's accepted path is kept)."""
+    vocab = config.get_text_config().vocab_size
+    per_token = (activation_bytes_per_token(config, dtype, context_tokens + nodes) + vocab * dtype.itemsize
+                 + kv_bytes_per_token(config, dtype))
+    return nodes * per_token
+
+
 def tree_nodes_within(config: Any, dtype: torch.dtype, context_tokens: int, room_bytes: int, cap: int) -> int:
     """The most nodes (at most `cap`, at least 1) a draft tree may have for one verify pass over a context of
-    `context_tokens` to keep its activations, each node's mask row over the context and the tree, its logits and
-    its KV entries (held until the pass's accepted path is kept) within `room_bytes`."""
-    vocab = config.get_text_config().vocab_size
-    kv = kv_bytes_per_token(config, dtype)
+    `context_tokens` to keep what the pass takes (`tree_bytes`) within `room_bytes`."""
     nodes = cap
-    while nodes > 1:
-        per_token = activation_bytes_per_token(config, dtype, context_tokens + nodes) + vocab * dtype.itemsize + kv
-        if nodes * per_token <= room_bytes:
-            break
+    while nodes > 1 and tree_bytes(config, dtype, context_tokens, nodes) > room_bytes:
         nodes //= 2
     return nodes
 

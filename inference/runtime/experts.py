@@ -204,6 +204,7 @@ class ExpertRunner:
             raise ConfigError("experts.compute = mapped reads experts from page-locked host RAM; set "
                               "io.pinned_memory = true, or choose device or host")
         self._mapped_stale = False  # the slots may have changed since its table was made
+        self._in_ram = False  # every expert has been read into host RAM
         self.budget: ExpertBudget | None = None  # a verify pass's, during its forward (`pruning`)
         for index, group in enumerate(self.groups):
             group.module.forward = functools.partial(self._forward, index)
@@ -285,8 +286,10 @@ class ExpertRunner:
         top_k = top_k_index.shape[-1]
         if self.budget is not None and len(routed) == top_k * len(self.budget.live):
             routed, top_k_index, top_k_weights = self._within_budget(index, routed, top_k, top_k_index, top_k_weights)
-        predicted = _guessed(guesses, routed, top_k)
+        guessed = _guessed(guesses, routed, top_k)
+        predicted = sorted(guessed)
         self._count(index, routed, predicted)
+        ahead = [following.keys[e] for e in self._copied_ahead(index, guessed)] if following else []
         chunks = _token_chunks([routed[i:i + top_k] for i in range(0, len(routed), top_k)], self.pool.count)
         if len(chunks) > 1:
             self.stats.chunked_calls += 1
@@ -295,7 +298,7 @@ class ExpertRunner:
             if not experts:  # only nodes an expert budget pruned
                 outputs.append(torch.zeros_like(hidden[start:end]))
                 continue
-            prefetch = [following.keys[e] for e in predicted] if first == 0 and following else []
+            prefetch = ahead if first == 0 else []
             outputs.append(self._run(index, experts, routed[start * top_k:end * top_k], prefetch, hidden[start:end],
                                      top_k_index[start:end], top_k_weights[start:end], args, kwargs))
         self.stats.layer_s += time.perf_counter() - start_s
@@ -413,14 +416,17 @@ class ExpertRunner:
         try:
             output = (self._on_device(index, on_device, held, bool(on_host), hidden, top_k_index, top_k_weights,
                                       args, kwargs) if on_device else None)
-            if prefetch and host_inputs is None:  # queued once this layer's kernels are: they copy while those compute
+            # queued once this layer's kernels are, so that they copy while those compute; before the CPU's work
+            # where every expert is in RAM (else after it: loads in flight hold host RAM its experts may need)
+            prefetch_first = bool(prefetch) and (host_inputs is None or self._all_in_ram())
+            if prefetch_first:
                 self._copied[index + 1] = self.store.prefetch(prefetch)
         finally:
             self.store.release_many(device_keys)
         if host_inputs is None:
             return output  # type: ignore[return-value]  (every routed expert ran on the device)
         host = self._on_host(index, sorted(on_host), routed, top_k_index.shape[-1], *host_inputs)
-        if prefetch:  # after the CPU's experts: loads in flight hold host RAM its experts may need
+        if prefetch and not prefetch_first:
             self._copied[index + 1] = self.store.prefetch(prefetch)
         return host.to(hidden.dtype) if output is None else (output.float() + host).to(output.dtype)
 
@@ -435,10 +441,32 @@ class ExpertRunner:
             return set(missed)
         if not missed or self.costs is None:
             return set()
-        wanted = set(missed)
-        tokens = Counter(expert for expert in routed if expert in wanted)
+        pairs = Counter(routed)  # counted in C: a verify pass routes thousands of pairs a layer
+        tokens = {expert: pairs[expert] for expert in missed}
         heat = {expert: self.stats.counts.get((index, expert), 0) for expert in missed}
-        return set(split_misses(tokens, self._expert_bytes, self.costs, heat, self._host_work_bytes))
+        return set(split_misses(tokens, self._expert_bytes, self.costs, heat, self._host_work_bytes,
+                                backlog_bytes=self.store.copies_in_flight_bytes()))
+
+    def _copied_ahead(self, index: int, guessed: Counter[int]) -> list[int]:
+        """Of the experts guessed for the next layer (each with the rows guessed to route to it), those to copy
+        ahead: all of them, except where missed experts are split (auto, rates known) the ones the split leaves to
+        the CPU. Those are not copied: the next layer finds them missed and splits its misses again, with these
+        copies as the link's backlog, so that the CPU computes its share while the link copies the rest (a verify
+        pass's layer otherwise found 84% of its experts already on their way and gave the CPU one or two)."""
+        predicted = sorted(guessed)
+        following = index + 1
+        if self.compute != "auto" or self.costs is None or not self._on_host_ok[following]:
+            return predicted
+        keys = self.groups[following].keys
+        missing = {expert: rows for expert, rows in guessed.items() if not self.store.on_device(keys[expert])}
+        heat = {expert: self.stats.counts.get((following, expert), 0) for expert in missing}
+        left = set(split_misses(missing, self._expert_bytes, self.costs, heat, self._host_work_bytes))
+        return [expert for expert in predicted if expert not in left]
+
+    def _all_in_ram(self) -> bool:
+        """Whether every expert has been read into host RAM (once true, it stays: nothing is read from disk)."""
+        self._in_ram = self._in_ram or self.store.in_host(self._keys)
+        return self._in_ram
 
     def _on_device(self, index: int, experts: list[int], held: list[dict[str, torch.Tensor]], masked: bool,
                    hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args: tuple,
@@ -524,10 +552,10 @@ class ExpertRunner:
             self.store.release_host_many(keys)
         elapsed_s = time.perf_counter() - start_s
         self.stats.host_s += elapsed_s
-        chosen = set(experts)
-        pairs = sum(1 for expert in routed if expert in chosen)
-        if self.costs is not None and pairs <= 2 * len(experts):  # a token or two each: the one-token rate, as run
-            self.costs = self.costs.observed(len(experts) * self._host_work_bytes, elapsed_s)
+        if self.costs is not None:  # the CPU's rates as this run gets them
+            pairs = Counter(routed)
+            predicted_s = sum(self.costs.host_s(self._host_work_bytes, pairs[expert]) for expert in experts)
+            self.costs = self.costs.observed(predicted_s, elapsed_s)
         self.stats.host_computed += len(experts)
         self.stats.host_bytes += len(experts) * self._expert_bytes
         return total.to(self._device, non_blocking=True)
@@ -562,17 +590,15 @@ class ExpertRunner:
             self._expected[index + 1] = predicted
 
 
-def _guessed(guesses: list[int], routed: list[int], top_k: int) -> list[int]:
+def _guessed(guesses: list[int], routed: list[int], top_k: int) -> Counter[int]:
     """The next layer's experts guessed for the rows an expert budget kept (a pruned row's routing is PRUNED),
-    sorted; `guesses` token-major, as many a row as the next layer routes."""
-    if not guesses:
-        return []
+    each with the rows guessed to route to it; `guesses` token-major, as many a row as the next layer routes."""
+    if not guesses or PRUNED not in routed:
+        return Counter(guesses)
     rows = len(routed) // top_k
-    if PRUNED not in routed:
-        return sorted(set(guesses))
     per_row = len(guesses) // rows
-    return sorted({expert for row in range(rows) if routed[row * top_k] != PRUNED
-                   for expert in guesses[row * per_row:(row + 1) * per_row]})
+    return Counter(expert for row in range(rows) if routed[row * top_k] != PRUNED
+                   for expert in guesses[row * per_row:(row + 1) * per_row])
 
 
 def _values(unit: Mapping[str, torch.Tensor] | list[torch.Tensor]) -> list[torch.Tensor]:

@@ -47,13 +47,16 @@ def host_outputs(module: nn.Module, experts: Sequence[int], weights: Sequence[Ma
     to them: `routed` is the routing token-major (top_k per token); `hidden` and `routing_weights` are on the CPU.
     `pin_memory`: the sum is made in pinned memory, so that its copy to a GPU does not wait for the host."""
     total = torch.zeros(hidden.shape, dtype=torch.float32, pin_memory=pin_memory)
-    rows: dict[int, tuple[list[int], list[int]]] = {expert: ([], []) for expert in experts}
-    for position, expert in enumerate(routed):
-        if expert in rows:
-            rows[expert][0].append(position // top_k)
-            rows[expert][1].append(position % top_k)
+    # each expert's (token, rank) pairs, found in C: a verify pass routes thousands of pairs a layer
+    routing = torch.tensor(routed)
+    positions = torch.isin(routing, torch.tensor(list(experts))).nonzero()[:, 0]
+    order = torch.sort(routing[positions], stable=True)
+    ids, counts = torch.unique_consecutive(order.values, return_counts=True)
+    pairs = dict(zip(ids.tolist(), positions[order.indices].split(counts.tolist())))
     for expert, tensors in zip(experts, weights):
-        tokens, ranks = (torch.tensor(index) for index in rows[expert])
+        if expert not in pairs:  # no token of these routed to it
+            continue
+        tokens, ranks = pairs[expert] // top_k, pairs[expert] % top_k
         dtype = next(iter(tensors.values())).dtype
         out = expert_forward(module, tensors, hidden[tokens].to(dtype))
         total.index_add_(0, tokens, out.float() * routing_weights[tokens, ranks, None].float())
