@@ -39,18 +39,12 @@ def expandable_segments() -> None:
         setter("expandable_segments:True")
 
 
-def held_bytes(device: torch.device) -> int:
-    """What PyTorch's CUDA allocator holds on `device`, its cache of free blocks included (0 on a CPU: there the
-    activations live in RAM, outside the device tier)."""
-    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
-
-
 def give_back_cache(device: torch.device, budget_bytes: int, wanted_bytes: int) -> bool:
     """Before work that will allocate about `wanted_bytes` on `device`: when what the allocator holds plus that
     would pass `budget_bytes`, give its cached free blocks back first (a budget bounds what the process holds; the
     blocks an earlier, differently sized pass freed stay cached otherwise). Whether it did. Pages shared with live
-    tensors stay held: see the model's `_room_for_tree`."""
-    if device.type != "cuda" or held_bytes(device) + wanted_bytes <= budget_bytes:
+    tensors stay held (benchmarks/RESULTS.md, twelfth session)."""
+    if device.type != "cuda" or torch.cuda.memory_reserved(device) + wanted_bytes <= budget_bytes:
         return False
     torch.cuda.empty_cache()
     return True

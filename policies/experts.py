@@ -58,18 +58,15 @@ class ExpertCosts:
 
 
 def split_misses(tokens: Mapping[int, int], nbytes: int, costs: ExpertCosts,
-                 heat: Mapping[int, int] | None = None, host_nbytes: int | None = None,
-                 backlog_bytes: int = 0) -> list[int]:
+                 heat: Mapping[int, int] | None = None, host_nbytes: int | None = None) -> list[int]:
     """Of a layer's missed experts (expert -> tokens routed to it, each of `nbytes` as stored), those to compute
     on the host; the rest are copied. The link and the CPU work at once, so the layer waits for the longer of the
     two: experts move to the host, cheapest first (fewest tokens, then coldest by `heat`, so that the hot ones are
     copied into slots where they will hit again), while that shortens the wait. `host_nbytes`: the bytes the CPU's
-    work on one scales with, where that is not `nbytes` (a compressed expert is dequantized first).
-    `backlog_bytes`: copies already queued on the link ahead of these (the experts predicted for this layer), which
-    the layer waits for too."""
+    work on one scales with, where that is not `nbytes` (a compressed expert is dequantized first)."""
     order = sorted(tokens, key=lambda expert: (tokens[expert], (heat or {}).get(expert, 0), expert))
     copy_each = costs.copy_s(nbytes)
-    link_s, host_s, chosen = costs.copy_s(backlog_bytes) + copy_each * len(order), 0.0, []
+    link_s, host_s, chosen = copy_each * len(order), 0.0, []
     for expert in order:
         cost = costs.host_s(host_nbytes or nbytes, tokens[expert]) + (0.0 if chosen else costs.host_call_s)
         if max(host_s + cost, link_s - copy_each) >= max(host_s, link_s):

@@ -580,89 +580,43 @@ def test_a_short_calls_unused_kv_reserve_is_room_for_its_tree():
     assert slack_only < with_spare
 
 
-@pytest.mark.parametrize("draft", ["ngram", "self"])
-def test_a_verify_pass_cut_to_the_nodes_its_room_holds_keeps_the_tokens(draft, tiny_dirs, tmp_path, monkeypatch):
-    """Each streamed verify pass first asks how many of its tree's first nodes fit the device budget
-    (`_room_for_tree`, given the pass's context and the tree's size); told fewer, it verifies those alone (a tree:
-    each node after its parent) and still gives transformers' greedy tokens; the report says what was cut."""
-    from tierstore.inference.decoding import verifier
-    from tierstore.inference.decoding.model import TierstoreModel
+def test_each_streamed_verify_pass_first_makes_room_in_the_budget_for_its_tree(tiny_dirs, tmp_path, monkeypatch):
+    """Before each verify pass of a streamed model, the device's cached blocks are given back when they and what
+    the pass takes (`tree_bytes` of its context and nodes) would pass the device budget; the report counts it."""
+    from tierstore.inference.decoding import model as model_module
 
     directory, reference = tiny_dirs("llama")
-    asked, forwarded = [], []
-    real_bias = verifier.attention_bias
+    asked, trees = [], []
+    real_tree_bytes = model_module.tree_bytes
 
-    def room_for_tree(self, context_tokens, nodes):
-        asked.append((context_tokens, nodes))
-        return max(1, nodes // 2)
+    def tree_bytes(config, dtype, context_tokens, nodes):
+        trees.append((context_tokens, nodes, real_tree_bytes(config, dtype, context_tokens, nodes)))
+        return trees[-1][2]
 
-    def attention_bias(prefix, allowed, *args):
-        forwarded.append(allowed.shape[0])  # the nodes the pass's forward takes
-        return real_bias(prefix, allowed, *args)
+    def give_back_cache(device, budget_bytes, wanted_bytes):
+        asked.append((budget_bytes, wanted_bytes))
+        return len(asked) % 2 == 1  # gave cached blocks back before every other pass
 
-    monkeypatch.setattr(TierstoreModel, "_room_for_tree", room_for_tree)
-    monkeypatch.setattr(verifier, "attention_bias", attention_bias)
+    monkeypatch.setattr(model_module, "tree_bytes", tree_bytes)
+    monkeypatch.setattr(model_module, "give_back_cache", give_back_cache)
     config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"depth": 4}}
     ids = torch.tensor([REPEATING])
     want = reference.generate(ids, max_new_tokens=16, do_sample=False)
-    budget = _budget_for(reference)
-    if draft == "self":  # a model draft comes out of the device budget
-        budget = tierstore.Budget(vram=budget.vram + sum(p.numel() for p in reference.parameters()) * 4,
-                                  ram=budget.ram)
-    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config,
-                                             draft="ngram" if draft == "ngram" else directory) as model:
+    with tierstore.AutoModel.from_pretrained(directory, budget=_budget_for(reference), config=config,
+                                             draft="ngram") as model:
         assert model.plan.regime == "disk"
         assert model.generate(ids, max_new_tokens=16, do_sample=False).tolist() == want.tolist()
         report = model.report()
+        budget_bytes = model.plan.device_budget_bytes
     spec = report.speculation
-    assert len(asked) == spec["passes"] >= 2
-    assert asked[0][0] == len(REPEATING)  # the first pass's context: the prompt (its root token is the tree's)
-    assert all(a[0] < b[0] for a, b in zip(asked, asked[1:]))  # each later pass sees the tokens kept since
-    assert sum(nodes for _, nodes in asked) == spec["tree_nodes"] + spec["passes"]  # every tree with its root
-    assert forwarded == [max(1, nodes // 2) for _, nodes in asked]
-    cut = sum(nodes - max(1, nodes // 2) for _, nodes in asked)
-    passes_cut = sum(1 for _, nodes in asked if nodes > 1)
-    assert cut > 0
-    assert f"{cut} drafted nodes were cut from {passes_cut} passes' trees" in " ".join(report.notes)
-
-
-def test_a_trees_room_is_the_budget_beside_what_the_allocator_holds(tiny_dirs, tmp_path, monkeypatch):
-    """On a GPU (faked: the allocator's holding set by hand), a verify pass keeps its whole tree where what it
-    takes (`tree_bytes`) fits beside what is held; gives the allocator's cache back first where it does not; and
-    where what stays held still leaves too little, keeps the first nodes that fit, its root at least."""
-    import dataclasses
-
-    from tierstore.inference.decoding import model as model_module
-    from tierstore.inference.placement.prefill import tree_bytes
-
-    directory, reference = tiny_dirs("llama")
-    with tierstore.AutoModel.from_pretrained(directory, budget=_budget_for(reference),
-                                             config={"runtime": {"cache_dir": str(tmp_path)}}) as model:
-        model.kv_budget = dataclasses.replace(model.kv_budget, separate_device=True)
-        model._given_back = 0
-        budget = model.plan.device_budget_bytes
-        config, dtype = model.model.config, model.model.dtype
-        whole = tree_bytes(config, dtype, 40, 64)
-        held = {"bytes": 0, "after_give_back": 0}
-
-        def give_back_cache(device, budget_bytes, wanted_bytes):
-            if held["bytes"] + wanted_bytes <= budget_bytes:
-                return False
-            held["bytes"] = held["after_give_back"]
-            return True
-
-        monkeypatch.setattr(model_module, "held_bytes", lambda device: held["bytes"])
-        monkeypatch.setattr(model_module, "give_back_cache", give_back_cache)
-        held.update(bytes=budget - whole, after_give_back=0)
-        assert model._room_for_tree(40, 64) == 64 and model._given_back == 0  # fits as it is
-        held.update(bytes=budget - whole + 1, after_give_back=budget - 2 * whole)
-        assert model._room_for_tree(40, 64) == 64 and model._given_back == 1  # fits once the cache is given back
-        held.update(bytes=budget - whole // 3, after_give_back=budget - whole // 3)  # nothing to give back
-        kept = model._room_for_tree(40, 64)
-        assert 1 <= kept < 64 and model._given_back == 2
-        assert tree_bytes(config, dtype, 40, kept) <= whole // 3 < tree_bytes(config, dtype, 40, 2 * kept + 2)
-        held.update(bytes=budget, after_give_back=budget)
-        assert model._room_for_tree(40, 64) == 1  # the root: a plain step's worth
+    assert len(asked) == len(trees) == spec["passes"] >= 2
+    assert [wanted for _, wanted in asked] == [nbytes for _, _, nbytes in trees]
+    assert {budget for budget, _ in asked} == {budget_bytes}
+    assert trees[0][0] == len(REPEATING)  # the first pass's context: the prompt (its root token is the tree's)
+    assert all(a[0] < b[0] for a, b in zip(trees, trees[1:]))  # each later pass sees the tokens kept since
+    assert sum(nodes for _, nodes, _ in trees) == spec["tree_nodes"] + spec["passes"]  # every tree with its root
+    emptied = (spec["passes"] + 1) // 2
+    assert f"given back before {emptied} of {spec['passes']} verify passes" in " ".join(report.notes)
 
 
 def test_a_fixed_step_count_is_drafted_whatever_the_costs():

@@ -282,13 +282,6 @@ class TieredStore:
                     if entry is not None and entry.ready.done() and entry.ready.exception() is None
                     and self.transfer.done(entry.copy_fence)}
 
-    def copies_in_flight_bytes(self) -> int:
-        """Bytes of the device copies queued and not finished: the link's backlog (a load still waiting for its
-        disk read is not counted)."""
-        with self._lock:
-            self._finish_copies(block=False)
-            return sum(nbytes for *_, nbytes in self._in_flight)
-
     def in_host(self, keys: list[Key]) -> bool:
         """Whether every one of `keys` has been read into host RAM (none still on its way, none missing)."""
         with self._lock:

@@ -27,7 +27,7 @@ from ...report import RunReport, Timing
 from ...sizes import format_size
 from ...store import TieredStore
 from ...trace import TOKENS, Tracer
-from ..devices import give_back_cache, held_bytes
+from ..devices import give_back_cache
 from ..placement.budgets import ACTIVATION_SLACK_BYTES, DraftCost
 from ..placement.kv import KVBudget, KVTiers, Workload, describe_tiers, device_shares
 from ..placement.prefill import plan_prefill, tree_bytes, tree_nodes_within
@@ -462,16 +462,27 @@ class TierstoreModel:
         with quiet_forward():
             out = speculate(verifier, draft, input_ids, max_new, chooser(do_sample, warped), ends, stats,
                             kwargs.get("streamer"), on_first_token=lambda: clock(None, None), tracer=self.tracer)
+        notes.extend(self._speculation_notes(verifier, draft, stats))
+        self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes,
+                     graph=GraphStats() if verifier.graphed else None)
+        self._speculation = stats
+        return out
+
+    def _speculation_notes(self, verifier: Verifier | GraphedVerifier, draft: Any,
+                           stats: SpeculationStats) -> list[str]:
+        """What a speculative call's report says of how its passes and draft steps ran."""
+        from .drafts import ModelDraft
+
+        notes = []
         if isinstance(verifier, GraphedVerifier):
             failure = verifier.failure
             notes.append(f"verify passes not graphed: CUDA graph capture failed ({failure})" if failure else
                          "verify passes replayed from CUDA graphs, trees padded to "
                          f"{'/'.join(map(str, verifier.widths()))} tokens (recording them has taken "
                          f"{verifier.capture_s():.2f} s so far)")
-        if self._given_back or verifier.cut_nodes:
-            notes.append(f"to hold the device budget, the GPU allocator's cached blocks were given back before "
-                         f"{self._given_back} of {stats.passes} verify passes, and {verifier.cut_nodes} drafted "
-                         f"nodes were cut from {verifier.cut_passes} passes' trees")
+        if self._given_back:
+            notes.append(f"the GPU allocator's cached blocks were given back before {self._given_back} of "
+                         f"{stats.passes} verify passes, to hold the device budget")
         if isinstance(draft, ModelDraft) and draft.ahead:
             notes.append(f"the draft grew its trees while the model verified them: {stats.carried_trees} of "
                          f"{stats.passes} passes started from a subtree grown ahead ({stats.ahead_steps} steps "
@@ -479,10 +490,7 @@ class TierstoreModel:
         if isinstance(draft, ModelDraft) and draft.compile_failure:
             notes.append(f"draft steps not compiled: torch.compile failed ({draft.compile_failure}); they ran "
                          f"uncompiled")
-        self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes,
-                     graph=GraphStats() if verifier.graphed else None)
-        self._speculation = stats
-        return out
+        return notes
 
     def _grows_ahead(self, verifier: Verifier | GraphedVerifier) -> bool:
         """Whether a model draft grows its tree while the model verifies it (`speculation.ahead`); auto: on a GPU
@@ -508,22 +516,11 @@ class TierstoreModel:
         self._graphed_verifier.max_nodes = max_nodes
         return self._graphed_verifier
 
-    def _room_for_tree(self, context_tokens: int, nodes: int) -> int:
-        """Before a streamed verify pass: how many of its tree's first `nodes` nodes (best-first, each after its
-        parent) it verifies. What the pass takes (`tree_bytes`) must fit the device budget beside what PyTorch's
-        allocator holds: its cached blocks are given back first where they would not, and where pages shared with
-        live tensors stay held, the tree is cut to the nodes that fit (its root at least). An MoE verify pass of 861
-        nodes on an H100 peaked at 3.94 GB allocated and 4.11 GB held of a 4 GB budget, 0.16 GB of it held across
-        a give-back (pages shared with the KV cache's tensors, cut and remade each pass)."""
-        if not self.kv_budget.separate_device:  # on a CPU activations live in RAM, outside the device tier
-            return nodes
-        budget = self.plan.device_budget_bytes
+    def _room_for_tree(self, context_tokens: int, nodes: int) -> None:
+        """Before a streamed verify pass on a GPU: the allocator's cached blocks given back when they and what the
+        pass takes (`tree_bytes` of its context and nodes) would pass the device budget (counted for the report)."""
         wanted = tree_bytes(self.model.config, self.model.dtype, context_tokens, nodes)
-        self._given_back += give_back_cache(self.device, budget, wanted)
-        room = budget - held_bytes(self.device)
-        if wanted <= room:
-            return nodes
-        return max(1, min(nodes, room * nodes // wanted))  # a node's share at the full size bounds it at fewer
+        self._given_back += give_back_cache(self.device, self.plan.device_budget_bytes, wanted)
 
     def forget_tree_costs(self) -> None:
         """Start the draft tree's policy afresh: the costs and acceptance it learned over earlier calls are

@@ -53,9 +53,8 @@ class Verifier:
     chunking within the budget) and returns its last logits. With `experts` (the streamed experts' runner) and
     `max_missed`, each pass moves at most that many missed experts per MoE layer, dropping the nodes that would
     need more; with `rate` (the run's tokens per second, observed here), it drops the nodes not worth the experts
-    they add (expert_budget.py, `Worth`). `make_room(context_tokens, nodes)` before each pass says how many of
-    the tree's first nodes it verifies (the model's `_room_for_tree`: those whose activations fit the device
-    budget); the rest are cut from the tree."""
+    they add (expert_budget.py, `Worth`). `make_room(context_tokens, nodes)` runs before each pass (the model's:
+    cached device memory given back where the pass would take the process past its budget)."""
 
     graphed = None  # never replays a graph
 
@@ -65,7 +64,7 @@ class Verifier:
 
     def __init__(self, model: Any, device: torch.device, feed: Any = None, experts: Any = None,
                  max_missed: int | None = None, rate: PassRate | None = None,
-                 make_room: Callable[[int, int], int] | None = None) -> None:
+                 make_room: Callable[[int, int], None] | None = None) -> None:
         from transformers import DynamicCache
 
         self.model = model
@@ -80,9 +79,7 @@ class Verifier:
         self.pruned_nodes = 0  # drafted nodes the expert budget dropped, over this call's passes
         self.most_missed = 0  # the most missed experts one budgeted MoE layer call moved
         self.last_kept: int | None = None  # drafted nodes the last pass's budget kept (None: no budget)
-        self._make_room = make_room  # (context tokens, nodes) before a pass -> the tree's first nodes it verifies
-        self.cut_nodes = 0  # drafted nodes cut that way, over this call's passes
-        self.cut_passes = 0  # passes whose tree was cut
+        self._make_room = make_room  # called with (context tokens, nodes) before each pass
 
     def start(self, input_ids: torch.Tensor, max_tokens: int) -> torch.Tensor:
         """Feed the prompt (1, n); its last position's logits (1, vocab)."""
@@ -96,23 +93,20 @@ class Verifier:
         path's nodes. `meanwhile(busy)` runs once the forward is launched, before its picks are read back."""
         device = self.device
         prefix = self.cache.get_seq_length()
-        kept = self._make_room(prefix, len(tree)) if self._make_room is not None else len(tree)
-        if kept < len(tree):  # the tree's first nodes, each after its parent: a tree
-            self.cut_nodes += tree.drop([node < kept for node in range(len(tree))])
-            self.cut_passes += 1
-        nodes = list(range(kept))
+        if self._make_room is not None:
+            self._make_room(prefix, len(tree))
+        nodes = list(range(len(tree)))
         bias = attention_bias(prefix, tree.ancestry(nodes, nodes), self.model.dtype, device)
-        budget = self._budget(tree, kept)
+        budget = self._budget(tree)
         pruning = self.experts.pruning(budget) if budget is not None else contextlib.nullcontext()
         with pruning, torch.no_grad():  # the experts' runner prunes the tree at each MoE layer
-            logits = self.model(input_ids=torch.tensor([tree.tokens[:kept]], device=device),
-                                position_ids=torch.tensor([[prefix + depth for depth in tree.depths[:kept]]],
-                                                          device=device),
+            logits = self.model(input_ids=torch.tensor([tree.tokens], device=device),
+                                position_ids=torch.tensor([[prefix + depth for depth in tree.depths]], device=device),
                                 attention_mask=bias, past_key_values=self.cache, use_cache=True).logits[0]
         if meanwhile is not None:
             meanwhile(running(device))
-        if budget is not None:  # (the nodes cut above are out of the tree already)
-            self.pruned_nodes += tree.drop(budget.live + [True] * (len(tree) - kept))
+        if budget is not None:
+            self.pruned_nodes += tree.drop(budget.live)
             # a cap bounds what any pass verifies: the tree policy drafts up to twice what it kept; pruning by worth
             # drops the side nodes of every tree, whatever its size, and must not shrink the paths drafted after
             self.last_kept = budget.kept if self.max_missed is not None else None
@@ -125,9 +119,9 @@ class Verifier:
         self._pass_end_s = now_s
         return path, bonus
 
-    def _budget(self, tree: DraftTree, nodes: int) -> ExpertBudget | None:
-        """The expert budget of a pass over the tree's first `nodes` nodes: a cap of missed experts, pruning by
-        worth once the run's rate is known, or both; None without either."""
+    def _budget(self, tree: DraftTree) -> ExpertBudget | None:
+        """The pass's expert budget: a cap of missed experts, pruning by worth once the run's rate is known, or
+        both; None without either."""
         if self.experts is None:
             return None
         worth = None
@@ -136,14 +130,14 @@ class Verifier:
             worth = Worth(expert_s, tokens_per_s) if expert_s and tokens_per_s else None
         if worth is None and self.max_missed is None:
             return None
-        return ExpertBudget(tree.parents[:nodes], tree.scores[:nodes], self.max_missed, worth)
+        return ExpertBudget(tree.parents, tree.scores, self.max_missed, worth)
 
 
 class GraphedVerifier:
     """Verify passes of a model resident on the device, over fixed buffers. Kept across calls: a call whose
     sequence and tree fit the buffers reuses their graphs."""
 
-    pruned_nodes = most_missed = cut_nodes = cut_passes = 0  # every unit stays on the device: no budget, no cut
+    pruned_nodes = most_missed = 0  # every expert is on the device: no budget
     last_kept = None
 
     def __init__(self, model: Any, device: torch.device, max_nodes: int) -> None:

@@ -286,10 +286,8 @@ class ExpertRunner:
         top_k = top_k_index.shape[-1]
         if self.budget is not None and len(routed) == top_k * len(self.budget.live):
             routed, top_k_index, top_k_weights = self._within_budget(index, routed, top_k, top_k_index, top_k_weights)
-        guessed = _guessed(guesses, routed, top_k)
-        predicted = sorted(guessed)
+        predicted = _guessed(guesses, routed, top_k)
         self._count(index, routed, predicted)
-        ahead = [following.keys[e] for e in self._copied_ahead(index, guessed)] if following else []
         chunks = _token_chunks([routed[i:i + top_k] for i in range(0, len(routed), top_k)], self.pool.count)
         if len(chunks) > 1:
             self.stats.chunked_calls += 1
@@ -298,7 +296,7 @@ class ExpertRunner:
             if not experts:  # only nodes an expert budget pruned
                 outputs.append(torch.zeros_like(hidden[start:end]))
                 continue
-            prefetch = ahead if first == 0 else []
+            prefetch = [following.keys[e] for e in predicted] if first == 0 and following else []
             outputs.append(self._run(index, experts, routed[start * top_k:end * top_k], prefetch, hidden[start:end],
                                      top_k_index[start:end], top_k_weights[start:end], args, kwargs))
         self.stats.layer_s += time.perf_counter() - start_s
@@ -444,24 +442,7 @@ class ExpertRunner:
         pairs = Counter(routed)  # counted in C: a verify pass routes thousands of pairs a layer
         tokens = {expert: pairs[expert] for expert in missed}
         heat = {expert: self.stats.counts.get((index, expert), 0) for expert in missed}
-        return set(split_misses(tokens, self._expert_bytes, self.costs, heat, self._host_work_bytes,
-                                backlog_bytes=self.store.copies_in_flight_bytes()))
-
-    def _copied_ahead(self, index: int, guessed: Counter[int]) -> list[int]:
-        """Of the experts guessed for the next layer (each with the rows guessed to route to it), those to copy
-        ahead: all of them, except where missed experts are split (auto, rates known) the ones the split leaves to
-        the CPU. Those are not copied: the next layer finds them missed and splits its misses again, with these
-        copies as the link's backlog, so that the CPU computes its share while the link copies the rest (a verify
-        pass's layer otherwise found 84% of its experts already on their way and gave the CPU one or two)."""
-        predicted = sorted(guessed)
-        following = index + 1
-        if self.compute != "auto" or self.costs is None or not self._on_host_ok[following]:
-            return predicted
-        keys = self.groups[following].keys
-        missing = {expert: rows for expert, rows in guessed.items() if not self.store.on_device(keys[expert])}
-        heat = {expert: self.stats.counts.get((following, expert), 0) for expert in missing}
-        left = set(split_misses(missing, self._expert_bytes, self.costs, heat, self._host_work_bytes))
-        return [expert for expert in predicted if expert not in left]
+        return set(split_misses(tokens, self._expert_bytes, self.costs, heat, self._host_work_bytes))
 
     def _all_in_ram(self) -> bool:
         """Whether every expert has been read into host RAM (once true, it stays: nothing is read from disk)."""
@@ -552,7 +533,7 @@ class ExpertRunner:
             self.store.release_host_many(keys)
         elapsed_s = time.perf_counter() - start_s
         self.stats.host_s += elapsed_s
-        if self.costs is not None:  # the CPU's rates as this run gets them
+        if self.costs is not None and elapsed_s > 0:  # the CPU's rates as this run gets them
             pairs = Counter(routed)
             predicted_s = sum(self.costs.host_s(self._host_work_bytes, pairs[expert]) for expert in experts)
             self.costs = self.costs.observed(predicted_s, elapsed_s)
@@ -590,15 +571,17 @@ class ExpertRunner:
             self._expected[index + 1] = predicted
 
 
-def _guessed(guesses: list[int], routed: list[int], top_k: int) -> Counter[int]:
+def _guessed(guesses: list[int], routed: list[int], top_k: int) -> list[int]:
     """The next layer's experts guessed for the rows an expert budget kept (a pruned row's routing is PRUNED),
-    each with the rows guessed to route to it; `guesses` token-major, as many a row as the next layer routes."""
-    if not guesses or PRUNED not in routed:
-        return Counter(guesses)
+    sorted; `guesses` token-major, as many a row as the next layer routes."""
+    if not guesses:
+        return []
     rows = len(routed) // top_k
+    if PRUNED not in routed:
+        return sorted(set(guesses))
     per_row = len(guesses) // rows
-    return Counter(expert for row in range(rows) if routed[row * top_k] != PRUNED
-                   for expert in guesses[row * per_row:(row + 1) * per_row])
+    return sorted({expert for row in range(rows) if routed[row * top_k] != PRUNED
+                   for expert in guesses[row * per_row:(row + 1) * per_row]})
 
 
 def _values(unit: Mapping[str, torch.Tensor] | list[torch.Tensor]) -> list[torch.Tensor]:
