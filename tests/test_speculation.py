@@ -619,6 +619,31 @@ def test_each_streamed_verify_pass_first_makes_room_in_the_budget_for_its_tree(t
     assert f"given back before {emptied} of {spec['passes']} verify passes" in " ".join(report.notes)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.float16, torch.float32)])
+def test_the_cache_cut_to_the_accepted_path_keeps_its_entries_in_one_buffer(dtypes):
+    """keep_positions: every layer keeps its first entries and the accepted path's, in order, as views of one new
+    buffer (separate small tensors held allocator pages against the budget); layers of several dtypes each get
+    their own tensors."""
+    from transformers import DynamicCache
+
+    from tierstore.inference.decoding.tree import keep_positions
+
+    generator = torch.Generator().manual_seed(0)
+    cache = DynamicCache()
+    originals = []
+    for layer, (dtype, heads) in enumerate(zip(dtypes, (2, 3, 2))):
+        keys, values = (torch.randn(1, heads, 12, 4, generator=generator).to(dtype) for _ in range(2))
+        cache.update(keys, values, layer)
+        originals.append((keys, values))
+    keep_positions(cache, 5, [7, 9, 10])
+    order = [0, 1, 2, 3, 4, 7, 9, 10]
+    for layer, (keys, values) in zip(cache.layers, originals):
+        assert torch.equal(layer.keys, keys[..., order, :]) and torch.equal(layer.values, values[..., order, :])
+    storages = {tensor.untyped_storage().data_ptr() for layer in cache.layers for tensor in (layer.keys, layer.values)}
+    assert len(storages) == (1 if len(set(dtypes)) == 1 else 6)
+    assert cache.get_seq_length() == 8
+
+
 def test_a_fixed_step_count_is_drafted_whatever_the_costs():
     policy = TreePolicy(fixed_steps=3)
     _learn(policy, lambda tokens: 0.05 + 0.004 * tokens)
