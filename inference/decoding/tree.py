@@ -113,9 +113,10 @@ def attention_bias(prefix_len: int, allowed: torch.Tensor, dtype: torch.dtype,
 
 def keep_positions(cache: object, keep_from: int, positions: list[int]) -> None:
     """Cut the cache to its first `keep_from` positions plus `positions` (each >= keep_from), in that order. Every
-    layer's kept keys and values are views of one new buffer: kept as separate tensors, each under a MiB, they sat
-    in the allocator's small blocks among the pass's freed ones, and each held its 2 MiB page against the device
-    budget (an MoE verify pass on an H100 kept 0.10-0.16 GB held that giving the cache back could not free)."""
+    layer's kept keys and values are views of one new buffer: as separate tensors, each under a MiB, they sit in
+    the allocator's small blocks among the pass's freed ones, each likely keeping its 2 MiB page held against the
+    device budget (after giving the cache back, an MoE speculative run on an H100 still held 0.06-0.16 GB beyond
+    what it had allocated; benchmarks/kv_cut_pages.py measures the difference)."""
     tensors = [tensor for layer in _layers(cache) if layer.keys is not None and layer.keys.numel()
                for tensor in (layer.keys, layer.values)]
     if not tensors:
