@@ -123,10 +123,10 @@ def keep_positions(cache: object, keep_from: int, positions: list[int]) -> None:
         return
     first = tensors[0]
     index = torch.tensor([*range(keep_from), *positions], dtype=torch.long, device=first.device)
-    shapes = [(*tensor.shape[:-2], len(index), tensor.shape[-1]) for tensor in tensors]
     if any(tensor.dtype != first.dtype or tensor.device != first.device for tensor in tensors):
         kept = [tensor.index_select(-2, index) for tensor in tensors]  # no one buffer holds them all
     else:
+        shapes = [(*tensor.shape[:-2], len(index), tensor.shape[-1]) for tensor in tensors]
         sizes = [math.prod(shape) for shape in shapes]
         buffer = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
         kept = [view.view(shape) for view, shape in zip(buffer.split(sizes), shapes)]

@@ -313,8 +313,7 @@ class ExpertRunner:
     def _maps(self) -> bool:
         """Whether decode steps read experts in place: asked for, or auto where the device can once every
         expert has reached RAM (until then an eager step copies them, rather than wait for the last read)."""
-        return self._wants_mapped() and (self.compute == "mapped" or self._mapped is not None
-                                         or self.store.in_host(self._keys))
+        return self._wants_mapped() and (self.compute == "mapped" or self._mapped is not None or self._all_in_ram())
 
     def graphable(self, rows: int) -> bool:
         """Whether a decode step of `rows` sequences leaves its MoE layers nothing to do on the host (every one
