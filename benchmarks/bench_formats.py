@@ -15,7 +15,8 @@ One device call (nvidia-h200, about 6 minutes):
    ggml store: random blocks, as a GGUF would hold them) is opened in a
    child process at vram 4 GB / ram 64 GB: everything in pinned RAM, so a pass is bound by the link. Prints the median
    decode step against the plan's bound, the bytes per pass and the peak VRAM. The store is removed after its row.
-`--shape tiny` checks the script on a CPU.
+`--graphs auto,off` runs each store with and without the graphs of a streamed pass's resident layers
+(layer_graphs.py), `--no-dequant` skips part 1. `--shape tiny` checks the script on a CPU.
 """
 from __future__ import annotations
 
@@ -156,7 +157,8 @@ def child(args: argparse.Namespace) -> None:
     import tierstore
 
     model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
-                                                config={"runtime": {"cache_dir": args.cache}})
+                                                config={"runtime": {"cache_dir": args.cache,
+                                                                    "cuda_graphs": args.graphs}})
     vocab = model.model.config.get_text_config().vocab_size
     ids = torch.randint(100, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up: fills the tiers, compiles dequantizers
@@ -169,7 +171,8 @@ def child(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     print("RESULT " + json.dumps({
         **clock.summary(), "predicted": plan["predicted"], "h2d_bytes_per_pass": plan["h2d_bytes_per_pass"],
-        "regime": plan["regime"], "notes": plan["notes"], "tokens": out[0, PROMPT_TOKENS:].tolist(),
+        "regime": plan["regime"], "notes": plan["notes"], "run_notes": report.get("notes", []),
+        "tokens": out[0, PROMPT_TOKENS:].tolist(),
         "peak_vram_reserved": torch.cuda.max_memory_reserved() if cuda else 0, "peak_rss": vm_hwm_bytes()}),
         flush=True)
 
@@ -185,6 +188,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--work", default="/tmp/tierstore-formats")
     parser.add_argument("--out", default=".")
+    parser.add_argument("--graphs", default="auto", help="runtime.cuda_graphs of each row, comma-separated: "
+                        "auto,off runs each store twice (a streamed pass's resident layers replayed from graphs, "
+                        "and not)")
+    parser.add_argument("--no-dequant", action="store_true", help="skip the layer dequantization timings")
     args = parser.parse_args()
     args.cache = os.path.join(args.work, "cache")
     if args.child:
@@ -201,7 +208,7 @@ def main() -> None:
     print("probe", json.dumps(probe), flush=True)
     formats = args.formats.split(",")
     results: dict = {"probe": probe, "dequant": {}, "rows": {}}
-    for format in formats:
+    for format in [] if args.no_dequant else formats:
         if format not in QUANTIZED_HERE:
             d = results["dequant"][format] = layer_dequant(format, args.shape, device, link)
             print(f"dequant {format}: layer {d['layer_bytes'] / 1e6:.1f} MB in {d['runs']} run(s), copy "
@@ -217,13 +224,16 @@ def main() -> None:
                 written = write_random_store(store, args.shape, "none" if format == "bf16" else format, device)
             else:
                 written = write_ggml_store(store, args.shape, format, device)
-            row = run_child(["--store", store, "--vram", args.vram, "--ram", args.ram, "--tokens", str(args.tokens),
-                             "--work", args.work, "--shape", args.shape], log, script=__file__)
-            results["rows"][format] = {**row, **written}
+            for graphs in args.graphs.split(","):
+                row = run_child(["--store", store, "--vram", args.vram, "--ram", args.ram, "--tokens",
+                                 str(args.tokens), "--work", args.work, "--shape", args.shape, "--graphs", graphs],
+                                log, script=__file__)
+                name = format if graphs == "auto" else f"{format} (cuda_graphs {graphs})"
+                results["rows"][name] = {**row, **written}
+                with open(os.path.join(args.out, "formats_results.json"), "w") as handle:
+                    json.dump(results, handle, indent=1)
+                print_row(name, results["rows"][name], results["probe"])
             shutil.rmtree(store, ignore_errors=True)
-            with open(os.path.join(args.out, "formats_results.json"), "w") as handle:
-                json.dump(results, handle, indent=1)
-            print_row(format, results["rows"][format], results["probe"])
 
 
 def print_row(format: str, r: dict, probe: dict) -> None:
@@ -236,7 +246,8 @@ def print_row(format: str, r: dict, probe: dict) -> None:
     print(f"{format}: store {r['store_bytes'] / 1e9:.2f} GB (written in {r['write_s']:.0f} s), "
           f"{r['h2d_bytes_per_pass'] / 1e9:.2f} GB over the link per pass, decode {step:.4f} s/token, bound "
           f"{bound} ({r['predicted'].get('bound')}): {ratio}, peak VRAM {r['peak_vram_reserved'] / 1e9:.2f} GB "
-          f"reserved, regime {r['regime']}", flush=True)
+          f"reserved, regime {r['regime']}; {'; '.join(n for n in r.get('run_notes', []) if 'decode steps' in n)}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -111,17 +111,41 @@ def test_resident_decode_replays_a_cuda_graph_with_the_eager_tokens_within_the_b
     assert [c for c in eager if isinstance(c, bool)] == [False] * 3
     assert [c for c in graphed if isinstance(c, bool)] == [True] * 3
     assert any("CUDA graph of an earlier call" in note for note in notes), notes
-    config = {"runtime": {"cache_dir": str(tmp_path / "cache")}}
+
+
+@pytest.mark.parametrize("compress", ["none", "q8_0"])
+def test_a_streamed_models_resident_layers_replay_graphs_with_the_eager_tokens(compress, tmp_path):
+    """Some layers streamed, the others kept on the device (float32, and packed in Q8_0, dequantized inside each
+    layer's graph): decode steps run eagerly with each resident layer replayed from a CUDA graph of its own, giving
+    the eager run's tokens (`cuda_graphs = off`) over three calls (greedy, again, sampled), within the budget; the
+    report counts every resident layer replayed on every decode step but the first call's first two."""
+    directory, _ = _tiny(tmp_path)
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
     _, layer = unit_sizes(directory, str(tmp_path / "sizes"))
-    with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram=3 * layer + 300 * 2**20,
-                                                                                ram="1GB"),
-                                             config={"runtime": {**config["runtime"],
-                                                                 "device_reserve": 300 * 2**20}},
-                                             dtype=torch.float32) as streamed:
-        streamed.generate(ids[:1], max_new_tokens=4, do_sample=False)
-        report = streamed.report()
-    assert report.timing.graphed is False
-    assert any("not graphed" in note and "streamed units" in note for note in report.notes), report.notes
+    budget = tierstore.Budget(vram=3 * layer + 300 * 2**20, ram="1GB")
+    runs = {}
+    for graphs in ("off", "auto"):
+        config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs,
+                              "device_reserve": 300 * 2**20}, "compression": {"format": compress}}
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config,
+                                                 dtype=torch.float32) as model:
+            resident = model._resident_layers()
+            assert 0 < len(resident) < model.model.config.num_hidden_layers
+            calls, notes = [], []
+            for sampled in (False, False, True):
+                torch.manual_seed(0)
+                calls.append(model.generate(ids, max_new_tokens=24, do_sample=sampled, top_k=20).tolist())
+                notes.extend(model.report().notes)
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak <= budget.vram, f"peak {peak} > budget {budget.vram}"
+        runs[graphs] = calls, notes, len(resident)
+    (eager, _, _), (graphed, notes, resident) = runs["off"], runs["auto"]
+    assert graphed == eager
+    replays = [int(note.split(": ")[1].split()[0]) for note in notes if "CUDA graphs of their own" in note]
+    steps = [len(call[0]) - ids.shape[1] - 1 for call in graphed]  # decode steps (a call may end at its EOS)
+    assert replays == [(steps[0] - 2) * resident, steps[1] * resident, steps[2] * resident], notes
 
 
 def test_smollm2_on_cuda_matches_transformers(smollm2_store, smollm2_reference, tmp_path):

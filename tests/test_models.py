@@ -149,6 +149,66 @@ def test_the_graphed_decode_loop_gives_transformers_tokens(model_type, tiny_dirs
     assert 0 in got[1, 7:].tolist()
 
 
+class _ReplayedForward:
+    """A stand-in for a CUDA graph on the CPU: recording runs the forward once; a replay runs it again on the
+    buffers it was recorded with and writes its outputs into the recorded outputs, as a graph's replay does."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.outputs = forward()
+
+    def replay(self):
+        from torch.utils import _pytree as pytree
+
+        for kept, fresh in zip(pytree.tree_leaves(self.outputs), pytree.tree_leaves(self.forward())):
+            kept.copy_(fresh)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_resident_layers_replayed_inside_streamed_decode_steps_give_transformers_tokens(model_type, tiny_dirs,
+                                                                                       cache_config):
+    """A model that streams half its layers decodes with its resident layers recorded on their second step and
+    replayed after (each replay fed its inputs by copy, except those already in place): transformers' greedy
+    tokens over two calls, every resident layer replayed on every step after its second, none recorded again for
+    a call of the same length; a layer whose unit is found elsewhere than at recording runs eagerly and is
+    recorded anew."""
+    from tierstore.inference.decoding.graphed import GraphedDecoder
+    from tierstore.inference.decoding.layer_graphs import LayerGraphs
+    from tierstore.inference.decoding.prefill import feed_prompt_planned
+    from tierstore.inference.decoding.sampling import chooser
+    from tierstore.inference.loading.skeleton import decoder_layers
+
+    directory, reference = tiny_dirs(model_type)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=12, do_sample=False)
+    recorded = []
+
+    def record(forward):
+        recorded.append(forward)
+        return _ReplayedForward(forward), None
+
+    with tierstore.AutoModel.from_pretrained(directory, budget=_budget_for(reference), config=cache_config) as model, \
+            torch.no_grad():
+        resident = model._resident_layers()
+        assert 0 < len(resident) < reference.config.num_hidden_layers  # some layers stream
+        layers = LayerGraphs(decoder_layers(model.model, model.model.config)[1], resident, model.store, record)
+        decoder = GraphedDecoder(model.model, model.device, layers=layers,
+                                 feed=lambda kv, input_ids: feed_prompt_planned(model, kv, input_ids))
+        for call, replays in ((0, 9), (1, 11)):  # 11 decode steps: eager, recorded, then replayed
+            before = layers.replays
+            got, _ = decoder.generate(ids, 12, chooser(False, None), set(), 0, None, lambda: None)
+            assert got.tolist() == want.tolist(), call
+            assert layers.replays - before == replays * len(resident), call
+        assert len(recorded) == len(resident)
+        moved = layers._graphed[min(resident)]
+        moved._addresses = [0]  # as if a re-plan had put its unit elsewhere
+        got, _ = decoder.generate(ids, 12, chooser(False, None), set(), 0, None, lambda: None)
+        assert got.tolist() == want.tolist()
+        assert len(recorded) == len(resident) + 1 and moved._graph is not None
+    assert all(type(layer).__name__ != "GraphedLayer" for layer in reference.model.layers)
+
+
 def test_cuda_graphs_is_validated_and_changes_no_token_on_a_cpu(tiny_dirs, tmp_path):
     """`runtime.cuda_graphs` takes auto or off (anything else is refused, naming the key); on a CPU both give the
     same tokens and the report says nothing was graphed (None: not a GPU)."""

@@ -187,6 +187,7 @@ class TieredStore:
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="tierstore-read")
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="tierstore-copy")
         self._copy_inline = copy_inline
+        self._cuda = transfer.device.type == "cuda"
         # Host buffers not carved from a pinned arena are freed once their unit is resident on the device, so that
         # RAM holds a resident unit once (on a CPU both tiers are RAM).
         self._keeps_one_copy = getattr(transfer, "arena", None) is None
@@ -199,7 +200,14 @@ class TieredStore:
 
     # -- the loop's interface -------------------------------------------------------------------------------
     def get(self, key: Key, position: int | None = None) -> dict[str, torch.Tensor]:
-        """The unit's tensors on the compute device; pinned until `release`. Starts the next prefetches."""
+        """The unit's tensors on the compute device; pinned until `release`. Starts the next prefetches. Inside a
+        CUDA graph's capture (a resident layer recorded amid a streamed pass) only a unit already there is
+        served, and nothing is started, waited for or counted: the replays ask again (`_capturing`)."""
+        if self._capturing():
+            with self._lock:
+                entry = self._device_data[key]  # a KeyError fails the capture, and the layer stays eager
+                self.device.pin(key)
+            return entry.tensors  # type: ignore[return-value]
         start_s = time.perf_counter()
         while True:
             with self._lock:
@@ -402,8 +410,8 @@ class TieredStore:
             if host_entry is None:
                 return None
         victims = self._room(self.device, key, nbytes, required)
-        if victims is None:
-            return None
+        if victims is None or (not required and not self._device_resident.isdisjoint(victims)):
+            return None  # a prefetch waits rather than evict a unit the plan keeps: it would be copied again
         self._evict_from_device(victims)
         self.device.admit(key, nbytes)
         buffer, free_after = self._device_pool.take(nbytes, self.device.used_bytes, self.device.budget_bytes)
@@ -433,7 +441,8 @@ class TieredStore:
             finally:
                 for key in present:
                     self.device.unpin(key)
-            self._evict_from_device(victims or [])
+            if victims and self._device_resident.isdisjoint(victims):
+                self._evict_from_device(victims)
         try:
             for key in keys:
                 if key not in self._device_data:
@@ -548,6 +557,9 @@ class TieredStore:
             self.disk_stats.stall_s += waited_s
         entry.served_from = None
         return served_from
+
+    def _capturing(self) -> bool:
+        return self._cuda and torch.cuda.is_current_stream_capturing()
 
     def _stays_on_device(self, key: Key) -> bool:
         """Resident on the device and there: prefetch looks past it (a streamed unit that is there still counts)."""

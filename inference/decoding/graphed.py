@@ -25,11 +25,13 @@ import torch
 
 from ...trace import PASSES, Tracer
 from .sampling import Choose
+from .layer_graphs import LayerGraphs
 from .static_forward import StaticKV, causal_bias, feed_prompt_static, record_graph
 
 log = logging.getLogger(__name__)
 
 ROUND_TOKENS = 256  # buffers are sized in these steps, so calls of similar lengths reuse one graph
+LAYER_ROUND_TOKENS = 64  # the same for a streamed model's buffers (graphs of its resident layers)
 # generation settings that change the decode loop, with the values that leave it plain (what it runs)
 PLAIN_SETTINGS: dict[str, tuple[Any, ...]] = {
     "num_beams": (None, 1), "num_beam_groups": (None, 1), "num_return_sequences": (None, 1),
@@ -108,17 +110,27 @@ def call_settings(generation_config: Any, kwargs: dict[str, Any]) -> tuple[Any, 
 
 
 class GraphedDecoder:
-    """Plain decoding (greedy or sampled) of one resident model with its steps replayed from a CUDA graph. The
-    graph and its buffers are kept for the next call of the same batch size and buffer length."""
+    """Plain decoding (greedy or sampled) of one resident model with its steps replayed from a CUDA graph; or, with
+    `layers`, of a model that streams some layers, its steps eager but its resident layers replayed from graphs of
+    their own (layer_graphs.py). Graphs and buffers are kept for the next call of the same batch size and buffer
+    length."""
 
     def __init__(self, model: Any, device: torch.device, before_replay: Callable[[], None] | None = None,
-                 tracer: Tracer | None = None) -> None:
+                 tracer: Tracer | None = None, layers: LayerGraphs | None = None,
+                 feed: Callable[[StaticKV, torch.Tensor], torch.Tensor] | None = None) -> None:
         """`before_replay`: called before each replay (work a replay cannot do: the routed experts' bookkeeping,
-        inference/runtime/experts.py). `tracer`: each replay is traced as a pass (the capture records nothing)."""
+        inference/runtime/experts.py). `tracer`: each replay is traced as a pass (the capture records nothing).
+        `feed`: how a prompt fills the cache and gives its last logits (default `feed_prompt_static`); a streamed
+        model's feeds the chunks its plan sizes."""
         self.model = model  # transformers' model, its units all on `device` (or routed experts read in place)
         self.device = device
         self._before_replay = before_replay
         self._tracer = tracer
+        self.layers = layers
+        self._feed = feed or (lambda kv, input_ids: feed_prompt_static(model, kv, input_ids))
+        # a whole step's graph is kept across calls of similar lengths; a streamed model's buffers are sized closer
+        # to the call (its KV cache shares the device budget with streamed layers), its layers' graphs recorded anew
+        self._round_tokens = ROUND_TOKENS if layers is None else LAYER_ROUND_TOKENS
         self._shape: tuple[int, int] | None = None  # (rows, buffer tokens) of the buffers and graph
         self._kv: StaticKV | None = None
         self._static: dict[str, torch.Tensor] = {}
@@ -166,7 +178,7 @@ class GraphedDecoder:
 
     def _prepare(self, rows: int, tokens: int) -> None:
         """Buffers for `rows` sequences of up to `tokens` (rounded up); a graph of another shape is let go."""
-        capacity = -(-tokens // ROUND_TOKENS) * ROUND_TOKENS
+        capacity = -(-tokens // self._round_tokens) * self._round_tokens
         if self._shape is not None and self._shape[0] == rows and self._shape[1] >= tokens:
             return
         self._graph, self._kv, self._static = None, None, {}  # the old graph's memory pool goes with it
@@ -175,10 +187,12 @@ class GraphedDecoder:
         self._static = {"ids": torch.zeros(rows, 1, dtype=torch.long, device=self.device),
                         "position": torch.zeros(1, dtype=torch.long, device=self.device),
                         "keys": torch.arange(capacity, device=self.device)}
+        if self.layers is not None:
+            self.layers.reset(stable=self._static.values())
 
     def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Feed the prompt in chunks into the static cache; the last position's logits (rows, vocab), float32."""
-        logits = feed_prompt_static(self.model, self._kv, input_ids)  # type: ignore[arg-type]
+        logits = self._feed(self._kv, input_ids)  # type: ignore[arg-type]
         self._kv.write_at = self._static["position"]  # type: ignore[union-attr]
         return logits
 
@@ -186,6 +200,10 @@ class GraphedDecoder:
         """The forward of the tokens in the `ids` buffer at `position`: replayed, or run eagerly and captured."""
         self._static["position"].fill_(position)
         self._kv.length = position + 1  # type: ignore[union-attr]
+        if self.layers is not None:  # eager, the resident layers replayed
+            with self.layers.installed():
+                self._forward()
+            return self._static["logits"]
         if self._graph is not None:
             if self._before_replay is not None:
                 self._before_replay()

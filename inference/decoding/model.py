@@ -37,8 +37,10 @@ from ..runtime.lookup import HostLookup
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
 from ..runtime.tiered_kv import KVTraffic, TieredKVCache
+from ..loading.skeleton import decoder_layers
 from .graphed import GraphedDecoder, GraphStats, attention_refusal, call_settings, refusal
-from .prefill import feed_prompt, plan_feed
+from .layer_graphs import LayerGraphs, cuda_record, resident_layers
+from .prefill import feed_prompt, feed_prompt_planned, plan_feed
 from .sampling import chooser, eos_ids, warp
 from .speculation import SpeculationStats
 from .verifier import GraphedVerifier, Verifier
@@ -138,6 +140,7 @@ class TierstoreModel:
         self._speculation: SpeculationStats | None = None
         self._prefixes: PrefixCache | None = None  # opened on first use (`prefix_cache`)
         self._graphed: GraphedDecoder | None = None  # made on the first call whose decode steps can be graphed
+        self._graphed_layers: tuple[int, ...] | None = None  # the resident layers it replays (None: whole steps)
         self._graphed_verifier: GraphedVerifier | None = None  # made on the first draft call that can be graphed
         self._kv_call: dict[str, Any] | None = None  # the last generate call's KV cache, for the report
         # the tree policy learns the draft step's and the verify pass's costs across calls (a target whose routed
@@ -214,7 +217,7 @@ class TierstoreModel:
     def _graph_refusal(self, input_ids: torch.Tensor, kwargs: dict[str, Any], total_tokens: int) -> str | None:
         """Why this call's decode steps cannot replay a CUDA graph (None: they can; "": not asked for, or not on a
         GPU)."""
-        unfit = self._model_graph_refusal(input_ids.shape[0], traced=True)
+        unfit = self._model_graph_refusal(input_ids.shape[0], traced=True, streamed=True)
         if unfit is not None:
             return unfit
         if self.prefix_cache() is not None:
@@ -227,17 +230,18 @@ class TierstoreModel:
         unfit = self._model_graph_refusal(rows)
         return unfit if unfit is not None else attention_refusal(self.model.config, max_seq_tokens)
 
-    def _model_graph_refusal(self, tokens: int, traced: bool = False) -> str | None:
+    def _model_graph_refusal(self, tokens: int, traced: bool = False, streamed: bool = False) -> str | None:
         """Why a forward of `tokens` tokens (a batch's decode step, a verify pass) cannot replay a CUDA graph, on
         the model's side (None: it can; "": not asked for, or not on a GPU). `traced`: the caller traces its
-        replays (generate's decode steps do)."""
+        replays (generate's decode steps do). `streamed`: the caller replays the resident layers of a model that
+        streams others (generate's decode steps do)."""
         if self.config.runtime.cuda_graphs == "off" or self.device.type != "cuda":
             return ""
-        plan = self.plan
-        looked_up = 0 if self.lookup is not None and self.lookup.mapped is not None else len(plan.host_lookup)
-        moving = len(set(plan.schedule) - set(plan.device_resident)) + looked_up
-        if moving:
+        moving = self._moving_units()
+        if moving and not (streamed and self.experts is None and self._resident_layers()):
             return f"{moving} of the model's units are not kept on the device (streamed units change addresses)"
+        if moving and self.tracer is not None:
+            return "a trace records every unit's events, which a layer's replay does not run"
         if self.experts is not None and not self.experts.graphable(tokens):
             return "routed experts are fetched as the router picks them"
         if self.kv_on_host:
@@ -250,8 +254,35 @@ class TierstoreModel:
             return "the model makes its own cache"
         return None
 
+    def _moving_units(self) -> int:
+        """How many units are not kept on the device (streamed, or an embedding answered from RAM)."""
+        plan = self.plan
+        looked_up = 0 if self.lookup is not None and self.lookup.mapped is not None else len(plan.host_lookup)
+        return len(set(plan.schedule) - set(plan.device_resident)) + looked_up
+
+    def _resident_layers(self) -> dict[int, list[tuple[str, int]]]:
+        return resident_layers(self.store.schedule, self.plan.device_resident)
+
+    def _decoder(self) -> GraphedDecoder:
+        """The graphed decoder for the plan as it is: whole steps replayed where every unit stays on the device,
+        else the resident layers replayed inside eager steps (made anew when the resident layers change)."""
+        resident = self._resident_layers() if self._moving_units() else None
+        shape = None if resident is None else tuple(sorted(resident))
+        if self._graphed is None or self._graphed_layers != shape:
+            layers = feed = None
+            if resident is not None:
+                layers = LayerGraphs(decoder_layers(self.model, self.model.config)[1], resident, self.store,
+                                     cuda_record(self.device))
+                feed = lambda kv, input_ids: feed_prompt_planned(self, kv, input_ids)  # noqa: E731
+            self._graphed = GraphedDecoder(self.model, self.device,
+                                           self.experts.before_replay if self.experts is not None else None,
+                                           self.tracer, layers=layers, feed=feed)
+            self._graphed_layers = shape
+        return self._graphed
+
     def _generate_graphed(self, input_ids: torch.Tensor, kwargs: dict[str, Any], notes: list[str]) -> torch.Tensor:
-        """generate with every decode step replayed from a CUDA graph (`graphed.GraphedDecoder`)."""
+        """generate with every decode step replayed from a CUDA graph (`graphed.GraphedDecoder`), or, where some
+        layers stream, each resident layer's part of it."""
         settings = call_settings(self.model.generation_config, kwargs)[0]
         rows, prompt = input_ids.shape
         max_new = settings.max_new_tokens if settings.max_new_tokens is not None else settings.max_length - prompt
@@ -259,21 +290,27 @@ class TierstoreModel:
         ends = settings.eos_token_id if isinstance(settings.eos_token_id, list) else \
             [] if settings.eos_token_id is None else [settings.eos_token_id]
         pad = settings.pad_token_id if settings.pad_token_id is not None else (ends[0] if ends else 0)
-        if self._graphed is None:
-            self._graphed = GraphedDecoder(self.model, self.device,
-                                           self.experts.before_replay if self.experts is not None else None,
-                                           self.tracer)
+        decoder = self._decoder()
+        layers = decoder.layers
+        before = (layers.replays, layers.capture_s) if layers is not None else (0, 0.0)
         clock = _StepClock(self.tracer)
         self._kv_call = {"cache_tokens": rows * (prompt + max_new), "chunk": None, "reused": 0, "tiers": None}
         with quiet_forward():
-            out, stats = self._graphed.generate(input_ids, max(max_new, 1), chooser(settings.do_sample, warped),
-                                                eos_ids(ends), pad, kwargs.get("streamer"), lambda: clock(None, None))
-        failure = self._graphed.failure
-        notes.append(f"decode steps not graphed: CUDA graph capture failed ({failure}); they ran eagerly" if failure
-                     else f"decode steps replayed from a CUDA graph (captured in {stats.capture_s:.2f} s)"
-                     if stats.capture_s else "decode steps replayed from the CUDA graph of an earlier call")
+            out, stats = decoder.generate(input_ids, max(max_new, 1), chooser(settings.do_sample, warped),
+                                          eos_ids(ends), pad, kwargs.get("streamer"), lambda: clock(None, None))
+        failure = decoder.failure if layers is None else layers.failure
+        if layers is not None:
+            replays, capture_s = layers.replays - before[0], layers.capture_s - before[1]
+            notes.append(f"decode steps eager, the {layers.count} decoder layers kept on the device replayed from "
+                         f"CUDA graphs of their own: {replays} replays (recorded in {capture_s:.2f} s)" if not failure
+                         else f"decode steps eager: a layer's CUDA graph capture failed ({failure})")
+        else:
+            notes.append(f"decode steps not graphed: CUDA graph capture failed ({failure}); they ran eagerly"
+                         if failure else f"decode steps replayed from a CUDA graph (captured in "
+                         f"{stats.capture_s:.2f} s)" if stats.capture_s
+                         else "decode steps replayed from the CUDA graph of an earlier call")
         self._record(clock, decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls), batch_size=rows,
-                     notes=notes, graph=None if failure else stats)
+                     notes=notes, graph=None if failure or layers is not None else stats)
         return out
 
     def _prefill_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, total_tokens: int,

@@ -7,6 +7,8 @@ logits are made (`logits_to_keep=1`). `feed_prompt` sizes the chunks for a Tiers
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ import torch
 from ...errors import BudgetError, InputError
 from ..placement.prefill import Prefill, plan_prefill
 from ..runtime.chunk_attention import lower_right_chunks, takes_lower_right
+from .static_forward import PROMPT_CHUNK_TOKENS, StaticKV, feed_prompt_static
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -57,23 +60,39 @@ def plan_feed(model: Any, tokens: int, rows: int, attention_mask: torch.Tensor |
 def feed_prompt(model: Any, input_ids: torch.Tensor, cache: Any, start: int = 0, stop: int | None = None,
                 attention_mask: torch.Tensor | None = None, planned: Prefill | None = None) -> tuple[Any, str | None]:
     """Feed `input_ids[:, start:stop]` into `cache` through `model` (a TierstoreModel) in the chunks `planned` (or
-    `plan_feed`) gives: the store re-planned for the chunks while they run, then back, and the GPU allocator's
-    cache emptied after a re-plan or several chunks (the budget counts what the process holds). Returns the last
-    forward's output and the plan's note when the prompt took more than one chunk."""
+    `plan_feed`) gives, under the plan that gives them room (`planned_room`). Returns the last forward's output and
+    the plan's note when the prompt took more than one chunk."""
     stop = input_ids.shape[1] if stop is None else stop
     planned = planned or plan_feed(model, stop - start, input_ids.shape[0], attention_mask)
+    with planned_room(model, planned, stop - start), torch.no_grad():
+        out = prefill(model.model, input_ids, cache, planned.chunk_tokens, attention_mask, start, stop)
+    return out, planned.note if planned.chunk_tokens < stop - start else None
+
+
+def feed_prompt_planned(model: Any, kv: StaticKV, input_ids: torch.Tensor) -> torch.Tensor:
+    """`feed_prompt_static` for a TierstoreModel that streams: chunks no longer than its plan allows, under the
+    plan that gives them room. The last position's logits (rows, vocab), float32."""
+    rows, tokens = input_ids.shape
+    planned = plan_feed(model, tokens, rows, None)
+    with planned_room(model, planned, tokens), torch.no_grad():
+        return feed_prompt_static(model.model, kv, input_ids, chunk_tokens=min(PROMPT_CHUNK_TOKENS,
+                                                                                 planned.chunk_tokens))
+
+
+@contextlib.contextmanager
+def planned_room(model: Any, planned: Prefill, tokens: int) -> Iterator[None]:
+    """Feeding `tokens` prompt tokens as `planned`: the store re-planned for the chunks while they run, then back,
+    and the GPU allocator's cache emptied after a re-plan or several chunks (the budget counts what the process
+    holds)."""
     decode_plan = model.plan
-    cuda = model.device.type == "cuda"
     if planned.plan is not None:  # the evicted units' blocks stay cached for the chunks to take (emptying the
         model.store.replan(planned.plan)  # cache here took the 32,000-token row from 4.09 to 4.39 GB on an H200)
         model.plan = planned.plan
     try:
-        with torch.no_grad():
-            out = prefill(model.model, input_ids, cache, planned.chunk_tokens, attention_mask, start, stop)
+        yield
     finally:
         if planned.plan is not None:
             model.store.replan(decode_plan)
             model.plan = decode_plan
-        if cuda and (planned.plan is not None or planned.chunk_tokens < stop - start):
+        if model.device.type == "cuda" and (planned.plan is not None or planned.chunk_tokens < tokens):
             torch.cuda.empty_cache()  # what the chunks' activations took (one chunk under the decode plan fits)
-    return out, planned.note if planned.chunk_tokens < stop - start else None

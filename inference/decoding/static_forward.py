@@ -95,13 +95,14 @@ def record_graph(forward: Callable[[], None], device: torch.device, pool: Any = 
     return graph, None
 
 
-def feed_prompt_static(model: Any, kv: StaticKV, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Feed `input_ids[:, start:]` (rows, n) into `kv` at positions start.. in chunks of PROMPT_CHUNK_TOKENS, each
+def feed_prompt_static(model: Any, kv: StaticKV, input_ids: torch.Tensor, start: int = 0,
+                       chunk_tokens: int = PROMPT_CHUNK_TOKENS) -> torch.Tensor:
+    """Feed `input_ids[:, start:]` (rows, n) into `kv` at positions start.. in chunks of `chunk_tokens`, each
     attending causally over the buffer; the last position's logits (rows, vocab), float32."""
     rows, prompt = input_ids.shape
     keys = torch.arange(kv.max_tokens, device=input_ids.device)  # on the compute device
-    for begin in range(start, prompt, PROMPT_CHUNK_TOKENS):
-        end = min(begin + PROMPT_CHUNK_TOKENS, prompt)
+    for begin in range(start, prompt, chunk_tokens):
+        end = min(begin + chunk_tokens, prompt)
         positions = keys[begin:end]
         kv.write_at, kv.length = positions, end
         bias = causal_bias(positions, keys, model.dtype).expand(rows, -1, -1, -1)

@@ -154,7 +154,7 @@ def build_skeleton(config: object, dtype: torch.dtype, trust_remote_code: bool =
     model.tie_weights()  # not done on meta by from_config; tied weights become one unit below
     model.eval()
     model.requires_grad_(False)
-    layers = _decoder_layers(model, config)
+    layers = decoder_layers(model, config)
     return _cut(model, layers, _expert_modules(model, layers[0], config) if split_experts else {})
 
 
@@ -186,7 +186,8 @@ def _expert_modules(model: nn.Module, layers_name: str, config: object) -> dict[
     return found
 
 
-def _decoder_layers(model: nn.Module, config: object) -> tuple[str, nn.ModuleList]:
+def decoder_layers(model: nn.Module, config: object) -> tuple[str, nn.ModuleList]:
+    """The decoder layers' ModuleList and its path in `model` (the one of `num_hidden_layers` modules)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     count = getattr(text_config, "num_hidden_layers", None)
     for name, module in model.named_modules():

@@ -1,0 +1,210 @@
+"""Decoder layers replayed from CUDA graphs inside a decode step whose other layers stream: the launch floor of a
+model that does not fit.
+
+A streamed step cannot be one graph: a streamed unit lands in whichever buffer is free and the host waits for its
+copy. Its resident layers, though, read tensors at fixed addresses (a packed one dequantized inside the layer into
+the one scratch buffer), so each is recorded once as a graph of its own and replayed, and costs the host one
+replay instead of its few hundred launches (about a millisecond a layer when eager). The streamed layers run
+eagerly between them, as before. A replayed layer's inputs are copied into the buffers its graph reads, except
+where they already are: the decoder's fixed buffers (the position), the previous replayed layer's output; inputs
+shared by every layer (rotary embeddings, the attention bias) are copied once a step.
+
+A replayed layer still asks the store for its units and releases them, so that the store's counters and prefetch
+see the step as an eager one; a unit found at another address than at capture (a re-plan moved it) drops that
+layer's graph, which is recorded again the step after.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+# record(forward) -> (graph, None) with forward's outputs holding this run's values, or (None, why) after forward ran
+# eagerly: `static_forward.record_graph` on a GPU. `forward` returns its outputs (what a replay rewrites in place).
+Record = Callable[[Callable[[], Any]], tuple[Any, "str | None"]]
+Units = Sequence[tuple[str, int]]  # a layer's units: (key, position in the schedule)
+
+
+class LayerGraphs:
+    """The resident decoder layers of one model (`resident`: layer index -> its units), each recorded on its
+    second step (the first warms its kernels up) and replayed after, while `installed`. `stable`: tensors that stay
+    at their addresses across steps (the decoder's buffers), read by the graphs where they are."""
+
+    def __init__(self, layers: nn.ModuleList, resident: Mapping[int, Units], store: Any, record: Record,
+                 stable: Sequence[torch.Tensor] = ()) -> None:
+        self._layers = layers
+        self._record = record
+        self._stable = {tensor.data_ptr() for tensor in stable}
+        self._graphed = {index: GraphedLayer(layers[index], units, store, self) for index, units in resident.items()}
+        self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (source, its static copy)
+        self._filled: dict[int, torch.Tensor] = {}  # static buffer's address -> the source copied there this step
+        self.failure: str | None = None  # why a capture failed: every layer runs eagerly from then on
+        self.replays = 0
+        self.capture_s = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self._graphed)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """One step's forward with the resident layers in the layer list replaced by their graphed forms."""
+        modules = self._layers._modules
+        originals = {str(index): modules[str(index)] for index in self._graphed}
+        for index, graphed in self._graphed.items():
+            modules[str(index)] = graphed
+        try:
+            yield
+        finally:
+            modules.update(originals)
+            self._filled.clear()  # the sources of this step's copies may be freed now
+            self._shared.clear()
+
+    def reset(self, stable: Iterable[torch.Tensor] = ()) -> None:
+        """Forget every graph: the decoder's buffers were made anew (`stable`, as in the constructor)."""
+        self._stable = {tensor.data_ptr() for tensor in stable}
+        for graphed in self._graphed.values():
+            graphed.forget()
+
+    def static_for(self, source: torch.Tensor) -> torch.Tensor:
+        """The buffer a graph being recorded reads `source` from: `source` itself where it stays put (a stable
+        buffer, a replayed layer's output), else a copy shared by every layer recorded this step with that input."""
+        if source.data_ptr() in self._stable:
+            return source
+        shared = self._shared.get(id(source))
+        if shared is None:
+            shared = self._shared[id(source)] = (source, source.clone())
+        return shared[1]
+
+    def fill(self, statics: Sequence[Any], sources: Sequence[Any]) -> bool:
+        """Copy a replay's tensor inputs into its graph's buffers (each shared buffer once a step); False when an
+        input does not fit what the graph was recorded with (the layer then runs eagerly)."""
+        for static, source in zip(statics, sources):
+            if not isinstance(static, torch.Tensor):
+                if static is not source and static != source:
+                    return False
+                continue
+            if source.data_ptr() == static.data_ptr():
+                continue
+            if source.shape != static.shape or source.dtype != static.dtype:
+                return False
+            address = static.data_ptr()
+            if self._filled.get(address) is source:
+                continue
+            static.copy_(source)
+            self._filled[address] = source
+        return True
+
+    def keep_output(self, output: Any) -> None:
+        """A recorded layer's outputs stay at their addresses: the next recorded layer reads them where they are."""
+        for leaf in pytree.tree_leaves(output):
+            if isinstance(leaf, torch.Tensor):
+                self._stable.add(leaf.data_ptr())
+
+    def record(self, forward: Callable[[], Any]) -> tuple[Any, str | None]:
+        start_s = time.perf_counter()
+        graph, failure = self._record(forward)
+        self.capture_s += time.perf_counter() - start_s
+        if failure is not None:
+            self.failure = failure
+        return graph, failure
+
+
+class GraphedLayer(nn.Module):
+    """A resident decoder layer's forward: eager on its first step, recorded on its second, replayed after. A layer
+    whose units move more than `MOVES` times (a plan too tight to keep them put) stays eager."""
+
+    MOVES = 2
+
+    def __init__(self, layer: nn.Module, units: Units, store: Any, owner: LayerGraphs) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: the model's module tree stays as it was
+        object.__setattr__(self, "owner", owner)
+        self._units, self._store = list(units), store
+        self.forget()
+
+    def forget(self) -> None:
+        self._warm = False
+        self._moves = 0
+        self._forget_graph()
+
+    def _forget_graph(self) -> None:
+        self._graph: Any = None
+        self._statics: list[Any] = []
+        self._spec: Any = None
+        self._output: Any = None
+        self._addresses: list[int] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        owner: LayerGraphs = self.owner  # type: ignore[assignment]
+        if owner.failure is not None or not self._warm or self._moves > self.MOVES:
+            self._warm = True
+            return self.layer(*args, **kwargs)
+        addresses = self._pin_units()
+        try:
+            if self._graph is not None and addresses != self._addresses:
+                self._moves += 1  # a unit is elsewhere: the graph reads where it was; recorded again next step
+                self._forget_graph()
+                return self.layer(*args, **kwargs)
+            if self._graph is None:
+                return self._capture(args, kwargs, addresses)
+            sources, spec = pytree.tree_flatten((args, kwargs))
+            if spec != self._spec or not owner.fill(self._statics, sources):
+                return self.layer(*args, **kwargs)  # called otherwise than recorded
+            self._graph.replay()
+            owner.replays += 1
+            return self._output
+        finally:
+            for key, _ in self._units:
+                self._store.release(key)
+
+    def _pin_units(self) -> list[int]:
+        """What the layer's hooks would ask of the store (each unit served and pinned, counted, the next prefetches
+        started), and where its units' tensors are."""
+        addresses = []
+        for key, position in self._units:
+            tensors = self._store.get(key, position)
+            addresses.append(next(iter(tensors.values())).data_ptr() if tensors else 0)
+        return addresses
+
+    def _capture(self, args: tuple[Any, ...], kwargs: dict[str, Any], addresses: list[int]) -> Any:
+        owner: LayerGraphs = self.owner  # type: ignore[assignment]
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        statics = [owner.static_for(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        static_args, static_kwargs = pytree.tree_unflatten(statics, spec)
+        result: list[Any] = [None]
+
+        def forward() -> Any:
+            result[0] = self.layer(*static_args, **static_kwargs)
+            return result[0]
+
+        graph, failure = owner.record(forward)
+        if failure is None:
+            self._graph, self._statics, self._spec = graph, statics, spec
+            self._output, self._addresses = result[0], addresses
+            owner.keep_output(result[0])
+        return result[0]
+
+
+def resident_layers(schedule: Sequence[str], device_resident: Iterable[str]) -> dict[int, list[tuple[str, int]]]:
+    """The decoder layers (index -> units as (key, position in `schedule`)) whose every unit stays on the device."""
+    kept = set(device_resident)
+    units: dict[int, list[tuple[str, int]]] = {}
+    for position, key in enumerate(schedule):
+        parts = key.split(".")
+        if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():
+            units.setdefault(int(parts[1]), []).append((key, position))
+    return {index: found for index, found in units.items() if all(key in kept for key, _ in found)}
+
+
+def cuda_record(device: torch.device) -> Record:
+    """Recording on `device`'s GPU, every graph in one memory pool (replayed one at a time, in recording order)."""
+    from .static_forward import record_graph
+
+    pool = torch.cuda.graph_pool_handle()
+    return lambda forward: record_graph(forward, device, pool)
