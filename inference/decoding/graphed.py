@@ -149,6 +149,8 @@ class GraphedDecoder:
         chosen (the first ends prefill)."""
         rows, prompt = input_ids.shape
         self._prepare(rows, prompt + max_new_tokens)
+        if self.layers is not None:
+            self.layers.new_call()
         stats = GraphStats()
         if streamer is not None:
             streamer.put(input_ids.cpu())

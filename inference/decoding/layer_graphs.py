@@ -65,6 +65,12 @@ class LayerGraphs:
             self._filled.clear()  # the sources of this step's copies may be freed now
             self._shared.clear()
 
+    def new_call(self) -> None:
+        """A generate call begins: its prompt may have been fed under a plan that moved units (they are recorded
+        again where they landed), so the moves a layer is allowed count from here."""
+        for graphed in self._graphed.values():
+            graphed.moves = 0
+
     def reset(self, stable: Iterable[torch.Tensor] = ()) -> None:
         """Forget every graph: the decoder's buffers were made anew (`stable`, as in the constructor)."""
         self._stable = {tensor.data_ptr() for tensor in stable}
@@ -117,7 +123,7 @@ class LayerGraphs:
 
 class GraphedLayer(nn.Module):
     """A resident decoder layer's forward: eager on its first step, recorded on its second, replayed after. A layer
-    whose units move more than `MOVES` times (a plan too tight to keep them put) stays eager."""
+    whose units move more than `MOVES` times in a call (a plan too tight to keep them put) stays eager for it."""
 
     MOVES = 2
 
@@ -130,7 +136,7 @@ class GraphedLayer(nn.Module):
 
     def forget(self) -> None:
         self._warm = False
-        self._moves = 0
+        self.moves = 0
         self._forget_graph()
 
     def _forget_graph(self) -> None:
@@ -142,13 +148,13 @@ class GraphedLayer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         owner: LayerGraphs = self.owner  # type: ignore[assignment]
-        if owner.failure is not None or not self._warm or self._moves > self.MOVES:
+        if owner.failure is not None or not self._warm or self.moves > self.MOVES:
             self._warm = True
             return self.layer(*args, **kwargs)
         addresses = self._pin_units()
         try:
             if self._graph is not None and addresses != self._addresses:
-                self._moves += 1  # a unit is elsewhere: the graph reads where it was; recorded again next step
+                self.moves += 1  # a unit is elsewhere: the graph reads where it was; recorded again next step
                 self._forget_graph()
                 return self.layer(*args, **kwargs)
             if self._graph is None:
