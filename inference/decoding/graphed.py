@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from ...trace import PASSES, Tracer
-from .sampling import Choose
 from .layer_graphs import LayerGraphs
+from .sampling import Choose
 from .static_forward import StaticKV, causal_bias, feed_prompt_static, record_graph
 
 log = logging.getLogger(__name__)

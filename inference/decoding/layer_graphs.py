@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .static_forward import record_graph
+
 # record(forward) -> (graph, None) with forward's outputs holding this run's values, or (None, why) after forward ran
 # eagerly: `static_forward.record_graph` on a GPU. `forward` returns its outputs (what a replay rewrites in place).
 Record = Callable[[Callable[[], Any]], tuple[Any, "str | None"]]
@@ -32,14 +34,13 @@ Units = Sequence[tuple[str, int]]  # a layer's units: (key, position in the sche
 
 class LayerGraphs:
     """The resident decoder layers of one model (`resident`: layer index -> its units), each recorded on its
-    second step (the first warms its kernels up) and replayed after, while `installed`. `stable`: tensors that stay
-    at their addresses across steps (the decoder's buffers), read by the graphs where they are."""
+    second step (the first warms its kernels up) and replayed after, while `installed`. The decoder names its
+    buffers, which the graphs read where they are, with `reset` before the first step."""
 
-    def __init__(self, layers: nn.ModuleList, resident: Mapping[int, Units], store: Any, record: Record,
-                 stable: Sequence[torch.Tensor] = ()) -> None:
+    def __init__(self, layers: nn.ModuleList, resident: Mapping[int, Units], store: Any, record: Record) -> None:
         self._layers = layers
         self._record = record
-        self._stable = {tensor.data_ptr() for tensor in stable}
+        self._stable: set[int] = set()  # addresses of tensors that stay put across steps
         self._graphed = {index: GraphedLayer(layers[index], units, store, self) for index, units in resident.items()}
         self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (source, its static copy)
         self._filled: dict[int, torch.Tensor] = {}  # static buffer's address -> the source copied there this step
@@ -72,7 +73,8 @@ class LayerGraphs:
             graphed.moves = 0
 
     def reset(self, stable: Iterable[torch.Tensor] = ()) -> None:
-        """Forget every graph: the decoder's buffers were made anew (`stable`, as in the constructor)."""
+        """Forget every graph: the decoder's buffers were made anew (`stable`: they, which stay at their addresses
+        across steps)."""
         self._stable = {tensor.data_ptr() for tensor in stable}
         for graphed in self._graphed.values():
             graphed.forget()
@@ -210,7 +212,5 @@ def resident_layers(schedule: Sequence[str], device_resident: Iterable[str]) -> 
 
 def cuda_record(device: torch.device) -> Record:
     """Recording on `device`'s GPU, every graph in one memory pool (replayed one at a time, in recording order)."""
-    from .static_forward import record_graph
-
     pool = torch.cuda.graph_pool_handle()
     return lambda forward: record_graph(forward, device, pool)

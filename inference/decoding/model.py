@@ -28,6 +28,7 @@ from ...sizes import format_size
 from ...store import TieredStore
 from ...trace import TOKENS, Tracer
 from ..devices import give_back_cache
+from ..loading.skeleton import decoder_layers
 from ..placement.budgets import ACTIVATION_SLACK_BYTES, DraftCost
 from ..placement.kv import KVBudget, KVTiers, Workload, describe_tiers, device_shares
 from ..placement.prefill import plan_prefill, tree_bytes, tree_nodes_within
@@ -37,7 +38,6 @@ from ..runtime.lookup import HostLookup
 from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
 from ..runtime.tiered_kv import KVTraffic, TieredKVCache
-from ..loading.skeleton import decoder_layers
 from .graphed import GraphedDecoder, GraphStats, attention_refusal, call_settings, refusal
 from .layer_graphs import LayerGraphs, cuda_record, resident_layers
 from .prefill import feed_prompt, feed_prompt_planned, plan_feed
