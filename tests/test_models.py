@@ -209,6 +209,32 @@ def test_resident_layers_replayed_inside_streamed_decode_steps_give_transformers
     assert all(type(layer).__name__ != "GraphedLayer" for layer in reference.model.layers)
 
 
+def test_graphs_kept_across_calls_are_let_go_when_a_replan_moved_their_units(tiny_dirs, cache_config):
+    """The whole-model graphs a resident model keeps for later calls (a whole decode step's, the verify passes')
+    read its units where they were recorded: kept by a call that finds every unit where the last graphed call left
+    it, let go by one after a re-plan evicted them in between (they come back elsewhere), with transformers'
+    tokens either way."""
+    import dataclasses
+
+    directory, reference = tiny_dirs("llama")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=6, do_sample=False).tolist()
+    with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model, torch.no_grad():
+        assert model._moving_units() == 0 and model.generate(ids, max_new_tokens=6, do_sample=False).tolist() == want
+        decoder, verifier = object(), object()  # stand-ins: a CPU records no graph
+        model._graphed, model._graphed_layers, model._graphed_verifier = decoder, None, verifier
+        model._graphs_read = model._resident_addresses()
+        assert 0 not in model._graphs_read  # every resident unit is on the device
+        assert model.generate(ids, max_new_tokens=6, do_sample=False).tolist() == want
+        assert model._graphed is decoder and model._graphed_verifier is verifier  # nothing moved: kept
+        plan = model.plan
+        model.store.replan(dataclasses.replace(plan, device_resident=(), device_weights_bytes=0))  # all evicted
+        model.store.replan(plan)
+        assert model.generate(ids, max_new_tokens=6, do_sample=False).tolist() == want
+        assert model._graphed is None and model._graphed_verifier is None and model._graphs_read is None
+
+
 def test_cuda_graphs_is_validated_and_changes_no_token_on_a_cpu(tiny_dirs, tmp_path):
     """`runtime.cuda_graphs` takes auto or off (anything else is refused, naming the key); on a CPU both give the
     same tokens and the report says nothing was graphed (None: not a GPU)."""

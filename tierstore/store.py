@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -279,6 +279,13 @@ class TieredStore:
     def on_device(self, key: Key) -> bool:
         """Whether `key` is in the device tier, or on its way there."""
         return key in self._device_data
+
+    def device_addresses(self, keys: Iterable[Key]) -> tuple[int, ...]:
+        """Where each of `keys` sits on the device (its buffer's address; 0 where it is not there): what a CUDA
+        graph recorded over them reads. Nothing is pinned, counted or waited for."""
+        with self._lock:
+            entries = [self._device_data.get(key) for key in keys]
+            return tuple(0 if entry is None else entry.buffer.data_ptr() for entry in entries)
 
     def landed_on_device(self, keys: list[Key]) -> dict[Key, dict[str, torch.Tensor]]:
         """Of `keys`, the device tensors of those whose copy there has finished; nothing is pinned, counted or

@@ -142,6 +142,7 @@ class TierstoreModel:
         self._graphed: GraphedDecoder | None = None  # made on the first call whose decode steps can be graphed
         self._graphed_layers: tuple[int, ...] | None = None  # the resident layers it replays (None: whole steps)
         self._graphed_verifier: GraphedVerifier | None = None  # made on the first draft call that can be graphed
+        self._graphs_read: tuple[int, ...] | None = None  # the resident units' addresses the kept graphs read
         self._kv_call: dict[str, Any] | None = None  # the last generate call's KV cache, for the report
         # the tree policy learns the draft step's and the verify pass's costs across calls (a target whose routed
         # experts are fetched as picked verifies a larger tree at a higher cost: the curve shows it); a configured
@@ -186,6 +187,7 @@ class TierstoreModel:
             self.experts.reset()
         if self.tracer is not None:
             self.tracer.anchor()
+        self._forget_moved_graphs()
         if self.draft is not None:
             return self._speculate(input_ids, kwargs, notes)
         unfit = self._graph_refusal(input_ids, kwargs, total)
@@ -254,6 +256,19 @@ class TierstoreModel:
             return "the model makes its own cache"
         return None
 
+    def _forget_moved_graphs(self) -> None:
+        """Let go of the whole-model graphs kept from earlier calls (a whole decode step's, the verify passes') when
+        a unit they read is no longer where it was when they last ran: a re-plan in between evicted it, and it came
+        back elsewhere or not yet. A replay would read the old address."""
+        if self._graphs_read is None or self._resident_addresses() == self._graphs_read:
+            return
+        if self._graphed_layers is None:
+            self._graphed = None
+        self._graphed_verifier = self._graphs_read = None
+
+    def _resident_addresses(self) -> tuple[int, ...]:
+        return self.store.device_addresses(sorted(self.plan.device_resident))
+
     def _moving_units(self) -> int:
         """How many units are not kept on the device (streamed, or an embedding answered from RAM)."""
         plan = self.plan
@@ -311,6 +326,8 @@ class TierstoreModel:
                          else "decode steps replayed from the CUDA graph of an earlier call")
         self._record(clock, decode_steps=max(len(clock.calls) - 1, 0), new_tokens=len(clock.calls), batch_size=rows,
                      notes=notes, graph=None if failure or layers is not None else stats)
+        if layers is None:
+            self._graphs_read = self._resident_addresses()
         return out
 
     def _prefill_chunks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, total_tokens: int,
@@ -502,6 +519,8 @@ class TierstoreModel:
         notes.extend(self._speculation_notes(verifier, draft, stats))
         self._record(clock, decode_steps=stats.passes, new_tokens=stats.new_tokens, batch_size=1, notes=notes,
                      graph=GraphStats() if verifier.graphed else None)
+        if isinstance(verifier, GraphedVerifier):
+            self._graphs_read = self._resident_addresses()
         self._speculation = stats
         return out
 
