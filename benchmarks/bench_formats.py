@@ -152,8 +152,6 @@ def layer_dequant(format: str, shape: str, device: str, link_gbps: float) -> dic
 def child(args: argparse.Namespace) -> None:
     """One format's row: open its store at the budget, warm up, generate; prints a RESULT line."""
     import torch
-    from transformers import LogitsProcessorList
-
     import tierstore
 
     model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
@@ -163,8 +161,7 @@ def child(args: argparse.Namespace) -> None:
     ids = torch.randint(100, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up: fills the tiers, compiles dequantizers
     clock = StepClock()
-    out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False,
-                         logits_processor=LogitsProcessorList([clock]))
+    out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False, streamer=clock)  # graphed steps stay so
     report = model.report().to_dict()
     plan = report["plan"]
     model.close()

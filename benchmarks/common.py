@@ -93,13 +93,25 @@ def prompt_ids(batch: int):
 
 
 class StepClock:
+    """Each token's time: as a logits processor (`generate(logits_processor=[clock])`, which keeps generate eager),
+    or as a streamer (`generate(streamer=clock)`, which graphed decoding keeps; its first `put` is the prompt)."""
+
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.calls: list[float] = []
+        self._prompt_seen = False
 
     def __call__(self, input_ids, scores):
         self.calls.append(time.perf_counter())
         return scores
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.calls.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
     def summary(self) -> dict:
         """Prefill = time to the first token; decode = median step (the first steps carry one-off costs)."""
