@@ -164,12 +164,17 @@ def child(args: argparse.Namespace) -> None:
     out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False, streamer=clock)  # graphed steps stay so
     report = model.report().to_dict()
     plan = report["plan"]
+    with torch.no_grad():  # one eager forward over the whole sequence: is each token its prefix's argmax there?
+        logits = model(out).logits[0, PROMPT_TOKENS - 1:-1].float()
+    chosen = out[0, PROMPT_TOKENS:].to(logits.device)
+    best = logits.max(dim=-1).values
+    gap = (best - logits.gather(1, chosen[:, None])[:, 0]).tolist()  # 0 where the token is the eager argmax
     model.close()
     cuda = torch.cuda.is_available()
     print("RESULT " + json.dumps({
         **clock.summary(), "predicted": plan["predicted"], "h2d_bytes_per_pass": plan["h2d_bytes_per_pass"],
         "regime": plan["regime"], "notes": plan["notes"], "run_notes": report.get("notes", []),
-        "tokens": out[0, PROMPT_TOKENS:].tolist(),
+        "tokens": out[0, PROMPT_TOKENS:].tolist(), "gap_to_eager_argmax": gap,
         "peak_vram_reserved": torch.cuda.max_memory_reserved() if cuda else 0, "peak_rss": vm_hwm_bytes()}),
         flush=True)
 
@@ -245,6 +250,9 @@ def print_row(format: str, r: dict, probe: dict) -> None:
           f"{bound} ({r['predicted'].get('bound')}): {ratio}, peak VRAM {r['peak_vram_reserved'] / 1e9:.2f} GB "
           f"reserved, regime {r['regime']}; {'; '.join(n for n in r.get('run_notes', []) if 'decode steps' in n)}",
           flush=True)
+    gaps = [gap for gap in r.get("gap_to_eager_argmax", []) if gap > 0]
+    print(f"  {len(gaps)} of {len(r['tokens'])} tokens are not the argmax of one eager forward over the sequence"
+          + (f" (logit gaps up to {max(gaps):.3g})" if gaps else ""), flush=True)
 
 
 if __name__ == "__main__":

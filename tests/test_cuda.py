@@ -113,6 +113,16 @@ def test_resident_decode_replays_a_cuda_graph_with_the_eager_tokens_within_the_b
     assert any("CUDA graph of an earlier call" in note for note in notes), notes
 
 
+def _half_resident_budget(directory, config):
+    """A budget whose device tier, beside `config`'s reserve and what the plan adds to it (a dequantization
+    buffer), holds three of the tiny model's layers as stored under `config`: two stay resident, two stream."""
+    on_cpu = {**config, "runtime": {**config["runtime"], "device": "cpu"}}
+    with tierstore.AutoModel.from_pretrained(directory, config=on_cpu, dtype=torch.float32) as model:
+        layer = model.store.layouts["layers.0"].nbytes
+        added = sum(nbytes for _, nbytes in model.plan.reserve_parts)
+    return tierstore.Budget(vram=config["runtime"]["device_reserve"] + added + 3 * layer + 70_000, ram="1GB")
+
+
 @pytest.mark.parametrize("compress", ["none", "q8_0"])
 def test_a_streamed_models_resident_layers_replay_graphs_with_the_eager_tokens(compress, tmp_path):
     """Some layers streamed, the others kept on the device (float32, and packed in Q8_0, dequantized inside each
@@ -121,8 +131,9 @@ def test_a_streamed_models_resident_layers_replay_graphs_with_the_eager_tokens(c
     report counts every resident layer replayed on every decode step but the first call's first two."""
     directory, _ = _tiny(tmp_path)
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
-    _, layer = unit_sizes(directory, str(tmp_path / "sizes"))
-    budget = tierstore.Budget(vram=3 * layer + 300 * 2**20, ram="1GB")
+    budget = _half_resident_budget(directory, {"runtime": {"cache_dir": str(tmp_path / "cache"),
+                                                           "device_reserve": 300 * 2**20},
+                                               "compression": {"format": compress}})
     runs = {}
     for graphs in ("off", "auto"):
         config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs,

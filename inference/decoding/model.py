@@ -316,8 +316,9 @@ class TierstoreModel:
         failure = decoder.failure if layers is None else layers.failure
         if layers is not None:
             replays, capture_s = layers.replays - before[0], layers.capture_s - before[1]
+            recorded = f"recorded in {capture_s:.2f} s" if capture_s else "recorded by an earlier call"
             notes.append(f"decode steps eager, the {layers.count} decoder layers kept on the device replayed from "
-                         f"CUDA graphs of their own: {replays} replays (recorded in {capture_s:.2f} s)" if not failure
+                         f"CUDA graphs of their own: {replays} replays ({recorded})" if not failure
                          else f"decode steps eager: a layer's CUDA graph capture failed ({failure})")
         else:
             notes.append(f"decode steps not graphed: CUDA graph capture failed ({failure}); they ran eagerly"
