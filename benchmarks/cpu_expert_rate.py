@@ -69,10 +69,13 @@ def rate(module: MixtralExperts, tokens_each: int, repeats: int = 3) -> tuple[fl
 class LinkLoad:
     """Pinned RAM copied to the GPU over and over on a side stream, as a verify pass's expert copies do."""
 
-    def __init__(self, nbytes: int = 1 << 30) -> None:
+    def __init__(self, nbytes: int = 1 << 30, blocking: bool = False) -> None:
+        """`blocking`: the copying thread waits on an event made with cudaEventBlockingSync (it sleeps) instead of
+        the stream's synchronize (by default CUDA spins a core while the host waits)."""
         self.source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         self.target = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         self.stream = torch.cuda.Stream()
+        self.blocking = blocking
         self.copied = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -81,7 +84,12 @@ class LinkLoad:
         with torch.cuda.stream(self.stream):
             while not self._stop.is_set():
                 self.target.copy_(self.source, non_blocking=True)
-                self.stream.synchronize()
+                if self.blocking:
+                    done = torch.cuda.Event(blocking=True)
+                    done.record(self.stream)
+                    done.synchronize()
+                else:
+                    self.stream.synchronize()
                 self.copied += self.source.numel()
 
     def __enter__(self) -> "LinkLoad":
@@ -98,6 +106,7 @@ class LinkLoad:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64", help="tokens an expert, comma-separated")
+    parser.add_argument("--skip-table", action="store_true", help="only the rows under load by waits and threads")
     args = parser.parse_args()
     counts = [int(t) for t in args.tokens.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
@@ -107,7 +116,7 @@ def main() -> None:
     module = experts_module()
     print("| tokens an expert | GB/s | GFLOP/s | with the link copying: GB/s | GFLOP/s | link GB/s meanwhile |")
     print("|---|---|---|---|---|---|")
-    for count in counts:
+    for count in [] if args.skip_table else counts:
         gbps, gflops = rate(module, count)
         row = f"| {count} | {gbps:.1f} | {gflops:.0f} |"
         if torch.cuda.is_available():
@@ -117,6 +126,19 @@ def main() -> None:
         else:
             row += " - | - | - |"
         print(row, flush=True)
+    if torch.cuda.is_available():
+        cores = torch.get_num_threads()
+        print("\nWith the link copying, by how the copying thread waits and the CPU threads the experts use:")
+        print("| tokens an expert | waits | threads | GB/s | GFLOP/s | link GB/s |")
+        print("|---|---|---|---|---|---|")
+        for count in (1, 8, 64):
+            for blocking, threads in ((False, cores), (True, cores), (False, cores - 1), (False, cores - 2)):
+                torch.set_num_threads(threads)
+                with LinkLoad(blocking=blocking) as link:
+                    gbps, gflops = rate(module, count)
+                print(f"| {count} | {'blocking event' if blocking else 'spin'} | {threads} | {gbps:.1f} | "
+                      f"{gflops:.0f} | {link.gbps:.1f} |", flush=True)
+        torch.set_num_threads(cores)
     for threads in (1, 4, 8):
         if threads < torch.get_num_threads():
             torch.set_num_threads(threads)
