@@ -448,6 +448,37 @@ def test_misses_split_between_copies_and_the_cpu_give_the_same_tokens(tmp_path):
     assert report.experts["cpu_gbps"] > 0
 
 
+def test_the_cpus_experts_leave_cores_to_the_threads_waiting_on_a_gpu(tmp_path, monkeypatch):
+    """Beside a GPU the CPU's experts run on all but SPARE_CORES of torch's threads (a thread waiting on the GPU
+    spins a core, and a full team of threads stalls on the one sharing it), and torch's count is restored after;
+    on a CPU the count is left as it is. The runner's host path is checked with the rule forced on a CPU."""
+    from tierstore.inference.runtime import experts as experts_module
+    from tierstore.inference.runtime.host_experts import SPARE_CORES, cpu_threads, host_threads
+
+    assert host_threads(torch.device("cuda"), 16) == 16 - SPARE_CORES
+    assert host_threads(torch.device("cuda"), 2) == 1
+    assert host_threads(torch.device("cpu"), 16) is None
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), cpu_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("restored on the way out")
+    assert torch.get_num_threads() == before
+
+    seen = []
+    run = experts_module.host_outputs
+    monkeypatch.setattr(experts_module, "host_threads", lambda device, threads: 1)
+    monkeypatch.setattr(experts_module, "host_outputs",
+                        lambda *args, **kwargs: seen.append(torch.get_num_threads()) or run(*args, **kwargs))
+    model, directory = _saved("qwen3_moe", tmp_path)
+    want = _reference(model)
+    config = _config(str(tmp_path), compute="host", prefetch="none")
+    with tierstore.AutoModel.from_pretrained(directory, budget=_streaming_budget(directory, config),
+                                             config=config) as streamed:
+        got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
+    assert got == want and seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+
+
 def test_a_budget_holding_every_expert_runs_past_the_kernels_group_limit(tmp_path, monkeypatch):
     """1,600 experts, all in device slots: torch's grouped_mm takes at most 1,024 groups on a GPU, so the slots
     run in windows; every kernel call must stay within the limit and the tokens must be transformers'."""

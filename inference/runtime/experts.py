@@ -45,7 +45,7 @@ from ...transfer import CPUTransfer, CUDATransfer
 from ...units import TensorSlot, UnitLayout, UnitSource
 from ..loading.skeleton import ExpertGroup, expert_slice
 from .expert_budget import ExpertBudget
-from .host_experts import computes_on_host, host_outputs
+from .host_experts import computes_on_host, cpu_threads, host_outputs, host_threads
 from .mapped_experts import MAX_PAIRS, MappedExperts, Served
 from .packed_experts import ExpertUnpacker, stored_alike
 
@@ -522,12 +522,14 @@ class ExpertRunner:
         tensors = self.store.get_host_many(keys)
         start_s = time.perf_counter()
         try:
-            if self._unpacker is not None:  # dequantized by the CPU first
-                tensors = [self._unpacker.on_host(_names(group, e), self._packed[group.keys[e]], unit)
-                           for e, unit in zip(experts, tensors)]
-            weights = [{attr: tensor for (attr, _), tensor in zip(group.attrs, _values(unit))} for unit in tensors]
-            total = host_outputs(group.module, experts, weights, routed, top_k, hidden, routing_weights,
-                                 pin_memory=self._device.type == "cuda")
+            with cpu_threads(host_threads(self._device, torch.get_num_threads())):  # cores kept for GPU waits
+                if self._unpacker is not None:  # dequantized by the CPU first
+                    tensors = [self._unpacker.on_host(_names(group, e), self._packed[group.keys[e]], unit)
+                               for e, unit in zip(experts, tensors)]
+                weights = [{attr: tensor for (attr, _), tensor in zip(group.attrs, _values(unit))}
+                           for unit in tensors]
+                total = host_outputs(group.module, experts, weights, routed, top_k, hidden, routing_weights,
+                                     pin_memory=self._device.type == "cuda")
         finally:
             self.store.release_host_many(keys)
         elapsed_s = time.perf_counter() - start_s

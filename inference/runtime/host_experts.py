@@ -8,11 +8,39 @@ each fused parameter), so nothing is stacked or copied; outputs are summed per t
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+# CPU cores left to other threads while the CPU computes experts beside a GPU: the store's copy thread and a draft
+# growing its tree ahead both wait on the GPU, and CUDA's waits spin a core. One spinning thread beside torch's
+# full team of threads stalls every parallel region on the thread that shares its core: on a 16-core H100 host the
+# experts' rate fell from 28.7 GB/s to 0.4 (one token an expert) with a copy thread waiting beside them, and came
+# back to 28.4 with 15 threads (benchmarks/cpu_expert_rate.py).
+SPARE_CORES = 2
+
+
+def host_threads(device: torch.device, threads: int) -> int | None:
+    """The intra-op threads the CPU's experts run with beside `device` (None: torch's own; on a CPU there is no
+    GPU to wait on, the experts are the device's work)."""
+    return None if device.type == "cpu" else max(1, threads - SPARE_CORES)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` for the block, then as they were (about a microsecond each way)."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def computes_on_host(module: nn.Module) -> bool:
