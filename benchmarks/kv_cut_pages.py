@@ -1,8 +1,9 @@
 """Device memory the CUDA allocator still holds after giving its cache back, with a streamed verifier's KV cache
-cut to the accepted path as 60 separate tensors (as before the twelfth session) or as views of one buffer
-(`tree.keep_positions` now), under the churn of verify passes on the upcycled MoE's shapes: 30 layers of 6 key-value
-heads of 64, each pass's keys and values appended per layer, the experts kernel's transient buffers, trees of 9 to
-1,025 nodes, up to 60 accepted a pass. A GPU only; no model needed (seconds).
+cut to the accepted path as 60 separate tensors (`tree.keep_positions`) or as views of one buffer (the twelfth
+session's cut, kept here to compare: the fourteenth measured it holding more, and went back), under the churn of
+verify passes on the upcycled MoE's shapes: 30 layers of 6 key-value heads of 64, each pass's keys and values
+appended per layer, the experts kernel's transient buffers, trees of 9 to 1,025 nodes, up to 60 accepted a pass.
+A GPU only; no model needed (seconds).
 
     python benchmarks/kv_cut_pages.py
 """
@@ -24,6 +25,22 @@ def old_keep(cache, keep_from, positions):
         index = torch.tensor(positions, dtype=torch.long, device=layer.keys.device)
         layer.keys = torch.cat([layer.keys[..., :keep_from, :], layer.keys.index_select(-2, index)], dim=-2)
         layer.values = torch.cat([layer.values[..., :keep_from, :], layer.values.index_select(-2, index)], dim=-2)
+
+
+def one_buffer_keep(cache, keep_from, positions):
+    """The twelfth session's cut: every layer's kept keys and values views of one new buffer."""
+    import math
+
+    tensors = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+    index = torch.tensor([*range(keep_from), *positions], dtype=torch.long, device=tensors[0].device)
+    shapes = [(*tensor.shape[:-2], len(index), tensor.shape[-1]) for tensor in tensors]
+    sizes = [math.prod(shape) for shape in shapes]
+    buffer = torch.empty(sum(sizes), dtype=tensors[0].dtype, device=tensors[0].device)
+    kept = [view.view(shape) for view, shape in zip(buffer.split(sizes), shapes)]
+    for tensor, out in zip(tensors, kept):
+        torch.index_select(tensor, -2, index, out=out)
+    for layer, keys, values in zip(cache.layers, kept[::2], kept[1::2]):
+        layer.keys, layer.values = keys, values
 
 
 def run(cut, seed):
@@ -62,7 +79,8 @@ def run(cut, seed):
 
 print(torch.cuda.get_device_name(0))
 for seed in (0, 1):
-    for name, cut in (("old: 60 tensors", old_keep), ("new: one buffer", keep_positions)):
+    for name, cut in (("old: 60 tensors", old_keep), ("one buffer", one_buffer_keep),
+                      ("keep_positions (tensors of their own)", keep_positions)):
         kv, stuck = run(cut, seed)
         print(f"seed {seed} {name}: KV {kv:.1f} MB; held beyond allocated after each give-back: "
               f"max {max(stuck):.1f} MB, mean {sum(stuck) / len(stuck):.1f} MB, last {stuck[-1]:.1f} MB", flush=True)

@@ -7,7 +7,6 @@ the cached prefix, its ancestors and itself, at position `prefix + depth`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -112,30 +111,18 @@ def attention_bias(prefix_len: int, allowed: torch.Tensor, dtype: torch.dtype,
 
 
 def keep_positions(cache: object, keep_from: int, positions: list[int]) -> None:
-    """Cut the cache to its first `keep_from` positions plus `positions` (each >= keep_from), in that order. Every
-    layer's kept keys and values are views of one new buffer: as separate tensors, each under a MiB, they sit in
-    the allocator's small blocks among the pass's freed ones, each likely keeping its 2 MiB page held against the
-    device budget (after giving the cache back, an MoE speculative run on an H100 still held 0.06-0.16 GB beyond
-    what it had allocated; benchmarks/kv_cut_pages.py measures the difference)."""
-    tensors = [tensor for layer in _layers(cache) if layer.keys is not None and layer.keys.numel()
-               for tensor in (layer.keys, layer.values)]
-    if not tensors:
-        return
-    first = tensors[0]
-    index = torch.tensor([*range(keep_from), *positions], dtype=torch.long, device=first.device)
-    if any(tensor.dtype != first.dtype or tensor.device != first.device for tensor in tensors):
-        kept = [tensor.index_select(-2, index) for tensor in tensors]  # no one buffer holds them all
-    else:
-        shapes = [(*tensor.shape[:-2], len(index), tensor.shape[-1]) for tensor in tensors]
-        sizes = [math.prod(shape) for shape in shapes]
-        buffer = torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
-        kept = [view.view(shape) for view, shape in zip(buffer.split(sizes), shapes)]
-        for tensor, out in zip(tensors, kept):
-            torch.index_select(tensor, -2, index, out=out)
-    layers = iter(kept)
+    """Cut the cache to its first `keep_from` positions plus `positions` (each >= keep_from), in that order: each
+    layer's keys and values become new tensors of their own. (Views of one new buffer for all layers were tried:
+    under verify passes' churn on an H100 the allocator then held more beyond what it had allocated after giving
+    its cache back, 10-12 MB on average and up to 25 MB, against 2.5 and 5 MB for tensors of their own;
+    benchmarks/kv_cut_pages.py.)"""
+    index = None
     for layer in _layers(cache):
-        if layer.keys is not None and layer.keys.numel():
-            layer.keys, layer.values = next(layers), next(layers)
+        if layer.keys is None or not layer.keys.numel():
+            continue
+        if index is None:
+            index = torch.tensor([*range(keep_from), *positions], dtype=torch.long, device=layer.keys.device)
+        layer.keys, layer.values = layer.keys.index_select(-2, index), layer.values.index_select(-2, index)
 
 
 def check_window(config: Any, total_tokens: int, name: str) -> None:
