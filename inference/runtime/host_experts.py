@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-# CPU cores left to other threads while the CPU computes experts beside a GPU: the store's copy thread and a draft
-# growing its tree ahead both wait on the GPU, and CUDA's waits spin a core. One spinning thread beside torch's
-# full team of threads stalls every parallel region on the thread that shares its core: on a 16-core H100 host the
-# experts' rate fell from 28.7 GB/s to 0.4 (one token an expert) with a copy thread waiting beside them, and came
-# back to 28.4 with 15 threads (benchmarks/cpu_expert_rate.py).
+# CPU cores left to other threads while the CPU computes experts beside a GPU. A thread waiting on the GPU spins a
+# core (CUDA's default), and one spinning thread beside torch's full team of threads stalls every parallel region on
+# the thread that shares its core: on a 16-core H100 host the experts' rate fell from 28.7 GB/s to 0.4 (one token an
+# expert) with a thread copying to the GPU and waiting beside them, and came back to 28.4 with 15 threads
+# (benchmarks/cpu_expert_rate.py). Such a thread: a draft growing its tree ahead (`speculation.ahead`), a caller's
+# own. Two cores cost the experts about 1% where nothing spins.
 SPARE_CORES = 2
 
 
