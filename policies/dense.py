@@ -26,6 +26,7 @@ class UnitInfo:
     key: str
     nbytes: int
     uses_per_pass: int = 1
+    read_bytes: int | None = None  # device memory the compute reads and writes per use (None: nbytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class PlanInput:
     device_reserve_bytes: int = 0
     h2d_gbps: float | None = None
     disk_gbps: float | None = None
+    hbm_gbps: float | None = None  # the device memory's (None: not measured, no such term in the prediction)
     device_policy: str = AUTO
     host_policy: str = AUTO
     prefetch: str = AUTO
@@ -245,15 +247,20 @@ def make_dense_plan(data: PlanInput) -> Plan:
 
 
 def predict_pass(h2d_bytes: int, disk_bytes: int, data: PlanInput) -> dict[str, float | str | None]:
-    """Seconds per pass with perfect overlap: the slower of the disk and the host-to-device link. When that is
-    not a meaningful bound, `step_s` is None and `unknown` says why: compute is not modelled, so a pass that
-    moves no bytes (or runs on a CPU) has no link bound, and a link never measured has no rate."""
+    """Seconds per pass with perfect overlap: the slowest of the disk, the host-to-device link and, where its rate
+    was measured, the device memory the weights are read from (and a packed unit's dequantized copy written to
+    and read back; `UnitInfo.read_bytes`). When that is not a meaningful bound, `step_s` is None and `unknown` says
+    why: a pass that moves no bytes with no device memory rate (or one on a CPU) is bound by compute, which is
+    not modelled, and a link never measured has no rate."""
     terms: dict[str, float | None] = {
         "disk_s": disk_bytes / (data.disk_gbps * 1e9) if data.disk_gbps else (0.0 if not disk_bytes else None),
         "h2d_s": h2d_bytes / (data.h2d_gbps * 1e9) if data.h2d_gbps else (0.0 if not h2d_bytes else None),
     }
+    if data.hbm_gbps:
+        read = sum((u.nbytes if u.read_bytes is None else u.read_bytes) * u.uses_per_pass for u in data.units)
+        terms["hbm_s"] = read / (data.hbm_gbps * 1e9)
     unknown = data.unpredictable
-    if unknown is None and not h2d_bytes and not disk_bytes:
+    if unknown is None and not h2d_bytes and not disk_bytes and "hbm_s" not in terms:
         unknown = "every unit is resident on the device: the pass is bound by compute, which is not predicted"
     if unknown is None and None in terms.values():
         unknown = "bandwidths not measured: run `tierstore probe`"

@@ -78,6 +78,25 @@ def test_resident_layers_are_spread_so_copies_overlap_compute():
     assert longest_streamed_run <= 2, resident
 
 
+def test_the_device_memorys_rate_bounds_a_resident_pass_and_a_packed_unit_counts_its_dequantized_copy():
+    """With the device memory's rate measured (`hbm_gbps`), a resident pass is bound by the bytes it reads there
+    (each use of a unit; a packed unit's `read_bytes`: read packed, its dequantized copy written and read), and a
+    streamed pass by the slower of that and the link."""
+    units, schedule = _units()
+    resident = make_plan(PlanInput(units=units, schedule=schedule, device_budget_bytes=2000 * MB,
+                                   host_budget_bytes=500 * MB, hbm_gbps=2000.0))
+    read = 50 * MB * 2 + 10 * 100 * MB + 1 * MB
+    assert resident.regime == "device" and resident.predicted["bound"] == "hbm"
+    assert resident.predicted["step_s"] == pytest.approx(read / 2000e9)
+    packed = tuple(UnitInfo(u.key, u.nbytes, u.uses_per_pass, u.nbytes + 2 * 400 * MB) if u.key.startswith("layers")
+                   else u for u in units)
+    dequantized = make_plan(PlanInput(units=packed, schedule=schedule, device_budget_bytes=2000 * MB,
+                                      host_budget_bytes=500 * MB, hbm_gbps=2000.0))
+    assert dequantized.predicted["step_s"] == pytest.approx((read + 10 * 800 * MB) / 2000e9)
+    streamed = _plan(500 * MB, 2000 * MB, h2d_gbps=50.0, hbm_gbps=2000.0)
+    assert streamed.predicted["bound"] == "h2d" and streamed.predicted["hbm_s"] == pytest.approx(read / 2000e9)
+
+
 @pytest.mark.parametrize("kw, words", [
     ({"device": 500 * MB, "host": 2000 * MB}, "not measured"),  # streams, but no probe: no 0.0 and no bound
     ({"device": 500 * MB, "host": 500 * MB, "h2d_gbps": 50.0}, "not measured"),  # the disk's rate unknown
@@ -135,3 +154,33 @@ def test_compressed_experts_are_read_in_place_under_auto_only_when_stored_alike(
     assert plan.device_reserve_bytes == 300 * MB + 320 * MB + (8 * 3 * MB if mappable else 0)
     assert any("reads each routed expert in place" in note for note in plan.notes) == mappable
     assert any("dequantized on the device, 32 at a time" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize("compress", ["none", "q8_0"])
+def test_a_packed_unit_reads_its_bytes_and_twice_its_dequantized_copy_and_a_looked_up_embedding_none(
+        compress, tiny_dirs, tmp_path):
+    """What the planner is told a pass reads from device memory: a packed unit its stored bytes plus its
+    dequantized copy written and read (compute dtype), an untied input embedding nothing (a row a token), any
+    other unit its bytes."""
+    import torch
+
+    from tierstore import Config
+    from tierstore.inference.loading.resolve import resolve
+    from tierstore.inference.loading.sources import open_units
+    from tierstore.inference.placement.plan import device_reads
+    from tierstore.inference.runtime.lookup import lookup_key
+
+    directory, reference = tiny_dirs("llama", tie=False)
+    cfg = Config.load({"runtime": {"cache_dir": str(tmp_path / "cache"), "device": "cpu"},
+                       "compression": {"format": compress}})
+    units = open_units(resolve(directory, False), cfg, torch.device("cpu"), torch.float32, False, progress=False)
+    embedding = lookup_key(units.skeleton)
+    reads = device_reads(units, embedding)
+    assert embedding == "embed_tokens" and reads[embedding] == 0
+    layer = units.layouts["layers.0"].nbytes
+    numel = sum(p.numel() for p in reference.model.layers[0].parameters() if p.dim() == 2)
+    if compress == "none":
+        assert set(reads) == {embedding}
+    else:
+        assert layer < numel * 4  # stored packed
+        assert reads["layers.0"] == layer + 2 * numel * 4

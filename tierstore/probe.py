@@ -1,6 +1,6 @@
-"""Measuring this machine: host-to-device GB/s (pinned and pageable), disk GB/s past the page cache as the store's
-parallel readers see it, the CPU's rate at an expert's linear layers (weight bytes per second, at 1 and 32 tokens),
-free memory.
+"""Measuring this machine: host-to-device GB/s (pinned and pageable), the GPU memory's GB/s, disk GB/s past the
+page cache as the store's parallel readers see it, the CPU's rate at an expert's linear layers (weight bytes per
+second, at 1 and 32 tokens), free memory.
 
 Results are cached as JSON in the cache directory; the planner reads them to predict time per pass.
 """
@@ -48,6 +48,22 @@ def h2d_gbps(device: torch.device, pinned: bool, nbytes: int, repeats: int = 5) 
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return nbytes / sorted(times)[len(times) // 2] / 1e9
+
+
+def hbm_gbps(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """The device memory's GB/s as a copy within it sees it (each byte read once and written once): what a pass
+    whose weights stay on the device is bound by."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / sorted(times)[len(times) // 2] / 1e9
 
 
 def cpu_linear_gbps(tokens: int, dtype: torch.dtype, rows: int = 4096, cols: int = 1024,
@@ -128,6 +144,8 @@ def run_probe(cache_dir: str, device: torch.device, nbytes: int = 256 * 2**20, d
         "disk_reader_threads": float(reader_threads),
         "disk_unit_bytes": float(unit_bytes),
     }
+    if device.type == "cuda":
+        result["hbm_gbps"] = hbm_gbps(device, nbytes)  # twice a GPU cache at least (H100: 50 MB of L2)
     os.makedirs(cache_dir, exist_ok=True)
     write_atomic(os.path.join(cache_dir, PROBE_FILE), json.dumps(result, indent=1).encode())
     return result

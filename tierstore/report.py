@@ -262,7 +262,7 @@ def _prediction(predicted: dict[str, float | str | None]) -> str:
     if predicted.get("step_s") is None:
         return f"unknown ({predicted.get('unknown') or 'run `tierstore probe` to measure bandwidths'})"
     terms = ", ".join(f"{name.removesuffix('_s')} {value:.4f}" for name, value in predicted.items()
-                      if name in ("disk_s", "h2d_s") and isinstance(value, float))
+                      if name in ("disk_s", "h2d_s", "hbm_s") and isinstance(value, float))
     return f"{predicted['step_s']:.4f} (bound: {predicted['bound']}; {terms})"
 
 

@@ -104,20 +104,24 @@ class DraftCost:
 
 def plan_input(unit_bytes: Mapping[str, int], schedule: list[str], device_bytes: int, host_bytes: int,
                reserve_bytes: int, policy: object, probe: Mapping[str, float] | None,
-               notes: list[str], device: torch.device, extra_uses: Mapping[str, int] | None = None) -> PlanInput:
+               notes: list[str], device: torch.device, extra_uses: Mapping[str, int] | None = None,
+               read_bytes: Mapping[str, int] | None = None) -> PlanInput:
     """The planner's input, units listed in first-use order with their uses per pass (`extra_uses`: uses outside
-    the schedule, such as a router also predicting for an earlier layer)."""
+    the schedule, such as a router also predicting for an earlier layer; `read_bytes`: device memory a use reads
+    and writes where it is not the unit's bytes)."""
     uses = Counter(schedule) + Counter(extra_uses or {})
     order = list(dict.fromkeys(schedule))
     probe = probe or {}
+    read_bytes = read_bytes or {}
     return PlanInput(
-        units=tuple(UnitInfo(key, unit_bytes[key], uses[key]) for key in order),
+        units=tuple(UnitInfo(key, unit_bytes[key], uses[key], read_bytes.get(key)) for key in order),
         schedule=tuple(schedule),
         device_budget_bytes=device_bytes,
         host_budget_bytes=host_bytes,
         device_reserve_bytes=reserve_bytes,
         h2d_gbps=probe.get("h2d_pinned_gbps") if getattr(policy, "pinned", True) else probe.get("h2d_gbps"),
         disk_gbps=probe.get("disk_gbps"),
+        hbm_gbps=probe.get("hbm_gbps") if device.type == "cuda" else None,
         device_policy=policy.device,  # type: ignore[attr-defined]
         host_policy=policy.host,  # type: ignore[attr-defined]
         prefetch=policy.prefetch,  # type: ignore[attr-defined]

@@ -75,7 +75,8 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     predicting = experts is not None and experts.prefetch != "none"  # a router then runs twice per pass
     routers = {g.router: 1 for g in units.skeleton.experts if g.router} if predicting else None
     planned_from = plan_input(sizes, schedule, device_bytes, host_bytes, reserve, cfg.policy,
-                              load_probe(cfg.runtime.cache_dir), notes, device, extra_uses=routers)
+                              load_probe(cfg.runtime.cache_dir), notes, device, extra_uses=routers,
+                              read_bytes=device_reads(units, lookup_key(units.skeleton)))
     planned_from = dataclasses.replace(planned_from, experts=experts, reserve_parts=tuple(parts),
                                        host_lookup=(lookup,) if lookup is not None else ())
     try:
@@ -116,6 +117,17 @@ def experts_input(units: Units, cfg: Config, device: torch.device) -> ExpertsInp
                         host_policy=cfg.experts.host_policy, prefetch=cfg.experts.prefetch,
                         predictable=all(group.router for group in groups[1:]), compute=compute, costs=costs,
                         window=window, window_bytes=window_bytes, mappable=mappable)
+
+
+def device_reads(units: Units, embedding: str | None) -> dict[str, int]:
+    """Device memory a pass's use of a unit reads and writes, where it is not the unit's bytes: a packed unit is
+    read packed, dequantized into the compute dtype and read again from there; an input embedding of its own is
+    looked up one row a token."""
+    reads = {key: units.layouts[key].nbytes + 2 * packed.numel * units.dtype.itemsize
+             for key, packed in units.dense_packed.items()}
+    if embedding is not None:
+        reads[embedding] = 0
+    return reads
 
 
 def expert_costs(probe: Mapping[str, float], device: torch.device, dtype: torch.dtype) -> ExpertCosts:
