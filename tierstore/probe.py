@@ -145,7 +145,7 @@ def run_probe(cache_dir: str, device: torch.device, nbytes: int = 256 * 2**20, d
         "disk_unit_bytes": float(unit_bytes),
     }
     if device.type == "cuda":
-        result["hbm_gbps"] = hbm_gbps(device, nbytes)  # twice a GPU cache at least (H100: 50 MB of L2)
+        result["hbm_gbps"] = hbm_gbps(device, nbytes)  # several times a GPU's L2 (H100: 50 MB)
     os.makedirs(cache_dir, exist_ok=True)
     write_atomic(os.path.join(cache_dir, PROBE_FILE), json.dumps(result, indent=1).encode())
     return result
