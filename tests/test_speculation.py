@@ -634,7 +634,8 @@ def test_the_cache_cut_to_the_accepted_path_keeps_its_entries_in_order(dtypes):
         keys, values = (torch.randn(1, heads, 12, 4, generator=generator).to(dtype) for _ in range(2))
         cache.update(keys, values, layer)
         originals.append((keys, values))
-    old = {tensor.untyped_storage().data_ptr() for layer in cache.layers for tensor in (layer.keys, layer.values)}
+    uncut = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]  # alive: no address reused
+    old = {tensor.untyped_storage().data_ptr() for tensor in uncut}
     keep_positions(cache, 5, [7, 9, 10])
     order = [0, 1, 2, 3, 4, 7, 9, 10]
     for layer, (keys, values) in zip(cache.layers, originals):
