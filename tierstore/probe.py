@@ -37,33 +37,29 @@ def h2d_gbps(device: torch.device, pinned: bool, nbytes: int, repeats: int = 5) 
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned and device.type == "cuda")
     src.fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src, non_blocking=pinned)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return nbytes / sorted(times)[len(times) // 2] / 1e9
+    return nbytes / _copy_s(dst, src, device, pinned, repeats) / 1e9
 
 
 def hbm_gbps(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """The device memory's GB/s as a copy within it sees it (each byte read once and written once): what a pass
     whose weights stay on the device is bound by."""
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
+    return 2 * nbytes / _copy_s(torch.empty_like(src), src, device, False, repeats) / 1e9
+
+
+def _copy_s(dst: torch.Tensor, src: torch.Tensor, device: torch.device, non_blocking: bool, repeats: int) -> float:
+    """The median seconds of `repeats` copies of `src` into `dst`, each waited for, after one to warm up."""
     dst.copy_(src)
-    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize(device)
+        dst.copy_(src, non_blocking=non_blocking)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return 2 * nbytes / sorted(times)[len(times) // 2] / 1e9
+    return sorted(times)[len(times) // 2]
 
 
 def cpu_linear_gbps(tokens: int, dtype: torch.dtype, rows: int = 4096, cols: int = 1024,
