@@ -158,13 +158,76 @@ def tierstore_row(args: argparse.Namespace) -> dict:
                          "margin": _margin(model, ids, tokens, reference.get(prompt))})
             print(mode, json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
         results[mode] = rows
+    shape = next((row["experts"] for row in reversed(rows) if (row["experts"] or {}).get("host_calls")), None)
+    host_check = None if shape is None else host_rate_check(
+        model, round(shape["host_experts_per_call"] + 0.5), round(shape["host_tokens_per_expert"] + 0.5))
+    if host_check is not None:
+        print("host rate check", json.dumps(host_check), flush=True)
     plan = model.plan.experts
     costs = plan.costs
     model.close()
-    return {"setup_s": setup_s, "prompts": results, "device_slots": plan.device_slots,
+    return {"setup_s": setup_s, "prompts": results, "device_slots": plan.device_slots, "host_check": host_check,
             "costs": None if costs is None else vars(costs), "expert_bytes": plan.expert_bytes,
             "peak_vram": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
             "peak_rss": vm_hwm_bytes()}
+
+
+def host_rate_check(model, experts_per_call: int, tokens_each: int, calls: int = 30) -> dict | None:
+    """The CPU's experts rate in this process after the row, at the shape its layer calls had (experts a call,
+    tokens an expert): first layer's experts as the host tier holds them (the pinned arena) and as pageable copies,
+    calls back to back and with 5 ms idle before each (as between a pass's layers, where torch's threads may
+    sleep). Which of these falls to the run's figure says what slows the CPU in a run. None for packed experts."""
+    import contextlib
+    import statistics
+
+    import torch
+    from cpu_expert_rate import LinkLoad
+
+    from tierstore.inference.runtime.host_experts import cpu_threads, host_outputs, host_threads
+
+    runner = model.experts
+    if runner._unpacker is not None:
+        return None
+    group = runner.groups[0]
+    count = max(1, min(experts_per_call, group.num_experts))
+    keys = [group.keys[e] for e in range(group.num_experts)]
+    units = runner.store.get_host_many(keys, count=False)
+    try:
+        arena = [{attr: tensor for (attr, _), tensor in zip(group.attrs, unit.values())} for unit in units]
+        pageable = [{attr: tensor.clone() for attr, tensor in unit.items()} for unit in arena]
+        down = arena[0]["down_proj"]
+        hidden_size = down.shape[1] if group.module.is_transposed else down.shape[0]
+        top_k = min(8, count)
+        tokens = max(1, tokens_each * count // top_k)
+        routed_base = [(token * top_k + rank) % count for token in range(tokens) for rank in range(top_k)]
+        hidden = torch.randn(tokens, hidden_size, dtype=down.dtype)
+        routing_weights = torch.full((tokens, top_k), 1 / top_k)
+        expert_bytes = sum(t.numel() * t.element_size() for t in arena[0].values())
+        threads = host_threads(torch.device("cuda"), torch.get_num_threads())
+        result = {"experts_per_call": count, "tokens_each": tokens_each, "threads": threads}
+        variants = [(memory, weights, idle_s, False) for memory, weights in (("arena", arena), ("pageable", pageable))
+                    for idle_s in (0.0, 0.005)]
+        if torch.cuda.is_available():  # and with the link copying pinned RAM to the GPU meanwhile, as a pass's copies
+            variants.append(("arena", arena, 0.005, True))
+        for memory, weights, idle_s, linked in variants:
+            with (LinkLoad(blocking=True) if linked else contextlib.nullcontext()):
+                seconds = []
+                for call in range(calls):
+                    first = (call * count) % (group.num_experts - count + 1)  # other experts each call
+                    experts = list(range(first, first + count))
+                    routed = [first + expert for expert in routed_base]
+                    if idle_s:
+                        time.sleep(idle_s)
+                    start = time.perf_counter()
+                    with cpu_threads(threads):
+                        host_outputs(group.module, experts, weights[first:first + count], routed, top_k, hidden,
+                                     routing_weights, pin_memory=torch.cuda.is_available())
+                    seconds.append(time.perf_counter() - start)
+            name = f"{memory}{'_after_idle' if idle_s else ''}{'_link_copying' if linked else ''}_gbps"
+            result[name] = count * expert_bytes / statistics.median(seconds) / 1e9
+        return result
+    finally:
+        runner.store.release_host_many(keys)
 
 
 def _reference_tokens(out: str) -> dict[str, list[int]]:
@@ -251,10 +314,10 @@ def print_table(results: dict, probe: dict, card: str) -> None:
     print(f"\ncard: {card}; link {probe['h2d_pinned_gbps']:.1f} GB/s pinned; CPU linear "
           f"{probe.get('cpu_linear_gbps', 0):.1f} GB/s at 1 token, {probe.get('cpu_linear_gbps_32', 0):.1f} at 32")
     print("| row | mode | prompt | s/token | x resident | x no draft (4GB row) | copied/pass | read in place/pass | "
-          "CPU experts/pass | CPU GB/s | host work/layer call | slot hits | tokens/pass | verify pass s | "
-          "largest tree | pruned nodes/pass | most moved/layer | same tokens as resident | top-2 gap where it parts "
-          "from the reference row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "CPU experts/pass | CPU tokens/expert | CPU GB/s | host work/layer call | slot hits | tokens/pass | "
+          "verify pass s | largest tree | pruned nodes/pass | most moved/layer | same tokens as resident | "
+          "top-2 gap where it parts from the reference row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         if name == "probe":
             continue
@@ -276,13 +339,17 @@ def print_table(results: dict, probe: dict, card: str) -> None:
                          fmt(experts.get("mapped_bytes_per_pass") and experts["mapped_bytes_per_pass"] / 1e9,
                              "{:.2f} GB"),
                          fmt(experts.get("host_computed_per_pass"), "{:.1f}"),
-                         fmt(experts.get("cpu_gbps"), "{:.1f}"), fmt(experts.get("host_work_s_per_call"), "{:.2e}"),
+                         fmt(experts.get("host_tokens_per_expert"), "{:.1f}"), fmt(experts.get("cpu_gbps"), "{:.1f}"),
+                         fmt(experts.get("host_work_s_per_call"), "{:.2e}"),
                          fmt(got.get("slot_hit_rate"), "{:.1%}"), fmt(spec.get("tokens_per_pass"), "{:.1f}"),
                          fmt(spec.get("verify_pass_s"), "{:.3f}"), fmt(spec.get("largest_tree"), "{}"),
                          fmt(spec.get("passes") and spec["pruned_nodes"] / spec["passes"], "{:.1f}"),
                          fmt(spec.get("most_missed_experts"), "{}"), same,
                          fmt((got.get("margin") or {}).get("top2_gap"), "{:.4f}")]
                 print("| " + " | ".join(map(str, cells)) + " |")
+    for name, row in results.items():
+        if isinstance(row, dict) and row.get("host_check"):
+            print(f"{name}: the CPU's experts after the run, same process, at the run's shape: {row['host_check']}")
 
 
 def _same(tokens: list[int], reference: list[int]) -> str:

@@ -446,6 +446,10 @@ def test_misses_split_between_copies_and_the_cpu_give_the_same_tokens(tmp_path):
     assert got == want
     assert report.experts["host_computed"] > 0 and report.tiers["experts device"].misses > 0
     assert report.experts["cpu_gbps"] > 0
+    # each CPU-computed expert had at least one token of the routed pairs; each call computed at least one
+    experts = report.experts
+    assert experts["pairs"] >= experts["host_pairs"] >= experts["host_computed"] >= experts["host_calls"] > 0
+    assert experts["host_tokens_per_expert"] == experts["host_pairs"] / experts["host_computed"]
 
 
 def test_the_cpus_experts_leave_cores_to_the_threads_waiting_on_a_gpu(tmp_path, monkeypatch):

@@ -190,13 +190,14 @@ def _experts_tables(data: dict[str, Any]) -> list[Table]:
                     _fmt(data["prediction_recall"], "{:.1%}"), _fmt(data["prefetch_used_share"], "{:.1%}"),
                     str(data["chunked_calls"]))
     misses = Table(title="experts: misses")
-    for column in ("copied/pass", "copied/token", "read in place/pass", "CPU-computed/pass", "CPU GB/s",
-                   "host work/layer call"):
+    for column in ("copied/pass", "copied/token", "read in place/pass", "CPU-computed/pass", "CPU tokens/expert",
+                   "CPU GB/s", "host work/layer call"):
         misses.add_column(column, justify="right")
     misses.add_row(_fmt(data["h2d_bytes_per_pass"], "{}", format_size),
                    _fmt(data["h2d_bytes_per_token"], "{}", format_size),
                    _fmt(data["mapped_bytes_per_pass"], "{}", format_size),
-                   _fmt(data["host_computed_per_pass"], "{:.1f}"), _fmt(data["cpu_gbps"], "{:.1f}"),
+                   _fmt(data["host_computed_per_pass"], "{:.1f}"), _fmt(data.get("host_tokens_per_expert"), "{:.1f}"),
+                   _fmt(data["cpu_gbps"], "{:.1f}"),
                    _fmt(data["host_work_s_per_call"], "{:.2e} s"))
     return [routing, misses]
 

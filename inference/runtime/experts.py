@@ -118,6 +118,8 @@ class ExpertStats:
     host_computed: int = 0  # missed experts the CPU computed instead of copying
     host_bytes: int = 0  # their weight bytes, read by the CPU
     host_s: float = 0.0  # the CPU's time computing them
+    host_pairs: int = 0  # (token, expert) pairs of those: pairs / experts is the tokens an expert the CPU got
+    host_calls: int = 0  # layer calls in which the CPU computed some
     mapped_pairs: int = 0  # (token, expert) pairs whose expert the device read in place (mapped_experts.py)
     mapped_from_slots: int = 0  # of those, read from a slot; the others over the link from host RAM
     mapped_bytes: int = 0  # the expert bytes those others read over the link
@@ -141,6 +143,9 @@ class ExpertStats:
                 "prefetch_used_share": self.prefetch_used / self.prefetch_copied if self.prefetch_copied else None,
                 "host_computed": self.host_computed, "host_bytes": self.host_bytes, "host_s": self.host_s,
                 "cpu_gbps": self.host_bytes / self.host_s / 1e9 if self.host_s else None,
+                "host_pairs": self.host_pairs, "host_calls": self.host_calls,
+                "host_tokens_per_expert": self.host_pairs / self.host_computed if self.host_computed else None,
+                "host_experts_per_call": self.host_computed / self.host_calls if self.host_calls else None,
                 "mapped_pairs": self.mapped_pairs, "mapped_bytes": self.mapped_bytes,
                 "mapped_admitted": self.mapped_admitted,
                 "mapped_slot_share": self.mapped_from_slots / self.mapped_pairs if self.mapped_pairs else None,
@@ -533,11 +538,14 @@ class ExpertRunner:
         finally:
             self.store.release_host_many(keys)
         elapsed_s = time.perf_counter() - start_s
-        self.stats.host_s += elapsed_s
+        pairs = Counter(routed)
+        tokens = [pairs[expert] for expert in experts]
         if self.costs is not None and elapsed_s > 0:  # the CPU's rates as this run gets them
-            pairs = Counter(routed)
-            predicted_s = sum(self.costs.host_s(self._host_work_bytes, pairs[expert]) for expert in experts)
+            predicted_s = sum(self.costs.host_s(self._host_work_bytes, count) for count in tokens)
             self.costs = self.costs.observed(predicted_s, elapsed_s)
+        self.stats.host_s += elapsed_s
+        self.stats.host_pairs += sum(tokens)
+        self.stats.host_calls += 1
         self.stats.host_computed += len(experts)
         self.stats.host_bytes += len(experts) * self._expert_bytes
         return total.to(self._device, non_blocking=True)
