@@ -292,7 +292,8 @@ class ExpertRunner:
         if self.budget is not None and len(routed) == top_k * len(self.budget.live):
             routed, top_k_index, top_k_weights = self._within_budget(index, routed, top_k, top_k_index, top_k_weights)
         predicted = _guessed(guesses, routed, top_k)
-        self._count(index, routed, predicted)
+        pairs = Counter(routed)  # a verify pass routes thousands of (token, expert) pairs a layer: counted in C, once
+        self._count(index, pairs, predicted)
         chunks = _token_chunks([routed[i:i + top_k] for i in range(0, len(routed), top_k)], self.pool.count)
         if len(chunks) > 1:
             self.stats.chunked_calls += 1
@@ -302,8 +303,10 @@ class ExpertRunner:
                 outputs.append(torch.zeros_like(hidden[start:end]))
                 continue
             prefetch = [following.keys[e] for e in predicted] if first == 0 and following else []
-            outputs.append(self._run(index, experts, routed[start * top_k:end * top_k], prefetch, hidden[start:end],
-                                     top_k_index[start:end], top_k_weights[start:end], args, kwargs))
+            chunk = routed[start * top_k:end * top_k]
+            outputs.append(self._run(index, experts, chunk, pairs if len(chunks) == 1 else Counter(chunk), prefetch,
+                                     hidden[start:end], top_k_index[start:end], top_k_weights[start:end], args,
+                                     kwargs))
         self.stats.layer_s += time.perf_counter() - start_s
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
@@ -363,7 +366,7 @@ class ExpertRunner:
     def _count_served(self, served: list[Served]) -> None:
         """Count layer calls read in place, once their routing has reached the host."""
         for call in served:
-            self._count(call.layer, call.routed, [])
+            self._count(call.layer, Counter(call.routed), [])
             over_link = len(call.routed) - call.from_slots
             self.stats.mapped_pairs += len(call.routed)
             self.stats.mapped_from_slots += call.from_slots
@@ -403,12 +406,14 @@ class ExpertRunner:
         return (routed, torch.where(keep, top_k_index, top_k_index[:1]),
                 top_k_weights * keep.to(top_k_weights.dtype))
 
-    def _run(self, index: int, experts: list[int], routed: list[int], prefetch: list[str], hidden: torch.Tensor,
-             top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The layer's experts for these tokens (`routed`: their routing, token-major): those on the device (or
-        copied there) by the kernel on the slots, the others by the CPU meanwhile; then start `prefetch`."""
+    def _run(self, index: int, experts: list[int], routed: list[int], pairs: Counter, prefetch: list[str],
+             hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, args: tuple,
+             kwargs: dict) -> torch.Tensor:
+        """The layer's experts for these tokens (`routed`: their routing, token-major; `pairs`: its tokens per
+        expert): those on the device (or copied there) by the kernel on the slots, the others by the CPU meanwhile;
+        then start `prefetch`."""
         group = self.groups[index]
-        on_host = self._host_share(index, experts, routed)
+        on_host = self._host_share(index, experts, pairs)
         on_device = [expert for expert in experts if expert not in on_host]
         device_keys = [group.keys[e] for e in on_device]
         self.store.prefetch(device_keys)  # every copy queued before the first wait
@@ -427,12 +432,12 @@ class ExpertRunner:
             self.store.release_many(device_keys)
         if host_inputs is None:
             return output  # type: ignore[return-value]  (every routed expert ran on the device)
-        host = self._on_host(index, sorted(on_host), routed, top_k_index.shape[-1], *host_inputs)
+        host = self._on_host(index, sorted(on_host), routed, pairs, top_k_index.shape[-1], *host_inputs)
         if prefetch and not prefetch_first:
             self._copied[index + 1] = self.store.prefetch(prefetch)
         return host.to(hidden.dtype) if output is None else (output.float() + host).to(output.dtype)
 
-    def _host_share(self, index: int, experts: list[int], routed: list[int]) -> set[int]:
+    def _host_share(self, index: int, experts: list[int], pairs: Counter) -> set[int]:
         """Which of `experts` the CPU computes: none under "device"; the missed ones (not in a slot, nor on
         their way to one) under "host"; under "auto", of those, what `split_misses` gives the host."""
         if self.compute == "device" or not self._on_host_ok[index]:
@@ -443,7 +448,6 @@ class ExpertRunner:
             return set(missed)
         if not missed or self.costs is None:
             return set()
-        pairs = Counter(routed)  # counted in C: a verify pass routes thousands of pairs a layer
         tokens = {expert: pairs[expert] for expert in missed}
         heat = {expert: self.stats.counts.get((index, expert), 0) for expert in missed}
         return set(split_misses(tokens, self._expert_bytes, self.costs, heat, self._host_work_bytes))
@@ -519,8 +523,8 @@ class ExpertRunner:
                 yield list(zip(chunk, range(len(chunk)))), unpacker.views
         return unpacked(), len(experts) > unpacker.window
 
-    def _on_host(self, index: int, experts: list[int], routed: list[int], top_k: int, hidden: torch.Tensor,
-                 routing_weights: torch.Tensor) -> torch.Tensor:
+    def _on_host(self, index: int, experts: list[int], routed: list[int], pairs: Counter, top_k: int,
+                 hidden: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         """The CPU's part of the layer's output (float32, on the device): `experts` from their host RAM copies."""
         group = self.groups[index]
         keys = [group.keys[e] for e in experts]
@@ -538,7 +542,6 @@ class ExpertRunner:
         finally:
             self.store.release_host_many(keys)
         elapsed_s = time.perf_counter() - start_s
-        pairs = Counter(routed)
         tokens = [pairs[expert] for expert in experts]
         if self.costs is not None and elapsed_s > 0:  # the CPU's rates as this run gets them
             predicted_s = sum(self.costs.host_s(self._host_work_bytes, count) for count in tokens)
@@ -550,11 +553,12 @@ class ExpertRunner:
         self.stats.host_bytes += len(experts) * self._expert_bytes
         return total.to(self._device, non_blocking=True)
 
-    def _count(self, index: int, routed: list[int], predicted: list[int]) -> None:
-        """Routing counters; how the prediction made for this layer (and the copies it started) fared."""
+    def _count(self, index: int, pairs: Counter, predicted: list[int]) -> None:
+        """Routing counters from the layer call's tokens per expert; how the prediction made for this layer (and
+        the copies it started) fared."""
         stats = self.stats
-        pairs = Counter(routed)  # a verify pass routes thousands of (token, expert) pairs a layer: count them in C
-        pairs.pop(PRUNED, None)
+        if PRUNED in pairs:
+            pairs = Counter({expert: count for expert, count in pairs.items() if expert != PRUNED})
         distinct = pairs.keys()
         stats.calls += 1
         stats.routed += len(pairs)
