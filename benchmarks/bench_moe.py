@@ -1,4 +1,5 @@
-"""Mixture-of-experts streaming on a Qwen3-30B-A3B-shaped model cut to 24 layers (bf16, random weights, ~31 GB).
+"""Mixture-of-experts streaming on a Qwen3-30B-A3B-shaped model cut to 24 layers (bf16, random weights, ~31 GB;
+`--layers 44 --ram 60GB`: as deep as a 64 GB disk holds, 55 GB).
 
 One device-tool call:
     python benchmarks/bench_moe.py --out $OUT
@@ -165,6 +166,7 @@ ROWS = [  # name, system, kernel, experts config, vram, ram, new tokens
     ("tierstore experts (lfu cache, prediction auto: the default)", "tierstore", "-", {}, "4GB", "48GB", 16),
     ("tierstore experts copied as picked (compute device)", "tierstore", "-", {"compute": "device"}, "4GB", "48GB",
      16),
+    ("tierstore experts at vram 8 GB (the default)", "tierstore", "-", {}, "8GB", "48GB", 16),
     ("tierstore experts (lfu cache, no prediction)", "tierstore", "-", {"prefetch": "none"}, "4GB", "48GB", 16),
     ("tierstore experts (lfu cache, prediction always)", "tierstore", "-", {"prefetch": "router"}, "4GB", "48GB",
      16),
@@ -198,7 +200,8 @@ def main() -> None:
     parser.add_argument("--model", default="/tmp/qwen3-30b-a3b-24l")
     parser.add_argument("--cache", default="/tmp/tierstore-moe-cache")
     parser.add_argument("--vram", default="4GB")
-    parser.add_argument("--ram", default="48GB")
+    parser.add_argument("--ram", help="a row's RAM budget (given to the parent: every tierstore row's instead of its "
+                        "own, for a deeper model)")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--out", default=".")
     parser.add_argument("--only", default="", help="row names separated by ;")
@@ -219,7 +222,8 @@ def main() -> None:
                 skew_routers(args.model)
             compress = name.split(":")[0] if name.startswith("q8_0:") else "none"
             results[name] = run_child(["--system", system, "--kernel", kernel, "--experts", json.dumps(experts),
-                                       "--model", args.model, "--cache", args.cache, "--vram", vram, "--ram", ram,
+                                       "--model", args.model, "--cache", args.cache, "--vram", vram,
+                                       "--ram", args.ram if args.ram and system == "tierstore" else ram,
                                        "--tokens", str(tokens), "--compress", compress], log, script=__file__)
             print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),
                   flush=True)
