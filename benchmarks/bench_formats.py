@@ -16,7 +16,8 @@ One device call (nvidia-h200, about 6 minutes):
    child process at vram 4 GB / ram 64 GB: everything in pinned RAM, so a pass is bound by the link. Prints the median
    decode step against the plan's bound, the bytes per pass and the peak VRAM. The store is removed after its row.
 `--graphs auto,off` runs each store with and without the graphs of a streamed pass's resident layers
-(layer_graphs.py), `--no-dequant` skips part 1. `--shape tiny` checks the script on a CPU.
+(layer_graphs.py), `--matvec auto,off` with and without decode steps multiplying k-quant matrices in their blocks
+(ggml_triton.matvec), `--no-dequant` skips part 1. `--shape tiny` checks the script on a CPU.
 """
 from __future__ import annotations
 
@@ -153,7 +154,10 @@ def child(args: argparse.Namespace) -> None:
     """One format's row: open its store at the budget, warm up, generate; prints a RESULT line."""
     import torch
     import tierstore
+    from tierstore.compression import Decompressor
 
+    if args.matvec == "off":  # every k-quant matrix dequantized, decode steps too
+        Decompressor.MATVEC_DEVICES = ()
     model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
                                                 config={"runtime": {"cache_dir": args.cache,
                                                                     "cuda_graphs": args.graphs}})
@@ -193,6 +197,8 @@ def main() -> None:
     parser.add_argument("--graphs", default="auto", help="runtime.cuda_graphs of each row, comma-separated: "
                         "auto,off runs each store twice (a streamed pass's resident layers replayed from graphs, "
                         "and not)")
+    parser.add_argument("--matvec", default="auto", help="comma-separated: auto (decode steps multiply k-quant "
+                        "matrices in their blocks) and/or off (every matrix dequantized first), each row run so")
     parser.add_argument("--no-dequant", action="store_true", help="skip the layer dequantization timings")
     args = parser.parse_args()
     args.cache = os.path.join(args.work, "cache")
@@ -226,11 +232,12 @@ def main() -> None:
                 written = write_random_store(store, args.shape, "none" if format == "bf16" else format, device)
             else:
                 written = write_ggml_store(store, args.shape, format, device)
-            for graphs in args.graphs.split(","):
+            for graphs, matvec in ((g, m) for g in args.graphs.split(",") for m in args.matvec.split(",")):
                 row = run_child(["--store", store, "--vram", args.vram, "--ram", args.ram, "--tokens",
-                                 str(args.tokens), "--work", args.work, "--shape", args.shape, "--graphs", graphs],
-                                log, script=__file__)
-                name = format if graphs == "auto" else f"{format} (cuda_graphs {graphs})"
+                                 str(args.tokens), "--work", args.work, "--shape", args.shape, "--graphs", graphs,
+                                 "--matvec", matvec], log, script=__file__)
+                name = format + "".join(f" ({what} {value})" for what, value in
+                                        (("cuda_graphs", graphs), ("matvec", matvec)) if value != "auto")
                 results["rows"][name] = {**row, **written}
                 with open(os.path.join(args.out, "formats_results.json"), "w") as handle:
                     json.dump(results, handle, indent=1)

@@ -772,6 +772,67 @@ def test_ggml_blocks_dequantized_on_cuda_match_the_cpu_reference(format):
     assert torch.allclose(compiled.cpu(), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_k_quant_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantized_product(format, tokens):
+    """The Triton matrix-vector kernel, compiled, on a 7B-sized matrix (3584 x 3584): the reference values times
+    the inputs in float64, within float32 summation error, in float32 and bfloat16 inputs."""
+    from test_ggml import random_blocks
+
+    from tierstore import ggml
+
+    rows, columns = 3584, 3584
+    data = torch.from_numpy(random_blocks(format, rows * columns // 256, seed=4)).reshape(-1)
+    matrix = torch.empty(rows * columns)
+    ggml.dequantize(format, data, matrix)
+    matrix = matrix.view(rows, columns).double()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(tokens, columns, generator=torch.Generator().manual_seed(5)).to(dtype)
+        out = torch.empty(tokens, rows, dtype=dtype, device="cuda")
+        assert ggml.matvec(format, data.cuda(), x.cuda(), out), "the Triton kernel failed (see the warning)"
+        want = x.double() @ matrix.T
+        scale = (x.double().abs() @ matrix.abs().T).max()
+        tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+        assert (out.double().cpu() - want).abs().max() <= tolerance * scale
+
+
+def test_a_k_quant_store_decodes_with_packed_matrices_and_gives_the_dequantized_runs_tokens(tmp_path, monkeypatch):
+    """q4_k_m (Q4_K and Q6_K) on the GPU: decode steps multiply the packed matrices (Triton), the prompt
+    dequantizes; the tokens and logits are those of the same store with every matrix dequantized."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tierstore import ggml
+    from tierstore.compression import Decompressor
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    settings = {"runtime": {"cache_dir": str(tmp_path / "cache")}, "compression": {"format": "q4_k_m"}}
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3, 17]])
+    calls = []
+    multiply = ggml.matvec
+
+    def counted(format, packed, x, out):
+        calls.append(x.shape[0])
+        return multiply(format, packed, x, out)
+
+    monkeypatch.setattr("tierstore.compression.ggml_matvec", counted)
+    results = []
+    for devices in (("cuda",), ()):
+        monkeypatch.setattr(Decompressor, "MATVEC_DEVICES", devices)
+        with tierstore.AutoModel.from_pretrained(str(tmp_path / "model"), budget={"vram": "2GB", "ram": "4GB"},
+                                                 config=settings) as model:
+            tokens = model.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+            results.append((tokens, model(ids[:, :1]).logits.float().cpu()))
+        if devices:
+            assert calls and set(calls) == {1}, calls
+            calls.clear()
+    assert calls == []
+    assert results[0][0] == results[1][0]
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-3, rtol=1e-3)
+
+
 def test_the_compiled_dequantization_of_a_large_matrix_takes_little_beyond_its_output():
     """A whole MoE layer's expert matrix (here 268M elements, Q8_0) dequantized by the compiled steps adds at most
     a few chunks' worth of device memory to its packed input and its output (a whole-layer q8_0 MoE peaked at 7.41

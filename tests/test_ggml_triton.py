@@ -41,4 +41,68 @@ def test_each_k_quant_kernel_gives_the_reference_values(kernels, format):
 def test_every_k_quant_has_a_kernel_and_the_others_do_not(kernels):
     """The formats ggml.dequantize sends to Triton on a GPU; the rest are compiled from their torch steps."""
     assert set(kernels.FORMATS) == {format for format in ggml.BLOCKS if format.endswith("_K")}
-    assert set(kernels.KERNELS) == set(kernels.FORMATS)
+    assert set(kernels.VALUES) == set(kernels.FORMATS)
+
+
+@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_the_fused_matrix_vector_product_is_the_reference_matrix_times_the_inputs(kernels, format, tokens):
+    """A matrix of 5 rows of 11 blocks (the last of each row's block windows partly past the row) times a few
+    token rows: the reference's values multiplied in float64, within float32 summation error; the output's
+    neighbours untouched."""
+    rows, row_blocks = 5, kernels.MATVEC_BLOCKS + 3
+    data = random_blocks(format, rows * row_blocks, seed=2)
+    matrix = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format])).reshape(rows, -1)
+    x = torch.randn(tokens, row_blocks * 256, generator=torch.Generator().manual_seed(3))
+    want = x.double() @ matrix.double().T
+    out = torch.full((tokens + 1, rows), float("nan"))
+    kernels.matvec(format, torch.from_numpy(data).reshape(rows * row_blocks, -1), x, out[:tokens])
+    scale = (x.double().abs() @ matrix.double().abs().T).max()
+    assert (out[:tokens].double() - want).abs().max() <= 1e-5 * scale
+    assert out[tokens].isnan().all()
+
+
+def test_a_decode_step_multiplies_k_quant_matrices_in_their_blocks_and_gives_the_dequantized_runs_tokens(
+        monkeypatch, tmp_path):
+    """A store of k-quants (q4_k_m: Q4_K and Q6_K) with every matrix a whole number of blocks a row: a prompt's
+    forward dequantizes each unit (more than PACKED_MATVEC_TOKENS tokens), each decode step multiplies the packed
+    matrices instead; tokens equal, logits within float32 summation error, of the same store run without. The
+    multiply here is the reference (the gguf package's values times the inputs): the kernel is checked against it
+    above, and through a model on a GPU in test_cuda.py (Triton's interpreter takes minutes for a model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import tierstore
+    from tierstore import compression
+    from tierstore.compression import Decompressor
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    settings = {"runtime": {"cache_dir": str(tmp_path / "cache")}, "compression": {"format": "q4_k_m"}}
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100]])
+    calls: list[tuple[str, int]] = []
+
+    def reference(format: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
+        calls.append((format, x.shape[0]))
+        values = gguf.quants.dequantize(packed.numpy().reshape(-1, ggml.BLOCKS[format][1]),
+                                        gguf.GGMLQuantizationType[format])
+        out.copy_(x @ torch.from_numpy(values).reshape(out.shape[1], x.shape[1]).T)
+        return True
+
+    def run(devices: tuple[str, ...]) -> tuple[list[int], torch.Tensor]:
+        monkeypatch.setattr(Decompressor, "MATVEC_DEVICES", devices)
+        monkeypatch.setattr(compression, "ggml_matvec", reference)
+        with tierstore.AutoModel.from_pretrained(str(tmp_path / "model"), config=settings) as model:
+            tokens = model.generate(ids, max_new_tokens=3, do_sample=False).tolist()[0]
+            return tokens, model(ids[:, :1]).logits
+
+    plain_tokens, plain_logits = run(("cuda",))
+    assert calls == []
+    fused_tokens, fused_logits = run(("cuda", "cpu"))
+    assert fused_tokens == plain_tokens
+    torch.testing.assert_close(fused_logits, plain_logits, atol=1e-5, rtol=1e-5)
+    # seven matrices in each of two layers, for two decode steps and the one-token forward, one token each; the
+    # prompt's six tokens none
+    assert len(calls) == 7 * 2 * 3 and {tokens for _, tokens in calls} == {1}
+    assert {format for format, _ in calls} == {"Q4_K", "Q6_K"}

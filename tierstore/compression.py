@@ -31,6 +31,8 @@ from .errors import CheckpointError, ConfigError
 from .ggml import BLOCKS as GGML_BLOCKS
 from .ggml import bits_per_weight as ggml_bits
 from .ggml import dequantize as ggml_dequantize
+from .ggml import matvec as ggml_matvec
+from .ggml import multiplies_packed as ggml_multiplies_packed
 from .ggml import packed_bytes as ggml_packed_bytes
 from .rotation import HADAMARD
 from .rotation import applies as rotates
@@ -420,6 +422,8 @@ class Decompressor:
     the units in `per_matrix`, one at a time as each is used (`materialize_matrix`): the buffer then holds the
     largest matrix, not the largest unit."""
 
+    MATVEC_DEVICES = ("cuda",)  # where `matvec` runs its Triton kernels (a CPU test adds "cpu": the interpreter)
+
     def __init__(self, codec: Codec, packed: Mapping[Hashable, PackedMatrices], dtype: torch.dtype,
                  device: torch.device, per_matrix: Set[Hashable] = frozenset()) -> None:
         self.codec = codec
@@ -434,6 +438,10 @@ class Decompressor:
         self._runs = {key: ggml_runs(p) for key, p in self.packed.items()} if codec.format == GGML else {}
         self._rotated = {key: [name for name, (_, shape) in p.matrices.items() if rotates(shape)]
                          for key, p in self.packed.items()} if codec.rotation else {}
+        self._fusable = {key for key, p in self.packed.items()
+                         if device.type in self.MATVEC_DEVICES and codec.format == GGML and not codec.rotation
+                         and all(len(shape) == 2 and ggml_multiplies_packed(p.formats[name][0], shape[1])
+                                 for name, (_, shape) in p.matrices.items())}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.packed
@@ -454,6 +462,27 @@ class Decompressor:
         else:
             self._unpacker.dequantize(tensors[PACKED], tensors[ABSMAX], self.scratch[:packed.numel])
         return {**tensors, **self._views[key]}
+
+    def multiplies_packed(self, key: Hashable) -> bool:
+        """Whether every compressed matrix of unit `key` can be multiplied in its blocks (`matvec`): k-quants, on a
+        GPU, none rotated."""
+        return key in self._fusable
+
+    def matvec(self, key: Hashable, name: str, tensors: Mapping[str, torch.Tensor],
+               x: torch.Tensor) -> torch.Tensor | None:
+        """x (..., columns) times matrix `name` of unit `key` transposed, read in its blocks without dequantizing
+        it (a decode step's few tokens: each weight's packed bits are read once); None where the kernel is not
+        there after all (the caller dequantizes)."""
+        packed = self.packed[key]
+        format, _ = packed.formats[name]
+        start, end = packed.ggml_bytes(name)
+        rows, columns = packed.matrices[name][1]
+        inputs = x.reshape(-1, columns).contiguous()
+        out = torch.empty(inputs.shape[0], rows, dtype=x.dtype, device=x.device)
+        if not ggml_matvec(format, tensors[PACKED][start:end], inputs, out):
+            self._fusable.discard(key)
+            return None
+        return out.view(*x.shape[:-1], rows)
 
     def materialize_matrix(self, key: Hashable, name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Matrix `name` of unit `key` (whose stored tensors are `tensors`) dequantized, valid for the compute

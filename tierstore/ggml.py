@@ -29,6 +29,7 @@ HALF_SCALES: dict[str, tuple[int, ...]] = {
     "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,),
     "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
 }
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # the formats ggml_triton.py has kernels for
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -95,6 +96,29 @@ def _dequantize_triton(format: str, packed: torch.Tensor, out: torch.Tensor) -> 
         return True
     except Exception as exc:  # noqa: BLE001 (a compiler or launch failure of any kind): compile the steps instead
         log.warning("dequantizing %s: its Triton kernel failed (%s: %s); compiling its steps instead",
+                    format, type(exc).__name__, exc)
+        _NO_TRITON.add(format)
+        return False
+
+
+def multiplies_packed(format: str, columns: int) -> bool:
+    """Whether `matvec` can multiply a matrix of `format` whose rows are `columns` long on a GPU: a k-quant (the
+    formats with a Triton kernel), its rows whole blocks, and Triton not found failing for it."""
+    return format in K_QUANTS and columns % QK_K == 0 and format not in _NO_TRITON
+
+
+def matvec(format: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
+    """out [tokens, rows] = x [tokens, columns] times the transposed matrix that `packed` holds in `format` (rows
+    of whole blocks), on a GPU by the format's Triton kernel, reading the packed bytes only; False where Triton is
+    missing or fails (a warning, once: the caller dequantizes instead)."""
+    if not multiplies_packed(format, x.shape[-1]):
+        return False
+    try:
+        from .ggml_triton import matvec as matvec_triton
+        matvec_triton(format, packed.view(-1, BLOCKS[format][1]), x, out)
+        return True
+    except Exception as exc:  # noqa: BLE001 (an import, compiler or launch failure of any kind): dequantize instead
+        log.warning("multiplying %s in its blocks: its Triton kernel failed (%s: %s); dequantizing instead",
                     format, type(exc).__name__, exc)
         _NO_TRITON.add(format)
         return False

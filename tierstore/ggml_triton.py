@@ -19,6 +19,7 @@ import triton.language as tl
 
 FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 BLOCKS_PER_PROGRAM = 8  # 2048 elements a program
+MATVEC_BLOCKS = 8  # blocks of a row a matrix-vector program reads at once
 
 
 def dequantize(format: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -27,8 +28,22 @@ def dequantize(format: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
     are the reference's bits."""
     count = blocks.shape[0]
     if count:
+        values, nbytes = VALUES[format]
         grid = (triton.cdiv(count, BLOCKS_PER_PROGRAM),)
-        KERNELS[format][grid](blocks, out, count, BLOCKS=BLOCKS_PER_PROGRAM, enable_fp_fusion=False)
+        _dequantize[grid](blocks, out, count, VALUES=values, BYTES=nbytes, BLOCKS=BLOCKS_PER_PROGRAM,
+                          enable_fp_fusion=False)
+
+
+def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+    """out [tokens, rows] = x [tokens, columns] times the transposed matrix [rows, columns] that `format`'s uint8
+    `blocks` [rows * columns / 256, bytes] hold (a GGUF matrix's rows are whole blocks), without writing the
+    dequantized matrix anywhere: decoding reads each weight's packed bits once. Sums in float32 (the values are
+    the reference's, exactly); x and out contiguous, a few tokens (each adds one pass over x per block)."""
+    tokens, columns = x.shape
+    rows = out.shape[1]
+    values, nbytes = VALUES[format]
+    _matvec[(rows,)](blocks, x, out, columns // 256, columns, rows, VALUES=values, BYTES=nbytes, TOKENS=tokens,
+                     TOKENS_POW2=triton.next_power_of_2(tokens), BLOCKS=MATVEC_BLOCKS)
 
 
 @triton.jit
@@ -88,59 +103,86 @@ def _field(base, at, shift, mask, exists):
 
 
 @triton.jit
-def _q4_k(blocks, out, count, BLOCKS: tl.constexpr):
-    index, exists = _rows(count, BLOCKS)
-    base = blocks + index * 144
+def _q4_k_values(base, exists):
+    """A Q4_K block tile's values [B, 8, 32] in float32 and their element places in the block [1, 8, 32]."""
     sub, element = _thirty_twos()
     d, dm = _k_scales(base, sub, exists)
     q = _field(base, 16 + 32 * (sub // 2) + element, 4 * (sub % 2), 0x0F, exists)
-    _store(out, index, sub * 32 + element, d * q.to(tl.float32) - dm, exists)
+    return d * q.to(tl.float32) - dm, sub * 32 + element
 
 
 @triton.jit
-def _q5_k(blocks, out, count, BLOCKS: tl.constexpr):
-    index, exists = _rows(count, BLOCKS)
-    base = blocks + index * 176
+def _q5_k_values(base, exists):
     sub, element = _thirty_twos()
     d, dm = _k_scales(base, sub, exists)
     q = _field(base, 48 + 32 * (sub // 2) + element, 4 * (sub % 2), 0x0F, exists) \
         | (_field(base, 16 + element, sub, 1, exists) << 4)
-    _store(out, index, sub * 32 + element, d * q.to(tl.float32) - dm, exists)
+    return d * q.to(tl.float32) - dm, sub * 32 + element
 
 
 @triton.jit
-def _q6_k(blocks, out, count, BLOCKS: tl.constexpr):
-    index, exists = _rows(count, BLOCKS)
-    base = blocks + index * 210
+def _q6_k_values(base, exists):
     sub, element, half, quarter, within = _sixteens()
     d = _half(base, 208, exists) * tl.load(base + 192 + sub, mask=exists, other=0).to(tl.int8, bitcast=True)
     low = _field(base, 64 * half + 32 * (quarter % 2) + within, 4 * (quarter // 2), 0x0F, exists)
     high = _field(base, 128 + 32 * half + within, 2 * quarter, 3, exists)
-    _store(out, index, sub * 16 + element, d * ((low | (high << 4)) - 32).to(tl.float32), exists)
+    return d * ((low | (high << 4)) - 32).to(tl.float32), sub * 16 + element
 
 
 @triton.jit
-def _q3_k(blocks, out, count, BLOCKS: tl.constexpr):
-    index, exists = _rows(count, BLOCKS)
-    base = blocks + index * 110
+def _q3_k_values(base, exists):
     sub, element, half, quarter, within = _sixteens()
     scale = _field(base, 96 + sub % 8, 4 * (sub // 8), 0x0F, exists) \
         | (_field(base, 104 + sub % 4, 2 * (sub // 4), 3, exists) << 4)
     d = _half(base, 108, exists) * (scale - 32).to(tl.float32)
     codes = _field(base, 32 + 32 * half + within, 2 * quarter, 3, exists)
     high = _field(base, within, 4 * half + quarter, 1, exists)  # the hmask bit: 0 subtracts 4
-    _store(out, index, sub * 16 + element, d * (codes - 4 * (1 - high)).to(tl.float32), exists)
+    return d * (codes - 4 * (1 - high)).to(tl.float32), sub * 16 + element
 
 
 @triton.jit
-def _q2_k(blocks, out, count, BLOCKS: tl.constexpr):
-    index, exists = _rows(count, BLOCKS)
-    base = blocks + index * 84
+def _q2_k_values(base, exists):
     sub, element, half, quarter, within = _sixteens()
     dl = _half(base, 80, exists) * _field(base, sub, 0, 0x0F, exists).to(tl.float32)
     ml = _half(base, 82, exists) * _field(base, sub, 4, 0x0F, exists).to(tl.float32)
     q = _field(base, 16 + 32 * half + within, 2 * quarter, 3, exists)
-    _store(out, index, sub * 16 + element, dl * q.to(tl.float32) - ml, exists)
+    return dl * q.to(tl.float32) - ml, sub * 16 + element
 
 
-KERNELS = {"Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+@triton.jit
+def _dequantize(blocks, out, count, VALUES: tl.constexpr, BYTES: tl.constexpr, BLOCKS: tl.constexpr):
+    """This program's blocks of `blocks` (BYTES each) dequantized into `out` by the format's VALUES."""
+    index, exists = _rows(count, BLOCKS)
+    value, first = VALUES(blocks + index * BYTES, exists)
+    _store(out, index, first, value, exists)
+
+
+@triton.jit
+def _add(a, b):
+    """The sum's step (tl.reduce, a builtin: Triton's interpreter runs it where the standard library's tl.sum,
+    defined before TRITON_INTERPRET was set, cannot run)."""
+    return a + b
+
+
+@triton.jit
+def _matvec(blocks, x, out, row_blocks, columns, rows, VALUES: tl.constexpr, BYTES: tl.constexpr,
+            TOKENS: tl.constexpr, TOKENS_POW2: tl.constexpr, BLOCKS: tl.constexpr):
+    """Row `program_id` of a matrix in blocks (`row_blocks` a row) times each of TOKENS rows of `x` [TOKENS,
+    columns], summed in float32 over BLOCKS blocks at a time, into out [TOKENS, rows]."""
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.arange(0, BLOCKS).to(tl.int64)[:, None, None]
+    token = tl.arange(0, TOKENS_POW2)
+    sums = tl.full([TOKENS_POW2], 0.0, tl.float32)
+    for start in range(0, row_blocks, BLOCKS):
+        exists = start + block < row_blocks
+        value, first = VALUES(blocks + (row * row_blocks + start + block) * BYTES, exists)
+        column = (start + block) * 256 + first
+        for t in tl.static_range(TOKENS):
+            inputs = tl.load(x + t * columns + column, mask=exists, other=0.0).to(tl.float32)
+            sums = tl.where(token == t, sums + tl.reduce(value * inputs, None, _add), sums)
+    tl.store(out + token * rows + row, sums.to(out.dtype.element_ty), mask=token < TOKENS)
+
+
+# each format: its values and its block bytes
+VALUES = {"Q2_K": (_q2_k_values, 84), "Q3_K": (_q3_k_values, 110), "Q4_K": (_q4_k_values, 144),
+          "Q5_K": (_q5_k_values, 176), "Q6_K": (_q6_k_values, 210)}

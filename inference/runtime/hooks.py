@@ -16,25 +16,35 @@ from ..loading.skeleton import Binding, HookSite, Skeleton
 Hook = Callable[..., None]
 
 
+# Token rows up to which a decode step multiplies a unit's k-quant matrices in their blocks (Decompressor.matvec:
+# each weight's packed bits read once) instead of dequantizing the unit into the scratch buffer and reading that
+# back: a 2-bit matrix's dequantized copy costs fourteen times its packed bytes in writes alone.
+PACKED_MATVEC_TOKENS = 4
+
+
 def _make_hooks(site: HookSite, store: TieredStore,
-                decompressor: Decompressor | None) -> tuple[Hook, Hook, list[tuple[nn.Module, Hook, Hook]]]:
-    """The site's pre- and post-forward hooks, and for a unit dequantized matrix by matrix, each matrix's own
-    (module, pre, post): bound as its nn.Linear runs, inside the site's forward."""
+                decompressor: Decompressor | None) -> tuple[Hook, Hook, list[tuple[nn.Module, Hook, Hook]],
+                                                            list[tuple[nn.Module, Callable[..., Any]]]]:
+    """The site's pre- and post-forward hooks; for a unit dequantized matrix by matrix, each matrix's own
+    (module, pre, post), bound as its nn.Linear runs inside the site's forward; for a unit whose matrices can be
+    multiplied in their blocks, each matrix's nn.Linear's forward (module, forward: `_packed_forward`)."""
     key, position = site.key, site.position
     compressed = decompressor is not None and key in decompressor
     per_matrix = compressed and key in decompressor.per_matrix  # type: ignore[union-attr]
-    matrices = decompressor.matrix_names(key) if per_matrix else frozenset()  # type: ignore[union-attr]
+    fused = bool(fused_bindings := _packed_bindings(site, decompressor))
+    matrices = decompressor.matrix_names(key) if per_matrix or fused else frozenset()  # type: ignore[union-attr]
     bindings = [(b.module._parameters, b.attr, b.tensor, b.original) for b in site.bindings
                 if b.tensor not in matrices]
     unpack = decompressor.materialize if compressed and not per_matrix else None  # type: ignore[union-attr]
     held: list[Any] = [None]  # the unit's stored tensors while its forward runs
+    unpacked: list[Any] = [None]  # a fused unit dequantized whole in this forward (a call of many tokens)
 
     def pre_forward(module: nn.Module, args: Any) -> None:
         if held[0] is not None:  # bound early, from the parent's forward (see HookSite.bind_from)
             return
         tensors = store.get(key, position)
         held[0] = tensors
-        if unpack is not None:
+        if unpack is not None and not fused:
             tensors = unpack(key, tensors)
         for params, attr, tensor, _ in bindings:
             params[attr] = tensors[tensor]
@@ -44,7 +54,7 @@ def _make_hooks(site: HookSite, store: TieredStore,
             return
         for params, attr, _, original in bindings:
             params[attr] = original
-        held[0] = None
+        held[0] = unpacked[0] = None
         store.release(key)
 
     def matrix_hooks(binding: Binding) -> tuple[nn.Module, Hook, Hook]:
@@ -58,7 +68,44 @@ def _make_hooks(site: HookSite, store: TieredStore,
 
         return binding.module, pre_matrix, post_matrix
 
-    return pre_forward, post_forward, [matrix_hooks(b) for b in site.bindings if b.tensor in matrices]
+    if fused:
+        def weight(name: str) -> torch.Tensor:  # a call of many tokens: the matrix dequantized
+            if per_matrix:
+                return decompressor.materialize_matrix(key, name, held[0])  # type: ignore[union-attr]
+            if unpacked[0] is None:  # the whole unit, once this forward
+                unpacked[0] = unpack(key, held[0])  # type: ignore[misc]
+            return unpacked[0][name]
+
+        def matvec(name: str, x: torch.Tensor) -> torch.Tensor | None:
+            return decompressor.matvec(key, name, held[0], x)  # type: ignore[union-attr]
+
+        return pre_forward, post_forward, [], [(b.module, _packed_forward(b.module, b.tensor, matvec, weight))
+                                               for b in fused_bindings]
+    return pre_forward, post_forward, [matrix_hooks(b) for b in site.bindings if b.tensor in matrices], []
+
+
+def _packed_bindings(site: HookSite, decompressor: Decompressor | None) -> list[Binding]:
+    """The nn.Linear weights of the site's unit when each of its compressed matrices is one and can be multiplied
+    in its blocks (Decompressor.multiplies_packed); else none."""
+    if decompressor is None or site.key not in decompressor or not decompressor.multiplies_packed(site.key):
+        return []
+    names = decompressor.matrix_names(site.key)
+    found = [b for b in site.bindings if b.tensor in names and type(b.module) is nn.Linear and b.attr == "weight"]
+    return found if len(found) == len(names) else []
+
+
+def _packed_forward(module: nn.Module, name: str, matvec: Callable[[str, torch.Tensor], torch.Tensor | None],
+                    weight: Callable[[str], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An nn.Linear's forward for matrix `name` kept packed: a few tokens multiply it in its blocks (`matvec`),
+    more (or a kernel that is not there after all) multiply its dequantized `weight`."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= PACKED_MATVEC_TOKENS * x.shape[-1]:
+            out = matvec(name, x)
+            if out is not None:
+                return out if module.bias is None else out + module.bias
+        return nn.functional.linear(x, weight(name), module.bias)
+
+    return forward
 
 
 def _traced(pre_forward: Callable[..., None], post_forward: Callable[..., None], site: HookSite, nbytes: int,
@@ -105,8 +152,12 @@ class AttachedHooks:
             _check_not_nested([site for site in skeleton.sites if site.key in decompressor])
         self._handles = []
         self._moved_buffers = move_buffers(skeleton.model, device)
+        self._forwards: list[nn.Module] = []  # modules whose forward is replaced while attached
         for site in skeleton.sites:
-            pre_forward, post_forward, matrix_hooks = _make_hooks(site, store, decompressor)
+            pre_forward, post_forward, matrix_hooks, forwards = _make_hooks(site, store, decompressor)
+            for module, forward in forwards:
+                module.forward = forward
+                self._forwards.append(module)
             for module, pre_matrix, post_matrix in matrix_hooks:
                 self._handles.append(module.register_forward_pre_hook(pre_matrix))
                 self._handles.append(module.register_forward_hook(post_matrix))
@@ -129,6 +180,9 @@ class AttachedHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module in self._forwards:
+            module.__dict__.pop("forward", None)
+        self._forwards.clear()
         for site in self._sites:
             for binding in site.bindings:
                 binding.module._parameters[binding.attr] = binding.original
