@@ -175,7 +175,7 @@ def test_a_packed_unit_reads_its_bytes_and_twice_its_dequantized_copy_and_a_look
                        "compression": {"format": compress}})
     units = open_units(resolve(directory, False), cfg, torch.device("cpu"), torch.float32, False, progress=False)
     embedding = lookup_key(units.skeleton)
-    reads = device_reads(units, embedding)
+    reads = device_reads(units, embedding, torch.device("cpu"))
     assert embedding == "embed_tokens" and reads[embedding] == 0
     layer = units.layouts["layers.0"].nbytes
     numel = sum(p.numel() for p in reference.model.layers[0].parameters() if p.dim() == 2)
@@ -184,3 +184,28 @@ def test_a_packed_unit_reads_its_bytes_and_twice_its_dequantized_copy_and_a_look
     else:
         assert layer < numel * 4  # stored packed
         assert reads["layers.0"] == layer + 2 * numel * 4
+
+
+def test_a_k_quant_unit_multiplied_in_its_blocks_reads_its_stored_bytes_only(tmp_path, monkeypatch):
+    """Where decode steps multiply a unit's k-quant matrices in their blocks (a GPU; here the CPU stands in for
+    one), the planner is told a pass reads the unit's stored bytes, no dequantized copy; elsewhere the copy too."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tierstore import Config
+    from tierstore.compression import Decompressor
+    from tierstore.inference.loading.resolve import resolve
+    from tierstore.inference.loading.sources import open_units
+    from tierstore.inference.placement.plan import device_reads
+
+    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    cfg = Config.load({"runtime": {"cache_dir": str(tmp_path / "cache"), "device": "cpu"},
+                       "compression": {"format": "q4_k_m"}})
+    units = open_units(resolve(str(tmp_path / "model"), False), cfg, torch.device("cpu"), torch.float32, False,
+                       progress=False)
+    layer, numel = units.layouts["layers.0"].nbytes, units.dense_packed["layers.0"].numel
+    assert device_reads(units, None, torch.device("cpu"))["layers.0"] == layer + 2 * numel * 4
+    monkeypatch.setattr(Decompressor, "MATVEC_DEVICES", ("cpu",))
+    assert device_reads(units, None, torch.device("cpu"))["layers.0"] == layer

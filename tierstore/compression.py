@@ -439,9 +439,7 @@ class Decompressor:
         self._rotated = {key: [name for name, (_, shape) in p.matrices.items() if rotates(shape)]
                          for key, p in self.packed.items()} if codec.rotation else {}
         self._fusable = {key for key, p in self.packed.items()
-                         if device.type in self.MATVEC_DEVICES and codec.format == GGML and not codec.rotation
-                         and all(len(shape) == 2 and ggml_multiplies_packed(p.formats[name][0], shape[1])
-                                 for name, (_, shape) in p.matrices.items())}
+                         if device.type in self.MATVEC_DEVICES and multiplies_packed(codec, p)}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.packed
@@ -534,6 +532,14 @@ class MatrixUnpacker:
         else:
             out.copy_(self._ops.dequantize_blockwise(codes, absmax, self._code, self.codec.blocksize,
                                                      self._dtype).reshape(-1))
+
+
+def multiplies_packed(codec: Codec, packed: PackedMatrices) -> bool:
+    """Whether a unit's matrices can be multiplied in their blocks on a GPU (Decompressor.matvec): k-quants whose
+    rows are whole blocks, none rotated."""
+    return codec.format == GGML and not codec.rotation and all(
+        len(shape) == 2 and ggml_multiplies_packed(packed.formats[name][0], shape[1])
+        for name, (_, shape) in packed.matrices.items())
 
 
 def unpacked_numel(codec: Codec, shape: tuple[int, ...]) -> int:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ...budget import Budget
-from ...compression import GGML, Codec, bits_per_weight, describe_formats, scratch_bytes
+from ...compression import (GGML, Codec, Decompressor, bits_per_weight, describe_formats, multiplies_packed,
+                            scratch_bytes)
 from ...config import Config
 from ...errors import BudgetError, InputError, ModelError
 from ...policies.dense import AUTO
@@ -76,7 +77,7 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     routers = {g.router: 1 for g in units.skeleton.experts if g.router} if predicting else None
     planned_from = plan_input(sizes, schedule, device_bytes, host_bytes, reserve, cfg.policy,
                               load_probe(cfg.runtime.cache_dir), notes, device, extra_uses=routers,
-                              read_bytes=device_reads(units, lookup_key(units.skeleton)))
+                              read_bytes=device_reads(units, lookup_key(units.skeleton), device))
     planned_from = dataclasses.replace(planned_from, experts=experts, reserve_parts=tuple(parts),
                                        host_lookup=(lookup,) if lookup is not None else ())
     try:
@@ -119,11 +120,14 @@ def experts_input(units: Units, cfg: Config, device: torch.device) -> ExpertsInp
                         window=window, window_bytes=window_bytes, mappable=mappable)
 
 
-def device_reads(units: Units, embedding: str | None) -> dict[str, int]:
-    """Device memory a pass's use of a unit reads and writes, where it is not the unit's bytes: a packed unit is
-    read packed, dequantized into the compute dtype and read again from there; an input embedding of its own is
-    looked up one row a token."""
-    reads = {key: units.layouts[key].nbytes + 2 * packed.numel * units.dtype.itemsize
+def device_reads(units: Units, embedding: str | None, device: torch.device) -> dict[str, int]:
+    """Device memory a decode step's use of a unit reads and writes, where it is not the unit's bytes: a packed
+    unit is read packed, dequantized into the compute dtype and read again from there, unless its matrices are
+    multiplied in their blocks (k-quants on a GPU: Decompressor.matvec); an input embedding of its own is looked up
+    one row a token."""
+    fused = device.type in Decompressor.MATVEC_DEVICES and units.codec is not None
+    reads = {key: units.layouts[key].nbytes
+             + (0 if fused and multiplies_packed(units.codec, packed) else 2 * packed.numel * units.dtype.itemsize)
              for key, packed in units.dense_packed.items()}
     if embedding is not None:
         reads[embedding] = 0
