@@ -772,9 +772,9 @@ def test_ggml_blocks_dequantized_on_cuda_match_the_cpu_reference(format):
     assert torch.allclose(compiled.cpu(), want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 @pytest.mark.parametrize("tokens", [1, 4])
-def test_k_quant_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantized_product(format, tokens):
+def test_ggml_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantized_product(format, tokens):
     """The Triton matrix-vector kernel, compiled, on a 7B-sized matrix (3584 x 3584): the reference values times
     the inputs in float64, within float32 summation error, in float32 and bfloat16 inputs."""
     from test_ggml import random_blocks
@@ -782,7 +782,7 @@ def test_k_quant_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantiz
     from tierstore import ggml
 
     rows, columns = 3584, 3584
-    data = torch.from_numpy(random_blocks(format, rows * columns // 256, seed=4)).reshape(-1)
+    data = torch.from_numpy(random_blocks(format, rows * columns // ggml.BLOCKS[format][0], seed=4)).reshape(-1)
     matrix = torch.empty(rows * columns)
     ggml.dequantize(format, data, matrix)
     matrix = matrix.view(rows, columns).double()

@@ -44,16 +44,18 @@ def test_every_k_quant_has_a_kernel_and_the_others_do_not(kernels):
     assert set(kernels.VALUES) == set(kernels.FORMATS)
 
 
-@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_the_fused_matrix_vector_product_is_the_reference_matrix_times_the_inputs(kernels, format, tokens):
-    """A matrix of 5 rows of 11 blocks (the last of each row's block windows partly past the row) times a few
-    token rows: the reference's values multiplied in float64, within float32 summation error; the output's
-    neighbours untouched."""
-    rows, row_blocks = 5, kernels.MATVEC_BLOCKS + 3
+    """A matrix of 5 rows, each three blocks longer than a program's window (the last window partly past the row),
+    times a few token rows: the reference's values multiplied in float64, within float32 summation error; the
+    output's neighbours untouched."""
+    assert set(kernels.MATVEC_VALUES) == set(ggml.MATVEC_FORMATS)
+    elements = ggml.BLOCKS[format][0]
+    rows, row_blocks = 5, kernels.MATVEC_ELEMENTS // elements + 3
     data = random_blocks(format, rows * row_blocks, seed=2)
     matrix = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format])).reshape(rows, -1)
-    x = torch.randn(tokens, row_blocks * 256, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(tokens, row_blocks * elements, generator=torch.Generator().manual_seed(3))
     want = x.double() @ matrix.double().T
     out = torch.full((tokens + 1, rows), float("nan"))
     kernels.matvec(format, torch.from_numpy(data).reshape(rows * row_blocks, -1), x, out[:tokens])

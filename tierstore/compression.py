@@ -462,8 +462,8 @@ class Decompressor:
         return {**tensors, **self._views[key]}
 
     def multiplies_packed(self, key: Hashable) -> bool:
-        """Whether every compressed matrix of unit `key` can be multiplied in its blocks (`matvec`): k-quants, on a
-        GPU, none rotated."""
+        """Whether every compressed matrix of unit `key` can be multiplied in its blocks (`matvec`): see
+        `multiplies_packed`; on a GPU."""
         return key in self._fusable
 
     def matvec(self, key: Hashable, name: str, tensors: Mapping[str, torch.Tensor],
@@ -535,8 +535,8 @@ class MatrixUnpacker:
 
 
 def multiplies_packed(codec: Codec, packed: PackedMatrices) -> bool:
-    """Whether a unit's matrices can be multiplied in their blocks on a GPU (Decompressor.matvec): k-quants whose
-    rows are whole blocks, none rotated."""
+    """Whether a unit's matrices can be multiplied in their blocks on a GPU (Decompressor.matvec): GGML formats
+    with a matrix-vector kernel (the k-quants and the legacy ones), rows of whole blocks, none rotated."""
     return codec.format == GGML and not codec.rotation and all(
         len(shape) == 2 and ggml_multiplies_packed(packed.formats[name][0], shape[1])
         for name, (_, shape) in packed.matrices.items())

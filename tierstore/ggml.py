@@ -29,7 +29,8 @@ HALF_SCALES: dict[str, tuple[int, ...]] = {
     "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,),
     "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
 }
-K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # the formats ggml_triton.py has kernels for
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # the formats ggml_triton.py dequantizes
+MATVEC_FORMATS = K_QUANTS + ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # and multiplies in their blocks
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -102,9 +103,10 @@ def _dequantize_triton(format: str, packed: torch.Tensor, out: torch.Tensor) -> 
 
 
 def multiplies_packed(format: str, columns: int) -> bool:
-    """Whether `matvec` can multiply a matrix of `format` whose rows are `columns` long on a GPU: a k-quant (the
-    formats with a Triton kernel), its rows whole blocks, and Triton not found failing for it."""
-    return format in K_QUANTS and columns % QK_K == 0 and format not in _NO_TRITON
+    """Whether `matvec` can multiply a matrix of `format` whose rows are `columns` long on a GPU: a format with a
+    Triton kernel for it (the k-quants and the legacy ones), its rows whole blocks, and that kernel not found
+    failing."""
+    return format in MATVEC_FORMATS and columns % BLOCKS[format][0] == 0 and format not in _NO_MATVEC
 
 
 def matvec(format: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
@@ -120,7 +122,7 @@ def matvec(format: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     except Exception as exc:  # noqa: BLE001 (an import, compiler or launch failure of any kind): dequantize instead
         log.warning("multiplying %s in its blocks: its Triton kernel failed (%s: %s); dequantizing instead",
                     format, type(exc).__name__, exc)
-        _NO_TRITON.add(format)
+        _NO_MATVEC.add(format)
         return False
 
 
@@ -137,6 +139,7 @@ def dequantize_eager(format: str, packed: torch.Tensor, out: torch.Tensor) -> No
 CHUNK_ELEMENTS = 1 << 24
 _FUSED: dict[str, Callable[[torch.Tensor, torch.Tensor], None] | None] = {}
 _NO_TRITON: set[str] = set()  # formats without a Triton kernel here, or whose kernel failed
+_NO_MATVEC: set[str] = set()  # formats whose matrix-vector kernel failed
 
 
 def _fused(format: str) -> Callable[[torch.Tensor, torch.Tensor], None] | None:

@@ -7,6 +7,10 @@ element it scales, and reads the block bytes one at a time: on an H200 it dequan
 runs of contiguous bytes. The arithmetic is ggml.py's (the `gguf` package's reference) operation for operation in
 float32, then one cast to the output dtype.
 
+The same values feed a matrix-vector kernel (`matvec`, for a decode step's few tokens): each program walks one
+row's blocks and sums their values times the inputs in float32, so the matrix is read in its packed bytes and
+never written out. It also takes the legacy formats (Q4_0 ... Q8_0, 32-element blocks).
+
 Importing this module imports Triton (ggml.py does so only on a GPU, where torch's CUDA builds ship it);
 `TRITON_INTERPRET=1` runs the kernels on the CPU (tests/test_ggml_triton.py checks every format there against the
 reference dequantizers).
@@ -19,7 +23,7 @@ import triton.language as tl
 
 FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 BLOCKS_PER_PROGRAM = 8  # 2048 elements a program
-MATVEC_BLOCKS = 8  # blocks of a row a matrix-vector program reads at once
+MATVEC_ELEMENTS = 2048  # elements of a row a matrix-vector program reads at once (8 k-quant blocks, 64 legacy)
 
 
 def dequantize(format: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -36,14 +40,17 @@ def dequantize(format: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
 
 def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
     """out [tokens, rows] = x [tokens, columns] times the transposed matrix [rows, columns] that `format`'s uint8
-    `blocks` [rows * columns / 256, bytes] hold (a GGUF matrix's rows are whole blocks), without writing the
+    `blocks` [rows * columns / block elements, bytes] hold (a GGUF matrix's rows are whole blocks; a k-quant or a
+    legacy format, MATVEC_VALUES), without writing the
     dequantized matrix anywhere: decoding reads each weight's packed bits once. Sums in float32 (the values are
     the reference's, exactly); x and out contiguous, a few tokens (each adds one pass over x per block)."""
     tokens, columns = x.shape
     rows = out.shape[1]
-    values, nbytes = VALUES[format]
-    _matvec[(rows,)](blocks, x, out, columns // 256, columns, rows, VALUES=values, BYTES=nbytes, TOKENS=tokens,
-                     TOKENS_POW2=triton.next_power_of_2(tokens), BLOCKS=MATVEC_BLOCKS)
+    values, nbytes = MATVEC_VALUES[format]
+    elements = 256 if format in VALUES else 32
+    _matvec[(rows,)](blocks, x, out, columns // elements, columns, rows, VALUES=values, BYTES=nbytes,
+                     ELEMENTS=elements, TOKENS=tokens, TOKENS_POW2=triton.next_power_of_2(tokens),
+                     BLOCKS=MATVEC_ELEMENTS // elements)
 
 
 @triton.jit
@@ -150,6 +157,48 @@ def _q2_k_values(base, exists):
 
 
 @triton.jit
+def _thirty_two():
+    """The legacy formats' blocks: one group [1, 1, 1] of 32 elements [1, 1, 32], and each element's byte of the
+    16 that hold its nibble (low nibbles are elements 0..15, high nibbles 16..31) and its shift there."""
+    element = tl.arange(0, 32)[None, None, :]
+    return element, element % 16, 4 * (element // 16)
+
+
+@triton.jit
+def _q4_0_values(base, exists):
+    element, byte, shift = _thirty_two()
+    return _half(base, 0, exists) * (_field(base, 2 + byte, shift, 0x0F, exists) - 8).to(tl.float32), element
+
+
+@triton.jit
+def _q4_1_values(base, exists):
+    element, byte, shift = _thirty_two()
+    q = _field(base, 4 + byte, shift, 0x0F, exists)
+    return _half(base, 0, exists) * q.to(tl.float32) + _half(base, 2, exists), element
+
+
+@triton.jit
+def _q5_0_values(base, exists):
+    element, byte, shift = _thirty_two()
+    q = _field(base, 6 + byte, shift, 0x0F, exists) | (_field(base, 2 + element // 8, element % 8, 1, exists) << 4)
+    return _half(base, 0, exists) * (q - 16).to(tl.float32), element
+
+
+@triton.jit
+def _q5_1_values(base, exists):
+    element, byte, shift = _thirty_two()
+    q = _field(base, 8 + byte, shift, 0x0F, exists) | (_field(base, 4 + element // 8, element % 8, 1, exists) << 4)
+    return _half(base, 0, exists) * q.to(tl.float32) + _half(base, 2, exists), element
+
+
+@triton.jit
+def _q8_0_values(base, exists):
+    element = tl.arange(0, 32)[None, None, :]
+    q = tl.load(base + 2 + element, mask=exists, other=0).to(tl.int8, bitcast=True)
+    return q.to(tl.float32) * _half(base, 0, exists), element
+
+
+@triton.jit
 def _dequantize(blocks, out, count, VALUES: tl.constexpr, BYTES: tl.constexpr, BLOCKS: tl.constexpr):
     """This program's blocks of `blocks` (BYTES each) dequantized into `out` by the format's VALUES."""
     index, exists = _rows(count, BLOCKS)
@@ -166,7 +215,7 @@ def _add(a, b):
 
 @triton.jit
 def _matvec(blocks, x, out, row_blocks, columns, rows, VALUES: tl.constexpr, BYTES: tl.constexpr,
-            TOKENS: tl.constexpr, TOKENS_POW2: tl.constexpr, BLOCKS: tl.constexpr):
+            ELEMENTS: tl.constexpr, TOKENS: tl.constexpr, TOKENS_POW2: tl.constexpr, BLOCKS: tl.constexpr):
     """Row `program_id` of a matrix in blocks (`row_blocks` a row) times each of TOKENS rows of `x` [TOKENS,
     columns], summed in float32 over BLOCKS blocks at a time, into out [TOKENS, rows]."""
     row = tl.program_id(0).to(tl.int64)
@@ -176,7 +225,7 @@ def _matvec(blocks, x, out, row_blocks, columns, rows, VALUES: tl.constexpr, BYT
     for start in range(0, row_blocks, BLOCKS):
         exists = start + block < row_blocks
         value, first = VALUES(blocks + (row * row_blocks + start + block) * BYTES, exists)
-        column = (start + block) * 256 + first
+        column = (start + block) * ELEMENTS + first
         for t in tl.static_range(TOKENS):
             inputs = tl.load(x + t * columns + column, mask=exists, other=0.0).to(tl.float32)
             sums = tl.where(token == t, sums + tl.reduce(value * inputs, None, _add), sums)
@@ -186,3 +235,6 @@ def _matvec(blocks, x, out, row_blocks, columns, rows, VALUES: tl.constexpr, BYT
 # each format: its values and its block bytes
 VALUES = {"Q2_K": (_q2_k_values, 84), "Q3_K": (_q3_k_values, 110), "Q4_K": (_q4_k_values, 144),
           "Q5_K": (_q5_k_values, 176), "Q6_K": (_q6_k_values, 210)}
+# the matrix-vector kernel's formats: the k-quants and the legacy formats of 32-element blocks
+MATVEC_VALUES = {**VALUES, "Q4_0": (_q4_0_values, 18), "Q4_1": (_q4_1_values, 20), "Q5_0": (_q5_0_values, 22),
+                 "Q5_1": (_q5_1_values, 24), "Q8_0": (_q8_0_values, 34)}
