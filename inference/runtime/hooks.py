@@ -16,9 +16,9 @@ from ..loading.skeleton import Binding, HookSite, Skeleton
 Hook = Callable[..., None]
 
 
-# Token rows up to which a decode step multiplies a unit's k-quant matrices in their blocks (Decompressor.matvec:
-# each weight's packed bits read once) instead of dequantizing the unit into the scratch buffer and reading that
-# back: a 2-bit matrix's dequantized copy costs fourteen times its packed bytes in writes alone.
+# Token rows up to which a decode step multiplies a unit's GGML matrices in their blocks (Decompressor.matvec: each
+# weight's packed bits read once) instead of dequantizing the unit into the scratch buffer and reading that back:
+# a Q2_K matrix's 16-bit copy costs six times its packed bytes in writes alone, and as much again to read.
 PACKED_MATVEC_TOKENS = 4
 
 
