@@ -96,6 +96,8 @@ def test_a_decode_step_multiplies_k_quant_matrices_in_their_blocks_and_gives_the
         monkeypatch.setattr(Decompressor, "MATVEC_DEVICES", devices)
         monkeypatch.setattr(compression, "ggml_matvec", reference)
         with tierstore.AutoModel.from_pretrained(str(tmp_path / "model"), config=settings) as model:
+            said = any("multiply 2 of 2 units' matrices in their blocks" in note for note in model.plan.notes)
+            assert said == ("cpu" in devices), model.plan.notes  # the plan says so
             tokens = model.generate(ids, max_new_tokens=3, do_sample=False).tolist()[0]
             return tokens, model(ids[:, :1]).logits
 

@@ -21,6 +21,7 @@ from ...probe import cpu_linear_gbps, h2d_gbps, load_probe
 from ...sizes import format_size
 from ..devices import dtype_name
 from ..loading.sources import Units
+from ..runtime.hooks import PACKED_MATVEC_TOKENS
 from ..runtime.lookup import lookup_key, lookup_note
 from ..runtime.packed_experts import window_bytes as unpacked_window_bytes
 from ..runtime.packed_experts import stored_alike, window_size
@@ -43,7 +44,7 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     if units.codec is not None:
         per_matrix = per_matrix_units(units, device_bytes)
         parts.append(("the dequantization buffer", scratch_bytes(units.dense_packed, units.dtype, per_matrix)))
-        notes.append(_compression_note(units, units.codec, per_matrix))
+        notes.append(_compression_note(units, units.codec, per_matrix, device))
     draft_bytes = draft.reserve_bytes(device.type == "cuda") if draft is not None else 0
     if draft is not None:
         parts.append((f"draft {draft.name}", draft_bytes))
@@ -157,7 +158,7 @@ def per_matrix_units(units: Units, device_budget_bytes: int) -> frozenset[str]:
                      and set(packed.matrices) <= linear_weights)
 
 
-def _compression_note(units: Units, codec: Codec, per_matrix: frozenset[str]) -> str:
+def _compression_note(units: Units, codec: Codec, per_matrix: frozenset[str], device: torch.device) -> str:
     plain = sum(p.numel() for p in units.skeleton.model.parameters()) * units.dtype.itemsize
     stored = sum(layout.nbytes for layout in units.layouts.values())
     how = "matrix by matrix, as each runs," if per_matrix else "on use"
@@ -167,6 +168,10 @@ def _compression_note(units: Units, codec: Codec, per_matrix: frozenset[str]) ->
         kind = f"{whose} ({describe_formats(units.packed)}; {bits:.2f} bits/weight)"
     else:
         kind = f"as {codec.format} (blocksize {codec.blocksize}, {bits:.3f} bits/weight)"
+    fused = sum(multiplies_packed(codec, packed) for packed in units.dense_packed.values()) \
+        if device.type in Decompressor.MATVEC_DEVICES else 0
+    in_blocks = (f"; decode steps (up to {PACKED_MATVEC_TOKENS} tokens) multiply {fused} of "
+                 f"{len(units.dense_packed)} units' matrices in their blocks instead" if fused else "")
     return (f"layer matrices stored {kind}: {format_size(stored)} instead of "
             f"{format_size(plain)} in {dtype_name(units.dtype)}; each unit dequantized {how} into a "
-            f"{format_size(scratch_bytes(units.dense_packed, units.dtype, per_matrix))} buffer")
+            f"{format_size(scratch_bytes(units.dense_packed, units.dtype, per_matrix))} buffer{in_blocks}")
