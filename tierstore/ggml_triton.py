@@ -40,10 +40,10 @@ def dequantize(format: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
 
 def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
     """out [tokens, rows] = x [tokens, columns] times the transposed matrix [rows, columns] that `format`'s uint8
-    `blocks` [rows * columns / block elements, bytes] hold (a GGUF matrix's rows are whole blocks; a k-quant or a
-    legacy format, MATVEC_VALUES), without writing the
-    dequantized matrix anywhere: decoding reads each weight's packed bits once. Sums in float32 (the values are
-    the reference's, exactly); x and out contiguous, a few tokens (each adds one pass over x per block)."""
+    `blocks` [rows * columns / block elements, bytes] hold (a k-quant or a legacy format: MATVEC_VALUES; a GGUF
+    matrix's rows are whole blocks), without writing the dequantized matrix anywhere: decoding reads each weight's
+    packed bits once. Sums in float32 (the values are the reference's, exactly); x and out contiguous, a few tokens
+    (each adds one pass over x per block)."""
     tokens, columns = x.shape
     rows = out.shape[1]
     values, nbytes = MATVEC_VALUES[format]
