@@ -206,6 +206,7 @@ def test_queue_bound_disconnect_and_sigterm(smollm2_store, tmp_path):
                 rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        small.proc.wait(timeout=120)  # it exits on its own: `stop` would signal again while it shuts down
     finally:
         code, err = small.stop()
     assert code == 0, err[-2000:]
