@@ -16,7 +16,7 @@ One device call (nvidia-h200, about 6 minutes):
    child process at vram 4 GB / ram 64 GB: everything in pinned RAM, so a pass is bound by the link. Prints the median
    decode step against the plan's bound, the bytes per pass and the peak VRAM. The store is removed after its row.
 `--graphs auto,off` runs each store with and without the graphs of a streamed pass's resident layers
-(layer_graphs.py), `--matvec auto,off` with and without decode steps multiplying k-quant matrices in their blocks
+(layer_graphs.py), `--matvec auto,off` with and without decode steps multiplying GGML matrices in their blocks
 (ggml_triton.matvec), `--no-dequant` skips part 1. `--shape tiny` checks the script on a CPU.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def child(args: argparse.Namespace) -> None:
     import tierstore
     from tierstore.compression import Decompressor
 
-    if args.matvec == "off":  # every k-quant matrix dequantized, decode steps too
+    if args.matvec == "off":  # every GGML matrix dequantized, decode steps too
         Decompressor.MATVEC_DEVICES = ()
     model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
                                                 config={"runtime": {"cache_dir": args.cache,
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--graphs", default="auto", help="runtime.cuda_graphs of each row, comma-separated: "
                         "auto,off runs each store twice (a streamed pass's resident layers replayed from graphs, "
                         "and not)")
-    parser.add_argument("--matvec", default="auto", help="comma-separated: auto (decode steps multiply k-quant "
+    parser.add_argument("--matvec", default="auto", help="comma-separated: auto (decode steps multiply GGML "
                         "matrices in their blocks) and/or off (every matrix dequantized first), each row run so")
     parser.add_argument("--no-dequant", action="store_true", help="skip the layer dequantization timings")
     args = parser.parse_args()

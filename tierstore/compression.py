@@ -438,8 +438,7 @@ class Decompressor:
         self._runs = {key: ggml_runs(p) for key, p in self.packed.items()} if codec.format == GGML else {}
         self._rotated = {key: [name for name, (_, shape) in p.matrices.items() if rotates(shape)]
                          for key, p in self.packed.items()} if codec.rotation else {}
-        self._fusable = {key for key, p in self.packed.items()
-                         if device.type in self.MATVEC_DEVICES and multiplies_packed(codec, p)}
+        self._fusable = {key for key, p in self.packed.items() if multiplies_packed(codec, p, device)}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.packed
@@ -534,10 +533,11 @@ class MatrixUnpacker:
                                                      self._dtype).reshape(-1))
 
 
-def multiplies_packed(codec: Codec, packed: PackedMatrices) -> bool:
-    """Whether a unit's matrices can be multiplied in their blocks on a GPU (Decompressor.matvec): GGML formats
-    with a matrix-vector kernel (the k-quants and the legacy ones), rows of whole blocks, none rotated."""
-    return codec.format == GGML and not codec.rotation and all(
+def multiplies_packed(codec: Codec, packed: PackedMatrices, device: torch.device) -> bool:
+    """Whether a unit's matrices are multiplied in their blocks on `device` (Decompressor.matvec): a device the
+    Triton kernels run on (Decompressor.MATVEC_DEVICES), GGML formats with a matrix-vector kernel (the k-quants
+    and the legacy ones), rows of whole blocks, none rotated."""
+    return device.type in Decompressor.MATVEC_DEVICES and codec.format == GGML and not codec.rotation and all(
         len(shape) == 2 and ggml_multiplies_packed(packed.formats[name][0], shape[1])
         for name, (_, shape) in packed.matrices.items())
 

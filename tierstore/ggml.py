@@ -29,8 +29,8 @@ HALF_SCALES: dict[str, tuple[int, ...]] = {
     "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,),
     "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
 }
-K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # the formats ggml_triton.py dequantizes
-MATVEC_FORMATS = K_QUANTS + ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # and multiplies in their blocks
+# the formats ggml_triton.py multiplies in their blocks (its MATVEC_VALUES; a test keeps the two alike)
+MATVEC_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 

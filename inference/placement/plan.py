@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from ...budget import Budget
-from ...compression import (GGML, Codec, Decompressor, bits_per_weight, describe_formats, multiplies_packed,
-                            scratch_bytes)
+from ...compression import GGML, Codec, bits_per_weight, describe_formats, multiplies_packed, scratch_bytes
 from ...config import Config
 from ...errors import BudgetError, InputError, ModelError
 from ...policies.dense import AUTO
@@ -124,11 +123,12 @@ def experts_input(units: Units, cfg: Config, device: torch.device) -> ExpertsInp
 def device_reads(units: Units, embedding: str | None, device: torch.device) -> dict[str, int]:
     """Device memory a decode step's use of a unit reads and writes, where it is not the unit's bytes: a packed
     unit is read packed, dequantized into the compute dtype and read again from there, unless its matrices are
-    multiplied in their blocks (k-quants on a GPU: Decompressor.matvec); an input embedding of its own is looked up
-    one row a token."""
-    fused = device.type in Decompressor.MATVEC_DEVICES and units.codec is not None
+    multiplied in their blocks (GGML formats on a GPU: Decompressor.matvec); an input embedding of its own is looked
+    up one row a token."""
+    codec = units.codec
     reads = {key: units.layouts[key].nbytes
-             + (0 if fused and multiplies_packed(units.codec, packed) else 2 * packed.numel * units.dtype.itemsize)
+             + (0 if codec is not None and multiplies_packed(codec, packed, device)
+                else 2 * packed.numel * units.dtype.itemsize)
              for key, packed in units.dense_packed.items()}
     if embedding is not None:
         reads[embedding] = 0
@@ -168,8 +168,7 @@ def _compression_note(units: Units, codec: Codec, per_matrix: frozenset[str], de
         kind = f"{whose} ({describe_formats(units.packed)}; {bits:.2f} bits/weight)"
     else:
         kind = f"as {codec.format} (blocksize {codec.blocksize}, {bits:.3f} bits/weight)"
-    fused = sum(multiplies_packed(codec, packed) for packed in units.dense_packed.values()) \
-        if device.type in Decompressor.MATVEC_DEVICES else 0
+    fused = sum(multiplies_packed(codec, packed, device) for packed in units.dense_packed.values())
     in_blocks = (f"; decode steps (up to {PACKED_MATVEC_TOKENS} tokens) multiply {fused} of "
                  f"{len(units.dense_packed)} units' matrices in their blocks instead" if fused else "")
     return (f"layer matrices stored {kind}: {format_size(stored)} instead of "
