@@ -181,7 +181,7 @@ def host_rate_check(model, experts_per_call: int, tokens_each: int, calls: int =
     import statistics
 
     import torch
-    from cpu_expert_rate import LinkLoad
+    from cpu_expert_rate import LinkLoad, routing
 
     from tierstore.inference.runtime.host_experts import cpu_threads, host_outputs, host_threads
 
@@ -198,8 +198,7 @@ def host_rate_check(model, experts_per_call: int, tokens_each: int, calls: int =
         down = arena[0]["down_proj"]
         hidden_size = down.shape[1] if group.module.is_transposed else down.shape[0]
         top_k = min(8, count)
-        tokens = max(1, tokens_each * count // top_k)
-        routed_base = [(token * top_k + rank) % count for token in range(tokens) for rank in range(top_k)]
+        tokens, routed_base = routing(tokens_each, count, top_k)
         hidden = torch.randn(tokens, hidden_size, dtype=down.dtype)
         routing_weights = torch.full((tokens, top_k), 1 / top_k)
         expert_bytes = sum(t.numel() * t.element_size() for t in arena[0].values())

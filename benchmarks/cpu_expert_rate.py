@@ -46,10 +46,16 @@ def experts_module() -> MixtralExperts:
     return module.to(torch.bfloat16)
 
 
+def routing(tokens_each: int, experts: int, top_k: int) -> tuple[int, list[int]]:
+    """(tokens, routed experts in token order) of one layer call where each token goes to `top_k` distinct experts of
+    `experts` and each expert gets `tokens_each` tokens (at least one token)."""
+    tokens = max(1, tokens_each * experts // top_k)
+    return tokens, [(token * top_k + rank) % experts for token in range(tokens) for rank in range(top_k)]
+
+
 def rate(module: MixtralExperts, tokens_each: int, repeats: int = 3) -> tuple[float, float]:
     """(weight GB/s, GFLOP/s) of every expert computed for `tokens_each` tokens, as one layer call."""
-    tokens = tokens_each * EXPERTS // TOP_K  # each token routed to TOP_K distinct experts, each expert tokens_each
-    routed = [(token * TOP_K + rank) % EXPERTS for token in range(tokens) for rank in range(TOP_K)]
+    tokens, routed = routing(tokens_each, EXPERTS, TOP_K)
     hidden = torch.randn(tokens, HIDDEN, dtype=torch.bfloat16)
     routing_weights = torch.full((tokens, TOP_K), 1 / TOP_K)
     weights = [{"gate_up_proj": module.gate_up_proj[e], "down_proj": module.down_proj[e]} for e in range(EXPERTS)]

@@ -54,7 +54,8 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     reserve += sum(nbytes for _, nbytes in parts)
     # The table stays in RAM only when the model does not fit the device whole: there it saves device room, and
     # a resident model's lookup would only add a host round trip to each pass, which a CUDA graph cannot hold.
-    lookup = lookup_key(units.skeleton) if host_lookup and sum(sizes.values()) + reserve > device_bytes else None
+    table = lookup_key(units.skeleton)  # an embedding read by rows: wherever it lies, a pass reads only its rows
+    lookup = table if host_lookup and sum(sizes.values()) + reserve > device_bytes else None
     if lookup is not None and sizes[lookup] + max((n for key, n in sizes.items() if key != lookup), default=0) \
             <= host_bytes:
         table_bytes = sizes.pop(lookup)
@@ -77,7 +78,7 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     routers = {g.router: 1 for g in units.skeleton.experts if g.router} if predicting else None
     planned_from = plan_input(sizes, schedule, device_bytes, host_bytes, reserve, cfg.policy,
                               load_probe(cfg.runtime.cache_dir), notes, device, extra_uses=routers,
-                              read_bytes=device_reads(units, lookup_key(units.skeleton), device))
+                              read_bytes=device_reads(units, table, device))
     planned_from = dataclasses.replace(planned_from, experts=experts, reserve_parts=tuple(parts),
                                        host_lookup=(lookup,) if lookup is not None else ())
     try:
