@@ -9,7 +9,8 @@ float32, then one cast to the output dtype.
 
 The same values feed a matrix-vector kernel (`matvec`, for a decode step's few tokens): each program walks
 MATVEC_ROWS rows' blocks and sums their values times the inputs in float32 (the rows share each load of the
-inputs), so the matrix is read in its packed bytes and never written out (tile sizes: benchmarks/bench_matvec.py). It also takes the legacy formats (Q4_0 ... Q8_0, 32-element blocks).
+inputs), so the matrix is read in its packed bytes and never written out (tile sizes: benchmarks/bench_matvec.py).
+It also takes the legacy formats (Q4_0 ... Q8_0, 32-element blocks).
 
 Importing this module imports Triton (ggml.py does so only on a GPU, where torch's CUDA builds ship it);
 `TRITON_INTERPRET=1` runs the kernels on the CPU (tests/test_ggml_triton.py checks every format there against the
@@ -23,7 +24,7 @@ import triton.language as tl
 
 FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 BLOCKS_PER_PROGRAM = 8  # 2048 elements a program
-MATVEC_ELEMENTS = 2048  # elements of a row a matrix-vector program reads at once (8 k-quant blocks, 64 legacy)
+MATVEC_ELEMENTS = 2048  # elements of a row a matrix-vector program reads at once for one token (fewer for more)
 MATVEC_ROWS = 1  # rows a matrix-vector program multiplies, sharing each load of the inputs
 MATVEC_WARPS = 4
 
@@ -50,9 +51,10 @@ def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     rows = out.shape[1]
     values, nbytes = MATVEC_VALUES[format]
     elements = 256 if format in VALUES else 32
+    tokens_pow2 = triton.next_power_of_2(tokens)
     _matvec[(triton.cdiv(rows, MATVEC_ROWS),)](
         blocks, x, out, columns // elements, columns, rows, VALUES=values, BYTES=nbytes, ELEMENTS=elements,
-        TOKENS=tokens, TOKENS_POW2=triton.next_power_of_2(tokens), BLOCKS=MATVEC_ELEMENTS // elements,
+        TOKENS=tokens, TOKENS_POW2=tokens_pow2, BLOCKS=max(MATVEC_ELEMENTS // tokens_pow2 // elements, 1),
         ROWS=MATVEC_ROWS, num_warps=MATVEC_WARPS)
 
 
@@ -221,25 +223,24 @@ def _matvec(blocks, x, out, row_blocks, columns, rows, VALUES: tl.constexpr, BYT
             ELEMENTS: tl.constexpr, TOKENS: tl.constexpr, TOKENS_POW2: tl.constexpr, BLOCKS: tl.constexpr,
             ROWS: tl.constexpr):
     """ROWS rows of a matrix in blocks (`row_blocks` a row) from row ROWS * `program_id` times each of TOKENS rows
-    of `x` [TOKENS, columns], summed in float32 over BLOCKS blocks of each row at a time, into out [TOKENS, rows].
-    The program's rows share each load of the inputs."""
+    of `x` [TOKENS, columns], into out [TOKENS, rows]. The program reads BLOCKS blocks of each of its rows at a
+    time, its rows sharing each load of the inputs, and adds values times inputs into float32 sums per element
+    place, summed across places once at the end."""
     first_row = tl.program_id(0).to(tl.int64) * ROWS
     pair = tl.arange(0, ROWS * BLOCKS).to(tl.int64)  # (row, block) pairs, row-major
     row, block = first_row + pair // BLOCKS, pair % BLOCKS
-    token = tl.arange(0, TOKENS_POW2)[None, :]
-    sums = tl.full([ROWS, TOKENS_POW2], 0.0, tl.float32)
+    token = tl.arange(0, TOKENS_POW2)[:, None]
+    sums = tl.full([ROWS, TOKENS_POW2, BLOCKS * ELEMENTS], 0.0, tl.float32)
     for start in range(0, row_blocks, BLOCKS):
         exists = ((start + block < row_blocks) & (row < rows))[:, None, None]
         value, first = VALUES(blocks + ((row * row_blocks + start + block) * BYTES)[:, None, None], exists)
-        value = tl.reshape(value, [ROWS, BLOCKS * ELEMENTS])
-        column = (start + tl.arange(0, BLOCKS).to(tl.int64)[:, None, None]) * ELEMENTS + first  # [BLOCKS, S, E]
-        in_row = column < columns
-        for t in tl.static_range(TOKENS):
-            inputs = tl.load(x + t * columns + column, mask=in_row, other=0.0).to(tl.float32)
-            partial = tl.reduce(value * tl.reshape(inputs, [1, BLOCKS * ELEMENTS]), 1, _add)[:, None]
-            sums = tl.where(token == t, sums + partial, sums)
-    rows_here = first_row + tl.arange(0, ROWS).to(tl.int64)[:, None]
-    tl.store(out + token * rows + rows_here, sums.to(out.dtype.element_ty), mask=(token < TOKENS) & (rows_here < rows))
+        column = tl.reshape((start + tl.arange(0, BLOCKS).to(tl.int64)[:, None, None]) * ELEMENTS + first,
+                            [1, BLOCKS * ELEMENTS])
+        inputs = tl.load(x + token * columns + column, mask=(token < TOKENS) & (column < columns), other=0.0)
+        sums += tl.reshape(value, [ROWS, 1, BLOCKS * ELEMENTS]) * inputs.to(tl.float32)[None, :, :]
+    rows_here, token_here = first_row + tl.arange(0, ROWS).to(tl.int64)[:, None], tl.arange(0, TOKENS_POW2)[None, :]
+    tl.store(out + token_here * rows + rows_here, tl.reduce(sums, 2, _add).to(out.dtype.element_ty),
+             mask=(token_here < TOKENS) & (rows_here < rows))
 
 
 # each format: its values and its block bytes
