@@ -46,22 +46,27 @@ def test_every_k_quant_has_a_kernel_and_the_others_do_not(kernels):
 
 @pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_the_fused_matrix_vector_product_is_the_reference_matrix_times_the_inputs(kernels, format, tokens):
+def test_the_fused_matrix_vector_product_is_the_reference_matrix_times_the_inputs(kernels, monkeypatch, format,
+                                                                                  tokens):
     """A matrix of 5 rows, each three blocks longer than a program's window (the last window partly past the row),
-    times a few token rows: the reference's values multiplied in float64, within float32 summation error; the
-    output's neighbours untouched."""
+    times a few token rows, by the kernel's tile and by programs of 4 rows (the last program partly past the
+    matrix) reading 512 elements a row at once: the reference's values multiplied in float64, within float32
+    summation error; the output's neighbours untouched."""
     assert set(kernels.MATVEC_VALUES) == set(ggml.MATVEC_FORMATS)
     elements = ggml.BLOCKS[format][0]
-    rows, row_blocks = 5, kernels.MATVEC_ELEMENTS // elements + 3
-    data = random_blocks(format, rows * row_blocks, seed=2)
-    matrix = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format])).reshape(rows, -1)
-    x = torch.randn(tokens, row_blocks * elements, generator=torch.Generator().manual_seed(3))
-    want = x.double() @ matrix.double().T
-    out = torch.full((tokens + 1, rows), float("nan"))
-    kernels.matvec(format, torch.from_numpy(data).reshape(rows * row_blocks, -1), x, out[:tokens])
-    scale = (x.double().abs() @ matrix.double().abs().T).max()
-    assert (out[:tokens].double() - want).abs().max() <= 1e-5 * scale
-    assert out[tokens].isnan().all()
+    for rows_each, elements_each in ((kernels.MATVEC_ROWS, kernels.MATVEC_ELEMENTS), (4, 512)):
+        monkeypatch.setattr(kernels, "MATVEC_ROWS", rows_each)
+        monkeypatch.setattr(kernels, "MATVEC_ELEMENTS", elements_each)
+        rows, row_blocks = 5, max(elements_each // elements, 1) + 3
+        data = random_blocks(format, rows * row_blocks, seed=2)
+        matrix = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format])).reshape(rows, -1)
+        x = torch.randn(tokens, row_blocks * elements, generator=torch.Generator().manual_seed(3))
+        want = x.double() @ matrix.double().T
+        out = torch.full((tokens + 1, rows), float("nan"))
+        kernels.matvec(format, torch.from_numpy(data).reshape(rows * row_blocks, -1), x, out[:tokens])
+        scale = (x.double().abs() @ matrix.double().abs().T).max()
+        assert (out[:tokens].double() - want).abs().max() <= 1e-5 * scale, (rows_each, elements_each)
+        assert out[tokens].isnan().all()
 
 
 def test_a_decode_step_multiplies_k_quant_matrices_in_their_blocks_and_gives_the_dequantized_runs_tokens(
