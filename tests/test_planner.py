@@ -175,7 +175,7 @@ def test_a_packed_unit_reads_its_bytes_and_twice_its_dequantized_copy_and_a_look
                        "compression": {"format": compress}})
     units = open_units(resolve(directory, False), cfg, torch.device("cpu"), torch.float32, False, progress=False)
     embedding = lookup_key(units.skeleton)
-    reads = device_reads(units, embedding, torch.device("cpu"))
+    reads = device_reads(units, torch.device("cpu"))
     assert embedding == "embed_tokens" and reads[embedding] == 0
     layer = units.layouts["layers.0"].nbytes
     numel = sum(p.numel() for p in reference.model.layers[0].parameters() if p.dim() == 2)
@@ -206,6 +206,6 @@ def test_a_k_quant_unit_multiplied_in_its_blocks_reads_its_stored_bytes_only(tmp
     units = open_units(resolve(str(tmp_path / "model"), False), cfg, torch.device("cpu"), torch.float32, False,
                        progress=False)
     layer, numel = units.layouts["layers.0"].nbytes, units.dense_packed["layers.0"].numel
-    assert device_reads(units, None, torch.device("cpu"))["layers.0"] == layer + 2 * numel * 4
+    assert device_reads(units, torch.device("cpu"))["layers.0"] == layer + 2 * numel * 4
     monkeypatch.setattr(Decompressor, "MATVEC_DEVICES", ("cpu",))
-    assert device_reads(units, None, torch.device("cpu"))["layers.0"] == layer
+    assert device_reads(units, torch.device("cpu"))["layers.0"] == layer

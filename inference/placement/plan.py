@@ -54,8 +54,7 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     reserve += sum(nbytes for _, nbytes in parts)
     # The table stays in RAM only when the model does not fit the device whole: there it saves device room, and
     # a resident model's lookup would only add a host round trip to each pass, which a CUDA graph cannot hold.
-    table = lookup_key(units.skeleton)  # an embedding read by rows: wherever it lies, a pass reads only its rows
-    lookup = table if host_lookup and sum(sizes.values()) + reserve > device_bytes else None
+    lookup = lookup_key(units.skeleton) if host_lookup and sum(sizes.values()) + reserve > device_bytes else None
     if lookup is not None and sizes[lookup] + max((n for key, n in sizes.items() if key != lookup), default=0) \
             <= host_bytes:
         table_bytes = sizes.pop(lookup)
@@ -78,7 +77,7 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
     routers = {g.router: 1 for g in units.skeleton.experts if g.router} if predicting else None
     planned_from = plan_input(sizes, schedule, device_bytes, host_bytes, reserve, cfg.policy,
                               load_probe(cfg.runtime.cache_dir), notes, device, extra_uses=routers,
-                              read_bytes=device_reads(units, table, device))
+                              read_bytes=device_reads(units, device))
     planned_from = dataclasses.replace(planned_from, experts=experts, reserve_parts=tuple(parts),
                                        host_lookup=(lookup,) if lookup is not None else ())
     try:
@@ -121,11 +120,12 @@ def experts_input(units: Units, cfg: Config, device: torch.device) -> ExpertsInp
                         window=window, window_bytes=window_bytes, mappable=mappable)
 
 
-def device_reads(units: Units, embedding: str | None, device: torch.device) -> dict[str, int]:
+def device_reads(units: Units, device: torch.device) -> dict[str, int]:
     """Device memory a decode step's use of a unit reads and writes, where it is not the unit's bytes: a packed
     unit is read packed, dequantized into the compute dtype and read again from there, unless its matrices are
-    multiplied in their blocks (GGML formats on a GPU: Decompressor.matvec); an input embedding of its own is looked
-    up one row a token."""
+    multiplied in their blocks (GGML formats on a GPU: Decompressor.matvec); an input embedding of its own
+    (`lookup_key`) is looked up one row a token, wherever it lies."""
+    embedding = lookup_key(units.skeleton)
     codec = units.codec
     reads = {key: units.layouts[key].nbytes
              + (0 if codec is not None and multiplies_packed(codec, packed, device)
