@@ -49,12 +49,12 @@ def test_every_k_quant_has_a_kernel_and_the_others_do_not(kernels):
 def test_the_fused_matrix_vector_product_is_the_reference_matrix_times_the_inputs(kernels, monkeypatch, format,
                                                                                   tokens):
     """A matrix of 5 rows, each three blocks longer than a program's window (the last window partly past the row),
-    times a few token rows, by the kernel's tile and by programs of 4 rows (the last program partly past the
-    matrix) reading 512 elements a row at once: the reference's values multiplied in float64, within float32
-    summation error; the output's neighbours untouched."""
+    times a few token rows, by the kernel's tile (MATVEC_ROWS rows a program: with 2 or 4, the last program partly
+    past the matrix) and by one row a program reading 2,048 elements at once: the reference's values multiplied in
+    float64, within float32 summation error; the output's neighbours untouched."""
     assert set(kernels.MATVEC_VALUES) == set(ggml.MATVEC_FORMATS)
     elements = ggml.BLOCKS[format][0]
-    for rows_each, elements_each in ((kernels.MATVEC_ROWS, kernels.MATVEC_ELEMENTS), (4, 512)):
+    for rows_each, elements_each in ((kernels.MATVEC_ROWS, kernels.MATVEC_ELEMENTS), (1, 2048)):
         monkeypatch.setattr(kernels, "MATVEC_ROWS", rows_each)
         monkeypatch.setattr(kernels, "MATVEC_ELEMENTS", elements_each)
         rows, row_blocks = 5, max(elements_each // elements, 1) + 3

@@ -24,8 +24,8 @@ import triton.language as tl
 
 FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 BLOCKS_PER_PROGRAM = 8  # 2048 elements a program
-MATVEC_ELEMENTS = 2048  # elements of a row a matrix-vector program reads at once for one token (fewer for more)
-MATVEC_ROWS = 1  # rows a matrix-vector program multiplies, sharing each load of the inputs
+MATVEC_ELEMENTS = 1024  # elements of each row a matrix-vector program reads at once for one token (fewer for more)
+MATVEC_ROWS = 4  # rows a matrix-vector program multiplies, sharing each load of the inputs (matvec_static.py)
 MATVEC_WARPS = 4
 
 
