@@ -4,8 +4,9 @@ to be read from device memory, for the kernel's tile shapes.
 Each format's Qwen2.5-7B MLP matrices (gate/up: 18944 x 3584, down: 3584 x 18944) as random valid blocks, times one
 token: the matrix-vector kernel for each tile (rows a program, elements of a row at once, warps), the matrix
 dequantized into bf16 and multiplied (what a step did before), and a bf16 matrix of the same shape multiplied
-(cuBLAS reading 2 bytes a weight). The bound is the packed bytes over the device memory's rate (tierstore's probe:
-a copy within the GPU). Each tile's product is checked against the dequantized one first.
+(cuBLAS reading 2 bytes a weight), each timed as 20 calls in one CUDA graph (no launch time). The bound is the
+packed bytes over the device memory's rate (tierstore's probe: a copy within the GPU). Each tile's product is
+checked against the dequantized one first.
 
     python benchmarks/bench_matvec.py --out $OUT          # one GPU, about a minute
 """
@@ -17,45 +18,52 @@ import os
 
 from bench_formats import random_blocks
 
+from tierstore import ggml
+
 SHAPES = {"gate": (18944, 3584), "down": (3584, 18944)}
 TILES = ((1, 2048, 4), (2, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 256, 8),
          (4, 2048, 8))  # (rows a program, elements of a row at once, warps)
 
 
-def timed_s(run, reps: int = 50) -> float:
-    """Median seconds of one call of `run` on the GPU (CUDA events), after a warm-up call."""
+def timed_s(run, reps: int = 20) -> float:
+    """Seconds of one call of `run` on the GPU: `reps` calls captured in one CUDA graph (so that Python's launch
+    time, which can pass a small matrix's kernel time, does not count), the median of 5 replays over `reps`."""
     import torch
 
-    run()
+    run()  # warm-up (and compile)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            run()
+    graph.replay()
     times = []
-    for _ in range(reps):
+    for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / reps)
     return sorted(times)[len(times) // 2]
 
 
 def tile_run(format: str, blocks, x, out, tile: tuple[int, int, int]):
-    """The matrix-vector kernel at `tile`, as a call."""
-    import triton
-
+    """ggml_triton.matvec at `tile` (its module's tile set for the call), as a call; None where a row's window would
+    be less than one block."""
     from tierstore import ggml_triton
 
     rows_each, elements_each, warps = tile
-    values, nbytes = ggml_triton.MATVEC_VALUES[format]
-    elements = 256 if format in ggml_triton.VALUES else 32
-    rows, columns = out.shape[1], x.shape[1]
-    if elements_each < elements:
+    if elements_each < ggml.BLOCKS[format][0]:
         return None
-    grid = (triton.cdiv(rows, rows_each),)
 
     def run() -> None:
-        ggml_triton._matvec[grid](blocks, x, out, columns // elements, columns, rows, VALUES=values, BYTES=nbytes,
-                                  ELEMENTS=elements, TOKENS=x.shape[0], TOKENS_POW2=triton.next_power_of_2(x.shape[0]),
-                                  BLOCKS=elements_each // elements, ROWS=rows_each, num_warps=warps)
+        saved = ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS
+        ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS = tile
+        try:
+            ggml_triton.matvec(format, blocks, x, out)
+        finally:
+            ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS = saved
     return run
 
 
@@ -67,7 +75,6 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from tierstore import ggml
     from tierstore.probe import hbm_gbps
 
     device = torch.device("cuda")
