@@ -13,8 +13,10 @@ checked against the dequantized one first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 
 from bench_formats import random_blocks
 
@@ -48,22 +50,29 @@ def timed_s(run, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def tile_run(format: str, blocks, x, out, tile: tuple[int, int, int]):
-    """ggml_triton.matvec at `tile` (its module's tile set for the call), as a call; None where a row's window would
-    be less than one block."""
+@contextlib.contextmanager
+def tile_set(tile: tuple[int, int, int]) -> Iterator[None]:
+    """ggml_triton's matrix-vector tile (rows a program, elements of a row at once, warps) set for the block."""
     from tierstore import ggml_triton
 
-    rows_each, elements_each, warps = tile
-    if elements_each < ggml.BLOCKS[format][0]:
+    saved = ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS
+    ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS = tile
+    try:
+        yield
+    finally:
+        ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS = saved
+
+
+def tile_run(format: str, blocks, x, out, tile: tuple[int, int, int]):
+    """ggml_triton.matvec at `tile`, as a call; None where a row's window would be less than one block."""
+    from tierstore import ggml_triton
+
+    if tile[1] < ggml.BLOCKS[format][0]:
         return None
 
     def run() -> None:
-        saved = ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS
-        ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS = tile
-        try:
+        with tile_set(tile):
             ggml_triton.matvec(format, blocks, x, out)
-        finally:
-            ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS = saved
     return run
 
 

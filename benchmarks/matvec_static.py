@@ -34,25 +34,22 @@ def loop_body(ptx: str) -> list[str]:
     return best
 
 
-def compiled(format: str, rows_each: int, elements_each: int, warps: int, tokens: int):
+def compiled(format: str, tile: tuple[int, int, int], tokens: int):
+    """The kernel compiled for sm_90 at `tile` (bench_matvec.tile_set), and the elements a thread handles a window."""
     import triton
+    from bench_matvec import tile_set
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from tierstore import ggml_triton
 
-    values, nbytes = ggml_triton.MATVEC_VALUES[format]
-    elements = 256 if format in ggml_triton.VALUES else 32
-    tokens_pow2 = triton.next_power_of_2(tokens)
+    with tile_set(tile):
+        constants = ggml_triton.matvec_constants(format, tokens)
     signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "row_blocks": "i32", "columns": "i32", "rows": "i32",
-                 **{name: "constexpr" for name in ("VALUES", "BYTES", "ELEMENTS", "TOKENS", "TOKENS_POW2", "BLOCKS",
-                                                   "ROWS")}}
-    blocks = max(elements_each // tokens_pow2 // elements, 1)
-    constants = {"VALUES": values, "BYTES": nbytes, "ELEMENTS": elements, "TOKENS": tokens,
-                 "TOKENS_POW2": tokens_pow2, "BLOCKS": blocks, "ROWS": rows_each}
+                 **{name: "constexpr" for name in constants}}
     kernel = triton.compile(ASTSource(fn=ggml_triton._matvec, signature=signature, constexprs=constants),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    return kernel, rows_each * blocks * elements / (32 * warps)
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2]})
+    return kernel, constants["ROWS"] * constants["BLOCKS"] * constants["ELEMENTS"] / (32 * tile[2])
 
 
 def resources(cubin: bytes) -> str:
@@ -77,9 +74,8 @@ def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     for format in args.formats.split(","):
         for tile in args.tiles.split(","):
-            rows_each, elements_each, warps = (int(part) for part in tile.split("x"))
             for tokens in (int(t) for t in args.tokens.split(",")):
-                kernel, elements_per_thread = compiled(format, rows_each, elements_each, warps, tokens)
+                kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")), tokens)
                 body = loop_body(kernel.asm["ptx"])
                 print(f"{format} {tile} tokens {tokens}: {len(body) / elements_per_thread:.1f} loop instructions an "
                       f"element, {sum('bar.sync' in line for line in body)} barriers a window, "

@@ -49,13 +49,18 @@ def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     (each adds one pass over x per block)."""
     tokens, columns = x.shape
     rows = out.shape[1]
+    constants = matvec_constants(format, tokens)
+    _matvec[(triton.cdiv(rows, MATVEC_ROWS),)](blocks, x, out, columns // constants["ELEMENTS"], columns, rows,
+                                               **constants, num_warps=MATVEC_WARPS)
+
+
+def matvec_constants(format: str, tokens: int) -> dict:
+    """The matrix-vector kernel's compile-time arguments for `format` and `tokens` at the module's tile."""
     values, nbytes = MATVEC_VALUES[format]
     elements = 256 if format in VALUES else 32
     tokens_pow2 = triton.next_power_of_2(tokens)
-    _matvec[(triton.cdiv(rows, MATVEC_ROWS),)](
-        blocks, x, out, columns // elements, columns, rows, VALUES=values, BYTES=nbytes, ELEMENTS=elements,
-        TOKENS=tokens, TOKENS_POW2=tokens_pow2, BLOCKS=max(MATVEC_ELEMENTS // tokens_pow2 // elements, 1),
-        ROWS=MATVEC_ROWS, num_warps=MATVEC_WARPS)
+    return {"VALUES": values, "BYTES": nbytes, "ELEMENTS": elements, "TOKENS": tokens, "TOKENS_POW2": tokens_pow2,
+            "BLOCKS": max(MATVEC_ELEMENTS // tokens_pow2 // elements, 1), "ROWS": MATVEC_ROWS}
 
 
 @triton.jit
