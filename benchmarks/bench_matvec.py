@@ -80,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="Q2_K,Q3_K,Q4_K,Q6_K,Q4_0,Q8_0")
     parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--tiles", default=",".join("x".join(map(str, tile)) for tile in TILES),
+                        help="rows a program x elements a row at once x warps, comma-separated")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     import torch
@@ -102,7 +104,7 @@ def main() -> None:
                    "dequantize_multiply_s": timed_s(lambda: (ggml.dequantize(format, blocks.reshape(-1),
                                                                              dense.view(-1)), x @ dense.T)),
                    "bf16_multiply_s": timed_s(lambda: x @ dense.T), "tiles": {}}
-            for tile in TILES:
+            for tile in (tuple(int(part) for part in tile.split("x")) for tile in args.tiles.split(",")):
                 out = torch.empty(args.tokens, rows, dtype=torch.bfloat16, device=device)
                 run = tile_run(format, blocks, x, out, tile)
                 if run is None:

@@ -1,17 +1,19 @@
 """The matrix-vector kernel's tiles compiled for a GPU without one: instructions per element and registers.
 
 ggml_triton._matvec is compiled ahead of time for an H100/H200 (sm_90) by Triton on any machine (no GPU needed:
-Triton ships ptxas), for each format and tile (rows a program, elements a row at once, warps). Printed: the PTX
-instructions of the kernel's main loop per element per thread (what bounds a kernel that reads so few bytes an
-element: an H100 issues about 30 T lane-instructions a second, so reading 4-bit weights at its ~2.8 TB/s allows
-about 6 an element), the loop's barriers, and from the cubin the registers (occupancy) and local memory (spills).
-A guide for choosing the tile where no GPU is at hand; bench_matvec.py times them.
+Triton ships ptxas and cuobjdump), for each format and tile (rows a program, elements a row at once, warps), on
+Qwen2.5-7B's gate matrix (18944 x 3584) with the divisibility a launch on it specialises for. Printed: the machine
+(SASS) instructions of the kernel's main loop per element a thread handles (what bounds a kernel that reads so few
+bytes an element: an H100 issues about 33 T lane-instructions a second, so reading 4-bit weights at its ~3 TB/s
+allows about 5 an element), their kinds, the loop's barriers, and from the cubin the registers (occupancy) and
+local memory (spills). A guide for choosing the tile where no GPU is at hand; bench_matvec.py times them.
 
     python benchmarks/matvec_static.py --formats Q2_K,Q4_0 --tiles 1x2048x4,4x1024x4
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -19,49 +21,64 @@ import tempfile
 
 import tierstore  # noqa: F401  (maps the checkout's packages)
 
+ROWS, COLUMNS = 18944, 3584  # the 7B gate matrix
 
-def loop_body(ptx: str) -> list[str]:
-    """The instructions between the longest backward branch's target and the branch (the kernel's main loop)."""
-    lines = [line.strip() for line in ptx.splitlines()]
-    labels = {line.split(":")[0]: at for at, line in enumerate(lines) if re.match(r"^\$L__BB\d+_\d+:", line)}
+
+def loop_body(sass: str) -> list[str]:
+    """The instructions from the longest backward branch's target to the branch (the kernel's main loop)."""
+    code = [(int(found.group(1), 16), found.group(2).strip())
+            for found in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     best: list[str] = []
-    for at, line in enumerate(lines):
-        target = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
-        if target and labels.get(target.group(1), at) < at:
-            body = [x for x in lines[labels[target.group(1)]:at + 1]
-                    if x and not x.startswith(("$", "//", "{", "}", "."))]
+    for address, text in code:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            body = [line for at, line in code if int(target.group(1), 16) <= at <= address]
             best = max(best, body, key=len)
     return best
 
 
+def opcode(line: str) -> str:
+    """An instruction's operation without its predicate and modifiers (`@!P0 LDG.E.U8` -> LDG)."""
+    words = line.split()
+    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+
 def compiled(format: str, tile: tuple[int, int, int], tokens: int):
-    """The kernel compiled for sm_90 at `tile` (bench_matvec.tile_set), and the elements a thread handles a window."""
+    """The kernel compiled for sm_90 at `tile` (bench_matvec.tile_set) on the gate matrix, and the elements a thread
+    handles a window."""
     import triton
     from bench_matvec import tile_set
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tierstore import ggml_triton
+    from tierstore import ggml, ggml_triton
 
     with tile_set(tile):
-        constants = ggml_triton.matvec_constants(format, tokens)
+        constants = ggml_triton.matvec_constants(format, tokens, COLUMNS)
     signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "row_blocks": "i32", "columns": "i32", "rows": "i32",
                  **{name: "constexpr" for name in constants}}
-    kernel = triton.compile(ASTSource(fn=ggml_triton._matvec, signature=signature, constexprs=constants),
+    values = {"row_blocks": COLUMNS // ggml.BLOCKS[format][0], "columns": COLUMNS, "rows": ROWS}
+    divisible = [0, 1, 2] + [3 + at for at, value in enumerate(values.values()) if value % 16 == 0]
+    attrs = {(at,): [["tt.divisibility", 16]] for at in divisible}  # as a launch specialises (16-byte pointers)
+    kernel = triton.compile(ASTSource(fn=ggml_triton._matvec, signature=signature, constexprs=constants, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2]})
     return kernel, constants["ROWS"] * constants["BLOCKS"] * constants["ELEMENTS"] / (32 * tile[2])
 
 
-def resources(cubin: bytes) -> str:
-    """cuobjdump's registers, shared and local memory of the kernel."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """Triton's cuobjdump's output for the cubin with `flag` (-sass, -res-usage)."""
     import triton
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", usage)
+        return subprocess.run([tool, flag, handle.name], capture_output=True, text=True).stdout
+
+
+def resources(cubin: bytes) -> str:
+    """The kernel's registers, shared and local memory."""
+    found = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", cuobjdump(cubin, "-res-usage"))
     return "registers {} shared {} B local {} B".format(*found.groups()) if found else "resources unknown"
 
 
@@ -76,9 +93,11 @@ def main() -> None:
         for tile in args.tiles.split(","):
             for tokens in (int(t) for t in args.tokens.split(",")):
                 kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")), tokens)
-                body = loop_body(kernel.asm["ptx"])
+                body = loop_body(cuobjdump(kernel.asm["cubin"], "-sass"))
+                kinds = collections.Counter(opcode(line) for line in body).most_common(6)
                 print(f"{format} {tile} tokens {tokens}: {len(body) / elements_per_thread:.1f} loop instructions an "
-                      f"element, {sum('bar.sync' in line for line in body)} barriers a window, "
+                      f"element ({', '.join(f'{name} {count / elements_per_thread:.1f}' for name, count in kinds)}), "
+                      f"{sum(opcode(line) == 'BAR' for line in body)} barriers a window, "
                       f"{resources(kernel.asm['cubin'])}", flush=True)
 
 

@@ -48,16 +48,16 @@ def test_every_k_quant_has_a_kernel_and_the_others_do_not(kernels):
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_the_fused_matrix_vector_product_is_the_reference_matrix_times_the_inputs(kernels, monkeypatch, format,
                                                                                   tokens):
-    """A matrix of 5 rows, each three blocks longer than a program's window (the last window partly past the row),
-    times a few token rows, by the kernel's tile (MATVEC_ROWS rows a program: with 2 or 4, the last program partly
-    past the matrix) and by one row a program reading 2,048 elements at once: the reference's values multiplied in
+    """A matrix of 5 rows of two windows and two blocks (so that a program reads 2 blocks of a row at a time, in
+    proportionally more rows: with 8 or more, the last program partly past the matrix), times a few token rows, at
+    the kernel's tile and at one row a program reading 2,048 elements at once: the reference's values multiplied in
     float64, within float32 summation error; the output's neighbours untouched."""
     assert set(kernels.MATVEC_VALUES) == set(ggml.MATVEC_FORMATS)
     elements = ggml.BLOCKS[format][0]
     for rows_each, elements_each in ((kernels.MATVEC_ROWS, kernels.MATVEC_ELEMENTS), (1, 2048)):
         monkeypatch.setattr(kernels, "MATVEC_ROWS", rows_each)
         monkeypatch.setattr(kernels, "MATVEC_ELEMENTS", elements_each)
-        rows, row_blocks = 5, max(elements_each // elements, 1) + 3
+        rows, row_blocks = 5, 2 * max(elements_each // elements, 1) + 2
         data = random_blocks(format, rows * row_blocks, seed=2)
         matrix = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format])).reshape(rows, -1)
         x = torch.randn(tokens, row_blocks * elements, generator=torch.Generator().manual_seed(3))

@@ -35,7 +35,7 @@ def dequantize(format: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
     are the reference's bits."""
     count = blocks.shape[0]
     if count:
-        values, nbytes = VALUES[format]
+        values, nbytes, _ = VALUES[format]
         grid = (triton.cdiv(count, BLOCKS_PER_PROGRAM),)
         _dequantize[grid](blocks, out, count, VALUES=values, BYTES=nbytes, BLOCKS=BLOCKS_PER_PROGRAM,
                           enable_fp_fusion=False)
@@ -49,33 +49,40 @@ def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     (each adds one pass over x per block)."""
     tokens, columns = x.shape
     rows = out.shape[1]
-    constants = matvec_constants(format, tokens)
-    _matvec[(triton.cdiv(rows, MATVEC_ROWS),)](blocks, x, out, columns // constants["ELEMENTS"], columns, rows,
+    constants = matvec_constants(format, tokens, columns)
+    _matvec[(triton.cdiv(rows, constants["ROWS"]),)](blocks, x, out, columns // constants["ELEMENTS"], columns, rows,
                                                **constants, num_warps=MATVEC_WARPS)
 
 
-def matvec_constants(format: str, tokens: int) -> dict:
-    """The matrix-vector kernel's compile-time arguments for `format` and `tokens` at the module's tile."""
-    values, nbytes = MATVEC_VALUES[format]
-    elements = 256 if format in VALUES else 32
+def matvec_constants(format: str, tokens: int, columns: int) -> dict:
+    """The matrix-vector kernel's compile-time arguments for `format`, `tokens` and a row of `columns` elements at
+    the module's tile: a program reads MATVEC_ROWS rows' MATVEC_ELEMENTS // tokens elements at once, in the largest
+    power of two of blocks that divides a row's blocks (so that every window is whole and no load needs a mask);
+    where that is fewer blocks, in proportionally more rows (so that as many bytes are read at once)."""
+    values, nbytes, (subs, sub_elements) = MATVEC_VALUES[format]
+    elements = subs * sub_elements
     tokens_pow2 = triton.next_power_of_2(tokens)
+    row_blocks = columns // elements
+    window = max(MATVEC_ELEMENTS // tokens_pow2 // elements, 1)
+    blocks = min(window, row_blocks & -row_blocks)
     return {"VALUES": values, "BYTES": nbytes, "ELEMENTS": elements, "TOKENS": tokens, "TOKENS_POW2": tokens_pow2,
-            "BLOCKS": max(MATVEC_ELEMENTS // tokens_pow2 // elements, 1), "ROWS": MATVEC_ROWS}
+            "BLOCKS": blocks, "ROWS": MATVEC_ROWS * (window // blocks)}
 
 
 @triton.jit
 def _rows(count, BLOCKS: tl.constexpr):
-    """This program's block indices [B, 1, 1] (int64: a unit may hold more than 2**31 elements), and which exist."""
+    """This program's block indices [B, 1, 1] (int64: a unit may hold more than 2**31 elements), which exist, and
+    the indices to read from (past the last block, the last: the reads need no mask, the stores do)."""
     first = tl.program_id(0).to(tl.int64) * BLOCKS
     index = first + tl.arange(0, BLOCKS).to(tl.int64)[:, None, None]
-    return index, index < count
+    return index, index < count, tl.minimum(index, count - 1)
 
 
 @triton.jit
-def _half(base, at, exists):
+def _half(base, at):
     """The float16 at bytes at, at+1 of each block (base: [B, 1, 1] byte pointers), as float32."""
-    low = tl.load(base + at, mask=exists, other=0).to(tl.uint16)
-    high = tl.load(base + at + 1, mask=exists, other=0).to(tl.uint16)
+    low = tl.load(base + at).to(tl.uint16)
+    high = tl.load(base + at + 1).to(tl.uint16)
     return (low | (high << 8)).to(tl.float16, bitcast=True).to(tl.float32)
 
 
@@ -96,74 +103,82 @@ def _sixteens():
 
 @triton.jit
 def _store(out, index, first, value, exists):
-    """Each block's values at elements `first` [1, S, E] of its 256, cast to the output's dtype."""
+    """Each existing block's values at elements `first` [1, S, E] of its 256, cast to the output's dtype."""
     tl.store(out + index * 256 + first, value.to(out.dtype.element_ty), mask=exists)
 
 
 @triton.jit
-def _k_scales(base, sub, exists):
+def _k_scales(base, sub):
     """Q4_K's and Q5_K's step and offset of sub-blocks `sub` (0..7): the block's float16 d and dmin times the
     sub-block's 6-bit scale and minimum, packed in the 12 bytes at 4."""
     low = sub < 4
-    a = tl.load(base + 4 + sub, mask=exists, other=0)
-    b = tl.load(base + 8 + sub, mask=exists, other=0)
-    c = tl.load(base + 4 + tl.where(low, sub, sub - 4), mask=exists, other=0)
+    a = tl.load(base + 4 + sub)
+    b = tl.load(base + 8 + sub)
+    c = tl.load(base + 4 + tl.where(low, sub, sub - 4))
     scale = tl.where(low, a & 63, (b & 0x0F) | ((c >> 6) << 4))
     minimum = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
-    return _half(base, 0, exists) * scale.to(tl.float32), _half(base, 2, exists) * minimum.to(tl.float32)
+    return _half(base, 0) * scale.to(tl.float32), _half(base, 2) * minimum.to(tl.float32)
 
 
 @triton.jit
-def _field(base, at, shift, mask, exists):
+def _field(base, at, shift, mask):
     """(byte `at` of each block >> `shift`) & `mask`, as int32: a code, or a packed scale's bits."""
-    return (tl.load(base + at, mask=exists, other=0).to(tl.int32) >> shift) & mask
+    return (tl.load(base + at).to(tl.int32) >> shift) & mask
 
 
 @triton.jit
-def _q4_k_values(base, exists):
+def _float(code, offset: tl.constexpr = 0):
+    """code - offset as float32, exactly, for int32 codes 0 <= code < 2**22: the code in the mantissa of 2**23
+    (an OR) less 2**23 + offset (an add), two full-rate instructions where an int-to-float conversion issues at
+    an eighth of the rate."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
+
+
+@triton.jit
+def _q4_k_values(base):
     """A Q4_K block tile's values [B, 8, 32] in float32 and their element places in the block [1, 8, 32]."""
     sub, element = _thirty_twos()
-    d, dm = _k_scales(base, sub, exists)
-    q = _field(base, 16 + 32 * (sub // 2) + element, 4 * (sub % 2), 0x0F, exists)
-    return d * q.to(tl.float32) - dm, sub * 32 + element
+    d, dm = _k_scales(base, sub)
+    q = _field(base, 16 + 32 * (sub // 2) + element, 4 * (sub % 2), 0x0F)
+    return d * _float(q) - dm, sub * 32 + element
 
 
 @triton.jit
-def _q5_k_values(base, exists):
+def _q5_k_values(base):
     sub, element = _thirty_twos()
-    d, dm = _k_scales(base, sub, exists)
-    q = _field(base, 48 + 32 * (sub // 2) + element, 4 * (sub % 2), 0x0F, exists) \
-        | (_field(base, 16 + element, sub, 1, exists) << 4)
-    return d * q.to(tl.float32) - dm, sub * 32 + element
+    d, dm = _k_scales(base, sub)
+    q = _field(base, 48 + 32 * (sub // 2) + element, 4 * (sub % 2), 0x0F) \
+        | (_field(base, 16 + element, sub, 1) << 4)
+    return d * _float(q) - dm, sub * 32 + element
 
 
 @triton.jit
-def _q6_k_values(base, exists):
+def _q6_k_values(base):
     sub, element, half, quarter, within = _sixteens()
-    d = _half(base, 208, exists) * tl.load(base + 192 + sub, mask=exists, other=0).to(tl.int8, bitcast=True)
-    low = _field(base, 64 * half + 32 * (quarter % 2) + within, 4 * (quarter // 2), 0x0F, exists)
-    high = _field(base, 128 + 32 * half + within, 2 * quarter, 3, exists)
-    return d * ((low | (high << 4)) - 32).to(tl.float32), sub * 16 + element
+    d = _half(base, 208) * tl.load(base + 192 + sub).to(tl.int8, bitcast=True)
+    low = _field(base, 64 * half + 32 * (quarter % 2) + within, 4 * (quarter // 2), 0x0F)
+    high = _field(base, 128 + 32 * half + within, 2 * quarter, 3)
+    return d * _float(low | (high << 4), 32), sub * 16 + element
 
 
 @triton.jit
-def _q3_k_values(base, exists):
+def _q3_k_values(base):
     sub, element, half, quarter, within = _sixteens()
-    scale = _field(base, 96 + sub % 8, 4 * (sub // 8), 0x0F, exists) \
-        | (_field(base, 104 + sub % 4, 2 * (sub // 4), 3, exists) << 4)
-    d = _half(base, 108, exists) * (scale - 32).to(tl.float32)
-    codes = _field(base, 32 + 32 * half + within, 2 * quarter, 3, exists)
-    high = _field(base, within, 4 * half + quarter, 1, exists)  # the hmask bit: 0 subtracts 4
-    return d * (codes - 4 * (1 - high)).to(tl.float32), sub * 16 + element
+    scale = _field(base, 96 + sub % 8, 4 * (sub // 8), 0x0F) \
+        | (_field(base, 104 + sub % 4, 2 * (sub // 4), 3) << 4)
+    d = _half(base, 108) * (scale - 32).to(tl.float32)
+    codes = _field(base, 32 + 32 * half + within, 2 * quarter, 3)
+    high = _field(base, within, 4 * half + quarter, 1)  # the hmask bit: 0 subtracts 4
+    return d * _float(codes | (high << 2), 4), sub * 16 + element
 
 
 @triton.jit
-def _q2_k_values(base, exists):
+def _q2_k_values(base):
     sub, element, half, quarter, within = _sixteens()
-    dl = _half(base, 80, exists) * _field(base, sub, 0, 0x0F, exists).to(tl.float32)
-    ml = _half(base, 82, exists) * _field(base, sub, 4, 0x0F, exists).to(tl.float32)
-    q = _field(base, 16 + 32 * half + within, 2 * quarter, 3, exists)
-    return dl * q.to(tl.float32) - ml, sub * 16 + element
+    dl = _half(base, 80) * _field(base, sub, 0, 0x0F).to(tl.float32)
+    ml = _half(base, 82) * _field(base, sub, 4, 0x0F).to(tl.float32)
+    q = _field(base, 16 + 32 * half + within, 2 * quarter, 3)
+    return dl * _float(q) - ml, sub * 16 + element
 
 
 @triton.jit
@@ -175,44 +190,44 @@ def _thirty_two():
 
 
 @triton.jit
-def _q4_0_values(base, exists):
+def _q4_0_values(base):
     element, byte, shift = _thirty_two()
-    return _half(base, 0, exists) * (_field(base, 2 + byte, shift, 0x0F, exists) - 8).to(tl.float32), element
+    return _half(base, 0) * _float(_field(base, 2 + byte, shift, 0x0F), 8), element
 
 
 @triton.jit
-def _q4_1_values(base, exists):
+def _q4_1_values(base):
     element, byte, shift = _thirty_two()
-    q = _field(base, 4 + byte, shift, 0x0F, exists)
-    return _half(base, 0, exists) * q.to(tl.float32) + _half(base, 2, exists), element
+    q = _field(base, 4 + byte, shift, 0x0F)
+    return _half(base, 0) * _float(q) + _half(base, 2), element
 
 
 @triton.jit
-def _q5_0_values(base, exists):
+def _q5_0_values(base):
     element, byte, shift = _thirty_two()
-    q = _field(base, 6 + byte, shift, 0x0F, exists) | (_field(base, 2 + element // 8, element % 8, 1, exists) << 4)
-    return _half(base, 0, exists) * (q - 16).to(tl.float32), element
+    q = _field(base, 6 + byte, shift, 0x0F) | (_field(base, 2 + element // 8, element % 8, 1) << 4)
+    return _half(base, 0) * _float(q, 16), element
 
 
 @triton.jit
-def _q5_1_values(base, exists):
+def _q5_1_values(base):
     element, byte, shift = _thirty_two()
-    q = _field(base, 8 + byte, shift, 0x0F, exists) | (_field(base, 4 + element // 8, element % 8, 1, exists) << 4)
-    return _half(base, 0, exists) * q.to(tl.float32) + _half(base, 2, exists), element
+    q = _field(base, 8 + byte, shift, 0x0F) | (_field(base, 4 + element // 8, element % 8, 1) << 4)
+    return _half(base, 0) * _float(q) + _half(base, 2), element
 
 
 @triton.jit
-def _q8_0_values(base, exists):
+def _q8_0_values(base):
     element = tl.arange(0, 32)[None, None, :]
-    q = tl.load(base + 2 + element, mask=exists, other=0).to(tl.int8, bitcast=True)
-    return q.to(tl.float32) * _half(base, 0, exists), element
+    q = _field(base, 2 + element, 0, 0xFF) ^ 0x80  # the int8 code + 128
+    return _float(q, 128) * _half(base, 0), element
 
 
 @triton.jit
 def _dequantize(blocks, out, count, VALUES: tl.constexpr, BYTES: tl.constexpr, BLOCKS: tl.constexpr):
     """This program's blocks of `blocks` (BYTES each) dequantized into `out` by the format's VALUES."""
-    index, exists = _rows(count, BLOCKS)
-    value, first = VALUES(blocks + index * BYTES, exists)
+    index, exists, read = _rows(count, BLOCKS)
+    value, first = VALUES(blocks + read * BYTES)
     _store(out, index, first, value, exists)
 
 
@@ -227,30 +242,32 @@ def _add(a, b):
 def _matvec(blocks, x, out, row_blocks, columns, rows, VALUES: tl.constexpr, BYTES: tl.constexpr,
             ELEMENTS: tl.constexpr, TOKENS: tl.constexpr, TOKENS_POW2: tl.constexpr, BLOCKS: tl.constexpr,
             ROWS: tl.constexpr):
-    """ROWS rows of a matrix in blocks (`row_blocks` a row) from row ROWS * `program_id` times each of TOKENS rows
-    of `x` [TOKENS, columns], into out [TOKENS, rows]. The program reads BLOCKS blocks of each of its rows at a
-    time, its rows sharing each load of the inputs, and adds values times inputs into float32 sums per element
-    place, summed across places once at the end."""
+    """ROWS rows of a matrix in blocks (`row_blocks` a row, a multiple of BLOCKS) from row ROWS * `program_id`
+    times each of TOKENS rows of `x` [TOKENS, columns], into out [TOKENS, rows]. The program reads BLOCKS blocks
+    of each of its rows at a time, its rows sharing each load of the inputs, and adds values times inputs into
+    float32 sums per element place, summed across places once at the end. Rows past the matrix read its last row
+    and tokens past TOKENS its last token, so that no load needs a mask (only the store has one)."""
     first_row = tl.program_id(0).to(tl.int64) * ROWS
     pair = tl.arange(0, ROWS * BLOCKS).to(tl.int64)  # (row, block) pairs, row-major
-    row, block = first_row + pair // BLOCKS, pair % BLOCKS
-    token = tl.arange(0, TOKENS_POW2)[:, None]
+    row, block = tl.minimum(first_row + pair // BLOCKS, rows - 1), pair % BLOCKS
+    token = tl.minimum(tl.arange(0, TOKENS_POW2), TOKENS - 1)[:, None]
     sums = tl.full([ROWS, TOKENS_POW2, BLOCKS * ELEMENTS], 0.0, tl.float32)
     for start in range(0, row_blocks, BLOCKS):
-        exists = ((start + block < row_blocks) & (row < rows))[:, None, None]
-        value, first = VALUES(blocks + ((row * row_blocks + start + block) * BYTES)[:, None, None], exists)
+        value, first = VALUES(blocks + ((row * row_blocks + start + block) * BYTES)[:, None, None])
         column = tl.reshape((start + tl.arange(0, BLOCKS).to(tl.int64)[:, None, None]) * ELEMENTS + first,
                             [1, BLOCKS * ELEMENTS])
-        inputs = tl.load(x + token * columns + column, mask=(token < TOKENS) & (column < columns), other=0.0)
+        inputs = tl.load(x + token * columns + column)
         sums += tl.reshape(value, [ROWS, 1, BLOCKS * ELEMENTS]) * inputs.to(tl.float32)[None, :, :]
     rows_here, token_here = first_row + tl.arange(0, ROWS).to(tl.int64)[:, None], tl.arange(0, TOKENS_POW2)[None, :]
     tl.store(out + token_here * rows + rows_here, tl.reduce(sums, 2, _add).to(out.dtype.element_ty),
              mask=(token_here < TOKENS) & (rows_here < rows))
 
 
-# each format: its values and its block bytes
-VALUES = {"Q2_K": (_q2_k_values, 84), "Q3_K": (_q3_k_values, 110), "Q4_K": (_q4_k_values, 144),
-          "Q5_K": (_q5_k_values, 176), "Q6_K": (_q6_k_values, 210)}
+# each format: its values, its block bytes and its tile of a block [sub-blocks, elements each]
+VALUES = {"Q2_K": (_q2_k_values, 84, (16, 16)), "Q3_K": (_q3_k_values, 110, (16, 16)),
+          "Q4_K": (_q4_k_values, 144, (8, 32)), "Q5_K": (_q5_k_values, 176, (8, 32)),
+          "Q6_K": (_q6_k_values, 210, (16, 16))}
 # the matrix-vector kernel's formats: the k-quants and the legacy formats of 32-element blocks
-MATVEC_VALUES = {**VALUES, "Q4_0": (_q4_0_values, 18), "Q4_1": (_q4_1_values, 20), "Q5_0": (_q5_0_values, 22),
-                 "Q5_1": (_q5_1_values, 24), "Q8_0": (_q8_0_values, 34)}
+MATVEC_VALUES = {**VALUES, "Q4_0": (_q4_0_values, 18, (1, 32)), "Q4_1": (_q4_1_values, 20, (1, 32)),
+                 "Q5_0": (_q5_0_values, 22, (1, 32)), "Q5_1": (_q5_1_values, 24, (1, 32)),
+                 "Q8_0": (_q8_0_values, 34, (1, 32))}
