@@ -24,7 +24,7 @@ from tierstore import ggml
 
 SHAPES = {"gate": (18944, 3584), "down": (3584, 18944)}
 TILES = ((1, 2048, 4), (2, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 256, 8),
-         (4, 2048, 8))  # (rows a program, elements of a row at once, warps)
+         (4, 2048, 8), (4, 1024, 4, 2), (4, 1024, 4, 3))  # (rows a program, elements of a row at once, warps[, stages])
 
 
 def timed_s(run, reps: int = 20) -> float:
@@ -51,16 +51,20 @@ def timed_s(run, reps: int = 20) -> float:
 
 
 @contextlib.contextmanager
-def tile_set(tile: tuple[int, int, int]) -> Iterator[None]:
-    """ggml_triton's matrix-vector tile (rows a program, elements of a row at once, warps) set for the block."""
+def tile_set(tile: tuple[int, ...]) -> Iterator[None]:
+    """ggml_triton's matrix-vector tile (rows a program, elements of a row at once, warps[, pipeline stages]) set
+    for the block."""
     from tierstore import ggml_triton
 
-    saved = ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS
-    ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS = tile
+    names = ("MATVEC_ROWS", "MATVEC_ELEMENTS", "MATVEC_WARPS", "MATVEC_STAGES")[:len(tile)]
+    saved = [getattr(ggml_triton, name) for name in names]
+    for name, value in zip(names, tile):
+        setattr(ggml_triton, name, value)
     try:
         yield
     finally:
-        ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS = saved
+        for name, value in zip(names, saved):
+            setattr(ggml_triton, name, value)
 
 
 def tile_run(format: str, blocks, x, out, tile: tuple[int, int, int]):
@@ -81,7 +85,7 @@ def main() -> None:
     parser.add_argument("--formats", default="Q2_K,Q3_K,Q4_K,Q6_K,Q4_0,Q8_0")
     parser.add_argument("--tokens", type=int, default=1)
     parser.add_argument("--tiles", default=",".join("x".join(map(str, tile)) for tile in TILES),
-                        help="rows a program x elements a row at once x warps, comma-separated")
+                        help="rows a program x elements a row at once x warps [x pipeline stages], comma-separated")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     import torch

@@ -27,6 +27,7 @@ BLOCKS_PER_PROGRAM = 8  # 2048 elements a program
 MATVEC_ELEMENTS = 1024  # elements of each row a matrix-vector program reads at once for one token (fewer for more)
 MATVEC_ROWS = 4  # rows a matrix-vector program multiplies, sharing each load of the inputs (matvec_static.py)
 MATVEC_WARPS = 4
+MATVEC_STAGES = 1  # windows in flight a program (Triton's software pipelining; 1: none)
 
 
 def dequantize(format: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
@@ -66,7 +67,7 @@ def matvec_constants(format: str, tokens: int, columns: int) -> dict:
     window = max(MATVEC_ELEMENTS // tokens_pow2 // elements, 1)
     blocks = min(window, row_blocks & -row_blocks)
     return {"VALUES": values, "BYTES": nbytes, "ELEMENTS": elements, "TOKENS": tokens, "TOKENS_POW2": tokens_pow2,
-            "BLOCKS": blocks, "ROWS": MATVEC_ROWS * (window // blocks)}
+            "BLOCKS": blocks, "ROWS": MATVEC_ROWS * (window // blocks), "STAGES": MATVEC_STAGES}
 
 
 @triton.jit
@@ -241,18 +242,19 @@ def _add(a, b):
 @triton.jit
 def _matvec(blocks, x, out, row_blocks, columns, rows, VALUES: tl.constexpr, BYTES: tl.constexpr,
             ELEMENTS: tl.constexpr, TOKENS: tl.constexpr, TOKENS_POW2: tl.constexpr, BLOCKS: tl.constexpr,
-            ROWS: tl.constexpr):
+            ROWS: tl.constexpr, STAGES: tl.constexpr):
     """ROWS rows of a matrix in blocks (`row_blocks` a row, a multiple of BLOCKS) from row ROWS * `program_id`
     times each of TOKENS rows of `x` [TOKENS, columns], into out [TOKENS, rows]. The program reads BLOCKS blocks
     of each of its rows at a time, its rows sharing each load of the inputs, and adds values times inputs into
     float32 sums per element place, summed across places once at the end. Rows past the matrix read its last row
-    and tokens past TOKENS its last token, so that no load needs a mask (only the store has one)."""
+    and tokens past TOKENS its last token, so that no load needs a mask (only the store has one). STAGES > 1:
+    Triton's pipeliner issues the loads of the windows ahead (more bytes in flight), STAGES - 1 of them."""
     first_row = tl.program_id(0).to(tl.int64) * ROWS
     pair = tl.arange(0, ROWS * BLOCKS).to(tl.int64)  # (row, block) pairs, row-major
     row, block = tl.minimum(first_row + pair // BLOCKS, rows - 1), pair % BLOCKS
     token = tl.minimum(tl.arange(0, TOKENS_POW2), TOKENS - 1)[:, None]
     sums = tl.full([ROWS, TOKENS_POW2, BLOCKS * ELEMENTS], 0.0, tl.float32)
-    for start in range(0, row_blocks, BLOCKS):
+    for start in tl.range(0, row_blocks, BLOCKS, num_stages=STAGES):
         value, first = VALUES(blocks + ((row * row_blocks + start + block) * BYTES)[:, None, None])
         column = tl.reshape((start + tl.arange(0, BLOCKS).to(tl.int64)[:, None, None]) * ELEMENTS + first,
                             [1, BLOCKS * ELEMENTS])
