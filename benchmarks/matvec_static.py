@@ -43,7 +43,7 @@ def opcode(line: str) -> str:
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
-def compiled(format: str, tile: tuple[int, int, int], tokens: int):
+def compiled(format: str, tile: tuple[int, ...]):
     """The kernel compiled for sm_90 at `tile` (bench_matvec.tile_set) on the gate matrix, and the elements a thread
     handles a window."""
     import triton
@@ -54,10 +54,10 @@ def compiled(format: str, tile: tuple[int, int, int], tokens: int):
     from tierstore import ggml, ggml_triton
 
     with tile_set(tile):
-        constants = ggml_triton.matvec_constants(format, tokens, COLUMNS)
+        constants = ggml_triton.matvec_constants(format, COLUMNS)
     signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "row_blocks": "i32", "columns": "i32", "rows": "i32",
-                 **{name: "constexpr" for name in constants}}
-    values = {"row_blocks": COLUMNS // ggml.BLOCKS[format][0], "columns": COLUMNS, "rows": ROWS}
+                 "group_rows": "i32", **{name: "constexpr" for name in constants}}
+    values = {"row_blocks": COLUMNS // ggml.BLOCKS[format][0], "columns": COLUMNS, "rows": ROWS, "group_rows": ROWS}
     divisible = [0, 1, 2] + [3 + at for at, value in enumerate(values.values()) if value % 16 == 0]
     attrs = {(at,): [["tt.divisibility", 16]] for at in divisible}  # as a launch specialises (16-byte pointers)
     kernel = triton.compile(ASTSource(fn=ggml_triton._matvec, signature=signature, constexprs=constants, attrs=attrs),
@@ -86,19 +86,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="Q2_K,Q3_K,Q4_K,Q6_K,Q4_0,Q8_0")
     parser.add_argument("--tiles", default="1x2048x4,2x1024x4,4x1024x4,4x512x4,8x512x8,4x2048x8")
-    parser.add_argument("--tokens", default="1,3")
     args = parser.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     for format in args.formats.split(","):
-        for tile in args.tiles.split(","):
-            for tokens in (int(t) for t in args.tokens.split(",")):
-                kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")), tokens)
-                body = loop_body(cuobjdump(kernel.asm["cubin"], "-sass"))
-                kinds = collections.Counter(opcode(line) for line in body).most_common(6)
-                print(f"{format} {tile} tokens {tokens}: {len(body) / elements_per_thread:.1f} loop instructions an "
-                      f"element ({', '.join(f'{name} {count / elements_per_thread:.1f}' for name, count in kinds)}), "
-                      f"{sum(opcode(line) == 'BAR' for line in body)} barriers a window, "
-                      f"{resources(kernel.asm['cubin'])}", flush=True)
+        for tile in args.tiles.split(","):  # a program multiplies one token (more tokens: more programs)
+            kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")))
+            body = loop_body(cuobjdump(kernel.asm["cubin"], "-sass"))
+            kinds = collections.Counter(opcode(line) for line in body).most_common(6)
+            print(f"{format} {tile}: {len(body) / elements_per_thread:.1f} loop instructions an element "
+                  f"({', '.join(f'{name} {count / elements_per_thread:.1f}' for name, count in kinds)}), "
+                  f"{sum(opcode(line) == 'BAR' for line in body)} barriers a window, "
+                  f"{resources(kernel.asm['cubin'])}", flush=True)
 
 
 if __name__ == "__main__":

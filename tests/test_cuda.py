@@ -796,6 +796,27 @@ def test_ggml_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantized_
         assert (out.double().cpu() - want).abs().max() <= tolerance * scale
 
 
+@pytest.mark.parametrize("format", ["Q4_K", "Q6_K", "Q4_0"])
+def test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_own_inputs(format):
+    """The grouped launch (a decode step's experts gathered from their slots), compiled: 8 matrices of Qwen3-30B-A3B's
+    expert shape (1536 x 2048), each times its own input row, by the reference values in float64."""
+    from test_ggml import random_blocks
+
+    from tierstore import ggml
+
+    groups, rows, columns = 8, 1536, 2048
+    data = torch.from_numpy(random_blocks(format, groups * rows * columns // ggml.BLOCKS[format][0], seed=6))
+    matrices = torch.empty(groups * rows * columns)
+    ggml.dequantize(format, data.reshape(-1), matrices)
+    matrices = matrices.view(groups, rows, columns).double()
+    x = torch.randn(groups, columns, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    out = torch.empty(groups, rows, dtype=torch.bfloat16, device="cuda")
+    assert ggml.matvec(format, data.reshape(-1).cuda(), x.cuda(), out, grouped=True), "the Triton kernel failed"
+    want = torch.einsum("grc,gc->gr", matrices, x.double())
+    scale = torch.einsum("grc,gc->gr", matrices.abs(), x.double().abs()).max()
+    assert (out.double().cpu() - want).abs().max() <= 2**-7 * scale
+
+
 def test_a_k_quant_store_decodes_with_packed_matrices_and_gives_the_dequantized_runs_tokens(tmp_path, monkeypatch):
     """q4_k_m (Q4_K and Q6_K) on the GPU: decode steps multiply the packed matrices (Triton), the prompt
     dequantizes; the tokens and logits are those of the same store with every matrix dequantized."""

@@ -69,6 +69,24 @@ def test_the_fused_matrix_vector_product_is_the_reference_matrix_times_the_input
         assert out[tokens].isnan().all()
 
 
+@pytest.mark.parametrize("format", ["Q4_K", "Q6_K", "Q4_0"])
+def test_grouped_matrices_are_each_multiplied_by_their_own_inputs(kernels, format):
+    """Three matrices of 24 rows back to back (experts gathered from their slots), each times its own input row in
+    one launch: each group's product by the reference values; a program's rows stay within one group (24 rows:
+    8 a program at most)."""
+    elements = ggml.BLOCKS[format][0]
+    groups, rows, row_blocks = 3, 24, 2
+    data = random_blocks(format, groups * rows * row_blocks, seed=4)
+    matrices = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format]))
+    matrices = matrices.reshape(groups, rows, row_blocks * elements)
+    x = torch.randn(groups, row_blocks * elements, generator=torch.Generator().manual_seed(5))
+    want = torch.einsum("grc,gc->gr", matrices.double(), x.double())
+    out = torch.full((groups, rows), float("nan"))
+    kernels.matvec_grouped(format, torch.from_numpy(data).reshape(groups * rows * row_blocks, -1), x, out)
+    scale = torch.einsum("grc,gc->gr", matrices.double().abs(), x.double().abs()).max()
+    assert (out.double() - want).abs().max() <= 1e-5 * scale
+
+
 def test_a_decode_step_multiplies_k_quant_matrices_in_their_blocks_and_gives_the_dequantized_runs_tokens(
         monkeypatch, tmp_path):
     """A store of k-quants (q4_k_m: Q4_K and Q6_K) with every matrix a whole number of blocks a row: a prompt's

@@ -251,3 +251,52 @@ def test_experts_in_different_formats_or_rotated_are_not_dequantized_as_if_store
     assert stored_alike(plain, {"a": expert("Q4_K"), "b": expert("Q4_K")}, ["a", "b"])
     assert not stored_alike(plain, {"a": expert("Q4_K"), "b": expert("Q6_K")}, ["a", "b"])
     assert not stored_alike(rotated, {"a": expert("Q4_K"), "b": expert("Q4_K")}, ["a", "b"])
+
+
+def test_a_decode_steps_gguf_experts_are_multiplied_in_their_blocks_and_give_the_dequantizing_runs_tokens(
+        tmp_path, monkeypatch):
+    """On a device with the matrix-vector kernels, a decode step's experts are not dequantized into the window:
+    each (token, expert) pair's blocks are gathered from the slots and multiplied in them, one grouped launch a
+    projection (2 pairs a token here); the prompt's call still fills the window. Tokens equal, and one token's
+    logits within float32 summation error, of the same store run without. The multiply is the reference (the
+    gguf package's values times the inputs): the grouped kernel is checked against it in test_ggml_triton.py."""
+    gguf = pytest.importorskip("gguf")
+    from tierstore import compression, ggml
+    from tierstore.compression import Decompressor
+    from tierstore.inference.runtime import packed_experts
+
+    _write_moe_gguf(str(tmp_path / "moe.gguf"), {"attn": "Q4_K", "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q4_K",
+                                                "ffn_down_exps": "Q6_K"})
+    config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device": "cpu"}, "compression": {"gguf": "packed"},
+              "experts": {"compute": "device", "prefetch": "none"}}
+    calls: list[tuple[str, int, bool]] = []
+
+    def reference(format, packed, x, out, grouped=False):
+        calls.append((format, x.shape[0], grouped))
+        values = torch.from_numpy(gguf.quants.dequantize(packed.numpy().reshape(-1, ggml.BLOCKS[format][1]),
+                                                         gguf.GGMLQuantizationType[format]))
+        if grouped:  # one matrix per row of x
+            out.copy_(torch.einsum("grc,gc->gr", values.reshape(x.shape[0], out.shape[1], x.shape[1]), x))
+        else:
+            out.copy_(x @ values.reshape(out.shape[1], x.shape[1]).T)
+        return True
+
+    def run(devices):
+        monkeypatch.setattr(Decompressor, "MATVEC_DEVICES", devices)
+        monkeypatch.setattr(compression, "ggml_matvec", reference)
+        monkeypatch.setattr(packed_experts, "ggml_matvec", reference)
+        with tierstore.AutoModel.from_pretrained(str(tmp_path / "moe.gguf"), budget={"vram": "24MB", "ram": "1GB"},
+                                                 config=config) as streamed:
+            assert streamed.experts._unpacker.in_blocks == ("cpu" in devices)
+            tokens = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
+            return tokens, streamed(PROMPT[:, :1]).logits
+
+    plain_tokens, plain_logits = run(("cuda",))
+    assert calls == []
+    blocks_tokens, blocks_logits = run(("cuda", "cpu"))
+    grouped = [(format, pairs) for format, pairs, is_grouped in calls if is_grouped]
+    # each decode step (and the one-token forward): 2 layers x (gate_up in Q4_K, down in Q6_K), 2 pairs each
+    assert grouped.count(("Q4_K", 2)) == grouped.count(("Q6_K", 2)) == 2 * NEW_TOKENS
+    assert len(grouped) == 4 * NEW_TOKENS
+    assert blocks_tokens == plain_tokens
+    torch.testing.assert_close(blocks_logits, plain_logits, atol=1e-4, rtol=1e-4)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 BLOCKS_PER_PROGRAM = 8  # 2048 elements a program
-MATVEC_ELEMENTS = 1024  # elements of each row a matrix-vector program reads at once for one token (fewer for more)
+MATVEC_ELEMENTS = 1024  # elements of each row a matrix-vector program reads at once
 MATVEC_ROWS = 4  # rows a matrix-vector program multiplies, sharing each load of the inputs (matvec_static.py)
 MATVEC_WARPS = 4
 MATVEC_STAGES = 1  # windows in flight a program (Triton's software pipelining; 1: none)
@@ -47,27 +47,38 @@ def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     `blocks` [rows * columns / block elements, bytes] hold (a k-quant or a legacy format: MATVEC_VALUES; a GGUF
     matrix's rows are whole blocks), without writing the dequantized matrix anywhere: decoding reads each weight's
     packed bits once. Sums in float32 (the values are the reference's, exactly); x and out contiguous, a few tokens
-    (each adds one pass over x per block)."""
+    (each token's programs read the matrix again, next to each other in the launch so that they share the L2)."""
     tokens, columns = x.shape
     rows = out.shape[1]
-    constants = matvec_constants(format, tokens, columns)
-    _matvec[(triton.cdiv(rows, constants["ROWS"]),)](blocks, x, out, columns // constants["ELEMENTS"], columns, rows,
-                                               **constants, num_warps=MATVEC_WARPS)
+    constants = matvec_constants(format, columns)
+    _matvec[(tokens, triton.cdiv(rows, constants["ROWS"]))](blocks, x, out, columns // constants["ELEMENTS"],
+                                                            columns, rows, rows, **constants,
+                                                            num_warps=MATVEC_WARPS)
 
 
-def matvec_constants(format: str, tokens: int, columns: int) -> dict:
-    """The matrix-vector kernel's compile-time arguments for `format`, `tokens` and a row of `columns` elements at
-    the module's tile: a program reads MATVEC_ROWS rows' MATVEC_ELEMENTS // tokens elements at once, in the largest
-    power of two of blocks that divides a row's blocks (so that every window is whole and no load needs a mask);
-    where that is fewer blocks, in proportionally more rows (so that as many bytes are read at once)."""
+def matvec_grouped(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+    """out [groups, rows] = each group's matrix [rows, columns] times its own input x [groups, columns]: `blocks`
+    holds the groups' matrices back to back (experts gathered from their slots), one launch for all of them."""
+    groups, columns = x.shape
+    rows = out.shape[1]
+    constants = matvec_constants(format, columns)
+    constants["ROWS"] = min(constants["ROWS"], rows & -rows)  # a program's rows within one group
+    _matvec[(1, groups * rows // constants["ROWS"])](blocks, x, out, columns // constants["ELEMENTS"], columns,
+                                                     groups * rows, rows, **constants, num_warps=MATVEC_WARPS)
+
+
+def matvec_constants(format: str, columns: int) -> dict:
+    """The matrix-vector kernel's compile-time arguments for `format` and a row of `columns` elements at the
+    module's tile: a program reads MATVEC_ROWS rows' MATVEC_ELEMENTS elements at once, in the largest power of two
+    of blocks that divides a row's blocks (so that every window is whole and no load needs a mask); where that is
+    fewer blocks, in proportionally more rows (so that as many bytes are read at once)."""
     values, nbytes, (subs, sub_elements) = MATVEC_VALUES[format]
     elements = subs * sub_elements
-    tokens_pow2 = triton.next_power_of_2(tokens)
     row_blocks = columns // elements
-    window = max(MATVEC_ELEMENTS // tokens_pow2 // elements, 1)
+    window = max(MATVEC_ELEMENTS // elements, 1)
     blocks = min(window, row_blocks & -row_blocks)
-    return {"VALUES": values, "BYTES": nbytes, "ELEMENTS": elements, "TOKENS": tokens, "TOKENS_POW2": tokens_pow2,
-            "BLOCKS": blocks, "ROWS": MATVEC_ROWS * (window // blocks), "STAGES": MATVEC_STAGES}
+    return {"VALUES": values, "BYTES": nbytes, "ELEMENTS": elements, "BLOCKS": blocks,
+            "ROWS": MATVEC_ROWS * (window // blocks), "STAGES": MATVEC_STAGES}
 
 
 @triton.jit
@@ -240,29 +251,31 @@ def _add(a, b):
 
 
 @triton.jit
-def _matvec(blocks, x, out, row_blocks, columns, rows, VALUES: tl.constexpr, BYTES: tl.constexpr,
-            ELEMENTS: tl.constexpr, TOKENS: tl.constexpr, TOKENS_POW2: tl.constexpr, BLOCKS: tl.constexpr,
-            ROWS: tl.constexpr, STAGES: tl.constexpr):
-    """ROWS rows of a matrix in blocks (`row_blocks` a row, a multiple of BLOCKS) from row ROWS * `program_id`
-    times each of TOKENS rows of `x` [TOKENS, columns], into out [TOKENS, rows]. The program reads BLOCKS blocks
-    of each of its rows at a time, its rows sharing each load of the inputs, and adds values times inputs into
-    float32 sums per element place, summed across places once at the end. Rows past the matrix read its last row
-    and tokens past TOKENS its last token, so that no load needs a mask (only the store has one). STAGES > 1:
-    Triton's pipeliner issues the loads of the windows ahead (more bytes in flight), STAGES - 1 of them."""
-    first_row = tl.program_id(0).to(tl.int64) * ROWS
+def _matvec(blocks, x, out, row_blocks, columns, rows, group_rows, VALUES: tl.constexpr, BYTES: tl.constexpr,
+            ELEMENTS: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
+    """ROWS rows of a matrix in blocks (`row_blocks` a row, a multiple of BLOCKS) from row ROWS * `program_id(1)`
+    times row `program_id(0)` of x [tokens, columns], into that row of out [tokens, rows]. The program reads BLOCKS
+    blocks of each of its rows at a time, its rows sharing each load of the inputs, and adds values times inputs
+    into float32 sums per element place, summed across places once at the end. Rows past the matrix read its last
+    row, so that no load needs a mask (only the store has one). STAGES > 1: Triton's pipeliner issues the loads of
+    the windows ahead (more bytes in flight), STAGES - 1 of them. Grouped (`matvec_grouped`): each `group_rows`
+    rows have inputs of their own, x [rows / group_rows, columns] (ROWS dividing group_rows); else group_rows =
+    rows. (A program takes one token: with several in one program's tile, [rows, tokens, elements], the compiled
+    kernel summed wrong on an H100 for 2-4 tokens where Triton's interpreter summed right.)"""
+    token = tl.program_id(0).to(tl.int64)
+    first_row = tl.program_id(1).to(tl.int64) * ROWS
+    x += (token + first_row // group_rows) * columns
     pair = tl.arange(0, ROWS * BLOCKS).to(tl.int64)  # (row, block) pairs, row-major
     row, block = tl.minimum(first_row + pair // BLOCKS, rows - 1), pair % BLOCKS
-    token = tl.minimum(tl.arange(0, TOKENS_POW2), TOKENS - 1)[:, None]
-    sums = tl.full([ROWS, TOKENS_POW2, BLOCKS * ELEMENTS], 0.0, tl.float32)
+    sums = tl.full([ROWS, 1, BLOCKS * ELEMENTS], 0.0, tl.float32)  # the unit axis: a layout measured faster
     for start in tl.range(0, row_blocks, BLOCKS, num_stages=STAGES):
         value, first = VALUES(blocks + ((row * row_blocks + start + block) * BYTES)[:, None, None])
         column = tl.reshape((start + tl.arange(0, BLOCKS).to(tl.int64)[:, None, None]) * ELEMENTS + first,
                             [1, BLOCKS * ELEMENTS])
-        inputs = tl.load(x + token * columns + column)
-        sums += tl.reshape(value, [ROWS, 1, BLOCKS * ELEMENTS]) * inputs.to(tl.float32)[None, :, :]
-    rows_here, token_here = first_row + tl.arange(0, ROWS).to(tl.int64)[:, None], tl.arange(0, TOKENS_POW2)[None, :]
-    tl.store(out + token_here * rows + rows_here, tl.reduce(sums, 2, _add).to(out.dtype.element_ty),
-             mask=(token_here < TOKENS) & (rows_here < rows))
+        sums += tl.reshape(value, [ROWS, 1, BLOCKS * ELEMENTS]) * tl.load(x + column).to(tl.float32)[None, :, :]
+    rows_here = first_row + tl.arange(0, ROWS).to(tl.int64)[:, None]
+    tl.store(out + token * rows + rows_here, tl.reduce(sums, 2, _add).to(out.dtype.element_ty),
+             mask=rows_here < rows)
 
 
 # each format: its values, its block bytes and its tile of a block [sub-blocks, elements each]

@@ -45,6 +45,7 @@ from ...transfer import CPUTransfer, CUDATransfer
 from ...units import TensorSlot, UnitLayout, UnitSource
 from ..loading.skeleton import ExpertGroup, expert_slice
 from .expert_budget import ExpertBudget
+from .hooks import PACKED_MATVEC_TOKENS
 from .host_experts import computes_on_host, cpu_threads, host_outputs, host_threads
 from .mapped_experts import MAX_PAIRS, MappedExperts, Served
 from .packed_experts import ExpertUnpacker, stored_alike
@@ -465,6 +466,10 @@ class ExpertRunner:
         at a place in this window with routing weight zero, so that any kernel skips their contribution."""
         group = self.groups[index]
         module = group.module
+        if self._in_blocks(index, hidden):
+            output = self._on_device_in_blocks(index, experts, held, hidden, top_k_index, top_k_weights)
+            if output is not None:
+                return output
         outputs = []
         try:
             windows, several = self._kernel_windows(index, experts, held)
@@ -490,6 +495,36 @@ class ExpertRunner:
         if len(outputs) == 1:
             return outputs[0]
         return torch.stack(outputs).float().sum(0).to(outputs[0].dtype)
+
+    def _in_blocks(self, index: int, hidden: torch.Tensor) -> bool:
+        """Whether this call's experts are multiplied in their blocks (packed_experts.py): a decode step's few
+        tokens, experts whose formats have a matrix-vector kernel here, the experts math `expert_math` runs."""
+        return (self._unpacker is not None and self._unpacker.in_blocks and self._on_host_ok[index]
+                and not self.groups[index].module.is_transposed and hidden.shape[0] <= PACKED_MATVEC_TOKENS)
+
+    def _on_device_in_blocks(self, index: int, experts: list[int], held: list[dict[str, torch.Tensor]],
+                             hidden: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor | None:
+        """`experts` (`held`: their tensors in device slots) on each (token, expert) pair of the routing, their
+        matrices multiplied in their blocks; a pair whose expert is not among them (the CPU's, or pruned) runs
+        the first one's with weight zero, so that the launch shapes and the host's work do not depend on the
+        routing. None where a kernel failed (the caller fills the window)."""
+        group = self.groups[index]
+        # expert id -> its slot, and whether it runs here; pinned, so that its copy queues behind the compute
+        table = torch.zeros((2, group.num_experts), dtype=torch.long, pin_memory=self._device.type == "cuda")
+        slots = [self.pool.index(next(iter(tensors.values()))) for tensors in held]
+        table[0] = slots[0]
+        table[0, experts] = torch.tensor(slots)
+        table[1, experts] = 1
+        table = table.to(self._device, non_blocking=True)
+        routed = top_k_index.reshape(-1)
+        top_k = top_k_index.shape[-1]
+        out = self._unpacker.forward_in_blocks(group.module, [attr for attr, _ in group.attrs], self._pool_rows,
+                                               table[0][routed], hidden.repeat_interleave(top_k, 0))
+        if out is None:
+            return None
+        weights = (top_k_weights.reshape(-1) * table[1][routed].to(top_k_weights.dtype)).float()
+        return (out.float() * weights[:, None]).view(hidden.shape[0], top_k, -1).sum(1).to(hidden.dtype)
 
     def _kernel_windows(self, index: int, experts: list[int], held: list[dict[str, torch.Tensor]],
                         ) -> tuple[Iterator[tuple[list[tuple[int, int]], list[torch.Tensor]]], bool]:

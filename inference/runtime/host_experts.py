@@ -9,7 +9,7 @@ each fused parameter), so nothing is stacked or copied; outputs are summed per t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -56,10 +56,19 @@ def computes_on_host(module: nn.Module) -> bool:
 def expert_forward(module: nn.Module, weights: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
     """One expert of `module` on `inputs` (tokens, hidden), from its tensors by parameter name (one slice each);
     or, with the tensors stacked one expert per row of `inputs` (rows, *shape), each row by its own expert."""
+    return expert_math(module, inputs, lambda name, x: _linear(x, weights[name], weights.get(f"{name}_bias"),
+                                                               module.is_transposed))
+
+
+def expert_math(module: nn.Module, inputs: torch.Tensor,
+                linear: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """An expert of transformers' experts interface on `inputs`: the first projection (fused gate/up, or up), the
+    gate or the activation, the down projection; `linear(name, x)` multiplies x by parameter `name` (its bias
+    added)."""
     first = "gate_up_proj" if module.has_gate else "up_proj"
-    hidden = _linear(inputs, weights[first], weights.get(f"{first}_bias"), module.is_transposed)
+    hidden = linear(first, inputs)
     hidden = module._apply_gate(hidden) if module.has_gate else module.act_fn(hidden)
-    return _linear(hidden, weights["down_proj"], weights.get("down_proj_bias"), module.is_transposed)
+    return linear("down_proj", hidden)
 
 
 def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:

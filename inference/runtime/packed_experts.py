@@ -7,6 +7,11 @@ experts in the compute dtype, seen as the kernel's fused parameters (one stacked
 of uncompressed experts are). A call routed to more experts than the window holds runs the kernel once per
 window's worth (experts.py). The window is reused call after call in the compute stream's order, as the dense
 units' dequantization buffer is. An expert the CPU computes is dequantized by the CPU (`on_host`).
+
+A decode step's few tokens skip the window where the experts' formats have a matrix-vector kernel (GGML, on a GPU:
+`in_blocks`): each (token, expert) pair's blocks are gathered from the slots and multiplied in them, one launch a
+projection for all the pairs (`forward_in_blocks`), so that a 4-bit expert's bytes are read once, not written and
+read again as 16-bit values.
 """
 from __future__ import annotations
 
@@ -16,10 +21,13 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ...compression import (ABSMAX, GGML, PACKED, Codec, MatrixUnpacker, PackedMatrices, block_ranges,
-                            unpacked_numel)
+                            multiplies_packed, unpacked_numel)
 from ...ggml import dequantize as ggml_dequantize
+from ...ggml import matvec as ggml_matvec
 from ...policies.experts import gather_pairs
 from ...units import UnitLayout
+from ..loading.skeleton import parse_slice
+from .host_experts import expert_math
 
 WINDOW_EXPERTS = 32  # experts dequantized at once: a decode step's or a short call's routed experts in one kernel
 
@@ -74,6 +82,10 @@ class ExpertUnpacker:
             flat = torch.empty(window * numel, dtype=dtype, device=device)
             self._flat.append(flat)
             self.views.append(flat.view(window, numel)[:, :math.prod(shape)].view(window, *shape))
+        # a decode step's experts multiplied in their blocks: stored alike, GGML formats with a kernel on this
+        # device, every other tensor a bias
+        self.in_blocks = (alike and multiplies_packed(codec, packed, device)
+                          and all(name in packed.matrices or parse_slice(name)[0].endswith("_bias") for name in names))
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +116,32 @@ class ExpertUnpacker:
             self._unpacker.dequantize(codes_rows.reshape(-1), scale_rows.reshape(-1).view(absmax.dtype),
                                       flat[:count * numel])
 
+    def forward_in_blocks(self, module: torch.nn.Module, attrs: Sequence[str], pool: torch.Tensor,
+                          slots: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Each row of `inputs` [pairs, hidden] through the expert in row slots[row] of `pool` (the experts' bytes
+        as (rows, bytes a row)), its matrices multiplied in their blocks (`in_blocks`): [pairs, hidden]. `attrs`:
+        the module's parameter names in the kernel's order (the unpacker's tensor names are expert 0's slices of
+        them). None where a kernel failed (it is not tried again: the window is filled instead)."""
+        base = self._layout.slots[PACKED].offset
+        names = dict(zip(attrs, self._names))
+
+        def linear(attr: str, x: torch.Tensor) -> torch.Tensor:
+            name = names[attr]
+            start, end = self._first.ggml_bytes(name)
+            out = torch.empty(x.shape[0], self._first.matrices[name][1][0], dtype=x.dtype, device=x.device)
+            if not ggml_matvec(self._first.formats[name][0], pool[slots, base + start:base + end], x.contiguous(),
+                               out, grouped=True):
+                raise _NoKernel
+            bias = self._layout.slots.get(names.get(f"{attr}_bias", ""))
+            if bias is not None:
+                out += pool[slots, bias.offset:bias.offset + bias.nbytes].view(bias.dtype).to(out.dtype)
+            return out
+        try:
+            return expert_math(module, inputs, linear)
+        except _NoKernel:
+            self.in_blocks = False
+            return None
+
     def fill(self, position: int, names: Sequence[str], packed: PackedMatrices,
              tensors: Mapping[str, torch.Tensor]) -> None:
         """Dequantize one expert (its tensor names in parameter order, where its matrices sit, its stored tensors
@@ -126,6 +164,10 @@ class ExpertUnpacker:
             else:
                 out.append(tensors[name])
         return out
+
+
+class _NoKernel(Exception):
+    """A matrix-vector kernel failed (ggml.matvec warned): the window is filled instead."""
 
 
 def stored_alike(codec: Codec, packed: Mapping[str, PackedMatrices], keys: Sequence[str]) -> bool:
