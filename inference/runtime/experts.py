@@ -475,15 +475,7 @@ class ExpertRunner:
             windows, several = self._kernel_windows(index, experts, held)
             masked = masked or several
             for inside, views in windows:
-                # expert id -> place in the window, and whether it runs here; pinned, so that its copy queues
-                # behind the compute
-                table = torch.zeros((2, group.num_experts), dtype=torch.long,
-                                    pin_memory=self._device.type == "cuda")
-                table[0] = inside[0][1]
-                ids = torch.tensor([expert for expert, _ in inside])
-                table[0, ids] = torch.tensor([place for _, place in inside])
-                table[1, ids] = 1
-                table = table.to(self._device, non_blocking=True)
+                table = self._expert_table(group.num_experts, inside)  # expert id -> place in the window
                 weights = top_k_weights * table[1][top_k_index].to(top_k_weights.dtype) if masked else top_k_weights
                 for (attr, _), view in zip(group.attrs, views):
                     module._parameters[attr] = view
@@ -510,13 +502,7 @@ class ExpertRunner:
         the first one's with weight zero, so that the launch shapes and the host's work do not depend on the
         routing. None where a kernel failed (the caller fills the window)."""
         group = self.groups[index]
-        # expert id -> its slot, and whether it runs here; pinned, so that its copy queues behind the compute
-        table = torch.zeros((2, group.num_experts), dtype=torch.long, pin_memory=self._device.type == "cuda")
-        slots = [self.pool.index(next(iter(tensors.values()))) for tensors in held]
-        table[0] = slots[0]
-        table[0, experts] = torch.tensor(slots)
-        table[1, experts] = 1
-        table = table.to(self._device, non_blocking=True)
+        table = self._expert_table(group.num_experts, list(zip(experts, self._slots(held))))  # expert id -> slot
         routed = top_k_index.reshape(-1)
         top_k = top_k_index.shape[-1]
         out = self._unpacker.forward_in_blocks(group.module, [attr for attr, _ in group.attrs], self._pool_rows,
@@ -526,6 +512,21 @@ class ExpertRunner:
         weights = (top_k_weights.reshape(-1) * table[1][routed].to(top_k_weights.dtype)).float()
         return (out.float() * weights[:, None]).view(hidden.shape[0], top_k, -1).sum(1).to(hidden.dtype)
 
+    def _expert_table(self, num_experts: int, pairs: list[tuple[int, int]]) -> torch.Tensor:
+        """[2, num_experts] on the device: row 0 each of `pairs`' (expert, value) experts' value (any other expert
+        the first's), row 1 whether the expert is among them. Made pinned, so that its copy queues behind the
+        compute."""
+        table = torch.zeros((2, num_experts), dtype=torch.long, pin_memory=self._device.type == "cuda")
+        table[0] = pairs[0][1]
+        ids = torch.tensor([expert for expert, _ in pairs])
+        table[0, ids] = torch.tensor([value for _, value in pairs])
+        table[1, ids] = 1
+        return table.to(self._device, non_blocking=True)
+
+    def _slots(self, held: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
+        """The device slot of each expert of `held` (its tensors there)."""
+        return [self.pool.index(next(iter(tensors.values()))) for tensors in held]
+
     def _kernel_windows(self, index: int, experts: list[int], held: list[dict[str, torch.Tensor]],
                         ) -> tuple[Iterator[tuple[list[tuple[int, int]], list[torch.Tensor]]], bool]:
         """The kernel calls `experts` take, each as (expert, place) pairs and the stacked views the places index,
@@ -533,7 +534,7 @@ class ExpertRunner:
         the unpacker's window, each call's experts dequantized into it as the call comes (the next fill is
         queued after the kernel that read the last)."""
         if self._unpacker is None:
-            slots = [self.pool.index(next(iter(tensors.values()))) for tensors in held]
+            slots = self._slots(held)
             windows = sorted({slot // MAX_GROUPS for slot in slots})
 
             def in_slots() -> Iterator[tuple[list[tuple[int, int]], list[torch.Tensor]]]:
@@ -549,8 +550,7 @@ class ExpertRunner:
                 chunk = experts[start:start + unpacker.window]
                 chunk_held = held[start:start + unpacker.window]
                 if unpacker.alike:  # a few kernels for the whole chunk, gathered from the slots
-                    slots = torch.tensor([self.pool.index(next(iter(tensors.values()))) for tensors in chunk_held],
-                                         pin_memory=self._device.type == "cuda")
+                    slots = torch.tensor(self._slots(chunk_held), pin_memory=self._device.type == "cuda")
                     unpacker.fill_slots(self._pool_rows, slots.to(self._device, non_blocking=True))
                 else:
                     for place, (expert, tensors) in enumerate(zip(chunk, chunk_held)):
