@@ -67,7 +67,7 @@ def tile_set(tile: tuple[int, ...]) -> Iterator[None]:
             setattr(ggml_triton, name, value)
 
 
-def tile_run(format: str, blocks, x, out, tile: tuple[int, int, int]):
+def tile_run(format: str, blocks, x, out, tile: tuple[int, ...]):
     """ggml_triton.matvec at `tile`, as a call; None where a row's window would be less than one block."""
     from tierstore import ggml_triton
 

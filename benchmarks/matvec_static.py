@@ -54,7 +54,7 @@ def compiled(format: str, tile: tuple[int, ...]):
     from tierstore import ggml, ggml_triton
 
     with tile_set(tile):
-        constants = ggml_triton.matvec_constants(format, COLUMNS)
+        constants = {**ggml_triton.matvec_constants(format, COLUMNS), "tokens": 1}  # a launch specialises 1
     signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "row_blocks": "i32", "columns": "i32", "rows": "i32",
                  "group_rows": "i32", **{name: "constexpr" for name in constants}}
     values = {"row_blocks": COLUMNS // ggml.BLOCKS[format][0], "columns": COLUMNS, "rows": ROWS, "group_rows": ROWS}

@@ -48,23 +48,28 @@ def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     matrix's rows are whole blocks), without writing the dequantized matrix anywhere: decoding reads each weight's
     packed bits once. Sums in float32 (the values are the reference's, exactly); x and out contiguous, a few tokens
     (each token's programs read the matrix again, next to each other in the launch so that they share the L2)."""
-    tokens, columns = x.shape
-    rows = out.shape[1]
-    constants = matvec_constants(format, columns)
-    _matvec[(tokens, triton.cdiv(rows, constants["ROWS"]))](blocks, x, out, columns // constants["ELEMENTS"],
-                                                            columns, rows, rows, **constants,
-                                                            num_warps=MATVEC_WARPS)
+    _launch(format, blocks, x, out, tokens=x.shape[0], rows=out.shape[1], group_rows=out.shape[1])
 
 
 def matvec_grouped(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
     """out [groups, rows] = each group's matrix [rows, columns] times its own input x [groups, columns]: `blocks`
     holds the groups' matrices back to back (experts gathered from their slots), one launch for all of them."""
-    groups, columns = x.shape
-    rows = out.shape[1]
+    groups, rows = out.shape
+    _launch(format, blocks, x, out, tokens=1, rows=groups * rows, group_rows=rows)
+
+
+def _launch(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor, tokens: int, rows: int,
+            group_rows: int) -> None:
+    """_matvec over `rows` rows times `tokens` tokens, each `group_rows` rows with inputs of their own (a
+    program's rows kept within one group), on one axis of programs with the tokens fastest (CUDA's second axis
+    stops at 65,535 programs)."""
+    columns = x.shape[1]
     constants = matvec_constants(format, columns)
-    constants["ROWS"] = min(constants["ROWS"], rows & -rows)  # a program's rows within one group
-    _matvec[(1, groups * rows // constants["ROWS"])](blocks, x, out, columns // constants["ELEMENTS"], columns,
-                                                     groups * rows, rows, **constants, num_warps=MATVEC_WARPS)
+    if group_rows != rows:
+        constants["ROWS"] = min(constants["ROWS"], group_rows & -group_rows)
+    _matvec[(tokens * triton.cdiv(rows, constants["ROWS"]),)](blocks, x, out, columns // constants["ELEMENTS"],
+                                                              columns, rows, group_rows, tokens, **constants,
+                                                              num_warps=MATVEC_WARPS)
 
 
 def matvec_constants(format: str, columns: int) -> dict:
@@ -251,19 +256,20 @@ def _add(a, b):
 
 
 @triton.jit
-def _matvec(blocks, x, out, row_blocks, columns, rows, group_rows, VALUES: tl.constexpr, BYTES: tl.constexpr,
-            ELEMENTS: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
-    """ROWS rows of a matrix in blocks (`row_blocks` a row, a multiple of BLOCKS) from row ROWS * `program_id(1)`
-    times row `program_id(0)` of x [tokens, columns], into that row of out [tokens, rows]. The program reads BLOCKS
-    blocks of each of its rows at a time, its rows sharing each load of the inputs, and adds values times inputs
-    into float32 sums per element place, summed across places once at the end. Rows past the matrix read its last
-    row, so that no load needs a mask (only the store has one). STAGES > 1: Triton's pipeliner issues the loads of
-    the windows ahead (more bytes in flight), STAGES - 1 of them. Grouped (`matvec_grouped`): each `group_rows`
-    rows have inputs of their own, x [rows / group_rows, columns] (ROWS dividing group_rows); else group_rows =
-    rows. (A program takes one token: with several in one program's tile, [rows, tokens, elements], the compiled
-    kernel summed wrong on an H100 for 2-4 tokens where Triton's interpreter summed right.)"""
-    token = tl.program_id(0).to(tl.int64)
-    first_row = tl.program_id(1).to(tl.int64) * ROWS
+def _matvec(blocks, x, out, row_blocks, columns, rows, group_rows, tokens, VALUES: tl.constexpr,
+            BYTES: tl.constexpr, ELEMENTS: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr,
+            STAGES: tl.constexpr):
+    """ROWS rows of a matrix in blocks (`row_blocks` a row, a multiple of BLOCKS) from row ROWS * (`program_id` //
+    `tokens`) times row `program_id` % `tokens` of x [tokens, columns], into that row of out [tokens, rows]. The program
+    reads BLOCKS blocks of each of its rows at a time, its rows sharing each load of the inputs, and adds values times
+    inputs into float32 sums per element place, summed across places once at the end. Rows past the matrix read its last
+    row, so that no load needs a mask (only the store has one). STAGES > 1: Triton's pipeliner issues the loads of the
+    windows ahead (more bytes in flight), STAGES - 1 of them. Grouped (`matvec_grouped`): each `group_rows` rows have
+    inputs of their own, x [rows / group_rows, columns] (ROWS dividing group_rows); else group_rows = rows. (A program
+    takes one token: with several in one program's tile, [rows, tokens, elements], the compiled kernel summed wrong on
+    an H100 for 2-4 tokens where Triton's interpreter summed right.)"""
+    program = tl.program_id(0).to(tl.int64)
+    token, first_row = program % tokens, program // tokens * ROWS
     x += (token + first_row // group_rows) * columns
     pair = tl.arange(0, ROWS * BLOCKS).to(tl.int64)  # (row, block) pairs, row-major
     row, block = tl.minimum(first_row + pair // BLOCKS, rows - 1), pair % BLOCKS
