@@ -30,7 +30,7 @@ import time
 import zlib
 
 from bench_scale import model_config, write_random_store
-from common import PROMPT_TOKENS, StepClock, run_child, vm_hwm_bytes, word_tokenizer
+from common import PROMPT_TOKENS, StepClock, profile_steps, run_child, vm_hwm_bytes, word_tokenizer
 
 QUANTIZED_HERE = ("bf16", "nf4", "int8", "q4_k", "q4_k_m", "q6_k", "q8_0")  # tierstore's compression.format values
 TYPICAL_CODE = {  # |code| of a typical element, so that the random blocks give weights of about WEIGHT_STD
@@ -168,6 +168,11 @@ def child(args: argparse.Namespace) -> None:
     out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False, streamer=clock)  # graphed steps stay so
     report = model.report().to_dict()
     plan = report["plan"]
+    profiled = None
+    if args.profile and torch.cuda.is_available():
+        trace = os.path.join(args.out, f"profile-{os.path.basename(args.store)}-{args.matvec}.json")
+        profiled = profile_steps(lambda marks: model.generate(ids, max_new_tokens=9, do_sample=False,
+                                                              streamer=marks), trace)
     with torch.no_grad():  # one eager forward over the whole sequence: is each token its prefix's argmax there?
         logits = model(out).logits[0, PROMPT_TOKENS - 1:-1].float()
     chosen = out[0, PROMPT_TOKENS:].to(logits.device)
@@ -179,7 +184,8 @@ def child(args: argparse.Namespace) -> None:
         **clock.summary(), "predicted": plan["predicted"], "h2d_bytes_per_pass": plan["h2d_bytes_per_pass"],
         "regime": plan["regime"], "notes": plan["notes"], "run_notes": report.get("notes", []),
         "tokens": out[0, PROMPT_TOKENS:].tolist(), "gap_to_eager_argmax": gap,
-        "peak_vram_reserved": torch.cuda.max_memory_reserved() if cuda else 0, "peak_rss": vm_hwm_bytes()}),
+        "peak_vram_reserved": torch.cuda.max_memory_reserved() if cuda else 0, "peak_rss": vm_hwm_bytes(),
+        "profile": profiled}),
         flush=True)
 
 
@@ -200,6 +206,8 @@ def main() -> None:
     parser.add_argument("--matvec", default="auto", help="comma-separated: auto (decode steps multiply GGML "
                         "matrices in their blocks) and/or off (every matrix dequantized first), each row run so")
     parser.add_argument("--no-dequant", action="store_true", help="skip the layer dequantization timings")
+    parser.add_argument("--profile", action="store_true", help="after each row's timed steps, profile 8 decode "
+                        "steps (torch.profiler): GPU kernel time, idle time, copies and the top kernels a step")
     args = parser.parse_args()
     args.cache = os.path.join(args.work, "cache")
     if args.child:
@@ -235,7 +243,8 @@ def main() -> None:
             for graphs, matvec in ((g, m) for g in args.graphs.split(",") for m in args.matvec.split(",")):
                 row = run_child(["--store", store, "--vram", args.vram, "--ram", args.ram, "--tokens",
                                  str(args.tokens), "--work", args.work, "--shape", args.shape, "--graphs", graphs,
-                                 "--matvec", matvec], log, script=__file__)
+                                 "--matvec", matvec, "--out", args.out] + (["--profile"] if args.profile else []),
+                                log, script=__file__)
                 name = format + "".join(f" ({what} {value})" for what, value in
                                         (("cuda_graphs", graphs), ("matvec", matvec)) if value != "auto")
                 results["rows"][name] = {**row, **written}
@@ -260,6 +269,12 @@ def print_row(format: str, r: dict, probe: dict) -> None:
     gaps = [gap for gap in r.get("gap_to_eager_argmax", []) if gap > 0]
     print(f"  {len(gaps)} of {len(r['tokens'])} tokens are not the argmax of one eager forward over the sequence"
           + (f" (logit gaps up to {max(gaps):.3g})" if gaps else ""), flush=True)
+    if (p := r.get("profile")) is not None:
+        print(f"  profiled, a decode step: span {p['span_ms']:.2f} ms, kernels {p['kernel_ms']:.2f} ms, GPU idle "
+              f"{p['idle_ms']:.2f} ms, {p['kernels_per_step']:.0f} kernels; host-to-device copies {p['h2d_ms']:.2f} "
+              f"ms, {p['h2d_not_overlapped_ms']:.2f} ms of them with no kernel running", flush=True)
+        for name, count, ms in p["top"]:
+            print(f"    {ms:7.3f} ms  {count:6.1f}x  {name}", flush=True)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,93 @@ class StepClock:
                 "decode_mean_s_per_token": sum(steps) / len(steps), "decode_steps": len(steps)}
 
 
+class _TokenMarks:
+    """A streamer that marks each token on the profiler's timeline (its first `put` is the prompt)."""
+
+    def put(self, value) -> None:
+        import torch
+
+        with torch.profiler.record_function(TOKEN_MARK):
+            pass
+
+    def end(self) -> None:
+        pass
+
+
+TOKEN_MARK = "bench.token"
+
+
+def profile_steps(generate, trace_path: str) -> dict:
+    """Where a GPU's time goes in the decode steps of `generate(streamer)` (one generate call), from torch's
+    profiler: per step, the span from one token to the next, the time some kernel ran (the union of kernel
+    intervals), the time some host-to-device copy ran and how much of it no kernel overlapped, the idle time (span
+    minus kernel time); and the kernels that took most. A token's mark comes after its logits reached the host,
+    when the GPU has caught up, so the kernels after the first token's mark are the decode steps'. The Chrome trace
+    is kept at `trace_path` + ".gz"."""
+    import gzip
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(_TokenMarks())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as handle:
+        events = json.load(handle)["traceEvents"]
+    with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
+        dst.write(src.read())
+    os.remove(trace_path)
+    marks = sorted(e["ts"] for e in events if e.get("name") == TOKEN_MARK)
+    first, last = marks[1], marks[-1]  # the first token (prefill's end) to the last
+    steps = len(marks) - 2
+
+    def within(category: str, word: str = "") -> list[tuple[float, float, str]]:
+        return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") == category
+                and first <= e["ts"] < last and word in e.get("name", "")]
+
+    kernels = within("kernel")
+    busy = _union([(a, b) for a, b, _ in kernels])
+    copied = _union([(a, b) for a, b, _ in within("gpu_memcpy", "HtoD")])
+    kernel_us = sum(b - a for a, b in busy)
+    by_name: dict[str, list[float]] = {}
+    for a, b, name in kernels:
+        entry = by_name.setdefault(name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += b - a
+    top = sorted(by_name.items(), key=lambda item: -item[1][1])[:14]
+    per = 1e3 * steps  # microseconds in all -> ms a step
+    return {"steps": steps, "span_ms": (last - first) / per, "kernel_ms": kernel_us / per,
+            "idle_ms": (last - first - kernel_us) / per, "h2d_ms": sum(b - a for a, b in copied) / per,
+            "h2d_not_overlapped_ms": (sum(b - a for a, b in copied) - _overlap(copied, busy)) / per,
+            "kernels_per_step": len(kernels) / steps,
+            "top": [[name, count / steps, total / per] for name, (count, total) in top]}
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _overlap(first: list[tuple[float, float]], second: list[tuple[float, float]]) -> float:
+    """Time covered by both of two sorted, disjoint interval lists."""
+    total, j = 0.0, 0
+    for a, b in first:
+        while j < len(second) and second[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(second) and second[k][0] < b:
+            total += max(0.0, min(b, second[k][1]) - max(a, second[k][0]))
+            k += 1
+    return total
+
+
 def vm_hwm_bytes() -> int:
     """This process's peak RSS. (wait4's ru_maxrss would inherit the parent's peak across fork and exec.)"""
     return _status_bytes("VmHWM")

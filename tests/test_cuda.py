@@ -126,9 +126,10 @@ def _half_resident_budget(directory, config):
 @pytest.mark.parametrize("compress", ["none", "q8_0"])
 def test_a_streamed_models_resident_layers_replay_graphs_with_the_eager_tokens(compress, tmp_path):
     """Some layers streamed, the others kept on the device (float32, and packed in Q8_0, dequantized inside each
-    layer's graph): decode steps run eagerly with each resident layer replayed from a CUDA graph of its own, giving
-    the eager run's tokens (`cuda_graphs = off`) over three calls (greedy, again, sampled), within the budget; the
-    report counts every resident layer replayed on every decode step but the first call's first two."""
+    layer's graph): decode steps run eagerly with each layer replayed from a CUDA graph of its own (a streamed one
+    while its units land where it was recorded), giving the eager run's tokens (`cuda_graphs = off`) over three
+    calls (greedy, again, sampled), within the budget; the report counts every resident layer replayed on every
+    decode step but the first call's first two, and streamed layers replayed in every call."""
     directory, _ = _tiny(tmp_path)
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
     budget = _half_resident_budget(directory, {"runtime": {"cache_dir": str(tmp_path / "cache"),
@@ -157,6 +158,9 @@ def test_a_streamed_models_resident_layers_replay_graphs_with_the_eager_tokens(c
     replays = [int(note.split(": ")[1].split()[0]) for note in notes if "CUDA graphs of their own" in note]
     steps = [len(call[0]) - ids.shape[1] - 1 for call in graphed]  # decode steps (a call may end at its EOS)
     assert replays == [(steps[0] - 2) * resident, steps[1] * resident, steps[2] * resident], notes
+    # the streamed layers' units land in the same buffers every pass here: their graphs are replayed too
+    streamed = [int(note.split("streamed layers: ")[1].split()[0]) for note in notes if "streamed layers: " in note]
+    assert len(streamed) == 3 and all(count > 0 for count in streamed), notes
 
 
 def test_smollm2_on_cuda_matches_transformers(smollm2_store, smollm2_reference, tmp_path):

@@ -170,10 +170,11 @@ def test_resident_layers_replayed_inside_streamed_decode_steps_give_transformers
     """A model that streams half its layers decodes with its resident layers recorded on their second step and
     replayed after (each replay fed its inputs by copy, except those already in place): transformers' greedy
     tokens over two calls, every resident layer replayed on every step after its second, none recorded again for
-    a call of the same length; a layer whose unit is found elsewhere than at recording runs eagerly and is
+    a call of the same length; a layer whose unit is found elsewhere than at recording gets a graph for that
+    place too, up to GraphedLayer.VARIANTS places; past that it forgets them, runs eagerly once (a move) and is
     recorded anew."""
     from tierstore.inference.decoding.graphed import GraphedDecoder
-    from tierstore.inference.decoding.layer_graphs import LayerGraphs
+    from tierstore.inference.decoding.layer_graphs import GraphedLayer, LayerGraphs
     from tierstore.inference.decoding.prefill import feed_prompt_planned
     from tierstore.inference.decoding.sampling import chooser
     from tierstore.inference.loading.skeleton import decoder_layers
@@ -202,11 +203,62 @@ def test_resident_layers_replayed_inside_streamed_decode_steps_give_transformers
             assert layers.replays - before == replays * len(resident), call
         assert len(recorded) == len(resident)
         moved = layers._graphed[min(resident)]
-        moved._addresses = [0]  # as if a re-plan had put its unit elsewhere
+        (recording,) = moved.recordings.values()
+        moved.recordings = {(0,): recording}  # as if recorded where a re-plan has since moved its unit from
         got, _ = decoder.generate(ids, 12, chooser(False, None), set(), 0, None, lambda: None)
         assert got.tolist() == want.tolist()
-        assert len(recorded) == len(resident) + 1 and moved._graph is not None
+        assert len(recorded) == len(resident) + 1 and len(moved.recordings) == 2  # a graph for each place
+        assert moved.moves == 0
+        moved.recordings = {(index,): recording for index in range(GraphedLayer.VARIANTS)}  # every place taken
+        before = layers.replays
+        got, _ = decoder.generate(ids, 12, chooser(False, None), set(), 0, None, lambda: None)
+        assert got.tolist() == want.tolist()
+        assert moved.moves == 1 and len(recorded) == len(resident) + 2  # forgotten, eager once, recorded again
+        assert layers.replays - before == 11 * len(resident) - 2
     assert all(type(layer).__name__ != "GraphedLayer" for layer in reference.model.layers)
+
+
+def test_streamed_layers_are_replayed_while_their_units_come_back_where_recorded_and_stay_eager_once_they_move(
+        tiny_dirs, cache_config):
+    """Every decoder layer of a model that streams half of them gets a graph (`layer_units`): the streamed ones are
+    replayed while the store lands their units in the buffers they were recorded with (here, every step), with
+    transformers' greedy tokens. A streamed layer whose units moved more than MOVES times stays eager for good (a
+    new call does not give it more tries, as it does a resident layer), and still gives the same tokens."""
+    from tierstore.inference.decoding.graphed import GraphedDecoder
+    from tierstore.inference.decoding.layer_graphs import GraphedLayer, LayerGraphs, layer_units
+    from tierstore.inference.decoding.prefill import feed_prompt_planned
+    from tierstore.inference.decoding.sampling import chooser
+    from tierstore.inference.loading.skeleton import decoder_layers
+
+    directory, reference = tiny_dirs("llama")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=12, do_sample=False).tolist()
+    with tierstore.AutoModel.from_pretrained(directory, budget=_budget_for(reference), config=cache_config) as model, \
+            torch.no_grad():
+        resident = model._resident_layers()
+        units = layer_units(model.store.schedule)
+        streamed = sorted(set(units) - set(resident))
+        assert streamed and resident and sorted(units) == list(range(reference.config.num_hidden_layers))
+        layers = LayerGraphs(decoder_layers(model.model, model.model.config)[1], units, model.store,
+                             lambda forward: (_ReplayedForward(forward), None), resident=resident)
+        assert layers.resident_count == len(resident) and layers.count == len(units)
+        decoder = GraphedDecoder(model.model, model.device, layers=layers,
+                                 feed=lambda kv, input_ids: feed_prompt_planned(model, kv, input_ids))
+
+        def call() -> list:
+            return decoder.generate(ids, 12, chooser(False, None), set(), 0, None, lambda: None)[0].tolist()
+
+        assert call() == want
+        assert layers.streamed_replays == 9 * len(streamed)  # 11 decode steps: eager, recorded, then replayed
+        moved = layers._graphed[streamed[0]]
+        moved.moves = GraphedLayer.MOVES + 1  # as if its units had come back elsewhere three times
+        kept = layers._graphed[min(resident)]
+        kept.moves = GraphedLayer.MOVES + 1
+        before = layers.streamed_replays
+        assert call() == want
+        assert layers.streamed_replays - before == 11 * (len(streamed) - 1)  # the moved layer ran eagerly
+        assert moved.moves == GraphedLayer.MOVES + 1 and kept.moves == 0
 
 
 def test_graphs_kept_across_calls_are_let_go_when_a_replan_moved_their_units(tiny_dirs, cache_config):

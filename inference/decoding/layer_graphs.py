@@ -1,21 +1,26 @@
-"""Decoder layers replayed from CUDA graphs inside a decode step whose other layers stream: the launch floor of a
+"""Decoder layers replayed from CUDA graphs inside a decode step whose other units stream: the launch floor of a
 model that does not fit.
 
-A streamed step cannot be one graph: a streamed unit lands in whichever buffer is free and the host waits for its
-copy. Its resident layers, though, read tensors at fixed addresses (a packed one dequantized inside the layer into
-the one scratch buffer), so each is recorded once as a graph of its own and replayed, and costs the host one
-replay instead of its few hundred launches (about a millisecond a layer when eager). The streamed layers run
-eagerly between them, as before. A replayed layer's inputs are copied into the buffers its graph reads, except
-where they already are: the decoder's fixed buffers (the position), the previous replayed layer's output; inputs
-shared by every layer (rotary embeddings, the attention bias) are copied once a step.
+A streamed step cannot be one graph: the host decides as it goes which units to copy, and a streamed unit lands in
+whichever buffer is free. A layer, though, reads its tensors at whatever addresses its units have, so each is
+recorded once as a graph of its own and replayed while its units come back to the addresses it was recorded with:
+always, for a resident layer (a packed one dequantized inside the layer into the one scratch buffer); for a
+streamed one, while the store lands its units in the same buffers every pass (a few streamed units, with room for
+them all). A replay costs the host one launch instead of a layer's few hundred (about a millisecond a layer when
+eager, more than a small layer's kernels take). A layer whose units keep moving runs eagerly. A replayed layer's
+inputs are copied into the buffers its graph reads, except where they already are: the decoder's fixed buffers
+(the position), the previous replayed layer's output; inputs shared by every layer (rotary embeddings, the
+attention bias) are copied once a step.
 
 A replayed layer still asks the store for its units and releases them, so that the store's counters and prefetch
-see the step as an eager one; a unit found at another address than at capture (a re-plan moved it) drops that
-layer's graph, which is recorded again the step after.
+see the step as an eager one, and a streamed unit's copy is waited for on the device (the compute stream waits for
+its event before the replay); a unit found at another address than at capture drops that layer's graph, which is
+recorded again the step after.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -33,24 +38,33 @@ Units = Sequence[tuple[str, int]]  # a layer's units: (key, position in the sche
 
 
 class LayerGraphs:
-    """The resident decoder layers of one model (`resident`: layer index -> its units), each recorded on its
-    second step (the first warms its kernels up) and replayed after, while `installed`. The decoder names its
-    buffers, which the graphs read where they are, with `reset` before the first step."""
+    """Decoder layers of one model (`units`: layer index -> its units; `resident`: the indices of those whose units
+    all stay on the device), each recorded on its second step (the first warms its kernels up) and replayed after,
+    while `installed`. The decoder names its buffers, which the graphs read where they are, with `reset` before the
+    first step."""
 
-    def __init__(self, layers: nn.ModuleList, resident: Mapping[int, Units], store: Any, record: Record) -> None:
+    def __init__(self, layers: nn.ModuleList, units: Mapping[int, Units], store: Any, record: Record,
+                 resident: Iterable[int] | None = None) -> None:
         self._layers = layers
         self._record = record
         self._stable: set[int] = set()  # addresses of tensors that stay put across steps
-        self._graphed = {index: GraphedLayer(layers[index], units, store, self) for index, units in resident.items()}
+        kept = set(units) if resident is None else set(resident)
+        self._graphed = {index: GraphedLayer(layers[index], found, store, self, streamed=index not in kept)
+                         for index, found in units.items()}
         self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (source, its static copy)
         self._filled: dict[int, torch.Tensor] = {}  # static buffer's address -> the source copied there this step
         self.failure: str | None = None  # why a capture failed: every layer runs eagerly from then on
         self.replays = 0
+        self.streamed_replays = 0  # of `replays`, those of layers that stream
         self.capture_s = 0.0
 
     @property
     def count(self) -> int:
         return len(self._graphed)
+
+    @property
+    def resident_count(self) -> int:
+        return sum(not graphed.streamed for graphed in self._graphed.values())
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -68,9 +82,12 @@ class LayerGraphs:
 
     def new_call(self) -> None:
         """A generate call begins: its prompt may have been fed under a plan that moved units (they are recorded
-        again where they landed), so the moves a layer is allowed count from here."""
+        again where they landed), so the moves a resident layer is allowed count from here. A streamed layer's
+        count from its first step: one whose units land elsewhere pass after pass stays eager instead of paying a
+        capture (and the device synchronisation it takes) every few steps of every call."""
         for graphed in self._graphed.values():
-            graphed.moves = 0
+            if not graphed.streamed:
+                graphed.moves = 0
 
     def reset(self, stable: Iterable[torch.Tensor] = ()) -> None:
         """Forget every graph: the decoder's buffers were made anew (`stable`: they, which stay at their addresses
@@ -123,30 +140,39 @@ class LayerGraphs:
         return graph, failure
 
 
+@dataclasses.dataclass
+class _Recording:
+    """One graph of a layer, for one set of its units' addresses: the buffers it reads its inputs from, how they
+    nest (pytree spec), and its outputs (rewritten by each replay)."""
+
+    graph: Any
+    statics: list[Any]
+    spec: Any
+    output: Any
+
+
 class GraphedLayer(nn.Module):
-    """A resident decoder layer's forward: eager on its first step, recorded on its second, replayed after. A layer
-    whose units move more than `MOVES` times in a call (a plan too tight to keep them put) stays eager for it."""
+    """A decoder layer's forward: eager on its first step, recorded on its second, replayed after. A graph reads its
+    units where they were when it was recorded, so a layer keeps one for each of up to `VARIANTS` sets of addresses
+    (a streamed unit that takes turns between two or three buffers); at another set of addresses the layer runs
+    eagerly and forgets its graphs, a move. A resident layer whose units move more than `MOVES` times in a call (a
+    plan too tight to keep them put) stays eager for it; a streamed one (`streamed`) stays eager for good."""
 
     MOVES = 2
+    VARIANTS = 4
 
-    def __init__(self, layer: nn.Module, units: Units, store: Any, owner: LayerGraphs) -> None:
+    def __init__(self, layer: nn.Module, units: Units, store: Any, owner: LayerGraphs, streamed: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "layer", layer)  # not a submodule: the model's module tree stays as it was
         object.__setattr__(self, "owner", owner)
         self._units, self._store = list(units), store
+        self.streamed = streamed
         self.forget()
 
     def forget(self) -> None:
         self._warm = False
         self.moves = 0
-        self._forget_graph()
-
-    def _forget_graph(self) -> None:
-        self._graph: Any = None
-        self._statics: list[Any] = []
-        self._spec: Any = None
-        self._output: Any = None
-        self._addresses: list[int] = []
+        self.recordings: dict[tuple[int, ...], _Recording] = {}  # by the addresses of the layer's units
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         owner: LayerGraphs = self.owner  # type: ignore[assignment]
@@ -155,32 +181,34 @@ class GraphedLayer(nn.Module):
             return self.layer(*args, **kwargs)
         addresses = self._pin_units()
         try:
-            if self._graph is not None and addresses != self._addresses:
-                self.moves += 1  # a unit is elsewhere: the graph reads where it was; recorded again next step
-                self._forget_graph()
+            recording = self.recordings.get(addresses)
+            if recording is None:
+                if len(self.recordings) < self.VARIANTS:
+                    return self._capture(args, kwargs, addresses)
+                self.moves += 1  # elsewhere again: recorded anew from the next step
+                self.recordings.clear()
                 return self.layer(*args, **kwargs)
-            if self._graph is None:
-                return self._capture(args, kwargs, addresses)
             sources, spec = pytree.tree_flatten((args, kwargs))
-            if spec != self._spec or not owner.fill(self._statics, sources):
+            if spec != recording.spec or not owner.fill(recording.statics, sources):
                 return self.layer(*args, **kwargs)  # called otherwise than recorded
-            self._graph.replay()
+            recording.graph.replay()
             owner.replays += 1
-            return self._output
+            owner.streamed_replays += self.streamed
+            return recording.output
         finally:
             for key, _ in self._units:
                 self._store.release(key)
 
-    def _pin_units(self) -> list[int]:
+    def _pin_units(self) -> tuple[int, ...]:
         """What the layer's hooks would ask of the store (each unit served and pinned, counted, the next prefetches
         started), and where its units' tensors are."""
         addresses = []
         for key, position in self._units:
             tensors = self._store.get(key, position)
             addresses.append(next(iter(tensors.values())).data_ptr() if tensors else 0)
-        return addresses
+        return tuple(addresses)
 
-    def _capture(self, args: tuple[Any, ...], kwargs: dict[str, Any], addresses: list[int]) -> Any:
+    def _capture(self, args: tuple[Any, ...], kwargs: dict[str, Any], addresses: tuple[int, ...]) -> Any:
         owner: LayerGraphs = self.owner  # type: ignore[assignment]
         leaves, spec = pytree.tree_flatten((args, kwargs))
         statics = [owner.static_for(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
@@ -193,21 +221,25 @@ class GraphedLayer(nn.Module):
 
         graph, failure = owner.record(forward)
         if failure is None:
-            self._graph, self._statics, self._spec = graph, statics, spec
-            self._output, self._addresses = result[0], addresses
+            self.recordings[addresses] = _Recording(graph, statics, spec, result[0])
             owner.keep_output(result[0])
         return result[0]
 
 
-def resident_layers(schedule: Sequence[str], device_resident: Iterable[str]) -> dict[int, list[tuple[str, int]]]:
-    """The decoder layers (index -> units as (key, position in `schedule`)) whose every unit stays on the device."""
-    kept = set(device_resident)
+def layer_units(schedule: Sequence[str]) -> dict[int, list[tuple[str, int]]]:
+    """Each decoder layer's units (index -> units as (key, position in `schedule`))."""
     units: dict[int, list[tuple[str, int]]] = {}
     for position, key in enumerate(schedule):
         parts = key.split(".")
         if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():
             units.setdefault(int(parts[1]), []).append((key, position))
-    return {index: found for index, found in units.items() if all(key in kept for key, _ in found)}
+    return units
+
+
+def resident_layers(schedule: Sequence[str], device_resident: Iterable[str]) -> dict[int, list[tuple[str, int]]]:
+    """The decoder layers (index -> units as (key, position in `schedule`)) whose every unit stays on the device."""
+    kept = set(device_resident)
+    return {index: found for index, found in layer_units(schedule).items() if all(key in kept for key, _ in found)}
 
 
 def cuda_record(device: torch.device) -> Record:

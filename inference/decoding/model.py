@@ -39,7 +39,7 @@ from ..runtime.prefix_cache import PrefixCache, cache_layers, model_key, restore
 from ..runtime.reserved_cache import reserved_cache
 from ..runtime.tiered_kv import KVTraffic, TieredKVCache
 from .graphed import GraphedDecoder, GraphStats, attention_refusal, call_settings, refusal
-from .layer_graphs import LayerGraphs, cuda_record, resident_layers
+from .layer_graphs import LayerGraphs, cuda_record, layer_units, resident_layers
 from .prefill import feed_prompt, feed_prompt_planned, plan_feed
 from .sampling import chooser, eos_ids, warp
 from .speculation import SpeculationStats
@@ -286,8 +286,10 @@ class TierstoreModel:
         if self._graphed is None or self._graphed_layers != shape:
             layers = feed = None
             if resident is not None:
-                layers = LayerGraphs(decoder_layers(self.model, self.model.config)[1], resident, self.store,
-                                     cuda_record(self.device))
+                graphed = resident if self.config.runtime.cuda_graphs == "resident" else \
+                    layer_units(self.store.schedule)
+                layers = LayerGraphs(decoder_layers(self.model, self.model.config)[1], graphed, self.store,
+                                     cuda_record(self.device), resident=resident)
                 feed = lambda kv, input_ids: feed_prompt_planned(self, kv, input_ids)  # noqa: E731
             self._graphed = GraphedDecoder(self.model, self.device,
                                            self.experts.before_replay if self.experts is not None else None,
@@ -307,7 +309,7 @@ class TierstoreModel:
         pad = settings.pad_token_id if settings.pad_token_id is not None else (ends[0] if ends else 0)
         decoder = self._decoder()
         layers = decoder.layers
-        before = (layers.replays, layers.capture_s) if layers is not None else (0, 0.0)
+        before = (layers.replays, layers.streamed_replays, layers.capture_s) if layers is not None else (0, 0, 0.0)
         clock = _StepClock(self.tracer)
         self._kv_call = {"cache_tokens": rows * (prompt + max_new), "chunk": None, "reused": 0, "tiers": None}
         with quiet_forward():
@@ -315,10 +317,13 @@ class TierstoreModel:
                                           eos_ids(ends), pad, kwargs.get("streamer"), lambda: clock(None, None))
         failure = decoder.failure if layers is None else layers.failure
         if layers is not None:
-            replays, capture_s = layers.replays - before[0], layers.capture_s - before[1]
+            streamed = layers.streamed_replays - before[1]
+            replays, capture_s = layers.replays - before[0] - streamed, layers.capture_s - before[2]
             recorded = f"recorded in {capture_s:.2f} s" if capture_s else "recorded by an earlier call"
-            notes.append(f"decode steps eager, the {layers.count} decoder layers kept on the device replayed from "
-                         f"CUDA graphs of their own: {replays} replays ({recorded})" if not failure
+            also = f"; the {layers.count - layers.resident_count} streamed layers: {streamed} replays" \
+                if layers.count > layers.resident_count else ""
+            notes.append(f"decode steps eager, the {layers.resident_count} decoder layers kept on the device replayed "
+                         f"from CUDA graphs of their own: {replays} replays{also} ({recorded})" if not failure
                          else f"decode steps eager: a layer's CUDA graph capture failed ({failure})")
         else:
             notes.append(f"decode steps not graphed: CUDA graph capture failed ({failure}); they ran eagerly"
