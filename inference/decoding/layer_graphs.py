@@ -6,16 +6,17 @@ whichever buffer is free. A layer, though, reads its tensors at whatever address
 recorded once as a graph of its own and replayed while its units come back to the addresses it was recorded with:
 always, for a resident layer (a packed one dequantized inside the layer into the one scratch buffer); for a
 streamed one (`runtime.cuda_graphs = "streamed"`), while the store lands its units in buffers it has a graph for
-(a streamed unit takes turns between a few). A replay costs the host one launch instead of a layer's few hundred (about a millisecond a layer when
-eager, more than a small layer's kernels take). A layer whose units keep moving runs eagerly. A replayed layer's
-inputs are copied into the buffers its graph reads, except where they already are: the decoder's fixed buffers
-(the position), the previous replayed layer's output; inputs shared by every layer (rotary embeddings, the
-attention bias) are copied once a step.
+(a streamed unit takes turns between a few). A replay costs the host one launch instead of a layer's few hundred
+(about a millisecond a layer when eager, more than a small layer's kernels take). A replayed layer's inputs are
+copied into the buffers its graph reads, except where they already are: the decoder's fixed buffers (the
+position), the previous replayed layer's output; inputs shared by every layer (rotary embeddings, the attention
+bias) are copied once a step.
 
 A replayed layer still asks the store for its units and releases them, so that the store's counters and prefetch
 see the step as an eager one, and a streamed unit's copy is waited for on the device (the compute stream waits for
-its event before the replay); a unit found at another address than at capture drops that layer's graph, which is
-recorded again the step after.
+its event before the replay). A unit found at another address than at capture gets its layer a graph for that
+place too, up to a few places; past them (a re-plan moved it) the layer forgets its graphs and records again, and
+one whose units keep moving runs eagerly.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class LayerGraphs:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        """One step's forward with the resident layers in the layer list replaced by their graphed forms."""
+        """One step's forward with the graphed layers in the layer list replaced by their graphed forms."""
         modules = self._layers._modules
         originals = {str(index): modules[str(index)] for index in self._graphed}
         for index, graphed in self._graphed.items():
