@@ -15,10 +15,10 @@ One device call (nvidia-h200, about 6 minutes):
    ggml store: random blocks, as a GGUF would hold them) is opened in a
    child process at vram 4 GB / ram 64 GB: everything in pinned RAM, so a pass is bound by the link. Prints the median
    decode step against the plan's bound, the bytes per pass and the peak VRAM. The store is removed after its row.
-`--graphs auto,off` runs each store with and without the graphs of a streamed pass's resident layers (`streamed`:
-of its streamed layers too)
-(layer_graphs.py), `--matvec auto,off` with and without decode steps multiplying GGML matrices in their blocks
-(ggml_triton.matvec), `--no-dequant` skips part 1. `--shape tiny` checks the script on a CPU.
+`--graphs auto,off` runs each store with and without the graphs of a streamed pass's resident layers
+(layer_graphs.py; `streamed`: of its streamed layers too), `--matvec auto,off` with and without decode steps
+multiplying GGML matrices in their blocks (ggml_triton.matvec), `--no-dequant` skips part 1, `--profile` adds a
+profiled decode step's breakdown. `--shape tiny` checks the script on a CPU.
 """
 from __future__ import annotations
 

@@ -120,6 +120,9 @@ class StepClock:
                 "decode_mean_s_per_token": sum(steps) / len(steps), "decode_steps": len(steps)}
 
 
+TOKEN_MARK = "bench.token"
+
+
 class _TokenMarks:
     """A streamer that marks each token on the profiler's timeline (its first `put` is the prompt)."""
 
@@ -131,9 +134,6 @@ class _TokenMarks:
 
     def end(self) -> None:
         pass
-
-
-TOKEN_MARK = "bench.token"
 
 
 def profile_steps(generate, trace_path: str) -> dict:
@@ -169,7 +169,7 @@ def profile_steps(generate, trace_path: str) -> dict:
     kernels = within("kernel")
     busy = _union([(a, b) for a, b, _ in kernels])
     copied = _union([(a, b) for a, b, _ in within("gpu_memcpy", "HtoD")])
-    kernel_us = sum(b - a for a, b in busy)
+    kernel_us, copy_us = sum(b - a for a, b in busy), sum(b - a for a, b in copied)
     by_name: dict[str, list[float]] = {}
     for a, b, name in kernels:
         entry = by_name.setdefault(name[:90], [0, 0.0])
@@ -178,8 +178,8 @@ def profile_steps(generate, trace_path: str) -> dict:
     top = sorted(by_name.items(), key=lambda item: -item[1][1])[:14]
     per = 1e3 * steps  # microseconds in all -> ms a step
     return {"steps": steps, "span_ms": (last - first) / per, "kernel_ms": kernel_us / per,
-            "idle_ms": (last - first - kernel_us) / per, "h2d_ms": sum(b - a for a, b in copied) / per,
-            "h2d_not_overlapped_ms": (sum(b - a for a, b in copied) - _overlap(copied, busy)) / per,
+            "idle_ms": (last - first - kernel_us) / per, "h2d_ms": copy_us / per,
+            "h2d_not_overlapped_ms": (copy_us - _overlap(copied, busy)) / per,
             "kernels_per_step": len(kernels) / steps,
             "top": [[name, count / steps, total / per] for name, (count, total) in top]}
 
