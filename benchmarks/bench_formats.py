@@ -15,8 +15,8 @@ One device call (nvidia-h200, about 6 minutes):
    ggml store: random blocks, as a GGUF would hold them) is opened in a
    child process at vram 4 GB / ram 64 GB: everything in pinned RAM, so a pass is bound by the link. Prints the median
    decode step against the plan's bound, the bytes per pass and the peak VRAM. The store is removed after its row.
-`--graphs auto,off` runs each store with and without the graphs of a streamed pass's resident layers
-(layer_graphs.py; `streamed`: of its streamed layers too), `--matvec auto,off` with and without decode steps
+`--graphs auto,resident,off` runs each store with the graphs of a streamed pass's layers (layer_graphs.py; `resident`:
+only of its resident layers) and without, `--matvec auto,off` with and without decode steps
 multiplying GGML matrices in their blocks (ggml_triton.matvec), `--no-dequant` skips part 1, `--profile` adds a
 profiled decode step's breakdown. `--shape tiny` checks the script on a CPU.
 """
@@ -202,8 +202,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/tierstore-formats")
     parser.add_argument("--out", default=".")
     parser.add_argument("--graphs", default="auto", help="runtime.cuda_graphs of each row, comma-separated: "
-                        "auto,off runs each store twice (a streamed pass's resident layers replayed from graphs, "
-                        "and not)")
+                        "auto,resident,off runs each store three times (a streamed pass's layers replayed from "
+                        "graphs, only its resident layers, none)")
     parser.add_argument("--matvec", default="auto", help="comma-separated: auto (decode steps multiply GGML "
                         "matrices in their blocks) and/or off (every matrix dequantized first), each row run so")
     parser.add_argument("--no-dequant", action="store_true", help="skip the layer dequantization timings")

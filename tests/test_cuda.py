@@ -88,7 +88,7 @@ def test_resident_decode_replays_a_cuda_graph_with_the_eager_tokens_within_the_b
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3], [8, 1, 4, 4, 60, 2, 19]])
     budget = tierstore.Budget(vram="1GB", ram="1GB")
     runs = {}
-    for graphs in ("off", "auto", "streamed"):
+    for graphs in ("off", "resident", "auto"):
         config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs},
                   "compression": {"format": compress}}
         base = torch.cuda.memory_allocated()
@@ -127,17 +127,17 @@ def _half_resident_budget(directory, config):
 def test_a_streamed_models_resident_layers_replay_graphs_with_the_eager_tokens(compress, tmp_path):
     """Some layers streamed, the others kept on the device (float32, and packed in Q8_0, dequantized inside each
     layer's graph): decode steps run eagerly with each resident layer replayed from a CUDA graph of its own (with
-    `cuda_graphs = streamed`, each streamed one too while its units land where it was recorded), giving the eager
-    run's tokens (`cuda_graphs = off`) over three calls (greedy, again, sampled), within the budget; the report
-    counts every resident layer replayed on every decode step but the first call's first two, and with `streamed`
-    streamed layers replayed in every call."""
+    `cuda_graphs = auto`, each streamed one too while its units land where it was recorded; `resident`: only the
+    resident ones), giving the eager run's tokens (`cuda_graphs = off`) over three calls (greedy, again, sampled),
+    within the budget; the report counts every resident layer replayed on every decode step but the first call's
+    first two, and with `auto` streamed layers replayed in every call."""
     directory, _ = _tiny(tmp_path)
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
     budget = _half_resident_budget(directory, {"runtime": {"cache_dir": str(tmp_path / "cache"),
                                                            "device_reserve": 300 * 2**20},
                                                "compression": {"format": compress}})
     runs = {}
-    for graphs in ("off", "auto", "streamed"):
+    for graphs in ("off", "resident", "auto"):
         config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs,
                               "device_reserve": 300 * 2**20}, "compression": {"format": compress}}
         base = torch.cuda.memory_allocated()
@@ -154,13 +154,13 @@ def test_a_streamed_models_resident_layers_replay_graphs_with_the_eager_tokens(c
         peak = torch.cuda.max_memory_allocated() - base
         assert peak <= budget.vram, f"peak {peak} > budget {budget.vram}"
         runs[graphs] = calls, notes, len(resident)
-    (eager, _, _), (graphed, notes, resident) = runs["off"], runs["auto"]
+    (eager, _, _), (graphed, notes, resident) = runs["off"], runs["resident"]
     assert graphed == eager
     replays = [int(note.split(": ")[1].split()[0]) for note in notes if "CUDA graphs of their own" in note]
     steps = [len(call[0]) - ids.shape[1] - 1 for call in graphed]  # decode steps (a call may end at its EOS)
     assert replays == [(steps[0] - 2) * resident, steps[1] * resident, steps[2] * resident], notes
     assert not any("streamed layers: " in note for note in notes), notes
-    streamed_run, notes, _ = runs["streamed"]  # the streamed layers' graphs too: replayed in every call
+    streamed_run, notes, _ = runs["auto"]  # the streamed layers' graphs too: replayed in every call
     assert streamed_run == eager
     streamed = [int(note.split("streamed layers: ")[1].split()[0]) for note in notes if "streamed layers: " in note]
     assert len(streamed) == 3 and all(count > 0 for count in streamed), notes
@@ -386,7 +386,7 @@ def test_a_resident_models_verify_passes_replay_graphs_with_the_eager_tokens(tmp
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3, 5, 9, 33, 7, 81]])
     budget = tierstore.Budget(vram="1GB", ram="1GB")
     runs = {}
-    for graphs in ("off", "auto", "streamed"):
+    for graphs in ("off", "resident", "auto"):
         config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs},
                   "speculation": {"width": 4}}
         for draft in ("ngram", str(tmp_path / "other")):
@@ -610,7 +610,7 @@ def test_moe_experts_read_in_place_replay_a_graph_with_the_eager_tokens(tmp_path
 
     directory, budget, config = _mapped_moe(tmp_path)
     runs = {}
-    for graphs in ("off", "auto", "streamed"):
+    for graphs in ("off", "resident", "auto"):
         with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config(graphs),
                                                  dtype=torch.bfloat16) as model:
             tokens = model.generate(PROMPT, max_new_tokens=16, do_sample=False, pad_token_id=0).tolist()
@@ -635,7 +635,7 @@ def test_a_batch_of_moe_rows_reading_experts_in_place_replays_graphs_with_the_ea
     directory, budget, config = _mapped_moe(tmp_path)
     prompts = [[5, 9, 33, 7, 81, 5, 9, 33], [12, 40, 7], [3, 3, 90, 14, 61]]
     runs = {}
-    for graphs in ("off", "auto", "streamed"):
+    for graphs in ("off", "resident", "auto"):
         with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config(graphs),
                                                  dtype=torch.bfloat16) as model:
             # the tiny model has no tokenizer: the batcher needs its pad and end ids, and text for its events

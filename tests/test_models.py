@@ -261,6 +261,25 @@ def test_streamed_layers_are_replayed_while_their_units_come_back_where_recorded
         assert moved.moves == GraphedLayer.MOVES + 1 and kept.moves == 0
 
 
+def test_cuda_graphs_auto_graphs_every_layer_of_a_streamed_model_and_resident_only_those_kept(tiny_dirs, cache_config,
+                                                                                                   monkeypatch):
+    """The decoder a streamed model's decode steps get: with `runtime.cuda_graphs = auto`, a graph for every decoder
+    layer (the streamed ones too); with `resident`, only for the layers kept on the device."""
+    from tierstore.inference.decoding import model as model_module
+
+    monkeypatch.setattr(model_module, "cuda_record", lambda device: lambda forward: (_ReplayedForward(forward), None))
+    directory, reference = tiny_dirs("llama")
+    counts = {}
+    for setting in ("auto", "resident"):
+        config = {"runtime": {**cache_config["runtime"], "cuda_graphs": setting}}
+        with tierstore.AutoModel.from_pretrained(directory, budget=_budget_for(reference), config=config) as model:
+            resident = len(model._resident_layers())
+            layers = model._decoder().layers
+            counts[setting] = layers.count, layers.resident_count
+    assert 0 < resident < reference.config.num_hidden_layers  # some layers stream
+    assert counts == {"auto": (reference.config.num_hidden_layers, resident), "resident": (resident, resident)}
+
+
 def test_graphs_kept_across_calls_are_let_go_when_a_replan_moved_their_units(tiny_dirs, cache_config):
     """The whole-model graphs a resident model keeps for later calls (a whole decode step's, the verify passes')
     read its units where they were recorded: kept by a call that finds every unit where the last graphed call left
@@ -288,8 +307,8 @@ def test_graphs_kept_across_calls_are_let_go_when_a_replan_moved_their_units(tin
 
 
 def test_cuda_graphs_is_validated_and_changes_no_token_on_a_cpu(tiny_dirs, tmp_path):
-    """`runtime.cuda_graphs` takes auto or off (anything else is refused, naming the key); on a CPU both give the
-    same tokens and the report says nothing was graphed (None: not a GPU)."""
+    """`runtime.cuda_graphs` takes auto, resident or off (anything else is refused, naming the key); on a CPU they
+    give the same tokens and the report says nothing was graphed (None: not a GPU)."""
     from tierstore.errors import ConfigError
 
     with pytest.raises(ConfigError, match="runtime.cuda_graphs"):
@@ -297,9 +316,9 @@ def test_cuda_graphs_is_validated_and_changes_no_token_on_a_cpu(tiny_dirs, tmp_p
     directory, _ = tiny_dirs("llama")
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
     tokens = {}
-    for setting in ("auto", "off"):
+    for setting in ("auto", "resident", "off"):
         config = {"runtime": {"cache_dir": str(tmp_path), "cuda_graphs": setting}}
         with tierstore.AutoModel.from_pretrained(directory, config=config) as model:
             tokens[setting] = model.generate(ids, max_new_tokens=8, do_sample=False).tolist()
             assert model.report().timing.graphed is None
-    assert tokens["auto"] == tokens["off"]
+    assert tokens["auto"] == tokens["resident"] == tokens["off"]

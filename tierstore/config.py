@@ -261,12 +261,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "cache_dir": (_path, "~/.cache/tierstore", "where converted layer stores are written"),
         "trace": (_file_or_none, "", "write a timeline of reads, copies, compute and stalls here (Chrome trace "
                                      "JSON, for Perfetto or `tierstore plot`); \"\" = no trace"),
-        "cuda_graphs": (_choice(AUTO, "streamed", "off"), AUTO,
+        "cuda_graphs": (_choice(AUTO, "resident", "off"), AUTO,
                         "replay decode steps from CUDA graphs on a GPU: auto = a whole step's graph when every unit "
-                        "and the KV cache stay on the device, else each resident decoder layer's own graph (the "
-                        "report says why not otherwise, and a failed capture runs eagerly); streamed = as auto, and "
-                        "a streamed layer's own graph too while its units land where it was recorded (not yet "
-                        "measured on a GPU); off = never"),
+                        "and the KV cache stay on the device, else each decoder layer's own graph, a streamed one's "
+                        "while its units land where it was recorded (the report says why not otherwise, and a "
+                        "failed capture runs eagerly); resident = as auto, but only the layers kept on the device "
+                        "get graphs of their own; off = never"),
     },
 }
 

@@ -5,8 +5,8 @@ A streamed step cannot be one graph: the host decides as it goes which units to 
 whichever buffer is free. A layer, though, reads its tensors at whatever addresses its units have, so each is
 recorded once as a graph of its own and replayed while its units come back to the addresses it was recorded with:
 always, for a resident layer (a packed one dequantized inside the layer into the one scratch buffer); for a
-streamed one (`runtime.cuda_graphs = "streamed"`), while the store lands its units in buffers it has a graph for
-(a streamed unit takes turns between a few). A replay costs the host one launch instead of a layer's few hundred
+streamed one (unless `runtime.cuda_graphs = "resident"`), while the store lands its units in buffers it has a graph
+for (a streamed unit takes turns between a few). A replay costs the host one launch instead of a layer's few hundred
 (about a millisecond a layer when eager, more than a small layer's kernels take). A replayed layer's inputs are
 copied into the buffers its graph reads, except where they already are: the decoder's fixed buffers (the
 position), the previous replayed layer's output; inputs shared by every layer (rotary embeddings, the attention

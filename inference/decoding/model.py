@@ -286,8 +286,8 @@ class TierstoreModel:
         if self._graphed is None or self._graphed_layers != shape:
             layers = feed = None
             if resident is not None:
-                graphed = layer_units(self.store.schedule) if self.config.runtime.cuda_graphs == "streamed" \
-                    else resident
+                graphed = resident if self.config.runtime.cuda_graphs == "resident" \
+                    else layer_units(self.store.schedule)
                 layers = LayerGraphs(decoder_layers(self.model, self.model.config)[1], graphed, self.store,
                                      cuda_record(self.device), resident=resident)
                 feed = lambda kv, input_ids: feed_prompt_planned(self, kv, input_ids)  # noqa: E731
