@@ -5,11 +5,12 @@ One device-tool call (nvidia-h200):
 Builds the Llama-2-7B-shaped fp16 checkpoint (13.5 GB, random weights; bench_7b.py's), measures how fast the GPU
 reads HBM (the resident bound: weight bytes over that rate), then in this one process, one row after another with
 the same prompt: transformers with the model resident; tierstore with every unit on the device, eager
-(`runtime.cuda_graphs = off`) and graphed (auto); the same in nf4; and the streaming budgets (not graphed: their
-units change addresses), whose bound is the plan's. A resident row's bound is the bytes the device tier holds over
-the HBM read rate (for nf4 a floor: each matrix is also written and read dequantized). Each row: decode s/token
-(mean step of the second of two calls), the bound, the ratio, whether the steps were graphed, the host's ms per
-step, and whether the tokens equal the eager tierstore row of the same storage (with the first difference).
+(`runtime.cuda_graphs = off`) and graphed (auto); the same in nf4; the streaming budgets, whose bound is the plan's;
+and the graphed row with transformers' RMSNorm forward (`runtime.fused_norms = off`). A resident row's bound is the
+bytes the device tier holds over the HBM read rate (for nf4 a floor: each matrix is also written and read
+dequantized). Each row: decode s/token (mean step of the second of two calls), the bound, the ratio, whether the
+steps were graphed, the host's ms per step, and whether the tokens equal the eager tierstore row of the same storage
+(with the first difference).
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ import time
 
 from common import StepClock, build_checkpoint, first_difference, prompt_ids
 
-ROWS = [  # (name, vram, ram, compression, cuda_graphs)
-    ("tierstore resident, eager", "40GB", "16GB", "none", "off"),
-    ("tierstore resident, graphed", "40GB", "16GB", "none", "auto"),
-    ("tierstore nf4 resident, eager", "40GB", "16GB", "nf4", "off"),
-    ("tierstore nf4 resident, graphed", "40GB", "16GB", "nf4", "auto"),
-    ("tierstore 12 GB / 16 GB", "12GB", "16GB", "none", "auto"),
-    ("tierstore 4 GB / 16 GB", "4GB", "16GB", "none", "auto"),
+ROWS = [  # (name, vram, ram, compression, cuda_graphs, fused_norms)
+    ("tierstore resident, eager", "40GB", "16GB", "none", "off", "auto"),
+    ("tierstore resident, graphed", "40GB", "16GB", "none", "auto", "auto"),
+    ("tierstore nf4 resident, eager", "40GB", "16GB", "nf4", "off", "auto"),
+    ("tierstore nf4 resident, graphed", "40GB", "16GB", "nf4", "auto", "auto"),
+    ("tierstore 12 GB / 16 GB", "12GB", "16GB", "none", "auto", "auto"),
+    ("tierstore 4 GB / 16 GB", "4GB", "16GB", "none", "auto", "auto"),
+    ("tierstore resident, graphed, transformers' RMSNorm", "40GB", "16GB", "none", "auto", "off"),
 ]
 
 
@@ -71,13 +73,14 @@ def transformers_row(model_dir: str, ids, tokens: int, **kwargs) -> dict:
 
 
 def tierstore_row(model_dir: str, ids, tokens: int, vram: str, ram: str, compress: str, graphs: str,
-                  cache: str, moe: bool = False) -> dict:
-    """tierstore's generate under a budget: the report of the second call."""
+                  cache: str, moe: bool = False, norms: str = "auto") -> dict:
+    """tierstore's generate under a budget (`norms`: runtime.fused_norms): the report of the second call."""
     import torch
 
     import tierstore
 
-    config = {"runtime": {"cache_dir": cache, "cuda_graphs": graphs}, "compression": {"format": compress}}
+    config = {"runtime": {"cache_dir": cache, "cuda_graphs": graphs, "fused_norms": norms},
+              "compression": {"format": compress}}
     if moe:
         config["experts"] = {"streaming": False, "implementation": "grouped_mm"}
     torch.cuda.empty_cache()  # the rows share a process: an earlier row's cached blocks are not this row's peak
@@ -125,11 +128,11 @@ def main() -> None:
         row.update(name="transformers resident", bound_s=weights / (hbm * 1e9))
         results.append(row)
         print("RESULT " + json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
-    for number, (name, vram, ram, compress, graphs) in enumerate(ROWS, start=1):
+    for number, (name, vram, ram, compress, graphs, norms) in enumerate(ROWS, start=1):
         if wanted is not None and number not in wanted:
             continue
         try:
-            row = tierstore_row(args.model, ids, args.tokens, vram, ram, compress, graphs, args.cache)
+            row = tierstore_row(args.model, ids, args.tokens, vram, ram, compress, graphs, args.cache, norms=norms)
         except Exception as exc:  # noqa: BLE001 - a row that fails is reported, the others still run
             row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         row["name"] = name

@@ -56,6 +56,7 @@ from .runtime.adapters import attach
 from .runtime.bound import BoundWeights, unpacked_bytes
 from .runtime.collectives import TIMEOUT_S, Collectives, join_group, leave_group, rank_device
 from .runtime.experts import ExpertRunner, Packed, open_experts
+from .runtime.fused_norms import FusedNorms
 from .runtime.hooks import AttachedHooks
 from .runtime.lookup import HostLookup, without_lookup
 
@@ -305,6 +306,8 @@ def _open_runtime(request: OpenRequest, device: torch.device, units: Units, toke
         attach(resources, BoundWeights(units.skeleton, store, device, decompressor))
     else:
         attach(resources, AttachedHooks(units.skeleton, store, device, decompressor, tracer))
+    if cfg.runtime.fused_norms != "off":
+        attach(resources, FusedNorms(units.skeleton.model.modules()))
     kv_budget = KVBudget(planned_from, cfg.runtime.kv_cache, device.type == "cuda", units.hf_config, units.dtype,
                          _unpacking_bytes(decompressor, experts), draft_cost,
                          sum(layout.nbytes for layout in dense.values()),

@@ -88,7 +88,7 @@ def test_resident_decode_replays_a_cuda_graph_with_the_eager_tokens_within_the_b
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3], [8, 1, 4, 4, 60, 2, 19]])
     budget = tierstore.Budget(vram="1GB", ram="1GB")
     runs = {}
-    for graphs in ("off", "resident", "auto"):
+    for graphs in ("off", "auto"):
         config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs},
                   "compression": {"format": compress}}
         base = torch.cuda.memory_allocated()
@@ -386,7 +386,7 @@ def test_a_resident_models_verify_passes_replay_graphs_with_the_eager_tokens(tmp
     ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3, 5, 9, 33, 7, 81]])
     budget = tierstore.Budget(vram="1GB", ram="1GB")
     runs = {}
-    for graphs in ("off", "resident", "auto"):
+    for graphs in ("off", "auto"):
         config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "cuda_graphs": graphs},
                   "speculation": {"width": 4}}
         for draft in ("ngram", str(tmp_path / "other")):
@@ -610,7 +610,7 @@ def test_moe_experts_read_in_place_replay_a_graph_with_the_eager_tokens(tmp_path
 
     directory, budget, config = _mapped_moe(tmp_path)
     runs = {}
-    for graphs in ("off", "resident", "auto"):
+    for graphs in ("off", "auto"):
         with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config(graphs),
                                                  dtype=torch.bfloat16) as model:
             tokens = model.generate(PROMPT, max_new_tokens=16, do_sample=False, pad_token_id=0).tolist()
@@ -635,7 +635,7 @@ def test_a_batch_of_moe_rows_reading_experts_in_place_replays_graphs_with_the_ea
     directory, budget, config = _mapped_moe(tmp_path)
     prompts = [[5, 9, 33, 7, 81, 5, 9, 33], [12, 40, 7], [3, 3, 90, 14, 61]]
     runs = {}
-    for graphs in ("off", "resident", "auto"):
+    for graphs in ("off", "auto"):
         with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config(graphs),
                                                  dtype=torch.bfloat16) as model:
             # the tiny model has no tokenizer: the batcher needs its pad and end ids, and text for its events

@@ -261,6 +261,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
         "cache_dir": (_path, "~/.cache/tierstore", "where converted layer stores are written"),
         "trace": (_file_or_none, "", "write a timeline of reads, copies, compute and stalls here (Chrome trace "
                                      "JSON, for Perfetto or `tierstore plot`); \"\" = no trace"),
+        "fused_norms": (_choice(AUTO, "off"), AUTO,
+                        "auto = transformers' RMSNorm (Llama's and the classes copied from it) runs torch's fused "
+                        "rms_norm: two kernels where its forward launches eight, the same values up to the order of "
+                        "the mean's sum; off = transformers' forward"),
         "cuda_graphs": (_choice(AUTO, "resident", "off"), AUTO,
                         "replay decode steps from CUDA graphs on a GPU: auto = a whole step's graph when every unit "
                         "and the KV cache stay on the device, else each decoder layer's own graph, a streamed one's "

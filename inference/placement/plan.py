@@ -20,6 +20,7 @@ from ...probe import cpu_linear_gbps, h2d_gbps, load_probe
 from ...sizes import format_size
 from ..devices import dtype_name
 from ..loading.sources import Units
+from ..runtime.fused_norms import is_llama_norm
 from ..runtime.hooks import PACKED_MATVEC_TOKENS
 from ..runtime.lookup import lookup_key, lookup_note
 from ..runtime.packed_experts import window_bytes as unpacked_window_bytes
@@ -63,11 +64,7 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
         notes.append(lookup_note(lookup, table_bytes))
     else:
         lookup = None
-    notes.append(f"disk reads: {getattr(units.source, 'read_mode', 'page cache')}")
-    notes.append(f"attention: {units.skeleton.model.config._attn_implementation}")
-    if device.type == "cpu" and units.dtype != units.stored_dtype:
-        notes.append(f"weights stored in {dtype_name(units.stored_dtype)} run in {dtype_name(units.dtype)} on the "
-                     f"CPU (--dtype, or dtype=, chooses)")
+    notes.extend(_kernel_notes(units, cfg, device))
     experts = experts_input(units, cfg, device)
     if experts is not None:
         notes.append(f"experts: {experts.total_experts} units of {format_size(experts.expert_bytes)} "
@@ -89,6 +86,19 @@ def place(units: Units, cfg: Config, device: torch.device, draft: DraftCost | No
                                       reserve_parts=tuple(parts[:-1])))
         raise InputError(f"draft {draft.name} needs {format_size(draft_bytes)} ({draft_bytes} bytes) of the device "
                          f"budget, and the model cannot run in what is left: {exc}") from exc
+
+
+def _kernel_notes(units: Units, cfg: Config, device: torch.device) -> list[str]:
+    """The plan's notes on how the model's passes run: disk reads, attention, norms, the CPU's dtype."""
+    notes = [f"disk reads: {getattr(units.source, 'read_mode', 'page cache')}",
+             f"attention: {units.skeleton.model.config._attn_implementation}"]
+    norms = sum(map(is_llama_norm, units.skeleton.model.modules())) if cfg.runtime.fused_norms != "off" else 0
+    if norms:
+        notes.append(f"norms: torch's fused rms_norm ({norms} RMSNorm modules)")
+    if device.type == "cpu" and units.dtype != units.stored_dtype:
+        notes.append(f"weights stored in {dtype_name(units.stored_dtype)} run in {dtype_name(units.dtype)} on the "
+                     f"CPU (--dtype, or dtype=, chooses)")
+    return notes
 
 
 def experts_input(units: Units, cfg: Config, device: torch.device) -> ExpertsInput | None:

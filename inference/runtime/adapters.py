@@ -7,7 +7,8 @@ model's resource stack, which undoes them in the reverse order when the model cl
 - `hooks.AttachedHooks`: each unit's tensors lent to its module around its forward (every model);
 - `lookup.HostLookup`: the input embedding's forward answered from host RAM (a table the RAM budget holds);
 - `experts.ExpertRunner`: each MoE layer's experts module run on the device slots of the routed experts;
-- `collectives.Collectives`: the ranks' outputs combined after the modules they split (tensor parallelism).
+- `collectives.Collectives`: the ranks' outputs combined after the modules they split (tensor parallelism);
+- `fused_norms.FusedNorms`: transformers' RMSNorm modules run by torch's fused rms_norm.
 """
 from __future__ import annotations
 
