@@ -149,6 +149,52 @@ def test_the_graphed_decode_loop_gives_transformers_tokens(model_type, tiny_dirs
     assert 0 in got[1, 7:].tolist()
 
 
+def test_a_decode_loop_queueing_each_step_before_reading_the_last_token_gives_the_same_tokens(tiny_dirs,
+                                                                                               cache_config,
+                                                                                               monkeypatch):
+    """The graphed loop with every step queued before the last step's tokens are read back (`_Readback.ahead`,
+    forced on the CPU): transformers' greedy tokens for a call that runs to its length and for one its EOS ends
+    (the step queued past the EOS is dropped), each token handed to the streamer and `on_token` once, in order."""
+    from tierstore.inference.decoding import graphed
+    from tierstore.inference.decoding.sampling import chooser
+
+    monkeypatch.setattr(graphed._Readback, "DEVICES", ("cpu",))
+    monkeypatch.setattr(graphed._Readback, "AHEAD_SHARE", 0.0)
+    directory, reference = tiny_dirs("llama")
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        new = want[0, ids.shape[1]:].tolist()
+        end = next(token for at, token in enumerate(new) if at >= 4 and token not in new[:at])  # first seen late
+        ended = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=end)
+    assert ids.shape[1] + 5 <= ended.shape[1] < want.shape[1]
+    ahead = []
+    real_ahead = graphed._Readback.ahead
+    monkeypatch.setattr(graphed._Readback, "ahead", lambda self: ahead.append(real_ahead(self)) or ahead[-1])
+
+    class Streamer:
+        def __init__(self):
+            self.puts = []
+
+        def put(self, tokens):
+            self.puts.append(tokens.tolist())
+
+        def end(self):
+            self.puts.append("end")
+
+    with tierstore.AutoModel.from_pretrained(directory, config=cache_config) as model, torch.no_grad():
+        decoder = graphed.GraphedDecoder(model.model, model.device)
+        for ends, expected in ((set(), want), ({end}, ended)):
+            streamer, marks = Streamer(), []
+            got, _ = decoder.generate(ids, 12, chooser(False, None), ends, 0, streamer,
+                                      lambda: marks.append(len(streamer.puts)))
+            assert got.tolist() == expected.tolist()
+            new = expected[0, ids.shape[1]:].tolist()
+            assert streamer.puts == [ids.tolist()] + [[token] for token in new] + ["end"]
+            assert marks == list(range(1, len(new) + 1))  # on_token before each token's put
+    assert ahead.count(True) >= 8 + 3  # every step from the third on ran ahead, the EOS's too
+
+
 class _ReplayedForward:
     """A stand-in for a CUDA graph on the CPU: recording runs the forward once; a replay runs it again on the
     buffers it was recorded with and writes its outputs into the recorded outputs, as a graph's replay does."""

@@ -109,6 +109,52 @@ def call_settings(generation_config: Any, kwargs: dict[str, Any]) -> tuple[Any, 
     return settings, {key for key, value in unused.items() if value is not None}
 
 
+class _Readback:
+    """A step's tokens and which rows have ended, copied to the host without waiting (`start`), and read there
+    (`emit`). Where launching a step costs the host a good share of the step (`ahead`: a streamed model's eager
+    parts, about a millisecond of a 7 ms step), the loop queues the next step before reading the last one's tokens,
+    so that the host's work overlaps the device's instead of following it; a call that ends then has queued one step
+    it does not use, which the share bounds (AHEAD_SHARE: paid back within 1 / AHEAD_SHARE tokens)."""
+
+    AHEAD_SHARE = 0.05
+    DEVICES = ("cuda",)  # where a step runs ahead (elsewhere `_step` computes it: nothing to overlap; a test adds cpu)
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self._runs_ahead = device.type in self.DEVICES
+        self.tokens = torch.empty(rows, dtype=torch.long, pin_memory=pinned)
+        self.finished = torch.empty(rows, dtype=torch.bool, pin_memory=pinned)
+        self.copied = torch.cuda.Event() if pinned else None
+        self.waiting = False
+        self.launch_s: float | None = None  # the host's time launching the last step
+        self._emitted_s: list[float] = []  # when the last two steps' tokens reached the host
+
+    def ahead(self) -> bool:
+        """Whether to queue the next step before reading the last one's tokens: launching took more than
+        AHEAD_SHARE of the time between tokens."""
+        return self._runs_ahead and self.launch_s is not None and len(self._emitted_s) == 2 and \
+            self.launch_s > self.AHEAD_SHARE * (self._emitted_s[1] - self._emitted_s[0])
+
+    def start(self, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        """Queue the copies of `tokens` and `finished` (the host's buffers are free: the last ones were read)."""
+        self.tokens.copy_(tokens, non_blocking=True)
+        self.finished.copy_(finished, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.waiting = True
+
+    def emit(self, streamer: Any, on_token: Callable[[], None]) -> bool:
+        """Wait for the copies, hand the tokens on (`on_token`, the streamer); whether every row has ended."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        self.waiting = False
+        self._emitted_s = [*self._emitted_s[-1:], time.perf_counter()]
+        on_token()
+        if streamer is not None:
+            streamer.put(self.tokens.clone())
+        return bool(self.finished.all())
+
+
 class GraphedDecoder:
     """Plain decoding (greedy or sampled) of one resident model with its steps replayed from a CUDA graph; or, with
     `layers`, of a model that streams some layers, its steps eager but its resident layers replayed from graphs of
@@ -157,23 +203,32 @@ class GraphedDecoder:
         logits = self._prefill(input_ids)
         out, finished = [input_ids], torch.zeros(rows, dtype=torch.bool, device=self.device)
         ends_t = torch.tensor(sorted(ends), dtype=torch.long, device=self.device)
+        readback = _Readback(rows, self.device)
         for step in range(max_new_tokens):
             start_s = time.perf_counter()
             if step:
-                logits = self._step(prompt + step - 1, stats)
-            tokens = choose(logits)
-            tokens = torch.where(finished, pad_token_id, tokens)
+                ahead = readback.ahead()
+                if not ahead:
+                    if readback.emit(streamer, on_token):  # the last step's tokens: every row had ended
+                        break
+                    start_s = time.perf_counter()
+                logits = self._step(prompt + step - 1, stats)  # reads the last step's token on the device
+                readback.launch_s = time.perf_counter() - start_s
+                if ahead:
+                    waited_s = time.perf_counter()
+                    if readback.emit(streamer, on_token):
+                        break  # this step's forward is not used
+                    start_s += time.perf_counter() - waited_s
+            tokens = torch.where(finished, pad_token_id, choose(logits))
             self._static["ids"].copy_(tokens.view(rows, 1))
+            out.append(tokens.view(rows, 1))
+            finished |= torch.isin(tokens, ends_t)
+            readback.start(tokens, finished)
             if step:
                 stats.steps += 1
                 stats.host_s += time.perf_counter() - start_s
-            out.append(tokens.view(rows, 1))
-            finished |= torch.isin(tokens, ends_t)
-            on_token()
-            if streamer is not None:
-                streamer.put(tokens.cpu())
-            if bool(finished.all()):  # the step's one wait for the device
-                break
+        if readback.waiting:
+            readback.emit(streamer, on_token)
         if streamer is not None:
             streamer.end()
         return torch.cat(out, dim=1), stats
