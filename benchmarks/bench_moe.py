@@ -11,6 +11,13 @@ The page cache is not dropped between rows: RAM holds the whole model here, and 
 
 The bound (issue 12): max((routed-expert bytes + dense bytes moved per token) / pinned GB/s, the resident model's
 step with transformers' fastest experts kernel).
+
+The full 48 layers (issue 27) do not fit a 64 GB disk in bf16 (61 GB). With `--format q4_k` (or nf4, any
+compression.format) the model is instead a tierstore store of that format written from random weights quantized
+on the GPU unit by unit (no bf16 copy on disk; 17 GB in q4_k), and the resident row is transformers' bf16 model of
+the same shape built on the GPU with random weights of its own (61 GB, which an 80 GB card holds): the same step's
+work, other values, so its tokens are not compared:
+    python benchmarks/bench_moe.py --out $OUT --layers 48 --format q4_k --only "resident grouped_mm;..."
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import json
 import os
 import time
 
-from common import StepClock, prepare, run_child, vm_hwm_bytes
+from common import StepClock, prepare, profile_steps, run_child, vm_hwm_bytes
 
 SHAPE = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
              num_experts_per_tok=8, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
@@ -106,6 +113,17 @@ def prompt_ids(vocab: int):
     return torch.randint(100, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
 
 
+def resident_random(layers: int, kernel: str):
+    """transformers' bf16 model of the shape on the GPU, random weights by its own initialisation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(qwen3_moe_config(num_hidden_layers=layers), dtype=torch.bfloat16,
+                                                 experts_implementation=kernel)
+    return model.eval()
+
+
 def child(args: argparse.Namespace) -> None:
     """One row, one process: prints a JSON line."""
     import torch
@@ -140,14 +158,24 @@ def child(args: argparse.Namespace) -> None:
                   "expert_h2d_per_pass": (tiers["experts device"]["bytes_in"] / passes if "experts device" in tiers
                                           else None),
                   "plan": {k: report["plan"][k] for k in ("regime", "device_resident", "experts", "notes")}}
+        if args.profile:  # after the timed calls: 8 decode steps under torch's profiler
+            trace = os.path.join(args.out, f"profile-{args.vram}.json")
+            result["profile"] = profile_steps(lambda marks: model.generate(ids, max_new_tokens=9, streamer=marks,
+                                                                           **decode_settings()), trace)
     else:
         from transformers import AutoModelForCausalLM
 
         kwargs = {"device_map": "cuda"} if args.system == "resident" else {
             "device_map": "auto", "max_memory": {0: args.vram, "cpu": args.ram},
             "offload_folder": os.path.join(args.cache, "offload")}
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16,
-                                                     experts_implementation=args.kernel, **kwargs)
+        if args.format != "none":  # the model is a compressed store: the baseline has weights of its own
+            if args.system != "resident":
+                raise SystemExit(f"--format {args.format}: only tierstore and resident rows run")
+            model = resident_random(args.layers, args.kernel)
+            result["own_weights"] = True
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16,
+                                                         experts_implementation=args.kernel, **kwargs)
         setup_s = time.perf_counter() - start
         for _ in range(2 if args.system == "resident" else 1):
             clock = StepClock()
@@ -167,6 +195,7 @@ ROWS = [  # name, system, kernel, experts config, vram, ram, new tokens
     ("tierstore experts copied as picked (compute device)", "tierstore", "-", {"compute": "device"}, "4GB", "48GB",
      16),
     ("tierstore experts at vram 8 GB (the default)", "tierstore", "-", {}, "8GB", "48GB", 16),
+    ("tierstore experts at vram 40 GB (every expert on the device)", "tierstore", "-", {}, "40GB", "48GB", 16),
     ("tierstore experts (lfu cache, no prediction)", "tierstore", "-", {"prefetch": "none"}, "4GB", "48GB", 16),
     ("tierstore experts (lfu cache, prediction always)", "tierstore", "-", {"prefetch": "router"}, "4GB", "48GB",
      16),
@@ -197,7 +226,7 @@ def main() -> None:
     parser.add_argument("--system", default="tierstore")
     parser.add_argument("--kernel", default="grouped_mm")
     parser.add_argument("--experts", default="{}")
-    parser.add_argument("--model", default="/tmp/qwen3-30b-a3b-24l")
+    parser.add_argument("--model", help="the checkpoint or store (default: in /tmp, named by layers and format)")
     parser.add_argument("--cache", default="/tmp/tierstore-moe-cache")
     parser.add_argument("--vram", default="4GB")
     parser.add_argument("--ram", help="a row's RAM budget (given to the parent: every tierstore row's instead of its "
@@ -207,11 +236,17 @@ def main() -> None:
     parser.add_argument("--only", default="", help="row names separated by ;")
     parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="decoder layers of the model")
     parser.add_argument("--compress", default="none", help="(a row's) compression.format")
+    parser.add_argument("--profile", action="store_true", help="profile 8 decode steps of each tierstore row "
+                        "(GPU kernel time, idle time, copies, the top kernels a step; the trace into --out)")
+    parser.add_argument("--format", default="none", help="write the model as a store of this compression.format "
+                        "from random weights (no bf16 checkpoint on disk); none: a bf16 checkpoint")
     args = parser.parse_args()
+    args.model = args.model or f"/tmp/qwen3-30b-a3b-{args.layers}l" + ("" if args.format == "none" else
+                                                                       f"-{args.format}")
     if args.child:
         child(args)
         return
-    probe = prepare(args.out, args.cache, lambda: build_checkpoint(args.model, num_hidden_layers=args.layers))
+    probe = prepare(args.out, args.cache, lambda: build_model(args))
     only = set(filter(None, args.only.split(";")))
     results = {}
     with open(os.path.join(args.out, "bench_moe_log.txt"), "w") as log:
@@ -223,6 +258,8 @@ def main() -> None:
             compress = name.split(":")[0] if name.startswith("q8_0:") else "none"
             results[name] = run_child(["--system", system, "--kernel", kernel, "--experts", json.dumps(experts),
                                        "--model", args.model, "--cache", args.cache, "--vram", vram,
+                                       "--layers", str(args.layers), "--format", args.format, "--out", args.out,
+                                       *(["--profile"] if args.profile else []),
                                        "--ram", args.ram if args.ram and system == "tierstore" else ram,
                                        "--tokens", str(tokens), "--compress", compress], log, script=__file__)
             print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),
@@ -230,6 +267,18 @@ def main() -> None:
             with open(os.path.join(args.out, "bench_moe_results.json"), "w") as handle:
                 json.dump({"probe": probe, "results": results}, handle, indent=1)
     print_table(results, probe)
+
+
+def build_model(args: argparse.Namespace) -> None:
+    """The bf16 checkpoint, or with --format the store written from random weights on the GPU."""
+    if args.format == "none":
+        build_checkpoint(args.model, num_hidden_layers=args.layers)
+        return
+    from bench_scale import write_random_store
+
+    written = write_random_store(args.model, qwen3_moe_config(num_hidden_layers=args.layers), args.format, "cuda")
+    print(f"{args.format} store: {written['store_bytes'] / 1e9:.2f} GB written in {written['write_s']:.1f} s",
+          flush=True)
 
 
 def print_table(results: dict, probe: dict) -> None:
@@ -242,7 +291,8 @@ def print_table(results: dict, probe: dict) -> None:
     resident = results.get("resident grouped_mm", {}).get("decode_s_per_token")
     whole = results.get("tierstore whole layers", {})
     quantized_whole = results.get("q8_0: tierstore whole layers", {})
-    grouped = results.get("resident grouped_mm", {}).get("tokens")
+    resident_row = results.get("resident grouped_mm", {})
+    grouped = None if resident_row.get("own_weights") else resident_row.get("tokens")
     grouped_skewed = results.get("skewed: resident grouped_mm", {}).get("tokens")
     print(f"\npinned host->device {gbps:.1f} GB/s; an expert is {expert_bytes} bytes; resident grouped_mm step "
           f"{resident}")

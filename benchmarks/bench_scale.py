@@ -46,27 +46,34 @@ def model_config(shape: str, context: int = 4096):
                                 dtype="bfloat16")
 
 
-def write_random_store(store: str, shape: str, codec: str, device: str, context: int = 4096) -> dict:
-    """The store of `shape` with random weights made on `device` unit by unit (seeded by the unit's key, so a
-    resumed write makes the same bytes); returns the seconds it took and its bytes on disk."""
+def write_random_store(store: str, shape, codec: str, device: str, context: int = 4096) -> dict:
+    """The store of `shape` (a SHAPES name, or a transformers config) with random weights made on `device` unit by
+    unit (seeded by the unit's key, so a resumed write makes the same bytes); returns the seconds it took and its
+    bytes on disk."""
     import torch
 
     from tierstore.compression import Codec
+    from tierstore.inference.loading.skeleton import parse_slice
     from tierstore.inference.loading.store_writer import write_store
 
-    config = model_config(shape, context)
+    config = model_config(shape, context) if isinstance(shape, str) else shape
     with torch.device("meta"):
         from transformers import AutoModelForCausalLM
         shapes = {name: tuple(p.shape) for name, p in AutoModelForCausalLM.from_config(config).named_parameters()}
+
+    def shape(name: str) -> tuple[int, ...]:
+        """A tensor's shape; `name[e]`: expert e's slice of a fused experts tensor (an expert unit's)."""
+        fused, expert = parse_slice(name)
+        return shapes[fused] if expert is None else shapes[fused][1:]
 
     def unit_tensors(key: str, names: list[str]) -> dict[str, torch.Tensor]:
         gen = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
         tensors = {}
         for name in names:
             if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16, device=device)
+                tensors[name] = torch.ones(shape(name), dtype=torch.bfloat16, device=device)
             else:
-                tensors[name] = (torch.randn(shapes[name], generator=gen, device=device) * WEIGHT_STD).bfloat16()
+                tensors[name] = (torch.randn(shape(name), generator=gen, device=device) * WEIGHT_STD).bfloat16()
         return tensors
 
     start = time.perf_counter()

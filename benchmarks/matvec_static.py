@@ -54,11 +54,12 @@ def compiled(format: str, tile: tuple[int, ...]):
     from tierstore import ggml, ggml_triton
 
     with tile_set(tile):
-        constants = {**ggml_triton.matvec_constants(format, COLUMNS), "tokens": 1}  # a launch specialises 1
-    signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "row_blocks": "i32", "columns": "i32", "rows": "i32",
-                 "group_rows": "i32", **{name: "constexpr" for name in constants}}
+        constants = {**ggml_triton.matvec_constants(format, COLUMNS), "tokens": 1,  # a launch specialises 1
+                     "OFFSETS": False, "ALIGN": 1}
+    signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "offsets": "*u8", "row_blocks": "i32",
+                 "columns": "i32", "rows": "i32", "group_rows": "i32", **{name: "constexpr" for name in constants}}
     values = {"row_blocks": COLUMNS // ggml.BLOCKS[format][0], "columns": COLUMNS, "rows": ROWS, "group_rows": ROWS}
-    divisible = [0, 1, 2] + [3 + at for at, value in enumerate(values.values()) if value % 16 == 0]
+    divisible = [0, 1, 2, 3] + [4 + at for at, value in enumerate(values.values()) if value % 16 == 0]
     attrs = {(at,): [["tt.divisibility", 16]] for at in divisible}  # as a launch specialises (16-byte pointers)
     kernel = triton.compile(ASTSource(fn=ggml_triton._matvec, signature=signature, constexprs=constants, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2]})

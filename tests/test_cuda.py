@@ -602,6 +602,54 @@ def _mapped_moe(tmp_path):
     return directory, tierstore.Budget(vram=vram, ram=ram), config
 
 
+def test_gguf_experts_read_in_place_are_multiplied_where_they_lie_with_the_dequantizing_runs_tokens(tmp_path,
+                                                                                                   monkeypatch):
+    """A tiny Qwen3-MoE GGUF (Q4_K and Q6_K experts) on CUDA in float32, every expert in RAM and read in place
+    (`experts.compute = mapped`), some in slots: each decode step multiplies the experts' blocks where they lie, in
+    a slot or in mapped host RAM (nothing gathered), replayed from a CUDA graph; the tokens equal the eager steps'
+    and those of the same store dequantizing its experts (the kernels turned off). Once this and the aligned
+    offsets' kernel test pass, packed_experts.AT_OFFSETS_DEVICES may hold "cuda"."""
+    from test_moe import PROMPT
+    from test_packed_experts import _write_moe_gguf
+
+    from tierstore.compression import Decompressor
+    from tierstore.inference.compose import make_plan_for
+    from tierstore.inference.runtime import packed_experts
+
+    monkeypatch.setattr(packed_experts, "AT_OFFSETS_DEVICES", ("cuda",))
+
+    path = str(tmp_path / "moe.gguf")
+    _write_moe_gguf(path, {"attn": "Q4_K", "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q4_K", "ffn_down_exps": "Q6_K"})
+
+    def config(graphs):
+        return {"runtime": {"cache_dir": str(tmp_path / "cache"), "device": "cuda", "device_reserve": 64 * 2**20,
+                            "cuda_graphs": graphs},
+                "compression": {"gguf": "packed"}, "experts": {"compute": "mapped", "prefetch": "none"}}
+
+    vram = 64 * 2**20
+    while True:  # the least room that runs: the fewest expert slots
+        try:
+            plan = make_plan_for(path, {"vram": vram, "ram": "1GB"}, config("auto"))
+            break
+        except tierstore.BudgetError:
+            vram += 2**20
+    assert plan.experts.device_slots < plan.experts.total_experts, plan.experts
+    runs = {}
+    for name, graphs, devices in (("blocks", "auto", ("cuda",)), ("blocks eager", "off", ("cuda",)),
+                                  ("dequantized", "off", ())):
+        monkeypatch.setattr(Decompressor, "MATVEC_DEVICES", devices)
+        with tierstore.AutoModel.from_pretrained(path, budget={"vram": vram, "ram": "1GB"}, config=config(graphs),
+                                                 dtype=torch.float32) as model:
+            assert model.experts._unpacker.in_blocks == bool(devices)
+            tokens = model.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
+            runs[name] = tokens, model.report()
+    assert runs["blocks"][1].timing.graphed is True
+    assert all(report.experts["mapped_pairs"] > 0 for _, report in runs.values())
+    assert runs["blocks"][0] == runs["blocks eager"][0] == runs["dequantized"][0]
+    print(f"\ncuda gguf qwen3_moe, experts read in place in their blocks: {plan.experts.device_slots}/"
+          f"{plan.experts.total_experts} slots, graphed, tokens equal the dequantizing run's")
+
+
 def test_moe_experts_read_in_place_replay_a_graph_with_the_eager_tokens(tmp_path):
     """A tiny Qwen3-MoE in bf16 on CUDA, its dense units on the device and a third of its experts in slots, every
     expert in RAM, `experts.compute = mapped`: the decode steps replay a CUDA graph (the routing never reaches the
@@ -804,9 +852,12 @@ def test_ggml_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantized_
 
 
 @pytest.mark.parametrize("format", ["Q4_K", "Q6_K", "Q4_0"])
-def test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_own_inputs(format):
-    """The grouped launch (a decode step's experts gathered from their slots), compiled: 8 matrices of Qwen3-30B-A3B's
-    expert shape (1536 x 2048), each times its own input row, by the reference values in float64."""
+@pytest.mark.parametrize("align", [None, 16, 1])
+def test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_own_inputs(format, align):
+    """The grouped launch (a decode step's experts), compiled: 8 matrices of Qwen3-30B-A3B's expert shape (1536 x
+    2048), each times its own input row, by the reference values in float64; back to back (`align` None), or read
+    where they lie (experts in slots or mapped RAM: each at its byte offset in a buffer, in reverse order, with
+    gaps that keep the offsets 16-byte aligned, as the compiler is then told, or not)."""
     from test_ggml import random_blocks
 
     from tierstore import ggml
@@ -818,7 +869,16 @@ def test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_ow
     matrices = matrices.view(groups, rows, columns).double()
     x = torch.randn(groups, columns, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     out = torch.empty(groups, rows, dtype=torch.bfloat16, device="cuda")
-    assert ggml.matvec(format, data.reshape(-1).cuda(), x.cuda(), out, grouped=True), "the Triton kernel failed"
+    if align is None:
+        assert ggml.matvec(format, data.reshape(-1).cuda(), x.cuda(), out, grouped=True), "the Triton kernel failed"
+    else:
+        size, gap = data.numel() // groups, 64 if align == 16 else 37
+        buffer = torch.zeros(groups * (size + gap), dtype=torch.uint8)
+        offsets = [(groups - 1 - group) * (size + gap) + gap for group in range(groups)]
+        for group, at in enumerate(offsets):
+            buffer[at:at + size] = data.reshape(-1)[group * size:(group + 1) * size]
+        assert ggml.matvec(format, buffer.cuda(), x.cuda(), out, grouped=True,
+                           offsets=torch.tensor(offsets, device="cuda"), offsets_align=align), "the kernel failed"
     want = torch.einsum("grc,gc->gr", matrices, x.double())
     scale = torch.einsum("grc,gc->gr", matrices.abs(), x.double().abs()).max()
     assert (out.double().cpu() - want).abs().max() <= 2**-7 * scale

@@ -87,6 +87,33 @@ def test_grouped_matrices_are_each_multiplied_by_their_own_inputs(kernels, forma
     assert (out.double() - want).abs().max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("format", ["Q4_K", "Q6_K", "Q4_0"])
+def test_grouped_matrices_are_read_where_they_lie_at_their_offsets(kernels, format):
+    """Experts read in place: three matrices scattered through a buffer (out of order, gaps between them, one
+    used twice), each group's found at its byte offset and multiplied by its own input row: each product by the
+    reference values; the offsets 16-byte aligned as the compiler is told, and unaligned (a block's odd size)."""
+    elements, nbytes = ggml.BLOCKS[format]
+    rows, row_blocks = 24, 2
+    matrix_bytes = rows * row_blocks * nbytes
+    data = random_blocks(format, 3 * rows * row_blocks, seed=8).reshape(-1)
+    matrices = torch.from_numpy(gguf.quants.dequantize(data.reshape(-1, nbytes), gguf.GGMLQuantizationType[format]))
+    matrices = matrices.reshape(3, rows, row_blocks * elements)
+    for align, gap in ((16, 48), (1, nbytes // 2 + 1)):
+        places = [2, 0, 1, 2]  # where each group's matrix lies among three slots of the buffer
+        buffer = torch.zeros(3 * (matrix_bytes + gap) + gap, dtype=torch.uint8)
+        offsets = [gap + place * (matrix_bytes + gap) for place in range(3)]
+        for place, at in enumerate(offsets):
+            buffer[at:at + matrix_bytes] = torch.from_numpy(data[place * matrix_bytes:(place + 1) * matrix_bytes])
+        x = torch.randn(len(places), row_blocks * elements, generator=torch.Generator().manual_seed(9))
+        chosen = matrices[places].double()
+        want = torch.einsum("grc,gc->gr", chosen, x.double())
+        out = torch.full((len(places), rows), float("nan"))
+        kernels.matvec_grouped(format, buffer, x, out, torch.tensor([offsets[place] for place in places]),
+                               offsets_align=align if gap % 16 == 0 else 1)
+        scale = torch.einsum("grc,gc->gr", chosen.abs(), x.double().abs()).max()
+        assert (out.double() - want).abs().max() <= 1e-5 * scale, align
+
+
 def test_a_decode_step_multiplies_k_quant_matrices_in_their_blocks_and_gives_the_dequantized_runs_tokens(
         monkeypatch, tmp_path):
     """A store of k-quants (q4_k_m: Q4_K and Q6_K) with every matrix a whole number of blocks a row: a prompt's

@@ -538,6 +538,36 @@ def test_experts_read_in_place_follow_the_routing_into_slots_and_every_row_leads
     assert not wrong, wrong
 
 
+def test_each_replayed_steps_routing_reaches_the_host_once_in_order_without_a_wait(tmp_path):
+    """A captured step logs its routing on the device; before each later replay the log of the one before is sent
+    to the host behind it and read when it has arrived (a decode loop running a step ahead must not wait for the
+    last replay): each replay's routing is given once, in order, counted against the slots it read from, and a
+    call's last replay's by `replays_done`. Replays are simulated here (a CPU runs no graphs): each writes the log."""
+    _, directory = _saved("mixtral", tmp_path)
+    config = _config(str(tmp_path), compute="mapped", prefetch="none")
+    budget = _streaming_budget(directory, config, every_expert_in_ram=True)
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config) as streamed:
+        streamed.generate(PROMPT, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        engine = streamed.experts._engine()
+        layers, top_k = len(engine.groups), engine.groups[0].top_k
+        engine._log_pairs = top_k  # a one-token step's pairs
+        replays = [torch.randint(0, engine.groups[0].num_experts, (layers, top_k), generator=torch.Generator()
+                                 .manual_seed(seed)) for seed in range(3)]
+        given = engine.replaying()  # before the first replay: nothing logged yet
+        assert given == []
+        slots = []
+        for turn, logged in enumerate(replays):
+            engine._log[:, :top_k] = logged  # the replay
+            slots.append(tuple(engine._in_slots))
+            given += engine.replaying() if turn < len(replays) - 1 else engine.replays_done()
+            engine._in_slots = [frozenset(range(turn + layer)) for layer in range(layers)]  # the slots follow
+        assert engine.replays_done() == []  # nothing twice
+    assert [call.routed for call in given] == [row.tolist() for logged in replays for row in logged]
+    assert [call.from_slots for call in given] == [sum(expert in read[layer] for expert in row.tolist())
+                                                   for logged, read in zip(replays, slots)
+                                                   for layer, row in enumerate(logged)]
+
+
 def test_reading_experts_in_place_needs_every_expert_in_ram(tmp_path):
     """`experts.compute = mapped` with a RAM budget for half the experts is refused in one line naming the fix."""
     _, directory = _saved("mixtral", tmp_path)

@@ -253,13 +253,17 @@ def test_experts_in_different_formats_or_rotated_are_not_dequantized_as_if_store
     assert not stored_alike(rotated, {"a": expert("Q4_K"), "b": expert("Q4_K")}, ["a", "b"])
 
 
+@pytest.mark.parametrize("compute,at_offsets", [("device", False), ("device", True), ("mapped", True)])
 def test_a_decode_steps_gguf_experts_are_multiplied_in_their_blocks_and_give_the_dequantizing_runs_tokens(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, compute, at_offsets):
     """On a device with the matrix-vector kernels, a decode step's experts are not dequantized into the window:
-    each (token, expert) pair's blocks are gathered from the slots and multiplied in them, one grouped launch a
-    projection (2 pairs a token here); the prompt's call still fills the window. Tokens equal, and one token's
-    logits within float32 summation error, of the same store run without. The multiply is the reference (the
-    gguf package's values times the inputs): the grouped kernel is checked against it in test_ggml_triton.py."""
+    each (token, expert) pair's blocks are multiplied in them, one grouped launch a projection (2 pairs a token
+    here): gathered from the slots back to back, or (`at_offsets`, where the kernel was checked reading them so)
+    where they lie, given each pair's first byte, in the device slots (`device`) or in the span of slots and host
+    RAM that experts read in place come from (`mapped`: nothing gathered). Tokens equal, and one token's logits
+    within float32 summation error, of the same store run without. The multiply is the reference (the gguf
+    package's values times the inputs, each matrix cut from the bytes at its offset): the grouped kernel is
+    checked against it in test_ggml_triton.py."""
     gguf = pytest.importorskip("gguf")
     from tierstore import compression, ggml
     from tierstore.compression import Decompressor
@@ -268,12 +272,17 @@ def test_a_decode_steps_gguf_experts_are_multiplied_in_their_blocks_and_give_the
     _write_moe_gguf(str(tmp_path / "moe.gguf"), {"attn": "Q4_K", "ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q4_K",
                                                 "ffn_down_exps": "Q6_K"})
     config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "device": "cpu"}, "compression": {"gguf": "packed"},
-              "experts": {"compute": "device", "prefetch": "none"}}
-    calls: list[tuple[str, int, bool]] = []
+              "experts": {"compute": compute, "prefetch": "none"}}
+    calls: list[tuple[str, int, bool, bool]] = []
 
-    def reference(format, packed, x, out, grouped=False):
-        calls.append((format, x.shape[0], grouped))
-        values = torch.from_numpy(gguf.quants.dequantize(packed.numpy().reshape(-1, ggml.BLOCKS[format][1]),
+    def reference(format, packed, x, out, grouped=False, offsets=None, offsets_align=1):
+        elements, nbytes = ggml.BLOCKS[format]
+        if offsets is not None:  # matrix g at offsets[g] in the bytes
+            size = out.shape[1] * x.shape[1] // elements * nbytes
+            assert all(at % offsets_align == 0 for at in offsets.tolist())
+            packed = torch.cat([packed[at:at + size] for at in offsets.tolist()])
+        calls.append((format, x.shape[0], grouped, offsets is not None))
+        values = torch.from_numpy(gguf.quants.dequantize(packed.numpy().reshape(-1, nbytes),
                                                          gguf.GGMLQuantizationType[format]))
         if grouped:  # one matrix per row of x
             out.copy_(torch.einsum("grc,gc->gr", values.reshape(x.shape[0], out.shape[1], x.shape[1]), x))
@@ -281,22 +290,30 @@ def test_a_decode_steps_gguf_experts_are_multiplied_in_their_blocks_and_give_the
             out.copy_(x @ values.reshape(out.shape[1], x.shape[1]).T)
         return True
 
+    monkeypatch.setattr(packed_experts, "AT_OFFSETS_DEVICES", ("cpu",) if at_offsets else ())
+
     def run(devices):
         monkeypatch.setattr(Decompressor, "MATVEC_DEVICES", devices)
         monkeypatch.setattr(compression, "ggml_matvec", reference)
         monkeypatch.setattr(packed_experts, "ggml_matvec", reference)
-        with tierstore.AutoModel.from_pretrained(str(tmp_path / "moe.gguf"), budget={"vram": "24MB", "ram": "1GB"},
+        vram = "24MB" if compute == "device" else "28MB"  # reading in place reserves a gather's buffer too
+        with tierstore.AutoModel.from_pretrained(str(tmp_path / "moe.gguf"), budget={"vram": vram, "ram": "1GB"},
                                                  config=config) as streamed:
             assert streamed.experts._unpacker.in_blocks == ("cpu" in devices)
+            assert streamed.plan.experts.device_slots < streamed.plan.experts.total_experts
             tokens = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
-            return tokens, streamed(PROMPT[:, :1]).logits
+            mapped = streamed.report().experts["mapped_pairs"]
+            return tokens, streamed(PROMPT[:, :1]).logits, mapped
 
-    plain_tokens, plain_logits = run(("cuda",))
+    plain_tokens, plain_logits, _ = run(("cuda",))
     assert calls == []
-    blocks_tokens, blocks_logits = run(("cuda", "cpu"))
-    grouped = [(format, pairs) for format, pairs, is_grouped in calls if is_grouped]
-    # each decode step (and the one-token forward): 2 layers x (gate_up in Q4_K, down in Q6_K), 2 pairs each
+    blocks_tokens, blocks_logits, mapped = run(("cuda", "cpu"))
+    assert (mapped > 0) == (compute == "mapped")
+    # each decode step (and the one-token forward): 2 layers x (gate_up in Q4_K, down in Q6_K), 2 pairs each, every
+    # matrix read at its pairs' offsets; read in place, the prompt's pairs too
+    grouped = [(format, pairs) for format, pairs, is_grouped, _ in calls if is_grouped]
     assert grouped.count(("Q4_K", 2)) == grouped.count(("Q6_K", 2)) == 2 * NEW_TOKENS
-    assert len(grouped) == 4 * NEW_TOKENS
+    assert len(grouped) == 4 * NEW_TOKENS + (4 if compute == "mapped" else 0)
+    assert all(at == at_offsets for _, _, is_grouped, at in calls if is_grouped)
     assert blocks_tokens == plain_tokens
     torch.testing.assert_close(blocks_logits, plain_logits, atol=1e-4, rtol=1e-4)

@@ -51,11 +51,12 @@ def test_a_written_store_gives_the_models_tokens(model_type, tiny_dirs, tmp_path
         assert any(".experts." in key for key in _checksums(out))
 
 
-@pytest.mark.parametrize("format", ["nf4", "int8"])
-def test_compressed_units_are_the_bytes_compress_writes(format, tiny_dirs, tmp_path):
+@pytest.mark.parametrize("format,model_type", [("nf4", "llama"), ("int8", "llama"), ("nf4", "mixtral")])
+def test_compressed_units_are_the_bytes_compress_writes(format, model_type, tiny_dirs, tmp_path):
     """Quantized while written (no float copy on disk), the units are byte for byte those of converting the
-    saved checkpoint and compressing it."""
-    directory, reference = tiny_dirs("llama")
+    saved checkpoint and compressing it: a mixture-of-experts model's experts units of their own there too (a
+    compressed store written with them inside their layers streamed whole layers)."""
+    directory, reference = tiny_dirs(model_type)
     codec = Codec.create(format)
     written = write_store(str(tmp_path / "written"), reference.config, _from_state(reference), torch.float32,
                           codec=codec, progress=False)

@@ -109,17 +109,23 @@ def multiplies_packed(format: str, columns: int) -> bool:
     return format in MATVEC_FORMATS and columns % BLOCKS[format][0] == 0 and format not in _NO_MATVEC
 
 
-def matvec(format: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor, grouped: bool = False) -> bool:
+def matvec(format: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor, grouped: bool = False,
+           offsets: torch.Tensor | None = None, offsets_align: int = 1) -> bool:
     """out [tokens, rows] = x [tokens, columns] times the transposed matrix that `packed` holds in `format` (rows
     of whole blocks), on a GPU by the format's Triton kernel, reading the packed bytes only; False where Triton is
     missing or fails (a warning, once: the caller dequantizes instead). `grouped`: `packed` holds one matrix per
-    row of x back to back, each multiplied by its own row (ggml_triton.matvec_grouped: experts gathered)."""
+    row of x back to back, each multiplied by its own row (ggml_triton.matvec_grouped: experts gathered), or with
+    `offsets` (int64, a row of x each; multiples of `offsets_align`) matrix g starts `offsets[g]` bytes into
+    `packed` (bytes, 1-D)."""
     if not multiplies_packed(format, x.shape[-1]):
         return False
     try:
         from .ggml_triton import matvec as matvec_triton
         from .ggml_triton import matvec_grouped
-        (matvec_grouped if grouped else matvec_triton)(format, packed.view(-1, BLOCKS[format][1]), x, out)
+        if offsets is not None:
+            matvec_grouped(format, packed, x, out, offsets, offsets_align)
+        else:
+            (matvec_grouped if grouped else matvec_triton)(format, packed.view(-1, BLOCKS[format][1]), x, out)
         return True
     except Exception as exc:  # noqa: BLE001 (an import, compiler or launch failure of any kind): dequantize instead
         log.warning("multiplying %s in its blocks: its Triton kernel failed (%s: %s); dequantizing instead",

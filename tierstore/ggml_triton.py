@@ -51,15 +51,20 @@ def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     _launch(format, blocks, x, out, tokens=x.shape[0], rows=out.shape[1], group_rows=out.shape[1])
 
 
-def matvec_grouped(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out [groups, rows] = each group's matrix [rows, columns] times its own input x [groups, columns]: `blocks`
-    holds the groups' matrices back to back (experts gathered from their slots), one launch for all of them."""
+def matvec_grouped(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+                   offsets: torch.Tensor | None = None, offsets_align: int = 1) -> None:
+    """out [groups, rows] = each group's matrix [rows, columns] times its own input x [groups, columns], one launch
+    for all of them: `blocks` holds the groups' matrices back to back (experts gathered), or with `offsets` (int64
+    [groups], on the device) group g's matrix starts `offsets[g]` bytes into `blocks` (experts read where they lie:
+    in their slots, or in mapped host RAM, with nothing gathered); every offset a multiple of `offsets_align` (a
+    power of two: what the compiler may assume to read wider words)."""
     groups, rows = out.shape
-    _launch(format, blocks, x, out, tokens=1, rows=groups * rows, group_rows=rows)
+    _launch(format, blocks, x, out, tokens=1, rows=groups * rows, group_rows=rows, offsets=offsets,
+            offsets_align=offsets_align)
 
 
 def _launch(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor, tokens: int, rows: int,
-            group_rows: int) -> None:
+            group_rows: int, offsets: torch.Tensor | None = None, offsets_align: int = 1) -> None:
     """_matvec over `rows` rows times `tokens` tokens, each `group_rows` rows with inputs of their own (a
     program's rows kept within one group), on one axis of programs with the tokens fastest (CUDA's second axis
     stops at 65,535 programs)."""
@@ -67,9 +72,10 @@ def _launch(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tenso
     constants = matvec_constants(format, columns)
     if group_rows != rows:
         constants["ROWS"] = min(constants["ROWS"], group_rows & -group_rows)
-    _matvec[(tokens * triton.cdiv(rows, constants["ROWS"]),)](blocks, x, out, columns // constants["ELEMENTS"],
-                                                              columns, rows, group_rows, tokens, **constants,
-                                                              num_warps=MATVEC_WARPS)
+    _matvec[(tokens * triton.cdiv(rows, constants["ROWS"]),)](
+        blocks, x, out, blocks if offsets is None else offsets, columns // constants["ELEMENTS"], columns, rows,
+        group_rows, tokens, OFFSETS=offsets is not None, ALIGN=offsets_align, **constants,
+        num_warps=MATVEC_WARPS)
 
 
 def matvec_constants(format: str, columns: int) -> dict:
@@ -256,23 +262,29 @@ def _add(a, b):
 
 
 @triton.jit
-def _matvec(blocks, x, out, row_blocks, columns, rows, group_rows, tokens, VALUES: tl.constexpr,
-            BYTES: tl.constexpr, ELEMENTS: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr,
-            STAGES: tl.constexpr):
+def _matvec(blocks, x, out, offsets, row_blocks, columns, rows, group_rows, tokens, OFFSETS: tl.constexpr,
+            ALIGN: tl.constexpr, VALUES: tl.constexpr, BYTES: tl.constexpr, ELEMENTS: tl.constexpr,
+            BLOCKS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
     """ROWS rows of a matrix in blocks (`row_blocks` a row, a multiple of BLOCKS) from row ROWS * (`program_id` //
     `tokens`) times row `program_id` % `tokens` of x [tokens, columns], into that row of out [tokens, rows]. The program
     reads BLOCKS blocks of each of its rows at a time, its rows sharing each load of the inputs, and adds values times
     inputs into float32 sums per element place, summed across places once at the end. Rows past the matrix read its last
     row, so that no load needs a mask (only the store has one). STAGES > 1: Triton's pipeliner issues the loads of the
     windows ahead (more bytes in flight), STAGES - 1 of them. Grouped (`matvec_grouped`): each `group_rows` rows have
-    inputs of their own, x [rows / group_rows, columns] (ROWS dividing group_rows); else group_rows = rows. (A program
+    inputs of their own, x [rows / group_rows, columns] (ROWS dividing group_rows); else group_rows = rows. OFFSETS:
+    group g's rows start `offsets[g]` bytes into `blocks` (int64, multiples of ALIGN; a program's rows lie within
+    one group). (A program
     takes one token: with several in one program's tile, [rows, tokens, elements], the compiled kernel summed wrong on
     an H100 for 2-4 tokens where Triton's interpreter summed right.)"""
     program = tl.program_id(0).to(tl.int64)
     token, first_row = program % tokens, program // tokens * ROWS
-    x += (token + first_row // group_rows) * columns
+    group = first_row // group_rows
+    x += (token + group) * columns
     pair = tl.arange(0, ROWS * BLOCKS).to(tl.int64)  # (row, block) pairs, row-major
     row, block = tl.minimum(first_row + pair // BLOCKS, rows - 1), pair % BLOCKS
+    if OFFSETS:  # rows counted within the group, from where its matrix lies
+        blocks += tl.multiple_of(tl.load(offsets + group), ALIGN)
+        row -= group * group_rows
     sums = tl.full([ROWS, 1, BLOCKS * ELEMENTS], 0.0, tl.float32)  # the unit axis: a layout measured faster
     for start in tl.range(0, row_blocks, BLOCKS, num_stages=STAGES):
         value, first = VALUES(blocks + ((row * row_blocks + start + block) * BYTES)[:, None, None])

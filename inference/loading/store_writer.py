@@ -133,8 +133,9 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
     stored in `dtype` and, with a `codec`, quantized on `device` before they are written: no full-precision copy of
     a compressed model ever reaches the disk. Like `convert`: every unit's file and checksum written atomically, a
     killed run resumed without asking for finished units again, a finished store of another kind refused, and the
-    disk budget checked before anything is written. Mixture-of-experts layers keep their experts inside them when
-    compressed (as `compress` stores them), else one unit per expert. With `shard`, the store is that
+    disk budget checked before anything is written. Each routed expert of a mixture-of-experts layer is a unit of
+    its own, plain or compressed, as `compress` and `convert` store them (so that experts stream): `unit_tensors`
+    is asked for its slice of each fused experts tensor as `name[e]`. With `shard`, the store is that
     tensor-parallel rank's (`shards.rank_store_dir` says where a run looks for it): `unit_tensors` gives whole
     tensors, and the rank's part of each (`splits.plan_splits`) is stored. Returns `out_dir`."""
     dtype = as_dtype(dtype)
@@ -146,7 +147,7 @@ def write_store(out_dir: str, config: Any, unit_tensors: Callable[[str, list[str
         if finished:
             log.info("layer store already in %s", out_dir)
             return out_dir
-        skeleton = build_skeleton(config, dtype, split_experts=codec is None)
+        skeleton = build_skeleton(config, dtype, split_experts=True)
         layouts = planned_layouts(skeleton, dtype)
         whole, splits = layouts, {}
         if shard is not None:

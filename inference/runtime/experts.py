@@ -505,8 +505,9 @@ class ExpertRunner:
         table = self._expert_table(group.num_experts, list(zip(experts, self._slots(held))))  # expert id -> slot
         routed = top_k_index.reshape(-1)
         top_k = top_k_index.shape[-1]
-        out = self._unpacker.forward_in_blocks(group.module, [attr for attr, _ in group.attrs], self._pool_rows,
-                                               table[0][routed], hidden.repeat_interleave(top_k, 0))
+        out = self._unpacker.forward_in_blocks(group.module, [attr for attr, _ in group.attrs],
+                                               self._pool_rows.view(-1), table[0][routed], self._pool_rows.shape[1],
+                                               hidden.repeat_interleave(top_k, 0))
         if out is None:
             return None
         weights = (top_k_weights.reshape(-1) * table[1][routed].to(top_k_weights.dtype)).float()

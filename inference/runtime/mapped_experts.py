@@ -8,14 +8,16 @@ device gives, per MoE layer and expert, the row where the expert's bytes start n
 else its host copy's. A layer call of a few tokens (a decode step) gathers its routed experts' rows into one
 buffer, from HBM for an expert in a slot and over the link for the others (only their bytes cross it), and runs
 each (token, expert) pair's projections as batched matmuls, whole tokens' pairs at a time (at least GATHER_PAIRS):
-the buffer then holds what the plan reserved for it, a decode step's experts, whatever the call's size. The
+the buffer then holds what the plan reserved for it, a decode step's experts, whatever the call's size. Experts
+in GGML formats with a matrix-vector kernel checked reading at offsets (packed_experts.AT_OFFSETS_DEVICES) skip the
+gather: the kernel reads each pair's blocks where they lie (`ExpertUnpacker.forward_in_blocks`). The
 routing stays on the device: the host queues layer after layer while the device reads, and the call's shapes are
 fixed.
 
 The routed ids follow to the host without a wait and are counted there (`drain`; a step captured as a CUDA graph
-logs them on the device instead, read between replays: `replaying`), and the slots follow them (`admit`). The
-table is re-pointed from the store (`refresh`) after calls that went through it, which may have changed what the
-slots hold.
+logs them on the device instead, sent to the host behind each replay and read before a later one without a wait:
+`replaying`), and the slots follow them (`admit`). The table is re-pointed from the store (`refresh`) after calls
+that went through it, which may have changed what the slots hold.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from ...store import SlotPool, TieredStore
 from ...transfer import mapped_view
 from ..loading.skeleton import ExpertGroup
 from .host_experts import expert_forward
-from .packed_experts import ExpertUnpacker
+from .packed_experts import ExpertUnpacker, multiplies_at_offsets
 
 MAX_PAIRS = 32  # (token, expert) pairs a layer call reads in place; a longer call copies each expert once instead
 ALIGN_BYTES = 512  # the widest row the gather reads, when every expert's place allows
@@ -86,6 +88,7 @@ class MappedExperts:
         except BaseException:
             store.release_host_many(self._keys)
             raise
+        self._bytes = self.span.view(torch.uint8).view(-1)  # the span as bytes, for kernels reading it in blocks
         self._host_rows = [(start - base) // self.row_bytes for start in starts]  # by expert, as in self._keys
         self._slot_row0 = (pool.tensor.data_ptr() - base) // self.row_bytes
         self._row_steps = torch.arange(self.layout.nbytes // self.row_bytes, device=self.device)
@@ -103,6 +106,8 @@ class MappedExperts:
         self._log = torch.zeros((len(groups), MAX_PAIRS), dtype=torch.long, device=self.device)
         self._log_pairs = 0
         self._replayed = False
+        # replays' logs on their way to the host: (pinned copy, its event, the slots each layer read from)
+        self._logs: deque[tuple[torch.Tensor, torch.cuda.Event | None, tuple[frozenset[int], ...]]] = deque()
         self.refresh()
 
     def refresh(self) -> None:
@@ -122,15 +127,27 @@ class MappedExperts:
         ids = top_k_index.reshape(-1)
         starts = self.rows.index_select(0, ids + self._first[layer])
         inputs = hidden.repeat_interleave(top_k, dim=0)
-        step = gather_pairs(top_k)  # the gather holds this many experts at once (the plan reserves them)
-        out = torch.cat([self._run_pairs(group, starts[first:first + step], inputs[first:first + step])
-                         for first in range(0, ids.numel(), step)])
+        out = self._in_blocks(group, starts, inputs)
+        if out is None:
+            step = gather_pairs(top_k)  # the gather holds this many experts at once (the plan reserves them)
+            out = torch.cat([self._run_pairs(group, starts[first:first + step], inputs[first:first + step])
+                             for first in range(0, ids.numel(), step)])
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             self._log[layer, :ids.numel()].copy_(ids)
             self._log_pairs = ids.numel()
         else:
             self._note(layer, ids)
         return (out.float().view(tokens, top_k, -1) * top_k_weights[..., None].float()).sum(1).to(hidden.dtype)
+
+    def _in_blocks(self, group: ExpertGroup, starts: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Every pair's expert multiplied in its blocks where it lies (its rows start at `starts`), nothing
+        gathered: for compressed experts whose formats have a matrix-vector kernel here, checked reading at offsets
+        (packed_experts.py); None otherwise (or where it failed), for the gather."""
+        if self._unpacker is None or not self._unpacker.in_blocks or getattr(group.module, "is_transposed", False) \
+                or not multiplies_at_offsets(self.device):
+            return None
+        return self._unpacker.forward_in_blocks(group.module, [attr for attr, _ in group.attrs], self._bytes,
+                                                starts, self.row_bytes, inputs)
 
     def _run_pairs(self, group: ExpertGroup, starts: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Each pair's expert (its rows start at `starts`) gathered into one buffer, run on the pair's input."""
@@ -161,20 +178,46 @@ class MappedExperts:
         return ready
 
     def replaying(self) -> list[Served]:
-        """Before a replay of a captured step: the routing the previous replay logged (it has finished: its token
-        was read), every layer's."""
-        served = []
+        """Before a replay of a captured step: the routing logged by the replays before it that has reached the
+        host, every layer's, without waiting. The last replay's log is sent now (its copy queued behind it), and
+        may arrive a step later: the decode loop queues a step before reading the last one's token where launching
+        takes the host long (graphed.py), so the last replay may still be running."""
         if self._replayed:
-            logged = self._log[:, :self._log_pairs].tolist()
-            served = [Served(layer, routed, sum(expert in self._in_slots[layer] for expert in routed))
-                      for layer, routed in enumerate(logged)]
+            self._send_log()
         self._replayed = True
-        return served
+        return self._logged(wait=False)
 
     def replays_done(self) -> list[Served]:
-        """After the last replay of a call (the device idle): its routing, as `replaying` would give it."""
-        served = self.replaying()
+        """After the last replay of a call: the routing of every replay not yet given (a wait)."""
+        if self._replayed:
+            self._send_log()
         self._replayed = False
+        return self._logged(wait=True)
+
+    def _send_log(self) -> None:
+        """Copy the last replay's routing log to the host behind it, with the slots that replay read from."""
+        logged = self._log[:, :self._log_pairs]
+        if self.device.type == "cuda":
+            host = torch.empty(logged.shape, dtype=logged.dtype, pin_memory=True)
+            host.copy_(logged, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = logged.clone(), None
+        self._logs.append((host, event, tuple(self._in_slots)))
+
+    def _logged(self, wait: bool) -> list[Served]:
+        """The sent logs that have reached the host (all of them, after a wait, with `wait`), oldest first."""
+        served = []
+        while self._logs:
+            host, event, in_slots = self._logs[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self._logs.popleft()
+            served += [Served(layer, routed, sum(expert in in_slots[layer] for expert in routed))
+                       for layer, routed in enumerate(host.tolist())]
         return served
 
     def admit(self, served: list[Served], heat: Mapping[tuple[int, int], int]) -> None:
@@ -208,6 +251,7 @@ class MappedExperts:
     def close(self) -> None:
         """Let the host tier manage the experts again."""
         self._pending.clear()
+        self._logs.clear()
         self.store.release_host_many(self._keys)
 
     def _slot_row(self, tensors: Mapping[str, torch.Tensor]) -> int:

@@ -10,8 +10,10 @@ units' dequantization buffer is. An expert the CPU computes is dequantized by th
 
 A decode step's few tokens skip the window where the experts' formats have a matrix-vector kernel (GGML, on a GPU:
 `in_blocks`): each (token, expert) pair's blocks are gathered from the slots and multiplied in them, one launch a
-projection for all the pairs (`forward_in_blocks`), so that a 4-bit expert's bytes are read once, not written and
-read again as 16-bit values.
+projection for all the pairs (`forward_in_blocks`), so that a 4-bit expert's bytes are not written and read again
+as 16-bit values. Where the kernel has been checked reading matrices at offsets (AT_OFFSETS_DEVICES), nothing is
+gathered: it reads each pair's blocks where they lie, in their slot or, for experts read in place, in mapped host
+RAM (mapped_experts.py).
 """
 from __future__ import annotations
 
@@ -116,25 +118,36 @@ class ExpertUnpacker:
             self._unpacker.dequantize(codes_rows.reshape(-1), scale_rows.reshape(-1).view(absmax.dtype),
                                       flat[:count * numel])
 
-    def forward_in_blocks(self, module: torch.nn.Module, attrs: Sequence[str], pool: torch.Tensor,
-                          slots: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor | None:
-        """Each row of `inputs` [pairs, hidden] through the expert in row slots[row] of `pool` (the experts' bytes
-        as (rows, bytes a row)), its matrices multiplied in their blocks (`in_blocks`): [pairs, hidden]. `attrs`:
-        the module's parameter names in the kernel's order (the unpacker's tensor names are expert 0's slices of
-        them). None where a kernel failed (it is not tried again: the window is filled instead)."""
-        base = self._layout.slots[PACKED].offset
+    def forward_in_blocks(self, module: torch.nn.Module, attrs: Sequence[str], memory: torch.Tensor,
+                          rows: torch.Tensor, row_bytes: int, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Each row of `inputs` [pairs, hidden] through the expert whose stored bytes begin at row `rows[pair]` of
+        `memory` (uint8, 1-D, in rows of `row_bytes`: the device slots, one expert a row, or the span of slots and
+        mapped host RAM), its matrices multiplied in their blocks (`in_blocks`): [pairs, hidden]. Where the device
+        `multiplies_at_offsets`, the kernel reads each pair's blocks where they lie (nothing gathered); else each
+        matrix's bytes are first gathered back to back (one expert a row only). `attrs`: the module's parameter
+        names in the kernel's order (the unpacker's tensor names are expert 0's slices of them). None where a
+        kernel failed (it is not tried again: the window is filled instead)."""
+        starts = rows * row_bytes
+        at_offsets = multiplies_at_offsets(memory.device)
         names = dict(zip(attrs, self._names))
 
         def linear(attr: str, x: torch.Tensor) -> torch.Tensor:
             name = names[attr]
-            start, end = self._first.ggml_bytes(name)
+            format, (start, end) = self._first.formats[name][0], self._first.ggml_bytes(name)
+            at = self._layout.slots[PACKED].offset + start  # the matrix's first byte in an expert's
             out = torch.empty(x.shape[0], self._first.matrices[name][1][0], dtype=x.dtype, device=x.device)
-            if not ggml_matvec(self._first.formats[name][0], pool[slots, base + start:base + end], x.contiguous(),
-                               out, grouped=True):
+            if at_offsets:
+                done = ggml_matvec(format, memory, x.contiguous(), out, grouped=True, offsets=starts + at,
+                                   offsets_align=math.gcd(16, row_bytes, at))
+            else:
+                done = ggml_matvec(format, memory.view(-1, row_bytes)[rows, at:at + end - start], x.contiguous(),
+                                   out, grouped=True)
+            if not done:
                 raise _NoKernel
             bias = self._layout.slots.get(names.get(f"{attr}_bias", ""))
-            if bias is not None:
-                out += pool[slots, bias.offset:bias.offset + bias.nbytes].view(bias.dtype).to(out.dtype)
+            if bias is not None:  # a few bytes a pair, gathered
+                where = (starts + bias.offset)[:, None] + torch.arange(bias.nbytes, device=starts.device)
+                out += memory[where].view(bias.dtype).to(out.dtype)
             return out
         try:
             return expert_math(module, inputs, linear)
@@ -164,6 +177,20 @@ class ExpertUnpacker:
             else:
                 out.append(tensors[name])
         return out
+
+
+# Devices whose compiled matrix-vector kernel has been checked reading each expert's blocks at its offset
+# (tests/test_cuda.py::test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_own_inputs with
+# an alignment, and ::test_gguf_experts_read_in_place_are_multiplied_where_they_lie...): none yet, so a GPU gathers
+# each matrix's bytes from the slots first, and its steps reading experts in place dequantize them. Triton's
+# interpreter runs the offsets right (tests/test_ggml_triton.py); a compiled kernel summed wrong once where the
+# interpreter did not (benchmarks/RESULTS.md, seventeenth session), hence the check before use.
+AT_OFFSETS_DEVICES: tuple[str, ...] = ()
+
+
+def multiplies_at_offsets(device: torch.device) -> bool:
+    """Whether experts' blocks are multiplied where they lie on `device` (AT_OFFSETS_DEVICES)."""
+    return device.type in AT_OFFSETS_DEVICES
 
 
 class _NoKernel(Exception):
