@@ -101,20 +101,34 @@ def _q8_0(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:  # its one 
 
 
 def _scale_min_search(x: torch.Tensor, weights: torch.Tensor, nmax: int, steps: int = 20, rmin: float = -1.0,
-                      rdelta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """llama.cpp's make_qkx2_quants for rows of `x` [rows, n]: codes in 0..nmax, scale and minimum (x ~ scale * code
-    - minimum), minimizing the weighted squared error over candidate grids."""
+                      rdelta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qkx2_quants for rows of `x` [rows, n]: the scale and minimum (x ~ scale * code - minimum,
+    codes in 0..nmax) minimizing the weighted squared error over candidate grids. Each grid's error comes from the
+    weighted sums its fit needs (sum w (s l + m - x)^2 expanded), not from another pass over the values: a grid
+    costs four passes (its codes, and w l, w l l, w l x summed), about half of computing the error directly."""
     low = x.amin(1, keepdim=True).clamp(max=0)
     high = x.amax(1, keepdim=True)
     span = (high - low).clamp(min=1e-30)
-    codes = torch.round((x - low) * (nmax / span)).clamp(0, nmax)
-    scale, minimum = span / nmax, low
-    best = (weights * (scale * codes + minimum - x) ** 2).sum(1, keepdim=True)
+    shifted = x - low
     sum_w, sum_x = weights.sum(1, keepdim=True), (weights * x).sum(1, keepdim=True)
+    sum_x2 = (weights * x * x).sum(1, keepdim=True)
+
+    def fitted(grid: float) -> tuple[torch.Tensor, ...]:
+        """The codes on `grid` levels across the span, and their weighted sums (l, l², x l)."""
+        codes = torch.round(shifted * (grid / span)).clamp_(0, nmax)
+        weighted = weights * codes
+        return (weighted.sum(1, keepdim=True), (weighted * codes).sum(1, keepdim=True),
+                (weighted * x).sum(1, keepdim=True))
+
+    def error(scale: torch.Tensor, minimum: torch.Tensor, sum_l: torch.Tensor, sum_l2: torch.Tensor,
+              sum_xl: torch.Tensor) -> torch.Tensor:
+        return (scale * scale * sum_l2 + 2 * scale * minimum * sum_l + minimum * minimum * sum_w
+                - 2 * scale * sum_xl - 2 * minimum * sum_x + sum_x2)
+
+    scale, minimum = span / nmax, low
+    best = error(scale, minimum, *fitted(nmax))
     for step in range(steps + 1):
-        trial = torch.round((x - low) * ((rmin + rdelta * step + nmax) / span)).clamp(0, nmax)
-        sum_l, sum_l2 = (weights * trial).sum(1, keepdim=True), (weights * trial * trial).sum(1, keepdim=True)
-        sum_xl = (weights * trial * x).sum(1, keepdim=True)
+        sum_l, sum_l2, sum_xl = fitted(rmin + rdelta * step + nmax)
         det = sum_w * sum_l2 - sum_l * sum_l
         safe = torch.where(det > 0, det, torch.ones_like(det))
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
@@ -122,13 +136,12 @@ def _scale_min_search(x: torch.Tensor, weights: torch.Tensor, nmax: int, steps: 
         positive = this_min > 0  # the minimum may not be above zero: fit the scale alone
         this_scale = torch.where(positive, sum_xl / sum_l2.clamp(min=1e-30), this_scale)
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-        error = (weights * (this_scale * trial + this_min - x) ** 2).sum(1, keepdim=True)
-        better = (det > 0) & (error < best)
-        codes = torch.where(better, trial, codes)
+        this_error = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
+        better = (det > 0) & (this_error < best)
         scale, minimum = torch.where(better, this_scale, scale), torch.where(better, this_min, minimum)
-        best = torch.where(better, error, best)
+        best = torch.where(better, this_error, best)
     flat = high == low
-    return codes, torch.where(flat, torch.zeros_like(scale), scale), -minimum
+    return torch.where(flat, torch.zeros_like(scale), scale), -minimum
 
 
 def _scales_mins(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, rmin: float, rdelta: float,
@@ -142,7 +155,7 @@ def _scales_mins(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, rm
         weights = (sub.pow(2).mean(1, keepdim=True)).sqrt() + sub.abs()
     else:  # llama.cpp's weighting with an importance matrix
         weights = importance.view(-1, 32) * (sub.pow(2).mean(1, keepdim=True) + sub * sub).sqrt()
-    _, scales, mins = _scale_min_search(sub, weights, nmax, steps, rmin, rdelta)
+    scales, mins = _scale_min_search(sub, weights, nmax, steps, rmin, rdelta)
     d, dmin, ls, lm, step, offset = _super_scaled(scales.view(n, 8), mins.view(n, 8), 63)
     packed = torch.empty(n, 12, dtype=torch.uint8, device=x.device)
     packed[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
@@ -210,7 +223,7 @@ def _q2_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
         weights = sub.abs()
     else:
         weights = importance.view(-1, 16) * (sub.pow(2).mean(1, keepdim=True) + sub * sub).sqrt()
-    _, scales, mins = _scale_min_search(sub, weights, 3, 15, -0.5, 0.1)
+    scales, mins = _scale_min_search(sub, weights, 3, 15, -0.5, 0.1)
     d, dmin, ls, lm, step, offset = _super_scaled(scales.view(n, 16), mins.view(n, 16), 15)
     packed = ls | (lm << 4)
 
@@ -227,12 +240,13 @@ def _symmetric_search(x: torch.Tensor, nmax: int, importance: torch.Tensor | Non
     peak = x.gather(1, index)
     safe_peak = torch.where(peak != 0, peak, torch.ones_like(peak))
     weights = x * x if importance is None else x * x * importance
+    weighted_x = weights * x
     best_scale = torch.zeros_like(peak)
     best = torch.full_like(peak, -1.0)
     for step in range(-9, 10):
         inverse = -(nmax + 0.1 * step) / safe_peak
-        codes = torch.round(inverse * x).clamp(-nmax, nmax - 1)
-        sum_lx, sum_l2 = (weights * x * codes).sum(1, keepdim=True), (weights * codes * codes).sum(1, keepdim=True)
+        codes = torch.round(inverse * x).clamp_(-nmax, nmax - 1)
+        sum_lx, sum_l2 = (weighted_x * codes).sum(1, keepdim=True), (weights * codes * codes).sum(1, keepdim=True)
         scale = sum_lx / sum_l2.clamp(min=1e-30)
         gain = scale * sum_lx
         better = (sum_l2 > 0) & (gain > best)
