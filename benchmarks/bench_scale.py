@@ -61,7 +61,7 @@ def write_random_store(store: str, shape, codec: str, device: str, context: int 
         from transformers import AutoModelForCausalLM
         shapes = {name: tuple(p.shape) for name, p in AutoModelForCausalLM.from_config(config).named_parameters()}
 
-    def shape(name: str) -> tuple[int, ...]:
+    def tensor_shape(name: str) -> tuple[int, ...]:
         """A tensor's shape; `name[e]`: expert e's slice of a fused experts tensor (an expert unit's)."""
         fused, expert = parse_slice(name)
         return shapes[fused] if expert is None else shapes[fused][1:]
@@ -71,9 +71,9 @@ def write_random_store(store: str, shape, codec: str, device: str, context: int 
         tensors = {}
         for name in names:
             if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shape(name), dtype=torch.bfloat16, device=device)
+                tensors[name] = torch.ones(tensor_shape(name), dtype=torch.bfloat16, device=device)
             else:
-                tensors[name] = (torch.randn(shape(name), generator=gen, device=device) * WEIGHT_STD).bfloat16()
+                tensors[name] = (torch.randn(tensor_shape(name), generator=gen, device=device) * WEIGHT_STD).bfloat16()
         return tensors
 
     start = time.perf_counter()
