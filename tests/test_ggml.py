@@ -1,5 +1,7 @@
 """GGUF's quantized formats dequantized by tierstore's torch code give the `gguf` package's reference values, bit for
 bit, for every block layout."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,66 @@ def test_quantizing_in_chunks_writes_the_blocks_of_one_whole_call(monkeypatch, f
         assert torch.equal(ggml_quantize.quantize(format, values, weights), whole[name]), name
     with pytest.raises(ValueError, match="repeat evenly"):
         ggml_quantize.quantize(format, values, torch.ones(1000))
+
+
+@pytest.mark.parametrize("at_once", [1, 5, 32])
+@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_the_scale_searches_write_the_same_blocks_whatever_grids_and_rows_they_take_at_once(monkeypatch, format,
+                                                                                          at_once):
+    """The searches take some candidate grids at a time (a CPU one, a GPU all of them) over a bounded number of
+    rows at a time: 7 rows a chunk and 1, 5 or every grid at once write the blocks of the CPU's default, with and
+    without an importance matrix."""
+    from tierstore import ggml_quantize
+
+    torch.manual_seed(3)
+    values = torch.randn(256 * 8) * 0.02
+    values[::61] *= 10
+    importance = torch.rand(values.numel()) + 0.1
+    whole = [ggml_quantize.quantize(format, values, weights) for weights in (None, importance)]
+    monkeypatch.setattr(ggml_quantize, "GRIDS_AT_ONCE", (at_once, at_once))
+    monkeypatch.setattr(ggml_quantize, "GRID_ELEMENTS", (7 * 32 * at_once, 7 * 32 * at_once))
+    assert torch.equal(ggml_quantize.quantize(format, values), whole[0])
+    assert torch.equal(ggml_quantize.quantize(format, values, importance), whole[1])
+
+
+def test_the_scale_and_minimum_search_keeps_the_best_of_llama_cpps_grids():
+    """`_scale_min_search` against make_qkx2_quants transcribed row by row in float64: each row keeps the
+    candidate (the span's own scale and minimum on the nmax grid, or a grid's least-squares fit) with the least
+    weighted error of its grid's codes, up to float32 rounding (the search finds each error from its sums)."""
+    from tierstore import ggml_quantize
+
+    torch.manual_seed(4)
+    x = torch.randn(64, 32) * 0.02
+    x[0] = 0.0
+    x[1] = torch.linspace(0.01, 0.02, 32)  # all above zero: the minimum is clamped to zero
+    weights = x.abs() + x.pow(2).mean(1, keepdim=True).sqrt()
+    scale, neg_min = ggml_quantize._scale_min_search(x, weights, 15, 20, -1.0, 0.1)
+    for row in range(x.shape[0]):
+        v, w = x[row].double(), weights[row].double()
+        low, high = min(v.min().item(), 0.0), v.max().item()
+        if high == low:
+            assert scale[row].item() == 0
+            continue
+
+        def codes_on(grid):
+            return torch.round((v - low) * grid / (high - low)).clamp(0, 15)
+
+        def error(s, m, codes):
+            return (w * (s * codes + m - v) ** 2).sum().item()
+        candidates = [((high - low) / 15, low, error((high - low) / 15, low, codes_on(15)))]
+        for step in range(21):
+            codes = codes_on(-1.0 + 0.1 * step + 15)
+            sw, sl, sl2 = w.sum(), (w * codes).sum(), (w * codes * codes).sum()
+            sx, sxl = (w * v).sum(), (w * v * codes).sum()
+            det = sw * sl2 - sl * sl
+            if det <= 0:
+                continue
+            s, m = ((sw * sxl - sx * sl) / det).item(), ((sl2 * sx - sl * sxl) / det).item()
+            s, m = (sxl / sl2).item() if m > 0 else s, min(m, 0.0)
+            candidates.append((s, m, error(s, m, codes)))
+        best = min(err for _, _, err in candidates)
+        kept = [err for s, m, err in candidates
+                if math.isclose(s, scale[row].item(), rel_tol=1e-4) and math.isclose(m, -neg_min[row].item(),
+                                                                                   rel_tol=1e-4, abs_tol=1e-9)]
+        cancelled = 1e-5 * (w * v * v).sum().item()  # the float32 search's errors are differences of such sums
+        assert kept and min(kept) <= best + cancelled, (row, kept, best)

@@ -21,6 +21,7 @@ on a GPU. The blocks are the same bytes a GGUF would hold: ggml.py (and the `ggu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -29,6 +30,11 @@ import torch
 from .ggml import BLOCKS, CHUNK_ELEMENTS
 
 QK_K = 256
+# The scale searches' candidate grids taken at once, and their [rows, grids, values] temporaries' elements, on the
+# CPU and on a GPU: the CPU goes a grid at a time over rows that stay near its caches; a GPU takes every grid of
+# many rows at once, so that a small matrix (an MoE's expert) is a few hundred kernels, not a few thousand
+GRIDS_AT_ONCE = (1, 32)
+GRID_ELEMENTS = (1 << 19, 1 << 24)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,48 +106,90 @@ def _q8_0(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:  # its one 
     return Grid(d, torch.zeros_like(d), -127, 127, 32, pack)
 
 
+def _in_row_chunks(search: Callable[..., tuple[torch.Tensor, ...]], *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`search` over `rows` (tensors [rows, n] of one row count) a chunk of rows at a time, its results
+    concatenated: a chunk's [rows, grids at once, n] temporaries stay within GRID_ELEMENTS."""
+    count, width = rows[0].shape
+    on_gpu = rows[0].device.type == "cuda"
+    chunk = max(GRID_ELEMENTS[on_gpu] // (width * GRIDS_AT_ONCE[on_gpu]), 1)
+    parts = [search(*(r[begin:begin + chunk] for r in rows)) for begin in range(0, count, chunk)]
+    return tuple(torch.cat(column) for column in zip(*parts)) if len(parts) > 1 else parts[0]
+
+
+def _over_grids(factors: torch.Tensor, values: torch.Tensor,
+                codes_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                sums_of: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Each candidate grid's weighted sums [rows, grids], GRIDS_AT_ONCE grids at a time: `codes_of(factor, out)`
+    writes the codes of the values [rows, 1, n] on grids `factor` [rows, g, 1] into `out` [rows, g, n], and
+    `sums_of(codes, scratch)` gives their sums (each [rows, g]) using `scratch` (like `out`). The two buffers are
+    reused from grid to grid: a fresh temporary a grid was a fresh mapping of memory on a CPU, which cost more
+    than the arithmetic."""
+    at_once = GRIDS_AT_ONCE[factors.device.type == "cuda"]
+    buffers: dict[int, torch.Tensor] = {}
+    parts = []
+    for begin in range(0, factors.shape[1], at_once):
+        factor = factors[:, begin:begin + at_once].unsqueeze(2)
+        count = factor.shape[1]
+        if count not in buffers:
+            buffers[count] = torch.empty(2, values.shape[0], count, values.shape[2], device=values.device)
+        out, scratch = buffers[count]
+        parts.append(sums_of(codes_of(factor, out), scratch))
+    return tuple(torch.cat(column, 1) for column in zip(*parts)) if len(parts) > 1 else parts[0]
+
+
+def _first_best(candidates: torch.Tensor, valid: torch.Tensor, lowest: bool) -> torch.Tensor:
+    """Per row of `candidates` [rows, k], the index [rows, 1] of the first lowest (else highest) valid one, as a
+    sequential search that replaces its best only when strictly better does: column 0 (the starting point) always
+    counts, and a NaN never wins over it."""
+    worst = math.inf if lowest else -math.inf
+    scored = torch.where(valid & ~candidates.isnan(), candidates, torch.full_like(candidates, worst))
+    scored[:, 0] = torch.where(candidates[:, 0].isnan(), -worst, candidates[:, 0])  # a NaN start stays
+    return (scored.argmin(1) if lowest else scored.argmax(1)).unsqueeze(1)
+
+
 def _scale_min_search(x: torch.Tensor, weights: torch.Tensor, nmax: int, steps: int = 20, rmin: float = -1.0,
                       rdelta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """llama.cpp's make_qkx2_quants for rows of `x` [rows, n]: the scale and minimum (x ~ scale * code - minimum,
     codes in 0..nmax) minimizing the weighted squared error over candidate grids. Each grid's error comes from the
-    weighted sums its fit needs (sum w (s l + m - x)^2 expanded), not from another pass over the values: a grid
-    costs four passes (its codes, and w l, w l l, w l x summed), about half of computing the error directly."""
+    weighted sums its fit needs (sum w (s l + m - x)^2 expanded), not from another pass over the values; the fits
+    and the choice are made for all grids at once."""
+    grids = torch.tensor([nmax] + [rmin + rdelta * step + nmax for step in range(steps + 1)], device=x.device)
+    return _in_row_chunks(functools.partial(_scale_min_rows, nmax=nmax, grids=grids), x, weights)
+
+
+def _scale_min_rows(x: torch.Tensor, weights: torch.Tensor, nmax: int,
+                    grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     low = x.amin(1, keepdim=True).clamp(max=0)
     high = x.amax(1, keepdim=True)
     span = (high - low).clamp(min=1e-30)
-    shifted = x - low
     sum_w, sum_x = weights.sum(1, keepdim=True), (weights * x).sum(1, keepdim=True)
     sum_x2 = (weights * x * x).sum(1, keepdim=True)
+    shifted, weights, x = (x - low).unsqueeze(1), weights.unsqueeze(1), x.unsqueeze(1)
 
-    def fitted(grid: float) -> tuple[torch.Tensor, ...]:
-        """The codes on `grid` levels across the span, and their weighted sums (l, l², x l)."""
-        codes = torch.round(shifted * (grid / span)).clamp_(0, nmax)
-        weighted = weights * codes
-        return (weighted.sum(1, keepdim=True), (weighted * codes).sum(1, keepdim=True),
-                (weighted * x).sum(1, keepdim=True))
+    def codes(factor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mul(shifted, factor, out=out).round_().clamp_(0, nmax)
 
-    def error(scale: torch.Tensor, minimum: torch.Tensor, sum_l: torch.Tensor, sum_l2: torch.Tensor,
-              sum_xl: torch.Tensor) -> torch.Tensor:
+    def sums(codes: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weighted = torch.mul(weights, codes, out=scratch)  # then l, l², x l (the codes are not needed after l²)
+        return weighted.sum(2), codes.mul_(weighted).sum(2), weighted.mul_(x).sum(2)
+    sum_l, sum_l2, sum_xl = _over_grids(span.reciprocal() * grids, shifted, codes, sums)
+
+    def error(scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
         return (scale * scale * sum_l2 + 2 * scale * minimum * sum_l + minimum * minimum * sum_w
                 - 2 * scale * sum_xl - 2 * minimum * sum_x + sum_x2)
 
-    scale, minimum = span / nmax, low
-    best = error(scale, minimum, *fitted(nmax))
-    for step in range(steps + 1):
-        sum_l, sum_l2, sum_xl = fitted(rmin + rdelta * step + nmax)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        safe = torch.where(det > 0, det, torch.ones_like(det))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
-        positive = this_min > 0  # the minimum may not be above zero: fit the scale alone
-        this_scale = torch.where(positive, sum_xl / sum_l2.clamp(min=1e-30), this_scale)
-        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-        this_error = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
-        better = (det > 0) & (this_error < best)
-        scale, minimum = torch.where(better, this_scale, scale), torch.where(better, this_min, minimum)
-        best = torch.where(better, this_error, best)
-    flat = high == low
-    return torch.where(flat, torch.zeros_like(scale), scale), -minimum
+    # each grid's least-squares fit (the first grid's candidate: the span's own scale and minimum, unfitted)
+    det = sum_w * sum_l2 - sum_l * sum_l
+    safe = torch.where(det > 0, det, torch.ones_like(det))
+    scale = (sum_w * sum_xl - sum_x * sum_l) / safe
+    minimum = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+    positive = minimum > 0  # the minimum may not be above zero: fit the scale alone
+    scale = torch.where(positive, sum_xl / sum_l2.clamp(min=1e-30), scale)
+    minimum = torch.where(positive, torch.zeros_like(minimum), minimum)
+    scale[:, :1], minimum[:, :1] = span / nmax, low
+    best = _first_best(error(scale, minimum), det > 0, lowest=True)
+    scale, minimum = scale.gather(1, best), minimum.gather(1, best)
+    return torch.where(high == low, torch.zeros_like(scale), scale), -minimum
 
 
 def _scales_mins(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, rmin: float, rdelta: float,
@@ -236,22 +284,31 @@ def _q2_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
 def _symmetric_search(x: torch.Tensor, nmax: int, importance: torch.Tensor | None) -> torch.Tensor:
     """llama.cpp's make_qx_quants (rmse_type 1) for rows of `x`: the scale of codes in -nmax..nmax-1 minimizing
     the squared error weighted by x² (times the importance, when given), searched over 19 grids."""
+    weights = x * x if importance is None else x * x * importance
+    levels = torch.tensor([-(nmax + 0.1 * step) for step in range(-9, 10)], device=x.device)
+    return _in_row_chunks(functools.partial(_symmetric_rows, nmax=nmax, levels=levels), x, weights)[0].view(-1)
+
+
+def _symmetric_rows(x: torch.Tensor, weights: torch.Tensor, nmax: int, levels: torch.Tensor) -> tuple[torch.Tensor]:
     index = x.abs().argmax(1, keepdim=True)
     peak = x.gather(1, index)
     safe_peak = torch.where(peak != 0, peak, torch.ones_like(peak))
-    weights = x * x if importance is None else x * x * importance
-    weighted_x = weights * x
-    best_scale = torch.zeros_like(peak)
-    best = torch.full_like(peak, -1.0)
-    for step in range(-9, 10):
-        inverse = -(nmax + 0.1 * step) / safe_peak
-        codes = torch.round(inverse * x).clamp_(-nmax, nmax - 1)
-        sum_lx, sum_l2 = (weighted_x * codes).sum(1, keepdim=True), (weights * codes * codes).sum(1, keepdim=True)
-        scale = sum_lx / sum_l2.clamp(min=1e-30)
-        gain = scale * sum_lx
-        better = (sum_l2 > 0) & (gain > best)
-        best_scale, best = torch.where(better, scale, best_scale), torch.where(better, gain, best)
-    return torch.where(peak != 0, best_scale, torch.zeros_like(best_scale)).view(-1)
+    weighted_x, weights, values = (weights * x).unsqueeze(1), weights.unsqueeze(1), x.unsqueeze(1)
+
+    def codes(inverse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mul(inverse, values, out=out).round_().clamp_(-nmax, nmax - 1)
+
+    def sums(codes: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x l, l²
+        sum_lx = torch.mul(weighted_x, codes, out=scratch).sum(2)
+        return sum_lx, torch.mul(weights, codes, out=scratch).mul_(codes).sum(2)
+    sum_lx, sum_l2 = _over_grids(safe_peak.reciprocal() * levels, values, codes, sums)
+    scale = sum_lx / sum_l2.clamp(min=1e-30)
+    # a first column for the start: scale 0, gain -1 (any grid that fits beats it)
+    scale = torch.cat([torch.zeros_like(peak), scale], 1)
+    gain = torch.cat([torch.full_like(peak, -1.0), scale[:, 1:] * sum_lx], 1)
+    valid = torch.cat([torch.ones_like(peak, dtype=torch.bool), sum_l2 > 0], 1)
+    best = scale.gather(1, _first_best(gain, valid, lowest=False))
+    return (torch.where(peak != 0, best, torch.zeros_like(best)),)
 
 
 def _q6_k(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:
