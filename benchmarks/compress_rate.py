@@ -80,6 +80,7 @@ def main() -> None:
     if args.as_gpu:
         ggml_quantize.GRIDS_AT_ONCE = (ggml_quantize.GRIDS_AT_ONCE[1],) * 2
         ggml_quantize.GRID_ELEMENTS = (ggml_quantize.GRID_ELEMENTS[1],) * 2
+        ggml_quantize.CPU_CHUNK_ELEMENTS = ggml_quantize.CHUNK_ELEMENTS
     device = torch.device(args.device)
     layout, buffer = unit(UNITS[args.unit])
     matrices = set(UNITS[args.unit])

@@ -34,7 +34,9 @@ QK_K = 256
 # CPU and on a GPU: the CPU goes a grid at a time over rows that stay near its caches; a GPU takes every grid of
 # many rows at once, so that a small matrix (an MoE's expert) is a few hundred kernels, not a few thousand
 GRIDS_AT_ONCE = (1, 32)
-GRID_ELEMENTS = (1 << 19, 1 << 24)
+GRID_ELEMENTS = (1 << 20, 1 << 24)
+CPU_CHUNK_ELEMENTS = 1 << 20  # values a CPU quantizes at a time (a GPU: CHUNK_ELEMENTS): their temporaries stay in
+# its caches (28 M values in Q4_K on two cores: 1.46 s in chunks of 2^24, 0.79 s in chunks of 2^20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +64,15 @@ def quantize(format: str, values: torch.Tensor, importance: torch.Tensor | None 
     `importance`: one non-negative weight per value, or one per column repeated down the rows (a length that divides
     the values'); None: all equal. Blocks are independent, so the values go CHUNK_ELEMENTS at a time: the searches'
     float32 temporaries are several times their input, and a whole MoE layer's experts are hundreds of millions
-    of values (7.4 GB of device memory for a 4 GB budget's q8_0 store, unchunked)."""
+    of values (7.4 GB of device memory for a 4 GB budget's q8_0 store, unchunked); a CPU goes CPU_CHUNK_ELEMENTS
+    at a time."""
     elements, nbytes = BLOCKS[format]
     columns = importance is not None and importance.numel() != values.numel()  # one weight per column
     if columns and values.numel() % importance.numel():
         raise ValueError(f"{importance.numel()} importance weights do not repeat evenly over {values.numel()} values")
     period = math.lcm(elements, importance.numel()) if columns else elements
-    step = max(CHUNK_ELEMENTS // period, 1) * period
+    chunk = CHUNK_ELEMENTS if values.device.type == "cuda" else min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS)
+    step = max(chunk // period, 1) * period
     out = torch.empty(values.numel() // elements * nbytes, dtype=torch.uint8, device=values.device)
     importance = importance.to(values.device) if importance is not None else None
     for begin in range(0, values.numel(), step):
