@@ -204,3 +204,31 @@ def test_gptq_rounding_is_refused_where_it_cannot_apply(tiny_dirs, tmp_path, cap
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="compression.rounding = gptq fits codes"):
         Codec.create("q4_k", rounding="gptq")
+
+
+@pytest.mark.parametrize("rows,columns", [(24, 300), (300, 24)])
+def test_the_column_loop_rounds_as_gptq_written_plainly(rows, columns):
+    """`_round_columns` (transposed, in place, batched lazily) against GPTQ's loop as the paper gives it: each
+    column rounded on its grid, its error over H^-1's diagonal folded at once into every later column. The codes
+    agree but for the odd rounding tie their different summation orders move; a zero step keeps its code 0."""
+    from tierstore.gptq import _inverse_cholesky, _round_columns
+
+    generator = torch.Generator().manual_seed(7)
+    w = torch.randn(rows, columns, generator=generator) * 0.02
+    inputs = _correlated_inputs(columns, tokens=2048)
+    h = inputs.T @ inputs
+    upper = _inverse_cholesky(h + 0.1 * h.diagonal().mean() * torch.eye(columns))
+    step = torch.full((rows, columns), 0.004)
+    step[:, 3] = 0
+    offset = torch.full((rows, columns), 0.03)
+    plain, codes = w.clone(), torch.empty_like(w)
+    for j in range(columns):
+        code = torch.where(step[:, j] != 0, torch.round((plain[:, j] + offset[:, j]) / torch.where(
+            step[:, j] != 0, step[:, j], 1.0)).clamp(0, 15), 0.0)
+        error = (plain[:, j] - (code * step[:, j] - offset[:, j])) / upper[j, j]
+        plain[:, j + 1:] -= error[:, None] * upper[j, j + 1:][None, :]
+        codes[:, j] = code
+    got = _round_columns(w.clone(), upper, step, offset, 0, 15)
+    assert got.shape == (rows, columns)
+    assert (got == codes).float().mean() > 0.99
+    assert torch.equal(got[:, 3], torch.zeros(rows))

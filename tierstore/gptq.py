@@ -57,21 +57,26 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
 
 def _round_columns(w: torch.Tensor, upper: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, low: int,
                    high: int) -> torch.Tensor:
-    """GPTQ's loop over the columns of `w` (changed in place): codes [rows, columns] as floats."""
+    """GPTQ's loop over the columns of `w` [rows, columns]: codes [rows, columns] as floats. It runs on the
+    transposes, a column a contiguous row, each step written in place: a column is about ten small kernels, and
+    the rank-1 update of the batch's later columns one (`addr_`), with no temporaries."""
     columns = w.shape[1]
+    w, step, offset = w.t().contiguous(), step.t().contiguous(), offset.t().contiguous()
+    flat = step == 0
+    safe = torch.where(flat, torch.ones_like(step), step)
     codes = torch.empty_like(w)
-    safe = torch.where(step != 0, step, torch.ones_like(step))
     for first in range(0, columns, COLUMNS_PER_BATCH):
         last = min(first + COLUMNS_PER_BATCH, columns)
-        errors = torch.empty(w.shape[0], last - first, device=w.device)
+        errors = torch.empty(last - first, w.shape[1], device=w.device)
         for j in range(first, last):
-            code = torch.round((w[:, j] + offset[:, j]) / safe[:, j]).clamp(low, high)
-            code = torch.where(step[:, j] != 0, code, torch.zeros_like(code))
-            error = (w[:, j] - (code * step[:, j] - offset[:, j])) / upper[j, j]
-            w[:, j + 1:last] -= error[:, None] * upper[j, j + 1:last][None, :]
-            codes[:, j], errors[:, j - first] = code, error
-        w[:, last:] -= errors @ upper[first:last, last:]
-    return codes
+            code = torch.add(w[j], offset[j], out=codes[j]).div_(safe[j]).round_().clamp_(low, high)
+            code.masked_fill_(flat[j], 0)
+            # (w - (code * step - offset)) / upper[j, j]: the column's error, leaned on by the later columns
+            error = torch.mul(code, step[j], out=errors[j - first]).sub_(offset[j]).neg_().add_(w[j])
+            error.div_(upper[j, j])
+            w[j + 1:last].addr_(upper[j, j + 1:last], error, alpha=-1)
+        w[last:].addmm_(upper[first:last, last:].t(), errors, alpha=-1)
+    return codes.t()
 
 
 def blocks_key(name: str, format: str) -> str:
