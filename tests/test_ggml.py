@@ -127,8 +127,8 @@ def test_quantizing_in_chunks_writes_the_blocks_of_one_whole_call(monkeypatch, f
 def test_the_scale_searches_write_the_same_blocks_whatever_grids_and_rows_they_take_at_once(monkeypatch, format,
                                                                                           at_once):
     """The searches take some candidate grids at a time (a CPU one, a GPU all of them) over a bounded number of
-    rows at a time: 7 rows a chunk and 1, 5 or every grid at once write the blocks of the CPU's default, with and
-    without an importance matrix."""
+    rows at a time: chunks of 7 to 26 rows and 1, 5 (the last few grids a smaller group) or every grid at once
+    write the blocks of the CPU's default, with and without an importance matrix."""
     from tierstore import ggml_quantize
 
     torch.manual_seed(3)

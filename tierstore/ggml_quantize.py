@@ -110,12 +110,13 @@ def _q8_0(x: torch.Tensor, importance: torch.Tensor | None) -> Grid:  # its one 
     return Grid(d, torch.zeros_like(d), -127, 127, 32, pack)
 
 
-def _in_row_chunks(search: Callable[..., tuple[torch.Tensor, ...]], *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _in_row_chunks(search: Callable[..., tuple[torch.Tensor, ...]], grids: int,
+                   *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`search` over `rows` (tensors [rows, n] of one row count) a chunk of rows at a time, its results
-    concatenated: a chunk's [rows, grids at once, n] temporaries stay within GRID_ELEMENTS."""
+    concatenated: a chunk's [rows, grids at once (of `grids`), n] temporaries stay within GRID_ELEMENTS."""
     count, width = rows[0].shape
     on_gpu = rows[0].device.type == "cuda"
-    chunk = max(GRID_ELEMENTS[on_gpu] // (width * GRIDS_AT_ONCE[on_gpu]), 1)
+    chunk = max(GRID_ELEMENTS[on_gpu] // (width * min(GRIDS_AT_ONCE[on_gpu], grids)), 1)
     parts = [search(*(r[begin:begin + chunk] for r in rows)) for begin in range(0, count, chunk)]
     return tuple(torch.cat(column) for column in zip(*parts)) if len(parts) > 1 else parts[0]
 
@@ -128,15 +129,12 @@ def _over_grids(factors: torch.Tensor, values: torch.Tensor,
     `sums_of(codes, scratch)` gives their sums (each [rows, g]) using `scratch` (like `out`). The two buffers are
     reused from grid to grid: a fresh temporary a grid was a fresh mapping of memory on a CPU, which cost more
     than the arithmetic."""
-    at_once = GRIDS_AT_ONCE[factors.device.type == "cuda"]
-    buffers: dict[int, torch.Tensor] = {}
+    at_once = min(GRIDS_AT_ONCE[factors.device.type == "cuda"], factors.shape[1])
+    buffers = torch.empty(2, values.shape[0], at_once, values.shape[2], device=values.device)
     parts = []
     for begin in range(0, factors.shape[1], at_once):
         factor = factors[:, begin:begin + at_once].unsqueeze(2)
-        count = factor.shape[1]
-        if count not in buffers:
-            buffers[count] = torch.empty(2, values.shape[0], count, values.shape[2], device=values.device)
-        out, scratch = buffers[count]
+        out, scratch = buffers[:, :, :factor.shape[1]]  # the last grids may be fewer
         parts.append(sums_of(codes_of(factor, out), scratch))
     return tuple(torch.cat(column, 1) for column in zip(*parts)) if len(parts) > 1 else parts[0]
 
@@ -158,7 +156,7 @@ def _scale_min_search(x: torch.Tensor, weights: torch.Tensor, nmax: int, steps: 
     weighted sums its fit needs (sum w (s l + m - x)^2 expanded), not from another pass over the values; the fits
     and the choice are made for all grids at once."""
     grids = torch.tensor([nmax] + [rmin + rdelta * step + nmax for step in range(steps + 1)], device=x.device)
-    return _in_row_chunks(functools.partial(_scale_min_rows, nmax=nmax, grids=grids), x, weights)
+    return _in_row_chunks(functools.partial(_scale_min_rows, nmax=nmax, grids=grids), len(grids), x, weights)
 
 
 def _scale_min_rows(x: torch.Tensor, weights: torch.Tensor, nmax: int,
@@ -290,7 +288,8 @@ def _symmetric_search(x: torch.Tensor, nmax: int, importance: torch.Tensor | Non
     the squared error weighted by x² (times the importance, when given), searched over 19 grids."""
     weights = x * x if importance is None else x * x * importance
     levels = torch.tensor([-(nmax + 0.1 * step) for step in range(-9, 10)], device=x.device)
-    return _in_row_chunks(functools.partial(_symmetric_rows, nmax=nmax, levels=levels), x, weights)[0].view(-1)
+    search = functools.partial(_symmetric_rows, nmax=nmax, levels=levels)
+    return _in_row_chunks(search, len(levels), x, weights)[0].view(-1)
 
 
 def _symmetric_rows(x: torch.Tensor, weights: torch.Tensor, nmax: int, levels: torch.Tensor) -> tuple[torch.Tensor]:
