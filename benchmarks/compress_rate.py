@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 import tierstore  # noqa: F401  (maps the checkout's packages)
 from tierstore import ggml_quantize
 from tierstore.compression import Codec, compress_unit
+from tierstore.errors import ConfigError
 from tierstore.units import UnitLayout
 
 UNITS = {"expert": {"gate_proj": (768, 2048), "up_proj": (768, 2048), "down_proj": (2048, 768)},
@@ -81,12 +82,15 @@ def main() -> None:
         ggml_quantize.GRIDS_AT_ONCE = (ggml_quantize.GRIDS_AT_ONCE[1],) * 2
         ggml_quantize.GRID_ELEMENTS = (ggml_quantize.GRID_ELEMENTS[1],) * 2
         ggml_quantize.CPU_CHUNK_ELEMENTS = ggml_quantize.CHUNK_ELEMENTS
+    try:
+        codecs = {name: Codec.create(name) for name in args.formats.split(",")}
+    except ConfigError as exc:
+        parser.error(str(exc))
     device = torch.device(args.device)
     layout, buffer = unit(UNITS[args.unit])
     matrices = set(UNITS[args.unit])
     rows = {}
-    for name in args.formats.split(","):
-        codec = Codec.create(name)
+    for name, codec in codecs.items():
 
         def run(codec=codec):
             compress_unit(layout, buffer, matrices, codec, device)
