@@ -960,6 +960,29 @@ def test_quantizing_a_large_matrix_on_the_gpu_takes_little_beyond_its_blocks():
     assert torch.equal(blocks[:(1 << 20) // 32 * 34].cpu(), ggml_quantize.quantize("Q8_0", part))
 
 
+@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_the_k_quants_searched_on_the_gpu_are_the_cpus_blocks(format):
+    """A k-quant searched on the GPU (every grid at once, 2^24 values a chunk) against the CPU (one grid at a time,
+    2^20 a chunk), an MoE expert's matrix with and without an importance matrix: the blocks agree but for rounding
+    ties (float32 sums in another order), and the GPU's error is the CPU's."""
+    from tierstore import ggml, ggml_quantize
+
+    generator = torch.Generator().manual_seed(3)
+    values = (torch.randn(768 * 2048, generator=generator) * 0.02).to(torch.bfloat16)
+    importance = torch.rand(768 * 2048, generator=generator) + 0.1
+    for weights in (None, importance):
+        on_cpu = ggml_quantize.quantize(format, values, weights)
+        on_gpu = ggml_quantize.quantize(format, values.cuda(), None if weights is None else weights.cuda()).cpu()
+        assert on_gpu.shape == on_cpu.shape
+        assert (on_gpu != on_cpu).double().mean() < 1e-3
+        errors = []
+        for blocks in (on_cpu, on_gpu):
+            out = torch.empty(values.numel())
+            ggml.dequantize(format, blocks, out)
+            errors.append(((out - values.float()) ** 2).sum().item())
+        assert errors[1] <= errors[0] * 1.001
+
+
 def test_gptq_rounds_on_the_gpu_as_well_as_on_the_cpu():
     """GPTQ on CUDA (where a store is quantized on a GPU machine): its blocks' output error within 2% of the CPU's
     for the same matrix and inputs (float32 sums in another order may round a few codes the other way), and well

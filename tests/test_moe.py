@@ -4,6 +4,7 @@ Every MoE architecture transformers ships whose experts it dispatches through it
 must give transformers' own greedy tokens under budgets that keep most experts off the device; the bytes the
 experts' tiers move must be the routed experts' bytes, counted independently from transformers' own routing.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -425,6 +426,15 @@ def test_the_cost_model_gives_the_cpu_the_cheap_cold_misses_while_that_shortens_
     # at equal tokens, the coldest go to the CPU and the hot ones are copied into slots, where they hit again
     heat = {expert: 100 * (expert % 2) for expert in range(8)}
     assert set(split_misses(one_token, 10**7, even, heat)) == {0, 2, 4, 6}
+    # a compressed expert the CPU must dequantize first takes that much longer there: dequantizing as long as a
+    # copy halves the CPU's pace (2 of 8, not 4); longer than every copy, nothing goes to the CPU
+    unpacking = dataclasses.replace(even, host_unpack_s=even.copy_s(10**7))
+    assert len(split_misses(one_token, 10**7, unpacking)) == 2
+    assert split_misses(one_token, 10**7, dataclasses.replace(even, host_unpack_s=8 * even.copy_s(10**7))) == []
+    assert len(split_misses(one_token, 10**7, dataclasses.replace(even, host_unpack_s=5e-4))) == 3  # 4 without
+    # measured dequantization: taken as it is the first time, then moved a fifth of the way
+    assert even.unpacked(2e-3).host_unpack_s == 2e-3
+    assert even.unpacked(2e-3).unpacked(1e-3).host_unpack_s == pytest.approx(1.8e-3)
     # work the costs put at 1 s took 4 s: both CPU rates move a fifth of the way toward a quarter of themselves
     slower = ExpertCosts(10.0, 40.0, 20.0).observed(predicted_s=1.0, seconds=4.0)
     assert (slower.host_gbps, slower.host_gbps_32, slower.link_gbps) == pytest.approx((34.0, 17.0, 10.0))

@@ -11,6 +11,7 @@ from test_moe import NEW_TOKENS, _reference, _saved
 
 import tierstore
 from tierstore.compression import PACKED
+from tierstore.policies.experts import ExpertCosts
 
 ROUTERS = (".mlp.gate.",)  # kept as they are (a unit of their own, read to predict; llama.cpp keeps ffn_gate_inp)
 
@@ -77,12 +78,18 @@ def test_compressed_experts_stream_packed_and_equal_transformers_with_the_same_w
         assert PACKED in streamed.experts.store.layouts[first.keys[0]].slots
         plain_bytes = sum(model.get_submodule(first.name)._parameters[attr][0].nbytes for attr, _ in first.attrs)
         assert experts.expert_bytes * 3 < plain_bytes  # float32 experts: 4-bit is about a seventh
+        if compute == "host":  # rates as a probe gives them: the run learns what the CPU's dequantization costs
+            streamed.experts.costs = ExpertCosts(link_gbps=10.0, host_gbps=10.0, host_gbps_32=10.0)
         got = streamed.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0).tolist()
         report = streamed.report()
+        costs = streamed.experts.costs
     assert got == want
     assert (report.experts["host_computed"] > 0) == (compute == "host")
     assert (report.experts["mapped_pairs"] > 0) == (compute == "mapped")
     assert report.tiers["experts device"].bytes_in % experts.expert_bytes == 0  # packed experts crossed
+    if compute == "host":  # the CPU's dequantization is timed apart, and the split's costs learn it
+        assert 0 < report.experts["host_unpack_s"] < report.experts["host_s"]
+        assert costs.host_unpack_s > 0
 
 
 @pytest.mark.parametrize("alike", [True, False])

@@ -191,13 +191,14 @@ def _experts_tables(data: dict[str, Any]) -> list[Table]:
                     str(data["chunked_calls"]))
     misses = Table(title="experts: misses")
     for column in ("copied/pass", "copied/token", "read in place/pass", "CPU-computed/pass", "CPU tokens/expert",
-                   "CPU GB/s", "host work/layer call"):
+                   "CPU GB/s", "CPU time dequantizing", "host work/layer call"):
         misses.add_column(column, justify="right")
     misses.add_row(_fmt(data["h2d_bytes_per_pass"], "{}", format_size),
                    _fmt(data["h2d_bytes_per_token"], "{}", format_size),
                    _fmt(data["mapped_bytes_per_pass"], "{}", format_size),
                    _fmt(data["host_computed_per_pass"], "{:.1f}"), _fmt(data.get("host_tokens_per_expert"), "{:.1f}"),
                    _fmt(data["cpu_gbps"], "{:.1f}"),
+                   _fmt(data["host_unpack_s"] / data["host_s"] if data["host_s"] else None, "{:.0%}"),
                    _fmt(data["host_work_s_per_call"], "{:.2e} s"))
     return [routing, misses]
 

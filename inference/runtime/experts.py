@@ -119,6 +119,7 @@ class ExpertStats:
     host_computed: int = 0  # missed experts the CPU computed instead of copying
     host_bytes: int = 0  # their weight bytes, read by the CPU
     host_s: float = 0.0  # the CPU's time computing them
+    host_unpack_s: float = 0.0  # of which dequantizing them (compressed experts)
     host_pairs: int = 0  # (token, expert) pairs of those: pairs / experts is the tokens an expert the CPU got
     host_calls: int = 0  # layer calls in which the CPU computed some
     mapped_pairs: int = 0  # (token, expert) pairs whose expert the device read in place (mapped_experts.py)
@@ -143,6 +144,7 @@ class ExpertStats:
                 "prefetch_copied": self.prefetch_copied,
                 "prefetch_used_share": self.prefetch_used / self.prefetch_copied if self.prefetch_copied else None,
                 "host_computed": self.host_computed, "host_bytes": self.host_bytes, "host_s": self.host_s,
+                "host_unpack_s": self.host_unpack_s,
                 "cpu_gbps": self.host_bytes / self.host_s / 1e9 if self.host_s else None,
                 "host_pairs": self.host_pairs, "host_calls": self.host_calls,
                 "host_tokens_per_expert": self.host_pairs / self.host_computed if self.host_computed else None,
@@ -566,11 +568,13 @@ class ExpertRunner:
         keys = [group.keys[e] for e in experts]
         tensors = self.store.get_host_many(keys)
         start_s = time.perf_counter()
+        unpack_s = 0.0
         try:
             with cpu_threads(host_threads(self._device, torch.get_num_threads())):  # cores kept for GPU waits
                 if self._unpacker is not None:  # dequantized by the CPU first
                     tensors = [self._unpacker.on_host(_names(group, e), self._packed[group.keys[e]], unit)
                                for e, unit in zip(experts, tensors)]
+                    unpack_s = time.perf_counter() - start_s
                 weights = [{attr: tensor for (attr, _), tensor in zip(group.attrs, _values(unit))}
                            for unit in tensors]
                 total = host_outputs(group.module, experts, weights, routed, top_k, hidden, routing_weights,
@@ -579,10 +583,13 @@ class ExpertRunner:
             self.store.release_host_many(keys)
         elapsed_s = time.perf_counter() - start_s
         tokens = [pairs[expert] for expert in experts]
-        if self.costs is not None and elapsed_s > 0:  # the CPU's rates as this run gets them
-            predicted_s = sum(self.costs.host_s(self._host_work_bytes, count) for count in tokens)
-            self.costs = self.costs.observed(predicted_s, elapsed_s)
+        if self.costs is not None and elapsed_s > unpack_s:  # the CPU's rates as this run gets them
+            predicted_s = sum(self.costs.host_linear_s(self._host_work_bytes, count) for count in tokens)
+            self.costs = self.costs.observed(predicted_s, elapsed_s - unpack_s)
+            if unpack_s:
+                self.costs = self.costs.unpacked(unpack_s / len(experts))
         self.stats.host_s += elapsed_s
+        self.stats.host_unpack_s += unpack_s
         self.stats.host_pairs += sum(tokens)
         self.stats.host_calls += 1
         self.stats.host_computed += len(experts)
