@@ -851,7 +851,7 @@ def test_ggml_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantized_
         assert (out.double().cpu() - want).abs().max() <= tolerance * scale
 
 
-@pytest.mark.parametrize("format", ["Q4_K", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 @pytest.mark.parametrize("align", [None, 16, 1])
 def test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_own_inputs(format, align):
     """The grouped launch (a decode step's experts), compiled: 8 matrices of Qwen3-30B-A3B's expert shape (1536 x
