@@ -19,7 +19,8 @@ the same shape built on the GPU with random weights of its own (61 GB, which an 
 work, other values, so its tokens are not compared:
     python benchmarks/bench_moe.py --out $OUT --layers 48 --format q4_k --only "resident grouped_mm;..."
 `--profile` adds each tierstore row's profiled decode steps (GPU kernel and idle time, the top kernels);
-`--at-offsets` has compressed experts multiplied in their blocks where they lie (off by default until checked).
+`--gathered` has compressed experts' blocks gathered from their slots before they are multiplied (before
+2026-12-07; the default multiplies them where they lie).
 """
 from __future__ import annotations
 
@@ -138,9 +139,9 @@ def child(args: argparse.Namespace) -> None:
     if args.system == "tierstore":
         import tierstore
 
-        if args.at_offsets:  # experts multiplied where they lie (off on GPUs until checked there)
+        if args.gathered:  # experts' blocks gathered first, not multiplied where they lie
             from tierstore.inference.runtime import packed_experts
-            packed_experts.AT_OFFSETS_DEVICES = ("cuda",)
+            packed_experts.AT_OFFSETS_DEVICES = ()
 
         experts = json.loads(args.experts)
         config = {"runtime": {"cache_dir": args.cache}, "experts": experts,
@@ -244,8 +245,8 @@ def main() -> None:
     parser.add_argument("--compress", default="none", help="(a row's) compression.format")
     parser.add_argument("--profile", action="store_true", help="profile 8 decode steps of each tierstore row "
                         "(GPU kernel time, idle time, copies, the top kernels a step; the trace into --out)")
-    parser.add_argument("--at-offsets", action="store_true", help="tierstore rows multiply compressed experts' "
-                        "blocks where they lie (packed_experts.AT_OFFSETS_DEVICES = cuda), nothing gathered")
+    parser.add_argument("--gathered", action="store_true", help="tierstore rows gather compressed experts' "
+                        "blocks from their slots before multiplying them (packed_experts.AT_OFFSETS_DEVICES = ())")
     parser.add_argument("--format", default="none", help="write the model as a store of this compression.format "
                         "from random weights (no bf16 checkpoint on disk); none: a bf16 checkpoint")
     args = parser.parse_args()
@@ -268,7 +269,7 @@ def main() -> None:
                                        "--model", args.model, "--cache", args.cache, "--vram", vram,
                                        "--layers", str(args.layers), "--format", args.format, "--out", args.out,
                                        *(["--profile"] if args.profile else []),
-                                       *(["--at-offsets"] if args.at_offsets else []),
+                                       *(["--gathered"] if args.gathered else []),
                                        "--ram", args.ram if args.ram and system == "tierstore" else ram,
                                        "--tokens", str(tokens), "--compress", compress], log, script=__file__)
             print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),
