@@ -36,6 +36,7 @@ SHAPES = {  # model type, config fields
                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}),
 }
 WEIGHT_STD = 0.02
+PROGRESS_UNITS = 512  # write_random_store prints a line each time it has been asked for this many units
 
 
 def model_config(shape: str, context: int = 4096):
@@ -66,7 +67,12 @@ def write_random_store(store: str, shape, codec: str, device: str, context: int 
         fused, expert = parse_slice(name)
         return shapes[fused] if expert is None else shapes[fused][1:]
 
+    asked, start = [0], time.perf_counter()
+
     def unit_tensors(key: str, names: list[str]) -> dict[str, torch.Tensor]:
+        asked[0] += 1
+        if asked[0] % PROGRESS_UNITS == 0:  # a line now and then: a killed write shows how far it got, at what pace
+            print(f"  {asked[0] - 1} units written in {time.perf_counter() - start:.1f} s", flush=True)
         gen = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
         tensors = {}
         for name in names:
@@ -76,7 +82,6 @@ def write_random_store(store: str, shape, codec: str, device: str, context: int 
                 tensors[name] = (torch.randn(tensor_shape(name), generator=gen, device=device) * WEIGHT_STD).bfloat16()
         return tensors
 
-    start = time.perf_counter()
     write_store(store, config, unit_tensors, torch.bfloat16, codec=Codec.create(codec) if codec != "none" else None,
                 device=device, tokenizer=word_tokenizer(config.vocab_size))
     nbytes = sum(entry.stat().st_size for entry in os.scandir(os.path.join(store, "units")))
