@@ -228,7 +228,7 @@ def test_the_column_loop_rounds_as_gptq_written_plainly(rows, columns):
         error = (plain[:, j] - (code * step[:, j] - offset[:, j])) / upper[j, j]
         plain[:, j + 1:] -= error[:, None] * upper[j, j + 1:][None, :]
         codes[:, j] = code
-    got = _round_columns(w.clone(), upper, step, offset, 0, 15)
+    got = _round_columns(w.t().contiguous(), upper, step.t().contiguous(), offset.t().contiguous(), 0, 15).t()
     assert got.shape == (rows, columns)
     assert (got == codes).float().mean() > 0.99
     assert torch.equal(got[:, 3], torch.zeros(rows))

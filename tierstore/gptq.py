@@ -31,7 +31,7 @@ def quantize_gptq(format: str, weight: torch.Tensor, hessian: torch.Tensor, damp
     if hessian.shape != (columns, columns):
         raise ValueError(f"hessian is {tuple(hessian.shape)}; a matrix of {columns} columns needs "
                          f"({columns}, {columns})")
-    w = weight.float().clone()
+    w = weight.float()
     h = hessian.to(w.device, torch.float32).clone()
     diagonal = h.diagonal()
     unseen = diagonal <= 0
@@ -41,12 +41,12 @@ def quantize_gptq(format: str, weight: torch.Tensor, hessian: torch.Tensor, damp
     step = found.step.expand(-1, found.sub).reshape(rows, columns)
     offset = found.offset.expand(-1, found.sub).reshape(rows, columns)
     order = torch.argsort(diagonal, descending=True) if act_order else torch.arange(columns, device=w.device)
-    w, step, offset = w[:, order], step[:, order], offset[:, order]
     h = h[order][:, order]
     h.diagonal().add_(damping * float(h.diagonal().mean()))
     upper = _inverse_cholesky(h)
-    codes = _round_columns(w, upper, step, offset, found.low, found.high)
-    return found.pack(codes[:, torch.argsort(order)].reshape(-1, found.sub))
+    # the columns in order, as rows of the transposes (each a fresh copy: `w` is changed in the loop)
+    codes = _round_columns(w.t()[order], upper, step.t()[order], offset.t()[order], found.low, found.high)
+    return found.pack(codes[torch.argsort(order)].t().reshape(-1, found.sub))
 
 
 def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
@@ -57,11 +57,11 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
 
 def _round_columns(w: torch.Tensor, upper: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, low: int,
                    high: int) -> torch.Tensor:
-    """GPTQ's loop over the columns of `w` [rows, columns]: codes [rows, columns] as floats. It runs on the
-    transposes, a column a contiguous row, each step written in place: a column is about ten small kernels, and
-    the rank-1 update of the batch's later columns one (`addr_`), with no temporaries."""
-    columns = w.shape[1]
-    w, step, offset = w.t().contiguous(), step.t().contiguous(), offset.t().contiguous()
+    """GPTQ's loop over the columns of a matrix given as its transposes `w`, `step`, `offset` [columns, rows]
+    (`w` changed in place): codes [columns, rows] as floats. A column is a contiguous row, each step written in
+    place: a column is about ten small kernels, and the rank-1 update of the batch's later columns one (`addr_`),
+    with no temporaries."""
+    columns = w.shape[0]
     flat = step == 0
     safe = torch.where(flat, torch.ones_like(step), step)
     codes = torch.empty_like(w)
@@ -76,7 +76,7 @@ def _round_columns(w: torch.Tensor, upper: torch.Tensor, step: torch.Tensor, off
             error.div_(upper[j, j])
             w[j + 1:last].addr_(upper[j, j + 1:last], error, alpha=-1)
         w[last:].addmm_(upper[first:last, last:].t(), errors, alpha=-1)
-    return codes.t()
+    return codes
 
 
 def blocks_key(name: str, format: str) -> str:
