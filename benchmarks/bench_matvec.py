@@ -9,12 +9,20 @@ packed bytes over the device memory's rate (tierstore's probe: a copy within the
 checked against the dequantized one first.
 
     python benchmarks/bench_matvec.py --out $OUT          # one GPU, about a minute
+
+`--experts` times the grouped kernel a decode step's MoE layer launches instead (ggml_triton.matvec_grouped with
+byte offsets: 8 routed experts of the Qwen3-30B-A3B shape, gate_up 1536 x 2048 and down 2048 x 768, read where
+they lie among 128 experts, each of the graph's calls routed to other experts so that the L2 holds none of them),
+against the same bound: the routed experts' packed bytes over the device memory's rate.
+
+    python benchmarks/bench_matvec.py --out $OUT --experts --formats Q4_K
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 
@@ -23,6 +31,10 @@ from bench_formats import random_blocks
 from tierstore import ggml
 
 SHAPES = {"gate": (18944, 3584), "down": (3584, 18944)}
+EXPERT_SHAPES = {"gate_up": (1536, 2048), "down": (2048, 768)}  # Qwen3-30B-A3B's experts, (rows, columns)
+EXPERTS, ROUTED = 128, 8
+EXPERT_TILES = tuple((rows, elements, warps) for rows in (2, 4, 8, 16) for elements in (512, 1024, 2048)
+                     for warps in (2, 4, 8)) + ((4, 1024, 4, 2), (8, 1024, 4, 2), (8, 2048, 8, 2))
 TILES = ((1, 2048, 4), (2, 1024, 4), (4, 1024, 4), (4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 256, 8),
          (4, 2048, 8), (4, 1024, 4, 2), (4, 1024, 4, 3))  # (rows a program, elements of a row at once, warps[, stages])
 
@@ -80,14 +92,75 @@ def tile_run(format: str, blocks, x, out, tile: tuple[int, ...]):
     return run
 
 
+def grouped_run(format: str, pool, x, out, offsets, tile: tuple[int, ...], align: int):
+    """ggml_triton.matvec_grouped over `pool` at each of `offsets`' rows in turn (one call each), at `tile`; None
+    where a row's window would be less than one block."""
+    from tierstore import ggml_triton
+
+    if tile[1] < ggml.BLOCKS[format][0]:
+        return None
+
+    def run() -> None:
+        with tile_set(tile):
+            for at in offsets:
+                ggml_triton.matvec_grouped(format, pool, x, out, at, align)
+    return run
+
+
+def experts_rows(args, rate: float, device) -> list[dict]:
+    """The grouped kernel at each tile for each format and expert matrix: seconds a call against its bound."""
+    import torch
+
+    from tierstore import ggml_triton
+
+    now_tile = (ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS)
+    rows_out = []
+    calls = 20
+    for format in args.formats.split(","):
+        for name, (rows, columns) in EXPERT_SHAPES.items():
+            nbytes = rows * columns // ggml.BLOCKS[format][0] * ggml.BLOCKS[format][1]
+            pool = random_blocks(format, EXPERTS * rows * columns, device, seed=1)
+            gen = torch.Generator().manual_seed(0)
+            routed = [torch.randperm(EXPERTS, generator=gen)[:ROUTED] for _ in range(calls)]
+            offsets = [(experts * nbytes).to(device) for experts in routed]
+            x = torch.randn(ROUTED, columns, dtype=torch.bfloat16, device=device)
+            dense = torch.empty(EXPERTS, rows, columns, dtype=torch.bfloat16, device=device)
+            ggml.dequantize(format, pool, dense.view(-1))
+            want = torch.einsum("gc,grc->gr", x.float(), dense[routed[0].to(device)].float())
+            bound_s = ROUTED * nbytes / (rate * 1e9)
+            row = {"format": format, "matrix": name, "packed_bytes": ROUTED * nbytes, "bound_s": bound_s, "tiles": {}}
+            for tile in args.tiles:
+                out = torch.empty(ROUTED, rows, dtype=torch.bfloat16, device=device)
+                check = grouped_run(format, pool, x, out, offsets[:1], tile, math.gcd(16, nbytes))
+                if check is None:
+                    continue
+                check()
+                error = ((out.float() - want).abs().max() / want.abs().max()).item()
+                run = grouped_run(format, pool, x, out, offsets, tile, math.gcd(16, nbytes))
+                row["tiles"]["x".join(map(str, tile))] = {"s": timed_s(run, reps=1) / calls, "relative_error": error}
+            rows_out.append(row)
+            ranked = sorted(row["tiles"].items(), key=lambda item: item[1]["s"])
+            default = "x".join(map(str, now_tile))
+            now = row["tiles"].get(default)
+            print(f"{format} experts' {name}, {ROUTED} of {EXPERTS} x {nbytes / 1e6:.2f} MB: "
+                  f"bound {bound_s * 1e6:.1f} us; "
+                  + (f"today's tile {default} {now['s'] * 1e6:.1f} us ({now['s'] / bound_s:.2f}x); " if now else "")
+                  + "fastest: " + ", ".join(f"{tile} {t['s'] * 1e6:.1f} us ({t['s'] / bound_s:.2f}x, err "
+                                            f"{t['relative_error']:.1e})" for tile, t in ranked[:6]), flush=True)
+    return rows_out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="Q2_K,Q3_K,Q4_K,Q6_K,Q4_0,Q8_0")
     parser.add_argument("--tokens", type=int, default=1)
-    parser.add_argument("--tiles", default=",".join("x".join(map(str, tile)) for tile in TILES),
+    parser.add_argument("--tiles", default=None,
                         help="rows a program x elements a row at once x warps [x pipeline stages], comma-separated")
+    parser.add_argument("--experts", action="store_true", help="the grouped kernel of an MoE decode step instead")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    args.tiles = [tuple(int(part) for part in tile.split("x")) for tile in args.tiles.split(",")] if args.tiles \
+        else list(EXPERT_TILES if args.experts else TILES)
     import torch
 
     from tierstore.probe import hbm_gbps
@@ -96,6 +169,11 @@ def main() -> None:
     rate = hbm_gbps(device)
     print(f"device memory {rate:.0f} GB/s (copy within the GPU); {torch.cuda.get_device_name()}", flush=True)
     results = {"hbm_gbps": rate, "device": torch.cuda.get_device_name(), "rows": []}
+    if args.experts:
+        results["rows"] = experts_rows(args, rate, device)
+        with open(os.path.join(args.out, "matvec_experts.json"), "w") as handle:
+            json.dump(results, handle, indent=1)
+        return
     for format in args.formats.split(","):
         for name, (rows, columns) in SHAPES.items():
             blocks = random_blocks(format, rows * columns, device, seed=1).view(-1, ggml.BLOCKS[format][1])
@@ -108,7 +186,7 @@ def main() -> None:
                    "dequantize_multiply_s": timed_s(lambda: (ggml.dequantize(format, blocks.reshape(-1),
                                                                              dense.view(-1)), x @ dense.T)),
                    "bf16_multiply_s": timed_s(lambda: x @ dense.T), "tiles": {}}
-            for tile in (tuple(int(part) for part in tile.split("x")) for tile in args.tiles.split(",")):
+            for tile in args.tiles:
                 out = torch.empty(args.tokens, rows, dtype=torch.bfloat16, device=device)
                 run = tile_run(format, blocks, x, out, tile)
                 if run is None:

@@ -113,6 +113,45 @@ def test_resident_decode_replays_a_cuda_graph_with_the_eager_tokens_within_the_b
     assert any("CUDA graph of an earlier call" in note for note in notes), notes
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_rotary_kernel_gives_transformers_values_on_cuda_bit_for_bit(dtype):
+    """The compiled kernel (inference/runtime/rotary_kernel.py) against transformers' apply_rotary_pos_emb on the
+    GPU: queries laid out as attention makes them, keys of fewer heads, cos and sin of one batch row or each, widths
+    64, 128 and 80 (a half that is no power of two): equal bit for bit, in bfloat16 too (the interpreter cannot
+    check that one on the CPU)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from tierstore.inference.runtime.rotary_kernel import rotate
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for width, cos_batch, positions in ((64, 1, 1), (128, 2, 5), (80, 1, 3)):
+        q = torch.randn(2, positions, 8, width, generator=generator, device="cuda").to(dtype).transpose(1, 2)
+        k = torch.randn(2, 2, positions, width, generator=generator, device="cuda").to(dtype)
+        cos, sin = (torch.randn(cos_batch, positions, width, generator=generator, device="cuda").to(dtype)
+                    for _ in range(2))
+        got, want = rotate(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (width, cos_batch)
+
+
+def test_graphed_decode_steps_with_the_rotary_kernel_give_the_tokens_of_transformers_function(tmp_path):
+    """A resident bf16 model on CUDA, decode steps replayed from a graph: `runtime.fused_rotary` auto (one kernel a
+    layer, the plan says so) gives the same greedy tokens and the same last logits as off (transformers' own)."""
+    directory, _ = _tiny(tmp_path)
+    ids = torch.tensor([[5, 9, 33, 7, 81, 100, 3]])
+    runs = {}
+    for setting in ("auto", "off"):
+        config = {"runtime": {"cache_dir": str(tmp_path / "cache"), "fused_rotary": setting}}
+        with tierstore.AutoModel.from_pretrained(directory, budget=tierstore.Budget(vram="1GB", ram="1GB"),
+                                                 config=config, dtype=torch.bfloat16) as model:
+            noted = any(note.startswith("rotary embedding: one kernel a layer") for note in model.plan.notes)
+            tokens = model.generate(ids, max_new_tokens=24, do_sample=False).tolist()
+            runs[setting] = tokens, model(torch.tensor([tokens[0]])).logits[0, -1], model.report().timing.graphed, noted
+    assert runs["auto"][2] and runs["off"][2]
+    assert runs["auto"][3] and not runs["off"][3]
+    assert runs["auto"][0] == runs["off"][0]
+    assert torch.equal(runs["auto"][1], runs["off"][1])
+
+
 def _half_resident_budget(directory, config):
     """A budget whose device tier, beside `config`'s reserve and what the plan adds to it (a dequantization
     buffer), holds three of the tiny model's layers as stored under `config`: two stay resident, two stream."""
@@ -630,13 +669,16 @@ def test_gguf_experts_read_in_place_are_multiplied_where_they_lie_with_the_dequa
                             "cuda_graphs": graphs},
                 "compression": {"gguf": "packed"}, "experts": {"compute": "mapped", "prefetch": "none"}}
 
-    vram = reserve
-    while True:  # the least room that runs: the fewest expert slots
+    def resident_dense(vram):  # the plan, where it keeps every dense unit on the device (a step can be graphed)
         try:
             plan = make_plan_for(path, {"vram": vram, "ram": "1GB"}, config("auto"))
-            break
         except tierstore.BudgetError:
-            vram += 2**20
+            return None
+        return plan if set(plan.schedule) <= set(plan.device_resident) and not plan.host_lookup else None
+
+    vram = reserve
+    while (plan := resident_dense(vram)) is None:  # the least room that holds the dense units: the fewest slots
+        vram += 2**20
     assert plan.experts.device_slots < plan.experts.total_experts, plan.experts
     runs = {}
     for name, graphs, devices in (("blocks", "auto", ("cuda",)), ("blocks eager", "off", ("cuda",)),
