@@ -18,7 +18,8 @@ One device call (nvidia-h200, about 6 minutes):
 `--graphs auto,resident,off` runs each store with the graphs of a streamed pass's layers (layer_graphs.py; `resident`:
 only of its resident layers) and without, `--matvec auto,off` with and without decode steps
 multiplying GGML matrices in their blocks (ggml_triton.matvec), `--norms auto,off` with and without torch's fused
-RMSNorm (runtime.fused_norms), `--no-dequant` skips part 1, `--profile` adds a
+RMSNorm (runtime.fused_norms), `--rotary auto,off` with and without the one-kernel rotary embedding
+(runtime.fused_rotary), `--no-dequant` skips part 1, `--profile` adds a
 profiled decode step's breakdown. `--shape tiny` checks the script on a CPU.
 """
 from __future__ import annotations
@@ -164,7 +165,8 @@ def child(args: argparse.Namespace) -> None:
     model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
                                                 config={"runtime": {"cache_dir": args.cache,
                                                                     "cuda_graphs": args.graphs,
-                                                                    "fused_norms": args.norms}})
+                                                                    "fused_norms": args.norms,
+                                                                    "fused_rotary": args.rotary}})
     vocab = model.model.config.get_text_config().vocab_size
     ids = torch.randint(100, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up: fills the tiers, compiles dequantizers
@@ -174,7 +176,7 @@ def child(args: argparse.Namespace) -> None:
     plan = report["plan"]
     profiled = None
     if args.profile and torch.cuda.is_available():
-        row = "-".join((os.path.basename(args.store), args.graphs, args.matvec, args.norms))
+        row = "-".join((os.path.basename(args.store), args.graphs, args.matvec, args.norms, args.rotary))
         trace = os.path.join(args.out, f"profile-{row}.json")
         profiled = profile_steps(lambda marks: model.generate(ids, max_new_tokens=9, do_sample=False,
                                                               streamer=marks), trace)
@@ -212,6 +214,8 @@ def main() -> None:
                         "matrices in their blocks) and/or off (every matrix dequantized first), each row run so")
     parser.add_argument("--norms", default="auto", help="runtime.fused_norms of each row, comma-separated: auto,off "
                         "runs each store with transformers' RMSNorm on torch's fused rms_norm and without")
+    parser.add_argument("--rotary", default="auto", help="runtime.fused_rotary of each row, comma-separated: auto,off "
+                        "runs each store with transformers' rotary embedding in one kernel a layer and without")
     parser.add_argument("--no-dequant", action="store_true", help="skip the layer dequantization timings")
     parser.add_argument("--profile", action="store_true", help="after each row's timed steps, profile 8 decode "
                         "steps (torch.profiler): GPU kernel time, idle time, copies and the top kernels a step")
@@ -247,14 +251,15 @@ def main() -> None:
                 written = write_random_store(store, args.shape, "none" if format == "bf16" else format, device)
             else:
                 written = write_ggml_store(store, args.shape, format, device)
-            for graphs, matvec, norms in itertools.product(*(getattr(args, name).split(",")
-                                                             for name in ("graphs", "matvec", "norms"))):
+            for graphs, matvec, norms, rotary in itertools.product(*(getattr(args, name).split(",") for name in
+                                                                     ("graphs", "matvec", "norms", "rotary"))):
                 row = run_child(["--store", store, "--vram", args.vram, "--ram", args.ram, "--tokens",
                                  str(args.tokens), "--work", args.work, "--shape", args.shape, "--graphs", graphs,
-                                 "--matvec", matvec, "--norms", norms, "--out", args.out]
+                                 "--matvec", matvec, "--norms", norms, "--rotary", rotary, "--out", args.out]
                                 + (["--profile"] if args.profile else []), log, script=__file__)
                 name = format + "".join(f" ({what} {value})" for what, value in
-                                        (("cuda_graphs", graphs), ("matvec", matvec), ("fused_norms", norms))
+                                        (("cuda_graphs", graphs), ("matvec", matvec), ("fused_norms", norms),
+                                         ("fused_rotary", rotary))
                                         if value != "auto")
                 results["rows"][name] = {**row, **written}
                 with open(os.path.join(args.out, "formats_results.json"), "w") as handle:

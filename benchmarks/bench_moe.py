@@ -144,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
             packed_experts.AT_OFFSETS_DEVICES = ()
 
         experts = json.loads(args.experts)
-        config = {"runtime": {"cache_dir": args.cache}, "experts": experts,
+        config = {"runtime": {"cache_dir": args.cache, "fused_rotary": args.rotary}, "experts": experts,
                   "compression": {"format": args.compress}}
         model = tierstore.AutoModel.from_pretrained(args.model, budget={"vram": args.vram, "ram": args.ram},
                                                     config=config)
@@ -247,6 +247,8 @@ def main() -> None:
                         "(GPU kernel time, idle time, copies, the top kernels a step; the trace into --out)")
     parser.add_argument("--gathered", action="store_true", help="tierstore rows gather compressed experts' "
                         "blocks from their slots before multiplying them (packed_experts.AT_OFFSETS_DEVICES = ())")
+    parser.add_argument("--rotary", default="auto", help="runtime.fused_rotary of the tierstore rows: auto (the "
+                        "rotary embedding in one kernel a layer on a GPU) or off (transformers' function)")
     parser.add_argument("--format", default="none", help="write the model as a store of this compression.format "
                         "from random weights (no bf16 checkpoint on disk); none: a bf16 checkpoint")
     args = parser.parse_args()
@@ -269,7 +271,7 @@ def main() -> None:
                                        "--model", args.model, "--cache", args.cache, "--vram", vram,
                                        "--layers", str(args.layers), "--format", args.format, "--out", args.out,
                                        *(["--profile"] if args.profile else []),
-                                       *(["--gathered"] if args.gathered else []),
+                                       *(["--gathered"] if args.gathered else []), "--rotary", args.rotary,
                                        "--ram", args.ram if args.ram and system == "tierstore" else ram,
                                        "--tokens", str(tokens), "--compress", compress], log, script=__file__)
             print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),

@@ -57,6 +57,7 @@ from .runtime.bound import BoundWeights, unpacked_bytes
 from .runtime.collectives import TIMEOUT_S, Collectives, join_group, leave_group, rank_device
 from .runtime.experts import ExpertRunner, Packed, open_experts
 from .runtime.fused_norms import FusedNorms
+from .runtime.fused_rotary import FusedRotary
 from .runtime.hooks import AttachedHooks
 from .runtime.lookup import HostLookup, without_lookup
 
@@ -308,6 +309,8 @@ def _open_runtime(request: OpenRequest, device: torch.device, units: Units, toke
         attach(resources, AttachedHooks(units.skeleton, store, device, decompressor, tracer))
     if cfg.runtime.fused_norms != "off":
         attach(resources, FusedNorms(units.skeleton.model.modules()))
+    if cfg.runtime.fused_rotary != "off":
+        attach(resources, FusedRotary(units.skeleton.model.modules(), device))
     kv_budget = KVBudget(planned_from, cfg.runtime.kv_cache, device.type == "cuda", units.hf_config, units.dtype,
                          _unpacking_bytes(decompressor, experts), draft_cost,
                          sum(layout.nbytes for layout in dense.values()),

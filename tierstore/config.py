@@ -265,6 +265,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                         "auto = transformers' RMSNorm (Llama's and the classes copied from it) runs torch's fused "
                         "rms_norm: two kernels where its forward launches eight, the same values up to the order of "
                         "the mean's sum; off = transformers' forward"),
+        "fused_rotary": (_choice(AUTO, "off"), AUTO,
+                         "auto = on a GPU, transformers' rotary embedding (Llama's apply_rotary_pos_emb and the "
+                         "modules copying it) runs one kernel for a layer's queries and keys where it launches ten, "
+                         "the same values bit for bit; off = transformers' function"),
         "cuda_graphs": (_choice(AUTO, "resident", "off"), AUTO,
                         "replay decode steps from CUDA graphs on a GPU: auto = a whole step's graph when every unit "
                         "and the KV cache stay on the device, else each decoder layer's own graph, a streamed one's "

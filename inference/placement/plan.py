@@ -21,6 +21,7 @@ from ...sizes import format_size
 from ..devices import dtype_name
 from ..loading.sources import Units
 from ..runtime.fused_norms import is_llama_norm
+from ..runtime import fused_rotary
 from ..runtime.hooks import PACKED_MATVEC_TOKENS
 from ..runtime.lookup import lookup_key, lookup_note
 from ..runtime.packed_experts import window_bytes as unpacked_window_bytes
@@ -95,6 +96,10 @@ def _kernel_notes(units: Units, cfg: Config, device: torch.device) -> list[str]:
     norms = sum(map(is_llama_norm, units.skeleton.model.modules())) if cfg.runtime.fused_norms != "off" else 0
     if norms:
         notes.append(f"norms: torch's fused rms_norm ({norms} RMSNorm modules)")
+    rotary = fused_rotary.fusable(units.skeleton.model.modules()) \
+        if cfg.runtime.fused_rotary != "off" and device.type in fused_rotary.DEVICES else []
+    if rotary:
+        notes.append(f"rotary embedding: one kernel a layer ({', '.join(name.rsplit('.', 1)[-1] for name in rotary)})")
     if device.type == "cpu" and units.dtype != units.stored_dtype:
         notes.append(f"weights stored in {dtype_name(units.stored_dtype)} run in {dtype_name(units.dtype)} on the "
                      f"CPU (--dtype, or dtype=, chooses)")

@@ -8,7 +8,8 @@ model's resource stack, which undoes them in the reverse order when the model cl
 - `lookup.HostLookup`: the input embedding's forward answered from host RAM (a table the RAM budget holds);
 - `experts.ExpertRunner`: each MoE layer's experts module run on the device slots of the routed experts;
 - `collectives.Collectives`: the ranks' outputs combined after the modules they split (tensor parallelism);
-- `fused_norms.FusedNorms`: transformers' RMSNorm modules run by torch's fused rms_norm.
+- `fused_norms.FusedNorms`: transformers' RMSNorm modules run by torch's fused rms_norm;
+- `fused_rotary.FusedRotary`: the rotary embedding of transformers' attention layers in one kernel on a GPU.
 """
 from __future__ import annotations
 
