@@ -52,6 +52,7 @@ def test_the_kernel_gives_transformers_values_bit_for_bit(kernel, dtype, width, 
     k = torch.randn(2, 2, 3, width, generator=generator).to(dtype)
     cos, sin = (torch.randn(cos_batch, 3, width, generator=generator).to(dtype) for _ in range(2))
     assert fused_rotary.fits_kernel(q, k, cos, sin, 1)
+    assert not fused_rotary.fits_kernel(q.detach().requires_grad_(), k, cos, sin, 1)  # no backward: transformers'
     got_q, got_k = kernel.rotate(q, k, cos, sin)
     want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)

@@ -44,8 +44,10 @@ def reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 def fits_kernel(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> bool:
     """Whether the kernel takes these tensors: on a DEVICES device, one float dtype, q and k [batch, heads,
     positions, width] and cos, sin [batch or 1, positions, width] (unsqueezed at 1), an even width, every last
-    dimension contiguous."""
+    dimension contiguous, and no gradient asked for (the kernel has no backward)."""
     tensors = (q, k, cos, sin)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
     return (unsqueeze_dim == 1 and q.device.type in DEVICES and q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3
             and all(t.device == q.device and t.dtype == q.dtype and t.stride(-1) == 1 for t in tensors)
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] % 2 == 0
