@@ -79,32 +79,34 @@ def tile_set(tile: tuple[int, ...]) -> Iterator[None]:
             setattr(ggml_triton, name, value)
 
 
-def tile_run(format: str, blocks, x, out, tile: tuple[int, ...]):
-    """ggml_triton.matvec at `tile`, as a call; None where a row's window would be less than one block."""
-    from tierstore import ggml_triton
-
+def at_tile(format: str, tile: tuple[int, ...], call):
+    """`call` run with ggml_triton's tile set to `tile`, as a call; None where a row's window would be less than
+    one of `format`'s blocks."""
     if tile[1] < ggml.BLOCKS[format][0]:
         return None
 
     def run() -> None:
         with tile_set(tile):
-            ggml_triton.matvec(format, blocks, x, out)
+            call()
     return run
+
+
+def tile_run(format: str, blocks, x, out, tile: tuple[int, ...]):
+    """ggml_triton.matvec at `tile`, as a call (None: see at_tile)."""
+    from tierstore import ggml_triton
+
+    return at_tile(format, tile, lambda: ggml_triton.matvec(format, blocks, x, out))
 
 
 def grouped_run(format: str, pool, x, out, offsets, tile: tuple[int, ...], align: int):
-    """ggml_triton.matvec_grouped over `pool` at each of `offsets`' rows in turn (one call each), at `tile`; None
-    where a row's window would be less than one block."""
+    """ggml_triton.matvec_grouped over `pool` at each of `offsets`' rows in turn (one call each), at `tile`
+    (None: see at_tile)."""
     from tierstore import ggml_triton
 
-    if tile[1] < ggml.BLOCKS[format][0]:
-        return None
-
-    def run() -> None:
-        with tile_set(tile):
-            for at in offsets:
-                ggml_triton.matvec_grouped(format, pool, x, out, at, align)
-    return run
+    def calls() -> None:
+        for at in offsets:
+            ggml_triton.matvec_grouped(format, pool, x, out, at, align)
+    return at_tile(format, tile, calls)
 
 
 def experts_rows(args, rate: float, device) -> list[dict]:
@@ -129,14 +131,15 @@ def experts_rows(args, rate: float, device) -> list[dict]:
             want = torch.einsum("gc,grc->gr", x.float(), dense[routed[0].to(device)].float())
             bound_s = ROUTED * nbytes / (rate * 1e9)
             row = {"format": format, "matrix": name, "packed_bytes": ROUTED * nbytes, "bound_s": bound_s, "tiles": {}}
+            align = math.gcd(16, nbytes)  # each expert's first byte, as the runner passes it
             for tile in args.tiles:
                 out = torch.empty(ROUTED, rows, dtype=torch.bfloat16, device=device)
-                check = grouped_run(format, pool, x, out, offsets[:1], tile, math.gcd(16, nbytes))
+                check = grouped_run(format, pool, x, out, offsets[:1], tile, align)
                 if check is None:
                     continue
                 check()
                 error = ((out.float() - want).abs().max() / want.abs().max()).item()
-                run = grouped_run(format, pool, x, out, offsets, tile, math.gcd(16, nbytes))
+                run = grouped_run(format, pool, x, out, offsets, tile, align)
                 row["tiles"]["x".join(map(str, tile))] = {"s": timed_s(run, reps=1) / calls, "relative_error": error}
             rows_out.append(row)
             ranked = sorted(row["tiles"].items(), key=lambda item: item[1]["s"])

@@ -615,7 +615,6 @@ def _mapped_moe(tmp_path):
     `cuda_graphs` setting)."""
     from test_architectures import tiny
     from test_moe import _config, _units
-    from tierstore.inference.compose import make_plan_for
 
     # tied embeddings: an untied input embedding is looked up in RAM unless the whole model fits the device
     model, why = tiny("qwen3_moe", tie_word_embeddings=True)
@@ -631,17 +630,25 @@ def _mapped_moe(tmp_path):
         config["runtime"].update(device="cuda", device_reserve=reserve, cuda_graphs=graphs)
         return config
 
-    def resident_dense(vram):  # whether the plan keeps every dense unit on the device
-        try:
-            plan = make_plan_for(directory, {"vram": vram, "ram": ram}, config("auto"))
-        except tierstore.BudgetError:
-            return False
-        return set(plan.schedule) <= set(plan.device_resident) and not plan.host_lookup
-
-    vram = reserve + sum(dense) // 2
-    while not resident_dense(vram):  # the least room that holds the dense units: the fewest expert slots
-        vram += experts.expert_bytes // 2
+    vram, _ = _least_room_for_dense(directory, ram, config("auto"), reserve + sum(dense) // 2,
+                                    experts.expert_bytes // 2)
     return directory, tierstore.Budget(vram=vram, ram=ram), config
+
+
+def _least_room_for_dense(model: str, ram, config: dict, vram: int, step: int):
+    """(vram, plan): the least device budget from `vram` up, in steps of `step` bytes, whose plan keeps every
+    dense unit on the device and looks nothing up in RAM (so that its decode steps can replay one graph): the
+    fewest expert slots."""
+    from tierstore.inference.compose import make_plan_for
+
+    while True:
+        try:
+            plan = make_plan_for(model, {"vram": vram, "ram": ram}, config)
+            if set(plan.schedule) <= set(plan.device_resident) and not plan.host_lookup:
+                return vram, plan
+        except tierstore.BudgetError:
+            pass
+        vram += step
 
 
 def test_gguf_experts_read_in_place_are_multiplied_where_they_lie_with_the_dequantizing_runs_tokens(tmp_path,
@@ -655,7 +662,6 @@ def test_gguf_experts_read_in_place_are_multiplied_where_they_lie_with_the_dequa
     from test_packed_experts import _write_moe_gguf
 
     from tierstore.compression import Decompressor
-    from tierstore.inference.compose import make_plan_for
     from tierstore.inference.runtime import packed_experts
 
     monkeypatch.setattr(packed_experts, "AT_OFFSETS_DEVICES", ("cuda",))
@@ -672,16 +678,7 @@ def test_gguf_experts_read_in_place_are_multiplied_where_they_lie_with_the_dequa
                             "cuda_graphs": graphs},
                 "compression": {"gguf": "packed"}, "experts": {"compute": "mapped", "prefetch": "none"}}
 
-    def resident_dense(vram):  # the plan, where it keeps every dense unit on the device (a step can be graphed)
-        try:
-            plan = make_plan_for(path, {"vram": vram, "ram": "1GB"}, config("auto"))
-        except tierstore.BudgetError:
-            return None
-        return plan if set(plan.schedule) <= set(plan.device_resident) and not plan.host_lookup else None
-
-    vram = reserve
-    while (plan := resident_dense(vram)) is None:  # the least room that holds the dense units: the fewest slots
-        vram += 2**20
+    vram, plan = _least_room_for_dense(path, "1GB", config("auto"), reserve, 2**20)
     assert plan.experts.device_slots < plan.experts.total_experts, plan.experts
     runs = {}
     for name, graphs, devices in (("blocks", "auto", ("cuda",)), ("blocks eager", "off", ("cuda",)),
