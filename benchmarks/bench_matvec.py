@@ -10,6 +10,8 @@ checked against the dequantized one first.
 
     python benchmarks/bench_matvec.py --out $OUT          # one GPU, about a minute
 
+`--kernels values,dots` times ggml_dots' kernel (Q4_K and Q2_K summed by sub-block) beside today's at each tile.
+
 `--experts` times the grouped kernel a decode step's MoE layer launches instead (ggml_triton.matvec_grouped with
 byte offsets: 8 routed experts of the Qwen3-30B-A3B shape, gate_up 1536 x 2048 and down 2048 x 768, read where
 they lie among 128 experts, each of the graph's calls routed to other experts so that the L2 holds none of them),
@@ -91,22 +93,38 @@ def at_tile(format: str, tile: tuple[int, ...], call):
     return run
 
 
-def tile_run(format: str, blocks, x, out, tile: tuple[int, ...]):
-    """ggml_triton.matvec at `tile`, as a call (None: see at_tile)."""
-    from tierstore import ggml_triton
+def kernels(name: str):
+    """The module of the matrix-vector kernel `name`: values (ggml_triton: each weight's value, then its product)
+    or dots (ggml_dots: codes times inputs summed by sub-block, then scaled)."""
+    from tierstore import ggml_dots, ggml_triton
 
-    return at_tile(format, tile, lambda: ggml_triton.matvec(format, blocks, x, out))
+    return {"values": ggml_triton, "dots": ggml_dots}[name]
 
 
-def grouped_run(format: str, pool, x, out, offsets, tile: tuple[int, ...], align: int):
-    """ggml_triton.matvec_grouped over `pool` at each of `offsets`' rows in turn (one call each), at `tile`
+def tile_run(format: str, blocks, x, out, tile: tuple[int, ...], kernel: str = "values"):
+    """`kernel`'s matvec at `tile`, as a call (None: see at_tile)."""
+    return at_tile(format, tile, lambda: kernels(kernel).matvec(format, blocks, x, out))
+
+
+def grouped_run(format: str, pool, x, out, offsets, tile: tuple[int, ...], align: int, kernel: str = "values"):
+    """`kernel`'s matvec_grouped over `pool` at each of `offsets`' rows in turn (one call each), at `tile`
     (None: see at_tile)."""
-    from tierstore import ggml_triton
-
     def calls() -> None:
         for at in offsets:
-            ggml_triton.matvec_grouped(format, pool, x, out, at, align)
+            kernels(kernel).matvec_grouped(format, pool, x, out, at, align)
     return at_tile(format, tile, calls)
+
+
+def tile_kernels(args, format: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The (kernel, tile) pairs to time for `format`: each of args.kernels that has the format, at each tile."""
+    from tierstore import ggml_dots
+
+    return [(kernel, tile) for kernel in args.kernels.split(",") for tile in args.tiles
+            if kernel == "values" or format in ggml_dots.DOTS]
+
+
+def label(kernel: str, tile: tuple[int, ...]) -> str:
+    return ("" if kernel == "values" else kernel + " ") + "x".join(map(str, tile))
 
 
 def experts_rows(args, rate: float, device) -> list[dict]:
@@ -132,15 +150,15 @@ def experts_rows(args, rate: float, device) -> list[dict]:
             bound_s = ROUTED * nbytes / (rate * 1e9)
             row = {"format": format, "matrix": name, "packed_bytes": ROUTED * nbytes, "bound_s": bound_s, "tiles": {}}
             align = math.gcd(16, nbytes)  # each expert's first byte, as the runner passes it
-            for tile in args.tiles:
+            for kernel, tile in tile_kernels(args, format):
                 out = torch.empty(ROUTED, rows, dtype=torch.bfloat16, device=device)
-                check = grouped_run(format, pool, x, out, offsets[:1], tile, align)
+                check = grouped_run(format, pool, x, out, offsets[:1], tile, align, kernel)
                 if check is None:
                     continue
                 check()
                 error = ((out.float() - want).abs().max() / want.abs().max()).item()
-                run = grouped_run(format, pool, x, out, offsets, tile, align)
-                row["tiles"]["x".join(map(str, tile))] = {"s": timed_s(run, reps=1) / calls, "relative_error": error}
+                run = grouped_run(format, pool, x, out, offsets, tile, align, kernel)
+                row["tiles"][label(kernel, tile)] = {"s": timed_s(run, reps=1) / calls, "relative_error": error}
             rows_out.append(row)
             ranked = sorted(row["tiles"].items(), key=lambda item: item[1]["s"])
             default = "x".join(map(str, now_tile))
@@ -160,6 +178,8 @@ def main() -> None:
     parser.add_argument("--tiles", default=None,
                         help="rows a program x elements a row at once x warps [x pipeline stages], comma-separated")
     parser.add_argument("--experts", action="store_true", help="the grouped kernel of an MoE decode step instead")
+    parser.add_argument("--kernels", default="values",
+                        help="values (ggml_triton), dots (ggml_dots: Q4_K and Q2_K), or both, comma-separated")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     args.tiles = [tuple(int(part) for part in tile.split("x")) for tile in args.tiles.split(",")] if args.tiles \
@@ -189,14 +209,14 @@ def main() -> None:
                    "dequantize_multiply_s": timed_s(lambda: (ggml.dequantize(format, blocks.reshape(-1),
                                                                              dense.view(-1)), x @ dense.T)),
                    "bf16_multiply_s": timed_s(lambda: x @ dense.T), "tiles": {}}
-            for tile in args.tiles:
+            for kernel, tile in tile_kernels(args, format):
                 out = torch.empty(args.tokens, rows, dtype=torch.bfloat16, device=device)
-                run = tile_run(format, blocks, x, out, tile)
+                run = tile_run(format, blocks, x, out, tile, kernel)
                 if run is None:
                     continue
                 run()
                 error = ((out.float() - want).abs().max() / want.abs().max()).item()
-                row["tiles"]["x".join(map(str, tile))] = {"s": timed_s(run), "relative_error": error}
+                row["tiles"][label(kernel, tile)] = {"s": timed_s(run), "relative_error": error}
             results["rows"].append(row)
             best = min(row["tiles"].items(), key=lambda item: item[1]["s"])
             print(f"{format} {name} {blocks.numel() / 1e6:.1f} MB: bound {bound_s * 1e6:.1f} us, dequantize+multiply "

@@ -21,7 +21,7 @@ import tempfile
 
 import tierstore  # noqa: F401  (maps the checkout's packages)
 
-ROWS, COLUMNS = 18944, 3584  # the 7B gate matrix
+ROWS, COLUMNS = 18944, 3584  # the 7B gate matrix (--columns: another row length)
 
 
 def loop_body(sass: str) -> list[str]:
@@ -43,27 +43,28 @@ def opcode(line: str) -> str:
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
-def compiled(format: str, tile: tuple[int, ...]):
-    """The kernel compiled for sm_90 at `tile` (bench_matvec.tile_set) on the gate matrix, and the elements a thread
-    handles a window."""
+def compiled(format: str, tile: tuple[int, ...], dots: bool = False):
+    """The kernel (ggml_triton._matvec, or with `dots` ggml_dots._matvec_dots) compiled for sm_90 at `tile`
+    (bench_matvec.tile_set) on the gate matrix, and the elements a thread handles a window."""
     import triton
     from bench_matvec import tile_set
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tierstore import ggml, ggml_triton
+    from tierstore import ggml, ggml_dots, ggml_triton
 
     with tile_set(tile):
-        constants = {**ggml_triton.matvec_constants(format, COLUMNS), "tokens": 1,  # a launch specialises 1
-                     "OFFSETS": False, "ALIGN": 1}
+        constants = {**(ggml_dots.constants if dots else ggml_triton.matvec_constants)(format, COLUMNS),
+                     "tokens": 1, "OFFSETS": False, "ALIGN": 1}  # a launch specialises tokens = 1
     signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "offsets": "*u8", "row_blocks": "i32",
                  "columns": "i32", "rows": "i32", "group_rows": "i32", **{name: "constexpr" for name in constants}}
     values = {"row_blocks": COLUMNS // ggml.BLOCKS[format][0], "columns": COLUMNS, "rows": ROWS, "group_rows": ROWS}
     divisible = [0, 1, 2, 3] + [4 + at for at, value in enumerate(values.values()) if value % 16 == 0]
     attrs = {(at,): [["tt.divisibility", 16]] for at in divisible}  # as a launch specialises (16-byte pointers)
-    kernel = triton.compile(ASTSource(fn=ggml_triton._matvec, signature=signature, constexprs=constants, attrs=attrs),
+    kernel = triton.compile(ASTSource(fn=ggml_dots._matvec_dots if dots else ggml_triton._matvec,
+                                      signature=signature, constexprs=constants, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2]})
-    return kernel, constants["ROWS"] * constants["BLOCKS"] * constants["ELEMENTS"] / (32 * tile[2])
+    return kernel, constants["ROWS"] * constants["BLOCKS"] * ggml.BLOCKS[format][0] / (32 * tile[2])
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
@@ -87,11 +88,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="Q2_K,Q3_K,Q4_K,Q6_K,Q4_0,Q8_0")
     parser.add_argument("--tiles", default="1x2048x4,2x1024x4,4x1024x4,4x512x4,8x512x8,4x2048x8")
+    parser.add_argument("--dots", action="store_true", help="ggml_dots' kernel (Q4_K, Q2_K: sums by sub-block)")
+    parser.add_argument("--columns", type=int, default=COLUMNS, help="a row's elements (2048: Qwen3-30B-A3B's "
+                        "experts' gate_up; the window is the largest power of two of blocks dividing a row)")
     args = parser.parse_args()
+    globals()["COLUMNS"] = args.columns
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     for format in args.formats.split(","):
         for tile in args.tiles.split(","):  # a program multiplies one token (more tokens: more programs)
-            kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")))
+            kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")), args.dots)
             body = loop_body(cuobjdump(kernel.asm["cubin"], "-sass"))
             kinds = collections.Counter(opcode(line) for line in body).most_common(6)
             print(f"{format} {tile}: {len(body) / elements_per_thread:.1f} loop instructions an element "

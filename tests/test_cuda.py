@@ -930,6 +930,47 @@ def test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_ow
     assert (out.double().cpu() - want).abs().max() <= 2**-7 * scale
 
 
+@pytest.mark.parametrize("format", ["Q4_K", "Q2_K"])
+@pytest.mark.parametrize("tile", [(4, 1024, 4), (16, 1024, 4), (8, 1024, 2)])
+def test_sums_by_sub_block_compiled_match_the_dequantized_product(format, tile, monkeypatch):
+    """ggml_dots' kernel (an experiment: no model uses it), compiled at a few tiles: a 7B-sized matrix (3584 x
+    3584) times 1 and 4 tokens in float32, and 8 experts of Qwen3-30B-A3B's gate_up shape read at 16-byte aligned
+    offsets in bfloat16, by the reference values in float64 (two configurations of ggml_triton's kernel summed
+    wrong compiled where Triton's interpreter summed right, so each tile is checked here before it is timed)."""
+    from test_ggml import random_blocks
+
+    from tierstore import ggml, ggml_dots, ggml_triton
+
+    for name, value in zip(("MATVEC_ROWS", "MATVEC_ELEMENTS", "MATVEC_WARPS"), tile):
+        monkeypatch.setattr(ggml_triton, name, value)
+    rows = columns = 3584
+    data = torch.from_numpy(random_blocks(format, rows * columns // 256, seed=4)).reshape(-1)
+    matrix = torch.empty(rows * columns)
+    ggml.dequantize(format, data, matrix)
+    matrix = matrix.view(rows, columns).double()
+    for tokens in (1, 4):
+        x = torch.randn(tokens, columns, generator=torch.Generator().manual_seed(5))
+        out = torch.empty(tokens, rows, device="cuda")
+        ggml_dots.matvec(format, data.cuda().view(-1, ggml.BLOCKS[format][1]), x.cuda(), out)
+        scale = (x.double().abs() @ matrix.abs().T).max()
+        assert (out.double().cpu() - x.double() @ matrix.T).abs().max() <= 1e-5 * scale, tokens
+    groups, rows, columns, gap = 8, 1536, 2048, 64
+    data = torch.from_numpy(random_blocks(format, groups * rows * columns // 256, seed=6)).reshape(-1)
+    matrices = torch.empty(groups * rows * columns)
+    ggml.dequantize(format, data, matrices)
+    matrices = matrices.view(groups, rows, columns).double()
+    size = data.numel() // groups
+    buffer = torch.zeros(groups * (size + gap), dtype=torch.uint8)
+    offsets = [(groups - 1 - group) * (size + gap) + gap for group in range(groups)]
+    for group, at in enumerate(offsets):
+        buffer[at:at + size] = data[group * size:(group + 1) * size]
+    x = torch.randn(groups, columns, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    out = torch.empty(groups, rows, dtype=torch.bfloat16, device="cuda")
+    ggml_dots.matvec_grouped(format, buffer.cuda(), x.cuda(), out, torch.tensor(offsets, device="cuda"), 16)
+    scale = torch.einsum("grc,gc->gr", matrices.abs(), x.double().abs()).max()
+    assert (out.double().cpu() - torch.einsum("grc,gc->gr", matrices, x.double())).abs().max() <= 2**-7 * scale
+
+
 def test_a_k_quant_store_decodes_with_packed_matrices_and_gives_the_dequantized_runs_tokens(tmp_path, monkeypatch):
     """q4_k_m (Q4_K and Q6_K) on the GPU: decode steps multiply the packed matrices (Triton), the prompt
     dequantizes; the tokens and logits are those of the same store with every matrix dequantized."""

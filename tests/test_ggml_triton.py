@@ -23,6 +23,14 @@ def kernels(monkeypatch):
     sys.modules.pop("tierstore.ggml_triton", None)  # the next import compiles for a GPU again
 
 
+@pytest.fixture
+def dots(kernels, monkeypatch):
+    """tierstore.ggml_dots imported over the interpreted ggml_triton."""
+    monkeypatch.delitem(sys.modules, "tierstore.ggml_dots", raising=False)
+    yield importlib.import_module("tierstore.ggml_dots")
+    sys.modules.pop("tierstore.ggml_dots", None)
+
+
 @pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_each_k_quant_kernel_gives_the_reference_values(kernels, format):
     assert format in kernels.FORMATS
@@ -160,3 +168,52 @@ def test_a_decode_step_multiplies_k_quant_matrices_in_their_blocks_and_gives_the
     # prompt's six tokens none
     assert len(calls) == 7 * 2 * 3 and {tokens for _, tokens in calls} == {1}
     assert {format for format, _ in calls} == {"Q4_K", "Q6_K"}
+
+
+@pytest.mark.parametrize("format", ["Q4_K", "Q2_K"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_sums_by_sub_block_are_the_reference_matrix_times_the_inputs(dots, monkeypatch, format, tokens):
+    """ggml_dots (codes times inputs summed by sub-block, then scaled) on 5 rows of 10 blocks at windows of 4, 8
+    and 1 block, rows 4, 1 and 16 a program (the last program partly past the matrix): the reference's values
+    multiplied in float64, within float32 summation error; the output's neighbours untouched. The codes' places
+    are checked by a matrix whose every code differs from its neighbours'."""
+    kernels = sys.modules["tierstore.ggml_triton"]
+    assert set(dots.DOTS) == {"Q4_K", "Q2_K"}
+    rows, row_blocks = 5, 10
+    data = random_blocks(format, rows * row_blocks, seed=2)
+    matrix = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format])).reshape(rows, -1)
+    x = torch.randn(tokens, row_blocks * 256, generator=torch.Generator().manual_seed(3))
+    want = x.double() @ matrix.double().T
+    scale = (x.double().abs() @ matrix.double().abs().T).max()
+    blocks = torch.from_numpy(data).reshape(rows * row_blocks, -1)
+    assert dots.takes(format, blocks) and not dots.takes("Q6_K", blocks) and not dots.takes(format, blocks, 2)
+    for rows_each, elements_each in ((4, 1024), (1, 2048), (16, 256)):
+        monkeypatch.setattr(kernels, "MATVEC_ROWS", rows_each)
+        monkeypatch.setattr(kernels, "MATVEC_ELEMENTS", elements_each)
+        out = torch.full((tokens + 1, rows), float("nan"))
+        dots.matvec(format, blocks, x, out[:tokens])
+        assert (out[:tokens].double() - want).abs().max() <= 1e-6 * scale, (rows_each, elements_each)
+        assert out[tokens].isnan().all()
+
+
+@pytest.mark.parametrize("format", ["Q4_K", "Q2_K"])
+def test_sums_by_sub_block_of_grouped_matrices_read_where_they_lie(dots, format):
+    """ggml_dots' grouped launch: three matrices of 24 rows scattered through a buffer at 16-byte aligned
+    offsets (one used twice, out of order), each times its own input row: the reference values' products."""
+    nbytes = ggml.BLOCKS[format][1]
+    rows, row_blocks, gap = 24, 3, 48
+    matrix_bytes = rows * row_blocks * nbytes
+    data = random_blocks(format, 3 * rows * row_blocks, seed=8).reshape(-1)
+    matrices = torch.from_numpy(gguf.quants.dequantize(data.reshape(-1, nbytes), gguf.GGMLQuantizationType[format]))
+    matrices = matrices.reshape(3, rows, row_blocks * 256)
+    places = [2, 0, 1, 2]
+    buffer = torch.zeros(3 * (matrix_bytes + gap) + gap, dtype=torch.uint8)
+    offsets = [gap + place * (matrix_bytes + gap) for place in range(3)]
+    for place, at in enumerate(offsets):
+        buffer[at:at + matrix_bytes] = torch.from_numpy(data[place * matrix_bytes:(place + 1) * matrix_bytes])
+    x = torch.randn(len(places), row_blocks * 256, generator=torch.Generator().manual_seed(9))
+    chosen = matrices[places].double()
+    out = torch.full((len(places), rows), float("nan"))
+    dots.matvec_grouped(format, buffer, x, out, torch.tensor([offsets[place] for place in places]), 16)
+    scale = torch.einsum("grc,gc->gr", chosen.abs(), x.double().abs()).max()
+    assert (out.double() - torch.einsum("grc,gc->gr", chosen, x.double())).abs().max() <= 1e-6 * scale

@@ -64,18 +64,19 @@ def matvec_grouped(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torc
 
 
 def _launch(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor, tokens: int, rows: int,
-            group_rows: int, offsets: torch.Tensor | None = None, offsets_align: int = 1) -> None:
-    """_matvec over `rows` rows times `tokens` tokens, each `group_rows` rows with inputs of their own (a
-    program's rows kept within one group), on one axis of programs with the tokens fastest (CUDA's second axis
-    stops at 65,535 programs)."""
+            group_rows: int, offsets: torch.Tensor | None = None, offsets_align: int = 1, kernel=None,
+            constants: dict | None = None) -> None:
+    """`kernel` (_matvec, or another of its arguments and `constants`: ggml_dots) over `rows` rows times `tokens`
+    tokens, each `group_rows` rows with inputs of their own (a program's rows kept within one group), on one axis
+    of programs with the tokens fastest (CUDA's second axis stops at 65,535 programs)."""
     columns = x.shape[1]
-    constants = matvec_constants(format, columns)
+    constants = dict(constants or matvec_constants(format, columns))
     if group_rows != rows:
         constants["ROWS"] = min(constants["ROWS"], group_rows & -group_rows)
-    _matvec[(tokens * triton.cdiv(rows, constants["ROWS"]),)](
-        blocks, x, out, blocks if offsets is None else offsets, columns // constants["ELEMENTS"], columns, rows,
-        group_rows, tokens, OFFSETS=offsets is not None, ALIGN=offsets_align, **constants,
-        num_warps=MATVEC_WARPS)
+    subs, sub_elements = MATVEC_VALUES[format][2]
+    (kernel or _matvec)[(tokens * triton.cdiv(rows, constants["ROWS"]),)](
+        blocks, x, out, blocks if offsets is None else offsets, columns // (subs * sub_elements), columns, rows,
+        group_rows, tokens, OFFSETS=offsets is not None, ALIGN=offsets_align, **constants, num_warps=MATVEC_WARPS)
 
 
 def matvec_constants(format: str, columns: int) -> dict:
