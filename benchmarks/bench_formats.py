@@ -162,6 +162,9 @@ def child(args: argparse.Namespace) -> None:
 
     if args.matvec == "off":  # every GGML matrix dequantized, decode steps too
         Decompressor.MATVEC_DEVICES = ()
+    if args.matvec == "dots":  # Q4_K and Q2_K multiplied by ggml_dots' kernel (an experiment)
+        from tierstore import ggml
+        ggml.MATVEC_KERNEL = "dots"
     model = tierstore.AutoModel.from_pretrained(args.store, budget=tierstore.Budget(vram=args.vram, ram=args.ram),
                                                 config={"runtime": {"cache_dir": args.cache,
                                                                     "cuda_graphs": args.graphs,
@@ -211,7 +214,8 @@ def main() -> None:
                         "auto,resident,off runs each store three times (a streamed pass's layers replayed from "
                         "graphs, only its resident layers, none)")
     parser.add_argument("--matvec", default="auto", help="comma-separated: auto (decode steps multiply GGML "
-                        "matrices in their blocks) and/or off (every matrix dequantized first), each row run so")
+                        "matrices in their blocks), dots (the same, Q4_K and Q2_K by ggml_dots' kernel: an "
+                        "experiment) and/or off (every matrix dequantized first), each row run so")
     parser.add_argument("--norms", default="auto", help="runtime.fused_norms of each row, comma-separated: auto,off "
                         "runs each store with transformers' RMSNorm on torch's fused rms_norm and without")
     parser.add_argument("--rotary", default="auto", help="runtime.fused_rotary of each row, comma-separated: auto,off "

@@ -142,6 +142,9 @@ def child(args: argparse.Namespace) -> None:
         if args.gathered:  # experts' blocks gathered first, not multiplied where they lie
             from tierstore.inference.runtime import packed_experts
             packed_experts.AT_OFFSETS_DEVICES = ()
+        if args.matvec_kernel == "dots":  # Q4_K and Q2_K experts multiplied by ggml_dots' kernel (an experiment)
+            from tierstore import ggml
+            ggml.MATVEC_KERNEL = "dots"
 
         experts = json.loads(args.experts)
         config = {"runtime": {"cache_dir": args.cache, "fused_rotary": args.rotary}, "experts": experts,
@@ -249,6 +252,8 @@ def main() -> None:
                         "blocks from their slots before multiplying them (packed_experts.AT_OFFSETS_DEVICES = ())")
     parser.add_argument("--rotary", default="auto", help="runtime.fused_rotary of the tierstore rows: auto (the "
                         "rotary embedding in one kernel a layer on a GPU) or off (transformers' function)")
+    parser.add_argument("--matvec-kernel", default="values", choices=["values", "dots"], help="the tierstore rows' "
+                        "matrix-vector kernel for compressed experts (ggml.MATVEC_KERNEL; dots: an experiment)")
     parser.add_argument("--format", default="none", help="write the model as a store of this compression.format "
                         "from random weights (no bf16 checkpoint on disk); none: a bf16 checkpoint")
     args = parser.parse_args()
@@ -272,6 +277,7 @@ def main() -> None:
                                        "--layers", str(args.layers), "--format", args.format, "--out", args.out,
                                        *(["--profile"] if args.profile else []),
                                        *(["--gathered"] if args.gathered else []), "--rotary", args.rotary,
+                                       "--matvec-kernel", args.matvec_kernel,
                                        "--ram", args.ram if args.ram and system == "tierstore" else ram,
                                        "--tokens", str(tokens), "--compress", compress], log, script=__file__)
             print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),

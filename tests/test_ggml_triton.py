@@ -217,3 +217,32 @@ def test_sums_by_sub_block_of_grouped_matrices_read_where_they_lie(dots, format)
     dots.matvec_grouped(format, buffer, x, out, torch.tensor([offsets[place] for place in places]), 16)
     scale = torch.einsum("grc,gc->gr", chosen.abs(), x.double().abs()).max()
     assert (out.double() - torch.einsum("grc,gc->gr", chosen, x.double())).abs().max() <= 1e-6 * scale
+
+
+def test_the_dots_setting_sends_aligned_q4_k_and_q2_k_to_its_kernel_and_the_rest_to_the_values_kernel(dots,
+                                                                                                     monkeypatch):
+    """ggml.MATVEC_KERNEL = "dots": a Q4_K matrix and aligned grouped experts go to ggml_dots' kernel, experts at
+    offsets not known 4-byte aligned and a Q6_K matrix to ggml_triton's; each product the reference's."""
+    taken = []
+    for name in ("matvec", "matvec_grouped"):
+        original = getattr(dots, name)
+        monkeypatch.setattr(dots, name, lambda format, *args, _original=original, **kwargs:
+                            (taken.append(format), _original(format, *args, **kwargs))[1])
+    monkeypatch.setattr(ggml, "MATVEC_KERNEL", "dots")
+    rows, row_blocks = 8, 2
+    for format, grouped_align, to_dots in (("Q4_K", None, True), ("Q2_K", 16, True), ("Q4_K", 2, False),
+                                           ("Q6_K", None, False)):
+        data = random_blocks(format, rows * row_blocks, seed=5).reshape(-1)
+        matrix = torch.from_numpy(gguf.quants.dequantize(data.reshape(-1, ggml.BLOCKS[format][1]),
+                                                         gguf.GGMLQuantizationType[format])).reshape(rows, -1)
+        x = torch.randn(1, row_blocks * 256, generator=torch.Generator().manual_seed(6))
+        out = torch.empty(1, rows)
+        taken.clear()
+        if grouped_align is None:
+            assert ggml.matvec(format, torch.from_numpy(data), x, out)
+        else:
+            assert ggml.matvec(format, torch.from_numpy(data), x, out, grouped=True, offsets=torch.tensor([0]),
+                               offsets_align=grouped_align)
+        assert taken == ([format] if to_dots else []), (format, grouped_align)
+        want = x.double() @ matrix.double().T
+        assert (out.double() - want).abs().max() <= 1e-5 * (x.double().abs() @ matrix.double().abs().T).max()

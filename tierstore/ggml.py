@@ -31,6 +31,10 @@ HALF_SCALES: dict[str, tuple[int, ...]] = {
 }
 # the formats ggml_triton.py multiplies in their blocks (its MATVEC_VALUES; a test keeps the two alike)
 MATVEC_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# the matrix-vector kernel: "values" (ggml_triton: each weight's value, then its product), or "dots" (ggml_dots, an
+# experiment not yet timed on a GPU: Q4_K and Q2_K codes times inputs summed by sub-block, where its words are
+# aligned; the rest as "values"). Benchmarks set it to compare the two in a model's steps.
+MATVEC_KERNEL = "values"
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -120,18 +124,27 @@ def matvec(format: str, packed: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     if not multiplies_packed(format, x.shape[-1]):
         return False
     try:
-        from .ggml_triton import matvec as matvec_triton
-        from .ggml_triton import matvec_grouped
+        single, several = _matvec_kernels(format, packed, offsets_align if offsets is not None else None)
         if offsets is not None:
-            matvec_grouped(format, packed, x, out, offsets, offsets_align)
+            several(format, packed, x, out, offsets, offsets_align)
         else:
-            (matvec_grouped if grouped else matvec_triton)(format, packed.view(-1, BLOCKS[format][1]), x, out)
+            (several if grouped else single)(format, packed.view(-1, BLOCKS[format][1]), x, out)
         return True
     except Exception as exc:  # noqa: BLE001 (an import, compiler or launch failure of any kind): dequantize instead
         log.warning("multiplying %s in its blocks: its Triton kernel failed (%s: %s); dequantizing instead",
                     format, type(exc).__name__, exc)
         _NO_MATVEC.add(format)
         return False
+
+
+def _matvec_kernels(format: str, packed: torch.Tensor, offsets_align: int | None) -> tuple[Callable, Callable]:
+    """The matrix-vector kernel's (matvec, matvec_grouped) for these blocks: MATVEC_KERNEL's where it takes them."""
+    if MATVEC_KERNEL == "dots":
+        from .ggml_dots import matvec, matvec_grouped, takes
+        if takes(format, packed, offsets_align):
+            return matvec, matvec_grouped
+    from .ggml_triton import matvec, matvec_grouped
+    return matvec, matvec_grouped
 
 
 def dequantize_eager(format: str, packed: torch.Tensor, out: torch.Tensor) -> None:
