@@ -65,11 +65,18 @@ def timed_s(run, reps: int = 20) -> float:
 
 
 @contextlib.contextmanager
-def tile_set(tile: tuple[int, ...]) -> Iterator[None]:
-    """ggml_triton's matrix-vector tile (rows a program, elements of a row at once, warps[, pipeline stages]) set
-    for the block."""
-    from tierstore import ggml_triton
+def tile_set(tile: tuple[int, ...], kernel: str = "values") -> Iterator[None]:
+    """`kernel`'s matrix-vector tile (rows a program, elements of a row at once, warps[, pipeline stages: values
+    only]) set for the block."""
+    from tierstore import ggml_dots, ggml_triton
 
+    if kernel == "dots":
+        saved_tile, ggml_dots.TILE = ggml_dots.TILE, tuple(tile[:3])
+        try:
+            yield
+        finally:
+            ggml_dots.TILE = saved_tile
+        return
     names = ("MATVEC_ROWS", "MATVEC_ELEMENTS", "MATVEC_WARPS", "MATVEC_STAGES")[:len(tile)]
     saved = [getattr(ggml_triton, name) for name in names]
     for name, value in zip(names, tile):
@@ -81,14 +88,14 @@ def tile_set(tile: tuple[int, ...]) -> Iterator[None]:
             setattr(ggml_triton, name, value)
 
 
-def at_tile(format: str, tile: tuple[int, ...], call):
-    """`call` run with ggml_triton's tile set to `tile`, as a call; None where a row's window would be less than
+def at_tile(format: str, tile: tuple[int, ...], call, kernel: str = "values"):
+    """`call` run with `kernel`'s tile set to `tile`, as a call; None where a row's window would be less than
     one of `format`'s blocks."""
     if tile[1] < ggml.BLOCKS[format][0]:
         return None
 
     def run() -> None:
-        with tile_set(tile):
+        with tile_set(tile, kernel):
             call()
     return run
 
@@ -103,7 +110,7 @@ def kernels(name: str):
 
 def tile_run(format: str, blocks, x, out, tile: tuple[int, ...], kernel: str = "values"):
     """`kernel`'s matvec at `tile`, as a call (None: see at_tile)."""
-    return at_tile(format, tile, lambda: kernels(kernel).matvec(format, blocks, x, out))
+    return at_tile(format, tile, lambda: kernels(kernel).matvec(format, blocks, x, out), kernel)
 
 
 def grouped_run(format: str, pool, x, out, offsets, tile: tuple[int, ...], align: int, kernel: str = "values"):
@@ -112,7 +119,7 @@ def grouped_run(format: str, pool, x, out, offsets, tile: tuple[int, ...], align
     def calls() -> None:
         for at in offsets:
             kernels(kernel).matvec_grouped(format, pool, x, out, at, align)
-    return at_tile(format, tile, calls)
+    return at_tile(format, tile, calls, kernel)
 
 
 def tile_kernels(args, format: str) -> list[tuple[str, tuple[int, ...]]]:

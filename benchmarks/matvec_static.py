@@ -53,7 +53,7 @@ def compiled(format: str, tile: tuple[int, ...], dots: bool = False):
 
     from tierstore import ggml, ggml_dots, ggml_triton
 
-    with tile_set(tile):
+    with tile_set(tile, "dots" if dots else "values"):
         constants = {**(ggml_dots.constants if dots else ggml_triton.matvec_constants)(format, COLUMNS),
                      "tokens": 1, "OFFSETS": False, "ALIGN": 1}  # a launch specialises tokens = 1
     signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "offsets": "*u8", "row_blocks": "i32",

@@ -939,10 +939,9 @@ def test_sums_by_sub_block_compiled_match_the_dequantized_product(format, tile, 
     wrong compiled where Triton's interpreter summed right, so each tile is checked here before it is timed)."""
     from test_ggml import random_blocks
 
-    from tierstore import ggml, ggml_dots, ggml_triton
+    from tierstore import ggml, ggml_dots
 
-    for name, value in zip(("MATVEC_ROWS", "MATVEC_ELEMENTS", "MATVEC_WARPS"), tile):
-        monkeypatch.setattr(ggml_triton, name, value)
+    monkeypatch.setattr(ggml_dots, "TILE", tile)
     rows = columns = 3584
     data = torch.from_numpy(random_blocks(format, rows * columns // 256, seed=4)).reshape(-1)
     matrix = torch.empty(rows * columns)

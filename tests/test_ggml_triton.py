@@ -173,13 +173,12 @@ def test_a_decode_step_multiplies_k_quant_matrices_in_their_blocks_and_gives_the
 @pytest.mark.parametrize("format", ["Q4_K", "Q2_K"])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_sums_by_sub_block_are_the_reference_matrix_times_the_inputs(dots, monkeypatch, format, tokens):
-    """ggml_dots (codes times inputs summed by sub-block, then scaled) on 5 rows of 10 blocks at windows of 4, 8
-    and 1 block, rows 4, 1 and 16 a program (the last program partly past the matrix): the reference's values
-    multiplied in float64, within float32 summation error; the output's neighbours untouched. The codes' places
-    are checked by a matrix whose every code differs from its neighbours'."""
-    kernels = sys.modules["tierstore.ggml_triton"]
+    """ggml_dots (codes times inputs summed by sub-block, then scaled) on 5 rows of 12 random blocks, at tiles
+    reading windows of 4, 4, 1 and 4 blocks in programs of 4, 2, 16 and 16 rows (the last program partly or wholly
+    past the matrix): the reference's values multiplied in float64, within float32 summation error; the output's
+    neighbours untouched; and which blocks it takes (4-byte aligned words of its formats)."""
     assert set(dots.DOTS) == {"Q4_K", "Q2_K"}
-    rows, row_blocks = 5, 10
+    rows, row_blocks = 5, 12
     data = random_blocks(format, rows * row_blocks, seed=2)
     matrix = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[format])).reshape(rows, -1)
     x = torch.randn(tokens, row_blocks * 256, generator=torch.Generator().manual_seed(3))
@@ -187,12 +186,11 @@ def test_sums_by_sub_block_are_the_reference_matrix_times_the_inputs(dots, monke
     scale = (x.double().abs() @ matrix.double().abs().T).max()
     blocks = torch.from_numpy(data).reshape(rows * row_blocks, -1)
     assert dots.takes(format, blocks) and not dots.takes("Q6_K", blocks) and not dots.takes(format, blocks, 2)
-    for rows_each, elements_each in ((4, 1024), (1, 2048), (16, 256)):
-        monkeypatch.setattr(kernels, "MATVEC_ROWS", rows_each)
-        monkeypatch.setattr(kernels, "MATVEC_ELEMENTS", elements_each)
+    for tile in ((4, 1024, 4), (1, 2048, 4), (16, 256, 2), dots.TILE):
+        monkeypatch.setattr(dots, "TILE", tile)
         out = torch.full((tokens + 1, rows), float("nan"))
         dots.matvec(format, blocks, x, out[:tokens])
-        assert (out[:tokens].double() - want).abs().max() <= 1e-6 * scale, (rows_each, elements_each)
+        assert (out[:tokens].double() - want).abs().max() <= 1e-6 * scale, tile
         assert out[tokens].isnan().all()
 
 

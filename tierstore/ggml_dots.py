@@ -16,7 +16,8 @@ The products are the reference's to float32 summation error (the order of the su
 Status: an experiment, not used by any model. Compiled for sm_90 on a CPU (`matvec_static.py --dots --columns
 2048`), its loop is 7.3 instructions an element for Q4_K at 16x1024x4 (8.2 for Q2_K); the inputs' side (their
 loads, conversion and sums) is still done once a row, not once a program, because Triton lays the rows across
-threads. It has not run on a GPU: `bench_matvec.py --kernels values,dots` times it beside _matvec.
+threads. It has not run on a GPU: `bench_matvec.py --kernels values,dots` times it beside _matvec, and
+`ggml.MATVEC_KERNEL = "dots"` puts it in a model's decode steps for the benchmarks to compare.
 
 Its words need 4-byte alignment (`takes`): a row's blocks (144 and 84 bytes) keep it wherever the matrix starts
 4-byte aligned.
@@ -28,6 +29,10 @@ import triton
 import triton.language as tl
 
 from .ggml_triton import _add, _half, _k_scales, _launch, matvec_constants
+
+# (rows a program, elements of a row at once, warps): compiled for sm_90, the fewest loop instructions an element
+# at moderate registers, for Q4_K and Q2_K on 2048- and 3584-column rows (benchmarks/matvec_static.py --dots)
+TILE = (16, 1024, 4)
 
 
 @triton.jit
@@ -131,7 +136,7 @@ def takes(format: str, blocks: torch.Tensor, offsets_align: int | None = None) -
 def matvec(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
     """ggml_triton.matvec's product by this kernel (where `takes`)."""
     _launch(format, blocks, x, out, tokens=x.shape[0], rows=out.shape[1], group_rows=out.shape[1],
-            kernel=_matvec_dots, constants=constants(format, x.shape[1]))
+            kernel=_matvec_dots, constants=constants(format, x.shape[1]), warps=TILE[2])
 
 
 def matvec_grouped(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
@@ -139,11 +144,12 @@ def matvec_grouped(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torc
     """ggml_triton.matvec_grouped's products by this kernel (where `takes`)."""
     groups, rows = out.shape
     _launch(format, blocks, x, out, tokens=1, rows=groups * rows, group_rows=rows, offsets=offsets,
-            offsets_align=offsets_align, kernel=_matvec_dots, constants=constants(format, x.shape[1]))
+            offsets_align=offsets_align, kernel=_matvec_dots, constants=constants(format, x.shape[1]),
+            warps=TILE[2])
 
 
 def constants(format: str, columns: int) -> dict:
-    """The kernel's compile-time arguments: ggml_triton's tile (rows a program, blocks a row at once)."""
-    tile = matvec_constants(format, columns)
+    """The kernel's compile-time arguments at TILE (rows a program, blocks a row at once)."""
+    tile = matvec_constants(format, columns, TILE[:2])
     dots, words = DOTS[format]
     return {"DOTS": dots, "BLOCKS": tile["BLOCKS"], "ROWS": tile["ROWS"], "WORDS": words}

@@ -65,10 +65,10 @@ def matvec_grouped(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torc
 
 def _launch(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor, tokens: int, rows: int,
             group_rows: int, offsets: torch.Tensor | None = None, offsets_align: int = 1, kernel=None,
-            constants: dict | None = None) -> None:
-    """`kernel` (_matvec, or another of its arguments and `constants`: ggml_dots) over `rows` rows times `tokens`
-    tokens, each `group_rows` rows with inputs of their own (a program's rows kept within one group), on one axis
-    of programs with the tokens fastest (CUDA's second axis stops at 65,535 programs)."""
+            constants: dict | None = None, warps: int | None = None) -> None:
+    """`kernel` (_matvec, or another of its arguments, `constants` and `warps`: ggml_dots) over `rows` rows times
+    `tokens` tokens, each `group_rows` rows with inputs of their own (a program's rows kept within one group), on
+    one axis of programs with the tokens fastest (CUDA's second axis stops at 65,535 programs)."""
     columns = x.shape[1]
     constants = dict(constants or matvec_constants(format, columns))
     if group_rows != rows:
@@ -76,21 +76,24 @@ def _launch(format: str, blocks: torch.Tensor, x: torch.Tensor, out: torch.Tenso
     subs, sub_elements = MATVEC_VALUES[format][2]
     (kernel or _matvec)[(tokens * triton.cdiv(rows, constants["ROWS"]),)](
         blocks, x, out, blocks if offsets is None else offsets, columns // (subs * sub_elements), columns, rows,
-        group_rows, tokens, OFFSETS=offsets is not None, ALIGN=offsets_align, **constants, num_warps=MATVEC_WARPS)
+        group_rows, tokens, OFFSETS=offsets is not None, ALIGN=offsets_align, **constants,
+        num_warps=warps or MATVEC_WARPS)
 
 
-def matvec_constants(format: str, columns: int) -> dict:
+def matvec_constants(format: str, columns: int, tile: tuple[int, int] | None = None) -> dict:
     """The matrix-vector kernel's compile-time arguments for `format` and a row of `columns` elements at the
-    module's tile: a program reads MATVEC_ROWS rows' MATVEC_ELEMENTS elements at once, in the largest power of two
-    of blocks that divides a row's blocks (so that every window is whole and no load needs a mask); where that is
-    fewer blocks, in proportionally more rows (so that as many bytes are read at once)."""
+    module's tile (or `tile`: rows, elements): a program reads MATVEC_ROWS rows' MATVEC_ELEMENTS elements at once,
+    in the largest power of two of blocks that divides a row's blocks (so that every window is whole and no load
+    needs a mask); where that is fewer blocks, in proportionally more rows (so that as many bytes are read at
+    once)."""
+    rows_each, elements_each = tile or (MATVEC_ROWS, MATVEC_ELEMENTS)
     values, nbytes, (subs, sub_elements) = MATVEC_VALUES[format]
     elements = subs * sub_elements
     row_blocks = columns // elements
-    window = max(MATVEC_ELEMENTS // elements, 1)
+    window = max(elements_each // elements, 1)
     blocks = min(window, row_blocks & -row_blocks)
     return {"VALUES": values, "BYTES": nbytes, "ELEMENTS": elements, "BLOCKS": blocks,
-            "ROWS": MATVEC_ROWS * (window // blocks), "STAGES": MATVEC_STAGES}
+            "ROWS": rows_each * (window // blocks), "STAGES": MATVEC_STAGES}
 
 
 @triton.jit
