@@ -43,8 +43,8 @@ def opcode(line: str) -> str:
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
-def compiled(format: str, tile: tuple[int, ...], dots: bool = False):
-    """The kernel (ggml_triton._matvec, or with `dots` ggml_dots._matvec_dots) compiled for sm_90 at `tile`
+def compiled(format: str, tile: tuple[int, ...], kernel: str = "values"):
+    """`kernel`'s matrix-vector kernel (values: ggml_triton._matvec, dots: ggml_dots') compiled for sm_90 at `tile`
     (bench_matvec.tile_set) on the gate matrix, and the elements a thread handles a window."""
     import triton
     from bench_matvec import tile_set
@@ -53,18 +53,18 @@ def compiled(format: str, tile: tuple[int, ...], dots: bool = False):
 
     from tierstore import ggml, ggml_dots, ggml_triton
 
-    with tile_set(tile, "dots" if dots else "values"):
-        constants = {**(ggml_dots.constants if dots else ggml_triton.matvec_constants)(format, COLUMNS),
-                     "tokens": 1, "OFFSETS": False, "ALIGN": 1}  # a launch specialises tokens = 1
+    with tile_set(tile, kernel):
+        tiled = (ggml_dots.constants if kernel == "dots" else ggml_triton.matvec_constants)(format, COLUMNS)
+    constants = {**tiled, "tokens": 1, "OFFSETS": False, "ALIGN": 1}  # a launch specialises tokens = 1
     signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "offsets": "*u8", "row_blocks": "i32",
                  "columns": "i32", "rows": "i32", "group_rows": "i32", **{name: "constexpr" for name in constants}}
     values = {"row_blocks": COLUMNS // ggml.BLOCKS[format][0], "columns": COLUMNS, "rows": ROWS, "group_rows": ROWS}
     divisible = [0, 1, 2, 3] + [4 + at for at, value in enumerate(values.values()) if value % 16 == 0]
     attrs = {(at,): [["tt.divisibility", 16]] for at in divisible}  # as a launch specialises (16-byte pointers)
-    kernel = triton.compile(ASTSource(fn=ggml_dots._matvec_dots if dots else ggml_triton._matvec,
+    binary = triton.compile(ASTSource(fn=ggml_dots._matvec_dots if kernel == "dots" else ggml_triton._matvec,
                                       signature=signature, constexprs=constants, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": tile[2]})
-    return kernel, constants["ROWS"] * constants["BLOCKS"] * ggml.BLOCKS[format][0] / (32 * tile[2])
+    return binary, constants["ROWS"] * constants["BLOCKS"] * ggml.BLOCKS[format][0] / (32 * tile[2])
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
@@ -88,7 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="Q2_K,Q3_K,Q4_K,Q6_K,Q4_0,Q8_0")
     parser.add_argument("--tiles", default="1x2048x4,2x1024x4,4x1024x4,4x512x4,8x512x8,4x2048x8")
-    parser.add_argument("--dots", action="store_true", help="ggml_dots' kernel (Q4_K, Q2_K: sums by sub-block)")
+    parser.add_argument("--kernel", default="values", choices=["values", "dots"],
+                        help="values: ggml_triton's; dots: ggml_dots' (Q4_K, Q2_K: sums by sub-block)")
     parser.add_argument("--columns", type=int, default=COLUMNS, help="a row's elements (2048: Qwen3-30B-A3B's "
                         "experts' gate_up; the window is the largest power of two of blocks dividing a row)")
     args = parser.parse_args()
@@ -96,7 +97,7 @@ def main() -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     for format in args.formats.split(","):
         for tile in args.tiles.split(","):  # a program multiplies one token (more tokens: more programs)
-            kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")), args.dots)
+            kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")), args.kernel)
             body = loop_body(cuobjdump(kernel.asm["cubin"], "-sass"))
             kinds = collections.Counter(opcode(line) for line in body).most_common(6)
             print(f"{format} {tile}: {len(body) / elements_per_thread:.1f} loop instructions an element "

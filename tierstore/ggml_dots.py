@@ -13,7 +13,7 @@ makes it times a power of two exactly; its input carries the inverse power. Prod
 word's sums are scaled by its sub-block's step and offset once a window, and summed across threads once, at the end.
 The products are the reference's to float32 summation error (the order of the sum differs from _matvec's).
 
-Status: an experiment, not used by any model. Compiled for sm_90 on a CPU (`matvec_static.py --dots --columns
+Status: an experiment, not used by any model. Compiled for sm_90 on a CPU (`matvec_static.py --kernel dots --columns
 2048`), its loop is 7.3 instructions an element for Q4_K at 16x1024x4 (8.2 for Q2_K); the inputs' side (their
 loads, conversion and sums) is still done once a row, not once a program, because Triton lays the rows across
 threads. It has not run on a GPU: `bench_matvec.py --kernels values,dots` times it beside _matvec, and
@@ -31,7 +31,7 @@ import triton.language as tl
 from .ggml_triton import _add, _half, _k_scales, _launch, matvec_constants
 
 # (rows a program, elements of a row at once, warps): compiled for sm_90, the fewest loop instructions an element
-# at moderate registers, for Q4_K and Q2_K on 2048- and 3584-column rows (benchmarks/matvec_static.py --dots)
+# at moderate registers, for Q4_K and Q2_K on 2048- and 3584-column rows (benchmarks/matvec_static.py --kernel dots)
 TILE = (16, 1024, 4)
 
 
