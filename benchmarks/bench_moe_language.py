@@ -32,8 +32,10 @@ PROMPTS = [QUESTION, "What is the capital of France? Answer in two sentences.",
            "Write a short poem about the sea."]
 BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB")}
 MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,mapped", "draft": "auto"}
-# a row's name may add "+compile" (the draft bound and compiled: speculation.compile) and "+FORMAT" (the model
-# stored with compression.format FORMAT, its experts packed in every tier: "4GB+q8_0", "draft+q4_k+compile")
+# a row's name may add "+compile" (the draft bound and compiled: speculation.compile), "+float32" (the draft in
+# float32: speculation.draft_dtype) and "+FORMAT" (the model stored with compression.format FORMAT, its experts
+# packed in every tier: "4GB+q8_0", "draft+q4_k+compile", "draft+compile+float32")
+DRAFT_DTYPES = ("float32",)
 
 
 def expert_budget_setting(word: str) -> int | str | None:
@@ -42,11 +44,13 @@ def expert_budget_setting(word: str) -> int | str | None:
     return int(word) if word.isdigit() else {"auto": "auto", "none": None}[word]
 
 
-def row_parts(row: str) -> tuple[str, str, bool]:
-    """A row's budget row, its compression format ("none") and whether its draft is compiled."""
+def row_parts(row: str) -> tuple[str, str, bool, str]:
+    """A row's budget row, its compression format ("none"), whether its draft is compiled, and its draft's dtype
+    (speculation.draft_dtype: auto unless named)."""
     base, *extras = row.split("+")
-    formats = [extra for extra in extras if extra != "compile"]
-    return base, formats[0] if formats else "none", "compile" in extras
+    formats = [extra for extra in extras if extra != "compile" and extra not in DRAFT_DTYPES]
+    dtypes = [extra for extra in extras if extra in DRAFT_DTYPES]
+    return base, formats[0] if formats else "none", "compile" in extras, dtypes[0] if dtypes else "auto"
 
 
 def upcycle(gguf: str, out_dir: str, experts: int = EXPERTS, top_k: int = TOP_K, factor: int = FACTOR) -> None:
@@ -121,12 +125,12 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     import tierstore
 
     start = time.perf_counter()
-    base, compress, compile = row_parts(args.row)
+    base, compress, compile, draft_dtype = row_parts(args.row)
     vram, ram = BUDGETS[base]
     drafting = base == "draft"
     model = tierstore.AutoModel.from_pretrained(
         args.model, budget={"vram": vram, "ram": ram},
-        config={"runtime": {"cache_dir": args.cache}, "speculation": {"compile": compile},
+        config={"runtime": {"cache_dir": args.cache}, "speculation": {"compile": compile, "draft_dtype": draft_dtype},
                 "compression": {"format": compress}},
         draft=args.gguf if drafting else None)
     setup_s = time.perf_counter() - start

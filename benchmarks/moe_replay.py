@@ -13,6 +13,10 @@ measured on the GPU for each prompt (`--base-s`).
 
     python benchmarks/moe_replay.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --budgets none,auto
 
+`--target-dtype bfloat16 --upcycled` makes the target round as the proxy does (bfloat16, each MLP output the sum of
+its 8 routed copies times their routing weights, as transformers' Mixtral adds them); `--draft-dtype` sets the
+draft's (speculation.draft_dtype). Two bfloat16 copies of one function part at near-ties, which ends trees early.
+
 Defaults: the H100 of 2026-12-06 (eleventh session): link 55 GB/s, no-draft steps 0.0390 / 0.0416 / 0.0335 s, the
 compiled draft's step 3.8 ms as run; `--fixed-s` 0.06 puts the model's verify passes within 10% of the measured
 ones (27.3 GB in 0.541 s, 28.6 GB in 0.571 s, 23.4 GB in 0.519 s).
@@ -45,9 +49,12 @@ class _Experts:
         generator = torch.Generator().manual_seed(0)
         layers = target.model.layers
         self.routers = [torch.randn(EXPERTS, target.config.hidden_size, generator=generator) for _ in layers]
+        self.weights = None  # the routing weights of the MLP input just normed (--upcycled)
         for index, layer in enumerate(layers):
             layer.post_attention_layernorm.register_forward_hook(
                 lambda module, inputs, out, index=index: self._layer(index, out))
+            if args.upcycled:
+                layer.mlp.register_forward_hook(lambda module, inputs, out: self._summed(out))
 
     def missed_expert_s(self) -> float:
         return EXPERT_BYTES / (self.args.link_gbps * 1e9)
@@ -60,10 +67,23 @@ class _Experts:
         finally:
             self.budget = None
 
+    def _summed(self, out):
+        """The MLP's output as the upcycled model makes it: each of the token's 8 identical experts' output times
+        its routing weight, rounded to the model's dtype, added in expert order (transformers' Mixtral, eager)."""
+        weights, order = self.weights
+        total = out.new_zeros(out.shape)
+        for rank in order.sort(dim=-1).indices.unbind(-1):  # ranks in expert order, token by token
+            total += (out * weights.gather(-1, rank[..., None]).to(out.dtype))
+        return total
+
     def _layer(self, index: int, hidden) -> None:
+        if self.args.upcycled:  # Mixtral's routing, a router like the benchmark's (0.02 a unit): top 8 of the softmax
+            logits = hidden.float() @ (0.02 * self.routers[index]).T
+            top = logits.softmax(dim=-1).topk(TOP_K, dim=-1)
+            self.weights = (top.values / top.values.sum(dim=-1, keepdim=True), top.indices)
         if not self.in_pass:
             return
-        rows = (hidden[0] @ self.routers[index].T).topk(TOP_K, dim=-1).indices.tolist()
+        rows = (hidden[0].float() @ self.routers[index].T).topk(TOP_K, dim=-1).indices.tolist()
         if index == 0:
             self.clock.now_s += self.args.fixed_s
         live = [True] * len(rows)
@@ -87,6 +107,12 @@ def main() -> None:
     parser.add_argument("--fixed-s", type=float, default=0.06)
     parser.add_argument("--base-s", default="0.0390,0.0416,0.0335", help="no-draft s/token per prompt")
     parser.add_argument("--nodes", type=int, default=1024, help="the node cap")
+    parser.add_argument("--target-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the target's dtype (bfloat16: the benchmark's)")
+    parser.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="the draft's compute dtype (default: tierstore's for the draft's store)")
+    parser.add_argument("--upcycled", action="store_true", help="each MLP output summed as the upcycled model sums "
+                        "it: its 8 routed copies times their routing weights, each rounded to the target's dtype")
     args = parser.parse_args()
     check_gguf(args.gguf)
     try:
@@ -111,10 +137,12 @@ def main() -> None:
     except TierstoreError as exc:
         refuse(f"--draft {args.draft!r}: {exc}")
     directory, name = os.path.dirname(os.path.abspath(args.gguf)), os.path.basename(args.gguf)
-    target = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                  dtype=getattr(torch, args.target_dtype)).eval()
     target.tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     with injected_costs({8: args.step_ms / 1e3}) as clock, torch.no_grad(), tierstore.AutoModel.from_pretrained(
-            draft_path, budget=tierstore.Budget(vram="200MB", ram="2GB"), config=config) as draft_model:
+            draft_path, budget=tierstore.Budget(vram="200MB", ram="2GB"), config=config,
+            dtype=args.draft_dtype) as draft_model:
         real_times = speculation.time, verifier.time
         speculation.time = verifier.time = clock
         try:

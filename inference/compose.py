@@ -26,7 +26,7 @@ from ..allocation import candidates
 from ..budget import Budget
 from ..calibration import calibration_text
 from ..compression import GPTQ, MIXED, Codec, Decompressor, recipe_formats, scratch_bytes
-from ..config import Config
+from ..config import AUTO, Config
 from ..errors import InputError
 from ..files import check_writable
 from ..policies.planner import Plan, PlanInput
@@ -39,7 +39,7 @@ from ..transfer import make_transfer
 from .decoding.drafts import NGRAM_BRANCHES, NgramDraft
 from .decoding.importance import measure_importance, measure_rounding, measure_sensitivity
 from .decoding.model import ModelParts, TierstoreModel
-from .devices import as_dtype, compute_device
+from .devices import DTYPES, as_dtype, compute_device
 from .loading.checkpoint import checkpoint_dtype, load_config, load_tokenizer
 from .loading.convert import convert, convert_if_needed, keeps_ggml
 from .loading.resolve import Checkpoint, resolve
@@ -249,21 +249,22 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
     if request.draft == "ngram":
         return NgramDraft(request.cfg.speculation.ngram, min(request.cfg.speculation.width, NGRAM_BRANCHES)), None
     cfg = request.cfg
+    dtype = draft_dtype(cfg, units.dtype)
     # refused before the draft is converted or read when the model cannot run beside what it would take
-    place(units, cfg, device, _plan_draft(request.draft, cfg, device, units.dtype, request.trust_remote_code,
+    place(units, cfg, device, _plan_draft(request.draft, cfg, device, dtype, request.trust_remote_code,
                                           request.allow_download))
     draft_cfg = _draft_config(cfg, device)
     # all of it on the device, its input embedding too: a draft step is captured as a CUDA graph, which cannot
     # copy rows from RAM
     bound = cfg.speculation.compile
     model = _open(dataclasses.replace(
-        _request(request.draft, None, draft_cfg, units.dtype, request.trust_remote_code, request.allow_download,
+        _request(request.draft, None, draft_cfg, dtype, request.trust_remote_code, request.allow_download,
                  request.progress, None, None, 1), host_lookup=False, bound=bound))
     resources.callback(model.close)
     scratch = model.decompressor.scratch.nbytes if model.decompressor is not None else 0
     if bound and model.decompressor is not None:  # its matrices unpacked beside the packed units
-        scratch += unpacked_bytes(model.decompressor.packed, units.dtype)
-    cost = _with_ahead(_draft_cost(request.draft, model.store.layouts, scratch, model.model.config, units.dtype),
+        scratch += unpacked_bytes(model.decompressor.packed, dtype)
+    cost = _with_ahead(_draft_cost(request.draft, model.store.layouts, scratch, model.model.config, dtype),
                        cfg, device)
     if model.plan.regime != "device":
         raise InputError(f"draft {request.draft} needs {cost.weights_bytes} bytes on the device, more than is free "
@@ -373,11 +374,18 @@ def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: An
         if checkpoint.kind == "config":
             notes = (f"planned from {checkpoint.path}/config.json alone: no weights are present, and a run needs "
                      f"them", *notes)
-        cost = _plan_draft(draft, cfg, device, units.dtype, trust_remote_code, allow_download) if draft else None
+        cost = _plan_draft(draft, cfg, device, draft_dtype(cfg, units.dtype), trust_remote_code,
+                           allow_download) if draft else None
         plan = place(units, cfg, device, cost, host_lookup=tensor_parallel == 1)[0]
         return dataclasses.replace(plan, notes=(*plan.notes, *notes))
     finally:
         units.close()
+
+
+def draft_dtype(cfg: Config, model_dtype: torch.dtype) -> torch.dtype:
+    """A model draft's dtype: `speculation.draft_dtype`, or the model's (auto)."""
+    name = cfg.speculation.draft_dtype
+    return model_dtype if name == AUTO else DTYPES[name]
 
 
 def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,

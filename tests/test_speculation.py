@@ -779,6 +779,39 @@ def test_plan_charges_the_draft_to_the_device_budget(tiny_dirs, tmp_path, capsys
     assert "draft" in capsys.readouterr().out
 
 
+def test_a_draft_runs_in_its_own_dtype_charged_at_its_bytes_and_the_models_tokens_stay(tiny_dirs, tmp_path_factory,
+                                                                                       tmp_path):
+    """speculation.draft_dtype: the draft opens in that dtype (the model in its own), the plan charges its bytes
+    in it, greedy tokens stay the model's; a dtype not offered is refused in one line naming the key."""
+    from tierstore.config import Config
+    from tierstore.errors import ConfigError
+    from tierstore.inference.compose import make_plan_for
+
+    directory, reference = tiny_dirs("llama")
+    draft = _draft_dir(tmp_path_factory, "llama", seed=1)
+    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4  # float32, the checkpoint's
+    streaming = _budget_for(reference)
+    budget = tierstore.Budget(vram=streaming.vram + draft_bytes, ram=streaming.ram)
+    config = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"width": 3}}
+    halved = {**config, "speculation": {"width": 3, "draft_dtype": "bfloat16"}}
+    same = make_plan_for(directory, budget, config, draft=draft)
+    half = make_plan_for(directory, budget, halved, draft=draft)
+    [same_part], [half_part] = ([size for name, size in plan.reserve_parts if name.startswith("draft")]
+                                for plan in (same, half))
+    assert same_part >= draft_bytes and draft_bytes // 2 <= half_part < 0.51 * same_part  # its units' padding aside
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=halved, draft=draft) as model:
+        assert model.draft.model.dtype == torch.bfloat16 and model.model.dtype == torch.float32
+        assert model.plan.device_reserve_bytes == half.device_reserve_bytes  # the plan run is the plan shown
+        for prompt in (REPEATING, *PROMPTS[:2]):
+            ids = torch.tensor([prompt])
+            want = reference.generate(ids, max_new_tokens=16, do_sample=False)
+            assert model.generate(ids, max_new_tokens=16, do_sample=False).tolist() == want.tolist(), prompt
+        assert model.report().speculation["draft_steps"] > 0
+    with pytest.raises(ConfigError, match="speculation.draft_dtype") as refused:
+        Config.load({"speculation": {"draft_dtype": "int8"}})
+    assert "\n" not in str(refused.value)
+
+
 def _listing(path):
     return sorted(os.path.relpath(os.path.join(root, name), path) for root, dirs, files in os.walk(path)
                   for name in dirs + files)
