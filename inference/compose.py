@@ -242,8 +242,9 @@ def _rounded_formats(cfg: Config, names: frozenset[str]) -> Callable[[str, tuple
 
 def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokenizer: Any,
                 resources: contextlib.ExitStack) -> tuple[Any, DraftCost | None]:
-    """The draft the request names ("ngram", or a model opened resident on the device in the target's dtype) and
-    what it costs on the device (None for ngram); a model draft closes with the model."""
+    """The draft the request names ("ngram", or a model opened resident on the device in `draft_dtype`: the
+    target's unless speculation.draft_dtype names one) and what it costs on the device (None for ngram); a model
+    draft closes with the model."""
     if request.draft is None:
         return None, None
     if request.draft == "ngram":
