@@ -873,9 +873,28 @@ def test_ggml_blocks_dequantized_on_cuda_match_the_cpu_reference(format):
     assert torch.allclose(compiled.cpu(), want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+MATVEC_FORMATS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+# (format, tile): None, the values kernel (ggml_triton); a tile, ggml_dots' kernel there (an experiment no model uses:
+# two configurations of ggml_triton's kernel summed wrong compiled where the interpreter summed right, so each of its
+# tiles is checked here before it is timed)
+KERNEL_CASES = [(format, None) for format in MATVEC_FORMATS] + [
+    (format, tile) for format in ("Q4_K", "Q2_K") for tile in ((4, 1024, 4), (16, 1024, 4), (8, 1024, 2))]
+
+
+def _matvec_kernel(monkeypatch, format: str, tile: tuple[int, ...] | None, packed: torch.Tensor) -> None:
+    """ggml.matvec set to the case's kernel: with a tile, ggml_dots' at it (which must take `packed`)."""
+    from tierstore import ggml, ggml_dots
+
+    if tile is not None:
+        assert ggml_dots.takes(format, packed)
+        monkeypatch.setattr(ggml, "MATVEC_KERNEL", "dots")
+        monkeypatch.setattr(ggml_dots, "TILE", tile)
+
+
+@pytest.mark.parametrize("format,tile", KERNEL_CASES)
 @pytest.mark.parametrize("tokens", [1, 4])
-def test_ggml_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantized_product(format, tokens):
+def test_ggml_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantized_product(format, tile, tokens,
+                                                                                        monkeypatch):
     """The Triton matrix-vector kernel, compiled, on a 7B-sized matrix (3584 x 3584): the reference values times
     the inputs in float64, within float32 summation error, in float32 and bfloat16 inputs."""
     from test_ggml import random_blocks
@@ -887,23 +906,27 @@ def test_ggml_matrices_multiplied_in_their_blocks_on_cuda_match_the_dequantized_
     matrix = torch.empty(rows * columns)
     ggml.dequantize(format, data, matrix)
     matrix = matrix.view(rows, columns).double()
+    packed = data.cuda()
+    _matvec_kernel(monkeypatch, format, tile, packed)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(tokens, columns, generator=torch.Generator().manual_seed(5)).to(dtype)
         out = torch.empty(tokens, rows, dtype=dtype, device="cuda")
-        assert ggml.matvec(format, data.cuda(), x.cuda(), out), "the Triton kernel failed (see the warning)"
+        assert ggml.matvec(format, packed, x.cuda(), out), "the Triton kernel failed (see the warning)"
         want = x.double() @ matrix.T
         scale = (x.double().abs() @ matrix.abs().T).max()
         tolerance = 1e-5 if dtype == torch.float32 else 2**-7
         assert (out.double().cpu() - want).abs().max() <= tolerance * scale
 
 
-@pytest.mark.parametrize("format", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("format,tile", KERNEL_CASES)
 @pytest.mark.parametrize("align", [None, 16, 1])
-def test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_own_inputs(format, align):
+def test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_own_inputs(format, tile, align,
+                                                                                         monkeypatch):
     """The grouped launch (a decode step's experts), compiled: 8 matrices of Qwen3-30B-A3B's expert shape (1536 x
     2048), each times its own input row, by the reference values in float64; back to back (`align` None), or read
     where they lie (experts in slots or mapped RAM: each at its byte offset in a buffer, in reverse order, with
-    gaps that keep the offsets 16-byte aligned, as the compiler is then told, or not)."""
+    gaps that keep the offsets 16-byte aligned, as the compiler is then told, or not: ggml_dots' kernel does not
+    take those, and the values kernel multiplies them)."""
     from test_ggml import random_blocks
 
     from tierstore import ggml
@@ -916,58 +939,22 @@ def test_ggml_matrices_multiplied_in_their_blocks_grouped_on_cuda_each_by_its_ow
     x = torch.randn(groups, columns, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     out = torch.empty(groups, rows, dtype=torch.bfloat16, device="cuda")
     if align is None:
-        assert ggml.matvec(format, data.reshape(-1).cuda(), x.cuda(), out, grouped=True), "the Triton kernel failed"
+        packed = data.reshape(-1).cuda()
+        _matvec_kernel(monkeypatch, format, tile, packed)
+        assert ggml.matvec(format, packed, x.cuda(), out, grouped=True), "the Triton kernel failed"
     else:
         size, gap = data.numel() // groups, 64 if align == 16 else 37
         buffer = torch.zeros(groups * (size + gap), dtype=torch.uint8)
         offsets = [(groups - 1 - group) * (size + gap) + gap for group in range(groups)]
         for group, at in enumerate(offsets):
             buffer[at:at + size] = data.reshape(-1)[group * size:(group + 1) * size]
-        assert ggml.matvec(format, buffer.cuda(), x.cuda(), out, grouped=True,
+        packed = buffer.cuda()
+        _matvec_kernel(monkeypatch, format, tile, packed)
+        assert ggml.matvec(format, packed, x.cuda(), out, grouped=True,
                            offsets=torch.tensor(offsets, device="cuda"), offsets_align=align), "the kernel failed"
     want = torch.einsum("grc,gc->gr", matrices, x.double())
     scale = torch.einsum("grc,gc->gr", matrices.abs(), x.double().abs()).max()
     assert (out.double().cpu() - want).abs().max() <= 2**-7 * scale
-
-
-@pytest.mark.parametrize("format", ["Q4_K", "Q2_K"])
-@pytest.mark.parametrize("tile", [(4, 1024, 4), (16, 1024, 4), (8, 1024, 2)])
-def test_sums_by_sub_block_compiled_match_the_dequantized_product(format, tile, monkeypatch):
-    """ggml_dots' kernel (an experiment: no model uses it), compiled at a few tiles: a 7B-sized matrix (3584 x
-    3584) times 1 and 4 tokens in float32, and 8 experts of Qwen3-30B-A3B's gate_up shape read at 16-byte aligned
-    offsets in bfloat16, by the reference values in float64 (two configurations of ggml_triton's kernel summed
-    wrong compiled where Triton's interpreter summed right, so each tile is checked here before it is timed)."""
-    from test_ggml import random_blocks
-
-    from tierstore import ggml, ggml_dots
-
-    monkeypatch.setattr(ggml_dots, "TILE", tile)
-    rows = columns = 3584
-    data = torch.from_numpy(random_blocks(format, rows * columns // 256, seed=4)).reshape(-1)
-    matrix = torch.empty(rows * columns)
-    ggml.dequantize(format, data, matrix)
-    matrix = matrix.view(rows, columns).double()
-    for tokens in (1, 4):
-        x = torch.randn(tokens, columns, generator=torch.Generator().manual_seed(5))
-        out = torch.empty(tokens, rows, device="cuda")
-        ggml_dots.matvec(format, data.cuda().view(-1, ggml.BLOCKS[format][1]), x.cuda(), out)
-        scale = (x.double().abs() @ matrix.abs().T).max()
-        assert (out.double().cpu() - x.double() @ matrix.T).abs().max() <= 1e-5 * scale, tokens
-    groups, rows, columns, gap = 8, 1536, 2048, 64
-    data = torch.from_numpy(random_blocks(format, groups * rows * columns // 256, seed=6)).reshape(-1)
-    matrices = torch.empty(groups * rows * columns)
-    ggml.dequantize(format, data, matrices)
-    matrices = matrices.view(groups, rows, columns).double()
-    size = data.numel() // groups
-    buffer = torch.zeros(groups * (size + gap), dtype=torch.uint8)
-    offsets = [(groups - 1 - group) * (size + gap) + gap for group in range(groups)]
-    for group, at in enumerate(offsets):
-        buffer[at:at + size] = data[group * size:(group + 1) * size]
-    x = torch.randn(groups, columns, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    out = torch.empty(groups, rows, dtype=torch.bfloat16, device="cuda")
-    ggml_dots.matvec_grouped(format, buffer.cuda(), x.cuda(), out, torch.tensor(offsets, device="cuda"), 16)
-    scale = torch.einsum("grc,gc->gr", matrices.abs(), x.double().abs()).max()
-    assert (out.double().cpu() - torch.einsum("grc,gc->gr", matrices, x.double())).abs().max() <= 2**-7 * scale
 
 
 def test_a_k_quant_store_decodes_with_packed_matrices_and_gives_the_dequantized_runs_tokens(tmp_path, monkeypatch):
