@@ -43,9 +43,10 @@ def opcode(line: str) -> str:
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
-def compiled(format: str, tile: tuple[int, ...], kernel: str = "values"):
+def compiled(format: str, tile: tuple[int, ...], kernel: str = "values", columns: int = COLUMNS):
     """`kernel`'s matrix-vector kernel (values: ggml_triton._matvec, dots: ggml_dots') compiled for sm_90 at `tile`
-    (bench_matvec.tile_set) on the gate matrix, and the elements a thread handles a window."""
+    (bench_matvec.tile_set) on the gate matrix's rows, `columns` long, and the elements a thread handles a
+    window."""
     import triton
     from bench_matvec import tile_set
     from triton.backends.compiler import GPUTarget
@@ -54,11 +55,11 @@ def compiled(format: str, tile: tuple[int, ...], kernel: str = "values"):
     from tierstore import ggml, ggml_dots, ggml_triton
 
     with tile_set(tile, kernel):
-        tiled = (ggml_dots.constants if kernel == "dots" else ggml_triton.matvec_constants)(format, COLUMNS)
+        tiled = (ggml_dots.constants if kernel == "dots" else ggml_triton.matvec_constants)(format, columns)
     constants = {**tiled, "tokens": 1, "OFFSETS": False, "ALIGN": 1}  # a launch specialises tokens = 1
     signature = {"blocks": "*u8", "x": "*bf16", "out": "*bf16", "offsets": "*u8", "row_blocks": "i32",
                  "columns": "i32", "rows": "i32", "group_rows": "i32", **{name: "constexpr" for name in constants}}
-    values = {"row_blocks": COLUMNS // ggml.BLOCKS[format][0], "columns": COLUMNS, "rows": ROWS, "group_rows": ROWS}
+    values = {"row_blocks": columns // ggml.BLOCKS[format][0], "columns": columns, "rows": ROWS, "group_rows": ROWS}
     divisible = [0, 1, 2, 3] + [4 + at for at, value in enumerate(values.values()) if value % 16 == 0]
     attrs = {(at,): [["tt.divisibility", 16]] for at in divisible}  # as a launch specialises (16-byte pointers)
     binary = triton.compile(ASTSource(fn=ggml_dots._matvec_dots if kernel == "dots" else ggml_triton._matvec,
@@ -93,11 +94,11 @@ def main() -> None:
     parser.add_argument("--columns", type=int, default=COLUMNS, help="a row's elements (2048: Qwen3-30B-A3B's "
                         "experts' gate_up; the window is the largest power of two of blocks dividing a row)")
     args = parser.parse_args()
-    globals()["COLUMNS"] = args.columns
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     for format in args.formats.split(","):
         for tile in args.tiles.split(","):  # a program multiplies one token (more tokens: more programs)
-            kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")), args.kernel)
+            kernel, elements_per_thread = compiled(format, tuple(int(part) for part in tile.split("x")), args.kernel,
+                                                   args.columns)
             body = loop_body(cuobjdump(kernel.asm["cubin"], "-sass"))
             kinds = collections.Counter(opcode(line) for line in body).most_common(6)
             print(f"{format} {tile}: {len(body) / elements_per_thread:.1f} loop instructions an element "

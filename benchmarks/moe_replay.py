@@ -77,13 +77,15 @@ class _Experts:
         return total
 
     def _layer(self, index: int, hidden) -> None:
+        if not (self.in_pass or self.args.upcycled):
+            return
+        logits = hidden.float() @ self.routers[index].T
         if self.args.upcycled:  # Mixtral's routing, a router like the benchmark's (0.02 a unit): top 8 of the softmax
-            logits = hidden.float() @ (0.02 * self.routers[index]).T
-            top = logits.softmax(dim=-1).topk(TOP_K, dim=-1)
+            top = (0.02 * logits).softmax(dim=-1).topk(TOP_K, dim=-1)
             self.weights = (top.values / top.values.sum(dim=-1, keepdim=True), top.indices)
         if not self.in_pass:
             return
-        rows = (hidden[0].float() @ self.routers[index].T).topk(TOP_K, dim=-1).indices.tolist()
+        rows = logits[0].topk(TOP_K, dim=-1).indices.tolist()
         if index == 0:
             self.clock.now_s += self.args.fixed_s
         live = [True] * len(rows)
