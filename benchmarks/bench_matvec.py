@@ -189,6 +189,9 @@ def main() -> None:
                         help="values (ggml_triton), dots (ggml_dots: Q4_K and Q2_K), or both, comma-separated")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    unknown = sorted(set(args.kernels.split(",")) - {"values", "dots"})
+    if unknown:
+        parser.error(f"--kernels: {', '.join(unknown)} is not a kernel; choose from values, dots")
     args.tiles = [tuple(int(part) for part in tile.split("x")) for tile in args.tiles.split(",")] if args.tiles \
         else list(EXPERT_TILES if args.experts else TILES)
     import torch
