@@ -145,6 +145,9 @@ def child(args: argparse.Namespace) -> None:
         if args.matvec_kernel == "dots":  # Q4_K and Q2_K experts multiplied by ggml_dots' kernel (an experiment)
             from tierstore import ggml
             ggml.MATVEC_KERNEL = "dots"
+        if args.matvec_tile:  # the values kernel's tile (rows a program x elements of a row at once x warps)
+            from tierstore import ggml_triton
+            ggml_triton.MATVEC_ROWS, ggml_triton.MATVEC_ELEMENTS, ggml_triton.MATVEC_WARPS = args.matvec_tile
 
         experts = json.loads(args.experts)
         config = {"runtime": {"cache_dir": args.cache, "fused_rotary": args.rotary}, "experts": experts,
@@ -254,6 +257,8 @@ def main() -> None:
                         "rotary embedding in one kernel a layer on a GPU) or off (transformers' function)")
     parser.add_argument("--matvec-kernel", default="values", choices=["values", "dots"], help="the tierstore rows' "
                         "matrix-vector kernel for compressed experts (ggml.MATVEC_KERNEL; dots: an experiment)")
+    parser.add_argument("--matvec-tile", type=matvec_tile, default=None, help="the tierstore rows' matrix-vector "
+                        "tile for the values kernel, ROWSxELEMENTSxWARPS (e.g. 16x1024x4; default: ggml_triton's)")
     parser.add_argument("--format", default="none", help="write the model as a store of this compression.format "
                         "from random weights (no bf16 checkpoint on disk); none: a bf16 checkpoint")
     args = parser.parse_args()
@@ -278,6 +283,8 @@ def main() -> None:
                                        *(["--profile"] if args.profile else []),
                                        *(["--gathered"] if args.gathered else []), "--rotary", args.rotary,
                                        "--matvec-kernel", args.matvec_kernel,
+                                       *(["--matvec-tile", "x".join(map(str, args.matvec_tile))]
+                                         if args.matvec_tile else []),
                                        "--ram", args.ram if args.ram and system == "tierstore" else ram,
                                        "--tokens", str(tokens), "--compress", compress], log, script=__file__)
             print(name, json.dumps({k: v for k, v in results[name].items() if k not in ("tokens", "tiers")}),
@@ -285,6 +292,14 @@ def main() -> None:
             with open(os.path.join(args.out, "bench_moe_results.json"), "w") as handle:
                 json.dump({"probe": probe, "results": results}, handle, indent=1)
     print_table(results, probe)
+
+
+def matvec_tile(text: str) -> tuple[int, int, int]:
+    """A `--matvec-tile` ROWSxELEMENTSxWARPS as three positive ints (argparse reports anything else in one line)."""
+    parts = text.split("x")
+    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: ROWSxELEMENTSxWARPS, three positive whole numbers, e.g. 16x1024x4")
+    return tuple(int(part) for part in parts)
 
 
 def build_model(args: argparse.Namespace) -> None:

@@ -32,10 +32,10 @@ PROMPTS = [QUESTION, "What is the capital of France? Answer in two sentences.",
            "Write a short poem about the sea."]
 BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB")}
 MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,mapped", "draft": "auto"}
-# a row's name may add "+compile" (the draft bound and compiled: speculation.compile), "+float32" (the draft in
-# float32: speculation.draft_dtype) and "+FORMAT" (the model stored with compression.format FORMAT, its experts
-# packed in every tier: "4GB+q8_0", "draft+q4_k+compile", "draft+compile+float32")
-DRAFT_DTYPES = ("float32",)
+# a row's name may add "+compile" (the draft bound and compiled: speculation.compile), "+float32" or "+tfloat32"
+# (the draft in that speculation.draft_dtype) and "+FORMAT" (the model stored with compression.format FORMAT, its
+# experts packed in every tier: "4GB+q8_0", "draft+q4_k+compile", "draft+compile+float32")
+DRAFT_DTYPES = ("float32", "tfloat32")
 
 
 def expert_budget_setting(word: str) -> int | str | None:
@@ -162,6 +162,8 @@ def tierstore_row(args: argparse.Namespace) -> dict:
                          "margin": _margin(model, ids, tokens, reference.get(prompt))})
             print(mode, json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
         results[mode] = rows
+    # the rows' peak, before the check below adds its own 1 GiB link buffer on the device
+    peak_vram = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None
     shape = next((row["experts"] for row in reversed(rows) if (row["experts"] or {}).get("host_calls")), None)
     host_check = None if shape is None else host_rate_check(
         model, round(shape["host_experts_per_call"] + 0.5), round(shape["host_tokens_per_expert"] + 0.5))
@@ -172,8 +174,7 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     model.close()
     return {"setup_s": setup_s, "prompts": results, "device_slots": plan.device_slots, "host_check": host_check,
             "costs": None if costs is None else vars(costs), "expert_bytes": plan.expert_bytes,
-            "peak_vram": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
-            "peak_rss": vm_hwm_bytes()}
+            "peak_vram": peak_vram, "peak_rss": vm_hwm_bytes()}
 
 
 def host_rate_check(model, experts_per_call: int, tokens_each: int, calls: int = 30) -> dict | None:

@@ -4,7 +4,7 @@ GGUF, packed) on the GPU; the draft as it runs by default, then bound and compil
 process: the ratio of their steps is what compiling gains.
 
     python benchmarks/draft_step.py [--draft s.gguf] [--widths 8,16,32] [--compiled-only] [--node-caps 64,1024]
-                                       [--attention auto,eager]
+                                       [--attention auto,eager] [--draft-dtypes auto,float32]
 
 Each phase is timed with the device synchronized at its ends, so the phases add up to a step; a step's own
 time (unsynchronized phases, as the draft runs) is printed beside them.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from common import word_tokenizer
 from draft_phases import STEP_PHASES, draft_phases
 from spec_rows import refuse
 
-from tierstore.config import ATTENTION
+from tierstore.config import ATTENTION, DRAFT_DTYPES
 
 WIDTHS = (8, 16)
 NODE_CAPS = (64, 1024)
@@ -43,6 +44,8 @@ def main() -> None:
                                                       "each tree, comma-separated ms (e.g. 150: a 7B verify pass)")
     parser.add_argument("--attention", default="auto", help="runtime.attention values to run, comma-separated "
                                                             "(auto, sdpa, eager, ...)")
+    parser.add_argument("--draft-dtypes", default="auto", help="speculation.draft_dtype values to run, "
+                                                              "comma-separated (auto, float32, bfloat16, float16)")
     args = parser.parse_args()
     widths = _numbers(args.widths, "--widths", "step widths", "8,16,32")
     node_caps = _numbers(args.node_caps, "--node-caps", "node caps", "64,1024")
@@ -50,6 +53,9 @@ def main() -> None:
     attentions = args.attention.split(",")
     if any(name not in ("auto", *ATTENTION) for name in attentions):
         refuse(f"--attention {args.attention!r}: comma-separated, each one of auto, {', '.join(ATTENTION)}")
+    dtypes = args.draft_dtypes.split(",")
+    if any(name not in DRAFT_DTYPES for name in dtypes):
+        refuse(f"--draft-dtypes {args.draft_dtypes!r}: comma-separated, each one of {', '.join(DRAFT_DTYPES)}")
     path = args.draft or "/tmp/draft-shape"
     if args.draft is None and not os.path.exists(os.path.join(path, "config.json")):
         config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -57,22 +63,24 @@ def main() -> None:
                              max_position_embeddings=8192)
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
         word_tokenizer(49152).save_pretrained(path)
-    per_step: dict[tuple[str, int, int], dict[bool, float]] = collections.defaultdict(dict)
-    for attention in attentions:
+    per_step: dict[tuple[str, str, int, int], dict[bool, float]] = collections.defaultdict(dict)
+    for attention, dtype in itertools.product(attentions, dtypes):
         for compile in (True,) if args.compiled_only else (False, True):
             config = {"runtime": {"cache_dir": "/tmp/draft-cache", "attention": attention},
-                      "speculation": {"compile": compile}}
+                      "speculation": {"compile": compile, "draft_dtype": dtype}}
             with tierstore.AutoModel.from_pretrained(path, budget=tierstore.Budget(vram="8GB", ram="8GB"),
                                                      config=config, draft=path) as model:  # drafting for itself
-                print(f"attention {attention}, compile {compile}: the draft takes "
+                print(f"attention {attention}, draft dtype {dtype}, compile {compile}: the draft takes "
                       f"{model.draft_cost.weights_bytes / 1e6:.1f} MB on the device", flush=True)
                 for width in widths:
                     for nodes in node_caps:
-                        per_step[(attention, width, nodes)][compile] = _step_ms(model.draft, width, nodes, idles)
-    for (attention, width, nodes), ms in per_step.items():
+                        per_step[(attention, dtype, width, nodes)][compile] = _step_ms(model.draft, width, nodes,
+                                                                                       idles)
+    for (attention, dtype, width, nodes), ms in per_step.items():
         plain = f"{ms[False]:.3f} ms a step, " if False in ms else ""
         ratio = f" ({ms[True] / ms[False]:.2f}x)" if False in ms else ""
-        print(f"attention {attention}, width {width}, node cap {nodes}: {plain}compiled {ms[True]:.3f}{ratio}")
+        print(f"attention {attention}, draft dtype {dtype}, width {width}, node cap {nodes}: {plain}"
+              f"compiled {ms[True]:.3f}{ratio}")
 
 
 def _numbers(text: str, option: str, what: str, example: str, kind: type = int, least: float = 1) -> list:
@@ -163,19 +171,26 @@ def _copying_to_device(device, nbytes: int = 512 * 2**20):
         worker.join()
 
 
-def _kernels_per_forward(draft) -> int:
-    """The GPU kernels one replay of the draft's widest recorded forward launches (torch.profiler)."""
+def _kernels_per_forward(draft) -> str:
+    """The GPU kernels one replay of the draft's widest recorded forward launches (torch.profiler): their count,
+    their summed device time and the three that take the most of it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     forward = draft._forwards[max(draft._forwards)] if draft._forwards else None
     if forward is None or forward.graph is None:
-        return 0
+        return "none (not graphed)"
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         forward.graph.replay()
         torch.cuda.synchronize()
-    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = collections.defaultdict(float)
+    for event in kernels:
+        by_name[event.name[:60]] += event.time_range.elapsed_us() / 1e3
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:3]
+    return (f"{len(kernels)}, {sum(by_name.values()):.3f} ms on the device (" +
+            "; ".join(f"{name} {ms:.3f} ms" for name, ms in top) + ")")
 
 
 if __name__ == "__main__":

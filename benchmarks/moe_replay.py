@@ -16,6 +16,9 @@ measured on the GPU for each prompt (`--base-s`).
 `--target-dtype bfloat16 --upcycled` makes the target round as the proxy does (bfloat16, each MLP output the sum of
 its 8 routed copies times their routing weights, as transformers' Mixtral adds them); `--draft-dtype` sets the
 draft's (speculation.draft_dtype). Two bfloat16 copies of one function part at near-ties, which ends trees early.
+`--draft-dtype tfloat32` runs a float32 draft whose linear layers round their inputs and weights to TF32 (10
+mantissa bits, to nearest) as a GPU's TF32 matrix products do (its attention stays float32): what acceptance a
+float32 draft keeps with TF32 matmuls.
 
 Defaults: the H100 of 2026-12-06 (eleventh session): link 55 GB/s, no-draft steps 0.0390 / 0.0416 / 0.0335 s, the
 compiled draft's step 3.8 ms as run; `--fixed-s` 0.06 puts the model's verify passes within 10% of the measured
@@ -111,8 +114,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1024, help="the node cap")
     parser.add_argument("--target-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the target's dtype (bfloat16: the benchmark's)")
-    parser.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16"],
-                        help="the draft's compute dtype (default: tierstore's for the draft's store)")
+    parser.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "tfloat32"],
+                        help="the draft's compute dtype (default: tierstore's for the draft's store; tfloat32: float32 "
+                             "with its linear layers' products rounded as TF32's)")
     parser.add_argument("--upcycled", action="store_true", help="each MLP output summed as the upcycled model sums "
                         "it: its 8 routed copies times their routing weights, each rounded to the target's dtype")
     args = parser.parse_args()
@@ -144,7 +148,8 @@ def main() -> None:
     target.tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     with injected_costs({8: args.step_ms / 1e3}) as clock, torch.no_grad(), tierstore.AutoModel.from_pretrained(
             draft_path, budget=tierstore.Budget(vram="200MB", ram="2GB"), config=config,
-            dtype=args.draft_dtype) as draft_model:
+            dtype="float32" if args.draft_dtype == "tfloat32" else args.draft_dtype) as draft_model, \
+            tf32_linears(draft_model.model, args.draft_dtype == "tfloat32"):
         real_times = speculation.time, verifier.time
         speculation.time = verifier.time = clock
         try:
@@ -161,6 +166,45 @@ def main() -> None:
                           f"{row['nodes']:.0f} | {row['pruned']:.1f} | {row['draft_s']:.3f} |", flush=True)
         finally:
             speculation.time, verifier.time = real_times
+
+
+def tf32(x):
+    """`x` (float32) rounded to TF32's 10 mantissa bits, to nearest (ties to even), still float32."""
+    import torch
+
+    bits = x.contiguous().view(torch.int32)
+    rounded = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return torch.where(torch.isfinite(x), rounded.view(torch.float32), x)
+
+
+@contextlib.contextmanager
+def tf32_linears(model, on: bool):
+    """While `on`: inside `model`'s forwards only, every float32 `torch.nn.functional.linear` multiplies TF32-rounded
+    inputs and weights (accumulating in float32), as a GPU's TF32 matrix products do."""
+    import torch
+
+    if not on:
+        yield
+        return
+    plain, inside, rounded = torch.nn.functional.linear, [False], {}
+
+    def linear(x, weight, bias=None):
+        if inside[0] and x.dtype == torch.float32:
+            key = (weight.data_ptr(), weight.shape)  # rounded again only when the buffer was written since
+            if key not in rounded or rounded[key][0] != weight._version:
+                rounded[key] = (weight._version, tf32(weight))
+            return plain(tf32(x), rounded[key][1], bias)
+        return plain(x, weight, bias)
+
+    hooks = [model.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+             model.register_forward_hook(lambda *_: inside.__setitem__(0, False))]
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = plain
+        for hook in hooks:
+            hook.remove()
 
 
 def _run(target, draft_model, experts: _Experts, clock, budget, prompt: str, args) -> dict:

@@ -26,7 +26,7 @@ from ..allocation import candidates
 from ..budget import Budget
 from ..calibration import calibration_text
 from ..compression import GPTQ, MIXED, Codec, Decompressor, recipe_formats, scratch_bytes
-from ..config import AUTO, Config
+from ..config import AUTO, TFLOAT32, Config
 from ..errors import InputError
 from ..files import check_writable
 from ..policies.planner import Plan, PlanInput
@@ -254,7 +254,7 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
     # refused before the draft is converted or read when the model cannot run beside what it would take
     place(units, cfg, device, _plan_draft(request.draft, cfg, device, dtype, request.trust_remote_code,
                                           request.allow_download))
-    draft_cfg = _draft_config(cfg, device)
+    draft_cfg = _draft_config(cfg, device, dtype)
     # all of it on the device, its input embedding too: a draft step is captured as a CUDA graph, which cannot
     # copy rows from RAM
     bound = cfg.speculation.compile
@@ -274,13 +274,20 @@ def _open_draft(request: OpenRequest, device: torch.device, units: Units, tokeni
     return model, cost
 
 
-def _draft_config(cfg: Config, device: torch.device) -> Config:
-    """The config a model draft opens with. Its own budget: whatever is free (it must all fit); what it takes is
-    charged to the target's plan. Resident, a mixture-of-experts draft keeps its experts inside its layers: no
-    routing read back per layer, so its steps can be captured in a CUDA graph."""
+def _draft_config(cfg: Config, device: torch.device, dtype: torch.dtype) -> Config:
+    """The config a model draft in `dtype` opens with. Its own budget: whatever is free (it must all fit); what it
+    takes is charged to the target's plan. Resident, a mixture-of-experts draft keeps its experts inside its
+    layers: no routing read back per layer, so its steps can be captured in a CUDA graph. A float32 draft on a GPU
+    attends eagerly unless runtime.attention names a kernel: SDPA has no flash kernel for float32, and its
+    memory-efficient one took 4.4 of a 9.5 ms SmolLM2 step on an H100, where eager attention's step took 6.7 ms
+    (benchmarks/draft_step.py --draft-dtypes float32 --attention auto,eager)."""
+    attention = cfg.runtime.attention
+    if attention == AUTO and dtype == torch.float32 and device.type == "cuda":
+        attention = "eager"
     return dataclasses.replace(
         cfg.with_compression("none").without_expert_streaming(), budget=Budget(),
-        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None))
+        runtime=dataclasses.replace(cfg.runtime, device=str(device), device_reserve=0, trace=None,
+                                    attention=attention))
 
 
 def _open_runtime(request: OpenRequest, device: torch.device, units: Units, tokenizer: Any,
@@ -384,9 +391,10 @@ def make_plan_for(model: str, budget: Budget | dict[str, Any] | None, config: An
 
 
 def draft_dtype(cfg: Config, model_dtype: torch.dtype) -> torch.dtype:
-    """A model draft's dtype: `speculation.draft_dtype`, or the model's (auto)."""
+    """A model draft's dtype: `speculation.draft_dtype` (tfloat32: float32, its products on TF32 tensor cores),
+    or the model's (auto)."""
     name = cfg.speculation.draft_dtype
-    return model_dtype if name == AUTO else DTYPES[name]
+    return model_dtype if name == AUTO else torch.float32 if name == TFLOAT32 else DTYPES[name]
 
 
 def _plan_draft(spec: str, cfg: Config, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,

@@ -812,6 +812,47 @@ def test_a_draft_runs_in_its_own_dtype_charged_at_its_bytes_and_the_models_token
     assert "\n" not in str(refused.value)
 
 
+def test_a_tfloat32_draft_is_float32_with_tf32_products_only_while_it_steps(tiny_dirs, tmp_path_factory, tmp_path):
+    """speculation.draft_dtype = "tfloat32": the draft opens in float32 and is charged as a float32 one; while its
+    forwards run (and only then) CUDA float32 products are set to TF32, as they were afterwards; greedy tokens stay
+    transformers' (on a CPU the setting changes no product)."""
+    from tierstore.inference.compose import make_plan_for
+
+    directory, reference = tiny_dirs("llama")
+    draft = _draft_dir(tmp_path_factory, "llama", seed=1)
+    streaming = _budget_for(reference)
+    budget = tierstore.Budget(vram=streaming.vram + sum(p.numel() for p in reference.parameters()) * 4,
+                              ram=streaming.ram)
+    plain = {"runtime": {"cache_dir": str(tmp_path)}, "speculation": {"width": 3, "draft_dtype": "float32"}}
+    config = {**plain, "speculation": {"width": 3, "draft_dtype": "tfloat32"}}
+    assert make_plan_for(directory, budget, config, draft=draft).reserve_parts == \
+        make_plan_for(directory, budget, plain, draft=draft).reserve_parts
+    matmul, seen = torch.backends.cuda.matmul, []
+    before = matmul.fp32_precision
+    with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, draft=draft) as model:
+        assert model.draft.model.dtype == torch.float32
+        hook = model.draft.model.register_forward_pre_hook(lambda *_: seen.append(matmul.fp32_precision))
+        ids = torch.tensor([REPEATING])
+        want = reference.generate(ids, max_new_tokens=16, do_sample=False)
+        assert model.generate(ids, max_new_tokens=16, do_sample=False).tolist() == want.tolist()
+        hook.remove()
+        assert model.report().speculation["draft_steps"] > 0
+    assert seen and set(seen) == {"tf32"} and matmul.fp32_precision == before == "none"
+
+
+@pytest.mark.parametrize("dtype, device, attention, chosen", [
+    (torch.float32, "cuda", "auto", "eager"), (torch.bfloat16, "cuda", "auto", "auto"),
+    (torch.float32, "cpu", "auto", "auto"), (torch.float32, "cuda", "sdpa", "sdpa")])
+def test_a_float32_draft_on_a_gpu_attends_eagerly_unless_attention_is_named(dtype, device, attention, chosen):
+    """SDPA has no flash kernel for float32: a float32 draft on a GPU opens with eager attention (runtime.attention
+    auto); a 16-bit draft, a CPU draft and a named kernel keep theirs."""
+    from tierstore.config import Config
+    from tierstore.inference.compose import _draft_config
+
+    cfg = Config.load({"runtime": {"attention": attention}})
+    assert _draft_config(cfg, torch.device(device), dtype).runtime.attention == chosen
+
+
 def _listing(path):
     return sorted(os.path.relpath(os.path.join(root, name), path) for root, dirs, files in os.walk(path)
                   for name in dirs + files)

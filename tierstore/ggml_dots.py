@@ -30,9 +30,10 @@ import triton.language as tl
 
 from .ggml_triton import _add, _half, _k_scales, _launch, matvec_constants
 
-# (rows a program, elements of a row at once, warps): compiled for sm_90, the fewest loop instructions an element
-# at moderate registers, for Q4_K and Q2_K on 2048- and 3584-column rows (benchmarks/matvec_static.py --kernel dots)
-TILE = (16, 1024, 4)
+# (rows a program, elements of a row at once, warps): the fastest on an H100 for 7B-shaped Q4_K rows and the experts'
+# down matrices (benchmarks/bench_matvec.py --kernels dots; 16x1024x4 compiles to fewer instructions an element but
+# ran 1.2-2x slower)
+TILE = (4, 1024, 4)
 
 
 @triton.jit

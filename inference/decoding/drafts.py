@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ...config import TFLOAT32
 from ...policies.speculation import DEFAULT_MAX_NODES, TreePolicy, narrowest
 from .sampling import Warp
 from .static_forward import StaticForward, StaticKV
@@ -137,6 +138,7 @@ class ModelDraft:
         self.policy = policy or TreePolicy()
         self.policy.widths = self.widths
         self.ahead = ahead  # grow the tree while the model verifies it (`grow_while`)
+        self.tf32 = model.config.speculation.draft_dtype == TFLOAT32  # its products on TF32 tensor cores
         self.steps = 0
         self.step_s = 0.0
         self.ahead_steps = 0  # steps drafted while the model verified
@@ -351,7 +353,8 @@ class ModelDraft:
         if forward is None:
             forward = self._forwards[width] = StaticForward(self.model.model, self._kv, width, self.model.device,
                                                             self._pool, compiled=self.model.compiled, head=self._top)
-        return forward.run(tokens, positions, writes, seen_from, allowed)
+        with tf32_products(self.tf32):
+            return forward.run(tokens, positions, writes, seen_from, allowed)
 
     def _top(self, logits: torch.Tensor) -> torch.Tensor:
         """(slots, 2 * width) float64 from logits (slots, vocab): each slot's `width` likeliest next tokens'
@@ -360,6 +363,24 @@ class ModelDraft:
         probs = self.warp(logits[:, :self.vocab_size].float())
         top_p, top_i = probs.topk(min(self.width, probs.shape[-1]), dim=-1)
         return torch.cat([top_p.double(), top_i.double()], dim=-1)
+
+
+@contextlib.contextmanager
+def tf32_products(on: bool):
+    """While `on`: CUDA float32 matrix products (cuBLAS, torch.compile's calls of it) run on TF32 tensor cores,
+    inputs rounded to 10 mantissa bits and sums in float32; the setting as it was afterwards. A CUDA graph keeps
+    the kernels it recorded, so its replays stay TF32 too."""
+    if not on:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"  # torch >= 2.9, else before
+    saved = getattr(matmul, name)
+    setattr(matmul, name, "tf32" if name == "fp32_precision" else True)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, saved)
 
 
 def step_widths(width: int) -> tuple[int, ...]:
