@@ -27,15 +27,17 @@ import time
 
 from common import QUESTION, Inflation, StepClock, encode, fmt, run_child, vm_hwm_bytes
 
+from tierstore import config as settings
+
 EXPERTS, TOP_K, FACTOR, LAYERS = 128, 8, 2, 30
 PROMPTS = [QUESTION, "What is the capital of France? Answer in two sentences.",
            "Write a short poem about the sea."]
 BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB")}
 MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,mapped", "draft": "auto"}
-# a row's name may add "+compile" (the draft bound and compiled: speculation.compile), "+float32" or "+tfloat32"
+# a row's name may add "+compile" (the draft bound and compiled: speculation.compile), "+float32", "+tfloat32", ...
 # (the draft in that speculation.draft_dtype) and "+FORMAT" (the model stored with compression.format FORMAT, its
 # experts packed in every tier: "4GB+q8_0", "draft+q4_k+compile", "draft+compile+float32")
-DRAFT_DTYPES = ("float32", "tfloat32")
+DRAFT_DTYPES = tuple(name for name in settings.DRAFT_DTYPES if name != settings.AUTO)  # a row names one
 
 
 def expert_budget_setting(word: str) -> int | str | None:

@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="runtime.attention values to run, comma-separated "
                                                             "(auto, sdpa, eager, ...)")
     parser.add_argument("--draft-dtypes", default="auto", help="speculation.draft_dtype values to run, "
-                                                              "comma-separated (auto, float32, bfloat16, float16)")
+                                                              f"comma-separated ({', '.join(DRAFT_DTYPES)})")
     args = parser.parse_args()
     widths = _numbers(args.widths, "--widths", "step widths", "8,16,32")
     node_caps = _numbers(args.node_caps, "--node-caps", "node caps", "64,1024")

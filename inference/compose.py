@@ -280,7 +280,7 @@ def _draft_config(cfg: Config, device: torch.device, dtype: torch.dtype) -> Conf
     layers: no routing read back per layer, so its steps can be captured in a CUDA graph. A float32 draft on a GPU
     attends eagerly unless runtime.attention names a kernel: SDPA has no flash kernel for float32, and its
     memory-efficient one took 4.4 of a 9.5 ms SmolLM2 step on an H100, where eager attention's step took 6.7 ms
-    (benchmarks/draft_step.py --draft-dtypes float32 --attention auto,eager)."""
+    (benchmarks/draft_step.py --draft-dtypes float32 --attention sdpa,eager)."""
     attention = cfg.runtime.attention
     if attention == AUTO and dtype == torch.float32 and device.type == "cuda":
         attention = "eager"

@@ -13,11 +13,11 @@ makes it times a power of two exactly; its input carries the inverse power. Prod
 word's sums are scaled by its sub-block's step and offset once a window, and summed across threads once, at the end.
 The products are the reference's to float32 summation error (the order of the sum differs from _matvec's).
 
-Status: an experiment, not used by any model. Compiled for sm_90 on a CPU (`matvec_static.py --kernel dots --columns
-2048`), its loop is 7.3 instructions an element for Q4_K at 16x1024x4 (8.2 for Q2_K); the inputs' side (their
-loads, conversion and sums) is still done once a row, not once a program, because Triton lays the rows across
-threads. It has not run on a GPU: `bench_matvec.py --kernels values,dots` times it beside _matvec, and
-`ggml.MATVEC_KERNEL = "dots"` puts it in a model's decode steps for the benchmarks to compare.
+Status: an experiment, not used by any model (`ggml.MATVEC_KERNEL = "dots"` puts it in a model's decode steps for
+the benchmarks to compare). Timed on an H100 (`bench_matvec.py --kernels values,dots`, RESULTS.md): at TILE it is
+1.16x faster than _matvec for 7B-shaped Q4_K matrices, as fast for the experts' Q4_K down, and slower for Q2_K and
+the experts' gate_up; a 7B Q4_K pass at vram 4 GB ran no faster with it (bound by the link). The tiles that compile
+to the fewest instructions an element (`matvec_static.py --kernel dots`: 7.3 for Q4_K at 16x1024x4) ran slowest.
 
 Its words need 4-byte alignment (`takes`): a row's blocks (144 and 84 bytes) keep it wherever the matrix starts
 4-byte aligned.
