@@ -35,8 +35,9 @@ PROMPTS = [QUESTION, "What is the capital of France? Answer in two sentences.",
 BUDGETS = {"4GB": ("4GB", "56GB"), "8GB": ("8GB", "56GB"), "all": ("60GB", "56GB"), "draft": ("4GB", "56GB")}
 MODES = {"4GB": "device,mapped,host", "8GB": "device,mapped", "all": "device,mapped", "draft": "auto"}
 # a row's name may add "+compile" (the draft bound and compiled: speculation.compile), "+float32", "+tfloat32", ...
-# (the draft in that speculation.draft_dtype) and "+FORMAT" (the model stored with compression.format FORMAT, its
-# experts packed in every tier: "4GB+q8_0", "draft+q4_k+compile", "draft+compile+float32")
+# (the draft in that speculation.draft_dtype), "+ahead" (speculation.ahead: the draft grows its next tree while a
+# verify pass waits on each layer's copies) and "+FORMAT" (the model stored with compression.format FORMAT, its
+# experts packed in every tier: "4GB+q8_0", "draft+q4_k+compile", "draft+compile+float32+ahead")
 DRAFT_DTYPES = tuple(name for name in settings.DRAFT_DTYPES if name != settings.AUTO)  # a row names one
 
 
@@ -46,13 +47,29 @@ def expert_budget_setting(word: str) -> int | str | None:
     return int(word) if word.isdigit() else {"auto": "auto", "none": None}[word]
 
 
-def row_parts(row: str) -> tuple[str, str, bool, str]:
-    """A row's budget row, its compression format ("none"), whether its draft is compiled, and its draft's dtype
-    (speculation.draft_dtype: auto unless named)."""
+@dataclasses.dataclass(frozen=True)
+class RowParts:
+    """What a row's name asks for: its budget row, its compression format ("none"), whether its draft is compiled,
+    its draft's dtype (speculation.draft_dtype: auto unless named), and whether the draft grows its trees while
+    the model verifies them (speculation.ahead)."""
+
+    base: str
+    compress: str = "none"
+    compile: bool = False
+    draft_dtype: str = "auto"
+    ahead: bool = False
+
+
+FLAGS = ("compile", "ahead")
+
+
+def row_parts(row: str) -> RowParts:
+    """A row name's parts (see the comment on DRAFT_DTYPES)."""
     base, *extras = row.split("+")
-    formats = [extra for extra in extras if extra != "compile" and extra not in DRAFT_DTYPES]
+    formats = [extra for extra in extras if extra not in FLAGS and extra not in DRAFT_DTYPES]
     dtypes = [extra for extra in extras if extra in DRAFT_DTYPES]
-    return base, formats[0] if formats else "none", "compile" in extras, dtypes[0] if dtypes else "auto"
+    return RowParts(base, formats[0] if formats else "none", "compile" in extras, dtypes[0] if dtypes else "auto",
+                    "ahead" in extras)
 
 
 def upcycle(gguf: str, out_dir: str, experts: int = EXPERTS, top_k: int = TOP_K, factor: int = FACTOR) -> None:
@@ -127,18 +144,19 @@ def tierstore_row(args: argparse.Namespace) -> dict:
     import tierstore
 
     start = time.perf_counter()
-    base, compress, compile, draft_dtype = row_parts(args.row)
-    vram, ram = BUDGETS[base]
-    drafting = base == "draft"
+    parts = row_parts(args.row)
+    vram, ram = BUDGETS[parts.base]
+    drafting = parts.base == "draft"
     model = tierstore.AutoModel.from_pretrained(
         args.model, budget={"vram": vram, "ram": ram},
-        config={"runtime": {"cache_dir": args.cache}, "speculation": {"compile": compile, "draft_dtype": draft_dtype},
-                "compression": {"format": compress}},
+        config={"runtime": {"cache_dir": args.cache},
+                "speculation": {"compile": parts.compile, "draft_dtype": parts.draft_dtype, "ahead": parts.ahead},
+                "compression": {"format": parts.compress}},
         draft=args.gguf if drafting else None)
     setup_s = time.perf_counter() - start
     reference = _reference_tokens(args.out)
     results = {}
-    modes = (args.mode or MODES[base]).split(",")
+    modes = (args.mode or MODES[parts.base]).split(",")
     budgets = args.expert_budgets.split(",") if drafting else [None]
     for mode, expert_budget in ((mode, budget) for mode in modes for budget in budgets):
         model.experts.compute = mode
@@ -321,9 +339,10 @@ def print_table(results: dict, probe: dict, card: str) -> None:
           f"{probe.get('cpu_linear_gbps', 0):.1f} GB/s at 1 token, {probe.get('cpu_linear_gbps_32', 0):.1f} at 32")
     print("| row | mode | prompt | s/token | x resident | x no draft (4GB row) | copied/pass | read in place/pass | "
           "CPU experts/pass | CPU tokens/expert | CPU GB/s | host work/layer call | slot hits | tokens/pass | "
-          "verify pass s | largest tree | pruned nodes/pass | most moved/layer | same tokens as resident | "
+          "verify pass s | draft s/pass | grown during passes: steps/pass (s/pass), carried trees | largest tree | "
+          "pruned nodes/pass | most moved/layer | same tokens as resident | "
           "top-2 gap where it parts from the reference row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
         if name == "probe":
             continue
@@ -348,7 +367,9 @@ def print_table(results: dict, probe: dict, card: str) -> None:
                          fmt(experts.get("host_tokens_per_expert"), "{:.1f}"), fmt(experts.get("cpu_gbps"), "{:.1f}"),
                          fmt(experts.get("host_work_s_per_call"), "{:.2e}"),
                          fmt(got.get("slot_hit_rate"), "{:.1%}"), fmt(spec.get("tokens_per_pass"), "{:.1f}"),
-                         fmt(spec.get("verify_pass_s"), "{:.3f}"), fmt(spec.get("largest_tree"), "{}"),
+                         fmt(spec.get("verify_pass_s"), "{:.3f}"),
+                         fmt(spec.get("passes") and spec["draft_s"] / spec["passes"], "{:.3f}"),
+                         _grown(spec, experts), fmt(spec.get("largest_tree"), "{}"),
                          fmt(spec.get("passes") and spec["pruned_nodes"] / spec["passes"], "{:.1f}"),
                          fmt(spec.get("most_missed_experts"), "{}"), same,
                          fmt((got.get("margin") or {}).get("top2_gap"), "{:.4f}")]
@@ -356,6 +377,16 @@ def print_table(results: dict, probe: dict, card: str) -> None:
     for name, row in results.items():
         if isinstance(row, dict) and row.get("host_check"):
             print(f"{name}: the CPU's experts after the run, same process, at the run's shape: {row['host_check']}")
+
+
+def _grown(spec: dict, experts: dict) -> str:
+    """A draft row's steps grown while the model verified (speculation.ahead), a pass: how many, the time the MoE
+    layers' routing waits gave them, and the passes that started from such a tree."""
+    passes = spec.get("passes")
+    if not passes or not spec.get("ahead_steps"):
+        return "-"
+    return (f"{spec['ahead_steps'] / passes:.1f} ({experts.get('meanwhile_s', 0.0) / passes:.3f} s), "
+            f"{spec['carried_trees']} of {passes}")
 
 
 def _same(tokens: list[int], reference: list[int]) -> str:

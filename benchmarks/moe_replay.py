@@ -18,7 +18,9 @@ its 8 routed copies times their routing weights, as transformers' Mixtral adds t
 draft's (speculation.draft_dtype). Two bfloat16 copies of one function part at near-ties, which ends trees early.
 `--draft-dtype tfloat32` runs a float32 draft whose linear layers round their inputs and weights to TF32 (10
 mantissa bits, to nearest) as a GPU's TF32 matrix products do (its attention stays float32): what acceptance a
-float32 draft keeps with TF32 matmuls.
+float32 draft keeps with TF32 matmuls. `--ahead` (speculation.ahead) hands the draft each MoE layer's copy time
+in a verify pass as the runner hands it the layer's routing wait: steps while the layer's experts cross the link,
+each on the clock, the last one allowed to run over.
 
 Defaults: the H100 of 2026-12-06 (eleventh session): link 55 GB/s, no-draft steps 0.0390 / 0.0416 / 0.0335 s, the
 compiled draft's step 3.8 ms as run; `--fixed-s` 0.06 puts the model's verify passes within 10% of the measured
@@ -48,6 +50,8 @@ class _Experts:
         self.clock, self.args = clock, args
         self.budget = None
         self.in_pass = False
+        self.busy_until_s = 0.0  # the clock's time when the layer's copies land (--ahead: the draft steps until it)
+        self.meanwhile = None  # the work the verifier hands each layer's routing wait (--ahead)
         self.moved_bytes = 0
         generator = torch.Generator().manual_seed(0)
         layers = target.model.layers
@@ -61,6 +65,19 @@ class _Experts:
 
     def missed_expert_s(self) -> float:
         return EXPERT_BYTES / (self.args.link_gbps * 1e9)
+
+    @contextlib.contextmanager
+    def while_routing(self, work):
+        """As the runner's: `work()` at each MoE layer while its experts cross the link (--ahead)."""
+        self.meanwhile = work
+        try:
+            yield
+        finally:
+            self.meanwhile = None
+
+    def busy(self) -> bool:
+        """Whether the layer's copies are still crossing the link, on the clock (the verifier's `running`)."""
+        return self.clock.now_s < self.busy_until_s
 
     @contextlib.contextmanager
     def pruning(self, budget):
@@ -96,7 +113,10 @@ class _Experts:
             live = self.budget.prune(rows, missed=lambda expert: True, layers_left=len(self.routers) - index)
         experts = len({expert for row, kept in zip(rows, live) if kept for expert in row})
         self.moved_bytes += experts * EXPERT_BYTES
-        self.clock.now_s += experts * self.missed_expert_s()
+        self.busy_until_s = self.clock.now_s + experts * self.missed_expert_s()
+        if self.meanwhile is not None:  # the draft's steps while the copies cross; the last one may run over
+            self.meanwhile()
+        self.clock.now_s = max(self.clock.now_s, self.busy_until_s)
 
 
 def main() -> None:
@@ -117,6 +137,9 @@ def main() -> None:
     parser.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "tfloat32"],
                         help="the draft's compute dtype (default: tierstore's for the draft's store; tfloat32: float32 "
                              "with its linear layers' products rounded as TF32's)")
+    parser.add_argument("--ahead", action="store_true", help="speculation.ahead: the draft grows its next tree "
+                        "during each MoE layer's copies in a verify pass (each step on the clock; the last one of a "
+                        "layer may outlast its copies)")
     parser.add_argument("--upcycled", action="store_true", help="each MLP output summed as the upcycled model sums "
                         "it: its 8 routed copies times their routing weights, each rounded to the target's dtype")
     args = parser.parse_args()
@@ -150,22 +173,24 @@ def main() -> None:
             draft_path, budget=tierstore.Budget(vram="200MB", ram="2GB"), config=config,
             dtype="float32" if args.draft_dtype == "tfloat32" else args.draft_dtype) as draft_model, \
             tf32_linears(draft_model.model, args.draft_dtype == "tfloat32"):
-        real_times = speculation.time, verifier.time
+        real_times, real_running = (speculation.time, verifier.time), verifier.running
         speculation.time = verifier.time = clock
         try:
             experts = _Experts(target, clock, args)
+            verifier.running = lambda device: experts.busy  # a pass is busy while its layer's copies cross
             print("| expert budget | prompt | x no draft | s/token | tokens/pass | verify pass s | moved GB/pass | "
-                  "drafted nodes/pass | pruned/pass | draft s/pass |")
-            print("|---|---|---|---|---|---|---|---|---|---|")
+                  "drafted nodes/pass | pruned/pass | draft s/pass | steps grown in passes/pass | carried trees |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for budget in budgets:
                 for prompt in prompts:
                     row = _run(target, draft_model, experts, clock, budget, PROMPTS[prompt], args)
                     seconds = row["s_per_token"]
                     print(f"| {budget} | {prompt} | {base_s[prompt] / seconds:.2f} | {seconds:.4f} | "
                           f"{row['tokens_per_pass']:.1f} | {row['verify_pass_s']:.3f} | {row['moved_gb']:.1f} | "
-                          f"{row['nodes']:.0f} | {row['pruned']:.1f} | {row['draft_s']:.3f} |", flush=True)
+                          f"{row['nodes']:.0f} | {row['pruned']:.1f} | {row['draft_s']:.3f} | "
+                          f"{row['ahead_steps']:.1f} | {row['carried']} |", flush=True)
         finally:
-            speculation.time, verifier.time = real_times
+            (speculation.time, verifier.time), verifier.running = real_times, real_running
 
 
 def tf32(x):
@@ -224,7 +249,7 @@ def _run(target, draft_model, experts: _Experts, clock, budget, prompt: str, arg
     vocab = target.config.vocab_size
     ends = {target.config.eos_token_id} if target.config.eos_token_id is not None else set()
     for new_tokens in (8, args.tokens):
-        draft = ModelDraft(draft_model, "draft", warp(None, None, None), vocab, 8, policy)
+        draft = ModelDraft(draft_model, "draft", warp(None, None, None), vocab, 8, policy, ahead=args.ahead)
         check = Verifier(target, torch.device("cpu"), experts=experts, max_missed=budget if budget != "auto" else None,
                          rate=rate if budget == "auto" else None)
         stats = SpeculationStats("draft", expert_budget=budget)
@@ -244,7 +269,8 @@ def _run(target, draft_model, experts: _Experts, clock, budget, prompt: str, arg
     return {"s_per_token": (stats.draft_s + stats.verify_s) / stats.new_tokens,
             "tokens_per_pass": stats.new_tokens / passes, "verify_pass_s": stats.verify_s / passes,
             "moved_gb": experts.moved_bytes / passes / 1e9, "nodes": stats.tree_nodes / passes,
-            "pruned": check.pruned_nodes / passes, "draft_s": stats.draft_s / passes}
+            "pruned": check.pruned_nodes / passes, "draft_s": stats.draft_s / passes,
+            "ahead_steps": stats.ahead_steps / passes, "carried": stats.carried_trees}
 
 
 if __name__ == "__main__":

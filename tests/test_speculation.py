@@ -127,6 +127,53 @@ def test_a_tree_grown_while_the_model_verifies_starts_the_next_one_and_keeps_the
             assert "started from a subtree grown ahead" in notes, notes
 
 
+def test_a_streamed_moe_pass_hands_the_draft_each_layers_routing_wait(tmp_path, monkeypatch):
+    """With `speculation.ahead` and experts that stream, the host's wait at each MoE layer's routing read-back
+    (the previous layer's copies landing) goes to the draft too, not only the time after the pass is launched:
+    the draft's steps run inside the pass's forward, one a layer here (a CPU's pass is never busy, so the
+    minimum), and later passes start from the tree so grown. The tokens are transformers' greedy ones, the model
+    drafting itself has every token accepted (an entry written at the wrong place would change its
+    probabilities); without `ahead` no layer hands its wait over."""
+    from test_architectures import tiny
+    from test_moe import _config, _reference, _streaming_budget
+
+    from tierstore.inference.decoding.drafts import ModelDraft
+
+    monkeypatch.setattr(ModelDraft, "ahead_min_steps", 1)
+    reference, why = tiny("mixtral", num_local_experts=16)
+    assert reference is not None, why
+    directory = str(tmp_path / "mixtral16")
+    reference.save_pretrained(directory)
+    want = _reference(reference, 24, torch.tensor([REPEATING]))
+    layers = reference.config.num_hidden_layers
+    draft_bytes = sum(p.numel() for p in reference.parameters()) * 4
+    in_layer = []  # per grow_while call: whether an MoE layer's routing wait made it
+    real = ModelDraft.grow_while
+    for ahead in (True, False):
+        config = {**_config(str(tmp_path)), "speculation": {"depth": 4, "width": 3, "ahead": ahead}}
+        streaming = _streaming_budget(directory, config)
+        budget = tierstore.Budget(vram=streaming.vram + draft_bytes + 1_000_000, ram=streaming.ram)
+        with tierstore.AutoModel.from_pretrained(directory, budget=budget, config=config, draft=directory) as model:
+            runner = model.experts
+            assert runner is not None and model.plan.experts.device_slots < 16 * layers  # the experts stream
+            in_layer.clear()
+            monkeypatch.setattr(ModelDraft, "grow_while", lambda self, busy: in_layer.append(
+                runner._meanwhile is not None) or real(self, busy))
+            got = model.generate(torch.tensor([REPEATING]), max_new_tokens=24, do_sample=False,
+                                 pad_token_id=0).tolist()
+            report = model.report()
+            spec = report.speculation
+        assert got == want, ahead
+        assert spec["acceptance_rate"] == 1.0, spec
+        if not ahead:
+            assert not any(in_layer) and spec["ahead_steps"] == 0, spec
+            continue
+        assert in_layer.count(True) == spec["passes"] * layers, (in_layer, spec)  # every layer of every pass
+        assert in_layer.count(False) == spec["passes"]  # and once after each pass's launch, as before
+        assert spec["ahead_steps"] > spec["passes"] and spec["carried_trees"] > 0, spec
+        assert report.experts["meanwhile_s"] > 0 and "in the MoE layers' routing waits" in " ".join(report.notes)
+
+
 def test_a_subtree_grown_ahead_is_cut_to_the_node_cap_before_it_is_verified(tiny_dirs, tmp_path, monkeypatch):
     """The draft grows its copy of the tree during a pass up to its cache's room (two trees' worth), so the subtree
     the bonus token roots can outgrow `speculation.nodes`, the most a verify pass holds (the device reserve is

@@ -205,7 +205,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str, Any], Any], Any, str]]] = {
                                   "torch.compile before the CUDA graph records it, fusing each layer's small "
                                   "kernels; the first call pays the compile"),
         "ahead": (_bool_or_auto, False, "a model draft keeps growing its tree while the model's verify pass runs "
-                                        "(its steps issued between the pass's launch and its read-back, on the "
+                                        "(its steps issued between the pass's launch and its read-back, and in a "
+                                        "pass whose experts stream at each MoE layer's routing read-back, on the "
                                         "draft's own stream), and a pass whose bonus token that grown tree holds "
                                         "starts the next tree from its subtree, already drafted; the draft's KV "
                                         "cache then holds a second tree; auto = on a GPU where the verify pass "

@@ -9,8 +9,9 @@
   measured, so a GPU (where a wider step costs little more) takes wide steps and a CPU narrow ones.
   With `ahead`, it keeps growing its own copy of the tree while the model verifies it (a streamed verify pass
   leaves the device's compute idle, waiting on the link; the verifier calls `grow_while` between launching the
-  pass and reading its picks back); when the pass's bonus token is a node of that grown tree, the next tree
-  starts from its subtree, already drafted.
+  pass and reading its picks back, and a pass whose experts stream at each MoE layer's routing read-back, where
+  the host waits for that layer's copies); when the pass's bonus token is a node of that grown tree, the next
+  tree starts from its subtree, already drafted.
 
 Both implement `propose(history, max_depth) -> DraftTree` and `accepted(tree, path, bonus)`.
 """
@@ -221,16 +222,18 @@ class ModelDraft:
         return tree
 
     def grow_while(self, busy: Callable[[], bool]) -> None:
-        """Called by the verifier once the model's verify pass of the last proposal is launched: while `busy()`
-        (the pass still running on the device) and for at least `ahead_min_steps` steps, grow a copy of the
-        proposal's tree best first, one step at a time, on the draft's own stream, within the KV cache's room. The
-        same thread that launched the pass, so nothing contends for the interpreter; a streamed pass leaves the
-        device's compute idle, waiting on the link. Nothing unless `ahead` and the steps replay a graph (or run on
-        a CPU)."""
+        """Called by the verifier once the model's verify pass of the last proposal is launched, and in a pass
+        whose experts stream at each MoE layer's routing read-back (where the host waits for the layer's copies):
+        while `busy()` (the pass still running on the device) and for at least `ahead_min_steps` steps a call,
+        grow a copy of the proposal's tree best first (one copy a pass, grown on by each call), one step at a time,
+        on the draft's own stream, within the KV cache's room. The same thread that runs the pass, so nothing
+        contends for the interpreter; a streamed pass leaves the device's compute idle, waiting on the link.
+        Nothing unless `ahead` and the steps replay a graph (or run on a CPU)."""
         grown = self._grown
         if not self.ahead or grown is None or not self._forwards or (self._stream is not None and not self.graphed):
             return
-        grown.tree = grown.tree.copy()  # the verifier reads (and may prune) the tree it was given
+        if not grown.copied:  # the verifier reads (and may prune) the tree it was given
+            grown.tree, grown.copied = grown.tree.copy(), True
         with torch.no_grad(), torch.cuda.stream(self._stream) if self._stream is not None else \
                 contextlib.nullcontext():  # not ordered after the pass: the draft's last step was read back
             self._grow(grown, busy)
@@ -293,6 +296,8 @@ class ModelDraft:
     def _grow(self, grown: "_Proposal", busy: Callable[[], bool]) -> None:
         """Steps that each feed the `width` best of the tree's unfed nodes and candidates (added to the tree), while
         `busy()` or fewer than `ahead_min_steps` ran, until the KV cache's room runs out."""
+        if self.ahead_min_steps == 0 and not busy():  # the device has caught up: no step, and no heap to build
+            return
         tree, candidates = grown.tree, grown.candidates
         fed = set(self._fed)
         unfed = [(-tree.scores[node], node) for node in range(1, len(tree)) if node not in fed
@@ -395,12 +400,14 @@ def step_widths(width: int) -> tuple[int, ...]:
 @dataclasses.dataclass
 class _Proposal:
     """A proposal as the draft grew it: its tree, the candidates not in it (heap of (-score, parent, token,
-    probability, rank)), its depth limit, and the root's position."""
+    probability, rank)), its depth limit, the root's position, and whether `tree` is already the copy grown ahead
+    (the verifier keeps the one it was given)."""
 
     tree: DraftTree
     candidates: list[tuple[float, int, int, float, int]]
     max_depth: int
     root_position: int
+    copied: bool = False
 
 
 def _capped(tree: DraftTree, below: list[int], fed: set[int], cap: int) -> list[int]:

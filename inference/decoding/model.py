@@ -546,9 +546,11 @@ class TierstoreModel:
             notes.append(f"the GPU allocator's cached blocks were given back before {self._given_back} of "
                          f"{stats.passes} verify passes, to hold the device budget")
         if isinstance(draft, ModelDraft) and draft.ahead:
+            waits = (f"; {self.experts.stats.meanwhile_s:.2f} s of them in the MoE layers' routing waits"
+                     if self.experts is not None and self.experts.stats.meanwhile_s else "")
             notes.append(f"the draft grew its trees while the model verified them: {stats.carried_trees} of "
                          f"{stats.passes} passes started from a subtree grown ahead ({stats.ahead_steps} steps "
-                         f"grown ahead)")
+                         f"grown ahead{waits})")
         if isinstance(draft, ModelDraft) and draft.compile_failure:
             notes.append(f"draft steps not compiled: torch.compile failed ({draft.compile_failure}); they ran "
                          f"uncompiled")

@@ -95,7 +95,7 @@ def speculate(verifier: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens
         streamer.put(input_ids.cpu())
         streamer.put(torch.tensor([root]))
     draft.reset(input_ids.shape[1] + max_new_tokens + 1, frozenset(eos_ids))
-    grow = getattr(draft, "grow_while", None)  # a model draft grows its tree while the pass runs
+    grow = draft.grow_while if getattr(draft, "ahead", False) else None  # a model draft growing its tree meanwhile
     while len(emitted) < max_new_tokens and root not in eos_ids:
         start_s = time.perf_counter()
         tree = draft.propose(history, max_depth=max_new_tokens - len(emitted) - 1)

@@ -53,8 +53,10 @@ class Verifier:
     chunking within the budget) and returns its last logits. With `experts` (the streamed experts' runner) and
     `max_missed`, each pass moves at most that many missed experts per MoE layer, dropping the nodes that would
     need more; with `rate` (the run's tokens per second, observed here), it drops the nodes not worth the experts
-    they add (expert_budget.py, `Worth`). `make_room(context_tokens, nodes)` runs before each pass (the model's:
-    cached device memory given back where the pass would take the process past its budget)."""
+    they add (expert_budget.py, `Worth`). With `experts`, a pass's `meanwhile` also runs at each MoE layer's
+    routing read-back, where the host waits for the layer's copies. `make_room(context_tokens, nodes)` runs
+    before each pass (the model's: cached device memory given back where the pass would take the process past its
+    budget)."""
 
     graphed = None  # never replays a graph
 
@@ -72,7 +74,8 @@ class Verifier:
         self.cache = DynamicCache()
         self._feed = feed or (lambda ids, kv: model(ids, past_key_values=kv, use_cache=True,
                                                     logits_to_keep=1).logits[0])
-        self.experts = experts if max_missed is not None or rate is not None else None
+        self.experts = experts  # the streamed experts' runner (None: no MoE layer streams its experts)
+        self._budgeted = experts is not None and (max_missed is not None or rate is not None)
         self.max_missed = max_missed
         self.rate = rate
         self._pass_end_s: float | None = None  # when the last pass (or the prompt) ended: a pass's time drafts too
@@ -90,7 +93,9 @@ class Verifier:
 
     def verify(self, tree: DraftTree, choose: Choose, meanwhile: Meanwhile | None = None) -> tuple[list[int], int]:
         """One forward over the tree; the accepted path and the bonus token. The cache keeps the prefix and the
-        path's nodes. `meanwhile(busy)` runs once the forward is launched, before its picks are read back."""
+        path's nodes. `meanwhile(busy)` runs once the forward is launched, before its picks are read back, and in
+        a pass whose experts stream, also at each MoE layer's routing read-back (the host waits there for the
+        layer's copies: busy() until the device has caught up)."""
         device = self.device
         prefix = self.cache.get_seq_length()
         if self._make_room is not None:
@@ -99,7 +104,9 @@ class Verifier:
         bias = attention_bias(prefix, tree.ancestry(nodes, nodes), self.model.dtype, device)
         budget = self._budget(tree)
         pruning = self.experts.pruning(budget) if budget is not None else contextlib.nullcontext()
-        with pruning, torch.no_grad():  # the experts' runner prunes the tree at each MoE layer
+        waits = (self.experts.while_routing(lambda: meanwhile(running(device)))
+                 if meanwhile is not None and self.experts is not None else contextlib.nullcontext())
+        with waits, pruning, torch.no_grad():  # the experts' runner prunes the tree at each MoE layer
             logits = self.model(input_ids=torch.tensor([tree.tokens], device=device),
                                 position_ids=torch.tensor([[prefix + depth for depth in tree.depths]], device=device),
                                 attention_mask=bias, past_key_values=self.cache, use_cache=True).logits[0]
@@ -122,7 +129,7 @@ class Verifier:
     def _budget(self, tree: DraftTree) -> ExpertBudget | None:
         """The pass's expert budget: a cap of missed experts, pruning by worth once the run's rate is known, or
         both; None without either."""
-        if self.experts is None:
+        if not self._budgeted:
             return None
         worth = None
         if self.rate is not None:

@@ -17,7 +17,8 @@ windows of that many, one call per window the routing touches.
 In a verify pass of speculative decoding, the drafted tree is first pruned to the pass's expert budget
 (expert_budget.py): nodes whose experts would take the layer's missed experts past its cap, or that are not worth
 the experts they add, are dropped and need no expert (`_within_budget`); without a cap the next layer's experts
-are still predicted, for the kept nodes only.
+are still predicted, for the kept nodes only. While the host waits for a layer's routing (the previous layer's
+copies landing), it may do other work handed in for the pass (`while_routing`: a draft growing its next tree).
 
 A decode step's layer call (a few tokens) can instead read its experts in place, from their slot or from mapped
 host RAM, with no sync and no copy (mapped_experts.py): under `experts.compute = mapped`, and under auto on a GPU
@@ -128,6 +129,7 @@ class ExpertStats:
     mapped_admitted: int = 0  # experts read in place that were then copied into a slot (routed to again and again)
     layer_s: float = 0.0  # wall time in MoE layers' experts (the loop's thread)
     sync_s: float = 0.0  # of which waiting for the routing to reach the host
+    meanwhile_s: float = 0.0  # of which the work handed in for the wait (`while_routing`: a draft's steps)
     counts: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # (layer, expert) -> pairs
 
     def to_dict(self, layers: int, experts_per_layer: int) -> dict[str, Any]:
@@ -152,8 +154,9 @@ class ExpertStats:
                 "mapped_pairs": self.mapped_pairs, "mapped_bytes": self.mapped_bytes,
                 "mapped_admitted": self.mapped_admitted,
                 "mapped_slot_share": self.mapped_from_slots / self.mapped_pairs if self.mapped_pairs else None,
-                "host_work_s_per_call": ((self.layer_s - self.sync_s - self.host_s) / self.calls if self.calls
-                                         else None)}
+                "meanwhile_s": self.meanwhile_s,
+                "host_work_s_per_call": ((self.layer_s - self.sync_s - self.meanwhile_s - self.host_s) / self.calls
+                                         if self.calls else None)}
 
 
 class ExpertRunner:
@@ -214,6 +217,7 @@ class ExpertRunner:
         self._mapped_stale = False  # the slots may have changed since its table was made
         self._in_ram = False  # every expert has been read into host RAM
         self.budget: ExpertBudget | None = None  # a verify pass's, during its forward (`pruning`)
+        self._meanwhile: Callable[[], None] | None = None  # the host's work while routing is awaited (while_routing)
         for index, group in enumerate(self.groups):
             group.module.forward = functools.partial(self._forward, index)
 
@@ -263,6 +267,18 @@ class ExpertRunner:
         finally:
             self.budget = None
 
+    @contextlib.contextmanager
+    def while_routing(self, work: Callable[[], None]) -> Iterator[None]:
+        """Within: each layer call runs `work()` once its routing's kernels are queued, before the host reads the
+        routing back (which waits for everything queued before it: the previous layer's copies and kernels); the
+        work is given that wait, and should return once the device has caught up (a draft's steps: a verify
+        pass's `meanwhile`)."""
+        self._meanwhile = work
+        try:
+            yield
+        finally:
+            self._meanwhile = None
+
     def detach(self) -> None:
         """Give every experts module back its own forward, parameters and expert count (the store is closed by
         whoever opened it)."""
@@ -289,8 +305,9 @@ class ExpertRunner:
         capped = self.budget is not None and self.budget.max_missed is not None
         predicts = not capped and self._next[index] is not None and self._gate.wanted()
         following = self._next[index] if predicts else None
+        meanwhile_s = self.stats.meanwhile_s
         routed, guesses = self._routing(hidden, top_k_index, following)
-        self.stats.sync_s += time.perf_counter() - start_s
+        self.stats.sync_s += time.perf_counter() - start_s - (self.stats.meanwhile_s - meanwhile_s)
         top_k = top_k_index.shape[-1]
         if self.budget is not None and len(routed) == top_k * len(self.budget.live):
             routed, top_k_index, top_k_weights = self._within_budget(index, routed, top_k, top_k_index, top_k_weights)
@@ -383,15 +400,25 @@ class ExpertRunner:
         """The routed expert ids and the next layer's guessed ones (both token-major), read with one sync."""
         ids = top_k_index.reshape(-1)
         if following is None:
+            self._while_waiting()
             return ids.tolist(), []
         weight = self.dense.get(following.router)[following.router_tensor]
         try:
             logits = nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight)
             guess = logits.topk(following.top_k, dim=-1).indices.reshape(-1)
-            both = torch.cat([ids, guess.to(ids.dtype)]).tolist()
+            queued = torch.cat([ids, guess.to(ids.dtype)])
+            self._while_waiting()
+            both = queued.tolist()
         finally:
             self.dense.release(following.router)
         return both[:ids.numel()], both[ids.numel():]
+
+    def _while_waiting(self) -> None:
+        """The work handed in for this pass (`while_routing`), if any, timed apart from the routing's sync."""
+        if self._meanwhile is not None:
+            start_s = time.perf_counter()
+            self._meanwhile()
+            self.stats.meanwhile_s += time.perf_counter() - start_s
 
     def _within_budget(self, index: int, routed: list[int], top_k: int, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor]:
