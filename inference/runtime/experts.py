@@ -128,8 +128,8 @@ class ExpertStats:
     mapped_bytes: int = 0  # the expert bytes those others read over the link
     mapped_admitted: int = 0  # experts read in place that were then copied into a slot (routed to again and again)
     layer_s: float = 0.0  # wall time in MoE layers' experts (the loop's thread)
-    sync_s: float = 0.0  # of which waiting for the routing to reach the host
-    meanwhile_s: float = 0.0  # of which the work handed in for the wait (`while_routing`: a draft's steps)
+    sync_s: float = 0.0  # of which waiting for the routing to reach the host (less the work below)
+    meanwhile_s: float = 0.0  # of which the work handed in for that wait (`while_routing`: a draft's steps)
     counts: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)  # (layer, expert) -> pairs
 
     def to_dict(self, layers: int, experts_per_layer: int) -> dict[str, Any]:
